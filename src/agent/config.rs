@@ -1,0 +1,505 @@
+//! Agent configuration: the TOML file (`scripts/deploy/ferry.toml`) and the qemu-nbd-like
+//! command-line form (`--export NAME=PATH`), merged into one validated [`AgentConfig`].
+//!
+//! Invariants: every path and address is configurable, so several agents can run side by side;
+//! every error names the field (or the flag) and what is wrong with it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Default unix socket of the NBD server.
+pub const DEFAULT_SOCKET: &str = "/run/ferry/nbd.sock";
+/// Default TCP address when TCP is switched on without an address.
+pub const DEFAULT_TCP: &str = "127.0.0.1:10809";
+/// Default state directory (trackers, runtime exports, API token).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/ferry";
+/// Default control API address.
+pub const DEFAULT_API: &str = "127.0.0.1:7450";
+/// Default tracking granularity.
+pub const DEFAULT_GRANULARITY_BYTES: u64 = 64 * 1024;
+/// Default heat half-life.
+pub const DEFAULT_HALF_LIFE_MS: u64 = 30_000;
+/// Smallest and largest tracking granularity.
+pub const GRANULARITY_MIN_BYTES: u64 = 4 * 1024;
+/// Largest tracking granularity.
+pub const GRANULARITY_MAX_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Errors from reading or validating the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML for this schema.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The TOML parser's message, which names the field and line.
+        message: String,
+    },
+    /// A field has a value ferry cannot use.
+    #[error("{field}: {problem}")]
+    Invalid {
+        /// Which field or flag, e.g. `export[1].granularity` or `--export`.
+        field: String,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+fn invalid(field: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        problem: problem.into(),
+    }
+}
+
+/// The `[agent]` table plus the `[[export]]` list, as written in the TOML file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default)]
+    agent: FileAgent,
+    #[serde(default, rename = "export")]
+    exports: Vec<FileExport>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAgent {
+    socket: Option<PathBuf>,
+    tcp: Option<String>,
+    state_dir: Option<PathBuf>,
+    api: Option<String>,
+    engine: Option<String>,
+    queue_depth: Option<u32>,
+    half_life_ms: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileExport {
+    name: String,
+    path: PathBuf,
+    #[serde(default)]
+    read_only: bool,
+    granularity: Option<SizeValue>,
+    #[serde(default)]
+    trackers: Vec<String>,
+}
+
+/// A size written either as a number of bytes or as a string with a unit ("64K", "1M").
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum SizeValue {
+    Bytes(u64),
+    Text(String),
+}
+
+/// Which io engine serves the exports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineChoice {
+    /// io_uring when the kernel has it, else the sync engine (logged).
+    Auto,
+    /// io_uring or fail.
+    Uring,
+    /// pread/pwrite.
+    Sync,
+}
+
+/// One export as the agent serves it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportConfig {
+    /// NBD export name.
+    pub name: String,
+    /// Raw image file or block device.
+    pub path: PathBuf,
+    /// Refuse writes.
+    pub read_only: bool,
+    /// Tracking granularity of the export's trackers.
+    pub granularity_bytes: u64,
+    /// Trackers created at start when not restored from the state directory.
+    pub trackers: Vec<String>,
+}
+
+/// The validated configuration of one agent.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Unix socket of the NBD server.
+    pub socket: PathBuf,
+    /// Optional TCP address of the NBD server.
+    pub tcp: Option<SocketAddr>,
+    /// Trackers, runtime exports and the API token live here.
+    pub state_dir: PathBuf,
+    /// Control API address (port 0 picks a free port).
+    pub api: SocketAddr,
+    /// io engine.
+    pub engine: EngineChoice,
+    /// Requests in flight per NBD connection.
+    pub queue_depth: u32,
+    /// Half-life of the heat counters.
+    pub half_life_ms: u64,
+    /// Exports served from the start.
+    pub exports: Vec<ExportConfig>,
+}
+
+/// Command-line overrides: each `Some` wins over the file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    /// `--socket`.
+    pub socket: Option<PathBuf>,
+    /// `--tcp` (empty string: the default TCP address).
+    pub tcp: Option<String>,
+    /// `--state-dir`.
+    pub state_dir: Option<PathBuf>,
+    /// `--api`.
+    pub api: Option<String>,
+    /// `--engine`.
+    pub engine: Option<String>,
+    /// `--export NAME=PATH[,ro][,granularity=N][,tracker=T]`, repeated.
+    pub exports: Vec<String>,
+    /// `--granularity` for the `--export` exports.
+    pub granularity: Option<String>,
+}
+
+impl AgentConfig {
+    /// Loads the optional TOML file and applies command-line overrides.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let parsed = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                toml::from_str::<FileConfig>(&text).map_err(|err| ConfigError::Parse {
+                    path: path.to_path_buf(),
+                    message: err.to_string(),
+                })?
+            }
+            None => FileConfig::default(),
+        };
+        Self::build(parsed, overrides)
+    }
+
+    /// Parses a TOML text (tests and the demo).
+    pub fn from_toml(text: &str, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let parsed = toml::from_str::<FileConfig>(text).map_err(|err| ConfigError::Parse {
+            path: PathBuf::from("<inline>"),
+            message: err.to_string(),
+        })?;
+        Self::build(parsed, overrides)
+    }
+
+    fn build(file: FileConfig, ov: &Overrides) -> Result<Self, ConfigError> {
+        let agent = file.agent;
+        let socket = ov
+            .socket
+            .clone()
+            .or(agent.socket)
+            .unwrap_or_else(|| DEFAULT_SOCKET.into());
+        let tcp = match ov.tcp.clone().or(agent.tcp) {
+            None => None,
+            Some(text) if text.is_empty() => Some(parse_addr("tcp", DEFAULT_TCP)?),
+            Some(text) => Some(parse_addr("tcp", &text)?),
+        };
+        let state_dir = ov
+            .state_dir
+            .clone()
+            .or(agent.state_dir)
+            .unwrap_or_else(|| DEFAULT_STATE_DIR.into());
+        let api = parse_addr(
+            "api",
+            &ov.api.clone().or(agent.api).unwrap_or(DEFAULT_API.into()),
+        )?;
+        let engine = match ov.engine.clone().or(agent.engine).as_deref() {
+            None | Some("auto") => EngineChoice::Auto,
+            Some("uring") | Some("io_uring") => EngineChoice::Uring,
+            Some("sync") => EngineChoice::Sync,
+            Some(other) => {
+                return Err(invalid(
+                    "engine",
+                    format!("'{other}' is not one of auto, uring, sync"),
+                ))
+            }
+        };
+        let queue_depth = agent.queue_depth.unwrap_or(128);
+        if !(1..=4096).contains(&queue_depth) {
+            return Err(invalid(
+                "queue_depth",
+                format!("{queue_depth} is not in 1..=4096"),
+            ));
+        }
+        let half_life_ms = agent.half_life_ms.unwrap_or(DEFAULT_HALF_LIFE_MS);
+        if half_life_ms == 0 {
+            return Err(invalid("half_life_ms", "must be at least 1"));
+        }
+        let mut exports = Vec::new();
+        for (index, export) in file.exports.into_iter().enumerate() {
+            let field = format!("export[{index}]");
+            let granularity_bytes = match &export.granularity {
+                None => DEFAULT_GRANULARITY_BYTES,
+                Some(SizeValue::Bytes(n)) => *n,
+                Some(SizeValue::Text(text)) => {
+                    parse_size(text).map_err(|p| invalid(format!("{field}.granularity"), p))?
+                }
+            };
+            exports.push(ExportConfig {
+                name: export.name,
+                path: export.path,
+                read_only: export.read_only,
+                granularity_bytes,
+                trackers: export.trackers,
+            });
+        }
+        let cli_granularity = match &ov.granularity {
+            Some(text) => parse_size(text).map_err(|p| invalid("--granularity", p))?,
+            None => DEFAULT_GRANULARITY_BYTES,
+        };
+        for spec in &ov.exports {
+            exports.push(parse_export_flag(spec, cli_granularity)?);
+        }
+        let config = AgentConfig {
+            socket,
+            tcp,
+            state_dir,
+            api,
+            engine,
+            queue_depth,
+            half_life_ms,
+            exports,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let mut seen = std::collections::BTreeSet::new();
+        for (index, export) in self.exports.iter().enumerate() {
+            let field = format!("export[{index}]");
+            validate_name(&export.name).map_err(|p| invalid(format!("{field}.name"), p))?;
+            if !seen.insert(export.name.as_str()) {
+                return Err(invalid(
+                    format!("{field}.name"),
+                    format!("export '{}' is defined twice", export.name),
+                ));
+            }
+            validate_granularity(export.granularity_bytes)
+                .map_err(|p| invalid(format!("{field}.granularity"), p))?;
+            for tracker in &export.trackers {
+                validate_name(tracker).map_err(|p| invalid(format!("{field}.trackers"), p))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Export and tracker names: 1..=64 of `[A-Za-z0-9._-]`, not starting with a dot, so that they
+/// are safe as file names and as NBD metadata context suffixes.
+pub fn validate_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 64 {
+        return Err(format!("name '{name}' must be 1 to 64 characters"));
+    }
+    if name.starts_with('.') {
+        return Err(format!("name '{name}' must not start with '.'"));
+    }
+    if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || "._-".contains(*c)))
+    {
+        return Err(format!(
+            "name '{name}' has '{bad}': use letters, digits, '.', '_', '-'"
+        ));
+    }
+    Ok(())
+}
+
+/// A granularity must be a power of two between 4 KiB and 64 MiB.
+pub fn validate_granularity(bytes: u64) -> Result<(), String> {
+    if !bytes.is_power_of_two() || !(GRANULARITY_MIN_BYTES..=GRANULARITY_MAX_BYTES).contains(&bytes)
+    {
+        return Err(format!(
+            "{bytes} bytes is not a power of two between 4 KiB and 64 MiB"
+        ));
+    }
+    Ok(())
+}
+
+/// Parses "65536", "64K", "64KiB", "1M", "2G" (binary units).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let trimmed = text.trim();
+    let digits_end = trimmed
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(trimmed.len());
+    let (digits, unit) = trimmed.split_at(digits_end);
+    let number: u64 = digits
+        .parse()
+        .map_err(|_| format!("'{text}' is not a size"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kib" | "kb" => 10,
+        "m" | "mib" | "mb" => 20,
+        "g" | "gib" | "gb" => 30,
+        "t" | "tib" | "tb" => 40,
+        other => return Err(format!("'{text}' has unknown unit '{other}'")),
+    };
+    number
+        .checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("'{text}' is too large"))
+}
+
+fn parse_addr(field: &str, text: &str) -> Result<SocketAddr, ConfigError> {
+    text.parse().map_err(|_| {
+        invalid(
+            field,
+            format!("'{text}' is not an address like 127.0.0.1:7450"),
+        )
+    })
+}
+
+/// `NAME=PATH[,ro][,granularity=SIZE][,tracker=T]...`
+fn parse_export_flag(spec: &str, default_granularity: u64) -> Result<ExportConfig, ConfigError> {
+    let field = "--export";
+    let (name, rest) = spec
+        .split_once('=')
+        .ok_or_else(|| invalid(field, format!("'{spec}' is not NAME=PATH")))?;
+    let mut parts = rest.split(',');
+    let path = parts.next().filter(|p| !p.is_empty());
+    let path = path.ok_or_else(|| invalid(field, format!("'{spec}' has no PATH")))?;
+    let mut export = ExportConfig {
+        name: name.to_string(),
+        path: PathBuf::from(path),
+        read_only: false,
+        granularity_bytes: default_granularity,
+        trackers: Vec::new(),
+    };
+    for option in parts {
+        match option.split_once('=') {
+            None if option == "ro" || option == "read-only" => export.read_only = true,
+            Some(("granularity", size)) => {
+                export.granularity_bytes = parse_size(size).map_err(|p| invalid(field, p))?
+            }
+            Some(("tracker", tracker)) => export.trackers.push(tracker.to_string()),
+            _ => {
+                return Err(invalid(
+                    field,
+                    format!("unknown option '{option}' (ro, granularity=SIZE, tracker=NAME)"),
+                ))
+            }
+        }
+    }
+    Ok(export)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Goal: a full TOML file maps onto the config; method: parse the deploy example's shape.
+    #[test]
+    fn toml_file_parses() {
+        let text = r#"
+            [agent]
+            socket = "/tmp/x.sock"
+            tcp = "127.0.0.1:10900"
+            state_dir = "/tmp/state"
+            api = "127.0.0.1:7451"
+            [[export]]
+            name = "vm1"
+            path = "/images/vm1.raw"
+            granularity = "4K"
+            trackers = ["backup"]
+            [[export]]
+            name = "vm2"
+            path = "/dev/vdb"
+            read_only = true
+        "#;
+        let config = AgentConfig::from_toml(text, &Overrides::default()).unwrap();
+        assert_eq!(config.socket, PathBuf::from("/tmp/x.sock"));
+        assert_eq!(config.tcp.unwrap().port(), 10900);
+        assert_eq!(config.exports.len(), 2);
+        assert_eq!(config.exports[0].granularity_bytes, 4096);
+        assert_eq!(config.exports[0].trackers, vec!["backup".to_string()]);
+        assert!(config.exports[1].read_only);
+        assert_eq!(
+            config.exports[1].granularity_bytes,
+            DEFAULT_GRANULARITY_BYTES
+        );
+    }
+
+    // Goal: errors name the field; method: one bad value per field.
+    #[test]
+    fn errors_name_the_field() {
+        let bad_gran = "[[export]]\nname='a'\npath='/x'\ngranularity=3000\n";
+        let err = AgentConfig::from_toml(bad_gran, &Overrides::default()).unwrap_err();
+        assert!(
+            err.to_string().starts_with("export[0].granularity:"),
+            "{err}"
+        );
+        let bad_name = "[[export]]\nname='a/b'\npath='/x'\n";
+        let err = AgentConfig::from_toml(bad_name, &Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("export[0].name"), "{err}");
+        let unknown = "[agent]\nsockets='/x'\n";
+        let err = AgentConfig::from_toml(unknown, &Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("sockets"), "{err}");
+        let ov = Overrides {
+            api: Some("nowhere".into()),
+            ..Overrides::default()
+        };
+        let err = AgentConfig::from_toml("", &ov).unwrap_err();
+        assert!(err.to_string().starts_with("api:"), "{err}");
+    }
+
+    // Goal: the qemu-nbd-like flags build exports; method: parse several --export forms.
+    #[test]
+    fn export_flags() {
+        let ov = Overrides {
+            exports: vec![
+                "d=/tmp/d.img".into(),
+                "r=/tmp/r.img,ro,granularity=1M,tracker=t1".into(),
+            ],
+            tcp: Some(String::new()),
+            ..Overrides::default()
+        };
+        let config = AgentConfig::from_toml("", &ov).unwrap();
+        assert_eq!(config.tcp, Some(DEFAULT_TCP.parse().unwrap()));
+        assert_eq!(config.exports[0].name, "d");
+        assert!(config.exports[1].read_only);
+        assert_eq!(config.exports[1].granularity_bytes, 1 << 20);
+        assert_eq!(config.exports[1].trackers, vec!["t1".to_string()]);
+        let dup = Overrides {
+            exports: vec!["d=/a".into(), "d=/b".into()],
+            ..Overrides::default()
+        };
+        assert!(AgentConfig::from_toml("", &dup)
+            .unwrap_err()
+            .to_string()
+            .contains("twice"));
+        let bad = Overrides {
+            exports: vec!["d".into()],
+            ..Overrides::default()
+        };
+        assert!(AgentConfig::from_toml("", &bad)
+            .unwrap_err()
+            .to_string()
+            .contains("--export"));
+    }
+
+    // Goal: sizes with units parse and overflow is refused.
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("65536"), Ok(65536));
+        assert_eq!(parse_size("64K"), Ok(65536));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+}

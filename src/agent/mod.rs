@@ -1,0 +1,215 @@
+//! The per-host daemon: opens the exports, serves them over NBD, answers the control API, and
+//! on SIGTERM/SIGINT stops accepting, drains in-flight requests, flushes the images and saves
+//! the trackers.
+//!
+//! Invariants: a clean stop leaves every tracker file Clean and every image synced; anything
+//! else (kill -9, power loss) leaves tracker files Active, which the next start reports lost.
+
+pub mod config;
+pub mod registry;
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::api::{self, ApiServer};
+use crate::env::MonotonicClock;
+use crate::io::{probe_uring, EngineKind};
+use crate::nbd::server::{NbdServer, SessionOptions};
+
+pub use config::AgentConfig;
+use config::EngineChoice;
+use registry::{error_chain, Registry};
+
+/// How long a stopping agent waits for connections to drain.
+const DRAIN_GRACE: Duration = Duration::from_secs(10);
+
+/// Errors starting or stopping the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The state directory cannot be used.
+    #[error("state directory {path}")]
+    StateDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A configured export could not be opened.
+    #[error("export '{name}': {message}")]
+    Export {
+        /// Export name.
+        name: String,
+        /// What failed.
+        message: String,
+    },
+    /// io_uring was required and is not available.
+    #[error("io_uring is not available: {0}")]
+    NoUring(String),
+    /// The NBD listeners could not be bound.
+    #[error("cannot listen for NBD clients")]
+    Listen(#[source] std::io::Error),
+    /// The control API could not start.
+    #[error("cannot start the control API")]
+    Api(#[source] api::ApiError),
+    /// Signal handling could not be installed.
+    #[error("cannot install signal handlers")]
+    Signals(#[source] std::io::Error),
+    /// The stop did not complete cleanly (details were logged).
+    #[error("unclean stop: {0}")]
+    Unclean(String),
+}
+
+/// A running agent.
+#[derive(Debug)]
+pub struct Agent {
+    registry: Arc<Registry>,
+    nbd: NbdServer,
+    api: Option<ApiServer>,
+    api_addr: SocketAddr,
+    token_path: PathBuf,
+}
+
+impl Agent {
+    /// Opens the exports and starts the NBD server and the control API.
+    pub fn start(config: &AgentConfig) -> Result<Agent, AgentError> {
+        let state_err = |source| AgentError::StateDir {
+            path: config.state_dir.clone(),
+            source,
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&config.state_dir)
+            .map_err(state_err)?;
+        let engine = choose_engine(config.engine)?;
+        let registry = Arc::new(Registry::new(
+            &config.state_dir,
+            Arc::new(MonotonicClock::new()),
+            config.half_life_ms,
+        ));
+        for export in &config.exports {
+            registry.open(export).map_err(|err| AgentError::Export {
+                name: export.name.clone(),
+                message: err.to_string(),
+            })?;
+        }
+        registry.restore_runtime();
+        let options = SessionOptions {
+            engine,
+            queue_depth: config.queue_depth,
+        };
+        let nbd = NbdServer::start(Some(&config.socket), config.tcp, registry.clone(), options)
+            .map_err(AgentError::Listen)?;
+        let token_path = config.state_dir.join("api.token");
+        let token = api::token::load_or_create(&token_path).map_err(state_err)?;
+        let api = api::serve(config.api, token, registry.clone()).map_err(AgentError::Api)?;
+        let api_addr = api.local_addr();
+        log::info!(
+            "agent up: nbd unix {}{}, api http://{api_addr}, engine {engine:?}, state {}",
+            config.socket.display(),
+            nbd.tcp_addr
+                .map(|a| format!(", nbd tcp {a}"))
+                .unwrap_or_default(),
+            config.state_dir.display()
+        );
+        Ok(Agent {
+            registry,
+            nbd,
+            api: Some(api),
+            api_addr,
+            token_path,
+        })
+    }
+
+    /// The control API's bound address.
+    pub fn api_addr(&self) -> SocketAddr {
+        self.api_addr
+    }
+
+    /// The file holding the API token.
+    pub fn token_path(&self) -> &Path {
+        &self.token_path
+    }
+
+    /// The exports.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// Clean stop: stop the API and the listeners, drain connections, sync, save trackers.
+    pub fn shutdown(mut self) -> Result<(), AgentError> {
+        if let Some(api) = self.api.take() {
+            api.shutdown();
+        }
+        let left = self.nbd.shutdown(DRAIN_GRACE);
+        let mut problems = Vec::new();
+        if left > 0 {
+            problems.push(format!("{left} connection(s) did not drain"));
+        }
+        if !self.registry.sync_all() {
+            problems.push("an image could not be synced".to_string());
+        }
+        if !self.registry.save_trackers() {
+            problems.push("a tracker could not be saved".to_string());
+        }
+        if problems.is_empty() {
+            log::info!("agent stopped cleanly");
+            Ok(())
+        } else {
+            Err(AgentError::Unclean(problems.join("; ")))
+        }
+    }
+}
+
+fn choose_engine(choice: EngineChoice) -> Result<EngineKind, AgentError> {
+    match choice {
+        EngineChoice::Sync => Ok(EngineKind::Sync),
+        EngineChoice::Uring => probe_uring()
+            .map(|()| EngineKind::Uring)
+            .map_err(|err| AgentError::NoUring(error_chain(&err))),
+        EngineChoice::Auto => match probe_uring() {
+            Ok(()) => Ok(EngineKind::Uring),
+            Err(err) => {
+                log::warn!(
+                    "io_uring unavailable ({}): using the pread/pwrite engine",
+                    error_chain(&err)
+                );
+                Ok(EngineKind::Sync)
+            }
+        },
+    }
+}
+
+/// Runs the agent until SIGTERM or SIGINT, then stops it cleanly.
+pub fn run(config: &AgentConfig) -> Result<(), AgentError> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    // Installed before anything starts, so a signal during start-up still stops cleanly.
+    let mut signals =
+        signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(AgentError::Signals)?;
+    let agent = Agent::start(config)?;
+    if let Some(signal) = signals.forever().next() {
+        log::info!("signal {signal}: stopping");
+    }
+    agent.shutdown()
+}
+
+/// Writes `bytes` to `path` atomically: temp file, fsync, rename, fsync of the directory.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}

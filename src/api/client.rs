@@ -1,0 +1,328 @@
+//! The control API client used by the CLI (`ferry export|tracker|heat`) and by `ferry demo`.
+//!
+//! Invariants: every error names the agent's address and says what went wrong in the
+//! agent's own words (`agent at 127.0.0.1:7450: no export named 'x'`); path segments are
+//! percent-encoded, so no name can change which route is called; the token is sent only in
+//! the `Authorization` header and never appears in `Debug` output or errors.
+
+use std::io::{self, Read};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+
+use super::types::{ErrorBody, ExportSpec, ExportStatus, HeatMap, TrackerAdd, TrackerStatus};
+
+/// How long to wait for the agent to accept a connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one call may take (adding an export opens and locks an image).
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest error body read from a non-ferry server.
+const ERROR_BODY_MAX_BYTES: u64 = 4096;
+
+/// Errors from calling the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The agent could not be reached: not running, or another address.
+    #[error("cannot reach the agent at {addr}")]
+    Unreachable {
+        /// The agent's address as given.
+        addr: String,
+        /// What the HTTP client saw.
+        #[source]
+        source: Box<ureq::Transport>,
+    },
+    /// The agent refused the token (HTTP 401).
+    #[error("agent at {addr}: {message} (is the token file the agent's?)")]
+    Unauthorized {
+        /// The agent's address as given.
+        addr: String,
+        /// The agent's explanation.
+        message: String,
+    },
+    /// The agent refused or failed the request.
+    #[error("agent at {addr}: {message}")]
+    Rejected {
+        /// The agent's address as given.
+        addr: String,
+        /// HTTP status: 400 invalid, 404 not found, 409 exists or busy, 500 agent I/O error.
+        status: u16,
+        /// The agent's explanation.
+        message: String,
+    },
+    /// The agent's answer could not be read or is not what the call expects.
+    #[error("agent at {addr}: unreadable answer to {call}")]
+    Decode {
+        /// The agent's address as given.
+        addr: String,
+        /// The call, e.g. `GET /v1/exports`.
+        call: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl ClientError {
+    /// The HTTP status the agent answered with, if it answered.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Unauthorized { .. } => Some(401),
+            ClientError::Rejected { status, .. } => Some(*status),
+            ClientError::Unreachable { .. } | ClientError::Decode { .. } => None,
+        }
+    }
+}
+
+/// A client of one agent's control API.
+pub struct Client {
+    http: ureq::Agent,
+    addr: String,
+    base_url: String,
+    token: Option<String>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("addr", &self.addr)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// A client of the agent at `addr` (`host:port`, or a `http://` URL), sending `token`.
+    pub fn new(addr: &str, token: Option<String>) -> Self {
+        let trimmed = addr.trim().trim_end_matches('/');
+        let base_url = if trimmed.contains("://") {
+            trimmed.to_string()
+        } else {
+            format!("http://{trimmed}")
+        };
+        let http = ureq::AgentBuilder::new()
+            .timeout_connect(CONNECT_TIMEOUT)
+            .timeout(CALL_TIMEOUT)
+            .redirects(0)
+            .build();
+        Client {
+            http,
+            addr: addr.to_string(),
+            base_url,
+            token,
+        }
+    }
+
+    /// `GET /v1/exports`
+    pub fn exports(&self) -> Result<Vec<ExportStatus>, ClientError> {
+        self.call_json("GET", "/v1/exports", &[], None)
+    }
+
+    /// `GET /v1/exports/{name}`
+    pub fn export(&self, name: &str) -> Result<ExportStatus, ClientError> {
+        self.call_json("GET", &format!("/v1/exports/{}", encode(name)), &[], None)
+    }
+
+    /// `POST /v1/exports`
+    pub fn add_export(&self, spec: &ExportSpec) -> Result<ExportStatus, ClientError> {
+        self.call_json("POST", "/v1/exports", &[], Some(json(spec)))
+    }
+
+    /// `DELETE /v1/exports/{name}?force=`
+    pub fn remove_export(&self, name: &str, force: bool) -> Result<(), ClientError> {
+        let path = format!("/v1/exports/{}", encode(name));
+        let force = if force { "true" } else { "false" };
+        self.call("DELETE", &path, &[("force", force)], None)
+            .map(drop)
+    }
+
+    /// `GET /v1/exports/{export}/trackers`
+    pub fn trackers(&self, export: &str) -> Result<Vec<TrackerStatus>, ClientError> {
+        let path = format!("/v1/exports/{}/trackers", encode(export));
+        self.call_json("GET", &path, &[], None)
+    }
+
+    /// `POST /v1/exports/{export}/trackers`
+    pub fn add_tracker(
+        &self,
+        export: &str,
+        add: &TrackerAdd,
+    ) -> Result<TrackerStatus, ClientError> {
+        let path = format!("/v1/exports/{}/trackers", encode(export));
+        self.call_json("POST", &path, &[], Some(json(add)))
+    }
+
+    /// `DELETE /v1/exports/{export}/trackers/{tracker}`
+    pub fn remove_tracker(&self, export: &str, tracker: &str) -> Result<(), ClientError> {
+        let path = format!(
+            "/v1/exports/{}/trackers/{}",
+            encode(export),
+            encode(tracker)
+        );
+        self.call("DELETE", &path, &[], None).map(drop)
+    }
+
+    /// `GET /v1/exports/{export}/heat?tracker=&cells=`
+    pub fn heat(
+        &self,
+        export: &str,
+        tracker: Option<&str>,
+        cells: usize,
+    ) -> Result<HeatMap, ClientError> {
+        let path = format!("/v1/exports/{}/heat", encode(export));
+        let cells = cells.to_string();
+        let mut query = vec![("cells", cells.as_str())];
+        if let Some(tracker) = tracker {
+            query.push(("tracker", tracker));
+        }
+        self.call_json("GET", &path, &query, None)
+    }
+
+    /// `GET /metrics` (Prometheus text).
+    pub fn metrics(&self) -> Result<String, ClientError> {
+        let response = self.call("GET", "/metrics", &[], None)?;
+        response
+            .into_string()
+            .map_err(|source| self.decode_error("GET", "/metrics", source))
+    }
+
+    fn call_json<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        query: &[(&str, &str)],
+        body: Option<Vec<u8>>,
+    ) -> Result<T, ClientError> {
+        let response = self.call(method, path, query, body)?;
+        response
+            .into_json()
+            .map_err(|source| self.decode_error(method, path, source))
+    }
+
+    fn call(
+        &self,
+        method: &str,
+        path: &str,
+        query: &[(&str, &str)],
+        body: Option<Vec<u8>>,
+    ) -> Result<ureq::Response, ClientError> {
+        let mut request = self
+            .http
+            .request(method, &format!("{}{path}", self.base_url));
+        for (key, value) in query {
+            request = request.query(key, value);
+        }
+        if let Some(token) = &self.token {
+            request = request.set("Authorization", &format!("Bearer {token}"));
+        }
+        let result = match body {
+            Some(bytes) => request
+                .set("Content-Type", "application/json")
+                .send_bytes(&bytes),
+            None => request.call(),
+        };
+        match result {
+            Ok(response) => Ok(response),
+            Err(ureq::Error::Status(status, response)) => Err(self.rejected(status, response)),
+            Err(ureq::Error::Transport(transport)) => Err(ClientError::Unreachable {
+                addr: self.addr.clone(),
+                source: Box::new(transport),
+            }),
+        }
+    }
+
+    #[cold]
+    fn rejected(&self, status: u16, response: ureq::Response) -> ClientError {
+        let status_text = response.status_text().to_string();
+        let mut text = String::new();
+        let read = response
+            .into_reader()
+            .take(ERROR_BODY_MAX_BYTES)
+            .read_to_string(&mut text);
+        let message = match serde_json::from_str::<ErrorBody>(&text) {
+            Ok(body) => body.error,
+            // Not a ferry agent, or the body was cut: say what was seen.
+            Err(_) if read.is_ok() && !text.trim().is_empty() => {
+                format!("HTTP {status} {status_text}: {}", text.trim())
+            }
+            Err(_) => format!("HTTP {status} {status_text}"),
+        };
+        if status == 401 {
+            ClientError::Unauthorized {
+                addr: self.addr.clone(),
+                message,
+            }
+        } else {
+            ClientError::Rejected {
+                addr: self.addr.clone(),
+                status,
+                message,
+            }
+        }
+    }
+
+    #[cold]
+    fn decode_error(&self, method: &str, path: &str, source: io::Error) -> ClientError {
+        ClientError::Decode {
+            addr: self.addr.clone(),
+            call: format!("{method} {path}"),
+            source,
+        }
+    }
+}
+
+fn json(value: &impl serde::Serialize) -> Vec<u8> {
+    serde_json::to_vec(value).expect("API types serialize to JSON")
+}
+
+/// Percent-encodes a path segment: everything but unreserved characters (RFC 3986).
+fn encode(segment: &str) -> String {
+    let mut out = String::with_capacity(segment.len());
+    for byte in segment.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+            out.push(char::from(byte));
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segments_are_encoded() {
+        // Goal: names cannot escape their path segment. Method: encode slashes, dots, UTF-8.
+        assert_eq!(encode("vm-1.raw_x~"), "vm-1.raw_x~");
+        assert_eq!(encode("a/b"), "a%2Fb");
+        assert_eq!(encode("a b?c"), "a%20b%3Fc");
+        assert_eq!(encode("é"), "%C3%A9");
+    }
+
+    #[test]
+    fn debug_hides_the_token() {
+        // Goal: the token never shows in logs. Method: format a client with Debug.
+        let client = Client::new("127.0.0.1:7450", Some("secret-token".into()));
+        let text = format!("{client:?}");
+        assert!(!text.contains("secret-token"), "{text}");
+        assert!(text.contains("127.0.0.1:7450"));
+    }
+
+    #[test]
+    fn unreachable_agent_names_the_address() {
+        // Goal: a stopped agent gives "cannot reach the agent at ADDR". Method: call a port
+        // that was just bound and closed.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("bind")
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let err = Client::new(&addr, None)
+            .exports()
+            .expect_err("nothing listens");
+        assert!(matches!(err, ClientError::Unreachable { .. }), "{err:?}");
+        assert_eq!(err.to_string(), format!("cannot reach the agent at {addr}"));
+        assert_eq!(err.status(), None);
+    }
+}

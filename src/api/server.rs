@@ -1,0 +1,539 @@
+//! Request handling of the control API: authentication, routing, body decoding and the
+//! mapping of [`ControlError`]s to HTTP statuses.
+//!
+//! [`route`] is a pure function of (method, URL, Authorization header, body) to a [`Reply`],
+//! so the whole API is testable without sockets; [`worker`] only moves requests between
+//! `tiny_http` and [`route`].
+//!
+//! Invariants:
+//! - Authentication comes before routing: without the token, every path but `/metrics`
+//!   answers 401, so an unauthenticated caller learns nothing about exports.
+//! - At most [`MAX_BODY_BYTES`] of a body are read; larger bodies get 413, undecodable ones
+//!   400, and a request declaring an absurd body is dropped unanswered (`abandon`) because
+//!   tiny_http would abort the process draining it. Path segments and query values are
+//!   percent-decoded; nothing here panics on input.
+
+use std::io::Read;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tiny_http::{Header, Method, Request, Response, Server};
+
+use super::types::{ErrorBody, ExportSpec, TrackerAdd};
+use super::{Control, ControlError};
+use crate::metrics;
+
+/// Largest request body accepted.
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+/// Largest declared body that is drained (read and discarded) after refusing it; see
+/// [`abandon`] for larger ones.
+const DRAIN_MAX_BYTES: usize = 64 << 20;
+/// Heat map cells when the request names none (64 columns x 16 rows).
+pub const DEFAULT_HEAT_CELLS: usize = 1024;
+/// Most heat map cells one request gets.
+pub const MAX_HEAT_CELLS: usize = 65_536;
+
+/// What every worker shares: the token and the thing controlled.
+pub struct Context {
+    token: String,
+    control: Arc<dyn Control>,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the token.
+        f.debug_struct("Context").finish_non_exhaustive()
+    }
+}
+
+impl Context {
+    /// A context answering with `control` to callers presenting `token`.
+    pub fn new(token: String, control: Arc<dyn Control>) -> Self {
+        Context { token, control }
+    }
+}
+
+/// An HTTP answer before it is handed to `tiny_http`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// HTTP status.
+    pub status: u16,
+    /// `Content-Type`; None for an empty body.
+    pub content_type: Option<&'static str>,
+    /// Body bytes.
+    pub body: Vec<u8>,
+    /// Extra headers (`Allow`, `WWW-Authenticate`).
+    pub headers: Vec<(&'static str, &'static str)>,
+}
+
+impl Reply {
+    fn json(status: u16, value: &impl Serialize) -> Reply {
+        // Our own types always serialize (no maps with non-string keys, no failing impls).
+        let body = serde_json::to_vec(value).expect("API types serialize to JSON");
+        Reply {
+            status,
+            content_type: Some("application/json"),
+            body,
+            headers: Vec::new(),
+        }
+    }
+
+    fn empty(status: u16) -> Reply {
+        Reply {
+            status,
+            content_type: None,
+            body: Vec::new(),
+            headers: Vec::new(),
+        }
+    }
+
+    #[cold]
+    fn error(status: u16, message: impl Into<String>) -> Reply {
+        Reply::json(
+            status,
+            &ErrorBody {
+                error: message.into(),
+            },
+        )
+    }
+
+    fn with_header(mut self, name: &'static str, value: &'static str) -> Reply {
+        self.headers.push((name, value));
+        self
+    }
+
+    fn from_result<T: Serialize>(status: u16, result: Result<T, ControlError>) -> Reply {
+        match result {
+            Ok(value) => Reply::json(status, &value),
+            Err(err) => Reply::error(err.http_status(), err.to_string()),
+        }
+    }
+
+    fn from_unit(result: Result<(), ControlError>) -> Reply {
+        match result {
+            Ok(()) => Reply::empty(204),
+            Err(err) => Reply::error(err.http_status(), err.to_string()),
+        }
+    }
+}
+
+/// One worker: answers requests until [`super::ApiServer`] sets `stopping` and unblocks it.
+pub fn worker(http: &Server, stopping: &AtomicBool, context: &Context) {
+    loop {
+        let request = match http.recv() {
+            Ok(request) => request,
+            Err(err) => {
+                if !stopping.load(Ordering::Acquire) {
+                    // tiny_http's accept loop ended (e.g. out of file descriptors).
+                    log::error!("control API stopped taking requests: {err}");
+                }
+                return;
+            }
+        };
+        handle(request, context);
+    }
+}
+
+fn handle(mut request: Request, context: &Context) {
+    let method = request.method().clone();
+    let url = request.url().to_string();
+    let authorization = request
+        .headers()
+        .iter()
+        .find(|h| h.field.equiv("Authorization"))
+        .map(|h| h.value.as_str().to_string());
+    let declared_bytes = request.body_length();
+    if declared_bytes.is_some_and(|n| n > DRAIN_MAX_BYTES) {
+        abandon(request);
+        return;
+    }
+    let reply = if declared_bytes.is_some_and(|n| n > MAX_BODY_BYTES) {
+        body_too_large()
+    } else {
+        route(
+            &method,
+            &url,
+            authorization.as_deref(),
+            request.as_reader(),
+            context,
+        )
+    };
+    if reply.status == 401 {
+        let peer = request
+            .remote_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        log::warn!(
+            "control API: {method} {} from {peer}: refused (token)",
+            path_of(&url)
+        );
+    } else {
+        log::debug!(
+            "control API: {method} {} -> {}",
+            path_of(&url),
+            reply.status
+        );
+    }
+    if let Err(err) = request.respond(to_response(reply)) {
+        log::debug!("control API: client went away before the answer: {err}");
+    }
+}
+
+/// Drops a request that declares an absurd body without answering it.
+///
+/// tiny_http 0.12 drains an unread body when the request is dropped, into one buffer of the
+/// declared size (`EqualReader::drop`): a `Content-Length` of a few terabytes, sent by any
+/// local user before authentication, would make that allocation fail and abort the agent.
+/// Forgetting the request never runs that drop; the cost is one idle connection and one
+/// tiny_http thread per such request, which no ferry client ever sends.
+#[cold]
+fn abandon(request: Request) {
+    log::warn!(
+        "control API: request from {:?} declares a {} byte body: connection abandoned",
+        request.remote_addr(),
+        request.body_length().unwrap_or(0)
+    );
+    std::mem::forget(request);
+}
+
+fn to_response(reply: Reply) -> Response<std::io::Cursor<Vec<u8>>> {
+    let mut response = Response::from_data(reply.body).with_status_code(reply.status);
+    let mut add = |name: &str, value: &str| {
+        // Header names and values here are ASCII constants.
+        let header = Header::from_bytes(name.as_bytes(), value.as_bytes()).expect("ASCII header");
+        response.add_header(header);
+    };
+    if let Some(content_type) = reply.content_type {
+        add("Content-Type", content_type);
+    }
+    for (name, value) in reply.headers {
+        add(name, value);
+    }
+    response
+}
+
+fn path_of(url: &str) -> &str {
+    url.split_once('?').map_or(url, |(path, _)| path)
+}
+
+/// Answers one request. `authorization` is the raw header value; `body` is read only by
+/// routes that take one, and at most [`MAX_BODY_BYTES`] + 1 bytes of it.
+pub fn route(
+    method: &Method,
+    url: &str,
+    authorization: Option<&str>,
+    body: &mut dyn Read,
+    context: &Context,
+) -> Reply {
+    let (path, query) = url.split_once('?').unwrap_or((url, ""));
+    if path == "/metrics" {
+        return match method {
+            Method::Get => Reply {
+                status: 200,
+                content_type: Some(metrics::PROMETHEUS_CONTENT_TYPE),
+                body: metrics::render_prometheus(&context.control.exports()).into_bytes(),
+                headers: Vec::new(),
+            },
+            _ => method_not_allowed("GET"),
+        };
+    }
+    if let Err(reply) = authenticate(authorization, &context.token) {
+        return reply;
+    }
+    let Some(segments) = path_segments(path) else {
+        return Reply::error(400, format!("malformed path '{path}'"));
+    };
+    let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
+    let control = context.control.as_ref();
+    match segments.as_slice() {
+        ["v1", "exports"] => match method {
+            Method::Get => Reply::json(200, &control.exports()),
+            Method::Post => match decode::<ExportSpec>(body) {
+                Ok(spec) => Reply::from_result(201, control.add_export(spec)),
+                Err(reply) => reply,
+            },
+            _ => method_not_allowed("GET, POST"),
+        },
+        ["v1", "exports", name] => match method {
+            Method::Get => export_status(control, name),
+            Method::Delete => match flag(query, "force") {
+                Ok(force) => Reply::from_unit(control.remove_export(name, force)),
+                Err(reply) => reply,
+            },
+            _ => method_not_allowed("GET, DELETE"),
+        },
+        ["v1", "exports", name, "trackers"] => match method {
+            Method::Get => Reply::from_result(200, control.trackers(name)),
+            Method::Post => match decode::<TrackerAdd>(body) {
+                Ok(add) => Reply::from_result(201, control.add_tracker(name, add)),
+                Err(reply) => reply,
+            },
+            _ => method_not_allowed("GET, POST"),
+        },
+        ["v1", "exports", name, "trackers", tracker] => match method {
+            Method::Delete => Reply::from_unit(control.remove_tracker(name, tracker)),
+            _ => method_not_allowed("DELETE"),
+        },
+        ["v1", "exports", name, "heat"] => match method {
+            Method::Get => heat(control, name, query),
+            _ => method_not_allowed("GET"),
+        },
+        _ => Reply::error(404, format!("no API route {path}")),
+    }
+}
+
+fn export_status(control: &dyn Control, name: &str) -> Reply {
+    match control.exports().into_iter().find(|e| e.name == name) {
+        Some(status) => Reply::json(200, &status),
+        None => Reply::error(404, format!("no export named '{name}'")),
+    }
+}
+
+fn heat(control: &dyn Control, export: &str, query: &str) -> Reply {
+    let params = match query_pairs(query) {
+        Some(params) => params,
+        None => return Reply::error(400, "malformed query string"),
+    };
+    let tracker = params
+        .iter()
+        .find(|(k, _)| k == "tracker")
+        .map(|(_, v)| v.as_str());
+    let cells = match params.iter().find(|(k, _)| k == "cells") {
+        None => DEFAULT_HEAT_CELLS,
+        Some((_, text)) => match text.parse::<usize>() {
+            Ok(cells) if cells > 0 => cells.min(MAX_HEAT_CELLS),
+            _ => {
+                let problem = format!("cells must be a number from 1 to {MAX_HEAT_CELLS}");
+                return Reply::error(400, problem);
+            }
+        },
+    };
+    Reply::from_result(200, control.heat(export, tracker, cells))
+}
+
+fn authenticate(authorization: Option<&str>, token: &str) -> Result<(), Reply> {
+    let unauthorized = |message: &str| {
+        Reply::error(401, message).with_header("WWW-Authenticate", "Bearer realm=\"ferry\"")
+    };
+    let Some(value) = authorization else {
+        return Err(unauthorized(
+            "missing API token (Authorization: Bearer ...)",
+        ));
+    };
+    let presented = match value.trim().split_once(' ') {
+        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("bearer") => rest.trim(),
+        _ => {
+            return Err(unauthorized(
+                "the Authorization header is not a Bearer token",
+            ))
+        }
+    };
+    if constant_time_eq(presented.as_bytes(), token.as_bytes()) {
+        Ok(())
+    } else {
+        Err(unauthorized("wrong API token"))
+    }
+}
+
+/// Compares two byte strings in time that depends only on their lengths (the token's length
+/// is public: 64 hex digits), so response timing reveals nothing about a guessed prefix.
+pub fn constant_time_eq(presented: &[u8], expected: &[u8]) -> bool {
+    if presented.len() != expected.len() {
+        return false;
+    }
+    let diff = presented
+        .iter()
+        .zip(expected)
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+    // Keeps the compiler from turning the fold into an early-exit comparison.
+    std::hint::black_box(diff) == 0
+}
+
+#[cold]
+fn method_not_allowed(allow: &'static str) -> Reply {
+    Reply::error(405, format!("method not allowed here (allowed: {allow})"))
+        .with_header("Allow", allow)
+}
+
+#[cold]
+fn body_too_large() -> Reply {
+    Reply::error(
+        413,
+        format!("request body larger than {MAX_BODY_BYTES} bytes"),
+    )
+}
+
+/// Reads and decodes a JSON body of at most [`MAX_BODY_BYTES`].
+fn decode<T: DeserializeOwned>(body: &mut dyn Read) -> Result<T, Reply> {
+    let mut bytes = Vec::new();
+    let limit = u64::try_from(MAX_BODY_BYTES).expect("1 MiB fits in u64") + 1;
+    body.take(limit)
+        .read_to_end(&mut bytes)
+        .map_err(|err| Reply::error(400, format!("cannot read the request body: {err}")))?;
+    if bytes.len() > MAX_BODY_BYTES {
+        return Err(body_too_large());
+    }
+    serde_json::from_slice(&bytes)
+        .map_err(|err| Reply::error(400, format!("invalid JSON body: {err}")))
+}
+
+/// `force=true|false|1|0|yes|no`; absent is false.
+fn flag(query: &str, name: &str) -> Result<bool, Reply> {
+    let params = query_pairs(query).ok_or_else(|| Reply::error(400, "malformed query string"))?;
+    match params
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+    {
+        None | Some("false" | "0" | "no") => Ok(false),
+        Some("" | "true" | "1" | "yes") => Ok(true),
+        Some(other) => Err(Reply::error(
+            400,
+            format!("{name}={other}: use true or false"),
+        )),
+    }
+}
+
+/// The decoded segments of an absolute path (empty segments dropped); None if a segment
+/// has a bad escape or is not UTF-8.
+fn path_segments(path: &str) -> Option<Vec<String>> {
+    if !path.starts_with('/') {
+        return None;
+    }
+    path.split('/')
+        .filter(|s| !s.is_empty())
+        .map(|s| percent_decode(s, false))
+        .collect()
+}
+
+/// Decoded `key=value` pairs of a query string (`+` is a space); None if malformed.
+fn query_pairs(query: &str) -> Option<Vec<(String, String)>> {
+    query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            Some((percent_decode(key, true)?, percent_decode(value, true)?))
+        })
+        .collect()
+}
+
+/// Decodes `%XX` escapes (and `+` as space when `plus_is_space`).
+fn percent_decode(text: &str, plus_is_space: bool) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = bytes.get(i + 1..i + 3)?;
+                let hex = std::str::from_utf8(hex).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' if plus_is_space => {
+                out.push(b' ');
+                i += 1;
+            }
+            byte => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn constant_time_eq_compares_bytes() {
+        // Goal: equal only when identical. Method: same, one byte off, prefix, empty.
+        assert!(constant_time_eq(b"abcdef", b"abcdef"));
+        assert!(!constant_time_eq(b"abcdeg", b"abcdef"));
+        assert!(!constant_time_eq(b"abc", b"abcdef"));
+        assert!(!constant_time_eq(b"", b"abcdef"));
+        assert!(constant_time_eq(b"", b""));
+    }
+
+    #[test]
+    fn authorization_header_forms() {
+        // Goal: only "Bearer <token>" (any case of the scheme) passes. Method: try variants.
+        assert!(authenticate(Some("Bearer tok"), "tok").is_ok());
+        assert!(authenticate(Some("bearer  tok "), "tok").is_ok());
+        for bad in [
+            None,
+            Some("tok"),
+            Some("Basic tok"),
+            Some("Bearer tok2"),
+            Some("Bearer "),
+        ] {
+            let reply = authenticate(bad, "tok").expect_err("refused");
+            assert_eq!(reply.status, 401, "{bad:?}");
+            assert!(reply
+                .headers
+                .contains(&("WWW-Authenticate", "Bearer realm=\"ferry\"")));
+        }
+    }
+
+    #[test]
+    fn percent_decoding() {
+        // Goal: escapes decode, malformed ones are rejected instead of panicking.
+        // Method: decode good and bad inputs, including a truncated escape at the end.
+        assert_eq!(percent_decode("a%20b", false).as_deref(), Some("a b"));
+        assert_eq!(percent_decode("a+b", true).as_deref(), Some("a b"));
+        assert_eq!(percent_decode("a+b", false).as_deref(), Some("a+b"));
+        for bad in ["%", "%4", "%zz", "%ff", "%e2%82"] {
+            assert_eq!(percent_decode(bad, false), None, "{bad}");
+        }
+        assert_eq!(percent_decode("%E2%82%AC", false).as_deref(), Some("€"));
+    }
+
+    #[test]
+    fn query_and_flags() {
+        // Goal: query parsing finds values and rejects nonsense. Method: parse examples.
+        let pairs = query_pairs("tracker=a%2Bb&cells=64&&x").expect("parsed");
+        assert_eq!(
+            pairs,
+            vec![
+                ("tracker".to_string(), "a+b".to_string()),
+                ("cells".to_string(), "64".to_string()),
+                ("x".to_string(), String::new()),
+            ]
+        );
+        assert!(flag("force=true", "force").expect("true"));
+        assert!(flag("force", "force").expect("bare"));
+        assert!(!flag("", "force").expect("absent"));
+        assert!(!flag("force=0", "force").expect("0"));
+        assert_eq!(flag("force=maybe", "force").expect_err("bad").status, 400);
+        assert_eq!(
+            flag("force=%zz", "force").expect_err("bad escape").status,
+            400
+        );
+    }
+
+    #[test]
+    fn path_segments_decode() {
+        // Goal: paths split into decoded segments. Method: examples with escapes and slashes.
+        assert_eq!(
+            path_segments("/v1/exports/vm%31/").expect("ok"),
+            vec!["v1", "exports", "vm1"]
+        );
+        assert_eq!(path_segments("relative"), None);
+        assert_eq!(path_segments("/v1/%zz"), None);
+    }
+
+    #[test]
+    fn oversized_body_is_refused() {
+        // Goal: bodies over the cap are refused without decoding. Method: feed 1 MiB + 1.
+        let big = vec![b' '; MAX_BODY_BYTES + 1];
+        let err = decode::<TrackerAdd>(&mut big.as_slice()).expect_err("too large");
+        assert_eq!(err.status, 413);
+        let err = decode::<TrackerAdd>(&mut &b"{\"name\":"[..]).expect_err("truncated");
+        assert_eq!(err.status, 400);
+    }
+}

@@ -1,0 +1,176 @@
+//! The control API's wire types: what the agent returns (statuses, heat maps) and what a
+//! client sends (an export to add, a tracker to add). They are also what `--json` prints and
+//! what the registry persists in `exports.json`.
+//!
+//! Invariants: every field carries its unit in its name (`_bytes`, `_ms`, `_us`); inputs
+//! reject unknown fields, so a misspelt option is an error and not silently ignored; fields
+//! added later must have defaults so an older `exports.json` still loads.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+pub use crate::metrics::LatencySummary;
+
+/// An export to serve, as `POST /v1/exports` takes it and `exports.json` stores it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportSpec {
+    /// NBD export name.
+    pub name: String,
+    /// Raw image file or block device (absolute: the agent's working directory is `/`).
+    pub path: PathBuf,
+    /// Refuse writes.
+    #[serde(default)]
+    pub read_only: bool,
+    /// Default granularity of the export's trackers.
+    #[serde(default = "default_granularity_bytes")]
+    pub granularity_bytes: u64,
+    /// Trackers to create.
+    #[serde(default)]
+    pub trackers: Vec<String>,
+}
+
+fn default_granularity_bytes() -> u64 {
+    crate::agent::config::DEFAULT_GRANULARITY_BYTES
+}
+
+/// A tracker to add, as `POST /v1/exports/{name}/trackers` takes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrackerAdd {
+    /// Tracker name, unique within the export.
+    pub name: String,
+    /// Granularity; the export's when absent.
+    #[serde(default)]
+    pub granularity_bytes: Option<u64>,
+    /// Heat half-life; the agent's when absent.
+    #[serde(default)]
+    pub half_life_ms: Option<u64>,
+}
+
+/// Request counters and latency of one export since the agent started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct ExportStats {
+    /// READ commands completed.
+    pub read_ops: u64,
+    /// Bytes returned by READ.
+    pub read_bytes: u64,
+    /// WRITE commands completed.
+    pub write_ops: u64,
+    /// Bytes written by WRITE.
+    pub write_bytes: u64,
+    /// FLUSH commands completed.
+    pub flush_ops: u64,
+    /// TRIM commands completed.
+    pub trim_ops: u64,
+    /// WRITE_ZEROES commands completed.
+    pub zero_ops: u64,
+    /// Request latency, receive to reply, in microseconds.
+    pub latency_us: LatencySummary,
+}
+
+/// One tracker of an export.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrackerStatus {
+    /// Tracker name.
+    pub name: String,
+    /// Bytes per tracked block.
+    pub granularity_bytes: u64,
+    /// Blocks covering the export.
+    pub block_count: u64,
+    /// Blocks written since the tracker was created or last cleared.
+    pub dirty_blocks: u64,
+    /// `dirty_blocks * granularity_bytes` (the last block may extend past the image end).
+    pub dirty_bytes: u64,
+    /// Restored after an unclean stop: every block counts as dirty.
+    pub lost: bool,
+    /// Heat half-life.
+    pub half_life_ms: u64,
+}
+
+/// One served export.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExportStatus {
+    /// NBD export name.
+    pub name: String,
+    /// Image path.
+    pub path: PathBuf,
+    /// Writes refused.
+    pub read_only: bool,
+    /// Image size.
+    pub size_bytes: u64,
+    /// Default granularity of its trackers.
+    pub granularity_bytes: u64,
+    /// Live NBD connections.
+    pub connections: u64,
+    /// Its trackers.
+    pub trackers: Vec<TrackerStatus>,
+    /// Its counters.
+    pub stats: ExportStats,
+}
+
+/// Write heat of one tracker, reduced to a fixed number of cells for display.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeatMap {
+    /// Export name.
+    pub export: String,
+    /// Tracker name.
+    pub tracker: String,
+    /// Bytes per tracked block.
+    pub granularity_bytes: u64,
+    /// Blocks covering the export.
+    pub block_count: u64,
+    /// Bytes of the export per cell (rounded up).
+    pub cell_bytes: u64,
+    /// Hottest block heat (0..=255) within each cell, in disk order.
+    pub cells: Vec<u8>,
+    /// `(heat lower bound, blocks)` per heat bucket, coldest first; see
+    /// [`crate::dirty::heat::HEAT_BUCKET_LOWER_BOUNDS`].
+    pub histogram: Vec<(u8, u64)>,
+    /// Blocks at or above the agent's hot threshold.
+    pub hot_blocks: u64,
+}
+
+/// The body of every error response: `{"error": "..."}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// What went wrong, as a sentence for a person.
+    pub error: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn export_spec_defaults_and_rejects_unknown_fields() {
+        // Goal: minimal specs load with defaults; typos are errors. Method: parse JSON texts.
+        let spec: ExportSpec =
+            serde_json::from_str(r#"{"name":"vm1","path":"/i/vm1.raw"}"#).expect("minimal spec");
+        assert_eq!(spec.granularity_bytes, 64 * 1024);
+        assert!(!spec.read_only);
+        assert!(spec.trackers.is_empty());
+        let typo = r#"{"name":"vm1","path":"/i","readonly":true}"#;
+        assert!(serde_json::from_str::<ExportSpec>(typo).is_err());
+    }
+
+    #[test]
+    fn tracker_add_options_are_optional() {
+        // Goal: a tracker can be added by name alone. Method: parse and round-trip.
+        let add: TrackerAdd = serde_json::from_str(r#"{"name":"t"}"#).expect("name only");
+        assert_eq!(
+            add,
+            TrackerAdd {
+                name: "t".into(),
+                granularity_bytes: None,
+                half_life_ms: None
+            }
+        );
+        let text = serde_json::to_string(&add).expect("serialize");
+        assert_eq!(
+            serde_json::from_str::<TrackerAdd>(&text).expect("round trip"),
+            add
+        );
+    }
+}

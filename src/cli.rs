@@ -1,0 +1,180 @@
+//! Command line: `ferry agent` runs the daemon; the other subcommands talk to a running agent
+//! through its control API; `ferry demo` shows the whole thing on a temporary image.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// ferry: serves VM disks over NBD, tracks every write, moves live disks between hosts.
+#[derive(Debug, Parser)]
+#[command(name = "ferry", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Where a client subcommand finds the agent.
+#[derive(Debug, Args, Clone)]
+pub struct ApiTarget {
+    /// Control API address of the agent.
+    #[arg(long, env = "FERRY_API", default_value = crate::agent::config::DEFAULT_API, global = true)]
+    pub api: String,
+    /// File holding the API token (default: <state-dir>/api.token).
+    #[arg(long, env = "FERRY_TOKEN_FILE", global = true)]
+    pub token_file: Option<PathBuf>,
+    /// State directory of the agent (where its token is).
+    #[arg(long, env = "FERRY_STATE_DIR", default_value = crate::agent::config::DEFAULT_STATE_DIR, global = true)]
+    pub state_dir: PathBuf,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent (root daemon).
+    Agent(AgentArgs),
+    /// Manage exports of a running agent.
+    Export {
+        /// Action.
+        #[command(subcommand)]
+        action: ExportAction,
+        /// Agent to talk to.
+        #[command(flatten)]
+        target: ApiTarget,
+    },
+    /// Manage write trackers of an export.
+    Tracker {
+        /// Action.
+        #[command(subcommand)]
+        action: TrackerAction,
+        /// Agent to talk to.
+        #[command(flatten)]
+        target: ApiTarget,
+    },
+    /// Show the write-heat map of an export.
+    Heat {
+        /// Export name.
+        export: String,
+        /// Tracker (default: the export's first).
+        #[arg(long)]
+        tracker: Option<String>,
+        /// Map width in characters.
+        #[arg(long, default_value_t = 64)]
+        width: usize,
+        /// Rows of the map.
+        #[arg(long, default_value_t = 16)]
+        rows: usize,
+        /// Agent to talk to.
+        #[command(flatten)]
+        target: ApiTarget,
+    },
+    /// Start an agent on a temporary image, write a skewed workload over NBD, show the heat.
+    Demo(DemoArgs),
+}
+
+/// `ferry agent` flags; each overrides the config file.
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// TOML config file (see scripts/deploy/ferry.toml).
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// Serve an export: NAME=PATH[,ro][,granularity=SIZE][,tracker=NAME]; repeatable.
+    #[arg(long = "export", short = 'e')]
+    pub exports: Vec<String>,
+    /// Unix socket of the NBD server [default: /run/ferry/nbd.sock].
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// Also serve NBD over TCP [default address when given bare: 127.0.0.1:10809].
+    #[arg(long, num_args = 0..=1, default_missing_value = "")]
+    pub tcp: Option<String>,
+    /// State directory [default: /var/lib/ferry].
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Control API address [default: 127.0.0.1:7450].
+    #[arg(long)]
+    pub api: Option<String>,
+    /// io engine: auto, uring or sync.
+    #[arg(long)]
+    pub engine: Option<String>,
+    /// Tracking granularity of --export exports (e.g. 64K).
+    #[arg(long)]
+    pub granularity: Option<String>,
+}
+
+/// `ferry export ...`
+#[derive(Debug, Subcommand)]
+pub enum ExportAction {
+    /// Serve a new export.
+    Add {
+        /// Export name.
+        name: String,
+        /// Raw image file or block device.
+        path: PathBuf,
+        /// Refuse writes.
+        #[arg(long)]
+        read_only: bool,
+        /// Tracking granularity (e.g. 64K).
+        #[arg(long, default_value = "64K")]
+        granularity: String,
+        /// Create trackers with these names.
+        #[arg(long = "tracker")]
+        trackers: Vec<String>,
+    },
+    /// List exports.
+    Ls,
+    /// Stop serving an export.
+    Rm {
+        /// Export name.
+        name: String,
+        /// Close its connections.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// `ferry tracker ...`
+#[derive(Debug, Subcommand)]
+pub enum TrackerAction {
+    /// Start tracking writes.
+    Add {
+        /// Export name.
+        export: String,
+        /// Tracker name.
+        name: String,
+        /// Granularity (default: the export's).
+        #[arg(long)]
+        granularity: Option<String>,
+        /// Heat half-life in milliseconds.
+        #[arg(long)]
+        half_life_ms: Option<u64>,
+    },
+    /// List trackers of an export.
+    Ls {
+        /// Export name.
+        export: String,
+    },
+    /// Remove a tracker.
+    Rm {
+        /// Export name.
+        export: String,
+        /// Tracker name.
+        name: String,
+    },
+}
+
+/// `ferry demo` flags.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Image size.
+    #[arg(long, default_value = "1G")]
+    pub size: String,
+    /// Writes to issue.
+    #[arg(long, default_value_t = 40_000)]
+    pub writes: u64,
+    /// Directory for the temporary image (must support O_DIRECT: not tmpfs).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+}

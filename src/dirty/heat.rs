@@ -1,0 +1,262 @@
+//! Write heat: a per-block counter of recent writes that halves every half-life.
+//!
+//! Each block has one `AtomicU32` packing an 8-bit count (low byte) and a 24-bit epoch (high
+//! bits), where `epoch = now_ns / half_life_ns` from the injected clock. A bump first decays the
+//! stored count to the current epoch (`count >> elapsed_epochs`, 0 once 8 or more half-lives
+//! passed), then adds 1, saturating at 255. Reading decays the same way, so no background
+//! thread ever walks the counters.
+//!
+//! Invariants:
+//! - Heat is a scheduling hint (which blocks to copy last), never a correctness input: the
+//!   dirty bitmap alone decides what must be copied. So updates use `Relaxed` loads and stores
+//!   and may lose an increment when two writes race on one block; the block then looks
+//!   slightly cooler, and no data is ever lost by that.
+//! - Epochs are 24-bit and wrap (after 2^24 half-lives: 194 days at 1 s, 15 years at 30 s).
+//!   A stored epoch "ahead" of the reader's (a racing writer read the clock later) counts as
+//!   zero elapsed. A block left untouched for a whole multiple of 2^24 half-lives may read as
+//!   warm again: accepted for a hint.
+//! - Epochs mean nothing across restarts (the clock origin changes); persisted heat is a
+//!   plain count, restored as fresh at the current epoch.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// Bits of the epoch stored beside each count.
+const EPOCH_BITS: u32 = 24;
+/// Mask of a stored epoch.
+const EPOCH_MASK: u32 = (1 << EPOCH_BITS) - 1;
+/// Differences above this (mod 2^24) mean "stored in the future" rather than "long ago".
+const EPOCH_HALF_RANGE: u32 = 1 << (EPOCH_BITS - 1);
+
+/// Lower bounds of the heat histogram buckets: 0, 1, 2-3, 4-7, ..., 128-255.
+pub const HEAT_BUCKET_LOWER_BOUNDS: [u8; 9] = [0, 1, 2, 4, 8, 16, 32, 64, 128];
+
+/// Index of the histogram bucket holding `heat`.
+pub fn heat_bucket(heat: u8) -> usize {
+    // 0 -> 0, 1 -> 1, 2..=3 -> 2, ..., 128..=255 -> 8: the bit length of `heat`.
+    (u8::BITS - heat.leading_zeros()) as usize
+}
+
+/// Number of blocks per heat bucket; see [`HEAT_BUCKET_LOWER_BOUNDS`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HeatHistogram {
+    /// `blocks[i]` blocks have a heat in bucket `i`.
+    pub blocks: [u64; 9],
+}
+
+impl HeatHistogram {
+    /// Counts one block of heat `heat`.
+    pub fn add(&mut self, heat: u8) {
+        self.blocks[heat_bucket(heat)] += 1;
+    }
+
+    /// `(heat lower bound, blocks)` per bucket, coldest first (the API's wire shape).
+    pub fn to_pairs(&self) -> Vec<(u8, u64)> {
+        HEAT_BUCKET_LOWER_BOUNDS
+            .iter()
+            .copied()
+            .zip(self.blocks.iter().copied())
+            .collect()
+    }
+
+    /// Total blocks counted.
+    pub fn total(&self) -> u64 {
+        self.blocks.iter().sum()
+    }
+}
+
+/// Count decayed from `stored_epoch` to `epoch`.
+fn decay(count: u8, stored_epoch: u32, epoch: u32) -> u8 {
+    let elapsed = epoch.wrapping_sub(stored_epoch) & EPOCH_MASK;
+    if elapsed >= EPOCH_HALF_RANGE {
+        // Stored by a writer whose clock read was later than ours: no decay yet.
+        count
+    } else if elapsed >= u8::BITS {
+        0
+    } else {
+        count >> elapsed
+    }
+}
+
+/// Packs a count and an epoch into one cell value.
+fn pack(count: u8, epoch: u32) -> u32 {
+    (epoch << 8) | u32::from(count)
+}
+
+/// Splits a cell value into (count, epoch).
+fn unpack(cell: u32) -> (u8, u32) {
+    let [count, ..] = cell.to_le_bytes();
+    (count, cell >> 8)
+}
+
+/// Per-block decaying write counters; see the module docs.
+#[derive(Debug)]
+pub struct Heat {
+    cells: Box<[AtomicU32]>,
+    half_life_ns: u64,
+}
+
+impl Heat {
+    /// Creates cold counters for `block_count` blocks, halving every `half_life_ms`.
+    pub fn new(block_count: u64, half_life_ms: u64) -> Self {
+        assert!(half_life_ms > 0, "half-life must be positive");
+        let half_life_ns = half_life_ms
+            .checked_mul(1_000_000)
+            .expect("half-life fits in u64 nanoseconds");
+        let len = usize::try_from(block_count).expect("heat fits in memory");
+        let cells = (0..len).map(|_| AtomicU32::new(0)).collect();
+        Self {
+            cells,
+            half_life_ns,
+        }
+    }
+
+    /// Number of blocks.
+    pub fn block_count(&self) -> u64 {
+        self.cells.len() as u64
+    }
+
+    /// The epoch (half-lives since the clock's origin, mod 2^24) at `now_ns`.
+    pub fn epoch(&self, now_ns: u64) -> u32 {
+        let epoch = (now_ns / self.half_life_ns) & u64::from(EPOCH_MASK);
+        u32::try_from(epoch).expect("masked to 24 bits")
+    }
+
+    /// Index of `block`'s cell; out of range is a bug.
+    fn cell(&self, block: u64) -> &AtomicU32 {
+        let index = usize::try_from(block)
+            .ok()
+            .filter(|&i| i < self.cells.len());
+        let Some(index) = index else {
+            panic!(
+                "block {block} out of range (block count {})",
+                self.cells.len()
+            );
+        };
+        &self.cells[index]
+    }
+
+    /// Counts one write to `block` at `epoch` (from [`Heat::epoch`]).
+    pub fn bump(&self, block: u64, epoch: u32) {
+        let cell = self.cell(block);
+        // Relaxed load + store, not a CAS loop: a racing bump may be lost, which only makes
+        // the block look a little cooler (see module docs), and the hot path stays one load
+        // and at most one store.
+        let old = cell.load(Ordering::Relaxed);
+        let (count, stored_epoch) = unpack(old);
+        let new = pack(decay(count, stored_epoch, epoch).saturating_add(1), epoch);
+        if new != old {
+            // Skipping the store when saturated keeps hot blocks' cache lines shared.
+            cell.store(new, Ordering::Relaxed);
+        }
+    }
+
+    /// Heat of `block` decayed to `epoch`.
+    pub fn get(&self, block: u64, epoch: u32) -> u8 {
+        let (count, stored_epoch) = unpack(self.cell(block).load(Ordering::Relaxed));
+        decay(count, stored_epoch, epoch)
+    }
+
+    /// Sets `block`'s heat to `count` as of `epoch` (restoring a saved tracker).
+    pub fn set(&self, block: u64, count: u8, epoch: u32) {
+        self.cell(block)
+            .store(pack(count, epoch), Ordering::Relaxed);
+    }
+
+    /// Every block's heat decayed to `epoch`, in block order.
+    pub fn counts(&self, epoch: u32) -> impl Iterator<Item = u8> + '_ {
+        self.cells.iter().map(move |cell| {
+            let (count, stored_epoch) = unpack(cell.load(Ordering::Relaxed));
+            decay(count, stored_epoch, epoch)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bump_counts_and_saturates() {
+        // Goal: bumps add one up to 255. Method: bump 300 times in one epoch, read after each.
+        let heat = Heat::new(4, 1000);
+        for expected in 1..=300u32 {
+            heat.bump(2, 7);
+            assert_eq!(u32::from(heat.get(2, 7)), expected.min(255));
+        }
+        assert_eq!(heat.get(1, 7), 0);
+    }
+
+    #[test]
+    fn heat_halves_each_half_life() {
+        // Goal: each epoch elapsed halves the count, 8+ epochs read 0. Method: 200 bumps, read later.
+        let heat = Heat::new(1, 1000);
+        for _ in 0..200 {
+            heat.bump(0, 100);
+        }
+        let expected = [200, 100, 50, 25, 12, 6, 3, 1, 0, 0, 0];
+        for (elapsed, want) in (0u32..).zip(expected) {
+            assert_eq!(heat.get(0, 100 + elapsed), want, "after {elapsed}");
+        }
+        assert_eq!(heat.get(0, 100 + 1000), 0);
+    }
+
+    #[test]
+    fn bump_decays_before_adding() {
+        // Goal: a bump in a later epoch decays first. Method: 10 bumps, 1 bump two epochs on.
+        let heat = Heat::new(1, 1000);
+        for _ in 0..10 {
+            heat.bump(0, 5);
+        }
+        heat.bump(0, 7);
+        assert_eq!(heat.get(0, 7), 10 / 4 + 1);
+    }
+
+    #[test]
+    fn epochs_wrap_and_future_reads_do_not_decay() {
+        // Goal: epochs across the 24-bit wrap decay right; a future stamp is not decayed.
+        // Method: bump at the last epoch, read one epoch later (wrapped) and one earlier.
+        let heat = Heat::new(1, 1);
+        heat.bump(0, EPOCH_MASK);
+        heat.bump(0, EPOCH_MASK);
+        assert_eq!(heat.get(0, 0), 1);
+        assert_eq!(heat.get(0, EPOCH_MASK - 1), 2);
+        assert_eq!(heat.epoch(u64::from(EPOCH_MASK + 1) * 1_000_000), 0);
+        assert_eq!(heat.epoch(5_500_000), 5);
+    }
+
+    #[test]
+    fn histogram_buckets_by_bit_length() {
+        // Goal: each heat lands in its documented bucket. Method: check boundaries.
+        let cases = [
+            (0, 0),
+            (1, 1),
+            (2, 2),
+            (3, 2),
+            (4, 3),
+            (7, 3),
+            (8, 4),
+            (127, 7),
+            (128, 8),
+        ];
+        for (heat, bucket) in cases {
+            assert_eq!(heat_bucket(heat), bucket, "heat {heat}");
+        }
+        assert_eq!(heat_bucket(255), 8);
+        let mut histogram = HeatHistogram::default();
+        for heat in [0, 0, 3, 200] {
+            histogram.add(heat);
+        }
+        assert_eq!(histogram.total(), 4);
+        let pairs = histogram.to_pairs();
+        assert_eq!(pairs[0], (0, 2));
+        assert_eq!(pairs[2], (2, 1));
+        assert_eq!(pairs[8], (128, 1));
+    }
+
+    #[test]
+    #[should_panic(expected = "out of range")]
+    fn bump_out_of_range_panics() {
+        // Goal: bumping past the end is a bug. Method: bump block == block_count.
+        Heat::new(3, 1000).bump(3, 0);
+    }
+}

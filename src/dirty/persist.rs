@@ -1,0 +1,636 @@
+//! Tracker files: save on clean shutdown, restore at start-up, detect unclean stops.
+//!
+//! One file per tracker, `<dir>/<name>.tracker` (the caller passes one directory per export).
+//! Layout, little-endian:
+//!
+//! | bytes | field |
+//! | --- | --- |
+//! | 8 | magic `FERRYTRK` |
+//! | 4 | version (1) |
+//! | 4 | state: 1 = Clean (saved at shutdown), 2 = Active (in use) |
+//! | 4 | flags: bit 0 = lost (the history was already lost before this save) |
+//! | 8 | granularity_bytes |
+//! | 8 | block_count |
+//! | 8 | disk_bytes |
+//! | 8 | half_life_ms |
+//! | 4 | name length, then the name (UTF-8) |
+//! | 8 × ceil(block_count / 64) | bitmap words |
+//! | block_count | heat counts, decayed to save time (epochs mean nothing after a restart) |
+//! | 4 | crc32c of every byte before it |
+//!
+//! Invariants:
+//! - Files are replaced atomically: temp file, fsync, rename, fsync of the directory. A crash
+//!   leaves the old file or the new one, never a mix; a torn temp file is ignored.
+//! - Restore rewrites every file as Active before any tracker is used, so a file found
+//!   Active at start-up means the agent did not stop cleanly: that tracker comes back lost.
+//! - Decoding checks length, magic, version and checksum before trusting any field, then
+//!   every field against the others and against the disk: a corrupt file is an error naming
+//!   the file and the problem, never misread.
+
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::bitmap::word_count_for;
+use super::{DirtyError, Tracker, TrackerSpec, MAX_NAME_BYTES};
+use crate::env::Clock;
+
+/// First bytes of every tracker file.
+pub const MAGIC: [u8; 8] = *b"FERRYTRK";
+/// Format version this build writes and reads.
+pub const VERSION: u32 = 1;
+/// File name suffix of tracker files.
+pub const EXTENSION: &str = "tracker";
+/// Suffix of the temp file a save writes before renaming.
+const TEMP_SUFFIX: &str = ".tracker.tmp";
+/// Bytes before the name: magic, version, state, flags, 4 u64 fields, name length.
+const FIXED_HEADER_BYTES: usize = 8 + 4 + 4 + 4 + 4 * 8 + 4;
+/// Flag bit: the tracker was lost (restored after an unclean stop, not yet cleared).
+const FLAG_LOST: u32 = 1;
+/// Bytes of the trailing checksum.
+const CHECKSUM_BYTES: usize = 4;
+
+/// Whether a file was written by a clean shutdown or by a running agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileState {
+    /// Saved at clean shutdown: the bitmap is the whole history.
+    Clean = 1,
+    /// The tracker is (or was, when the agent died) in use: its bitmap is stale.
+    Active = 2,
+}
+
+/// A decoded tracker file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SavedTracker {
+    /// Clean or Active.
+    pub state: FileState,
+    /// The tracker was already lost when saved; it stays lost after a clean restart.
+    pub lost: bool,
+    /// Name, granularity, half-life.
+    pub spec: TrackerSpec,
+    /// Size of the disk when saved.
+    pub disk_bytes: u64,
+    /// Bitmap words.
+    pub words: Vec<u64>,
+    /// Heat per block at save time.
+    pub heat: Vec<u8>,
+}
+
+/// Path of the file for tracker `name` under `dir`.
+pub fn tracker_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}.{EXTENSION}"))
+}
+
+/// Serializes `tracker` in `state`; see the module docs for the layout.
+pub fn encode(tracker: &Tracker, state: FileState) -> Vec<u8> {
+    let words = tracker.bitmap_words();
+    let heat = tracker.heat_counts();
+    let name = tracker.name().as_bytes();
+    let capacity = FIXED_HEADER_BYTES + name.len() + words.len() * 8 + heat.len() + CHECKSUM_BYTES;
+    let mut out = Vec::with_capacity(capacity);
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&(state as u32).to_le_bytes());
+    let flags = if tracker.is_lost() { FLAG_LOST } else { 0 };
+    out.extend_from_slice(&flags.to_le_bytes());
+    out.extend_from_slice(&tracker.granularity_bytes().to_le_bytes());
+    out.extend_from_slice(&tracker.block_count().to_le_bytes());
+    out.extend_from_slice(&tracker.disk_bytes().to_le_bytes());
+    out.extend_from_slice(&tracker.half_life_ms().to_le_bytes());
+    let name_len = u32::try_from(name.len()).expect("names are at most 128 bytes");
+    out.extend_from_slice(&name_len.to_le_bytes());
+    out.extend_from_slice(name);
+    for word in &words {
+        out.extend_from_slice(&word.to_le_bytes());
+    }
+    out.extend_from_slice(&heat);
+    let checksum = crc32c::crc32c(&out);
+    out.extend_from_slice(&checksum.to_le_bytes());
+    assert_eq!(out.len(), capacity);
+    // Pair assertion: what we write is what decode accepts.
+    debug_assert!(decode(Path::new("<encoded>"), &out)
+        .is_ok_and(|saved| saved.words == words && saved.heat == heat && saved.state == state));
+    out
+}
+
+/// Reads fields in order; running out is a bug after the length check in `decode`.
+struct Cursor<'a> {
+    bytes: &'a [u8],
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, len: usize) -> &'a [u8] {
+        let (head, rest) = self.bytes.split_at(len);
+        self.bytes = rest;
+        head
+    }
+
+    fn u32(&mut self) -> u32 {
+        u32::from_le_bytes(self.take(4).try_into().expect("4 bytes"))
+    }
+
+    fn u64(&mut self) -> u64 {
+        u64::from_le_bytes(self.take(8).try_into().expect("8 bytes"))
+    }
+}
+
+/// Parses a tracker file's bytes; `path` only names the file in errors.
+pub fn decode(path: &Path, bytes: &[u8]) -> Result<SavedTracker, DirtyError> {
+    let corrupt = |problem: String| DirtyError::Corrupt {
+        path: path.to_owned(),
+        problem,
+    };
+    let minimum = FIXED_HEADER_BYTES + CHECKSUM_BYTES;
+    if bytes.len() < minimum {
+        return Err(corrupt(format!(
+            "truncated: {} bytes, a header needs {minimum}",
+            bytes.len()
+        )));
+    }
+    let (body, checksum) = bytes.split_at(bytes.len() - CHECKSUM_BYTES);
+    let mut cursor = Cursor { bytes: body };
+    if cursor.take(MAGIC.len()) != MAGIC {
+        return Err(corrupt("bad magic: not a ferry tracker file".to_owned()));
+    }
+    let version = cursor.u32();
+    if version != VERSION {
+        return Err(corrupt(format!(
+            "unsupported version {version} (this build reads {VERSION})"
+        )));
+    }
+    let stored = u32::from_le_bytes(checksum.try_into().expect("4 bytes"));
+    let computed = crc32c::crc32c(body);
+    if stored != computed {
+        return Err(corrupt(format!(
+            "checksum mismatch (stored {stored:#010x}, computed {computed:#010x}): torn or damaged"
+        )));
+    }
+    decode_fields(&mut cursor, body.len()).map_err(corrupt)
+}
+
+/// Parses the checksummed fields after the version; the error is the problem found.
+fn decode_fields(cursor: &mut Cursor<'_>, body_len: usize) -> Result<SavedTracker, String> {
+    let state = match cursor.u32() {
+        1 => FileState::Clean,
+        2 => FileState::Active,
+        other => return Err(format!("unknown state {other}")),
+    };
+    let flags = cursor.u32();
+    if flags & !FLAG_LOST != 0 {
+        return Err(format!("unknown flags {flags:#x}"));
+    }
+    let granularity_bytes = cursor.u64();
+    let block_count = cursor.u64();
+    let disk_bytes = cursor.u64();
+    let half_life_ms = cursor.u64();
+    let name_len = cursor.u32() as usize;
+    if name_len > MAX_NAME_BYTES {
+        return Err(format!("name length {name_len} exceeds {MAX_NAME_BYTES}"));
+    }
+    if !granularity_bytes.is_power_of_two() {
+        return Err(format!(
+            "granularity {granularity_bytes} is not a power of two"
+        ));
+    }
+    if block_count != disk_bytes.div_ceil(granularity_bytes) {
+        return Err(format!(
+            "block count {block_count} does not match {disk_bytes} bytes at granularity {granularity_bytes}"
+        ));
+    }
+    let word_count = usize::try_from(block_count.div_ceil(64)).ok();
+    let heat_len = usize::try_from(block_count).ok();
+    let expected = word_count
+        .zip(heat_len)
+        .and_then(|(words, heat)| words.checked_mul(8)?.checked_add(heat))
+        .and_then(|data| data.checked_add(FIXED_HEADER_BYTES + name_len));
+    if expected != Some(body_len) {
+        return Err(format!(
+            "{body_len} bytes before the checksum, header implies {expected:?}"
+        ));
+    }
+    let name = String::from_utf8(cursor.take(name_len).to_vec())
+        .map_err(|_| "name is not UTF-8".to_owned())?;
+    let spec = TrackerSpec {
+        name,
+        granularity_bytes,
+        half_life_ms,
+    };
+    spec.validate().map_err(|err| err.to_string())?;
+    let words = decode_words(cursor, word_count_for(block_count), block_count)?;
+    let heat = cursor
+        .take(usize::try_from(block_count).expect("checked above"))
+        .to_vec();
+    Ok(SavedTracker {
+        state,
+        lost: flags & FLAG_LOST != 0,
+        spec,
+        disk_bytes,
+        words,
+        heat,
+    })
+}
+
+/// Reads `word_count` bitmap words; bits past `block_count` are corruption.
+fn decode_words(
+    cursor: &mut Cursor<'_>,
+    word_count: usize,
+    block_count: u64,
+) -> Result<Vec<u64>, String> {
+    let words: Vec<u64> = (0..word_count).map(|_| cursor.u64()).collect();
+    let tail_bits = block_count % 64;
+    if let (Some(&last), true) = (words.last(), tail_bits != 0) {
+        if last >> tail_bits != 0 {
+            return Err(format!("bitmap has bits past block count {block_count}"));
+        }
+    }
+    Ok(words)
+}
+
+/// Writes `bytes` to `path` atomically: temp file, fsync, rename. The caller syncs the
+/// directory afterwards.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), DirtyError> {
+    let mut temp_name = path.as_os_str().to_owned();
+    temp_name.push(".tmp");
+    let temp_path = PathBuf::from(temp_name);
+    let save_error = |path: &Path| {
+        let path = path.to_owned();
+        move |source| DirtyError::Save { path, source }
+    };
+    let mut file = fs::File::create(&temp_path).map_err(save_error(&temp_path))?;
+    file.write_all(bytes).map_err(save_error(&temp_path))?;
+    file.sync_all().map_err(save_error(&temp_path))?;
+    drop(file);
+    fs::rename(&temp_path, path).map_err(save_error(path))
+}
+
+/// Fsyncs a directory so that renames and removals in it are durable.
+fn sync_dir(dir: &Path) -> Result<(), DirtyError> {
+    let save_error = |source| DirtyError::Save {
+        path: dir.to_owned(),
+        source,
+    };
+    fs::File::open(dir)
+        .map_err(save_error)?
+        .sync_all()
+        .map_err(save_error)
+}
+
+/// What a directory entry is to us.
+enum Entry {
+    /// `<name>.tracker`.
+    Tracker(String),
+    /// A temp file a crashed save left.
+    Temp,
+    /// Anything else: left alone.
+    Other,
+}
+
+/// Classifies a file name found in a tracker directory.
+fn classify(file_name: &str) -> Entry {
+    if file_name.ends_with(TEMP_SUFFIX) {
+        Entry::Temp
+    } else if let Some(name) = file_name.strip_suffix(".tracker") {
+        Entry::Tracker(name.to_owned())
+    } else {
+        Entry::Other
+    }
+}
+
+/// Lists the entries of `dir` (sorted, for a deterministic order); `None` if it is missing.
+fn list_dir(dir: &Path) -> Result<Option<Vec<(PathBuf, Entry)>>, DirtyError> {
+    let load_error = |source| DirtyError::Load {
+        path: dir.to_owned(),
+        source,
+    };
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(err) => return Err(load_error(err)),
+    };
+    let mut listed = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(load_error)?;
+        let file_name = entry.file_name();
+        let kind = file_name.to_str().map_or(Entry::Other, classify);
+        listed.push((entry.path(), kind));
+    }
+    listed.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(Some(listed))
+}
+
+/// Writes every tracker's file in `state`, removes temp files a crashed save left, then syncs
+/// the directory. A missing `dir` is created when there is something to write. Files of other
+/// trackers are left alone (one that failed to restore stays for inspection): removing a
+/// tracker's file is [`remove_saved`]'s job.
+pub(crate) fn save_all(
+    dir: &Path,
+    trackers: &[Arc<Tracker>],
+    state: FileState,
+) -> Result<(), DirtyError> {
+    if trackers.is_empty() && !dir.exists() {
+        return Ok(());
+    }
+    fs::create_dir_all(dir).map_err(|source| DirtyError::Save {
+        path: dir.to_owned(),
+        source,
+    })?;
+    for tracker in trackers {
+        write_atomic(&tracker_path(dir, tracker.name()), &encode(tracker, state))?;
+    }
+    for (path, entry) in list_dir(dir)?.unwrap_or_default() {
+        if let Entry::Temp = entry {
+            log::info!("removing stale temp file {}", path.display());
+            fs::remove_file(&path).map_err(|source| DirtyError::Save { path, source })?;
+        }
+    }
+    sync_dir(dir)
+}
+
+/// Removes the file of tracker `name` under `dir` (after the tracker was removed from its
+/// set), durably; returns whether there was one. Without this, a removed tracker whose file
+/// was Active would come back, lost, at the next start.
+pub fn remove_saved(dir: &Path, name: &str) -> Result<bool, DirtyError> {
+    let path = tracker_path(dir, name);
+    match fs::remove_file(&path) {
+        Ok(()) => sync_dir(dir).map(|()| true),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(source) => Err(DirtyError::Save { path, source }),
+    }
+}
+
+/// Loads every `<name>.tracker` under `dir` (none when `dir` is missing) into trackers for a
+/// disk of `disk_bytes` bytes: Clean files as saved, Active files as lost.
+pub(crate) fn load_all(
+    dir: &Path,
+    disk_bytes: u64,
+    clock: &Arc<dyn Clock>,
+) -> Result<Vec<Tracker>, DirtyError> {
+    let mut trackers = Vec::new();
+    for (path, entry) in list_dir(dir)?.unwrap_or_default() {
+        let Entry::Tracker(file_name) = entry else {
+            continue;
+        };
+        let bytes = fs::read(&path).map_err(|source| DirtyError::Load {
+            path: path.clone(),
+            source,
+        })?;
+        let saved = decode(&path, &bytes)?;
+        if saved.spec.name != file_name {
+            return Err(DirtyError::Corrupt {
+                path,
+                problem: format!("holds tracker {:?}", saved.spec.name),
+            });
+        }
+        if saved.disk_bytes != disk_bytes {
+            return Err(DirtyError::Mismatch {
+                path,
+                problem: format!(
+                    "saved for {} bytes, disk has {disk_bytes}",
+                    saved.disk_bytes
+                ),
+            });
+        }
+        let unclean = saved.state == FileState::Active;
+        if unclean {
+            log::warn!(
+                "tracker {} was in use at an unclean stop: all blocks dirty",
+                path.display()
+            );
+        }
+        let tracker = Tracker::new(saved.spec, disk_bytes, Arc::clone(clock)).map_err(|err| {
+            DirtyError::Corrupt {
+                path: path.clone(),
+                problem: err.to_string(),
+            }
+        })?;
+        tracker.load_saved(&saved.words, &saved.heat, unclean || saved.lost);
+        trackers.push(tracker);
+    }
+    Ok(trackers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dirty::TrackerSet;
+    use crate::env::ManualClock;
+
+    const DISK_BYTES: u64 = 300 * 4096 + 512;
+
+    fn clock() -> Arc<dyn Clock> {
+        Arc::new(ManualClock::default())
+    }
+
+    /// A set with two trackers, some dirty blocks and some heat.
+    fn sample_set() -> TrackerSet {
+        let set = TrackerSet::new(DISK_BYTES, clock());
+        set.add(TrackerSpec::new("fine").with_granularity_bytes(4096))
+            .expect("add fine");
+        set.add(TrackerSpec::new("coarse").with_half_life_ms(5000))
+            .expect("add coarse");
+        for _ in 0..5 {
+            set.mark_range(3 * 4096, 4096);
+        }
+        set.mark_range(100 * 4096 + 7, 9000);
+        set.mark_range(DISK_BYTES - 1, 1);
+        set
+    }
+
+    /// Saves `sample_set` Clean into a fresh directory; returns it and the fine file's path.
+    fn saved_sample() -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        sample_set().save(dir.path()).expect("save");
+        let path = tracker_path(dir.path(), "fine");
+        (dir, path)
+    }
+
+    /// Restores `dir` and expects a Corrupt or Mismatch error naming `path`; returns its text.
+    fn restore_error(dir: &Path, disk_bytes: u64, path: &Path) -> String {
+        let err = TrackerSet::restore(dir, disk_bytes, clock()).expect_err("must be refused");
+        assert!(
+            matches!(
+                err,
+                DirtyError::Corrupt { .. } | DirtyError::Mismatch { .. }
+            ),
+            "{err}"
+        );
+        let text = err.to_string();
+        assert!(text.contains(&path.display().to_string()), "{text}");
+        text
+    }
+
+    #[test]
+    fn round_trip_keeps_bits_heat_and_spec() {
+        // Goal: a clean save restores the same trackers. Method: save, restore, compare.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let original = sample_set();
+        original.save(dir.path()).expect("save");
+        let restored = TrackerSet::restore(dir.path(), DISK_BYTES, clock()).expect("restore");
+        assert_eq!(restored.len(), 2);
+        for before in original.list() {
+            let after = restored.get(before.name()).expect("restored by name");
+            assert_eq!(after.spec(), before.spec());
+            assert!(!after.is_lost());
+            assert_eq!(after.bitmap_words(), before.bitmap_words());
+            assert_eq!(after.heat_counts(), before.heat_counts());
+        }
+        assert_eq!(restored.get("fine").expect("fine").heat(3), 5);
+        assert_eq!(restored.get("fine").expect("fine").dirty_count(), 5);
+    }
+
+    #[test]
+    fn restore_marks_files_active_and_an_unclean_stop_is_lost() {
+        // Goal: after restore the files say Active; restoring again (no clean save in between,
+        // as after a crash) gives lost trackers with every block dirty. Method: restore twice.
+        let (dir, path) = saved_sample();
+        let first = TrackerSet::restore(dir.path(), DISK_BYTES, clock()).expect("restore");
+        let on_disk = decode(&path, &fs::read(&path).expect("read")).expect("decode");
+        assert_eq!(on_disk.state, FileState::Active);
+        drop(first);
+        let second = TrackerSet::restore(dir.path(), DISK_BYTES, clock()).expect("restore");
+        for tracker in second.list() {
+            assert!(tracker.is_lost(), "{}", tracker.name());
+            assert_eq!(tracker.dirty_count(), tracker.block_count());
+            assert_eq!(tracker.heat_histogram().total(), tracker.block_count());
+            assert_eq!(tracker.hot_set(1), Vec::<u64>::new());
+        }
+        // A clean save keeps them lost (and all dirty) until a caller clears the flag.
+        second.get("coarse").expect("coarse").clear_lost();
+        second.save(dir.path()).expect("save");
+        let third = TrackerSet::restore(dir.path(), DISK_BYTES, clock()).expect("restore");
+        let fine = third.get("fine").expect("fine");
+        assert!(fine.is_lost());
+        assert_eq!(fine.dirty_count(), fine.block_count());
+        let coarse = third.get("coarse").expect("coarse");
+        assert!(!coarse.is_lost());
+        assert_eq!(coarse.dirty_count(), coarse.block_count());
+    }
+
+    #[test]
+    fn truncated_or_empty_file_is_corrupt() {
+        // Goal: a torn file is refused, naming the file. Method: truncate at many lengths.
+        let (dir, path) = saved_sample();
+        let bytes = fs::read(&path).expect("read");
+        for len in [
+            0,
+            1,
+            8,
+            55,
+            56,
+            60,
+            bytes.len() / 2,
+            bytes.len() - 4,
+            bytes.len() - 1,
+        ] {
+            fs::write(&path, &bytes[..len]).expect("write");
+            let text = restore_error(dir.path(), DISK_BYTES, &path);
+            assert!(
+                text.contains("truncated") || text.contains("checksum"),
+                "{len}: {text}"
+            );
+        }
+        fs::write(&path, b"").expect("write");
+        assert!(restore_error(dir.path(), DISK_BYTES, &path).contains("truncated: 0 bytes"));
+    }
+
+    #[test]
+    fn any_single_bit_flip_is_detected() {
+        // Goal: no one-bit corruption is misread. Method: flip each bit of the file in turn.
+        let (dir, path) = saved_sample();
+        let bytes = fs::read(&path).expect("read");
+        for bit in 0..bytes.len() * 8 {
+            let mut flipped = bytes.clone();
+            flipped[bit / 8] ^= 1 << (bit % 8);
+            assert!(decode(&path, &flipped).is_err(), "bit {bit} went unnoticed");
+        }
+        let mut flipped = bytes;
+        flipped[100] ^= 0x10;
+        fs::write(&path, &flipped).expect("write");
+        restore_error(dir.path(), DISK_BYTES, &path);
+    }
+
+    #[test]
+    fn wrong_magic_or_version_is_refused() {
+        // Goal: another format is never read as ours. Method: rewrite version (with a valid
+        // checksum) and magic.
+        let (dir, path) = saved_sample();
+        let bytes = fs::read(&path).expect("read");
+        let mut newer = bytes.clone();
+        newer[8..12].copy_from_slice(&2u32.to_le_bytes());
+        let body_len = newer.len() - 4;
+        let checksum = crc32c::crc32c(&newer[..body_len]);
+        newer[body_len..].copy_from_slice(&checksum.to_le_bytes());
+        fs::write(&path, &newer).expect("write");
+        let text = restore_error(dir.path(), DISK_BYTES, &path);
+        assert!(text.contains("unsupported version 2"), "{text}");
+        let mut alien = bytes;
+        alien[..8].copy_from_slice(b"NOTOURS!");
+        fs::write(&path, &alien).expect("write");
+        assert!(restore_error(dir.path(), DISK_BYTES, &path).contains("bad magic"));
+    }
+
+    #[test]
+    fn disk_size_change_is_a_mismatch() {
+        // Goal: a file saved for another disk size is refused, not stretched. Method: restore
+        // with a disk one block larger, and one byte smaller (same block count).
+        let (dir, _fine) = saved_sample();
+        // Files load in name order: "coarse" is refused first.
+        let path = tracker_path(dir.path(), "coarse");
+        let text = restore_error(dir.path(), DISK_BYTES + 4096, &path);
+        assert!(text.contains("does not match the disk"), "{text}");
+        restore_error(dir.path(), DISK_BYTES - 1, &path);
+    }
+
+    #[test]
+    fn file_holding_another_name_is_corrupt() {
+        // Goal: a renamed file is not loaded under the wrong name. Method: rename, restore.
+        let (dir, path) = saved_sample();
+        let renamed = tracker_path(dir.path(), "other");
+        fs::rename(&path, &renamed).expect("rename");
+        let text = restore_error(dir.path(), DISK_BYTES, &renamed);
+        assert!(text.contains("holds tracker \"fine\""), "{text}");
+    }
+
+    #[test]
+    fn save_removes_temp_files_and_missing_dir_is_empty() {
+        // Goal: torn temp files are removed, other files kept until remove_saved. Method: remove
+        // one tracker, leave a temp file, save, list, remove_saved; restore a missing dir.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let set = sample_set();
+        set.save(dir.path()).expect("save");
+        set.remove("coarse").expect("remove");
+        fs::write(dir.path().join("fine.tracker.tmp"), b"torn").expect("write");
+        fs::write(dir.path().join("README"), b"not ours").expect("write");
+        set.save(dir.path()).expect("save");
+        let names = || {
+            let mut names: Vec<String> = fs::read_dir(dir.path())
+                .expect("read_dir")
+                .map(|e| e.expect("entry").file_name().into_string().expect("utf-8"))
+                .collect();
+            names.sort();
+            names
+        };
+        assert_eq!(names(), vec!["README", "coarse.tracker", "fine.tracker"]);
+        assert!(remove_saved(dir.path(), "coarse").expect("remove_saved"));
+        assert!(!remove_saved(dir.path(), "coarse").expect("remove_saved again"));
+        assert_eq!(names(), vec!["README", "fine.tracker"]);
+        let missing = dir.path().join("missing");
+        let empty = TrackerSet::restore(&missing, DISK_BYTES, clock()).expect("restore");
+        assert!(empty.is_empty());
+        assert!(!missing.exists());
+    }
+
+    #[test]
+    fn save_active_then_crash_restores_lost() {
+        // Goal: a tracker added at run time and recorded with save_active comes back lost
+        // after a crash. Method: add, save_active, drop without a clean save, restore.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let set = TrackerSet::new(DISK_BYTES, clock());
+        set.add(TrackerSpec::new("late")).expect("add");
+        set.save_active(dir.path()).expect("save_active");
+        drop(set);
+        let restored = TrackerSet::restore(dir.path(), DISK_BYTES, clock()).expect("restore");
+        assert!(restored.get("late").expect("late").is_lost());
+    }
+}

@@ -1,0 +1,28 @@
+//! ferry: a per-host storage agent that serves VM disks over NBD, tracks every write, and
+//! (in later stages) moves live disks between hosts.
+//!
+//! ```text
+//!  NBD client (QEMU, qemu-io, nbdcopy, fio ...)
+//!    │ unix socket / TCP
+//!  ┌─▼──────────────────────── ferry agent ─────────────────────────────┐
+//!  │ nbd::server ─► nbd::session ─► io engine (io_uring, O_DIRECT) ─► image │
+//!  │                  │ after each completed write: dirty::TrackerSet      │
+//!  │ api (HTTP/JSON, /metrics)         agent (config, registry, signals)  │
+//!  └────────────────────────────────────────────────────────────────────┘
+//! ```
+//!
+//! Module map: [`agent`] the daemon, [`nbd`] the protocol and data path, [`io`] the engines
+//! (every `unsafe` is in the `ferry-sys` crate), [`dirty`] write trackers, [`api`] the control
+//! API and its client, [`metrics`] latency recording, [`env`] the clock trait that core logic
+//! takes so it can run under simulation, [`demo`] the `ferry demo` walkthrough.
+#![forbid(unsafe_code)]
+
+pub mod agent;
+pub mod api;
+pub mod cli;
+pub mod demo;
+pub mod dirty;
+pub mod env;
+pub mod io;
+pub mod metrics;
+pub mod nbd;

@@ -1,0 +1,159 @@
+//! The `ferry` binary: parses the command line, sets up logging, runs the subcommand, and
+//! turns errors into a message (with its cause chain) and an exit code.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use ferry::agent::config::{parse_size, AgentConfig, Overrides};
+use ferry::api::types::{ExportSpec, TrackerAdd};
+use ferry::api::{render, token, Client};
+use ferry::cli::{ApiTarget, Cli, Command, ExportAction, TrackerAction};
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_millis()
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!(
+                "ferry: {}",
+                ferry::agent::registry::error_chain(err.as_ref())
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Agent(args) => {
+            let overrides = Overrides {
+                socket: args.socket,
+                tcp: args.tcp,
+                state_dir: args.state_dir,
+                api: args.api,
+                engine: args.engine,
+                exports: args.exports,
+                granularity: args.granularity,
+            };
+            let config = AgentConfig::load(args.config.as_deref(), &overrides)?;
+            ferry::agent::run(&config)?;
+            Ok(())
+        }
+        Command::Export { action, target } => export(action, &target),
+        Command::Tracker { action, target } => tracker(action, &target),
+        Command::Heat {
+            export,
+            tracker,
+            width,
+            rows,
+            target,
+        } => {
+            let client = client(&target)?;
+            let map = client.heat(&export, tracker.as_deref(), width.max(1) * rows.max(1))?;
+            if target.json {
+                println!("{}", serde_json::to_string_pretty(&map)?);
+            } else {
+                let color = std::io::IsTerminal::is_terminal(&std::io::stdout());
+                print!("{}", render::heat_map(&map, width.max(1), color));
+            }
+            Ok(())
+        }
+        Command::Demo(args) => ferry::demo::run(&args),
+    }
+}
+
+fn client(target: &ApiTarget) -> Result<Client> {
+    let path = target
+        .token_file
+        .clone()
+        .unwrap_or_else(|| target.state_dir.join("api.token"));
+    let token = token::read(&path)
+        .map_err(|err| format!("cannot read the API token from {}: {err}", path.display()))?;
+    Ok(Client::new(&target.api, Some(token)))
+}
+
+fn export(action: ExportAction, target: &ApiTarget) -> Result<()> {
+    let client = client(target)?;
+    match action {
+        ExportAction::Add {
+            name,
+            path,
+            read_only,
+            granularity,
+            trackers,
+        } => {
+            let granularity_bytes =
+                parse_size(&granularity).map_err(|p| format!("--granularity: {p}"))?;
+            let path =
+                std::fs::canonicalize(&path).map_err(|err| format!("{}: {err}", path.display()))?;
+            let spec = ExportSpec {
+                name,
+                path,
+                read_only,
+                granularity_bytes,
+                trackers,
+            };
+            let status = client.add_export(&spec)?;
+            if target.json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", render::exports_table(&[status]));
+            }
+        }
+        ExportAction::Ls => {
+            let exports = client.exports()?;
+            if target.json {
+                println!("{}", serde_json::to_string_pretty(&exports)?);
+            } else {
+                print!("{}", render::exports_table(&exports));
+            }
+        }
+        ExportAction::Rm { name, force } => client.remove_export(&name, force)?,
+    }
+    Ok(())
+}
+
+fn tracker(action: TrackerAction, target: &ApiTarget) -> Result<()> {
+    let client = client(target)?;
+    match action {
+        TrackerAction::Add {
+            export,
+            name,
+            granularity,
+            half_life_ms,
+        } => {
+            let granularity_bytes = granularity
+                .map(|g| parse_size(&g).map_err(|p| format!("--granularity: {p}")))
+                .transpose()?;
+            let status = client.add_tracker(
+                &export,
+                &TrackerAdd {
+                    name,
+                    granularity_bytes,
+                    half_life_ms,
+                },
+            )?;
+            if target.json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", render::trackers_table(&[status]));
+            }
+        }
+        TrackerAction::Ls { export } => {
+            let trackers = client.trackers(&export)?;
+            if target.json {
+                println!("{}", serde_json::to_string_pretty(&trackers)?);
+            } else {
+                print!("{}", render::trackers_table(&trackers));
+            }
+        }
+        TrackerAction::Rm { export, name } => client.remove_tracker(&export, &name)?,
+    }
+    Ok(())
+}

@@ -1,0 +1,98 @@
+//! A client connection, over a unix socket or TCP, with the two ways the session reads it:
+//! blocking (nothing else to do) and non-blocking (I/O is in flight, take only what is there).
+//!
+//! The socket stays in blocking mode: replies are written with blocking vectored writes, and
+//! the non-blocking read is a `recv(MSG_DONTWAIT)`, so no mode switch costs a syscall.
+
+use std::io::{self, IoSlice, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+
+use nix::sys::socket::{recv, MsgFlags};
+
+/// One accepted NBD connection.
+#[derive(Debug)]
+pub enum Conn {
+    /// Unix domain socket.
+    Unix(UnixStream),
+    /// TCP (Nagle off: replies are whole batches already).
+    Tcp(TcpStream),
+}
+
+impl Conn {
+    /// A second handle on the same socket (for shutting it down from another thread).
+    pub fn try_clone(&self) -> io::Result<Conn> {
+        Ok(match self {
+            Conn::Unix(s) => Conn::Unix(s.try_clone()?),
+            Conn::Tcp(s) => Conn::Tcp(s.try_clone()?),
+        })
+    }
+
+    /// Shuts down one or both directions.
+    pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        match self {
+            Conn::Unix(s) => s.shutdown(how),
+            Conn::Tcp(s) => s.shutdown(how),
+        }
+    }
+
+    /// Reads what is already buffered, without blocking: Ok(None) when nothing is.
+    pub fn recv_ready(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        match recv(self.as_raw_fd(), buf, MsgFlags::MSG_DONTWAIT) {
+            Ok(n) => Ok(Some(n)),
+            Err(nix::errno::Errno::EAGAIN) => Ok(None),
+            Err(nix::errno::Errno::EINTR) => Ok(None),
+            Err(errno) => Err(io::Error::from(errno)),
+        }
+    }
+
+    /// Writes every byte of `slices`, looping over short writes.
+    pub fn write_all_slices(&mut self, mut slices: &mut [IoSlice<'_>]) -> io::Result<()> {
+        while !slices.is_empty() {
+            match self.write_vectored(slices) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => IoSlice::advance_slices(&mut slices, n),
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl AsRawFd for Conn {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            Conn::Unix(s) => s.as_raw_fd(),
+            Conn::Tcp(s) => s.as_raw_fd(),
+        }
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Conn::Unix(s) => s.read(buf),
+            Conn::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Conn::Unix(s) => s.write(buf),
+            Conn::Tcp(s) => s.write(buf),
+        }
+    }
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Conn::Unix(s) => s.write_vectored(bufs),
+            Conn::Tcp(s) => s.write_vectored(bufs),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,14 @@
+//! The NBD server: protocol encoding ([`wire`]), option haggling ([`handshake`]), the data
+//! path of one connection ([`session`]), listeners ([`server`]), and a small client.
+//! Spec: <https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.md>.
+
+pub mod blockstatus;
+pub mod bufpool;
+pub mod client;
+pub mod conn;
+pub mod export;
+pub mod handshake;
+pub mod server;
+pub mod session;
+pub mod tx;
+pub mod wire;

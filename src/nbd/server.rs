@@ -1,0 +1,256 @@
+//! The NBD listeners (unix socket, optional TCP) and one thread per connection: handshake,
+//! then a [`Session`].
+//!
+//! Invariants: a failed handshake or session ends that connection only; stopping the server
+//! first stops accepting, then shuts down the read side of every connection, so each session
+//! answers what it already received before its thread exits.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::io::{open_engine, EngineKind};
+use crate::nbd::conn::Conn;
+use crate::nbd::export::{ConnectionHandle, Export};
+use crate::nbd::handshake;
+use crate::nbd::session::Session;
+use crate::nbd::wire::ExportCatalog;
+
+/// What the server needs from the agent: the catalog for the handshake and the live export.
+pub trait ExportLookup: ExportCatalog + Send + Sync {
+    /// The export a negotiated name refers to.
+    fn export(&self, name: &str) -> Option<Arc<Export>>;
+}
+
+/// Per-connection settings.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionOptions {
+    /// io engine of each connection.
+    pub engine: EngineKind,
+    /// Requests in flight per connection.
+    pub queue_depth: u32,
+}
+
+/// Every connection alive, handshaking or serving.
+#[derive(Debug, Default)]
+struct Live {
+    conns: Mutex<BTreeMap<u64, Conn>>,
+    gone: Condvar,
+    next_id: AtomicU64,
+}
+
+/// A running NBD server.
+#[derive(Debug)]
+pub struct NbdServer {
+    stop: Arc<AtomicBool>,
+    live: Arc<Live>,
+    acceptors: Vec<(JoinHandle<()>, Wake)>,
+    /// Bound TCP address, if TCP is on.
+    pub tcp_addr: Option<SocketAddr>,
+    /// Unix socket path.
+    pub socket: Option<PathBuf>,
+}
+
+/// How to wake a blocked `accept`: connect to it.
+#[derive(Debug, Clone)]
+enum Wake {
+    Unix(PathBuf),
+    Tcp(SocketAddr),
+}
+
+impl NbdServer {
+    /// Binds the listeners and starts accepting.
+    pub fn start(
+        socket: Option<&Path>,
+        tcp: Option<SocketAddr>,
+        lookup: Arc<dyn ExportLookup>,
+        options: SessionOptions,
+    ) -> io::Result<NbdServer> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let live = Arc::new(Live::default());
+        let mut server = NbdServer {
+            stop,
+            live,
+            acceptors: Vec::new(),
+            tcp_addr: None,
+            socket: None,
+        };
+        if let Some(path) = socket {
+            let listener = bind_unix(path)?;
+            let ctx = (server.stop.clone(), server.live.clone(), lookup.clone());
+            let thread = std::thread::Builder::new()
+                .name("nbd-unix".into())
+                .spawn(move || {
+                    accept_loop(
+                        || listener.accept().map(|(s, _)| Conn::Unix(s)),
+                        ctx,
+                        options,
+                    )
+                })?;
+            server
+                .acceptors
+                .push((thread, Wake::Unix(path.to_path_buf())));
+            server.socket = Some(path.to_path_buf());
+        }
+        if let Some(addr) = tcp {
+            let listener = TcpListener::bind(addr)?;
+            let bound = listener.local_addr()?;
+            let ctx = (server.stop.clone(), server.live.clone(), lookup.clone());
+            let accept = move || {
+                let (stream, _) = listener.accept()?;
+                stream.set_nodelay(true)?;
+                Ok(Conn::Tcp(stream))
+            };
+            let thread = std::thread::Builder::new()
+                .name("nbd-tcp".into())
+                .spawn(move || accept_loop(accept, ctx, options))?;
+            server.acceptors.push((thread, Wake::Tcp(bound)));
+            server.tcp_addr = Some(bound);
+        }
+        Ok(server)
+    }
+
+    /// Stops accepting, asks every connection to finish, and waits up to `grace` for them.
+    /// Returns the number of connections still alive after the wait.
+    pub fn shutdown(&mut self, grace: Duration) -> usize {
+        self.stop.store(true, Ordering::Release);
+        for (thread, wake) in self.acceptors.drain(..) {
+            // A connection wakes the blocked accept, which then sees the stop flag.
+            let _ = match &wake {
+                Wake::Unix(path) => UnixStream::connect(path).map(drop),
+                Wake::Tcp(addr) => TcpStream::connect(addr).map(drop),
+            };
+            let _ = thread.join();
+            if let Wake::Unix(path) = wake {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        let conns = self.live.conns.lock().expect("live lock");
+        for conn in conns.values() {
+            let _ = conn.shutdown(Shutdown::Read);
+        }
+        let (conns, _) = self
+            .live
+            .gone
+            .wait_timeout_while(conns, grace, |conns| !conns.is_empty())
+            .expect("live lock");
+        conns.len()
+    }
+}
+
+impl Drop for NbdServer {
+    fn drop(&mut self) {
+        if !self.acceptors.is_empty() {
+            self.shutdown(Duration::from_secs(5));
+        }
+    }
+}
+
+/// Removes a stale socket file (only if nothing answers on it), creates the parent directory.
+fn bind_unix(path: &Path) -> io::Result<UnixListener> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!("{} is served by another process", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    UnixListener::bind(path)
+}
+
+type Ctx = (Arc<AtomicBool>, Arc<Live>, Arc<dyn ExportLookup>);
+
+fn accept_loop(mut accept: impl FnMut() -> io::Result<Conn>, ctx: Ctx, options: SessionOptions) {
+    let (stop, live, lookup) = ctx;
+    loop {
+        let conn = accept();
+        if stop.load(Ordering::Acquire) {
+            return;
+        }
+        let conn = match conn {
+            Ok(conn) => conn,
+            Err(err) => {
+                log::warn!("accept failed: {err}");
+                // EMFILE and friends: do not spin.
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        let id = live.next_id.fetch_add(1, Ordering::Relaxed);
+        match conn.try_clone() {
+            Ok(clone) => {
+                live.conns.lock().expect("live lock").insert(id, clone);
+            }
+            Err(err) => {
+                log::warn!("connection refused: cannot clone its socket: {err}");
+                continue;
+            }
+        }
+        let (live, lookup) = (live.clone(), lookup.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("nbd-conn-{id}"))
+            .spawn({
+                let live = live.clone();
+                move || {
+                    serve_connection(conn, &*lookup, options);
+                    let mut conns = live.conns.lock().expect("live lock");
+                    conns.remove(&id);
+                    live.gone.notify_all();
+                }
+            });
+        if let Err(err) = spawned {
+            log::warn!("connection dropped: cannot start its thread: {err}");
+            live.conns.lock().expect("live lock").remove(&id);
+        }
+    }
+}
+
+/// Handshake, then the session; every error stays inside this connection.
+fn serve_connection(mut conn: Conn, lookup: &dyn ExportLookup, options: SessionOptions) {
+    let negotiated = match handshake::negotiate(&mut conn, lookup) {
+        Ok(Some(negotiated)) => negotiated,
+        Ok(None) => return,
+        Err(err) => {
+            log::info!("handshake failed: {err}");
+            return;
+        }
+    };
+    let Some(export) = lookup.export(&negotiated.export.name) else {
+        log::info!(
+            "export {} went away during the handshake",
+            negotiated.export.name
+        );
+        return;
+    };
+    let Ok(handle) = conn.try_clone() else { return };
+    let Some(connection_id) = export.attach(ConnectionHandle { conn: handle }) else {
+        return; // removed meanwhile
+    };
+    let result = open_engine(options.engine, export.file.clone(), options.queue_depth)
+        .map_err(|err| log::error!("export {}: cannot start io engine: {err}", export.name))
+        .map(|engine| {
+            Session::new(
+                conn,
+                export.clone(),
+                engine,
+                negotiated.structured_replies,
+                negotiated.meta_contexts,
+            )
+            .run()
+        });
+    if let Ok(Err(err)) = result {
+        log::info!("export {}: connection ended: {err}", export.name);
+    }
+    export.detach(connection_id);
+}

@@ -1,0 +1,512 @@
+//! One NBD connection in the transmission phase: the write-trapping data path.
+//!
+//! One thread per connection runs a loop over three steps: take every request already
+//! received (blocking only when nothing is in flight), push them to the connection's io
+//! engine in one batch, then turn every completion into a reply and write the replies with one
+//! vectored write. Replies go out in completion order.
+//!
+//! Invariants:
+//! - A write's blocks are marked in the export's trackers after the engine reports the write
+//!   complete and before its reply is sent (DESIGN invariant 1: the bit is set only after the
+//!   data is on the image, so a copier that clears the bit and then reads sees the new data).
+//! - FLUSH and FUA replies are sent only after fdatasync (or RWF_DSYNC) completed (invariant 2).
+//! - A malformed request gets an NBD error reply and the connection goes on; only a bad magic
+//!   or a broken stream ends the connection (invariant 3). Nothing here panics on input.
+//! - At most `engine.capacity()` requests are in flight; beyond that the socket is not read,
+//!   which back-pressures the client.
+
+use std::io::{self, Read};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_sys::AlignedBuf;
+
+use crate::io::{read_buf_len, BlockIo, IoCompletion, IoKind, IoRequest};
+use crate::metrics::LatencyRecorder;
+use crate::nbd::blockstatus;
+use crate::nbd::bufpool::BufPool;
+use crate::nbd::conn::Conn;
+use crate::nbd::export::Export;
+use crate::nbd::tx::TxQueue;
+use crate::nbd::wire::{self, Command, NbdErrno, RequestHeader, REQUEST_BYTES};
+
+/// Receive buffer size: many small requests per read, and the start of large ones.
+const RX_BYTES: usize = 256 * 1024;
+/// How often session-local latency is merged into the export's.
+const MERGE_EVERY: Duration = Duration::from_millis(200);
+
+/// Why a session ended abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The socket failed.
+    #[error("connection failed")]
+    Socket(#[source] io::Error),
+    /// The client sent something that is not an NBD request.
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    /// The io engine failed as a whole (not one request).
+    #[error("io engine failed")]
+    Engine(#[source] io::Error),
+}
+
+/// What a request in flight was, to build its reply.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    cookie: u64,
+    command: Command,
+    offset_bytes: u64,
+    len_bytes: u32,
+    started: Instant,
+}
+
+/// Counts kept locally and added to the export's counters once per loop.
+#[derive(Debug, Default)]
+struct LocalCounts {
+    read_ops: u64,
+    read_bytes: u64,
+    write_ops: u64,
+    write_bytes: u64,
+    flush_ops: u64,
+    trim_ops: u64,
+    zero_ops: u64,
+}
+
+/// The state of one connection after the handshake.
+#[derive(Debug)]
+pub struct Session {
+    conn: Conn,
+    export: Arc<Export>,
+    engine: Box<dyn BlockIo>,
+    structured: bool,
+    contexts: Vec<(u32, String)>,
+    rx: Vec<u8>,
+    rx_start: usize,
+    rx_end: usize,
+    tx: TxQueue,
+    slots: Vec<Option<Pending>>,
+    free_slots: Vec<u32>,
+    pool: BufPool,
+    completions: Vec<IoCompletion>,
+    counts: LocalCounts,
+    latency: LatencyRecorder,
+    last_merge: Instant,
+    closing: bool,
+}
+
+impl Session {
+    /// A session on a negotiated connection.
+    pub fn new(
+        conn: Conn,
+        export: Arc<Export>,
+        engine: Box<dyn BlockIo>,
+        structured: bool,
+        contexts: Vec<(u32, String)>,
+    ) -> Self {
+        let capacity = engine.capacity();
+        Session {
+            conn,
+            export,
+            engine,
+            structured,
+            contexts,
+            rx: vec![0; RX_BYTES],
+            rx_start: 0,
+            rx_end: 0,
+            tx: TxQueue::new(),
+            slots: vec![None; capacity],
+            free_slots: (0..capacity as u32).rev().collect(),
+            pool: BufPool::new(),
+            completions: Vec::with_capacity(capacity),
+            counts: LocalCounts::default(),
+            latency: LatencyRecorder::new(),
+            last_merge: Instant::now(),
+            closing: false,
+        }
+    }
+
+    /// Serves requests until the client disconnects (or the read side is shut down), then
+    /// answers everything in flight.
+    pub fn run(mut self) -> Result<(), SessionError> {
+        let result = self.run_loop();
+        self.drain();
+        self.publish(true);
+        result
+    }
+
+    fn run_loop(&mut self) -> Result<(), SessionError> {
+        loop {
+            let mut dispatched = 0;
+            if !self.closing && !self.free_slots.is_empty() {
+                let idle = self.engine.in_flight() == 0;
+                if self.rx_end - self.rx_start < REQUEST_BYTES {
+                    self.fill(idle)?;
+                }
+                dispatched = self.dispatch_all()?;
+            }
+            if self.closing && self.engine.in_flight() == 0 {
+                return self
+                    .tx
+                    .flush(&mut self.conn, &mut self.pool)
+                    .map_err(SessionError::Socket);
+            }
+            let waiting = self.engine.in_flight() > 0;
+            let min_complete =
+                usize::from(waiting && (dispatched == 0 || self.free_slots.is_empty()));
+            self.engine
+                .complete(min_complete, &mut self.completions)
+                .map_err(|err| SessionError::Engine(err.into()))?;
+            self.reply_completions();
+            self.tx
+                .flush(&mut self.conn, &mut self.pool)
+                .map_err(SessionError::Socket)?;
+            self.publish(false);
+        }
+    }
+
+    /// Reads more bytes: blocking when `block`, else only what is already there.
+    fn fill(&mut self, block: bool) -> Result<(), SessionError> {
+        if self.rx_start == self.rx_end {
+            self.rx_start = 0;
+            self.rx_end = 0;
+        } else if self.rx_start > RX_BYTES / 2 {
+            self.rx.copy_within(self.rx_start..self.rx_end, 0);
+            self.rx_end -= self.rx_start;
+            self.rx_start = 0;
+        }
+        let space = &mut self.rx[self.rx_end..];
+        let read = if block {
+            match self.conn.read(space) {
+                Ok(n) => Some(n),
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => None,
+                Err(err) => return Err(self.socket_closed(err)),
+            }
+        } else {
+            self.conn
+                .recv_ready(space)
+                .map_err(|err| self.socket_closed(err))?
+        };
+        match read {
+            Some(0) => self.closing = true,
+            Some(n) => self.rx_end += n,
+            None => {}
+        }
+        Ok(())
+    }
+
+    /// A reset from the peer is an ordinary end; other errors are reported.
+    fn socket_closed(&mut self, err: io::Error) -> SessionError {
+        self.closing = true;
+        SessionError::Socket(err)
+    }
+
+    /// Handles every complete request header in the receive buffer while slots are free.
+    fn dispatch_all(&mut self) -> Result<usize, SessionError> {
+        let mut dispatched = 0;
+        while !self.closing && !self.free_slots.is_empty() {
+            if self.rx_end - self.rx_start < REQUEST_BYTES {
+                break;
+            }
+            let mut header_bytes = [0u8; REQUEST_BYTES];
+            header_bytes.copy_from_slice(&self.rx[self.rx_start..self.rx_start + REQUEST_BYTES]);
+            self.rx_start += REQUEST_BYTES;
+            let header = wire::parse_request(&header_bytes)
+                .map_err(|err| SessionError::Protocol(err.to_string()))?;
+            self.dispatch(&header)?;
+            dispatched += 1;
+        }
+        Ok(dispatched)
+    }
+
+    fn dispatch(&mut self, header: &RequestHeader) -> Result<(), SessionError> {
+        let info_valid = wire::validate(header, &self.export_info_cached(), self.structured);
+        let command = match info_valid {
+            Ok(command) => command,
+            Err(errno) => {
+                if header.command == wire::CMD_WRITE {
+                    self.discard_payload(header.length_bytes)?;
+                }
+                self.reply_error(header.cookie, errno);
+                return Ok(());
+            }
+        };
+        match command {
+            Command::Disc => self.closing = true,
+            Command::BlockStatus => self.block_status(header),
+            Command::Read => {
+                let buf = self
+                    .pool
+                    .take(read_buf_len(header.offset_bytes, header.length_bytes));
+                self.submit(header, command, IoKind::Read, Some(buf));
+            }
+            Command::Write => {
+                let buf = self.receive_payload(header.length_bytes)?;
+                self.submit(
+                    header,
+                    command,
+                    IoKind::Write { fua: header.fua() },
+                    Some(buf),
+                );
+            }
+            Command::Flush => self.submit(header, command, IoKind::Flush, None),
+            Command::Trim => self.submit(header, command, IoKind::Trim { fua: header.fua() }, None),
+            Command::WriteZeroes => {
+                if header.fast_zero() && header.no_hole() {
+                    // Zeroing without holes means writing every byte: not fast here.
+                    self.reply_error(header.cookie, NbdErrno::NotSup);
+                    return Ok(());
+                }
+                let kind = IoKind::WriteZeroes {
+                    may_trim: !header.no_hole(),
+                    fua: header.fua(),
+                };
+                self.submit(header, command, kind, None);
+            }
+        }
+        Ok(())
+    }
+
+    /// The export's size and flags as the handshake advertised them. Recomputed cheaply: the
+    /// fields `validate` reads do not change while the export is served.
+    fn export_info_cached(&self) -> wire::ExportInfo {
+        wire::ExportInfo {
+            name: String::new(),
+            description: String::new(),
+            size_bytes: self.export.size_bytes,
+            read_only: self.export.read_only,
+            multi_conn: true,
+            can_trim: !self.export.read_only,
+            can_fast_zero: !self.export.read_only,
+            block_min: 1,
+            block_preferred: crate::nbd::export::BLOCK_PREFERRED_BYTES,
+            block_max: crate::nbd::export::BLOCK_MAX_BYTES,
+            meta_contexts: Vec::new(),
+        }
+    }
+
+    fn submit(
+        &mut self,
+        header: &RequestHeader,
+        command: Command,
+        kind: IoKind,
+        buf: Option<AlignedBuf>,
+    ) {
+        let slot = self
+            .free_slots
+            .pop()
+            .expect("dispatch checks for a free slot");
+        self.slots[slot as usize] = Some(Pending {
+            cookie: header.cookie,
+            command,
+            offset_bytes: header.offset_bytes,
+            len_bytes: header.length_bytes,
+            started: Instant::now(),
+        });
+        let request = IoRequest {
+            tag: u64::from(slot),
+            kind,
+            offset_bytes: header.offset_bytes,
+            len_bytes: header.length_bytes,
+            buf,
+        };
+        if let Err((err, request)) = self.engine.submit(request) {
+            log::warn!(
+                "export {}: io engine refused a request: {err}",
+                self.export.name
+            );
+            self.slots[slot as usize] = None;
+            self.free_slots.push(slot);
+            if let Some(buf) = request.buf {
+                self.pool.give(buf);
+            }
+            self.reply_error(header.cookie, NbdErrno::Io);
+        }
+    }
+
+    /// Moves a WRITE payload into an aligned buffer: what is already received is copied, the
+    /// rest is read from the socket straight into the buffer.
+    fn receive_payload(&mut self, len_bytes: u32) -> Result<AlignedBuf, SessionError> {
+        let len = len_bytes as usize;
+        let mut buf = self.pool.take(len);
+        let have = (self.rx_end - self.rx_start).min(len);
+        buf.as_mut_slice()[..have].copy_from_slice(&self.rx[self.rx_start..self.rx_start + have]);
+        self.rx_start += have;
+        if have < len {
+            if let Err(err) = self.conn.read_exact(&mut buf.as_mut_slice()[have..len]) {
+                self.pool.give(buf);
+                return Err(self.socket_closed(err));
+            }
+        }
+        Ok(buf)
+    }
+
+    /// Skips the payload of a refused WRITE so the stream stays in step.
+    fn discard_payload(&mut self, len_bytes: u32) -> Result<(), SessionError> {
+        let mut left = len_bytes as usize;
+        let have = (self.rx_end - self.rx_start).min(left);
+        self.rx_start += have;
+        left -= have;
+        let mut sink = [0u8; 64 * 1024];
+        while left > 0 {
+            let want = left.min(sink.len());
+            if let Err(err) = self.conn.read_exact(&mut sink[..want]) {
+                return Err(self.socket_closed(err));
+            }
+            left -= want;
+        }
+        Ok(())
+    }
+
+    fn reply_error(&mut self, cookie: u64, errno: NbdErrno) {
+        let out = self.tx.header_bytes();
+        if self.structured {
+            wire::encode_error_chunk(out, cookie, errno, true);
+        } else {
+            wire::encode_simple_reply(out, cookie, errno as u32);
+        }
+    }
+
+    fn reply_ok(&mut self, cookie: u64) {
+        wire::encode_simple_reply(self.tx.header_bytes(), cookie, 0);
+    }
+
+    fn block_status(&mut self, header: &RequestHeader) {
+        let contexts = std::mem::take(&mut self.contexts);
+        let result =
+            blockstatus::encode_reply(&self.export, &contexts, header, self.tx.header_bytes());
+        self.contexts = contexts;
+        if let Err(errno) = result {
+            self.reply_error(header.cookie, errno);
+        }
+    }
+
+    fn reply_completions(&mut self) {
+        let mut completions = std::mem::take(&mut self.completions);
+        let now = Instant::now();
+        for completion in completions.drain(..) {
+            let slot = completion.tag as usize;
+            let pending = self.slots[slot]
+                .take()
+                .expect("completion for an empty slot");
+            self.free_slots.push(slot as u32);
+            self.latency
+                .record_us(now.duration_since(pending.started).as_micros() as u64);
+            self.reply_one(pending, completion);
+        }
+        self.completions = completions;
+    }
+
+    fn reply_one(&mut self, pending: Pending, completion: IoCompletion) {
+        if let Err(err) = completion.result {
+            if let Some(buf) = completion.buf {
+                self.pool.give(buf);
+            }
+            log::debug!(
+                "export {}: {:?} failed: {err}",
+                self.export.name,
+                pending.command
+            );
+            self.reply_error(pending.cookie, errno_of(&err));
+            return;
+        }
+        let len = u64::from(pending.len_bytes);
+        match pending.command {
+            Command::Read => {
+                self.counts.read_ops += 1;
+                self.counts.read_bytes += len;
+                let buf = completion.buf.expect("a read hands its buffer back");
+                let start = completion.data_start;
+                let out = self.tx.header_bytes();
+                if self.structured {
+                    wire::encode_offset_data_header(
+                        out,
+                        pending.cookie,
+                        pending.offset_bytes,
+                        pending.len_bytes,
+                        true,
+                    );
+                } else {
+                    wire::encode_simple_reply(out, pending.cookie, 0);
+                }
+                self.tx
+                    .push_data(buf, start, start + pending.len_bytes as usize);
+                return;
+            }
+            Command::Write => {
+                self.export.trackers.mark_range(pending.offset_bytes, len);
+                self.counts.write_ops += 1;
+                self.counts.write_bytes += len;
+            }
+            Command::Trim => {
+                self.export.trackers.mark_range(pending.offset_bytes, len);
+                self.counts.trim_ops += 1;
+            }
+            Command::WriteZeroes => {
+                self.export.trackers.mark_range(pending.offset_bytes, len);
+                self.counts.zero_ops += 1;
+            }
+            Command::Flush => self.counts.flush_ops += 1,
+            Command::Disc | Command::BlockStatus => {}
+        }
+        if let Some(buf) = completion.buf {
+            self.pool.give(buf);
+        }
+        self.reply_ok(pending.cookie);
+    }
+
+    /// Waits for everything in flight and answers it (best effort: the socket may be gone).
+    fn drain(&mut self) {
+        while self.engine.in_flight() > 0 {
+            if let Err(err) = self.engine.complete(1, &mut self.completions) {
+                log::error!("export {}: draining io failed: {err}", self.export.name);
+                break;
+            }
+            self.reply_completions();
+        }
+        let _ = self.tx.flush(&mut self.conn, &mut self.pool);
+    }
+
+    /// Adds local counts to the export's; merges latency every [`MERGE_EVERY`] or when `final_`.
+    fn publish(&mut self, final_: bool) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let c = std::mem::take(&mut self.counts);
+        let e = &self.export.counters;
+        for (local, shared) in [
+            (c.read_ops, &e.read_ops),
+            (c.read_bytes, &e.read_bytes),
+            (c.write_ops, &e.write_ops),
+            (c.write_bytes, &e.write_bytes),
+            (c.flush_ops, &e.flush_ops),
+            (c.trim_ops, &e.trim_ops),
+            (c.zero_ops, &e.zero_ops),
+        ] {
+            if local > 0 {
+                shared.fetch_add(local, Relaxed);
+            }
+        }
+        if final_ || self.last_merge.elapsed() >= MERGE_EVERY {
+            self.export
+                .latency
+                .lock()
+                .expect("latency lock")
+                .merge_from(&self.latency);
+            self.latency.reset();
+            self.last_merge = Instant::now();
+        }
+    }
+}
+
+/// The NBD error a failed request reports.
+fn errno_of(err: &io::Error) -> NbdErrno {
+    match err.raw_os_error() {
+        Some(libc_errno) if libc_errno == nix::libc::ENOSPC || libc_errno == nix::libc::EDQUOT => {
+            NbdErrno::NoSpc
+        }
+        Some(e) if e == nix::libc::EPERM || e == nix::libc::EROFS || e == nix::libc::EACCES => {
+            NbdErrno::Perm
+        }
+        Some(e) if e == nix::libc::EINVAL => NbdErrno::Inval,
+        Some(e) if e == nix::libc::ENOMEM => NbdErrno::NoMem,
+        Some(e) if e == nix::libc::EOPNOTSUPP => NbdErrno::NotSup,
+        _ => NbdErrno::Io,
+    }
+}

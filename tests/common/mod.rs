@@ -1,0 +1,220 @@
+//! Shared harness of the integration tests: an agent process started from the built `ferry`
+//! binary on a temporary image, with its own socket, state directory and API port, and
+//! helpers to run the real NBD clients (qemu-io, qemu-img, nbdinfo, nbdcopy, nbdsh, fio).
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running agent process and its files.
+pub struct AgentProc {
+    pub child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub api: String,
+    pub tcp: Option<String>,
+}
+
+/// A directory on a file system that supports O_DIRECT (not tmpfs).
+pub fn scratch_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("ferry-test-")
+        .tempdir_in("/var/tmp")
+        .expect("tempdir")
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Creates a sparse image of `size_bytes`.
+pub fn sparse_image(path: &Path, size_bytes: u64) {
+    std::fs::File::create(path)
+        .unwrap()
+        .set_len(size_bytes)
+        .unwrap();
+}
+
+/// Whether a client program exists (scripts/test installs them; a missing one fails loudly).
+pub fn require(program: &str) {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {program}"))
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(
+        found,
+        "{program} is not installed: run scripts/test, which installs it"
+    );
+}
+
+impl AgentProc {
+    /// Starts `ferry agent` serving `exports` (`NAME=PATH[,opts]`), with extra flags.
+    pub fn start(exports: &[String], extra: &[&str]) -> AgentProc {
+        Self::start_in(scratch_dir(), exports, extra)
+    }
+
+    /// Like `start`, in a given directory (restarts keep their state).
+    pub fn start_in(dir: tempfile::TempDir, exports: &[String], extra: &[&str]) -> AgentProc {
+        let socket = dir.path().join("nbd.sock");
+        let state_dir = dir.path().join("state");
+        let api = format!("127.0.0.1:{}", free_port());
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry"));
+        cmd.arg("agent")
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(&state_dir)
+            .arg("--api")
+            .arg(&api);
+        let mut tcp = None;
+        if extra.contains(&"--tcp") {
+            let addr = format!("127.0.0.1:{}", free_port());
+            cmd.arg(format!("--tcp={addr}"));
+            tcp = Some(addr);
+        }
+        cmd.args(extra.iter().filter(|a| **a != "--tcp"));
+        for export in exports {
+            cmd.arg("--export").arg(export);
+        }
+        let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
+        cmd.stdout(Stdio::null())
+            .stderr(log)
+            .env("RUST_LOG", "info");
+        let child = cmd.spawn().expect("spawn ferry agent");
+        let mut agent = AgentProc {
+            child: Some(child),
+            dir,
+            socket,
+            state_dir,
+            api,
+            tcp,
+        };
+        agent.wait_ready();
+        agent
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("agent exited early ({status}):\n{}", self.log());
+            }
+            if self.socket.exists() && std::net::TcpStream::connect(&self.api).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("agent not ready after 20 s:\n{}", self.log());
+    }
+
+    /// The agent's log so far.
+    pub fn log(&self) -> String {
+        let mut text = String::new();
+        if let Ok(mut f) = std::fs::File::open(self.dir.path().join("agent.log")) {
+            let _ = f.read_to_string(&mut text);
+        }
+        text
+    }
+
+    /// `nbd+unix:///NAME?socket=...`
+    pub fn uri(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.socket.display())
+    }
+
+    /// qemu's `--image-opts` form of the export.
+    pub fn qemu_opts(&self, export: &str) -> String {
+        format!(
+            "driver=nbd,server.type=unix,server.path={},export={export}",
+            self.socket.display()
+        )
+    }
+
+    /// Runs the ferry CLI against this agent.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(args)
+            .arg("--api")
+            .arg(&self.api)
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .output()
+            .expect("run ferry cli")
+    }
+
+    /// Sends SIGTERM and waits for a clean exit; returns the exit status success.
+    pub fn stop(&mut self) -> bool {
+        let mut child = self.child.take().expect("running");
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status.success();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent did not stop:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// kill -9.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("running");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Runs a command, panicking with its output if it fails.
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// stdout as text.
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `nbdsh` under Debian's python3 (python3-libnbd is installed for it): nbdsh runs
+/// `python3 -mnbd`, which would pick up any other python3 earlier on PATH.
+pub fn nbdsh_command() -> Command {
+    require("nbdsh");
+    let path = std::env::var("PATH").unwrap_or_default();
+    let mut cmd = Command::new("nbdsh");
+    cmd.env("PATH", format!("/usr/bin:{path}"));
+    cmd
+}
