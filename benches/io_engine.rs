@@ -68,7 +68,8 @@ fn bench_engines(c: &mut Criterion) {
     group.throughput(Throughput::Elements(1));
     group.sample_size(10);
     for engine_kind in kinds {
-        let mut engine = open_engine(engine_kind, file.clone(), DEPTH as u32).expect("engine");
+        let mut engine =
+            open_engine(engine_kind, file.clone(), DEPTH as u32, None).expect("engine");
         for (name, kind) in [
             ("randwrite", IoKind::Write { fua: false }),
             ("randread", IoKind::Read),

@@ -102,6 +102,7 @@ impl Agent {
         let options = SessionOptions {
             engine,
             queue_depth: config.queue_depth,
+            engine_watches_socket: true,
         };
         let nbd = NbdServer::start(Some(&config.socket), config.tcp, registry.clone(), options)
             .map_err(AgentError::Listen)?;

@@ -26,6 +26,7 @@ pub mod uring;
 
 use std::fmt;
 use std::io;
+use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 
 use ferry_sys::{AlignedBuf, DirectFile, DIRECT_ALIGN};
@@ -124,9 +125,18 @@ pub trait BlockIo: Send + fmt::Debug {
     fn submit(&mut self, request: IoRequest) -> Result<(), (IoError, IoRequest)>;
 
     /// Sends queued requests to the kernel, waits until at least `min_complete` (capped at
-    /// the requests in flight) are done, and appends every finished one to `out`.
+    /// the requests in flight) are done, and appends every finished one to `out`. When a
+    /// readable wake-up is armed ([`BlockIo::arm_readable`]) and fires, the wait ends early,
+    /// possibly with nothing in `out`.
     fn complete(&mut self, min_complete: usize, out: &mut Vec<IoCompletion>)
         -> Result<(), IoError>;
+
+    /// Arms a one-shot wake-up for when the connection given to [`open_engine`] has data, so
+    /// that the next [`BlockIo::complete`] also returns when a request arrives. Returns false
+    /// when the engine cannot watch the connection (the caller then waits for disk only).
+    fn arm_readable(&mut self) -> bool {
+        false
+    }
 }
 
 /// Which engine a connection gets.
@@ -138,14 +148,16 @@ pub enum EngineKind {
     Sync,
 }
 
-/// Opens an engine on `file` with room for `queue_depth` requests in flight.
+/// Opens an engine on `file` with room for `queue_depth` requests in flight; `connection`,
+/// when given, is the socket [`BlockIo::arm_readable`] watches.
 pub fn open_engine(
     kind: EngineKind,
     file: Arc<DirectFile>,
     queue_depth: u32,
+    connection: Option<BorrowedFd<'_>>,
 ) -> Result<Box<dyn BlockIo>, IoError> {
     Ok(match kind {
-        EngineKind::Uring => Box::new(uring::UringEngine::new(file, queue_depth)?),
+        EngineKind::Uring => Box::new(uring::UringEngine::new(file, queue_depth, connection)?),
         EngineKind::Sync => Box::new(sync::SyncEngine::new(file, queue_depth)),
     })
 }

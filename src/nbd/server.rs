@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -35,6 +36,8 @@ pub struct SessionOptions {
     pub engine: EngineKind,
     /// Requests in flight per connection.
     pub queue_depth: u32,
+    /// The engine also waits for the socket (one wait for disk and network).
+    pub engine_watches_socket: bool,
 }
 
 /// Every connection alive, handshaking or serving.
@@ -237,18 +240,24 @@ fn serve_connection(mut conn: Conn, lookup: &dyn ExportLookup, options: SessionO
     let Some(connection_id) = export.attach(ConnectionHandle { conn: handle }) else {
         return; // removed meanwhile
     };
-    let result = open_engine(options.engine, export.file.clone(), options.queue_depth)
-        .map_err(|err| log::error!("export {}: cannot start io engine: {err}", export.name))
-        .map(|engine| {
-            Session::new(
-                conn,
-                export.clone(),
-                engine,
-                negotiated.structured_replies,
-                negotiated.meta_contexts,
-            )
-            .run()
-        });
+    let watched = options.engine_watches_socket.then(|| conn.as_fd());
+    let result = open_engine(
+        options.engine,
+        export.file.clone(),
+        options.queue_depth,
+        watched,
+    )
+    .map_err(|err| log::error!("export {}: cannot start io engine: {err}", export.name))
+    .map(|engine| {
+        Session::new(
+            conn,
+            export.clone(),
+            engine,
+            negotiated.structured_replies,
+            negotiated.meta_contexts,
+        )
+        .run()
+    });
     if let Ok(Err(err)) = result {
         log::info!("export {}: connection ended: {err}", export.name);
     }

@@ -152,6 +152,11 @@ impl Session {
             let waiting = self.engine.in_flight() > 0;
             let min_complete =
                 usize::from(waiting && (dispatched == 0 || self.free_slots.is_empty()));
+            if min_complete > 0 && !self.closing && !self.free_slots.is_empty() {
+                // Wait for the disk and for the next request at once: a request arriving
+                // while the disk is busy is submitted now, not after the next completion.
+                self.engine.arm_readable();
+            }
             self.engine
                 .complete(min_complete, &mut self.completions)
                 .map_err(|err| SessionError::Engine(err.into()))?;

@@ -15,7 +15,7 @@
 //! - A ring is driven by one thread. It is created disabled and enabled by its first
 //!   `submit`, so with `SINGLE_ISSUER` the issuer is the thread that uses it, not the one that
 //!   built it.
-//! - Only Read, Write and Fsync on fixed files are allowed (io_uring restrictions).
+//! - Only Read, Write, Fsync and PollAdd on fixed files are allowed (io_uring restrictions).
 
 use std::fmt;
 use std::io;
@@ -71,6 +71,12 @@ pub enum Op {
         /// Index of the registered file.
         file_index: u32,
     },
+    /// Completes once the file (a socket) is readable, or hung up: lets one `io_uring_enter`
+    /// wait for disk completions and for new requests on the connection at once.
+    PollIn {
+        /// Index of the registered file.
+        file_index: u32,
+    },
 }
 
 impl Op {
@@ -78,7 +84,7 @@ impl Op {
     pub fn buf(&self) -> Option<&AlignedBuf> {
         match self {
             Op::Read { buf, .. } | Op::Write { buf, .. } => Some(buf),
-            Op::Fsync { .. } => None,
+            Op::Fsync { .. } | Op::PollIn { .. } => None,
         }
     }
 
@@ -86,14 +92,16 @@ impl Op {
     pub fn into_buf(self) -> Option<AlignedBuf> {
         match self {
             Op::Read { buf, .. } | Op::Write { buf, .. } => Some(buf),
-            Op::Fsync { .. } => None,
+            Op::Fsync { .. } | Op::PollIn { .. } => None,
         }
     }
 
     /// Checks what the kernel cannot: the file index and the length against the buffer.
     fn check(&self, file_count: u32) -> Result<(), &'static str> {
-        let (Op::Read { file_index, .. } | Op::Write { file_index, .. } | Op::Fsync { file_index }) =
-            self;
+        let (Op::Read { file_index, .. }
+        | Op::Write { file_index, .. }
+        | Op::Fsync { file_index }
+        | Op::PollIn { file_index }) = self;
         if *file_index >= file_count {
             return Err("file index not registered");
         }
@@ -129,6 +137,10 @@ impl Op {
             Op::Fsync { file_index } => opcode::Fsync::new(types::Fixed(*file_index))
                 .flags(types::FsyncFlags::DATASYNC)
                 .build(),
+            Op::PollIn { file_index } => {
+                let mask = u32::try_from(libc::POLLIN).expect("POLLIN is positive");
+                opcode::PollAdd::new(types::Fixed(*file_index), mask).build()
+            }
         };
         entry.user_data(u64::from(slot))
     }
@@ -236,7 +248,7 @@ impl fmt::Debug for Ring {
 
 impl Ring {
     /// Creates a ring of `depth` slots (1..=[`MAX_DEPTH`]) with `files` registered as fixed
-    /// files (`Op` file index `i` is `files[i]`), restricted to Read/Write/Fsync on them.
+    /// files (`Op` file index `i` is `files[i]`), restricted to Read/Write/Fsync/PollAdd on them.
     pub fn new(depth: u32, files: &[BorrowedFd<'_>]) -> Result<Ring, RingError> {
         assert!(
             (1..=MAX_DEPTH).contains(&depth),
@@ -372,6 +384,14 @@ impl Ring {
         reaped
     }
 
+    /// Whether an op holding a buffer is in flight.
+    fn buffers_in_flight(&self) -> bool {
+        self.slots
+            .iter()
+            .flatten()
+            .any(|held| held.op.buf().is_some())
+    }
+
     /// Enables a ring created disabled, from the thread that drives it.
     fn enable(&mut self) -> Result<(), RingError> {
         if !self.enabled {
@@ -399,7 +419,9 @@ impl Drop for Ring {
     fn drop(&mut self) {
         let mut done = Vec::with_capacity(self.capacity());
         let mut stalled_rounds = 0;
-        while self.in_flight() > 0 && stalled_rounds < DROP_STALL_ROUNDS {
+        // Only ops holding a buffer must finish before their memory is freed; a poll may
+        // never complete, and the kernel cancels it when the ring is closed.
+        while self.buffers_in_flight() && stalled_rounds < DROP_STALL_ROUNDS {
             if self.submit_and_wait(1).is_err() {
                 break;
             }
@@ -408,7 +430,7 @@ impl Drop for Ring {
             }
             done.clear();
         }
-        if self.in_flight() > 0 {
+        if self.buffers_in_flight() {
             self.leak_in_flight();
         }
     }
@@ -443,18 +465,19 @@ fn build_uring(depth: u32) -> io::Result<(IoUring, SetupMode, bool)> {
     Ok((IoUring::new(depth)?, SetupMode::Plain, true))
 }
 
-/// Read, Write and Fsync, on fixed files only.
-fn allow_list() -> [Restriction; 4] {
+/// Read, Write, Fsync and PollAdd, on fixed files only.
+fn allow_list() -> [Restriction; 5] {
     let fixed = squeue::Flags::FIXED_FILE.bits();
     [
         Restriction::sqe_op(opcode::Read::CODE),
         Restriction::sqe_op(opcode::Write::CODE),
         Restriction::sqe_op(opcode::Fsync::CODE),
+        Restriction::sqe_op(opcode::PollAdd::CODE),
         Restriction::sqe_flags_required(fixed),
     ]
 }
 
-/// Checks that io_uring works here and supports Read, Write and Fsync.
+/// Checks that io_uring works here and supports Read, Write, Fsync and PollAdd.
 pub fn probe() -> Result<(), RingError> {
     let uring = IoUring::new(4).map_err(RingError::Setup)?;
     let mut probe = Probe::new();
@@ -466,6 +489,7 @@ pub fn probe() -> Result<(), RingError> {
         (opcode::Read::CODE, "READ"),
         (opcode::Write::CODE, "WRITE"),
         (opcode::Fsync::CODE, "FSYNC"),
+        (opcode::PollAdd::CODE, "POLL_ADD"),
     ];
     for (code, name) in needed {
         if !probe.is_supported(code) {
