@@ -68,6 +68,26 @@ impl NbdClient {
         })
     }
 
+    /// Connects over TCP and negotiates `export` (Nagle off: requests are sent whole).
+    pub fn connect_tcp(addr: &str, export: &str) -> io::Result<NbdClient> {
+        let stream = std::net::TcpStream::connect(addr)?;
+        stream.set_nodelay(true)?;
+        let mut conn = Conn::Tcp(stream);
+        let (size_bytes, transmission_flags) = handshake(&mut conn, export)?;
+        Ok(NbdClient {
+            conn,
+            size_bytes,
+            transmission_flags,
+            next_cookie: 1,
+            reads: HashMap::new(),
+        })
+    }
+
+    /// The negotiated connection, for a caller that runs the transmission phase itself.
+    pub fn into_conn(self) -> Conn {
+        self.conn
+    }
+
     /// Export size.
     pub fn size_bytes(&self) -> u64 {
         self.size_bytes

@@ -16,6 +16,7 @@ use crate::api::types::{ExportStats, TrackerStatus};
 use crate::dirty::{Tracker, TrackerSet};
 use crate::metrics::LatencyRecorder;
 use crate::nbd::conn::Conn;
+use crate::nbd::route::ExportRoute;
 use crate::nbd::wire::ExportInfo;
 
 /// Largest request ferry accepts (NBD_INFO_BLOCK_SIZE maximum).
@@ -106,6 +107,8 @@ pub struct Export {
     pub counters: ExportCounters,
     /// Request latency, merged from the sessions.
     pub latency: Mutex<LatencyRecorder>,
+    /// Where requests go (local image, or forwarded after a migration) and the write gate.
+    pub route: ExportRoute,
     removed: AtomicBool,
     next_connection: AtomicU64,
     connections: Mutex<BTreeMap<u64, ConnectionHandle>>,
@@ -152,6 +155,7 @@ impl Export {
             trackers: trackers(size_bytes),
             counters: ExportCounters::default(),
             latency: Mutex::new(LatencyRecorder::new()),
+            route: ExportRoute::default(),
             removed: AtomicBool::new(false),
             next_connection: AtomicU64::new(1),
             connections: Mutex::new(BTreeMap::new()),

@@ -19,8 +19,10 @@ use std::time::Duration;
 use crate::io::{open_engine, EngineKind};
 use crate::nbd::conn::Conn;
 use crate::nbd::export::{ConnectionHandle, Export};
+use crate::nbd::forward::ForwardEngine;
 use crate::nbd::handshake;
-use crate::nbd::session::Session;
+use crate::nbd::route::Route;
+use crate::nbd::session::{EngineFactory, Session};
 use crate::nbd::wire::ExportCatalog;
 
 /// What the server needs from the agent: the catalog for the handshake and the live export.
@@ -240,26 +242,40 @@ fn serve_connection(mut conn: Conn, lookup: &dyn ExportLookup, options: SessionO
     let Some(connection_id) = export.attach(ConnectionHandle { conn: handle }) else {
         return; // removed meanwhile
     };
-    let watched = options.engine_watches_socket.then(|| conn.as_fd());
-    let result = open_engine(
-        options.engine,
-        export.file.clone(),
-        options.queue_depth,
-        watched,
+    let factory = engine_factory(export.clone(), options);
+    let result = Session::new(
+        conn,
+        export.clone(),
+        factory,
+        negotiated.structured_replies,
+        negotiated.meta_contexts,
     )
-    .map_err(|err| log::error!("export {}: cannot start io engine: {err}", export.name))
-    .map(|engine| {
-        Session::new(
-            conn,
-            export.clone(),
-            engine,
-            negotiated.structured_replies,
-            negotiated.meta_contexts,
-        )
-        .run()
-    });
+    .map_err(|err| log::error!("export {}: cannot start the session: {err}", export.name))
+    .map(Session::run);
     if let Ok(Err(err)) = result {
         log::info!("export {}: connection ended: {err}", export.name);
     }
     export.detach(connection_id);
+}
+
+/// How a session of `export` opens its engine for a route: the local io engine on the image
+/// (watching the connection when enabled), or forwarding to another agent.
+fn engine_factory(export: Arc<Export>, options: SessionOptions) -> EngineFactory {
+    EngineFactory(Box::new(move |route: &Route, conn: &Conn| match route {
+        Route::Local => {
+            let watched = options.engine_watches_socket.then(|| conn.as_fd());
+            open_engine(
+                options.engine,
+                export.file.clone(),
+                options.queue_depth,
+                watched,
+            )
+            .map_err(std::io::Error::from)
+        }
+        Route::Forward { addr } => {
+            let depth = usize::try_from(options.queue_depth).unwrap_or(1);
+            let engine = ForwardEngine::connect(addr, &export.name, export.size_bytes, depth)?;
+            Ok(Box::new(engine) as Box<dyn crate::io::BlockIo>)
+        }
+    }))
 }

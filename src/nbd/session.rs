@@ -27,6 +27,7 @@ use crate::nbd::blockstatus;
 use crate::nbd::bufpool::BufPool;
 use crate::nbd::conn::Conn;
 use crate::nbd::export::Export;
+use crate::nbd::route::Route;
 use crate::nbd::tx::TxQueue;
 use crate::nbd::wire::{self, Command, NbdErrno, RequestHeader, REQUEST_BYTES};
 
@@ -44,7 +45,7 @@ pub enum SessionError {
     /// The client sent something that is not an NBD request.
     #[error("protocol violation: {0}")]
     Protocol(String),
-    /// The io engine failed as a whole (not one request).
+    /// The io engine failed as a whole (not one request), or could not be opened.
     #[error("io engine failed")]
     Engine(#[source] io::Error),
 }
@@ -57,6 +58,8 @@ struct Pending {
     offset_bytes: u64,
     len_bytes: u32,
     started: Instant,
+    /// Admitted through the export's write gate: leaves it on completion.
+    gated: bool,
 }
 
 /// Counts kept locally and added to the export's counters once per loop.
@@ -69,6 +72,27 @@ struct LocalCounts {
     flush_ops: u64,
     trim_ops: u64,
     zero_ops: u64,
+}
+
+/// Opens the engine for a route (the session's connection is watched for readability).
+pub struct EngineFactory(pub Box<OpenEngine>);
+
+/// The function behind an [`EngineFactory`].
+pub type OpenEngine = dyn Fn(&Route, &Conn) -> Result<Box<dyn BlockIo>, std::io::Error> + Send;
+
+impl std::fmt::Debug for EngineFactory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EngineFactory")
+    }
+}
+
+/// Why a session stopped dispatching before the receive buffer was empty.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stall {
+    /// The export's route changed: drain, then reopen the engine.
+    Route,
+    /// Writes are held (a switchover): wait for the release.
+    Held,
 }
 
 /// The state of one connection after the handshake.
@@ -91,6 +115,14 @@ pub struct Session {
     latency: LatencyRecorder,
     last_merge: Instant,
     closing: bool,
+    factory: EngineFactory,
+    /// Route generation the engine was opened for.
+    route_gen: u64,
+    /// The engine forwards to another agent (the local trackers no longer apply).
+    forwarded: bool,
+    stall: Option<Stall>,
+    /// The request being dispatched was admitted through the write gate.
+    gated_next: bool,
 }
 
 impl Session {
@@ -98,12 +130,14 @@ impl Session {
     pub fn new(
         conn: Conn,
         export: Arc<Export>,
-        engine: Box<dyn BlockIo>,
+        factory: EngineFactory,
         structured: bool,
         contexts: Vec<(u32, String)>,
-    ) -> Self {
+    ) -> Result<Self, SessionError> {
+        let (route_gen, route) = export.route.current();
+        let engine = (factory.0)(&route, &conn).map_err(SessionError::Engine)?;
         let capacity = engine.capacity();
-        Session {
+        Ok(Session {
             conn,
             export,
             engine,
@@ -121,7 +155,12 @@ impl Session {
             latency: LatencyRecorder::new(),
             last_merge: Instant::now(),
             closing: false,
-        }
+            factory,
+            route_gen,
+            forwarded: matches!(*route, Route::Forward { .. }),
+            stall: None,
+            gated_next: false,
+        })
     }
 
     /// Serves requests until the client disconnects (or the read side is shut down), then
@@ -135,6 +174,10 @@ impl Session {
 
     fn run_loop(&mut self) -> Result<(), SessionError> {
         loop {
+            if self.stall.is_some() && self.engine.in_flight() == 0 {
+                self.unstall()?;
+                continue;
+            }
             let mut dispatched = 0;
             if !self.closing && !self.free_slots.is_empty() {
                 let idle = self.engine.in_flight() == 0;
@@ -152,7 +195,11 @@ impl Session {
             let waiting = self.engine.in_flight() > 0;
             let min_complete =
                 usize::from(waiting && (dispatched == 0 || self.free_slots.is_empty()));
-            if min_complete > 0 && !self.closing && !self.free_slots.is_empty() {
+            if min_complete > 0
+                && !self.closing
+                && self.stall.is_none()
+                && !self.free_slots.is_empty()
+            {
                 // Wait for the disk and for the next request at once: a request arriving
                 // while the disk is busy is submitted now, not after the next completion.
                 self.engine.arm_readable();
@@ -166,6 +213,38 @@ impl Session {
                 .map_err(SessionError::Socket)?;
             self.publish(false);
         }
+    }
+
+    /// Resolves a stall once nothing is in flight: reopens the engine for the new route, or
+    /// waits a little for held writes to be released.
+    fn unstall(&mut self) -> Result<(), SessionError> {
+        self.tx
+            .flush(&mut self.conn, &mut self.pool)
+            .map_err(SessionError::Socket)?;
+        match self.stall.take() {
+            Some(Stall::Route) => {
+                let (generation, route) = self.export.route.current();
+                let engine = (self.factory.0)(&route, &self.conn).map_err(|err| {
+                    log::error!(
+                        "export {}: cannot open the engine for {route:?}: {err}",
+                        self.export.name
+                    );
+                    SessionError::Engine(err)
+                })?;
+                log::info!(
+                    "export {}: connection now served by {route:?}",
+                    self.export.name
+                );
+                self.engine = engine;
+                self.route_gen = generation;
+                self.forwarded = matches!(*route, Route::Forward { .. });
+            }
+            Some(Stall::Held) => {
+                self.export.route.wait_released(Duration::from_millis(10));
+            }
+            None => {}
+        }
+        Ok(())
     }
 
     /// Reads more bytes: blocking when `block`, else only what is already there.
@@ -213,10 +292,28 @@ impl Session {
             }
             let mut header_bytes = [0u8; REQUEST_BYTES];
             header_bytes.copy_from_slice(&self.rx[self.rx_start..self.rx_start + REQUEST_BYTES]);
-            self.rx_start += REQUEST_BYTES;
             let header = wire::parse_request(&header_bytes)
                 .map_err(|err| SessionError::Protocol(err.to_string()))?;
-            self.dispatch(&header)?;
+            if self.export.route.generation() != self.route_gen {
+                self.stall = Some(Stall::Route);
+                break;
+            }
+            let writes = matches!(
+                header.command,
+                wire::CMD_WRITE | wire::CMD_TRIM | wire::CMD_WRITE_ZEROES
+            );
+            if writes && !self.export.route.enter_write() {
+                self.stall = Some(Stall::Held);
+                break;
+            }
+            self.rx_start += REQUEST_BYTES;
+            self.gated_next = writes;
+            let result = self.dispatch(&header);
+            if std::mem::take(&mut self.gated_next) {
+                // Answered without reaching the engine (refused, or an error).
+                self.export.route.exit_write();
+            }
+            result?;
             dispatched += 1;
         }
         Ok(dispatched)
@@ -305,6 +402,7 @@ impl Session {
             offset_bytes: header.offset_bytes,
             len_bytes: header.length_bytes,
             started: Instant::now(),
+            gated: std::mem::take(&mut self.gated_next),
         });
         let request = IoRequest {
             tag: u64::from(slot),
@@ -318,7 +416,10 @@ impl Session {
                 "export {}: io engine refused a request: {err}",
                 self.export.name
             );
-            self.slots[slot as usize] = None;
+            let refused = self.slots[slot as usize].take().expect("filled above");
+            if refused.gated {
+                self.export.route.exit_write();
+            }
             self.free_slots.push(slot);
             if let Some(buf) = request.buf {
                 self.pool.give(buf);
@@ -401,6 +502,16 @@ impl Session {
     }
 
     fn reply_one(&mut self, pending: Pending, completion: IoCompletion) {
+        if pending.gated {
+            // Mark before the reply and before leaving the gate (invariant 1; a switchover
+            // that drained the gate sees these bits). A failed write may have changed some
+            // bytes, so it is marked too. Forwarded writes live at the destination.
+            if !self.forwarded {
+                let len = u64::from(pending.len_bytes);
+                self.export.trackers.mark_range(pending.offset_bytes, len);
+            }
+            self.export.route.exit_write();
+        }
         if let Err(err) = completion.result {
             if let Some(buf) = completion.buf {
                 self.pool.give(buf);
@@ -437,16 +548,13 @@ impl Session {
                 return;
             }
             Command::Write => {
-                self.export.trackers.mark_range(pending.offset_bytes, len);
                 self.counts.write_ops += 1;
                 self.counts.write_bytes += len;
             }
             Command::Trim => {
-                self.export.trackers.mark_range(pending.offset_bytes, len);
                 self.counts.trim_ops += 1;
             }
             Command::WriteZeroes => {
-                self.export.trackers.mark_range(pending.offset_bytes, len);
                 self.counts.zero_ops += 1;
             }
             Command::Flush => self.counts.flush_ops += 1,
