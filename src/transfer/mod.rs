@@ -215,3 +215,6 @@ impl TransferError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
