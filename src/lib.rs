@@ -14,7 +14,9 @@
 //! Module map: [`agent`] the daemon, [`nbd`] the protocol and data path, [`io`] the engines
 //! (every `unsafe` is in the `ferry-sys` crate), [`dirty`] write trackers, [`api`] the control
 //! API and its client, [`metrics`] latency recording, [`env`] the clock trait that core logic
-//! takes so it can run under simulation, [`demo`] the `ferry demo` walkthrough.
+//! takes so it can run under simulation, [`demo`] the `ferry demo` walkthrough, [`transfer`] the
+//! authenticated block stream between agents (framed extents, BLAKE3 per extent, holes for
+//! zeros, bandwidth cap).
 #![forbid(unsafe_code)]
 
 pub mod agent;
@@ -26,3 +28,4 @@ pub mod env;
 pub mod io;
 pub mod metrics;
 pub mod nbd;
+pub mod transfer;

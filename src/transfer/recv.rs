@@ -1,0 +1,559 @@
+//! The destination side of block streams: a listener, one thread per connection, each
+//! authenticating its peer, opening a target through the [`TargetHost`] and applying frames.
+//!
+//! Per connection:
+//! - Data: the payload is read into an aligned buffer, its BLAKE3 digest checked, and only
+//!   then written through an io engine (io_uring + O_DIRECT when available) with several
+//!   writes in flight. Zero: `WriteZeroes{may_trim}` (a hole). Trim: `Trim`.
+//! - A write never overlaps a write still in flight: two writes of the same range could land
+//!   in either order, and a resent block must win over its older copy.
+//! - Received blocks are marked in a [`DirtyBitmap`] after their write completed.
+//! - Sync: drain, fdatasync, `SyncOk`. Commit: the same, then `host.commit_target`, `CommitOk`.
+//!   Abort: `host.abort_target`, `Abort` back. A stream that ends before Commit leaves the
+//!   target as it is, for a later resume.
+//! - Any malformed frame, digest mismatch or write failure: an `Error` frame, then the
+//!   connection closes; the listener and other connections go on.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use ferry_sys::{DirectFile, DIRECT_ALIGN};
+
+use super::frame::{ErrorCode, Frame, Role, TargetSpec};
+use super::link::{self, read_frame, unexpected, write_frame};
+use super::{ClusterKey, TransferError};
+use crate::dirty::DirtyBitmap;
+use crate::io::{open_engine, probe_uring, BlockIo, EngineKind, IoCompletion, IoKind, IoRequest};
+use crate::nbd::bufpool::BufPool;
+
+/// Time a peer has to finish the handshake and Open.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest silence from a source before the connection is dropped.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// Longest a blocked write to the source may wait.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Writes in flight per connection.
+const WRITE_DEPTH: u32 = 16;
+/// Largest single WriteZeroes/Trim request (engine lengths are u32).
+const MAX_ZERO_REQUEST_BYTES: u64 = 1 << 30;
+/// After an error, input still read (and dropped) so the Error frame reaches the peer before
+/// the close can turn into a reset.
+const LINGER_BYTES_MAX: u64 = 64 << 20;
+
+/// What the agent provides to streams: target creation and commitment.
+pub trait TargetHost: Send + Sync {
+    /// Creates (or, for the same job on resume, reopens) the target image for `spec`, of
+    /// `spec.size_bytes`, sparse. Refuses with a reason when an export of that name is
+    /// already served, or the disk lacks space ([`check_free_space`]).
+    fn create_target(&self, spec: &TargetSpec) -> Result<Arc<DirectFile>, String>;
+    /// Makes the target authoritative: start serving it. Called after an fdatasync.
+    fn commit_target(&self, spec: &TargetSpec) -> Result<(), String>;
+    /// Drops the target (the source asked to abort).
+    fn abort_target(&self, spec: &TargetSpec);
+    /// Where this agent serves NBD over TCP, told to sources for forwarding.
+    fn nbd_tcp(&self) -> Option<String>;
+}
+
+/// Refuses when the filesystem holding `dir` has fewer than `need_bytes` available.
+pub fn check_free_space(dir: &Path, need_bytes: u64) -> Result<(), String> {
+    let stat = nix::sys::statvfs::statvfs(dir)
+        .map_err(|errno| format!("cannot stat filesystem of {}: {errno}", dir.display()))?;
+    let free_bytes = stat.blocks_available().saturating_mul(stat.fragment_size());
+    if free_bytes < need_bytes {
+        return Err(format!(
+            "not enough space in {}: {need_bytes} bytes needed, {free_bytes} available",
+            dir.display()
+        ));
+    }
+    Ok(())
+}
+
+/// Creates a new sparse image of `size_bytes` at `path` (refusing an existing file or too
+/// little space), opens it O_DIRECT and locks it.
+pub fn create_sparse_target(path: &Path, size_bytes: u64) -> Result<Arc<DirectFile>, String> {
+    let dir = path.parent().filter(|dir| !dir.as_os_str().is_empty());
+    check_free_space(dir.unwrap_or(Path::new(".")), size_bytes)?;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|err| format!("cannot create {}: {err}", path.display()))?;
+    file.set_len(size_bytes)
+        .map_err(|err| format!("cannot size {}: {err}", path.display()))?;
+    drop(file);
+    let image = DirectFile::open(path, true)
+        .map_err(|err| format!("cannot open {}: {err}", path.display()))?;
+    image
+        .lock_exclusive()
+        .map_err(|err| format!("cannot lock {}: {err}", path.display()))?;
+    Ok(Arc::new(image))
+}
+
+/// A running block-stream listener.
+#[derive(Debug)]
+pub struct ReceiverServer {
+    local_addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    accept: Option<JoinHandle<()>>,
+    shared: Arc<Shared>,
+}
+
+/// What the accept thread and connection threads share.
+#[derive(Debug, Default)]
+struct Shared {
+    /// Open connections (a clone each, to shut them down).
+    connections: Mutex<BTreeMap<u64, TcpStream>>,
+    workers: Mutex<Vec<JoinHandle<()>>>,
+    next_id: AtomicU64,
+}
+
+/// Listens on `addr` and serves each stream on its own thread.
+pub fn serve(
+    addr: SocketAddr,
+    key: ClusterKey,
+    host: Arc<dyn TargetHost>,
+) -> Result<ReceiverServer, TransferError> {
+    let listener = TcpListener::bind(addr).map_err(TransferError::Listen)?;
+    let local_addr = listener.local_addr().map_err(TransferError::Listen)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let shared = Arc::new(Shared::default());
+    let engine_kind = if probe_uring().is_ok() {
+        EngineKind::Uring
+    } else {
+        log::info!("io_uring unavailable: block streams write with the sync engine");
+        EngineKind::Sync
+    };
+    let accept = {
+        let (stop, shared) = (Arc::clone(&stop), Arc::clone(&shared));
+        std::thread::Builder::new()
+            .name("ferry-recv-accept".into())
+            .spawn(move || accept_loop(&listener, &stop, &shared, &key, &host, engine_kind))
+            .map_err(TransferError::Spawn)?
+    };
+    Ok(ReceiverServer {
+        local_addr,
+        stop,
+        accept: Some(accept),
+        shared,
+    })
+}
+
+impl ReceiverServer {
+    /// The address the listener is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stops accepting, closes every connection and waits for their threads.
+    pub fn shutdown(mut self) {
+        self.stop_all();
+    }
+
+    fn stop_all(&mut self) {
+        let Some(accept) = self.accept.take() else {
+            return;
+        };
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the blocking accept with a connection of our own.
+        let mut wake = self.local_addr;
+        if wake.ip().is_unspecified() {
+            wake.set_ip(match wake {
+                SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        let _ = TcpStream::connect_timeout(&wake, Duration::from_secs(1));
+        let _ = accept.join();
+        for stream in lock(&self.shared.connections).values() {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+        let workers = std::mem::take(&mut *lock(&self.shared.workers));
+        for worker in workers {
+            let _ = worker.join();
+        }
+    }
+}
+
+impl Drop for ReceiverServer {
+    fn drop(&mut self) {
+        self.stop_all();
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panicked connection thread leaves nothing half-updated in these maps.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn accept_loop(
+    listener: &TcpListener,
+    stop: &AtomicBool,
+    shared: &Arc<Shared>,
+    key: &ClusterKey,
+    host: &Arc<dyn TargetHost>,
+    engine_kind: EngineKind,
+) {
+    for incoming in listener.incoming() {
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let stream = match incoming {
+            Ok(stream) => stream,
+            Err(err) => {
+                log::warn!("block stream accept failed: {err}");
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+        if let Ok(clone) = stream.try_clone() {
+            lock(&shared.connections).insert(id, clone);
+        }
+        let (key, host, worker_shared) = (key.clone(), Arc::clone(host), Arc::clone(shared));
+        let spawned = std::thread::Builder::new()
+            .name(format!("ferry-recv-{id}"))
+            .spawn(move || {
+                let peer = stream.peer_addr().ok();
+                match serve_connection(stream, &key, &*host, engine_kind) {
+                    Ok(end) => log::info!("block stream from {peer:?}: {end}"),
+                    Err(err) => log::warn!(
+                        "block stream from {peer:?} failed: {}",
+                        crate::agent::registry::error_chain(&err)
+                    ),
+                }
+                lock(&worker_shared.connections).remove(&id);
+            });
+        let mut workers = lock(&shared.workers);
+        workers.retain(|worker| !worker.is_finished());
+        match spawned {
+            Ok(worker) => workers.push(worker),
+            Err(err) => {
+                log::warn!("cannot start a block stream thread: {err}");
+                lock(&shared.connections).remove(&id);
+            }
+        }
+    }
+}
+
+/// Runs one connection to its end; the Ok value says how it ended.
+fn serve_connection(
+    mut stream: TcpStream,
+    key: &ClusterKey,
+    host: &dyn TargetHost,
+    engine_kind: EngineKind,
+) -> Result<&'static str, TransferError> {
+    stream.set_nodelay(true).map_err(TransferError::Socket)?;
+    stream
+        .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
+        .map_err(TransferError::Socket)?;
+    stream
+        .set_write_timeout(Some(WRITE_TIMEOUT))
+        .map_err(TransferError::Socket)?;
+    link::authenticate(&mut stream, key, Role::Destination)?;
+    let spec = match read_frame(&mut stream, &mut Vec::new()) {
+        Ok(Frame::Open(spec)) => spec,
+        Ok(other) => return Err(fail(&mut stream, unexpected(other, "Open"))),
+        Err(err) => return Err(fail(&mut stream, err)),
+    };
+    let file = match host.create_target(&spec) {
+        Ok(file) => file,
+        Err(reason) => {
+            return Err(fail(&mut stream, TransferError::Refused { reason }));
+        }
+    };
+    let engine = open_engine(engine_kind, Arc::clone(&file), WRITE_DEPTH, None)
+        .map_err(|err| fail(&mut stream, TransferError::Engine(err)))?;
+    let reply = Frame::OpenOk {
+        nbd_tcp: host.nbd_tcp(),
+    };
+    write_frame(&mut stream, &reply, &mut Vec::new())?;
+    stream
+        .set_read_timeout(Some(IDLE_TIMEOUT))
+        .map_err(TransferError::Socket)?;
+    let mut target = Target::new(&spec, engine);
+    let outcome = target.apply_frames(&mut stream, host);
+    // Whatever happened, nothing may be left in the ring when the connection ends.
+    let drained = target.drain();
+    match (outcome, drained) {
+        (Ok(end), Ok(())) => Ok(end),
+        (Err(err @ (TransferError::PeerGone(_) | TransferError::Timeout(_))), _) => {
+            log::info!(
+                "stream for export {} (job {}) ended before commit; target kept for resume",
+                spec.export,
+                spec.job_id
+            );
+            Err(err)
+        }
+        (Err(err), _) | (Ok(_), Err(err)) => Err(fail(&mut stream, err)),
+    }
+}
+
+/// Tells the peer why the connection ends (when the socket still works), then closes it
+/// gracefully: shut down our side and drop the peer's in-flight input for a while, so the
+/// Error frame is read before the kernel could reset the connection. Returns `err`.
+#[cold]
+fn fail(stream: &mut TcpStream, err: TransferError) -> TransferError {
+    let (code, offset_bytes) = match &err {
+        TransferError::Digest { offset_bytes } => (ErrorCode::Digest, *offset_bytes),
+        TransferError::Refused { .. } => (ErrorCode::Refused, 0),
+        TransferError::BadFrame(_)
+        | TransferError::Unexpected { .. }
+        | TransferError::OutOfRange { .. } => (ErrorCode::BadFrame, 0),
+        TransferError::TargetWrite(_) | TransferError::Engine(_) => (ErrorCode::TargetWrite, 0),
+        // The socket is gone, or the error was already reported (Auth).
+        TransferError::PeerGone(_)
+        | TransferError::Timeout(_)
+        | TransferError::Socket(_)
+        | TransferError::Auth { .. } => return err,
+        TransferError::Connect(_)
+        | TransferError::Listen(_)
+        | TransferError::Remote { .. }
+        | TransferError::SourceRead(_)
+        | TransferError::Spawn(_)
+        | TransferError::KeyRead { .. }
+        | TransferError::KeyPermissions { .. }
+        | TransferError::KeyFormat { .. }
+        | TransferError::KeyCreate { .. } => (ErrorCode::Internal, 0),
+    };
+    let message = match &err {
+        TransferError::Refused { reason } => reason.clone(),
+        other => crate::agent::registry::error_chain(other),
+    };
+    link::send_error(stream, code, offset_bytes, &message);
+    let _ = stream.shutdown(Shutdown::Write);
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let _ = std::io::copy(&mut stream.take(LINGER_BYTES_MAX), &mut std::io::sink());
+    err
+}
+
+/// The target of one connection: its engine, the writes in flight and the received blocks.
+#[derive(Debug)]
+struct Target {
+    spec: TargetSpec,
+    engine: Box<dyn BlockIo>,
+    /// tag → (offset, length) of each request in flight.
+    in_flight: BTreeMap<u64, (u64, u64)>,
+    next_tag: u64,
+    received: DirtyBitmap,
+    pool: BufPool,
+    done: Vec<IoCompletion>,
+    meta: Vec<u8>,
+    scratch: Vec<u8>,
+}
+
+impl Target {
+    fn new(spec: &TargetSpec, engine: Box<dyn BlockIo>) -> Target {
+        Target {
+            spec: spec.clone(),
+            engine,
+            in_flight: BTreeMap::new(),
+            next_tag: 0,
+            received: DirtyBitmap::new(spec.size_bytes.div_ceil(spec.granularity_bytes)),
+            pool: BufPool::new(),
+            done: Vec::new(),
+            meta: Vec::new(),
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Applies frames until Abort, a clean close after Commit, or an error.
+    fn apply_frames(
+        &mut self,
+        stream: &mut TcpStream,
+        host: &dyn TargetHost,
+    ) -> Result<&'static str, TransferError> {
+        let mut committed = false;
+        loop {
+            let frame = match read_frame(stream, &mut self.meta) {
+                Ok(frame) => frame,
+                Err(TransferError::PeerGone(_)) if committed => return Ok("committed"),
+                Err(err) => return Err(err),
+            };
+            match frame {
+                Frame::Data {
+                    offset_bytes,
+                    len_bytes,
+                    digest,
+                } => self.receive_data(stream, offset_bytes, len_bytes, &digest)?,
+                Frame::Zero {
+                    offset_bytes,
+                    len_bytes,
+                } => self.zero_or_trim(offset_bytes, len_bytes, true)?,
+                Frame::Trim {
+                    offset_bytes,
+                    len_bytes,
+                } => self.zero_or_trim(offset_bytes, len_bytes, false)?,
+                Frame::Sync { seq } => {
+                    self.flush()?;
+                    let reply = Frame::SyncOk {
+                        seq,
+                        received_blocks: self.received.count(),
+                    };
+                    write_frame(stream, &reply, &mut self.scratch)?;
+                }
+                Frame::Commit { seq } => {
+                    self.flush()?;
+                    host.commit_target(&self.spec)
+                        .map_err(|reason| TransferError::Refused { reason })?;
+                    committed = true;
+                    write_frame(stream, &Frame::CommitOk { seq }, &mut self.scratch)?;
+                }
+                Frame::Abort => {
+                    self.drain()?;
+                    host.abort_target(&self.spec);
+                    write_frame(stream, &Frame::Abort, &mut self.scratch)?;
+                    return Ok("aborted");
+                }
+                other => return Err(unexpected(other, "Data, Zero, Trim, Sync, Commit or Abort")),
+            }
+        }
+    }
+
+    fn check_range(&self, offset_bytes: u64, len_bytes: u64) -> Result<(), TransferError> {
+        match offset_bytes.checked_add(len_bytes) {
+            Some(end) if end <= self.spec.size_bytes => Ok(()),
+            _ => Err(TransferError::OutOfRange {
+                offset_bytes,
+                len_bytes,
+            }),
+        }
+    }
+
+    /// Reads a Data payload, checks its digest, then queues its write.
+    fn receive_data(
+        &mut self,
+        stream: &mut TcpStream,
+        offset_bytes: u64,
+        len_bytes: u32,
+        digest: &[u8; 32],
+    ) -> Result<(), TransferError> {
+        self.check_range(offset_bytes, u64::from(len_bytes))?;
+        let len = len_bytes as usize;
+        let mut buf = self.pool.take(len.next_multiple_of(DIRECT_ALIGN));
+        stream
+            .read_exact(&mut buf.as_mut_slice()[..len])
+            .map_err(TransferError::from_socket)?;
+        let actual = blake3::hash(&buf.as_slice()[..len]);
+        if actual != blake3::Hash::from(*digest) {
+            self.pool.give(buf);
+            return Err(TransferError::Digest { offset_bytes });
+        }
+        self.submit(IoRequest {
+            tag: 0,
+            kind: IoKind::Write { fua: false },
+            offset_bytes,
+            len_bytes,
+            buf: Some(buf),
+        })
+    }
+
+    /// Queues a hole (Zero) or a discard (Trim), in pieces the engine accepts.
+    fn zero_or_trim(
+        &mut self,
+        offset_bytes: u64,
+        len_bytes: u64,
+        zero: bool,
+    ) -> Result<(), TransferError> {
+        self.check_range(offset_bytes, len_bytes)?;
+        let kind = if zero {
+            IoKind::WriteZeroes {
+                may_trim: true,
+                fua: false,
+            }
+        } else {
+            IoKind::Trim { fua: false }
+        };
+        let end_bytes = offset_bytes + len_bytes;
+        let mut at_bytes = offset_bytes;
+        while at_bytes < end_bytes {
+            let piece = (end_bytes - at_bytes).min(MAX_ZERO_REQUEST_BYTES);
+            self.submit(IoRequest {
+                tag: 0,
+                kind,
+                offset_bytes: at_bytes,
+                len_bytes: u32::try_from(piece).expect("≤ 1 GiB"),
+                buf: None,
+            })?;
+            at_bytes += piece;
+        }
+        Ok(())
+    }
+
+    /// Submits a request once the engine has room and no write in flight overlaps it.
+    fn submit(&mut self, mut request: IoRequest) -> Result<(), TransferError> {
+        let start = request.offset_bytes;
+        let end = start + u64::from(request.len_bytes);
+        while self.engine.in_flight() >= self.engine.capacity()
+            || self
+                .in_flight
+                .values()
+                .any(|&(offset, len)| offset < end && start < offset + len)
+        {
+            self.complete(1)?;
+        }
+        request.tag = self.next_tag;
+        self.next_tag += 1;
+        self.in_flight.insert(request.tag, (start, end - start));
+        if let Err((err, request)) = self.engine.submit(request) {
+            self.in_flight.remove(&request.tag);
+            return Err(TransferError::Engine(err));
+        }
+        Ok(())
+    }
+
+    /// Waits for at least `min_complete` requests; marks the blocks of each finished write.
+    fn complete(&mut self, min_complete: usize) -> Result<(), TransferError> {
+        self.engine
+            .complete(min_complete, &mut self.done)
+            .map_err(TransferError::Engine)?;
+        let mut failure = None;
+        for completion in self.done.drain(..) {
+            let (offset_bytes, len_bytes) = self
+                .in_flight
+                .remove(&completion.tag)
+                .expect("every completion matches a submitted request");
+            if let Some(buf) = completion.buf {
+                self.pool.give(buf);
+            }
+            match completion.result {
+                // Marked only now that the write completed (DESIGN invariant 1).
+                Ok(()) if len_bytes > 0 => {
+                    let granularity = self.spec.granularity_bytes;
+                    let first = offset_bytes / granularity;
+                    let last = (offset_bytes + len_bytes - 1) / granularity;
+                    self.received.mark_blocks(first, last);
+                }
+                Ok(()) => {}
+                Err(err) => failure = failure.or(Some(err)),
+            }
+        }
+        failure.map_or(Ok(()), |err| Err(TransferError::TargetWrite(err)))
+    }
+
+    /// Waits for every request in flight.
+    fn drain(&mut self) -> Result<(), TransferError> {
+        while !self.in_flight.is_empty() {
+            self.complete(self.in_flight.len())?;
+        }
+        Ok(())
+    }
+
+    /// Drains, then fdatasyncs the target.
+    fn flush(&mut self) -> Result<(), TransferError> {
+        self.drain()?;
+        self.submit(IoRequest {
+            tag: 0,
+            kind: IoKind::Flush,
+            offset_bytes: 0,
+            len_bytes: 0,
+            buf: None,
+        })?;
+        self.drain()
+    }
+}

@@ -1,0 +1,512 @@
+//! The source side of a block stream: connect, authenticate, open a target, then send
+//! extents read from the source disk, sync and commit.
+//!
+//! Pipeline of [`Sender::send_extents`]: up to `read_depth` chunk reads are in flight on an
+//! io engine (io_uring + O_DIRECT when the kernel has it) while earlier chunks go out on the
+//! socket, so disk and network overlap. Chunks are emitted in offset order whatever order
+//! the reads complete in; a chunk of zeros becomes (part of) one `Zero` frame, any other chunk
+//! a `Data` frame whose payload is written straight from the aligned read buffer.
+//!
+//! A reader thread takes the destination's frames off the socket into a bounded channel: the
+//! send loop notices an `Error` frame between chunks (and stops), and `sync`/`commit` wait on
+//! the channel with a timeout.
+//!
+//! Invariants:
+//! - Every count in [`SendStats`] is incremented when the bytes were handed to the socket.
+//! - Reads in flight plus reads completed but not yet sent never exceed `read_depth`.
+
+use std::collections::BTreeMap;
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use ferry_sys::{AlignedBuf, DirectFile, DIRECT_ALIGN};
+
+use super::frame::{self, Frame, Role, TargetSpec};
+use super::link::{self, read_frame, unexpected, write_data, write_frame};
+use super::{ClusterKey, Pacer, TransferError};
+use crate::env::{Clock, MonotonicClock};
+use crate::io::{open_engine, probe_uring, read_buf_len, EngineKind, IoKind, IoRequest};
+use crate::nbd::bufpool::BufPool;
+
+/// How a [`Sender`] behaves.
+#[derive(Debug, Clone)]
+pub struct SendOptions {
+    /// Bandwidth cap of the stream (None: uncapped).
+    pub bandwidth_bytes_per_s: Option<u64>,
+    /// Source reads in flight.
+    pub read_depth: usize,
+    /// Largest read (and Data frame); rounded down to 4 KiB, at most 8 MiB.
+    pub chunk_bytes: usize,
+    /// TCP connect timeout.
+    pub connect_timeout_ms: u64,
+    /// How long to wait for an answer (OpenOk, SyncOk, CommitOk) or a blocked socket write.
+    pub reply_timeout_ms: u64,
+}
+
+impl Default for SendOptions {
+    fn default() -> Self {
+        SendOptions {
+            bandwidth_bytes_per_s: None,
+            read_depth: 8,
+            chunk_bytes: 1 << 20,
+            connect_timeout_ms: 10_000,
+            reply_timeout_ms: 300_000,
+        }
+    }
+}
+
+/// The destination's answer to Open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenReply {
+    /// Where the destination serves NBD over TCP, if it does.
+    pub nbd_tcp: Option<String>,
+}
+
+/// What one [`Sender::send_extents`] call put on the wire (measured).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SendStats {
+    /// Payload bytes of Data frames.
+    pub data_bytes: u64,
+    /// Bytes covered by Zero frames (not sent as data).
+    pub zero_bytes: u64,
+    /// Data frames sent.
+    pub data_frames: u64,
+    /// Zero frames sent.
+    pub zero_frames: u64,
+    /// Every byte written to the socket (headers included).
+    pub wire_bytes: u64,
+    /// Wall time of the call.
+    pub elapsed_ns: u64,
+}
+
+/// The source end of one block stream.
+#[derive(Debug)]
+pub struct Sender {
+    stream: TcpStream,
+    replies: Receiver<Result<Frame, TransferError>>,
+    reader: Option<JoinHandle<()>>,
+    options: SendOptions,
+    engine_kind: EngineKind,
+    pacer: Pacer,
+    clock: MonotonicClock,
+    scratch: Vec<u8>,
+    pool: BufPool,
+    next_seq: u64,
+}
+
+/// A run of zero chunks not yet sent.
+#[derive(Debug, Clone, Copy)]
+struct ZeroRun {
+    offset_bytes: u64,
+    len_bytes: u64,
+}
+
+/// A chunk read and waiting for its turn on the wire.
+#[derive(Debug)]
+struct ReadChunk {
+    offset_bytes: u64,
+    len_bytes: u32,
+    buf: AlignedBuf,
+    data_start: usize,
+}
+
+impl Sender {
+    /// Connects to the destination at `addr`, authenticates with `key` and opens `spec`.
+    pub fn connect(
+        addr: SocketAddr,
+        key: &ClusterKey,
+        spec: &TargetSpec,
+        options: SendOptions,
+    ) -> Result<(Sender, OpenReply), TransferError> {
+        if spec.export.is_empty() || spec.export.len() > frame::MAX_EXPORT_BYTES {
+            return Err(TransferError::Refused {
+                reason: format!("export name must be 1..={} bytes", frame::MAX_EXPORT_BYTES),
+            });
+        }
+        let timeout = Duration::from_millis(options.connect_timeout_ms.max(1));
+        let mut stream =
+            TcpStream::connect_timeout(&addr, timeout).map_err(TransferError::Connect)?;
+        let reply_timeout = Some(Duration::from_millis(options.reply_timeout_ms.max(1)));
+        stream.set_nodelay(true).map_err(TransferError::Socket)?;
+        stream
+            .set_read_timeout(reply_timeout)
+            .map_err(TransferError::Socket)?;
+        stream
+            .set_write_timeout(reply_timeout)
+            .map_err(TransferError::Socket)?;
+        link::authenticate(&mut stream, key, Role::Source)?;
+        let mut scratch = Vec::new();
+        write_frame(&mut stream, &Frame::Open(spec.clone()), &mut scratch)?;
+        let reply = match read_frame(&mut stream, &mut Vec::new())? {
+            Frame::OpenOk { nbd_tcp } => OpenReply { nbd_tcp },
+            other => return Err(unexpected(other, "OpenOk")),
+        };
+        // From here the reader thread waits for answers as long as it takes; callers wait on
+        // the channel with their own timeout.
+        stream
+            .set_read_timeout(None)
+            .map_err(TransferError::Socket)?;
+        let reader_stream = stream.try_clone().map_err(TransferError::Socket)?;
+        let (tx, replies) = crossbeam_channel::bounded(16);
+        let reader = std::thread::Builder::new()
+            .name("ferry-send-rx".into())
+            .spawn(move || read_replies(reader_stream, tx))
+            .map_err(TransferError::Spawn)?;
+        let engine_kind = if probe_uring().is_ok() {
+            EngineKind::Uring
+        } else {
+            log::info!("io_uring unavailable: the sender reads with the sync engine");
+            EngineKind::Sync
+        };
+        let sender = Sender {
+            stream,
+            replies,
+            reader: Some(reader),
+            pacer: Pacer::new(options.bandwidth_bytes_per_s),
+            options,
+            engine_kind,
+            clock: MonotonicClock::new(),
+            scratch,
+            pool: BufPool::new(),
+            next_seq: 1,
+        };
+        Ok((sender, reply))
+    }
+
+    /// Sends `extents` (offset, length) of `file`: zeros as Zero frames, the rest as Data.
+    /// Extents must lie inside the file; only one ending at the end of the file may be
+    /// unaligned.
+    pub fn send_extents(
+        &mut self,
+        file: &Arc<DirectFile>,
+        extents: &[(u64, u64)],
+    ) -> Result<SendStats, TransferError> {
+        let started_ns = self.clock.now_ns();
+        let size_bytes = file.size_bytes().map_err(TransferError::SourceRead)?;
+        for &(offset_bytes, len_bytes) in extents {
+            if offset_bytes
+                .checked_add(len_bytes)
+                .is_none_or(|end| end > size_bytes)
+            {
+                return Err(TransferError::OutOfRange {
+                    offset_bytes,
+                    len_bytes,
+                });
+            }
+        }
+        let chunk_bytes = (self.options.chunk_bytes / DIRECT_ALIGN * DIRECT_ALIGN)
+            .clamp(DIRECT_ALIGN, frame::MAX_DATA_BYTES) as u64;
+        let mut chunks = extents.iter().flat_map(|&(offset_bytes, len_bytes)| {
+            (0..len_bytes.div_ceil(chunk_bytes)).map(move |index| {
+                let start = offset_bytes + index * chunk_bytes;
+                let len = (offset_bytes + len_bytes - start).min(chunk_bytes);
+                (start, u32::try_from(len).expect("chunk_bytes ≤ 8 MiB"))
+            })
+        });
+        let mut stats = SendStats::default();
+        let outcome = self.pump(file, &mut chunks, &mut stats);
+        stats.elapsed_ns = self.clock.now_ns() - started_ns;
+        outcome.map(|()| stats).map_err(|err| self.explain(err))
+    }
+
+    /// The read → send loop of `send_extents`.
+    fn pump(
+        &mut self,
+        file: &Arc<DirectFile>,
+        chunks: &mut dyn Iterator<Item = (u64, u32)>,
+        stats: &mut SendStats,
+    ) -> Result<(), TransferError> {
+        let depth = self.options.read_depth.clamp(1, 64);
+        let depth_u32 = u32::try_from(depth).expect("clamped");
+        let mut engine = open_engine(self.engine_kind, Arc::clone(file), depth_u32, None)
+            .map_err(TransferError::Engine)?;
+        // Reads in flight (tag → range) and reads done but not yet sent (tag → chunk).
+        let mut reading: BTreeMap<u64, (u64, u32)> = BTreeMap::new();
+        let mut ready: BTreeMap<u64, ReadChunk> = BTreeMap::new();
+        let mut chunks = chunks.peekable();
+        let (mut next_tag, mut next_emit) = (0u64, 0u64);
+        let mut zero_run: Option<ZeroRun> = None;
+        let mut done = Vec::with_capacity(depth);
+        loop {
+            while reading.len() + ready.len() < depth {
+                let Some((offset_bytes, len_bytes)) = chunks.next() else {
+                    break;
+                };
+                let request = IoRequest {
+                    tag: next_tag,
+                    kind: IoKind::Read,
+                    offset_bytes,
+                    len_bytes,
+                    buf: Some(self.pool.take(read_buf_len(offset_bytes, len_bytes))),
+                };
+                engine
+                    .submit(request)
+                    .map_err(|(err, _)| TransferError::Engine(err))?;
+                reading.insert(next_tag, (offset_bytes, len_bytes));
+                next_tag += 1;
+            }
+            if reading.is_empty() && ready.is_empty() {
+                break;
+            }
+            engine
+                .complete(1, &mut done)
+                .map_err(TransferError::Engine)?;
+            for completion in done.drain(..) {
+                completion.result.map_err(TransferError::SourceRead)?;
+                let (offset_bytes, len_bytes) = reading
+                    .remove(&completion.tag)
+                    .expect("every completion matches a submitted read");
+                ready.insert(
+                    completion.tag,
+                    ReadChunk {
+                        offset_bytes,
+                        len_bytes,
+                        buf: completion.buf.expect("a read returns its buffer"),
+                        data_start: completion.data_start,
+                    },
+                );
+            }
+            while let Some(chunk) = ready.remove(&next_emit) {
+                self.emit(&chunk, &mut zero_run, stats)?;
+                self.pool.give(chunk.buf);
+                next_emit += 1;
+            }
+            self.check_peer()?;
+        }
+        if let Some(run) = zero_run.take() {
+            self.send_zero(run, stats)?;
+        }
+        Ok(())
+    }
+
+    /// Sends one chunk: extends the zero run, or flushes it and sends the chunk as Data.
+    fn emit(
+        &mut self,
+        chunk: &ReadChunk,
+        zero_run: &mut Option<ZeroRun>,
+        stats: &mut SendStats,
+    ) -> Result<(), TransferError> {
+        let data =
+            &chunk.buf.as_slice()[chunk.data_start..chunk.data_start + chunk.len_bytes as usize];
+        let len_bytes = u64::from(chunk.len_bytes);
+        if is_all_zero(data) {
+            if let Some(run) = zero_run.as_mut() {
+                if run.offset_bytes + run.len_bytes == chunk.offset_bytes {
+                    run.len_bytes += len_bytes;
+                    return Ok(());
+                }
+            }
+            if let Some(run) = zero_run.replace(ZeroRun {
+                offset_bytes: chunk.offset_bytes,
+                len_bytes,
+            }) {
+                self.send_zero(run, stats)?;
+            }
+            return Ok(());
+        }
+        if let Some(run) = zero_run.take() {
+            self.send_zero(run, stats)?;
+        }
+        let wire_bytes = (frame::HEADER_BYTES + 40) as u64 + len_bytes;
+        self.pace(wire_bytes);
+        write_data(
+            &mut &self.stream,
+            chunk.offset_bytes,
+            data,
+            &mut self.scratch,
+        )?;
+        stats.data_bytes += len_bytes;
+        stats.data_frames += 1;
+        stats.wire_bytes += wire_bytes;
+        Ok(())
+    }
+
+    fn send_zero(&mut self, run: ZeroRun, stats: &mut SendStats) -> Result<(), TransferError> {
+        let frame = Frame::Zero {
+            offset_bytes: run.offset_bytes,
+            len_bytes: run.len_bytes,
+        };
+        let wire_bytes = self.send_frame(&frame)?;
+        stats.zero_bytes += run.len_bytes;
+        stats.zero_frames += 1;
+        stats.wire_bytes += wire_bytes;
+        Ok(())
+    }
+
+    /// Paces and writes a frame without payload; returns its size on the wire.
+    fn send_frame(&mut self, frame: &Frame) -> Result<u64, TransferError> {
+        self.scratch.clear();
+        frame::encode(frame, &mut self.scratch);
+        let wire_bytes = self.scratch.len() as u64;
+        self.pace(wire_bytes);
+        write_frame(&mut &self.stream, frame, &mut self.scratch)?;
+        Ok(wire_bytes)
+    }
+
+    /// Sleeps as long as the bandwidth cap requires before `wire_bytes` go out.
+    fn pace(&mut self, wire_bytes: u64) {
+        let delay = self.pacer.delay_now(wire_bytes, &self.clock);
+        if !delay.is_zero() {
+            std::thread::sleep(delay);
+        }
+    }
+
+    /// Tells the destination that a range was discarded at the source.
+    pub fn send_trim(&mut self, offset_bytes: u64, len_bytes: u64) -> Result<(), TransferError> {
+        if len_bytes == 0 {
+            return Ok(());
+        }
+        let frame = Frame::Trim {
+            offset_bytes,
+            len_bytes,
+        };
+        self.send_frame(&frame)
+            .map(|_| ())
+            .map_err(|err| self.explain(err))
+    }
+
+    /// Waits until the destination has written and fdatasynced everything sent so far;
+    /// returns the blocks it has received on this stream.
+    pub fn sync(&mut self) -> Result<u64, TransferError> {
+        let seq = self.take_seq();
+        self.send_frame(&Frame::Sync { seq })
+            .map_err(|err| self.explain(err))?;
+        match self.wait_reply("SyncOk")? {
+            Frame::SyncOk {
+                seq: answered,
+                received_blocks,
+            } if answered == seq => Ok(received_blocks),
+            other => Err(unexpected(other, "SyncOk")),
+        }
+    }
+
+    /// Syncs, then has the destination commit the target: after Ok the destination is
+    /// authoritative for the disk.
+    pub fn commit(&mut self) -> Result<(), TransferError> {
+        let seq = self.take_seq();
+        self.send_frame(&Frame::Commit { seq })
+            .map_err(|err| self.explain(err))?;
+        match self.wait_reply("CommitOk")? {
+            Frame::CommitOk { seq: answered } if answered == seq => Ok(()),
+            other => Err(unexpected(other, "CommitOk")),
+        }
+    }
+
+    /// Asks the destination to drop the target, and waits (bounded) until it has.
+    pub fn abort(mut self) -> Result<(), TransferError> {
+        self.send_frame(&Frame::Abort)
+            .map_err(|err| self.explain(err))?;
+        match self.wait_reply("Abort")? {
+            Frame::Abort => Ok(()),
+            other => Err(unexpected(other, "Abort")),
+        }
+    }
+
+    fn take_seq(&mut self) -> u64 {
+        self.next_seq += 1;
+        self.next_seq - 1
+    }
+
+    fn wait_reply(&mut self, expected: &'static str) -> Result<Frame, TransferError> {
+        let timeout = Duration::from_millis(self.options.reply_timeout_ms.max(1));
+        match self.replies.recv_timeout(timeout) {
+            Ok(reply) => reply,
+            Err(RecvTimeoutError::Timeout) => Err(TransferError::Timeout(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no {expected} from the destination"),
+            ))),
+            Err(RecvTimeoutError::Disconnected) => Err(peer_gone()),
+        }
+    }
+
+    /// Fails fast when the destination has already stopped the stream.
+    fn check_peer(&mut self) -> Result<(), TransferError> {
+        match self.replies.try_recv() {
+            Ok(Ok(frame)) => Err(unexpected(frame, "nothing")),
+            Ok(Err(err)) => Err(err),
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// A socket error while sending usually means the destination stopped: if it said why
+    /// (an Error frame the reader thread has or will soon have), that reason wins.
+    #[cold]
+    fn explain(&mut self, err: TransferError) -> TransferError {
+        if !matches!(
+            err,
+            TransferError::PeerGone(_) | TransferError::Socket(_) | TransferError::Timeout(_)
+        ) {
+            return err;
+        }
+        match self.replies.recv_timeout(Duration::from_secs(2)) {
+            Ok(Err(
+                reason @ (TransferError::Remote { .. }
+                | TransferError::Refused { .. }
+                | TransferError::Digest { .. }
+                | TransferError::Auth { .. }),
+            )) => reason,
+            _ => err,
+        }
+    }
+}
+
+impl Drop for Sender {
+    fn drop(&mut self) {
+        let _ = self.stream.shutdown(Shutdown::Both);
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+    }
+}
+
+/// The reader thread: forwards the destination's frames until the socket closes.
+fn read_replies(
+    mut stream: TcpStream,
+    tx: crossbeam_channel::Sender<Result<Frame, TransferError>>,
+) {
+    let mut meta = Vec::new();
+    loop {
+        let reply = read_frame(&mut stream, &mut meta);
+        let stop = match &reply {
+            Ok(Frame::Error { .. }) | Err(_) => true,
+            Ok(Frame::Data { .. }) => {
+                let _ = tx.send(Err(TransferError::Unexpected {
+                    expected: "a reply",
+                    got: "Data",
+                }));
+                return;
+            }
+            Ok(_) => false,
+        };
+        // An Error frame is delivered as the error it stands for.
+        let reply = match reply {
+            Ok(Frame::Error {
+                code,
+                offset_bytes,
+                message,
+            }) => Err(TransferError::from_remote(code, offset_bytes, message)),
+            other => other,
+        };
+        if tx.send(reply).is_err() || stop {
+            return;
+        }
+    }
+}
+
+#[cold]
+fn peer_gone() -> TransferError {
+    TransferError::PeerGone(std::io::Error::new(
+        std::io::ErrorKind::UnexpectedEof,
+        "the destination closed the stream",
+    ))
+}
+
+/// Whether every byte is zero; checks a block at a time so random data stops early while
+/// each block's check vectorizes.
+fn is_all_zero(data: &[u8]) -> bool {
+    data.chunks(4096)
+        .all(|block| block.iter().fold(0u8, |acc, &byte| acc | byte) == 0)
+}
