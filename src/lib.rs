@@ -14,7 +14,8 @@
 //! Module map: [`agent`] the daemon, [`nbd`] the protocol and data path, [`io`] the engines
 //! (every `unsafe` is in the `ferry-sys` crate), [`dirty`] write trackers, [`api`] the control
 //! API and its client, [`metrics`] latency recording, [`env`] the clock trait that core logic
-//! takes so it can run under simulation, [`demo`] the `ferry demo` walkthrough.
+//! takes so it can run under simulation, [`demo`] the `ferry demo` walkthrough, [`migrate`] the
+//! live-migration algorithm (heat and naive policies, switchover) and its simulation.
 #![forbid(unsafe_code)]
 
 pub mod agent;
@@ -25,4 +26,5 @@ pub mod dirty;
 pub mod env;
 pub mod io;
 pub mod metrics;
+pub mod migrate;
 pub mod nbd;
