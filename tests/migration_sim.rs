@@ -6,7 +6,9 @@
 #![allow(clippy::tests_outside_test_module)]
 
 use ferry::migrate::sim::{seeds_from_env, SeedReport, SimEnv, SimOptions};
-use ferry::migrate::{run, MigrateOptions, MigrationReport, PassKind, Policy};
+use ferry::migrate::{
+    run, MigrateError, MigrateOptions, MigrationEnv, MigrationReport, PassKind, Policy,
+};
 
 /// Failed runs tolerated before a seed counts as not converging (each rerun starts a new
 /// pass budget, so a naive run that needs 30 passes at 2% failures per send retries often).
@@ -29,9 +31,7 @@ fn migrate(env: &mut SimEnv, options: &MigrateOptions) -> Migrated {
     for failed_runs in 0..MAX_ATTEMPTS {
         match run(env, &options) {
             Ok(report) => {
-                env.check_switched();
-                env.run_guest_ms(100); // writes after the switch go to the destination only
-                env.check_switched();
+                check_switched(env, &report);
                 if !report.forced {
                     assert!(
                         report.pause_ms <= options.max_pause_ms as f64,
@@ -40,9 +40,18 @@ fn migrate(env: &mut SimEnv, options: &MigrateOptions) -> Migrated {
                         options.max_pause_ms
                     );
                 }
-                assert_eq!(report.passes.last().map(|p| p.kind), Some(PassKind::Final));
                 return Migrated {
                     report,
+                    failed_runs,
+                };
+            }
+            Err(MigrateError::DestinationAuthoritative { report, .. }) => {
+                // Committed: writes stay held and the caller completes the switch.
+                while env.switch_to_destination().is_err() {}
+                env.release_writes();
+                check_switched(env, &report);
+                return Migrated {
+                    report: *report,
                     failed_runs,
                 };
             }
@@ -55,6 +64,15 @@ fn migrate(env: &mut SimEnv, options: &MigrateOptions) -> Migrated {
         }
     }
     panic!("no switchover after {MAX_ATTEMPTS} runs");
+}
+
+/// Checks a switched world now and after 100 ms more of guest writes, which must go to
+/// the destination only.
+fn check_switched(env: &mut SimEnv, report: &MigrationReport) {
+    env.check_switched();
+    env.run_guest_ms(100);
+    env.check_switched();
+    assert_eq!(report.passes.last().map(|p| p.kind), Some(PassKind::Final));
 }
 
 /// Sums over seeds, printed as averages.
@@ -116,6 +134,7 @@ fn faulty_world(rate_per_s: u64) -> SimOptions {
         write_rate_per_s: rate_per_s,
         send_fail_per_mille: 5,
         commit_fail_per_mille: 100,
+        switch_fail_per_mille: 50,
         ..SimOptions::default()
     }
 }
@@ -209,4 +228,26 @@ fn force_after_switches_over_past_the_budget() {
         totals.add(&migrated);
     }
     totals.print("naive forced");
+}
+
+#[test]
+fn slow_holds_defer_instead_of_overrunning_the_pause() {
+    // Goal: a switchover whose hold alone eats the budget is deferred, never overrun, and
+    // the run still converges. Method: every hold waits 0..=150 ms (slow in-flight writes)
+    // against a 100 ms budget; `migrate` asserts each pause; deferrals must occur.
+    let world = SimOptions {
+        write_rate_per_s: LOW_RATE_PER_S,
+        hold_delay_ns_max: 150_000_000,
+        ..SimOptions::default()
+    };
+    let mut totals = Totals::default();
+    for policy in [Policy::Heat, Policy::Naive] {
+        for seed in seeds_from_env(50) {
+            let _report = SeedReport(seed);
+            let mut env = SimEnv::new(seed, world.clone());
+            totals.add(&migrate(&mut env, &MigrateOptions::with_policy(policy)));
+        }
+    }
+    totals.print("slow holds");
+    assert!(totals.deferrals > 0, "no switchover was deferred");
 }

@@ -187,6 +187,8 @@ pub enum MigrateError<E: std::error::Error + 'static> {
     DestinationAuthoritative {
         /// The step that failed.
         step: Step,
+        /// The run up to the commit (pause and converge time measured to the commit).
+        report: Box<MigrationReport>,
         /// The env's error.
         #[source]
         source: E,

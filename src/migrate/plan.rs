@@ -381,15 +381,6 @@ impl<'env, E: MigrationEnv> Migration<'env, E> {
             return Err(source_error(Step::Commit, source));
         }
         let commit_ns = self.env.now_ns();
-        if let Err(source) = self.env.switch_to_destination() {
-            return Err(MigrateError::DestinationAuthoritative {
-                step: Step::SwitchToDestination,
-                source,
-            });
-        }
-        self.env.release_writes();
-        self.writes_held = false;
-        let end_ns = self.env.now_ns();
         self.report.passes.push(PassReport {
             pass,
             kind: PassKind::Final,
@@ -400,11 +391,21 @@ impl<'env, E: MigrationEnv> Migration<'env, E> {
         });
         self.report.forced = forced;
         self.report.converge_ms = ms_since(self.start_ns, commit_ns);
-        self.report.pause_ms = ms_since(hold_start_ns, end_ns);
+        self.report.pause_ms = ms_since(hold_start_ns, commit_ns);
         if self.report.allocated_bytes > 0 {
             self.report.amplification =
                 self.report.bytes_sent() as f64 / self.report.allocated_bytes as f64;
         }
+        if let Err(source) = self.env.switch_to_destination() {
+            return Err(MigrateError::DestinationAuthoritative {
+                step: Step::SwitchToDestination,
+                report: Box::new(self.report.clone()),
+                source,
+            });
+        }
+        self.env.release_writes();
+        self.writes_held = false;
+        self.report.pause_ms = ms_since(hold_start_ns, self.env.now_ns());
         Ok(())
     }
 

@@ -98,6 +98,9 @@ pub enum SimError {
     /// The destination refused the commit (and did not commit).
     #[error("simulated commit failure")]
     CommitFailed,
+    /// The source could not start forwarding to the destination.
+    #[error("simulated switch failure")]
+    SwitchFailed,
 }
 
 /// The simulated world's parameters.
@@ -123,6 +126,11 @@ pub struct SimOptions {
     pub send_fail_per_mille: u32,
     /// Chance that a commit fails, per mille.
     pub commit_fail_per_mille: u32,
+    /// Chance that `switch_to_destination` fails (after the commit), per mille.
+    pub switch_fail_per_mille: u32,
+    /// Each hold waits a further uniform delay in `0..=hold_delay_ns_max` (slow in-flight
+    /// writes draining).
+    pub hold_delay_ns_max: u64,
     /// Time a commit takes at the destination.
     pub commit_ns: u64,
     /// Heat half-life of the tracker.
@@ -144,9 +152,11 @@ impl Default for SimOptions {
             write_latency_ns: 100_000,
             send_fail_per_mille: 0,
             commit_fail_per_mille: 0,
+            switch_fail_per_mille: 0,
+            hold_delay_ns_max: 0,
             commit_ns: 1_000_000,
-            half_life_ms: 1_000,
-            warmup_ms: 2_000,
+            half_life_ms: 10_000,
+            warmup_ms: 20_000,
         }
     }
 }
@@ -418,6 +428,9 @@ impl MigrationEnv for SimEnv {
             let complete_ns = self.next_write_ns + self.options.write_latency_ns;
             self.advance_to(complete_ns);
         }
+        let delay_ns = self.prng.below(self.options.hold_delay_ns_max + 1);
+        let now_ns = self.clock.now_ns();
+        self.advance_to(now_ns + delay_ns);
         Ok(())
     }
 
@@ -448,6 +461,10 @@ impl MigrationEnv for SimEnv {
         assert!(self.held, "switch without held writes");
         assert!(self.committed, "switch before commit");
         self.check_sides_equal("switch");
+        if self.prng.chance(self.options.switch_fail_per_mille) {
+            self.faults_injected += 1;
+            return Err(SimError::SwitchFailed);
+        }
         self.switched = true;
         self.mirroring = false;
         self.source_at_switch = self.source.clone();
@@ -489,9 +506,12 @@ mod tests {
     #[test]
     fn guest_writes_mark_after_apply_and_skew() {
         // Goal: the warm-up writes are applied, acked and marked, skewed toward few blocks.
-        // Method: 2 s at 1000 writes/s; compare dirty bits with written blocks, check heat.
+        // Method: 2 s at 1000 writes/s, half-life 1 s; compare dirty bits with written
+        // blocks; a few blocks are hot, most are not.
         let options = SimOptions {
             write_rate_per_s: 1000,
+            half_life_ms: 1_000,
+            warmup_ms: 2_000,
             ..SimOptions::default()
         };
         let env = SimEnv::new(3, options);
