@@ -103,12 +103,14 @@ impl<'env, E: MigrationEnv> Migration<'env, E> {
 
     /// The pass loop; returns once switched over.
     fn drive(&mut self) -> Result<(), MigrateError<E::Error>> {
+        let allocated = self
+            .env
+            .allocated()
+            .map_err(|source| source_error(Step::Allocated, source))?;
+        self.report.allocated_bytes = set_bytes(&allocated);
         if !self.options.resume {
-            let allocated = self
-                .env
-                .allocated()
-                .map_err(|source| source_error(Step::Allocated, source))?;
-            self.report.allocated_bytes = set_bytes(&allocated);
+            // Everything with data is "dirty" for a fresh destination; from here on the
+            // tracker alone says what the destination may lack.
             self.env.merge_dirty(&allocated);
             self.carried = allocated;
         }
@@ -470,6 +472,7 @@ pub fn suffix(set: &DirtySet, from_block: u64) -> DirtySet {
 
 #[cfg(test)]
 mod tests {
+    use super::super::sim::{SimEnv, SimOptions};
     use super::*;
 
     #[test]
@@ -498,5 +501,76 @@ mod tests {
             [7, 63, 64, 65, 100, 150, 199]
         );
         assert_eq!(set_bytes(&rest), 7 * 4096);
+    }
+
+    fn world(fail: fn(&mut SimOptions)) -> SimEnv {
+        let mut options = SimOptions {
+            write_rate_per_s: 500,
+            ..SimOptions::default()
+        };
+        fail(&mut options);
+        SimEnv::new(11, options)
+    }
+
+    #[test]
+    fn failed_send_leaves_the_source_authoritative_with_bits_back() {
+        // Goal: a send error releases nothing half-done and loses no bit. Method: every send
+        // fails; expect SourceAuthoritative(Send), every allocated block still dirty.
+        let mut env = world(|options| options.send_fail_per_mille = 1000);
+        let allocated = env.allocated().expect("sim allocated");
+        let err = run(&mut env, &MigrateOptions::default()).expect_err("sends fail");
+        assert!(matches!(
+            err,
+            MigrateError::SourceAuthoritative {
+                step: Step::Send,
+                ..
+            }
+        ));
+        assert!(!err.destination_authoritative());
+        env.check_source_authoritative();
+        let dirty = env.take_dirty();
+        for block in allocated.iter_blocks() {
+            assert!(dirty.contains(block), "block {block} lost its bit");
+        }
+    }
+
+    #[test]
+    fn failed_commit_releases_writes_and_resume_converges() {
+        // Goal: a refused commit keeps the source authoritative, and a resumed run finishes
+        // from the merged-back bits. Method: commits always fail, then never.
+        let mut env = world(|options| options.commit_fail_per_mille = 1000);
+        let err = run(&mut env, &MigrateOptions::default()).expect_err("commit fails");
+        assert!(matches!(
+            err,
+            MigrateError::SourceAuthoritative {
+                step: Step::Commit,
+                ..
+            }
+        ));
+        env.check_source_authoritative();
+        env.set_commit_fail_per_mille(0);
+        let options = MigrateOptions {
+            resume: true,
+            ..MigrateOptions::default()
+        };
+        let report = run(&mut env, &options).expect("resumed run");
+        env.check_switched();
+        assert!(report.allocated_bytes > 0);
+        assert!(report.pause_ms <= options.max_pause_ms as f64);
+    }
+
+    #[test]
+    fn failed_switch_after_commit_keeps_writes_held() {
+        // Goal: after the commit point an error says "destination authoritative" and writes
+        // stay held (the source must not apply them). Method: switches always fail.
+        let mut env = world(|options| options.switch_fail_per_mille = 1000);
+        let err = run(&mut env, &MigrateOptions::default()).expect_err("switch fails");
+        let MigrateError::DestinationAuthoritative { step, report, .. } = &err else {
+            panic!("unexpected {err}");
+        };
+        assert_eq!(*step, Step::SwitchToDestination);
+        assert_eq!(report.passes.last().map(|p| p.kind), Some(PassKind::Final));
+        assert!(err.destination_authoritative());
+        assert!(env.writes_held());
     }
 }

@@ -99,7 +99,8 @@ pub struct MigrateOptions {
     pub chunk_blocks: u64,
     /// `false`: a fresh run, which first marks every allocated block dirty. `true`: resume
     /// after a failed run: the tracker's dirty bits already hold everything the destination
-    /// may lack (a failed run merges back what it took), so nothing is added.
+    /// may lack (a failed run merges back what it took), so nothing is added (the allocated
+    /// blocks are still asked for, for the report).
     pub resume: bool,
 }
 

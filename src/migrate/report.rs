@@ -63,8 +63,7 @@ pub struct MigrationReport {
     pub policy: super::Policy,
     /// Size of the disk.
     pub disk_bytes: u64,
-    /// Bytes of the blocks that held data when the run started (0 on a resumed run, which
-    /// does not ask).
+    /// Bytes of the blocks that held data when the run started.
     pub allocated_bytes: u64,
     /// Bytes sent as data.
     pub bytes_data: u64,

@@ -240,6 +240,16 @@ impl SimEnv {
         env
     }
 
+    /// Whether guest writes are held now.
+    pub fn writes_held(&self) -> bool {
+        self.held
+    }
+
+    /// Changes the commit failure rate (a fault that heals).
+    pub fn set_commit_fail_per_mille(&mut self, per_mille: u32) {
+        self.options.commit_fail_per_mille = per_mille;
+    }
+
     /// Whether the destination is authoritative (the run switched over).
     pub fn switched(&self) -> bool {
         self.switched
