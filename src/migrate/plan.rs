@@ -314,8 +314,12 @@ impl<'env, E: MigrationEnv> Migration<'env, E> {
         self.env.progress(&progress);
     }
 
-    /// Whether `blocks` dirty blocks could be sent within the pause budget.
+    /// Whether `blocks` dirty blocks could be sent within the pause budget. Nothing to send
+    /// always fits, even before any bandwidth was measured (an empty or all-hole disk).
     fn fits(&self, blocks: u64) -> bool {
+        if blocks == 0 {
+            return true;
+        }
         let budget_ms = self.options.max_pause_ms as f64;
         self.forecast
             .pause_estimate_ms(blocks * self.granularity_bytes)
@@ -572,5 +576,21 @@ mod tests {
         assert_eq!(report.passes.last().map(|p| p.kind), Some(PassKind::Final));
         assert!(err.destination_authoritative());
         assert!(env.writes_held());
+    }
+
+    #[test]
+    fn empty_disk_switches_over_without_passes() {
+        // Goal: nothing to copy means an immediate switchover. Method: no allocated block
+        // and a quiet guest (one write a second, warm-up 0); expect only the final send.
+        let mut env = world(|options| {
+            options.allocated_pct = 0;
+            options.write_rate_per_s = 1;
+            options.warmup_ms = 0;
+        });
+        let report = run(&mut env, &MigrateOptions::default()).expect("empty disk");
+        env.check_switched();
+        assert_eq!(report.allocated_bytes, 0);
+        assert_eq!(report.passes.len(), 1, "{:?}", report.passes);
+        assert_eq!(report.amplification, 0.0);
     }
 }
