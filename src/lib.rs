@@ -16,7 +16,8 @@
 //! API and its client, [`metrics`] latency recording, [`env`] the clock trait that core logic
 //! takes so it can run under simulation, [`demo`] the `ferry demo` walkthrough, [`transfer`] the
 //! authenticated block stream between agents (framed extents, BLAKE3 per extent, holes for
-//! zeros, bandwidth cap).
+//! zeros, bandwidth cap), [`migrate`] the live-migration algorithm (heat and naive policies,
+//! switchover), the job that runs it on a real export, and its simulation.
 #![forbid(unsafe_code)]
 
 pub mod agent;
@@ -27,5 +28,6 @@ pub mod dirty;
 pub mod env;
 pub mod io;
 pub mod metrics;
+pub mod migrate;
 pub mod nbd;
 pub mod transfer;

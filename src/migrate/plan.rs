@@ -1,0 +1,596 @@
+//! The migration loop: passes, the hot-block decision, mirroring and the switchover.
+//!
+//! Purpose: one function, [`run`], that both the real job and the simulation call. It only
+//! talks to a [`MigrationEnv`], reads time through it, and keeps no state across runs: what
+//! must survive a failure lives in the tracker (dirty bits merged back).
+//!
+//! Invariants:
+//! - Every taken block is either confirmed sent or merged back before `run` returns; a
+//!   failed `send` merges back the whole unconfirmed rest of its set.
+//! - The switchover decides with writes held, on the final set it just took: it sends only
+//!   if the time already spent holding plus the pessimistic forecast fits `max_pause_ms`
+//!   (or `force_after_ms` elapsed); otherwise it merges the set back, releases and defers.
+//! - Before the commit every error releases writes and stops mirroring (source
+//!   authoritative); after it, writes stay held and the error says the destination is
+//!   authoritative.
+//! - While mirroring, bits taken after the mirror pass come from mirrored writes, already on
+//!   both sides; they are dropped, so the set to send only drains and the run converges.
+
+use super::forecast::Forecast;
+use super::policy::{split_hot, MigrateOptions, Policy};
+use super::report::{MigrationReport, PassKind, PassReport};
+use super::{MigrateError, MigrationEnv, Progress, Step};
+use crate::dirty::DirtySet;
+
+/// Runs a migration to its switchover; see the module docs. On `Ok` the destination is
+/// authoritative and the source forwards to it.
+pub fn run<E: MigrationEnv>(
+    env: &mut E,
+    options: &MigrateOptions,
+) -> Result<MigrationReport, MigrateError<E::Error>> {
+    options.validate().map_err(MigrateError::Options)?;
+    let mut migration = Migration::new(env, options);
+    match migration.drive() {
+        Ok(()) => Ok(migration.report),
+        Err(err) => Err(migration.unwind(err)),
+    }
+}
+
+/// State of one run.
+struct Migration<'env, E: MigrationEnv> {
+    env: &'env mut E,
+    options: MigrateOptions,
+    forecast: Forecast,
+    report: MigrationReport,
+    start_ns: u64,
+    granularity_bytes: u64,
+    /// Passes run so far (not counting final sends).
+    passes: u32,
+    mirroring: bool,
+    /// Whether the blocks dirtied before mirroring started have been sent.
+    mirror_drained: bool,
+    writes_held: bool,
+    /// Heat policy: still in the cold passes.
+    cold_phase: bool,
+    /// Heat policy: cold blocks sent by the previous cold pass.
+    previous_cold_blocks: Option<u64>,
+    /// Blocks this run merged back since the last take (not new guest writes).
+    carried: DirtySet,
+    last_take_ns: u64,
+    /// Blocks this run sent at least once.
+    sent_once: DirtySet,
+}
+
+impl<'env, E: MigrationEnv> Migration<'env, E> {
+    fn new(env: &'env mut E, options: &MigrateOptions) -> Self {
+        let granularity_bytes = env.granularity_bytes();
+        let disk_bytes = env.disk_bytes();
+        let start_ns = env.now_ns();
+        let empty = DirtySet::empty(granularity_bytes, disk_bytes);
+        Self {
+            report: MigrationReport {
+                policy: options.policy,
+                disk_bytes,
+                allocated_bytes: 0,
+                bytes_data: 0,
+                bytes_zero: 0,
+                blocks_resent: 0,
+                passes: Vec::new(),
+                hot_blocks: 0,
+                deferrals: 0,
+                mirrored: false,
+                forced: false,
+                converge_ms: 0.0,
+                pause_ms: 0.0,
+                amplification: 0.0,
+            },
+            env,
+            options: options.clone(),
+            forecast: Forecast::new(options.stall_passes),
+            start_ns,
+            granularity_bytes,
+            passes: 0,
+            mirroring: false,
+            mirror_drained: false,
+            writes_held: false,
+            cold_phase: true,
+            previous_cold_blocks: None,
+            carried: empty.clone(),
+            last_take_ns: start_ns,
+            sent_once: empty,
+        }
+    }
+
+    /// The pass loop; returns once switched over.
+    fn drive(&mut self) -> Result<(), MigrateError<E::Error>> {
+        let allocated = self
+            .env
+            .allocated()
+            .map_err(|source| source_error(Step::Allocated, source))?;
+        self.report.allocated_bytes = set_bytes(&allocated);
+        if !self.options.resume {
+            // Everything with data is "dirty" for a fresh destination; from here on the
+            // tracker alone says what the destination may lack.
+            self.env.merge_dirty(&allocated);
+            self.carried = allocated;
+        }
+        loop {
+            if self.mirroring {
+                if !self.mirror_drained {
+                    self.mirror_pass()?;
+                }
+                if self.switchover()? {
+                    return Ok(());
+                }
+                if self.report.deferrals > self.options.max_passes {
+                    return Err(MigrateError::NotConverged {
+                        deferrals: self.report.deferrals,
+                    });
+                }
+                continue;
+            }
+            let dirty_blocks = self.env.dirty_count();
+            if (self.fits(dirty_blocks) || self.force_due()) && self.switchover()? {
+                return Ok(());
+            }
+            if self.passes >= self.options.max_passes {
+                self.start_mirroring()?;
+                continue;
+            }
+            self.policy_step()?;
+        }
+    }
+
+    /// One step of the policy: a pass, or the decision to mirror.
+    fn policy_step(&mut self) -> Result<(), MigrateError<E::Error>> {
+        match self.options.policy {
+            Policy::Naive => {
+                let kind = if self.passes == 0 {
+                    PassKind::Full
+                } else {
+                    PassKind::Dirty
+                };
+                let taken = self.take();
+                self.send_pass(kind, &taken, taken.count())
+            }
+            Policy::Heat if self.cold_phase => self.cold_pass(),
+            Policy::Heat if !self.forecast.converges() => self.start_mirroring(),
+            Policy::Heat => {
+                // The hot blocks did not fit the pause: send everything, then cold passes again.
+                let taken = self.take();
+                self.send_pass(PassKind::Hot, &taken, taken.count())?;
+                self.cold_phase = true;
+                self.previous_cold_blocks = None;
+                Ok(())
+            }
+        }
+    }
+
+    /// Heat policy: sends the dirty cold blocks and puts the hot ones back.
+    fn cold_pass(&mut self) -> Result<(), MigrateError<E::Error>> {
+        let heat = self.env.heat_snapshot();
+        let taken = self.take();
+        let (cold, hot) = split_hot(&taken, &heat, self.options.hot_threshold);
+        if self.passes == 0 {
+            self.report.hot_blocks = hot.count();
+        }
+        self.env.merge_dirty(&hot);
+        self.carried = hot;
+        self.send_pass(PassKind::Cold, &cold, taken.count())?;
+        let cold_blocks = cold.count();
+        // Stop when cold passes stop gaining, or when the cold rest would fit the pause anyway.
+        let stalled = self
+            .previous_cold_blocks
+            .is_some_and(|previous| cold_blocks >= previous);
+        if cold_blocks == 0 || stalled || self.fits(cold_blocks) {
+            self.cold_phase = false;
+        }
+        self.previous_cold_blocks = Some(cold_blocks);
+        Ok(())
+    }
+
+    /// Starts mirroring; the next loop iteration drains what was dirtied before it.
+    #[cold]
+    fn start_mirroring(&mut self) -> Result<(), MigrateError<E::Error>> {
+        self.env
+            .start_mirroring()
+            .map_err(|source| source_error(Step::StartMirroring, source))?;
+        self.mirroring = true;
+        self.report.mirrored = true;
+        Ok(())
+    }
+
+    /// While mirroring: sends every block dirtied before mirroring began (taken now, after
+    /// `start_mirroring` returned, so the set holds all of them).
+    fn mirror_pass(&mut self) -> Result<(), MigrateError<E::Error>> {
+        let taken = self.take();
+        self.send_pass(PassKind::Mirror, &taken, taken.count())?;
+        self.mirror_drained = true;
+        Ok(())
+    }
+
+    /// Takes the dirty set and records the dirty rate since the previous take.
+    fn take(&mut self) -> DirtySet {
+        let now_ns = self.env.now_ns();
+        let taken = self.env.take_dirty();
+        let carried = std::mem::replace(
+            &mut self.carried,
+            DirtySet::empty(self.granularity_bytes, self.report.disk_bytes),
+        );
+        let new_blocks = taken
+            .words()
+            .iter()
+            .zip(carried.words())
+            .map(|(&bits, &old)| u64::from((bits & !old).count_ones()))
+            .sum();
+        let interval_ns = now_ns.saturating_sub(self.last_take_ns);
+        self.forecast
+            .record_dirty(new_blocks, self.granularity_bytes, interval_ns);
+        self.forecast.record_pass_start(taken.count());
+        self.last_take_ns = now_ns;
+        taken
+    }
+
+    /// Runs one pass sending `set`, and records it.
+    fn send_pass(
+        &mut self,
+        kind: PassKind,
+        set: &DirtySet,
+        dirty_blocks_at_start: u64,
+    ) -> Result<(), MigrateError<E::Error>> {
+        self.passes += 1;
+        let pass = self.passes;
+        let start_ns = self.env.now_ns();
+        let (blocks_sent, bytes_sent) = self.send_set(pass, kind, set, Step::Send)?;
+        self.report.passes.push(PassReport {
+            pass,
+            kind,
+            dirty_blocks_at_start,
+            blocks_sent,
+            bytes_sent,
+            duration_ms: ms_since(start_ns, self.env.now_ns()),
+        });
+        Ok(())
+    }
+
+    /// Sends `set` in chunks of `chunk_blocks`, in offset order. On a failed send the
+    /// unconfirmed rest (the failed chunk onward) is merged back. Returns blocks and bytes.
+    fn send_set(
+        &mut self,
+        pass: u32,
+        kind: PassKind,
+        set: &DirtySet,
+        step: Step,
+    ) -> Result<(u64, u64), MigrateError<E::Error>> {
+        let mut blocks_left = set.count();
+        let (mut blocks_sent, mut bytes_sent) = (0, 0);
+        let mut from_block = 0;
+        loop {
+            let (chunk, next_block) = next_chunk(set, from_block, self.options.chunk_blocks);
+            if chunk.is_empty() {
+                return Ok((blocks_sent, bytes_sent));
+            }
+            let outcome = match self.env.send(&chunk) {
+                Ok(outcome) => outcome,
+                Err(source) => {
+                    self.env.merge_dirty(&suffix(set, from_block));
+                    return Err(source_error(step, source));
+                }
+            };
+            let bytes = outcome.bytes_data + outcome.bytes_zero;
+            self.forecast.record_send(bytes, outcome.elapsed_ns);
+            self.report.bytes_data += outcome.bytes_data;
+            self.report.bytes_zero += outcome.bytes_zero;
+            for block in chunk.iter_blocks() {
+                if self.sent_once.contains(block) {
+                    self.report.blocks_resent += 1;
+                } else {
+                    self.sent_once.insert(block);
+                }
+            }
+            blocks_sent += chunk.count();
+            bytes_sent += bytes;
+            blocks_left -= chunk.count();
+            from_block = next_block;
+            self.send_progress(pass, kind, blocks_left);
+        }
+    }
+
+    fn send_progress(&mut self, pass: u32, kind: PassKind, pass_blocks_left: u64) {
+        let dirty_blocks = self.env.dirty_count();
+        let progress = Progress {
+            pass,
+            kind,
+            bytes_sent: self.report.bytes_sent(),
+            dirty_blocks,
+            pass_blocks_left,
+            copy_bytes_per_s: self.forecast.copy_bytes_per_s(),
+            dirty_bytes_per_s: self.forecast.dirty_bytes_per_s(),
+            eta_ms: self
+                .forecast
+                .eta_ms((dirty_blocks + pass_blocks_left) * self.granularity_bytes),
+            mirroring: self.mirroring,
+        };
+        self.env.progress(&progress);
+    }
+
+    /// Whether `blocks` dirty blocks could be sent within the pause budget. Nothing to send
+    /// always fits, even before any bandwidth was measured (an empty or all-hole disk).
+    fn fits(&self, blocks: u64) -> bool {
+        if blocks == 0 {
+            return true;
+        }
+        let budget_ms = self.options.max_pause_ms as f64;
+        self.forecast
+            .pause_estimate_ms(blocks * self.granularity_bytes)
+            .is_some_and(|estimate_ms| estimate_ms <= budget_ms)
+    }
+
+    /// Whether `force_after_ms` has elapsed since the run started.
+    fn force_due(&self) -> bool {
+        let elapsed_ms = ms_since(self.start_ns, self.env.now_ns());
+        self.options
+            .force_after_ms
+            .is_some_and(|force_ms| elapsed_ms >= force_ms as f64)
+    }
+
+    /// Tries the switchover; `Ok(false)` when deferred (the pause would exceed the budget).
+    fn switchover(&mut self) -> Result<bool, MigrateError<E::Error>> {
+        let forced = self.force_due();
+        let hold_start_ns = self.env.now_ns();
+        self.writes_held = true;
+        self.env
+            .hold_writes()
+            .map_err(|source| source_error(Step::HoldWrites, source))?;
+        let taken = self.env.take_dirty();
+        let final_set = if self.mirror_drained {
+            // Bits of mirrored writes: those blocks are already on both sides.
+            DirtySet::empty(self.granularity_bytes, self.report.disk_bytes)
+        } else {
+            taken
+        };
+        let held_ms = ms_since(hold_start_ns, self.env.now_ns());
+        let final_bytes = set_bytes(&final_set);
+        let estimate_ms = match final_bytes {
+            0 => Some(self.forecast.pause_estimate_ms(0).unwrap_or(0.0)),
+            bytes => self.forecast.pause_estimate_ms(bytes),
+        };
+        let fits = estimate_ms
+            .is_some_and(|estimate_ms| held_ms + estimate_ms <= self.options.max_pause_ms as f64);
+        if !fits && !forced {
+            self.env.merge_dirty(&final_set);
+            self.carried = final_set;
+            self.env.release_writes();
+            self.writes_held = false;
+            self.report.deferrals += 1;
+            return Ok(false);
+        }
+        self.finish_switchover(&final_set, hold_start_ns, forced)?;
+        Ok(true)
+    }
+
+    /// Sends the final set, commits, switches and releases; writes are held.
+    fn finish_switchover(
+        &mut self,
+        final_set: &DirtySet,
+        hold_start_ns: u64,
+        forced: bool,
+    ) -> Result<(), MigrateError<E::Error>> {
+        let pass = self.passes + 1;
+        let start_ns = self.env.now_ns();
+        let (blocks_sent, bytes_sent) =
+            self.send_set(pass, PassKind::Final, final_set, Step::FinalSend)?;
+        if let Err(source) = self.env.commit() {
+            // Not committed (the env's contract): the destination may hold the final blocks
+            // but is not authoritative; give their bits back so a rerun sends them again.
+            self.env.merge_dirty(final_set);
+            return Err(source_error(Step::Commit, source));
+        }
+        let commit_ns = self.env.now_ns();
+        self.report.passes.push(PassReport {
+            pass,
+            kind: PassKind::Final,
+            dirty_blocks_at_start: final_set.count(),
+            blocks_sent,
+            bytes_sent,
+            duration_ms: ms_since(start_ns, commit_ns),
+        });
+        self.report.forced = forced;
+        self.report.converge_ms = ms_since(self.start_ns, commit_ns);
+        self.report.pause_ms = ms_since(hold_start_ns, commit_ns);
+        if self.report.allocated_bytes > 0 {
+            self.report.amplification =
+                self.report.bytes_sent() as f64 / self.report.allocated_bytes as f64;
+        }
+        if let Err(source) = self.env.switch_to_destination() {
+            return Err(MigrateError::DestinationAuthoritative {
+                step: Step::SwitchToDestination,
+                report: Box::new(self.report.clone()),
+                source,
+            });
+        }
+        self.env.release_writes();
+        self.writes_held = false;
+        self.report.pause_ms = ms_since(hold_start_ns, self.env.now_ns());
+        Ok(())
+    }
+
+    /// Leaves the env consistent after `err` and hands the error back: before the commit,
+    /// writes are released and mirroring stopped; after it, writes stay held.
+    #[cold]
+    fn unwind(&mut self, err: MigrateError<E::Error>) -> MigrateError<E::Error> {
+        if err.destination_authoritative() {
+            return err;
+        }
+        if self.writes_held {
+            self.env.release_writes();
+            self.writes_held = false;
+        }
+        if self.mirroring {
+            self.env.stop_mirroring();
+            self.mirroring = false;
+        }
+        err
+    }
+}
+
+#[cold]
+fn source_error<Err: std::error::Error + 'static>(step: Step, source: Err) -> MigrateError<Err> {
+    MigrateError::SourceAuthoritative { step, source }
+}
+
+/// Milliseconds from `start_ns` to `end_ns`.
+fn ms_since(start_ns: u64, end_ns: u64) -> f64 {
+    end_ns.saturating_sub(start_ns) as f64 / 1e6
+}
+
+/// Bytes covered by `set`, the last block clipped to the disk.
+pub fn set_bytes(set: &DirtySet) -> u64 {
+    set.iter_extents().map(|(_, len_bytes)| len_bytes).sum()
+}
+
+/// The first `max_blocks` blocks of `set` at or after `from_block`, and the block after the
+/// last one taken (where the next chunk starts).
+pub fn next_chunk(set: &DirtySet, from_block: u64, max_blocks: u64) -> (DirtySet, u64) {
+    let mut chunk = DirtySet::empty(set.granularity_bytes(), set.disk_bytes());
+    let mut next_block = from_block;
+    for block in set
+        .iter_blocks()
+        .skip_while(|&block| block < from_block)
+        .take(usize::try_from(max_blocks).unwrap_or(usize::MAX))
+    {
+        chunk.insert(block);
+        next_block = block + 1;
+    }
+    (chunk, next_block)
+}
+
+/// The blocks of `set` at or after `from_block`.
+pub fn suffix(set: &DirtySet, from_block: u64) -> DirtySet {
+    let mut rest = DirtySet::empty(set.granularity_bytes(), set.disk_bytes());
+    for block in set.iter_blocks().skip_while(|&block| block < from_block) {
+        rest.insert(block);
+    }
+    rest
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::sim::{SimEnv, SimOptions};
+    use super::*;
+
+    #[test]
+    fn chunks_cover_the_set_in_order() {
+        // Goal: chunking loses no block. Method: 10 scattered blocks, chunks of 3, then the
+        // suffix from the second chunk.
+        let mut set = DirtySet::empty(4096, 200 * 4096);
+        for block in [1, 5, 6, 7, 63, 64, 65, 100, 150, 199] {
+            set.insert(block);
+        }
+        let mut seen = Vec::new();
+        let mut from_block = 0;
+        loop {
+            let (chunk, next_block) = next_chunk(&set, from_block, 3);
+            if chunk.is_empty() {
+                break;
+            }
+            assert!(chunk.count() <= 3);
+            seen.extend(chunk.iter_blocks());
+            from_block = next_block;
+        }
+        assert_eq!(seen, set.iter_blocks().collect::<Vec<_>>());
+        let rest = suffix(&set, 7);
+        assert_eq!(
+            rest.iter_blocks().collect::<Vec<_>>(),
+            [7, 63, 64, 65, 100, 150, 199]
+        );
+        assert_eq!(set_bytes(&rest), 7 * 4096);
+    }
+
+    fn world(fail: fn(&mut SimOptions)) -> SimEnv {
+        let mut options = SimOptions {
+            write_rate_per_s: 500,
+            ..SimOptions::default()
+        };
+        fail(&mut options);
+        SimEnv::new(11, options)
+    }
+
+    #[test]
+    fn failed_send_leaves_the_source_authoritative_with_bits_back() {
+        // Goal: a send error releases nothing half-done and loses no bit. Method: every send
+        // fails; expect SourceAuthoritative(Send), every allocated block still dirty.
+        let mut env = world(|options| options.send_fail_per_mille = 1000);
+        let allocated = env.allocated().expect("sim allocated");
+        let err = run(&mut env, &MigrateOptions::default()).expect_err("sends fail");
+        assert!(matches!(
+            err,
+            MigrateError::SourceAuthoritative {
+                step: Step::Send,
+                ..
+            }
+        ));
+        assert!(!err.destination_authoritative());
+        env.check_source_authoritative();
+        let dirty = env.take_dirty();
+        for block in allocated.iter_blocks() {
+            assert!(dirty.contains(block), "block {block} lost its bit");
+        }
+    }
+
+    #[test]
+    fn failed_commit_releases_writes_and_resume_converges() {
+        // Goal: a refused commit keeps the source authoritative, and a resumed run finishes
+        // from the merged-back bits. Method: commits always fail, then never.
+        let mut env = world(|options| options.commit_fail_per_mille = 1000);
+        let err = run(&mut env, &MigrateOptions::default()).expect_err("commit fails");
+        assert!(matches!(
+            err,
+            MigrateError::SourceAuthoritative {
+                step: Step::Commit,
+                ..
+            }
+        ));
+        env.check_source_authoritative();
+        env.set_commit_fail_per_mille(0);
+        let options = MigrateOptions {
+            resume: true,
+            ..MigrateOptions::default()
+        };
+        let report = run(&mut env, &options).expect("resumed run");
+        env.check_switched();
+        assert!(report.allocated_bytes > 0);
+        assert!(report.pause_ms <= options.max_pause_ms as f64);
+    }
+
+    #[test]
+    fn failed_switch_after_commit_keeps_writes_held() {
+        // Goal: after the commit point an error says "destination authoritative" and writes
+        // stay held (the source must not apply them). Method: switches always fail.
+        let mut env = world(|options| options.switch_fail_per_mille = 1000);
+        let err = run(&mut env, &MigrateOptions::default()).expect_err("switch fails");
+        let MigrateError::DestinationAuthoritative { step, report, .. } = &err else {
+            panic!("unexpected {err}");
+        };
+        assert_eq!(*step, Step::SwitchToDestination);
+        assert_eq!(report.passes.last().map(|p| p.kind), Some(PassKind::Final));
+        assert!(err.destination_authoritative());
+        assert!(env.writes_held());
+    }
+
+    #[test]
+    fn empty_disk_switches_over_without_passes() {
+        // Goal: nothing to copy means an immediate switchover. Method: no allocated block
+        // and a quiet guest (one write a second, warm-up 0); expect only the final send.
+        let mut env = world(|options| {
+            options.allocated_pct = 0;
+            options.write_rate_per_s = 1;
+            options.warmup_ms = 0;
+        });
+        let report = run(&mut env, &MigrateOptions::default()).expect("empty disk");
+        env.check_switched();
+        assert_eq!(report.allocated_bytes, 0);
+        assert_eq!(report.passes.len(), 1, "{:?}", report.passes);
+        assert_eq!(report.amplification, 0.0);
+    }
+}

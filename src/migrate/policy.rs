@@ -1,0 +1,214 @@
+//! Migration policies and options: which blocks a pass copies, and the budgets a run keeps.
+//!
+//! Purpose: [`Policy::Heat`] implements US8560791B2 (copy cold blocks first, leave hot blocks
+//! for the end, mirror when the copy cannot catch up); [`Policy::Naive`] is what QEMU's mirror
+//! job does (copy everything in offset order, then iterate on dirty blocks), kept beside it so
+//! every run can show the difference. The pass loop itself lives in `plan.rs`.
+//!
+//! Invariants:
+//! - Heat only orders the work; it never decides whether a block is copied. Every block a
+//!   policy skips in a pass is put back as dirty, so it is copied by a later pass or at the
+//!   switchover (DESIGN.md capability 1).
+//! - Options are checked by [`MigrateOptions::validate`] before the run touches the env.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::dirty::DirtySet;
+
+/// How a migration orders its copy passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Policy {
+    /// Cold blocks first, hot blocks last or during the switchover; mirror when the forecast
+    /// says the copy cannot catch up with the guest.
+    #[default]
+    Heat,
+    /// Every allocated block in offset order, then dirty passes until the rest fits the pause
+    /// budget. After `max_passes` passes it falls back to active mirroring (what QEMU's
+    /// `copy-mode=write-blocking` does), so it also terminates under write-heavy guests; it
+    /// never forecasts, so it gets there only after spending every pass.
+    Naive,
+}
+
+impl Policy {
+    /// The policy's name as the CLI and the API spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Heat => "heat",
+            Self::Naive => "naive",
+        }
+    }
+}
+
+impl fmt::Display for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A policy name that is neither `heat` nor `naive`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown migration policy {0:?} (expected \"heat\" or \"naive\")")]
+pub struct PolicyParseError(pub String);
+
+impl FromStr for Policy {
+    type Err = PolicyParseError;
+
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
+        match name {
+            "heat" => Ok(Self::Heat),
+            "naive" => Ok(Self::Naive),
+            other => Err(PolicyParseError(other.to_owned())),
+        }
+    }
+}
+
+/// Default bound on the guest write pause at switchover.
+pub const DEFAULT_MAX_PAUSE_MS: u64 = 100;
+/// Default heat from which a block counts as hot.
+pub const DEFAULT_HOT_THRESHOLD: u8 = 8;
+/// Default number of copy passes before the run falls back to mirroring.
+pub const DEFAULT_MAX_PASSES: u32 = 30;
+/// Default number of blocks handed to one `send` call.
+pub const DEFAULT_CHUNK_BLOCKS: u64 = 256;
+/// Default number of passes without a shrinking dirty set after which the heat policy gives
+/// up iterating and mirrors.
+pub const DEFAULT_STALL_PASSES: u32 = 3;
+
+/// What a migration run may do; see the field docs for each budget.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrateOptions {
+    /// How passes are ordered.
+    pub policy: Policy,
+    /// Longest guest write pause allowed at switchover; a switchover whose forecast exceeds
+    /// it is deferred (counted in the report) and the run goes on.
+    pub max_pause_ms: u64,
+    /// After this long since the run started, the switchover is no longer deferred: the pause
+    /// may then exceed `max_pause_ms` (the report says `forced`). `None`: never.
+    pub force_after_ms: Option<u64>,
+    /// Heat at or above which a block is hot (heat policy only).
+    pub hot_threshold: u8,
+    /// Copy passes before the run falls back to active mirroring.
+    pub max_passes: u32,
+    /// Heat policy: passes in a row whose dirty set did not shrink before it mirrors.
+    pub stall_passes: u32,
+    /// Blocks per `send` call: smaller chunks give finer progress and bandwidth samples.
+    pub chunk_blocks: u64,
+    /// `false`: a fresh run, which first marks every allocated block dirty. `true`: resume
+    /// after a failed run: the tracker's dirty bits already hold everything the destination
+    /// may lack (a failed run merges back what it took), so nothing is added (the allocated
+    /// blocks are still asked for, for the report).
+    pub resume: bool,
+}
+
+impl Default for MigrateOptions {
+    fn default() -> Self {
+        Self {
+            policy: Policy::Heat,
+            max_pause_ms: DEFAULT_MAX_PAUSE_MS,
+            force_after_ms: None,
+            hot_threshold: DEFAULT_HOT_THRESHOLD,
+            max_passes: DEFAULT_MAX_PASSES,
+            stall_passes: DEFAULT_STALL_PASSES,
+            chunk_blocks: DEFAULT_CHUNK_BLOCKS,
+            resume: false,
+        }
+    }
+}
+
+impl MigrateOptions {
+    /// Default options with `policy`.
+    pub fn with_policy(policy: Policy) -> Self {
+        Self {
+            policy,
+            ..Self::default()
+        }
+    }
+
+    /// Checks the budgets; the error names the bad field.
+    pub fn validate(&self) -> Result<(), &'static str> {
+        if self.max_passes == 0 {
+            return Err("max_passes must be at least 1");
+        }
+        if self.stall_passes == 0 {
+            return Err("stall_passes must be at least 1");
+        }
+        if self.chunk_blocks == 0 {
+            return Err("chunk_blocks must be at least 1");
+        }
+        if self.hot_threshold == 0 {
+            return Err("hot_threshold must be at least 1 (0 would make every block hot)");
+        }
+        Ok(())
+    }
+}
+
+/// Splits `taken` into the blocks to copy now and the hot ones to put back, by `heat` (one
+/// count per block) and `threshold`. Returns `(cold, hot)`; together they are `taken`.
+pub fn split_hot(taken: &DirtySet, heat: &[u8], threshold: u8) -> (DirtySet, DirtySet) {
+    let granularity_bytes = taken.granularity_bytes();
+    let disk_bytes = taken.disk_bytes();
+    let mut cold = DirtySet::empty(granularity_bytes, disk_bytes);
+    let mut hot = DirtySet::empty(granularity_bytes, disk_bytes);
+    for block in taken.iter_blocks() {
+        let index = usize::try_from(block).expect("block index fits in memory");
+        // A missing count (short snapshot) reads as cold: copying early is always safe.
+        if heat.get(index).copied().unwrap_or(0) >= threshold {
+            hot.insert(block);
+        } else {
+            cold.insert(block);
+        }
+    }
+    debug_assert_eq!(cold.count() + hot.count(), taken.count());
+    (cold, hot)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policy_names_round_trip() {
+        // Goal: CLI/API spelling is stable. Method: parse each Display form, reject others.
+        for policy in [Policy::Heat, Policy::Naive] {
+            assert_eq!(policy.to_string().parse::<Policy>(), Ok(policy));
+        }
+        assert_eq!(
+            "Heat".parse::<Policy>(),
+            Err(PolicyParseError("Heat".into()))
+        );
+        let json = serde_json::to_string(&MigrateOptions::default()).expect("serialize");
+        assert!(json.contains("\"policy\":\"heat\""), "{json}");
+    }
+
+    #[test]
+    fn options_validate_names_the_field() {
+        // Goal: bad budgets are refused before any I/O. Method: zero each bounded field.
+        assert_eq!(MigrateOptions::default().validate(), Ok(()));
+        let mut options = MigrateOptions::with_policy(Policy::Naive);
+        options.max_passes = 0;
+        assert!(options.validate().unwrap_err().contains("max_passes"));
+        let options = MigrateOptions {
+            chunk_blocks: 0,
+            ..MigrateOptions::default()
+        };
+        assert!(options.validate().unwrap_err().contains("chunk_blocks"));
+    }
+
+    #[test]
+    fn split_hot_partitions_the_taken_set() {
+        // Goal: hot blocks are put back, cold ones copied, none lost. Method: 8 blocks with
+        // chosen heats, threshold 8; a short heat slice reads as cold.
+        let mut taken = DirtySet::empty(4096, 8 * 4096);
+        for block in [0, 2, 3, 7] {
+            taken.insert(block);
+        }
+        let heat = [9, 0, 8, 7, 255, 0, 0];
+        let (cold, hot) = split_hot(&taken, &heat, 8);
+        assert_eq!(cold.iter_blocks().collect::<Vec<_>>(), vec![3, 7]);
+        assert_eq!(hot.iter_blocks().collect::<Vec<_>>(), vec![0, 2]);
+    }
+}
