@@ -268,6 +268,11 @@ fn dropped_connection_then_resume() {
         .and_then(|_| sender.sync())
         .unwrap_err();
     assert!(err.should_reconnect(), "{err:?}");
+    let sent = sender.totals();
+    assert!(
+        sent.data_bytes > 0 && sent.wire_bytes <= 16 * MIB + 4096,
+        "{sent:?}"
+    );
     drop(sender);
     cutter.join().unwrap();
 
