@@ -36,6 +36,9 @@ pub const MAX_DATA_BYTES: usize = 8 << 20;
 pub const MAX_EXPORT_BYTES: usize = 64;
 /// Longest error message or address string.
 pub const MAX_MESSAGE_BYTES: usize = 1024;
+/// Most blocks a target may have at its granularity (the destination keeps a bitmap of
+/// them: 2^30 bits = 128 MiB at most, e.g. 64 TiB at 64 KiB blocks).
+pub const MAX_BLOCKS: u64 = 1 << 30;
 
 /// Which side of the stream a peer is; part of each proof so a proof cannot be reflected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -531,6 +534,9 @@ fn decode_spec(fields: &mut Fields<'_>) -> Result<TargetSpec, FrameError> {
     if !granularity_bytes.is_power_of_two() || granularity_bytes < 4096 {
         return Err(FrameError::BadField("granularity"));
     }
+    if size_bytes.div_ceil(granularity_bytes) > MAX_BLOCKS {
+        return Err(FrameError::BadField("too many blocks for the granularity"));
+    }
     Ok(TargetSpec {
         export,
         size_bytes,
@@ -735,6 +741,15 @@ mod tests {
         data[12..16].copy_from_slice(&(MAX_DATA_BYTES as u32 + 1).to_be_bytes());
         reseal(&mut data, 0);
         assert_eq!(decode(&data), Err(FrameError::TooLong("payload")));
+
+        let huge = encoded(&Frame::Open(TargetSpec {
+            export: "huge".into(),
+            size_bytes: u64::MAX,
+            granularity_bytes: 4096,
+            job_id: 1,
+        }));
+        let refused = Err(FrameError::BadField("too many blocks for the granularity"));
+        assert_eq!(decode(&huge), refused);
     }
 
     /// Recomputes the meta and header checksums after a test edited the meta, whose length

@@ -21,7 +21,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ferry_sys::{DirectFile, DIRECT_ALIGN};
 
@@ -42,9 +42,11 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 const WRITE_DEPTH: u32 = 16;
 /// Largest single WriteZeroes/Trim request (engine lengths are u32).
 const MAX_ZERO_REQUEST_BYTES: u64 = 1 << 30;
-/// After an error, input still read (and dropped) so the Error frame reaches the peer before
-/// the close can turn into a reset.
-const LINGER_BYTES_MAX: u64 = 64 << 20;
+/// After an error, input is still read (and dropped) for this long, so the Error frame
+/// reaches the peer before the close can turn into a reset.
+const LINGER: Duration = Duration::from_secs(3);
+/// Connections served at once; more are closed at accept.
+const MAX_CONNECTIONS: usize = 64;
 
 /// What the agent provides to streams: target creation and commitment.
 pub trait TargetHost: Send + Sync {
@@ -212,8 +214,15 @@ fn accept_loop(
             }
         };
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-        if let Ok(clone) = stream.try_clone() {
-            lock(&shared.connections).insert(id, clone);
+        {
+            let mut connections = lock(&shared.connections);
+            if connections.len() >= MAX_CONNECTIONS {
+                log::warn!("block stream refused: {MAX_CONNECTIONS} connections already open");
+                continue;
+            }
+            if let Ok(clone) = stream.try_clone() {
+                connections.insert(id, clone);
+            }
         }
         let (key, host, worker_shared) = (key.clone(), Arc::clone(host), Arc::clone(shared));
         let spawned = std::thread::Builder::new()
@@ -327,8 +336,18 @@ fn fail(stream: &mut TcpStream, err: TransferError) -> TransferError {
     };
     link::send_error(stream, code, offset_bytes, &message);
     let _ = stream.shutdown(Shutdown::Write);
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-    let _ = std::io::copy(&mut stream.take(LINGER_BYTES_MAX), &mut std::io::sink());
+    let deadline = Instant::now() + LINGER;
+    let mut sink = vec![0u8; 64 * 1024];
+    // Bounded in time, however slowly the peer trickles bytes.
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+            break;
+        }
+        match stream.read(&mut sink) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
     err
 }
 
@@ -375,6 +394,10 @@ impl Target {
                 Err(TransferError::PeerGone(_)) if committed => return Ok("committed"),
                 Err(err) => return Err(err),
             };
+            if committed {
+                // The target is served now: nothing may write it from this stream any more.
+                return Err(unexpected(frame, "the end of the stream after Commit"));
+            }
             match frame {
                 Frame::Data {
                     offset_bytes,

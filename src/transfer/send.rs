@@ -82,6 +82,17 @@ pub struct SendStats {
     pub elapsed_ns: u64,
 }
 
+impl SendStats {
+    fn add(&mut self, other: &SendStats) {
+        self.data_bytes += other.data_bytes;
+        self.zero_bytes += other.zero_bytes;
+        self.data_frames += other.data_frames;
+        self.zero_frames += other.zero_frames;
+        self.wire_bytes += other.wire_bytes;
+        self.elapsed_ns += other.elapsed_ns;
+    }
+}
+
 /// The source end of one block stream.
 #[derive(Debug)]
 pub struct Sender {
@@ -95,6 +106,8 @@ pub struct Sender {
     scratch: Vec<u8>,
     pool: BufPool,
     next_seq: u64,
+    /// Sums of every `send_extents` call, failed ones included.
+    totals: SendStats,
 }
 
 /// A run of zero chunks not yet sent.
@@ -172,6 +185,7 @@ impl Sender {
             scratch,
             pool: BufPool::new(),
             next_seq: 1,
+            totals: SendStats::default(),
         };
         Ok((sender, reply))
     }
@@ -209,7 +223,14 @@ impl Sender {
         let mut stats = SendStats::default();
         let outcome = self.pump(file, &mut chunks, &mut stats);
         stats.elapsed_ns = self.clock.now_ns() - started_ns;
+        self.totals.add(&stats);
         outcome.map(|()| stats).map_err(|err| self.explain(err))
+    }
+
+    /// What this stream has sent so far, over every `send_extents` call including failed
+    /// ones (what was handed to the socket before the failure counts).
+    pub fn totals(&self) -> SendStats {
+        self.totals
     }
 
     /// The read → send loop of `send_extents`.

@@ -268,6 +268,11 @@ fn dropped_connection_then_resume() {
         .and_then(|_| sender.sync())
         .unwrap_err();
     assert!(err.should_reconnect(), "{err:?}");
+    let sent = sender.totals();
+    assert!(
+        sent.data_bytes > 0 && sent.wire_bytes <= 16 * MIB + 4096,
+        "{sent:?}"
+    );
     drop(sender);
     cutter.join().unwrap();
 
@@ -337,4 +342,48 @@ fn bandwidth_cap_is_applied() {
         .unwrap();
     sender.sync().unwrap();
     assert!(stats.elapsed_ns >= 150_000_000, "{stats:?}");
+}
+
+// Goal: garbage never panics the receiver: before auth it just closes; after Open it answers
+// Error{BadFrame} and closes that connection only. Method: PRNG bytes on fresh connections,
+// then a normal transfer on the same receiver.
+#[test]
+fn garbage_input_closes_only_that_connection() {
+    let size = MIB;
+    let s = setup(size, &[], None);
+    let mut rng = SplitMix64(99);
+    let garbage: Vec<u8> = (0..512).flat_map(|_| rng.next().to_le_bytes()).collect();
+    for _ in 0..4 {
+        let mut stream = TcpStream::connect(s.server.local_addr()).unwrap();
+        let _ = stream.write_all(&garbage);
+        let mut rest = Vec::new();
+        let _ = stream.read_to_end(&mut rest);
+    }
+    let mut stream = TcpStream::connect(s.server.local_addr()).unwrap();
+    link::authenticate(&mut stream, &s.key, Role::Source).unwrap();
+    let mut scratch = Vec::new();
+    link::write_frame(&mut stream, &Frame::Open(spec("noise", size)), &mut scratch).unwrap();
+    let mut meta = Vec::new();
+    assert!(matches!(
+        link::read_frame(&mut stream, &mut meta).unwrap(),
+        Frame::OpenOk { .. }
+    ));
+    stream.write_all(&garbage).unwrap();
+    match link::read_frame(&mut stream, &mut meta).unwrap() {
+        Frame::Error { code, .. } => assert_eq!(code, ErrorCode::BadFrame),
+        other => panic!("expected Error, got {other:?}"),
+    }
+    drop(stream);
+
+    let (mut sender, _) = Sender::connect(
+        s.server.local_addr(),
+        &s.key,
+        &spec("after", size),
+        SendOptions::default(),
+    )
+    .unwrap();
+    sender
+        .send_extents(&open_source(&s.source_path), &[(0, size)])
+        .unwrap();
+    sender.commit().unwrap();
 }
