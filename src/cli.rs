@@ -71,6 +71,40 @@ pub enum Command {
         #[command(flatten)]
         target: ApiTarget,
     },
+    /// Move a live export to another agent (copy passes, then a bounded switchover).
+    Migrate {
+        /// Export to move.
+        export: String,
+        /// Destination agent's block-stream address, HOST[:PORT] (port 7451 by default).
+        #[arg(long)]
+        to: String,
+        /// Copy policy: heat (hot blocks last) or naive (offset order, then dirty passes).
+        #[arg(long, default_value = "heat")]
+        policy: String,
+        /// Longest write pause the switchover may cause, in milliseconds.
+        #[arg(long, default_value_t = 100)]
+        max_pause: u64,
+        /// Switch over after this many milliseconds even if the pause bound is not met.
+        #[arg(long)]
+        force_after: Option<u64>,
+        /// Bandwidth cap of the block stream (e.g. 200M = 200 MiB/s).
+        #[arg(long)]
+        bandwidth: Option<String>,
+        /// Return once the job started instead of following it.
+        #[arg(long)]
+        no_wait: bool,
+        /// Agent to talk to.
+        #[command(flatten)]
+        target: ApiTarget,
+    },
+    /// List migration jobs, or show one.
+    Jobs {
+        /// Job id.
+        id: Option<u64>,
+        /// Agent to talk to.
+        #[command(flatten)]
+        target: ApiTarget,
+    },
     /// Start an agent on a temporary image, write a skewed workload over NBD, show the heat.
     Demo(DemoArgs),
 }
@@ -102,6 +136,16 @@ pub struct AgentArgs {
     /// Tracking granularity of --export exports (e.g. 64K).
     #[arg(long)]
     pub granularity: Option<String>,
+    /// Block-stream listener for migrations into this host [default: 127.0.0.1:7451].
+    #[arg(long)]
+    pub transfer: Option<String>,
+    /// Cluster key file shared by agents that migrate to each other
+    /// [default: <state-dir>/cluster.key, created if missing].
+    #[arg(long)]
+    pub cluster_key: Option<PathBuf>,
+    /// Directory for images of disks migrated into this host [default: <state-dir>/images].
+    #[arg(long)]
+    pub image_dir: Option<PathBuf>,
 }
 
 /// `ferry export ...`

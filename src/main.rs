@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use ferry::agent::config::{parse_size, AgentConfig, Overrides};
-use ferry::api::types::{ExportSpec, TrackerAdd};
+use ferry::api::types::{ExportSpec, JobPhase, MigrateRequest, TrackerAdd};
 use ferry::api::{render, token, Client};
 use ferry::cli::{ApiTarget, Cli, Command, ExportAction, TrackerAction};
 
@@ -40,6 +40,9 @@ fn run(cli: Cli) -> Result<()> {
                 engine: args.engine,
                 exports: args.exports,
                 granularity: args.granularity,
+                transfer: args.transfer,
+                cluster_key: args.cluster_key,
+                image_dir: args.image_dir,
             };
             let config = AgentConfig::load(args.config.as_deref(), &overrides)?;
             ferry::agent::run(&config)?;
@@ -61,6 +64,67 @@ fn run(cli: Cli) -> Result<()> {
             } else {
                 let color = std::io::IsTerminal::is_terminal(&std::io::stdout());
                 print!("{}", render::heat_map(&map, width.max(1), color));
+            }
+            Ok(())
+        }
+        Command::Migrate {
+            export,
+            to,
+            policy,
+            max_pause,
+            force_after,
+            bandwidth,
+            no_wait,
+            target,
+        } => {
+            let client = client(&target)?;
+            let bandwidth_bytes_per_s = bandwidth
+                .map(|b| {
+                    parse_size(b.trim_end_matches("/s")).map_err(|p| format!("--bandwidth: {p}"))
+                })
+                .transpose()?;
+            let request = MigrateRequest {
+                to,
+                policy: Some(policy),
+                max_pause_ms: Some(max_pause),
+                force_after_ms: force_after,
+                bandwidth_bytes_per_s,
+                hot_threshold: None,
+            };
+            let disk_bytes = client
+                .exports()?
+                .iter()
+                .find(|e| e.name == export)
+                .map_or(0, |e| e.size_bytes);
+            let started = client.migrate(&export, &request)?;
+            let status = if no_wait {
+                started
+            } else {
+                let bar = !target.json && std::io::IsTerminal::is_terminal(&std::io::stderr());
+                ferry::migrate::view::follow(&client, started.id, disk_bytes, bar)?
+            };
+            if target.json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", ferry::migrate::view::render(&status));
+            }
+            if status.phase == JobPhase::Failed {
+                return Err(format!("migration of {export} failed").into());
+            }
+            Ok(())
+        }
+        Command::Jobs { id, target } => {
+            let client = client(&target)?;
+            let jobs = match id {
+                Some(id) => vec![client.job(id)?],
+                None => client.jobs()?,
+            };
+            if target.json {
+                println!("{}", serde_json::to_string_pretty(&jobs)?);
+            } else {
+                for job in &jobs {
+                    print!("{}", ferry::migrate::view::render(job));
+                }
             }
             Ok(())
         }

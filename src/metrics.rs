@@ -92,6 +92,16 @@ impl LatencyRecorder {
         }
     }
 
+    /// Removes the samples of `earlier`, a snapshot this recorder grew from: what remains is
+    /// what was recorded since (a migration job's window).
+    pub fn subtract(&mut self, earlier: &LatencyRecorder) {
+        if self.histogram.subtract(&earlier.histogram).is_err() {
+            // `earlier` is not a snapshot of this recorder (it was reset meanwhile): keep
+            // everything rather than report a made-up difference.
+            log::debug!("latency snapshot does not subtract; keeping all samples");
+        }
+    }
+
     /// Forgets every sample (a session after merging into its export).
     pub fn reset(&mut self) {
         self.histogram.reset();

@@ -17,6 +17,10 @@ pub const DEFAULT_TCP: &str = "127.0.0.1:10809";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/ferry";
 /// Default control API address.
 pub const DEFAULT_API: &str = "127.0.0.1:7450";
+/// Default address of the block-stream listener that receives migrated disks.
+pub const DEFAULT_TRANSFER: &str = "127.0.0.1:7451";
+/// Port of the block-stream listener when a peer is named without one.
+pub const DEFAULT_TRANSFER_PORT: u16 = 7451;
 /// Default tracking granularity.
 pub const DEFAULT_GRANULARITY_BYTES: u64 = 64 * 1024;
 /// Default heat half-life.
@@ -83,6 +87,9 @@ struct FileAgent {
     engine: Option<String>,
     queue_depth: Option<u32>,
     half_life_ms: Option<u64>,
+    transfer: Option<String>,
+    cluster_key: Option<PathBuf>,
+    image_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -150,6 +157,12 @@ pub struct AgentConfig {
     pub half_life_ms: u64,
     /// Exports served from the start.
     pub exports: Vec<ExportConfig>,
+    /// Block-stream listener (migrations into this host), cluster-key authenticated.
+    pub transfer: SocketAddr,
+    /// File holding the cluster key shared by the agents that migrate between each other.
+    pub cluster_key: PathBuf,
+    /// Where images of disks migrated into this host are created.
+    pub image_dir: PathBuf,
 }
 
 /// Command-line overrides: each `Some` wins over the file.
@@ -169,6 +182,12 @@ pub struct Overrides {
     pub exports: Vec<String>,
     /// `--granularity` for the `--export` exports.
     pub granularity: Option<String>,
+    /// Block-stream listener address.
+    pub transfer: Option<String>,
+    /// Cluster key file.
+    pub cluster_key: Option<PathBuf>,
+    /// Directory for migrated-in images.
+    pub image_dir: Option<PathBuf>,
 }
 
 impl AgentConfig {
@@ -220,6 +239,21 @@ impl AgentConfig {
             "api",
             &ov.api.clone().or(agent.api).unwrap_or(DEFAULT_API.into()),
         )?;
+        let transfer_text = ov.transfer.clone().or(agent.transfer);
+        let transfer = parse_addr(
+            "transfer",
+            &transfer_text.unwrap_or(DEFAULT_TRANSFER.into()),
+        )?;
+        let cluster_key = ov
+            .cluster_key
+            .clone()
+            .or(agent.cluster_key)
+            .unwrap_or_else(|| state_dir.join("cluster.key"));
+        let image_dir = ov
+            .image_dir
+            .clone()
+            .or(agent.image_dir)
+            .unwrap_or_else(|| state_dir.join("images"));
         let engine = match ov.engine.clone().or(agent.engine).as_deref() {
             None | Some("auto") => EngineChoice::Auto,
             Some("uring") | Some("io_uring") => EngineChoice::Uring,
@@ -276,6 +310,9 @@ impl AgentConfig {
             queue_depth,
             half_life_ms,
             exports,
+            transfer,
+            cluster_key,
+            image_dir,
         };
         config.validate()?;
         Ok(config)

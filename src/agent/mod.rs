@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod registry;
+pub mod targets;
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -23,6 +24,9 @@ use crate::nbd::server::{NbdServer, SessionOptions};
 pub use config::AgentConfig;
 use config::EngineChoice;
 use registry::{error_chain, Registry};
+use targets::Targets;
+
+use crate::transfer::{ClusterKey, ReceiverServer};
 
 /// How long a stopping agent waits for connections to drain.
 const DRAIN_GRACE: Duration = Duration::from_secs(10);
@@ -56,6 +60,12 @@ pub enum AgentError {
     /// The control API could not start.
     #[error("cannot start the control API")]
     Api(#[source] api::ApiError),
+    /// The cluster key could not be read or created.
+    #[error("cluster key")]
+    ClusterKey(#[source] crate::transfer::TransferError),
+    /// The block-stream listener could not start.
+    #[error("cannot listen for migrations")]
+    Transfer(#[source] crate::transfer::TransferError),
     /// Signal handling could not be installed.
     #[error("cannot install signal handlers")]
     Signals(#[source] std::io::Error),
@@ -71,6 +81,8 @@ pub struct Agent {
     nbd: NbdServer,
     api: Option<ApiServer>,
     api_addr: SocketAddr,
+    transfer: Option<ReceiverServer>,
+    transfer_addr: SocketAddr,
     token_path: PathBuf,
 }
 
@@ -106,12 +118,24 @@ impl Agent {
         };
         let nbd = NbdServer::start(Some(&config.socket), config.tcp, registry.clone(), options)
             .map_err(AgentError::Listen)?;
+        let key = load_cluster_key(&config.cluster_key)?;
+        registry.set_cluster_key(key.clone());
+        let nbd_tcp = nbd.tcp_addr.map(|addr| addr.to_string());
+        let targets = Arc::new(Targets::new(
+            registry.clone(),
+            config.image_dir.clone(),
+            nbd_tcp,
+        ));
+        let transfer =
+            crate::transfer::serve(config.transfer, key, targets).map_err(AgentError::Transfer)?;
+        let transfer_addr = transfer.local_addr();
         let token_path = config.state_dir.join("api.token");
         let token = api::token::load_or_create(&token_path).map_err(state_err)?;
         let api = api::serve(config.api, token, registry.clone()).map_err(AgentError::Api)?;
         let api_addr = api.local_addr();
         log::info!(
-            "agent up: nbd unix {}{}, api http://{api_addr}, engine {engine:?}, state {}",
+            "agent up: nbd unix {}{}, api http://{api_addr}, migrations on {transfer_addr}, \
+             engine {engine:?}, state {}",
             config.socket.display(),
             nbd.tcp_addr
                 .map(|a| format!(", nbd tcp {a}"))
@@ -123,6 +147,8 @@ impl Agent {
             nbd,
             api: Some(api),
             api_addr,
+            transfer: Some(transfer),
+            transfer_addr,
             token_path,
         })
     }
@@ -130,6 +156,11 @@ impl Agent {
     /// The control API's bound address.
     pub fn api_addr(&self) -> SocketAddr {
         self.api_addr
+    }
+
+    /// The block-stream listener's bound address.
+    pub fn transfer_addr(&self) -> SocketAddr {
+        self.transfer_addr
     }
 
     /// The file holding the API token.
@@ -146,6 +177,9 @@ impl Agent {
     pub fn shutdown(mut self) -> Result<(), AgentError> {
         if let Some(api) = self.api.take() {
             api.shutdown();
+        }
+        if let Some(transfer) = self.transfer.take() {
+            transfer.shutdown();
         }
         let left = self.nbd.shutdown(DRAIN_GRACE);
         let mut problems = Vec::new();
@@ -164,6 +198,19 @@ impl Agent {
         } else {
             Err(AgentError::Unclean(problems.join("; ")))
         }
+    }
+}
+
+/// The cluster key: read from `path`, or created there (0600) on first start.
+fn load_cluster_key(path: &Path) -> Result<ClusterKey, AgentError> {
+    if path.exists() {
+        ClusterKey::load(path).map_err(AgentError::ClusterKey)
+    } else {
+        log::info!(
+            "creating cluster key {} (copy it to the agents this one migrates with)",
+            path.display()
+        );
+        ClusterKey::create(path).map_err(AgentError::ClusterKey)
     }
 }
 

@@ -12,12 +12,17 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use crate::agent::config::{self, ExportConfig};
 use crate::api::types::{ExportSpec, ExportStatus, HeatMap, TrackerAdd, TrackerStatus};
+use crate::api::types::{JobStatus, MigrateRequest};
 use crate::api::{Control, ControlError};
 use crate::dirty::{TrackerSet, TrackerSpec};
 use crate::env::Clock;
+use crate::migrate::job::JobRequest;
+use crate::migrate::jobs::Jobs;
+use crate::migrate::{MigrateOptions, Policy};
 use crate::nbd::export::Export;
 use crate::nbd::server::ExportLookup;
 use crate::nbd::wire::{ExportCatalog, ExportInfo};
+use crate::transfer::{ClusterKey, SendOptions};
 
 /// Heat at and above which a block counts as hot in reports.
 pub const HOT_THRESHOLD: u8 = 8;
@@ -33,6 +38,10 @@ pub struct Registry {
     changes: Mutex<()>,
     /// Names of exports added at run time (persisted).
     runtime: Mutex<BTreeMap<String, ExportSpec>>,
+    /// Migration jobs started here.
+    jobs: Jobs,
+    /// Key authenticating block streams to other agents (set at start).
+    cluster_key: Mutex<Option<ClusterKey>>,
 }
 
 impl Registry {
@@ -45,7 +54,14 @@ impl Registry {
             half_life_ms,
             changes: Mutex::new(()),
             runtime: Mutex::new(BTreeMap::new()),
+            jobs: Jobs::new(),
+            cluster_key: Mutex::new(None),
         }
+    }
+
+    /// Sets the key migrations from this agent authenticate with.
+    pub fn set_cluster_key(&self, key: ClusterKey) {
+        *self.cluster_key.lock().expect("key lock") = Some(key);
     }
 
     fn tracker_dir(&self, export: &str) -> PathBuf {
@@ -181,6 +197,20 @@ impl Registry {
         let text = serde_json::to_vec_pretty(&specs).expect("specs serialize");
         crate::agent::write_atomic(&self.runtime_file(), &text)
             .map_err(|err| ControlError::Io(format!("cannot save exports.json: {err}")))
+    }
+
+    /// Whether an export of that name is served.
+    pub fn has_export(&self, name: &str) -> bool {
+        self.exports
+            .read()
+            .expect("exports lock")
+            .contains_key(name)
+    }
+
+    /// Serves a disk migrated into this agent and records it like an export added at run
+    /// time (a restart serves it again).
+    pub fn serve_committed(&self, spec: ExportSpec) -> Result<(), ControlError> {
+        self.add_export(spec).map(drop)
     }
 
     /// Every export.
@@ -451,4 +481,66 @@ impl Control for Registry {
             hot_blocks: tracker.hot_set(HOT_THRESHOLD).len() as u64,
         })
     }
+
+    fn migrate(&self, export: &str, request: MigrateRequest) -> Result<JobStatus, ControlError> {
+        let export = self.get(export)?;
+        let to = resolve_peer(&request.to).map_err(ControlError::Invalid)?;
+        let mut options = MigrateOptions::default();
+        if let Some(policy) = &request.policy {
+            options.policy = policy
+                .parse::<Policy>()
+                .map_err(|err| ControlError::Invalid(format!("policy: {err}")))?;
+        }
+        if let Some(max_pause_ms) = request.max_pause_ms {
+            options.max_pause_ms = max_pause_ms;
+        }
+        options.force_after_ms = request.force_after_ms;
+        if let Some(threshold) = request.hot_threshold {
+            options.hot_threshold = threshold;
+        }
+        options
+            .validate()
+            .map_err(|p| ControlError::Invalid(p.to_string()))?;
+        let send = SendOptions {
+            bandwidth_bytes_per_s: request.bandwidth_bytes_per_s,
+            ..SendOptions::default()
+        };
+        let key = self
+            .cluster_key
+            .lock()
+            .expect("key lock")
+            .clone()
+            .ok_or_else(|| ControlError::Invalid("this agent has no cluster key".into()))?;
+        self.jobs
+            .start(export, JobRequest { to, options, send }, key)
+            .map_err(ControlError::Busy)
+    }
+
+    fn jobs(&self) -> Vec<JobStatus> {
+        self.jobs.list()
+    }
+
+    fn job(&self, id: u64) -> Result<JobStatus, ControlError> {
+        self.jobs
+            .get(id)
+            .ok_or_else(|| ControlError::NotFound(format!("no migration job {id}")))
+    }
+}
+
+/// `host[:port]` of a peer agent's block stream (port 7451 by default), resolved.
+fn resolve_peer(text: &str) -> Result<std::net::SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    let with_port = if text
+        .rsplit_once(':')
+        .is_some_and(|(_, port)| port.parse::<u16>().is_ok())
+    {
+        text.to_string()
+    } else {
+        format!("{text}:{}", crate::agent::config::DEFAULT_TRANSFER_PORT)
+    };
+    with_port
+        .to_socket_addrs()
+        .map_err(|err| format!("to: cannot resolve '{text}': {err}"))?
+        .next()
+        .ok_or_else(|| format!("to: '{text}' resolves to no address"))
 }

@@ -10,7 +10,10 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
-use super::types::{ErrorBody, ExportSpec, ExportStatus, HeatMap, TrackerAdd, TrackerStatus};
+use super::types::{
+    ErrorBody, ExportSpec, ExportStatus, HeatMap, JobStatus, MigrateRequest, TrackerAdd,
+    TrackerStatus,
+};
 
 /// How long to wait for the agent to accept a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -175,6 +178,26 @@ impl Client {
             query.push(("tracker", tracker));
         }
         self.call_json("GET", &path, &query, None)
+    }
+
+    /// `POST /v1/exports/{export}/migrate`
+    pub fn migrate(
+        &self,
+        export: &str,
+        request: &MigrateRequest,
+    ) -> Result<JobStatus, ClientError> {
+        let path = format!("/v1/exports/{}/migrate", encode(export));
+        self.call_json("POST", &path, &[], Some(json(request)))
+    }
+
+    /// `GET /v1/jobs`
+    pub fn jobs(&self) -> Result<Vec<JobStatus>, ClientError> {
+        self.call_json("GET", "/v1/jobs", &[], None)
+    }
+
+    /// `GET /v1/jobs/{id}`
+    pub fn job(&self, id: u64) -> Result<JobStatus, ClientError> {
+        self.call_json("GET", &format!("/v1/jobs/{id}"), &[], None)
     }
 
     /// `GET /metrics` (Prometheus text).

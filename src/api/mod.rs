@@ -18,6 +18,9 @@
 //! | POST   | /v1/exports/{name}/trackers               | TrackerAdd  | 201 TrackerStatus|
 //! | DELETE | /v1/exports/{name}/trackers/{tracker}     |             | 204             |
 //! | GET    | /v1/exports/{name}/heat?tracker=T&cells=N |             | HeatMap         |
+//! | POST   | /v1/exports/{name}/migrate                | MigrateRequest | 202 JobStatus |
+//! | GET    | /v1/jobs                                  |             | [JobStatus]     |
+//! | GET    | /v1/jobs/{id}                             |             | JobStatus       |
 //! | GET    | /metrics                                  |             | Prometheus text |
 //!
 //! Invariants:
@@ -43,7 +46,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 pub use client::{Client, ClientError};
-use types::{ExportSpec, ExportStatus, HeatMap, TrackerAdd, TrackerStatus};
+use types::{
+    ExportSpec, ExportStatus, HeatMap, JobStatus, MigrateRequest, TrackerAdd, TrackerStatus,
+};
 
 /// Worker threads answering API requests. Requests are short (a status read, an export
 /// open); a few workers keep a slow heat map from blocking `/metrics` scrapes.
@@ -71,6 +76,21 @@ pub trait Control: Send + Sync {
         tracker: Option<&str>,
         cells: usize,
     ) -> Result<HeatMap, ControlError>;
+    /// Starts migrating an export to another agent.
+    fn migrate(&self, export: &str, request: MigrateRequest) -> Result<JobStatus, ControlError> {
+        let _ = request;
+        Err(ControlError::Invalid(format!(
+            "this agent cannot migrate '{export}'"
+        )))
+    }
+    /// Every migration job.
+    fn jobs(&self) -> Vec<JobStatus> {
+        Vec::new()
+    }
+    /// One migration job.
+    fn job(&self, id: u64) -> Result<JobStatus, ControlError> {
+        Err(ControlError::NotFound(format!("no job {id}")))
+    }
 }
 
 /// Why a control operation was refused. Each message is a sentence naming the export or

@@ -21,7 +21,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tiny_http::{Header, Method, Request, Response, Server};
 
-use super::types::{ErrorBody, ExportSpec, TrackerAdd};
+use super::types::{ErrorBody, ExportSpec, MigrateRequest, TrackerAdd};
 use super::{Control, ControlError};
 use crate::metrics;
 
@@ -278,6 +278,22 @@ pub fn route(
         },
         ["v1", "exports", name, "heat"] => match method {
             Method::Get => heat(control, name, query),
+            _ => method_not_allowed("GET"),
+        },
+        ["v1", "exports", name, "migrate"] => match method {
+            Method::Post => match decode::<MigrateRequest>(body) {
+                Ok(request) => Reply::from_result(202, control.migrate(name, request)),
+                Err(reply) => reply,
+            },
+            _ => method_not_allowed("POST"),
+        },
+        ["v1", "jobs"] => match method {
+            Method::Get => Reply::json(200, &control.jobs()),
+            _ => method_not_allowed("GET"),
+        },
+        ["v1", "jobs", id] => match (method, id.parse::<u64>()) {
+            (Method::Get, Ok(id)) => Reply::from_result(200, control.job(id)),
+            (Method::Get, Err(_)) => Reply::error(400, format!("job id '{id}' is not a number")),
             _ => method_not_allowed("GET"),
         },
         _ => Reply::error(404, format!("no API route {path}")),

@@ -174,3 +174,28 @@ mod tests {
         );
     }
 }
+
+/// Body of `POST /v1/exports/{name}/migrate`: where to and how.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateRequest {
+    /// Destination agent's block-stream address, `host:port`.
+    pub to: String,
+    /// `heat` (default) or `naive`.
+    #[serde(default)]
+    pub policy: Option<String>,
+    /// Longest write pause the switchover may cause (default 100 ms).
+    #[serde(default)]
+    pub max_pause_ms: Option<u64>,
+    /// After this long, switch over even if the pause bound cannot be met.
+    #[serde(default)]
+    pub force_after_ms: Option<u64>,
+    /// Bandwidth cap of the block stream.
+    #[serde(default)]
+    pub bandwidth_bytes_per_s: Option<u64>,
+    /// Heat at and above which a block counts as hot (default 8).
+    #[serde(default)]
+    pub hot_threshold: Option<u8>,
+}
+
+pub use crate::migrate::jobs::{JobPhase, JobStatus, ProgressView};

@@ -28,10 +28,13 @@
 use crate::dirty::DirtySet;
 
 pub mod forecast;
+pub mod job;
+pub mod jobs;
 pub mod plan;
 pub mod policy;
 pub mod report;
 pub mod sim;
+pub mod view;
 
 pub use forecast::Forecast;
 pub use plan::run;

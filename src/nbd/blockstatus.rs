@@ -21,10 +21,13 @@ pub const STATE_DIRTY: u32 = 1;
 const DIRTY_PREFIX: &str = "qemu:dirty-bitmap:";
 
 /// Appends one BLOCK_STATUS chunk per selected context to `out`, the last with DONE.
+/// `forwarded`: the disk lives at another agent now, so the local image and trackers say
+/// nothing about it; the answer is then the safe one (all data, all dirty).
 pub fn encode_reply(
     export: &Export,
     contexts: &[(u32, String)],
     header: &RequestHeader,
+    forwarded: bool,
     out: &mut Vec<u8>,
 ) -> Result<(), NbdErrno> {
     if contexts.is_empty() {
@@ -35,7 +38,14 @@ pub fn encode_reply(
     let limit = if header.req_one() { 1 } else { EXTENTS_MAX };
     let mut all = Vec::with_capacity(contexts.len());
     for (id, name) in contexts {
-        let extents = if name == "base:allocation" {
+        let extents = if forwarded {
+            let state = if name == "base:allocation" {
+                0
+            } else {
+                STATE_DIRTY
+            };
+            vec![(header.length_bytes, state)]
+        } else if name == "base:allocation" {
             allocation(export, offset_bytes, len_bytes, limit)
         } else if let Some(tracker_name) = name.strip_prefix(DIRTY_PREFIX) {
             // A tracker removed after SET_META_CONTEXT can no longer answer.

@@ -107,6 +107,8 @@ pub struct Export {
     pub counters: ExportCounters,
     /// Request latency, merged from the sessions.
     pub latency: Mutex<LatencyRecorder>,
+    /// Latency of write-type requests only (what a migration report quotes).
+    pub write_latency: Mutex<LatencyRecorder>,
     /// Where requests go (local image, or forwarded after a migration) and the write gate.
     pub route: ExportRoute,
     removed: AtomicBool,
@@ -155,6 +157,7 @@ impl Export {
             trackers: trackers(size_bytes),
             counters: ExportCounters::default(),
             latency: Mutex::new(LatencyRecorder::new()),
+            write_latency: Mutex::new(LatencyRecorder::new()),
             route: ExportRoute::default(),
             removed: AtomicBool::new(false),
             next_connection: AtomicU64::new(1),

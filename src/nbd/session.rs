@@ -113,6 +113,7 @@ pub struct Session {
     completions: Vec<IoCompletion>,
     counts: LocalCounts,
     latency: LatencyRecorder,
+    write_latency: LatencyRecorder,
     last_merge: Instant,
     closing: bool,
     factory: EngineFactory,
@@ -153,6 +154,7 @@ impl Session {
             completions: Vec::with_capacity(capacity),
             counts: LocalCounts::default(),
             latency: LatencyRecorder::new(),
+            write_latency: LatencyRecorder::new(),
             last_merge: Instant::now(),
             closing: false,
             factory,
@@ -477,8 +479,13 @@ impl Session {
 
     fn block_status(&mut self, header: &RequestHeader) {
         let contexts = std::mem::take(&mut self.contexts);
-        let result =
-            blockstatus::encode_reply(&self.export, &contexts, header, self.tx.header_bytes());
+        let result = blockstatus::encode_reply(
+            &self.export,
+            &contexts,
+            header,
+            self.forwarded,
+            self.tx.header_bytes(),
+        );
         self.contexts = contexts;
         if let Err(errno) = result {
             self.reply_error(header.cookie, errno);
@@ -494,8 +501,11 @@ impl Session {
                 .take()
                 .expect("completion for an empty slot");
             self.free_slots.push(slot as u32);
-            self.latency
-                .record_us(now.duration_since(pending.started).as_micros() as u64);
+            let latency_us = now.duration_since(pending.started).as_micros() as u64;
+            self.latency.record_us(latency_us);
+            if pending.gated {
+                self.write_latency.record_us(latency_us);
+            }
             self.reply_one(pending, completion);
         }
         self.completions = completions;
@@ -603,6 +613,12 @@ impl Session {
                 .expect("latency lock")
                 .merge_from(&self.latency);
             self.latency.reset();
+            self.export
+                .write_latency
+                .lock()
+                .expect("latency lock")
+                .merge_from(&self.write_latency);
+            self.write_latency.reset();
             self.last_merge = Instant::now();
         }
     }

@@ -85,6 +85,11 @@ impl AgentProc {
             tcp = Some(addr);
         }
         cmd.args(extra.iter().filter(|a| **a != "--tcp"));
+        if !extra.contains(&"--transfer") {
+            // Every agent of a test run needs its own block-stream port.
+            cmd.arg("--transfer")
+                .arg(format!("127.0.0.1:{}", free_port()));
+        }
         for export in exports {
             cmd.arg("--export").arg(export);
         }

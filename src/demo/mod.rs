@@ -1,7 +1,8 @@
 //! `ferry demo`: starts an agent on a temporary sparse image, writes a skewed workload through
 //! a real NBD connection (4 KiB writes, 32 in flight, hot spots drawn from a Zipf law), reads
 //! a sample back to check it, and prints the trackers and the heat map from the control API —
-//! the same calls `ferry tracker ls` and `ferry heat` make.
+//! the same calls `ferry tracker ls` and `ferry heat` make. Then it moves a live disk between
+//! two agents with each copy policy ([`migrate`]) and prints both reports.
 //!
 //! Invariant: the demo cleans up its directory and stops the agent cleanly even on error.
 
@@ -15,84 +16,14 @@ use crate::api::{render, token, Client};
 use crate::cli::DemoArgs;
 use crate::nbd::client::{check, NbdClient};
 
+mod guest;
+mod migrate;
+
+use guest::{pattern, Prng, Workload, REGIONS, WRITE_BYTES, ZIPF_S};
+
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
-const WRITE_BYTES: u64 = 4096;
 const QUEUE_DEPTH: usize = 32;
-/// Hot regions the Zipf law picks from.
-const REGIONS: usize = 256;
-const ZIPF_S: f64 = 1.2;
-
-/// SplitMix64: a small deterministic PRNG, so every demo run writes the same pattern.
-#[derive(Debug)]
-struct Prng(u64);
-
-impl Prng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
-/// Region ranks scattered over the disk, and the Zipf CDF over ranks.
-#[derive(Debug)]
-struct Workload {
-    regions: Vec<u64>,
-    cdf: Vec<f64>,
-    region_bytes: u64,
-}
-
-impl Workload {
-    fn new(size_bytes: u64, prng: &mut Prng) -> Self {
-        let mut regions: Vec<u64> = (0..REGIONS as u64).collect();
-        for i in (1..regions.len()).rev() {
-            regions.swap(i, prng.below(i as u64 + 1) as usize);
-        }
-        let weights: Vec<f64> = (1..=REGIONS)
-            .map(|rank| 1.0 / (rank as f64).powf(ZIPF_S))
-            .collect();
-        let total: f64 = weights.iter().sum();
-        let mut acc = 0.0;
-        let cdf = weights
-            .iter()
-            .map(|w| {
-                acc += w / total;
-                acc
-            })
-            .collect();
-        Workload {
-            regions,
-            cdf,
-            region_bytes: size_bytes / REGIONS as u64,
-        }
-    }
-
-    /// A 4 KiB-aligned offset: a Zipf-chosen region, then a spot inside its first 1/16th, so
-    /// hot regions are rewritten often.
-    fn offset(&mut self, prng: &mut Prng) -> u64 {
-        let u = prng.unit();
-        let rank = self.cdf.partition_point(|c| *c < u).min(REGIONS - 1);
-        let span_blocks = (self.region_bytes / 16 / WRITE_BYTES).max(1);
-        self.regions[rank] * self.region_bytes + prng.below(span_blocks) * WRITE_BYTES
-    }
-}
-
-/// Block contents that name their offset and generation, so a read-back can be checked.
-fn pattern(offset_bytes: u64, generation: u64, buf: &mut [u8]) {
-    for (i, chunk) in buf.chunks_mut(16).enumerate() {
-        chunk[..8].copy_from_slice(&offset_bytes.to_le_bytes());
-        chunk[8..16].copy_from_slice(&(generation ^ i as u64).to_le_bytes());
-    }
-}
 
 /// Runs the demo.
 pub fn run(args: &DemoArgs) -> Result<()> {
@@ -106,18 +37,21 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         .unwrap_or_else(|| PathBuf::from("/var/tmp"));
     let dir = base.join(format!("ferry-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let result = run_in(&dir, size_bytes, args.writes);
+    let result = run_in(&dir.join("tracking"), size_bytes, args.writes)
+        .and_then(|()| migrate::compare(&dir.join("migration"), size_bytes));
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
 
 fn run_in(dir: &Path, size_bytes: u64, writes: u64) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
     let image = dir.join("disk.img");
     std::fs::File::create(&image)?.set_len(size_bytes)?;
     let mut config = AgentConfig::from_toml("", &Overrides::default())?;
     config.socket = dir.join("nbd.sock");
     config.state_dir = dir.join("state");
     config.api = "127.0.0.1:0".parse()?;
+    config.transfer = "127.0.0.1:0".parse()?;
     config.half_life_ms = 60_000;
     config.exports = vec![ExportConfig {
         name: "demo".into(),

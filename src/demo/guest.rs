@@ -1,0 +1,80 @@
+//! The demo's guest: a deterministic PRNG, a Zipf-skewed choice of 4 KiB blocks, and block
+//! contents that name their offset and generation so a read-back can be checked.
+
+/// Bytes per guest write.
+pub(crate) const WRITE_BYTES: u64 = 4096;
+/// Hot regions the Zipf law picks from.
+pub(crate) const REGIONS: usize = 256;
+/// Zipf exponent.
+pub(crate) const ZIPF_S: f64 = 1.2;
+
+/// SplitMix64: a small deterministic PRNG, so every demo run writes the same pattern.
+#[derive(Debug)]
+pub(crate) struct Prng(pub u64);
+
+impl Prng {
+    pub(crate) fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    pub(crate) fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Region ranks scattered over the disk, and the Zipf CDF over ranks.
+#[derive(Debug)]
+pub(crate) struct Workload {
+    regions: Vec<u64>,
+    cdf: Vec<f64>,
+    region_bytes: u64,
+}
+
+impl Workload {
+    pub(crate) fn new(size_bytes: u64, prng: &mut Prng) -> Self {
+        let mut regions: Vec<u64> = (0..REGIONS as u64).collect();
+        for i in (1..regions.len()).rev() {
+            regions.swap(i, prng.below(i as u64 + 1) as usize);
+        }
+        let weights: Vec<f64> = (1..=REGIONS)
+            .map(|rank| 1.0 / (rank as f64).powf(ZIPF_S))
+            .collect();
+        let total: f64 = weights.iter().sum();
+        let mut acc = 0.0;
+        let cdf = weights
+            .iter()
+            .map(|w| {
+                acc += w / total;
+                acc
+            })
+            .collect();
+        Workload {
+            regions,
+            cdf,
+            region_bytes: size_bytes / REGIONS as u64,
+        }
+    }
+
+    /// A 4 KiB-aligned offset: a Zipf-chosen region, then a spot inside its first 1/16th, so
+    /// hot regions are rewritten often.
+    pub(crate) fn offset(&mut self, prng: &mut Prng) -> u64 {
+        let u = prng.unit();
+        let rank = self.cdf.partition_point(|c| *c < u).min(REGIONS - 1);
+        let span_blocks = (self.region_bytes / 16 / WRITE_BYTES).max(1);
+        self.regions[rank] * self.region_bytes + prng.below(span_blocks) * WRITE_BYTES
+    }
+}
+
+/// Block contents that name their offset and generation, so a read-back can be checked.
+pub(crate) fn pattern(offset_bytes: u64, generation: u64, buf: &mut [u8]) {
+    for (i, chunk) in buf.chunks_mut(16).enumerate() {
+        chunk[..8].copy_from_slice(&offset_bytes.to_le_bytes());
+        chunk[8..16].copy_from_slice(&(generation ^ i as u64).to_le_bytes());
+    }
+}

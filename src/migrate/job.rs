@@ -1,0 +1,241 @@
+//! The real migration job: [`MigrationEnv`] over the export's migration tracker, the block
+//! stream to the destination agent ([`Sender`]) and the export's route and write gate.
+//!
+//! Invariants:
+//! - The migration tracker is created before the first block is read, so every write that
+//!   completes from then on is in its bits (DESIGN invariant 1); it is removed when the job
+//!   ends, whatever the outcome.
+//! - `send` returns only after the destination wrote and synced what was sent (a `Sync`
+//!   round trip), so "sent" in a report means durable at the destination.
+//! - The route switches to forwarding only after the destination committed, with writes
+//!   held; on any failure before the commit the export keeps serving locally (the algorithm
+//!   releases writes), and the target is left uncommitted at the destination.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::dirty::{DirtySet, Tracker, TrackerSpec};
+use crate::env::Clock;
+use crate::migrate::{MigrateOptions, MigrationEnv, Progress, SendOutcome};
+use crate::nbd::export::Export;
+use crate::nbd::route::Route;
+use crate::transfer::{ClusterKey, SendOptions, Sender, TargetSpec, TransferError};
+
+/// How long a switchover waits for in-flight guest writes to finish.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Errors of the job's environment.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// The block stream failed.
+    #[error("block stream")]
+    Transfer(#[source] TransferError),
+    /// Reading the source's allocation map failed.
+    #[error("cannot map the source image")]
+    Allocation(#[source] std::io::Error),
+    /// In-flight guest writes did not finish in time.
+    #[error("guest writes did not drain within {0:?}")]
+    Drain(Duration),
+    /// The destination does not serve NBD over TCP, so the source cannot forward to it.
+    #[error("the destination agent does not serve NBD over TCP: start it with --tcp")]
+    NoForwardAddress,
+    /// Active mirroring is not available in this build.
+    #[error("active mirroring is not available")]
+    MirrorUnavailable,
+}
+
+/// The environment of one running migration.
+#[derive(Debug)]
+pub struct JobEnv {
+    export: Arc<Export>,
+    tracker: Arc<Tracker>,
+    sender: Sender,
+    clock: Arc<dyn Clock>,
+    forward_addr: Option<String>,
+    progress: Arc<Mutex<Option<Progress>>>,
+}
+
+impl JobEnv {
+    /// Creates the migration tracker on `export` and opens the block stream to `to`.
+    pub fn start(
+        export: Arc<Export>,
+        to: SocketAddr,
+        key: &ClusterKey,
+        job_id: u64,
+        send_options: SendOptions,
+        progress: Arc<Mutex<Option<Progress>>>,
+    ) -> Result<JobEnv, JobError> {
+        let name = tracker_name(job_id);
+        let spec = TrackerSpec {
+            name: name.clone(),
+            granularity_bytes: export.granularity_bytes,
+            half_life_ms: export.half_life_ms,
+        };
+        let tracker = export
+            .trackers
+            .add(spec)
+            .map_err(|err| JobError::Allocation(std::io::Error::other(err.to_string())))?;
+        let target = TargetSpec {
+            export: export.name.clone(),
+            size_bytes: export.size_bytes,
+            granularity_bytes: export.granularity_bytes,
+            job_id,
+        };
+        let opened = Sender::connect(to, key, &target, send_options);
+        let (sender, reply) = match opened {
+            Ok(opened) => opened,
+            Err(err) => {
+                let _ = export.trackers.remove(&name);
+                return Err(JobError::Transfer(err));
+            }
+        };
+        Ok(JobEnv {
+            clock: export.trackers.clock().clone(),
+            export,
+            tracker,
+            sender,
+            forward_addr: reply.nbd_tcp,
+            progress,
+        })
+    }
+
+    /// Removes the migration tracker (the job is over).
+    pub fn finish(self) -> Sender {
+        let _ = self.export.trackers.remove(self.tracker.name());
+        self.sender
+    }
+}
+
+/// Name of a job's tracker.
+pub fn tracker_name(job_id: u64) -> String {
+    format!("migrate-{job_id}")
+}
+
+impl MigrationEnv for JobEnv {
+    type Error = JobError;
+
+    fn now_ns(&self) -> u64 {
+        self.clock.now_ns()
+    }
+
+    fn granularity_bytes(&self) -> u64 {
+        self.tracker.granularity_bytes()
+    }
+
+    fn disk_bytes(&self) -> u64 {
+        self.export.size_bytes
+    }
+
+    fn allocated(&mut self) -> Result<DirtySet, JobError> {
+        allocated_blocks(&self.export, self.tracker.granularity_bytes())
+            .map_err(JobError::Allocation)
+    }
+
+    fn take_dirty(&mut self) -> DirtySet {
+        self.tracker.take_and_clear()
+    }
+
+    fn merge_dirty(&mut self, set: &DirtySet) {
+        self.tracker.merge(set);
+    }
+
+    fn dirty_count(&self) -> u64 {
+        self.tracker.dirty_count()
+    }
+
+    fn heat_snapshot(&self) -> Vec<u8> {
+        (0..self.tracker.block_count())
+            .map(|block| self.tracker.heat(block))
+            .collect()
+    }
+
+    fn send(&mut self, blocks: &DirtySet) -> Result<SendOutcome, JobError> {
+        let started = self.clock.now_ns();
+        let extents: Vec<(u64, u64)> = blocks.iter_extents().collect();
+        let stats = self
+            .sender
+            .send_extents(&self.export.file, &extents)
+            .map_err(JobError::Transfer)?;
+        self.sender.sync().map_err(JobError::Transfer)?;
+        Ok(SendOutcome {
+            bytes_data: stats.data_bytes,
+            bytes_zero: stats.zero_bytes,
+            elapsed_ns: self.clock.now_ns() - started,
+        })
+    }
+
+    fn hold_writes(&mut self) -> Result<(), JobError> {
+        self.export.route.hold();
+        if self.export.route.wait_drained(DRAIN_TIMEOUT) {
+            Ok(())
+        } else {
+            Err(JobError::Drain(DRAIN_TIMEOUT))
+        }
+    }
+
+    fn release_writes(&mut self) {
+        self.export.route.release();
+    }
+
+    fn commit(&mut self) -> Result<(), JobError> {
+        if self.forward_addr.is_none() {
+            // Checked before the commit point: without an address the source could not
+            // forward, and the guest would lose its disk.
+            return Err(JobError::NoForwardAddress);
+        }
+        self.sender.commit().map_err(JobError::Transfer)
+    }
+
+    fn switch_to_destination(&mut self) -> Result<(), JobError> {
+        let addr = self
+            .forward_addr
+            .clone()
+            .ok_or(JobError::NoForwardAddress)?;
+        self.export.route.set(Route::Forward { addr });
+        Ok(())
+    }
+
+    fn start_mirroring(&mut self) -> Result<(), JobError> {
+        Err(JobError::MirrorUnavailable)
+    }
+
+    fn stop_mirroring(&mut self) {}
+
+    fn progress(&mut self, progress: &Progress) {
+        *self.progress.lock().expect("progress lock") = Some(progress.clone());
+    }
+}
+
+/// Blocks of `granularity_bytes` that hold data (SEEK_DATA/SEEK_HOLE); a block partly data
+/// counts whole.
+pub fn allocated_blocks(export: &Export, granularity_bytes: u64) -> std::io::Result<DirtySet> {
+    let disk = export.size_bytes;
+    let mut set = DirtySet::empty(granularity_bytes, disk);
+    let mut offset = 0;
+    while offset < disk {
+        let Some(data) = export.file.seek_data(offset)? else {
+            break;
+        };
+        if data >= disk {
+            break;
+        }
+        let hole = export.file.seek_hole(data)?.unwrap_or(disk).min(disk);
+        for block in data / granularity_bytes..hole.div_ceil(granularity_bytes) {
+            set.insert(block);
+        }
+        offset = hole;
+    }
+    Ok(set)
+}
+
+/// Options of a job as the API receives them.
+#[derive(Debug, Clone)]
+pub struct JobRequest {
+    /// Destination agent's block-stream address.
+    pub to: SocketAddr,
+    /// Algorithm options.
+    pub options: MigrateOptions,
+    /// Block-stream options (bandwidth cap).
+    pub send: SendOptions,
+}

@@ -1,0 +1,271 @@
+//! The agent's migration jobs: started through the control API, each on its own thread,
+//! observable while they run (progress) and after (report or error).
+//!
+//! Invariants: at most one job per export at a time; a job's status says which side is
+//! authoritative when it failed, straight from the algorithm's error (never guessed); the
+//! reported guest write latency is measured by the export's sessions during the job.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::metrics::LatencySummary;
+use crate::migrate::job::{JobEnv, JobRequest};
+use crate::migrate::{MigrateError, MigrationReport, Progress};
+use crate::nbd::export::Export;
+use crate::transfer::ClusterKey;
+
+/// Where a job stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum JobPhase {
+    /// Copying or switching over.
+    Running,
+    /// Switched over: the destination serves the disk, the source forwards to it.
+    Done,
+    /// Stopped; `authoritative` says which side holds the disk.
+    Failed,
+}
+
+/// A progress sample as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProgressView {
+    /// Current pass.
+    pub pass: u32,
+    /// What the pass copies (cold, hot, dirty, final ...).
+    pub pass_kind: String,
+    /// Bytes sent so far.
+    pub bytes_sent: u64,
+    /// Dirty blocks in the migration tracker now.
+    pub dirty_blocks: u64,
+    /// Blocks left in the current pass.
+    pub pass_blocks_left: u64,
+    /// Measured copy rate.
+    pub copy_bytes_per_s: Option<f64>,
+    /// Measured dirty rate.
+    pub dirty_bytes_per_s: Option<f64>,
+    /// Forecast time to converge.
+    pub eta_ms: Option<f64>,
+    /// Guest writes are mirrored.
+    pub mirroring: bool,
+}
+
+impl From<&Progress> for ProgressView {
+    fn from(p: &Progress) -> Self {
+        ProgressView {
+            pass: p.pass,
+            pass_kind: p.kind.as_str().to_string(),
+            bytes_sent: p.bytes_sent,
+            dirty_blocks: p.dirty_blocks,
+            pass_blocks_left: p.pass_blocks_left,
+            copy_bytes_per_s: p.copy_bytes_per_s,
+            dirty_bytes_per_s: p.dirty_bytes_per_s,
+            eta_ms: p.eta_ms,
+            mirroring: p.mirroring,
+        }
+    }
+}
+
+/// What `GET /v1/jobs/{id}` returns.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobStatus {
+    /// Job id.
+    pub id: u64,
+    /// Export being moved.
+    pub export: String,
+    /// Destination agent's block-stream address.
+    pub to: String,
+    /// Policy name.
+    pub policy: String,
+    /// Phase.
+    pub phase: JobPhase,
+    /// "source" or "destination": which side holds the disk now.
+    pub authoritative: String,
+    /// Latest progress sample.
+    pub progress: Option<ProgressView>,
+    /// The report, once done.
+    pub report: Option<MigrationReport>,
+    /// Guest write latency during the job (µs), measured at the source's sessions.
+    pub guest_write_latency_us: Option<LatencySummary>,
+    /// Guest writes completed during the job.
+    pub guest_writes: u64,
+    /// Seconds the job has run (or ran).
+    pub elapsed_s: f64,
+    /// Why it failed.
+    pub error: Option<String>,
+}
+
+/// One job's shared state.
+#[derive(Debug)]
+struct Job {
+    status: Mutex<JobStatus>,
+    progress: Arc<Mutex<Option<Progress>>>,
+    started: Instant,
+}
+
+/// Every job of this agent.
+#[derive(Debug, Default)]
+pub struct Jobs {
+    next_id: AtomicU64,
+    jobs: Mutex<BTreeMap<u64, Arc<Job>>>,
+}
+
+impl Jobs {
+    /// An empty job table; ids start at a time-derived base so that two agents (or restarts)
+    /// rarely reuse one.
+    pub fn new() -> Self {
+        let base = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() % 1_000_000 * 1000)
+            .unwrap_or(0);
+        Jobs {
+            next_id: AtomicU64::new(base + 1),
+            jobs: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Starts migrating `export`; fails at once if another job runs on it.
+    pub fn start(
+        &self,
+        export: Arc<Export>,
+        request: JobRequest,
+        key: ClusterKey,
+    ) -> Result<JobStatus, String> {
+        let mut jobs = self.jobs.lock().expect("jobs lock");
+        let busy = jobs.values().any(|job| {
+            let status = job.status.lock().expect("status lock");
+            status.export == export.name && status.phase == JobPhase::Running
+        });
+        if busy {
+            return Err(format!(
+                "export '{}' is already being migrated",
+                export.name
+            ));
+        }
+        if export.route.is_forwarded() {
+            return Err(format!(
+                "export '{}' was migrated already (it forwards)",
+                export.name
+            ));
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let job = Arc::new(Job {
+            status: Mutex::new(JobStatus {
+                id,
+                export: export.name.clone(),
+                to: request.to.to_string(),
+                policy: request.options.policy.to_string(),
+                phase: JobPhase::Running,
+                authoritative: "source".into(),
+                progress: None,
+                report: None,
+                guest_write_latency_us: None,
+                guest_writes: 0,
+                elapsed_s: 0.0,
+                error: None,
+            }),
+            progress: Arc::new(Mutex::new(None)),
+            started: Instant::now(),
+        });
+        jobs.insert(id, job.clone());
+        drop(jobs);
+        let thread_job = job.clone();
+        std::thread::Builder::new()
+            .name(format!("migrate-{id}"))
+            .spawn(move || run_job(&thread_job, export, request, key, id))
+            .map_err(|err| format!("cannot start the job thread: {err}"))?;
+        Ok(self.status_of(&job))
+    }
+
+    fn status_of(&self, job: &Job) -> JobStatus {
+        let mut status = job.status.lock().expect("status lock").clone();
+        if status.phase == JobPhase::Running {
+            status.elapsed_s = job.started.elapsed().as_secs_f64();
+            status.progress = job
+                .progress
+                .lock()
+                .expect("progress lock")
+                .as_ref()
+                .map(Into::into);
+        }
+        status
+    }
+
+    /// Every job, oldest first.
+    pub fn list(&self) -> Vec<JobStatus> {
+        let jobs: Vec<Arc<Job>> = self
+            .jobs
+            .lock()
+            .expect("jobs lock")
+            .values()
+            .cloned()
+            .collect();
+        jobs.iter().map(|job| self.status_of(job)).collect()
+    }
+
+    /// One job.
+    pub fn get(&self, id: u64) -> Option<JobStatus> {
+        let job = self.jobs.lock().expect("jobs lock").get(&id).cloned()?;
+        Some(self.status_of(&job))
+    }
+}
+
+/// The job thread: runs the algorithm and records the outcome.
+fn run_job(job: &Job, export: Arc<Export>, request: JobRequest, key: ClusterKey, id: u64) {
+    let write_ops_before = export.counters.write_ops.load(Ordering::Relaxed);
+    let latency_before = export.write_latency.lock().expect("latency lock").clone();
+    let outcome = JobEnv::start(
+        export.clone(),
+        request.to,
+        &key,
+        id,
+        request.send.clone(),
+        job.progress.clone(),
+    )
+    .map_err(|err| (false, crate::agent::registry::error_chain(&err)))
+    .and_then(|mut env| {
+        let result = crate::migrate::run(&mut env, &request.options);
+        drop(env.finish());
+        result.map_err(|err| (err.destination_authoritative(), describe(&err)))
+    });
+    let mut during = export.write_latency.lock().expect("latency lock").clone();
+    during.subtract(&latency_before);
+    let mut status = job.status.lock().expect("status lock");
+    status.elapsed_s = job.started.elapsed().as_secs_f64();
+    status.progress = job
+        .progress
+        .lock()
+        .expect("progress lock")
+        .as_ref()
+        .map(Into::into);
+    status.guest_writes = export.counters.write_ops.load(Ordering::Relaxed) - write_ops_before;
+    status.guest_write_latency_us = (during.count() > 0).then(|| during.summary());
+    match outcome {
+        Ok(report) => {
+            log::info!(
+                "export {}: migrated to {} in {:.1} s (pause {:.1} ms, {} passes)",
+                export.name,
+                status.to,
+                report.converge_ms / 1000.0,
+                report.pause_ms,
+                report.passes.len()
+            );
+            status.phase = JobPhase::Done;
+            status.authoritative = "destination".into();
+            status.report = Some(report);
+        }
+        Err((destination, message)) => {
+            log::error!("export {}: migration failed: {message}", export.name);
+            status.phase = JobPhase::Failed;
+            status.authoritative = if destination { "destination" } else { "source" }.into();
+            status.error = Some(message);
+        }
+    }
+}
+
+fn describe<E: std::error::Error + 'static>(err: &MigrateError<E>) -> String {
+    crate::agent::registry::error_chain(err)
+}

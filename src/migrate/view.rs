@@ -1,0 +1,115 @@
+//! How the CLI shows a migration: a progress bar while it runs (pass, bytes sent, dirty rate
+//! against copy rate, ETA), then the report as a table; `--json` prints the final status.
+
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::api::render::human_bytes;
+use crate::api::types::{JobPhase, JobStatus};
+use crate::api::{Client, ClientError};
+
+/// How often the CLI polls the agent while following a job.
+const POLL: Duration = Duration::from_millis(200);
+
+/// Follows job `id` until it ends, drawing a progress bar (when `bar`), and returns its final
+/// status.
+pub fn follow(
+    client: &Client,
+    id: u64,
+    disk_bytes: u64,
+    bar: bool,
+) -> Result<JobStatus, ClientError> {
+    let progress = if bar {
+        ProgressBar::new(disk_bytes.max(1))
+    } else {
+        ProgressBar::hidden()
+    };
+    progress.set_style(
+        ProgressStyle::with_template(
+            "{spinner} pass {prefix} [{bar:30}] {bytes}/{total_bytes} sent  {msg}",
+        )
+        .expect("constant template")
+        .progress_chars("=> "),
+    );
+    loop {
+        let status = client.job(id)?;
+        if let Some(p) = &status.progress {
+            progress.set_prefix(format!("{} ({})", p.pass, p.pass_kind));
+            progress.set_length(p.bytes_sent.max(disk_bytes).max(1));
+            progress.set_position(p.bytes_sent);
+            progress.set_message(format!(
+                "dirty {} at {}/s vs copy {}/s, eta {}{}",
+                p.dirty_blocks,
+                rate(p.dirty_bytes_per_s),
+                rate(p.copy_bytes_per_s),
+                p.eta_ms
+                    .map(|ms| format!("{:.1} s", ms / 1000.0))
+                    .unwrap_or_else(|| "-".into()),
+                if p.mirroring { ", mirroring" } else { "" }
+            ));
+        }
+        progress.tick();
+        if status.phase != JobPhase::Running {
+            progress.finish_and_clear();
+            return Ok(status);
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+fn rate(bytes_per_s: Option<f64>) -> String {
+    bytes_per_s
+        .map(|r| human_bytes(r as u64))
+        .unwrap_or_else(|| "-".into())
+}
+
+/// The final status as a short table.
+pub fn render(status: &JobStatus) -> String {
+    let mut out = format!(
+        "job {} {} -> {}: {:?}, {} is authoritative, {:.1} s\n",
+        status.id, status.export, status.to, status.phase, status.authoritative, status.elapsed_s
+    );
+    if let Some(error) = &status.error {
+        out.push_str(&format!("error: {error}\n"));
+    }
+    if let Some(r) = &status.report {
+        out.push_str(&format!(
+            "policy {}: disk {}, allocated {}, sent {} data + {} zero, amplification {:.3}\n",
+            r.policy,
+            human_bytes(r.disk_bytes),
+            human_bytes(r.allocated_bytes),
+            human_bytes(r.bytes_data),
+            human_bytes(r.bytes_zero),
+            r.amplification
+        ));
+        out.push_str(&format!(
+            "converged in {:.0} ms, switchover pause {:.2} ms, {} hot blocks, {} deferrals{}{}\n",
+            r.converge_ms,
+            r.pause_ms,
+            r.hot_blocks,
+            r.deferrals,
+            if r.mirrored { ", mirrored" } else { "" },
+            if r.forced { ", forced" } else { "" }
+        ));
+        out.push_str("PASS  KIND     DIRTY AT START   BLOCKS SENT   BYTES SENT   TIME\n");
+        for pass in &r.passes {
+            out.push_str(&format!(
+                "{:>4}  {:<7} {:>15} {:>13} {:>12} {:>6.0} ms\n",
+                pass.pass,
+                pass.kind.as_str(),
+                pass.dirty_blocks_at_start,
+                pass.blocks_sent,
+                human_bytes(pass.bytes_sent),
+                pass.duration_ms
+            ));
+        }
+    }
+    if let Some(l) = &status.guest_write_latency_us {
+        out.push_str(&format!(
+            "guest writes during the job: {}, latency p50 {} us, p99 {} us, max {} us\n",
+            status.guest_writes, l.p50, l.p99, l.max
+        ));
+    }
+    out
+}
