@@ -41,6 +41,7 @@ pub(crate) fn compare(dir: &Path, size_bytes: u64) -> Result<()> {
         "\n== live migration: {} disk, guest writing {GUEST_IOPS} IOPS (zipf), heat vs naive",
         human_bytes(size_bytes)
     );
+    std::fs::create_dir_all(dir)?;
     let key = dir.join("cluster.key");
     crate::transfer::ClusterKey::create(&key)?;
     let mut outcomes = Vec::new();
@@ -90,7 +91,9 @@ fn migrate_once(dir: &Path, key: &Path, size_bytes: u64, policy: &'static str) -
         path: image,
         read_only: false,
         granularity_bytes: 64 * 1024,
-        trackers: Vec::new(),
+        // A tracker that lives with the export: its heat is the write history the migration
+        // classifies blocks by.
+        trackers: vec!["since-boot".into()],
     }];
     let source = Agent::start(&source_config)?;
     let destination = Agent::start(&agent_config(&dir.join("destination"), key, true)?)?;

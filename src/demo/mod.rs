@@ -52,6 +52,8 @@ fn run_in(dir: &Path, size_bytes: u64, writes: u64) -> Result<()> {
     config.state_dir = dir.join("state");
     config.api = "127.0.0.1:0".parse()?;
     config.transfer = "127.0.0.1:0".parse()?;
+    config.cluster_key = config.state_dir.join("cluster.key");
+    config.image_dir = config.state_dir.join("images");
     config.half_life_ms = 60_000;
     config.exports = vec![ExportConfig {
         name: "demo".into(),

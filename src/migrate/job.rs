@@ -144,9 +144,20 @@ impl MigrationEnv for JobEnv {
         self.tracker.dirty_count()
     }
 
+    /// The hottest view available: every tracker of the export at the migration's
+    /// granularity (a tracker that existed before the job carries the write history the
+    /// migration tracker lacks), block by block the maximum.
     fn heat_snapshot(&self) -> Vec<u8> {
+        let granularity = self.tracker.granularity_bytes();
+        let trackers: Vec<_> = self
+            .export
+            .trackers
+            .list()
+            .into_iter()
+            .filter(|t| t.granularity_bytes() == granularity)
+            .collect();
         (0..self.tracker.block_count())
-            .map(|block| self.tracker.heat(block))
+            .map(|block| trackers.iter().map(|t| t.heat(block)).max().unwrap_or(0))
             .collect()
     }
 
