@@ -30,4 +30,5 @@ pub mod io;
 pub mod metrics;
 pub mod migrate;
 pub mod nbd;
+pub mod prng;
 pub mod transfer;

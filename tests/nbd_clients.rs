@@ -10,6 +10,7 @@
 
 mod common;
 
+use ferry::prng::SplitMix64 as Prng;
 use std::process::Command;
 
 use common::{require, run_ok, sparse_image, stdout, AgentProc};
@@ -94,22 +95,6 @@ fn qemu_io_patterns_aligned_and_not() {
     );
 }
 
-/// SplitMix64 for reproducible workloads.
-struct Prng(u64);
-
-impl Prng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 // Goal: after a random workload of writes, zeroes and discards (aligned or not), the export
 // holds exactly what a plain file given the same commands holds. Method: the same qemu-io
 // command list runs against ferry and against a reference raw file; qemu-img compare checks
@@ -123,7 +108,7 @@ fn qemu_img_compare_after_random_workload() {
     sparse_image(&image, 32 * MIB);
     sparse_image(&reference, 32 * MIB);
     let mut agent = AgentProc::start(&[format!("vm1={},tracker=t", image.display())], &[]);
-    let mut prng = Prng(42);
+    let mut prng = Prng::new(42);
     let mut commands = Vec::new();
     for _ in 0..300 {
         let off = prng.below(32 * MIB - 256 * 1024);
@@ -304,10 +289,10 @@ fn nbdcopy_both_ways_multi_conn() {
     let source = dir.path().join("source.img");
     let image = dir.path().join("disk.img");
     let back = dir.path().join("back.img");
-    let mut prng = Prng(7);
+    let mut prng = Prng::new(7);
     let mut bytes = vec![0u8; (48 * MIB) as usize];
     for chunk in bytes.chunks_mut(8) {
-        chunk.copy_from_slice(&prng.next().to_le_bytes());
+        chunk.copy_from_slice(&prng.next_u64().to_le_bytes());
     }
     bytes[(20 * MIB) as usize..(30 * MIB) as usize].fill(0); // a zero run nbdcopy may skip
     std::fs::write(&source, &bytes).unwrap();

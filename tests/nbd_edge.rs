@@ -11,6 +11,7 @@
 
 mod common;
 
+use ferry::prng::SplitMix64 as Prng;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::process::Command;
@@ -155,19 +156,6 @@ fn closed_by_server(stream: &mut UnixStream) -> bool {
     }
 }
 
-/// SplitMix64.
-struct Prng(u64);
-
-impl Prng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-}
-
 // Goal: a bad request magic and garbage handshakes close only their own connection; a client
 // connected before keeps reading and writing, and new clients are served after. Method: an
 // nbdsh client holds a connection; raw sockets send a request with a bad magic after OPT_GO,
@@ -204,13 +192,13 @@ fn bad_magic_and_garbage_close_only_that_connection() {
         "bad magic must close the connection"
     );
 
-    let mut prng = Prng(99);
+    let mut prng = Prng::new(99);
     for round in 0..200 {
         let Ok(mut raw) = UnixStream::connect(&agent.socket) else {
             panic!("round {round}: agent stopped accepting:\n{}", agent.log());
         };
-        let len = (prng.next() % 300) as usize;
-        let mut junk: Vec<u8> = (0..len).map(|_| prng.next() as u8).collect();
+        let len = (prng.next_u64() % 300) as usize;
+        let mut junk: Vec<u8> = (0..len).map(|_| prng.next_u64() as u8).collect();
         if round % 3 == 0 && junk.len() >= 12 {
             // Valid client flags and option magic, then a random option: deeper in the parser.
             junk[..4].copy_from_slice(&1u32.to_be_bytes());

@@ -1,32 +1,13 @@
 //! The demo's guest: a deterministic PRNG, a Zipf-skewed choice of 4 KiB blocks, and block
 //! contents that name their offset and generation so a read-back can be checked.
 
+pub(crate) use crate::prng::SplitMix64 as Prng;
 /// Bytes per guest write.
 pub(crate) const WRITE_BYTES: u64 = 4096;
 /// Hot regions the Zipf law picks from.
 pub(crate) const REGIONS: usize = 256;
 /// Zipf exponent.
 pub(crate) const ZIPF_S: f64 = 1.2;
-
-/// SplitMix64: a small deterministic PRNG, so every demo run writes the same pattern.
-#[derive(Debug)]
-pub(crate) struct Prng(pub u64);
-
-impl Prng {
-    pub(crate) fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    pub(crate) fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    pub(crate) fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
 
 /// Region ranks scattered over the disk, and the Zipf CDF over ranks.
 #[derive(Debug)]

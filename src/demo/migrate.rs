@@ -69,11 +69,11 @@ fn agent_config(dir: &Path, key: &Path, tcp: bool) -> Result<AgentConfig> {
 fn make_image(path: &Path, size_bytes: u64) -> Result<()> {
     let file = std::fs::File::create(path)?;
     file.set_len(size_bytes)?;
-    let mut prng = Prng(0xda7a);
+    let mut prng = Prng::new(0xda7a);
     let mut chunk = vec![0u8; 1 << 20];
     for offset in (0..size_bytes / 2).step_by(chunk.len()) {
         for word in chunk.chunks_mut(8) {
-            word.copy_from_slice(&prng.next().to_le_bytes());
+            word.copy_from_slice(&prng.next_u64().to_le_bytes());
         }
         file.write_all_at(&chunk, offset)?;
     }
@@ -157,7 +157,7 @@ fn guest(
     stop: &AtomicBool,
 ) -> Result<(u64, LatencyRecorder, usize)> {
     let mut nbd = NbdClient::connect_unix(socket, "vm1")?;
-    let mut prng = Prng(0x5eed);
+    let mut prng = Prng::new(0x5eed);
     let mut workload = Workload::new(size_bytes / 2, &mut prng);
     let mut last_write: HashMap<u64, u64> = HashMap::new();
     let mut sent_at: HashMap<u64, Instant> = HashMap::new();

@@ -91,7 +91,7 @@ fn drive(agent: &Agent, config: &AgentConfig, size_bytes: u64, writes: u64) -> R
         nbd.size_bytes(),
         nbd.transmission_flags()
     );
-    let mut prng = Prng(0x5eed);
+    let mut prng = Prng::new(0x5eed);
     let mut workload = Workload::new(size_bytes, &mut prng);
     let mut last_write = std::collections::HashMap::new();
     let mut buf = vec![0u8; WRITE_BYTES as usize];

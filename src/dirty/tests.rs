@@ -8,6 +8,7 @@
 //! write) the copier can take the bit and read the cell before the write lands, and nothing
 //! marks it again: the copy keeps a stale version.
 
+use crate::prng::SplitMix64 as Prng;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -36,19 +37,6 @@ struct Round {
     writers: u64,
     writes_per_writer: u64,
     seed: u64,
-}
-
-/// SplitMix64, so every round is reproducible from its seed.
-struct Prng(u64);
-
-impl Prng {
-    fn below(&mut self, bound: u64) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        (z ^ (z >> 31)) % bound
-    }
 }
 
 /// Shared state of one round.
@@ -97,7 +85,7 @@ impl Model {
 
     /// One writer: `writes_per_writer` versions into random cells, in `round.order`.
     fn write(&self, round: Round, writer: u64) {
-        let mut prng = Prng(round.seed ^ (writer << 48));
+        let mut prng = Prng::new(round.seed ^ (writer << 48));
         for write in 0..round.writes_per_writer {
             let cell = prng.below(round.cells);
             // Unique and never 0, so a stale copy always differs.

@@ -432,6 +432,7 @@ impl Tracker {
 mod tests {
     use super::*;
     use crate::env::ManualClock;
+    use crate::prng::SplitMix64 as Prng;
 
     const KIB: u64 = 1024;
 
@@ -452,23 +453,6 @@ mod tests {
         (0..tracker.block_count())
             .filter(|&b| tracker.is_dirty(b))
             .collect()
-    }
-
-    /// SplitMix64, for reproducible random patterns.
-    struct Prng(u64);
-
-    impl Prng {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
-        }
-
-        fn below(&mut self, bound: u64) -> u64 {
-            self.next() % bound
-        }
     }
 
     #[test]
@@ -624,7 +608,7 @@ mod tests {
     fn dirty_runs_match_a_naive_model() {
         // Goal: dirty_runs covers exactly the clipped range with maximal runs. Method: random
         // bitmaps (sparse, dense, all) and random ranges against a block-by-block reference.
-        let mut prng = Prng(7);
+        let mut prng = Prng::new(7);
         for round in 0..60 {
             let disk_bytes = 1 + prng.below(300 * 4 * KIB);
             let (tracker, _clock) = new_tracker(disk_bytes);

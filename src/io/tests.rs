@@ -1,6 +1,7 @@
 //! Conformance suite run for every engine, and the differential test of io_uring against the
 //! pread/pwrite reference model.
 
+use crate::prng::SplitMix64 as Prng;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -238,22 +239,6 @@ fn full_engine_returns_the_request() {
     }
 }
 
-/// SplitMix64, for reproducible random workloads.
-struct Prng(u64);
-
-impl Prng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 /// A random request inside its own 64 KiB lane, so requests of one batch never overlap
 /// (NBD leaves overlapping requests in flight unordered; the engines may too).
 fn random_request(prng: &mut Prng, tag: u64, lane: u64) -> IoRequest {
@@ -274,7 +259,7 @@ fn random_request(prng: &mut Prng, tag: u64, lane: u64) -> IoRequest {
         0..=5 => write(
             tag,
             offset,
-            &pattern(prng.next(), len as usize),
+            &pattern(prng.next_u64(), len as usize),
             prng.below(8) == 0,
         ),
         6 | 7 => read(tag, offset, len),
@@ -320,7 +305,7 @@ fn uring_matches_sync_model() {
         let (uring_path, uring_file) = image(dir.path(), "uring.img", IMAGE_BYTES);
         let mut model = open_engine(EngineKind::Sync, model_file, 64, None).unwrap();
         let mut uring = open_engine(EngineKind::Uring, uring_file, 64, None).unwrap();
-        let mut prng = Prng(seed);
+        let mut prng = Prng::new(seed);
         let lanes = IMAGE_BYTES / (64 * 1024);
         for _batch in 0..40 {
             let mut lane_order: Vec<u64> = (0..lanes).collect();

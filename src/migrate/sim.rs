@@ -28,43 +28,7 @@ use super::{MigrationEnv, Progress, SendOutcome};
 use crate::dirty::{DirtySet, Tracker, TrackerSpec};
 use crate::env::{Clock, ManualClock};
 
-/// SplitMix64: a tiny, fast, seedable PRNG (Steele, Lea, Flood 2014).
-#[derive(Debug, Clone)]
-pub struct SplitMix64 {
-    state: u64,
-}
-
-impl SplitMix64 {
-    /// A generator seeded with `seed`.
-    pub fn new(seed: u64) -> Self {
-        Self { state: seed }
-    }
-
-    /// The next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..bound` (`bound` > 0; the modulo bias is irrelevant here).
-    pub fn below(&mut self, bound: u64) -> u64 {
-        assert!(bound > 0, "below(0)");
-        self.next_u64() % bound
-    }
-
-    /// Uniform in `[0, 1)`.
-    pub fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    /// True with probability `per_mille` / 1000.
-    pub fn chance(&mut self, per_mille: u32) -> bool {
-        self.below(1000) < u64::from(per_mille)
-    }
-}
+pub use crate::prng::SplitMix64;
 
 /// Seeds to run: the one in env var `SIM_SEED`, else `1..=count`.
 pub fn seeds_from_env(count: u64) -> Vec<u64> {

@@ -637,6 +637,7 @@ mod tests {
 
     use super::*;
     use crate::nbd::wire::{FLAG_SEND_DF, OPT_EXTENDED_HEADERS, REQUEST_MAGIC};
+    use crate::prng::SplitMix64;
 
     /// In-memory connection: the client's bytes in, the server's bytes out.
     struct Duplex {
@@ -1230,32 +1231,11 @@ mod tests {
         );
     }
 
-    /// SplitMix64: a tiny deterministic PRNG for the fuzz-style test.
-    struct SplitMix64(u64);
-
-    impl SplitMix64 {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
-        }
-
-        fn below(&mut self, bound: usize) -> usize {
-            usize::try_from(self.next() % bound as u64).expect("below a usize")
-        }
-
-        fn byte(&mut self) -> u8 {
-            self.next().to_le_bytes()[0]
-        }
-    }
-
     /// A plausible client session: a random run of valid options.
     fn valid_session(rng: &mut SplitMix64) -> Vec<u8> {
         let mut client = Client::new(u32::from(rng.byte() % 4));
-        for _ in 0..rng.below(8) {
-            client = match rng.below(9) {
+        for _ in 0..rng.index(8) {
+            client = match rng.index(9) {
                 0 => client.option(OPT_LIST, &[]),
                 1 => client.option(OPT_STRUCTURED_REPLY, &[]),
                 2 => client.option(OPT_INFO, &info_data("vm1", &[INFO_NAME, INFO_DESCRIPTION])),
@@ -1275,14 +1255,14 @@ mod tests {
 
     /// Damages `bytes`: flips, overwrites, truncates or inserts at PRNG-chosen places.
     fn mutate(rng: &mut SplitMix64, bytes: &mut Vec<u8>) {
-        for _ in 0..=rng.below(4) {
-            let at = rng.below(bytes.len() + 1);
-            match rng.below(4) {
-                0 if at < bytes.len() => bytes[at] ^= 1 << rng.below(8),
+        for _ in 0..=rng.index(4) {
+            let at = rng.index(bytes.len() + 1);
+            match rng.index(4) {
+                0 if at < bytes.len() => bytes[at] ^= 1 << rng.index(8),
                 1 if at < bytes.len() => bytes[at] = rng.byte(),
                 2 => bytes.truncate(at),
                 _ => {
-                    let noise: Vec<u8> = (0..rng.below(16)).map(|_| rng.byte()).collect();
+                    let noise: Vec<u8> = (0..rng.index(16)).map(|_| rng.byte()).collect();
                     bytes.splice(at..at, noise);
                 }
             }
@@ -1295,11 +1275,11 @@ mod tests {
         // consistent. Method: 20k SplitMix64 streams (pure noise, valid sessions, mutated
         // valid sessions); check the Negotiated invariants and that errors render.
         let catalog = catalog();
-        let mut rng = SplitMix64(0x00f0_0dca_fe00_0001);
+        let mut rng = SplitMix64::new(0x00f0_0dca_fe00_0001);
         let mut granted = 0u32;
         for iteration in 0..20_000 {
             let mut bytes = match iteration % 3 {
-                0 => (0..rng.below(256)).map(|_| rng.byte()).collect(),
+                0 => (0..rng.index(256)).map(|_| rng.byte()).collect(),
                 1 => valid_session(&mut rng),
                 _ => {
                     let mut bytes = valid_session(&mut rng);
@@ -1307,7 +1287,7 @@ mod tests {
                     bytes
                 }
             };
-            if iteration % 3 == 0 && rng.below(2) == 0 {
+            if iteration % 3 == 0 && rng.index(2) == 0 {
                 // Noise after a valid greeting reply reaches the option parser.
                 let mut prefix = Client::new(BOTH).0;
                 prefix.extend_from_slice(&IHAVEOPT.to_be_bytes());

@@ -612,23 +612,7 @@ impl Fields<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// SplitMix64: a tiny deterministic PRNG for the fuzz-style test.
-    struct SplitMix64(u64);
-
-    impl SplitMix64 {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
-        }
-
-        fn below(&mut self, bound: u64) -> u64 {
-            self.next() % bound
-        }
-    }
+    use crate::prng::SplitMix64;
 
     fn every_kind() -> Vec<Frame> {
         vec![
@@ -770,10 +754,10 @@ mod tests {
     // and meta.
     #[test]
     fn fuzz_decode_never_misreads() {
-        let mut rng = SplitMix64(0x00f0_0dca_fe00_0042);
+        let mut rng = SplitMix64::new(0x00f0_0dca_fe00_0042);
         for _ in 0..200_000 {
             let len = rng.below(96) as usize;
-            let mut bytes: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+            let mut bytes: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
             if len >= 4 && rng.below(2) == 0 {
                 bytes[..4].copy_from_slice(&MAGIC.to_be_bytes());
             }

@@ -1,6 +1,7 @@
 //! End-to-end tests of the block stream over loopback TCP: a real [`Sender`] against a real
 //! receiver whose [`TargetHost`] writes images into a temp dir under /var/tmp (O_DIRECT).
 
+use crate::prng::SplitMix64;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::MetadataExt;
@@ -14,19 +15,6 @@ use super::link;
 use super::*;
 
 const MIB: u64 = 1 << 20;
-
-/// SplitMix64, for reproducible source contents.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-}
 
 /// A host that creates `<export>.img` in its dir, reopens it on resume, and records commits
 /// and aborts.
@@ -88,9 +76,9 @@ struct Setup {
 fn setup(size_bytes: u64, zero_ranges: &[(u64, u64)], refuse: Option<String>) -> Setup {
     let dir = tempfile::Builder::new().tempdir_in("/var/tmp").unwrap();
     let source_path = dir.path().join("source.img");
-    let mut rng = SplitMix64(size_bytes);
+    let mut rng = SplitMix64::new(size_bytes);
     let mut bytes: Vec<u8> = (0..size_bytes.div_ceil(8))
-        .flat_map(|_| rng.next().to_le_bytes())
+        .flat_map(|_| rng.next_u64().to_le_bytes())
         .collect();
     bytes.truncate(size_bytes as usize);
     for &(offset, len) in zero_ranges {
@@ -351,8 +339,10 @@ fn bandwidth_cap_is_applied() {
 fn garbage_input_closes_only_that_connection() {
     let size = MIB;
     let s = setup(size, &[], None);
-    let mut rng = SplitMix64(99);
-    let garbage: Vec<u8> = (0..512).flat_map(|_| rng.next().to_le_bytes()).collect();
+    let mut rng = SplitMix64::new(99);
+    let garbage: Vec<u8> = (0..512)
+        .flat_map(|_| rng.next_u64().to_le_bytes())
+        .collect();
     for _ in 0..4 {
         let mut stream = TcpStream::connect(s.server.local_addr()).unwrap();
         let _ = stream.write_all(&garbage);
