@@ -198,4 +198,5 @@ pub struct MigrateRequest {
     pub hot_threshold: Option<u8>,
 }
 
-pub use crate::migrate::jobs::{JobPhase, JobStatus, ProgressView};
+pub use crate::migrate::jobs::{JobPhase, JobStatus};
+pub use crate::migrate::Progress;

@@ -30,45 +30,6 @@ pub enum JobPhase {
     Failed,
 }
 
-/// A progress sample as the API shows it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ProgressView {
-    /// Current pass.
-    pub pass: u32,
-    /// What the pass copies (cold, hot, dirty, final ...).
-    pub pass_kind: String,
-    /// Bytes sent so far.
-    pub bytes_sent: u64,
-    /// Dirty blocks in the migration tracker now.
-    pub dirty_blocks: u64,
-    /// Blocks left in the current pass.
-    pub pass_blocks_left: u64,
-    /// Measured copy rate.
-    pub copy_bytes_per_s: Option<f64>,
-    /// Measured dirty rate.
-    pub dirty_bytes_per_s: Option<f64>,
-    /// Forecast time to converge.
-    pub eta_ms: Option<f64>,
-    /// Guest writes are mirrored.
-    pub mirroring: bool,
-}
-
-impl From<&Progress> for ProgressView {
-    fn from(p: &Progress) -> Self {
-        ProgressView {
-            pass: p.pass,
-            pass_kind: p.kind.as_str().to_string(),
-            bytes_sent: p.bytes_sent,
-            dirty_blocks: p.dirty_blocks,
-            pass_blocks_left: p.pass_blocks_left,
-            copy_bytes_per_s: p.copy_bytes_per_s,
-            dirty_bytes_per_s: p.dirty_bytes_per_s,
-            eta_ms: p.eta_ms,
-            mirroring: p.mirroring,
-        }
-    }
-}
-
 /// What `GET /v1/jobs/{id}` returns.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobStatus {
@@ -85,7 +46,7 @@ pub struct JobStatus {
     /// "source" or "destination": which side holds the disk now.
     pub authoritative: String,
     /// Latest progress sample.
-    pub progress: Option<ProgressView>,
+    pub progress: Option<Progress>,
     /// The report, once done.
     pub report: Option<MigrationReport>,
     /// Guest write latency during the job (µs), measured at the source's sessions.
@@ -184,12 +145,7 @@ impl Jobs {
         let mut status = job.status.lock().expect("status lock").clone();
         if status.phase == JobPhase::Running {
             status.elapsed_s = job.started.elapsed().as_secs_f64();
-            status.progress = job
-                .progress
-                .lock()
-                .expect("progress lock")
-                .as_ref()
-                .map(Into::into);
+            status.progress = job.progress.lock().expect("progress lock").clone();
         }
         status
     }
@@ -235,12 +191,7 @@ fn run_job(job: &Job, export: Arc<Export>, request: JobRequest, key: ClusterKey,
     during.subtract(&latency_before);
     let mut status = job.status.lock().expect("status lock");
     status.elapsed_s = job.started.elapsed().as_secs_f64();
-    status.progress = job
-        .progress
-        .lock()
-        .expect("progress lock")
-        .as_ref()
-        .map(Into::into);
+    status.progress = job.progress.lock().expect("progress lock").clone();
     status.guest_writes = export.counters.write_ops.load(Ordering::Relaxed) - write_ops_before;
     status.guest_write_latency_us = (during.count() > 0).then(|| during.summary());
     match outcome {

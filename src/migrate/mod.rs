@@ -53,7 +53,7 @@ pub struct SendOutcome {
 }
 
 /// A progress sample for the CLI bar and the API; the rates and the ETA are forecasts.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Progress {
     /// Current pass number.
     pub pass: u32,

@@ -35,7 +35,7 @@ pub fn follow(
     loop {
         let status = client.job(id)?;
         if let Some(p) = &status.progress {
-            progress.set_prefix(format!("{} ({})", p.pass, p.pass_kind));
+            progress.set_prefix(format!("{} ({})", p.pass, p.kind.as_str()));
             progress.set_length(p.bytes_sent.max(disk_bytes).max(1));
             progress.set_position(p.bytes_sent);
             progress.set_message(format!(
