@@ -1,0 +1,344 @@
+#!/usr/bin/env python3
+"""Helpers of scripts/bench-migrate (not meant to be run by hand).
+
+  windows LOG PREFIX NAME=T0:T1 ...   guest write IOPS and latency (p50/p99/p999/max) in each
+                                      time window of a fio latency log; computed with the
+                                      peers' own mirror_driver.lat_windows (imported from
+                                      $PEERS at run time) so ferry and QEMU figures are taken
+                                      the same way
+  fio JSON PREFIX                     the writer's totals (IOPS, writes, error)
+  report JSON DISK_BYTES PREFIX       ferry's JobStatus (`ferry migrate --json`) as key=value
+  unwritten SRC DST LOG BS PREFIX     compares the two images on every BS block the guest never
+                                      wrote (they must be equal: the copy of the prefill)
+  summary KV                          tables, goal ratios, README table (key=value in, text out)
+"""
+import json
+import os
+import statistics
+import sys
+from collections import defaultdict
+
+
+def kv(prefix, key, value):
+    print(f"{prefix}.{key}={value}")
+
+
+def load_json(path):
+    text = open(path).read()
+    return json.loads(text[text.index("{"):])
+
+
+def cmd_windows(log, prefix, *specs):
+    sys.path.insert(0, os.environ["PEERS"])
+    from mirror_driver import lat_windows  # the peers' exact window statistics
+
+    windows = {}
+    for spec in specs:
+        name, span = spec.split("=", 1)
+        a, b = span.split(":")
+        windows[name] = (float(a), float(b))
+    for name, s in lat_windows(log, windows).items():
+        kv(prefix, f"{name}.secs", f"{s['secs']:.2f}")
+        kv(prefix, f"{name}.writer_iops", f"{s['iops']:.0f}")
+        for p in ("p50", "p99", "p999", "max"):
+            kv(prefix, f"{name}.write_lat_{p}_us", f"{s[p]:.0f}")
+
+
+def cmd_fio(path, prefix):
+    try:
+        job = load_json(path)["jobs"][0]
+    except (OSError, ValueError, KeyError, IndexError) as err:
+        kv(prefix, "writer_error", f"no fio json ({err})".replace("\n", " "))
+        return
+    w = job["write"]
+    kv(prefix, "writer_iops_achieved", f"{w['iops']:.0f}")
+    kv(prefix, "writer_writes", w["total_ios"])
+    kv(prefix, "writer_error", job.get("error", 0))
+
+
+def cmd_report(path, disk_bytes, prefix):
+    try:
+        st = load_json(path)
+    except (OSError, ValueError) as err:
+        kv(prefix, "phase", "no-json")
+        kv(prefix, "error", f"migrate printed no JSON ({err})".replace("\n", " "))
+        return
+    kv(prefix, "phase", st.get("phase"))
+    err = st.get("error")
+    if err:
+        kv(prefix, "error", str(err).replace("\n", " "))
+    kv(prefix, "elapsed_s", st.get("elapsed_s"))
+    rep = st.get("report") or {}
+    if rep:
+        sent = rep["bytes_data"] + rep["bytes_zero"]
+        for k in ("policy", "disk_bytes", "allocated_bytes", "bytes_data", "bytes_zero",
+                  "blocks_resent", "hot_blocks", "deferrals", "mirrored", "forced",
+                  "converge_ms", "pause_ms", "amplification"):
+            kv(prefix, k, rep.get(k))
+        kv(prefix, "resent_bytes", sent - rep["allocated_bytes"])
+        kv(prefix, "passes", len(rep.get("passes", [])))
+        kv(prefix, "passes_detail", " ".join(
+            f"{p.get('kind')}:{p.get('dirty_blocks_at_start')}/{p.get('blocks_sent')}"
+            f"/{p.get('duration_ms')}ms" for p in rep.get("passes", [])))
+    lat = st.get("guest_write_latency_us") or {}
+    for k in ("count", "p50", "p99", "max"):
+        if k in lat:
+            kv(prefix, f"agent_write_lat_{k}", lat[k])
+    if "guest_writes" in st:
+        kv(prefix, "agent_guest_writes", st["guest_writes"])
+
+
+def cmd_unwritten(src, dst, log, bs, prefix):
+    bs = int(bs)
+    written = set()
+    with open(log) as f:
+        for line in f:
+            parts = line.split(",")
+            if len(parts) >= 5 and parts[2].strip() == "1":
+                off, size = int(parts[4]), int(parts[3])
+                for b in range(off // bs, (off + size + bs - 1) // bs):
+                    written.add(b)
+    chunk = 1 << 20
+    differ = checked = 0
+    first = None
+    with open(src, "rb", buffering=0) as fs, open(dst, "rb", buffering=0) as fd:
+        off = 0
+        while True:
+            a, b = fs.read(chunk), fd.read(chunk)
+            if not a and not b:
+                break
+            if a != b:
+                n = max(len(a), len(b))
+                for i in range(0, n, bs):
+                    blk = (off + i) // bs
+                    if blk in written:
+                        continue
+                    if a[i:i + bs] != b[i:i + bs]:
+                        differ += 1
+                        first = off + i if first is None else first
+            off += max(len(a), len(b))
+        checked = off // bs - len(written)
+    kv(prefix, "written_blocks", len(written))
+    kv(prefix, "unwritten_blocks_checked", checked)
+    kv(prefix, "unwritten_blocks_differing", differ)
+    if first is not None:
+        kv(prefix, "first_differing_offset", first)
+
+
+# ---------------------------------------------------------------------------------- summary
+SYSTEMS = [  # key, label
+    ("ferry-heat", "ferry (heat)"),
+    ("ferry-naive", "ferry (naive)"),
+    ("ferry-heat-forced", "ferry (heat, --force-after 30000)"),
+    ("ferry-naive-forced", "ferry (naive, --force-after 30000)"),
+    ("qemu-bg64k", "QEMU mirror background, 64 KiB"),
+    ("qemu-bg4k", "QEMU mirror background, 4 KiB"),
+    ("qemu-wb", "QEMU mirror write-blocking"),
+]
+QEMU = ["qemu-bg64k", "qemu-bg4k", "qemu-wb"]
+QEMU_BG = ["qemu-bg64k", "qemu-bg4k"]
+
+
+def num(v):
+    try:
+        x = float(v)
+        return x if x == x else None
+    except (TypeError, ValueError):
+        return None
+
+
+def cmd_summary(path):
+    raw = {}
+    for line in open(path):
+        if "=" in line:
+            k, v = line.rstrip("\n").split("=", 1)
+            raw[k] = v
+    # r<round>.<system>.w<iops>.<metric>  |  r<round>.idle.<metric>
+    runs = defaultdict(list)        # (system, workload, metric) -> [values over rounds]
+    texts = defaultdict(list)
+    for k, v in raw.items():
+        parts = k.split(".", 3)
+        if len(parts) < 3 or not parts[0].startswith("r"):
+            continue
+        if parts[1] == "idle":
+            key = ("idle", "-", k.split(".", 2)[2])
+        elif len(parts) == 4:
+            key = (parts[1], parts[2], parts[3])
+        else:
+            continue
+        texts[key].append(v)
+        x = num(v)
+        if x is not None:
+            runs[key].append(x)
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    workloads = sorted({w for (_, w, _) in runs if w.startswith("w")}, key=lambda w: int(w[1:]))
+
+    def g(s, w, m):
+        return med.get((s, w, m))
+
+    def t(s, w, m):
+        v = texts.get((s, w, m))
+        return "/".join(sorted(set(v))) if v else None
+
+    def f(x, fmt="{:.2f}", dash="-"):
+        return dash if x is None else fmt.format(x)
+
+    rows = []
+    for w in workloads:
+        target = g("ferry-base", w, "target_iops") or g("qemu-base", w, "target_iops")
+        for s, label in SYSTEMS:
+            if not any(k[0] == s and k[1] == w for k in texts):
+                continue
+            disk = g(s, w, "disk_bytes")
+            res = g(s, w, "resent_bytes")
+            conv = g(s, w, "converge_s")
+            conv_txt = f(conv) if conv is not None else (t(s, w, "converge_s") or "-")
+            status = t(s, w, "status") or "-"
+            err = t(s, w, "error")
+            rows.append(dict(
+                w=w, s=s, label=label, target=target,
+                conv=conv_txt,
+                res=(f"{res / 2**20:.0f} ({res / disk:.3f}x)" if res is not None and disk
+                     else "-"),
+                amp=f(g(s, w, "amplification"), "{:.3f}"),
+                pause=f(g(s, w, "pause_ms"), "{:.1f}"),
+                iops=f(g(s, w, "job_iops"), "{:.0f}"),
+                lat=f"{f(g(s, w, 'job_p50_us'), '{:.0f}')} / {f(g(s, w, 'job_p99_us'), '{:.0f}')}"
+                    f" / {f(g(s, w, 'job_max_us'), '{:.0f}')}",
+                match=t(s, w, "match") or "-",
+                note=(status if status not in ("-", "done") else "")
+                     + (f": {err}" if err else ""),
+            ))
+
+    print(f"\n== live migration, {raw.get('size', '?')} of random data, guest fio nbd 4k "
+          "randwrite zipf:1.2 QD8")
+    hdr = (f"{'workload':<9}{'system':<36}{'conv_s':>8}{'re-sent MiB (x disk)':>22}{'amplif':>8}"
+           f"{'pause_ms':>10}{'g_iops':>8}{'  p50 / p99 / max us':<26}{'match':>6}  note")
+    print(hdr)
+    for r in rows:
+        print(f"{r['w']:<9}{r['label']:<36}{r['conv']:>8}{r['res']:>22}{r['amp']:>8}"
+              f"{r['pause']:>10}{r['iops']:>8}  {r['lat']:<24}{r['match']:>6}  {r['note']}")
+    print("\nno-job baselines (writer only, same windows method):")
+    for w in workloads:
+        for s in ("ferry-base", "qemu-base"):
+            if g(s, w, "job_iops") is not None:
+                print(f"  {w} {s:<11} target {f(g(s, w, 'target_iops'), '{:.0f}')} IOPS, got "
+                      f"{f(g(s, w, 'job_iops'), '{:.0f}')}; p50/p99/max "
+                      f"{f(g(s, w, 'job_p50_us'), '{:.0f}')}/{f(g(s, w, 'job_p99_us'), '{:.0f}')}/"
+                      f"{f(g(s, w, 'job_max_us'), '{:.0f}')} us")
+
+    # ----- goals: ferry (heat) against the best QEMU configuration on each figure
+    print("\n== goals: ferry (heat) / best QEMU configuration, per workload")
+    goal_lines = []
+
+    def best(systems, w, m):
+        # a configuration that never converged (timeout) cannot be the best one on any figure
+        vals = [(g(s, w, m), s) for s in systems
+                if g(s, w, m) is not None and t(s, w, "status") == "done"]
+        return min(vals) if vals else (None, None)
+
+    def verdict(ratio, limit, le=True):
+        if ratio is None:
+            return "n/a"
+        ok = ratio <= limit if le else ratio >= limit
+        return "MET" if ok else "NOT MET"
+
+    for w in workloads:
+        heat_ok = t("ferry-heat", w, "status") == "done"
+        fk = "ferry-heat" if heat_ok else (
+            "ferry-heat-forced" if t("ferry-heat-forced", w, "status") == "done" else None)
+        if fk is None:
+            goal_lines.append(f"{w}: ferry (heat) did not complete a migration; no ratios")
+            continue
+        tag = "" if fk == "ferry-heat" else " [forced run]"
+        skipped = [s for s in QEMU if t(s, w, "status") not in (None, "done")]
+        if skipped:
+            goal_lines.append(f"{w}: left out of 'best QEMU' (did not converge): "
+                              + ", ".join(skipped))
+        res, disk = g(fk, w, "resent_bytes"), g(fk, w, "disk_bytes")
+        qres, qs = best(QEMU, w, "resent_bytes")
+        if res is not None and qres is not None:
+            r = res / qres if qres > 0 else (0.0 if res <= 0 else None)
+            goal_lines.append(
+                f"{w}: re-sent bytes {res / 2**20:.0f} MiB vs best QEMU ({qs}) "
+                f"{qres / 2**20:.0f} MiB: {f(r, '{:.3f}', 'inf')}x (goal <= 0.5x) -> "
+                f"{verdict(r, 0.5) if r is not None else 'NOT MET (QEMU re-sent nothing)'}")
+            bres, bs = best(QEMU_BG, w, "resent_bytes")
+            if bres is not None and bs != qs and bres > 0:
+                goal_lines.append(f"{w}:   (vs best background mirror {bs}: {res / bres:.3f}x)")
+        conv = g(fk, w, "converge_s")
+        qconv, qs = best(QEMU, w, "converge_s")
+        if conv is not None and qconv:
+            r = conv / qconv
+            goal_lines.append(f"{w}: time to converge {conv:.2f} s vs best QEMU ({qs}) "
+                              f"{qconv:.2f} s: {r:.3f}x (goal <= 1.0x) -> {verdict(r, 1.0)}")
+        p99 = g(fk, w, "job_p99_us")
+        qp99, qs = best(QEMU_BG, w, "job_p99_us")
+        if p99 is not None and qp99:
+            r = p99 / qp99
+            goal_lines.append(f"{w}: guest p99 write latency during the job {p99:.0f} us vs "
+                              f"QEMU background ({qs}, the lower) {qp99:.0f} us: {r:.3f}x "
+                              f"(goal <= 0.5x) -> {verdict(r, 0.5)}")
+        iops, target = g(fk, w, "job_iops"), g("ferry-base", w, "target_iops")
+        base = g("ferry-base", w, "job_iops")
+        if iops is not None and target:
+            r = iops / target
+            ref = min(target, base) if base else target
+            r2 = iops / ref
+            goal_lines.append(f"{w}: guest IOPS during the job {iops:.0f} = {r:.3f}x the target "
+                              f"{target:.0f}, {r2:.3f}x min(target, no-job baseline "
+                              f"{f(base, '{:.0f}')}) (goal >= 0.9x) -> {verdict(r2, 0.9, le=False)}")
+        goal_lines[-1] += tag
+    pauses = [x for (s, w, m), v in runs.items() if s == "ferry-heat" and m == "pause_ms"
+              for x in v]
+    if pauses:
+        pm, px = statistics.median(pauses), max(pauses)
+        goal_lines.append(f"switchover pause, ferry (heat), {len(pauses)} runs: median "
+                          f"{pm:.1f} ms (goal <= 10) -> {verdict(pm, 10)}; max {px:.1f} ms "
+                          f"(goal <= 50) -> {verdict(px, 50)}")
+    rate = g("idle", "-", "copy_mibs")
+    rd, wr = g("idle", "-", "disk_read_mibs"), g("idle", "-", "disk_write_mibs")
+    if rate and rd and wr:
+        r = rate / min(rd, wr)
+        goal_lines.append(f"idle disk: ferry copy rate {rate:.0f} MiB/s vs fio O_DIRECT 1M seq read "
+                          f"{rd:.0f} / write {wr:.0f} MiB/s: {r:.3f}x the slower (goal >= 0.9x) -> "
+                          f"{verdict(r, 0.9, le=False)}")
+    elif texts.get(("idle", "-", "status")):
+        goal_lines.append(f"idle disk: ferry run {t('idle', '-', 'status')}: "
+                          f"{t('idle', '-', 'error') or ''}")
+    for line in goal_lines:
+        print("  " + line)
+
+    print("\nREADME table:\n")
+    print("| guest IOPS target | system | time to converge (s) | re-sent MiB (x disk) | "
+          "amplification | switchover pause (ms) | guest IOPS during job | guest write "
+          "p50 / p99 / max (us) | images match | note |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['w'][1:]} | {r['label']} | {r['conv']} | {r['res']} | {r['amp']} | "
+              f"{r['pause']} | {r['iops']} | {r['lat']} | {r['match']} | {r['note']} |")
+    for w in workloads:
+        for s, label in (("ferry-base", "no job (ferry)"), ("qemu-base", "no job (QEMU qsd)")):
+            if g(s, w, "job_iops") is not None:
+                print(f"| {w[1:]} | {label} | - | - | - | - | {g(s, w, 'job_iops'):.0f} | "
+                      f"{f(g(s, w, 'job_p50_us'), '{:.0f}')} / {f(g(s, w, 'job_p99_us'), '{:.0f}')}"
+                      f" / {f(g(s, w, 'job_max_us'), '{:.0f}')} | - | |")
+    if rate:
+        print(f"| idle | ferry (heat), no guest | {f(g('idle', '-', 'converge_s'))} | "
+              f"{f(g('idle', '-', 'resent_bytes'), '{:.0f}')} | "
+              f"{f(g('idle', '-', 'amplification'), '{:.3f}')} | "
+              f"{f(g('idle', '-', 'pause_ms'), '{:.1f}')} | - | - | - | copy {rate:.0f} MiB/s; "
+              f"fio 1M O_DIRECT read {f(rd, '{:.0f}')} / write {f(wr, '{:.0f}')} MiB/s |")
+    print("\nGoals:\n")
+    for line in goal_lines:
+        print(f"- {line}")
+
+
+def main():
+    cmd, args = sys.argv[1], sys.argv[2:]
+    {"windows": cmd_windows, "fio": cmd_fio, "report": cmd_report,
+     "unwritten": cmd_unwritten, "summary": cmd_summary}[cmd](*args)
+
+
+if __name__ == "__main__":
+    main()
