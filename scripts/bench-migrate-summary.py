@@ -251,6 +251,7 @@ def cmd_summary(path):
             goal_lines.append(f"{w}: ferry (heat) did not complete a migration; no ratios")
             continue
         tag = "" if fk == "ferry-heat" else " [forced run]"
+        first_line = len(goal_lines)
         skipped = [s for s in QEMU if t(s, w, "status") not in (None, "done")]
         if skipped:
             goal_lines.append(f"{w}: left out of 'best QEMU' (did not converge): "
@@ -288,7 +289,8 @@ def cmd_summary(path):
             goal_lines.append(f"{w}: guest IOPS during the job {iops:.0f} = {r:.3f}x the target "
                               f"{target:.0f}, {r2:.3f}x min(target, no-job baseline "
                               f"{f(base, '{:.0f}')}) (goal >= 0.9x) -> {verdict(r2, 0.9, le=False)}")
-        goal_lines[-1] += tag
+        for i in range(first_line, len(goal_lines)):
+            goal_lines[i] += tag
     pauses = [x for (s, w, m), v in runs.items() if s == "ferry-heat" and m == "pause_ms"
               for x in v]
     if pauses:
