@@ -93,6 +93,10 @@ pub enum Command {
         /// Return once the job started instead of following it.
         #[arg(long)]
         no_wait: bool,
+        /// Compare BLAKE3 digests of both images at the switchover point (writes stay held
+        /// while both are hashed).
+        #[arg(long)]
+        verify: bool,
         /// Agent to talk to.
         #[command(flatten)]
         target: ApiTarget,

@@ -75,6 +75,7 @@ fn run(cli: Cli) -> Result<()> {
             force_after,
             bandwidth,
             no_wait,
+            verify,
             target,
         } => {
             let client = client(&target)?;
@@ -90,6 +91,7 @@ fn run(cli: Cli) -> Result<()> {
                 force_after_ms: force_after,
                 bandwidth_bytes_per_s,
                 hot_threshold: None,
+                verify,
             };
             let disk_bytes = client
                 .exports()?

@@ -512,7 +512,16 @@ impl Control for Registry {
             .clone()
             .ok_or_else(|| ControlError::Invalid("this agent has no cluster key".into()))?;
         self.jobs
-            .start(export, JobRequest { to, options, send }, key)
+            .start(
+                export,
+                JobRequest {
+                    to,
+                    options,
+                    send,
+                    verify: request.verify,
+                },
+                key,
+            )
             .map_err(ControlError::Busy)
     }
 

@@ -196,6 +196,9 @@ pub struct MigrateRequest {
     /// Heat at and above which a block counts as hot (default 8).
     #[serde(default)]
     pub hot_threshold: Option<u8>,
+    /// Compare BLAKE3 digests of both images at the switchover point (holds writes longer).
+    #[serde(default)]
+    pub verify: bool,
 }
 
 pub use crate::migrate::jobs::{JobPhase, JobStatus};

@@ -127,6 +127,7 @@ fn drive(
         force_after_ms: Some(30_000),
         bandwidth_bytes_per_s: None,
         hot_threshold: None,
+        verify: false,
     };
     let started = api.migrate("vm1", &request)?;
     let status = crate::migrate::view::follow(&api, started.id, size_bytes, false)?;

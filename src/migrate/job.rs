@@ -40,6 +40,17 @@ pub enum JobError {
     /// The destination does not serve NBD over TCP, so the source cannot forward to it.
     #[error("the destination agent does not serve NBD over TCP: start it with --tcp")]
     NoForwardAddress,
+    /// The images differ at the switchover point: the commit was not sent.
+    #[error("verification failed: source {source_digest} != destination {destination_digest}")]
+    VerifyMismatch {
+        /// BLAKE3 of the source image.
+        source_digest: String,
+        /// BLAKE3 of the destination image.
+        destination_digest: String,
+    },
+    /// The source image could not be read for verification.
+    #[error("cannot hash the source image")]
+    VerifyRead(#[source] TransferError),
     /// Active mirroring is not available in this build.
     #[error("active mirroring is not available")]
     MirrorUnavailable,
@@ -54,6 +65,20 @@ pub struct JobEnv {
     clock: Arc<dyn Clock>,
     forward_addr: Option<String>,
     progress: Arc<Mutex<Option<Progress>>>,
+    verify: Option<Arc<Mutex<Option<VerifyOutcome>>>>,
+}
+
+/// The comparison of both images at the switchover point (`--verify`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct VerifyOutcome {
+    /// Whether the digests are equal.
+    pub matched: bool,
+    /// BLAKE3 of the source image, hex.
+    pub source_digest: String,
+    /// BLAKE3 of the destination image, hex.
+    pub destination_digest: String,
+    /// Time both hashes took (guest writes are held meanwhile, so it adds to the pause).
+    pub elapsed_ms: f64,
 }
 
 impl JobEnv {
@@ -65,6 +90,7 @@ impl JobEnv {
         job_id: u64,
         send_options: SendOptions,
         progress: Arc<Mutex<Option<Progress>>>,
+        verify: Option<Arc<Mutex<Option<VerifyOutcome>>>>,
     ) -> Result<JobEnv, JobError> {
         let name = tracker_name(job_id);
         let spec = TrackerSpec {
@@ -97,6 +123,7 @@ impl JobEnv {
             sender,
             forward_addr: reply.nbd_tcp,
             progress,
+            verify,
         })
     }
 
@@ -105,6 +132,47 @@ impl JobEnv {
         let _ = self.export.trackers.remove(self.tracker.name());
         self.sender
     }
+}
+
+impl JobEnv {
+    /// Hashes both images (writes are held: this is the switchover point) and refuses to
+    /// commit when they differ.
+    fn verify_images(&mut self) -> Result<(), JobError> {
+        let started = self.clock.now_ns();
+        let (file, size_bytes) = (self.export.file.clone(), self.export.size_bytes);
+        let local = std::thread::spawn(move || crate::transfer::hash_image(&file, size_bytes));
+        let remote = self.sender.verify().map_err(JobError::Transfer);
+        let local = local
+            .join()
+            .unwrap_or_else(|_| {
+                Err(TransferError::Refused {
+                    reason: "hash thread panicked".into(),
+                })
+            })
+            .map_err(JobError::VerifyRead)?;
+        let remote = remote?;
+        let outcome = VerifyOutcome {
+            matched: local == remote,
+            source_digest: hex(&local),
+            destination_digest: hex(&remote),
+            elapsed_ms: (self.clock.now_ns() - started) as f64 / 1e6,
+        };
+        if let Some(slot) = &self.verify {
+            *slot.lock().expect("verify lock") = Some(outcome.clone());
+        }
+        if outcome.matched {
+            Ok(())
+        } else {
+            Err(JobError::VerifyMismatch {
+                source_digest: outcome.source_digest,
+                destination_digest: outcome.destination_digest,
+            })
+        }
+    }
+}
+
+fn hex(bytes: &[u8; 32]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Name of a job's tracker.
@@ -195,6 +263,9 @@ impl MigrationEnv for JobEnv {
             // forward, and the guest would lose its disk.
             return Err(JobError::NoForwardAddress);
         }
+        if self.verify.is_some() {
+            self.verify_images()?;
+        }
         self.sender.commit().map_err(JobError::Transfer)
     }
 
@@ -249,4 +320,6 @@ pub struct JobRequest {
     pub options: MigrateOptions,
     /// Block-stream options (bandwidth cap).
     pub send: SendOptions,
+    /// Compare BLAKE3 digests of both images at the switchover point.
+    pub verify: bool,
 }

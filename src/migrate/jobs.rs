@@ -13,7 +13,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use crate::metrics::LatencySummary;
-use crate::migrate::job::{JobEnv, JobRequest};
+use crate::migrate::job::{JobEnv, JobRequest, VerifyOutcome};
 use crate::migrate::{MigrateError, MigrationReport, Progress};
 use crate::nbd::export::Export;
 use crate::transfer::ClusterKey;
@@ -57,6 +57,8 @@ pub struct JobStatus {
     pub elapsed_s: f64,
     /// Why it failed.
     pub error: Option<String>,
+    /// Both images compared at the switchover point (when asked for).
+    pub verify: Option<VerifyOutcome>,
 }
 
 /// One job's shared state.
@@ -64,6 +66,7 @@ pub struct JobStatus {
 struct Job {
     status: Mutex<JobStatus>,
     progress: Arc<Mutex<Option<Progress>>>,
+    verify: Arc<Mutex<Option<VerifyOutcome>>>,
     started: Instant,
 }
 
@@ -127,8 +130,10 @@ impl Jobs {
                 guest_writes: 0,
                 elapsed_s: 0.0,
                 error: None,
+                verify: None,
             }),
             progress: Arc::new(Mutex::new(None)),
+            verify: Arc::new(Mutex::new(None)),
             started: Instant::now(),
         });
         jobs.insert(id, job.clone());
@@ -173,25 +178,38 @@ impl Jobs {
 fn run_job(job: &Job, export: Arc<Export>, request: JobRequest, key: ClusterKey, id: u64) {
     let write_ops_before = export.counters.write_ops.load(Ordering::Relaxed);
     let latency_before = export.write_latency.lock().expect("latency lock").clone();
-    let outcome = JobEnv::start(
-        export.clone(),
-        request.to,
-        &key,
-        id,
-        request.send.clone(),
-        job.progress.clone(),
-    )
-    .map_err(|err| (false, crate::agent::registry::error_chain(&err)))
-    .and_then(|mut env| {
-        let result = crate::migrate::run(&mut env, &request.options);
-        drop(env.finish());
-        result.map_err(|err| (err.destination_authoritative(), describe(&err)))
+    // A panic is a bug (and aborts a release build); in a test build the job must still end
+    // as failed so that nobody waits for it forever. Held writes stay held: after a panic
+    // nobody knows which side is authoritative, and releasing could apply writes wrongly.
+    let run = std::panic::AssertUnwindSafe(|| {
+        JobEnv::start(
+            export.clone(),
+            request.to,
+            &key,
+            id,
+            request.send.clone(),
+            job.progress.clone(),
+            request.verify.then(|| job.verify.clone()),
+        )
+        .map_err(|err| (false, crate::agent::registry::error_chain(&err)))
+        .and_then(|mut env| {
+            let result = crate::migrate::run(&mut env, &request.options);
+            drop(env.finish());
+            result.map_err(|err| (err.destination_authoritative(), describe(&err)))
+        })
+    });
+    let outcome = std::panic::catch_unwind(run).unwrap_or_else(|_| {
+        Err((
+            false,
+            "internal error (panic): the export may hold guest writes".to_string(),
+        ))
     });
     let mut during = export.write_latency.lock().expect("latency lock").clone();
     during.subtract(&latency_before);
     let mut status = job.status.lock().expect("status lock");
     status.elapsed_s = job.started.elapsed().as_secs_f64();
     status.progress = job.progress.lock().expect("progress lock").clone();
+    status.verify = job.verify.lock().expect("verify lock").clone();
     status.guest_writes = export.counters.write_ops.load(Ordering::Relaxed) - write_ops_before;
     status.guest_write_latency_us = (during.count() > 0).then(|| during.summary());
     match outcome {

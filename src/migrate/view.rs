@@ -105,6 +105,18 @@ pub fn render(status: &JobStatus) -> String {
             ));
         }
     }
+    if let Some(v) = &status.verify {
+        out.push_str(&format!(
+            "verify at the switchover point: {} (BLAKE3 {}, {:.0} ms with writes held)\n",
+            if v.matched {
+                "images match"
+            } else {
+                "IMAGES DIFFER"
+            },
+            &v.destination_digest[..16],
+            v.elapsed_ms
+        ));
+    }
     if let Some(l) = &status.guest_write_latency_us {
         out.push_str(&format!(
             "guest writes during the job: {}, latency p50 {} us, p99 {} us, max {} us\n",

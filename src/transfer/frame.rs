@@ -189,6 +189,19 @@ pub enum Frame {
         /// The Commit's seq.
         seq: u64,
     },
+    /// Write everything received, then answer the BLAKE3 digest of the whole target image
+    /// (the source compares it with its own at the switchover point).
+    Verify {
+        /// Echoed in the answer.
+        seq: u64,
+    },
+    /// The digest of the target image after everything before the Verify was written.
+    VerifyOk {
+        /// The Verify's seq.
+        seq: u64,
+        /// BLAKE3 of the whole image.
+        digest: [u8; 32],
+    },
     /// Drop the target (source side), or the acknowledgment of that (destination side).
     Abort,
     /// The sender of this frame stops; the connection closes after it.
@@ -217,6 +230,8 @@ mod kind {
     pub const COMMIT_OK: u8 = 11;
     pub const ABORT: u8 = 12;
     pub const ERROR: u8 = 13;
+    pub const VERIFY: u8 = 14;
+    pub const VERIFY_OK: u8 = 15;
 }
 
 /// Why bytes are not a frame.
@@ -284,7 +299,7 @@ pub fn decode_header(bytes: &[u8; HEADER_BYTES]) -> Result<FrameHeader, FrameErr
         data_len: be_u32(&bytes[12..16]),
         meta_crc: be_u32(&bytes[16..20]),
     };
-    if !(kind::HELLO..=kind::ERROR).contains(&header.kind) {
+    if !(kind::HELLO..=kind::VERIFY_OK).contains(&header.kind) {
         return Err(FrameError::UnknownKind(header.kind));
     }
     if be_u16(&bytes[6..8]) != 0 {
@@ -362,6 +377,11 @@ pub fn decode_meta(header: &FrameHeader, meta: &[u8]) -> Result<Frame, FrameErro
         },
         kind::COMMIT => Frame::Commit { seq: fields.u64()? },
         kind::COMMIT_OK => Frame::CommitOk { seq: fields.u64()? },
+        kind::VERIFY => Frame::Verify { seq: fields.u64()? },
+        kind::VERIFY_OK => Frame::VerifyOk {
+            seq: fields.u64()?,
+            digest: fields.array()?,
+        },
         kind::ABORT => Frame::Abort,
         kind::ERROR => Frame::Error {
             code: ErrorCode::from_wire(fields.u16()?).ok_or(FrameError::BadField("code"))?,
@@ -479,14 +499,23 @@ fn encode_meta(frame: &Frame, out: &mut Vec<u8>) -> (u8, u32) {
             };
             (kind, 0)
         }
-        Frame::Sync { seq } | Frame::Commit { seq } | Frame::CommitOk { seq } => {
+        Frame::Sync { seq }
+        | Frame::Commit { seq }
+        | Frame::CommitOk { seq }
+        | Frame::Verify { seq } => {
             out.extend_from_slice(&seq.to_be_bytes());
             let kind = match frame {
                 Frame::Sync { .. } => kind::SYNC,
                 Frame::Commit { .. } => kind::COMMIT,
+                Frame::Verify { .. } => kind::VERIFY,
                 _ => kind::COMMIT_OK,
             };
             (kind, 0)
+        }
+        Frame::VerifyOk { seq, digest } => {
+            out.extend_from_slice(&seq.to_be_bytes());
+            out.extend_from_slice(digest);
+            (kind::VERIFY_OK, 0)
         }
         Frame::SyncOk {
             seq,
@@ -649,6 +678,11 @@ mod tests {
                 len_bytes: 512,
             },
             Frame::Sync { seq: 3 },
+            Frame::Verify { seq: 5 },
+            Frame::VerifyOk {
+                seq: 5,
+                digest: [7; 32],
+            },
             Frame::SyncOk {
                 seq: 3,
                 received_blocks: 99,

@@ -25,6 +25,8 @@ pub(crate) fn frame_name(frame: &Frame) -> &'static str {
         Frame::SyncOk { .. } => "SyncOk",
         Frame::Commit { .. } => "Commit",
         Frame::CommitOk { .. } => "CommitOk",
+        Frame::Verify { .. } => "Verify",
+        Frame::VerifyOk { .. } => "VerifyOk",
         Frame::Abort => "Abort",
         Frame::Error { .. } => "Error",
     }

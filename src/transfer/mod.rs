@@ -44,7 +44,9 @@ use thiserror::Error;
 pub use frame::{ErrorCode, Frame, FrameError, Role, TargetSpec};
 pub use key::ClusterKey;
 pub use pace::Pacer;
-pub use recv::{check_free_space, create_sparse_target, serve, ReceiverServer, TargetHost};
+pub use recv::{
+    check_free_space, create_sparse_target, hash_image, serve, ReceiverServer, TargetHost,
+};
 pub use send::{OpenReply, SendOptions, SendStats, Sender};
 
 /// Errors of the block stream. The same `io::Error` means different things from the socket,

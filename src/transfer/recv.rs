@@ -285,7 +285,7 @@ fn serve_connection(
     stream
         .set_read_timeout(Some(IDLE_TIMEOUT))
         .map_err(TransferError::Socket)?;
-    let mut target = Target::new(&spec, engine);
+    let mut target = Target::new(&spec, file, engine);
     let outcome = target.apply_frames(&mut stream, host);
     // Whatever happened, nothing may be left in the ring when the connection ends.
     let drained = target.drain();
@@ -355,6 +355,7 @@ fn fail(stream: &mut TcpStream, err: TransferError) -> TransferError {
 #[derive(Debug)]
 struct Target {
     spec: TargetSpec,
+    file: Arc<DirectFile>,
     engine: Box<dyn BlockIo>,
     /// tag → (offset, length) of each request in flight.
     in_flight: BTreeMap<u64, (u64, u64)>,
@@ -367,9 +368,10 @@ struct Target {
 }
 
 impl Target {
-    fn new(spec: &TargetSpec, engine: Box<dyn BlockIo>) -> Target {
+    fn new(spec: &TargetSpec, file: Arc<DirectFile>, engine: Box<dyn BlockIo>) -> Target {
         Target {
             spec: spec.clone(),
+            file,
             engine,
             in_flight: BTreeMap::new(),
             next_tag: 0,
@@ -418,6 +420,12 @@ impl Target {
                         seq,
                         received_blocks: self.received.count(),
                     };
+                    write_frame(stream, &reply, &mut self.scratch)?;
+                }
+                Frame::Verify { seq } => {
+                    self.drain()?;
+                    let digest = hash_image(&self.file, self.spec.size_bytes)?;
+                    let reply = Frame::VerifyOk { seq, digest };
                     write_frame(stream, &reply, &mut self.scratch)?;
                 }
                 Frame::Commit { seq } => {
@@ -579,4 +587,20 @@ impl Target {
         })?;
         self.drain()
     }
+}
+
+/// BLAKE3 of the first `size_bytes` of `file`, read in 4 MiB chunks through the page cache.
+pub fn hash_image(file: &DirectFile, size_bytes: u64) -> Result<[u8; 32], TransferError> {
+    const CHUNK_BYTES: u64 = 4 << 20;
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; CHUNK_BYTES as usize];
+    let mut offset = 0;
+    while offset < size_bytes {
+        let len = usize::try_from((size_bytes - offset).min(CHUNK_BYTES)).expect("≤ 4 MiB");
+        file.read_at(offset, &mut buf[..len])
+            .map_err(TransferError::TargetWrite)?;
+        hasher.update(&buf[..len]);
+        offset += len as u64;
+    }
+    Ok(*hasher.finalize().as_bytes())
 }

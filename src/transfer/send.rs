@@ -416,6 +416,21 @@ impl Sender {
         }
     }
 
+    /// Has the destination write everything sent so far and hash its whole target image;
+    /// returns that BLAKE3 digest.
+    pub fn verify(&mut self) -> Result<[u8; 32], TransferError> {
+        let seq = self.take_seq();
+        self.send_frame(&Frame::Verify { seq })
+            .map_err(|err| self.explain(err))?;
+        match self.wait_reply("VerifyOk")? {
+            Frame::VerifyOk {
+                seq: answered,
+                digest,
+            } if answered == seq => Ok(digest),
+            other => Err(unexpected(other, "VerifyOk")),
+        }
+    }
+
     /// Asks the destination to drop the target, and waits (bounded) until it has.
     pub fn abort(mut self) -> Result<(), TransferError> {
         self.send_frame(&Frame::Abort)
