@@ -88,6 +88,7 @@ fn run(cli: Cli) -> Result<()> {
                 to,
                 policy: Some(policy),
                 max_pause_ms: Some(max_pause),
+                target_pause_ms: None,
                 force_after_ms: force_after,
                 bandwidth_bytes_per_s,
                 hot_threshold: None,

@@ -495,6 +495,9 @@ impl Control for Registry {
             options.max_pause_ms = max_pause_ms;
         }
         options.force_after_ms = request.force_after_ms;
+        if let Some(target_pause_ms) = request.target_pause_ms {
+            options.target_pause_ms = target_pause_ms;
+        }
         if let Some(threshold) = request.hot_threshold {
             options.hot_threshold = threshold;
         }

@@ -187,6 +187,9 @@ pub struct MigrateRequest {
     /// Longest write pause the switchover may cause (default 100 ms).
     #[serde(default)]
     pub max_pause_ms: Option<u64>,
+    /// The pause aimed for while the dirty set still shrinks (default 10 ms).
+    #[serde(default)]
+    pub target_pause_ms: Option<u64>,
     /// After this long, switch over even if the pause bound cannot be met.
     #[serde(default)]
     pub force_after_ms: Option<u64>,

@@ -124,6 +124,7 @@ fn drive(
         to: destination.transfer_addr().to_string(),
         policy: Some(policy.into()),
         max_pause_ms: Some(100),
+        target_pause_ms: None,
         force_after_ms: Some(30_000),
         bandwidth_bytes_per_s: None,
         hot_threshold: None,

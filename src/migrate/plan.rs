@@ -320,7 +320,12 @@ impl<'env, E: MigrationEnv> Migration<'env, E> {
         if blocks == 0 {
             return true;
         }
-        let budget_ms = self.options.max_pause_ms as f64;
+        // Aim low while the set still shrinks; accept the hard bound once it does not.
+        let budget_ms = if self.forecast.stalled() {
+            self.options.max_pause_ms
+        } else {
+            self.options.target_pause_ms.min(self.options.max_pause_ms)
+        } as f64;
         self.forecast
             .pause_estimate_ms(blocks * self.granularity_bytes)
             .is_some_and(|estimate_ms| estimate_ms <= budget_ms)

@@ -68,6 +68,8 @@ impl FromStr for Policy {
 
 /// Default bound on the guest write pause at switchover.
 pub const DEFAULT_MAX_PAUSE_MS: u64 = 100;
+/// Default pause the run aims for (see [`MigrateOptions::target_pause_ms`]).
+pub const DEFAULT_TARGET_PAUSE_MS: u64 = 10;
 /// Default heat from which a block counts as hot.
 pub const DEFAULT_HOT_THRESHOLD: u8 = 8;
 /// Default number of copy passes before the run falls back to mirroring.
@@ -86,6 +88,11 @@ pub struct MigrateOptions {
     /// Longest guest write pause allowed at switchover; a switchover whose forecast exceeds
     /// it is deferred (counted in the report) and the run goes on.
     pub max_pause_ms: u64,
+    /// The pause the run aims for: while the dirty set still shrinks, the switchover is
+    /// attempted only once the remainder is forecast to fit this (clamped to `max_pause_ms`);
+    /// once it stops shrinking, anything within `max_pause_ms` is taken. Most switchovers
+    /// then pause far below the hard bound.
+    pub target_pause_ms: u64,
     /// After this long since the run started, the switchover is no longer deferred: the pause
     /// may then exceed `max_pause_ms` (the report says `forced`). `None`: never.
     pub force_after_ms: Option<u64>,
@@ -109,6 +116,7 @@ impl Default for MigrateOptions {
         Self {
             policy: Policy::Heat,
             max_pause_ms: DEFAULT_MAX_PAUSE_MS,
+            target_pause_ms: DEFAULT_TARGET_PAUSE_MS,
             force_after_ms: None,
             hot_threshold: DEFAULT_HOT_THRESHOLD,
             max_passes: DEFAULT_MAX_PASSES,
