@@ -12,12 +12,13 @@
 //! ```
 //!
 //! Module map: [`agent`] the daemon, [`nbd`] the protocol and data path, [`io`] the engines
-//! (every `unsafe` is in the `ferry-sys` crate), [`dirty`] write trackers, [`api`] the control
-//! API and its client, [`metrics`] latency recording, [`env`] the clock trait that core logic
-//! takes so it can run under simulation, [`demo`] the `ferry demo` walkthrough, [`transfer`] the
-//! authenticated block stream between agents (framed extents, BLAKE3 per extent, holes for
-//! zeros, bandwidth cap), [`migrate`] the live-migration algorithm (heat and naive policies,
-//! switchover), the job that runs it on a real export, and its simulation.
+//! (the `ferry-sys` crate holds all code the compiler cannot check), [`dirty`] write
+//! trackers, [`api`] the control API and its client, [`metrics`] latency recording, [`env`]
+//! the clock trait that core logic takes so it can run under simulation, [`prng`] the seeded
+//! generator of tests and simulations, [`demo`] the `ferry demo` walkthrough, [`transfer`]
+//! the authenticated block stream between agents (framed extents, BLAKE3 per extent, holes
+//! for zeros, bandwidth cap), [`migrate`] the live-migration algorithm (heat and naive
+//! policies, switchover), the job that runs it on a real export, and its simulation.
 #![forbid(unsafe_code)]
 
 pub mod agent;
