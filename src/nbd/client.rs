@@ -57,22 +57,17 @@ pub struct NbdClient {
 impl NbdClient {
     /// Connects to a unix socket and selects `export` with OPT_GO.
     pub fn connect_unix(socket: &Path, export: &str) -> io::Result<NbdClient> {
-        let mut conn = Conn::Unix(UnixStream::connect(socket)?);
-        let (size_bytes, transmission_flags) = handshake(&mut conn, export)?;
-        Ok(NbdClient {
-            conn,
-            size_bytes,
-            transmission_flags,
-            next_cookie: 1,
-            reads: HashMap::new(),
-        })
+        Self::negotiate(Conn::Unix(UnixStream::connect(socket)?), export)
     }
 
     /// Connects over TCP and negotiates `export` (Nagle off: requests are sent whole).
     pub fn connect_tcp(addr: &str, export: &str) -> io::Result<NbdClient> {
         let stream = std::net::TcpStream::connect(addr)?;
         stream.set_nodelay(true)?;
-        let mut conn = Conn::Tcp(stream);
+        Self::negotiate(Conn::Tcp(stream), export)
+    }
+
+    fn negotiate(mut conn: Conn, export: &str) -> io::Result<NbdClient> {
         let (size_bytes, transmission_flags) = handshake(&mut conn, export)?;
         Ok(NbdClient {
             conn,
