@@ -97,6 +97,10 @@ pub enum Command {
         /// while both are hashed).
         #[arg(long)]
         verify: bool,
+        /// During the bulk copy, halve the copy rate whenever the guest's write p99 exceeds
+        /// 4 ms (guest priority; the copy takes longer).
+        #[arg(long = "yield")]
+        yield_to_guest: bool,
         /// Agent to talk to.
         #[command(flatten)]
         target: ApiTarget,

@@ -76,6 +76,7 @@ fn run(cli: Cli) -> Result<()> {
             bandwidth,
             no_wait,
             verify,
+            yield_to_guest,
             target,
         } => {
             let client = client(&target)?;
@@ -93,6 +94,7 @@ fn run(cli: Cli) -> Result<()> {
                 bandwidth_bytes_per_s,
                 hot_threshold: None,
                 verify,
+                yield_to_guest,
             };
             let disk_bytes = client
                 .exports()?

@@ -522,6 +522,7 @@ impl Control for Registry {
                     options,
                     send,
                     verify: request.verify,
+                    yield_to_guest: request.yield_to_guest,
                 },
                 key,
             )

@@ -202,6 +202,9 @@ pub struct MigrateRequest {
     /// Compare BLAKE3 digests of both images at the switchover point (holds writes longer).
     #[serde(default)]
     pub verify: bool,
+    /// The bulk copy backs off while the guest's write p99 is above 4 ms.
+    #[serde(default)]
+    pub yield_to_guest: bool,
 }
 
 pub use crate::migrate::jobs::{JobPhase, JobStatus};

@@ -129,6 +129,7 @@ fn drive(
         bandwidth_bytes_per_s: None,
         hot_threshold: None,
         verify: false,
+        yield_to_guest: false,
     };
     let started = api.migrate("vm1", &request)?;
     let status = crate::migrate::view::follow(&api, started.id, size_bytes, false)?;

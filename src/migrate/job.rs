@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use crate::dirty::{DirtySet, Tracker, TrackerSpec};
 use crate::env::Clock;
+use crate::migrate::backoff::GuestBackoff;
 use crate::migrate::{MigrateOptions, MigrationEnv, Progress, SendOutcome};
 use crate::nbd::export::Export;
 use crate::nbd::route::Route;
@@ -66,6 +67,16 @@ pub struct JobEnv {
     forward_addr: Option<String>,
     progress: Arc<Mutex<Option<Progress>>>,
     verify: Option<Arc<Mutex<Option<VerifyOutcome>>>>,
+    /// Guest priority during the bulk copy.
+    backoff: GuestBackoff,
+    /// The operator's cap, which the back-off never raises.
+    bandwidth_cap: Option<u64>,
+    /// Current pass (from the algorithm's progress).
+    pass: u32,
+    /// Copy rate of the last send.
+    copy_bytes_per_s: Option<f64>,
+    /// Whether the bulk copy backs off on guest latency.
+    yield_to_guest: bool,
 }
 
 /// The comparison of both images at the switchover point (`--verify`).
@@ -82,16 +93,19 @@ pub struct VerifyOutcome {
 }
 
 impl JobEnv {
-    /// Creates the migration tracker on `export` and opens the block stream to `to`.
+    /// Creates the migration tracker on `export` and opens the block stream to the
+    /// request's destination; progress samples and the verification go to the given slots.
     pub fn start(
         export: Arc<Export>,
-        to: SocketAddr,
+        request: &JobRequest,
         key: &ClusterKey,
         job_id: u64,
-        send_options: SendOptions,
         progress: Arc<Mutex<Option<Progress>>>,
-        verify: Option<Arc<Mutex<Option<VerifyOutcome>>>>,
+        verify: Arc<Mutex<Option<VerifyOutcome>>>,
     ) -> Result<JobEnv, JobError> {
+        let (to, send_options) = (request.to, request.send.clone());
+        let verify = request.verify.then_some(verify);
+        let yield_to_guest = request.yield_to_guest;
         let name = tracker_name(job_id);
         let spec = TrackerSpec {
             name: name.clone(),
@@ -108,6 +122,7 @@ impl JobEnv {
             granularity_bytes: export.granularity_bytes,
             job_id,
         };
+        let bandwidth_cap = send_options.bandwidth_bytes_per_s;
         let opened = Sender::connect(to, key, &target, send_options);
         let (sender, reply) = match opened {
             Ok(opened) => opened,
@@ -116,8 +131,18 @@ impl JobEnv {
                 return Err(JobError::Transfer(err));
             }
         };
+        let clock = export.trackers.clock().clone();
+        let backoff = GuestBackoff::new(
+            clock.now_ns(),
+            &export.write_latency.lock().expect("latency lock"),
+        );
         Ok(JobEnv {
-            clock: export.trackers.clock().clone(),
+            backoff,
+            bandwidth_cap,
+            pass: 0,
+            copy_bytes_per_s: None,
+            yield_to_guest,
+            clock,
             export,
             tracker,
             sender,
@@ -231,16 +256,35 @@ impl MigrationEnv for JobEnv {
 
     fn send(&mut self, blocks: &DirtySet) -> Result<SendOutcome, JobError> {
         let started = self.clock.now_ns();
+        // The bulk copy (pass 1) yields to the guest; later passes are short and run at
+        // full speed so that the copy keeps ahead of the dirty rate.
+        let yielded = if self.yield_to_guest && self.pass <= 1 {
+            let latency = self.export.write_latency.lock().expect("latency lock");
+            self.backoff
+                .observe(started, &latency, self.copy_bytes_per_s)
+        } else {
+            None
+        };
+        let cap = match (yielded, self.bandwidth_cap) {
+            (Some(rate), Some(cap)) => Some(rate.min(cap)),
+            (rate, cap) => rate.or(cap),
+        };
+        self.sender.set_bandwidth(cap);
         let extents: Vec<(u64, u64)> = blocks.iter_extents().collect();
         let stats = self
             .sender
             .send_extents(&self.export.file, &extents)
             .map_err(JobError::Transfer)?;
         self.sender.sync().map_err(JobError::Transfer)?;
+        let elapsed_ns = self.clock.now_ns() - started;
+        if elapsed_ns > 0 {
+            let bytes = (stats.data_bytes + stats.zero_bytes) as f64;
+            self.copy_bytes_per_s = Some(bytes * 1e9 / elapsed_ns as f64);
+        }
         Ok(SendOutcome {
             bytes_data: stats.data_bytes,
             bytes_zero: stats.zero_bytes,
-            elapsed_ns: self.clock.now_ns() - started,
+            elapsed_ns,
         })
     }
 
@@ -285,6 +329,7 @@ impl MigrationEnv for JobEnv {
     fn stop_mirroring(&mut self) {}
 
     fn progress(&mut self, progress: &Progress) {
+        self.pass = progress.pass;
         *self.progress.lock().expect("progress lock") = Some(progress.clone());
     }
 }
@@ -322,4 +367,6 @@ pub struct JobRequest {
     pub send: SendOptions,
     /// Compare BLAKE3 digests of both images at the switchover point.
     pub verify: bool,
+    /// The bulk copy backs off when the guest's write latency rises ([`GuestBackoff`]).
+    pub yield_to_guest: bool,
 }

@@ -184,12 +184,11 @@ fn run_job(job: &Job, export: Arc<Export>, request: JobRequest, key: ClusterKey,
     let run = std::panic::AssertUnwindSafe(|| {
         JobEnv::start(
             export.clone(),
-            request.to,
+            &request,
             &key,
             id,
-            request.send.clone(),
             job.progress.clone(),
-            request.verify.then(|| job.verify.clone()),
+            job.verify.clone(),
         )
         .map_err(|err| (false, crate::agent::registry::error_chain(&err)))
         .and_then(|mut env| {

@@ -27,6 +27,7 @@
 
 use crate::dirty::DirtySet;
 
+pub mod backoff;
 pub mod forecast;
 pub mod job;
 pub mod jobs;

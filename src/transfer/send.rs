@@ -416,6 +416,13 @@ impl Sender {
         }
     }
 
+    /// Changes the bandwidth cap from the next frame on (None: uncapped).
+    pub fn set_bandwidth(&mut self, bytes_per_s: Option<u64>) {
+        if self.pacer.bytes_per_s() != bytes_per_s {
+            self.pacer = Pacer::new(bytes_per_s);
+        }
+    }
+
     /// Has the destination write everything sent so far and hash its whole target image;
     /// returns that BLAKE3 digest.
     pub fn verify(&mut self) -> Result<[u8; 32], TransferError> {
