@@ -170,8 +170,22 @@ impl Session {
     pub fn run(mut self) -> Result<(), SessionError> {
         let result = self.run_loop();
         self.drain();
+        self.release_gate();
         self.publish(true);
         result
+    }
+
+    /// Requests the engine never handed back (it failed as a whole) leave the write gate and
+    /// are counted as dirty, so a later switchover neither waits for them forever nor
+    /// trusts their blocks.
+    fn release_gate(&mut self) {
+        for pending in self.slots.iter_mut().filter_map(Option::take) {
+            if pending.gated {
+                let len = u64::from(pending.len_bytes);
+                self.export.trackers.mark_range(pending.offset_bytes, len);
+                self.export.route.exit_write();
+            }
+        }
     }
 
     fn run_loop(&mut self) -> Result<(), SessionError> {
