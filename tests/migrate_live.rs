@@ -108,6 +108,16 @@ fn fio_zipf(uri: &str, iops: u32, ios: u32, extra: &[&str]) -> Command {
     cmd
 }
 
+/// fio reads back the last version of every block the guest's `ios` writes touched, at `uri`.
+fn verify_only(uri: &str, ios: u32) {
+    let out = fio_zipf(uri, 0, ios, &["--verify_only"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
 fn wait_fio(child: Child) -> String {
     let out = child.wait_with_output().unwrap();
     let text = format!(
@@ -195,14 +205,7 @@ fn live_migration_under_writes_loses_nothing() {
 
         // Directly at the destination: every block fio wrote is there.
         let destination_uri = pair.destination.uri("vm1");
-        let verify = fio_zipf(&destination_uri, 0, 14_000, &["--verify_only"])
-            .output()
-            .unwrap();
-        assert!(
-            verify.status.success(),
-            "{}",
-            String::from_utf8_lossy(&verify.stdout)
-        );
+        verify_only(&destination_uri, 14_000);
         // The source serves what the destination holds (forwarding), byte for byte.
         let via_source = dir.path().join("via-source.img");
         let via_destination = dir.path().join("via-destination.img");
@@ -300,12 +303,5 @@ fn destination_crash_mid_pass_keeps_source_authoritative() {
     assert_eq!(status["phase"], "failed", "{status:#}");
     assert_eq!(status["authoritative"], "source", "{status:#}");
     wait_fio(guest);
-    let verify = fio_zipf(&source_uri, 0, 6000, &["--verify_only"])
-        .output()
-        .unwrap();
-    assert!(
-        verify.status.success(),
-        "{}",
-        String::from_utf8_lossy(&verify.stdout)
-    );
+    verify_only(&source_uri, 6000);
 }

@@ -73,6 +73,21 @@ struct Setup {
 
 /// A source of `size_bytes`: PRNG data, with `zero_ranges` written as real zeros (allocated,
 /// so only the sender's zero detection can turn them into holes).
+/// A good stream after a failed one: the whole source into target `name`, committed.
+fn send_whole_and_commit(s: &Setup, name: &str, size: u64) {
+    let (mut sender, _) = Sender::connect(
+        s.server.local_addr(),
+        &s.key,
+        &spec(name, size),
+        SendOptions::default(),
+    )
+    .unwrap();
+    sender
+        .send_extents(&open_source(&s.source_path), &[(0, size)])
+        .unwrap();
+    sender.commit().unwrap();
+}
+
 fn setup(size_bytes: u64, zero_ranges: &[(u64, u64)], refuse: Option<String>) -> Setup {
     let dir = tempfile::Builder::new().tempdir_in("/var/tmp").unwrap();
     let source_path = dir.path().join("source.img");
@@ -211,17 +226,7 @@ fn corrupted_data_is_refused() {
     let target = std::fs::read(s.host.image("bad")).unwrap();
     assert!(target.iter().all(|&b| b == 0), "corrupt data was written");
 
-    let (mut sender, _) = Sender::connect(
-        s.server.local_addr(),
-        &s.key,
-        &spec("good", size),
-        SendOptions::default(),
-    )
-    .unwrap();
-    sender
-        .send_extents(&open_source(&s.source_path), &[(0, size)])
-        .unwrap();
-    sender.commit().unwrap();
+    send_whole_and_commit(&s, "good", size);
 }
 
 // Goal: a connection cut mid-stream fails the sender with a reconnectable error, the receiver
@@ -365,15 +370,5 @@ fn garbage_input_closes_only_that_connection() {
     }
     drop(stream);
 
-    let (mut sender, _) = Sender::connect(
-        s.server.local_addr(),
-        &s.key,
-        &spec("after", size),
-        SendOptions::default(),
-    )
-    .unwrap();
-    sender
-        .send_extents(&open_source(&s.source_path), &[(0, size)])
-        .unwrap();
-    sender.commit().unwrap();
+    send_whole_and_commit(&s, "after", size);
 }
