@@ -70,9 +70,11 @@ def cmd_report(path, disk_bytes, prefix):
     kv(prefix, "elapsed_s", st.get("elapsed_s"))
     rep = st.get("report") or {}
     if rep:
-        sent = rep["bytes_data"] + rep["bytes_zero"]
+        # Mirrored guest writes travel too: they count as sent.
+        sent = rep["bytes_data"] + rep["bytes_zero"] + rep.get("bytes_mirrored", 0)
         for k in ("policy", "disk_bytes", "allocated_bytes", "bytes_data", "bytes_zero",
-                  "blocks_resent", "hot_blocks", "deferrals", "mirrored", "forced",
+                  "bytes_mirrored", "blocks_resent", "hot_blocks", "deferrals", "mirrored",
+                  "forced",
                   "converge_ms", "pause_ms", "amplification"):
             kv(prefix, k, rep.get(k))
         kv(prefix, "resent_bytes", sent - rep["allocated_bytes"])

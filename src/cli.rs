@@ -101,6 +101,10 @@ pub enum Command {
         /// 4 ms (guest priority; the copy takes longer).
         #[arg(long = "yield")]
         yield_to_guest: bool,
+        /// Mirror guest writes to the destination from the start (each write is applied at
+        /// both sides before the guest sees it complete): one copy pass, always converges.
+        #[arg(long)]
+        mirror: bool,
         /// Agent to talk to.
         #[command(flatten)]
         target: ApiTarget,

@@ -77,6 +77,7 @@ fn run(cli: Cli) -> Result<()> {
             no_wait,
             verify,
             yield_to_guest,
+            mirror,
             target,
         } => {
             let client = client(&target)?;
@@ -95,6 +96,7 @@ fn run(cli: Cli) -> Result<()> {
                 hot_threshold: None,
                 verify,
                 yield_to_guest,
+                mirror,
             };
             let disk_bytes = client
                 .exports()?

@@ -148,7 +148,9 @@ fn migrate(agent: &AgentProc, to: &str, extra: &[&str]) -> serde_json::Value {
 }
 
 // Goal: a disk moves to another agent while the guest writes, with no error seen by the guest
-// and no acknowledged write lost, for both policies (naive also yielding to the guest). Method: fio writes zipf 4k at 2000 IOPS
+// and no acknowledged write lost, for both policies (naive also yielding to the guest) and
+// with active mirroring from the start (guest writes go into the block stream, racing the
+// copy of the same blocks). Method: fio writes zipf 4k at 2000 IOPS
 // with crc32c headers through the source; `ferry migrate` runs meanwhile; fio keeps writing
 // after the switchover on the same connection; then fio verifies through the source
 // (forwarded) and directly at the destination, and the destination image equals what the
@@ -156,7 +158,13 @@ fn migrate(agent: &AgentProc, to: &str, extra: &[&str]) -> serde_json::Value {
 #[test]
 fn live_migration_under_writes_loses_nothing() {
     require("fio");
-    for policy in ["heat", "naive"] {
+    let cases: [(&str, &[&str]); 3] = [
+        ("heat", &["--policy", "heat"]),
+        // The bulk copy backs off on guest latency.
+        ("naive", &["--policy", "naive", "--yield"]),
+        ("mirror", &["--policy", "heat", "--mirror"]),
+    ];
+    for (policy, args) in cases {
         let dir = common::scratch_dir();
         let image = dir.path().join("vm1.img");
         sparse_image(&image, 256 * MIB);
@@ -170,10 +178,8 @@ fn live_migration_under_writes_loses_nothing() {
             .unwrap();
         std::thread::sleep(Duration::from_secs(2));
         let started = Instant::now();
-        let mut extra = vec!["--policy", policy, "--verify"];
-        if policy == "naive" {
-            extra.push("--yield"); // the bulk copy backs off on guest latency
-        }
+        let mut extra = vec!["--verify"];
+        extra.extend_from_slice(args);
         let status = migrate(&pair.source, &pair.destination_transfer, &extra);
         assert_eq!(
             status["phase"],
@@ -183,6 +189,7 @@ fn live_migration_under_writes_loses_nothing() {
         );
         assert_eq!(status["authoritative"], "destination");
         let report = &status["report"];
+        assert_eq!(report["mirrored"], policy == "mirror", "{report:#}");
         let verify = &status["verify"];
         assert_eq!(
             verify["matched"], true,

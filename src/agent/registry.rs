@@ -501,6 +501,7 @@ impl Control for Registry {
         if let Some(threshold) = request.hot_threshold {
             options.hot_threshold = threshold;
         }
+        options.mirror_from_start = request.mirror;
         options
             .validate()
             .map_err(|p| ControlError::Invalid(p.to_string()))?;

@@ -205,6 +205,10 @@ pub struct MigrateRequest {
     /// The bulk copy backs off while the guest's write p99 is above 4 ms.
     #[serde(default)]
     pub yield_to_guest: bool,
+    /// Mirror guest writes to the destination from the start (each write waits for both
+    /// sides); the copy then runs once and always converges.
+    #[serde(default)]
+    pub mirror: bool,
 }
 
 pub use crate::migrate::jobs::{JobPhase, JobStatus};

@@ -130,6 +130,7 @@ fn drive(
         hot_threshold: None,
         verify: false,
         yield_to_guest: false,
+        mirror: false,
     };
     let started = api.migrate("vm1", &request)?;
     let status = crate::migrate::view::follow(&api, started.id, size_bytes, false)?;

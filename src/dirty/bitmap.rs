@@ -260,6 +260,18 @@ impl DirtySet {
         self.words[word_index(block)] |= 1 << (block % WORD_BITS);
     }
 
+    /// Adds every block of `other` (same geometry) to the set.
+    pub fn union_with(&mut self, other: &DirtySet) {
+        assert_eq!(
+            (self.granularity_bytes, self.block_count),
+            (other.granularity_bytes, other.block_count),
+            "sets of different geometry"
+        );
+        for (word, &bits) in self.words.iter_mut().zip(&other.words) {
+            *word |= bits;
+        }
+    }
+
     /// Dirty blocks in increasing order.
     pub fn iter_blocks(&self) -> impl Iterator<Item = u64> + '_ {
         self.words

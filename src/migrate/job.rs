@@ -10,6 +10,12 @@
 //! - The route switches to forwarding only after the destination committed, with writes
 //!   held; on any failure before the commit the export keeps serving locally (the algorithm
 //!   releases writes), and the target is left uncommitted at the destination.
+//! - Active mirroring: the export's sessions write each guest write into the block stream
+//!   ([`MirrorLink`]) and wait for the destination's fence before answering. The mirror is
+//!   installed and removed with writes held. Blocks taken while mirroring are kept aside
+//!   and merged back if mirroring stops without a switchover; a mirror that failed to
+//!   deliver anything makes the commit refuse, so the algorithm dropping mirrored bits can
+//!   never skip a write the destination lacks.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -21,7 +27,7 @@ use crate::migrate::backoff::GuestBackoff;
 use crate::migrate::{MigrateOptions, MigrationEnv, Progress, SendOutcome};
 use crate::nbd::export::Export;
 use crate::nbd::route::Route;
-use crate::transfer::{ClusterKey, SendOptions, Sender, TargetSpec, TransferError};
+use crate::transfer::{ClusterKey, MirrorLink, SendOptions, Sender, TargetSpec, TransferError};
 
 /// How long a switchover waits for in-flight guest writes to finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -52,9 +58,9 @@ pub enum JobError {
     /// The source image could not be read for verification.
     #[error("cannot hash the source image")]
     VerifyRead(#[source] TransferError),
-    /// Active mirroring is not available in this build.
-    #[error("active mirroring is not available")]
-    MirrorUnavailable,
+    /// A mirrored guest write may be missing at the destination: the commit was not sent.
+    #[error("active mirroring failed to deliver a guest write; not committing")]
+    MirrorFailed,
 }
 
 /// The environment of one running migration.
@@ -77,6 +83,8 @@ pub struct JobEnv {
     copy_bytes_per_s: Option<f64>,
     /// Whether the bulk copy backs off on guest latency.
     yield_to_guest: bool,
+    /// While mirroring: the mirror the sessions feed, and every block taken since.
+    mirror: Option<(MirrorLink, DirtySet)>,
 }
 
 /// The comparison of both images at the switchover point (`--verify`).
@@ -142,6 +150,7 @@ impl JobEnv {
             pass: 0,
             copy_bytes_per_s: None,
             yield_to_guest,
+            mirror: None,
             clock,
             export,
             tracker,
@@ -152,8 +161,9 @@ impl JobEnv {
         })
     }
 
-    /// Removes the migration tracker (the job is over).
+    /// Removes the migration tracker and any mirror (the job is over).
     pub fn finish(self) -> Sender {
+        self.export.mirror.clear();
         let _ = self.export.trackers.remove(self.tracker.name());
         self.sender
     }
@@ -226,7 +236,11 @@ impl MigrationEnv for JobEnv {
     }
 
     fn take_dirty(&mut self) -> DirtySet {
-        self.tracker.take_and_clear()
+        let taken = self.tracker.take_and_clear();
+        if let Some((_, kept)) = &mut self.mirror {
+            kept.union_with(&taken);
+        }
+        taken
     }
 
     fn merge_dirty(&mut self, set: &DirtySet) {
@@ -302,6 +316,10 @@ impl MigrationEnv for JobEnv {
     }
 
     fn commit(&mut self) -> Result<(), JobError> {
+        // Writes are drained: every mirrored write has been fenced or recorded a failure.
+        if self.mirror.as_ref().is_some_and(|(link, _)| link.failed()) {
+            return Err(JobError::MirrorFailed);
+        }
         if self.forward_addr.is_none() {
             // Checked before the commit point: without an address the source could not
             // forward, and the guest would lose its disk.
@@ -318,15 +336,35 @@ impl MigrationEnv for JobEnv {
             .forward_addr
             .clone()
             .ok_or(JobError::NoForwardAddress)?;
+        // Writes are held: no session mirrors into a stream the destination closed.
+        self.export.mirror.clear();
         self.export.route.set(Route::Forward { addr });
         Ok(())
     }
 
     fn start_mirroring(&mut self) -> Result<(), JobError> {
-        Err(JobError::MirrorUnavailable)
+        self.export.route.hold();
+        if !self.export.route.wait_drained(DRAIN_TIMEOUT) {
+            self.export.route.release();
+            return Err(JobError::Drain(DRAIN_TIMEOUT));
+        }
+        let link = self.sender.mirror_link();
+        self.export.mirror.set(Arc::new(link.clone()));
+        let kept = DirtySet::empty(self.tracker.granularity_bytes(), self.export.size_bytes);
+        self.mirror = Some((link, kept));
+        self.export.route.release();
+        Ok(())
     }
 
-    fn stop_mirroring(&mut self) {}
+    fn stop_mirroring(&mut self) {
+        self.export.mirror.clear();
+        self.sender.end_mirroring();
+        if let Some((_, kept)) = self.mirror.take() {
+            // The algorithm may have dropped these bits as "on both sides"; without a
+            // switchover that is not a promise any more.
+            self.tracker.merge(&kept);
+        }
+    }
 
     fn progress(&mut self, progress: &Progress) {
         self.pass = progress.pass;

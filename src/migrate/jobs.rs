@@ -193,8 +193,13 @@ fn run_job(job: &Job, export: Arc<Export>, request: JobRequest, key: ClusterKey,
         .map_err(|err| (false, crate::agent::registry::error_chain(&err)))
         .and_then(|mut env| {
             let result = crate::migrate::run(&mut env, &request.options);
-            drop(env.finish());
-            result.map_err(|err| (err.destination_authoritative(), describe(&err)))
+            let bytes_mirrored = env.finish().mirrored_bytes();
+            result
+                .map(|mut report| {
+                    report.bytes_mirrored = bytes_mirrored;
+                    report
+                })
+                .map_err(|err| (err.destination_authoritative(), describe(&err)))
         })
     });
     let outcome = std::panic::catch_unwind(run).unwrap_or_else(|_| {

@@ -79,6 +79,7 @@ impl<'env, E: MigrationEnv> Migration<'env, E> {
                 hot_blocks: 0,
                 deferrals: 0,
                 mirrored: false,
+                bytes_mirrored: 0,
                 forced: false,
                 converge_ms: 0.0,
                 pause_ms: 0.0,
@@ -113,6 +114,9 @@ impl<'env, E: MigrationEnv> Migration<'env, E> {
             // tracker alone says what the destination may lack.
             self.env.merge_dirty(&allocated);
             self.carried = allocated;
+        }
+        if self.options.mirror_from_start {
+            self.start_mirroring()?;
         }
         loop {
             if self.mirroring {

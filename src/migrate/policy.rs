@@ -100,6 +100,11 @@ pub struct MigrateOptions {
     pub hot_threshold: u8,
     /// Copy passes before the run falls back to active mirroring.
     pub max_passes: u32,
+    /// Mirror guest writes from the start (QEMU's `copy-mode=write-blocking`): one pass
+    /// copies what was there, the guest's writes wait for both sides, and the run always
+    /// converges at the cost of guest write latency.
+    #[serde(default)]
+    pub mirror_from_start: bool,
     /// Heat policy: passes in a row whose dirty set did not shrink before it mirrors.
     pub stall_passes: u32,
     /// Blocks per `send` call: smaller chunks give finer progress and bandwidth samples.
@@ -120,6 +125,7 @@ impl Default for MigrateOptions {
             force_after_ms: None,
             hot_threshold: DEFAULT_HOT_THRESHOLD,
             max_passes: DEFAULT_MAX_PASSES,
+            mirror_from_start: false,
             stall_passes: DEFAULT_STALL_PASSES,
             chunk_blocks: DEFAULT_CHUNK_BLOCKS,
             resume: false,

@@ -79,6 +79,9 @@ pub struct MigrationReport {
     pub deferrals: u32,
     /// Whether the run switched to active mirroring.
     pub mirrored: bool,
+    /// Guest write bytes the sessions mirrored into the stream (not in `bytes_data`).
+    #[serde(default)]
+    pub bytes_mirrored: u64,
     /// Whether the switchover was forced past the pause budget (`force_after_ms`).
     pub forced: bool,
     /// From the start of the run to the commit point.
@@ -121,6 +124,7 @@ mod tests {
             hot_blocks: 0,
             deferrals: 0,
             mirrored: false,
+            bytes_mirrored: 0,
             forced: false,
             converge_ms: 2.0,
             pause_ms: 0.5,

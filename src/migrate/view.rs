@@ -75,12 +75,17 @@ pub fn render(status: &JobStatus) -> String {
     }
     if let Some(r) = &status.report {
         out.push_str(&format!(
-            "policy {}: disk {}, allocated {}, sent {} data + {} zero, amplification {:.3}\n",
+            "policy {}: disk {}, allocated {}, sent {} data + {} zero{}, amplification {:.3}\n",
             r.policy,
             human_bytes(r.disk_bytes),
             human_bytes(r.allocated_bytes),
             human_bytes(r.bytes_data),
             human_bytes(r.bytes_zero),
+            if r.bytes_mirrored > 0 {
+                format!(" + {} mirrored guest writes", human_bytes(r.bytes_mirrored))
+            } else {
+                String::new()
+            },
             r.amplification
         ));
         out.push_str(&format!(

@@ -16,6 +16,7 @@ use crate::api::types::{ExportStats, TrackerStatus};
 use crate::dirty::{Tracker, TrackerSet};
 use crate::metrics::LatencyRecorder;
 use crate::nbd::conn::Conn;
+use crate::nbd::mirror::MirrorSlot;
 use crate::nbd::route::ExportRoute;
 use crate::nbd::wire::ExportInfo;
 
@@ -111,6 +112,8 @@ pub struct Export {
     pub write_latency: Mutex<LatencyRecorder>,
     /// Where requests go (local image, or forwarded after a migration) and the write gate.
     pub route: ExportRoute,
+    /// Where guest writes are mirrored while a migration runs in active-mirroring mode.
+    pub mirror: MirrorSlot,
     removed: AtomicBool,
     next_connection: AtomicU64,
     connections: Mutex<BTreeMap<u64, ConnectionHandle>>,
@@ -159,6 +162,7 @@ impl Export {
             latency: Mutex::new(LatencyRecorder::new()),
             write_latency: Mutex::new(LatencyRecorder::new()),
             route: ExportRoute::default(),
+            mirror: MirrorSlot::default(),
             removed: AtomicBool::new(false),
             next_connection: AtomicU64::new(1),
             connections: Mutex::new(BTreeMap::new()),

@@ -9,6 +9,7 @@ pub mod conn;
 pub mod export;
 pub mod forward;
 pub mod handshake;
+pub mod mirror;
 pub mod route;
 pub mod server;
 pub mod session;

@@ -60,6 +60,8 @@ struct Pending {
     started: Instant,
     /// Admitted through the export's write gate: leaves it on completion.
     gated: bool,
+    /// Already marked in the trackers (and mirrored) before the reply pass.
+    marked: bool,
 }
 
 /// Counts kept locally and added to the export's counters once per loop.
@@ -183,6 +185,9 @@ impl Session {
             if pending.gated {
                 let len = u64::from(pending.len_bytes);
                 self.export.trackers.mark_range(pending.offset_bytes, len);
+                if let Some(mirror) = self.export.mirror.current() {
+                    mirror.diverged(pending.offset_bytes, len);
+                }
                 self.export.route.exit_write();
             }
         }
@@ -419,6 +424,7 @@ impl Session {
             len_bytes: header.length_bytes,
             started: Instant::now(),
             gated: std::mem::take(&mut self.gated_next),
+            marked: false,
         });
         let request = IoRequest {
             tag: u64::from(slot),
@@ -507,6 +513,9 @@ impl Session {
     }
 
     fn reply_completions(&mut self) {
+        if !self.forwarded {
+            self.mirror_writes();
+        }
         let mut completions = std::mem::take(&mut self.completions);
         let now = Instant::now();
         for completion in completions.drain(..) {
@@ -525,12 +534,50 @@ impl Session {
         self.completions = completions;
     }
 
+    /// While the export mirrors writes: marks every completed gated write, hands it to the
+    /// mirror, and waits for the mirror's fence, all before any of them leaves the gate or
+    /// is answered (see [`crate::nbd::mirror`]).
+    fn mirror_writes(&mut self) {
+        let Some(mirror) = self.export.mirror.current() else {
+            return;
+        };
+        let mut fence = false;
+        for completion in &self.completions {
+            let Some(pending) = self.slots[completion.tag as usize].as_mut() else {
+                continue;
+            };
+            if !pending.gated {
+                continue;
+            }
+            let (offset_bytes, len_bytes) = (pending.offset_bytes, u64::from(pending.len_bytes));
+            self.export.trackers.mark_range(offset_bytes, len_bytes);
+            pending.marked = true;
+            fence = true;
+            match (&completion.result, pending.command) {
+                (Err(_), _) => mirror.diverged(offset_bytes, len_bytes),
+                (Ok(()), Command::Write) => {
+                    let buf = completion
+                        .buf
+                        .as_ref()
+                        .expect("a write hands its buffer back");
+                    mirror.write(offset_bytes, &buf.as_slice()[..len_bytes as usize]);
+                }
+                (Ok(()), Command::WriteZeroes) => mirror.zero(offset_bytes, len_bytes, false),
+                (Ok(()), Command::Trim) => mirror.zero(offset_bytes, len_bytes, true),
+                (Ok(()), _) => {}
+            }
+        }
+        if fence {
+            mirror.fence();
+        }
+    }
+
     fn reply_one(&mut self, pending: Pending, completion: IoCompletion) {
         if pending.gated {
             // Mark before the reply and before leaving the gate (invariant 1; a switchover
             // that drained the gate sees these bits). A failed write may have changed some
             // bytes, so it is marked too. Forwarded writes live at the destination.
-            if !self.forwarded {
+            if !self.forwarded && !pending.marked {
                 let len = u64::from(pending.len_bytes);
                 self.export.trackers.mark_range(pending.offset_bytes, len);
             }

@@ -202,6 +202,18 @@ pub enum Frame {
         /// BLAKE3 of the whole image.
         digest: [u8; 32],
     },
+    /// Answer once every extent before it has been written (not synced): the ordering
+    /// point of mirrored guest writes, which the source acknowledges to the guest only after
+    /// the FenceOk.
+    Fence {
+        /// Echoed in the answer.
+        seq: u64,
+    },
+    /// Everything before the Fence with this seq is written at the destination.
+    FenceOk {
+        /// The Fence's seq.
+        seq: u64,
+    },
     /// Drop the target (source side), or the acknowledgment of that (destination side).
     Abort,
     /// The sender of this frame stops; the connection closes after it.
@@ -232,6 +244,9 @@ mod kind {
     pub const ERROR: u8 = 13;
     pub const VERIFY: u8 = 14;
     pub const VERIFY_OK: u8 = 15;
+    pub const FENCE: u8 = 16;
+    /// The last kind: [`super::decode_header`] accepts `HELLO..=FENCE_OK`.
+    pub const FENCE_OK: u8 = 17;
 }
 
 /// Why bytes are not a frame.
@@ -299,7 +314,7 @@ pub fn decode_header(bytes: &[u8; HEADER_BYTES]) -> Result<FrameHeader, FrameErr
         data_len: be_u32(&bytes[12..16]),
         meta_crc: be_u32(&bytes[16..20]),
     };
-    if !(kind::HELLO..=kind::VERIFY_OK).contains(&header.kind) {
+    if !(kind::HELLO..=kind::FENCE_OK).contains(&header.kind) {
         return Err(FrameError::UnknownKind(header.kind));
     }
     if be_u16(&bytes[6..8]) != 0 {
@@ -378,6 +393,8 @@ pub fn decode_meta(header: &FrameHeader, meta: &[u8]) -> Result<Frame, FrameErro
         kind::COMMIT => Frame::Commit { seq: fields.u64()? },
         kind::COMMIT_OK => Frame::CommitOk { seq: fields.u64()? },
         kind::VERIFY => Frame::Verify { seq: fields.u64()? },
+        kind::FENCE => Frame::Fence { seq: fields.u64()? },
+        kind::FENCE_OK => Frame::FenceOk { seq: fields.u64()? },
         kind::VERIFY_OK => Frame::VerifyOk {
             seq: fields.u64()?,
             digest: fields.array()?,
@@ -502,12 +519,16 @@ fn encode_meta(frame: &Frame, out: &mut Vec<u8>) -> (u8, u32) {
         Frame::Sync { seq }
         | Frame::Commit { seq }
         | Frame::CommitOk { seq }
-        | Frame::Verify { seq } => {
+        | Frame::Verify { seq }
+        | Frame::Fence { seq }
+        | Frame::FenceOk { seq } => {
             out.extend_from_slice(&seq.to_be_bytes());
             let kind = match frame {
                 Frame::Sync { .. } => kind::SYNC,
                 Frame::Commit { .. } => kind::COMMIT,
                 Frame::Verify { .. } => kind::VERIFY,
+                Frame::Fence { .. } => kind::FENCE,
+                Frame::FenceOk { .. } => kind::FENCE_OK,
                 _ => kind::COMMIT_OK,
             };
             (kind, 0)
@@ -679,6 +700,8 @@ mod tests {
             },
             Frame::Sync { seq: 3 },
             Frame::Verify { seq: 5 },
+            Frame::Fence { seq: 6 },
+            Frame::FenceOk { seq: 6 },
             Frame::VerifyOk {
                 seq: 5,
                 digest: [7; 32],

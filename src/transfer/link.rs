@@ -27,6 +27,8 @@ pub(crate) fn frame_name(frame: &Frame) -> &'static str {
         Frame::CommitOk { .. } => "CommitOk",
         Frame::Verify { .. } => "Verify",
         Frame::VerifyOk { .. } => "VerifyOk",
+        Frame::Fence { .. } => "Fence",
+        Frame::FenceOk { .. } => "FenceOk",
         Frame::Abort => "Abort",
         Frame::Error { .. } => "Error",
     }
@@ -64,17 +66,19 @@ pub(crate) fn write_frame(
         .map_err(TransferError::from_socket)
 }
 
-/// Writes a Data frame and its payload with vectored writes (the payload is not copied).
+/// Writes a Data frame and its payload with vectored writes (the payload is not copied);
+/// the caller computed the payload's BLAKE3 digest (outside any lock).
 pub(crate) fn write_data(
     stream: &mut impl Write,
     offset_bytes: u64,
     payload: &[u8],
+    digest: [u8; 32],
     scratch: &mut Vec<u8>,
 ) -> Result<(), TransferError> {
     let frame = Frame::Data {
         offset_bytes,
         len_bytes: u32::try_from(payload.len()).expect("payload bounded by MAX_DATA_BYTES"),
-        digest: *blake3::hash(payload).as_bytes(),
+        digest,
     };
     scratch.clear();
     frame::encode(&frame, scratch);

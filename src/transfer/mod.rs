@@ -32,6 +32,7 @@
 pub mod frame;
 pub mod key;
 mod link;
+mod outbound;
 pub mod pace;
 pub mod recv;
 pub mod send;
@@ -43,6 +44,7 @@ use thiserror::Error;
 
 pub use frame::{ErrorCode, Frame, FrameError, Role, TargetSpec};
 pub use key::ClusterKey;
+pub use outbound::MirrorLink;
 pub use pace::Pacer;
 pub use recv::{
     check_free_space, create_sparse_target, hash_image, serve, ReceiverServer, TargetHost,

@@ -422,6 +422,10 @@ impl Target {
                     };
                     write_frame(stream, &reply, &mut self.scratch)?;
                 }
+                Frame::Fence { seq } => {
+                    self.drain()?;
+                    write_frame(stream, &Frame::FenceOk { seq }, &mut self.scratch)?;
+                }
                 Frame::Verify { seq } => {
                     self.drain()?;
                     let digest = hash_image(&self.file, self.spec.size_bytes)?;
@@ -441,7 +445,12 @@ impl Target {
                     write_frame(stream, &Frame::Abort, &mut self.scratch)?;
                     return Ok("aborted");
                 }
-                other => return Err(unexpected(other, "Data, Zero, Trim, Sync, Commit or Abort")),
+                other => {
+                    return Err(unexpected(
+                        other,
+                        "Data, Zero, Trim, Sync, Fence, Verify, Commit or Abort",
+                    ))
+                }
             }
         }
     }

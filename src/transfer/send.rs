@@ -11,12 +11,18 @@
 //! send loop notices an `Error` frame between chunks (and stops), and `sync`/`commit` wait on
 //! the channel with a timeout.
 //!
+//! While a migration mirrors guest writes ([`Sender::mirror_link`]), the stream's writer is
+//! shared with the export's sessions ([`super::outbound`]): each read remembers the mirror
+//! sequence number from before it was submitted, and its chunk is sent without the ranges
+//! mirrored since (those are at the destination already, newer); zero runs are not coalesced
+//! across chunks then, so each chunk is carved and sent under one writer lock.
+//!
 //! Invariants:
 //! - Every count in [`SendStats`] is incremented when the bytes were handed to the socket.
 //! - Reads in flight plus reads completed but not yet sent never exceed `read_depth`.
 
 use std::collections::BTreeMap;
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -25,7 +31,8 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use ferry_sys::{AlignedBuf, DirectFile, DIRECT_ALIGN};
 
 use super::frame::{self, Frame, Role, TargetSpec};
-use super::link::{self, read_frame, unexpected, write_data, write_frame};
+use super::link::{self, read_frame, unexpected, write_frame};
+use super::outbound::{MirrorLink, Outbound};
 use super::{ClusterKey, Pacer, TransferError};
 use crate::env::{Clock, MonotonicClock};
 use crate::io::{open_engine, probe_uring, read_buf_len, EngineKind, IoKind, IoRequest};
@@ -96,7 +103,9 @@ impl SendStats {
 /// The source end of one block stream.
 #[derive(Debug)]
 pub struct Sender {
-    stream: TcpStream,
+    out: Arc<Outbound>,
+    /// A [`MirrorLink`] is out: chunks are carved against mirrored writes.
+    mirroring: bool,
     replies: Receiver<Result<Frame, TransferError>>,
     reader: Option<JoinHandle<()>>,
     options: SendOptions,
@@ -122,6 +131,8 @@ struct ZeroRun {
 struct ReadChunk {
     offset_bytes: u64,
     len_bytes: u32,
+    /// Mirror sequence number sampled before the read was submitted.
+    since_seq: u64,
     buf: AlignedBuf,
     data_start: usize,
 }
@@ -163,10 +174,12 @@ impl Sender {
             .set_read_timeout(None)
             .map_err(TransferError::Socket)?;
         let reader_stream = stream.try_clone().map_err(TransferError::Socket)?;
+        let out = Arc::new(Outbound::new(stream));
         let (tx, replies) = crossbeam_channel::bounded(16);
+        let reader_out = Arc::clone(&out);
         let reader = std::thread::Builder::new()
             .name("ferry-send-rx".into())
-            .spawn(move || read_replies(reader_stream, tx))
+            .spawn(move || read_replies(reader_stream, tx, &reader_out))
             .map_err(TransferError::Spawn)?;
         let engine_kind = if probe_uring().is_ok() {
             EngineKind::Uring
@@ -175,7 +188,8 @@ impl Sender {
             EngineKind::Sync
         };
         let sender = Sender {
-            stream,
+            out,
+            mirroring: false,
             replies,
             reader: Some(reader),
             pacer: Pacer::new(options.bandwidth_bytes_per_s),
@@ -227,6 +241,23 @@ impl Sender {
         outcome.map(|()| stats).map_err(|err| self.explain(err))
     }
 
+    /// Hands out the stream's mirror face: from now on the export's sessions may write
+    /// mirrored guest writes into the stream, and chunks are carved against them.
+    pub fn mirror_link(&mut self) -> MirrorLink {
+        self.mirroring = true;
+        MirrorLink::new(Arc::clone(&self.out))
+    }
+
+    /// Mirroring is over (the export no longer feeds the link): chunks go out uncarved again.
+    pub fn end_mirroring(&mut self) {
+        self.mirroring = false;
+    }
+
+    /// Guest write bytes mirrored into this stream so far.
+    pub fn mirrored_bytes(&self) -> u64 {
+        self.out.mirrored_bytes()
+    }
+
     /// What this stream has sent so far, over every `send_extents` call including failed
     /// ones (what was handed to the socket before the failure counts).
     pub fn totals(&self) -> SendStats {
@@ -244,8 +275,25 @@ impl Sender {
         let depth_u32 = u32::try_from(depth).expect("clamped");
         let mut engine = open_engine(self.engine_kind, Arc::clone(file), depth_u32, None)
             .map_err(TransferError::Engine)?;
+        if self.mirroring {
+            self.out.set_copying(true);
+        }
+        let result = self.pump_reads(&mut *engine, chunks, stats, depth);
+        if self.mirroring {
+            self.out.set_copying(false);
+        }
+        result
+    }
+
+    fn pump_reads(
+        &mut self,
+        engine: &mut dyn crate::io::BlockIo,
+        chunks: &mut dyn Iterator<Item = (u64, u32)>,
+        stats: &mut SendStats,
+        depth: usize,
+    ) -> Result<(), TransferError> {
         // Reads in flight (tag → range) and reads done but not yet sent (tag → chunk).
-        let mut reading: BTreeMap<u64, (u64, u32)> = BTreeMap::new();
+        let mut reading: BTreeMap<u64, (u64, u32, u64)> = BTreeMap::new();
         let mut ready: BTreeMap<u64, ReadChunk> = BTreeMap::new();
         let mut chunks = chunks.peekable();
         let (mut next_tag, mut next_emit) = (0u64, 0u64);
@@ -256,6 +304,7 @@ impl Sender {
                 let Some((offset_bytes, len_bytes)) = chunks.next() else {
                     break;
                 };
+                let since_seq = self.out.mirror_seq();
                 let request = IoRequest {
                     tag: next_tag,
                     kind: IoKind::Read,
@@ -266,7 +315,7 @@ impl Sender {
                 engine
                     .submit(request)
                     .map_err(|(err, _)| TransferError::Engine(err))?;
-                reading.insert(next_tag, (offset_bytes, len_bytes));
+                reading.insert(next_tag, (offset_bytes, len_bytes, since_seq));
                 next_tag += 1;
             }
             if reading.is_empty() && ready.is_empty() {
@@ -277,7 +326,7 @@ impl Sender {
                 .map_err(TransferError::Engine)?;
             for completion in done.drain(..) {
                 completion.result.map_err(TransferError::SourceRead)?;
-                let (offset_bytes, len_bytes) = reading
+                let (offset_bytes, len_bytes, since_seq) = reading
                     .remove(&completion.tag)
                     .expect("every completion matches a submitted read");
                 ready.insert(
@@ -285,13 +334,25 @@ impl Sender {
                     ReadChunk {
                         offset_bytes,
                         len_bytes,
+                        since_seq,
                         buf: completion.buf.expect("a read returns its buffer"),
                         data_start: completion.data_start,
                     },
                 );
             }
             while let Some(chunk) = ready.remove(&next_emit) {
-                self.emit(&chunk, &mut zero_run, stats)?;
+                if self.mirroring {
+                    let oldest_seq = reading
+                        .values()
+                        .map(|&(_, _, seq)| seq)
+                        .chain(ready.values().map(|chunk| chunk.since_seq))
+                        .chain([chunk.since_seq])
+                        .min()
+                        .unwrap_or(chunk.since_seq);
+                    self.emit_carved(&chunk, oldest_seq, stats)?;
+                } else {
+                    self.emit(&chunk, &mut zero_run, stats)?;
+                }
                 self.pool.give(chunk.buf);
                 next_emit += 1;
             }
@@ -333,15 +394,52 @@ impl Sender {
         }
         let wire_bytes = (frame::HEADER_BYTES + 40) as u64 + len_bytes;
         self.pace(wire_bytes);
-        write_data(
-            &mut &self.stream,
-            chunk.offset_bytes,
-            data,
-            &mut self.scratch,
-        )?;
+        let digest = *blake3::hash(data).as_bytes();
+        self.out
+            .lock()
+            .write_data(chunk.offset_bytes, data, digest)?;
         stats.data_bytes += len_bytes;
         stats.data_frames += 1;
         stats.wire_bytes += wire_bytes;
+        Ok(())
+    }
+
+    /// Sends one chunk while guest writes are mirrored: under the writer lock, without the
+    /// ranges mirrored since its read was submitted; each piece as Zero or Data.
+    fn emit_carved(
+        &mut self,
+        chunk: &ReadChunk,
+        oldest_seq: u64,
+        stats: &mut SendStats,
+    ) -> Result<(), TransferError> {
+        let data =
+            &chunk.buf.as_slice()[chunk.data_start..chunk.data_start + chunk.len_bytes as usize];
+        self.pace((frame::HEADER_BYTES + 40) as u64 + u64::from(chunk.len_bytes));
+        let mut out = self.out.lock();
+        let pieces = out.carve(
+            chunk.offset_bytes,
+            u64::from(chunk.len_bytes),
+            chunk.since_seq,
+            oldest_seq,
+        );
+        for (offset_bytes, len_bytes) in pieces {
+            let start = usize::try_from(offset_bytes - chunk.offset_bytes).expect("in chunk");
+            let piece = &data[start..start + len_bytes as usize];
+            if is_all_zero(piece) {
+                out.write_frame(&Frame::Zero {
+                    offset_bytes,
+                    len_bytes,
+                })?;
+                stats.zero_bytes += len_bytes;
+                stats.zero_frames += 1;
+                stats.wire_bytes += (frame::HEADER_BYTES + 16) as u64;
+            } else {
+                out.write_data(offset_bytes, piece, *blake3::hash(piece).as_bytes())?;
+                stats.data_bytes += len_bytes;
+                stats.data_frames += 1;
+                stats.wire_bytes += (frame::HEADER_BYTES + 40) as u64 + len_bytes;
+            }
+        }
         Ok(())
     }
 
@@ -363,7 +461,7 @@ impl Sender {
         frame::encode(frame, &mut self.scratch);
         let wire_bytes = self.scratch.len() as u64;
         self.pace(wire_bytes);
-        write_frame(&mut &self.stream, frame, &mut self.scratch)?;
+        self.out.lock().write_frame(frame)?;
         Ok(wire_bytes)
     }
 
@@ -498,7 +596,7 @@ impl Sender {
 
 impl Drop for Sender {
     fn drop(&mut self) {
-        let _ = self.stream.shutdown(Shutdown::Both);
+        self.out.shutdown();
         if let Some(reader) = self.reader.take() {
             let _ = reader.join();
         }
@@ -509,10 +607,25 @@ impl Drop for Sender {
 fn read_replies(
     mut stream: TcpStream,
     tx: crossbeam_channel::Sender<Result<Frame, TransferError>>,
+    out: &Outbound,
+) {
+    read_until_closed(&mut stream, &tx, out);
+    out.close();
+}
+
+/// Fence answers go to the mirror's waiters, every other frame to the channel.
+fn read_until_closed(
+    stream: &mut TcpStream,
+    tx: &crossbeam_channel::Sender<Result<Frame, TransferError>>,
+    out: &Outbound,
 ) {
     let mut meta = Vec::new();
     loop {
-        let reply = read_frame(&mut stream, &mut meta);
+        let reply = read_frame(stream, &mut meta);
+        if let Ok(Frame::FenceOk { seq }) = reply {
+            out.fence_answered(seq);
+            continue;
+        }
         let stop = match &reply {
             Ok(Frame::Error { .. }) | Err(_) => true,
             Ok(Frame::Data { .. }) => {
