@@ -271,44 +271,42 @@ fn destination_refusal_leaves_source_serving() {
 }
 
 // Goal: the destination dying mid-copy fails the job cleanly: the guest sees no error and the
-// source stays authoritative. Method: fio writes with verify; migrate with a bandwidth cap so
-// the copy takes seconds; kill -9 the destination during pass 1; the job fails; fio finishes
-// and verifies against the source.
+// source stays authoritative, also while guest writes are being mirrored (their fences then
+// fail; the writes are answered from the source, which keeps their bits). Method: fio writes
+// with verify; migrate with a bandwidth cap so the copy takes seconds (plain, then with
+// --mirror); kill -9 the destination during pass 1; the job fails; fio finishes and verifies
+// against the source.
 #[test]
 fn destination_crash_mid_pass_keeps_source_authoritative() {
     require("fio");
-    let dir = common::scratch_dir();
-    let image = dir.path().join("vm1.img");
-    sparse_image(&image, 128 * MIB);
-    prefill(&image, 64 * MIB);
-    let mut pair = pair(&image, "64K");
-    let source_uri = pair.source.uri("vm1");
-    let guest = fio_zipf(&source_uri, 1000, 6000, &["--do_verify=1"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let migrate = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args([
-            "migrate",
-            "vm1",
-            "--json",
-            "--bandwidth",
-            "16M",
-            "--to",
-            &pair.destination_transfer,
-        ])
-        .args(["--api", &pair.source.api, "--state-dir"])
-        .arg(&pair.source.state_dir)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
-    pair.destination.kill();
-    let out = migrate.wait_with_output().unwrap();
-    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json status");
-    assert_eq!(status["phase"], "failed", "{status:#}");
-    assert_eq!(status["authoritative"], "source", "{status:#}");
-    wait_fio(guest);
-    verify_only(&source_uri, 6000);
+    for mode in [&[][..], &["--mirror"][..]] {
+        let dir = common::scratch_dir();
+        let image = dir.path().join("vm1.img");
+        sparse_image(&image, 128 * MIB);
+        prefill(&image, 64 * MIB);
+        let mut pair = pair(&image, "64K");
+        let source_uri = pair.source.uri("vm1");
+        let guest = fio_zipf(&source_uri, 1000, 6000, &["--do_verify=1"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let migrate = Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(["migrate", "vm1", "--json", "--bandwidth", "16M", "--to"])
+            .arg(&pair.destination_transfer)
+            .args(mode)
+            .args(["--api", &pair.source.api, "--state-dir"])
+            .arg(&pair.source.state_dir)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(1500));
+        pair.destination.kill();
+        let out = migrate.wait_with_output().unwrap();
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json status");
+        assert_eq!(status["phase"], "failed", "{mode:?}: {status:#}");
+        assert_eq!(status["authoritative"], "source", "{mode:?}: {status:#}");
+        wait_fio(guest);
+        verify_only(&source_uri, 6000);
+    }
 }
