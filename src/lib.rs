@@ -18,7 +18,9 @@
 //! generator of tests and simulations, [`demo`] the `ferry demo` walkthrough, [`transfer`]
 //! the authenticated block stream between agents (framed extents, BLAKE3 per extent, holes
 //! for zeros, bandwidth cap), [`migrate`] the live-migration algorithm (heat and naive
-//! policies, switchover), the job that runs it on a real export, and its simulation.
+//! policies, switchover), the job that runs it on a real export, and its simulation, [`journal`]
+//! the durable, checksummed record of every migration this agent takes part in (source or
+//! target), replayed at start-up and folded into per-job state (which side is authoritative).
 #![forbid(unsafe_code)]
 
 pub mod agent;
@@ -28,6 +30,7 @@ pub mod demo;
 pub mod dirty;
 pub mod env;
 pub mod io;
+pub mod journal;
 pub mod metrics;
 pub mod migrate;
 pub mod nbd;
