@@ -75,7 +75,8 @@ def cmd_report(path, disk_bytes, prefix):
         for k in ("policy", "disk_bytes", "allocated_bytes", "bytes_data", "bytes_zero",
                   "bytes_mirrored", "blocks_resent", "hot_blocks", "deferrals", "mirrored",
                   "forced",
-                  "converge_ms", "pause_ms", "amplification"):
+                  "converge_ms", "pause_ms", "pause_drain_ms", "pause_final_send_ms",
+                  "pause_commit_ms", "amplification"):
             kv(prefix, k, rep.get(k))
         kv(prefix, "resent_bytes", sent - rep["allocated_bytes"])
         kv(prefix, "passes", len(rep.get("passes", [])))
@@ -131,6 +132,8 @@ def cmd_unwritten(src, dst, log, bs, prefix):
 SYSTEMS = [  # key, label
     ("ferry-heat", "ferry (heat)"),
     ("ferry-naive", "ferry (naive)"),
+    ("ferry-mirror", "ferry (heat, --mirror)"),
+    ("ferry-yield", "ferry (heat, --yield)"),
     ("ferry-heat-forced", "ferry (heat, --force-after 30000)"),
     ("ferry-naive-forced", "ferry (naive, --force-after 30000)"),
     ("qemu-bg64k", "QEMU mirror background, 64 KiB"),
@@ -307,6 +310,10 @@ def cmd_summary(path):
         goal_lines.append(f"idle disk: ferry copy rate {rate:.0f} MiB/s vs fio O_DIRECT 1M seq read "
                           f"{rd:.0f} / write {wr:.0f} MiB/s: {r:.3f}x the slower (goal >= 0.9x) -> "
                           f"{verdict(r, 0.9, le=False)}")
+        local = g("idle", "-", "local_copy_mibs")
+        if local:
+            goal_lines.append(f"idle disk, same-disk reference: qemu-img convert (O_DIRECT) "
+                              f"{local:.0f} MiB/s; ferry {rate / local:.3f}x of a local copy")
     elif texts.get(("idle", "-", "status")):
         goal_lines.append(f"idle disk: ferry run {t('idle', '-', 'status')}: "
                           f"{t('idle', '-', 'error') or ''}")
@@ -332,7 +339,9 @@ def cmd_summary(path):
               f"{f(g('idle', '-', 'resent_bytes'), '{:.0f}')} | "
               f"{f(g('idle', '-', 'amplification'), '{:.3f}')} | "
               f"{f(g('idle', '-', 'pause_ms'), '{:.1f}')} | - | - | - | copy {rate:.0f} MiB/s; "
-              f"fio 1M O_DIRECT read {f(rd, '{:.0f}')} / write {f(wr, '{:.0f}')} MiB/s |")
+              f"fio 1M O_DIRECT read {f(rd, '{:.0f}')} / write {f(wr, '{:.0f}')} MiB/s; "
+              f"local copy (qemu-img convert) {f(g('idle', '-', 'local_copy_mibs'), '{:.0f}')} "
+              f"MiB/s |")
     print("\nGoals:\n")
     for line in goal_lines:
         print(f"- {line}")

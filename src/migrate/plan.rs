@@ -83,6 +83,9 @@ impl<'env, E: MigrationEnv> Migration<'env, E> {
                 forced: false,
                 converge_ms: 0.0,
                 pause_ms: 0.0,
+                pause_drain_ms: 0.0,
+                pause_final_send_ms: 0.0,
+                pause_commit_ms: 0.0,
                 amplification: 0.0,
             },
             env,
@@ -374,6 +377,7 @@ impl<'env, E: MigrationEnv> Migration<'env, E> {
             self.report.deferrals += 1;
             return Ok(false);
         }
+        self.report.pause_drain_ms = held_ms;
         self.finish_switchover(&final_set, hold_start_ns, forced)?;
         Ok(true)
     }
@@ -389,6 +393,7 @@ impl<'env, E: MigrationEnv> Migration<'env, E> {
         let start_ns = self.env.now_ns();
         let (blocks_sent, bytes_sent) =
             self.send_set(pass, PassKind::Final, final_set, Step::FinalSend)?;
+        let sent_ns = self.env.now_ns();
         if let Err(source) = self.env.commit() {
             // Not committed (the env's contract): the destination may hold the final blocks
             // but is not authoritative; give their bits back so a rerun sends them again.
@@ -396,6 +401,8 @@ impl<'env, E: MigrationEnv> Migration<'env, E> {
             return Err(source_error(Step::Commit, source));
         }
         let commit_ns = self.env.now_ns();
+        self.report.pause_final_send_ms = ms_since(start_ns, sent_ns);
+        self.report.pause_commit_ms = ms_since(sent_ns, commit_ns);
         self.report.passes.push(PassReport {
             pass,
             kind: PassKind::Final,

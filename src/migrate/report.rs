@@ -88,6 +88,16 @@ pub struct MigrationReport {
     pub converge_ms: f64,
     /// Guest write pause: from `hold_writes` to `release_writes`.
     pub pause_ms: f64,
+    /// Part of the pause spent holding writes and waiting for those in flight.
+    #[serde(default)]
+    pub pause_drain_ms: f64,
+    /// Part of the pause spent sending the final dirty set.
+    #[serde(default)]
+    pub pause_final_send_ms: f64,
+    /// Part of the pause spent on the commit (destination sync and commit; with `--verify`,
+    /// hashing both images too).
+    #[serde(default)]
+    pub pause_commit_ms: f64,
     /// `(bytes_data + bytes_zero) / allocated_bytes`; 0 when nothing was allocated.
     pub amplification: f64,
 }
@@ -128,6 +138,9 @@ mod tests {
             forced: false,
             converge_ms: 2.0,
             pause_ms: 0.5,
+            pause_drain_ms: 0.1,
+            pause_final_send_ms: 0.2,
+            pause_commit_ms: 0.2,
             amplification: 1.0,
         };
         let json = serde_json::to_string(&report).expect("serialize");

@@ -97,6 +97,10 @@ pub fn render(status: &JobStatus) -> String {
             if r.mirrored { ", mirrored" } else { "" },
             if r.forced { ", forced" } else { "" }
         ));
+        out.push_str(&format!(
+            "pause: {:.2} ms draining, {:.2} ms final send, {:.2} ms commit\n",
+            r.pause_drain_ms, r.pause_final_send_ms, r.pause_commit_ms
+        ));
         out.push_str("PASS  KIND     DIRTY AT START   BLOCKS SENT   BYTES SENT   TIME\n");
         for pass in &r.passes {
             out.push_str(&format!(

@@ -67,6 +67,20 @@ struct Fences {
     closed: bool,
 }
 
+/// Why a fence was not answered.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum FenceError {
+    /// Writing the Fence failed.
+    #[error("cannot write the fence")]
+    Write(#[source] TransferError),
+    /// The stream ended first.
+    #[error("the stream closed before the fence was answered")]
+    Closed,
+    /// No answer in time.
+    #[error("the destination did not answer the fence in time")]
+    Timeout,
+}
+
 /// The writer lock held: frames written through it go out in order.
 #[derive(Debug)]
 pub(crate) struct OutboundGuard<'a> {
@@ -183,32 +197,35 @@ impl Outbound {
         }
     }
 
-    /// Sends a Fence and waits for its answer (bounded).
-    fn fence_and_wait(&self) {
-        let seq = {
-            let mut guard = self.lock();
-            let seq = guard.state.next_fence;
-            guard.state.next_fence += 1;
-            if let Err(err) = guard.write_frame(&Frame::Fence { seq }) {
-                drop(guard);
-                self.fail(&format!("mirror fence: {err}"));
-                return;
-            }
-            seq
-        };
-        let deadline = Instant::now() + FENCE_TIMEOUT;
+    /// Sends a Fence and waits (at most `timeout`) until the destination answered it:
+    /// everything written before it is then written at the destination.
+    pub(crate) fn fence(&self, timeout: Duration) -> Result<(), FenceError> {
+        let seq = self.send_fence()?;
+        self.wait_fence(seq, timeout)
+    }
+
+    /// Writes a Fence; returns its seq for [`Outbound::wait_fence`].
+    pub(crate) fn send_fence(&self) -> Result<u64, FenceError> {
+        let mut guard = self.lock();
+        let seq = guard.state.next_fence;
+        guard.state.next_fence += 1;
+        guard
+            .write_frame(&Frame::Fence { seq })
+            .map_err(FenceError::Write)?;
+        Ok(seq)
+    }
+
+    /// Waits (at most `timeout`) until the destination answered fence `seq`.
+    pub(crate) fn wait_fence(&self, seq: u64, timeout: Duration) -> Result<(), FenceError> {
+        let deadline = Instant::now() + timeout;
         let mut fences = self.fences.lock().expect("fence lock");
         while fences.answered < seq {
             if fences.closed {
-                drop(fences);
-                self.fail("the stream closed before the mirror fence was answered");
-                return;
+                return Err(FenceError::Closed);
             }
             let now = Instant::now();
             if now >= deadline {
-                drop(fences);
-                self.fail("the destination did not answer a mirror fence in time");
-                return;
+                return Err(FenceError::Timeout);
             }
             fences = self
                 .fenced
@@ -216,6 +233,7 @@ impl Outbound {
                 .expect("fence lock")
                 .0;
         }
+        Ok(())
     }
 
     #[cold]
@@ -359,8 +377,11 @@ impl WriteMirror for MirrorLink {
     }
 
     fn fence(&self) {
-        if !self.out.failed() {
-            self.out.fence_and_wait();
+        if self.out.failed() {
+            return;
+        }
+        if let Err(err) = self.out.fence(FENCE_TIMEOUT) {
+            self.out.fail(&format!("mirror fence: {err}"));
         }
     }
 }

@@ -32,7 +32,7 @@ use ferry_sys::{AlignedBuf, DirectFile, DIRECT_ALIGN};
 
 use super::frame::{self, Frame, Role, TargetSpec};
 use super::link::{self, read_frame, unexpected, write_frame};
-use super::outbound::{MirrorLink, Outbound};
+use super::outbound::{FenceError, MirrorLink, Outbound};
 use super::{ClusterKey, Pacer, TransferError};
 use crate::env::{Clock, MonotonicClock};
 use crate::io::{open_engine, probe_uring, read_buf_len, EngineKind, IoKind, IoRequest};
@@ -117,6 +117,22 @@ pub struct Sender {
     next_seq: u64,
     /// Sums of every `send_extents` call, failed ones included.
     totals: SendStats,
+}
+
+/// Largest copy chunk while mirroring.
+const MIRROR_CHUNK_BYTES: usize = 256 << 10;
+/// Copy bytes between two fences while mirroring.
+const MIRROR_FENCE_BYTES: u64 = 1 << 20;
+/// Fences the copy may have unanswered while mirroring.
+const MIRROR_FENCES_AHEAD: usize = 2;
+
+/// The copy's unanswered fences while mirroring.
+#[derive(Debug, Default)]
+struct FenceWindow {
+    /// Copy bytes since the last fence.
+    sent_bytes: u64,
+    /// Seqs of fences not yet waited for, oldest first.
+    pending: std::collections::VecDeque<u64>,
 }
 
 /// A run of zero chunks not yet sent.
@@ -225,7 +241,14 @@ impl Sender {
                 });
             }
         }
-        let chunk_bytes = (self.options.chunk_bytes / DIRECT_ALIGN * DIRECT_ALIGN)
+        // While mirroring, smaller chunks keep the writer lock (which guest writes wait for)
+        // short.
+        let chunk_limit = if self.mirroring {
+            self.options.chunk_bytes.min(MIRROR_CHUNK_BYTES)
+        } else {
+            self.options.chunk_bytes
+        };
+        let chunk_bytes = (chunk_limit / DIRECT_ALIGN * DIRECT_ALIGN)
             .clamp(DIRECT_ALIGN, frame::MAX_DATA_BYTES) as u64;
         let mut chunks = extents.iter().flat_map(|&(offset_bytes, len_bytes)| {
             (0..len_bytes.div_ceil(chunk_bytes)).map(move |index| {
@@ -299,6 +322,7 @@ impl Sender {
         let (mut next_tag, mut next_emit) = (0u64, 0u64);
         let mut zero_run: Option<ZeroRun> = None;
         let mut done = Vec::with_capacity(depth);
+        let mut window = FenceWindow::default();
         loop {
             while reading.len() + ready.len() < depth {
                 let Some((offset_bytes, len_bytes)) = chunks.next() else {
@@ -350,6 +374,8 @@ impl Sender {
                         .min()
                         .unwrap_or(chunk.since_seq);
                     self.emit_carved(&chunk, oldest_seq, stats)?;
+                    window.sent_bytes += u64::from(chunk.len_bytes);
+                    self.keep_window(&mut window)?;
                 } else {
                     self.emit(&chunk, &mut zero_run, stats)?;
                 }
@@ -401,6 +427,26 @@ impl Sender {
         stats.data_bytes += len_bytes;
         stats.data_frames += 1;
         stats.wire_bytes += wire_bytes;
+        Ok(())
+    }
+
+    /// While mirroring: a fence every [`MIRROR_FENCE_BYTES`] of copy, and at most
+    /// [`MIRROR_FENCES_AHEAD`] unanswered, so a mirrored guest write (whose fence waits for
+    /// everything queued before it) never queues behind more than a few MiB of copy.
+    fn keep_window(&mut self, window: &mut FenceWindow) -> Result<(), TransferError> {
+        if window.sent_bytes < MIRROR_FENCE_BYTES {
+            return Ok(());
+        }
+        window.sent_bytes = 0;
+        let timeout = Duration::from_millis(self.options.reply_timeout_ms.max(1));
+        let seq = self.out.send_fence().map_err(|err| self.fence_error(err))?;
+        window.pending.push_back(seq);
+        while window.pending.len() > MIRROR_FENCES_AHEAD {
+            let oldest = window.pending.pop_front().expect("non-empty");
+            self.out
+                .wait_fence(oldest, timeout)
+                .map_err(|err| self.fence_error(err))?;
+        }
         Ok(())
     }
 
@@ -485,6 +531,28 @@ impl Sender {
         self.send_frame(&frame)
             .map(|_| ())
             .map_err(|err| self.explain(err))
+    }
+
+    /// Waits until the destination has written (not synced) everything sent so far: the
+    /// cheap acknowledgement between passes; [`Sender::sync`] and the commit make it durable.
+    pub fn fence(&mut self) -> Result<(), TransferError> {
+        let timeout = Duration::from_millis(self.options.reply_timeout_ms.max(1));
+        match self.out.fence(timeout) {
+            Ok(()) => self.check_peer(),
+            Err(err) => Err(self.fence_error(err)),
+        }
+    }
+
+    #[cold]
+    fn fence_error(&mut self, err: FenceError) -> TransferError {
+        match err {
+            FenceError::Write(err) => self.explain(err),
+            FenceError::Closed => self.explain(peer_gone()),
+            FenceError::Timeout => TransferError::Timeout(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no FenceOk from the destination",
+            )),
+        }
     }
 
     /// Waits until the destination has written and fdatasynced everything sent so far;
