@@ -109,6 +109,19 @@ pub enum Command {
         #[command(flatten)]
         target: ApiTarget,
     },
+    /// Did each disk fully migrate? Reads this agent's journal (works with the agent down) and
+    /// asks each destination agent; prints migrated / not-migrated / resumable /
+    /// needs-attention per disk, with the reason.
+    Status {
+        /// Only the jobs of this batch.
+        batch: Option<String>,
+        /// Cluster key used to ask destinations (default: <state-dir>/cluster.key).
+        #[arg(long)]
+        cluster_key: Option<PathBuf>,
+        /// Agent whose state directory is read.
+        #[command(flatten)]
+        target: ApiTarget,
+    },
     /// List migration jobs, or show one.
     Jobs {
         /// Job id.

@@ -135,6 +135,28 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Status {
+            batch,
+            cluster_key,
+            target,
+        } => {
+            let key_path = cluster_key.unwrap_or_else(|| target.state_dir.join("cluster.key"));
+            let key = match ferry::transfer::ClusterKey::load(&key_path) {
+                Ok(key) => Some(key),
+                Err(err) => {
+                    eprintln!("ferry: cannot read the cluster key ({err}); destinations not asked");
+                    None
+                }
+            };
+            let journal = target.state_dir.join(ferry::journal::shared::FILE_NAME);
+            let lines = ferry::journal::status::gather(&journal, key.as_ref(), batch.as_deref())?;
+            if target.json {
+                println!("{}", serde_json::to_string_pretty(&lines)?);
+            } else {
+                print!("{}", ferry::journal::status::render(&lines));
+            }
+            Ok(())
+        }
         Command::Demo(args) => ferry::demo::run(&args),
     }
 }

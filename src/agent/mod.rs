@@ -6,6 +6,7 @@
 //! else (kill -9, power loss) leaves tracker files Active, which the next start reports lost.
 
 pub mod config;
+pub mod journal;
 pub mod registry;
 pub mod targets;
 
@@ -21,6 +22,7 @@ use crate::env::MonotonicClock;
 use crate::io::{probe_uring, EngineKind};
 use crate::nbd::server::{NbdServer, SessionOptions};
 
+use crate::journal::SharedJournal;
 pub use config::AgentConfig;
 use config::EngineChoice;
 use registry::{error_chain, Registry};
@@ -66,6 +68,9 @@ pub enum AgentError {
     /// The block-stream listener could not start.
     #[error("cannot listen for migrations")]
     Transfer(#[source] crate::transfer::TransferError),
+    /// The migration journal cannot be opened or replayed.
+    #[error("migration journal")]
+    Journal(#[source] crate::journal::JournalError),
     /// Signal handling could not be installed.
     #[error("cannot install signal handlers")]
     Signals(#[source] std::io::Error),
@@ -111,6 +116,12 @@ impl Agent {
             })?;
         }
         registry.restore_runtime();
+        let journal = SharedJournal::open(&config.state_dir).map_err(AgentError::Journal)?;
+        let key = load_cluster_key(&config.cluster_key)?;
+        registry.set_cluster_key(key.clone());
+        registry.set_journal(journal.clone());
+        // Before any client is served: forwarding and held writes come back first.
+        journal::recover(&journal, &registry, &key);
         let options = SessionOptions {
             engine,
             queue_depth: config.queue_depth,
@@ -118,13 +129,12 @@ impl Agent {
         };
         let nbd = NbdServer::start(Some(&config.socket), config.tcp, registry.clone(), options)
             .map_err(AgentError::Listen)?;
-        let key = load_cluster_key(&config.cluster_key)?;
-        registry.set_cluster_key(key.clone());
         let nbd_tcp = nbd.tcp_addr.map(|addr| addr.to_string());
         let targets = Arc::new(Targets::new(
             registry.clone(),
             config.image_dir.clone(),
             nbd_tcp,
+            journal.clone(),
         ));
         let transfer =
             crate::transfer::serve(config.transfer, key, targets).map_err(AgentError::Transfer)?;

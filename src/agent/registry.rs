@@ -16,6 +16,7 @@ use crate::api::types::{JobStatus, MigrateRequest};
 use crate::api::{Control, ControlError};
 use crate::dirty::{TrackerSet, TrackerSpec};
 use crate::env::Clock;
+use crate::journal::SharedJournal;
 use crate::migrate::job::JobRequest;
 use crate::migrate::jobs::Jobs;
 use crate::migrate::{MigrateOptions, Policy};
@@ -47,6 +48,8 @@ pub struct Registry {
     jobs: Jobs,
     /// Key authenticating block streams to other agents (set at start).
     cluster_key: Mutex<Option<ClusterKey>>,
+    /// The migration journal (set at start).
+    journal: Mutex<Option<SharedJournal>>,
 }
 
 impl Registry {
@@ -61,7 +64,18 @@ impl Registry {
             runtime: Mutex::new(BTreeMap::new()),
             jobs: Jobs::new(),
             cluster_key: Mutex::new(None),
+            journal: Mutex::new(None),
         }
+    }
+
+    /// Sets the journal migrations from this agent record their steps in.
+    pub fn set_journal(&self, journal: SharedJournal) {
+        *self.journal.lock().expect("journal lock") = Some(journal);
+    }
+
+    /// The export named `name`, if served.
+    pub fn export(&self, name: &str) -> Option<Arc<Export>> {
+        self.get(name).ok()
     }
 
     /// Sets the key migrations from this agent authenticate with.
@@ -530,6 +544,7 @@ impl Control for Registry {
                     send,
                     verify: request.verify,
                     yield_to_guest: request.yield_to_guest,
+                    journal: self.journal.lock().expect("journal lock").clone(),
                 },
                 key,
             )
@@ -548,7 +563,7 @@ impl Control for Registry {
 }
 
 /// `host[:port]` of a peer agent's block stream (port 7451 by default), resolved.
-fn resolve_peer(text: &str) -> Result<std::net::SocketAddr, String> {
+pub fn resolve_peer(text: &str) -> Result<std::net::SocketAddr, String> {
     use std::net::ToSocketAddrs;
     let with_port = if text
         .rsplit_once(':')

@@ -94,6 +94,9 @@ use std::path::PathBuf;
 pub mod file;
 pub mod fold;
 pub mod record;
+pub mod shared;
+pub mod status;
+pub mod verdict;
 
 pub use file::{Entry, Journal, Replay, MAX_BODY_BYTES};
 pub use fold::{
@@ -101,6 +104,7 @@ pub use fold::{
     TargetView,
 };
 pub use record::{Record, Role};
+pub use shared::SharedJournal;
 
 /// Errors from opening, replaying, appending to and compacting a journal.
 #[derive(Debug, thiserror::Error)]

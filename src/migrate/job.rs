@@ -26,11 +26,14 @@ use std::time::Duration;
 
 use crate::dirty::{DirtySet, Tracker, TrackerSpec};
 use crate::env::Clock;
+use crate::journal::{Record, SharedJournal};
 use crate::migrate::backoff::GuestBackoff;
 use crate::migrate::{MigrateOptions, MigrationEnv, Progress, SendOutcome};
 use crate::nbd::export::Export;
 use crate::nbd::route::Route;
-use crate::transfer::{ClusterKey, MirrorLink, SendOptions, Sender, TargetSpec, TransferError};
+use crate::transfer::{
+    ClusterKey, MirrorLink, SendOptions, Sender, TargetSpec, TargetState, TransferError,
+};
 
 /// How long a switchover waits for in-flight guest writes to finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -61,6 +64,9 @@ pub enum JobError {
     /// The source image could not be read for verification.
     #[error("cannot hash the source image")]
     VerifyRead(#[source] TransferError),
+    /// The journal could not record a step: the step was not taken.
+    #[error("{0}")]
+    Journal(String),
     /// A mirrored guest write may be missing at the destination: the commit was not sent.
     #[error("active mirroring failed to deliver a guest write; not committing")]
     MirrorFailed,
@@ -88,6 +94,11 @@ pub struct JobEnv {
     yield_to_guest: bool,
     /// While mirroring: the mirror the sessions feed, and every block taken since.
     mirror: Option<(MirrorLink, DirtySet)>,
+    /// Where the steps are recorded, and what an in-doubt commit needs to ask the target.
+    journal: Option<SharedJournal>,
+    job_id: u64,
+    to: SocketAddr,
+    key: ClusterKey,
 }
 
 /// The comparison of both images at the switchover point (`--verify`).
@@ -115,6 +126,20 @@ impl JobEnv {
         verify: Arc<Mutex<Option<VerifyOutcome>>>,
     ) -> Result<JobEnv, JobError> {
         let (to, send_options) = (request.to, request.send.clone());
+        if let Some(journal) = &request.journal {
+            // Before the destination hears of the job.
+            journal
+                .append(&Record::SourceStarted {
+                    job_id,
+                    batch: None,
+                    export: export.name.clone(),
+                    size_bytes: export.size_bytes,
+                    granularity_bytes: export.granularity_bytes,
+                    destination: to.to_string(),
+                    policy: request.options.policy,
+                })
+                .map_err(JobError::Journal)?;
+        }
         let verify = request.verify.then_some(verify);
         let yield_to_guest = request.yield_to_guest;
         let name = tracker_name(job_id);
@@ -154,6 +179,10 @@ impl JobEnv {
             copy_bytes_per_s: None,
             yield_to_guest,
             mirror: None,
+            journal: request.journal.clone(),
+            job_id,
+            to,
+            key: key.clone(),
             clock,
             export,
             tracker,
@@ -331,7 +360,38 @@ impl MigrationEnv for JobEnv {
         if self.verify.is_some() {
             self.verify_images()?;
         }
-        self.sender.commit().map_err(JobError::Transfer)
+        let Some(journal) = self.journal.clone() else {
+            return self.sender.commit().map_err(JobError::Transfer);
+        };
+        let job_id = self.job_id;
+        journal
+            .append(&Record::SourceSwitchoverBegun { job_id })
+            .map_err(JobError::Journal)?;
+        let err = match self.sender.commit() {
+            Ok(()) => return Ok(()),
+            Err(err) => err,
+        };
+        if !matches!(
+            err,
+            TransferError::Remote { .. } | TransferError::Refused { .. }
+        ) {
+            // The Commit may have arrived: ask the destination, making "not committed" final.
+            // Writes stay held however long that takes (the guest waits; nothing guesses).
+            log::warn!("job {job_id}: commit outcome unknown ({err}); asking the destination");
+            let answer =
+                crate::agent::journal::ask_until_final(&self.to.to_string(), &self.key, job_id);
+            if answer.state == TargetState::Committed {
+                return Ok(());
+            }
+        }
+        // Not committed, and it never will be: the source stays authoritative.
+        journal
+            .append(&Record::SourceSwitchoverCancelled {
+                job_id,
+                reason: crate::agent::registry::error_chain(&err),
+            })
+            .map_err(JobError::Journal)?;
+        Err(JobError::Transfer(err))
     }
 
     fn switch_to_destination(&mut self) -> Result<(), JobError> {
@@ -339,6 +399,15 @@ impl MigrationEnv for JobEnv {
             .forward_addr
             .clone()
             .ok_or(JobError::NoForwardAddress)?;
+        if let Some(journal) = &self.journal {
+            // Before forwarding: a restart then forwards too, never serves the stale image.
+            journal
+                .append(&Record::SourceSwitched {
+                    job_id: self.job_id,
+                    forward_addr: addr.clone(),
+                })
+                .map_err(JobError::Journal)?;
+        }
         // Writes are held: no session mirrors into a stream the destination closed.
         self.export.mirror.clear();
         self.export.route.set(Route::Forward { addr });
@@ -400,6 +469,8 @@ pub fn allocated_blocks(export: &Export, granularity_bytes: u64) -> std::io::Res
 /// Options of a job as the API receives them.
 #[derive(Debug, Clone)]
 pub struct JobRequest {
+    /// Where the job records its steps (the agent's journal); `None` in tests without one.
+    pub journal: Option<SharedJournal>,
     /// Destination agent's block-stream address.
     pub to: SocketAddr,
     /// Algorithm options.

@@ -80,6 +80,50 @@ pub struct TargetSpec {
     pub job_id: u64,
 }
 
+/// A job's state in the destination's journal, as [`Frame::QueryOk`] carries it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetState {
+    /// The destination never heard of the job (or forgot it).
+    Unknown,
+    /// Blocks were received; not committed (and, after a finalizing Query, never will be).
+    Receiving,
+    /// Committed: the destination is authoritative.
+    Committed,
+    /// Aborted: the destination dropped the target.
+    Aborted,
+}
+
+impl TargetState {
+    fn to_wire(self) -> u8 {
+        match self {
+            Self::Unknown => 0,
+            Self::Receiving => 1,
+            Self::Committed => 2,
+            Self::Aborted => 3,
+        }
+    }
+
+    fn from_wire(value: u8) -> Option<Self> {
+        Some(match value {
+            0 => Self::Unknown,
+            1 => Self::Receiving,
+            2 => Self::Committed,
+            3 => Self::Aborted,
+            _ => return None,
+        })
+    }
+
+    /// Lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unknown => "unknown",
+            Self::Receiving => "receiving",
+            Self::Committed => "committed",
+            Self::Aborted => "aborted",
+        }
+    }
+}
+
 /// Why the peer stopped; carried by [`Frame::Error`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorCode {
@@ -214,6 +258,26 @@ pub enum Frame {
         /// The Fence's seq.
         seq: u64,
     },
+    /// Instead of Open: what does the destination's journal say about job `job_id`? With
+    /// `finalize`, a job not committed is made uncommittable first (a source in doubt asks
+    /// so, and may then serve locally: no delayed Commit can succeed afterwards).
+    Query {
+        /// The source's job id.
+        job_id: u64,
+        /// Make "not committed" final.
+        finalize: bool,
+    },
+    /// The answer to Query; the connection ends after it.
+    QueryOk {
+        /// The job asked about.
+        job_id: u64,
+        /// Its state at the destination.
+        state: TargetState,
+        /// Blocks durably received (Receiving only, else 0).
+        received_blocks: u64,
+        /// Where the destination serves NBD over TCP (a source forwards there).
+        nbd_tcp: Option<String>,
+    },
     /// Drop the target (source side), or the acknowledgment of that (destination side).
     Abort,
     /// The sender of this frame stops; the connection closes after it.
@@ -245,8 +309,10 @@ mod kind {
     pub const VERIFY: u8 = 14;
     pub const VERIFY_OK: u8 = 15;
     pub const FENCE: u8 = 16;
-    /// The last kind: [`super::decode_header`] accepts `HELLO..=FENCE_OK`.
     pub const FENCE_OK: u8 = 17;
+    pub const QUERY: u8 = 18;
+    /// The last kind: [`super::decode_header`] accepts `HELLO..=QUERY_OK`.
+    pub const QUERY_OK: u8 = 19;
 }
 
 /// Why bytes are not a frame.
@@ -314,7 +380,7 @@ pub fn decode_header(bytes: &[u8; HEADER_BYTES]) -> Result<FrameHeader, FrameErr
         data_len: be_u32(&bytes[12..16]),
         meta_crc: be_u32(&bytes[16..20]),
     };
-    if !(kind::HELLO..=kind::FENCE_OK).contains(&header.kind) {
+    if !(kind::HELLO..=kind::QUERY_OK).contains(&header.kind) {
         return Err(FrameError::UnknownKind(header.kind));
     }
     if be_u16(&bytes[6..8]) != 0 {
@@ -353,14 +419,9 @@ pub fn decode_meta(header: &FrameHeader, meta: &[u8]) -> Result<Frame, FrameErro
             mac: fields.array()?,
         },
         kind::OPEN => Frame::Open(decode_spec(&mut fields)?),
-        kind::OPEN_OK => {
-            let nbd_tcp = match fields.u8()? {
-                0 => None,
-                1 => Some(fields.string(MAX_MESSAGE_BYTES)?),
-                _ => return Err(FrameError::BadField("nbd_tcp flag")),
-            };
-            Frame::OpenOk { nbd_tcp }
-        }
+        kind::OPEN_OK => Frame::OpenOk {
+            nbd_tcp: optional_string(&mut fields, "nbd_tcp flag")?,
+        },
         kind::DATA => Frame::Data {
             offset_bytes: range(fields.u64()?, u64::from(header.data_len))?,
             len_bytes: header.data_len,
@@ -400,6 +461,20 @@ pub fn decode_meta(header: &FrameHeader, meta: &[u8]) -> Result<Frame, FrameErro
             digest: fields.array()?,
         },
         kind::ABORT => Frame::Abort,
+        kind::QUERY => Frame::Query {
+            job_id: fields.u64()?,
+            finalize: match fields.u8()? {
+                0 => false,
+                1 => true,
+                _ => return Err(FrameError::BadField("finalize")),
+            },
+        },
+        kind::QUERY_OK => Frame::QueryOk {
+            job_id: fields.u64()?,
+            state: TargetState::from_wire(fields.u8()?).ok_or(FrameError::BadField("state"))?,
+            received_blocks: fields.u64()?,
+            nbd_tcp: optional_string(&mut fields, "nbd_tcp flag")?,
+        },
         kind::ERROR => Frame::Error {
             code: ErrorCode::from_wire(fields.u16()?).ok_or(FrameError::BadField("code"))?,
             offset_bytes: fields.u64()?,
@@ -483,10 +558,7 @@ fn encode_meta(frame: &Frame, out: &mut Vec<u8>) -> (u8, u32) {
             (kind::OPEN, 0)
         }
         Frame::OpenOk { nbd_tcp } => {
-            out.push(u8::from(nbd_tcp.is_some()));
-            if let Some(addr) = nbd_tcp {
-                put_string(out, addr, MAX_MESSAGE_BYTES);
-            }
+            put_optional_string(out, nbd_tcp.as_deref());
             (kind::OPEN_OK, 0)
         }
         Frame::Data {
@@ -547,6 +619,23 @@ fn encode_meta(frame: &Frame, out: &mut Vec<u8>) -> (u8, u32) {
             (kind::SYNC_OK, 0)
         }
         Frame::Abort => (kind::ABORT, 0),
+        Frame::Query { job_id, finalize } => {
+            out.extend_from_slice(&job_id.to_be_bytes());
+            out.push(u8::from(*finalize));
+            (kind::QUERY, 0)
+        }
+        Frame::QueryOk {
+            job_id,
+            state,
+            received_blocks,
+            nbd_tcp,
+        } => {
+            out.extend_from_slice(&job_id.to_be_bytes());
+            out.push(state.to_wire());
+            out.extend_from_slice(&received_blocks.to_be_bytes());
+            put_optional_string(out, nbd_tcp.as_deref());
+            (kind::QUERY_OK, 0)
+        }
         Frame::Error {
             code,
             offset_bytes,
@@ -593,6 +682,25 @@ fn decode_spec(fields: &mut Fields<'_>) -> Result<TargetSpec, FrameError> {
         granularity_bytes,
         job_id,
     })
+}
+
+/// A presence byte, then (when 1) a string of at most [`MAX_MESSAGE_BYTES`].
+fn optional_string(
+    fields: &mut Fields<'_>,
+    what: &'static str,
+) -> Result<Option<String>, FrameError> {
+    match fields.u8()? {
+        0 => Ok(None),
+        1 => Ok(Some(fields.string(MAX_MESSAGE_BYTES)?)),
+        _ => Err(FrameError::BadField(what)),
+    }
+}
+
+fn put_optional_string(out: &mut Vec<u8>, text: Option<&str>) {
+    out.push(u8::from(text.is_some()));
+    if let Some(text) = text {
+        put_string(out, text, MAX_MESSAGE_BYTES);
+    }
 }
 
 fn put_string(out: &mut Vec<u8>, text: &str, max_bytes: usize) {
@@ -712,6 +820,16 @@ mod tests {
             },
             Frame::Commit { seq: 4 },
             Frame::CommitOk { seq: 4 },
+            Frame::Query {
+                job_id: 9,
+                finalize: true,
+            },
+            Frame::QueryOk {
+                job_id: 9,
+                state: TargetState::Receiving,
+                received_blocks: 77,
+                nbd_tcp: Some("127.0.0.1:10809".into()),
+            },
             Frame::Abort,
             Frame::Error {
                 code: ErrorCode::Digest,

@@ -29,6 +29,8 @@ pub(crate) fn frame_name(frame: &Frame) -> &'static str {
         Frame::VerifyOk { .. } => "VerifyOk",
         Frame::Fence { .. } => "Fence",
         Frame::FenceOk { .. } => "FenceOk",
+        Frame::Query { .. } => "Query",
+        Frame::QueryOk { .. } => "QueryOk",
         Frame::Abort => "Abort",
         Frame::Error { .. } => "Error",
     }

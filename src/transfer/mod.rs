@@ -17,6 +17,10 @@
 //!   ── Commit{seq} ───────────────────────────────────►  sync, host.commit_target
 //!   ◄────────────────────────────────────── CommitOk{seq}   (destination authoritative)
 //!   either side, any time: Error{code, offset, message}, then close
+//!
+//!  instead of Open (status, or a source in doubt after a lost CommitOk):
+//!   ── Query{job, finalize} ─────────────────────────────►  journal lookup (finalize: make
+//!   ◄──────────────────── QueryOk{job, state, received}     "not committed" final), close
 //! ```
 //!
 //! Invariants:
@@ -42,14 +46,14 @@ use std::path::PathBuf;
 
 use thiserror::Error;
 
-pub use frame::{ErrorCode, Frame, FrameError, Role, TargetSpec};
+pub use frame::{ErrorCode, Frame, FrameError, Role, TargetSpec, TargetState};
 pub use key::ClusterKey;
 pub use outbound::MirrorLink;
 pub use pace::Pacer;
 pub use recv::{
     check_free_space, create_sparse_target, hash_image, serve, ReceiverServer, TargetHost,
 };
-pub use send::{OpenReply, SendOptions, SendStats, Sender};
+pub use send::{query_target, OpenReply, QueryAnswer, SendOptions, SendStats, Sender};
 
 /// Errors of the block stream. The same `io::Error` means different things from the socket,
 /// the source disk and the target disk, so they get different variants.

@@ -25,10 +25,10 @@ use std::time::{Duration, Instant};
 
 use ferry_sys::{DirectFile, DIRECT_ALIGN};
 
-use super::frame::{ErrorCode, Frame, Role, TargetSpec};
+use super::frame::{ErrorCode, Frame, Role, TargetSpec, TargetState};
 use super::link::{self, read_frame, unexpected, write_frame};
 use super::{ClusterKey, TransferError};
-use crate::dirty::DirtyBitmap;
+use crate::dirty::{DirtyBitmap, DirtySet};
 use crate::io::{open_engine, probe_uring, BlockIo, EngineKind, IoCompletion, IoKind, IoRequest};
 use crate::nbd::bufpool::BufPool;
 
@@ -53,13 +53,20 @@ pub trait TargetHost: Send + Sync {
     /// Creates (or, for the same job on resume, reopens) the target image for `spec`, of
     /// `spec.size_bytes`, sparse. Refuses with a reason when an export of that name is
     /// already served, or the disk lacks space ([`check_free_space`]).
-    fn create_target(&self, spec: &TargetSpec) -> Result<Arc<DirectFile>, String>;
+    /// `source` is the peer's address as this agent sees it.
+    fn create_target(&self, spec: &TargetSpec, source: &str) -> Result<Arc<DirectFile>, String>;
     /// Makes the target authoritative: start serving it. Called after an fdatasync.
     fn commit_target(&self, spec: &TargetSpec) -> Result<(), String>;
     /// Drops the target (the source asked to abort).
     fn abort_target(&self, spec: &TargetSpec);
     /// Where this agent serves NBD over TCP, told to sources for forwarding.
     fn nbd_tcp(&self) -> Option<String>;
+    /// Blocks durably received so far (called after each Sync's fdatasync): the host may
+    /// record them, so a resumed migration sends only what is missing.
+    fn checkpoint(&self, spec: &TargetSpec, received: &DirtySet);
+    /// The job's state here and the blocks durably received; with `finalize`, a job not
+    /// committed is made uncommittable before the answer (see [`Frame::Query`]).
+    fn query(&self, job_id: u64, finalize: bool) -> (TargetState, u64);
 }
 
 /// Refuses when the filesystem holding `dir` has fewer than `need_bytes` available.
@@ -267,10 +274,24 @@ fn serve_connection(
     link::authenticate(&mut stream, key, Role::Destination)?;
     let spec = match read_frame(&mut stream, &mut Vec::new()) {
         Ok(Frame::Open(spec)) => spec,
-        Ok(other) => return Err(fail(&mut stream, unexpected(other, "Open"))),
+        Ok(Frame::Query { job_id, finalize }) => {
+            let (state, received_blocks) = host.query(job_id, finalize);
+            let reply = Frame::QueryOk {
+                job_id,
+                state,
+                received_blocks,
+                nbd_tcp: host.nbd_tcp(),
+            };
+            write_frame(&mut stream, &reply, &mut Vec::new())?;
+            return Ok("queried");
+        }
+        Ok(other) => return Err(fail(&mut stream, unexpected(other, "Open or Query"))),
         Err(err) => return Err(fail(&mut stream, err)),
     };
-    let file = match host.create_target(&spec) {
+    let source = stream
+        .peer_addr()
+        .map_or_else(|_| "unknown".to_string(), |addr| addr.to_string());
+    let file = match host.create_target(&spec, &source) {
         Ok(file) => file,
         Err(reason) => {
             return Err(fail(&mut stream, TransferError::Refused { reason }));
@@ -416,6 +437,13 @@ impl Target {
                 } => self.zero_or_trim(offset_bytes, len_bytes, false)?,
                 Frame::Sync { seq } => {
                     self.flush()?;
+                    let received = DirtySet::from_words(
+                        self.spec.granularity_bytes,
+                        self.spec.size_bytes,
+                        self.received.block_count(),
+                        self.received.snapshot(),
+                    );
+                    host.checkpoint(&self.spec, &received);
                     let reply = Frame::SyncOk {
                         seq,
                         received_blocks: self.received.count(),

@@ -30,7 +30,7 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use ferry_sys::{AlignedBuf, DirectFile, DIRECT_ALIGN};
 
-use super::frame::{self, Frame, Role, TargetSpec};
+use super::frame::{self, Frame, Role, TargetSpec, TargetState};
 use super::link::{self, read_frame, unexpected, write_frame};
 use super::outbound::{FenceError, MirrorLink, Outbound};
 use super::{ClusterKey, Pacer, TransferError};
@@ -668,6 +668,60 @@ impl Drop for Sender {
         if let Some(reader) = self.reader.take() {
             let _ = reader.join();
         }
+    }
+}
+
+/// What a destination said about a job ([`query_target`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueryAnswer {
+    /// The job's state there.
+    pub state: TargetState,
+    /// Blocks durably received there.
+    pub received_blocks: u64,
+    /// Where it serves NBD over TCP.
+    pub nbd_tcp: Option<String>,
+}
+
+/// Asks the destination agent at `addr` what its journal says about `job_id` (see
+/// [`Frame::Query`]).
+pub fn query_target(
+    addr: SocketAddr,
+    key: &ClusterKey,
+    job_id: u64,
+    finalize: bool,
+    timeout: Duration,
+) -> Result<QueryAnswer, TransferError> {
+    let mut stream = TcpStream::connect_timeout(&addr, timeout).map_err(TransferError::Connect)?;
+    stream.set_nodelay(true).map_err(TransferError::Socket)?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(TransferError::Socket)?;
+    stream
+        .set_write_timeout(Some(timeout))
+        .map_err(TransferError::Socket)?;
+    link::authenticate(&mut stream, key, Role::Source)?;
+    write_frame(
+        &mut stream,
+        &Frame::Query { job_id, finalize },
+        &mut Vec::new(),
+    )?;
+    match read_frame(&mut stream, &mut Vec::new())? {
+        Frame::QueryOk {
+            job_id: answered,
+            state,
+            received_blocks,
+            nbd_tcp,
+        } if answered == job_id => Ok(QueryAnswer {
+            state,
+            received_blocks,
+            nbd_tcp,
+        }),
+        Frame::Error {
+            code,
+            offset_bytes,
+            message,
+        } => Err(TransferError::from_remote(code, offset_bytes, message)),
+        other => Err(unexpected(other, "QueryOk")),
     }
 }
 

@@ -33,7 +33,7 @@ impl DirHost {
 }
 
 impl TargetHost for DirHost {
-    fn create_target(&self, spec: &TargetSpec) -> Result<Arc<DirectFile>, String> {
+    fn create_target(&self, spec: &TargetSpec, _source: &str) -> Result<Arc<DirectFile>, String> {
         if let Some(reason) = &self.refuse {
             return Err(reason.clone());
         }
@@ -60,6 +60,16 @@ impl TargetHost for DirHost {
 
     fn nbd_tcp(&self) -> Option<String> {
         Some("127.0.0.1:10809".into())
+    }
+
+    fn checkpoint(&self, _spec: &TargetSpec, _received: &crate::dirty::DirtySet) {}
+
+    fn query(&self, _job_id: u64, _finalize: bool) -> (TargetState, u64) {
+        if self.committed.lock().unwrap().is_empty() {
+            (TargetState::Unknown, 0)
+        } else {
+            (TargetState::Committed, 0)
+        }
     }
 }
 

@@ -3,6 +3,8 @@
 //! helpers to run the real NBD clients (qemu-io, qemu-img, nbdinfo, nbdcopy, nbdsh, fio).
 #![allow(dead_code)]
 
+pub mod pair;
+
 use std::io::Read;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -67,37 +69,7 @@ impl AgentProc {
 
     /// Like `start`, in a given directory (restarts keep their state).
     pub fn start_in(dir: tempfile::TempDir, exports: &[String], extra: &[&str]) -> AgentProc {
-        let socket = dir.path().join("nbd.sock");
-        let state_dir = dir.path().join("state");
-        let api = format!("127.0.0.1:{}", free_port());
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry"));
-        cmd.arg("agent")
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--state-dir")
-            .arg(&state_dir)
-            .arg("--api")
-            .arg(&api);
-        let mut tcp = None;
-        if extra.contains(&"--tcp") {
-            let addr = format!("127.0.0.1:{}", free_port());
-            cmd.arg(format!("--tcp={addr}"));
-            tcp = Some(addr);
-        }
-        cmd.args(extra.iter().filter(|a| **a != "--tcp"));
-        if !extra.contains(&"--transfer") {
-            // Every agent of a test run needs its own block-stream port.
-            cmd.arg("--transfer")
-                .arg(format!("127.0.0.1:{}", free_port()));
-        }
-        for export in exports {
-            cmd.arg("--export").arg(export);
-        }
-        let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
-        cmd.stdout(Stdio::null())
-            .stderr(log)
-            .env("RUST_LOG", "info");
-        let child = cmd.spawn().expect("spawn ferry agent");
+        let (child, socket, state_dir, api, tcp) = spawn(dir.path(), exports, extra, None);
         let mut agent = AgentProc {
             child: Some(child),
             dir,
@@ -108,6 +80,17 @@ impl AgentProc {
         };
         agent.wait_ready();
         agent
+    }
+
+    /// Starts the agent again in the same directory (state, socket, NBD TCP address), after
+    /// `stop` or `kill`; `extra` as for `start`.
+    pub fn restart(&mut self, exports: &[String], extra: &[&str]) {
+        assert!(self.child.is_none(), "stop or kill the agent first");
+        let (child, socket, state_dir, api, tcp) =
+            spawn(self.dir.path(), exports, extra, self.tcp.clone());
+        self.child = Some(child);
+        (self.socket, self.state_dir, self.api, self.tcp) = (socket, state_dir, api, tcp);
+        self.wait_ready();
     }
 
     fn wait_ready(&mut self) {
@@ -183,6 +166,52 @@ impl AgentProc {
         child.kill().unwrap();
         child.wait().unwrap();
     }
+}
+
+/// The agent process of `start_in`/`restart` in `dir`; `keep_tcp`: the NBD TCP address of a
+/// previous run (sources forward there).
+fn spawn(
+    dir: &Path,
+    exports: &[String],
+    extra: &[&str],
+    keep_tcp: Option<String>,
+) -> (Child, PathBuf, PathBuf, String, Option<String>) {
+    let socket = dir.join("nbd.sock");
+    let state_dir = dir.join("state");
+    let api = format!("127.0.0.1:{}", free_port());
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry"));
+    cmd.arg("agent")
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--state-dir")
+        .arg(&state_dir)
+        .arg("--api")
+        .arg(&api);
+    let mut tcp = None;
+    if extra.contains(&"--tcp") {
+        let addr = keep_tcp.unwrap_or_else(|| format!("127.0.0.1:{}", free_port()));
+        cmd.arg(format!("--tcp={addr}"));
+        tcp = Some(addr);
+    }
+    cmd.args(extra.iter().filter(|a| **a != "--tcp"));
+    if !extra.contains(&"--transfer") {
+        // Every agent of a test run needs its own block-stream port.
+        cmd.arg("--transfer")
+            .arg(format!("127.0.0.1:{}", free_port()));
+    }
+    for export in exports {
+        cmd.arg("--export").arg(export);
+    }
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("agent.log"))
+        .unwrap();
+    cmd.stdout(Stdio::null())
+        .stderr(log)
+        .env("RUST_LOG", "info");
+    let child = cmd.spawn().expect("spawn ferry agent");
+    (child, socket, state_dir, api, tcp)
 }
 
 impl Drop for AgentProc {

@@ -1,0 +1,121 @@
+//! `ferry status [BATCH]`: reads this agent's journal from its state directory (so it works
+//! with the agent down), asks the destination of every source job what its journal says
+//! (over the block-stream port, authenticated with the cluster key), and judges each disk
+//! ([`super::verdict`]). Destinations that cannot be reached are named, never guessed.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::verdict::{judge, Peer, Verdict};
+use super::{fold, Journal, JournalError, Side};
+use crate::transfer::{query_target, ClusterKey, TargetState};
+
+/// How long one destination may take to answer.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// One disk's line of `ferry status`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DiskStatus {
+    /// The source's job id.
+    pub job_id: u64,
+    /// Batch, if any.
+    pub batch: Option<String>,
+    /// Export (VM disk).
+    pub export: String,
+    /// This agent's role: source or target.
+    pub role: String,
+    /// Phase in this agent's journal.
+    pub phase: String,
+    /// The other side's state, when it answered.
+    pub peer_state: Option<String>,
+    /// The other side, when it could not be reached: why.
+    pub peer_unreachable: Option<String>,
+    /// Bytes durably at the destination (from its latest checkpoint), when known.
+    pub destination_bytes: Option<u64>,
+    /// The verdict.
+    pub verdict: Verdict,
+    /// Why, from the journals.
+    pub reason: String,
+}
+
+/// The status of every job in the journal at `journal_path` (of `batch` only, if given).
+/// `key` is needed to ask destinations; without it they are reported as not asked.
+pub fn gather(
+    journal_path: &Path,
+    key: Option<&ClusterKey>,
+    batch: Option<&str>,
+) -> Result<Vec<DiskStatus>, JournalError> {
+    let replay = Journal::inspect(journal_path)?;
+    let jobs = fold(&replay.entries)?;
+    let mut lines = Vec::new();
+    for view in jobs.values() {
+        if batch.is_some_and(|batch| view.batch.as_deref() != Some(batch)) {
+            continue;
+        }
+        let peer = match (&view.side, key) {
+            (Side::Source(source), Some(key)) => ask(&source.destination, key, view.job_id),
+            _ => Peer::NotAsked,
+        };
+        let (verdict, reason) = judge(view, &peer);
+        let (role, phase) = match &view.side {
+            Side::Source(source) => ("source", source.phase.as_str()),
+            Side::Target(target) => ("target", target.phase.as_str()),
+        };
+        let (peer_state, peer_unreachable, destination_blocks) = match &peer {
+            Peer::Answered(answer) => (
+                Some(answer.state.as_str().to_string()),
+                None,
+                (answer.state == TargetState::Receiving).then_some(answer.received_blocks),
+            ),
+            Peer::Unreachable(why) => (None, Some(why.clone()), None),
+            Peer::NotAsked => (None, None, None),
+        };
+        lines.push(DiskStatus {
+            job_id: view.job_id,
+            batch: view.batch.clone(),
+            export: view.export.clone(),
+            role: role.into(),
+            phase: phase.into(),
+            peer_state,
+            peer_unreachable,
+            destination_bytes: destination_blocks.map(|blocks| blocks * view.granularity_bytes),
+            verdict,
+            reason,
+        });
+    }
+    Ok(lines)
+}
+
+fn ask(destination: &str, key: &ClusterKey, job_id: u64) -> Peer {
+    let addr = match crate::agent::registry::resolve_peer(destination) {
+        Ok(addr) => addr,
+        Err(err) => return Peer::Unreachable(err),
+    };
+    match query_target(addr, key, job_id, false, QUERY_TIMEOUT) {
+        Ok(answer) => Peer::Answered(answer),
+        Err(err) => Peer::Unreachable(crate::agent::registry::error_chain(&err)),
+    }
+}
+
+/// The table `ferry status` prints.
+pub fn render(lines: &[DiskStatus]) -> String {
+    let mut out = format!(
+        "{:<6} {:<16} {:<10} {:<7} {:<15} {:<16} {}\n",
+        "JOB", "EXPORT", "BATCH", "ROLE", "PHASE", "VERDICT", "REASON"
+    );
+    for line in lines {
+        out.push_str(&format!(
+            "{:<6} {:<16} {:<10} {:<7} {:<15} {:<16} {}\n",
+            line.job_id,
+            line.export,
+            line.batch.as_deref().unwrap_or("-"),
+            line.role,
+            line.phase,
+            line.verdict.as_str(),
+            line.reason
+        ));
+    }
+    out
+}

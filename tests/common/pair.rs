@@ -1,0 +1,180 @@
+//! Two agents on loopback sharing a cluster key (source serving `vm1`, destination serving
+//! NBD over TCP), and the guest (fio's nbd engine with crc32c verify headers) that writes
+//! into them: shared by the migration and journal tests.
+
+use std::path::Path;
+use std::process::{Child, Command};
+
+use super::{free_port, run_ok, stdout, AgentProc};
+
+/// One MiB.
+pub const MIB: u64 = 1 << 20;
+
+pub fn write_key(dir: &Path) -> std::path::PathBuf {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join("cluster.key");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .unwrap();
+    std::io::Write::write_all(
+        &mut file,
+        b"5eed000000000000000000000000000000000000000000000000000000c0ffee\n",
+    )
+    .unwrap();
+    path
+}
+
+/// Source and destination agents on loopback; the destination serves NBD over TCP (the
+/// source forwards there after the switchover).
+pub struct Pair {
+    pub source: AgentProc,
+    pub destination: AgentProc,
+    pub destination_transfer: String,
+    /// The cluster key both agents use.
+    pub key_path: std::path::PathBuf,
+    source_exports: Vec<String>,
+    source_transfer: String,
+    _keys: tempfile::TempDir,
+}
+
+impl Pair {
+    /// Starts the (stopped or killed) source agent again, same state and addresses.
+    pub fn restart_source(&mut self) {
+        let key = self.key_path.to_str().unwrap().to_string();
+        let extra = ["--transfer", &self.source_transfer, "--cluster-key", &key];
+        self.source.restart(&self.source_exports, &extra);
+    }
+
+    /// Starts the (stopped or killed) destination agent again, same state and addresses.
+    pub fn restart_destination(&mut self) {
+        let key = self.key_path.to_str().unwrap().to_string();
+        let extra = [
+            "--tcp",
+            "--transfer",
+            &self.destination_transfer,
+            "--cluster-key",
+            &key,
+        ];
+        self.destination.restart(&[], &extra);
+    }
+
+    /// `ferry status --json` as `agent` sees it (reading its journal, asking peers).
+    pub fn status(&self, agent: &AgentProc) -> serde_json::Value {
+        let key = self.key_path.to_str().unwrap();
+        let out = agent.cli(&["status", "--json", "--cluster-key", key]);
+        let text = stdout(&out);
+        serde_json::from_str(&text).unwrap_or_else(|e| {
+            panic!(
+                "status output ({e}):\n{text}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    }
+}
+
+pub fn pair(image: &Path, granularity: &str) -> Pair {
+    let keys = super::scratch_dir();
+    let key = write_key(keys.path());
+    let key = key.to_str().unwrap().to_string();
+    let src_transfer = format!("127.0.0.1:{}", free_port());
+    let dst_transfer = format!("127.0.0.1:{}", free_port());
+    let source_exports = vec![format!("vm1={},granularity={granularity}", image.display())];
+    let source = AgentProc::start(
+        &source_exports,
+        &["--transfer", &src_transfer, "--cluster-key", &key],
+    );
+    let destination = AgentProc::start(
+        &[],
+        &["--tcp", "--transfer", &dst_transfer, "--cluster-key", &key],
+    );
+    Pair {
+        source,
+        destination,
+        destination_transfer: dst_transfer,
+        key_path: key.into(),
+        source_exports,
+        source_transfer: src_transfer,
+        _keys: keys,
+    }
+}
+
+/// Random data in the first `len` bytes (the rest stays a hole).
+pub fn prefill(image: &Path, len: u64) {
+    run_ok(
+        Command::new("fio")
+            .args([
+                "--name=prefill",
+                "--rw=write",
+                "--bs=1M",
+                "--direct=1",
+                "--refill_buffers",
+            ])
+            .arg(format!("--filename={}", image.display()))
+            .arg(format!("--size={len}"))
+            .args(["--output-format=terse"]),
+    );
+}
+
+pub fn fio_zipf(uri: &str, iops: u32, ios: u32, extra: &[&str]) -> Command {
+    let mut cmd = Command::new("fio");
+    cmd.args([
+        "--name=guest",
+        "--ioengine=nbd",
+        "--rw=randwrite",
+        "--bs=4k",
+        "--iodepth=8",
+    ])
+    .args([
+        "--random_distribution=zipf:1.2",
+        "--randseed=42",
+        "--verify=crc32c",
+    ])
+    .args(["--verify_state_save=0", "--size=128M"])
+    .arg(format!("--uri={uri}"))
+    .arg(format!("--rate_iops={iops}"))
+    .arg(format!("--number_ios={ios}"))
+    .args(extra);
+    cmd
+}
+
+/// fio reads back the last version of every block the guest's `ios` writes touched, at `uri`.
+pub fn verify_only(uri: &str, ios: u32) {
+    let out = fio_zipf(uri, 0, ios, &["--verify_only"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+pub fn wait_fio(child: Child) -> String {
+    let out = child.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "fio failed:\n{text}");
+    assert!(
+        !text.contains("verify: bad") && !text.contains("err=") || text.contains("err= 0"),
+        "{text}"
+    );
+    text
+}
+
+pub fn migrate(agent: &AgentProc, to: &str, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec!["migrate", "vm1", "--to", to, "--json"];
+    args.extend_from_slice(extra);
+    let out = agent.cli(&args);
+    let text = stdout(&out);
+    serde_json::from_str(&text).unwrap_or_else(|e| {
+        panic!(
+            "migrate output ({e}):\n{text}\n{}\nsource log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            agent.log()
+        )
+    })
+}
