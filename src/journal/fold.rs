@@ -131,6 +131,10 @@ pub struct SourceView {
     pub policy: Policy,
     /// Where guest I/O is forwarded, once switched.
     pub forward_addr: Option<String>,
+    /// Switchovers begun so far (`SourceSwitchoverBegun` records): the number of the
+    /// latest attempt, which an in-doubt query names so that an answer about an earlier
+    /// attempt is never taken for the current one.
+    pub switchovers: u32,
 }
 
 /// What a target knows of its job.
@@ -419,6 +423,7 @@ fn update(jobs: &mut JobViews, seq: u64, record: &Record) {
         }
         (Record::SourceSwitchoverBegun { .. }, Side::Source(source)) => {
             source.phase = SourcePhase::SwitchingOver;
+            source.switchovers += 1;
         }
         (Record::SourceSwitchoverCancelled { reason, .. }, Side::Source(source)) => {
             source.phase = SourcePhase::Copying;
@@ -484,6 +489,7 @@ fn start(seq: u64, record: &Record) -> JobView {
                 destination: destination.clone(),
                 policy: *policy,
                 forward_addr: None,
+                switchovers: 0,
             }),
         ),
         Record::TargetCreated {
@@ -580,9 +586,9 @@ mod tests {
 
     #[test]
     fn views_keep_what_status_and_restart_need() {
-        // Goal: the fold keeps batch, export, peer, forward address, reasons and the latest
-        // received set (while receiving only). Method: fold a prefix and the whole
-        // lifecycle, inspect the views.
+        // Goal: the fold keeps batch, export, peer, forward address, reasons, the number of
+        // switchover attempts and the latest received set (while receiving only). Method:
+        // fold a prefix and the whole lifecycle, inspect the views.
         let records = lifecycle();
         let middle = folded(&records[..7]);
         let source = &middle[&source_key(7)];
@@ -606,6 +612,7 @@ mod tests {
         };
         assert_eq!(source.forward_addr.as_deref(), Some("10.0.0.2:10809"));
         assert_eq!(source.destination, "10.0.0.2:7410");
+        assert_eq!(source.switchovers, 2, "one cancelled, one switched");
         let Side::Target(target) = &jobs[&target_key(9)].side else {
             panic!("target view");
         };

@@ -8,14 +8,19 @@
 //! replays the file; [`Journal::append`] writes one [`Record`] and fdatasyncs it before it
 //! returns ("synced at each state change before the change takes effect"); [`fold()`] reduces
 //! records to one [`JobView`] per job. Files: `record.rs` (records and their encoding),
-//! `file.rs` (frames, open, replay, append, compaction), `fold.rs` (the state machine).
+//! `file.rs` (frames, open, replay, append, compaction), `fold.rs` (the state machine),
+//! `commit.rs` (the protocol's decisions: restart actions, the target's fenced answer to a
+//! source in doubt, `ferry status` verdicts), `sim/` (its deterministic simulation).
 //!
 //! # The commit protocol the records implement
 //!
-//! At every instant exactly one side is authoritative for a disk. The target's
-//! `TargetCommitted` record is the commit point: before it is durable the source is
-//! authoritative, after it the target is. The only side that can be unsure is a source that
-//! began a switchover: it must ask the target, whose journal knows.
+//! The full protocol, with the message sequence and every restart case, is
+//! `docs/commit-protocol.md`. At every instant exactly one side is authoritative for a disk.
+//! The target's `TargetCommitted` record is the commit point: before it is durable the source
+//! is authoritative, after it the target is. The only side that can be unsure is a source
+//! that began a switchover: it must ask the target, whose journal knows, and the target
+//! makes a "not committed" answer final by fencing first ([`commit::CommitFence`]): every
+//! stream of the job that is open when it answers can never write or commit again.
 //!
 //! ```text
 //!  source:  SourceStarted ─► Copying ──SwitchoverBegun──► SwitchingOver ──Switched──► Switched ──Finished──► Finished
@@ -30,11 +35,11 @@
 //! | phase | authoritative | on restart, this agent … |
 //! | --- | --- | --- |
 //! | source Copying | source | serves the export locally; the job is resumable (`ferry resume`) |
-//! | source SwitchingOver | in doubt | serves no write until the target answers: committed → append `SourceSwitched`, forward; not committed → append `SourceSwitchoverCancelled`, serve locally |
+//! | source SwitchingOver | in doubt | serves no write until the target answers: committed → append `SourceSwitched`, forward; not committed → append `SourceSwitchoverCancelled`, serve locally; unreachable → keep asking, `ferry status` says needs-attention |
 //! | source Switched | target | forwards the export to `forward_addr`, never serves the local image |
-//! | source Aborted | source | serves locally; removes the migration tracker |
+//! | source Aborted | source | serves locally; removes the migration tracker; sends Abort until the target confirms |
 //! | source Finished | target | serves nothing for the export; the local image is debris |
-//! | target Receiving | source | keeps the image unserved, with its received bitmap, for a resume |
+//! | target Receiving | source | keeps the image unserved, with its received bitmap, for a resume; no stream is current, so nothing commits before a new Open |
 //! | target Committed | target | serves the image as an export |
 //! | target Aborted | source | removes the image if it is still there |
 //!
@@ -49,7 +54,7 @@
 //! | `SourceSwitchoverBegun` | writes held and drained, before the commit is sent |
 //! | `TargetCommitted` | after the target's fdatasync, before it is served and before `CommitOk` |
 //! | `SourceSwitched` | after `CommitOk` (or a "committed" answer), before forwarding and releasing writes |
-//! | `SourceSwitchoverCancelled` | after the target refused the commit, or answered "not committed" (that answer must be final: no older stream may commit later) |
+//! | `SourceSwitchoverCancelled` | after the target refused the commit stream, or answered "not committed" (final: the target fenced every stream of the job before answering) |
 //! | `SourceAborted` / `TargetAborted` | before anything is removed |
 //! | `SourceFinished` | before the forwarding export and the image are removed |
 //!
@@ -91,12 +96,13 @@
 
 use std::path::PathBuf;
 
+pub mod commit;
 pub mod file;
 pub mod fold;
 pub mod record;
 pub mod shared;
+pub mod sim;
 pub mod status;
-pub mod verdict;
 
 pub use file::{Entry, Journal, Replay, MAX_BODY_BYTES};
 pub use fold::{

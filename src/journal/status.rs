@@ -1,16 +1,17 @@
 //! `ferry status [BATCH]`: reads this agent's journal from its state directory (so it works
 //! with the agent down), asks the destination of every source job what its journal says
 //! (over the block-stream port, authenticated with the cluster key), and judges each disk
-//! ([`super::verdict`]). Destinations that cannot be reached are named, never guessed.
+//! with [`super::commit::status_of`] (docs/commit-protocol.md). Destinations that cannot be
+//! reached are named, never guessed.
 
 use std::path::Path;
 use std::time::Duration;
 
 use serde::Serialize;
 
-use super::verdict::{judge, Peer, Verdict};
-use super::{fold, Journal, JournalError, Side};
-use crate::transfer::{query_target, ClusterKey, TargetState};
+use super::commit::{status_of, SourceState, TargetState};
+use super::{fold, Journal, JournalError, Side, TargetPhase};
+use crate::transfer::{query_target, ClusterKey, QueryAnswer, TargetState as RemoteState};
 
 /// How long one destination may take to answer.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(3);
@@ -34,10 +35,19 @@ pub struct DiskStatus {
     pub peer_unreachable: Option<String>,
     /// Bytes durably at the destination (from its latest checkpoint), when known.
     pub destination_bytes: Option<u64>,
-    /// The verdict.
-    pub verdict: Verdict,
+    /// migrated, not-migrated, resumable or needs-attention.
+    pub verdict: String,
     /// Why, from the journals.
     pub reason: String,
+    /// What the operator does next ("none" when nothing).
+    pub action: String,
+}
+
+/// What the other side said.
+enum Peer {
+    Answered(QueryAnswer),
+    Unreachable(String),
+    NotAsked,
 }
 
 /// The status of every job in the journal at `journal_path` (of `batch` only, if given).
@@ -58,16 +68,28 @@ pub fn gather(
             (Side::Source(source), Some(key)) => ask(&source.destination, key, view.job_id),
             _ => Peer::NotAsked,
         };
-        let (verdict, reason) = judge(view, &peer);
-        let (role, phase) = match &view.side {
-            Side::Source(source) => ("source", source.phase.as_str()),
-            Side::Target(target) => ("target", target.phase.as_str()),
+        let (role, phase, status) = match &view.side {
+            Side::Source(source) => (
+                "source",
+                source.phase.as_str(),
+                status_of(SourceState::Phase(source.phase), remote_target(&peer)),
+            ),
+            // The source's block-stream address is not in a target's journal: not asked.
+            Side::Target(target) => (
+                "target",
+                target.phase.as_str(),
+                status_of(SourceState::Unreachable, TargetState::Phase(target.phase)),
+            ),
         };
+        let mut reason = status.reason.to_string();
+        if let Side::Target(_) = view.side {
+            reason.push_str(" (the source was not asked from here)");
+        }
         let (peer_state, peer_unreachable, destination_blocks) = match &peer {
             Peer::Answered(answer) => (
                 Some(answer.state.as_str().to_string()),
                 None,
-                (answer.state == TargetState::Receiving).then_some(answer.received_blocks),
+                (answer.state == RemoteState::Receiving).then_some(answer.received_blocks),
             ),
             Peer::Unreachable(why) => (None, Some(why.clone()), None),
             Peer::NotAsked => (None, None, None),
@@ -81,11 +103,25 @@ pub fn gather(
             peer_state,
             peer_unreachable,
             destination_bytes: destination_blocks.map(|blocks| blocks * view.granularity_bytes),
-            verdict,
+            verdict: status.verdict.as_str().to_string(),
             reason,
+            action: status.action.to_string(),
         });
     }
     Ok(lines)
+}
+
+/// The target's phase as a query answered it.
+fn remote_target(peer: &Peer) -> TargetState {
+    match peer {
+        Peer::Answered(answer) => match answer.state {
+            RemoteState::Unknown => TargetState::NoJob,
+            RemoteState::Receiving => TargetState::Phase(TargetPhase::Receiving),
+            RemoteState::Committed => TargetState::Phase(TargetPhase::Committed),
+            RemoteState::Aborted => TargetState::Phase(TargetPhase::Aborted),
+        },
+        Peer::Unreachable(_) | Peer::NotAsked => TargetState::Unreachable,
+    }
 }
 
 fn ask(destination: &str, key: &ClusterKey, job_id: u64) -> Peer {
@@ -113,7 +149,7 @@ pub fn render(lines: &[DiskStatus]) -> String {
             line.batch.as_deref().unwrap_or("-"),
             line.role,
             line.phase,
-            line.verdict.as_str(),
+            line.verdict,
             line.reason
         ));
     }
