@@ -150,8 +150,8 @@ fn resolve_in_doubt(
     }
 }
 
-/// Queries the destination (finalizing) until it gives a final answer: committed, or
-/// aborted / unknown (neither can commit any more).
+/// Queries the destination, finalizing, until it answers: committed, or not (and then, the
+/// query having fenced the job there, never).
 pub fn ask_until_final(destination: &str, key: &ClusterKey, job_id: u64) -> QueryAnswer {
     let mut attempts = 0u64;
     loop {
@@ -162,14 +162,7 @@ pub fn ask_until_final(destination: &str, key: &ClusterKey, job_id: u64) -> Quer
                     .map_err(|err| super::registry::error_chain(&err))
             });
         match answer {
-            Ok(answer) if answer.state != TargetState::Receiving => return answer,
-            Ok(_) => {
-                if attempts % 30 == 0 {
-                    log::warn!("job {job_id}: destination {destination} could not finalize");
-                }
-                attempts += 1;
-                std::thread::sleep(QUERY_RETRY);
-            }
+            Ok(answer) => return answer,
             Err(err) => {
                 if attempts % 30 == 0 {
                     log::warn!("job {job_id}: destination {destination} not answering: {err}");

@@ -8,9 +8,13 @@
 //! Journal (commit protocol): `TargetCreated` is durable before the image is created,
 //! `TargetCommitted` (the commit point) before the image is served and `CommitOk` sent,
 //! `TargetAborted` before the image is removed; a job the journal says committed or aborted
-//! is never filled again, and a finalizing query makes a job not committed uncommittable.
+//! is never filled again. One stream at a time fills an export (until its connection has
+//! ended and its writes drained), and [`CommitFence`] decides commits: a finalizing query
+//! fences the job's stream, so "not committed" is final without losing the received
+//! blocks (docs/commit-protocol.md). Commits and queries decide under one lock.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -21,6 +25,7 @@ use crate::agent::config;
 use crate::agent::registry::Registry;
 use crate::api::types::ExportSpec;
 use crate::dirty::DirtySet;
+use crate::journal::commit::{Answer, CommitDecision, CommitFence};
 use crate::journal::{Record, Role, SharedJournal, Side, TargetPhase, TargetView};
 use crate::transfer::{TargetHost, TargetSpec, TargetState};
 
@@ -33,7 +38,11 @@ pub struct Targets {
     registry: Arc<Registry>,
     image_dir: PathBuf,
     nbd_tcp: Option<String>,
-    filling: Mutex<BTreeSet<String>>,
+    /// Export → (job, stream id) of the stream filling it.
+    filling: Mutex<BTreeMap<String, (u64, u64)>>,
+    /// Which stream may still commit each job; held while a commit or a query decides.
+    fence: Mutex<CommitFence>,
+    next_stream: AtomicU64,
     journal: SharedJournal,
     /// When each job's received blocks were last recorded.
     checkpoints: Mutex<BTreeMap<u64, Instant>>,
@@ -52,7 +61,9 @@ impl Targets {
             registry,
             image_dir,
             nbd_tcp,
-            filling: Mutex::new(BTreeSet::new()),
+            filling: Mutex::new(BTreeMap::new()),
+            fence: Mutex::new(CommitFence::new()),
+            next_stream: AtomicU64::new(1),
             journal,
             checkpoints: Mutex::new(BTreeMap::new()),
         }
@@ -147,39 +158,60 @@ fn free_bytes(dir: &std::path::Path) -> Result<u64, String> {
 
 impl TargetHost for Targets {
     fn create_target(&self, spec: &TargetSpec, source: &str) -> Result<Arc<DirectFile>, String> {
-        if !self
-            .filling
-            .lock()
-            .expect("filling lock")
-            .insert(spec.export.clone())
+        let stream_id = self.next_stream.fetch_add(1, Ordering::Relaxed);
         {
-            return Err(format!(
-                "another migration is filling '{}' here",
-                spec.export
-            ));
+            let mut filling = self.filling.lock().expect("filling lock");
+            if filling.contains_key(&spec.export) {
+                return Err(format!(
+                    "another migration is filling '{}' here",
+                    spec.export
+                ));
+            }
+            filling.insert(spec.export.clone(), (spec.job_id, stream_id));
         }
         let created = self.create(spec, source);
-        if created.is_err() {
-            self.filling
+        match &created {
+            // After TargetCreated is durable: this stream is the one that may commit.
+            Ok(_) => self
+                .fence
                 .lock()
-                .expect("filling lock")
-                .remove(&spec.export);
+                .expect("fence lock")
+                .open(spec.job_id, stream_id),
+            Err(_) => self.end_stream(spec),
         }
         created
     }
 
     fn commit_target(&self, spec: &TargetSpec) -> Result<(), String> {
-        // The commit point. Refused (and the source stays authoritative) when a finalizing
-        // query already made this job uncommittable.
-        let committed = self.journal.append(&Record::TargetCommitted {
-            job_id: spec.job_id,
-        });
-        if let Err(reason) = committed {
-            self.filling
-                .lock()
-                .expect("filling lock")
-                .remove(&spec.export);
-            return Err(reason);
+        let stream_id = self
+            .filling
+            .lock()
+            .expect("filling lock")
+            .get(&spec.export)
+            .filter(|&&(job_id, _)| job_id == spec.job_id)
+            .map(|&(_, stream_id)| stream_id);
+        {
+            // Decided under the fence lock, so no query answers while this commits.
+            let fence = self.fence.lock().expect("fence lock");
+            let view = self.journal.view(spec.job_id, Role::Target);
+            let decision = match stream_id {
+                Some(stream_id) => fence.on_commit(spec.job_id, stream_id, view.as_ref()),
+                None => CommitDecision::Refuse,
+            };
+            match decision {
+                CommitDecision::AlreadyCommitted => return Ok(()),
+                CommitDecision::Refuse => {
+                    return Err(format!(
+                        "job {} may not commit on this stream (fenced by an in-doubt query, \
+                         or not receiving here)",
+                        spec.job_id
+                    ));
+                }
+                // The commit point.
+                CommitDecision::Commit => self.journal.append(&Record::TargetCommitted {
+                    job_id: spec.job_id,
+                })?,
+            }
         }
         let export = ExportSpec {
             name: spec.export.clone(),
@@ -196,18 +228,10 @@ impl TargetHost for Targets {
                 spec.job_id
             );
         }
-        self.filling
-            .lock()
-            .expect("filling lock")
-            .remove(&spec.export);
         Ok(())
     }
 
     fn abort_target(&self, spec: &TargetSpec) {
-        self.filling
-            .lock()
-            .expect("filling lock")
-            .remove(&spec.export);
         let aborted = self.journal.append(&Record::TargetAborted {
             job_id: spec.job_id,
             reason: "the source aborted".into(),
@@ -262,30 +286,33 @@ impl TargetHost for Targets {
     }
 
     fn query(&self, job_id: u64, finalize: bool) -> (TargetState, u64) {
-        let Some(view) = self.journal.view(job_id, Role::Target) else {
-            return (TargetState::Unknown, 0);
-        };
-        let Side::Target(target) = view.side else {
+        let mut fence = self.fence.lock().expect("fence lock");
+        let view = self.journal.view(job_id, Role::Target);
+        if finalize && fence.answer(job_id, view.as_ref()) == Answer::NotCommitted {
+            // The job's stream is fenced: whatever this says now, it will not commit.
+            log::info!("job {job_id}: fenced by the source's in-doubt query");
+        }
+        drop(fence);
+        let Some(Side::Target(target)) = view.map(|view| view.side) else {
             return (TargetState::Unknown, 0);
         };
         match target.phase {
             TargetPhase::Committed => (TargetState::Committed, 0),
             TargetPhase::Aborted => (TargetState::Aborted, 0),
-            TargetPhase::Receiving if finalize => {
-                let record = Record::TargetAborted {
-                    job_id,
-                    reason: "made uncommittable by the source's in-doubt query".into(),
-                };
-                match self.journal.append(&record) {
-                    Ok(()) => (TargetState::Aborted, 0),
-                    // Not recorded: the answer must not promise "never commits".
-                    Err(_) => self.query(job_id, false),
-                }
-            }
             TargetPhase::Receiving => (
                 TargetState::Receiving,
                 target.received.map_or(0, |set| set.count()),
             ),
+        }
+    }
+
+    fn end_stream(&self, spec: &TargetSpec) {
+        let mut filling = self.filling.lock().expect("filling lock");
+        if filling
+            .get(&spec.export)
+            .is_some_and(|&(job_id, _)| job_id == spec.job_id)
+        {
+            filling.remove(&spec.export);
         }
     }
 }

@@ -67,6 +67,9 @@ pub trait TargetHost: Send + Sync {
     /// The job's state here and the blocks durably received; with `finalize`, a job not
     /// committed is made uncommittable before the answer (see [`Frame::Query`]).
     fn query(&self, job_id: u64, finalize: bool) -> (TargetState, u64);
+    /// The stream that `create_target` accepted has ended and every write it submitted
+    /// has completed: another stream may fill the target now.
+    fn end_stream(&self, spec: &TargetSpec);
 }
 
 /// Refuses when the filesystem holding `dir` has fewer than `need_bytes` available.
@@ -310,6 +313,8 @@ fn serve_connection(
     let outcome = target.apply_frames(&mut stream, host);
     // Whatever happened, nothing may be left in the ring when the connection ends.
     let drained = target.drain();
+    drop(target);
+    host.end_stream(&spec);
     match (outcome, drained) {
         (Ok(end), Ok(())) => Ok(end),
         (Err(err @ (TransferError::PeerGone(_) | TransferError::Timeout(_))), _) => {

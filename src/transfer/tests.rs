@@ -64,6 +64,8 @@ impl TargetHost for DirHost {
 
     fn checkpoint(&self, _spec: &TargetSpec, _received: &crate::dirty::DirtySet) {}
 
+    fn end_stream(&self, _spec: &TargetSpec) {}
+
     fn query(&self, _job_id: u64, _finalize: bool) -> (TargetState, u64) {
         if self.committed.lock().unwrap().is_empty() {
             (TargetState::Unknown, 0)
