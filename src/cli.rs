@@ -73,11 +73,20 @@ pub enum Command {
     },
     /// Move a live export to another agent (copy passes, then a bounded switchover).
     Migrate {
-        /// Export to move.
-        export: String,
+        /// Exports to move (several, or a --plan, make a batch).
+        exports: Vec<String>,
         /// Destination agent's block-stream address, HOST[:PORT] (port 7451 by default).
+        #[arg(long, required_unless_present = "plan")]
+        to: Option<String>,
+        /// Run as a batch of this name (journaled on both sides; `ferry status NAME`).
         #[arg(long)]
-        to: String,
+        batch: Option<String>,
+        /// File of `EXPORT HOST[:PORT]` lines: each export to its own destination.
+        #[arg(long)]
+        plan: Option<PathBuf>,
+        /// Jobs of a batch running at once.
+        #[arg(long, default_value_t = 2)]
+        concurrency: usize,
         /// Copy policy: heat (hot blocks last) or naive (offset order, then dirty passes).
         #[arg(long, default_value = "heat")]
         policy: String,
@@ -119,6 +128,27 @@ pub enum Command {
         #[arg(long)]
         cluster_key: Option<PathBuf>,
         /// Agent whose state directory is read.
+        #[command(flatten)]
+        target: ApiTarget,
+    },
+    /// Continue the interrupted migrations of a batch (from what the destinations already
+    /// hold, when the source kept its tracker).
+    Resume {
+        /// The batch.
+        batch: String,
+        /// Jobs running at once.
+        #[arg(long, default_value_t = 2)]
+        concurrency: usize,
+        /// Agent to talk to.
+        #[command(flatten)]
+        target: ApiTarget,
+    },
+    /// Roll back the uncommitted migrations of a batch: the source keeps the disk, the
+    /// destinations drop their images.
+    Abort {
+        /// The batch.
+        batch: String,
+        /// Agent to talk to.
         #[command(flatten)]
         target: ApiTarget,
     },

@@ -68,8 +68,11 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Migrate {
-            export,
+            exports,
             to,
+            batch,
+            plan,
+            concurrency,
             policy,
             max_pause,
             force_after,
@@ -87,7 +90,7 @@ fn run(cli: Cli) -> Result<()> {
                 })
                 .transpose()?;
             let request = MigrateRequest {
-                to,
+                to: to.clone().unwrap_or_default(),
                 policy: Some(policy),
                 max_pause_ms: Some(max_pause),
                 target_pause_ms: None,
@@ -97,26 +100,110 @@ fn run(cli: Cli) -> Result<()> {
                 verify,
                 yield_to_guest,
                 mirror,
+                batch: batch.clone(),
+                resume_job: None,
             };
-            let disk_bytes = client
-                .exports()?
-                .iter()
-                .find(|e| e.name == export)
-                .map_or(0, |e| e.size_bytes);
-            let started = client.migrate(&export, &request)?;
-            let status = if no_wait {
-                started
-            } else {
-                let bar = !target.json && std::io::IsTerminal::is_terminal(&std::io::stderr());
-                ferry::migrate::view::follow(&client, started.id, disk_bytes, bar)?
+            let mut pairs: Vec<(String, String)> = match &plan {
+                Some(path) => ferry::migrate::batch::parse_plan(
+                    &std::fs::read_to_string(path)
+                        .map_err(|err| format!("--plan {}: {err}", path.display()))?,
+                )?,
+                None => Vec::new(),
             };
-            if target.json {
-                println!("{}", serde_json::to_string_pretty(&status)?);
-            } else {
-                print!("{}", ferry::migrate::view::render(&status));
+            if let Some(to) = &to {
+                pairs.extend(exports.iter().map(|export| (export.clone(), to.clone())));
             }
-            if status.phase == JobPhase::Failed {
-                return Err(format!("migration of {export} failed").into());
+            if pairs.is_empty() {
+                return Err("name an export (or give --plan)".into());
+            }
+            if pairs.len() == 1 && batch.is_none() && plan.is_none() {
+                return migrate_one(&client, &pairs[0].0, request, no_wait, target.json);
+            }
+            let batch = batch.unwrap_or_else(|| {
+                let secs = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                format!("batch-{secs}")
+            });
+            let items = pairs
+                .into_iter()
+                .map(|(export, to)| ferry::migrate::batch::Item {
+                    export,
+                    request: MigrateRequest {
+                        to,
+                        batch: Some(batch.clone()),
+                        ..request.clone()
+                    },
+                })
+                .collect();
+            run_batch(&client, &batch, items, concurrency, target.json)
+        }
+        Command::Resume {
+            batch,
+            concurrency,
+            target,
+        } => {
+            let client = client(&target)?;
+            let views = batch_jobs(&target, &batch)?;
+            let items: Vec<_> = views
+                .iter()
+                .filter_map(|view| match &view.side {
+                    ferry::journal::Side::Source(source)
+                        if source.phase == ferry::journal::SourcePhase::Copying =>
+                    {
+                        Some(ferry::migrate::batch::Item {
+                            export: view.export.clone(),
+                            request: MigrateRequest {
+                                to: source.destination.clone(),
+                                policy: Some(source.policy.to_string()),
+                                max_pause_ms: None,
+                                target_pause_ms: None,
+                                force_after_ms: None,
+                                bandwidth_bytes_per_s: None,
+                                hot_threshold: None,
+                                verify: false,
+                                yield_to_guest: false,
+                                mirror: false,
+                                batch: Some(batch.clone()),
+                                resume_job: Some(view.job_id),
+                            },
+                        })
+                    }
+                    _ => None,
+                })
+                .collect();
+            if items.is_empty() {
+                println!("batch {batch}: nothing to resume");
+                return Ok(());
+            }
+            run_batch(&client, &batch, items, concurrency, target.json)
+        }
+        Command::Abort { batch, target } => {
+            let client = client(&target)?;
+            let mut outcomes = Vec::new();
+            for view in batch_jobs(&target, &batch)? {
+                let abortable = matches!(
+                    &view.side,
+                    ferry::journal::Side::Source(source) if matches!(
+                        source.phase,
+                        ferry::journal::SourcePhase::Copying | ferry::journal::SourcePhase::Aborted
+                    )
+                );
+                if abortable {
+                    outcomes.push(client.abort_job(view.job_id)?);
+                }
+            }
+            if target.json {
+                println!("{}", serde_json::to_string_pretty(&outcomes)?);
+            } else if outcomes.is_empty() {
+                println!("batch {batch}: nothing to abort");
+            } else {
+                for outcome in &outcomes {
+                    println!(
+                        "job {} ({}): source {}, destination {}",
+                        outcome.job_id, outcome.export, outcome.source, outcome.destination
+                    );
+                }
             }
             Ok(())
         }
@@ -159,6 +246,90 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Demo(args) => ferry::demo::run(&args),
     }
+}
+
+/// One migration, followed with a progress bar (or not, with `no_wait`).
+fn migrate_one(
+    client: &Client,
+    export: &str,
+    request: MigrateRequest,
+    no_wait: bool,
+    json: bool,
+) -> Result<()> {
+    let disk_bytes = client
+        .exports()?
+        .iter()
+        .find(|e| e.name == export)
+        .map_or(0, |e| e.size_bytes);
+    let started = client.migrate(export, &request)?;
+    let status = if no_wait {
+        started
+    } else {
+        let bar = !json && std::io::IsTerminal::is_terminal(&std::io::stderr());
+        ferry::migrate::view::follow(client, started.id, disk_bytes, bar)?
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print!("{}", ferry::migrate::view::render(&status));
+    }
+    if status.phase == JobPhase::Failed {
+        return Err(format!("migration of {export} failed").into());
+    }
+    Ok(())
+}
+
+/// Runs a batch's items and prints each job as it ends (or every status as JSON).
+fn run_batch(
+    client: &Client,
+    batch: &str,
+    items: Vec<ferry::migrate::batch::Item>,
+    concurrency: usize,
+    json: bool,
+) -> Result<()> {
+    let statuses = ferry::migrate::batch::run(client, items, concurrency, |status| {
+        if !json {
+            println!(
+                "batch {batch}: job {} {} -> {}: {:?}, {} authoritative{}",
+                status.id,
+                status.export,
+                status.to,
+                status.phase,
+                status.authoritative,
+                status
+                    .error
+                    .as_deref()
+                    .map(|err| format!(" ({err})"))
+                    .unwrap_or_default()
+            );
+        }
+    })?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&statuses)?);
+    }
+    let failed = statuses
+        .iter()
+        .filter(|status| status.phase == JobPhase::Failed)
+        .count();
+    if failed > 0 {
+        return Err(format!(
+            "batch {batch}: {failed} of {} migrations failed",
+            statuses.len()
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// The jobs of `batch` in the journal of the agent whose state directory `target` names.
+fn batch_jobs(target: &ApiTarget, batch: &str) -> Result<Vec<ferry::journal::JobView>> {
+    let path = target.state_dir.join(ferry::journal::shared::FILE_NAME);
+    let replay = ferry::journal::Journal::inspect(&path)?;
+    let jobs = ferry::journal::fold(&replay.entries)?;
+    Ok(jobs
+        .into_values()
+        .filter(|view| view.batch.as_deref() == Some(batch))
+        .collect())
 }
 
 fn client(target: &ApiTarget) -> Result<Client> {

@@ -11,12 +11,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
 use crate::agent::config::{self, ExportConfig};
+use crate::api::types::AbortOutcome;
 use crate::api::types::{ExportSpec, ExportStatus, HeatMap, TrackerAdd, TrackerStatus};
 use crate::api::types::{JobStatus, MigrateRequest};
 use crate::api::{Control, ControlError};
 use crate::dirty::{TrackerSet, TrackerSpec};
 use crate::env::Clock;
-use crate::journal::SharedJournal;
+use crate::journal::{JobView, Record, Role, SharedJournal, Side, SourcePhase};
 use crate::migrate::job::JobRequest;
 use crate::migrate::jobs::Jobs;
 use crate::migrate::{MigrateOptions, Policy};
@@ -68,8 +69,70 @@ impl Registry {
         }
     }
 
+    /// A resume of `job_id` for `export` must continue an interrupted job of this export.
+    fn check_resumable(
+        &self,
+        export: &Export,
+        job_id: u64,
+        journal: Option<&SharedJournal>,
+    ) -> Result<(), ControlError> {
+        let view = journal
+            .and_then(|journal| journal.view(job_id, Role::Source))
+            .ok_or_else(|| ControlError::NotFound(format!("no migration job {job_id} here")))?;
+        match &view.side {
+            Side::Source(source)
+                if source.phase == SourcePhase::Copying && view.export == export.name =>
+            {
+                Ok(())
+            }
+            Side::Source(source) => Err(ControlError::Invalid(format!(
+                "job {job_id} ({}) is {}: only an interrupted migration resumes",
+                view.export,
+                source.phase.as_str()
+            ))),
+            Side::Target(_) => Err(ControlError::Invalid(format!(
+                "job {job_id} is a target job here"
+            ))),
+        }
+    }
+
+    /// Tells the destination of an aborted job to drop its image; says how that went.
+    fn abort_destination(&self, view: &JobView, destination: &str) -> String {
+        let Some(key) = self.cluster_key.lock().expect("key lock").clone() else {
+            return "not told: this agent has no cluster key".into();
+        };
+        let spec = crate::transfer::TargetSpec {
+            export: view.export.clone(),
+            size_bytes: view.size_bytes,
+            granularity_bytes: view.granularity_bytes,
+            job_id: view.job_id,
+            batch: view.batch.clone(),
+        };
+        let told = resolve_peer(destination).and_then(|addr| {
+            let (sender, _) = crate::transfer::Sender::connect(
+                addr,
+                &key,
+                &spec,
+                SendOptions {
+                    reply_timeout_ms: 10_000,
+                    connect_timeout_ms: 3_000,
+                    ..SendOptions::default()
+                },
+            )
+            .map_err(|err| error_chain(&err))?;
+            sender.abort().map_err(|err| error_chain(&err))
+        });
+        match told {
+            Ok(()) => "aborted".into(),
+            Err(err) => format!("not told ({err}); its image stays until `ferry abort` again"),
+        }
+    }
+
     /// Sets the journal migrations from this agent record their steps in.
     pub fn set_journal(&self, journal: SharedJournal) {
+        if let Some(highest) = journal.views().iter().map(|view| view.job_id).max() {
+            self.jobs.ids_above(highest);
+        }
         *self.journal.lock().expect("journal lock") = Some(journal);
     }
 
@@ -522,6 +585,21 @@ impl Control for Registry {
         }
         options.mirror_from_start = request.mirror;
         options.chunk_blocks = (SEND_CHUNK_BYTES / export.granularity_bytes).max(1);
+        if let Some(batch) = &request.batch {
+            config::validate_name(batch)
+                .map_err(|err| ControlError::Invalid(format!("batch: {err}")))?;
+        }
+        let journal = self.journal.lock().expect("journal lock").clone();
+        let resuming = request.resume_job.is_some();
+        if let Some(job_id) = request.resume_job {
+            self.check_resumable(&export, job_id, journal.as_ref())?;
+            // The failed run left its tracker: its bits are what the destination may lack.
+            // Without it (the agent restarted and lost it), everything is sent again.
+            options.resume = export
+                .trackers
+                .get(&crate::migrate::job::tracker_name(job_id))
+                .is_some();
+        }
         options
             .validate()
             .map_err(|p| ControlError::Invalid(p.to_string()))?;
@@ -544,11 +622,61 @@ impl Control for Registry {
                     send,
                     verify: request.verify,
                     yield_to_guest: request.yield_to_guest,
-                    journal: self.journal.lock().expect("journal lock").clone(),
+                    journal,
+                    batch: request.batch.clone(),
+                    resuming,
                 },
                 key,
+                request.resume_job,
             )
             .map_err(ControlError::Busy)
+    }
+
+    fn abort_job(&self, id: u64) -> Result<AbortOutcome, ControlError> {
+        let journal = self
+            .journal
+            .lock()
+            .expect("journal lock")
+            .clone()
+            .ok_or_else(|| ControlError::Invalid("this agent keeps no journal".into()))?;
+        let view = journal
+            .view(id, Role::Source)
+            .ok_or_else(|| ControlError::NotFound(format!("no migration job {id} here")))?;
+        let Side::Source(source) = &view.side else {
+            return Err(ControlError::NotFound(format!(
+                "job {id} is not a source job"
+            )));
+        };
+        if self.jobs.is_running(id) {
+            return Err(ControlError::Busy(format!("job {id} is running")));
+        }
+        match source.phase {
+            SourcePhase::Copying => journal
+                .append(&Record::SourceAborted {
+                    job_id: id,
+                    reason: "aborted by the operator".into(),
+                })
+                .map_err(ControlError::Invalid)?,
+            SourcePhase::Aborted => {} // again: the destination may not have heard it
+            phase => {
+                return Err(ControlError::Invalid(format!(
+                    "job {id} is {}: only an uncommitted migration can be aborted",
+                    phase.as_str()
+                )));
+            }
+        }
+        if let Some(export) = self.export(&view.export) {
+            let _ = export
+                .trackers
+                .remove(&crate::migrate::job::tracker_name(id));
+        }
+        let destination = self.abort_destination(&view, &source.destination);
+        Ok(AbortOutcome {
+            job_id: id,
+            export: view.export.clone(),
+            source: "aborted".into(),
+            destination,
+        })
     }
 
     fn jobs(&self) -> Vec<JobStatus> {

@@ -11,8 +11,8 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 
 use super::types::{
-    ErrorBody, ExportSpec, ExportStatus, HeatMap, JobStatus, MigrateRequest, TrackerAdd,
-    TrackerStatus,
+    AbortOutcome, ErrorBody, ExportSpec, ExportStatus, HeatMap, JobStatus, MigrateRequest,
+    TrackerAdd, TrackerStatus,
 };
 
 /// How long to wait for the agent to accept a connection.
@@ -198,6 +198,11 @@ impl Client {
     /// `GET /v1/jobs/{id}`
     pub fn job(&self, id: u64) -> Result<JobStatus, ClientError> {
         self.call_json("GET", &format!("/v1/jobs/{id}"), &[], None)
+    }
+
+    /// `POST /v1/jobs/{id}/abort`
+    pub fn abort_job(&self, id: u64) -> Result<AbortOutcome, ClientError> {
+        self.call_json("POST", &format!("/v1/jobs/{id}/abort"), &[], None)
     }
 
     /// `GET /metrics` (Prometheus text).

@@ -91,6 +91,10 @@ pub trait Control: Send + Sync {
     fn job(&self, id: u64) -> Result<JobStatus, ControlError> {
         Err(ControlError::NotFound(format!("no job {id}")))
     }
+    /// Rolls an uncommitted migration back on both sides (`ferry abort`).
+    fn abort_job(&self, id: u64) -> Result<types::AbortOutcome, ControlError> {
+        Err(ControlError::NotFound(format!("no job {id}")))
+    }
 }
 
 /// Why a control operation was refused. Each message is a sentence naming the export or

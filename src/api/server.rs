@@ -296,6 +296,11 @@ pub fn route(
             (Method::Get, Err(_)) => Reply::error(400, format!("job id '{id}' is not a number")),
             _ => method_not_allowed("GET"),
         },
+        ["v1", "jobs", id, "abort"] => match (method, id.parse::<u64>()) {
+            (Method::Post, Ok(id)) => Reply::from_result(200, control.abort_job(id)),
+            (Method::Post, Err(_)) => Reply::error(400, format!("job id '{id}' is not a number")),
+            _ => method_not_allowed("POST"),
+        },
         _ => Reply::error(404, format!("no API route {path}")),
     }
 }

@@ -209,6 +209,25 @@ pub struct MigrateRequest {
     /// sides); the copy then runs once and always converges.
     #[serde(default)]
     pub mirror: bool,
+    /// Batch the job belongs to (recorded in both journals; `ferry status BATCH`).
+    #[serde(default)]
+    pub batch: Option<String>,
+    /// Continue this interrupted job (same id, same destination) instead of a new one.
+    #[serde(default)]
+    pub resume_job: Option<u64>,
+}
+
+/// What `POST /v1/jobs/{id}/abort` did on each side.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AbortOutcome {
+    /// The job.
+    pub job_id: u64,
+    /// The export.
+    pub export: String,
+    /// "aborted" (recorded here, tracker removed).
+    pub source: String,
+    /// "aborted" (the destination dropped its image), or why it could not be told.
+    pub destination: String,
 }
 
 pub use crate::migrate::jobs::{JobPhase, JobStatus};

@@ -131,6 +131,8 @@ fn drive(
         verify: false,
         yield_to_guest: false,
         mirror: false,
+        batch: None,
+        resume_job: None,
     };
     let started = api.migrate("vm1", &request)?;
     let status = crate::migrate::view::follow(&api, started.id, size_bytes, false)?;

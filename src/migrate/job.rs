@@ -126,12 +126,12 @@ impl JobEnv {
         verify: Arc<Mutex<Option<VerifyOutcome>>>,
     ) -> Result<JobEnv, JobError> {
         let (to, send_options) = (request.to, request.send.clone());
-        if let Some(journal) = &request.journal {
-            // Before the destination hears of the job.
+        if let (Some(journal), false) = (&request.journal, request.resuming) {
+            // Before the destination hears of the job. A resumed job is still `copying`.
             journal
                 .append(&Record::SourceStarted {
                     job_id,
-                    batch: None,
+                    batch: request.batch.clone(),
                     export: export.name.clone(),
                     size_bytes: export.size_bytes,
                     granularity_bytes: export.granularity_bytes,
@@ -148,22 +148,30 @@ impl JobEnv {
             granularity_bytes: export.granularity_bytes,
             half_life_ms: export.half_life_ms,
         };
-        let tracker = export
-            .trackers
-            .add(spec)
-            .map_err(|err| JobError::Allocation(std::io::Error::other(err.to_string())))?;
+        // A resumed job continues with the tracker its failed run left (its bits are what
+        // the destination may lack); a fresh one starts its own.
+        let tracker = match export.trackers.get(&name) {
+            Some(tracker) if request.resuming => tracker,
+            _ => export
+                .trackers
+                .add(spec)
+                .map_err(|err| JobError::Allocation(std::io::Error::other(err.to_string())))?,
+        };
         let target = TargetSpec {
             export: export.name.clone(),
             size_bytes: export.size_bytes,
             granularity_bytes: export.granularity_bytes,
             job_id,
+            batch: request.batch.clone(),
         };
         let bandwidth_cap = send_options.bandwidth_bytes_per_s;
         let opened = Sender::connect(to, key, &target, send_options);
         let (sender, reply) = match opened {
             Ok(opened) => opened,
             Err(err) => {
-                let _ = export.trackers.remove(&name);
+                if !request.resuming {
+                    let _ = export.trackers.remove(&name);
+                }
                 return Err(JobError::Transfer(err));
             }
         };
@@ -193,10 +201,14 @@ impl JobEnv {
         })
     }
 
-    /// Removes the migration tracker and any mirror (the job is over).
-    pub fn finish(self) -> Sender {
+    /// Removes any mirror (the run is over), and the migration tracker unless
+    /// `keep_tracker`: a run that failed with the source authoritative keeps it, so that a
+    /// resume sends only what its bits say the destination may lack.
+    pub fn finish(self, keep_tracker: bool) -> Sender {
         self.export.mirror.clear();
-        let _ = self.export.trackers.remove(self.tracker.name());
+        if !keep_tracker {
+            let _ = self.export.trackers.remove(self.tracker.name());
+        }
         self.sender
     }
 }
@@ -481,4 +493,8 @@ pub struct JobRequest {
     pub verify: bool,
     /// The bulk copy backs off when the guest's write latency rises ([`GuestBackoff`]).
     pub yield_to_guest: bool,
+    /// Batch the job belongs to.
+    pub batch: Option<String>,
+    /// The job id is that of an interrupted job being resumed (`ferry resume`).
+    pub resuming: bool,
 }

@@ -91,12 +91,19 @@ impl Jobs {
         }
     }
 
+    /// New ids start above `job_id` (the journal's highest), so no id is reused.
+    pub fn ids_above(&self, job_id: u64) {
+        self.next_id.fetch_max(job_id + 1, Ordering::Relaxed);
+    }
+
     /// Starts migrating `export`; fails at once if another job runs on it.
+    /// `resume_id`: the id of an interrupted job this one continues.
     pub fn start(
         &self,
         export: Arc<Export>,
         request: JobRequest,
         key: ClusterKey,
+        resume_id: Option<u64>,
     ) -> Result<JobStatus, String> {
         let mut jobs = self.jobs.lock().expect("jobs lock");
         let busy = jobs.values().any(|job| {
@@ -115,7 +122,7 @@ impl Jobs {
                 export.name
             ));
         }
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let id = resume_id.unwrap_or_else(|| self.next_id.fetch_add(1, Ordering::Relaxed));
         let job = Arc::new(Job {
             status: Mutex::new(JobStatus {
                 id,
@@ -167,6 +174,12 @@ impl Jobs {
         jobs.iter().map(|job| self.status_of(job)).collect()
     }
 
+    /// Whether job `id` is running now.
+    pub fn is_running(&self, id: u64) -> bool {
+        self.get(id)
+            .is_some_and(|status| status.phase == JobPhase::Running)
+    }
+
     /// One job.
     pub fn get(&self, id: u64) -> Option<JobStatus> {
         let job = self.jobs.lock().expect("jobs lock").get(&id).cloned()?;
@@ -193,7 +206,9 @@ fn run_job(job: &Job, export: Arc<Export>, request: JobRequest, key: ClusterKey,
         .map_err(|err| (false, crate::agent::registry::error_chain(&err)))
         .and_then(|mut env| {
             let result = crate::migrate::run(&mut env, &request.options);
-            let bytes_mirrored = env.finish().mirrored_bytes();
+            // Kept for a resume while the source is authoritative.
+            let keep = matches!(&result, Err(err) if !err.destination_authoritative());
+            let bytes_mirrored = env.finish(keep).mirrored_bytes();
             result
                 .map(|mut report| {
                     report.bytes_mirrored = bytes_mirrored;

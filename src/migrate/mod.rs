@@ -28,6 +28,7 @@
 use crate::dirty::DirtySet;
 
 pub mod backoff;
+pub mod batch;
 pub mod forecast;
 pub mod job;
 pub mod jobs;

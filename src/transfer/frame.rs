@@ -78,6 +78,8 @@ pub struct TargetSpec {
     pub granularity_bytes: u64,
     /// Migration job this stream belongs to (journal key).
     pub job_id: u64,
+    /// Batch the job belongs to, if any (≤ 64 bytes; journal grouping).
+    pub batch: Option<String>,
 }
 
 /// A job's state in the destination's journal, as [`Frame::QueryOk`] carries it.
@@ -555,6 +557,10 @@ fn encode_meta(frame: &Frame, out: &mut Vec<u8>) -> (u8, u32) {
             out.extend_from_slice(&spec.size_bytes.to_be_bytes());
             out.extend_from_slice(&spec.granularity_bytes.to_be_bytes());
             put_string(out, &spec.export, MAX_EXPORT_BYTES);
+            out.push(u8::from(spec.batch.is_some()));
+            if let Some(batch) = &spec.batch {
+                put_string(out, batch, MAX_EXPORT_BYTES);
+            }
             (kind::OPEN, 0)
         }
         Frame::OpenOk { nbd_tcp } => {
@@ -676,11 +682,17 @@ fn decode_spec(fields: &mut Fields<'_>) -> Result<TargetSpec, FrameError> {
     if size_bytes.div_ceil(granularity_bytes) > MAX_BLOCKS {
         return Err(FrameError::BadField("too many blocks for the granularity"));
     }
+    let batch = match fields.u8()? {
+        0 => None,
+        1 => Some(fields.string(MAX_EXPORT_BYTES)?),
+        _ => return Err(FrameError::BadField("batch flag")),
+    };
     Ok(TargetSpec {
         export,
         size_bytes,
         granularity_bytes,
         job_id,
+        batch,
     })
 }
 
@@ -788,6 +800,7 @@ mod tests {
                 size_bytes: (1 << 40) + 123,
                 granularity_bytes: 65536,
                 job_id: 42,
+                batch: Some("evacuate-a".into()),
             }),
             Frame::OpenOk { nbd_tcp: None },
             Frame::OpenOk {
@@ -871,6 +884,7 @@ mod tests {
             size_bytes: 1,
             granularity_bytes: 4096,
             job_id: 1,
+            batch: None,
         }));
         assert!(decode(&bytes).is_ok());
         // Rewrite the name length to 65 and fix both checksums: still refused (TooLong).
@@ -906,6 +920,7 @@ mod tests {
             size_bytes: u64::MAX,
             granularity_bytes: 4096,
             job_id: 1,
+            batch: None,
         }));
         let refused = Err(FrameError::BadField("too many blocks for the granularity"));
         assert_eq!(decode(&huge), refused);

@@ -137,6 +137,7 @@ fn spec(export: &str, size_bytes: u64) -> TargetSpec {
         size_bytes,
         granularity_bytes: 65536,
         job_id: 7,
+        batch: None,
     }
 }
 

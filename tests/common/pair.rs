@@ -76,12 +76,19 @@ impl Pair {
 }
 
 pub fn pair(image: &Path, granularity: &str) -> Pair {
+    pair_of(vec![format!(
+        "vm1={},granularity={granularity}",
+        image.display()
+    )])
+}
+
+/// A pair whose source serves `source_exports` (`NAME=PATH[,opts]`).
+pub fn pair_of(source_exports: Vec<String>) -> Pair {
     let keys = super::scratch_dir();
     let key = write_key(keys.path());
     let key = key.to_str().unwrap().to_string();
     let src_transfer = format!("127.0.0.1:{}", free_port());
     let dst_transfer = format!("127.0.0.1:{}", free_port());
-    let source_exports = vec![format!("vm1={},granularity={granularity}", image.display())];
     let source = AgentProc::start(
         &source_exports,
         &["--transfer", &src_transfer, "--cluster-key", &key],
