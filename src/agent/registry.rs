@@ -594,12 +594,13 @@ impl Control for Registry {
         if let Some(job_id) = request.resume_job {
             self.check_resumable(&export, job_id, journal.as_ref())?;
             // The failed run left its tracker: its bits are what the destination may lack.
-            // Without it (the agent restarted and lost it), everything is sent again.
+            // Without it (or lost in an unclean stop), blocks are compared by digest.
             options.resume = export
                 .trackers
                 .get(&crate::migrate::job::tracker_name(job_id))
-                .is_some();
+                .is_some_and(|tracker| !tracker.is_lost());
         }
+        let compare_digests = resuming && !options.resume;
         options
             .validate()
             .map_err(|p| ControlError::Invalid(p.to_string()))?;
@@ -625,6 +626,7 @@ impl Control for Registry {
                     journal,
                     batch: request.batch.clone(),
                     resuming,
+                    compare_digests,
                 },
                 key,
                 request.resume_job,

@@ -92,6 +92,8 @@ pub struct JobEnv {
     copy_bytes_per_s: Option<f64>,
     /// Whether the bulk copy backs off on guest latency.
     yield_to_guest: bool,
+    /// Whether `allocated` leaves out blocks the destination already holds.
+    compare_digests: bool,
     /// While mirroring: the mirror the sessions feed, and every block taken since.
     mirror: Option<(MirrorLink, DirtySet)>,
     /// Where the steps are recorded, and what an in-doubt commit needs to ask the target.
@@ -151,11 +153,17 @@ impl JobEnv {
         // A resumed job continues with the tracker its failed run left (its bits are what
         // the destination may lack); a fresh one starts its own.
         let tracker = match export.trackers.get(&name) {
-            Some(tracker) if request.resuming => tracker,
-            _ => export
-                .trackers
-                .add(spec)
-                .map_err(|err| JobError::Allocation(std::io::Error::other(err.to_string())))?,
+            Some(tracker) if request.resuming && !tracker.is_lost() => tracker,
+            old => {
+                if old.is_some() {
+                    // Lost (the agent stopped uncleanly): a fresh one, and digests instead.
+                    let _ = export.trackers.remove(&name);
+                }
+                export
+                    .trackers
+                    .add(spec)
+                    .map_err(|err| JobError::Allocation(std::io::Error::other(err.to_string())))?
+            }
         };
         let target = TargetSpec {
             export: export.name.clone(),
@@ -186,6 +194,7 @@ impl JobEnv {
             pass: 0,
             copy_bytes_per_s: None,
             yield_to_guest,
+            compare_digests: request.compare_digests,
             mirror: None,
             journal: request.journal.clone(),
             job_id,
@@ -250,6 +259,42 @@ impl JobEnv {
     }
 }
 
+impl JobEnv {
+    /// The blocks of `set` whose content differs at the destination (BLAKE3 per block).
+    fn differing(&mut self, set: &DirtySet) -> Result<DirtySet, JobError> {
+        let granularity = set.granularity_bytes();
+        let block_bytes = u32::try_from(granularity)
+            .map_err(|_| JobError::Allocation(std::io::Error::other("granularity above 4 GiB")))?;
+        let disk = self.export.size_bytes;
+        let mut differing = DirtySet::empty(granularity, disk);
+        let mut buf = vec![0u8; block_bytes as usize];
+        for (offset_bytes, len_bytes) in set.iter_extents() {
+            let first_block = offset_bytes / granularity;
+            let count = len_bytes.div_ceil(granularity);
+            let remote = self
+                .sender
+                .digests(first_block, count, block_bytes)
+                .map_err(JobError::Transfer)?;
+            for block in first_block..first_block + count {
+                let at = block * granularity;
+                let len = usize::try_from((disk - at).min(granularity)).expect("≤ block");
+                self.export
+                    .file
+                    .read_at(at, &mut buf[..len])
+                    .map_err(JobError::Allocation)?;
+                let index = usize::try_from(block - first_block).expect("fits");
+                let same = remote
+                    .get(index)
+                    .is_some_and(|digest| digest == blake3::hash(&buf[..len]).as_bytes());
+                if !same {
+                    differing.insert(block);
+                }
+            }
+        }
+        Ok(differing)
+    }
+}
+
 fn hex(bytes: &[u8; 32]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -277,6 +322,22 @@ impl MigrationEnv for JobEnv {
     fn allocated(&mut self) -> Result<DirtySet, JobError> {
         allocated_blocks(&self.export, self.tracker.granularity_bytes())
             .map_err(JobError::Allocation)
+    }
+
+    fn missing(&mut self, allocated: &DirtySet) -> Result<DirtySet, JobError> {
+        if !self.compare_digests {
+            return Ok(allocated.clone());
+        }
+        // Read after the tracker exists: a block written from now on is in its bits.
+        let differing = self.differing(allocated)?;
+        log::info!(
+            "export {}: resume without a tracker: {} of {} allocated blocks differ at the \
+             destination",
+            self.export.name,
+            differing.count(),
+            allocated.count()
+        );
+        Ok(differing)
     }
 
     fn take_dirty(&mut self) -> DirtySet {
@@ -497,4 +558,7 @@ pub struct JobRequest {
     pub batch: Option<String>,
     /// The job id is that of an interrupted job being resumed (`ferry resume`).
     pub resuming: bool,
+    /// A resume without the failed run's tracker: blocks whose content already matches at
+    /// the destination (BLAKE3 per block) are not sent.
+    pub compare_digests: bool,
 }

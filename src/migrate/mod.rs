@@ -94,6 +94,11 @@ pub trait MigrationEnv {
     /// Blocks holding data at the source now. Holes need no copy: the destination starts
     /// sparse (all zero). A block may be reported allocated and read back as zeros.
     fn allocated(&mut self) -> Result<DirtySet, Self::Error>;
+    /// Of the `allocated` blocks, those the destination may lack; a fresh run sends these.
+    /// By default all of them (a new, empty destination).
+    fn missing(&mut self, allocated: &DirtySet) -> Result<DirtySet, Self::Error> {
+        Ok(allocated.clone())
+    }
     /// Takes and clears the migration tracker's dirty bits. Writes completing later mark
     /// again. Invariant 1: the caller takes a block before `send` reads it.
     fn take_dirty(&mut self) -> DirtySet;

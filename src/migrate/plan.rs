@@ -113,10 +113,14 @@ impl<'env, E: MigrationEnv> Migration<'env, E> {
             .map_err(|source| source_error(Step::Allocated, source))?;
         self.report.allocated_bytes = set_bytes(&allocated);
         if !self.options.resume {
-            // Everything with data is "dirty" for a fresh destination; from here on the
+            // Everything with data the destination may lack is "dirty"; from here on the
             // tracker alone says what the destination may lack.
-            self.env.merge_dirty(&allocated);
-            self.carried = allocated;
+            let missing = self
+                .env
+                .missing(&allocated)
+                .map_err(|source| source_error(Step::Allocated, source))?;
+            self.env.merge_dirty(&missing);
+            self.carried = missing;
         }
         if self.options.mirror_from_start {
             self.start_mirroring()?;

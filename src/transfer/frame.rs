@@ -32,6 +32,8 @@ pub const HEADER_BYTES: usize = 24;
 pub const MAX_META_BYTES: usize = 4096;
 /// Largest Data payload (8 MiB).
 pub const MAX_DATA_BYTES: usize = 8 << 20;
+/// Most digests one DigestsOk carries (they travel in the meta).
+pub const MAX_DIGESTS: u32 = 120;
 /// Longest export name.
 pub const MAX_EXPORT_BYTES: usize = 64;
 /// Longest error message or address string.
@@ -260,6 +262,26 @@ pub enum Frame {
         /// The Fence's seq.
         seq: u64,
     },
+    /// BLAKE3 digests of `count` consecutive blocks of `block_bytes` from `offset_bytes` of
+    /// the target image (the last clipped to the disk), after everything before it is
+    /// written: a resume without the source's tracker sends only the blocks that differ.
+    Digests {
+        /// Echoed in the answer.
+        seq: u64,
+        /// First block's offset.
+        offset_bytes: u64,
+        /// Block size.
+        block_bytes: u32,
+        /// Blocks asked for (≤ [`MAX_DIGESTS`]).
+        count: u32,
+    },
+    /// The answer to Digests, in block order.
+    DigestsOk {
+        /// The Digests' seq.
+        seq: u64,
+        /// One BLAKE3 digest per block.
+        digests: Vec<[u8; 32]>,
+    },
     /// Instead of Open: what does the destination's journal say about job `job_id`? With
     /// `finalize`, a job not committed is made uncommittable first (a source in doubt asks
     /// so, and may then serve locally: no delayed Commit can succeed afterwards).
@@ -313,8 +335,10 @@ mod kind {
     pub const FENCE: u8 = 16;
     pub const FENCE_OK: u8 = 17;
     pub const QUERY: u8 = 18;
-    /// The last kind: [`super::decode_header`] accepts `HELLO..=QUERY_OK`.
     pub const QUERY_OK: u8 = 19;
+    pub const DIGESTS: u8 = 20;
+    /// The last kind: [`super::decode_header`] accepts `HELLO..=DIGESTS_OK`.
+    pub const DIGESTS_OK: u8 = 21;
 }
 
 /// Why bytes are not a frame.
@@ -382,7 +406,7 @@ pub fn decode_header(bytes: &[u8; HEADER_BYTES]) -> Result<FrameHeader, FrameErr
         data_len: be_u32(&bytes[12..16]),
         meta_crc: be_u32(&bytes[16..20]),
     };
-    if !(kind::HELLO..=kind::QUERY_OK).contains(&header.kind) {
+    if !(kind::HELLO..=kind::DIGESTS_OK).contains(&header.kind) {
         return Err(FrameError::UnknownKind(header.kind));
     }
     if be_u16(&bytes[6..8]) != 0 {
@@ -463,6 +487,32 @@ pub fn decode_meta(header: &FrameHeader, meta: &[u8]) -> Result<Frame, FrameErro
             digest: fields.array()?,
         },
         kind::ABORT => Frame::Abort,
+        kind::DIGESTS => {
+            let seq = fields.u64()?;
+            let offset_bytes = fields.u64()?;
+            let block_bytes = fields.u32()?;
+            let count = fields.u32()?;
+            if block_bytes == 0 || count == 0 || count > MAX_DIGESTS {
+                return Err(FrameError::BadField("digest range"));
+            }
+            Frame::Digests {
+                seq,
+                offset_bytes,
+                block_bytes,
+                count,
+            }
+        }
+        kind::DIGESTS_OK => {
+            let seq = fields.u64()?;
+            let count = fields.u32()?;
+            if count > MAX_DIGESTS {
+                return Err(FrameError::BadField("digest count"));
+            }
+            let digests = (0..count)
+                .map(|_| fields.array())
+                .collect::<Result<Vec<_>, _>>()?;
+            Frame::DigestsOk { seq, digests }
+        }
         kind::QUERY => Frame::Query {
             job_id: fields.u64()?,
             finalize: match fields.u8()? {
@@ -625,6 +675,32 @@ fn encode_meta(frame: &Frame, out: &mut Vec<u8>) -> (u8, u32) {
             (kind::SYNC_OK, 0)
         }
         Frame::Abort => (kind::ABORT, 0),
+        Frame::Digests {
+            seq,
+            offset_bytes,
+            block_bytes,
+            count,
+        } => {
+            out.extend_from_slice(&seq.to_be_bytes());
+            out.extend_from_slice(&offset_bytes.to_be_bytes());
+            out.extend_from_slice(&block_bytes.to_be_bytes());
+            out.extend_from_slice(&count.to_be_bytes());
+            (kind::DIGESTS, 0)
+        }
+        Frame::DigestsOk { seq, digests } => {
+            assert!(
+                digests.len() <= MAX_DIGESTS as usize,
+                "{} digests",
+                digests.len()
+            );
+            out.extend_from_slice(&seq.to_be_bytes());
+            let count = u32::try_from(digests.len()).expect("bounded above");
+            out.extend_from_slice(&count.to_be_bytes());
+            for digest in digests {
+                out.extend_from_slice(digest);
+            }
+            (kind::DIGESTS_OK, 0)
+        }
         Frame::Query { job_id, finalize } => {
             out.extend_from_slice(&job_id.to_be_bytes());
             out.push(u8::from(*finalize));
@@ -763,6 +839,10 @@ impl Fields<'_> {
         Ok(u16::from_be_bytes(self.array()?))
     }
 
+    fn u32(&mut self) -> Result<u32, FrameError> {
+        Ok(u32::from_be_bytes(self.array()?))
+    }
+
     fn u64(&mut self) -> Result<u64, FrameError> {
         Ok(u64::from_be_bytes(self.array()?))
     }
@@ -833,6 +913,16 @@ mod tests {
             },
             Frame::Commit { seq: 4 },
             Frame::CommitOk { seq: 4 },
+            Frame::Digests {
+                seq: 8,
+                offset_bytes: 1 << 20,
+                block_bytes: 65536,
+                count: MAX_DIGESTS,
+            },
+            Frame::DigestsOk {
+                seq: 8,
+                digests: vec![[3; 32]; MAX_DIGESTS as usize],
+            },
             Frame::Query {
                 job_id: 9,
                 finalize: true,

@@ -30,6 +30,8 @@ pub(crate) fn frame_name(frame: &Frame) -> &'static str {
         Frame::Fence { .. } => "Fence",
         Frame::FenceOk { .. } => "FenceOk",
         Frame::Query { .. } => "Query",
+        Frame::Digests { .. } => "Digests",
+        Frame::DigestsOk { .. } => "DigestsOk",
         Frame::QueryOk { .. } => "QueryOk",
         Frame::Abort => "Abort",
         Frame::Error { .. } => "Error",

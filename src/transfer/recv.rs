@@ -459,6 +459,20 @@ impl Target {
                     self.drain()?;
                     write_frame(stream, &Frame::FenceOk { seq }, &mut self.scratch)?;
                 }
+                Frame::Digests {
+                    seq,
+                    offset_bytes,
+                    block_bytes,
+                    count,
+                } => {
+                    self.drain()?;
+                    let digests = self.digests(offset_bytes, block_bytes, count)?;
+                    write_frame(
+                        stream,
+                        &Frame::DigestsOk { seq, digests },
+                        &mut self.scratch,
+                    )?;
+                }
                 Frame::Verify { seq } => {
                     self.drain()?;
                     let digest = hash_image(&self.file, self.spec.size_bytes)?;
@@ -486,6 +500,36 @@ impl Target {
                 }
             }
         }
+    }
+
+    /// BLAKE3 of each of `count` blocks from `offset_bytes`, the last clipped to the disk.
+    fn digests(
+        &mut self,
+        offset_bytes: u64,
+        block_bytes: u32,
+        count: u32,
+    ) -> Result<Vec<[u8; 32]>, TransferError> {
+        let span = u64::from(block_bytes) * u64::from(count);
+        let end = offset_bytes
+            .checked_add(span)
+            .map(|end| end.min(self.spec.size_bytes))
+            .filter(|&end| end > offset_bytes)
+            .ok_or(TransferError::OutOfRange {
+                offset_bytes,
+                len_bytes: span,
+            })?;
+        let mut buf = vec![0u8; block_bytes as usize];
+        let mut digests = Vec::with_capacity(count as usize);
+        let mut at = offset_bytes;
+        while at < end {
+            let len = usize::try_from((end - at).min(u64::from(block_bytes))).expect("≤ u32");
+            self.file
+                .read_at(at, &mut buf[..len])
+                .map_err(TransferError::TargetWrite)?;
+            digests.push(*blake3::hash(&buf[..len]).as_bytes());
+            at += len as u64;
+        }
+        Ok(digests)
     }
 
     fn check_range(&self, offset_bytes: u64, len_bytes: u64) -> Result<(), TransferError> {

@@ -582,6 +582,38 @@ impl Sender {
         }
     }
 
+    /// BLAKE3 digests of the destination's blocks `first_block..first_block + count` of
+    /// `block_bytes` (the last clipped to the disk), in windows the frame can carry.
+    pub fn digests(
+        &mut self,
+        first_block: u64,
+        count: u64,
+        block_bytes: u32,
+    ) -> Result<Vec<[u8; 32]>, TransferError> {
+        let mut digests = Vec::new();
+        let mut block = first_block;
+        while block < first_block + count {
+            let window = (first_block + count - block).min(u64::from(frame::MAX_DIGESTS));
+            let seq = self.take_seq();
+            let asked = Frame::Digests {
+                seq,
+                offset_bytes: block * u64::from(block_bytes),
+                block_bytes,
+                count: u32::try_from(window).expect("≤ MAX_DIGESTS"),
+            };
+            self.send_frame(&asked).map_err(|err| self.explain(err))?;
+            match self.wait_reply("DigestsOk")? {
+                Frame::DigestsOk {
+                    seq: answered,
+                    digests: some,
+                } if answered == seq => digests.extend(some),
+                other => return Err(unexpected(other, "DigestsOk")),
+            }
+            block += window;
+        }
+        Ok(digests)
+    }
+
     /// Changes the bandwidth cap from the next frame on (None: uncapped).
     pub fn set_bandwidth(&mut self, bytes_per_s: Option<u64>) {
         if self.pacer.bytes_per_s() != bytes_per_s {
