@@ -594,13 +594,14 @@ impl Control for Registry {
         if let Some(job_id) = request.resume_job {
             self.check_resumable(&export, job_id, journal.as_ref())?;
             // The failed run left its tracker: its bits are what the destination may lack.
-            // Without it (or lost in an unclean stop), blocks are compared by digest.
+            // Without it (or lost in an unclean stop), all allocated blocks are candidates.
             options.resume = export
                 .trackers
                 .get(&crate::migrate::job::tracker_name(job_id))
                 .is_some_and(|tracker| !tracker.is_lost());
         }
-        let compare_digests = resuming && !options.resume;
+        // On a resume the destination holds part of the disk: compare before sending.
+        let compare_digests = resuming;
         options
             .validate()
             .map_err(|p| ControlError::Invalid(p.to_string()))?;

@@ -331,8 +331,7 @@ impl MigrationEnv for JobEnv {
         // Read after the tracker exists: a block written from now on is in its bits.
         let differing = self.differing(allocated)?;
         log::info!(
-            "export {}: resume without a tracker: {} of {} allocated blocks differ at the \
-             destination",
+            "export {}: resume: {} of {} candidate blocks differ at the destination",
             self.export.name,
             differing.count(),
             allocated.count()
@@ -558,7 +557,7 @@ pub struct JobRequest {
     pub batch: Option<String>,
     /// The job id is that of an interrupted job being resumed (`ferry resume`).
     pub resuming: bool,
-    /// A resume without the failed run's tracker: blocks whose content already matches at
-    /// the destination (BLAKE3 per block) are not sent.
+    /// A resume: blocks whose content already matches at the destination (BLAKE3 per
+    /// block) are not sent.
     pub compare_digests: bool,
 }

@@ -94,8 +94,8 @@ pub trait MigrationEnv {
     /// Blocks holding data at the source now. Holes need no copy: the destination starts
     /// sparse (all zero). A block may be reported allocated and read back as zeros.
     fn allocated(&mut self) -> Result<DirtySet, Self::Error>;
-    /// Of the `allocated` blocks, those the destination may lack; a fresh run sends these.
-    /// By default all of them (a new, empty destination).
+    /// Of `candidates` (the allocated blocks of a fresh run, the tracker's bits of a resumed
+    /// one), those the destination may lack: the run sends these. By default all of them.
     fn missing(&mut self, allocated: &DirtySet) -> Result<DirtySet, Self::Error> {
         Ok(allocated.clone())
     }

@@ -112,16 +112,25 @@ impl<'env, E: MigrationEnv> Migration<'env, E> {
             .allocated()
             .map_err(|source| source_error(Step::Allocated, source))?;
         self.report.allocated_bytes = set_bytes(&allocated);
-        if !self.options.resume {
-            // Everything with data the destination may lack is "dirty"; from here on the
-            // tracker alone says what the destination may lack.
-            let missing = self
-                .env
-                .missing(&allocated)
-                .map_err(|source| source_error(Step::Allocated, source))?;
-            self.env.merge_dirty(&missing);
-            self.carried = missing;
-        }
+        // Fresh: everything with data the destination may lack is "dirty". Resumed: the
+        // tracker's bits, less what the destination turns out to hold already. From here on
+        // the tracker alone says what the destination may lack.
+        let candidates = if self.options.resume {
+            self.env.take_dirty()
+        } else {
+            allocated
+        };
+        let missing = match self.env.missing(&candidates) {
+            Ok(missing) => missing,
+            Err(source) => {
+                if self.options.resume {
+                    self.env.merge_dirty(&candidates);
+                }
+                return Err(source_error(Step::Allocated, source));
+            }
+        };
+        self.env.merge_dirty(&missing);
+        self.carried = missing;
         if self.options.mirror_from_start {
             self.start_mirroring()?;
         }
