@@ -11,6 +11,8 @@ use super::{JobKey, JobView, Journal, JournalError, Record, Role};
 
 /// File name of the journal in an agent's state directory.
 pub const FILE_NAME: &str = "journal";
+/// A journal longer than this is compacted when the agent starts.
+const COMPACT_ABOVE_BYTES: u64 = 4 << 20;
 
 /// The journal, shared by the agent's jobs and targets.
 #[derive(Debug, Clone)]
@@ -19,7 +21,7 @@ pub struct SharedJournal(Arc<Mutex<Journal>>);
 impl SharedJournal {
     /// Opens (or creates) the journal in `state_dir` and replays it.
     pub fn open(state_dir: &Path) -> Result<SharedJournal, JournalError> {
-        let (journal, replay) = Journal::open(&state_dir.join(FILE_NAME))?;
+        let (mut journal, replay) = Journal::open(&state_dir.join(FILE_NAME))?;
         if replay.dropped_tail_bytes > 0 {
             log::warn!(
                 "journal {}: a torn last record ({} bytes) was dropped",
@@ -33,6 +35,18 @@ impl SharedJournal {
             replay.entries.len(),
             journal.jobs().len()
         );
+        if journal.len_bytes() > COMPACT_ABOVE_BYTES {
+            // Received-blocks checkpoints pile up; the fold is unchanged by dropping the
+            // superseded ones.
+            let compaction = journal.compact()?;
+            log::info!(
+                "journal {}: compacted {} -> {} bytes ({} superseded checkpoints)",
+                journal.path().display(),
+                compaction.before_bytes,
+                compaction.after_bytes,
+                compaction.dropped_records
+            );
+        }
         Ok(SharedJournal(Arc::new(Mutex::new(journal))))
     }
 
