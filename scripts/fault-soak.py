@@ -23,6 +23,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -780,7 +781,36 @@ class Soak:
             info["at_fault"] = snap
             info["actual"] = self.classify(snap, max_pass)
             info["max_pass"] = max_pass
+            # `ferry status` during the fault too (the source's journal is read even with its
+            # agent down; the destination is unreachable or down), judged the same way.
+            during = {}
+            dst_journal = os.path.join(dst.state, "journal")
+            src_journal = os.path.join(src.state, "journal")
+
+            def status_during():
+                during["truth"] = (journal_jobs(dst_journal), journal_jobs(src_journal))
+                during["view"], during["out"] = self.status("h1", src, batch)
+                during["truth_after"] = (journal_jobs(dst_journal), journal_jobs(src_journal))
+
+            asking = threading.Thread(target=status_during, daemon=True)
+            asking.start()
             self.recover(fault, victims, rng, info)
+            asking.join(timeout=60)
+            if "view" in during:
+                (t_before, s_before), (t_after, s_after) = during["truth"], during["truth_after"]
+                info["during"], info["during_correct"], during_notes = self.judge(
+                    during["view"], during["out"], t_before, t_after, problems,
+                    (s_before, s_after), when="during the fault",
+                )
+                info["during_states"] = {
+                    vm: f"{s_after.get(vm, {}).get('phase', 'no-job')}/"
+                    + ("unreachable" if (during["view"] or {}).get(vm, {}).get("peer_unreachable")
+                       else t_after.get(vm, {}).get("phase", "no-job"))
+                    for vm in self.vm_names
+                }
+            else:
+                problems.append("ferry status during the fault did not end within 60 s")
+                during_notes = []
             try:
                 migrate.wait(timeout=self.migrate_timeout)
             except subprocess.TimeoutExpired:
@@ -803,14 +833,13 @@ class Soak:
                     agent.start()
 
             # ---- verdicts after the fault, against the destination's journal
-            dst_journal = os.path.join(dst.state, "journal")
-            src_journal = os.path.join(src.state, "journal")
             truth_before, src_before = journal_jobs(dst_journal), journal_jobs(src_journal)
             view, out = self.status("h1", src, batch)
             truth_after, src_after = journal_jobs(dst_journal), journal_jobs(src_journal)
             info["verdicts"], correct, notes = self.judge(
                 view, out, truth_before, truth_after, problems, (src_before, src_after)
             )
+            notes += [f"during the fault: {n}" for n in during_notes]
             info["states"] = {
                 vm: f"{src_after.get(vm, {}).get('phase', 'no-job')}/{truth_after.get(vm, {}).get('phase', 'no-job')}"
                 for vm in self.vm_names
@@ -940,6 +969,7 @@ class Soak:
         info["problems"] = problems
         ok = (
             info.get("correct", 0) == len(self.vm_names)
+            and info.get("during_correct", 0) == len(self.vm_names)
             and lost_total == 0
             and phantom_total == 0
             and not problems
@@ -950,16 +980,17 @@ class Soak:
             shutil.rmtree(root, ignore_errors=True)
         return ok
 
-    def judge(self, view, out, truth_before, truth_after, problems, sources=({}, {})):
+    def judge(self, view, out, truth_before, truth_after, problems, sources=({}, {}), when="after recovery"):
         """Verdicts per disk and how many are right. Ground truth: the destination's
-        journal. Committed there -> `migrated` is the only right verdict; not committed ->
-        anything but `migrated`. Also compared (a note, counted apart) with the verdict
+        journal. Committed there -> `migrated` is the only right verdict (during the fault,
+        `needs-attention` too when the status could not reach the destination); not
+        committed -> anything but `migrated`. Also compared (a note, counted apart) with the verdict
         docs/commit-protocol.md gives for the pair of journal states."""
         verdicts, correct, notes = {}, 0, []
         self.table_checked = getattr(self, "table_checked", 0)
         self.table_mismatch = getattr(self, "table_mismatch", 0)
         if view is None:
-            problems.append(f"ferry status gave no JSON: {out.stdout[-300:]} {out.stderr[-300:]}")
+            problems.append(f"ferry status ({when}) gave no JSON: {out.stdout[-300:]} {out.stderr[-300:]}")
             return verdicts, 0, notes
         for vm in self.vm_names:
             line = view.get(vm)
@@ -975,6 +1006,11 @@ class Soak:
                 verdicts[vm] = verdict
                 if verdict == "migrated":
                     right = after == "committed"
+                elif verdict == "needs-attention" and line.get("peer_unreachable") and when != "after recovery":
+                    # During the fault the destination may be down or cut off: a source that
+                    # cannot reach it must not guess (docs/commit-protocol.md), whatever the
+                    # destination's journal holds.
+                    right = True
                 else:
                     right = before != "committed"
                 expected = {
@@ -998,7 +1034,7 @@ class Soak:
                 correct += 1
             else:
                 problems.append(
-                    f"WRONG VERDICT {vm}: {verdicts[vm]} but the destination journal says "
+                    f"WRONG VERDICT ({when}) {vm}: {verdicts[vm]} but the destination journal says "
                     f"{before} (before status) / {after} (after); line: {json.dumps(line)}"
                 )
         return verdicts, correct, notes
@@ -1021,6 +1057,12 @@ class Soak:
         t["correct"] += info.get("correct", 0)
         t["final_verdicts"] += n
         t["final_correct"] += info.get("final_correct", 0)
+        t["during_verdicts"] = t.get("during_verdicts", 0) + n
+        t["during_correct"] = t.get("during_correct", 0) + info.get("during_correct", 0)
+        for vm in self.vm_names:
+            t.setdefault("at_fault", []).append((info.get("at_fault") or {}).get(vm, "?"))
+            t.setdefault("during_pairs", []).append(
+                ((info.get("during_states") or {}).get(vm, "?"), (info.get("during") or {}).get(vm, "?")))
         t["lost"] += info["lost"]
         t["acked"] += info["acked"]
         t["phantoms"] += info["phantoms"]
@@ -1043,6 +1085,8 @@ class Soak:
             f"round {info['round']:>3} seed={info['seed']} fault={info['fault']:<9} "
             f"when={info['when']}->{info.get('actual', '?')} ({timing}) "
             f"verdicts={verdicts} correct={info.get('correct', 0)}/{n} "
+            f"during={','.join((info.get('during') or {}).get(vm, '?') for vm in self.vm_names)} "
+            f"({info.get('during_correct', 0)}/{n}) "
             f"lost={info['lost']}/{info['acked']} "
             f"resend={mean_of(resend, 'fraction')} again={mean_of(resend, 'again')} "
             f"{'ok' if info['ok'] else 'FAIL'}",
@@ -1084,6 +1128,8 @@ class Soak:
         print(f"  verdicts after the fault: {t['correct']} of {t['verdicts']} right "
               f"({', '.join(f'{k} {v}' for k, v in sorted(t['verdict_kinds'].items()))}); "
               f"after resume: {t['final_correct']} of {t['final_verdicts']} right")
+        print(f"  verdicts during the fault (agent down or network cut): {t.get('during_correct', 0)} of "
+              f"{t.get('during_verdicts', 0)} right")
         print(f"  acknowledged writes checked: {t['acked']}; lost {t['lost']}; phantom blocks {t['phantoms']}")
         print(f"  verdicts against the table of docs/commit-protocol.md: "
               f"{getattr(self, 'table_checked', 0) - getattr(self, 'table_mismatch', 0)} of "
@@ -1091,8 +1137,18 @@ class Soak:
         pairs = {}
         for state, verdict in t.get("pairs", []):
             pairs[(state, verdict)] = pairs.get((state, verdict), 0) + 1
-        print("  journal states (source/destination) and verdicts after the fault: " + ", ".join(
+        print("  journal states (source/destination) and verdicts after recovery: " + ", ".join(
             f"{st} -> {v} x{n}" for (st, v), n in sorted(pairs.items())))
+        during = {}
+        for pair in t.get("during_pairs", []):
+            during[pair] = during.get(pair, 0) + 1
+        print("  ... and during the fault: " + ", ".join(
+            f"{st} -> {v} x{n}" for (st, v), n in sorted(during.items())))
+        at_fault = {}
+        for state in t.get("at_fault", []):
+            at_fault[state] = at_fault.get(state, 0) + 1
+        print("  disks' journal states at the moment of the fault: " + ", ".join(
+            f"{st} x{n}" for st, n in sorted(at_fault.items())))
         if resend:
             by_fault = {}
             for job in resend:
