@@ -110,7 +110,7 @@ impl Targets {
         // Before the image exists, so that no image exists the journal does not know.
         self.journal.append(&Record::TargetCreated {
             job_id: spec.job_id,
-            batch: None,
+            batch: spec.batch.clone(),
             export: spec.export.clone(),
             size_bytes: spec.size_bytes,
             granularity_bytes: spec.granularity_bytes,
