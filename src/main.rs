@@ -173,7 +173,11 @@ fn run(cli: Cli) -> Result<()> {
                 })
                 .collect();
             if items.is_empty() {
-                println!("batch {batch}: nothing to resume");
+                if target.json {
+                    println!("[]");
+                } else {
+                    println!("batch {batch}: nothing to resume");
+                }
                 return Ok(());
             }
             run_batch(&client, &batch, items, concurrency, target.json)

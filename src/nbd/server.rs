@@ -250,7 +250,11 @@ fn serve_connection(mut conn: Conn, lookup: &dyn ExportLookup, options: SessionO
         negotiated.structured_replies,
         negotiated.meta_contexts,
     )
-    .map_err(|err| log::error!("export {}: cannot start the session: {err}", export.name))
+    .map_err(|err| {
+        // The chain names the cause (e.g. the forwarding address refusing connections).
+        let cause = crate::agent::registry::error_chain(&err);
+        log::error!("export {}: cannot start the session: {cause}", export.name);
+    })
     .map(Session::run);
     if let Ok(Err(err)) = result {
         log::info!("export {}: connection ended: {err}", export.name);
