@@ -15,7 +15,9 @@ use std::os::unix::fs::FileExt;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::pair::{fio_zipf, migrate, pair, prefill, verify_only, wait_fio, MIB};
+use common::pair::{
+    migrate, migrate_background, pair, prefill, start_guest, verify_only, wait_fio, MIB,
+};
 use common::{require, run_ok, sparse_image, stdout};
 
 /// The one status line of `status`.
@@ -116,19 +118,8 @@ fn interrupted_migration_is_reported_resumable() {
     prefill(&image, 64 * MIB);
     let mut pair = pair(&image, "64K");
     let source_uri = pair.source.uri("vm1");
-    let guest = fio_zipf(&source_uri, 1000, 6000, &["--do_verify=1"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let migrate_cmd = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["migrate", "vm1", "--json", "--bandwidth", "16M", "--to"])
-        .arg(&pair.destination_transfer)
-        .args(["--api", &pair.source.api, "--state-dir"])
-        .arg(&pair.source.state_dir)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let guest = start_guest(&source_uri);
+    let migrate_cmd = migrate_background(&pair, &[]);
     std::thread::sleep(Duration::from_millis(2500));
     pair.destination.kill();
     let out = migrate_cmd.wait_with_output().unwrap();
@@ -246,16 +237,7 @@ fn batches_resume_and_abort() {
         );
         pair.restart_destination();
     }
-    let b2_status = only_line(&cli_json(
-        &pair.source,
-        &[
-            "status",
-            "b2",
-            "--cluster-key",
-            pair.key_path.to_str().unwrap(),
-        ],
-    ))
-    .clone();
+    let b2_status = only_line(&pair.batch_status(&pair.source, Some("b2"))).clone();
     assert_eq!(b2_status["verdict"], "resumable", "{b2_status:#}");
 
     let resumed = cli_json(&pair.source, &["resume", "b2"]);
@@ -267,16 +249,7 @@ fn batches_resume_and_abort() {
         sent < report["allocated_bytes"].as_u64().unwrap(),
         "the resume sent the whole disk again: {report:#}"
     );
-    let b2_status = only_line(&cli_json(
-        &pair.source,
-        &[
-            "status",
-            "b2",
-            "--cluster-key",
-            pair.key_path.to_str().unwrap(),
-        ],
-    ))
-    .clone();
+    let b2_status = only_line(&pair.batch_status(&pair.source, Some("b2"))).clone();
     assert_eq!(b2_status["verdict"], "migrated", "{b2_status:#}");
     let destination_image = pair.destination.state_dir.join("images").join("vm3.img");
     // The source agent holds its image locked (qemu-img would refuse): a plain compare.
@@ -289,16 +262,7 @@ fn batches_resume_and_abort() {
     let aborted = cli_json(&pair.source, &["abort", "b3"]);
     let outcome = &aborted.as_array().unwrap()[0];
     assert_eq!(outcome["destination"], "aborted", "{aborted:#}");
-    let b3_status = only_line(&cli_json(
-        &pair.source,
-        &[
-            "status",
-            "b3",
-            "--cluster-key",
-            pair.key_path.to_str().unwrap(),
-        ],
-    ))
-    .clone();
+    let b3_status = only_line(&pair.batch_status(&pair.source, Some("b3"))).clone();
     assert_eq!(b3_status["verdict"], "not-migrated", "{b3_status:#}");
     assert!(!pair
         .destination
@@ -388,12 +352,7 @@ fn source_crash_then_resume_compares_digests() {
     pair.source.kill();
     let _ = child.wait_with_output();
     pair.restart_source();
-    let key = pair.key_path.to_str().unwrap().to_string();
-    let line = only_line(&cli_json(
-        &pair.source,
-        &["status", "b", "--cluster-key", &key],
-    ))
-    .clone();
+    let line = only_line(&pair.batch_status(&pair.source, Some("b"))).clone();
     assert_eq!(line["verdict"], "resumable", "{line:#}");
 
     let resumed = cli_json(&pair.source, &["resume", "b"]);
@@ -406,11 +365,7 @@ fn source_crash_then_resume_compares_digests() {
         "the resume sent (nearly) the whole disk again: {report:#}"
     );
     assert!(pair.source.log().contains("differ at the destination"));
-    let line = only_line(&cli_json(
-        &pair.source,
-        &["status", "b", "--cluster-key", &key],
-    ))
-    .clone();
+    let line = only_line(&pair.batch_status(&pair.source, Some("b"))).clone();
     assert_eq!(line["verdict"], "migrated", "{line:#}");
     run_ok(
         Command::new("cmp")

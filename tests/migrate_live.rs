@@ -15,7 +15,9 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::pair::{fio_zipf, migrate, pair, prefill, verify_only, wait_fio, MIB};
+use common::pair::{
+    fio_zipf, migrate, migrate_background, pair, prefill, start_guest, verify_only, wait_fio, MIB,
+};
 use common::{require, run_ok, sparse_image, stdout};
 
 /// A cluster key file shared by the agents of one test.
@@ -158,20 +160,8 @@ fn destination_crash_mid_pass_keeps_source_authoritative() {
         prefill(&image, 64 * MIB);
         let mut pair = pair(&image, "64K");
         let source_uri = pair.source.uri("vm1");
-        let guest = fio_zipf(&source_uri, 1000, 6000, &["--do_verify=1"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let migrate = Command::new(env!("CARGO_BIN_EXE_ferry"))
-            .args(["migrate", "vm1", "--json", "--bandwidth", "16M", "--to"])
-            .arg(&pair.destination_transfer)
-            .args(mode)
-            .args(["--api", &pair.source.api, "--state-dir"])
-            .arg(&pair.source.state_dir)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let guest = start_guest(&source_uri);
+        let migrate = migrate_background(&pair, mode);
         std::thread::sleep(Duration::from_millis(1500));
         pair.destination.kill();
         let out = migrate.wait_with_output().unwrap();

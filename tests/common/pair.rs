@@ -63,8 +63,15 @@ impl Pair {
 
     /// `ferry status --json` as `agent` sees it (reading its journal, asking peers).
     pub fn status(&self, agent: &AgentProc) -> serde_json::Value {
+        self.batch_status(agent, None)
+    }
+
+    /// `ferry status [BATCH] --json` as `agent` sees it.
+    pub fn batch_status(&self, agent: &AgentProc, batch: Option<&str>) -> serde_json::Value {
         let key = self.key_path.to_str().unwrap();
-        let out = agent.cli(&["status", "--json", "--cluster-key", key]);
+        let mut args = vec!["status", "--json", "--cluster-key", key];
+        args.extend(batch);
+        let out = agent.cli(&args);
         let text = stdout(&out);
         serde_json::from_str(&text).unwrap_or_else(|e| {
             panic!(
@@ -106,6 +113,28 @@ pub fn pair_of(source_exports: Vec<String>) -> Pair {
         source_transfer: src_transfer,
         _keys: keys,
     }
+}
+
+/// The guest of the fault tests: fio writing 6000 verified zipf blocks at 1000 IOPS.
+pub fn start_guest(uri: &str) -> Child {
+    fio_zipf(uri, 1000, 6000, &["--do_verify=1"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// `ferry migrate vm1 --json --bandwidth 16M --to DESTINATION EXTRA...` in the background.
+pub fn migrate_background(pair: &Pair, extra: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["migrate", "vm1", "--json", "--bandwidth", "16M", "--to"])
+        .arg(&pair.destination_transfer)
+        .args(extra)
+        .args(["--api", &pair.source.api, "--state-dir"])
+        .arg(&pair.source.state_dir)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
 }
 
 /// Random data in the first `len` bytes (the rest stays a hole).
