@@ -98,19 +98,14 @@ pub fn run(
 /// The status of a job the agent refused to start.
 fn not_started(item: &Item, err: &ClientError) -> JobStatus {
     JobStatus {
-        id: item.request.resume_job.unwrap_or(0),
-        export: item.export.clone(),
-        to: item.request.to.clone(),
-        policy: item.request.policy.clone().unwrap_or_default(),
         phase: JobPhase::Failed,
-        authoritative: "source".into(),
-        progress: None,
-        report: None,
-        guest_write_latency_us: None,
-        guest_writes: 0,
-        elapsed_s: 0.0,
         error: Some(format!("not started: {err}")),
-        verify: None,
+        ..JobStatus::starting(
+            item.request.resume_job.unwrap_or(0),
+            &item.export,
+            &item.request.to,
+            item.request.policy.as_deref().unwrap_or_default(),
+        )
     }
 }
 

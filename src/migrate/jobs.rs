@@ -61,6 +61,27 @@ pub struct JobStatus {
     pub verify: Option<VerifyOutcome>,
 }
 
+impl JobStatus {
+    /// A job that is starting: running, the source authoritative, nothing measured yet.
+    pub fn starting(id: u64, export: &str, to: &str, policy: &str) -> JobStatus {
+        JobStatus {
+            id,
+            export: export.into(),
+            to: to.into(),
+            policy: policy.into(),
+            phase: JobPhase::Running,
+            authoritative: "source".into(),
+            progress: None,
+            report: None,
+            guest_write_latency_us: None,
+            guest_writes: 0,
+            elapsed_s: 0.0,
+            error: None,
+            verify: None,
+        }
+    }
+}
+
 /// One job's shared state.
 #[derive(Debug)]
 struct Job {
@@ -124,21 +145,12 @@ impl Jobs {
         }
         let id = resume_id.unwrap_or_else(|| self.next_id.fetch_add(1, Ordering::Relaxed));
         let job = Arc::new(Job {
-            status: Mutex::new(JobStatus {
+            status: Mutex::new(JobStatus::starting(
                 id,
-                export: export.name.clone(),
-                to: request.to.to_string(),
-                policy: request.options.policy.to_string(),
-                phase: JobPhase::Running,
-                authoritative: "source".into(),
-                progress: None,
-                report: None,
-                guest_write_latency_us: None,
-                guest_writes: 0,
-                elapsed_s: 0.0,
-                error: None,
-                verify: None,
-            }),
+                &export.name,
+                &request.to.to_string(),
+                &request.options.policy.to_string(),
+            )),
             progress: Arc::new(Mutex::new(None)),
             verify: Arc::new(Mutex::new(None)),
             started: Instant::now(),

@@ -153,8 +153,9 @@ impl Outbound {
         let _ = state.stream.shutdown(Shutdown::Both);
     }
 
-    /// Writes a mirrored frame (`payload` for Data) and logs its range for a running copy.
-    fn mirror_frame(&self, frame: &Frame, payload: &[u8]) {
+    /// Writes a mirrored frame covering `len_bytes` at `offset_bytes` (`payload` for Data)
+    /// and logs that range for a running copy.
+    fn mirror_frame(&self, frame: &Frame, offset_bytes: u64, len_bytes: u64, payload: &[u8]) {
         if self.failed() {
             // The job will not commit; the trackers hold the write.
             return;
@@ -162,22 +163,6 @@ impl Outbound {
         let digest = match frame {
             Frame::Data { .. } => Some(*blake3::hash(payload).as_bytes()),
             _ => None,
-        };
-        let (offset_bytes, len_bytes) = match *frame {
-            Frame::Data {
-                offset_bytes,
-                len_bytes,
-                ..
-            } => (offset_bytes, u64::from(len_bytes)),
-            Frame::Zero {
-                offset_bytes,
-                len_bytes,
-            }
-            | Frame::Trim {
-                offset_bytes,
-                len_bytes,
-            } => (offset_bytes, len_bytes),
-            _ => return,
         };
         let mut guard = self.lock();
         let seq = self.mirror_seq.fetch_add(1, Ordering::SeqCst) + 1;
@@ -345,12 +330,14 @@ impl WriteMirror for MirrorLink {
         while at < data.len() {
             let len = (data.len() - at).min(super::frame::MAX_DATA_BYTES);
             let piece = &data[at..at + len];
+            let piece_offset = offset_bytes + at as u64;
             let frame = Frame::Data {
-                offset_bytes: offset_bytes + at as u64,
+                offset_bytes: piece_offset,
                 len_bytes: u32::try_from(len).expect("≤ 8 MiB"),
                 digest: [0; 32],
             };
-            self.out.mirror_frame(&frame, piece);
+            self.out
+                .mirror_frame(&frame, piece_offset, len as u64, piece);
             at += len;
         }
     }
@@ -367,7 +354,7 @@ impl WriteMirror for MirrorLink {
                 len_bytes,
             }
         };
-        self.out.mirror_frame(&frame, &[]);
+        self.out.mirror_frame(&frame, offset_bytes, len_bytes, &[]);
     }
 
     fn diverged(&self, offset_bytes: u64, len_bytes: u64) {
