@@ -29,6 +29,7 @@ pub mod cli;
 pub mod demo;
 pub mod dirty;
 pub mod env;
+pub mod error;
 pub mod io;
 pub mod journal;
 pub mod metrics;

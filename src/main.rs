@@ -18,10 +18,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!(
-                "ferry: {}",
-                ferry::agent::registry::error_chain(err.as_ref())
-            );
+            eprintln!("ferry: {}", ferry::error::error_chain(err.as_ref()));
             ExitCode::FAILURE
         }
     }
@@ -104,7 +101,7 @@ fn run(cli: Cli) -> Result<()> {
                 resume_job: None,
             };
             let mut pairs: Vec<(String, String)> = match &plan {
-                Some(path) => ferry::migrate::batch::parse_plan(
+                Some(path) => ferry::api::batch::parse_plan(
                     &std::fs::read_to_string(path)
                         .map_err(|err| format!("--plan {}: {err}", path.display()))?,
                 )?,
@@ -127,7 +124,7 @@ fn run(cli: Cli) -> Result<()> {
             });
             let items = pairs
                 .into_iter()
-                .map(|(export, to)| ferry::migrate::batch::Item {
+                .map(|(export, to)| ferry::api::batch::Item {
                     export,
                     request: MigrateRequest {
                         to,
@@ -151,7 +148,7 @@ fn run(cli: Cli) -> Result<()> {
                     ferry::journal::Side::Source(source)
                         if source.phase == ferry::journal::SourcePhase::Copying =>
                     {
-                        Some(ferry::migrate::batch::Item {
+                        Some(ferry::api::batch::Item {
                             export: view.export.clone(),
                             request: MigrateRequest {
                                 to: source.destination.clone(),
@@ -221,7 +218,7 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&jobs)?);
             } else {
                 for job in &jobs {
-                    print!("{}", ferry::migrate::view::render(job));
+                    print!("{}", ferry::api::view::render(job));
                 }
             }
             Ok(())
@@ -270,12 +267,12 @@ fn migrate_one(
         started
     } else {
         let bar = !json && std::io::IsTerminal::is_terminal(&std::io::stderr());
-        ferry::migrate::view::follow(client, started.id, disk_bytes, bar)?
+        ferry::api::view::follow(client, started.id, disk_bytes, bar)?
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&status)?);
     } else {
-        print!("{}", ferry::migrate::view::render(&status));
+        print!("{}", ferry::api::view::render(&status));
     }
     if status.phase == JobPhase::Failed {
         return Err(format!("migration of {export} failed").into());
@@ -287,11 +284,11 @@ fn migrate_one(
 fn run_batch(
     client: &Client,
     batch: &str,
-    items: Vec<ferry::migrate::batch::Item>,
+    items: Vec<ferry::api::batch::Item>,
     concurrency: usize,
     json: bool,
 ) -> Result<()> {
-    let statuses = ferry::migrate::batch::run(client, items, concurrency, |status| {
+    let statuses = ferry::api::batch::run(client, items, concurrency, |status| {
         if !json {
             println!(
                 "batch {batch}: job {} {} -> {}: {:?}, {} authoritative{}",

@@ -20,7 +20,7 @@ pub const DEFAULT_API: &str = "127.0.0.1:7450";
 /// Default address of the block-stream listener that receives migrated disks.
 pub const DEFAULT_TRANSFER: &str = "127.0.0.1:7451";
 /// Port of the block-stream listener when a peer is named without one.
-pub const DEFAULT_TRANSFER_PORT: u16 = 7451;
+pub const DEFAULT_TRANSFER_PORT: u16 = crate::transfer::DEFAULT_PORT;
 /// Default tracking granularity.
 pub const DEFAULT_GRANULARITY_BYTES: u64 = 64 * 1024;
 /// Default heat half-life.

@@ -10,18 +10,12 @@
 //!   committed; a committed target is served even if the export list lost it.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use crate::journal::{JobView, Record, SharedJournal, Side, SourcePhase, TargetPhase, TargetView};
 use crate::nbd::route::Route;
-use crate::transfer::{query_target, ClusterKey, QueryAnswer, TargetState};
+use crate::transfer::{ask_until_final, ClusterKey, TargetState};
 
 use super::registry::Registry;
-
-/// How long one query of an in-doubt destination waits.
-const QUERY_TIMEOUT: Duration = Duration::from_secs(3);
-/// Pause between queries while the destination cannot be reached.
-const QUERY_RETRY: Duration = Duration::from_secs(1);
 
 /// Brings the exports back to what the journal says (see the module docs); in-doubt
 /// exports are resolved by background threads.
@@ -147,29 +141,5 @@ fn resolve_in_doubt(
         });
     if let Err(err) = spawned {
         log::error!("cannot start the in-doubt resolver for job {job_id}: {err}");
-    }
-}
-
-/// Queries the destination, finalizing, until it answers: committed, or not (and then, the
-/// query having fenced the job there, never).
-pub fn ask_until_final(destination: &str, key: &ClusterKey, job_id: u64) -> QueryAnswer {
-    let mut attempts = 0u64;
-    loop {
-        let answer = super::registry::resolve_peer(destination)
-            .map_err(|err| err.to_string())
-            .and_then(|addr| {
-                query_target(addr, key, job_id, true, QUERY_TIMEOUT)
-                    .map_err(|err| super::registry::error_chain(&err))
-            });
-        match answer {
-            Ok(answer) => return answer,
-            Err(err) => {
-                if attempts % 30 == 0 {
-                    log::warn!("job {job_id}: destination {destination} not answering: {err}");
-                }
-                attempts += 1;
-                std::thread::sleep(QUERY_RETRY);
-            }
-        }
     }
 }

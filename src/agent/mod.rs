@@ -22,10 +22,11 @@ use crate::env::MonotonicClock;
 use crate::io::{probe_uring, EngineKind};
 use crate::nbd::server::{NbdServer, SessionOptions};
 
+use crate::error::error_chain;
 use crate::journal::SharedJournal;
 pub use config::AgentConfig;
 use config::EngineChoice;
-use registry::{error_chain, Registry};
+use registry::Registry;
 use targets::Targets;
 
 use crate::transfer::{ClusterKey, ReceiverServer};

@@ -17,6 +17,7 @@ use crate::api::types::{JobStatus, MigrateRequest};
 use crate::api::{Control, ControlError};
 use crate::dirty::{TrackerSet, TrackerSpec};
 use crate::env::Clock;
+use crate::error::error_chain;
 use crate::journal::{JobView, Record, Role, SharedJournal, Side, SourcePhase};
 use crate::migrate::job::JobRequest;
 use crate::migrate::jobs::Jobs;
@@ -24,7 +25,7 @@ use crate::migrate::{MigrateOptions, Policy};
 use crate::nbd::export::Export;
 use crate::nbd::server::ExportLookup;
 use crate::nbd::wire::{ExportCatalog, ExportInfo};
-use crate::transfer::{ClusterKey, SendOptions};
+use crate::transfer::{resolve_peer, ClusterKey, SendOptions};
 
 /// Heat at and above which a block counts as hot in reports.
 pub const HOT_THRESHOLD: u8 = 8;
@@ -108,20 +109,22 @@ impl Registry {
             job_id: view.job_id,
             batch: view.batch.clone(),
         };
-        let told = resolve_peer(destination).and_then(|addr| {
-            let (sender, _) = crate::transfer::Sender::connect(
-                addr,
-                &key,
-                &spec,
-                SendOptions {
-                    reply_timeout_ms: 10_000,
-                    connect_timeout_ms: 3_000,
-                    ..SendOptions::default()
-                },
-            )
-            .map_err(|err| error_chain(&err))?;
-            sender.abort().map_err(|err| error_chain(&err))
-        });
+        let told = resolve_peer(destination)
+            .map_err(|err| error_chain(&err))
+            .and_then(|addr| {
+                let (sender, _) = crate::transfer::Sender::connect(
+                    addr,
+                    &key,
+                    &spec,
+                    SendOptions {
+                        reply_timeout_ms: 10_000,
+                        connect_timeout_ms: 3_000,
+                        ..SendOptions::default()
+                    },
+                )
+                .map_err(|err| error_chain(&err))?;
+                sender.abort().map_err(|err| error_chain(&err))
+            });
         match told {
             Ok(()) => "aborted".into(),
             Err(err) => format!("not told ({err}); its image stays until `ferry abort` again"),
@@ -394,18 +397,6 @@ fn export_config(spec: &ExportSpec) -> ExportConfig {
     }
 }
 
-/// An error and its sources on one line.
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(inner) = source {
-        text.push_str(": ");
-        text.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    text
-}
-
 impl ExportCatalog for Registry {
     fn list(&self) -> Vec<ExportInfo> {
         self.all().iter().map(|e| e.info()).collect()
@@ -566,7 +557,8 @@ impl Control for Registry {
 
     fn migrate(&self, export: &str, request: MigrateRequest) -> Result<JobStatus, ControlError> {
         let export = self.get(export)?;
-        let to = resolve_peer(&request.to).map_err(ControlError::Invalid)?;
+        let to = resolve_peer(&request.to)
+            .map_err(|err| ControlError::Invalid(format!("to: {}", error_chain(&err))))?;
         let mut options = MigrateOptions::default();
         if let Some(policy) = &request.policy {
             options.policy = policy
@@ -691,22 +683,4 @@ impl Control for Registry {
             .get(id)
             .ok_or_else(|| ControlError::NotFound(format!("no migration job {id}")))
     }
-}
-
-/// `host[:port]` of a peer agent's block stream (port 7451 by default), resolved.
-pub fn resolve_peer(text: &str) -> Result<std::net::SocketAddr, String> {
-    use std::net::ToSocketAddrs;
-    let with_port = if text
-        .rsplit_once(':')
-        .is_some_and(|(_, port)| port.parse::<u16>().is_ok())
-    {
-        text.to_string()
-    } else {
-        format!("{text}:{}", crate::agent::config::DEFAULT_TRANSFER_PORT)
-    };
-    with_port
-        .to_socket_addrs()
-        .map_err(|err| format!("to: cannot resolve '{text}': {err}"))?
-        .next()
-        .ok_or_else(|| format!("to: '{text}' resolves to no address"))
 }

@@ -32,13 +32,16 @@
 //! - [`ApiServer::shutdown`] returns promptly: each worker is woken with `Server::unblock`,
 //!   finishes the request it holds, and is joined.
 
+pub mod batch;
 pub mod client;
+pub mod prometheus;
 pub mod render;
 pub mod server;
 #[cfg(test)]
 mod tests;
 pub mod token;
 pub mod types;
+pub mod view;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -21,9 +21,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tiny_http::{Header, Method, Request, Response, Server};
 
+use super::prometheus;
 use super::types::{ErrorBody, ExportSpec, MigrateRequest, TrackerAdd};
 use super::{Control, ControlError};
-use crate::metrics;
 
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 1 << 20;
@@ -232,8 +232,8 @@ pub fn route(
         return match method {
             Method::Get => Reply {
                 status: 200,
-                content_type: Some(metrics::PROMETHEUS_CONTENT_TYPE),
-                body: metrics::render_prometheus(&context.control.exports()).into_bytes(),
+                content_type: Some(prometheus::PROMETHEUS_CONTENT_TYPE),
+                body: prometheus::render_prometheus(&context.control.exports()).into_bytes(),
                 headers: Vec::new(),
             },
             _ => method_not_allowed("GET"),

@@ -135,7 +135,7 @@ fn drive(
         resume_job: None,
     };
     let started = api.migrate("vm1", &request)?;
-    let status = crate::migrate::view::follow(&api, started.id, size_bytes, false)?;
+    let status = crate::api::view::follow(&api, started.id, size_bytes, false)?;
     std::thread::sleep(Duration::from_millis(500)); // the guest goes on, forwarded
     stop.store(true, Ordering::Relaxed);
     let (guest_writes, guest_latency, checked_blocks) =

@@ -109,7 +109,7 @@ impl From<IoError> for io::Error {
             IoError::BadRequest(_) => io::ErrorKind::InvalidInput,
             IoError::Unavailable(_) | IoError::Submit(_) => io::ErrorKind::Other,
         };
-        io::Error::new(kind, crate::agent::registry::error_chain(&err))
+        io::Error::new(kind, crate::error::error_chain(&err))
     }
 }
 

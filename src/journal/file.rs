@@ -44,7 +44,7 @@ use std::path::{Path, PathBuf};
 use ferry_sys::OfdLock;
 
 use super::fold::{self, JobKey, JobViews, Side, TargetPhase};
-use super::record::Record;
+use super::record::{Entry, Record};
 use super::JournalError;
 use crate::dirty::MAX_BLOCK_COUNT;
 
@@ -63,19 +63,6 @@ pub const MAX_BODY_BYTES: usize = 1 << 30;
 const _: () = assert!(MAX_BLOCK_COUNT / 8 + 4096 <= MAX_BODY_BYTES as u64);
 /// Suffix of the file a compaction writes before renaming it over the journal.
 const TEMP_SUFFIX: &str = ".tmp";
-
-/// One replayed record and where it was.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Entry {
-    /// Its sequence number.
-    pub seq: u64,
-    /// Offset of its frame in the file.
-    pub offset_bytes: u64,
-    /// Length of its frame.
-    pub frame_bytes: u64,
-    /// The record.
-    pub record: Record,
-}
 
 /// What [`Journal::open`] (or [`Journal::inspect`]) found.
 #[derive(Debug, Clone, PartialEq, Eq)]

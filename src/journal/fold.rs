@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
 
-use super::file::Entry;
+use super::record::Entry;
 use super::record::{Record, Role};
 use super::JournalError;
 use crate::dirty::{DirtySet, MAX_BLOCK_COUNT};

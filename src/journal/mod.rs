@@ -104,11 +104,12 @@ pub mod shared;
 pub mod sim;
 pub mod status;
 
-pub use file::{Entry, Journal, Replay, MAX_BODY_BYTES};
+pub use file::{Journal, Replay, MAX_BODY_BYTES};
 pub use fold::{
     fold, Authority, JobKey, JobView, JobViews, Side, SourcePhase, SourceView, TargetPhase,
     TargetView,
 };
+pub use record::Entry;
 pub use record::{Record, Role};
 pub use shared::SharedJournal;
 

@@ -637,6 +637,19 @@ fn set_range(words: &mut [u64], first: u64, end: u64) {
     }
 }
 
+/// One replayed record and where it was.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// Its sequence number.
+    pub seq: u64,
+    /// Offset of its frame in the file.
+    pub offset_bytes: u64,
+    /// Length of its frame.
+    pub frame_bytes: u64,
+    /// The record.
+    pub record: Record,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -56,7 +56,7 @@ impl SharedJournal {
         journal.append(record).map(drop).map_err(|err| {
             let message = format!(
                 "journal: cannot record {record:?}: {}",
-                crate::agent::registry::error_chain(&err)
+                crate::error::error_chain(&err)
             );
             log::error!("{message}");
             message

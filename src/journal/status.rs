@@ -125,13 +125,13 @@ fn remote_target(peer: &Peer) -> TargetState {
 }
 
 fn ask(destination: &str, key: &ClusterKey, job_id: u64) -> Peer {
-    let addr = match crate::agent::registry::resolve_peer(destination) {
+    let addr = match crate::transfer::resolve_peer(destination) {
         Ok(addr) => addr,
-        Err(err) => return Peer::Unreachable(err),
+        Err(err) => return Peer::Unreachable(crate::error::error_chain(&err)),
     };
     match query_target(addr, key, job_id, false, QUERY_TIMEOUT) {
         Ok(answer) => Peer::Answered(answer),
-        Err(err) => Peer::Unreachable(crate::agent::registry::error_chain(&err)),
+        Err(err) => Peer::Unreachable(crate::error::error_chain(&err)),
     }
 }
 

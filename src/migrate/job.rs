@@ -450,8 +450,7 @@ impl MigrationEnv for JobEnv {
             // The Commit may have arrived: ask the destination, making "not committed" final.
             // Writes stay held however long that takes (the guest waits; nothing guesses).
             log::warn!("job {job_id}: commit outcome unknown ({err}); asking the destination");
-            let answer =
-                crate::agent::journal::ask_until_final(&self.to.to_string(), &self.key, job_id);
+            let answer = crate::transfer::ask_until_final(&self.to.to_string(), &self.key, job_id);
             if answer.state == TargetState::Committed {
                 return Ok(());
             }
@@ -460,7 +459,7 @@ impl MigrationEnv for JobEnv {
         journal
             .append(&Record::SourceSwitchoverCancelled {
                 job_id,
-                reason: crate::agent::registry::error_chain(&err),
+                reason: crate::error::error_chain(&err),
             })
             .map_err(JobError::Journal)?;
         Err(JobError::Transfer(err))

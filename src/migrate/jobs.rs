@@ -215,7 +215,7 @@ fn run_job(job: &Job, export: Arc<Export>, request: JobRequest, key: ClusterKey,
             job.progress.clone(),
             job.verify.clone(),
         )
-        .map_err(|err| (false, crate::agent::registry::error_chain(&err)))
+        .map_err(|err| (false, crate::error::error_chain(&err)))
         .and_then(|mut env| {
             let result = crate::migrate::run(&mut env, &request.options);
             // Kept for a resume while the source is authoritative.
@@ -267,5 +267,5 @@ fn run_job(job: &Job, export: Arc<Export>, request: JobRequest, key: ClusterKey,
 }
 
 fn describe<E: std::error::Error + 'static>(err: &MigrateError<E>) -> String {
-    crate::agent::registry::error_chain(err)
+    crate::error::error_chain(err)
 }

@@ -28,7 +28,6 @@
 use crate::dirty::DirtySet;
 
 pub mod backoff;
-pub mod batch;
 pub mod forecast;
 pub mod job;
 pub mod jobs;
@@ -36,7 +35,6 @@ pub mod plan;
 pub mod policy;
 pub mod report;
 pub mod sim;
-pub mod view;
 
 pub use forecast::Forecast;
 pub use plan::run;

@@ -252,7 +252,7 @@ fn serve_connection(mut conn: Conn, lookup: &dyn ExportLookup, options: SessionO
     )
     .map_err(|err| {
         // The chain names the cause (e.g. the forwarding address refusing connections).
-        let cause = crate::agent::registry::error_chain(&err);
+        let cause = crate::error::error_chain(&err);
         log::error!("export {}: cannot start the session: {cause}", export.name);
     })
     .map(Session::run);

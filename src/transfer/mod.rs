@@ -38,6 +38,7 @@ pub mod key;
 mod link;
 mod outbound;
 pub mod pace;
+pub mod peer;
 pub mod recv;
 pub mod send;
 
@@ -50,6 +51,7 @@ pub use frame::{ErrorCode, Frame, FrameError, Role, TargetSpec, TargetState};
 pub use key::ClusterKey;
 pub use outbound::MirrorLink;
 pub use pace::Pacer;
+pub use peer::{ask_until_final, resolve_peer, PeerError, DEFAULT_PORT};
 pub use recv::{
     check_free_space, create_sparse_target, hash_image, serve, ReceiverServer, TargetHost,
 };

@@ -243,7 +243,7 @@ fn accept_loop(
                     Ok(end) => log::info!("block stream from {peer:?}: {end}"),
                     Err(err) => log::warn!(
                         "block stream from {peer:?} failed: {}",
-                        crate::agent::registry::error_chain(&err)
+                        crate::error::error_chain(&err)
                     ),
                 }
                 lock(&worker_shared.connections).remove(&id);
@@ -358,7 +358,7 @@ fn fail(stream: &mut TcpStream, err: TransferError) -> TransferError {
     };
     let message = match &err {
         TransferError::Refused { reason } => reason.clone(),
-        other => crate::agent::registry::error_chain(other),
+        other => crate::error::error_chain(other),
     };
     link::send_error(stream, code, offset_bytes, &message);
     let _ = stream.shutdown(Shutdown::Write);

@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::api::render::human_bytes;
-use crate::api::types::{JobPhase, JobStatus};
-use crate::api::{Client, ClientError};
+use super::render::human_bytes;
+use super::types::{JobPhase, JobStatus};
+use super::{Client, ClientError};
 
 /// How often the CLI polls the agent while following a job.
 const POLL: Duration = Duration::from_millis(200);

@@ -10,8 +10,8 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use crate::api::client::{Client, ClientError};
-use crate::api::types::{JobPhase, JobStatus, MigrateRequest};
+use super::client::{Client, ClientError};
+use super::types::{JobPhase, JobStatus, MigrateRequest};
 
 /// How often running jobs are polled.
 const POLL: Duration = Duration::from_millis(200);

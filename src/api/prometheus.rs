@@ -1,0 +1,320 @@
+//! The Prometheus text exposition served at `GET /metrics`: every export's counters,
+//! latency quantiles and trackers.
+//!
+//! Invariant: the exposition follows the Prometheus text format 0.0.4: one `# HELP`/`# TYPE`
+//! pair per family, label values escaped (`\\`, `\"`, `\n`), so an export or tracker name can
+//! never break the output. Names are validated elsewhere; escaping does not rely on that.
+//!
+//! Format: <https://prometheus.io/docs/instrumenting/exposition_formats/>
+
+use std::fmt::Write as _;
+
+use super::types::ExportStatus;
+
+/// Quantiles exported by the summary, with their Prometheus label values.
+const QUANTILES: [(f64, &str); 4] = [(0.5, "0.5"), (0.9, "0.9"), (0.99, "0.99"), (0.999, "0.999")];
+
+/// Media type of the text exposition.
+pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Escapes a label value: backslash, double quote and newline (text format 0.0.4).
+pub fn escape_label_value(value: &str) -> String {
+    let mut escaped = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '\\' => escaped.push_str("\\\\"),
+            '"' => escaped.push_str("\\\""),
+            '\n' => escaped.push_str("\\n"),
+            c => escaped.push(c),
+        }
+    }
+    escaped
+}
+
+/// Writes one metric text: `# HELP`, `# TYPE`, then one sample per item.
+struct Exposition<'a> {
+    out: &'a mut String,
+}
+
+impl Exposition<'_> {
+    fn header(&mut self, name: &str, kind: &str, help: &str) {
+        // Writing to a String cannot fail.
+        let _ = writeln!(self.out, "# HELP {name} {help}");
+        let _ = writeln!(self.out, "# TYPE {name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
+        self.out.push_str(name);
+        if !labels.is_empty() {
+            self.out.push('{');
+            for (i, (key, val)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.out.push(',');
+                }
+                let _ = write!(self.out, "{key}=\"{}\"", escape_label_value(val));
+            }
+            self.out.push('}');
+        }
+        let _ = writeln!(self.out, " {value}");
+    }
+}
+
+/// A per-export counter or gauge: name, type, help, and how to read it.
+type ExportMetric = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&ExportStatus) -> u64,
+);
+
+const EXPORT_METRICS: [ExportMetric; 9] = [
+    (
+        "ferry_export_read_bytes_total",
+        "counter",
+        "Bytes returned by NBD READ.",
+        |e| e.stats.read_bytes,
+    ),
+    (
+        "ferry_export_read_ops_total",
+        "counter",
+        "NBD READ requests completed.",
+        |e| e.stats.read_ops,
+    ),
+    (
+        "ferry_export_write_bytes_total",
+        "counter",
+        "Bytes written by NBD WRITE.",
+        |e| e.stats.write_bytes,
+    ),
+    (
+        "ferry_export_write_ops_total",
+        "counter",
+        "NBD WRITE requests completed.",
+        |e| e.stats.write_ops,
+    ),
+    (
+        "ferry_export_flush_ops_total",
+        "counter",
+        "NBD FLUSH requests completed.",
+        |e| e.stats.flush_ops,
+    ),
+    (
+        "ferry_export_trim_ops_total",
+        "counter",
+        "NBD TRIM requests completed.",
+        |e| e.stats.trim_ops,
+    ),
+    (
+        "ferry_export_zero_ops_total",
+        "counter",
+        "NBD WRITE_ZEROES requests completed.",
+        |e| e.stats.zero_ops,
+    ),
+    (
+        "ferry_export_connections",
+        "gauge",
+        "Live NBD connections.",
+        |e| e.connections,
+    ),
+    (
+        "ferry_export_size_bytes",
+        "gauge",
+        "Size of the exported image.",
+        |e| e.size_bytes,
+    ),
+];
+
+/// Renders the Prometheus text exposition of every export and tracker.
+pub fn render_prometheus(exports: &[ExportStatus]) -> String {
+    let mut out = String::new();
+    let mut text = Exposition { out: &mut out };
+    text.header("ferry_exports", "gauge", "Exports served.");
+    text.sample("ferry_exports", &[], exports.len());
+    for (name, kind, help, read) in EXPORT_METRICS {
+        text.header(name, kind, help);
+        for export in exports {
+            text.sample(name, &[("export", &export.name)], read(export));
+        }
+    }
+    render_latency(&mut text, exports);
+    render_trackers(&mut text, exports);
+    out
+}
+
+fn render_latency(text: &mut Exposition<'_>, exports: &[ExportStatus]) {
+    const NAME: &str = "ferry_request_latency_us";
+    text.header(
+        NAME,
+        "summary",
+        "NBD request latency in microseconds, receive to reply.",
+    );
+    for export in exports {
+        let latency = &export.stats.latency_us;
+        for (quantile, label) in QUANTILES {
+            let labels = [("export", export.name.as_str()), ("quantile", label)];
+            text.sample(NAME, &labels, latency.at(quantile));
+        }
+        let labels = [("export", export.name.as_str())];
+        // The histogram keeps no exact sum; mean x count is exact to 3 significant digits.
+        let sum = (latency.mean * latency.count as f64).round();
+        text.sample("ferry_request_latency_us_sum", &labels, sum);
+        text.sample("ferry_request_latency_us_count", &labels, latency.count);
+    }
+    const MAX: &str = "ferry_request_latency_us_max";
+    text.header(
+        MAX,
+        "gauge",
+        "Largest NBD request latency recorded, in microseconds.",
+    );
+    for export in exports {
+        text.sample(
+            MAX,
+            &[("export", &export.name)],
+            export.stats.latency_us.max,
+        );
+    }
+}
+
+fn render_trackers(text: &mut Exposition<'_>, exports: &[ExportStatus]) {
+    type TrackerMetric = (
+        &'static str,
+        &'static str,
+        fn(&crate::api::types::TrackerStatus) -> u64,
+    );
+    let metrics: [TrackerMetric; 3] = [
+        (
+            "ferry_tracker_dirty_blocks",
+            "Blocks written since the tracker was last cleared.",
+            |t| t.dirty_blocks,
+        ),
+        (
+            "ferry_tracker_dirty_bytes",
+            "Bytes covered by dirty blocks.",
+            |t| t.dirty_bytes,
+        ),
+        (
+            "ferry_tracker_lost",
+            "1 if the tracker was restored after an unclean stop.",
+            |t| u64::from(t.lost),
+        ),
+    ];
+    for (name, help, read) in metrics {
+        text.header(name, "gauge", help);
+        for export in exports {
+            for tracker in &export.trackers {
+                let labels = [
+                    ("export", export.name.as_str()),
+                    ("tracker", tracker.name.as_str()),
+                ];
+                text.sample(name, &labels, read(tracker));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::api::types::{ExportStats, TrackerStatus};
+    use crate::metrics::LatencyRecorder;
+
+    fn export(name: &str) -> ExportStatus {
+        let mut latency = LatencyRecorder::new();
+        for us in [10, 20, 30, 40, 1000] {
+            latency.record_us(us);
+        }
+        ExportStatus {
+            name: name.to_string(),
+            path: PathBuf::from("/images/vm.raw"),
+            read_only: false,
+            size_bytes: 1 << 30,
+            granularity_bytes: 65536,
+            connections: 2,
+            trackers: vec![TrackerStatus {
+                name: "backup".into(),
+                granularity_bytes: 65536,
+                block_count: 16384,
+                dirty_blocks: 3,
+                dirty_bytes: 3 * 65536,
+                lost: true,
+                half_life_ms: 30_000,
+            }],
+            stats: ExportStats {
+                read_ops: 7,
+                read_bytes: 7 * 4096,
+                write_ops: 5,
+                write_bytes: 5 * 4096,
+                flush_ops: 1,
+                trim_ops: 2,
+                zero_ops: 3,
+                latency_us: latency.summary(),
+            },
+        }
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        // Goal: any name yields valid exposition text. Method: escape each special character.
+        assert_eq!(escape_label_value(r#"a"b\c"#), r#"a\"b\\c"#);
+        assert_eq!(escape_label_value("line\nbreak"), "line\\nbreak");
+        assert_eq!(escape_label_value("plain-name_1.x"), "plain-name_1.x");
+    }
+
+    #[test]
+    fn prometheus_text_has_every_family() {
+        // Goal: each documented metric appears once per export (tracker) with the right value.
+        // Method: render two exports, one with a hostile name, and look for exact lines.
+        let hostile = "x\"y\\z";
+        let text = render_prometheus(&[export("vm1"), export(hostile)]);
+        for line in [
+            "ferry_exports 2",
+            "ferry_export_read_bytes_total{export=\"vm1\"} 28672",
+            "ferry_export_read_ops_total{export=\"vm1\"} 7",
+            "ferry_export_write_bytes_total{export=\"vm1\"} 20480",
+            "ferry_export_write_ops_total{export=\"vm1\"} 5",
+            "ferry_export_flush_ops_total{export=\"vm1\"} 1",
+            "ferry_export_trim_ops_total{export=\"vm1\"} 2",
+            "ferry_export_zero_ops_total{export=\"vm1\"} 3",
+            "ferry_export_connections{export=\"vm1\"} 2",
+            "ferry_export_size_bytes{export=\"vm1\"} 1073741824",
+            "ferry_request_latency_us{export=\"vm1\",quantile=\"0.5\"} 30",
+            "ferry_request_latency_us{export=\"vm1\",quantile=\"0.999\"} 1000",
+            "ferry_request_latency_us_count{export=\"vm1\"} 5",
+            "ferry_request_latency_us_max{export=\"vm1\"} 1000",
+            "ferry_tracker_dirty_blocks{export=\"vm1\",tracker=\"backup\"} 3",
+            "ferry_tracker_dirty_bytes{export=\"vm1\",tracker=\"backup\"} 196608",
+            "ferry_tracker_lost{export=\"vm1\",tracker=\"backup\"} 1",
+            "ferry_export_connections{export=\"x\\\"y\\\\z\"} 2",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in:\n{text}"
+            );
+        }
+        assert_eq!(
+            text.matches("# TYPE ferry_request_latency_us summary")
+                .count(),
+            1
+        );
+        assert_eq!(
+            text.matches("# TYPE ferry_export_read_bytes_total counter")
+                .count(),
+            1
+        );
+        // Every sample line is `name{labels} value` with a numeric value.
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let value = line.rsplit(' ').next().expect("value");
+            assert!(value.parse::<f64>().is_ok(), "bad value in {line:?}");
+        }
+    }
+
+    #[test]
+    fn prometheus_text_without_exports() {
+        // Goal: an idle agent still renders valid text. Method: render an empty list.
+        let text = render_prometheus(&[]);
+        assert!(text.contains("ferry_exports 0\n"));
+        assert!(!text.contains("export=\""));
+    }
+}
