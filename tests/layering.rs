@@ -270,14 +270,22 @@ fn top_module(src: &Path, file: &Path) -> String {
 /// Every rule broken by `graph`, one line each.
 fn violations(src: &Path, graph: &BTreeMap<PathBuf, BTreeSet<PathBuf>>) -> Vec<String> {
     let mut found = Vec::new();
-    let show = |file: &Path| file.strip_prefix(src.parent().unwrap()).unwrap().display().to_string();
+    let show = |file: &Path| {
+        file.strip_prefix(src.parent().unwrap())
+            .unwrap()
+            .display()
+            .to_string()
+    };
     for (file, targets) in graph {
         let from = top_module(src, file);
         if from == "lib" {
             continue;
         }
         let Some(from_layer) = layer_of(&from) else {
-            found.push(format!("{}: module `{from}` is in no layer of LAYERS", show(file)));
+            found.push(format!(
+                "{}: module `{from}` is in no layer of LAYERS",
+                show(file)
+            ));
             continue;
         };
         for target in targets {
@@ -286,7 +294,10 @@ fn violations(src: &Path, graph: &BTreeMap<PathBuf, BTreeSet<PathBuf>>) -> Vec<S
                 continue;
             }
             if NAMED_BY_NONE.contains(&to.as_str()) {
-                found.push(format!("{} names `{to}`, which nothing may name", show(file)));
+                found.push(format!(
+                    "{} names `{to}`, which nothing may name",
+                    show(file)
+                ));
                 continue;
             }
             match layer_of(&to) {
@@ -392,7 +403,10 @@ mod tests {
         std::fs::write(src.join("dirty/a.rs"), "use super::b::B;\npub struct A;\n").expect("w");
         std::fs::write(src.join("dirty/b.rs"), "use super::a::A;\npub struct B;\n").expect("w");
         let found = violations(&src, &import_graph(&src));
-        assert!(found.iter().any(|v| v.starts_with("import loop")), "{found:?}");
+        assert!(
+            found.iter().any(|v| v.starts_with("import loop")),
+            "{found:?}"
+        );
     }
 
     fn copy_tree(from: &Path, to: &Path) {

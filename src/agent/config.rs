@@ -4,6 +4,7 @@
 //! Invariants: every path and address is configurable, so several agents can run side by side;
 //! every error names the field (or the flag) and what is wrong with it.
 
+use crate::dirty::{DEFAULT_GRANULARITY_BYTES, DEFAULT_HALF_LIFE_MS};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -19,12 +20,6 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/ferry";
 pub const DEFAULT_API: &str = "127.0.0.1:7450";
 /// Default address of the block-stream listener that receives migrated disks.
 pub const DEFAULT_TRANSFER: &str = "127.0.0.1:7451";
-/// Port of the block-stream listener when a peer is named without one.
-pub const DEFAULT_TRANSFER_PORT: u16 = crate::transfer::DEFAULT_PORT;
-/// Default tracking granularity.
-pub const DEFAULT_GRANULARITY_BYTES: u64 = 64 * 1024;
-/// Default heat half-life.
-pub const DEFAULT_HALF_LIFE_MS: u64 = 30_000;
 /// Smallest and largest tracking granularity.
 pub const GRANULARITY_MIN_BYTES: u64 = 4 * 1024;
 /// Largest tracking granularity.

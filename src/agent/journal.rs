@@ -11,8 +11,8 @@
 
 use std::sync::Arc;
 
+use crate::disk::Route;
 use crate::journal::{JobView, Record, SharedJournal, Side, SourcePhase, TargetPhase, TargetView};
-use crate::nbd::route::Route;
 use crate::transfer::{ask_until_final, ClusterKey, TargetState};
 
 use super::registry::Registry;
@@ -34,7 +34,9 @@ pub fn recover(journal: &SharedJournal, registry: &Arc<Registry>, key: &ClusterK
                                 view.export,
                                 view.job_id
                             );
-                            export.route.set(Route::Forward { addr });
+                            export.hold_writes();
+                            export.switch_route(Route::Forward { addr });
+                            export.release_writes();
                         }
                         None => log::warn!(
                             "export {} (job {}, switched) is not configured here",
@@ -97,7 +99,7 @@ fn resolve_in_doubt(
         );
         return;
     };
-    export.route.hold();
+    export.hold_writes();
     log::warn!(
         "export {}: job {} was switching over when the agent stopped; writes held until \
          {destination} says whether it committed",
@@ -134,10 +136,10 @@ fn resolve_in_doubt(
                 return; // writes stay held: the journal must speak first
             }
             if let Record::SourceSwitched { forward_addr, .. } = record {
-                export.route.set(Route::Forward { addr: forward_addr });
+                export.switch_route(Route::Forward { addr: forward_addr });
             }
-            export.route.release();
-            log::info!("export {}: job {job_id} resolved", export.name);
+            export.release_writes();
+            log::info!("export {}: job {job_id} resolved", export.name());
         });
     if let Err(err) = spawned {
         log::error!("cannot start the in-doubt resolver for job {job_id}: {err}");

@@ -12,18 +12,20 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use crate::agent::config::{self, ExportConfig};
 use crate::api::types::AbortOutcome;
-use crate::api::types::{ExportSpec, ExportStatus, HeatMap, TrackerAdd, TrackerStatus};
+use crate::api::types::{
+    ExportSpec, ExportStats, ExportStatus, HeatMap, TrackerAdd, TrackerStatus,
+};
 use crate::api::types::{JobStatus, MigrateRequest};
 use crate::api::{Control, ControlError};
 use crate::dirty::{TrackerSet, TrackerSpec};
+use crate::disk::Export;
 use crate::env::Clock;
 use crate::error::error_chain;
+use crate::jobs::job::JobRequest;
+use crate::jobs::Jobs;
 use crate::journal::{JobView, Record, Role, SharedJournal, Side, SourcePhase};
-use crate::migrate::job::JobRequest;
-use crate::migrate::jobs::Jobs;
 use crate::migrate::{MigrateOptions, Policy};
-use crate::nbd::export::Export;
-use crate::nbd::server::ExportLookup;
+use crate::nbd::server::{export_info, ExportLookup};
 use crate::nbd::wire::{ExportCatalog, ExportInfo};
 use crate::transfer::{resolve_peer, ClusterKey, SendOptions};
 
@@ -82,7 +84,7 @@ impl Registry {
             .ok_or_else(|| ControlError::NotFound(format!("no migration job {job_id} here")))?;
         match &view.side {
             Side::Source(source)
-                if source.phase == SourcePhase::Copying && view.export == export.name =>
+                if source.phase == SourcePhase::Copying && view.export == export.name() =>
             {
                 Ok(())
             }
@@ -201,7 +203,7 @@ impl Registry {
                 error_chain(&err)
             );
         }
-        for tracker in export.trackers.list() {
+        for tracker in export.trackers().list() {
             if tracker.is_lost() {
                 log::warn!(
                     "export {}: tracker {} was not saved cleanly (unclean stop): marked lost, \
@@ -212,14 +214,14 @@ impl Registry {
             }
         }
         for name in &cfg.trackers {
-            if export.trackers.get(name).is_none() {
+            if export.trackers().get(name).is_none() {
                 let spec = TrackerSpec {
                     name: name.clone(),
                     granularity_bytes: cfg.granularity_bytes,
                     half_life_ms: self.half_life_ms,
                 };
                 export
-                    .trackers
+                    .trackers()
                     .add(spec)
                     .map_err(|err| ControlError::Invalid(err.to_string()))?;
             }
@@ -234,7 +236,7 @@ impl Registry {
             "serving export {} from {} ({} bytes{})",
             cfg.name,
             cfg.path.display(),
-            export.size_bytes,
+            export.size_bytes(),
             if cfg.read_only { ", read-only" } else { "" }
         );
         Ok(export)
@@ -320,16 +322,16 @@ impl Registry {
     /// Records the export's trackers as running, so that a crash from now on brings them back
     /// lost instead of trusting a tracker that never saw the writes made before the crash.
     fn save_active(&self, export: &Export) -> Result<(), ControlError> {
-        if export.trackers.is_empty() {
+        if export.trackers().is_empty() {
             return Ok(());
         }
         export
-            .trackers
-            .save_active(&self.tracker_dir(&export.name))
+            .trackers()
+            .save_active(&self.tracker_dir(&export.name()))
             .map_err(|err| {
                 ControlError::Io(format!(
                     "export {}: cannot record trackers: {}",
-                    export.name,
+                    export.name(),
                     error_chain(&err)
                 ))
             })
@@ -339,14 +341,14 @@ impl Registry {
     pub fn save_trackers(&self) -> bool {
         let mut ok = true;
         for export in self.all() {
-            let dir = self.tracker_dir(&export.name);
-            if export.trackers.list().is_empty() && !dir.exists() {
+            let dir = self.tracker_dir(&export.name());
+            if export.trackers().list().is_empty() && !dir.exists() {
                 continue;
             }
-            if let Err(err) = export.trackers.save(&dir) {
+            if let Err(err) = export.trackers().save(&dir) {
                 log::error!(
                     "export {}: trackers not saved: {}",
-                    export.name,
+                    export.name(),
                     error_chain(&err)
                 );
                 ok = false;
@@ -358,9 +360,9 @@ impl Registry {
     /// fdatasync of every writable image.
     pub fn sync_all(&self) -> bool {
         let mut ok = true;
-        for export in self.all().iter().filter(|e| !e.read_only) {
-            if let Err(err) = export.file.datasync() {
-                log::error!("export {}: final fdatasync failed: {err}", export.name);
+        for export in self.all().iter().filter(|e| !e.read_only()) {
+            if let Err(err) = export.file().datasync() {
+                log::error!("export {}: final fdatasync failed: {err}", export.name());
                 ok = false;
             }
         }
@@ -369,19 +371,19 @@ impl Registry {
 
     fn status(&self, export: &Export) -> ExportStatus {
         ExportStatus {
-            name: export.name.clone(),
-            path: export.path.clone(),
-            read_only: export.read_only,
-            size_bytes: export.size_bytes,
-            granularity_bytes: export.granularity_bytes,
+            name: export.name().to_string(),
+            path: export.path().to_path_buf(),
+            read_only: export.read_only(),
+            size_bytes: export.size_bytes(),
+            granularity_bytes: export.granularity_bytes(),
             connections: export.connection_count(),
             trackers: export
-                .trackers
+                .trackers()
                 .list()
                 .iter()
-                .map(|t| Export::tracker_status(t))
+                .map(|t| TrackerStatus::of(t))
                 .collect(),
-            stats: export.stats(),
+            stats: ExportStats::of(export),
         }
     }
 }
@@ -399,15 +401,15 @@ fn export_config(spec: &ExportSpec) -> ExportConfig {
 
 impl ExportCatalog for Registry {
     fn list(&self) -> Vec<ExportInfo> {
-        self.all().iter().map(|e| e.info()).collect()
+        self.all().iter().map(|e| export_info(e)).collect()
     }
 
     fn lookup(&self, name: &str) -> Option<ExportInfo> {
         let exports = self.exports.read().expect("exports lock");
         if name.is_empty() && exports.len() == 1 {
-            return exports.values().next().map(|e| e.info());
+            return exports.values().next().map(|e| export_info(e));
         }
-        exports.get(name).map(|e| e.info())
+        exports.get(name).map(|e| export_info(e))
     }
 }
 
@@ -471,23 +473,24 @@ impl Control for Registry {
     fn trackers(&self, export: &str) -> Result<Vec<TrackerStatus>, ControlError> {
         let export = self.get(export)?;
         Ok(export
-            .trackers
+            .trackers()
             .list()
             .iter()
-            .map(|t| Export::tracker_status(t))
+            .map(|t| TrackerStatus::of(t))
             .collect())
     }
 
     fn add_tracker(&self, export: &str, add: TrackerAdd) -> Result<TrackerStatus, ControlError> {
         let export = self.get(export)?;
         config::validate_name(&add.name).map_err(ControlError::Invalid)?;
-        let granularity_bytes = add.granularity_bytes.unwrap_or(export.granularity_bytes);
+        let granularity_bytes = add.granularity_bytes.unwrap_or(export.granularity_bytes());
         config::validate_granularity(granularity_bytes)
             .map_err(|p| ControlError::Invalid(format!("granularity: {p}")))?;
-        if export.trackers.get(&add.name).is_some() {
+        if export.trackers().get(&add.name).is_some() {
             return Err(ControlError::Exists(format!(
                 "export '{}' already has a tracker '{}'",
-                export.name, add.name
+                export.name(),
+                add.name
             )));
         }
         let spec = TrackerSpec {
@@ -496,23 +499,23 @@ impl Control for Registry {
             half_life_ms: add.half_life_ms.unwrap_or(self.half_life_ms).max(1),
         };
         let tracker = export
-            .trackers
+            .trackers()
             .add(spec)
             .map_err(|err| ControlError::Invalid(err.to_string()))?;
         self.save_active(&export)?;
-        Ok(Export::tracker_status(&tracker))
+        Ok(TrackerStatus::of(&tracker))
     }
 
     fn remove_tracker(&self, export: &str, tracker: &str) -> Result<(), ControlError> {
         let export = self.get(export)?;
-        export.trackers.remove(tracker).map_err(|_| {
+        export.trackers().remove(tracker).map_err(|_| {
             ControlError::NotFound(format!(
                 "export '{}' has no tracker '{tracker}'",
-                export.name
+                export.name()
             ))
         })?;
         let file = self
-            .tracker_dir(&export.name)
+            .tracker_dir(&export.name())
             .join(format!("{tracker}.tracker"));
         if file.exists() {
             std::fs::remove_file(&file).map_err(|err| {
@@ -530,21 +533,25 @@ impl Control for Registry {
     ) -> Result<HeatMap, ControlError> {
         let export = self.get(export)?;
         let tracker = match tracker {
-            Some(name) => export.trackers.get(name).ok_or_else(|| {
-                ControlError::NotFound(format!("export '{}' has no tracker '{name}'", export.name))
+            Some(name) => export.trackers().get(name).ok_or_else(|| {
+                ControlError::NotFound(format!(
+                    "export '{}' has no tracker '{name}'",
+                    export.name()
+                ))
             })?,
-            None => export.trackers.list().into_iter().next().ok_or_else(|| {
+            None => export.trackers().list().into_iter().next().ok_or_else(|| {
                 ControlError::NotFound(format!(
                     "export '{}' has no tracker: add one with `ferry tracker add {} NAME`",
-                    export.name, export.name
+                    export.name(),
+                    export.name()
                 ))
             })?,
         };
         let cells = cells.clamp(1, 65_536).min(tracker.block_count() as usize);
         let map = tracker.heat_map(cells);
-        let cell_bytes = export.size_bytes.div_ceil(map.len().max(1) as u64);
+        let cell_bytes = export.size_bytes().div_ceil(map.len().max(1) as u64);
         Ok(HeatMap {
-            export: export.name.clone(),
+            export: export.name().to_string(),
             tracker: tracker.name().to_string(),
             granularity_bytes: tracker.granularity_bytes(),
             block_count: tracker.block_count(),
@@ -576,7 +583,7 @@ impl Control for Registry {
             options.hot_threshold = threshold;
         }
         options.mirror_from_start = request.mirror;
-        options.chunk_blocks = (SEND_CHUNK_BYTES / export.granularity_bytes).max(1);
+        options.chunk_blocks = (SEND_CHUNK_BYTES / export.granularity_bytes()).max(1);
         if let Some(batch) = &request.batch {
             config::validate_name(batch)
                 .map_err(|err| ControlError::Invalid(format!("batch: {err}")))?;
@@ -588,8 +595,8 @@ impl Control for Registry {
             // The failed run left its tracker: its bits are what the destination may lack.
             // Without it (or lost in an unclean stop), all allocated blocks are candidates.
             options.resume = export
-                .trackers
-                .get(&crate::migrate::job::tracker_name(job_id))
+                .trackers()
+                .get(&crate::jobs::job::tracker_name(job_id))
                 .is_some_and(|tracker| !tracker.is_lost());
         }
         // On a resume the destination holds part of the disk: compare before sending.
@@ -662,8 +669,8 @@ impl Control for Registry {
         }
         if let Some(export) = self.export(&view.export) {
             let _ = export
-                .trackers
-                .remove(&crate::migrate::job::tracker_name(id));
+                .trackers()
+                .remove(&crate::jobs::job::tracker_name(id));
         }
         let destination = self.abort_destination(&view, &source.destination);
         Ok(AbortOutcome {

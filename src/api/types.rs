@@ -32,7 +32,7 @@ pub struct ExportSpec {
 }
 
 fn default_granularity_bytes() -> u64 {
-    crate::agent::config::DEFAULT_GRANULARITY_BYTES
+    crate::dirty::DEFAULT_GRANULARITY_BYTES
 }
 
 /// A tracker to add, as `POST /v1/exports/{name}/trackers` takes it.
@@ -87,6 +87,39 @@ pub struct TrackerStatus {
     pub lost: bool,
     /// Heat half-life.
     pub half_life_ms: u64,
+}
+
+impl ExportStats {
+    /// The counters and latency of `export` now.
+    pub fn of(export: &crate::disk::Export) -> Self {
+        let c = export.counts();
+        ExportStats {
+            read_ops: c.read_ops,
+            read_bytes: c.read_bytes,
+            write_ops: c.write_ops,
+            write_bytes: c.write_bytes,
+            flush_ops: c.flush_ops,
+            trim_ops: c.trim_ops,
+            zero_ops: c.zero_ops,
+            latency_us: export.latency().summary(),
+        }
+    }
+}
+
+impl TrackerStatus {
+    /// The state of `tracker` now.
+    pub fn of(tracker: &crate::dirty::Tracker) -> Self {
+        let dirty_blocks = tracker.dirty_count();
+        TrackerStatus {
+            name: tracker.name().to_string(),
+            granularity_bytes: tracker.granularity_bytes(),
+            block_count: tracker.block_count(),
+            dirty_blocks,
+            dirty_bytes: dirty_blocks * tracker.granularity_bytes(),
+            lost: tracker.is_lost(),
+            half_life_ms: tracker.half_life_ms(),
+        }
+    }
 }
 
 /// One served export.
@@ -230,5 +263,5 @@ pub struct AbortOutcome {
     pub destination: String,
 }
 
-pub use crate::migrate::jobs::{JobPhase, JobStatus};
+pub use crate::jobs::{JobPhase, JobStatus};
 pub use crate::migrate::Progress;

@@ -29,8 +29,6 @@ use crate::dirty::DirtySet;
 
 pub mod backoff;
 pub mod forecast;
-pub mod job;
-pub mod jobs;
 pub mod plan;
 pub mod policy;
 pub mod report;

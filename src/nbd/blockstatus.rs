@@ -6,7 +6,7 @@
 //! requested range; at most [`EXTENTS_MAX`] descriptors per context (the client asks again
 //! for the rest).
 
-use crate::nbd::export::Export;
+use crate::disk::Export;
 use crate::nbd::wire::{self, NbdErrno, RequestHeader};
 
 /// Descriptors per context per reply.
@@ -49,7 +49,7 @@ pub fn encode_reply(
             allocation(export, offset_bytes, len_bytes, limit)
         } else if let Some(tracker_name) = name.strip_prefix(DIRTY_PREFIX) {
             // A tracker removed after SET_META_CONTEXT can no longer answer.
-            let tracker = export.trackers.get(tracker_name).ok_or(NbdErrno::Inval)?;
+            let tracker = export.trackers().get(tracker_name).ok_or(NbdErrno::Inval)?;
             let runs = tracker.dirty_runs(offset_bytes, len_bytes);
             runs.into_iter()
                 .take(limit)
@@ -80,7 +80,7 @@ fn allocation(export: &Export, offset_bytes: u64, len_bytes: u64, limit: usize) 
     let mut extents = Vec::new();
     let mut pos = offset_bytes;
     while pos < end && extents.len() < limit {
-        let next = match export.file.seek_data(pos) {
+        let next = match export.file().seek_data(pos) {
             Err(_) => {
                 extents.push((to_u32(end - pos), 0));
                 break;
@@ -96,11 +96,11 @@ fn allocation(export: &Export, offset_bytes: u64, len_bytes: u64, limit: usize) 
             }
             Ok(Some(_)) => {
                 let hole = export
-                    .file
+                    .file()
                     .seek_hole(pos)
                     .ok()
                     .flatten()
-                    .unwrap_or(export.size_bytes);
+                    .unwrap_or(export.size_bytes());
                 let stop = hole.clamp(pos + 1, end);
                 extents.push((to_u32(stop - pos), 0));
                 stop

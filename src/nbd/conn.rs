@@ -105,3 +105,10 @@ impl Write for Conn {
         Ok(())
     }
 }
+
+impl crate::disk::ConnectionHandle for Conn {
+    fn stop_reading(&self) {
+        // The peer may be gone already; the session notices on its own then.
+        let _ = self.shutdown(std::net::Shutdown::Read);
+    }
+}

@@ -16,14 +16,38 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use crate::disk::{Export, Route};
 use crate::io::{open_engine, EngineKind};
 use crate::nbd::conn::Conn;
-use crate::nbd::export::{ConnectionHandle, Export};
 use crate::nbd::forward::ForwardEngine;
 use crate::nbd::handshake;
-use crate::nbd::route::Route;
 use crate::nbd::session::{EngineFactory, Session};
-use crate::nbd::wire::ExportCatalog;
+use crate::nbd::wire::{ExportCatalog, ExportInfo, BLOCK_MAX_BYTES, BLOCK_PREFERRED_BYTES};
+
+/// What the NBD handshake advertises for `export`.
+pub fn export_info(export: &Export) -> ExportInfo {
+    let mut meta_contexts = vec!["base:allocation".to_string()];
+    for tracker in export.trackers().list() {
+        meta_contexts.push(format!("qemu:dirty-bitmap:{}", tracker.name()));
+    }
+    let read_only = export.read_only();
+    ExportInfo {
+        name: export.name().to_string(),
+        description: format!("ferry export {}", export.name()),
+        size_bytes: export.size_bytes(),
+        read_only,
+        // Every connection's writes reach the same file, O_DIRECT or through the one page
+        // cache, and FLUSH is an fdatasync of that file: a flush on any connection covers
+        // writes completed on all of them, which is what MULTI_CONN promises.
+        multi_conn: true,
+        can_trim: !read_only,
+        can_fast_zero: !read_only,
+        block_min: 1,
+        block_preferred: BLOCK_PREFERRED_BYTES,
+        block_max: BLOCK_MAX_BYTES,
+        meta_contexts,
+    }
+}
 
 /// What the server needs from the agent: the catalog for the handshake and the live export.
 pub trait ExportLookup: ExportCatalog + Send + Sync {
@@ -239,7 +263,7 @@ fn serve_connection(mut conn: Conn, lookup: &dyn ExportLookup, options: SessionO
         return;
     };
     let Ok(handle) = conn.try_clone() else { return };
-    let Some(connection_id) = export.attach(ConnectionHandle { conn: handle }) else {
+    let Some(connection_id) = export.attach(Box::new(handle)) else {
         return; // removed meanwhile
     };
     let factory = engine_factory(export.clone(), options);
@@ -253,11 +277,14 @@ fn serve_connection(mut conn: Conn, lookup: &dyn ExportLookup, options: SessionO
     .map_err(|err| {
         // The chain names the cause (e.g. the forwarding address refusing connections).
         let cause = crate::error::error_chain(&err);
-        log::error!("export {}: cannot start the session: {cause}", export.name);
+        log::error!(
+            "export {}: cannot start the session: {cause}",
+            export.name()
+        );
     })
     .map(Session::run);
     if let Ok(Err(err)) = result {
-        log::info!("export {}: connection ended: {err}", export.name);
+        log::info!("export {}: connection ended: {err}", export.name());
     }
     export.detach(connection_id);
 }
@@ -270,7 +297,7 @@ fn engine_factory(export: Arc<Export>, options: SessionOptions) -> EngineFactory
             let watched = options.engine_watches_socket.then(|| conn.as_fd());
             open_engine(
                 options.engine,
-                export.file.clone(),
+                export.file().clone(),
                 options.queue_depth,
                 watched,
             )
@@ -278,7 +305,7 @@ fn engine_factory(export: Arc<Export>, options: SessionOptions) -> EngineFactory
         }
         Route::Forward { addr } => {
             let depth = usize::try_from(options.queue_depth).unwrap_or(1);
-            let engine = ForwardEngine::connect(addr, &export.name, export.size_bytes, depth)?;
+            let engine = ForwardEngine::connect(addr, export.name(), export.size_bytes(), depth)?;
             Ok(Box::new(engine) as Box<dyn crate::io::BlockIo>)
         }
     }))

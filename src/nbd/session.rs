@@ -6,9 +6,10 @@
 //! vectored write. Replies go out in completion order.
 //!
 //! Invariants:
-//! - A write's blocks are marked in the export's trackers after the engine reports the write
-//!   complete and before its reply is sent (DESIGN invariant 1: the bit is set only after the
-//!   data is on the image, so a copier that clears the bit and then reads sees the new data).
+//! - Every write-type request admitted through the export's write gate leaves through the
+//!   export's write trap ([`crate::disk::trap`]) exactly once: after the engine reported it
+//!   and before its reply (the trap marks the trackers, mirrors, and leaves the gate), or,
+//!   when it never reached the engine, through `write_not_started`.
 //! - FLUSH and FUA replies are sent only after fdatasync (or RWF_DSYNC) completed (invariant 2).
 //! - A malformed request gets an NBD error reply and the connection goes on; only a bad magic
 //!   or a broken stream ends the connection (invariant 3). Nothing here panics on input.
@@ -21,15 +22,15 @@ use std::time::{Duration, Instant};
 
 use ferry_sys::AlignedBuf;
 
+use crate::disk::{CounterSnapshot, Export, Route, WriteOutcome};
 use crate::io::{read_buf_len, BlockIo, IoCompletion, IoKind, IoRequest};
 use crate::metrics::LatencyRecorder;
 use crate::nbd::blockstatus;
 use crate::nbd::bufpool::BufPool;
 use crate::nbd::conn::Conn;
-use crate::nbd::export::Export;
-use crate::nbd::route::Route;
 use crate::nbd::tx::TxQueue;
 use crate::nbd::wire::{self, Command, NbdErrno, RequestHeader, REQUEST_BYTES};
+use crate::nbd::wire::{BLOCK_MAX_BYTES, BLOCK_PREFERRED_BYTES};
 
 /// Receive buffer size: many small requests per read, and the start of large ones.
 const RX_BYTES: usize = 256 * 1024;
@@ -58,22 +59,8 @@ struct Pending {
     offset_bytes: u64,
     len_bytes: u32,
     started: Instant,
-    /// Admitted through the export's write gate: leaves it on completion.
+    /// Admitted through the export's write gate: leaves it through the write trap.
     gated: bool,
-    /// Already marked in the trackers (and mirrored) before the reply pass.
-    marked: bool,
-}
-
-/// Counts kept locally and added to the export's counters once per loop.
-#[derive(Debug, Default)]
-struct LocalCounts {
-    read_ops: u64,
-    read_bytes: u64,
-    write_ops: u64,
-    write_bytes: u64,
-    flush_ops: u64,
-    trim_ops: u64,
-    zero_ops: u64,
 }
 
 /// Opens the engine for a route (the session's connection is watched for readability).
@@ -113,7 +100,7 @@ pub struct Session {
     free_slots: Vec<u32>,
     pool: BufPool,
     completions: Vec<IoCompletion>,
-    counts: LocalCounts,
+    counts: CounterSnapshot,
     latency: LatencyRecorder,
     write_latency: LatencyRecorder,
     last_merge: Instant,
@@ -137,7 +124,7 @@ impl Session {
         structured: bool,
         contexts: Vec<(u32, String)>,
     ) -> Result<Self, SessionError> {
-        let (route_gen, route) = export.route.current();
+        let (route_gen, route) = export.route();
         let engine = (factory.0)(&route, &conn).map_err(SessionError::Engine)?;
         let capacity = engine.capacity();
         Ok(Session {
@@ -154,7 +141,7 @@ impl Session {
             free_slots: (0..capacity as u32).rev().collect(),
             pool: BufPool::new(),
             completions: Vec::with_capacity(capacity),
-            counts: LocalCounts::default(),
+            counts: CounterSnapshot::default(),
             latency: LatencyRecorder::new(),
             write_latency: LatencyRecorder::new(),
             last_merge: Instant::now(),
@@ -177,20 +164,18 @@ impl Session {
         result
     }
 
-    /// Requests the engine never handed back (it failed as a whole) leave the write gate and
-    /// are counted as dirty, so a later switchover neither waits for them forever nor
-    /// trusts their blocks.
+    /// Requests the engine never handed back (it failed as a whole) go through the write
+    /// trap as failed: counted as dirty and out of the gate, so a later switchover neither
+    /// waits for them forever nor trusts their blocks.
     fn release_gate(&mut self) {
+        let mut trap = self.export.write_trap(self.forwarded);
         for pending in self.slots.iter_mut().filter_map(Option::take) {
             if pending.gated {
                 let len = u64::from(pending.len_bytes);
-                self.export.trackers.mark_range(pending.offset_bytes, len);
-                if let Some(mirror) = self.export.mirror.current() {
-                    mirror.diverged(pending.offset_bytes, len);
-                }
-                self.export.route.exit_write();
+                trap.completed(pending.offset_bytes, len, WriteOutcome::Failed);
             }
         }
+        trap.finish();
     }
 
     fn run_loop(&mut self) -> Result<(), SessionError> {
@@ -244,24 +229,24 @@ impl Session {
             .map_err(SessionError::Socket)?;
         match self.stall.take() {
             Some(Stall::Route) => {
-                let (generation, route) = self.export.route.current();
+                let (generation, route) = self.export.route();
                 let engine = (self.factory.0)(&route, &self.conn).map_err(|err| {
                     log::error!(
                         "export {}: cannot open the engine for {route:?}: {err}",
-                        self.export.name
+                        self.export.name()
                     );
                     SessionError::Engine(err)
                 })?;
                 log::info!(
                     "export {}: connection now served by {route:?}",
-                    self.export.name
+                    self.export.name()
                 );
                 self.engine = engine;
                 self.route_gen = generation;
                 self.forwarded = matches!(*route, Route::Forward { .. });
             }
             Some(Stall::Held) => {
-                self.export.route.wait_released(Duration::from_millis(10));
+                self.export.wait_released(Duration::from_millis(10));
             }
             None => {}
         }
@@ -315,7 +300,7 @@ impl Session {
             header_bytes.copy_from_slice(&self.rx[self.rx_start..self.rx_start + REQUEST_BYTES]);
             let header = wire::parse_request(&header_bytes)
                 .map_err(|err| SessionError::Protocol(err.to_string()))?;
-            if self.export.route.generation() != self.route_gen {
+            if self.export.route_generation() != self.route_gen {
                 self.stall = Some(Stall::Route);
                 break;
             }
@@ -323,7 +308,7 @@ impl Session {
                 header.command,
                 wire::CMD_WRITE | wire::CMD_TRIM | wire::CMD_WRITE_ZEROES
             );
-            if writes && !self.export.route.enter_write() {
+            if writes && !self.export.enter_write() {
                 self.stall = Some(Stall::Held);
                 break;
             }
@@ -332,7 +317,7 @@ impl Session {
             let result = self.dispatch(&header);
             if std::mem::take(&mut self.gated_next) {
                 // Answered without reaching the engine (refused, or an error).
-                self.export.route.exit_write();
+                self.export.write_not_started();
             }
             result?;
             dispatched += 1;
@@ -394,14 +379,14 @@ impl Session {
         wire::ExportInfo {
             name: String::new(),
             description: String::new(),
-            size_bytes: self.export.size_bytes,
-            read_only: self.export.read_only,
+            size_bytes: self.export.size_bytes(),
+            read_only: self.export.read_only(),
             multi_conn: true,
-            can_trim: !self.export.read_only,
-            can_fast_zero: !self.export.read_only,
+            can_trim: !self.export.read_only(),
+            can_fast_zero: !self.export.read_only(),
             block_min: 1,
-            block_preferred: crate::nbd::export::BLOCK_PREFERRED_BYTES,
-            block_max: crate::nbd::export::BLOCK_MAX_BYTES,
+            block_preferred: BLOCK_PREFERRED_BYTES,
+            block_max: BLOCK_MAX_BYTES,
             meta_contexts: Vec::new(),
         }
     }
@@ -424,7 +409,6 @@ impl Session {
             len_bytes: header.length_bytes,
             started: Instant::now(),
             gated: std::mem::take(&mut self.gated_next),
-            marked: false,
         });
         let request = IoRequest {
             tag: u64::from(slot),
@@ -436,11 +420,11 @@ impl Session {
         if let Err((err, request)) = self.engine.submit(request) {
             log::warn!(
                 "export {}: io engine refused a request: {err}",
-                self.export.name
+                self.export.name()
             );
             let refused = self.slots[slot as usize].take().expect("filled above");
             if refused.gated {
-                self.export.route.exit_write();
+                self.export.write_not_started();
             }
             self.free_slots.push(slot);
             if let Some(buf) = request.buf {
@@ -513,9 +497,7 @@ impl Session {
     }
 
     fn reply_completions(&mut self) {
-        if !self.forwarded {
-            self.mirror_writes();
-        }
+        self.trap_writes();
         let mut completions = std::mem::take(&mut self.completions);
         let now = Instant::now();
         for completion in completions.drain(..) {
@@ -534,62 +516,43 @@ impl Session {
         self.completions = completions;
     }
 
-    /// While the export mirrors writes: marks every completed gated write, hands it to the
-    /// mirror, and waits for the mirror's fence, all before any of them leaves the gate or
-    /// is answered (see [`crate::nbd::mirror`]).
-    fn mirror_writes(&mut self) {
-        let Some(mirror) = self.export.mirror.current() else {
-            return;
-        };
-        let mut fence = false;
+    /// Hands every completed gated write of this batch to the export's write trap, which
+    /// marks, mirrors and lets them leave the gate before any of them is answered.
+    fn trap_writes(&mut self) {
+        let mut trap = self.export.write_trap(self.forwarded);
         for completion in &self.completions {
-            let Some(pending) = self.slots[completion.tag as usize].as_mut() else {
+            let Some(pending) = self.slots[completion.tag as usize].as_ref() else {
                 continue;
             };
             if !pending.gated {
                 continue;
             }
             let (offset_bytes, len_bytes) = (pending.offset_bytes, u64::from(pending.len_bytes));
-            self.export.trackers.mark_range(offset_bytes, len_bytes);
-            pending.marked = true;
-            fence = true;
-            match (&completion.result, pending.command) {
-                (Err(_), _) => mirror.diverged(offset_bytes, len_bytes),
+            let outcome = match (&completion.result, pending.command) {
+                (Err(_), _) => WriteOutcome::Failed,
                 (Ok(()), Command::Write) => {
                     let buf = completion
                         .buf
                         .as_ref()
                         .expect("a write hands its buffer back");
-                    mirror.write(offset_bytes, &buf.as_slice()[..len_bytes as usize]);
+                    WriteOutcome::Written(&buf.as_slice()[..len_bytes as usize])
                 }
-                (Ok(()), Command::WriteZeroes) => mirror.zero(offset_bytes, len_bytes, false),
-                (Ok(()), Command::Trim) => mirror.zero(offset_bytes, len_bytes, true),
-                (Ok(()), _) => {}
-            }
+                (Ok(()), Command::WriteZeroes) => WriteOutcome::Zeroed,
+                (Ok(()), _) => WriteOutcome::Trimmed,
+            };
+            trap.completed(offset_bytes, len_bytes, outcome);
         }
-        if fence {
-            mirror.fence();
-        }
+        trap.finish();
     }
 
     fn reply_one(&mut self, pending: Pending, completion: IoCompletion) {
-        if pending.gated {
-            // Mark before the reply and before leaving the gate (invariant 1; a switchover
-            // that drained the gate sees these bits). A failed write may have changed some
-            // bytes, so it is marked too. Forwarded writes live at the destination.
-            if !self.forwarded && !pending.marked {
-                let len = u64::from(pending.len_bytes);
-                self.export.trackers.mark_range(pending.offset_bytes, len);
-            }
-            self.export.route.exit_write();
-        }
         if let Err(err) = completion.result {
             if let Some(buf) = completion.buf {
                 self.pool.give(buf);
             }
             log::debug!(
                 "export {}: {:?} failed: {err}",
-                self.export.name,
+                self.export.name(),
                 pending.command
             );
             self.reply_error(pending.cookie, errno_of(&err));
@@ -641,7 +604,7 @@ impl Session {
     fn drain(&mut self) {
         while self.engine.in_flight() > 0 {
             if let Err(err) = self.engine.complete(1, &mut self.completions) {
-                log::error!("export {}: draining io failed: {err}", self.export.name);
+                log::error!("export {}: draining io failed: {err}", self.export.name());
                 break;
             }
             self.reply_completions();
@@ -651,35 +614,10 @@ impl Session {
 
     /// Adds local counts to the export's; merges latency every [`MERGE_EVERY`] or when `final_`.
     fn publish(&mut self, final_: bool) {
-        use std::sync::atomic::Ordering::Relaxed;
-        let c = std::mem::take(&mut self.counts);
-        let e = &self.export.counters;
-        for (local, shared) in [
-            (c.read_ops, &e.read_ops),
-            (c.read_bytes, &e.read_bytes),
-            (c.write_ops, &e.write_ops),
-            (c.write_bytes, &e.write_bytes),
-            (c.flush_ops, &e.flush_ops),
-            (c.trim_ops, &e.trim_ops),
-            (c.zero_ops, &e.zero_ops),
-        ] {
-            if local > 0 {
-                shared.fetch_add(local, Relaxed);
-            }
-        }
+        self.export.add_counts(&std::mem::take(&mut self.counts));
         if final_ || self.last_merge.elapsed() >= MERGE_EVERY {
             self.export
-                .latency
-                .lock()
-                .expect("latency lock")
-                .merge_from(&self.latency);
-            self.latency.reset();
-            self.export
-                .write_latency
-                .lock()
-                .expect("latency lock")
-                .merge_from(&self.write_latency);
-            self.write_latency.reset();
+                .merge_latency(&mut self.latency, &mut self.write_latency);
             self.last_merge = Instant::now();
         }
     }

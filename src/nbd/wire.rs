@@ -27,6 +27,11 @@ pub const NBD_MAGIC: u64 = 0x4e42_444d_4147_4943;
 pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
 /// Magic of every fixed-newstyle option reply.
 pub const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+/// Largest request ferry accepts (NBD_INFO_BLOCK_SIZE maximum).
+pub const BLOCK_MAX_BYTES: u32 = 32 * 1024 * 1024;
+/// Preferred request alignment advertised to clients.
+pub const BLOCK_PREFERRED_BYTES: u32 = 4096;
+
 /// `NBD_REQUEST_MAGIC`: first 4 bytes of every transmission request.
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 /// `NBD_SIMPLE_REPLY_MAGIC`.

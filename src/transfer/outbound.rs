@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use super::frame::Frame;
 use super::link::{write_data, write_frame};
 use super::TransferError;
-use crate::nbd::mirror::WriteMirror;
+use crate::disk::mirror::WriteMirror;
 
 /// How long a mirrored write waits for the destination before the mirror counts as failed
 /// (the guest write is answered anyway: the source is authoritative until the commit).

@@ -396,7 +396,7 @@ fn garbage_input_closes_only_that_connection() {
 // disabled the images differ on every run (checked by hand).
 #[test]
 fn mirrored_writes_racing_the_copy_land_last() {
-    use crate::nbd::mirror::WriteMirror;
+    use crate::disk::mirror::WriteMirror;
     use std::os::unix::fs::FileExt;
     use std::sync::atomic::{AtomicBool, Ordering};
 

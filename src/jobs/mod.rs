@@ -5,6 +5,8 @@
 //! authoritative when it failed, straight from the algorithm's error (never guessed); the
 //! reported guest write latency is measured by the export's sessions during the job.
 
+pub mod job;
+
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -12,11 +14,11 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+use crate::disk::Export;
 use crate::metrics::LatencySummary;
-use crate::migrate::job::{JobEnv, JobRequest, VerifyOutcome};
 use crate::migrate::{MigrateError, MigrationReport, Progress};
-use crate::nbd::export::Export;
 use crate::transfer::ClusterKey;
+use job::{JobEnv, JobRequest, VerifyOutcome};
 
 /// Where a job stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -129,25 +131,25 @@ impl Jobs {
         let mut jobs = self.jobs.lock().expect("jobs lock");
         let busy = jobs.values().any(|job| {
             let status = job.status.lock().expect("status lock");
-            status.export == export.name && status.phase == JobPhase::Running
+            status.export == export.name() && status.phase == JobPhase::Running
         });
         if busy {
             return Err(format!(
                 "export '{}' is already being migrated",
-                export.name
+                export.name()
             ));
         }
-        if export.route.is_forwarded() {
+        if export.is_forwarded() {
             return Err(format!(
                 "export '{}' was migrated already (it forwards)",
-                export.name
+                export.name()
             ));
         }
         let id = resume_id.unwrap_or_else(|| self.next_id.fetch_add(1, Ordering::Relaxed));
         let job = Arc::new(Job {
             status: Mutex::new(JobStatus::starting(
                 id,
-                &export.name,
+                &export.name(),
                 &request.to.to_string(),
                 &request.options.policy.to_string(),
             )),
@@ -201,8 +203,8 @@ impl Jobs {
 
 /// The job thread: runs the algorithm and records the outcome.
 fn run_job(job: &Job, export: Arc<Export>, request: JobRequest, key: ClusterKey, id: u64) {
-    let write_ops_before = export.counters.write_ops.load(Ordering::Relaxed);
-    let latency_before = export.write_latency.lock().expect("latency lock").clone();
+    let write_ops_before = export.counts().write_ops;
+    let latency_before = export.write_latency();
     // A panic is a bug (and aborts a release build); in a test build the job must still end
     // as failed so that nobody waits for it forever. Held writes stay held: after a panic
     // nobody knows which side is authoritative, and releasing could apply writes wrongly.
@@ -235,19 +237,19 @@ fn run_job(job: &Job, export: Arc<Export>, request: JobRequest, key: ClusterKey,
             "internal error (panic): the export may hold guest writes".to_string(),
         ))
     });
-    let mut during = export.write_latency.lock().expect("latency lock").clone();
+    let mut during = export.write_latency();
     during.subtract(&latency_before);
     let mut status = job.status.lock().expect("status lock");
     status.elapsed_s = job.started.elapsed().as_secs_f64();
     status.progress = job.progress.lock().expect("progress lock").clone();
     status.verify = job.verify.lock().expect("verify lock").clone();
-    status.guest_writes = export.counters.write_ops.load(Ordering::Relaxed) - write_ops_before;
+    status.guest_writes = export.counts().write_ops - write_ops_before;
     status.guest_write_latency_us = (during.count() > 0).then(|| during.summary());
     match outcome {
         Ok(report) => {
             log::info!(
                 "export {}: migrated to {} in {:.1} s (pause {:.1} ms, {} passes)",
-                export.name,
+                export.name(),
                 status.to,
                 report.converge_ms / 1000.0,
                 report.pause_ms,
@@ -258,7 +260,7 @@ fn run_job(job: &Job, export: Arc<Export>, request: JobRequest, key: ClusterKey,
             status.report = Some(report);
         }
         Err((destination, message)) => {
-            log::error!("export {}: migration failed: {message}", export.name);
+            log::error!("export {}: migration failed: {message}", export.name());
             status.phase = JobPhase::Failed;
             status.authoritative = if destination { "destination" } else { "source" }.into();
             status.error = Some(message);

@@ -25,12 +25,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::dirty::{DirtySet, Tracker, TrackerSpec};
+use crate::disk::Export;
+use crate::disk::Route;
 use crate::env::Clock;
 use crate::journal::{Record, SharedJournal};
 use crate::migrate::backoff::GuestBackoff;
 use crate::migrate::{MigrateOptions, MigrationEnv, Progress, SendOutcome};
-use crate::nbd::export::Export;
-use crate::nbd::route::Route;
 use crate::transfer::{
     ClusterKey, MirrorLink, SendOptions, Sender, TargetSpec, TargetState, TransferError,
 };
@@ -134,9 +134,9 @@ impl JobEnv {
                 .append(&Record::SourceStarted {
                     job_id,
                     batch: request.batch.clone(),
-                    export: export.name.clone(),
-                    size_bytes: export.size_bytes,
-                    granularity_bytes: export.granularity_bytes,
+                    export: export.name().to_string(),
+                    size_bytes: export.size_bytes(),
+                    granularity_bytes: export.granularity_bytes(),
                     destination: to.to_string(),
                     policy: request.options.policy,
                 })
@@ -147,28 +147,28 @@ impl JobEnv {
         let name = tracker_name(job_id);
         let spec = TrackerSpec {
             name: name.clone(),
-            granularity_bytes: export.granularity_bytes,
-            half_life_ms: export.half_life_ms,
+            granularity_bytes: export.granularity_bytes(),
+            half_life_ms: export.half_life_ms(),
         };
         // A resumed job continues with the tracker its failed run left (its bits are what
         // the destination may lack); a fresh one starts its own.
-        let tracker = match export.trackers.get(&name) {
+        let tracker = match export.trackers().get(&name) {
             Some(tracker) if request.resuming && !tracker.is_lost() => tracker,
             old => {
                 if old.is_some() {
                     // Lost (the agent stopped uncleanly): a fresh one, and digests instead.
-                    let _ = export.trackers.remove(&name);
+                    let _ = export.trackers().remove(&name);
                 }
                 export
-                    .trackers
+                    .trackers()
                     .add(spec)
                     .map_err(|err| JobError::Allocation(std::io::Error::other(err.to_string())))?
             }
         };
         let target = TargetSpec {
-            export: export.name.clone(),
-            size_bytes: export.size_bytes,
-            granularity_bytes: export.granularity_bytes,
+            export: export.name().to_string(),
+            size_bytes: export.size_bytes(),
+            granularity_bytes: export.granularity_bytes(),
             job_id,
             batch: request.batch.clone(),
         };
@@ -178,16 +178,13 @@ impl JobEnv {
             Ok(opened) => opened,
             Err(err) => {
                 if !request.resuming {
-                    let _ = export.trackers.remove(&name);
+                    let _ = export.trackers().remove(&name);
                 }
                 return Err(JobError::Transfer(err));
             }
         };
-        let clock = export.trackers.clock().clone();
-        let backoff = GuestBackoff::new(
-            clock.now_ns(),
-            &export.write_latency.lock().expect("latency lock"),
-        );
+        let clock = export.trackers().clock().clone();
+        let backoff = GuestBackoff::new(clock.now_ns(), &export.write_latency());
         Ok(JobEnv {
             backoff,
             bandwidth_cap,
@@ -214,9 +211,9 @@ impl JobEnv {
     /// `keep_tracker`: a run that failed with the source authoritative keeps it, so that a
     /// resume sends only what its bits say the destination may lack.
     pub fn finish(self, keep_tracker: bool) -> Sender {
-        self.export.mirror.clear();
+        self.export.remove_mirror();
         if !keep_tracker {
-            let _ = self.export.trackers.remove(self.tracker.name());
+            let _ = self.export.trackers().remove(self.tracker.name());
         }
         self.sender
     }
@@ -227,7 +224,7 @@ impl JobEnv {
     /// commit when they differ.
     fn verify_images(&mut self) -> Result<(), JobError> {
         let started = self.clock.now_ns();
-        let (file, size_bytes) = (self.export.file.clone(), self.export.size_bytes);
+        let (file, size_bytes) = (self.export.file().clone(), self.export.size_bytes());
         let local = std::thread::spawn(move || crate::transfer::hash_image(&file, size_bytes));
         let remote = self.sender.verify().map_err(JobError::Transfer);
         let local = local
@@ -265,7 +262,7 @@ impl JobEnv {
         let granularity = set.granularity_bytes();
         let block_bytes = u32::try_from(granularity)
             .map_err(|_| JobError::Allocation(std::io::Error::other("granularity above 4 GiB")))?;
-        let disk = self.export.size_bytes;
+        let disk = self.export.size_bytes();
         let mut differing = DirtySet::empty(granularity, disk);
         let mut buf = vec![0u8; block_bytes as usize];
         for (offset_bytes, len_bytes) in set.iter_extents() {
@@ -279,7 +276,7 @@ impl JobEnv {
                 let at = block * granularity;
                 let len = usize::try_from((disk - at).min(granularity)).expect("≤ block");
                 self.export
-                    .file
+                    .file()
                     .read_at(at, &mut buf[..len])
                     .map_err(JobError::Allocation)?;
                 let index = usize::try_from(block - first_block).expect("fits");
@@ -316,7 +313,7 @@ impl MigrationEnv for JobEnv {
     }
 
     fn disk_bytes(&self) -> u64 {
-        self.export.size_bytes
+        self.export.size_bytes()
     }
 
     fn allocated(&mut self) -> Result<DirtySet, JobError> {
@@ -332,7 +329,7 @@ impl MigrationEnv for JobEnv {
         let differing = self.differing(allocated)?;
         log::info!(
             "export {}: resume: {} of {} candidate blocks differ at the destination",
-            self.export.name,
+            self.export.name(),
             differing.count(),
             allocated.count()
         );
@@ -362,7 +359,7 @@ impl MigrationEnv for JobEnv {
         let granularity = self.tracker.granularity_bytes();
         let trackers: Vec<_> = self
             .export
-            .trackers
+            .trackers()
             .list()
             .into_iter()
             .filter(|t| t.granularity_bytes() == granularity)
@@ -377,7 +374,7 @@ impl MigrationEnv for JobEnv {
         // The bulk copy (pass 1) yields to the guest; later passes are short and run at
         // full speed so that the copy keeps ahead of the dirty rate.
         let yielded = if self.yield_to_guest && self.pass <= 1 {
-            let latency = self.export.write_latency.lock().expect("latency lock");
+            let latency = self.export.write_latency();
             self.backoff
                 .observe(started, &latency, self.copy_bytes_per_s)
         } else {
@@ -391,7 +388,7 @@ impl MigrationEnv for JobEnv {
         let extents: Vec<(u64, u64)> = blocks.iter_extents().collect();
         let stats = self
             .sender
-            .send_extents(&self.export.file, &extents)
+            .send_extents(&self.export.file(), &extents)
             .map_err(JobError::Transfer)?;
         self.sender.sync().map_err(JobError::Transfer)?;
         let elapsed_ns = self.clock.now_ns() - started;
@@ -407,8 +404,8 @@ impl MigrationEnv for JobEnv {
     }
 
     fn hold_writes(&mut self) -> Result<(), JobError> {
-        self.export.route.hold();
-        if self.export.route.wait_drained(DRAIN_TIMEOUT) {
+        self.export.hold_writes();
+        if self.export.wait_drained(DRAIN_TIMEOUT) {
             Ok(())
         } else {
             Err(JobError::Drain(DRAIN_TIMEOUT))
@@ -416,7 +413,7 @@ impl MigrationEnv for JobEnv {
     }
 
     fn release_writes(&mut self) {
-        self.export.route.release();
+        self.export.release_writes();
     }
 
     fn commit(&mut self) -> Result<(), JobError> {
@@ -480,27 +477,27 @@ impl MigrationEnv for JobEnv {
                 .map_err(JobError::Journal)?;
         }
         // Writes are held: no session mirrors into a stream the destination closed.
-        self.export.mirror.clear();
-        self.export.route.set(Route::Forward { addr });
+        self.export.remove_mirror();
+        self.export.switch_route(Route::Forward { addr });
         Ok(())
     }
 
     fn start_mirroring(&mut self) -> Result<(), JobError> {
-        self.export.route.hold();
-        if !self.export.route.wait_drained(DRAIN_TIMEOUT) {
-            self.export.route.release();
+        self.export.hold_writes();
+        if !self.export.wait_drained(DRAIN_TIMEOUT) {
+            self.export.release_writes();
             return Err(JobError::Drain(DRAIN_TIMEOUT));
         }
         let link = self.sender.mirror_link();
-        self.export.mirror.set(Arc::new(link.clone()));
-        let kept = DirtySet::empty(self.tracker.granularity_bytes(), self.export.size_bytes);
+        self.export.install_mirror(Arc::new(link.clone()));
+        let kept = DirtySet::empty(self.tracker.granularity_bytes(), self.export.size_bytes());
         self.mirror = Some((link, kept));
-        self.export.route.release();
+        self.export.release_writes();
         Ok(())
     }
 
     fn stop_mirroring(&mut self) {
-        self.export.mirror.clear();
+        self.export.remove_mirror();
         self.sender.end_mirroring();
         if let Some((_, kept)) = self.mirror.take() {
             // The algorithm may have dropped these bits as "on both sides"; without a
@@ -518,17 +515,17 @@ impl MigrationEnv for JobEnv {
 /// Blocks of `granularity_bytes` that hold data (SEEK_DATA/SEEK_HOLE); a block partly data
 /// counts whole.
 pub fn allocated_blocks(export: &Export, granularity_bytes: u64) -> std::io::Result<DirtySet> {
-    let disk = export.size_bytes;
+    let disk = export.size_bytes();
     let mut set = DirtySet::empty(granularity_bytes, disk);
     let mut offset = 0;
     while offset < disk {
-        let Some(data) = export.file.seek_data(offset)? else {
+        let Some(data) = export.file().seek_data(offset)? else {
             break;
         };
         if data >= disk {
             break;
         }
-        let hole = export.file.seek_hole(data)?.unwrap_or(disk).min(disk);
+        let hole = export.file().seek_hole(data)?.unwrap_or(disk).min(disk);
         for block in data / granularity_bytes..hole.div_ceil(granularity_bytes) {
             set.insert(block);
         }

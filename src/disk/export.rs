@@ -1,0 +1,372 @@
+//! One served export: the open image, its trackers, its counters, its route and write gate,
+//! its mirror hook, and its live connections. Its state is private: sessions reach it through
+//! the write gate and the write trap ([`super::trap`]), jobs through the methods that say
+//! what a job may do (hold and drain writes, install a mirror, switch the route).
+//!
+//! Invariants: the image is opened once (O_DIRECT + a buffered descriptor) and held with an
+//! OFD lock, so a second agent cannot serve the same image; a removed export refuses new
+//! connections and closes the read side of live ones, which then drain and exit; the route
+//! changes and the mirror is installed only while writes are held and drained.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ferry_sys::DirectFile;
+
+use crate::dirty::TrackerSet;
+use crate::metrics::LatencyRecorder;
+
+use super::mirror::{MirrorSlot, WriteMirror};
+use super::route::{ExportRoute, Route};
+
+/// Errors opening an export.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    /// The image could not be opened.
+    #[error("cannot open image {path}")]
+    Open {
+        /// The image.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Another process serves the image.
+    #[error("image {path} is in use by another process")]
+    Locked {
+        /// The image.
+        path: PathBuf,
+        /// The lock error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The image has a size ferry cannot serve.
+    #[error("image {path} has size {size_bytes}: {problem}")]
+    BadSize {
+        /// The image.
+        path: PathBuf,
+        /// Its size.
+        size_bytes: u64,
+        /// Why not.
+        problem: &'static str,
+    },
+}
+
+/// Counters shared by every connection of an export; sessions add their local counts in
+/// batches, so the hot path does not bounce these cache lines per request.
+#[derive(Debug, Default)]
+struct ExportCounters {
+    /// READ commands completed.
+    pub read_ops: AtomicU64,
+    /// Bytes returned by READ.
+    pub read_bytes: AtomicU64,
+    /// WRITE commands completed.
+    pub write_ops: AtomicU64,
+    /// Bytes written by WRITE.
+    pub write_bytes: AtomicU64,
+    /// FLUSH commands completed.
+    pub flush_ops: AtomicU64,
+    /// TRIM commands completed.
+    pub trim_ops: AtomicU64,
+    /// WRITE_ZEROES commands completed.
+    pub zero_ops: AtomicU64,
+}
+
+/// A live connection as the export sees it: enough to make its session drain and exit.
+pub trait ConnectionHandle: Send + Sync + std::fmt::Debug {
+    /// Stops reading requests (shuts the socket's read side); the session answers what it
+    /// already received, then exits. The peer may be gone already: failures are ignored.
+    fn stop_reading(&self);
+}
+
+/// A snapshot of an export's request counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CounterSnapshot {
+    /// READ commands completed.
+    pub read_ops: u64,
+    /// Bytes returned by READ.
+    pub read_bytes: u64,
+    /// WRITE commands completed.
+    pub write_ops: u64,
+    /// Bytes written by WRITE.
+    pub write_bytes: u64,
+    /// FLUSH commands completed.
+    pub flush_ops: u64,
+    /// TRIM commands completed.
+    pub trim_ops: u64,
+    /// WRITE_ZEROES commands completed.
+    pub zero_ops: u64,
+}
+
+/// A served export.
+#[derive(Debug)]
+pub struct Export {
+    name: String,
+    path: PathBuf,
+    file: Arc<DirectFile>,
+    size_bytes: u64,
+    read_only: bool,
+    /// Default granularity of its trackers.
+    granularity_bytes: u64,
+    /// Default heat half-life of its trackers.
+    half_life_ms: u64,
+    trackers: TrackerSet,
+    counters: ExportCounters,
+    /// Request latency, merged from the sessions.
+    latency: Mutex<LatencyRecorder>,
+    /// Latency of write-type requests only (what a migration report quotes).
+    write_latency: Mutex<LatencyRecorder>,
+    /// Where requests go (local image, or forwarded after a migration) and the write gate.
+    pub(super) route: ExportRoute,
+    /// Where guest writes are mirrored while a migration runs in active-mirroring mode.
+    pub(super) mirror: MirrorSlot,
+    removed: AtomicBool,
+    next_connection: AtomicU64,
+    connections: Mutex<BTreeMap<u64, Box<dyn ConnectionHandle>>>,
+}
+
+impl Export {
+    /// Opens the image (locking it) and wraps the given trackers.
+    pub fn open(
+        name: &str,
+        path: &Path,
+        read_only: bool,
+        granularity_bytes: u64,
+        half_life_ms: u64,
+        trackers: impl FnOnce(u64) -> TrackerSet,
+    ) -> Result<Self, ExportError> {
+        let file = DirectFile::open(path, !read_only).map_err(|source| ExportError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        file.lock_exclusive()
+            .map_err(|source| ExportError::Locked {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let size_bytes = file.size_bytes().map_err(|source| ExportError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if size_bytes == 0 {
+            return Err(ExportError::BadSize {
+                path: path.to_path_buf(),
+                size_bytes,
+                problem: "an empty image cannot be served",
+            });
+        }
+        Ok(Export {
+            name: name.to_string(),
+            path: path.to_path_buf(),
+            file: Arc::new(file),
+            size_bytes,
+            read_only,
+            granularity_bytes,
+            half_life_ms,
+            trackers: trackers(size_bytes),
+            counters: ExportCounters::default(),
+            latency: Mutex::new(LatencyRecorder::new()),
+            write_latency: Mutex::new(LatencyRecorder::new()),
+            route: ExportRoute::default(),
+            mirror: MirrorSlot::default(),
+            removed: AtomicBool::new(false),
+            next_connection: AtomicU64::new(1),
+            connections: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    /// NBD export name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Image path as configured.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The open image.
+    pub fn file(&self) -> &Arc<DirectFile> {
+        &self.file
+    }
+
+    /// Image size.
+    pub fn size_bytes(&self) -> u64 {
+        self.size_bytes
+    }
+
+    /// Whether writes are refused.
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// Default granularity of its trackers.
+    pub fn granularity_bytes(&self) -> u64 {
+        self.granularity_bytes
+    }
+
+    /// Default heat half-life of its trackers.
+    pub fn half_life_ms(&self) -> u64 {
+        self.half_life_ms
+    }
+
+    /// Its write trackers.
+    pub fn trackers(&self) -> &TrackerSet {
+        &self.trackers
+    }
+
+    /// Adds a session's local counts (batched, so the hot path does not bounce these lines).
+    pub fn add_counts(&self, counts: &CounterSnapshot) {
+        let c = &self.counters;
+        for (local, shared) in [
+            (counts.read_ops, &c.read_ops),
+            (counts.read_bytes, &c.read_bytes),
+            (counts.write_ops, &c.write_ops),
+            (counts.write_bytes, &c.write_bytes),
+            (counts.flush_ops, &c.flush_ops),
+            (counts.trim_ops, &c.trim_ops),
+            (counts.zero_ops, &c.zero_ops),
+        ] {
+            if local > 0 {
+                shared.fetch_add(local, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The counters now.
+    pub fn counts(&self) -> CounterSnapshot {
+        let c = &self.counters;
+        CounterSnapshot {
+            read_ops: c.read_ops.load(Ordering::Relaxed),
+            read_bytes: c.read_bytes.load(Ordering::Relaxed),
+            write_ops: c.write_ops.load(Ordering::Relaxed),
+            write_bytes: c.write_bytes.load(Ordering::Relaxed),
+            flush_ops: c.flush_ops.load(Ordering::Relaxed),
+            trim_ops: c.trim_ops.load(Ordering::Relaxed),
+            zero_ops: c.zero_ops.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Merges a session's latency samples (all requests, write-type requests) and resets them.
+    pub fn merge_latency(&self, all: &mut LatencyRecorder, writes: &mut LatencyRecorder) {
+        self.latency.lock().expect("latency lock").merge_from(all);
+        all.reset();
+        self.write_latency
+            .lock()
+            .expect("latency lock")
+            .merge_from(writes);
+        writes.reset();
+    }
+
+    /// Latency of every request so far.
+    pub fn latency(&self) -> LatencyRecorder {
+        self.latency.lock().expect("latency lock").clone()
+    }
+
+    /// Latency of write-type requests so far.
+    pub fn write_latency(&self) -> LatencyRecorder {
+        self.write_latency.lock().expect("latency lock").clone()
+    }
+
+    /// The current route and its generation.
+    pub fn route(&self) -> (u64, Arc<Route>) {
+        self.route.current()
+    }
+
+    /// Generation of the current route; changes with every switch.
+    pub fn route_generation(&self) -> u64 {
+        self.route.generation()
+    }
+
+    /// Whether requests are forwarded to another agent.
+    pub fn is_forwarded(&self) -> bool {
+        self.route.is_forwarded()
+    }
+
+    /// A session is about to dispatch a write-type request: false (nothing admitted) while
+    /// writes are held. Every admitted write leaves through the write trap.
+    pub fn enter_write(&self) -> bool {
+        self.route.enter_write()
+    }
+
+    /// Waits (up to `timeout`) while writes are held; true once released.
+    pub fn wait_released(&self, timeout: Duration) -> bool {
+        self.route.wait_released(timeout)
+    }
+
+    /// Job: holds new writes (in-flight ones go on).
+    pub fn hold_writes(&self) {
+        self.route.hold();
+    }
+
+    /// Job: waits until no admitted write is in flight, up to `timeout`; true when drained.
+    pub fn wait_drained(&self, timeout: Duration) -> bool {
+        self.route.wait_drained(timeout)
+    }
+
+    /// Job: lets writes through again.
+    pub fn release_writes(&self) {
+        self.route.release();
+    }
+
+    /// Job: sends every request to `route` from now on. Call with writes held and drained
+    /// (asserted in debug builds), so no request reaches the old side after the release.
+    pub fn switch_route(&self, route: Route) {
+        debug_assert!(self.route.is_held(), "route switched with writes flowing");
+        self.route.set(route);
+    }
+
+    /// Job: mirrors every guest write to `mirror` from now on. Call with writes held and
+    /// drained, so every write that starts afterwards sees it.
+    pub fn install_mirror(&self, mirror: Arc<dyn WriteMirror>) {
+        debug_assert!(self.route.is_held(), "mirror installed with writes flowing");
+        self.mirror.set(mirror);
+    }
+
+    /// Job: stops mirroring (switchover, or the job gave up).
+    pub fn remove_mirror(&self) {
+        self.mirror.clear();
+    }
+
+    /// True once the export was removed: sessions stop taking requests.
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::Acquire)
+    }
+
+    /// Registers a live connection; None if the export is being removed.
+    pub fn attach(&self, handle: Box<dyn ConnectionHandle>) -> Option<u64> {
+        let mut connections = self.connections.lock().expect("connections lock");
+        if self.is_removed() {
+            return None;
+        }
+        let id = self.next_connection.fetch_add(1, Ordering::Relaxed);
+        connections.insert(id, handle);
+        Some(id)
+    }
+
+    /// Forgets a connection that ended.
+    pub fn detach(&self, id: u64) {
+        self.connections
+            .lock()
+            .expect("connections lock")
+            .remove(&id);
+    }
+
+    /// Live connections.
+    pub fn connection_count(&self) -> u64 {
+        self.connections.lock().expect("connections lock").len() as u64
+    }
+
+    /// Marks the export removed and closes the read side of every connection: each session
+    /// answers what it already received, then exits.
+    pub fn close_connections(&self) {
+        let connections = self.connections.lock().expect("connections lock");
+        self.removed.store(true, Ordering::Release);
+        for handle in connections.values() {
+            handle.stop_reading();
+        }
+    }
+}

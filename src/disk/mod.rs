@@ -1,0 +1,21 @@
+//! The disk as the rest of ferry sees it: one served [`Export`] (image, trackers, counters,
+//! connections), where its requests go ([`Route`]) and the write gate a switchover closes,
+//! the hook a migration mirrors guest writes through ([`WriteMirror`]), and the one write trap
+//! every completed guest write passes ([`WriteTrap`]).
+//!
+//! Invariants (each file says how it keeps its part):
+//! - A write's blocks are marked in the trackers after it completed and before its reply
+//!   (`trap.rs`), exactly once.
+//! - No write is in flight while writes are held and drained; the route changes and a mirror
+//!   is installed only then (`route.rs`, `export.rs`).
+//! - A mirrored write is answered only after the mirror's fence (`mirror.rs`, `trap.rs`).
+
+pub mod export;
+pub mod mirror;
+pub mod route;
+pub mod trap;
+
+pub use export::{ConnectionHandle, CounterSnapshot, Export, ExportError};
+pub use mirror::WriteMirror;
+pub use route::Route;
+pub use trap::{WriteOutcome, WriteTrap};
