@@ -327,7 +327,7 @@ impl Registry {
         }
         export
             .trackers()
-            .save_active(&self.tracker_dir(&export.name()))
+            .save_active(&self.tracker_dir(export.name()))
             .map_err(|err| {
                 ControlError::Io(format!(
                     "export {}: cannot record trackers: {}",
@@ -341,7 +341,7 @@ impl Registry {
     pub fn save_trackers(&self) -> bool {
         let mut ok = true;
         for export in self.all() {
-            let dir = self.tracker_dir(&export.name());
+            let dir = self.tracker_dir(export.name());
             if export.trackers().list().is_empty() && !dir.exists() {
                 continue;
             }
@@ -515,7 +515,7 @@ impl Control for Registry {
             ))
         })?;
         let file = self
-            .tracker_dir(&export.name())
+            .tracker_dir(export.name())
             .join(format!("{tracker}.tracker"));
         if file.exists() {
             std::fs::remove_file(&file).map_err(|err| {

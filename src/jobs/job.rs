@@ -388,7 +388,7 @@ impl MigrationEnv for JobEnv {
         let extents: Vec<(u64, u64)> = blocks.iter_extents().collect();
         let stats = self
             .sender
-            .send_extents(&self.export.file(), &extents)
+            .send_extents(self.export.file(), &extents)
             .map_err(JobError::Transfer)?;
         self.sender.sync().map_err(JobError::Transfer)?;
         let elapsed_ns = self.clock.now_ns() - started;

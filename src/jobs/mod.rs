@@ -149,7 +149,7 @@ impl Jobs {
         let job = Arc::new(Job {
             status: Mutex::new(JobStatus::starting(
                 id,
-                &export.name(),
+                export.name(),
                 &request.to.to_string(),
                 &request.options.policy.to_string(),
             )),
