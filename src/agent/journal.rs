@@ -15,11 +15,11 @@ use crate::disk::Route;
 use crate::journal::{JobView, Record, SharedJournal, Side, SourcePhase, TargetPhase, TargetView};
 use crate::transfer::{ask_until_final, ClusterKey, TargetState};
 
-use super::registry::Registry;
+use super::exports::Exports;
 
 /// Brings the exports back to what the journal says (see the module docs); in-doubt
 /// exports are resolved by background threads.
-pub fn recover(journal: &SharedJournal, registry: &Arc<Registry>, key: &ClusterKey) {
+pub fn recover(journal: &SharedJournal, exports: &Arc<Exports>, key: &ClusterKey) {
     for view in journal.views() {
         match &view.side {
             Side::Source(source) => match source.phase {
@@ -27,7 +27,7 @@ pub fn recover(journal: &SharedJournal, registry: &Arc<Registry>, key: &ClusterK
                     let Some(addr) = source.forward_addr.clone() else {
                         continue;
                     };
-                    match registry.export(&view.export) {
+                    match exports.export(&view.export) {
                         Some(export) => {
                             log::info!(
                                 "export {}: migrated by job {}, forwarding to {addr}",
@@ -46,18 +46,18 @@ pub fn recover(journal: &SharedJournal, registry: &Arc<Registry>, key: &ClusterK
                     }
                 }
                 SourcePhase::SwitchingOver => {
-                    resolve_in_doubt(journal, registry, key, &view, &source.destination);
+                    resolve_in_doubt(journal, exports, key, &view, &source.destination);
                 }
                 SourcePhase::Copying | SourcePhase::Aborted | SourcePhase::Finished => {}
             },
-            Side::Target(target) => serve_committed(registry, &view, target),
+            Side::Target(target) => serve_committed(exports, &view, target),
         }
     }
 }
 
 /// A committed target this agent does not serve (its export list lost it) is served.
-fn serve_committed(registry: &Registry, view: &JobView, target: &TargetView) {
-    if target.phase != TargetPhase::Committed || registry.has_export(&view.export) {
+fn serve_committed(exports: &Exports, view: &JobView, target: &TargetView) {
+    if target.phase != TargetPhase::Committed || exports.has_export(&view.export) {
         return;
     }
     let spec = crate::api::types::ExportSpec {
@@ -67,7 +67,7 @@ fn serve_committed(registry: &Registry, view: &JobView, target: &TargetView) {
         granularity_bytes: view.granularity_bytes,
         trackers: Vec::new(),
     };
-    match registry.serve_committed(spec) {
+    match exports.serve_committed(spec) {
         Ok(()) => log::info!(
             "export {}: committed by job {}, served again",
             view.export,
@@ -86,12 +86,12 @@ fn serve_committed(registry: &Registry, view: &JobView, target: &TargetView) {
 /// committed" final), then it forwards or serves locally. Never guesses.
 fn resolve_in_doubt(
     journal: &SharedJournal,
-    registry: &Arc<Registry>,
+    exports: &Arc<Exports>,
     key: &ClusterKey,
     view: &JobView,
     destination: &str,
 ) {
-    let Some(export) = registry.export(&view.export) else {
+    let Some(export) = exports.export(&view.export) else {
         log::warn!(
             "export {} (job {}, in doubt) is not configured here",
             view.export,

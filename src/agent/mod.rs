@@ -6,9 +6,12 @@
 //! else (kill -9, power loss) leaves tracker files Active, which the next start reports lost.
 
 pub mod config;
+pub mod control;
+pub mod exports;
 pub mod journal;
-pub mod registry;
+pub mod migrations;
 pub mod targets;
+pub mod trackers;
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -26,8 +29,11 @@ use crate::error::error_chain;
 use crate::journal::SharedJournal;
 pub use config::AgentConfig;
 use config::EngineChoice;
-use registry::Registry;
+use control::AgentControl;
+use exports::Exports;
+use migrations::Migrations;
 use targets::Targets;
+use trackers::Trackers;
 
 use crate::transfer::{ClusterKey, ReceiverServer};
 
@@ -83,7 +89,7 @@ pub enum AgentError {
 /// A running agent.
 #[derive(Debug)]
 pub struct Agent {
-    registry: Arc<Registry>,
+    exports: Arc<Exports>,
     nbd: NbdServer,
     api: Option<ApiServer>,
     api_addr: SocketAddr,
@@ -105,44 +111,47 @@ impl Agent {
             .create(&config.state_dir)
             .map_err(state_err)?;
         let engine = choose_engine(config.engine)?;
-        let registry = Arc::new(Registry::new(
+        let exports = Arc::new(Exports::new(
             &config.state_dir,
             Arc::new(MonotonicClock::new()),
             config.half_life_ms,
         ));
         for export in &config.exports {
-            registry.open(export).map_err(|err| AgentError::Export {
+            exports.open(export).map_err(|err| AgentError::Export {
                 name: export.name.clone(),
                 message: err.to_string(),
             })?;
         }
-        registry.restore_runtime();
+        exports.restore_runtime();
         let journal = SharedJournal::open(&config.state_dir).map_err(AgentError::Journal)?;
         let key = load_cluster_key(&config.cluster_key)?;
-        registry.set_cluster_key(key.clone());
-        registry.set_journal(journal.clone());
         // Before any client is served: forwarding and held writes come back first.
-        journal::recover(&journal, &registry, &key);
+        journal::recover(&journal, &exports, &key);
         let options = SessionOptions {
             engine,
             queue_depth: config.queue_depth,
             engine_watches_socket: true,
         };
-        let nbd = NbdServer::start(Some(&config.socket), config.tcp, registry.clone(), options)
+        let nbd = NbdServer::start(Some(&config.socket), config.tcp, exports.clone(), options)
             .map_err(AgentError::Listen)?;
         let nbd_tcp = nbd.tcp_addr.map(|addr| addr.to_string());
         let targets = Arc::new(Targets::new(
-            registry.clone(),
+            exports.clone(),
             config.image_dir.clone(),
             nbd_tcp,
             journal.clone(),
         ));
-        let transfer =
-            crate::transfer::serve(config.transfer, key, targets).map_err(AgentError::Transfer)?;
+        let transfer = crate::transfer::serve(config.transfer, key.clone(), targets)
+            .map_err(AgentError::Transfer)?;
         let transfer_addr = transfer.local_addr();
         let token_path = config.state_dir.join("api.token");
         let token = api::token::load_or_create(&token_path).map_err(state_err)?;
-        let api = api::serve(config.api, token, registry.clone()).map_err(AgentError::Api)?;
+        let control = Arc::new(AgentControl {
+            exports: exports.clone(),
+            trackers: Trackers::new(exports.clone()),
+            migrations: Migrations::new(exports.clone(), key, journal),
+        });
+        let api = api::serve(config.api, token, control).map_err(AgentError::Api)?;
         let api_addr = api.local_addr();
         log::info!(
             "agent up: nbd unix {}{}, api http://{api_addr}, migrations on {transfer_addr}, \
@@ -154,7 +163,7 @@ impl Agent {
             config.state_dir.display()
         );
         Ok(Agent {
-            registry,
+            exports,
             nbd,
             api: Some(api),
             api_addr,
@@ -180,8 +189,8 @@ impl Agent {
     }
 
     /// The exports.
-    pub fn registry(&self) -> &Arc<Registry> {
-        &self.registry
+    pub fn exports(&self) -> &Arc<Exports> {
+        &self.exports
     }
 
     /// Clean stop: stop the API and the listeners, drain connections, sync, save trackers.
@@ -197,10 +206,10 @@ impl Agent {
         if left > 0 {
             problems.push(format!("{left} connection(s) did not drain"));
         }
-        if !self.registry.sync_all() {
+        if !self.exports.sync_all() {
             problems.push("an image could not be synced".to_string());
         }
-        if !self.registry.save_trackers() {
+        if !self.exports.save_trackers() {
             problems.push("a tracker could not be saved".to_string());
         }
         if problems.is_empty() {

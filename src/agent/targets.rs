@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use ferry_sys::DirectFile;
 
 use crate::agent::config;
-use crate::agent::registry::Registry;
+use crate::agent::exports::Exports;
 use crate::api::types::ExportSpec;
 use crate::dirty::DirtySet;
 use crate::journal::commit::{Answer, CommitDecision, CommitFence};
@@ -35,7 +35,7 @@ const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 /// Where this agent puts migrated-in disks, and what it tells sources.
 #[derive(Debug)]
 pub struct Targets {
-    registry: Arc<Registry>,
+    exports: Arc<Exports>,
     image_dir: PathBuf,
     nbd_tcp: Option<String>,
     /// Export → (job, stream id) of the stream filling it.
@@ -52,13 +52,13 @@ impl Targets {
     /// Targets in `image_dir` of the agent whose exports are in `registry`; `nbd_tcp` is where
     /// it serves NBD over TCP (sources forward there after the switchover).
     pub fn new(
-        registry: Arc<Registry>,
+        exports: Arc<Exports>,
         image_dir: PathBuf,
         nbd_tcp: Option<String>,
         journal: SharedJournal,
     ) -> Self {
         Targets {
-            registry,
+            exports,
             image_dir,
             nbd_tcp,
             filling: Mutex::new(BTreeMap::new()),
@@ -98,7 +98,7 @@ impl Targets {
                 return Err(format!("job {} is {} here", spec.job_id, phase.as_str()));
             }
         }
-        if self.registry.has_export(&spec.export) {
+        if self.exports.has_export(&spec.export) {
             return Err(format!(
                 "export '{}' is already served by this agent",
                 spec.export
@@ -220,7 +220,7 @@ impl TargetHost for Targets {
             granularity_bytes: spec.granularity_bytes,
             trackers: Vec::new(),
         };
-        if let Err(err) = self.registry.serve_committed(export) {
+        if let Err(err) = self.exports.serve_committed(export) {
             // Committed all the same (the journal says so): a restart serves it again.
             log::error!(
                 "export {} committed by job {} but not served: {err}",
@@ -239,7 +239,7 @@ impl TargetHost for Targets {
         if aborted.is_err() {
             return; // keep the image: the journal does not say it is debris
         }
-        if !self.registry.has_export(&spec.export) {
+        if !self.exports.has_export(&spec.export) {
             let path = self.image_path(&spec.export);
             if let Err(err) = std::fs::remove_file(&path) {
                 log::warn!("cannot remove aborted target {}: {err}", path.display());

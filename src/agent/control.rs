@@ -1,0 +1,75 @@
+//! The control API's view of the agent: each request handed to the part that owns it
+//! (exports, trackers, migrations). Nothing is decided here.
+
+use std::sync::Arc;
+
+use crate::agent::exports::Exports;
+use crate::agent::migrations::Migrations;
+use crate::agent::trackers::Trackers;
+use crate::api::types::{
+    AbortOutcome, ExportSpec, ExportStatus, HeatMap, JobStatus, MigrateRequest, TrackerAdd,
+    TrackerStatus,
+};
+use crate::api::{Control, ControlError};
+
+/// What the API server calls.
+#[derive(Debug)]
+pub struct AgentControl {
+    /// The export table.
+    pub exports: Arc<Exports>,
+    /// Their trackers.
+    pub trackers: Trackers,
+    /// Migrations from this agent.
+    pub migrations: Migrations,
+}
+
+impl Control for AgentControl {
+    fn exports(&self) -> Vec<ExportStatus> {
+        self.exports.statuses()
+    }
+
+    fn add_export(&self, spec: ExportSpec) -> Result<ExportStatus, ControlError> {
+        self.exports.add_export(spec)
+    }
+
+    fn remove_export(&self, name: &str, force: bool) -> Result<(), ControlError> {
+        self.exports.remove_export(name, force)
+    }
+
+    fn trackers(&self, export: &str) -> Result<Vec<TrackerStatus>, ControlError> {
+        self.trackers.trackers(export)
+    }
+
+    fn add_tracker(&self, export: &str, add: TrackerAdd) -> Result<TrackerStatus, ControlError> {
+        self.trackers.add_tracker(export, add)
+    }
+
+    fn remove_tracker(&self, export: &str, tracker: &str) -> Result<(), ControlError> {
+        self.trackers.remove_tracker(export, tracker)
+    }
+
+    fn heat(
+        &self,
+        export: &str,
+        tracker: Option<&str>,
+        cells: usize,
+    ) -> Result<HeatMap, ControlError> {
+        self.trackers.heat(export, tracker, cells)
+    }
+
+    fn migrate(&self, export: &str, request: MigrateRequest) -> Result<JobStatus, ControlError> {
+        self.migrations.migrate(export, request)
+    }
+
+    fn abort_job(&self, id: u64) -> Result<AbortOutcome, ControlError> {
+        self.migrations.abort_job(id)
+    }
+
+    fn jobs(&self) -> Vec<JobStatus> {
+        self.migrations.jobs()
+    }
+
+    fn job(&self, id: u64) -> Result<JobStatus, ControlError> {
+        self.migrations.job(id)
+    }
+}

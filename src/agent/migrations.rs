@@ -1,0 +1,236 @@
+//! Migrations started from this agent, as the control API drives them: a migrate request
+//! checked and turned into a job, a resume checked against the journal, an abort recorded and
+//! carried to the destination, the job table listed.
+//!
+//! Invariants: a resume continues only an interrupted (`copying`) source job of the same
+//! export; an abort is journaled before the destination is told, and only an uncommitted job
+//! can be aborted; job ids never repeat one the journal holds.
+
+use std::sync::Arc;
+
+use crate::agent::config;
+use crate::agent::exports::Exports;
+use crate::api::types::{AbortOutcome, JobStatus, MigrateRequest};
+use crate::api::ControlError;
+use crate::disk::Export;
+use crate::error::error_chain;
+use crate::jobs::job::JobRequest;
+use crate::jobs::Jobs;
+use crate::journal::{JobView, Record, Role, SharedJournal, Side, SourcePhase};
+use crate::migrate::{MigrateOptions, Policy};
+use crate::transfer::{resolve_peer, ClusterKey, SendOptions};
+
+/// Bytes a migration hands to one send (one sync round trip, one progress and bandwidth
+/// sample), whatever the tracking granularity: ~30 ms of copy at disk speed. (At 4 KiB
+/// tracking a fixed 256 blocks made sends of 1 MiB, each waiting for a sync.)
+pub const SEND_CHUNK_BYTES: u64 = 16 << 20;
+
+/// The migrations of one agent.
+#[derive(Debug)]
+pub struct Migrations {
+    exports: Arc<Exports>,
+    jobs: Jobs,
+    /// Key authenticating block streams to other agents.
+    cluster_key: ClusterKey,
+    /// Where every job records its steps.
+    journal: SharedJournal,
+}
+
+impl Migrations {
+    /// Migrations of `exports`, recorded in `journal`; new job ids continue above the
+    /// highest the journal holds.
+    pub fn new(exports: Arc<Exports>, cluster_key: ClusterKey, journal: SharedJournal) -> Self {
+        let jobs = Jobs::new();
+        if let Some(highest) = journal.views().iter().map(|view| view.job_id).max() {
+            jobs.ids_above(highest);
+        }
+        Migrations {
+            exports,
+            jobs,
+            cluster_key,
+            journal,
+        }
+    }
+
+    /// A resume of `job_id` for `export` must continue an interrupted job of this export.
+    fn check_resumable(&self, export: &Export, job_id: u64) -> Result<(), ControlError> {
+        let view = self
+            .journal
+            .view(job_id, Role::Source)
+            .ok_or_else(|| ControlError::NotFound(format!("no migration job {job_id} here")))?;
+        match &view.side {
+            Side::Source(source)
+                if source.phase == SourcePhase::Copying && view.export == export.name() =>
+            {
+                Ok(())
+            }
+            Side::Source(source) => Err(ControlError::Invalid(format!(
+                "job {job_id} ({}) is {}: only an interrupted migration resumes",
+                view.export,
+                source.phase.as_str()
+            ))),
+            Side::Target(_) => Err(ControlError::Invalid(format!(
+                "job {job_id} is a target job here"
+            ))),
+        }
+    }
+
+    /// Tells the destination of an aborted job to drop its image; says how that went.
+    fn abort_destination(&self, view: &JobView, destination: &str) -> String {
+        let key = &self.cluster_key;
+        let spec = crate::transfer::TargetSpec {
+            export: view.export.clone(),
+            size_bytes: view.size_bytes,
+            granularity_bytes: view.granularity_bytes,
+            job_id: view.job_id,
+            batch: view.batch.clone(),
+        };
+        let told = resolve_peer(destination)
+            .map_err(|err| error_chain(&err))
+            .and_then(|addr| {
+                let (sender, _) = crate::transfer::Sender::connect(
+                    addr,
+                    key,
+                    &spec,
+                    SendOptions {
+                        reply_timeout_ms: 10_000,
+                        connect_timeout_ms: 3_000,
+                        ..SendOptions::default()
+                    },
+                )
+                .map_err(|err| error_chain(&err))?;
+                sender.abort().map_err(|err| error_chain(&err))
+            });
+        match told {
+            Ok(()) => "aborted".into(),
+            Err(err) => format!("not told ({err}); its image stays until `ferry abort` again"),
+        }
+    }
+
+    /// Checks a migrate (or resume) request and starts its job.
+    pub fn migrate(
+        &self,
+        export: &str,
+        request: MigrateRequest,
+    ) -> Result<JobStatus, ControlError> {
+        let export = self.exports.get(export)?;
+        let to = resolve_peer(&request.to)
+            .map_err(|err| ControlError::Invalid(format!("to: {}", error_chain(&err))))?;
+        let mut options = MigrateOptions::default();
+        if let Some(policy) = &request.policy {
+            options.policy = policy
+                .parse::<Policy>()
+                .map_err(|err| ControlError::Invalid(format!("policy: {err}")))?;
+        }
+        if let Some(max_pause_ms) = request.max_pause_ms {
+            options.max_pause_ms = max_pause_ms;
+        }
+        options.force_after_ms = request.force_after_ms;
+        if let Some(target_pause_ms) = request.target_pause_ms {
+            options.target_pause_ms = target_pause_ms;
+        }
+        if let Some(threshold) = request.hot_threshold {
+            options.hot_threshold = threshold;
+        }
+        options.mirror_from_start = request.mirror;
+        options.chunk_blocks = (SEND_CHUNK_BYTES / export.granularity_bytes()).max(1);
+        if let Some(batch) = &request.batch {
+            config::validate_name(batch)
+                .map_err(|err| ControlError::Invalid(format!("batch: {err}")))?;
+        }
+        let journal = Some(self.journal.clone());
+        let resuming = request.resume_job.is_some();
+        if let Some(job_id) = request.resume_job {
+            self.check_resumable(&export, job_id)?;
+            // The failed run left its tracker: its bits are what the destination may lack.
+            // Without it (or lost in an unclean stop), all allocated blocks are candidates.
+            options.resume = export
+                .trackers()
+                .get(&crate::jobs::job::tracker_name(job_id))
+                .is_some_and(|tracker| !tracker.is_lost());
+        }
+        // On a resume the destination holds part of the disk: compare before sending.
+        let compare_digests = resuming;
+        options
+            .validate()
+            .map_err(|p| ControlError::Invalid(p.to_string()))?;
+        let send = SendOptions {
+            bandwidth_bytes_per_s: request.bandwidth_bytes_per_s,
+            ..SendOptions::default()
+        };
+        let key = self.cluster_key.clone();
+        self.jobs
+            .start(
+                export,
+                JobRequest {
+                    to,
+                    options,
+                    send,
+                    verify: request.verify,
+                    yield_to_guest: request.yield_to_guest,
+                    journal,
+                    batch: request.batch.clone(),
+                    resuming,
+                    compare_digests,
+                },
+                key,
+                request.resume_job,
+            )
+            .map_err(ControlError::Busy)
+    }
+
+    /// Aborts an uncommitted job: journaled first, its tracker dropped, the destination told.
+    pub fn abort_job(&self, id: u64) -> Result<AbortOutcome, ControlError> {
+        let journal = &self.journal;
+        let view = journal
+            .view(id, Role::Source)
+            .ok_or_else(|| ControlError::NotFound(format!("no migration job {id} here")))?;
+        let Side::Source(source) = &view.side else {
+            return Err(ControlError::NotFound(format!(
+                "job {id} is not a source job"
+            )));
+        };
+        if self.jobs.is_running(id) {
+            return Err(ControlError::Busy(format!("job {id} is running")));
+        }
+        match source.phase {
+            SourcePhase::Copying => journal
+                .append(&Record::SourceAborted {
+                    job_id: id,
+                    reason: "aborted by the operator".into(),
+                })
+                .map_err(ControlError::Invalid)?,
+            SourcePhase::Aborted => {} // again: the destination may not have heard it
+            phase => {
+                return Err(ControlError::Invalid(format!(
+                    "job {id} is {}: only an uncommitted migration can be aborted",
+                    phase.as_str()
+                )));
+            }
+        }
+        if let Some(export) = self.exports.export(&view.export) {
+            let _ = export
+                .trackers()
+                .remove(&crate::jobs::job::tracker_name(id));
+        }
+        let destination = self.abort_destination(&view, &source.destination);
+        Ok(AbortOutcome {
+            job_id: id,
+            export: view.export.clone(),
+            source: "aborted".into(),
+            destination,
+        })
+    }
+
+    /// Every job started since the agent started.
+    pub fn jobs(&self) -> Vec<JobStatus> {
+        self.jobs.list()
+    }
+
+    /// One job.
+    pub fn job(&self, id: u64) -> Result<JobStatus, ControlError> {
+        self.jobs
+            .get(id)
+            .ok_or_else(|| ControlError::NotFound(format!("no migration job {id}")))
+    }
+}
