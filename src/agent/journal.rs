@@ -4,60 +4,184 @@
 //! Invariants (the commit protocol, `docs/commit-protocol.md`):
 //! - Every record is durable before the change it announces takes effect; a failed append
 //!   stops that change (the callers return an error before acting).
-//! - At start-up, before any session is served: an export whose job is `switched` forwards
-//!   to the destination again (its local image is stale); an export whose job is in doubt
-//!   (`switching-over`) holds its writes until the destination has answered whether it
-//!   committed; a committed target is served even if the export list lost it.
+//! - At start-up, before any session is served, every job's restart action is the one
+//!   [`commit::restart`] decides (the table the simulation checks), carried out here:
+//!   a `switched` export forwards to the destination (its local image is stale); an in-doubt
+//!   one (`switching-over`) holds its writes until the destination has answered whether it
+//!   committed; an aborted source serves locally, drops the job's tracker and tells the
+//!   destination to drop its image; a finished source serves nothing; a committed target is
+//!   served even if the export list lost it; an aborted target's image is removed.
 
+use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::disk::Route;
-use crate::journal::{JobView, Record, SharedJournal, Side, SourcePhase, TargetPhase, TargetView};
-use crate::transfer::{ask_until_final, ClusterKey, TargetState};
+use crate::error::error_chain;
+use crate::jobs::job::tracker_name;
+use crate::journal::commit::{self, Restart};
+use crate::journal::{JobView, Record, SharedJournal, Side, TargetView};
+use crate::transfer::{abort_target, ask_until_final, ClusterKey, TargetState};
 
 use super::exports::Exports;
+use super::migrations::target_spec;
 
-/// Brings the exports back to what the journal says (see the module docs); in-doubt
-/// exports are resolved by background threads.
-pub fn recover(journal: &SharedJournal, exports: &Arc<Exports>, key: &ClusterKey) {
+/// Attempts to tell the destination of an aborted job, at restart (`ferry abort` again
+/// retries by hand).
+const ABORT_ATTEMPTS: u32 = 5;
+
+/// Brings the exports back to what the journal says: each job's [`commit::restart`] action
+/// (see the module docs). In-doubt exports and aborted destinations are handled by
+/// background threads; everything else is done when this returns.
+pub fn recover(
+    journal: &SharedJournal,
+    exports: &Arc<Exports>,
+    key: &ClusterKey,
+    image_dir: &Path,
+) {
+    let mut to_abort = Vec::new();
     for view in journal.views() {
-        match &view.side {
-            Side::Source(source) => match source.phase {
-                SourcePhase::Switched => {
-                    let Some(addr) = source.forward_addr.clone() else {
-                        continue;
-                    };
-                    match exports.export(&view.export) {
-                        Some(export) => {
-                            log::info!(
-                                "export {}: migrated by job {}, forwarding to {addr}",
-                                view.export,
-                                view.job_id
-                            );
-                            export.hold_writes();
-                            export.switch_route(Route::Forward { addr });
-                            export.release_writes();
+        let action = commit::restart(&view);
+        match (&view.side, action) {
+            (_, Restart::ServeAndResume | Restart::KeepForResume) => {}
+            (Side::Source(source), Restart::Forward) => {
+                if let Some(addr) = source.forward_addr.clone() {
+                    forward(exports, &view, addr);
+                }
+            }
+            (Side::Source(source), Restart::HoldAndAsk) => {
+                resolve_in_doubt(journal, exports, key, &view, &source.destination);
+            }
+            (Side::Source(source), Restart::ServeAndAbortTarget) => {
+                if let Some(export) = exports.export(&view.export) {
+                    let _ = export.trackers().remove(&tracker_name(view.job_id));
+                }
+                to_abort.push((view.clone(), source.destination.clone()));
+            }
+            (Side::Source(_), Restart::ServeNothing) => withdraw(exports, &view),
+            (Side::Target(target), Restart::Serve) => serve_committed(exports, &view, target),
+            (Side::Target(target), Restart::RemoveImage) => {
+                remove_image(exports, &view, target, image_dir);
+            }
+            (side, action) => log::error!(
+                "job {}: restart action {action:?} does not apply to {side:?}",
+                view.job_id
+            ),
+        }
+    }
+    if !to_abort.is_empty() {
+        tell_aborted(to_abort, key.clone());
+    }
+}
+
+/// A switched source forwards every request to the destination, never its stale image.
+fn forward(exports: &Exports, view: &JobView, addr: String) {
+    let Some(export) = exports.export(&view.export) else {
+        log::warn!(
+            "export {} (job {}, switched) is not configured here",
+            view.export,
+            view.job_id
+        );
+        return;
+    };
+    log::info!(
+        "export {}: migrated by job {}, forwarding to {addr}",
+        view.export,
+        view.job_id
+    );
+    export.hold_writes();
+    export.switch_route(Route::Forward { addr });
+    export.release_writes();
+}
+
+/// A finished source serves nothing for the export: its image is debris.
+fn withdraw(exports: &Exports, view: &JobView) {
+    if !exports.has_export(&view.export) {
+        return;
+    }
+    match exports.remove_export(&view.export, true) {
+        Ok(()) => log::info!(
+            "export {}: migrated away by job {} (finished), not served",
+            view.export,
+            view.job_id
+        ),
+        Err(err) => log::error!(
+            "export {} (job {}, finished): {err}",
+            view.export,
+            view.job_id
+        ),
+    }
+}
+
+/// An aborted target's image is removed if it is still there (the agent stopped between
+/// `TargetAborted` and the removal). Only a file in the image directory that no export
+/// serves is removed: the journal is a state file, and a state file is not trusted with a
+/// path outside the directories the agent owns.
+fn remove_image(exports: &Exports, view: &JobView, target: &TargetView, image_dir: &Path) {
+    let path = &target.image_path;
+    let inside = path.parent() == Some(image_dir)
+        && path
+            .file_name()
+            .is_some_and(|name| name.to_string_lossy().ends_with(".img"));
+    if !inside {
+        log::warn!(
+            "job {} (target, aborted): image {} is outside {}; left alone",
+            view.job_id,
+            path.display(),
+            image_dir.display()
+        );
+        return;
+    }
+    if exports.has_export(&view.export) {
+        return; // served under that name again since (a later job): not debris
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => log::info!(
+            "job {} (target, aborted): removed the image {} left by an unclean stop",
+            view.job_id,
+            path.display()
+        ),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+        Err(err) => log::warn!("cannot remove aborted target {}: {err}", path.display()),
+    }
+}
+
+/// Tells the destinations of aborted jobs to drop their images, a few times each with a
+/// growing pause, on one background thread (they are idempotent there).
+fn tell_aborted(jobs: Vec<(JobView, String)>, key: ClusterKey) {
+    let spawned = std::thread::Builder::new()
+        .name("ferry-abort".into())
+        .spawn(move || {
+            for (view, destination) in jobs {
+                let spec = target_spec(&view);
+                let mut pause = Duration::from_secs(1);
+                for attempt in 1..=ABORT_ATTEMPTS {
+                    match abort_target(&destination, &key, &spec) {
+                        Ok(()) => {
+                            log::info!("job {}: {destination} dropped its target", view.job_id);
+                            break;
                         }
-                        None => log::warn!(
-                            "export {} (job {}, switched) is not configured here",
-                            view.export,
-                            view.job_id
+                        Err(err) if attempt == ABORT_ATTEMPTS => log::warn!(
+                            "job {} (aborted): {destination} not told ({}); `ferry abort` retries",
+                            view.job_id,
+                            error_chain(&err)
                         ),
+                        Err(_) => {
+                            std::thread::sleep(pause);
+                            pause *= 2;
+                        }
                     }
                 }
-                SourcePhase::SwitchingOver => {
-                    resolve_in_doubt(journal, exports, key, &view, &source.destination);
-                }
-                SourcePhase::Copying | SourcePhase::Aborted | SourcePhase::Finished => {}
-            },
-            Side::Target(target) => serve_committed(exports, &view, target),
-        }
+            }
+        });
+    if let Err(err) = spawned {
+        log::error!("cannot start telling aborted destinations: {err}");
     }
 }
 
 /// A committed target this agent does not serve (its export list lost it) is served.
 fn serve_committed(exports: &Exports, view: &JobView, target: &TargetView) {
-    if target.phase != TargetPhase::Committed || exports.has_export(&view.export) {
+    if exports.has_export(&view.export) {
         return;
     }
     let spec = crate::api::types::ExportSpec {

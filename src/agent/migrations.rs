@@ -18,7 +18,7 @@ use crate::jobs::job::JobRequest;
 use crate::jobs::Jobs;
 use crate::journal::{JobView, Record, Role, SharedJournal, Side, SourcePhase};
 use crate::migrate::{MigrateOptions, Policy};
-use crate::transfer::{resolve_peer, ClusterKey, SendOptions};
+use crate::transfer::{abort_target, resolve_peer, ClusterKey, SendOptions, TargetSpec};
 
 /// Bytes a migration hands to one send (one sync round trip, one progress and bandwidth
 /// sample), whatever the tracking granularity: ~30 ms of copy at disk speed. (At 4 KiB
@@ -77,33 +77,13 @@ impl Migrations {
 
     /// Tells the destination of an aborted job to drop its image; says how that went.
     fn abort_destination(&self, view: &JobView, destination: &str) -> String {
-        let key = &self.cluster_key;
-        let spec = crate::transfer::TargetSpec {
-            export: view.export.clone(),
-            size_bytes: view.size_bytes,
-            granularity_bytes: view.granularity_bytes,
-            job_id: view.job_id,
-            batch: view.batch.clone(),
-        };
-        let told = resolve_peer(destination)
-            .map_err(|err| error_chain(&err))
-            .and_then(|addr| {
-                let (sender, _) = crate::transfer::Sender::connect(
-                    addr,
-                    key,
-                    &spec,
-                    SendOptions {
-                        reply_timeout_ms: 10_000,
-                        connect_timeout_ms: 3_000,
-                        ..SendOptions::default()
-                    },
-                )
-                .map_err(|err| error_chain(&err))?;
-                sender.abort().map_err(|err| error_chain(&err))
-            });
+        let told = abort_target(destination, &self.cluster_key, &target_spec(view));
         match told {
             Ok(()) => "aborted".into(),
-            Err(err) => format!("not told ({err}); its image stays until `ferry abort` again"),
+            Err(err) => format!(
+                "not told ({}); its image stays until `ferry abort` again",
+                error_chain(&err)
+            ),
         }
     }
 
@@ -232,5 +212,16 @@ impl Migrations {
         self.jobs
             .get(id)
             .ok_or_else(|| ControlError::NotFound(format!("no migration job {id}")))
+    }
+}
+
+/// What the destination of `view`'s job knows it by.
+pub fn target_spec(view: &JobView) -> TargetSpec {
+    TargetSpec {
+        export: view.export.clone(),
+        size_bytes: view.size_bytes,
+        granularity_bytes: view.granularity_bytes,
+        job_id: view.job_id,
+        batch: view.batch.clone(),
     }
 }

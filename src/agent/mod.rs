@@ -126,7 +126,7 @@ impl Agent {
         let journal = SharedJournal::open(&config.state_dir).map_err(AgentError::Journal)?;
         let key = load_cluster_key(&config.cluster_key)?;
         // Before any client is served: forwarding and held writes come back first.
-        journal::recover(&journal, &exports, &key);
+        journal::recover(&journal, &exports, &key, &config.image_dir);
         let options = SessionOptions {
             engine,
             queue_depth: config.queue_depth,

@@ -51,7 +51,7 @@ pub use frame::{ErrorCode, Frame, FrameError, Role, TargetSpec, TargetState};
 pub use key::ClusterKey;
 pub use outbound::MirrorLink;
 pub use pace::Pacer;
-pub use peer::{ask_until_final, resolve_peer, PeerError, DEFAULT_PORT};
+pub use peer::{abort_target, ask_until_final, resolve_peer, AbortError, PeerError, DEFAULT_PORT};
 pub use recv::{
     check_free_space, create_sparse_target, hash_image, serve, ReceiverServer, TargetHost,
 };

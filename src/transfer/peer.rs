@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use crate::error::error_chain;
 
-use super::{query_target, ClusterKey, QueryAnswer};
+use super::{
+    query_target, ClusterKey, QueryAnswer, SendOptions, Sender, TargetSpec, TransferError,
+};
 
 /// The block stream's port when an address names none.
 pub const DEFAULT_PORT: u16 = 7451;
@@ -19,6 +21,34 @@ pub const DEFAULT_PORT: u16 = 7451;
 const QUERY_TIMEOUT: Duration = Duration::from_secs(3);
 /// Pause between queries while the destination cannot be reached.
 const QUERY_RETRY: Duration = Duration::from_secs(1);
+
+/// Why a destination was not told to drop a target.
+#[derive(Debug, thiserror::Error)]
+pub enum AbortError {
+    /// Its address does not resolve.
+    #[error("destination address")]
+    Address(#[source] PeerError),
+    /// The stream failed or the destination refused.
+    #[error("destination did not confirm")]
+    Stream(#[source] TransferError),
+}
+
+/// Tells the destination at `destination` to drop the target of `spec` (its image and
+/// state); returns once it confirmed. Idempotent at the destination.
+pub fn abort_target(
+    destination: &str,
+    key: &ClusterKey,
+    spec: &TargetSpec,
+) -> Result<(), AbortError> {
+    let addr = resolve_peer(destination).map_err(AbortError::Address)?;
+    let options = SendOptions {
+        reply_timeout_ms: 10_000,
+        connect_timeout_ms: 3_000,
+        ..SendOptions::default()
+    };
+    let (sender, _) = Sender::connect(addr, key, spec, options).map_err(AbortError::Stream)?;
+    sender.abort().map_err(AbortError::Stream)
+}
 
 /// A peer address that cannot be used.
 #[derive(Debug, thiserror::Error)]
