@@ -179,7 +179,7 @@ impl Migrations {
                     job_id: id,
                     reason: "aborted by the operator".into(),
                 })
-                .map_err(ControlError::Invalid)?,
+                .map_err(|err| ControlError::Io(error_chain(&err)))?,
             SourcePhase::Aborted => {} // again: the destination may not have heard it
             phase => {
                 return Err(ControlError::Invalid(format!(

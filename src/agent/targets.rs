@@ -27,7 +27,7 @@ use crate::api::types::ExportSpec;
 use crate::dirty::DirtySet;
 use crate::journal::commit::{Answer, CommitDecision, CommitFence};
 use crate::journal::{Record, Role, SharedJournal, Side, TargetPhase, TargetView};
-use crate::transfer::{TargetHost, TargetSpec, TargetState};
+use crate::transfer::{check_free_space, TargetError, TargetHost, TargetSpec, TargetState};
 
 /// Least time between two records of a job's received blocks.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
@@ -82,90 +82,84 @@ impl Targets {
         self.image_dir.join(format!("{export}.img"))
     }
 
-    fn create(&self, spec: &TargetSpec, source: &str) -> Result<Arc<DirectFile>, String> {
-        config::validate_name(&spec.export)?;
+    fn create(&self, spec: &TargetSpec, source: &str) -> Result<Arc<DirectFile>, TargetError> {
+        config::validate_name(&spec.export).map_err(TargetError::Refused)?;
         match self.phase(spec.job_id) {
             None => {}
             // The same job again: a resume.
             Some((TargetPhase::Receiving, export)) if export == spec.export => {}
             Some((TargetPhase::Receiving, export)) => {
-                return Err(format!(
+                return Err(TargetError::Refused(format!(
                     "job {} is already receiving export '{export}' here",
                     spec.job_id
-                ));
+                )));
             }
             Some((phase, _)) => {
-                return Err(format!("job {} is {} here", spec.job_id, phase.as_str()));
+                return Err(TargetError::Refused(format!(
+                    "job {} is {} here",
+                    spec.job_id,
+                    phase.as_str()
+                )));
             }
         }
         if self.exports.has_export(&spec.export) {
-            return Err(format!(
+            return Err(TargetError::Refused(format!(
                 "export '{}' is already served by this agent",
                 spec.export
-            ));
+            )));
         }
         std::fs::create_dir_all(&self.image_dir)
-            .map_err(|err| format!("cannot create {}: {err}", self.image_dir.display()))?;
+            .map_err(TargetError::io("create the directory of", &self.image_dir))?;
         let path = self.image_path(&spec.export);
         // Before the image exists, so that no image exists the journal does not know.
-        self.journal.append(&Record::TargetCreated {
-            job_id: spec.job_id,
-            batch: spec.batch.clone(),
-            export: spec.export.clone(),
-            size_bytes: spec.size_bytes,
-            granularity_bytes: spec.granularity_bytes,
-            source: source.to_string(),
-            image_path: path.clone(),
-        })?;
+        self.journal
+            .append(&Record::TargetCreated {
+                job_id: spec.job_id,
+                batch: spec.batch.clone(),
+                export: spec.export.clone(),
+                size_bytes: spec.size_bytes,
+                granularity_bytes: spec.granularity_bytes,
+                source: source.to_string(),
+                image_path: path.clone(),
+            })
+            .map_err(|err| TargetError::Journal(Box::new(err)))?;
         match std::fs::metadata(&path) {
             Ok(meta) if meta.len() != spec.size_bytes => {
-                return Err(format!(
-                    "wrong size: {} holds {} bytes, the source disk has {}",
-                    path.display(),
-                    meta.len(),
-                    spec.size_bytes
-                ));
+                return Err(TargetError::WrongSize {
+                    have_bytes: meta.len(),
+                    want_bytes: spec.size_bytes,
+                });
             }
             // Same size: an interrupted migration of this disk, continued.
             Ok(_) => {}
             Err(_) => {
-                let free = free_bytes(&self.image_dir)?;
-                if free < spec.size_bytes {
-                    return Err(format!(
-                        "disk full: {} has {free} bytes free, the disk needs {}",
-                        self.image_dir.display(),
-                        spec.size_bytes
-                    ));
-                }
-                let file = std::fs::File::create(&path)
-                    .map_err(|err| format!("cannot create {}: {err}", path.display()))?;
+                check_free_space(&self.image_dir, spec.size_bytes)?;
+                let file =
+                    std::fs::File::create(&path).map_err(TargetError::io("create", &path))?;
                 file.set_len(spec.size_bytes)
-                    .map_err(|err| format!("cannot size {}: {err}", path.display()))?;
+                    .map_err(TargetError::io("size", &path))?;
             }
         }
         DirectFile::open(&path, true)
             .map(Arc::new)
-            .map_err(|err| format!("cannot open {}: {err}", path.display()))
+            .map_err(TargetError::io("open", &path))
     }
 }
 
-/// Bytes available to this process on the file system holding `dir`.
-fn free_bytes(dir: &std::path::Path) -> Result<u64, String> {
-    let stat = nix::sys::statvfs::statvfs(dir)
-        .map_err(|err| format!("cannot stat {}: {err}", dir.display()))?;
-    Ok(stat.blocks_available() * stat.fragment_size())
-}
-
 impl TargetHost for Targets {
-    fn create_target(&self, spec: &TargetSpec, source: &str) -> Result<Arc<DirectFile>, String> {
+    fn create_target(
+        &self,
+        spec: &TargetSpec,
+        source: &str,
+    ) -> Result<Arc<DirectFile>, TargetError> {
         let stream_id = self.next_stream.fetch_add(1, Ordering::Relaxed);
         {
             let mut filling = self.filling.lock().expect("filling lock");
             if filling.contains_key(&spec.export) {
-                return Err(format!(
+                return Err(TargetError::Refused(format!(
                     "another migration is filling '{}' here",
                     spec.export
-                ));
+                )));
             }
             filling.insert(spec.export.clone(), (spec.job_id, stream_id));
         }
@@ -182,7 +176,7 @@ impl TargetHost for Targets {
         created
     }
 
-    fn commit_target(&self, spec: &TargetSpec) -> Result<(), String> {
+    fn commit_target(&self, spec: &TargetSpec) -> Result<(), TargetError> {
         let stream_id = self
             .filling
             .lock()
@@ -201,16 +195,19 @@ impl TargetHost for Targets {
             match decision {
                 CommitDecision::AlreadyCommitted => return Ok(()),
                 CommitDecision::Refuse => {
-                    return Err(format!(
+                    return Err(TargetError::Refused(format!(
                         "job {} may not commit on this stream (fenced by an in-doubt query, \
                          or not receiving here)",
                         spec.job_id
-                    ));
+                    )));
                 }
                 // The commit point.
-                CommitDecision::Commit => self.journal.append(&Record::TargetCommitted {
-                    job_id: spec.job_id,
-                })?,
+                CommitDecision::Commit => self
+                    .journal
+                    .append(&Record::TargetCommitted {
+                        job_id: spec.job_id,
+                    })
+                    .map_err(|err| TargetError::Journal(Box::new(err)))?,
             }
         }
         let export = ExportSpec {

@@ -65,8 +65,8 @@ pub enum JobError {
     #[error("cannot hash the source image")]
     VerifyRead(#[source] TransferError),
     /// The journal could not record a step: the step was not taken.
-    #[error("{0}")]
-    Journal(String),
+    #[error("the journal cannot record the step")]
+    Journal(#[source] crate::journal::JournalError),
     /// A mirrored guest write may be missing at the destination: the commit was not sent.
     #[error("active mirroring failed to deliver a guest write; not committing")]
     MirrorFailed,

@@ -50,16 +50,17 @@ impl SharedJournal {
         Ok(SharedJournal(Arc::new(Mutex::new(journal))))
     }
 
-    /// Appends `record` durably; the error text names the record and the reason.
-    pub fn append(&self, record: &Record) -> Result<(), String> {
+    /// Appends `record` durably. A failure is logged here by the record's kind and job (never
+    /// its contents: a received-blocks record holds a whole bitmap).
+    pub fn append(&self, record: &Record) -> Result<(), JournalError> {
         let mut journal = self.0.lock().expect("journal lock");
-        journal.append(record).map(drop).map_err(|err| {
-            let message = format!(
-                "journal: cannot record {record:?}: {}",
-                crate::error::error_chain(&err)
+        journal.append(record).map(drop).inspect_err(|err| {
+            log::error!(
+                "journal: cannot record {} of job {}: {}",
+                record.kind_name(),
+                record.job_id(),
+                crate::error::error_chain(err)
             );
-            log::error!("{message}");
-            message
         })
     }
 

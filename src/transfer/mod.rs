@@ -53,7 +53,8 @@ pub use outbound::MirrorLink;
 pub use pace::Pacer;
 pub use peer::{abort_target, ask_until_final, resolve_peer, AbortError, PeerError, DEFAULT_PORT};
 pub use recv::{
-    check_free_space, create_sparse_target, hash_image, serve, ReceiverServer, TargetHost,
+    check_free_space, create_sparse_target, hash_image, serve, ReceiverServer, TargetError,
+    TargetHost,
 };
 pub use send::{query_target, OpenReply, QueryAnswer, SendOptions, SendStats, Sender};
 

@@ -17,7 +17,7 @@
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -48,15 +48,70 @@ const LINGER: Duration = Duration::from_secs(3);
 /// Connections served at once; more are closed at accept.
 const MAX_CONNECTIONS: usize = 64;
 
+/// Why a host refused to create or commit a target. Its `Display` (not its sources, which
+/// may name local paths) is what the source is told in an `Error` frame.
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    /// The host will not take this target now (busy, wrong state, already served, bad name).
+    #[error("{0}")]
+    Refused(String),
+    /// The file system lacks room for the disk.
+    #[error("not enough space: {need_bytes} bytes needed, {free_bytes} available")]
+    NoSpace {
+        /// The disk's size.
+        need_bytes: u64,
+        /// What is available to this process.
+        free_bytes: u64,
+    },
+    /// An image of another size sits where the target goes.
+    #[error("the image there holds {have_bytes} bytes, the source disk has {want_bytes}")]
+    WrongSize {
+        /// The existing image's size.
+        have_bytes: u64,
+        /// The source disk's size.
+        want_bytes: u64,
+    },
+    /// The image or its directory could not be created, sized, opened or locked.
+    #[error("cannot {action} the target image")]
+    Io {
+        /// What failed.
+        action: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The host's journal could not record the step, so it was not taken.
+    #[error("the destination cannot record it")]
+    Journal(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl TargetError {
+    /// An I/O failure of `action` on `path`.
+    pub fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> TargetError {
+        let path = path.to_path_buf();
+        move |source| TargetError::Io {
+            action,
+            path,
+            source,
+        }
+    }
+}
+
 /// What the agent provides to streams: target creation and commitment.
 pub trait TargetHost: Send + Sync {
     /// Creates (or, for the same job on resume, reopens) the target image for `spec`, of
     /// `spec.size_bytes`, sparse. Refuses with a reason when an export of that name is
     /// already served, or the disk lacks space ([`check_free_space`]).
     /// `source` is the peer's address as this agent sees it.
-    fn create_target(&self, spec: &TargetSpec, source: &str) -> Result<Arc<DirectFile>, String>;
+    fn create_target(
+        &self,
+        spec: &TargetSpec,
+        source: &str,
+    ) -> Result<Arc<DirectFile>, TargetError>;
     /// Makes the target authoritative: start serving it. Called after an fdatasync.
-    fn commit_target(&self, spec: &TargetSpec) -> Result<(), String>;
+    fn commit_target(&self, spec: &TargetSpec) -> Result<(), TargetError>;
     /// Drops the target (the source asked to abort).
     fn abort_target(&self, spec: &TargetSpec);
     /// Where this agent serves NBD over TCP, told to sources for forwarding.
@@ -73,37 +128,36 @@ pub trait TargetHost: Send + Sync {
 }
 
 /// Refuses when the filesystem holding `dir` has fewer than `need_bytes` available.
-pub fn check_free_space(dir: &Path, need_bytes: u64) -> Result<(), String> {
+pub fn check_free_space(dir: &Path, need_bytes: u64) -> Result<(), TargetError> {
     let stat = nix::sys::statvfs::statvfs(dir)
-        .map_err(|errno| format!("cannot stat filesystem of {}: {errno}", dir.display()))?;
+        .map_err(|errno| TargetError::io("inspect the file system of", dir)(errno.into()))?;
     let free_bytes = stat.blocks_available().saturating_mul(stat.fragment_size());
     if free_bytes < need_bytes {
-        return Err(format!(
-            "not enough space in {}: {need_bytes} bytes needed, {free_bytes} available",
-            dir.display()
-        ));
+        return Err(TargetError::NoSpace {
+            need_bytes,
+            free_bytes,
+        });
     }
     Ok(())
 }
 
 /// Creates a new sparse image of `size_bytes` at `path` (refusing an existing file or too
 /// little space), opens it O_DIRECT and locks it.
-pub fn create_sparse_target(path: &Path, size_bytes: u64) -> Result<Arc<DirectFile>, String> {
+pub fn create_sparse_target(path: &Path, size_bytes: u64) -> Result<Arc<DirectFile>, TargetError> {
     let dir = path.parent().filter(|dir| !dir.as_os_str().is_empty());
     check_free_space(dir.unwrap_or(Path::new(".")), size_bytes)?;
     let file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(path)
-        .map_err(|err| format!("cannot create {}: {err}", path.display()))?;
+        .map_err(TargetError::io("create", path))?;
     file.set_len(size_bytes)
-        .map_err(|err| format!("cannot size {}: {err}", path.display()))?;
+        .map_err(TargetError::io("size", path))?;
     drop(file);
-    let image = DirectFile::open(path, true)
-        .map_err(|err| format!("cannot open {}: {err}", path.display()))?;
+    let image = DirectFile::open(path, true).map_err(TargetError::io("open", path))?;
     image
         .lock_exclusive()
-        .map_err(|err| format!("cannot lock {}: {err}", path.display()))?;
+        .map_err(TargetError::io("lock", path))?;
     Ok(Arc::new(image))
 }
 
@@ -296,7 +350,13 @@ fn serve_connection(
         .map_or_else(|_| "unknown".to_string(), |addr| addr.to_string());
     let file = match host.create_target(&spec, &source) {
         Ok(file) => file,
-        Err(reason) => {
+        Err(err) => {
+            log::warn!(
+                "target {} refused: {}",
+                spec.export,
+                crate::error::error_chain(&err)
+            );
+            let reason = err.to_string();
             return Err(fail(&mut stream, TransferError::Refused { reason }));
         }
     };
@@ -481,8 +541,16 @@ impl Target {
                 }
                 Frame::Commit { seq } => {
                     self.flush()?;
-                    host.commit_target(&self.spec)
-                        .map_err(|reason| TransferError::Refused { reason })?;
+                    host.commit_target(&self.spec).map_err(|err| {
+                        log::warn!(
+                            "target {} not committed: {}",
+                            self.spec.export,
+                            crate::error::error_chain(&err)
+                        );
+                        TransferError::Refused {
+                            reason: err.to_string(),
+                        }
+                    })?;
                     committed = true;
                     write_frame(stream, &Frame::CommitOk { seq }, &mut self.scratch)?;
                 }

@@ -33,22 +33,30 @@ impl DirHost {
 }
 
 impl TargetHost for DirHost {
-    fn create_target(&self, spec: &TargetSpec, _source: &str) -> Result<Arc<DirectFile>, String> {
+    fn create_target(
+        &self,
+        spec: &TargetSpec,
+        _source: &str,
+    ) -> Result<Arc<DirectFile>, TargetError> {
         if let Some(reason) = &self.refuse {
-            return Err(reason.clone());
+            return Err(TargetError::Refused(reason.clone()));
         }
         let path = self.image(&spec.export);
         if !path.exists() {
             return create_sparse_target(&path, spec.size_bytes);
         }
-        let file = DirectFile::open(&path, true).map_err(|err| err.to_string())?;
+        let file = DirectFile::open(&path, true).map_err(TargetError::io("open", &path))?;
         match file.size_bytes() {
             Ok(size) if size == spec.size_bytes => Ok(Arc::new(file)),
-            _ => Err(format!("{} exists with the wrong size", path.display())),
+            Ok(size) => Err(TargetError::WrongSize {
+                have_bytes: size,
+                want_bytes: spec.size_bytes,
+            }),
+            Err(err) => Err(TargetError::io("size", &path)(err)),
         }
     }
 
-    fn commit_target(&self, spec: &TargetSpec) -> Result<(), String> {
+    fn commit_target(&self, spec: &TargetSpec) -> Result<(), TargetError> {
         self.committed.lock().unwrap().push(spec.export.clone());
         Ok(())
     }
