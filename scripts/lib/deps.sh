@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # scripts/lib/deps.sh - Debian packages ferry's scripts need, installed only when missing.
 #
 # Sourced (not run) by scripts/test, scripts/fault-soak, scripts/netlab, scripts/bench-nbd and

@@ -1,3 +1,4 @@
+# shellcheck shell=bash disable=SC2034  # (the variables are for the scripts that source it)
 # scripts/peers/lib.sh - helpers of ferry's benchmarks (scripts/bench-nbd, scripts/bench-migrate;
 # sourced, not run). Every process a benchmark starts is tracked by its pid and stopped by
 # that pid, never by name, so benchmarks can share the machine with other work.
