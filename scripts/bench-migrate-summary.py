@@ -2,10 +2,9 @@
 """Helpers of scripts/bench-migrate (not meant to be run by hand).
 
   windows LOG PREFIX NAME=T0:T1 ...   guest write IOPS and latency (p50/p99/p999/max) in each
-                                      time window of a fio latency log; computed with the
-                                      peers' own mirror_driver.lat_windows (imported from
-                                      $PEERS at run time) so ferry and QEMU figures are taken
-                                      the same way
+                                      time window of a fio latency log; computed with
+                                      scripts/peers/latency.py, as scripts/peers/qemu-mirror
+                                      does, so ferry and QEMU figures are taken the same way
   fio JSON PREFIX                     the writer's totals (IOPS, writes, error)
   report JSON DISK_BYTES PREFIX       ferry's JobStatus (`ferry migrate --json`) as key=value
   unwritten SRC DST LOG BS PREFIX     compares the two images on every BS block the guest never
@@ -29,15 +28,16 @@ def load_json(path):
 
 
 def cmd_windows(log, prefix, *specs):
-    sys.path.insert(0, os.environ["PEERS"])
-    from mirror_driver import lat_windows  # the peers' exact window statistics
+    peers = os.environ.get("PEERS") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers")
+    sys.path.insert(0, peers)
+    from latency import windows  # the same statistics qemu-mirror takes for QEMU
 
-    windows = {}
+    spans = {}
     for spec in specs:
         name, span = spec.split("=", 1)
         a, b = span.split(":")
-        windows[name] = (float(a), float(b))
-    for name, s in lat_windows(log, windows).items():
+        spans[name] = (float(a), float(b))
+    for name, s in windows(log, spans).items():
         kv(prefix, f"{name}.secs", f"{s['secs']:.2f}")
         kv(prefix, f"{name}.writer_iops", f"{s['iops']:.0f}")
         for p in ("p50", "p99", "p999", "max"):

@@ -3,7 +3,8 @@
 writer with its ledger of acknowledged writes, and the checks.
 
 Subcommands:
-  run      the rounds (called by scripts/fault-soak, which builds ferry and brings up netlab)
+  run      the rounds (called by scripts/fault-soak, which builds ferry and brings up the
+           two hosts of scripts/netlab)
   writer   one guest: 4 KiB writes over NBD, every acknowledged write recorded in a ledger
   check    a ledger against an image (the same check the rounds run), for replaying by hand
   journal  prints a ferry journal file as the soak parses it
@@ -371,7 +372,7 @@ def mean_of(jobs, key):
 
 
 class Lab:
-    """netlab with this soak's prefix; h1 = source, h2 = destination."""
+    """scripts/netlab with this soak's prefix; h1 = source, h2 = destination."""
 
     def __init__(self, netlab, net):
         self.netlab, self.net = netlab, net
@@ -672,7 +673,7 @@ class Soak:
     def strike(self, fault, rng, src, dst):
         """The fault itself, at once: kill -9 or cut the network."""
         if fault == "partition":
-            # netlab takes ~30 ms to install the drop rules, longer than a commit: both
+            # scripts/netlab takes 20-30 ms to install the drop rules, longer than a commit: both
             # agents are frozen (SIGSTOP) meanwhile, so the cut lands at the chosen moment.
             # What is already in their sockets is still delivered, as in a real cut.
             frozen = [a for a in (src, dst) if a.alive()]
