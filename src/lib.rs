@@ -1,26 +1,41 @@
 //! ferry: a per-host storage agent that serves VM disks over NBD, tracks every write, and
-//! (in later stages) moves live disks between hosts.
+//! moves live disks between hosts, with a durable journal that says after any fault where
+//! each disk is authoritative.
 //!
 //! ```text
-//!  NBD client (QEMU, qemu-io, nbdcopy, fio ...)
-//!    │ unix socket / TCP
-//!  ┌─▼──────────────────────── ferry agent ─────────────────────────────┐
-//!  │ nbd::server ─► nbd::session ─► io engine (io_uring, O_DIRECT) ─► image │
-//!  │                  │ after each completed write: dirty::TrackerSet      │
-//!  │ api (HTTP/JSON, /metrics)         agent (config, registry, signals)  │
-//!  └────────────────────────────────────────────────────────────────────┘
+//!  NBD client (QEMU, qemu-io, nbdcopy, fio ...)            ferry CLI / demo / (manager)
+//!    │ unix socket / TCP                                          │ api::Client (HTTP/JSON)
+//!  ┌─▼───────────────────────────── ferry agent ──────────────────▼──────────────────────┐
+//!  │ nbd::server ─► nbd::session ─► io engine (io_uring, O_DIRECT) ─► image              │
+//!  │                   │ each completed write: disk::WriteTrap (mark trackers,          │
+//!  │                   │ mirror, leave the write gate)                                   │
+//!  │ jobs (migrate::run on a real export) ─► transfer (block stream) ─► peer agent       │
+//!  │ journal (every step durable first)      api::server ─► agent::AgentControl          │
+//!  └─────────────────────────────────────────────────────────────────────────────────────┘
 //! ```
 //!
-//! Module map: [`agent`] the daemon, [`nbd`] the protocol and data path, [`io`] the engines
-//! (the `ferry-sys` crate holds all code the compiler cannot check), [`dirty`] write
-//! trackers, [`api`] the control API and its client, [`metrics`] latency recording, [`env`]
-//! the clock trait that core logic takes so it can run under simulation, [`prng`] the seeded
-//! generator of tests and simulations, [`demo`] the `ferry demo` walkthrough, [`transfer`]
-//! the authenticated block stream between agents (framed extents, BLAKE3 per extent, holes
-//! for zeros, bandwidth cap), [`migrate`] the live-migration algorithm (heat and naive
-//! policies, switchover), the job that runs it on a real export, and its simulation, [`journal`]
-//! the durable, checksummed record of every migration this agent takes part in (source or
-//! target), replayed at start-up and folded into per-job state (which side is authoritative).
+//! # Layers
+//!
+//! Each module names only modules below it; nothing names `agent` or `cli`.
+//! `tests/layering.rs` reads `src/` and fails on an import that goes up or closes a loop.
+//! Bottom to top:
+//!
+//! | layer | modules | what |
+//! | --- | --- | --- |
+//! | 1 | [`error`] [`env`] [`prng`] `codec` `durable` `name` | error chains; the clock trait core logic takes; the seeded PRNG; the checked byte cursor; atomic write + directory sync; the one name rule |
+//! | 2 | [`metrics`] | latency recorders (hdrhistogram) |
+//! | 3 | [`io`] | block engines behind `BlockIo` (io_uring, pread/pwrite); the `ferry-sys` crate holds all code the compiler cannot check |
+//! | 4 | [`dirty`] | write trackers: dirty bitmaps, heat, their files |
+//! | 5 | [`disk`] | one served export: image, trackers, route and write gate, mirror hook, the one write trap |
+//! | 6 | [`nbd`] | the NBD protocol: wire, handshake, sessions, listeners, client, forwarding engine |
+//! | 7 | [`transfer`] | the authenticated block stream between agents; peer addresses (`lease` will sit here) |
+//! | 8 | [`migrate`] | the pure live-migration algorithm (heat and naive policies, forecast, switchover) and its simulation |
+//! | 9 | [`journal`] | the durable record of every migration and the commit protocol's pure decisions, simulated |
+//! | 10 | [`jobs`] | the algorithm run on real exports: the job environment and the job table (`seed` will sit here) |
+//! | 11 | [`api`] | DTOs, the HTTP server over a `Control` trait, the client, rendering, the batch driver |
+//! | 12 | [`agent`] | the composition root: config, exports, trackers, migrations, targets, recovery (`manager` will sit here) |
+//! | 13 | [`demo`] | `ferry demo`: agents as child processes, driven through the API |
+//! | 14 | [`cli`] | argument parsing and the commands, each an API call and a rendering |
 #![forbid(unsafe_code)]
 
 pub mod agent;
