@@ -78,13 +78,19 @@ pub(super) fn compare(work: &WorkDir, size_bytes: u64) -> Result<(), DemoError> 
     Ok(())
 }
 
-/// Half the disk holds pseudo-random data (the rest stays a hole), the same for each run.
+/// Bytes of data in the image: its first half (the rest is a hole).
+fn data_bytes(size_bytes: u64) -> u64 {
+    size_bytes / 2
+}
+
+/// The first [`data_bytes`] hold pseudo-random data (the rest stays a hole), the same for
+/// each run.
 fn make_image(path: &Path, size_bytes: u64) -> Result<(), DemoError> {
     let file = std::fs::File::create(path).map_err(DemoError::work(path))?;
     file.set_len(size_bytes).map_err(DemoError::work(path))?;
     let mut prng = Prng::new(0xda7a);
     let mut chunk = vec![0u8; 1 << 20];
-    for offset in (0..size_bytes / 2).step_by(chunk.len()) {
+    for offset in (0..data_bytes(size_bytes)).step_by(chunk.len()) {
         for word in chunk.chunks_mut(8) {
             word.copy_from_slice(&prng.next_u64().to_le_bytes());
         }
@@ -216,7 +222,9 @@ fn migrate(
         started.id
     );
     let bar = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let status = crate::migrate::view::follow(api, started.id, size_bytes, bar)?;
+    // The bar's total is the data, not the disk: holes cost the copy next to nothing, so a
+    // bar over the whole disk would stop half-way. It grows if passes send blocks again.
+    let status = crate::migrate::view::follow(api, started.id, data_bytes(size_bytes), bar)?;
     let Some(report) = status
         .report
         .as_ref()
@@ -266,7 +274,7 @@ impl Guest {
 fn guest(socket: &Path, size_bytes: u64, stop: &AtomicBool) -> Result<GuestReport, DemoError> {
     let mut nbd = NbdClient::connect_unix(socket, "vm1").map_err(DemoError::Nbd)?;
     let mut prng = Prng::new(0x5eed);
-    let mut workload = Workload::new(size_bytes / 2, &mut prng);
+    let mut workload = Workload::new(data_bytes(size_bytes), &mut prng);
     let mut last_write: HashMap<u64, u64> = HashMap::new();
     let mut sent_at: HashMap<u64, Instant> = HashMap::new();
     let mut latency = LatencyRecorder::new();

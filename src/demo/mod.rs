@@ -18,8 +18,9 @@
 //! - Every agent the demo starts is stopped before [`run`] returns, on error too: a guard sends
 //!   SIGTERM (the agent drains, syncs its image and saves its trackers) and kills an agent that
 //!   has not exited within a timeout. Two ways around the guard: a panic aborts the process in
-//!   release builds, and Ctrl-C kills the demo; in the second case the agents, which share the
-//!   terminal's process group, get the SIGINT too and stop cleanly on their own.
+//!   release builds, and Ctrl-C kills the demo (leaving its work directory); in the second case
+//!   the agents, which share the terminal's process group, get the SIGINT too and stop cleanly
+//!   on their own.
 //! - The work directory is removed after a successful run. After a failure it is kept and its
 //!   path printed, so the agents' logs can be read; every agent error names its log file.
 
