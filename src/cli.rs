@@ -160,8 +160,9 @@ pub enum Command {
         #[command(flatten)]
         target: ApiTarget,
     },
-    /// Start an agent on a temporary image, write a skewed workload over NBD, show the heat.
-    Demo(DemoArgs),
+    /// Walk through ferry on temporary images: write tracking and heat, then a live migration
+    /// (heat vs naive policy), with agents run as child processes.
+    Demo(crate::demo::DemoArgs),
 }
 
 /// `ferry agent` flags; each overrides the config file.
@@ -262,18 +263,4 @@ pub enum TrackerAction {
         /// Tracker name.
         name: String,
     },
-}
-
-/// `ferry demo` flags.
-#[derive(Debug, Args)]
-pub struct DemoArgs {
-    /// Image size.
-    #[arg(long, default_value = "1G")]
-    pub size: String,
-    /// Writes to issue.
-    #[arg(long, default_value_t = 40_000)]
-    pub writes: u64,
-    /// Directory for the temporary image (must support O_DIRECT: not tmpfs).
-    #[arg(long)]
-    pub dir: Option<PathBuf>,
 }

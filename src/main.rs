@@ -245,7 +245,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Demo(args) => ferry::demo::run(&args),
+        Command::Demo(args) => Ok(ferry::demo::run(&args)?),
     }
 }
 

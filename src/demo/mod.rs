@@ -1,158 +1,300 @@
-//! `ferry demo`: starts an agent on a temporary sparse image, writes a skewed workload through
-//! a real NBD connection (4 KiB writes, 32 in flight, hot spots drawn from a Zipf law), reads
-//! a sample back to check it, and prints the trackers and the heat map from the control API —
-//! the same calls `ferry tracker ls` and `ferry heat` make. Then it moves a live disk between
-//! two agents with each copy policy ([`migrate`]) and prints both reports.
+//! `ferry demo`: ferry on one host, told step by step in the terminal.
 //!
-//! Invariant: the demo cleans up its directory and stops the agent cleanly even on error.
+//! Act 1, write tracking ([`tracking`]): an agent serves a sparse image; a guest writes a
+//! skewed workload through a real NBD connection (4 KiB writes, 32 in flight, hot spots drawn
+//! from a Zipf law), a second tracker is added half-way, a sample is read back and checked, and
+//! the trackers and the heat map are printed from the control API (the calls `ferry tracker ls`
+//! and `ferry heat` make). Act 2, live migration ([`migrate`]): a disk moves between two agents
+//! while its guest writes, once with each copy policy (heat, naive), with a progress bar per
+//! copy and a table comparing the two.
+//!
+//! The agents are child processes ([`agents`]: this executable's `ferry agent --config`), each
+//! with its own config, state directory and log file in the demo's work directory. The demo
+//! reaches them only as any client would: through the control API ([`crate::api::Client`]) and
+//! NBD ([`crate::nbd::client`]). So their logs stay out of the terminal, and the demo depends
+//! on nothing above it (it imports neither `agent` nor `cli`).
+//!
+//! Invariants:
+//! - Every agent the demo starts is stopped before [`run`] returns, on error too: a guard sends
+//!   SIGTERM (the agent drains, syncs its image and saves its trackers) and kills an agent that
+//!   has not exited within a timeout. Two ways around the guard: a panic aborts the process in
+//!   release builds, and Ctrl-C kills the demo (leaving its work directory); in the second case
+//!   the agents, which share the terminal's process group, get the SIGINT too and stop cleanly
+//!   on their own.
+//! - The work directory is removed after a successful run. After a failure it is kept and its
+//!   path printed, so the agents' logs can be read; every agent error names its log file.
 
+use std::io;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::process::ExitStatus;
 
-use crate::agent::config::{parse_size, AgentConfig, ExportConfig, Overrides};
-use crate::agent::Agent;
-use crate::api::types::TrackerAdd;
-use crate::api::{render, token, Client};
-use crate::cli::DemoArgs;
-use crate::nbd::client::{check, NbdClient};
+use crate::api::ClientError;
 
+mod agents;
 mod guest;
 mod migrate;
+mod tracking;
 
-use guest::{pattern, Prng, Workload, REGIONS, WRITE_BYTES, ZIPF_S};
+/// Where the work directory goes when `--dir` is not given: on disk (O_DIRECT), unlike /tmp on
+/// some hosts.
+const DEFAULT_BASE_DIR: &str = "/var/tmp";
+/// Smallest image the workloads make sense on (256 Zipf regions of at least 256 KiB).
+const SIZE_MIN_BYTES: u64 = 64 << 20;
 
-type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+/// `ferry demo` flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DemoArgs {
+    /// Size of the demo's disk images (at least 64M).
+    #[arg(long, default_value = "1G")]
+    pub size: String,
+    /// Writes of the first act's workload.
+    #[arg(long, default_value_t = 40_000)]
+    pub writes: u64,
+    /// Where to create the work directory (images, agent configs, state, logs). It must
+    /// support O_DIRECT: not tmpfs. [default: /var/tmp]
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+}
 
-const QUEUE_DEPTH: usize = 32;
+/// Errors of the demo, one variant per failing step. The agent variants name the agent's log,
+/// where the agent says why.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// A flag has a value the demo cannot use.
+    #[error("{flag}: {problem}")]
+    Args {
+        /// The flag.
+        flag: &'static str,
+        /// What is wrong.
+        problem: String,
+    },
+    /// A file or directory of the work directory could not be written.
+    #[error("{path}")]
+    WorkDir {
+        /// The file or directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The agent's config file could not be written as TOML.
+    #[error("config of agent {agent}")]
+    Config {
+        /// The agent.
+        agent: String,
+        /// Why.
+        #[source]
+        source: toml::ser::Error,
+    },
+    /// The agent process could not be started, waited for or signalled.
+    #[error("agent {agent} (log {log})")]
+    Process {
+        /// The agent.
+        agent: String,
+        /// Its log file.
+        log: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The agent exited before its control API answered.
+    #[error("agent {agent} exited during start-up ({status}); see its log {log}")]
+    StartExited {
+        /// The agent.
+        agent: String,
+        /// How it exited.
+        status: ExitStatus,
+        /// Its log file.
+        log: PathBuf,
+    },
+    /// The agent's control API did not answer in time (the agent was then stopped).
+    #[error("agent {agent} did not answer on {api} within {waited_s} s; see its log {log}")]
+    StartTimeout {
+        /// The agent.
+        agent: String,
+        /// The control API address it was given.
+        api: String,
+        /// How long the demo waited.
+        waited_s: u64,
+        /// Its log file.
+        log: PathBuf,
+    },
+    /// The agent did not stop cleanly after SIGTERM.
+    #[error("agent {agent} did not stop cleanly ({how}); see its log {log}")]
+    Unclean {
+        /// The agent.
+        agent: String,
+        /// Its exit status, or that it was killed.
+        how: String,
+        /// Its log file.
+        log: PathBuf,
+    },
+    /// A control API call failed.
+    #[error("control API")]
+    Api(#[from] ClientError),
+    /// The NBD connection of the demo's guest failed.
+    #[error("NBD guest")]
+    Nbd(#[source] io::Error),
+    /// A block read back through NBD does not hold its last write.
+    #[error("the block at offset {offset_bytes} does not hold its last write")]
+    LostWrite {
+        /// The block.
+        offset_bytes: u64,
+    },
+    /// The cluster key shared by the migration's agents could not be created.
+    #[error("cluster key {path}")]
+    ClusterKey {
+        /// The key file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: crate::transfer::TransferError,
+    },
+    /// A migration ended in another phase than Done.
+    #[error("{policy} migration ended {phase}: {reason}")]
+    Migration {
+        /// The copy policy.
+        policy: &'static str,
+        /// The phase it ended in.
+        phase: String,
+        /// The job's error, if it gave one.
+        reason: String,
+    },
+    /// The guest thread panicked (a bug; its message went to stderr).
+    #[error("the guest thread panicked")]
+    GuestPanicked,
+}
 
-/// Runs the demo.
-pub fn run(args: &DemoArgs) -> Result<()> {
-    let size_bytes = parse_size(&args.size).map_err(|p| format!("--size: {p}"))?;
-    if size_bytes < 64 << 20 {
-        return Err("--size: use at least 64M".into());
+impl DemoError {
+    /// A [`DemoError::WorkDir`] for `path`, for `map_err`.
+    fn work(path: &Path) -> impl FnOnce(io::Error) -> DemoError + '_ {
+        move |source| DemoError::WorkDir {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// The demo's work directory: one subdirectory per act, and `logs/` with one file per agent.
+#[derive(Debug)]
+struct WorkDir {
+    root: PathBuf,
+}
+
+impl WorkDir {
+    fn create(root: PathBuf) -> Result<WorkDir, DemoError> {
+        let logs = root.join("logs");
+        std::fs::create_dir_all(&logs).map_err(DemoError::work(&logs))?;
+        Ok(WorkDir { root })
+    }
+
+    /// A subdirectory, created.
+    fn subdir(&self, relative: &str) -> Result<PathBuf, DemoError> {
+        let dir = self.root.join(relative);
+        std::fs::create_dir_all(&dir).map_err(DemoError::work(&dir))?;
+        Ok(dir)
+    }
+
+    /// The log file of agent `name`.
+    fn log(&self, name: &str) -> PathBuf {
+        self.root.join("logs").join(format!("{name}.log"))
+    }
+}
+
+/// Runs the demo: both acts, then the work directory is removed (or kept, on failure).
+pub fn run(args: &DemoArgs) -> Result<(), DemoError> {
+    let size_bytes = parse_size_bytes(&args.size).map_err(|problem| DemoError::Args {
+        flag: "--size",
+        problem,
+    })?;
+    if size_bytes < SIZE_MIN_BYTES {
+        return Err(DemoError::Args {
+            flag: "--size",
+            problem: "use at least 64M".into(),
+        });
     }
     let base = args
         .dir
         .clone()
-        .unwrap_or_else(|| PathBuf::from("/var/tmp"));
-    let dir = base.join(format!("ferry-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let result = run_in(&dir.join("tracking"), size_bytes, args.writes)
-        .and_then(|()| migrate::compare(&dir.join("migration"), size_bytes));
-    let _ = std::fs::remove_dir_all(&dir);
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_BASE_DIR));
+    let work = WorkDir::create(base.join(format!("ferry-demo-{}", std::process::id())))?;
+    println!(
+        "ferry demo: work directory {} (images, agent configs and state, agent logs in logs/)",
+        work.root.display()
+    );
+    let result = tracking::run(&work, size_bytes, args.writes)
+        .and_then(|()| migrate::compare(&work, size_bytes));
+    match &result {
+        Ok(()) => match std::fs::remove_dir_all(&work.root) {
+            Ok(()) => println!("\nferry demo: done; removed {}", work.root.display()),
+            Err(err) => eprintln!(
+                "\nferry demo: done, but {} could not be removed: {err}",
+                work.root.display()
+            ),
+        },
+        Err(_) => eprintln!(
+            "\nferry demo: failed; kept {} (agent logs in {})",
+            work.root.display(),
+            work.root.join("logs").display()
+        ),
+    }
     result
 }
 
-fn run_in(dir: &Path, size_bytes: u64, writes: u64) -> Result<()> {
-    std::fs::create_dir_all(dir)?;
-    let image = dir.join("disk.img");
-    std::fs::File::create(&image)?.set_len(size_bytes)?;
-    let mut config = AgentConfig::from_toml("", &Overrides::default())?;
-    config.socket = dir.join("nbd.sock");
-    config.state_dir = dir.join("state");
-    config.api = "127.0.0.1:0".parse()?;
-    config.transfer = "127.0.0.1:0".parse()?;
-    config.cluster_key = config.state_dir.join("cluster.key");
-    config.image_dir = config.state_dir.join("images");
-    config.half_life_ms = 60_000;
-    config.exports = vec![ExportConfig {
-        name: "demo".into(),
-        path: image.clone(),
-        read_only: false,
-        granularity_bytes: 64 * 1024,
-        trackers: vec!["since-boot".into()],
-    }];
-    println!(
-        "ferry demo: {} sparse image at {}",
-        human(size_bytes),
-        image.display()
-    );
-    let agent = Agent::start(&config)?;
-    let outcome = drive(&agent, &config, size_bytes, writes);
-    let stopped = agent.shutdown();
-    outcome?;
-    stopped?;
-    println!(
-        "\nagent stopped cleanly: trackers saved under {}",
-        config.state_dir.display()
-    );
-    Ok(())
+/// Parses "1073741824", "512M", "1G", "1GiB" (binary units). The agent's config has its own
+/// parser; the demo keeps this one so as not to depend on the agent.
+fn parse_size_bytes(text: &str) -> Result<u64, String> {
+    let trimmed = text.trim();
+    let digits_end = trimmed
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(trimmed.len());
+    let (digits, unit) = trimmed.split_at(digits_end);
+    let number: u64 = digits
+        .parse()
+        .map_err(|_| format!("'{text}' is not a size like 1G"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kib" => 10,
+        "m" | "mib" => 20,
+        "g" | "gib" => 30,
+        "t" | "tib" => 40,
+        other => return Err(format!("'{text}' has unknown unit '{other}'")),
+    };
+    number
+        .checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("'{text}' is too large"))
 }
 
-fn drive(agent: &Agent, config: &AgentConfig, size_bytes: u64, writes: u64) -> Result<()> {
-    let api = Client::new(
-        &agent.api_addr().to_string(),
-        Some(token::read(agent.token_path())?),
-    );
-    let mut nbd = NbdClient::connect_unix(&config.socket, "demo")?;
-    println!(
-        "connected over NBD ({}): {} bytes, flags {:#06x}",
-        config.socket.display(),
-        nbd.size_bytes(),
-        nbd.transmission_flags()
-    );
-    let mut prng = Prng::new(0x5eed);
-    let mut workload = Workload::new(size_bytes, &mut prng);
-    let mut last_write = std::collections::HashMap::new();
-    let mut buf = vec![0u8; WRITE_BYTES as usize];
-    let started = Instant::now();
-    for generation in 0..writes {
-        if generation == writes / 2 {
-            // A tracker created half-way sees only the second half of the writes.
-            drain(&mut nbd)?;
-            api.add_tracker(
-                "demo",
-                &TrackerAdd {
-                    name: "second-half".into(),
-                    granularity_bytes: None,
-                    half_life_ms: None,
-                },
-            )?;
-        }
-        let offset = workload.offset(&mut prng);
-        pattern(offset, generation, &mut buf);
-        last_write.insert(offset, generation);
-        if nbd.in_flight() >= QUEUE_DEPTH {
-            check(nbd.recv()?)?;
-        }
-        nbd.send_write(offset, &buf, false)?;
-    }
-    drain(&mut nbd)?;
-    nbd.flush()?;
-    let secs = started.elapsed().as_secs_f64();
-    println!(
-        "wrote {writes} x 4 KiB (zipf {ZIPF_S} over {REGIONS} regions, {QUEUE_DEPTH} in flight) in {secs:.2} s: {:.0} IOPS, {} distinct blocks",
-        writes as f64 / secs,
-        last_write.len()
-    );
-    let mut checked = 0;
-    for (offset, generation) in last_write.iter().take(2000) {
-        pattern(*offset, *generation, &mut buf);
-        if nbd.read_at(*offset, WRITE_BYTES as u32)? != buf {
-            return Err(format!("read-back mismatch at offset {offset}").into());
-        }
-        checked += 1;
-    }
-    println!("read back {checked} blocks through NBD: all match the last write");
-    nbd.disconnect()?;
-    println!("\n$ ferry tracker ls demo");
-    print!("{}", render::trackers_table(&api.trackers("demo")?));
-    println!("\n$ ferry heat demo --tracker since-boot");
-    let map = api.heat("demo", Some("since-boot"), 64 * 16)?;
-    print!("{}", render::heat_map(&map, 64, false));
-    Ok(())
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-fn drain(nbd: &mut NbdClient) -> Result<()> {
-    while nbd.in_flight() > 0 {
-        check(nbd.recv()?)?;
+    /// Goal: the sizes `--size` documents parse to binary units, and bad ones say why.
+    #[test]
+    fn demo_parse_size_bytes() {
+        assert_eq!(parse_size_bytes("1G"), Ok(1 << 30));
+        assert_eq!(parse_size_bytes(" 512MiB "), Ok(512 << 20));
+        assert_eq!(parse_size_bytes("65536"), Ok(65536));
+        assert_eq!(parse_size_bytes("64k"), Ok(64 << 10));
+        assert!(parse_size_bytes("G").unwrap_err().contains("not a size"));
+        assert!(parse_size_bytes("1X").unwrap_err().contains("unknown unit"));
+        assert!(parse_size_bytes("99999999999T")
+            .unwrap_err()
+            .contains("too large"));
     }
-    Ok(())
-}
 
-fn human(bytes: u64) -> String {
-    match bytes {
-        b if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64),
-        b => format!("{:.0} MiB", b as f64 / (1u64 << 20) as f64),
+    /// Goal: a demo with a bad `--size` fails before it creates anything.
+    #[test]
+    fn demo_rejects_small_size_before_creating_anything() {
+        let base = tempfile::tempdir().expect("tempdir");
+        let args = DemoArgs {
+            size: "1M".into(),
+            writes: 1,
+            dir: Some(base.path().to_path_buf()),
+        };
+        let err = run(&args).expect_err("1M is below the minimum");
+        assert!(matches!(err, DemoError::Args { flag: "--size", .. }));
+        let entries = std::fs::read_dir(base.path()).expect("read_dir").count();
+        assert_eq!(entries, 0);
     }
 }
