@@ -530,13 +530,12 @@ impl Session {
             let (offset_bytes, len_bytes) = (pending.offset_bytes, u64::from(pending.len_bytes));
             let outcome = match (&completion.result, pending.command) {
                 (Err(_), _) => WriteOutcome::Failed,
-                (Ok(()), Command::Write) => {
-                    let buf = completion
+                (Ok(()), Command::Write) => WriteOutcome::Written(
+                    completion
                         .buf
                         .as_ref()
-                        .expect("a write hands its buffer back");
-                    WriteOutcome::Written(&buf.as_slice()[..len_bytes as usize])
-                }
+                        .map(|buf| &buf.as_slice()[..len_bytes as usize]),
+                ),
                 (Ok(()), Command::WriteZeroes) => WriteOutcome::Zeroed,
                 (Ok(()), _) => WriteOutcome::Trimmed,
             };
