@@ -64,7 +64,9 @@ pub enum TargetError {
         free_bytes: u64,
     },
     /// An image of another size sits where the target goes.
-    #[error("the image there holds {have_bytes} bytes, the source disk has {want_bytes}")]
+    #[error(
+        "wrong size: the image there holds {have_bytes} bytes, the source disk has {want_bytes}"
+    )]
     WrongSize {
         /// The existing image's size.
         have_bytes: u64,
