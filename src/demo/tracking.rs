@@ -5,11 +5,10 @@
 //! Invariant: the agent is stopped (SIGTERM) whatever happens, and a clean stop is checked:
 //! that is when it saves its trackers.
 
-use std::collections::HashMap;
 use std::time::Instant;
 
 use super::agents::{AgentProcess, AgentSpec, ExportSpec};
-use super::guest::{pattern, Prng, Workload, REGIONS, WRITE_BYTES, ZIPF_S};
+use super::guest::{pattern, Ledger, Prng, Workload, REGIONS, WRITE_BYTES, ZIPF_S};
 use super::{DemoError, WorkDir};
 use crate::api::render::{self, human_bytes};
 use crate::api::types::TrackerAdd;
@@ -71,8 +70,8 @@ fn drive(api: &Client, spec: &AgentSpec, size_bytes: u64, writes: u64) -> Result
         nbd.size_bytes(),
         nbd.transmission_flags()
     );
-    let last_write = write_workload(&mut nbd, api, size_bytes, writes)?;
-    let checked = read_back(&mut nbd, &last_write)?;
+    let ledger = write_workload(&mut nbd, api, size_bytes, writes)?;
+    let checked = ledger.verify(&mut nbd, READ_BACK_BLOCKS)?;
     println!("read back {checked} blocks through NBD: all hold their last write");
     nbd.disconnect().map_err(DemoError::Nbd)?;
     println!("\n$ ferry tracker ls demo");
@@ -90,16 +89,17 @@ fn write_workload(
     api: &Client,
     size_bytes: u64,
     writes: u64,
-) -> Result<HashMap<u64, u64>, DemoError> {
+) -> Result<Ledger, DemoError> {
     let mut prng = Prng::new(0x5eed);
     let mut workload = Workload::new(size_bytes, &mut prng);
-    let mut last_write = HashMap::new();
+    let mut ledger = Ledger::default();
     let mut buf = vec![0u8; WRITE_BYTES as usize];
     let started = Instant::now();
     for generation in 0..writes {
         if generation == writes / 2 {
             // Drained first, so the new tracker sees exactly the second half of the writes.
             drain(nbd)?;
+            ledger.drained();
             api.add_tracker(
                 "demo",
                 &TrackerAdd {
@@ -113,8 +113,12 @@ fn write_workload(
             );
         }
         let offset = workload.offset(&mut prng);
+        if ledger.must_drain(offset) {
+            drain(nbd)?;
+            ledger.drained();
+        }
         pattern(offset, generation, &mut buf);
-        last_write.insert(offset, generation);
+        ledger.record(offset, generation);
         if nbd.in_flight() >= QUEUE_DEPTH {
             check(nbd.recv().map_err(DemoError::Nbd)?).map_err(DemoError::Nbd)?;
         }
@@ -128,28 +132,9 @@ fn write_workload(
         "wrote {writes} x 4 KiB (zipf {ZIPF_S} over {REGIONS} regions, {QUEUE_DEPTH} in flight) \
          in {secs:.2} s: {:.0} IOPS, {} distinct blocks",
         writes as f64 / secs,
-        last_write.len()
+        ledger.blocks()
     );
-    Ok(last_write)
-}
-
-/// Reads back up to [`READ_BACK_BLOCKS`] blocks and checks each holds its last write.
-fn read_back(nbd: &mut NbdClient, last_write: &HashMap<u64, u64>) -> Result<usize, DemoError> {
-    let mut buf = vec![0u8; WRITE_BYTES as usize];
-    let mut checked = 0;
-    for (offset, generation) in last_write.iter().take(READ_BACK_BLOCKS) {
-        pattern(*offset, *generation, &mut buf);
-        let read = nbd
-            .read_at(*offset, WRITE_BYTES as u32)
-            .map_err(DemoError::Nbd)?;
-        if read != buf {
-            return Err(DemoError::LostWrite {
-                offset_bytes: *offset,
-            });
-        }
-        checked += 1;
-    }
-    Ok(checked)
+    Ok(ledger)
 }
 
 fn drain(nbd: &mut NbdClient) -> Result<(), DemoError> {
