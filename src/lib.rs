@@ -21,11 +21,14 @@
 //! policies, switchover), the job that runs it on a real export, and its simulation, [`journal`]
 //! the durable, checksummed record of every migration this agent takes part in (source or
 //! target), replayed at start-up and folded into per-job state (which side is authoritative).
+//! At the bottom, used by all of the above and importing none of them: [`codec`] the checked
+//! byte cursor every decoder reads through.
 #![forbid(unsafe_code)]
 
 pub mod agent;
 pub mod api;
 pub mod cli;
+pub mod codec;
 pub mod demo;
 pub mod dirty;
 pub mod env;

@@ -13,12 +13,34 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::codec;
+
 /// Blocks per bitmap word.
 pub const WORD_BITS: u64 = 64;
 
 /// Number of `u64` words needed for `block_count` bits.
 pub fn word_count_for(block_count: u64) -> usize {
     usize::try_from(block_count.div_ceil(WORD_BITS)).expect("bitmap fits in memory")
+}
+
+/// Reads the `word_count_for(block_count)` little-endian words of a bitmap in its on-disk and
+/// wire form. The length is checked before anything is allocated; the error names the
+/// problem: the input ends early, or a bit is set past `block_count`.
+pub fn read_le_words(reader: &mut codec::Reader<'_>, block_count: u64) -> Result<Vec<u64>, String> {
+    let word_count = word_count_for(block_count);
+    let truncated = |err| format!("truncated bitmap: {err}");
+    let mut raw = codec::Reader::new(reader.bytes(word_count * 8).map_err(truncated)?);
+    let words = (0..word_count)
+        .map(|_| raw.u64_le())
+        .collect::<Result<Vec<u64>, _>>()
+        .map_err(truncated)?;
+    let tail_bits = block_count % WORD_BITS;
+    if let (Some(&last), true) = (words.last(), tail_bits != 0) {
+        if last >> tail_bits != 0 {
+            return Err(format!("bitmap has bits past block count {block_count}"));
+        }
+    }
+    Ok(words)
 }
 
 /// Index of the word holding `block`.

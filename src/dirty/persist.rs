@@ -32,8 +32,9 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::bitmap::word_count_for;
+use super::bitmap::read_le_words;
 use super::{DirtyError, Tracker, TrackerSpec, MAX_NAME_BYTES};
+use crate::codec::{self, CodecError};
 use crate::env::Clock;
 
 /// First bytes of every tracker file.
@@ -114,27 +115,6 @@ pub fn encode(tracker: &Tracker, state: FileState) -> Vec<u8> {
     out
 }
 
-/// Reads fields in order; running out is a bug after the length check in `decode`.
-struct Cursor<'a> {
-    bytes: &'a [u8],
-}
-
-impl<'a> Cursor<'a> {
-    fn take(&mut self, len: usize) -> &'a [u8] {
-        let (head, rest) = self.bytes.split_at(len);
-        self.bytes = rest;
-        head
-    }
-
-    fn u32(&mut self) -> u32 {
-        u32::from_le_bytes(self.take(4).try_into().expect("4 bytes"))
-    }
-
-    fn u64(&mut self) -> u64 {
-        u64::from_le_bytes(self.take(8).try_into().expect("8 bytes"))
-    }
-}
-
 /// Parses a tracker file's bytes; `path` only names the file in errors.
 pub fn decode(path: &Path, bytes: &[u8]) -> Result<SavedTracker, DirtyError> {
     let corrupt = |problem: String| DirtyError::Corrupt {
@@ -149,42 +129,49 @@ pub fn decode(path: &Path, bytes: &[u8]) -> Result<SavedTracker, DirtyError> {
         )));
     }
     let (body, checksum) = bytes.split_at(bytes.len() - CHECKSUM_BYTES);
-    let mut cursor = Cursor { bytes: body };
-    if cursor.take(MAGIC.len()) != MAGIC {
+    // The reads below cannot run out: the length was checked against the fixed header.
+    let short = |err| corrupt(truncated(err));
+    let mut reader = codec::Reader::new(body);
+    if reader.array::<8>().map_err(short)? != MAGIC {
         return Err(corrupt("bad magic: not a ferry tracker file".to_owned()));
     }
-    let version = cursor.u32();
+    let version = reader.u32_le().map_err(short)?;
     if version != VERSION {
         return Err(corrupt(format!(
             "unsupported version {version} (this build reads {VERSION})"
         )));
     }
-    let stored = u32::from_le_bytes(checksum.try_into().expect("4 bytes"));
+    let stored = codec::Reader::new(checksum).u32_le().map_err(short)?;
     let computed = crc32c::crc32c(body);
     if stored != computed {
         return Err(corrupt(format!(
             "checksum mismatch (stored {stored:#010x}, computed {computed:#010x}): torn or damaged"
         )));
     }
-    decode_fields(&mut cursor, body.len()).map_err(corrupt)
+    decode_fields(&mut reader, body.len()).map_err(corrupt)
+}
+
+/// A file that ends inside a field.
+fn truncated(err: CodecError) -> String {
+    format!("truncated: {err}")
 }
 
 /// Parses the checksummed fields after the version; the error is the problem found.
-fn decode_fields(cursor: &mut Cursor<'_>, body_len: usize) -> Result<SavedTracker, String> {
-    let state = match cursor.u32() {
+fn decode_fields(reader: &mut codec::Reader<'_>, body_len: usize) -> Result<SavedTracker, String> {
+    let state = match reader.u32_le().map_err(truncated)? {
         1 => FileState::Clean,
         2 => FileState::Active,
         other => return Err(format!("unknown state {other}")),
     };
-    let flags = cursor.u32();
+    let flags = reader.u32_le().map_err(truncated)?;
     if flags & !FLAG_LOST != 0 {
         return Err(format!("unknown flags {flags:#x}"));
     }
-    let granularity_bytes = cursor.u64();
-    let block_count = cursor.u64();
-    let disk_bytes = cursor.u64();
-    let half_life_ms = cursor.u64();
-    let name_len = cursor.u32() as usize;
+    let granularity_bytes = reader.u64_le().map_err(truncated)?;
+    let block_count = reader.u64_le().map_err(truncated)?;
+    let disk_bytes = reader.u64_le().map_err(truncated)?;
+    let half_life_ms = reader.u64_le().map_err(truncated)?;
+    let name_len = reader.u32_le().map_err(truncated)? as usize;
     if name_len > MAX_NAME_BYTES {
         return Err(format!("name length {name_len} exceeds {MAX_NAME_BYTES}"));
     }
@@ -209,7 +196,7 @@ fn decode_fields(cursor: &mut Cursor<'_>, body_len: usize) -> Result<SavedTracke
             "{body_len} bytes before the checksum, header implies {expected:?}"
         ));
     }
-    let name = String::from_utf8(cursor.take(name_len).to_vec())
+    let name = String::from_utf8(reader.bytes(name_len).map_err(truncated)?.to_vec())
         .map_err(|_| "name is not UTF-8".to_owned())?;
     let spec = TrackerSpec {
         name,
@@ -217,9 +204,10 @@ fn decode_fields(cursor: &mut Cursor<'_>, body_len: usize) -> Result<SavedTracke
         half_life_ms,
     };
     spec.validate().map_err(|err| err.to_string())?;
-    let words = decode_words(cursor, word_count_for(block_count), block_count)?;
-    let heat = cursor
-        .take(usize::try_from(block_count).expect("checked above"))
+    let words = read_le_words(reader, block_count)?;
+    let heat = reader
+        .bytes(usize::try_from(block_count).expect("checked above"))
+        .map_err(truncated)?
         .to_vec();
     Ok(SavedTracker {
         state,
@@ -229,22 +217,6 @@ fn decode_fields(cursor: &mut Cursor<'_>, body_len: usize) -> Result<SavedTracke
         words,
         heat,
     })
-}
-
-/// Reads `word_count` bitmap words; bits past `block_count` are corruption.
-fn decode_words(
-    cursor: &mut Cursor<'_>,
-    word_count: usize,
-    block_count: u64,
-) -> Result<Vec<u64>, String> {
-    let words: Vec<u64> = (0..word_count).map(|_| cursor.u64()).collect();
-    let tail_bits = block_count % 64;
-    if let (Some(&last), true) = (words.last(), tail_bits != 0) {
-        if last >> tail_bits != 0 {
-            return Err(format!("bitmap has bits past block count {block_count}"));
-        }
-    }
-    Ok(words)
 }
 
 /// Writes `bytes` to `path` atomically: temp file, fsync, rename. The caller syncs the

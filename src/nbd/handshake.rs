@@ -35,6 +35,7 @@ use std::io::{self, Read, Write};
 
 use thiserror::Error;
 
+use crate::codec;
 use crate::nbd::wire::{
     self, Command, ExportInfo, NbdErrno, RequestHeader, FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES,
     FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, INFO_BLOCK_SIZE, INFO_DESCRIPTION, INFO_EXPORT,
@@ -541,35 +542,10 @@ fn truncate(text: &str, max_bytes: usize) -> &str {
     &text[..end]
 }
 
-/// Reads big-endian fields off option data; every read checks the remaining length.
-struct Fields<'a> {
-    rest: &'a [u8],
-}
-
-impl<'a> Fields<'a> {
-    fn take(&mut self, len: usize) -> Option<&'a [u8]> {
-        if len > self.rest.len() {
-            return None;
-        }
-        let (head, rest) = self.rest.split_at(len);
-        self.rest = rest;
-        Some(head)
-    }
-
-    fn u16(&mut self) -> Option<u16> {
-        self.take(2).map(|b| u16::from_be_bytes([b[0], b[1]]))
-    }
-
-    fn u32(&mut self) -> Option<u32> {
-        self.take(4)
-            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
-    }
-
-    /// A u32 length followed by that many bytes of NBD string.
-    fn string(&mut self) -> Option<&'a str> {
-        let len = usize::try_from(self.u32()?).ok()?;
-        nbd_string(self.take(len)?)
-    }
+/// A u32 length followed by that many bytes of NBD string; None if short or not a string.
+fn read_string<'a>(reader: &mut codec::Reader<'a>) -> Option<&'a str> {
+    let len = usize::try_from(reader.u32_be().ok()?).ok()?;
+    nbd_string(reader.bytes(len).ok()?)
 }
 
 /// The data of NBD_OPT_INFO / NBD_OPT_GO.
@@ -582,10 +558,10 @@ struct InfoRequest<'a> {
 impl<'a> InfoRequest<'a> {
     /// None if malformed: the lengths must account for every byte.
     fn parse(data: &'a [u8]) -> Option<Self> {
-        let mut fields = Fields { rest: data };
-        let name = fields.string()?;
-        let count = usize::from(fields.u16()?);
-        if fields.rest.len() != count * 2 {
+        let mut reader = codec::Reader::new(data);
+        let name = read_string(&mut reader)?;
+        let count = usize::from(reader.u16_be().ok()?);
+        if reader.remaining() != count * 2 {
             return None;
         }
         let mut request = InfoRequest {
@@ -594,7 +570,7 @@ impl<'a> InfoRequest<'a> {
             wants_description: false,
         };
         for _ in 0..count {
-            match fields.u16()? {
+            match reader.u16_be().ok()? {
                 INFO_NAME => request.wants_name = true,
                 INFO_DESCRIPTION => request.wants_description = true,
                 _ => {} // EXPORT and BLOCK_SIZE are always sent; unknown ones are ignored.
@@ -613,15 +589,15 @@ struct MetaRequest<'a> {
 impl<'a> MetaRequest<'a> {
     /// None if malformed: the lengths must account for every byte.
     fn parse(data: &'a [u8]) -> Option<Self> {
-        let mut fields = Fields { rest: data };
-        let export_name = fields.string()?;
-        let count = fields.u32()?;
+        let mut reader = codec::Reader::new(data);
+        let export_name = read_string(&mut reader)?;
+        let count = reader.u32_be().ok()?;
         // Each query takes at least 4 bytes, which bounds the allocation.
-        let mut queries = Vec::with_capacity(fields.rest.len() / 4);
+        let mut queries = Vec::with_capacity(reader.remaining() / 4);
         for _ in 0..count {
-            queries.push(fields.string()?);
+            queries.push(read_string(&mut reader)?);
         }
-        if !fields.rest.is_empty() {
+        if !reader.is_empty() {
             return None;
         }
         Some(MetaRequest {
