@@ -22,7 +22,8 @@
 //! the durable, checksummed record of every migration this agent takes part in (source or
 //! target), replayed at start-up and folded into per-job state (which side is authoritative).
 //! At the bottom, used by all of the above and importing none of them: [`codec`] the checked
-//! byte cursor every decoder reads through.
+//! byte cursor every decoder reads through, [`durable`] atomic file replacement and directory
+//! sync.
 #![forbid(unsafe_code)]
 
 pub mod agent;
@@ -31,6 +32,7 @@ pub mod cli;
 pub mod codec;
 pub mod demo;
 pub mod dirty;
+pub mod durable;
 pub mod env;
 pub mod io;
 pub mod journal;

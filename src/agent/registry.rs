@@ -277,8 +277,9 @@ impl Registry {
             .cloned()
             .collect();
         let text = serde_json::to_vec_pretty(&specs).expect("specs serialize");
-        crate::agent::write_atomic(&self.runtime_file(), &text)
-            .map_err(|err| ControlError::Io(format!("cannot save exports.json: {err}")))
+        crate::durable::write_atomic(&self.runtime_file(), &text).map_err(|err| {
+            ControlError::Io(format!("cannot save exports.json: {}", error_chain(&err)))
+        })
     }
 
     /// Whether an export of that name is served.

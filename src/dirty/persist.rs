@@ -28,13 +28,14 @@
 //!   the file and the problem, never misread.
 
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::bitmap::read_le_words;
 use super::{DirtyError, Tracker, TrackerSpec, MAX_NAME_BYTES};
 use crate::codec::{self, CodecError};
+use crate::durable;
 use crate::env::Clock;
 
 /// First bytes of every tracker file.
@@ -43,7 +44,8 @@ pub const MAGIC: [u8; 8] = *b"FERRYTRK";
 pub const VERSION: u32 = 1;
 /// File name suffix of tracker files.
 pub const EXTENSION: &str = "tracker";
-/// Suffix of the temp file a save writes before renaming.
+/// Suffix of the temp file a save writes before renaming: the extension, then
+/// [`durable::TEMP_SUFFIX`].
 const TEMP_SUFFIX: &str = ".tracker.tmp";
 /// Bytes before the name: magic, version, state, flags, 4 u64 fields, name length.
 const FIXED_HEADER_BYTES: usize = 8 + 4 + 4 + 4 + 4 * 8 + 4;
@@ -219,33 +221,12 @@ fn decode_fields(reader: &mut codec::Reader<'_>, body_len: usize) -> Result<Save
     })
 }
 
-/// Writes `bytes` to `path` atomically: temp file, fsync, rename. The caller syncs the
-/// directory afterwards.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), DirtyError> {
-    let mut temp_name = path.as_os_str().to_owned();
-    temp_name.push(".tmp");
-    let temp_path = PathBuf::from(temp_name);
-    let save_error = |path: &Path| {
-        let path = path.to_owned();
-        move |source| DirtyError::Save { path, source }
-    };
-    let mut file = fs::File::create(&temp_path).map_err(save_error(&temp_path))?;
-    file.write_all(bytes).map_err(save_error(&temp_path))?;
-    file.sync_all().map_err(save_error(&temp_path))?;
-    drop(file);
-    fs::rename(&temp_path, path).map_err(save_error(path))
-}
-
 /// Fsyncs a directory so that renames and removals in it are durable.
 fn sync_dir(dir: &Path) -> Result<(), DirtyError> {
-    let save_error = |source| DirtyError::Save {
+    durable::sync_dir(dir).map_err(|source| DirtyError::Save {
         path: dir.to_owned(),
         source,
-    };
-    fs::File::open(dir)
-        .map_err(save_error)?
-        .sync_all()
-        .map_err(save_error)
+    })
 }
 
 /// What a directory entry is to us.
@@ -308,7 +289,11 @@ pub(crate) fn save_all(
         source,
     })?;
     for tracker in trackers {
-        write_atomic(&tracker_path(dir, tracker.name()), &encode(tracker, state))?;
+        durable::write_atomic(&tracker_path(dir, tracker.name()), &encode(tracker, state))
+            .map_err(|err| {
+                let (path, source) = err.into_parts();
+                DirtyError::Save { path, source }
+            })?;
     }
     for (path, entry) in list_dir(dir)?.unwrap_or_default() {
         if let Entry::Temp = entry {
