@@ -23,7 +23,7 @@
 //! target), replayed at start-up and folded into per-job state (which side is authoritative).
 //! At the bottom, used by all of the above and importing none of them: [`codec`] the checked
 //! byte cursor every decoder reads through, [`durable`] atomic file replacement and directory
-//! sync.
+//! sync, [`name`] the one rule for export, tracker and batch names.
 #![forbid(unsafe_code)]
 
 pub mod agent;
@@ -38,6 +38,7 @@ pub mod io;
 pub mod journal;
 pub mod metrics;
 pub mod migrate;
+pub mod name;
 pub mod nbd;
 pub mod prng;
 pub mod transfer;

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::name;
+
 /// Default unix socket of the NBD server.
 pub const DEFAULT_SOCKET: &str = "/run/ferry/nbd.sock";
 /// Default TCP address when TCP is switched on without an address.
@@ -322,7 +324,8 @@ impl AgentConfig {
         let mut seen = std::collections::BTreeSet::new();
         for (index, export) in self.exports.iter().enumerate() {
             let field = format!("export[{index}]");
-            validate_name(&export.name).map_err(|p| invalid(format!("{field}.name"), p))?;
+            name::validate(&export.name)
+                .map_err(|err| invalid(format!("{field}.name"), err.to_string()))?;
             if !seen.insert(export.name.as_str()) {
                 return Err(invalid(
                     format!("{field}.name"),
@@ -332,31 +335,12 @@ impl AgentConfig {
             validate_granularity(export.granularity_bytes)
                 .map_err(|p| invalid(format!("{field}.granularity"), p))?;
             for tracker in &export.trackers {
-                validate_name(tracker).map_err(|p| invalid(format!("{field}.trackers"), p))?;
+                name::validate(tracker)
+                    .map_err(|err| invalid(format!("{field}.trackers"), err.to_string()))?;
             }
         }
         Ok(())
     }
-}
-
-/// Export and tracker names: 1..=64 of `[A-Za-z0-9._-]`, not starting with a dot, so that they
-/// are safe as file names and as NBD metadata context suffixes.
-pub fn validate_name(name: &str) -> Result<(), String> {
-    if name.is_empty() || name.len() > 64 {
-        return Err(format!("name '{name}' must be 1 to 64 characters"));
-    }
-    if name.starts_with('.') {
-        return Err(format!("name '{name}' must not start with '.'"));
-    }
-    if let Some(bad) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || "._-".contains(*c)))
-    {
-        return Err(format!(
-            "name '{name}' has '{bad}': use letters, digits, '.', '_', '-'"
-        ));
-    }
-    Ok(())
 }
 
 /// A granularity must be a power of two between 4 KiB and 64 MiB.

@@ -156,7 +156,7 @@ impl Registry {
 
     /// Opens an export, restoring its trackers and creating the configured ones.
     pub fn open(&self, cfg: &ExportConfig) -> Result<Arc<Export>, ControlError> {
-        config::validate_name(&cfg.name).map_err(ControlError::Invalid)?;
+        crate::name::validate(&cfg.name).map_err(|err| ControlError::Invalid(err.to_string()))?;
         config::validate_granularity(cfg.granularity_bytes)
             .map_err(|p| ControlError::Invalid(format!("granularity: {p}")))?;
         if self
@@ -490,7 +490,7 @@ impl Control for Registry {
 
     fn add_tracker(&self, export: &str, add: TrackerAdd) -> Result<TrackerStatus, ControlError> {
         let export = self.get(export)?;
-        config::validate_name(&add.name).map_err(ControlError::Invalid)?;
+        crate::name::validate(&add.name).map_err(|err| ControlError::Invalid(err.to_string()))?;
         let granularity_bytes = add.granularity_bytes.unwrap_or(export.granularity_bytes);
         config::validate_granularity(granularity_bytes)
             .map_err(|p| ControlError::Invalid(format!("granularity: {p}")))?;
@@ -587,7 +587,7 @@ impl Control for Registry {
         options.mirror_from_start = request.mirror;
         options.chunk_blocks = (SEND_CHUNK_BYTES / export.granularity_bytes).max(1);
         if let Some(batch) = &request.batch {
-            config::validate_name(batch)
+            crate::name::validate(batch)
                 .map_err(|err| ControlError::Invalid(format!("batch: {err}")))?;
         }
         let journal = self.journal.lock().expect("journal lock").clone();

@@ -33,10 +33,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::bitmap::read_le_words;
-use super::{DirtyError, Tracker, TrackerSpec, MAX_NAME_BYTES};
+use super::{DirtyError, Tracker, TrackerSpec};
 use crate::codec::{self, CodecError};
 use crate::durable;
 use crate::env::Clock;
+use crate::name::NAME_MAX_BYTES;
 
 /// First bytes of every tracker file.
 pub const MAGIC: [u8; 8] = *b"FERRYTRK";
@@ -101,7 +102,7 @@ pub fn encode(tracker: &Tracker, state: FileState) -> Vec<u8> {
     out.extend_from_slice(&tracker.block_count().to_le_bytes());
     out.extend_from_slice(&tracker.disk_bytes().to_le_bytes());
     out.extend_from_slice(&tracker.half_life_ms().to_le_bytes());
-    let name_len = u32::try_from(name.len()).expect("names are at most 128 bytes");
+    let name_len = u32::try_from(name.len()).expect("names are at most NAME_MAX_BYTES");
     out.extend_from_slice(&name_len.to_le_bytes());
     out.extend_from_slice(name);
     for word in &words {
@@ -174,8 +175,8 @@ fn decode_fields(reader: &mut codec::Reader<'_>, body_len: usize) -> Result<Save
     let disk_bytes = reader.u64_le().map_err(truncated)?;
     let half_life_ms = reader.u64_le().map_err(truncated)?;
     let name_len = reader.u32_le().map_err(truncated)? as usize;
-    if name_len > MAX_NAME_BYTES {
-        return Err(format!("name length {name_len} exceeds {MAX_NAME_BYTES}"));
+    if name_len > NAME_MAX_BYTES {
+        return Err(format!("name length {name_len} exceeds {NAME_MAX_BYTES}"));
     }
     if !granularity_bytes.is_power_of_two() {
         return Err(format!(

@@ -529,6 +529,9 @@ fn nbd_string(bytes: &[u8]) -> Option<&str> {
     std::str::from_utf8(bytes).ok()
 }
 
+/// Whether `name` can be sent as an NBD string in a LIST reply. Not [`crate::name::validate`]:
+/// that rule is for names ferry creates things under; this one is the protocol's bound on
+/// what may travel (exports are created valid, so this only guards the wire).
 fn valid_name(name: &str) -> bool {
     nbd_string(name.as_bytes()).is_some()
 }

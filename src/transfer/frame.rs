@@ -36,8 +36,8 @@ pub const MAX_META_BYTES: usize = 4096;
 pub const MAX_DATA_BYTES: usize = 8 << 20;
 /// Most digests one DigestsOk carries (they travel in the meta).
 pub const MAX_DIGESTS: u32 = 120;
-/// Longest export name.
-pub const MAX_EXPORT_BYTES: usize = 64;
+/// Longest export or batch name: the name rule's limit.
+pub const MAX_EXPORT_BYTES: usize = crate::name::NAME_MAX_BYTES;
 /// Longest error message or address string.
 pub const MAX_MESSAGE_BYTES: usize = 1024;
 /// Most blocks a target may have at its granularity (the destination keeps a bitmap of
