@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::dirty::{MAX_GRANULARITY_BYTES, MIN_GRANULARITY_BYTES};
 use crate::name;
 
 /// Default unix socket of the NBD server.
@@ -23,14 +24,8 @@ pub const DEFAULT_API: &str = "127.0.0.1:7450";
 pub const DEFAULT_TRANSFER: &str = "127.0.0.1:7451";
 /// Port of the block-stream listener when a peer is named without one.
 pub const DEFAULT_TRANSFER_PORT: u16 = 7451;
-/// Default tracking granularity.
-pub const DEFAULT_GRANULARITY_BYTES: u64 = 64 * 1024;
-/// Default heat half-life.
-pub const DEFAULT_HALF_LIFE_MS: u64 = 30_000;
-/// Smallest and largest tracking granularity.
-pub const GRANULARITY_MIN_BYTES: u64 = 4 * 1024;
-/// Largest tracking granularity.
-pub const GRANULARITY_MAX_BYTES: u64 = 64 * 1024 * 1024;
+/// The trackers' defaults, which an export's configuration starts from.
+pub use crate::dirty::{DEFAULT_GRANULARITY_BYTES, DEFAULT_HALF_LIFE_MS};
 
 /// Errors from reading or validating the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -345,7 +340,7 @@ impl AgentConfig {
 
 /// A granularity must be a power of two between 4 KiB and 64 MiB.
 pub fn validate_granularity(bytes: u64) -> Result<(), String> {
-    if !bytes.is_power_of_two() || !(GRANULARITY_MIN_BYTES..=GRANULARITY_MAX_BYTES).contains(&bytes)
+    if !bytes.is_power_of_two() || !(MIN_GRANULARITY_BYTES..=MAX_GRANULARITY_BYTES).contains(&bytes)
     {
         return Err(format!(
             "{bytes} bytes is not a power of two between 4 KiB and 64 MiB"

@@ -26,9 +26,6 @@ use crate::nbd::server::ExportLookup;
 use crate::nbd::wire::{ExportCatalog, ExportInfo};
 use crate::transfer::{ClusterKey, SendOptions};
 
-/// Heat at and above which a block counts as hot in reports.
-pub const HOT_THRESHOLD: u8 = 8;
-
 /// Bytes a migration hands to one send (one sync round trip, one progress and bandwidth
 /// sample), whatever the tracking granularity: ~30 ms of copy at disk speed. (At 4 KiB
 /// tracking a fixed 256 blocks made sends of 1 MiB, each waiting for a sync.)
@@ -561,7 +558,7 @@ impl Control for Registry {
             cell_bytes,
             cells: map,
             histogram: tracker.heat_histogram_pairs(),
-            hot_blocks: tracker.hot_set(HOT_THRESHOLD).len() as u64,
+            hot_blocks: tracker.hot_set(crate::dirty::HOT_THRESHOLD).len() as u64,
         })
     }
 

@@ -16,7 +16,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::dirty::DirtySet;
+use crate::dirty::{DirtySet, HOT_THRESHOLD};
 
 /// How a migration orders its copy passes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -70,8 +70,6 @@ impl FromStr for Policy {
 pub const DEFAULT_MAX_PAUSE_MS: u64 = 100;
 /// Default pause the run aims for (see [`MigrateOptions::target_pause_ms`]).
 pub const DEFAULT_TARGET_PAUSE_MS: u64 = 10;
-/// Default heat from which a block counts as hot.
-pub const DEFAULT_HOT_THRESHOLD: u8 = 8;
 /// Default number of copy passes before the run falls back to mirroring.
 pub const DEFAULT_MAX_PASSES: u32 = 30;
 /// Default number of blocks handed to one `send` call.
@@ -123,7 +121,7 @@ impl Default for MigrateOptions {
             max_pause_ms: DEFAULT_MAX_PAUSE_MS,
             target_pause_ms: DEFAULT_TARGET_PAUSE_MS,
             force_after_ms: None,
-            hot_threshold: DEFAULT_HOT_THRESHOLD,
+            hot_threshold: HOT_THRESHOLD,
             max_passes: DEFAULT_MAX_PASSES,
             mirror_from_start: false,
             stall_passes: DEFAULT_STALL_PASSES,

@@ -49,8 +49,9 @@ use crate::nbd::wire::{
 pub const MAX_OPTION_BYTES: u32 = 64 * 1024;
 /// Longest option data skipped with `NBD_REP_ERR_TOO_BIG`; longer closes the connection.
 pub const MAX_DISCARD_BYTES: u32 = 1024 * 1024;
-/// Longest EXPORT_NAME data: the spec's string limit (`wire::MAX_STRING_BYTES`).
-const MAX_NAME_BYTES: u32 = 4096;
+/// Longest EXPORT_NAME data: the spec's string limit, as the u32 the option header carries.
+const MAX_NAME_BYTES: u32 = MAX_STRING_BYTES as u32;
+const _: () = assert!(MAX_NAME_BYTES as usize == MAX_STRING_BYTES);
 /// Options accepted in one handshake before the client is deemed abusive.
 pub const MAX_OPTIONS: u32 = 4096;
 

@@ -23,6 +23,7 @@
 use thiserror::Error;
 
 use crate::codec::{self, CodecError};
+use crate::dirty::MIN_GRANULARITY_BYTES;
 
 /// First four bytes of every frame: "FRYB" (ferry block stream).
 pub const MAGIC: u32 = 0x4652_5942;
@@ -766,7 +767,7 @@ fn decode_spec(fields: &mut codec::Reader<'_>) -> Result<TargetSpec, FrameError>
     if export.is_empty() {
         return Err(FrameError::BadField("empty export name"));
     }
-    if !granularity_bytes.is_power_of_two() || granularity_bytes < 4096 {
+    if !granularity_bytes.is_power_of_two() || granularity_bytes < MIN_GRANULARITY_BYTES {
         return Err(FrameError::BadField("granularity"));
     }
     if size_bytes.div_ceil(granularity_bytes) > MAX_BLOCKS {
