@@ -4,6 +4,8 @@
 //! option data, block-stream frame metas) reads through [`Reader`], so none of them indexes or
 //! splits a slice by hand.
 //!
+//! [`truncate_utf8`] is the writer side's one helper: it cuts a string to a bounded field.
+//!
 //! Invariants:
 //! - No method panics, whatever the input: running out of bytes is a [`CodecError`], and a
 //!   failed read consumes nothing.
@@ -99,6 +101,16 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// The longest prefix of `text` of at most `max_bytes` bytes that ends on a character
+/// boundary: how a string is cut to fit a bounded field before it is written.
+pub fn truncate_utf8(text: &str, max_bytes: usize) -> &str {
+    let mut end = text.len().min(max_bytes);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,6 +176,17 @@ mod tests {
                 left_bytes: 0
             })
         );
+    }
+
+    #[test]
+    fn truncation_keeps_whole_characters() {
+        // Goal: a cut never splits a character and never exceeds the bound. Method: cut a
+        // string of 1-, 2- and 3-byte characters at every length.
+        let text = "aé€b";
+        let expected = ["", "a", "a", "aé", "aé", "aé", "aé€", "aé€b", "aé€b"];
+        for (max_bytes, want) in expected.iter().enumerate() {
+            assert_eq!(truncate_utf8(text, max_bytes), *want, "{max_bytes}");
+        }
     }
 
     #[test]

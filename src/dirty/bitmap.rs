@@ -13,6 +13,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use super::MAX_BLOCK_COUNT;
 use crate::codec;
 
 /// Blocks per bitmap word.
@@ -21,6 +22,23 @@ pub const WORD_BITS: u64 = 64;
 /// Number of `u64` words needed for `block_count` bits.
 pub fn word_count_for(block_count: u64) -> usize {
     usize::try_from(block_count.div_ceil(WORD_BITS)).expect("bitmap fits in memory")
+}
+
+/// Blocks of a disk of `disk_bytes` at `granularity_bytes`, when a bitmap can hold them (a
+/// geometry read from a file or the journal is checked before anything is allocated for it).
+pub fn checked_block_count(disk_bytes: u64, granularity_bytes: u64) -> Result<u64, String> {
+    if !granularity_bytes.is_power_of_two() {
+        return Err(format!(
+            "granularity {granularity_bytes} is not a power of two"
+        ));
+    }
+    let block_count = disk_bytes.div_ceil(granularity_bytes);
+    if block_count > MAX_BLOCK_COUNT {
+        return Err(format!(
+            "{block_count} blocks exceed the bitmap limit {MAX_BLOCK_COUNT}"
+        ));
+    }
+    Ok(block_count)
 }
 
 /// Reads the `word_count_for(block_count)` little-endian words of a bitmap in its on-disk and

@@ -34,8 +34,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 
 use crate::codec::{self, CodecError};
-use crate::dirty::bitmap::{read_le_words, word_count_for};
-use crate::dirty::{DirtySet, MAX_BLOCK_COUNT};
+use crate::dirty::bitmap::{checked_block_count, read_le_words, word_count_for};
+use crate::dirty::DirtySet;
 use crate::migrate::Policy;
 
 const KIND_SOURCE_STARTED: u8 = 1;
@@ -550,17 +550,8 @@ fn encode_set(set: &DirtySet, writer: &mut Writer<'_>) {
 fn decode_set(fields: &mut Fields<'_>) -> Result<DirtySet, String> {
     let granularity_bytes = fields.u64()?;
     let disk_bytes = fields.u64()?;
-    if !granularity_bytes.is_power_of_two() {
-        return Err(format!(
-            "block set granularity {granularity_bytes} is not a power of two"
-        ));
-    }
-    let block_count = disk_bytes.div_ceil(granularity_bytes);
-    if block_count > MAX_BLOCK_COUNT {
-        return Err(format!(
-            "block set of {block_count} blocks exceeds {MAX_BLOCK_COUNT}"
-        ));
-    }
+    let block_count = checked_block_count(disk_bytes, granularity_bytes)
+        .map_err(|problem| format!("block set: {problem}"))?;
     let word_count = word_count_for(block_count);
     let words = match fields.u8()? {
         SET_ENCODING_WORDS => read_le_words(&mut fields.reader, block_count)?,

@@ -86,7 +86,9 @@ impl NbdClient {
         self.reads.len()
     }
 
-    fn send(
+    /// Sends one request, any flags and command (tests send malformed ones); returns its
+    /// cookie. A READ's reply is sized from `len_bytes`.
+    pub fn send(
         &mut self,
         flags: u16,
         command: u16,
@@ -133,18 +135,6 @@ impl NbdClient {
     /// Sends a FLUSH; returns its cookie.
     pub fn send_flush(&mut self) -> io::Result<u64> {
         self.send(0, CMD_FLUSH, 0, 0, &[])
-    }
-
-    /// Sends any raw request (tests of malformed input).
-    pub fn send_raw(
-        &mut self,
-        flags: u16,
-        command: u16,
-        offset_bytes: u64,
-        len_bytes: u32,
-        payload: &[u8],
-    ) -> io::Result<u64> {
-        self.send(flags, command, offset_bytes, len_bytes, payload)
     }
 
     /// Waits for the next reply.

@@ -393,7 +393,7 @@ impl<S: Read + Write> Haggle<'_, S> {
                 continue;
             }
             let name_len = u32::try_from(export.name.len()).expect("at most 4096 bytes");
-            let description = truncate(&export.description, MAX_STRING_BYTES);
+            let description = codec::truncate_utf8(&export.description, MAX_STRING_BYTES);
             let parts: [&[u8]; 3] = [
                 &name_len.to_be_bytes(),
                 export.name.as_bytes(),
@@ -425,7 +425,7 @@ impl<S: Read + Write> Haggle<'_, S> {
             )?;
         }
         if request.wants_description {
-            let description = truncate(&export.description, MAX_STRING_BYTES);
+            let description = codec::truncate_utf8(&export.description, MAX_STRING_BYTES);
             self.reply(
                 option,
                 REP_INFO,
@@ -535,15 +535,6 @@ fn nbd_string(bytes: &[u8]) -> Option<&str> {
 /// what may travel (exports are created valid, so this only guards the wire).
 fn valid_name(name: &str) -> bool {
     nbd_string(name.as_bytes()).is_some()
-}
-
-/// `text` cut to at most `max_bytes` on a character boundary.
-fn truncate(text: &str, max_bytes: usize) -> &str {
-    let mut end = text.len().min(max_bytes);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    &text[..end]
 }
 
 /// A u32 length followed by that many bytes of NBD string; None if short or not a string.

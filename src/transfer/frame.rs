@@ -22,6 +22,8 @@
 
 use thiserror::Error;
 
+/// Cuts a message to a bounded string field (here for the frame's users).
+pub use crate::codec::truncate_utf8;
 use crate::codec::{self, CodecError};
 use crate::dirty::MIN_GRANULARITY_BYTES;
 
@@ -475,27 +477,25 @@ pub fn decode_meta(header: &FrameHeader, meta: &[u8]) -> Result<Frame, FrameErro
                 }
             }
         }
-        kind::SYNC => Frame::Sync {
-            seq: fields.u64_be()?,
-        },
+        kind::SYNC
+        | kind::COMMIT
+        | kind::COMMIT_OK
+        | kind::VERIFY
+        | kind::FENCE
+        | kind::FENCE_OK => {
+            let seq = fields.u64_be()?;
+            match header.kind {
+                kind::SYNC => Frame::Sync { seq },
+                kind::COMMIT => Frame::Commit { seq },
+                kind::VERIFY => Frame::Verify { seq },
+                kind::FENCE => Frame::Fence { seq },
+                kind::FENCE_OK => Frame::FenceOk { seq },
+                _ => Frame::CommitOk { seq },
+            }
+        }
         kind::SYNC_OK => Frame::SyncOk {
             seq: fields.u64_be()?,
             received_blocks: fields.u64_be()?,
-        },
-        kind::COMMIT => Frame::Commit {
-            seq: fields.u64_be()?,
-        },
-        kind::COMMIT_OK => Frame::CommitOk {
-            seq: fields.u64_be()?,
-        },
-        kind::VERIFY => Frame::Verify {
-            seq: fields.u64_be()?,
-        },
-        kind::FENCE => Frame::Fence {
-            seq: fields.u64_be()?,
-        },
-        kind::FENCE_OK => Frame::FenceOk {
-            seq: fields.u64_be()?,
         },
         kind::VERIFY_OK => Frame::VerifyOk {
             seq: fields.u64_be()?,
@@ -748,15 +748,6 @@ fn encode_meta(frame: &Frame, out: &mut Vec<u8>) -> (u8, u32) {
             (kind::ERROR, 0)
         }
     }
-}
-
-/// Longest prefix of `text` of at most `max_bytes` that ends on a char boundary.
-pub fn truncate_utf8(text: &str, max_bytes: usize) -> &str {
-    let mut end = text.len().min(max_bytes);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    &text[..end]
 }
 
 fn decode_spec(fields: &mut codec::Reader<'_>) -> Result<TargetSpec, FrameError> {
