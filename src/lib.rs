@@ -22,7 +22,7 @@
 //!
 //! | layer | modules | what |
 //! | --- | --- | --- |
-//! | 1 | [`error`] [`env`] [`prng`] `codec` `durable` `name` | error chains; the clock trait core logic takes; the seeded PRNG; the checked byte cursor; atomic write + directory sync; the one name rule |
+//! | 1 | [`error`] [`env`] [`prng`] [`codec`] [`durable`] [`name`] | error chains; the clock trait core logic takes; the seeded PRNG; the checked byte cursor; atomic write + directory sync; the one name rule |
 //! | 2 | [`metrics`] | latency recorders (hdrhistogram) |
 //! | 3 | [`io`] | block engines behind `BlockIo` (io_uring, pread/pwrite); the `ferry-sys` crate holds all code the compiler cannot check |
 //! | 4 | [`dirty`] | write trackers: dirty bitmaps, heat, their files |
@@ -41,9 +41,11 @@
 pub mod agent;
 pub mod api;
 pub mod cli;
+pub mod codec;
 pub mod demo;
 pub mod dirty;
 pub mod disk;
+pub mod durable;
 pub mod env;
 pub mod error;
 pub mod io;
@@ -51,6 +53,7 @@ pub mod jobs;
 pub mod journal;
 pub mod metrics;
 pub mod migrate;
+pub mod name;
 pub mod nbd;
 pub mod prng;
 pub mod transfer;

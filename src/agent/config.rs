@@ -10,6 +10,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::dirty::{MAX_GRANULARITY_BYTES, MIN_GRANULARITY_BYTES};
+use crate::name;
+
 /// Default unix socket of the NBD server.
 pub const DEFAULT_SOCKET: &str = "/run/ferry/nbd.sock";
 /// Default TCP address when TCP is switched on without an address.
@@ -20,10 +23,6 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/ferry";
 pub const DEFAULT_API: &str = "127.0.0.1:7450";
 /// Default address of the block-stream listener that receives migrated disks.
 pub const DEFAULT_TRANSFER: &str = "127.0.0.1:7451";
-/// Smallest and largest tracking granularity.
-pub const GRANULARITY_MIN_BYTES: u64 = 4 * 1024;
-/// Largest tracking granularity.
-pub const GRANULARITY_MAX_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Errors from reading or validating the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -317,7 +316,8 @@ impl AgentConfig {
         let mut seen = std::collections::BTreeSet::new();
         for (index, export) in self.exports.iter().enumerate() {
             let field = format!("export[{index}]");
-            validate_name(&export.name).map_err(|p| invalid(format!("{field}.name"), p))?;
+            name::validate(&export.name)
+                .map_err(|err| invalid(format!("{field}.name"), err.to_string()))?;
             if !seen.insert(export.name.as_str()) {
                 return Err(invalid(
                     format!("{field}.name"),
@@ -327,36 +327,17 @@ impl AgentConfig {
             validate_granularity(export.granularity_bytes)
                 .map_err(|p| invalid(format!("{field}.granularity"), p))?;
             for tracker in &export.trackers {
-                validate_name(tracker).map_err(|p| invalid(format!("{field}.trackers"), p))?;
+                name::validate(tracker)
+                    .map_err(|err| invalid(format!("{field}.trackers"), err.to_string()))?;
             }
         }
         Ok(())
     }
 }
 
-/// Export and tracker names: 1..=64 of `[A-Za-z0-9._-]`, not starting with a dot, so that they
-/// are safe as file names and as NBD metadata context suffixes.
-pub fn validate_name(name: &str) -> Result<(), String> {
-    if name.is_empty() || name.len() > 64 {
-        return Err(format!("name '{name}' must be 1 to 64 characters"));
-    }
-    if name.starts_with('.') {
-        return Err(format!("name '{name}' must not start with '.'"));
-    }
-    if let Some(bad) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || "._-".contains(*c)))
-    {
-        return Err(format!(
-            "name '{name}' has '{bad}': use letters, digits, '.', '_', '-'"
-        ));
-    }
-    Ok(())
-}
-
 /// A granularity must be a power of two between 4 KiB and 64 MiB.
 pub fn validate_granularity(bytes: u64) -> Result<(), String> {
-    if !bytes.is_power_of_two() || !(GRANULARITY_MIN_BYTES..=GRANULARITY_MAX_BYTES).contains(&bytes)
+    if !bytes.is_power_of_two() || !(MIN_GRANULARITY_BYTES..=MAX_GRANULARITY_BYTES).contains(&bytes)
     {
         return Err(format!(
             "{bytes} bytes is not a power of two between 4 KiB and 64 MiB"

@@ -67,7 +67,7 @@ impl Exports {
 
     /// Opens an export, restoring its trackers and creating the configured ones.
     pub fn open(&self, cfg: &ExportConfig) -> Result<Arc<Export>, ControlError> {
-        config::validate_name(&cfg.name).map_err(ControlError::Invalid)?;
+        crate::name::validate(&cfg.name).map_err(|err| ControlError::Invalid(err.to_string()))?;
         config::validate_granularity(cfg.granularity_bytes)
             .map_err(|p| ControlError::Invalid(format!("granularity: {p}")))?;
         if self
@@ -188,8 +188,9 @@ impl Exports {
             .cloned()
             .collect();
         let text = serde_json::to_vec_pretty(&specs).expect("specs serialize");
-        crate::agent::write_atomic(&self.runtime_file(), &text)
-            .map_err(|err| ControlError::Io(format!("cannot save exports.json: {err}")))
+        crate::durable::write_atomic(&self.runtime_file(), &text).map_err(|err| {
+            ControlError::Io(format!("cannot save exports.json: {}", error_chain(&err)))
+        })
     }
 
     /// Whether an export of that name is served.

@@ -8,7 +8,6 @@
 
 use std::sync::Arc;
 
-use crate::agent::config;
 use crate::agent::exports::Exports;
 use crate::api::types::{AbortOutcome, JobStatus, MigrateRequest};
 use crate::api::ControlError;
@@ -115,7 +114,7 @@ impl Migrations {
         options.mirror_from_start = request.mirror;
         options.chunk_blocks = (SEND_CHUNK_BYTES / export.granularity_bytes()).max(1);
         if let Some(batch) = &request.batch {
-            config::validate_name(batch)
+            crate::name::validate(batch)
                 .map_err(|err| ControlError::Invalid(format!("batch: {err}")))?;
         }
         let journal = Some(self.journal.clone());

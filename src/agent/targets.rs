@@ -21,7 +21,6 @@ use std::time::{Duration, Instant};
 
 use ferry_sys::DirectFile;
 
-use crate::agent::config;
 use crate::agent::exports::Exports;
 use crate::api::types::ExportSpec;
 use crate::dirty::DirtySet;
@@ -83,7 +82,7 @@ impl Targets {
     }
 
     fn create(&self, spec: &TargetSpec, source: &str) -> Result<Arc<DirectFile>, TargetError> {
-        config::validate_name(&spec.export).map_err(TargetError::Refused)?;
+        crate::name::validate(&spec.export).map_err(|err| TargetError::Refused(err.to_string()))?;
         match self.phase(spec.job_id) {
             None => {}
             // The same job again: a resume.

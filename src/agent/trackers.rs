@@ -43,7 +43,7 @@ impl Trackers {
         add: TrackerAdd,
     ) -> Result<TrackerStatus, ControlError> {
         let export = self.exports.get(export)?;
-        config::validate_name(&add.name).map_err(ControlError::Invalid)?;
+        crate::name::validate(&add.name).map_err(|err| ControlError::Invalid(err.to_string()))?;
         let granularity_bytes = add.granularity_bytes.unwrap_or(export.granularity_bytes());
         config::validate_granularity(granularity_bytes)
             .map_err(|p| ControlError::Invalid(format!("granularity: {p}")))?;

@@ -9,8 +9,7 @@
 use std::fmt::Write as _;
 
 use super::types::{ExportStatus, HeatMap, TrackerStatus};
-use crate::dirty::heat::{heat_bucket, HEAT_BUCKET_LOWER_BOUNDS};
-use crate::dirty::HOT_THRESHOLD;
+use crate::dirty::heat::{heat_bucket, HEAT_BUCKET_LOWER_BOUNDS, HOT_THRESHOLD};
 
 /// Heat shades, coldest first: index 0 is "never written or fully cooled".
 pub const HEAT_RAMP: [char; 6] = [' ', '·', '░', '▒', '▓', '█'];

@@ -13,12 +13,52 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use super::MAX_BLOCK_COUNT;
+use crate::codec;
+
 /// Blocks per bitmap word.
 pub const WORD_BITS: u64 = 64;
 
 /// Number of `u64` words needed for `block_count` bits.
 pub fn word_count_for(block_count: u64) -> usize {
     usize::try_from(block_count.div_ceil(WORD_BITS)).expect("bitmap fits in memory")
+}
+
+/// Blocks of a disk of `disk_bytes` at `granularity_bytes`, when a bitmap can hold them (a
+/// geometry read from a file or the journal is checked before anything is allocated for it).
+pub fn checked_block_count(disk_bytes: u64, granularity_bytes: u64) -> Result<u64, String> {
+    if !granularity_bytes.is_power_of_two() {
+        return Err(format!(
+            "granularity {granularity_bytes} is not a power of two"
+        ));
+    }
+    let block_count = disk_bytes.div_ceil(granularity_bytes);
+    if block_count > MAX_BLOCK_COUNT {
+        return Err(format!(
+            "{block_count} blocks exceed the bitmap limit {MAX_BLOCK_COUNT}"
+        ));
+    }
+    Ok(block_count)
+}
+
+/// Reads the `word_count_for(block_count)` little-endian words of a bitmap in its on-disk and
+/// wire form. The length is checked before anything is allocated; the error names the
+/// problem: the input ends early, or a bit is set past `block_count`.
+pub fn read_le_words(reader: &mut codec::Reader<'_>, block_count: u64) -> Result<Vec<u64>, String> {
+    let word_count = word_count_for(block_count);
+    let truncated = |err| format!("truncated bitmap: {err}");
+    let mut raw = codec::Reader::new(reader.bytes(word_count * 8).map_err(truncated)?);
+    let words = (0..word_count)
+        .map(|_| raw.u64_le())
+        .collect::<Result<Vec<u64>, _>>()
+        .map_err(truncated)?;
+    let tail_bits = block_count % WORD_BITS;
+    if let (Some(&last), true) = (words.last(), tail_bits != 0) {
+        if last >> tail_bits != 0 {
+            return Err(format!("bitmap has bits past block count {block_count}"));
+        }
+    }
+    Ok(words)
 }
 
 /// Index of the word holding `block`.

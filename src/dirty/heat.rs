@@ -27,11 +27,11 @@ const EPOCH_MASK: u32 = (1 << EPOCH_BITS) - 1;
 /// Differences above this (mod 2^24) mean "stored in the future" rather than "long ago".
 const EPOCH_HALF_RANGE: u32 = 1 << (EPOCH_BITS - 1);
 
-/// Lower bounds of the heat histogram buckets: 0, 1, 2-3, 4-7, ..., 128-255.
-/// Heat at and above which a block counts as hot: in reports, and by default in the heat
-/// policy's ordering of a migration's passes.
+/// Heat at and above which a block counts as hot: the heat report's line and the migration
+/// policy's default (a block written about 8 times in the last half-life is copied last).
 pub const HOT_THRESHOLD: u8 = 8;
 
+/// Lower bounds of the heat histogram buckets: 0, 1, 2-3, 4-7, ..., 128-255.
 pub const HEAT_BUCKET_LOWER_BOUNDS: [u8; 9] = [0, 1, 2, 4, 8, 16, 32, 64, 128];
 
 /// Index of the histogram bucket holding `heat`.

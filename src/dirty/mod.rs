@@ -25,6 +25,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use arc_swap::ArcSwap;
 
 use crate::env::Clock;
+use crate::name::NameError;
 
 pub mod bitmap;
 pub mod heat;
@@ -37,20 +38,15 @@ pub use bitmap::{DirtyBitmap, DirtySet};
 pub use heat::{Heat, HeatHistogram, HEAT_BUCKET_LOWER_BOUNDS, HOT_THRESHOLD};
 pub use tracker::{
     Tracker, TrackerSpec, DEFAULT_GRANULARITY_BYTES, DEFAULT_HALF_LIFE_MS, MAX_BLOCK_COUNT,
-    MAX_DIRTY_RUNS, MAX_GRANULARITY_BYTES, MAX_HALF_LIFE_MS, MAX_NAME_BYTES, MIN_GRANULARITY_BYTES,
+    MAX_DIRTY_RUNS, MAX_GRANULARITY_BYTES, MAX_HALF_LIFE_MS, MIN_GRANULARITY_BYTES,
 };
 
 /// Errors from creating, finding, saving and restoring trackers.
 #[derive(Debug, thiserror::Error)]
 pub enum DirtyError {
-    /// The tracker name cannot name a file and an NBD meta context.
-    #[error("invalid tracker name {name:?}: {reason}")]
-    Name {
-        /// The rejected name.
-        name: String,
-        /// What is wrong with it.
-        reason: &'static str,
-    },
+    /// The tracker name cannot name a file and an NBD meta context (the message says why).
+    #[error("invalid tracker {0}")]
+    Name(NameError),
     /// The granularity is not a power of two in 4 KiB..=64 MiB.
     #[error("granularity {granularity_bytes} bytes is not a power of two in 4096..=67108864")]
     Granularity {

@@ -28,13 +28,16 @@
 //!   the file and the problem, never misread.
 
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::bitmap::word_count_for;
-use super::{DirtyError, Tracker, TrackerSpec, MAX_NAME_BYTES};
+use super::bitmap::read_le_words;
+use super::{DirtyError, Tracker, TrackerSpec};
+use crate::codec::{self, CodecError};
+use crate::durable;
 use crate::env::Clock;
+use crate::name::NAME_MAX_BYTES;
 
 /// First bytes of every tracker file.
 pub const MAGIC: [u8; 8] = *b"FERRYTRK";
@@ -42,7 +45,8 @@ pub const MAGIC: [u8; 8] = *b"FERRYTRK";
 pub const VERSION: u32 = 1;
 /// File name suffix of tracker files.
 pub const EXTENSION: &str = "tracker";
-/// Suffix of the temp file a save writes before renaming.
+/// Suffix of the temp file a save writes before renaming: the extension, then
+/// [`durable::TEMP_SUFFIX`].
 const TEMP_SUFFIX: &str = ".tracker.tmp";
 /// Bytes before the name: magic, version, state, flags, 4 u64 fields, name length.
 const FIXED_HEADER_BYTES: usize = 8 + 4 + 4 + 4 + 4 * 8 + 4;
@@ -98,7 +102,7 @@ pub fn encode(tracker: &Tracker, state: FileState) -> Vec<u8> {
     out.extend_from_slice(&tracker.block_count().to_le_bytes());
     out.extend_from_slice(&tracker.disk_bytes().to_le_bytes());
     out.extend_from_slice(&tracker.half_life_ms().to_le_bytes());
-    let name_len = u32::try_from(name.len()).expect("names are at most 128 bytes");
+    let name_len = u32::try_from(name.len()).expect("names are at most NAME_MAX_BYTES");
     out.extend_from_slice(&name_len.to_le_bytes());
     out.extend_from_slice(name);
     for word in &words {
@@ -112,27 +116,6 @@ pub fn encode(tracker: &Tracker, state: FileState) -> Vec<u8> {
     debug_assert!(decode(Path::new("<encoded>"), &out)
         .is_ok_and(|saved| saved.words == words && saved.heat == heat && saved.state == state));
     out
-}
-
-/// Reads fields in order; running out is a bug after the length check in `decode`.
-struct Cursor<'a> {
-    bytes: &'a [u8],
-}
-
-impl<'a> Cursor<'a> {
-    fn take(&mut self, len: usize) -> &'a [u8] {
-        let (head, rest) = self.bytes.split_at(len);
-        self.bytes = rest;
-        head
-    }
-
-    fn u32(&mut self) -> u32 {
-        u32::from_le_bytes(self.take(4).try_into().expect("4 bytes"))
-    }
-
-    fn u64(&mut self) -> u64 {
-        u64::from_le_bytes(self.take(8).try_into().expect("8 bytes"))
-    }
 }
 
 /// Parses a tracker file's bytes; `path` only names the file in errors.
@@ -149,44 +132,51 @@ pub fn decode(path: &Path, bytes: &[u8]) -> Result<SavedTracker, DirtyError> {
         )));
     }
     let (body, checksum) = bytes.split_at(bytes.len() - CHECKSUM_BYTES);
-    let mut cursor = Cursor { bytes: body };
-    if cursor.take(MAGIC.len()) != MAGIC {
+    // The reads below cannot run out: the length was checked against the fixed header.
+    let short = |err| corrupt(truncated(err));
+    let mut reader = codec::Reader::new(body);
+    if reader.array::<8>().map_err(short)? != MAGIC {
         return Err(corrupt("bad magic: not a ferry tracker file".to_owned()));
     }
-    let version = cursor.u32();
+    let version = reader.u32_le().map_err(short)?;
     if version != VERSION {
         return Err(corrupt(format!(
             "unsupported version {version} (this build reads {VERSION})"
         )));
     }
-    let stored = u32::from_le_bytes(checksum.try_into().expect("4 bytes"));
+    let stored = codec::Reader::new(checksum).u32_le().map_err(short)?;
     let computed = crc32c::crc32c(body);
     if stored != computed {
         return Err(corrupt(format!(
             "checksum mismatch (stored {stored:#010x}, computed {computed:#010x}): torn or damaged"
         )));
     }
-    decode_fields(&mut cursor, body.len()).map_err(corrupt)
+    decode_fields(&mut reader, body.len()).map_err(corrupt)
+}
+
+/// A file that ends inside a field.
+fn truncated(err: CodecError) -> String {
+    format!("truncated: {err}")
 }
 
 /// Parses the checksummed fields after the version; the error is the problem found.
-fn decode_fields(cursor: &mut Cursor<'_>, body_len: usize) -> Result<SavedTracker, String> {
-    let state = match cursor.u32() {
+fn decode_fields(reader: &mut codec::Reader<'_>, body_len: usize) -> Result<SavedTracker, String> {
+    let state = match reader.u32_le().map_err(truncated)? {
         1 => FileState::Clean,
         2 => FileState::Active,
         other => return Err(format!("unknown state {other}")),
     };
-    let flags = cursor.u32();
+    let flags = reader.u32_le().map_err(truncated)?;
     if flags & !FLAG_LOST != 0 {
         return Err(format!("unknown flags {flags:#x}"));
     }
-    let granularity_bytes = cursor.u64();
-    let block_count = cursor.u64();
-    let disk_bytes = cursor.u64();
-    let half_life_ms = cursor.u64();
-    let name_len = cursor.u32() as usize;
-    if name_len > MAX_NAME_BYTES {
-        return Err(format!("name length {name_len} exceeds {MAX_NAME_BYTES}"));
+    let granularity_bytes = reader.u64_le().map_err(truncated)?;
+    let block_count = reader.u64_le().map_err(truncated)?;
+    let disk_bytes = reader.u64_le().map_err(truncated)?;
+    let half_life_ms = reader.u64_le().map_err(truncated)?;
+    let name_len = reader.u32_le().map_err(truncated)? as usize;
+    if name_len > NAME_MAX_BYTES {
+        return Err(format!("name length {name_len} exceeds {NAME_MAX_BYTES}"));
     }
     if !granularity_bytes.is_power_of_two() {
         return Err(format!(
@@ -209,7 +199,7 @@ fn decode_fields(cursor: &mut Cursor<'_>, body_len: usize) -> Result<SavedTracke
             "{body_len} bytes before the checksum, header implies {expected:?}"
         ));
     }
-    let name = String::from_utf8(cursor.take(name_len).to_vec())
+    let name = String::from_utf8(reader.bytes(name_len).map_err(truncated)?.to_vec())
         .map_err(|_| "name is not UTF-8".to_owned())?;
     let spec = TrackerSpec {
         name,
@@ -217,9 +207,10 @@ fn decode_fields(cursor: &mut Cursor<'_>, body_len: usize) -> Result<SavedTracke
         half_life_ms,
     };
     spec.validate().map_err(|err| err.to_string())?;
-    let words = decode_words(cursor, word_count_for(block_count), block_count)?;
-    let heat = cursor
-        .take(usize::try_from(block_count).expect("checked above"))
+    let words = read_le_words(reader, block_count)?;
+    let heat = reader
+        .bytes(usize::try_from(block_count).expect("checked above"))
+        .map_err(truncated)?
         .to_vec();
     Ok(SavedTracker {
         state,
@@ -231,49 +222,12 @@ fn decode_fields(cursor: &mut Cursor<'_>, body_len: usize) -> Result<SavedTracke
     })
 }
 
-/// Reads `word_count` bitmap words; bits past `block_count` are corruption.
-fn decode_words(
-    cursor: &mut Cursor<'_>,
-    word_count: usize,
-    block_count: u64,
-) -> Result<Vec<u64>, String> {
-    let words: Vec<u64> = (0..word_count).map(|_| cursor.u64()).collect();
-    let tail_bits = block_count % 64;
-    if let (Some(&last), true) = (words.last(), tail_bits != 0) {
-        if last >> tail_bits != 0 {
-            return Err(format!("bitmap has bits past block count {block_count}"));
-        }
-    }
-    Ok(words)
-}
-
-/// Writes `bytes` to `path` atomically: temp file, fsync, rename. The caller syncs the
-/// directory afterwards.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), DirtyError> {
-    let mut temp_name = path.as_os_str().to_owned();
-    temp_name.push(".tmp");
-    let temp_path = PathBuf::from(temp_name);
-    let save_error = |path: &Path| {
-        let path = path.to_owned();
-        move |source| DirtyError::Save { path, source }
-    };
-    let mut file = fs::File::create(&temp_path).map_err(save_error(&temp_path))?;
-    file.write_all(bytes).map_err(save_error(&temp_path))?;
-    file.sync_all().map_err(save_error(&temp_path))?;
-    drop(file);
-    fs::rename(&temp_path, path).map_err(save_error(path))
-}
-
 /// Fsyncs a directory so that renames and removals in it are durable.
 fn sync_dir(dir: &Path) -> Result<(), DirtyError> {
-    let save_error = |source| DirtyError::Save {
+    durable::sync_dir(dir).map_err(|source| DirtyError::Save {
         path: dir.to_owned(),
         source,
-    };
-    fs::File::open(dir)
-        .map_err(save_error)?
-        .sync_all()
-        .map_err(save_error)
+    })
 }
 
 /// What a directory entry is to us.
@@ -336,7 +290,11 @@ pub(crate) fn save_all(
         source,
     })?;
     for tracker in trackers {
-        write_atomic(&tracker_path(dir, tracker.name()), &encode(tracker, state))?;
+        durable::write_atomic(&tracker_path(dir, tracker.name()), &encode(tracker, state))
+            .map_err(|err| {
+                let (path, source) = err.into_parts();
+                DirtyError::Save { path, source }
+            })?;
     }
     for (path, entry) in list_dir(dir)?.unwrap_or_default() {
         if let Entry::Temp = entry {

@@ -19,6 +19,7 @@ use super::bitmap::{word_index, DirtyBitmap, DirtySet, WORD_BITS};
 use super::heat::{Heat, HeatHistogram};
 use super::DirtyError;
 use crate::env::Clock;
+use crate::name;
 
 /// Default block size of a tracker: 64 KiB.
 pub const DEFAULT_GRANULARITY_BYTES: u64 = 64 << 10;
@@ -30,8 +31,6 @@ pub const MAX_GRANULARITY_BYTES: u64 = 64 << 20;
 pub const DEFAULT_HALF_LIFE_MS: u64 = 30_000;
 /// Longest heat half-life accepted: 365 days.
 pub const MAX_HALF_LIFE_MS: u64 = 365 * 24 * 3600 * 1000;
-/// Longest tracker name, in bytes.
-pub const MAX_NAME_BYTES: usize = 128;
 /// Most blocks one tracker may have (the heat array costs 4 bytes per block).
 pub const MAX_BLOCK_COUNT: u64 = 1 << 32;
 /// Most runs [`Tracker::dirty_runs`] returns; the NBD client asks again for the rest.
@@ -40,8 +39,8 @@ pub const MAX_DIRTY_RUNS: usize = 1024;
 /// What a tracker is: its name, block size and heat half-life.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TrackerSpec {
-    /// Name, unique per export: `[A-Za-z0-9_.-]`, not starting with `.`, at most
-    /// [`MAX_NAME_BYTES`] bytes (it names a file and an NBD meta context).
+    /// Name, unique per export, valid by [`crate::name::validate`] (it names a file and an
+    /// NBD meta context).
     pub name: String,
     /// Block size: a power of two in [`MIN_GRANULARITY_BYTES`]..=[`MAX_GRANULARITY_BYTES`].
     pub granularity_bytes: u64,
@@ -73,7 +72,7 @@ impl TrackerSpec {
 
     /// Checks name, granularity and half-life; the error names the bad value.
     pub fn validate(&self) -> Result<(), DirtyError> {
-        validate_name(&self.name)?;
+        name::validate(&self.name).map_err(DirtyError::Name)?;
         let granularity_bytes = self.granularity_bytes;
         if !granularity_bytes.is_power_of_two()
             || !(MIN_GRANULARITY_BYTES..=MAX_GRANULARITY_BYTES).contains(&granularity_bytes)
@@ -87,28 +86,6 @@ impl TrackerSpec {
         }
         Ok(())
     }
-}
-
-/// Checks a tracker name: it becomes `<name>.tracker` and `qemu:dirty-bitmap:<name>`.
-fn validate_name(name: &str) -> Result<(), DirtyError> {
-    let reason = if name.is_empty() {
-        "empty"
-    } else if name.len() > MAX_NAME_BYTES {
-        "longer than 128 bytes"
-    } else if name.starts_with('.') {
-        "starts with '.'"
-    } else if !name
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
-    {
-        "only A-Z a-z 0-9 _ . - are allowed"
-    } else {
-        return Ok(());
-    };
-    Err(DirtyError::Name {
-        name: name.to_owned(),
-        reason,
-    })
 }
 
 /// A named dirty bitmap plus heat over one disk; see the module docs.

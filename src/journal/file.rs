@@ -47,6 +47,7 @@ use super::fold::{self, JobKey, JobViews, Side, TargetPhase};
 use super::record::{Entry, Record};
 use super::JournalError;
 use crate::dirty::MAX_BLOCK_COUNT;
+use crate::durable::{self, temp_path};
 
 /// First bytes of every journal.
 pub const MAGIC: [u8; 8] = *b"FERRYJNL";
@@ -61,8 +62,6 @@ const FRAME_TRAILER_BYTES: usize = 4;
 /// Largest record body: room for the raw bitmap of the largest tracker (1 bit per block).
 pub const MAX_BODY_BYTES: usize = 1 << 30;
 const _: () = assert!(MAX_BLOCK_COUNT / 8 + 4096 <= MAX_BODY_BYTES as u64);
-/// Suffix of the file a compaction writes before renaming it over the journal.
-const TEMP_SUFFIX: &str = ".tmp";
 
 /// What [`Journal::open`] (or [`Journal::inspect`]) found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -262,7 +261,7 @@ impl Journal {
         let lock = self.replace_file(&out)?;
         self.lock = lock;
         self.end_offset_bytes = out.len() as u64;
-        sync_dir(&self.path).map_err(|source| {
+        durable::sync_parent(&self.path).map_err(|source| {
             // The rename may not be durable: appends to the new file might vanish.
             self.broken = true;
             JournalError::Compact {
@@ -309,6 +308,9 @@ impl Journal {
             let path = path.to_owned();
             move |source| JournalError::Compact { path, source }
         };
+        // Never open through an entry already there (a planted symlink would redirect the
+        // write): unlink it, then `acquire` creates the file afresh, mode 0600.
+        remove_stale_temp(&self.path);
         let lock = OfdLock::acquire(&temp_path).map_err(compact_error(&temp_path))?;
         let file = lock.file();
         file.set_len(0)
@@ -338,7 +340,7 @@ fn create_header(path: &Path, file: &File) -> Result<(), JournalError> {
     };
     file.write_all_at(&file_header(), 0).map_err(create_error)?;
     file.sync_all().map_err(create_error)?;
-    sync_dir(path).map_err(create_error)
+    durable::sync_parent(path).map_err(create_error)
 }
 
 /// Checks the file header; `Ok(false)` when there is none yet (a new journal).
@@ -568,13 +570,6 @@ fn read_all(file: &File) -> io::Result<Vec<u8>> {
     Ok(bytes)
 }
 
-/// Where a compaction writes before renaming.
-fn temp_path(path: &Path) -> PathBuf {
-    let mut name = path.as_os_str().to_owned();
-    name.push(TEMP_SUFFIX);
-    PathBuf::from(name)
-}
-
 /// Removes the temp file of a compaction that crashed before its rename (harmless, but it
 /// holds a whole copy of the journal).
 fn remove_stale_temp(path: &Path) {
@@ -584,15 +579,6 @@ fn remove_stale_temp(path: &Path) {
         Err(err) if err.kind() == io::ErrorKind::NotFound => {}
         Err(err) => log::warn!("cannot remove {}: {err}", temp.display()),
     }
-}
-
-/// Fsyncs the directory holding `path`, so that its creation or a rename is durable.
-fn sync_dir(path: &Path) -> io::Result<()> {
-    let dir = path
-        .parent()
-        .filter(|dir| !dir.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]

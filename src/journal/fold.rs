@@ -24,7 +24,8 @@ use std::path::PathBuf;
 use super::record::Entry;
 use super::record::{Record, Role};
 use super::JournalError;
-use crate::dirty::{DirtySet, MAX_BLOCK_COUNT};
+use crate::dirty::bitmap::checked_block_count;
+use crate::dirty::DirtySet;
 use crate::migrate::Policy;
 
 /// Identifies a job in one agent's journal.
@@ -276,7 +277,9 @@ pub fn check(jobs: &JobViews, seq: u64, record: &Record) -> Result<(), JournalEr
                 size_bytes,
                 granularity_bytes,
                 ..
-            } => check_geometry(*size_bytes, *granularity_bytes).map_err(refuse),
+            } => checked_block_count(*size_bytes, *granularity_bytes)
+                .map(drop)
+                .map_err(refuse),
             _ => Err(refuse("no record started this job".to_owned())),
         };
     };
@@ -323,22 +326,6 @@ pub fn check(jobs: &JobViews, seq: u64, record: &Record) -> Result<(), JournalEr
             view.phase_name()
         )))
     }
-}
-
-/// A disk whose bitmap the agent could hold.
-fn check_geometry(size_bytes: u64, granularity_bytes: u64) -> Result<(), String> {
-    if !granularity_bytes.is_power_of_two() {
-        return Err(format!(
-            "granularity {granularity_bytes} is not a power of two"
-        ));
-    }
-    let block_count = size_bytes.div_ceil(granularity_bytes);
-    if block_count > MAX_BLOCK_COUNT {
-        return Err(format!(
-            "{block_count} blocks exceed the bitmap limit {MAX_BLOCK_COUNT}"
-        ));
-    }
-    Ok(())
 }
 
 /// A second `TargetCreated`: allowed while receiving, for the same disk and image.

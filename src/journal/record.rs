@@ -33,8 +33,9 @@
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 
-use crate::dirty::bitmap::word_count_for;
-use crate::dirty::{DirtySet, MAX_BLOCK_COUNT};
+use crate::codec::{self, CodecError};
+use crate::dirty::bitmap::{checked_block_count, read_le_words, word_count_for};
+use crate::dirty::DirtySet;
 use crate::migrate::Policy;
 
 const KIND_SOURCE_STARTED: u8 = 1;
@@ -328,18 +329,20 @@ impl Record {
 
     /// Parses one record body; the error names the problem.
     pub fn decode(body: &[u8]) -> Result<Record, String> {
-        let mut reader = Reader { bytes: body };
-        let kind = reader.u8()?;
-        let job_id = reader.u64()?;
+        let mut fields = Fields {
+            reader: codec::Reader::new(body),
+        };
+        let kind = fields.u8()?;
+        let job_id = fields.u64()?;
         let record = match kind {
             KIND_SOURCE_STARTED => Self::SourceStarted {
                 job_id,
-                batch: reader.optional_string()?,
-                export: reader.string()?,
-                size_bytes: reader.u64()?,
-                granularity_bytes: reader.u64()?,
-                destination: reader.string()?,
-                policy: match reader.u8()? {
+                batch: fields.optional_string()?,
+                export: fields.string()?,
+                size_bytes: fields.u64()?,
+                granularity_bytes: fields.u64()?,
+                destination: fields.string()?,
+                policy: match fields.u8()? {
                     POLICY_HEAT => Policy::Heat,
                     POLICY_NAIVE => Policy::Naive,
                     other => return Err(format!("unknown policy {other}")),
@@ -348,41 +351,41 @@ impl Record {
             KIND_SOURCE_SWITCHOVER_BEGUN => Self::SourceSwitchoverBegun { job_id },
             KIND_SOURCE_SWITCHOVER_CANCELLED => Self::SourceSwitchoverCancelled {
                 job_id,
-                reason: reader.string()?,
+                reason: fields.string()?,
             },
             KIND_SOURCE_SWITCHED => Self::SourceSwitched {
                 job_id,
-                forward_addr: reader.string()?,
+                forward_addr: fields.string()?,
             },
             KIND_SOURCE_ABORTED => Self::SourceAborted {
                 job_id,
-                reason: reader.string()?,
+                reason: fields.string()?,
             },
             KIND_SOURCE_FINISHED => Self::SourceFinished { job_id },
             KIND_TARGET_CREATED => Self::TargetCreated {
                 job_id,
-                batch: reader.optional_string()?,
-                export: reader.string()?,
-                size_bytes: reader.u64()?,
-                granularity_bytes: reader.u64()?,
-                source: reader.string()?,
-                image_path: PathBuf::from(std::ffi::OsStr::from_bytes(reader.bytes()?)),
+                batch: fields.optional_string()?,
+                export: fields.string()?,
+                size_bytes: fields.u64()?,
+                granularity_bytes: fields.u64()?,
+                source: fields.string()?,
+                image_path: PathBuf::from(std::ffi::OsStr::from_bytes(fields.bytes()?)),
             },
             KIND_TARGET_RECEIVED => Self::TargetReceived {
                 job_id,
-                received: decode_set(&mut reader)?,
+                received: decode_set(&mut fields)?,
             },
             KIND_TARGET_COMMITTED => Self::TargetCommitted { job_id },
             KIND_TARGET_ABORTED => Self::TargetAborted {
                 job_id,
-                reason: reader.string()?,
+                reason: fields.string()?,
             },
             other => return Err(format!("unknown record kind {other}")),
         };
-        if !reader.bytes.is_empty() {
+        if !fields.reader.is_empty() {
             return Err(format!(
                 "{} bytes after a {} record",
-                reader.bytes.len(),
+                fields.reader.remaining(),
                 record.kind_name()
             ));
         }
@@ -434,37 +437,24 @@ impl Writer<'_> {
     }
 }
 
-/// Takes fields from a body; running out is an error, not a panic.
-struct Reader<'a> {
-    bytes: &'a [u8],
+/// Reads the field encodings of a body over the checked cursor; running out is an error
+/// naming the truncation, never a panic.
+struct Fields<'a> {
+    reader: codec::Reader<'a>,
 }
 
-impl<'a> Reader<'a> {
-    fn take(&mut self, len: usize) -> Result<&'a [u8], String> {
-        if self.bytes.len() < len {
-            return Err(format!(
-                "truncated body: a field needs {len} bytes, {} left",
-                self.bytes.len()
-            ));
-        }
-        let (head, rest) = self.bytes.split_at(len);
-        self.bytes = rest;
-        Ok(head)
-    }
-
+impl<'a> Fields<'a> {
     fn u8(&mut self) -> Result<u8, String> {
-        Ok(self.take(1)?[0])
+        self.reader.u8().map_err(truncated)
     }
 
     fn u64(&mut self) -> Result<u64, String> {
-        Ok(u64::from_le_bytes(
-            self.take(8)?.try_into().expect("8 bytes"),
-        ))
+        self.reader.u64_le().map_err(truncated)
     }
 
     fn bytes(&mut self) -> Result<&'a [u8], String> {
-        let len = u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes"));
-        self.take(len as usize)
+        let len = self.reader.u32_le().map_err(truncated)?;
+        self.reader.bytes(len as usize).map_err(truncated)
     }
 
     fn string(&mut self) -> Result<String, String> {
@@ -495,6 +485,11 @@ impl<'a> Reader<'a> {
         }
         Err("run length longer than 10 bytes".to_owned())
     }
+}
+
+/// A body that ends inside a field.
+fn truncated(err: CodecError) -> String {
+    format!("truncated body: {err}")
 }
 
 /// Bytes of `value` as a LEB128 varint.
@@ -552,37 +547,15 @@ fn encode_set(set: &DirtySet, writer: &mut Writer<'_>) {
 }
 
 /// Reads a block set, checking the geometry before allocating anything.
-fn decode_set(reader: &mut Reader<'_>) -> Result<DirtySet, String> {
-    let granularity_bytes = reader.u64()?;
-    let disk_bytes = reader.u64()?;
-    if !granularity_bytes.is_power_of_two() {
-        return Err(format!(
-            "block set granularity {granularity_bytes} is not a power of two"
-        ));
-    }
-    let block_count = disk_bytes.div_ceil(granularity_bytes);
-    if block_count > MAX_BLOCK_COUNT {
-        return Err(format!(
-            "block set of {block_count} blocks exceeds {MAX_BLOCK_COUNT}"
-        ));
-    }
+fn decode_set(fields: &mut Fields<'_>) -> Result<DirtySet, String> {
+    let granularity_bytes = fields.u64()?;
+    let disk_bytes = fields.u64()?;
+    let block_count = checked_block_count(disk_bytes, granularity_bytes)
+        .map_err(|problem| format!("block set: {problem}"))?;
     let word_count = word_count_for(block_count);
-    let words = match reader.u8()? {
-        SET_ENCODING_WORDS => {
-            let raw = reader.take(word_count * 8)?;
-            let words: Vec<u64> = raw
-                .chunks_exact(8)
-                .map(|chunk| u64::from_le_bytes(chunk.try_into().expect("8 bytes")))
-                .collect();
-            let tail_bits = block_count % 64;
-            if let (Some(&last), true) = (words.last(), tail_bits != 0) {
-                if last >> tail_bits != 0 {
-                    return Err(format!("block set has bits past block {block_count}"));
-                }
-            }
-            words
-        }
-        SET_ENCODING_RUNS => decode_runs(reader, block_count, word_count)?,
+    let words = match fields.u8()? {
+        SET_ENCODING_WORDS => read_le_words(&mut fields.reader, block_count)?,
+        SET_ENCODING_RUNS => decode_runs(fields, block_count, word_count)?,
         other => return Err(format!("unknown block set encoding {other}")),
     };
     Ok(DirtySet::from_words(
@@ -595,14 +568,14 @@ fn decode_set(reader: &mut Reader<'_>) -> Result<DirtySet, String> {
 
 /// Reads alternating runs summing to `block_count` into words.
 fn decode_runs(
-    reader: &mut Reader<'_>,
+    fields: &mut Fields<'_>,
     block_count: u64,
     word_count: usize,
 ) -> Result<Vec<u64>, String> {
     let mut words = vec![0u64; word_count];
     let (mut in_set, mut block, mut first) = (false, 0u64, true);
     loop {
-        let run = reader.varint()?;
+        let run = fields.varint()?;
         if run == 0 && !first {
             return Err(format!("empty run after block {block}"));
         }

@@ -16,7 +16,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::dirty::DirtySet;
+use crate::dirty::{DirtySet, HOT_THRESHOLD};
 
 /// How a migration orders its copy passes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -121,7 +121,7 @@ impl Default for MigrateOptions {
             max_pause_ms: DEFAULT_MAX_PAUSE_MS,
             target_pause_ms: DEFAULT_TARGET_PAUSE_MS,
             force_after_ms: None,
-            hot_threshold: crate::dirty::HOT_THRESHOLD,
+            hot_threshold: HOT_THRESHOLD,
             max_passes: DEFAULT_MAX_PASSES,
             mirror_from_start: false,
             stall_passes: DEFAULT_STALL_PASSES,

@@ -9,25 +9,13 @@ use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
+use crate::codec;
 use crate::nbd::conn::Conn;
-use crate::nbd::wire;
-
-const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
-const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
-const REPLY_MAGIC_OPT: u64 = 0x0003_e889_0455_65a9;
-const REQUEST_MAGIC: u32 = 0x2560_9513;
-const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
-const FLAG_FIXED_NEWSTYLE: u16 = 1;
-const FLAG_NO_ZEROES: u16 = 2;
-const OPT_GO: u32 = 7;
-const REP_ACK: u32 = 1;
-const REP_INFO: u32 = 3;
-const INFO_EXPORT: u16 = 0;
-const CMD_READ: u16 = 0;
-const CMD_WRITE: u16 = 1;
-const CMD_DISC: u16 = 2;
-const CMD_FLUSH: u16 = 3;
-const CMD_FLAG_FUA: u16 = 1;
+use crate::nbd::wire::{
+    self, RequestHeader, CMD_DISC, CMD_FLAG_FUA, CMD_FLUSH, CMD_READ, CMD_WRITE,
+    FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, INFO_EXPORT, NBD_MAGIC, OPTION_REPLY_MAGIC,
+    OPT_GO, REP_ACK, REP_INFO,
+};
 
 fn protocol(what: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what.into())
@@ -98,7 +86,9 @@ impl NbdClient {
         self.reads.len()
     }
 
-    fn send(
+    /// Sends one request, any flags and command (tests send malformed ones); returns its
+    /// cookie. A READ's reply is sized from `len_bytes`.
+    pub fn send(
         &mut self,
         flags: u16,
         command: u16,
@@ -108,14 +98,14 @@ impl NbdClient {
     ) -> io::Result<u64> {
         let cookie = self.next_cookie;
         self.next_cookie += 1;
-        let mut header = [0u8; wire::REQUEST_BYTES];
-        header[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        header[4..6].copy_from_slice(&flags.to_be_bytes());
-        header[6..8].copy_from_slice(&command.to_be_bytes());
-        header[8..16].copy_from_slice(&cookie.to_be_bytes());
-        header[16..24].copy_from_slice(&offset_bytes.to_be_bytes());
-        header[24..28].copy_from_slice(&len_bytes.to_be_bytes());
-        self.conn.write_all(&header)?;
+        let header = RequestHeader {
+            flags,
+            command,
+            cookie,
+            offset_bytes,
+            length_bytes: len_bytes,
+        };
+        self.conn.write_all(&header.to_bytes())?;
         if !payload.is_empty() {
             self.conn.write_all(payload)?;
         }
@@ -147,28 +137,12 @@ impl NbdClient {
         self.send(0, CMD_FLUSH, 0, 0, &[])
     }
 
-    /// Sends any raw request (tests of malformed input).
-    pub fn send_raw(
-        &mut self,
-        flags: u16,
-        command: u16,
-        offset_bytes: u64,
-        len_bytes: u32,
-        payload: &[u8],
-    ) -> io::Result<u64> {
-        self.send(flags, command, offset_bytes, len_bytes, payload)
-    }
-
     /// Waits for the next reply.
     pub fn recv(&mut self) -> io::Result<Reply> {
-        let mut head = [0u8; 16];
+        let mut head = [0u8; wire::SIMPLE_REPLY_BYTES];
         self.conn.read_exact(&mut head)?;
-        let magic = u32::from_be_bytes(head[0..4].try_into().expect("4 bytes"));
-        if magic != SIMPLE_REPLY_MAGIC {
-            return Err(protocol(format!("unexpected reply magic {magic:#x}")));
-        }
-        let error = u32::from_be_bytes(head[4..8].try_into().expect("4 bytes"));
-        let cookie = u64::from_be_bytes(head[8..16].try_into().expect("8 bytes"));
+        let wire::SimpleReply { error, cookie } =
+            wire::parse_simple_reply(&head).map_err(|err| protocol(err.to_string()))?;
         let read_len = self
             .reads
             .remove(&cookie)
@@ -227,12 +201,11 @@ pub fn check(reply: Reply) -> io::Result<Reply> {
 fn handshake(conn: &mut Conn, export: &str) -> io::Result<(u64, u16)> {
     let mut greeting = [0u8; 18];
     conn.read_exact(&mut greeting)?;
-    let magic = u64::from_be_bytes(greeting[0..8].try_into().expect("8 bytes"));
-    let opt_magic = u64::from_be_bytes(greeting[8..16].try_into().expect("8 bytes"));
-    if magic != NBDMAGIC || opt_magic != IHAVEOPT {
+    let [magic @ .., _, _, _, _, _, _, _, _, f0, f1] = greeting;
+    if u64::from_be_bytes(magic) != NBD_MAGIC || greeting[8..16] != IHAVEOPT.to_be_bytes() {
         return Err(protocol("not an NBD fixed newstyle server"));
     }
-    let server_flags = u16::from_be_bytes([greeting[16], greeting[17]]);
+    let server_flags = u16::from_be_bytes([f0, f1]);
     if server_flags & FLAG_FIXED_NEWSTYLE == 0 {
         return Err(protocol("server lacks fixed newstyle"));
     }
@@ -251,11 +224,12 @@ fn handshake(conn: &mut Conn, export: &str) -> io::Result<(u64, u16)> {
     loop {
         let mut head = [0u8; 20];
         conn.read_exact(&mut head)?;
-        if u64::from_be_bytes(head[0..8].try_into().expect("8 bytes")) != REPLY_MAGIC_OPT {
+        let [magic @ .., _, _, _, _, t0, t1, t2, t3, l0, l1, l2, l3] = head;
+        if u64::from_be_bytes(magic) != OPTION_REPLY_MAGIC {
             return Err(protocol("bad option reply magic"));
         }
-        let reply_type = u32::from_be_bytes(head[12..16].try_into().expect("4 bytes"));
-        let len = u32::from_be_bytes(head[16..20].try_into().expect("4 bytes"));
+        let reply_type = u32::from_be_bytes([t0, t1, t2, t3]);
+        let len = u32::from_be_bytes([l0, l1, l2, l3]);
         if len > 64 * 1024 {
             return Err(protocol("option reply too large"));
         }
@@ -263,15 +237,16 @@ fn handshake(conn: &mut Conn, export: &str) -> io::Result<(u64, u16)> {
         conn.read_exact(&mut payload)?;
         match reply_type {
             REP_ACK => break,
-            REP_INFO
-                if payload.len() >= 12
-                    && u16::from_be_bytes([payload[0], payload[1]]) == INFO_EXPORT =>
-            {
-                let size = u64::from_be_bytes(payload[2..10].try_into().expect("8 bytes"));
-                let flags = u16::from_be_bytes([payload[10], payload[11]]);
-                export_info = Some((size, flags));
+            REP_INFO => {
+                let mut info = codec::Reader::new(&payload);
+                if info.u16_be() == Ok(INFO_EXPORT) {
+                    let size = info.u64_be();
+                    let flags = info.u16_be();
+                    if let (Ok(size), Ok(flags)) = (size, flags) {
+                        export_info = Some((size, flags));
+                    }
+                }
             }
-            REP_INFO => {}
             error if error & 0x8000_0000 != 0 => {
                 let message = String::from_utf8_lossy(&payload).into_owned();
                 return Err(protocol(format!(

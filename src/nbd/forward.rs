@@ -52,7 +52,6 @@ pub struct ForwardEngine {
     done: Receiver<IoCompletion>,
     done_tx: Sender<IoCompletion>,
     reader: Option<JoinHandle<()>>,
-    header: Vec<u8>,
 }
 
 impl ForwardEngine {
@@ -83,7 +82,6 @@ impl ForwardEngine {
             done: rx,
             done_tx: tx,
             reader: Some(reader),
-            header: Vec::with_capacity(wire::REQUEST_BYTES),
         })
     }
 
@@ -98,23 +96,21 @@ impl ForwardEngine {
                 (wire::CMD_WRITE_ZEROES, fua_flag(fua) | no_hole)
             }
         };
-        self.header.clear();
-        self.header
-            .extend_from_slice(&wire::REQUEST_MAGIC.to_be_bytes());
-        self.header.extend_from_slice(&flags.to_be_bytes());
-        self.header.extend_from_slice(&command.to_be_bytes());
-        self.header.extend_from_slice(&request.tag.to_be_bytes());
-        self.header
-            .extend_from_slice(&request.offset_bytes.to_be_bytes());
-        self.header
-            .extend_from_slice(&request.len_bytes.to_be_bytes());
+        let header = wire::RequestHeader {
+            flags,
+            command,
+            cookie: request.tag,
+            offset_bytes: request.offset_bytes,
+            length_bytes: request.len_bytes,
+        }
+        .to_bytes();
         match (&request.kind, &request.buf) {
             (IoKind::Write { .. }, Some(buf)) => {
                 let payload = &buf.as_slice()[..request.len_bytes as usize];
-                let mut slices = [io::IoSlice::new(&self.header), io::IoSlice::new(payload)];
+                let mut slices = [io::IoSlice::new(&header), io::IoSlice::new(payload)];
                 self.conn.write_all_slices(&mut slices)
             }
-            _ => self.conn.write_all(&self.header),
+            _ => self.conn.write_all(&header),
         }
     }
 }
@@ -227,14 +223,10 @@ impl Drop for ForwardEngine {
 fn read_replies(mut conn: Conn, pending: &PendingMap, done: &Sender<IoCompletion>) {
     let outcome = (|| -> io::Result<()> {
         loop {
-            let mut head = [0u8; 16];
+            let mut head = [0u8; wire::SIMPLE_REPLY_BYTES];
             conn.read_exact(&mut head)?;
-            let magic = u32::from_be_bytes(head[0..4].try_into().expect("4 bytes"));
-            if magic != wire::SIMPLE_REPLY_MAGIC {
-                return Err(io::Error::other(format!("bad reply magic {magic:#x}")));
-            }
-            let error = u32::from_be_bytes(head[4..8].try_into().expect("4 bytes"));
-            let tag = u64::from_be_bytes(head[8..16].try_into().expect("8 bytes"));
+            let wire::SimpleReply { error, cookie: tag } =
+                wire::parse_simple_reply(&head).map_err(io::Error::other)?;
             let entry = pending.lock().expect("pending lock").map.remove(&tag);
             let Some(mut entry) = entry else {
                 return Err(io::Error::other(format!("reply for unknown request {tag}")));

@@ -35,6 +35,7 @@ use std::io::{self, Read, Write};
 
 use thiserror::Error;
 
+use crate::codec;
 use crate::nbd::wire::{
     self, Command, ExportInfo, NbdErrno, RequestHeader, FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES,
     FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, INFO_BLOCK_SIZE, INFO_DESCRIPTION, INFO_EXPORT,
@@ -48,8 +49,9 @@ use crate::nbd::wire::{
 pub const MAX_OPTION_BYTES: u32 = 64 * 1024;
 /// Longest option data skipped with `NBD_REP_ERR_TOO_BIG`; longer closes the connection.
 pub const MAX_DISCARD_BYTES: u32 = 1024 * 1024;
-/// Longest EXPORT_NAME data: the spec's string limit (`wire::MAX_STRING_BYTES`).
-const MAX_NAME_BYTES: u32 = 4096;
+/// Longest EXPORT_NAME data: the spec's string limit, as the u32 the option header carries.
+const MAX_NAME_BYTES: u32 = MAX_STRING_BYTES as u32;
+const _: () = assert!(MAX_NAME_BYTES as usize == MAX_STRING_BYTES);
 /// Options accepted in one handshake before the client is deemed abusive.
 pub const MAX_OPTIONS: u32 = 4096;
 
@@ -391,7 +393,7 @@ impl<S: Read + Write> Haggle<'_, S> {
                 continue;
             }
             let name_len = u32::try_from(export.name.len()).expect("at most 4096 bytes");
-            let description = truncate(&export.description, MAX_STRING_BYTES);
+            let description = codec::truncate_utf8(&export.description, MAX_STRING_BYTES);
             let parts: [&[u8]; 3] = [
                 &name_len.to_be_bytes(),
                 export.name.as_bytes(),
@@ -423,7 +425,7 @@ impl<S: Read + Write> Haggle<'_, S> {
             )?;
         }
         if request.wants_description {
-            let description = truncate(&export.description, MAX_STRING_BYTES);
+            let description = codec::truncate_utf8(&export.description, MAX_STRING_BYTES);
             self.reply(
                 option,
                 REP_INFO,
@@ -528,48 +530,17 @@ fn nbd_string(bytes: &[u8]) -> Option<&str> {
     std::str::from_utf8(bytes).ok()
 }
 
+/// Whether `name` can be sent as an NBD string in a LIST reply. Not [`crate::name::validate`]:
+/// that rule is for names ferry creates things under; this one is the protocol's bound on
+/// what may travel (exports are created valid, so this only guards the wire).
 fn valid_name(name: &str) -> bool {
     nbd_string(name.as_bytes()).is_some()
 }
 
-/// `text` cut to at most `max_bytes` on a character boundary.
-fn truncate(text: &str, max_bytes: usize) -> &str {
-    let mut end = text.len().min(max_bytes);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    &text[..end]
-}
-
-/// Reads big-endian fields off option data; every read checks the remaining length.
-struct Fields<'a> {
-    rest: &'a [u8],
-}
-
-impl<'a> Fields<'a> {
-    fn take(&mut self, len: usize) -> Option<&'a [u8]> {
-        if len > self.rest.len() {
-            return None;
-        }
-        let (head, rest) = self.rest.split_at(len);
-        self.rest = rest;
-        Some(head)
-    }
-
-    fn u16(&mut self) -> Option<u16> {
-        self.take(2).map(|b| u16::from_be_bytes([b[0], b[1]]))
-    }
-
-    fn u32(&mut self) -> Option<u32> {
-        self.take(4)
-            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
-    }
-
-    /// A u32 length followed by that many bytes of NBD string.
-    fn string(&mut self) -> Option<&'a str> {
-        let len = usize::try_from(self.u32()?).ok()?;
-        nbd_string(self.take(len)?)
-    }
+/// A u32 length followed by that many bytes of NBD string; None if short or not a string.
+fn read_string<'a>(reader: &mut codec::Reader<'a>) -> Option<&'a str> {
+    let len = usize::try_from(reader.u32_be().ok()?).ok()?;
+    nbd_string(reader.bytes(len).ok()?)
 }
 
 /// The data of NBD_OPT_INFO / NBD_OPT_GO.
@@ -582,10 +553,10 @@ struct InfoRequest<'a> {
 impl<'a> InfoRequest<'a> {
     /// None if malformed: the lengths must account for every byte.
     fn parse(data: &'a [u8]) -> Option<Self> {
-        let mut fields = Fields { rest: data };
-        let name = fields.string()?;
-        let count = usize::from(fields.u16()?);
-        if fields.rest.len() != count * 2 {
+        let mut reader = codec::Reader::new(data);
+        let name = read_string(&mut reader)?;
+        let count = usize::from(reader.u16_be().ok()?);
+        if reader.remaining() != count * 2 {
             return None;
         }
         let mut request = InfoRequest {
@@ -594,7 +565,7 @@ impl<'a> InfoRequest<'a> {
             wants_description: false,
         };
         for _ in 0..count {
-            match fields.u16()? {
+            match reader.u16_be().ok()? {
                 INFO_NAME => request.wants_name = true,
                 INFO_DESCRIPTION => request.wants_description = true,
                 _ => {} // EXPORT and BLOCK_SIZE are always sent; unknown ones are ignored.
@@ -613,15 +584,15 @@ struct MetaRequest<'a> {
 impl<'a> MetaRequest<'a> {
     /// None if malformed: the lengths must account for every byte.
     fn parse(data: &'a [u8]) -> Option<Self> {
-        let mut fields = Fields { rest: data };
-        let export_name = fields.string()?;
-        let count = fields.u32()?;
+        let mut reader = codec::Reader::new(data);
+        let export_name = read_string(&mut reader)?;
+        let count = reader.u32_be().ok()?;
         // Each query takes at least 4 bytes, which bounds the allocation.
-        let mut queries = Vec::with_capacity(fields.rest.len() / 4);
+        let mut queries = Vec::with_capacity(reader.remaining() / 4);
         for _ in 0..count {
-            queries.push(fields.string()?);
+            queries.push(read_string(&mut reader)?);
         }
-        if !fields.rest.is_empty() {
+        if !reader.is_empty() {
             return None;
         }
         Some(MetaRequest {

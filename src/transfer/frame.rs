@@ -22,6 +22,11 @@
 
 use thiserror::Error;
 
+/// Cuts a message to a bounded string field (here for the frame's users).
+pub use crate::codec::truncate_utf8;
+use crate::codec::{self, CodecError};
+use crate::dirty::MIN_GRANULARITY_BYTES;
+
 /// First four bytes of every frame: "FRYB" (ferry block stream).
 pub const MAGIC: u32 = 0x4652_5942;
 /// Protocol version this code speaks.
@@ -34,8 +39,8 @@ pub const MAX_META_BYTES: usize = 4096;
 pub const MAX_DATA_BYTES: usize = 8 << 20;
 /// Most digests one DigestsOk carries (they travel in the meta).
 pub const MAX_DIGESTS: u32 = 120;
-/// Longest export name.
-pub const MAX_EXPORT_BYTES: usize = 64;
+/// Longest export or batch name: the name rule's limit.
+pub const MAX_EXPORT_BYTES: usize = crate::name::NAME_MAX_BYTES;
 /// Longest error message or address string.
 pub const MAX_MESSAGE_BYTES: usize = 1024;
 /// Most blocks a target may have at its granularity (the destination keeps a bitmap of
@@ -432,7 +437,7 @@ pub fn decode_meta(header: &FrameHeader, meta: &[u8]) -> Result<Frame, FrameErro
     if crc32c::crc32c(meta) != header.meta_crc {
         return Err(FrameError::MetaChecksum);
     }
-    let mut fields = Fields(meta);
+    let mut fields = codec::Reader::new(meta);
     let frame = match header.kind {
         kind::HELLO => {
             let role = Role::from_wire(fields.u8()?).ok_or(FrameError::BadField("role"))?;
@@ -449,13 +454,13 @@ pub fn decode_meta(header: &FrameHeader, meta: &[u8]) -> Result<Frame, FrameErro
             nbd_tcp: optional_string(&mut fields, "nbd_tcp flag")?,
         },
         kind::DATA => Frame::Data {
-            offset_bytes: range(fields.u64()?, u64::from(header.data_len))?,
+            offset_bytes: range(fields.u64_be()?, u64::from(header.data_len))?,
             len_bytes: header.data_len,
             digest: fields.array()?,
         },
         kind::ZERO | kind::TRIM => {
-            let offset_bytes = fields.u64()?;
-            let len_bytes = fields.u64()?;
+            let offset_bytes = fields.u64_be()?;
+            let len_bytes = fields.u64_be()?;
             if len_bytes == 0 {
                 return Err(FrameError::BadField("zero length"));
             }
@@ -472,26 +477,36 @@ pub fn decode_meta(header: &FrameHeader, meta: &[u8]) -> Result<Frame, FrameErro
                 }
             }
         }
-        kind::SYNC => Frame::Sync { seq: fields.u64()? },
+        kind::SYNC
+        | kind::COMMIT
+        | kind::COMMIT_OK
+        | kind::VERIFY
+        | kind::FENCE
+        | kind::FENCE_OK => {
+            let seq = fields.u64_be()?;
+            match header.kind {
+                kind::SYNC => Frame::Sync { seq },
+                kind::COMMIT => Frame::Commit { seq },
+                kind::VERIFY => Frame::Verify { seq },
+                kind::FENCE => Frame::Fence { seq },
+                kind::FENCE_OK => Frame::FenceOk { seq },
+                _ => Frame::CommitOk { seq },
+            }
+        }
         kind::SYNC_OK => Frame::SyncOk {
-            seq: fields.u64()?,
-            received_blocks: fields.u64()?,
+            seq: fields.u64_be()?,
+            received_blocks: fields.u64_be()?,
         },
-        kind::COMMIT => Frame::Commit { seq: fields.u64()? },
-        kind::COMMIT_OK => Frame::CommitOk { seq: fields.u64()? },
-        kind::VERIFY => Frame::Verify { seq: fields.u64()? },
-        kind::FENCE => Frame::Fence { seq: fields.u64()? },
-        kind::FENCE_OK => Frame::FenceOk { seq: fields.u64()? },
         kind::VERIFY_OK => Frame::VerifyOk {
-            seq: fields.u64()?,
+            seq: fields.u64_be()?,
             digest: fields.array()?,
         },
         kind::ABORT => Frame::Abort,
         kind::DIGESTS => {
-            let seq = fields.u64()?;
-            let offset_bytes = fields.u64()?;
-            let block_bytes = fields.u32()?;
-            let count = fields.u32()?;
+            let seq = fields.u64_be()?;
+            let offset_bytes = fields.u64_be()?;
+            let block_bytes = fields.u32_be()?;
+            let count = fields.u32_be()?;
             if block_bytes == 0 || count == 0 || count > MAX_DIGESTS {
                 return Err(FrameError::BadField("digest range"));
             }
@@ -503,8 +518,8 @@ pub fn decode_meta(header: &FrameHeader, meta: &[u8]) -> Result<Frame, FrameErro
             }
         }
         kind::DIGESTS_OK => {
-            let seq = fields.u64()?;
-            let count = fields.u32()?;
+            let seq = fields.u64_be()?;
+            let count = fields.u32_be()?;
             if count > MAX_DIGESTS {
                 return Err(FrameError::BadField("digest count"));
             }
@@ -514,7 +529,7 @@ pub fn decode_meta(header: &FrameHeader, meta: &[u8]) -> Result<Frame, FrameErro
             Frame::DigestsOk { seq, digests }
         }
         kind::QUERY => Frame::Query {
-            job_id: fields.u64()?,
+            job_id: fields.u64_be()?,
             finalize: match fields.u8()? {
                 0 => false,
                 1 => true,
@@ -522,19 +537,19 @@ pub fn decode_meta(header: &FrameHeader, meta: &[u8]) -> Result<Frame, FrameErro
             },
         },
         kind::QUERY_OK => Frame::QueryOk {
-            job_id: fields.u64()?,
+            job_id: fields.u64_be()?,
             state: TargetState::from_wire(fields.u8()?).ok_or(FrameError::BadField("state"))?,
-            received_blocks: fields.u64()?,
+            received_blocks: fields.u64_be()?,
             nbd_tcp: optional_string(&mut fields, "nbd_tcp flag")?,
         },
         kind::ERROR => Frame::Error {
-            code: ErrorCode::from_wire(fields.u16()?).ok_or(FrameError::BadField("code"))?,
-            offset_bytes: fields.u64()?,
-            message: fields.string(MAX_MESSAGE_BYTES)?,
+            code: ErrorCode::from_wire(fields.u16_be()?).ok_or(FrameError::BadField("code"))?,
+            offset_bytes: fields.u64_be()?,
+            message: read_string(&mut fields, MAX_MESSAGE_BYTES)?,
         },
         other => return Err(FrameError::UnknownKind(other)),
     };
-    if !fields.0.is_empty() {
+    if !fields.is_empty() {
         return Err(FrameError::BadField("trailing meta bytes"));
     }
     Ok(frame)
@@ -735,24 +750,15 @@ fn encode_meta(frame: &Frame, out: &mut Vec<u8>) -> (u8, u32) {
     }
 }
 
-/// Longest prefix of `text` of at most `max_bytes` that ends on a char boundary.
-pub fn truncate_utf8(text: &str, max_bytes: usize) -> &str {
-    let mut end = text.len().min(max_bytes);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    &text[..end]
-}
-
-fn decode_spec(fields: &mut Fields<'_>) -> Result<TargetSpec, FrameError> {
-    let job_id = fields.u64()?;
-    let size_bytes = fields.u64()?;
-    let granularity_bytes = fields.u64()?;
-    let export = fields.string(MAX_EXPORT_BYTES)?;
+fn decode_spec(fields: &mut codec::Reader<'_>) -> Result<TargetSpec, FrameError> {
+    let job_id = fields.u64_be()?;
+    let size_bytes = fields.u64_be()?;
+    let granularity_bytes = fields.u64_be()?;
+    let export = read_string(fields, MAX_EXPORT_BYTES)?;
     if export.is_empty() {
         return Err(FrameError::BadField("empty export name"));
     }
-    if !granularity_bytes.is_power_of_two() || granularity_bytes < 4096 {
+    if !granularity_bytes.is_power_of_two() || granularity_bytes < MIN_GRANULARITY_BYTES {
         return Err(FrameError::BadField("granularity"));
     }
     if size_bytes.div_ceil(granularity_bytes) > MAX_BLOCKS {
@@ -760,7 +766,7 @@ fn decode_spec(fields: &mut Fields<'_>) -> Result<TargetSpec, FrameError> {
     }
     let batch = match fields.u8()? {
         0 => None,
-        1 => Some(fields.string(MAX_EXPORT_BYTES)?),
+        1 => Some(read_string(fields, MAX_EXPORT_BYTES)?),
         _ => return Err(FrameError::BadField("batch flag")),
     };
     Ok(TargetSpec {
@@ -774,12 +780,12 @@ fn decode_spec(fields: &mut Fields<'_>) -> Result<TargetSpec, FrameError> {
 
 /// A presence byte, then (when 1) a string of at most [`MAX_MESSAGE_BYTES`].
 fn optional_string(
-    fields: &mut Fields<'_>,
+    fields: &mut codec::Reader<'_>,
     what: &'static str,
 ) -> Result<Option<String>, FrameError> {
     match fields.u8()? {
         0 => Ok(None),
-        1 => Ok(Some(fields.string(MAX_MESSAGE_BYTES)?)),
+        1 => Ok(Some(read_string(fields, MAX_MESSAGE_BYTES)?)),
         _ => Err(FrameError::BadField(what)),
     }
 }
@@ -814,48 +820,22 @@ fn be_u16(bytes: &[u8]) -> u16 {
     u16::from_be_bytes(bytes.try_into().expect("2 bytes"))
 }
 
-/// A cursor over meta bytes; every read is bounds-checked.
-struct Fields<'a>(&'a [u8]);
-
-impl Fields<'_> {
-    fn take(&mut self, len: usize) -> Result<&[u8], FrameError> {
-        if self.0.len() < len {
-            return Err(FrameError::Truncated);
-        }
-        let (head, rest) = self.0.split_at(len);
-        self.0 = rest;
-        Ok(head)
+/// A u16 length, then that many bytes of UTF-8 (at most `max_bytes`).
+fn read_string(reader: &mut codec::Reader<'_>, max_bytes: usize) -> Result<String, FrameError> {
+    let len = usize::from(reader.u16_be()?);
+    if len > max_bytes {
+        return Err(FrameError::TooLong("string"));
     }
+    let bytes = reader.bytes(len)?;
+    std::str::from_utf8(bytes)
+        .map(str::to_owned)
+        .map_err(|_| FrameError::BadField("string is not UTF-8"))
+}
 
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], FrameError> {
-        Ok(self.take(N)?.try_into().expect("N bytes"))
-    }
-
-    fn u8(&mut self) -> Result<u8, FrameError> {
-        Ok(self.take(1)?[0])
-    }
-
-    fn u16(&mut self) -> Result<u16, FrameError> {
-        Ok(u16::from_be_bytes(self.array()?))
-    }
-
-    fn u32(&mut self) -> Result<u32, FrameError> {
-        Ok(u32::from_be_bytes(self.array()?))
-    }
-
-    fn u64(&mut self) -> Result<u64, FrameError> {
-        Ok(u64::from_be_bytes(self.array()?))
-    }
-
-    fn string(&mut self, max_bytes: usize) -> Result<String, FrameError> {
-        let len = usize::from(self.u16()?);
-        if len > max_bytes {
-            return Err(FrameError::TooLong("string"));
-        }
-        let bytes = self.take(len)?;
-        std::str::from_utf8(bytes)
-            .map(str::to_owned)
-            .map_err(|_| FrameError::BadField("string is not UTF-8"))
+/// Running out of meta bytes: the lengths announced more than the meta holds.
+impl From<CodecError> for FrameError {
+    fn from(_: CodecError) -> Self {
+        FrameError::Truncated
     }
 }
 
