@@ -22,7 +22,7 @@
 //!
 //! | layer | modules | what |
 //! | --- | --- | --- |
-//! | 1 | [`error`] [`env`] [`prng`] [`codec`] [`durable`] [`name`] | error chains; the clock trait core logic takes; the seeded PRNG; the checked byte cursor; atomic write + directory sync; the one name rule |
+//! | 1 | [`error`] [`env`] [`prng`] [`codec`] [`durable`] [`name`] [`units`] | error chains; the clock trait core logic takes; the seeded PRNG; the checked byte cursor; atomic write + directory sync; the one name rule; sizes as operators type them |
 //! | 2 | [`metrics`] | latency recorders (hdrhistogram) |
 //! | 3 | [`io`] | block engines behind `BlockIo` (io_uring, pread/pwrite); the `ferry-sys` crate holds all code the compiler cannot check |
 //! | 4 | [`dirty`] | write trackers: dirty bitmaps, heat, their files |
@@ -57,3 +57,4 @@ pub mod name;
 pub mod nbd;
 pub mod prng;
 pub mod transfer;
+pub mod units;

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 /// Top-level modules of `src/`, bottom to top. A module may name only modules of a lower
 /// layer; modules on one line (one layer) do not name each other.
 const LAYERS: &[&[&str]] = &[
-    &["error", "env", "prng", "codec", "durable", "name"],
+    &["error", "env", "prng", "codec", "durable", "name", "units"],
     &["metrics"],
     &["io"],
     &["dirty"],

@@ -203,9 +203,9 @@ impl WorkDir {
 
 /// Runs the demo: both acts, then the work directory is removed (or kept, on failure).
 pub fn run(args: &DemoArgs) -> Result<(), DemoError> {
-    let size_bytes = parse_size_bytes(&args.size).map_err(|problem| DemoError::Args {
+    let size_bytes = crate::units::parse_size(&args.size).map_err(|problem| DemoError::Args {
         flag: "--size",
-        problem,
+        problem: problem.to_string(),
     })?;
     if size_bytes < SIZE_MIN_BYTES {
         return Err(DemoError::Args {
@@ -241,47 +241,9 @@ pub fn run(args: &DemoArgs) -> Result<(), DemoError> {
     result
 }
 
-/// Parses "1073741824", "512M", "1G", "1GiB" (binary units). The agent's config has its own
-/// parser; the demo keeps this one so as not to depend on the agent.
-fn parse_size_bytes(text: &str) -> Result<u64, String> {
-    let trimmed = text.trim();
-    let digits_end = trimmed
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(trimmed.len());
-    let (digits, unit) = trimmed.split_at(digits_end);
-    let number: u64 = digits
-        .parse()
-        .map_err(|_| format!("'{text}' is not a size like 1G"))?;
-    let shift = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 0,
-        "k" | "kib" => 10,
-        "m" | "mib" => 20,
-        "g" | "gib" => 30,
-        "t" | "tib" => 40,
-        other => return Err(format!("'{text}' has unknown unit '{other}'")),
-    };
-    number
-        .checked_mul(1u64 << shift)
-        .ok_or_else(|| format!("'{text}' is too large"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Goal: the sizes `--size` documents parse to binary units, and bad ones say why.
-    #[test]
-    fn demo_parse_size_bytes() {
-        assert_eq!(parse_size_bytes("1G"), Ok(1 << 30));
-        assert_eq!(parse_size_bytes(" 512MiB "), Ok(512 << 20));
-        assert_eq!(parse_size_bytes("65536"), Ok(65536));
-        assert_eq!(parse_size_bytes("64k"), Ok(64 << 10));
-        assert!(parse_size_bytes("G").unwrap_err().contains("not a size"));
-        assert!(parse_size_bytes("1X").unwrap_err().contains("unknown unit"));
-        assert!(parse_size_bytes("99999999999T")
-            .unwrap_err()
-            .contains("too large"));
-    }
 
     /// Goal: a demo with a bad `--size` fails before it creates anything.
     #[test]

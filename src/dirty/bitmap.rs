@@ -24,19 +24,41 @@ pub fn word_count_for(block_count: u64) -> usize {
     usize::try_from(block_count.div_ceil(WORD_BITS)).expect("bitmap fits in memory")
 }
 
+/// A bitmap read from a file or the wire that cannot be taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BitmapError {
+    /// The granularity is not a power of two.
+    #[error("granularity {granularity_bytes} is not a power of two")]
+    Granularity {
+        /// What was read.
+        granularity_bytes: u64,
+    },
+    /// The disk has more blocks than a bitmap may hold.
+    #[error("{block_count} blocks exceed the bitmap limit {MAX_BLOCK_COUNT}")]
+    TooManyBlocks {
+        /// Blocks the geometry asks for.
+        block_count: u64,
+    },
+    /// The input ends inside the bitmap.
+    #[error("truncated bitmap")]
+    Truncated(#[source] codec::CodecError),
+    /// A bit is set past the last block.
+    #[error("bitmap has bits past block count {block_count}")]
+    BitsPastEnd {
+        /// The bitmap's block count.
+        block_count: u64,
+    },
+}
+
 /// Blocks of a disk of `disk_bytes` at `granularity_bytes`, when a bitmap can hold them (a
 /// geometry read from a file or the journal is checked before anything is allocated for it).
-pub fn checked_block_count(disk_bytes: u64, granularity_bytes: u64) -> Result<u64, String> {
+pub fn checked_block_count(disk_bytes: u64, granularity_bytes: u64) -> Result<u64, BitmapError> {
     if !granularity_bytes.is_power_of_two() {
-        return Err(format!(
-            "granularity {granularity_bytes} is not a power of two"
-        ));
+        return Err(BitmapError::Granularity { granularity_bytes });
     }
     let block_count = disk_bytes.div_ceil(granularity_bytes);
     if block_count > MAX_BLOCK_COUNT {
-        return Err(format!(
-            "{block_count} blocks exceed the bitmap limit {MAX_BLOCK_COUNT}"
-        ));
+        return Err(BitmapError::TooManyBlocks { block_count });
     }
     Ok(block_count)
 }
@@ -44,18 +66,24 @@ pub fn checked_block_count(disk_bytes: u64, granularity_bytes: u64) -> Result<u6
 /// Reads the `word_count_for(block_count)` little-endian words of a bitmap in its on-disk and
 /// wire form. The length is checked before anything is allocated; the error names the
 /// problem: the input ends early, or a bit is set past `block_count`.
-pub fn read_le_words(reader: &mut codec::Reader<'_>, block_count: u64) -> Result<Vec<u64>, String> {
+pub fn read_le_words(
+    reader: &mut codec::Reader<'_>,
+    block_count: u64,
+) -> Result<Vec<u64>, BitmapError> {
     let word_count = word_count_for(block_count);
-    let truncated = |err| format!("truncated bitmap: {err}");
-    let mut raw = codec::Reader::new(reader.bytes(word_count * 8).map_err(truncated)?);
+    let mut raw = codec::Reader::new(
+        reader
+            .bytes(word_count * 8)
+            .map_err(BitmapError::Truncated)?,
+    );
     let words = (0..word_count)
         .map(|_| raw.u64_le())
         .collect::<Result<Vec<u64>, _>>()
-        .map_err(truncated)?;
+        .map_err(BitmapError::Truncated)?;
     let tail_bits = block_count % WORD_BITS;
     if let (Some(&last), true) = (words.last(), tail_bits != 0) {
         if last >> tail_bits != 0 {
-            return Err(format!("bitmap has bits past block count {block_count}"));
+            return Err(BitmapError::BitsPastEnd { block_count });
         }
     }
     Ok(words)

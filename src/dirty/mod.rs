@@ -34,7 +34,7 @@ pub mod persist;
 mod tests;
 mod tracker;
 
-pub use bitmap::{DirtyBitmap, DirtySet};
+pub use bitmap::{BitmapError, DirtyBitmap, DirtySet};
 pub use heat::{Heat, HeatHistogram, HEAT_BUCKET_LOWER_BOUNDS, HOT_THRESHOLD};
 pub use tracker::{
     Tracker, TrackerSpec, DEFAULT_GRANULARITY_BYTES, DEFAULT_HALF_LIFE_MS, MAX_BLOCK_COUNT,

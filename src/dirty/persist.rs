@@ -207,7 +207,8 @@ fn decode_fields(reader: &mut codec::Reader<'_>, body_len: usize) -> Result<Save
         half_life_ms,
     };
     spec.validate().map_err(|err| err.to_string())?;
-    let words = read_le_words(reader, block_count)?;
+    let words =
+        read_le_words(reader, block_count).map_err(|err| crate::error::error_chain(&err))?;
     let heat = reader
         .bytes(usize::try_from(block_count).expect("checked above"))
         .map_err(truncated)?

@@ -279,7 +279,7 @@ pub fn check(jobs: &JobViews, seq: u64, record: &Record) -> Result<(), JournalEr
                 ..
             } => checked_block_count(*size_bytes, *granularity_bytes)
                 .map(drop)
-                .map_err(refuse),
+                .map_err(|err| refuse(err.to_string())),
             _ => Err(refuse("no record started this job".to_owned())),
         };
     };

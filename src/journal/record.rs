@@ -554,7 +554,8 @@ fn decode_set(fields: &mut Fields<'_>) -> Result<DirtySet, String> {
         .map_err(|problem| format!("block set: {problem}"))?;
     let word_count = word_count_for(block_count);
     let words = match fields.u8()? {
-        SET_ENCODING_WORDS => read_le_words(&mut fields.reader, block_count)?,
+        SET_ENCODING_WORDS => read_le_words(&mut fields.reader, block_count)
+            .map_err(|err| format!("block set: {}", crate::error::error_chain(&err)))?,
         SET_ENCODING_RUNS => decode_runs(fields, block_count, word_count)?,
         other => return Err(format!("unknown block set encoding {other}")),
     };
