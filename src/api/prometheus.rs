@@ -72,43 +72,43 @@ const EXPORT_METRICS: [ExportMetric; 9] = [
         "ferry_export_read_bytes_total",
         "counter",
         "Bytes returned by NBD READ.",
-        |e| e.stats.read_bytes,
+        |e| e.stats.counts.read_bytes,
     ),
     (
         "ferry_export_read_ops_total",
         "counter",
         "NBD READ requests completed.",
-        |e| e.stats.read_ops,
+        |e| e.stats.counts.read_ops,
     ),
     (
         "ferry_export_write_bytes_total",
         "counter",
         "Bytes written by NBD WRITE.",
-        |e| e.stats.write_bytes,
+        |e| e.stats.counts.write_bytes,
     ),
     (
         "ferry_export_write_ops_total",
         "counter",
         "NBD WRITE requests completed.",
-        |e| e.stats.write_ops,
+        |e| e.stats.counts.write_ops,
     ),
     (
         "ferry_export_flush_ops_total",
         "counter",
         "NBD FLUSH requests completed.",
-        |e| e.stats.flush_ops,
+        |e| e.stats.counts.flush_ops,
     ),
     (
         "ferry_export_trim_ops_total",
         "counter",
         "NBD TRIM requests completed.",
-        |e| e.stats.trim_ops,
+        |e| e.stats.counts.trim_ops,
     ),
     (
         "ferry_export_zero_ops_total",
         "counter",
         "NBD WRITE_ZEROES requests completed.",
-        |e| e.stats.zero_ops,
+        |e| e.stats.counts.zero_ops,
     ),
     (
         "ferry_export_connections",
@@ -217,7 +217,7 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
-    use crate::api::types::{ExportStats, TrackerStatus};
+    use crate::api::types::{CounterSnapshot, ExportStats, TrackerStatus};
     use crate::metrics::LatencyRecorder;
 
     fn export(name: &str) -> ExportStatus {
@@ -242,13 +242,15 @@ mod tests {
                 half_life_ms: 30_000,
             }],
             stats: ExportStats {
-                read_ops: 7,
-                read_bytes: 7 * 4096,
-                write_ops: 5,
-                write_bytes: 5 * 4096,
-                flush_ops: 1,
-                trim_ops: 2,
-                zero_ops: 3,
+                counts: CounterSnapshot {
+                    read_ops: 7,
+                    read_bytes: 7 * 4096,
+                    write_ops: 5,
+                    write_bytes: 5 * 4096,
+                    flush_ops: 1,
+                    trim_ops: 2,
+                    zero_ops: 3,
+                },
                 latency_us: latency.summary(),
             },
         }

@@ -165,8 +165,8 @@ pub fn exports_table(exports: &[ExportStatus]) -> String {
             if export.read_only { "ro" } else { "rw" }.to_string(),
             human_bytes(export.granularity_bytes),
             export.connections.to_string(),
-            human_bytes(export.stats.read_bytes),
-            human_bytes(export.stats.write_bytes),
+            human_bytes(export.stats.counts.read_bytes),
+            human_bytes(export.stats.counts.write_bytes),
             if latency.count == 0 {
                 "-".to_string()
             } else {
@@ -372,7 +372,7 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
-    use crate::api::types::ExportStats;
+    use crate::api::types::{CounterSnapshot, ExportStats};
 
     fn tracker(name: &str, lost: bool) -> TrackerStatus {
         TrackerStatus {
@@ -439,8 +439,11 @@ mod tests {
             connections: 1,
             trackers,
             stats: ExportStats {
-                read_bytes: 5 << 20,
-                write_bytes: 1 << 20,
+                counts: CounterSnapshot {
+                    read_bytes: 5 << 20,
+                    write_bytes: 1 << 20,
+                    ..CounterSnapshot::default()
+                },
                 ..ExportStats::default()
             },
         };

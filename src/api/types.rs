@@ -10,6 +10,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::disk::CounterSnapshot;
 pub use crate::metrics::LatencySummary;
 
 /// An export to serve, as `POST /v1/exports` takes it and `exports.json` stores it.
@@ -52,20 +53,9 @@ pub struct TrackerAdd {
 /// Request counters and latency of one export since the agent started.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct ExportStats {
-    /// READ commands completed.
-    pub read_ops: u64,
-    /// Bytes returned by READ.
-    pub read_bytes: u64,
-    /// WRITE commands completed.
-    pub write_ops: u64,
-    /// Bytes written by WRITE.
-    pub write_bytes: u64,
-    /// FLUSH commands completed.
-    pub flush_ops: u64,
-    /// TRIM commands completed.
-    pub trim_ops: u64,
-    /// WRITE_ZEROES commands completed.
-    pub zero_ops: u64,
+    /// Requests and bytes by command (flattened: the JSON has one level).
+    #[serde(flatten)]
+    pub counts: CounterSnapshot,
     /// Request latency, receive to reply, in microseconds.
     pub latency_us: LatencySummary,
 }
@@ -92,15 +82,8 @@ pub struct TrackerStatus {
 impl ExportStats {
     /// The counters and latency of `export` now.
     pub fn of(export: &crate::disk::Export) -> Self {
-        let c = export.counts();
         ExportStats {
-            read_ops: c.read_ops,
-            read_bytes: c.read_bytes,
-            write_ops: c.write_ops,
-            write_bytes: c.write_bytes,
-            flush_ops: c.flush_ops,
-            trim_ops: c.trim_ops,
-            zero_ops: c.zero_ops,
+            counts: export.counts(),
             latency_us: export.latency().summary(),
         }
     }

@@ -82,8 +82,8 @@ pub trait ConnectionHandle: Send + Sync + std::fmt::Debug {
     fn stop_reading(&self);
 }
 
-/// A snapshot of an export's request counters.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// A snapshot of an export's request counters (also what the API reports).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CounterSnapshot {
     /// READ commands completed.
     pub read_ops: u64,
