@@ -63,9 +63,13 @@ pub fn recover(
             (Side::Target(target), Restart::RemoveImage) => {
                 remove_image(exports, &view, target, image_dir);
             }
+            // commit::restart answers source phases with source actions and target phases
+            // with target ones; this arm is a bug there, logged by kind (a target's view holds
+            // a whole bitmap).
             (side, action) => log::error!(
-                "job {}: restart action {action:?} does not apply to {side:?}",
-                view.job_id
+                "job {}: restart action {action:?} does not apply to a {} job",
+                view.job_id,
+                if matches!(side, Side::Source(_)) { "source" } else { "target" }
             ),
         }
     }
