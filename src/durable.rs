@@ -121,8 +121,25 @@ fn write_temp(temp: &Path, bytes: &[u8]) -> io::Result<()> {
         .create_new(true)
         .mode(0o600)
         .open(temp)?;
+    // The umask can only remove bits; the mode is explicit anyway (secrets go through here).
+    file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     file.write_all(bytes)?;
     file.sync_all()
+}
+
+/// Creates `path` holding `bytes` (mode 0600) if nothing is there, durably: the bytes go to a
+/// private temp name (created with `O_EXCL`), are fsynced, then hard-linked to `path`, which
+/// fails with `AlreadyExists` and leaves `path` untouched when another writer was first. So a
+/// reader never sees a partial file, and two processes creating the same secret at once agree
+/// on one. The temp name carries the pid, so concurrent creators never share it.
+pub fn write_new(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let temp = parent_dir(path).join(format!(".{name}.{}{TEMP_SUFFIX}", std::process::id()));
+    let linked = write_temp(&temp, bytes).and_then(|()| fs::hard_link(&temp, path));
+    // The link (if made) holds the data; the temp name is not needed either way.
+    let _ = fs::remove_file(&temp);
+    linked?;
+    sync_parent(path)
 }
 
 /// Fsyncs directory `dir`, so that creations, renames and removals in it are durable.
@@ -211,5 +228,25 @@ mod tests {
         assert!(sync_dir(&dir.path().join("missing")).is_err());
         sync_parent(&in_the_way.join("any")).expect("sync parent");
         assert_eq!(parent_dir(Path::new("bare")), Path::new("."));
+    }
+
+    // Goal: write_new creates once, 0600, and never replaces what is there (the second
+    // writer gets AlreadyExists and the first file's bytes stay). Method: two calls.
+    #[test]
+    fn write_new_creates_once() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret");
+        write_new(&path, b"first").unwrap();
+        let err = write_new(&path, b"second").unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(fs::read(&path).unwrap(), b"first");
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(
+            fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "temp left behind"
+        );
     }
 }

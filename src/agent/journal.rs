@@ -69,7 +69,11 @@ pub fn recover(
             (side, action) => log::error!(
                 "job {}: restart action {action:?} does not apply to a {} job",
                 view.job_id,
-                if matches!(side, Side::Source(_)) { "source" } else { "target" }
+                if matches!(side, Side::Source(_)) {
+                    "source"
+                } else {
+                    "target"
+                }
             ),
         }
     }

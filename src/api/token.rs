@@ -10,10 +10,10 @@
 //!   so two agents racing on the same state directory end up with the same token.
 //! - A token is never logged or printed.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 
 /// Random bytes in a token (64 hex digits).
 pub const TOKEN_BYTES: usize = 32;
@@ -78,43 +78,9 @@ pub fn load_or_create(path: &Path) -> io::Result<String> {
     }
 }
 
-/// Writes `token` to a temporary file and links it to `path`; fails with `AlreadyExists`
-/// (leaving `path` untouched) if `path` exists.
+/// Writes `token` to `path`, which must not exist (`AlreadyExists` then, `path` untouched).
 fn publish(path: &Path, token: &str) -> io::Result<()> {
-    let tmp = temp_path(path);
-    // A stale temporary file of an earlier crash of this pid would make create_new fail.
-    match fs::remove_file(&tmp) {
-        Err(err) if err.kind() != io::ErrorKind::NotFound => return Err(err),
-        _ => {}
-    }
-    let result = write_and_link(&tmp, path, token);
-    // The link (if made) holds the data; the temporary name is not needed either way.
-    let _ = fs::remove_file(&tmp);
-    result?;
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
-    File::open(dir.unwrap_or(Path::new(".")))?.sync_all()
-}
-
-fn write_and_link(tmp: &Path, path: &Path, token: &str) -> io::Result<()> {
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(TOKEN_MODE)
-        .open(tmp)?;
-    // The umask can only remove bits; set the mode explicitly anyway.
-    file.set_permissions(fs::Permissions::from_mode(TOKEN_MODE))?;
-    file.write_all(token.as_bytes())?;
-    file.write_all(b"\n")?;
-    file.sync_all()?;
-    fs::hard_link(tmp, path)
-}
-
-fn temp_path(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "api.token".to_string());
-    path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
+    crate::durable::write_new(path, format!("{token}\n").as_bytes())
 }
 
 #[cfg(test)]

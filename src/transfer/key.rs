@@ -11,8 +11,8 @@
 
 use std::fmt;
 use std::fs;
-use std::io::{self, Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::io::{self, Read};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use super::frame::Role;
@@ -85,22 +85,7 @@ impl ClusterKey {
     }
 
     fn write_new(&self, path: &Path) -> io::Result<()> {
-        let dir = path.parent().filter(|dir| !dir.as_os_str().is_empty());
-        let dir = dir.unwrap_or(Path::new("."));
-        let name = path.file_name().unwrap_or_default().to_string_lossy();
-        let temp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-        let mut file = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&temp)?;
-        let written = file
-            .write_all(format!("{}\n", self.to_hex()).as_bytes())
-            .and_then(|()| file.sync_all())
-            .and_then(|()| fs::hard_link(&temp, path));
-        let _ = fs::remove_file(&temp);
-        written?;
-        fs::File::open(dir)?.sync_all()
+        crate::durable::write_new(path, format!("{}\n", self.to_hex()).as_bytes())
     }
 
     fn parse_hex(text: &str) -> Option<ClusterKey> {

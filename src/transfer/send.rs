@@ -161,9 +161,9 @@ impl Sender {
         spec: &TargetSpec,
         options: SendOptions,
     ) -> Result<(Sender, OpenReply), TransferError> {
-        if spec.export.is_empty() || spec.export.len() > frame::MAX_EXPORT_BYTES {
+        if let Err(err) = crate::name::validate(&spec.export) {
             return Err(TransferError::Refused {
-                reason: format!("export name must be 1..={} bytes", frame::MAX_EXPORT_BYTES),
+                reason: err.to_string(),
             });
         }
         let timeout = Duration::from_millis(options.connect_timeout_ms.max(1));
