@@ -37,7 +37,7 @@
 //! | source Copying | source | serves the export locally; the job is resumable (`ferry resume`) |
 //! | source SwitchingOver | in doubt | serves no write until the target answers: committed → append `SourceSwitched`, forward; not committed → append `SourceSwitchoverCancelled`, serve locally; unreachable → keep asking, `ferry status` says needs-attention |
 //! | source Switched | target | forwards the export to `forward_addr`, never serves the local image |
-//! | source Aborted | source | serves locally; removes the migration tracker; sends Abort until the target confirms |
+//! | source Aborted | source | serves locally; removes the migration tracker; sends Abort to the target (5 attempts, growing pauses; `ferry abort` again retries) |
 //! | source Finished | target | serves nothing for the export; the local image is debris |
 //! | target Receiving | source | keeps the image unserved, with its received bitmap, for a resume; no stream is current, so nothing commits before a new Open |
 //! | target Committed | target | serves the image as an export |
