@@ -48,7 +48,7 @@ pub struct Targets {
 }
 
 impl Targets {
-    /// Targets in `image_dir` of the agent whose exports are in `registry`; `nbd_tcp` is where
+    /// Targets in `image_dir` of the agent whose exports are in `exports`; `nbd_tcp` is where
     /// it serves NBD over TCP (sources forward there after the switchover).
     pub fn new(
         exports: Arc<Exports>,

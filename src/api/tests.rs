@@ -1,7 +1,7 @@
 //! End-to-end tests of the control API: a real server on 127.0.0.1:0 in front of a fake
 //! [`Control`], driven by the real [`Client`] (and by raw `ureq` calls for malformed input).
 //!
-//! The fake keeps exports in a map and fails in the ways the registry does, so every
+//! The fake keeps exports in a map and fails in the ways the agent's export table does, so every
 //! [`ControlError`] variant crosses the wire and comes back as a readable [`ClientError`].
 
 use std::collections::BTreeMap;
@@ -14,7 +14,7 @@ use super::{serve, ApiServer, Client, ClientError, Control, ControlError};
 
 const TOKEN: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
-/// A registry stand-in: exports by name; `connections` decides Busy; the path `/fail` fails
+/// A stand-in for the agent: exports by name; `connections` decides Busy; the path `/fail` fails
 /// with an I/O error; the last heat request is remembered.
 #[derive(Debug, Default)]
 struct FakeControl {

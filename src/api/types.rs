@@ -1,6 +1,6 @@
 //! The control API's wire types: what the agent returns (statuses, heat maps) and what a
 //! client sends (an export to add, a tracker to add). They are also what `--json` prints and
-//! what the registry persists in `exports.json`.
+//! what the agent persists in `exports.json`.
 //!
 //! Invariants: every field carries its unit in its name (`_bytes`, `_ms`, `_us`); inputs
 //! reject unknown fields, so a misspelt option is an error and not silently ignored; fields
