@@ -8,6 +8,7 @@
 pub mod config;
 pub mod journal;
 pub mod registry;
+pub mod status;
 pub mod targets;
 
 use std::io::Write;

@@ -30,7 +30,7 @@ use crate::nbd::wire::{ExportCatalog, ExportInfo};
 use crate::transfer::{resolve_peer, ClusterKey, SendOptions};
 
 /// Heat at and above which a block counts as hot in reports.
-pub const HOT_THRESHOLD: u8 = 8;
+pub const HOT_THRESHOLD: u8 = crate::api::types::HOT_THRESHOLD;
 
 /// Bytes a migration hands to one send (one sync round trip, one progress and bandwidth
 /// sample), whatever the tracking granularity: ~30 ms of copy at disk speed. (At 4 KiB
@@ -563,6 +563,8 @@ impl Control for Registry {
     }
 
     fn migrate(&self, export: &str, request: MigrateRequest) -> Result<JobStatus, ControlError> {
+        let journaled = self.journal.lock().expect("journal lock").clone();
+        let request = super::status::with_journaled_settings(journaled.as_ref(), request);
         let export = self.get(export)?;
         let to = resolve_peer(&request.to)
             .map_err(|err| ControlError::Invalid(format!("to: {}", error_chain(&err))))?;
@@ -582,7 +584,7 @@ impl Control for Registry {
         if let Some(threshold) = request.hot_threshold {
             options.hot_threshold = threshold;
         }
-        options.mirror_from_start = request.mirror;
+        options.mirror_from_start = request.mirror.unwrap_or(false);
         options.chunk_blocks = (SEND_CHUNK_BYTES / export.granularity_bytes()).max(1);
         if let Some(batch) = &request.batch {
             config::validate_name(batch)
@@ -621,8 +623,8 @@ impl Control for Registry {
                     to,
                     options,
                     send,
-                    verify: request.verify,
-                    yield_to_guest: request.yield_to_guest,
+                    verify: request.verify.unwrap_or(false),
+                    yield_to_guest: request.yield_to_guest.unwrap_or(false),
                     journal,
                     batch: request.batch.clone(),
                     resuming,
@@ -689,5 +691,22 @@ impl Control for Registry {
         self.jobs
             .get(id)
             .ok_or_else(|| ControlError::NotFound(format!("no migration job {id}")))
+    }
+
+    fn status(
+        &self,
+        batch: Option<&str>,
+    ) -> Result<Vec<crate::api::types::DiskStatus>, ControlError> {
+        let journal = self.journal.lock().expect("journal lock").clone();
+        let key = self.cluster_key.lock().expect("key lock").clone();
+        super::status::disks(journal.as_ref(), key.as_ref(), batch)
+    }
+
+    fn journal_jobs(
+        &self,
+        batch: Option<&str>,
+    ) -> Result<Vec<crate::api::types::JournalJob>, ControlError> {
+        let journal = self.journal.lock().expect("journal lock").clone();
+        super::status::journal_jobs(journal.as_ref(), batch)
     }
 }

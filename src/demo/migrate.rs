@@ -128,9 +128,9 @@ fn drive(
         force_after_ms: Some(30_000),
         bandwidth_bytes_per_s: None,
         hot_threshold: None,
-        verify: false,
-        yield_to_guest: false,
-        mirror: false,
+        verify: None,
+        yield_to_guest: None,
+        mirror: None,
         batch: None,
         resume_job: None,
     };

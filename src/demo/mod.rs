@@ -13,7 +13,6 @@ use crate::agent::config::{parse_size, AgentConfig, ExportConfig, Overrides};
 use crate::agent::Agent;
 use crate::api::types::TrackerAdd;
 use crate::api::{render, token, Client};
-use crate::cli::DemoArgs;
 use crate::nbd::client::{check, NbdClient};
 
 mod guest;
@@ -22,6 +21,20 @@ mod migrate;
 use guest::{pattern, Prng, Workload, REGIONS, WRITE_BYTES, ZIPF_S};
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+/// `ferry demo` flags.
+#[derive(Debug, clap::Args)]
+pub struct DemoArgs {
+    /// Image size.
+    #[arg(long, default_value = "1G")]
+    pub size: String,
+    /// Writes to issue.
+    #[arg(long, default_value_t = 40_000)]
+    pub writes: u64,
+    /// Directory for the temporary image (must support O_DIRECT: not tmpfs).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+}
 
 const QUEUE_DEPTH: usize = 32;
 
