@@ -125,8 +125,8 @@ pub enum Command {
     Status {
         /// Only the jobs of this batch.
         batch: Option<String>,
-        /// Read the journal in the state directory instead of asking the agent (for when it
-        /// is down; it must not be running).
+        /// Read the journal in the state directory instead of asking the agent (for when the
+        /// agent is down).
         #[arg(long)]
         offline: bool,
         /// With --offline: cluster key used to ask destinations (default:
