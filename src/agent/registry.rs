@@ -693,7 +693,7 @@ impl Control for Registry {
             .ok_or_else(|| ControlError::NotFound(format!("no migration job {id}")))
     }
 
-    fn status(
+    fn migration_status(
         &self,
         batch: Option<&str>,
     ) -> Result<Vec<crate::api::types::DiskStatus>, ControlError> {

@@ -208,7 +208,7 @@ impl Client {
 
     /// `GET /v1/status?batch=`: the agent judges its journal's jobs, asking their
     /// destinations (`ferry status`).
-    pub fn status(&self, batch: Option<&str>) -> Result<Vec<DiskStatus>, ClientError> {
+    pub fn migration_status(&self, batch: Option<&str>) -> Result<Vec<DiskStatus>, ClientError> {
         let query: Vec<(&str, &str)> = batch.map(|batch| ("batch", batch)).into_iter().collect();
         self.call_json("GET", "/v1/status", &query, None)
     }

@@ -118,7 +118,7 @@ pub trait Control: Send + Sync {
     }
     /// `ferry status`: each job of this agent's journal (of `batch` only, if given), judged
     /// with what the other side's journal says.
-    fn status(&self, batch: Option<&str>) -> Result<Vec<DiskStatus>, ControlError> {
+    fn migration_status(&self, batch: Option<&str>) -> Result<Vec<DiskStatus>, ControlError> {
         let _ = batch;
         Err(ControlError::NotFound("this agent keeps no journal".into()))
     }

@@ -302,7 +302,9 @@ pub fn route(
             _ => method_not_allowed("POST"),
         },
         ["v1", "status"] => match (method, batch_param(query)) {
-            (Method::Get, Ok(batch)) => Reply::from_result(200, control.status(batch.as_deref())),
+            (Method::Get, Ok(batch)) => {
+                Reply::from_result(200, control.migration_status(batch.as_deref()))
+            }
             (Method::Get, Err(reply)) => reply,
             _ => method_not_allowed("GET"),
         },

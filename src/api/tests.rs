@@ -211,7 +211,7 @@ impl Control for FakeControl {
         })
     }
 
-    fn status(&self, batch: Option<&str>) -> Result<Vec<DiskStatus>, ControlError> {
+    fn migration_status(&self, batch: Option<&str>) -> Result<Vec<DiskStatus>, ControlError> {
         Ok(self
             .journal_jobs(batch)?
             .into_iter()
@@ -403,14 +403,18 @@ fn status_and_journal_routes_round_trip() {
     // Control sees it. Method: status and journal jobs of b1, of all, of b2; then a batch
     // name with a slash through the real client.
     let h = start();
-    let lines = h.client.status(Some("b1")).expect("status b1");
+    let lines = h.client.migration_status(Some("b1")).expect("status b1");
     assert_eq!(lines.len(), 1);
     assert_eq!(
         (lines[0].job_id, lines[0].verdict.as_str()),
         (7, "resumable")
     );
-    assert_eq!(h.client.status(None).expect("status").len(), 1);
-    assert!(h.client.status(Some("b2")).expect("status b2").is_empty());
+    assert_eq!(h.client.migration_status(None).expect("status").len(), 1);
+    assert!(h
+        .client
+        .migration_status(Some("b2"))
+        .expect("status b2")
+        .is_empty());
     let jobs = h.client.journal_jobs(Some("b1")).expect("jobs b1");
     assert_eq!(jobs, vec![journal_job()]);
     assert!(jobs[0].resumable() && jobs[0].abortable());
@@ -422,7 +426,10 @@ fn status_and_journal_routes_round_trip() {
     let asked = h.fake.batches_asked.lock().expect("lock").clone();
     let b = |name: &str| Some(name.to_string());
     assert_eq!(asked, vec![b("b1"), None, b("b2"), b("b1"), b("b2")]);
-    let err = h.client.status(Some("../b1")).expect_err("bad batch");
+    let err = h
+        .client
+        .migration_status(Some("../b1"))
+        .expect_err("bad batch");
     assert_eq!(err.status(), Some(400), "{err}");
     assert!(err.to_string().contains("batch:"), "{err}");
     assert_eq!(h.fake.batches_asked.lock().expect("lock").len(), 5);

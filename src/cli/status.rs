@@ -15,7 +15,7 @@ use crate::transfer::ClusterKey;
 /// `ferry status [BATCH]`, answered by the agent.
 pub fn online(batch: Option<&str>, target: &ApiTarget) -> Result<(), CliError> {
     let client = client(target)?;
-    let lines = client.status(batch).map_err(|err| match err {
+    let lines = client.migration_status(batch).map_err(|err| match err {
         ClientError::Unreachable { .. } => CliError::StatusUnreachable(err),
         other => CliError::Api(other),
     })?;

@@ -755,7 +755,7 @@ pub(crate) mod tests {
     #[test]
     fn every_record_kind_survives_a_reopen() {
         // Goal: records come back as written, numbered from 1, and fold to the state the
-        // journal held. Method: append a lifecycle holding all ten kinds, reopen, compare.
+        // journal held. Method: append a lifecycle holding all eleven kinds, reopen, compare.
         let kinds: std::collections::BTreeSet<_> =
             lifecycle().iter().map(Record::kind_name).collect();
         assert_eq!(kinds.len(), 11, "the lifecycle covers every kind");
