@@ -576,8 +576,14 @@ class Soak:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
     def status(self, host, agent, batch):
+        """`ferry status [BATCH] --json`: the agent's answer; with the agent down, its journal
+        file read by `ferry status --offline`."""
         args = ["status", batch] if batch else ["status"]
-        out = self.ferry_cli(host, agent, *args, "--json", "--cluster-key", self.key)
+        out = self.ferry_cli(host, agent, *args, "--json")
+        if out.returncode != 0 and "cannot reach the agent" in out.stderr:
+            out = self.ferry_cli(
+                host, agent, *args, "--json", "--offline", "--cluster-key", self.key
+            )
         try:
             return {line["export"]: line for line in json.loads(out.stdout)}, out
         except (ValueError, KeyError, TypeError):
@@ -782,8 +788,8 @@ class Soak:
             info["at_fault"] = snap
             info["actual"] = self.classify(snap, max_pass)
             info["max_pass"] = max_pass
-            # `ferry status` during the fault too (the source's journal is read even with its
-            # agent down; the destination is unreachable or down), judged the same way.
+            # `ferry status` during the fault too (`--offline` reads the source's journal when
+            # its agent is down; the destination is unreachable or down), judged the same way.
             during = {}
             dst_journal = os.path.join(dst.state, "journal")
             src_journal = os.path.join(src.state, "journal")

@@ -276,3 +276,57 @@ fn config_file_and_config_errors() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("export[0].granularity"), "{err}");
 }
+
+// Goal: `ferry status`, `ferry resume` and `ferry abort` ask the agent through its API (they
+// work with a state directory that holds no journal, given the token), a batch name that is
+// not a name gets a short refusal, and with the agent stopped `ferry status` fails while
+// `ferry status --offline` reads the journal file and says it is offline. Method: an agent
+// with no migration; the three commands with `--state-dir` pointing elsewhere and
+// `--token-file` at the agent's token; `status ../x`; stop; status with and without --offline.
+#[test]
+fn status_resume_and_abort_go_through_the_api() {
+    let dir = common::scratch_dir();
+    let image = dir.path().join("vm1.img");
+    sparse_image(&image, 16 * MIB);
+    let mut agent = AgentProc::start(&[format!("vm1={}", image.display())], &[]);
+    let elsewhere = common::scratch_dir();
+    let token = agent.state_dir.join("api.token");
+    let remote = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(args)
+            .args(["--api", &agent.api, "--token-file"])
+            .arg(&token)
+            .arg("--state-dir")
+            .arg(elsewhere.path())
+            .output()
+            .unwrap()
+    };
+    let out = remote(&["status", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(stdout(&out).trim(), "[]");
+    let out = remote(&["status"]);
+    assert!(stdout(&out).contains("no migrations"), "{out:?}");
+    let out = remote(&["resume", "b9"]);
+    assert_eq!(
+        stdout(&out).trim(),
+        "batch b9: nothing to resume",
+        "{out:?}"
+    );
+    let out = remote(&["abort", "b9"]);
+    assert_eq!(stdout(&out).trim(), "batch b9: nothing to abort", "{out:?}");
+    let out = remote(&["status", "../x"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("batch:") && stderr.len() < 200, "{stderr}");
+
+    assert!(agent.stop(), "{}", agent.log());
+    let out = agent.cli(&["status"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("cannot reach the agent"), "{stderr}");
+    let out = agent.cli(&["status", "--offline", "--json"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stdout(&out).trim(), "[]");
+    assert!(stderr.contains("offline"), "{stderr}");
+}

@@ -16,7 +16,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::pair::{
-    migrate, migrate_background, pair, prefill, start_guest, verify_only, wait_fio, MIB,
+    json_of, migrate, migrate_background, pair, prefill, start_guest, verify_only, wait_fio, MIB,
 };
 use common::{require, run_ok, sparse_image, stdout};
 
@@ -105,10 +105,13 @@ fn switched_source_forwards_after_kill_and_status_says_migrated() {
 }
 
 // Goal: an interrupted migration is reported truthfully at each stage, and the guest loses
-// nothing. Method: fio writes with verify; migrate capped at 16 MiB/s; kill -9 the
+// nothing; `ferry status` is the agent's answer, and with the agent down only `--offline`
+// answers, saying so. Method: fio writes with verify; migrate capped at 16 MiB/s; kill -9 the
 // destination after 2.5 s (the destination records what it received at most every second);
 // status on the source: needs-attention (destination unreachable, source holds the disk);
 // restart the destination: resumable with some MiB durable there; fio verifies at the source.
+// Then stop the source agent: `ferry status` fails pointing at --offline; `ferry status
+// --offline` reads the journal file, gives the same verdict and says it is offline.
 #[test]
 fn interrupted_migration_is_reported_resumable() {
     require("fio");
@@ -141,6 +144,17 @@ fn interrupted_migration_is_reported_resumable() {
     );
     wait_fio(guest);
     verify_only(&source_uri, 6000);
+
+    assert!(pair.source.stop(), "{}", pair.source.log());
+    let out = pair.source.cli(&["status", "--json"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("--offline"), "{stderr}");
+    let (offline, said) = pair.offline_status(&pair.source, None);
+    let line = only_line(&offline);
+    assert_eq!(line["verdict"], "resumable", "{line:#}");
+    assert_eq!(line["peer_state"], "receiving", "{line:#}");
+    assert!(said.contains("offline"), "{said}");
 }
 
 /// `ferry <args> --json` run against `agent`, parsed.
@@ -367,6 +381,108 @@ fn source_crash_then_resume_compares_digests() {
     assert!(pair.source.log().contains("differ at the destination"));
     let line = only_line(&pair.batch_status(&pair.source, Some("b"))).clone();
     assert_eq!(line["verdict"], "migrated", "{line:#}");
+    run_ok(
+        Command::new("cmp")
+            .arg(&image)
+            .arg(pair.destination.state_dir.join("images").join("vm1.img")),
+    );
+}
+
+/// `ferry ARGS --json` against the source agent of `pair`, in the background.
+fn background(pair: &common::pair::Pair, args: &[&str]) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(args)
+        .arg("--json")
+        .args(["--api", &pair.source.api, "--state-dir"])
+        .arg(&pair.source.state_dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+// Goal: a resumed job runs with the settings it was started with, not the defaults (a job
+// capped at 4 MiB/s is not resumed uncapped), and an option given to `ferry resume` replaces
+// that setting only. Method: a 64 MiB disk (48 MiB of data) migrated in batch s with
+// --bandwidth 4M --max-pause 250 --yield; the destination killed after 3 s and restarted; the
+// agent's journal (GET /v1/journal/jobs) holds those settings; `ferry resume s` without
+// options, the destination killed again after 2 s: the failed job's status shows 4 MiB/s,
+// 250 ms and yield; `ferry resume s --bandwidth 64M --yield=false`: done with 64 MiB/s, no
+// yield, still 250 ms, and the journal holds the settings of that run; the images are equal.
+#[test]
+fn resumed_job_keeps_its_settings() {
+    let dir = common::scratch_dir();
+    let image = dir.path().join("vm1.img");
+    sparse_image(&image, 64 * MIB);
+    prefill(&image, 48 * MIB);
+    let mut pair = pair(&image, "64K");
+    let to = pair.destination_transfer.clone();
+    let first = background(
+        &pair,
+        &[
+            "migrate",
+            "vm1",
+            "--to",
+            &to,
+            "--batch",
+            "s",
+            "--bandwidth",
+            "4M",
+            "--max-pause",
+            "250",
+            "--yield",
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(3000));
+    pair.destination.kill();
+    let out = first.wait_with_output().unwrap();
+    assert!(!out.status.success(), "the first run should have failed");
+    pair.restart_destination();
+
+    let journaled = pair.source.client().journal_jobs(Some("s")).unwrap();
+    assert_eq!(journaled.len(), 1, "{journaled:#?}");
+    assert!(journaled[0].resumable(), "{journaled:#?}");
+    let settings = journaled[0].settings.clone().expect("settings journaled");
+    assert_eq!(settings.bandwidth_bytes_per_s, Some(4 * MIB));
+    assert_eq!(settings.max_pause_ms, 250);
+    assert!(settings.yield_to_guest);
+
+    let second = background(&pair, &["resume", "s"]);
+    std::thread::sleep(Duration::from_millis(2000));
+    pair.destination.kill();
+    let out = second.wait_with_output().unwrap();
+    assert!(!out.status.success(), "the resume should have failed");
+    let statuses = json_of(&out);
+    let job = &statuses.as_array().expect("statuses")[0];
+    assert_eq!(job["phase"], "failed", "{job:#}");
+    assert_eq!(job["settings"]["bandwidth_bytes_per_s"], 4 * MIB, "{job:#}");
+    assert_eq!(job["settings"]["max_pause_ms"], 250, "{job:#}");
+    assert_eq!(job["settings"]["yield_to_guest"], true, "{job:#}");
+    pair.restart_destination();
+
+    let out = pair.source.cli(&[
+        "resume",
+        "s",
+        "--bandwidth",
+        "64M",
+        "--yield=false",
+        "--json",
+    ]);
+    let statuses = json_of(&out);
+    let job = &statuses.as_array().expect("statuses")[0];
+    assert_eq!(job["phase"], "done", "{job:#}\n{}", pair.source.log());
+    assert_eq!(
+        job["settings"]["bandwidth_bytes_per_s"],
+        64 * MIB,
+        "{job:#}"
+    );
+    assert_eq!(job["settings"]["yield_to_guest"], false, "{job:#}");
+    assert_eq!(job["settings"]["max_pause_ms"], 250, "kept: {job:#}");
+    let journaled = pair.source.client().journal_jobs(Some("s")).unwrap();
+    let settings = journaled[0].settings.clone().expect("settings journaled");
+    assert_eq!(settings.bandwidth_bytes_per_s, Some(64 * MIB));
+    assert!(!settings.yield_to_guest);
+    assert_eq!(journaled[0].phase, "switched");
     run_ok(
         Command::new("cmp")
             .arg(&image)

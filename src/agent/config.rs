@@ -18,9 +18,9 @@ pub const DEFAULT_SOCKET: &str = "/run/ferry/nbd.sock";
 /// Default TCP address when TCP is switched on without an address.
 pub const DEFAULT_TCP: &str = "127.0.0.1:10809";
 /// Default state directory (trackers, runtime exports, API token).
-pub const DEFAULT_STATE_DIR: &str = "/var/lib/ferry";
+pub const DEFAULT_STATE_DIR: &str = crate::api::DEFAULT_STATE_DIR;
 /// Default control API address.
-pub const DEFAULT_API: &str = "127.0.0.1:7450";
+pub const DEFAULT_API: &str = crate::api::DEFAULT_API;
 /// Default address of the block-stream listener that receives migrated disks.
 pub const DEFAULT_TRANSFER: &str = "127.0.0.1:7451";
 

@@ -7,8 +7,8 @@ use crate::agent::exports::Exports;
 use crate::agent::migrations::Migrations;
 use crate::agent::trackers::Trackers;
 use crate::api::types::{
-    AbortOutcome, ExportSpec, ExportStatus, HeatMap, JobStatus, MigrateRequest, TrackerAdd,
-    TrackerStatus,
+    AbortOutcome, DiskStatus, ExportSpec, ExportStatus, HeatMap, JobStatus, JournalJob,
+    MigrateRequest, TrackerAdd, TrackerStatus,
 };
 use crate::api::{Control, ControlError};
 
@@ -71,5 +71,13 @@ impl Control for AgentControl {
 
     fn job(&self, id: u64) -> Result<JobStatus, ControlError> {
         self.migrations.job(id)
+    }
+
+    fn migration_status(&self, batch: Option<&str>) -> Result<Vec<DiskStatus>, ControlError> {
+        self.migrations.disk_status(batch)
+    }
+
+    fn journal_jobs(&self, batch: Option<&str>) -> Result<Vec<JournalJob>, ControlError> {
+        self.migrations.journal_jobs(batch)
     }
 }

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use crate::agent::exports::Exports;
-use crate::api::types::{AbortOutcome, JobStatus, MigrateRequest};
+use crate::api::types::{AbortOutcome, DiskStatus, JobStatus, JournalJob, MigrateRequest};
 use crate::api::ControlError;
 use crate::disk::Export;
 use crate::error::error_chain;
@@ -92,6 +92,7 @@ impl Migrations {
         export: &str,
         request: MigrateRequest,
     ) -> Result<JobStatus, ControlError> {
+        let request = super::status::with_journaled_settings(Some(&self.journal), request);
         let export = self.exports.get(export)?;
         let to = resolve_peer(&request.to)
             .map_err(|err| ControlError::Invalid(format!("to: {}", error_chain(&err))))?;
@@ -111,7 +112,7 @@ impl Migrations {
         if let Some(threshold) = request.hot_threshold {
             options.hot_threshold = threshold;
         }
-        options.mirror_from_start = request.mirror;
+        options.mirror_from_start = request.mirror.unwrap_or(false);
         options.chunk_blocks = (SEND_CHUNK_BYTES / export.granularity_bytes()).max(1);
         if let Some(batch) = &request.batch {
             crate::name::validate(batch)
@@ -145,8 +146,8 @@ impl Migrations {
                     to,
                     options,
                     send,
-                    verify: request.verify,
-                    yield_to_guest: request.yield_to_guest,
+                    verify: request.verify.unwrap_or(false),
+                    yield_to_guest: request.yield_to_guest.unwrap_or(false),
                     journal,
                     batch: request.batch.clone(),
                     resuming,
@@ -204,6 +205,16 @@ impl Migrations {
     /// Every job started since the agent started.
     pub fn jobs(&self) -> Vec<JobStatus> {
         self.jobs.list()
+    }
+
+    /// Per-disk verdicts of the jobs in the journal (of `batch`), asking destinations.
+    pub fn disk_status(&self, batch: Option<&str>) -> Result<Vec<DiskStatus>, ControlError> {
+        super::status::disks(Some(&self.journal), Some(&self.cluster_key), batch)
+    }
+
+    /// The journal's jobs (of `batch`).
+    pub fn journal_jobs(&self, batch: Option<&str>) -> Result<Vec<JournalJob>, ControlError> {
+        super::status::journal_jobs(Some(&self.journal), batch)
     }
 
     /// One job.

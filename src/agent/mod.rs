@@ -10,6 +10,7 @@ pub mod control;
 pub mod exports;
 pub mod journal;
 pub mod migrations;
+pub mod status;
 pub mod targets;
 pub mod trackers;
 

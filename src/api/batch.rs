@@ -25,8 +25,24 @@ pub struct Item {
     pub request: MigrateRequest,
 }
 
+/// Why a plan file's text is not a plan.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    /// A line that is not `EXPORT HOST[:PORT]`.
+    #[error("plan line {line}: expected \"EXPORT HOST[:PORT]\", got {got:?}")]
+    Line {
+        /// 1-based line number.
+        line: usize,
+        /// The line without its comment.
+        got: String,
+    },
+    /// Only comments and blank lines.
+    #[error("the plan names no export")]
+    Empty,
+}
+
 /// `(export, destination)` pairs of a plan file's text.
-pub fn parse_plan(text: &str) -> Result<Vec<(String, String)>, String> {
+pub fn parse_plan(text: &str) -> Result<Vec<(String, String)>, PlanError> {
     let mut pairs = Vec::new();
     for (index, line) in text.lines().enumerate() {
         let line = line.split('#').next().unwrap_or("").trim();
@@ -37,15 +53,15 @@ pub fn parse_plan(text: &str) -> Result<Vec<(String, String)>, String> {
         match fields.as_slice() {
             [export, destination] => pairs.push((export.to_string(), destination.to_string())),
             _ => {
-                return Err(format!(
-                    "plan line {}: expected \"EXPORT HOST[:PORT]\", got {line:?}",
-                    index + 1
-                ))
+                return Err(PlanError::Line {
+                    line: index + 1,
+                    got: line.to_string(),
+                })
             }
         }
     }
     if pairs.is_empty() {
-        return Err("the plan names no export".into());
+        return Err(PlanError::Empty);
     }
     Ok(pairs)
 }
@@ -126,7 +142,8 @@ mod tests {
             ])
         );
         let err = parse_plan("vm1 a\nvm2 b c\n").unwrap_err();
-        assert!(err.contains("line 2"), "{err}");
-        assert!(parse_plan("# nothing\n").is_err());
+        assert!(matches!(err, PlanError::Line { line: 2, .. }), "{err}");
+        assert!(err.to_string().contains("line 2"), "{err}");
+        assert_eq!(parse_plan("# nothing\n"), Err(PlanError::Empty));
     }
 }

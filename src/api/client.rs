@@ -1,4 +1,5 @@
-//! The control API client used by the CLI (`ferry export|tracker|heat`) and by `ferry demo`.
+//! The control API client used by the CLI (every subcommand but `ferry agent` and
+//! `ferry status --offline`) and by `ferry demo`.
 //!
 //! Invariants: every error names the agent's address and says what went wrong in the
 //! agent's own words (`agent at 127.0.0.1:7450: no export named 'x'`); path segments are
@@ -11,8 +12,8 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 
 use super::types::{
-    AbortOutcome, ErrorBody, ExportSpec, ExportStatus, HeatMap, JobStatus, MigrateRequest,
-    TrackerAdd, TrackerStatus,
+    AbortOutcome, DiskStatus, ErrorBody, ExportSpec, ExportStatus, HeatMap, JobStatus, JournalJob,
+    MigrateRequest, TrackerAdd, TrackerStatus,
 };
 
 /// How long to wait for the agent to accept a connection.
@@ -203,6 +204,19 @@ impl Client {
     /// `POST /v1/jobs/{id}/abort`
     pub fn abort_job(&self, id: u64) -> Result<AbortOutcome, ClientError> {
         self.call_json("POST", &format!("/v1/jobs/{id}/abort"), &[], None)
+    }
+
+    /// `GET /v1/status?batch=`: the agent judges its journal's jobs, asking their
+    /// destinations (`ferry status`).
+    pub fn migration_status(&self, batch: Option<&str>) -> Result<Vec<DiskStatus>, ClientError> {
+        let query: Vec<(&str, &str)> = batch.map(|batch| ("batch", batch)).into_iter().collect();
+        self.call_json("GET", "/v1/status", &query, None)
+    }
+
+    /// `GET /v1/journal/jobs?batch=`: the jobs of the agent's journal.
+    pub fn journal_jobs(&self, batch: Option<&str>) -> Result<Vec<JournalJob>, ClientError> {
+        let query: Vec<(&str, &str)> = batch.map(|batch| ("batch", batch)).into_iter().collect();
+        self.call_json("GET", "/v1/journal/jobs", &query, None)
     }
 
     /// `GET /metrics` (Prometheus text).

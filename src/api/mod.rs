@@ -21,7 +21,17 @@
 //! | POST   | /v1/exports/{name}/migrate                | MigrateRequest | 202 JobStatus |
 //! | GET    | /v1/jobs                                  |             | [JobStatus]     |
 //! | GET    | /v1/jobs/{id}                             |             | JobStatus       |
+//! | POST   | /v1/jobs/{id}/abort                       |             | AbortOutcome    |
+//! | GET    | /v1/status?batch=B                        |             | [DiskStatus]    |
+//! | GET    | /v1/journal/jobs?batch=B                  |             | [JournalJob]    |
 //! | GET    | /metrics                                  |             | Prometheus text |
+//!
+//! `GET /v1/status` is `ferry status`: the agent judges every job of its journal (of batch
+//! `B` only, when given), asking each destination agent over the block stream, so it can
+//! take a few seconds per unreachable destination. `GET /v1/journal/jobs` lists the
+//! journal's jobs as they are (what `ferry resume` and `ferry abort` pick from). `batch`
+//! is a name (1 to 64 of `[A-Za-z0-9._-]`, not starting with '.'); any other query
+//! parameter is refused.
 //!
 //! Invariants:
 //! - Every route except `GET /metrics` requires `Authorization: Bearer <token>`; the token is
@@ -37,6 +47,7 @@ pub mod client;
 pub mod prometheus;
 pub mod render;
 pub mod server;
+pub mod size;
 #[cfg(test)]
 mod tests;
 pub mod token;
@@ -50,8 +61,15 @@ use std::thread::JoinHandle;
 
 pub use client::{Client, ClientError};
 use types::{
-    ExportSpec, ExportStatus, HeatMap, JobStatus, MigrateRequest, TrackerAdd, TrackerStatus,
+    DiskStatus, ExportSpec, ExportStatus, HeatMap, JobStatus, JournalJob, MigrateRequest,
+    TrackerAdd, TrackerStatus,
 };
+
+/// Default control API address: where an agent listens and a client calls.
+pub const DEFAULT_API: &str = "127.0.0.1:7450";
+/// Default state directory of an agent (trackers, runtime exports, journal, API token,
+/// cluster key): where a client finds the token, and `ferry status --offline` the journal.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/ferry";
 
 /// Worker threads answering API requests. Requests are short (a status read, an export
 /// open); a few workers keep a slow heat map from blocking `/metrics` scrapes.
@@ -97,6 +115,17 @@ pub trait Control: Send + Sync {
     /// Rolls an uncommitted migration back on both sides (`ferry abort`).
     fn abort_job(&self, id: u64) -> Result<types::AbortOutcome, ControlError> {
         Err(ControlError::NotFound(format!("no job {id}")))
+    }
+    /// `ferry status`: each job of this agent's journal (of `batch` only, if given), judged
+    /// with what the other side's journal says.
+    fn migration_status(&self, batch: Option<&str>) -> Result<Vec<DiskStatus>, ControlError> {
+        let _ = batch;
+        Err(ControlError::NotFound("this agent keeps no journal".into()))
+    }
+    /// The jobs of this agent's journal (of `batch` only, if given).
+    fn journal_jobs(&self, batch: Option<&str>) -> Result<Vec<JournalJob>, ControlError> {
+        let _ = batch;
+        Ok(Vec::new())
     }
 }
 

@@ -1,5 +1,5 @@
-//! Terminal rendering of API answers for the CLI: tables of exports and trackers, and the
-//! write-heat map that `ferry heat EXPORT` prints.
+//! Terminal rendering of API answers for the CLI: tables of exports, trackers and migration
+//! verdicts (`ferry status`), and the write-heat map that `ferry heat EXPORT` prints.
 //!
 //! Invariants: output is plain text ending in a newline; columns are aligned by character
 //! count (not bytes), numbers right-aligned, text left-aligned; colour (ANSI SGR) only when
@@ -8,7 +8,7 @@
 
 use std::fmt::Write as _;
 
-use super::types::{ExportStatus, HeatMap, TrackerStatus};
+use super::types::{DiskStatus, ExportStatus, HeatMap, TrackerStatus};
 use crate::dirty::heat::{heat_bucket, HEAT_BUCKET_LOWER_BOUNDS, HOT_THRESHOLD};
 
 /// Heat shades, coldest first: index 0 is "never written or fully cooled".
@@ -218,6 +218,35 @@ pub fn trackers_table(trackers: &[TrackerStatus]) -> String {
                 "ok"
             }
             .to_string(),
+        ]);
+    }
+    table.render()
+}
+
+/// The `ferry status` table: one line per disk, with the verdict, the reason and what to
+/// do next.
+pub fn status_table(lines: &[DiskStatus]) -> String {
+    if lines.is_empty() {
+        return "no migrations in the journal\n".to_string();
+    }
+    let mut table = Table::new(&[
+        ("JOB", Align::Right),
+        ("EXPORT", Align::Left),
+        ("BATCH", Align::Left),
+        ("ROLE", Align::Left),
+        ("PHASE", Align::Left),
+        ("VERDICT", Align::Left),
+        ("REASON", Align::Left),
+    ]);
+    for line in lines {
+        table.push(vec![
+            line.job_id.to_string(),
+            line.export.clone(),
+            line.batch.clone().unwrap_or_else(|| "-".into()),
+            line.role.clone(),
+            line.phase.clone(),
+            line.verdict.clone(),
+            line.reason.clone(),
         ]);
     }
     table.render()

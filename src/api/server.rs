@@ -301,6 +301,20 @@ pub fn route(
             (Method::Post, Err(_)) => Reply::error(400, format!("job id '{id}' is not a number")),
             _ => method_not_allowed("POST"),
         },
+        ["v1", "status"] => match (method, batch_param(query)) {
+            (Method::Get, Ok(batch)) => {
+                Reply::from_result(200, control.migration_status(batch.as_deref()))
+            }
+            (Method::Get, Err(reply)) => reply,
+            _ => method_not_allowed("GET"),
+        },
+        ["v1", "journal", "jobs"] => match (method, batch_param(query)) {
+            (Method::Get, Ok(batch)) => {
+                Reply::from_result(200, control.journal_jobs(batch.as_deref()))
+            }
+            (Method::Get, Err(reply)) => reply,
+            _ => method_not_allowed("GET"),
+        },
         _ => Reply::error(404, format!("no API route {path}")),
     }
 }
@@ -332,6 +346,42 @@ fn heat(control: &dyn Control, export: &str, query: &str) -> Reply {
         },
     };
     Reply::from_result(200, control.heat(export, tracker, cells))
+}
+
+/// The optional `batch=NAME` of a query that takes nothing else. The name is checked here,
+/// before it reaches the agent: 1 to [`MAX_NAME_BYTES`] of `[A-Za-z0-9._-]`, not starting
+/// with '.' (what batch names are when a migration records them).
+fn batch_param(query: &str) -> Result<Option<String>, Reply> {
+    let params = query_pairs(query).ok_or_else(|| Reply::error(400, "malformed query string"))?;
+    let mut batch = None;
+    for (key, value) in params {
+        match key.as_str() {
+            "batch" if batch.is_some() => return Err(Reply::error(400, "batch given twice")),
+            "batch" => batch = Some(value),
+            _ => return Err(Reply::error(400, "unknown query parameter (only batch)")),
+        }
+    }
+    if let Some(name) = &batch {
+        if !is_name(name) {
+            return Err(Reply::error(
+                400,
+                format!("batch: 1 to {MAX_NAME_BYTES} of letters, digits, '.', '_', '-'"),
+            ));
+        }
+    }
+    Ok(batch)
+}
+
+/// Longest batch name a query may give.
+pub const MAX_NAME_BYTES: usize = 64;
+
+/// A name as exports, trackers and batches have: safe in a file name and a log line.
+fn is_name(name: &str) -> bool {
+    (1..=MAX_NAME_BYTES).contains(&name.len())
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
 fn authenticate(authorization: Option<&str>, token: &str) -> Result<(), Reply> {
@@ -535,6 +585,39 @@ mod tests {
             flag("force=%zz", "force").expect_err("bad escape").status,
             400
         );
+    }
+
+    #[test]
+    fn batch_queries_are_checked() {
+        // Goal: hostile query strings get a short 400 before the agent sees them; good ones
+        // pass. Method: valid, absent, bad names (escapes, traversal, too long, control
+        // characters), duplicates, unknown keys, a bad escape; no reply repeats the input.
+        assert_eq!(batch_param("").expect("none"), None);
+        assert_eq!(
+            batch_param("batch=rack-4.b_1").expect("ok").as_deref(),
+            Some("rack-4.b_1")
+        );
+        let long = format!("batch={}", "a".repeat(MAX_NAME_BYTES + 1));
+        for bad in [
+            "batch=",
+            "batch=..%2Fetc",
+            "batch=.hidden",
+            "batch=a%0Ab",
+            "batch=%E2%82%AC",
+            "batch=a&batch=b",
+            "batch=a&x=1",
+            "cells=3",
+            "batch=%zz",
+            long.as_str(),
+        ] {
+            let reply = batch_param(bad).expect_err(bad);
+            assert_eq!(reply.status, 400, "{bad}");
+            let body = String::from_utf8_lossy(&reply.body);
+            assert!(body.len() < 120, "{bad}: {body}");
+            assert!(!body.contains("etc") && !body.contains("hidden"), "{body}");
+        }
+        let exact = "a".repeat(MAX_NAME_BYTES);
+        assert!(batch_param(&format!("batch={exact}")).is_ok());
     }
 
     #[test]

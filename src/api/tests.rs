@@ -9,17 +9,49 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::types::{ExportSpec, ExportStats, ExportStatus, HeatMap, TrackerAdd, TrackerStatus};
+use super::types::{
+    DiskStatus, ExportSpec, ExportStats, ExportStatus, HeatMap, JobSettings, JournalJob,
+    TrackerAdd, TrackerStatus,
+};
 use super::{serve, ApiServer, Client, ClientError, Control, ControlError};
 
 const TOKEN: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
 /// A stand-in for the agent: exports by name; `connections` decides Busy; the path `/fail` fails
-/// with an I/O error; the last heat request is remembered.
+/// with an I/O error; the last heat request is remembered; the journal holds one job, of
+/// batch `b1`, and every batch asked for is remembered.
 #[derive(Debug, Default)]
 struct FakeControl {
     exports: Mutex<BTreeMap<String, ExportStatus>>,
     last_heat: Mutex<Option<(String, Option<String>, usize)>>,
+    batches_asked: Mutex<Vec<Option<String>>>,
+}
+
+/// The fake journal's one job: a source job of batch `b1`, interrupted, capped at 32 MiB/s.
+fn journal_job() -> JournalJob {
+    JournalJob {
+        job_id: 7,
+        batch: Some("b1".into()),
+        export: "vm1".into(),
+        role: "source".into(),
+        phase: "copying".into(),
+        size_bytes: 1 << 30,
+        granularity_bytes: 65536,
+        destination: Some("10.0.0.2:7451".into()),
+        policy: Some("heat".into()),
+        settings: Some(JobSettings {
+            policy: crate::migrate::Policy::Heat,
+            max_pause_ms: 100,
+            target_pause_ms: 10,
+            force_after_ms: None,
+            bandwidth_bytes_per_s: Some(32 << 20),
+            hot_threshold: 8,
+            mirror: false,
+            verify: false,
+            yield_to_guest: true,
+        }),
+        reason: None,
+    }
 }
 
 impl FakeControl {
@@ -178,6 +210,39 @@ impl Control for FakeControl {
             hot_blocks: 0,
         })
     }
+
+    fn migration_status(&self, batch: Option<&str>) -> Result<Vec<DiskStatus>, ControlError> {
+        Ok(self
+            .journal_jobs(batch)?
+            .into_iter()
+            .map(|job| DiskStatus {
+                job_id: job.job_id,
+                batch: job.batch,
+                export: job.export,
+                role: job.role,
+                phase: job.phase,
+                peer_state: Some("receiving".into()),
+                peer_unreachable: None,
+                destination_bytes: Some(16 << 20),
+                verdict: "resumable".into(),
+                reason: "the destination holds part of the disk".into(),
+                action: "ferry resume b1".into(),
+            })
+            .collect())
+    }
+
+    fn journal_jobs(&self, batch: Option<&str>) -> Result<Vec<JournalJob>, ControlError> {
+        self.batches_asked
+            .lock()
+            .expect("fake lock")
+            .push(batch.map(str::to_string));
+        let job = journal_job();
+        Ok(batch
+            .is_none_or(|batch| job.batch.as_deref() == Some(batch))
+            .then_some(job)
+            .into_iter()
+            .collect())
+    }
 }
 
 /// A server on an ephemeral port, the fake behind it, and a client with the right token.
@@ -332,6 +397,46 @@ fn every_route_round_trips() {
 }
 
 #[test]
+fn status_and_journal_routes_round_trip() {
+    // Goal: `ferry status` and the batch listing reach Control with the batch asked for, the
+    // answers (settings included) arrive intact, and a bad batch name is refused before
+    // Control sees it. Method: status and journal jobs of b1, of all, of b2; then a batch
+    // name with a slash through the real client.
+    let h = start();
+    let lines = h.client.migration_status(Some("b1")).expect("status b1");
+    assert_eq!(lines.len(), 1);
+    assert_eq!(
+        (lines[0].job_id, lines[0].verdict.as_str()),
+        (7, "resumable")
+    );
+    assert_eq!(h.client.migration_status(None).expect("status").len(), 1);
+    assert!(h
+        .client
+        .migration_status(Some("b2"))
+        .expect("status b2")
+        .is_empty());
+    let jobs = h.client.journal_jobs(Some("b1")).expect("jobs b1");
+    assert_eq!(jobs, vec![journal_job()]);
+    assert!(jobs[0].resumable() && jobs[0].abortable());
+    assert!(h
+        .client
+        .journal_jobs(Some("b2"))
+        .expect("jobs b2")
+        .is_empty());
+    let asked = h.fake.batches_asked.lock().expect("lock").clone();
+    let b = |name: &str| Some(name.to_string());
+    assert_eq!(asked, vec![b("b1"), None, b("b2"), b("b1"), b("b2")]);
+    let err = h
+        .client
+        .migration_status(Some("../b1"))
+        .expect_err("bad batch");
+    assert_eq!(err.status(), Some(400), "{err}");
+    assert!(err.to_string().contains("batch:"), "{err}");
+    assert_eq!(h.fake.batches_asked.lock().expect("lock").len(), 5);
+    h.server.shutdown();
+}
+
+#[test]
 fn control_errors_map_to_statuses_and_messages() {
     // Goal: each ControlError comes back with its status and the agent's sentence, prefixed
     // with the address. Method: provoke NotFound, Exists, Invalid, Busy and Io.
@@ -430,6 +535,27 @@ fn malformed_requests_are_client_errors() {
         ("GET", format!("{exports}/vm1/heat?cells=0"), None, 400),
         ("GET", format!("{exports}/%zz"), None, 400),
         ("GET", format!("{base}/v1/nope"), None, 404),
+        ("GET", format!("{base}/v1/status?batch=..%2Fx"), None, 400),
+        (
+            "GET",
+            format!("{base}/v1/status?batch=a&batch=b"),
+            None,
+            400,
+        ),
+        ("GET", format!("{base}/v1/journal/jobs?all=1"), None, 400),
+        (
+            "GET",
+            format!("{base}/v1/journal/jobs?batch=%zz"),
+            None,
+            400,
+        ),
+        (
+            "POST",
+            format!("{base}/v1/status"),
+            Some(b"{}".to_vec()),
+            405,
+        ),
+        ("DELETE", format!("{base}/v1/journal/jobs"), None, 405),
         ("GET", format!("{exports}/vm1/trackers/t"), None, 405),
         ("PUT", exports.clone(), Some(b"{}".to_vec()), 405),
         ("POST", format!("{base}/metrics"), Some(b"{}".to_vec()), 405),

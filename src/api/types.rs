@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 pub use crate::disk::CounterSnapshot;
+use crate::journal::{JobView, Role, Side, SourcePhase};
 pub use crate::metrics::LatencySummary;
 
 /// An export to serve, as `POST /v1/exports` takes it and `exports.json` stores it.
@@ -171,6 +172,89 @@ mod tests {
         assert!(serde_json::from_str::<ExportSpec>(typo).is_err());
     }
 
+    fn journaled() -> JobSettings {
+        JobSettings {
+            policy: crate::migrate::Policy::Naive,
+            max_pause_ms: 250,
+            target_pause_ms: 20,
+            force_after_ms: Some(60_000),
+            bandwidth_bytes_per_s: Some(32 << 20),
+            hot_threshold: 12,
+            mirror: true,
+            verify: true,
+            yield_to_guest: false,
+        }
+    }
+
+    fn resume_of(job_id: u64) -> MigrateRequest {
+        serde_json::from_str(&format!(r#"{{"to":"h:7451","resume_job":{job_id}}}"#))
+            .expect("minimal resume")
+    }
+
+    #[test]
+    fn a_resume_without_options_keeps_the_journaled_settings() {
+        // Goal: `ferry resume` with no flags runs the job as it was started (a job capped at
+        // 32 MiB/s is not resumed uncapped). Method: merge a request that gives nothing.
+        let merged = resume_of(7).resumed_with(&journaled());
+        assert_eq!(merged.policy.as_deref(), Some("naive"));
+        assert_eq!(merged.max_pause_ms, Some(250));
+        assert_eq!(merged.target_pause_ms, Some(20));
+        assert_eq!(merged.force_after_ms, Some(60_000));
+        assert_eq!(merged.bandwidth_bytes_per_s, Some(32 << 20));
+        assert_eq!(merged.hot_threshold, Some(12));
+        assert_eq!(
+            (merged.mirror, merged.verify, merged.yield_to_guest),
+            (Some(true), Some(true), Some(false))
+        );
+        assert_eq!((merged.to.as_str(), merged.resume_job), ("h:7451", Some(7)));
+    }
+
+    #[test]
+    fn options_given_to_a_resume_override_the_journaled_ones() {
+        // Goal: each option the resume request gives wins over the journaled one, including
+        // switching a journaled flag off and lifting a cap with 0; the others are kept.
+        // Method: merge requests that give one field at a time.
+        let given = MigrateRequest {
+            bandwidth_bytes_per_s: Some(64 << 20),
+            verify: Some(false),
+            policy: Some("heat".into()),
+            ..resume_of(7)
+        };
+        let merged = given.resumed_with(&journaled());
+        assert_eq!(merged.bandwidth_bytes_per_s, Some(64 << 20));
+        assert_eq!(merged.verify, Some(false));
+        assert_eq!(merged.policy.as_deref(), Some("heat"));
+        assert_eq!(merged.max_pause_ms, Some(250), "not given: kept");
+        assert_eq!(merged.mirror, Some(true), "not given: kept");
+        let uncapped = MigrateRequest {
+            bandwidth_bytes_per_s: Some(0),
+            ..resume_of(7)
+        };
+        assert_eq!(
+            uncapped.resumed_with(&journaled()).bandwidth_bytes_per_s,
+            Some(0)
+        );
+    }
+
+    #[test]
+    fn migrate_request_json_stays_compatible() {
+        // Goal: bodies written for the bool flags still parse, and a request that leaves the
+        // flags out serializes without them (an older agent reads it). Method: parse the old
+        // form; serialize a minimal request.
+        let old: MigrateRequest = serde_json::from_str(
+            r#"{"to":"h:7451","verify":true,"mirror":false,"yield_to_guest":true}"#,
+        )
+        .expect("old body");
+        assert_eq!(
+            (old.verify, old.mirror, old.yield_to_guest),
+            (Some(true), Some(false), Some(true))
+        );
+        let text = serde_json::to_string(&resume_of(3)).expect("serialize");
+        for flag in ["verify", "mirror", "yield_to_guest"] {
+            assert!(!text.contains(flag), "{text}");
+        }
+    }
+
     #[test]
     fn tracker_add_options_are_optional() {
         // Goal: a tracker can be added by name alone. Method: parse and round-trip.
@@ -215,22 +299,120 @@ pub struct MigrateRequest {
     /// Heat at and above which a block counts as hot (default 8).
     #[serde(default)]
     pub hot_threshold: Option<u8>,
-    /// Compare BLAKE3 digests of both images at the switchover point (holds writes longer).
-    #[serde(default)]
-    pub verify: bool,
-    /// The bulk copy backs off while the guest's write p99 is above 4 ms.
-    #[serde(default)]
-    pub yield_to_guest: bool,
+    /// Compare BLAKE3 digests of both images at the switchover point (holds writes longer);
+    /// off when absent (on a resume: as the job was started).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<bool>,
+    /// The bulk copy backs off while the guest's write p99 is above 4 ms; off when absent
+    /// (on a resume: as the job was started).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub yield_to_guest: Option<bool>,
     /// Mirror guest writes to the destination from the start (each write waits for both
-    /// sides); the copy then runs once and always converges.
-    #[serde(default)]
-    pub mirror: bool,
+    /// sides); the copy then runs once and always converges. Off when absent (on a resume:
+    /// as the job was started).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<bool>,
     /// Batch the job belongs to (recorded in both journals; `ferry status BATCH`).
     #[serde(default)]
     pub batch: Option<String>,
-    /// Continue this interrupted job (same id, same destination) instead of a new one.
+    /// Continue this interrupted job (same id, same destination) instead of a new one. The
+    /// options left out are those the job was started with (its journaled settings).
     #[serde(default)]
     pub resume_job: Option<u64>,
+}
+
+impl MigrateRequest {
+    /// This request with every option it leaves out taken from `journaled`, the settings
+    /// an interrupted job ran with: a resume keeps the job's cap, budgets and switches,
+    /// and what the request does give overrides them. A bandwidth of 0 given here lifts a
+    /// journaled cap (the block stream reads 0 as uncapped).
+    pub fn resumed_with(self, journaled: &JobSettings) -> MigrateRequest {
+        MigrateRequest {
+            policy: self
+                .policy
+                .or_else(|| Some(journaled.policy.as_str().to_string())),
+            max_pause_ms: self.max_pause_ms.or(Some(journaled.max_pause_ms)),
+            target_pause_ms: self.target_pause_ms.or(Some(journaled.target_pause_ms)),
+            force_after_ms: self.force_after_ms.or(journaled.force_after_ms),
+            bandwidth_bytes_per_s: self
+                .bandwidth_bytes_per_s
+                .or(journaled.bandwidth_bytes_per_s),
+            hot_threshold: self.hot_threshold.or(Some(journaled.hot_threshold)),
+            verify: self.verify.or(Some(journaled.verify)),
+            yield_to_guest: self.yield_to_guest.or(Some(journaled.yield_to_guest)),
+            mirror: self.mirror.or(Some(journaled.mirror)),
+            ..self
+        }
+    }
+}
+
+/// One job of the agent's journal, as `GET /v1/journal/jobs` returns it: what `ferry resume`
+/// and `ferry abort` choose from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JournalJob {
+    /// The source's job id.
+    pub job_id: u64,
+    /// Batch, if any.
+    pub batch: Option<String>,
+    /// The export being moved.
+    pub export: String,
+    /// This agent's side: "source" or "target".
+    pub role: String,
+    /// Latest phase in this agent's journal ("copying", "switched", "receiving", ...).
+    pub phase: String,
+    /// Size of the disk.
+    pub size_bytes: u64,
+    /// Block size of the job's bitmaps.
+    pub granularity_bytes: u64,
+    /// A source job's destination (block-stream address).
+    pub destination: Option<String>,
+    /// A source job's copy policy.
+    pub policy: Option<String>,
+    /// A source job's settings of its latest run, when the journal holds them.
+    pub settings: Option<JobSettings>,
+    /// The latest reason recorded (a cancelled switchover, an abort).
+    pub reason: Option<String>,
+}
+
+impl JournalJob {
+    /// The API form of a journal's view of a job.
+    pub fn of(view: &JobView) -> JournalJob {
+        let (destination, policy, settings) = match &view.side {
+            Side::Source(source) => (
+                Some(source.destination.clone()),
+                Some(source.policy.as_str().to_string()),
+                source.settings.clone(),
+            ),
+            Side::Target(_) => (None, None, None),
+        };
+        JournalJob {
+            job_id: view.job_id,
+            batch: view.batch.clone(),
+            export: view.export.clone(),
+            role: view.role().as_str().to_string(),
+            phase: view.phase_name().to_string(),
+            size_bytes: view.size_bytes,
+            granularity_bytes: view.granularity_bytes,
+            destination,
+            policy,
+            settings,
+            reason: view.reason.clone(),
+        }
+    }
+
+    /// An interrupted source job: `ferry resume` continues it.
+    pub fn resumable(&self) -> bool {
+        self.role == Role::Source.as_str() && self.phase == SourcePhase::Copying.as_str()
+    }
+
+    /// A source job `ferry abort` rolls back (an aborted one again: its destination may not
+    /// have heard).
+    pub fn abortable(&self) -> bool {
+        self.role == Role::Source.as_str()
+            && [SourcePhase::Copying, SourcePhase::Aborted]
+                .iter()
+                .any(|phase| self.phase == phase.as_str())
+    }
 }
 
 /// What `POST /v1/jobs/{id}/abort` did on each side.
@@ -247,4 +429,6 @@ pub struct AbortOutcome {
 }
 
 pub use crate::jobs::{JobPhase, JobStatus};
+pub use crate::journal::status::DiskStatus;
+pub use crate::journal::JobSettings;
 pub use crate::migrate::Progress;

@@ -6,7 +6,7 @@ use std::time::Duration;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::render::human_bytes;
-use super::types::{JobPhase, JobStatus};
+use super::types::{JobPhase, JobSettings, JobStatus};
 use super::{Client, ClientError};
 
 /// How often the CLI polls the agent while following a job.
@@ -64,6 +64,29 @@ fn rate(bytes_per_s: Option<f64>) -> String {
         .unwrap_or_else(|| "-".into())
 }
 
+/// What a job runs with, on one line.
+fn settings_line(settings: &JobSettings) -> String {
+    let on_off = |on: bool| if on { "on" } else { "off" };
+    format!(
+        "settings: policy {}, bandwidth {}, max pause {} ms, target pause {} ms, force after {}, \
+         hot at heat {}, mirror {}, verify {}, yield {}\n",
+        settings.policy,
+        settings.bandwidth_bytes_per_s.map_or_else(
+            || "uncapped".into(),
+            |rate| format!("{}/s", human_bytes(rate))
+        ),
+        settings.max_pause_ms,
+        settings.target_pause_ms,
+        settings
+            .force_after_ms
+            .map_or_else(|| "never".into(), |ms| format!("{ms} ms")),
+        settings.hot_threshold,
+        on_off(settings.mirror),
+        on_off(settings.verify),
+        on_off(settings.yield_to_guest)
+    )
+}
+
 /// The final status as a short table.
 pub fn render(status: &JobStatus) -> String {
     let mut out = format!(
@@ -72,6 +95,9 @@ pub fn render(status: &JobStatus) -> String {
     );
     if let Some(error) = &status.error {
         out.push_str(&format!("error: {error}\n"));
+    }
+    if let Some(settings) = &status.settings {
+        out.push_str(&settings_line(settings));
     }
     if let Some(r) = &status.report {
         out.push_str(&format!(

@@ -208,9 +208,9 @@ fn migrate(
         force_after_ms: Some(FORCE_AFTER_MS),
         bandwidth_bytes_per_s: None,
         hot_threshold: None,
-        verify: false,
-        yield_to_guest: false,
-        mirror: false,
+        verify: None,
+        yield_to_guest: None,
+        mirror: None,
         batch: None,
         resume_job: None,
     };

@@ -28,7 +28,7 @@ use crate::dirty::{DirtySet, Tracker, TrackerSpec};
 use crate::disk::Export;
 use crate::disk::Route;
 use crate::env::Clock;
-use crate::journal::{Record, SharedJournal};
+use crate::journal::{JobSettings, Record, SharedJournal};
 use crate::migrate::backoff::GuestBackoff;
 use crate::migrate::{MigrateOptions, MigrationEnv, Progress, SendOutcome};
 use crate::transfer::{
@@ -139,6 +139,15 @@ impl JobEnv {
                     granularity_bytes: export.granularity_bytes(),
                     destination: to.to_string(),
                     policy: request.options.policy,
+                })
+                .map_err(JobError::Journal)?;
+        }
+        if let Some(journal) = &request.journal {
+            // What this run was asked for, so that a resume without options continues alike.
+            journal
+                .append(&Record::SourceSettings {
+                    job_id,
+                    settings: request.settings(),
                 })
                 .map_err(JobError::Journal)?;
         }
@@ -556,4 +565,22 @@ pub struct JobRequest {
     /// A resume: blocks whose content already matches at the destination (BLAKE3 per
     /// block) are not sent.
     pub compare_digests: bool,
+}
+
+impl JobRequest {
+    /// The settings this run journals (`SourceSettings`) and reports in its status. A cap
+    /// of 0 is no cap, as the block stream's pacer reads it.
+    pub fn settings(&self) -> JobSettings {
+        JobSettings {
+            policy: self.options.policy,
+            max_pause_ms: self.options.max_pause_ms,
+            target_pause_ms: self.options.target_pause_ms,
+            force_after_ms: self.options.force_after_ms,
+            bandwidth_bytes_per_s: self.send.bandwidth_bytes_per_s.filter(|&rate| rate > 0),
+            hot_threshold: self.options.hot_threshold,
+            mirror: self.options.mirror_from_start,
+            verify: self.verify,
+            yield_to_guest: self.yield_to_guest,
+        }
+    }
 }

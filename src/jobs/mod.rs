@@ -15,6 +15,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use crate::disk::Export;
+use crate::journal::JobSettings;
 use crate::metrics::LatencySummary;
 use crate::migrate::{MigrateError, MigrationReport, Progress};
 use crate::transfer::ClusterKey;
@@ -61,6 +62,10 @@ pub struct JobStatus {
     pub error: Option<String>,
     /// Both images compared at the switchover point (when asked for).
     pub verify: Option<VerifyOutcome>,
+    /// What the job runs with (a resume: the journaled settings, with the request's
+    /// overrides); absent from agents that did not report it.
+    #[serde(default)]
+    pub settings: Option<JobSettings>,
 }
 
 impl JobStatus {
@@ -80,6 +85,7 @@ impl JobStatus {
             elapsed_s: 0.0,
             error: None,
             verify: None,
+            settings: None,
         }
     }
 }
@@ -146,13 +152,17 @@ impl Jobs {
             ));
         }
         let id = resume_id.unwrap_or_else(|| self.next_id.fetch_add(1, Ordering::Relaxed));
-        let job = Arc::new(Job {
-            status: Mutex::new(JobStatus::starting(
+        let status = JobStatus {
+            settings: Some(request.settings()),
+            ..JobStatus::starting(
                 id,
                 export.name(),
                 &request.to.to_string(),
                 &request.options.policy.to_string(),
-            )),
+            )
+        };
+        let job = Arc::new(Job {
+            status: Mutex::new(status),
             progress: Arc::new(Mutex::new(None)),
             verify: Arc::new(Mutex::new(None)),
             started: Instant::now(),

@@ -645,6 +645,20 @@ pub(crate) mod tests {
                 forward_addr: "10.0.0.2:10809".into(),
             },
             started(8),
+            Record::SourceSettings {
+                job_id: 8,
+                settings: crate::journal::JobSettings {
+                    policy: Policy::Heat,
+                    max_pause_ms: 100,
+                    target_pause_ms: 10,
+                    force_after_ms: None,
+                    bandwidth_bytes_per_s: Some(32 << 20),
+                    hot_threshold: 8,
+                    mirror: false,
+                    verify: false,
+                    yield_to_guest: true,
+                },
+            },
             Record::TargetCommitted { job_id: 9 },
             Record::SourceAborted {
                 job_id: 8,
@@ -727,10 +741,10 @@ pub(crate) mod tests {
     #[test]
     fn every_record_kind_survives_a_reopen() {
         // Goal: records come back as written, numbered from 1, and fold to the state the
-        // journal held. Method: append a lifecycle holding all ten kinds, reopen, compare.
+        // journal held. Method: append a lifecycle holding all eleven kinds, reopen, compare.
         let kinds: std::collections::BTreeSet<_> =
             lifecycle().iter().map(Record::kind_name).collect();
-        assert_eq!(kinds.len(), 10, "the lifecycle covers every kind");
+        assert_eq!(kinds.len(), 11, "the lifecycle covers every kind");
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("journal");
         let (mut journal, _) = Journal::open(&path).expect("open");

@@ -22,7 +22,7 @@ use std::fmt;
 use std::path::PathBuf;
 
 use super::record::Entry;
-use super::record::{Record, Role};
+use super::record::{JobSettings, Record, Role};
 use super::JournalError;
 use crate::dirty::bitmap::checked_block_count;
 use crate::dirty::DirtySet;
@@ -136,6 +136,9 @@ pub struct SourceView {
     /// latest attempt, which an in-doubt query names so that an answer about an earlier
     /// attempt is never taken for the current one.
     pub switchovers: u32,
+    /// The settings of the latest run (`SourceSettings`); `None` in journals written before
+    /// settings were journaled (a resume then uses the defaults).
+    pub settings: Option<JobSettings>,
 }
 
 /// What a target knows of its job.
@@ -302,6 +305,10 @@ pub fn check(jobs: &JobViews, seq: u64, record: &Record) -> Result<(), JournalEr
         (Record::SourceSwitchoverBegun { .. }, Side::Source(source)) => {
             source.phase == SourcePhase::Copying
         }
+        // A run (the first or a resume) starts while copying.
+        (Record::SourceSettings { .. }, Side::Source(source)) => {
+            source.phase == SourcePhase::Copying
+        }
         (
             Record::SourceSwitchoverCancelled { .. } | Record::SourceSwitched { .. },
             Side::Source(source),
@@ -408,6 +415,9 @@ fn update(jobs: &mut JobViews, seq: u64, record: &Record) {
             target.source.clone_from(source);
             target.resumes += 1;
         }
+        (Record::SourceSettings { settings, .. }, Side::Source(source)) => {
+            source.settings = Some(settings.clone());
+        }
         (Record::SourceSwitchoverBegun { .. }, Side::Source(source)) => {
             source.phase = SourcePhase::SwitchingOver;
             source.switchovers += 1;
@@ -477,6 +487,7 @@ fn start(seq: u64, record: &Record) -> JobView {
                 policy: *policy,
                 forward_addr: None,
                 switchovers: 0,
+                settings: None,
             }),
         ),
         Record::TargetCreated {
@@ -538,7 +549,7 @@ mod tests {
         // state machine in the module docs gives. Method: apply the records one at a time and
         // compare the job they touch with the expected (phase, authority, over).
         use Authority::{InDoubt, Source as Src, Target as Tgt};
-        let expected: [(&str, Authority, bool); 15] = [
+        let expected: [(&str, Authority, bool); 16] = [
             ("copying", Src, false),   // SourceStarted 7
             ("receiving", Src, false), // TargetCreated 9
             ("receiving", Src, false), // TargetReceived 9
@@ -549,6 +560,7 @@ mod tests {
             ("switching-over", InDoubt, false),
             ("switched", Tgt, false),  // forwarding, so not over
             ("copying", Src, false),   // SourceStarted 8
+            ("copying", Src, false),   // SourceSettings 8: no phase change
             ("committed", Tgt, true),  // THE commit point of job 9
             ("aborted", Src, true),    // SourceAborted 8
             ("finished", Tgt, true),   // SourceFinished 7
@@ -612,6 +624,50 @@ mod tests {
             .map(|view| view.job_id)
             .collect();
         assert_eq!(batch, vec![7, 8]);
+    }
+
+    #[test]
+    fn the_latest_settings_are_the_jobs() {
+        // Goal: a source view carries the settings of its latest run (a resume's record
+        // replaces the first), a job journaled without any has none (a resume then uses the
+        // defaults), and settings are refused once the job left `copying`. Method: fold
+        // started + settings + settings again; fold started alone; then try settings after a
+        // switchover began and for a job never started.
+        let settings = |bandwidth_bytes_per_s| Record::SourceSettings {
+            job_id: 7,
+            settings: JobSettings {
+                policy: Policy::Naive,
+                max_pause_ms: 250,
+                target_pause_ms: 10,
+                force_after_ms: None,
+                bandwidth_bytes_per_s,
+                hot_threshold: 8,
+                mirror: false,
+                verify: true,
+                yield_to_guest: false,
+            },
+        };
+        let jobs = folded(&[started(7), settings(Some(32 << 20)), settings(None)]);
+        let Side::Source(source) = &jobs[&source_key(7)].side else {
+            panic!("source view");
+        };
+        let kept = source.settings.as_ref().expect("settings folded");
+        assert_eq!(
+            kept.bandwidth_bytes_per_s, None,
+            "the resume's settings win"
+        );
+        assert_eq!(kept.max_pause_ms, 250);
+        assert_eq!(jobs[&source_key(7)].phase_name(), "copying");
+        let jobs = folded(&[started(7)]);
+        let Side::Source(source) = &jobs[&source_key(7)].side else {
+            panic!("source view");
+        };
+        assert_eq!(source.settings, None);
+        let mut jobs = folded(&[started(7), Record::SourceSwitchoverBegun { job_id: 7 }]);
+        let err = apply(&mut jobs, 3, &settings(None)).expect_err("switching over");
+        assert!(err.to_string().contains("phase switching-over"), "{err}");
+        let err = apply(&mut JobViews::new(), 1, &settings(None)).expect_err("no job");
+        assert!(err.to_string().contains("no record started"), "{err}");
     }
 
     #[test]

@@ -49,6 +49,7 @@
 //! | record | appended |
 //! | --- | --- |
 //! | `SourceStarted` | before the destination is contacted |
+//! | `SourceSettings` | after `SourceStarted`, and at each resume, before the destination is contacted (it changes no phase) |
 //! | `TargetCreated` | before the image is created (so no image exists that the journal does not know) |
 //! | `TargetReceived` | after the fdatasync that made its blocks durable |
 //! | `SourceSwitchoverBegun` | writes held and drained, before the commit is sent |
@@ -110,7 +111,7 @@ pub use fold::{
     TargetView,
 };
 pub use record::Entry;
-pub use record::{Record, Role};
+pub use record::{JobSettings, Record, Role};
 pub use shared::SharedJournal;
 
 /// Errors from opening, replaying, appending to and compacting a journal.

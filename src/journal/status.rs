@@ -1,23 +1,24 @@
-//! `ferry status [BATCH]`: reads this agent's journal from its state directory (so it works
-//! with the agent down), asks the destination of every source job what its journal says
-//! (over the block-stream port, authenticated with the cluster key), and judges each disk
-//! with [`super::commit::status_of`] (docs/commit-protocol.md). Destinations that cannot be
+//! `ferry status [BATCH]`: takes this agent's journal (the running agent's own, for
+//! `GET /v1/status`; or the file in its state directory, for `ferry status --offline` with
+//! the agent down), asks the destination of every source job what its journal says (over
+//! the block-stream port, authenticated with the cluster key), and judges each disk with
+//! [`super::commit::status_of`] (docs/commit-protocol.md). Destinations that cannot be
 //! reached are named, never guessed.
 
 use std::path::Path;
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::commit::{status_of, SourceState, TargetState};
-use super::{fold, Journal, JournalError, Side, TargetPhase};
+use super::{fold, JobView, Journal, JournalError, Side, TargetPhase};
 use crate::transfer::{query_target, ClusterKey, QueryAnswer, TargetState as RemoteState};
 
 /// How long one destination may take to answer.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// One disk's line of `ferry status`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DiskStatus {
     /// The source's job id.
     pub job_id: u64,
@@ -50,8 +51,9 @@ enum Peer {
     NotAsked,
 }
 
-/// The status of every job in the journal at `journal_path` (of `batch` only, if given).
-/// `key` is needed to ask destinations; without it they are reported as not asked.
+/// The status of every job in the journal at `journal_path` (of `batch` only, if given),
+/// read without opening it for appends (the agent may be down). `key` is needed to ask
+/// destinations; without it they are reported as not asked.
 pub fn gather(
     journal_path: &Path,
     key: Option<&ClusterKey>,
@@ -59,8 +61,18 @@ pub fn gather(
 ) -> Result<Vec<DiskStatus>, JournalError> {
     let replay = Journal::inspect(journal_path)?;
     let jobs = fold(&replay.entries)?;
+    Ok(judge(jobs.values(), key, batch))
+}
+
+/// The status of each of `views` (of `batch` only, if given), asking the destination of
+/// every source job; without `key` destinations are reported as not asked.
+pub fn judge<'a>(
+    views: impl IntoIterator<Item = &'a JobView>,
+    key: Option<&ClusterKey>,
+    batch: Option<&str>,
+) -> Vec<DiskStatus> {
     let mut lines = Vec::new();
-    for view in jobs.values() {
+    for view in views {
         if batch.is_some_and(|batch| view.batch.as_deref() != Some(batch)) {
             continue;
         }
@@ -108,7 +120,7 @@ pub fn gather(
             action: status.action.to_string(),
         });
     }
-    Ok(lines)
+    lines
 }
 
 /// The target's phase as a query answered it.
@@ -133,25 +145,4 @@ fn ask(destination: &str, key: &ClusterKey, job_id: u64) -> Peer {
         Ok(answer) => Peer::Answered(answer),
         Err(err) => Peer::Unreachable(crate::error::error_chain(&err)),
     }
-}
-
-/// The table `ferry status` prints.
-pub fn render(lines: &[DiskStatus]) -> String {
-    let mut out = format!(
-        "{:<6} {:<16} {:<10} {:<7} {:<15} {:<16} {}\n",
-        "JOB", "EXPORT", "BATCH", "ROLE", "PHASE", "VERDICT", "REASON"
-    );
-    for line in lines {
-        out.push_str(&format!(
-            "{:<6} {:<16} {:<10} {:<7} {:<15} {:<16} {}\n",
-            line.job_id,
-            line.export,
-            line.batch.as_deref().unwrap_or("-"),
-            line.role,
-            line.phase,
-            line.verdict,
-            line.reason
-        ));
-    }
-    out
 }

@@ -141,6 +141,12 @@ impl AgentProc {
             .expect("run ferry cli")
     }
 
+    /// A control API client of this agent, with its token (what the CLI uses).
+    pub fn client(&self) -> ferry::api::Client {
+        let token = ferry::api::token::read(&self.state_dir.join("api.token")).expect("token");
+        ferry::api::Client::new(&self.api, Some(token))
+    }
+
     /// Sends SIGTERM and waits for a clean exit; returns the exit status success.
     pub fn stop(&mut self) -> bool {
         let mut child = self.child.take().expect("running");

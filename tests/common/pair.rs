@@ -61,25 +61,46 @@ impl Pair {
         self.destination.restart(&[], &extra);
     }
 
-    /// `ferry status --json` as `agent` sees it (reading its journal, asking peers).
+    /// `ferry status --json` as `agent` sees it (the agent reads its journal and asks its
+    /// peers).
     pub fn status(&self, agent: &AgentProc) -> serde_json::Value {
         self.batch_status(agent, None)
     }
 
-    /// `ferry status [BATCH] --json` as `agent` sees it.
+    /// `ferry status [BATCH] --json`, answered by `agent` through its API.
     pub fn batch_status(&self, agent: &AgentProc, batch: Option<&str>) -> serde_json::Value {
+        let mut args = vec!["status", "--json"];
+        args.extend(batch);
+        json_of(&agent.cli(&args))
+    }
+
+    /// `ferry status --offline [BATCH] --json` for `agent` (its journal file read by the CLI,
+    /// the agent not asked; the agent may be down) and what the CLI said on stderr.
+    pub fn offline_status(
+        &self,
+        agent: &AgentProc,
+        batch: Option<&str>,
+    ) -> (serde_json::Value, String) {
         let key = self.key_path.to_str().unwrap();
-        let mut args = vec!["status", "--json", "--cluster-key", key];
+        let mut args = vec!["status", "--offline", "--json", "--cluster-key", key];
         args.extend(batch);
         let out = agent.cli(&args);
-        let text = stdout(&out);
-        serde_json::from_str(&text).unwrap_or_else(|e| {
-            panic!(
-                "status output ({e}):\n{text}\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })
+        (
+            json_of(&out),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     }
+}
+
+/// The JSON a CLI call printed.
+pub fn json_of(out: &std::process::Output) -> serde_json::Value {
+    let text = stdout(out);
+    serde_json::from_str(&text).unwrap_or_else(|e| {
+        panic!(
+            "ferry output ({e}):\n{text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
 }
 
 pub fn pair(image: &Path, granularity: &str) -> Pair {

@@ -1,5 +1,6 @@
-//! Command line: `ferry agent` runs the daemon; the other subcommands talk to a running agent
-//! through its control API; `ferry demo` shows the whole thing on a temporary image.
+//! The command line (clap): `ferry agent` runs the daemon; the other subcommands talk to a
+//! running agent through its control API; `ferry demo` shows the whole thing on a temporary
+//! image.
 
 use std::path::PathBuf;
 
@@ -18,13 +19,13 @@ pub struct Cli {
 #[derive(Debug, Args, Clone)]
 pub struct ApiTarget {
     /// Control API address of the agent.
-    #[arg(long, env = "FERRY_API", default_value = crate::agent::config::DEFAULT_API, global = true)]
+    #[arg(long, env = "FERRY_API", default_value = crate::api::DEFAULT_API, global = true)]
     pub api: String,
     /// File holding the API token (default: <state-dir>/api.token).
     #[arg(long, env = "FERRY_TOKEN_FILE", global = true)]
     pub token_file: Option<PathBuf>,
     /// State directory of the agent (where its token is).
-    #[arg(long, env = "FERRY_STATE_DIR", default_value = crate::agent::config::DEFAULT_STATE_DIR, global = true)]
+    #[arg(long, env = "FERRY_STATE_DIR", default_value = crate::api::DEFAULT_STATE_DIR, global = true)]
     pub state_dir: PathBuf,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
@@ -118,27 +119,36 @@ pub enum Command {
         #[command(flatten)]
         target: ApiTarget,
     },
-    /// Did each disk fully migrate? Reads this agent's journal (works with the agent down) and
-    /// asks each destination agent; prints migrated / not-migrated / resumable /
-    /// needs-attention per disk, with the reason.
+    /// Did each disk fully migrate? The agent reads its journal and asks each destination
+    /// agent; prints migrated / not-migrated / resumable / needs-attention per disk, with
+    /// the reason. With the agent down, `--offline` reads its journal file instead.
     Status {
         /// Only the jobs of this batch.
         batch: Option<String>,
-        /// Cluster key used to ask destinations (default: <state-dir>/cluster.key).
+        /// Read the journal in the state directory instead of asking the agent (for when the
+        /// agent is down).
         #[arg(long)]
+        offline: bool,
+        /// With --offline: cluster key used to ask destinations (default:
+        /// <state-dir>/cluster.key).
+        #[arg(long, requires = "offline")]
         cluster_key: Option<PathBuf>,
-        /// Agent whose state directory is read.
+        /// Agent to ask (or, with --offline, whose state directory is read).
         #[command(flatten)]
         target: ApiTarget,
     },
     /// Continue the interrupted migrations of a batch (from what the destinations already
-    /// hold, when the source kept its tracker).
+    /// hold, when the source kept its tracker), each with the settings it was started with;
+    /// the options given here override them.
     Resume {
         /// The batch.
         batch: String,
         /// Jobs running at once.
         #[arg(long, default_value_t = 2)]
         concurrency: usize,
+        /// Settings that override the journaled ones.
+        #[command(flatten)]
+        overrides: ResumeOverrides,
         /// Agent to talk to.
         #[command(flatten)]
         target: ApiTarget,
@@ -163,6 +173,33 @@ pub enum Command {
     /// Walk through ferry on temporary images: write tracking and heat, then a live migration
     /// (heat vs naive policy), with agents run as child processes.
     Demo(crate::demo::DemoArgs),
+}
+
+/// `ferry resume` options: each replaces the setting the job was started with; the ones
+/// left out keep it.
+#[derive(Debug, Args, Clone, Default)]
+pub struct ResumeOverrides {
+    /// Copy policy: heat or naive.
+    #[arg(long)]
+    pub policy: Option<String>,
+    /// Longest write pause the switchover may cause, in milliseconds.
+    #[arg(long)]
+    pub max_pause: Option<u64>,
+    /// Switch over after this many milliseconds even if the pause bound is not met.
+    #[arg(long)]
+    pub force_after: Option<u64>,
+    /// Bandwidth cap of the block stream (e.g. 200M); 0 lifts the cap.
+    #[arg(long)]
+    pub bandwidth: Option<String>,
+    /// Compare both images at the switchover point (--verify=false turns it off).
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub verify: Option<bool>,
+    /// Yield to the guest during the bulk copy (--yield=false turns it off).
+    #[arg(long = "yield", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub yield_to_guest: Option<bool>,
+    /// Mirror guest writes from the start (--mirror=false turns it off).
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub mirror: Option<bool>,
 }
 
 /// `ferry agent` flags; each overrides the config file.

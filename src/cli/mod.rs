@@ -1,0 +1,198 @@
+//! The `ferry` front end: every subcommand but `ferry agent` is a client of an agent's
+//! control API ([`crate::api::Client`]); answers are printed with [`crate::api::render`] and
+//! [`crate::api::view`], or as JSON with `--json`. `main` parses the command line ([`Cli`])
+//! and runs the agent itself; everything else comes here through [`run`].
+//!
+//! Files: `args.rs` (the clap definitions), `exports.rs` (export, tracker, heat),
+//! `migrate.rs` (migrate, resume, abort: one job or a batch), `status.rs` (status, jobs).
+//!
+//! Invariants:
+//! - Nothing here names the agent (tests/layering.rs): status, resume and the batch listing
+//!   of abort all ask the agent, which reads its own journal and asks its peers. The one
+//!   exception is the explicit `ferry status --offline`, which reads the journal file of a
+//!   stopped agent and says so.
+//! - Errors are [`CliError`]s with short messages; `main` prints each with its causes. A
+//!   migration that ends failed is an error too, so the exit code says so.
+
+mod args;
+mod exports;
+mod migrate;
+mod status;
+
+use std::path::PathBuf;
+
+pub use args::*;
+
+use crate::api::batch::PlanError;
+use crate::api::size::SizeError;
+use crate::api::{token, Client, ClientError};
+use crate::journal::JournalError;
+
+/// Why a client subcommand failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// The API token file could not be read.
+    #[error("cannot read the API token from {}", .path.display())]
+    Token {
+        /// The token file.
+        path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The agent could not be reached, or refused or failed the call (the message names
+    /// the agent).
+    #[error(transparent)]
+    Api(#[from] ClientError),
+    /// `ferry status` could not reach the agent.
+    #[error("cannot ask the agent for the status (if it is down: ferry status --offline)")]
+    StatusUnreachable(#[source] ClientError),
+    /// A flag's value is not a size.
+    #[error("{flag}")]
+    Size {
+        /// The flag, e.g. `--bandwidth`.
+        flag: &'static str,
+        /// Why.
+        #[source]
+        source: SizeError,
+    },
+    /// A file named on the command line could not be read.
+    #[error("{flag} {}", .path.display())]
+    File {
+        /// The flag or argument naming it.
+        flag: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The plan file is not a plan.
+    #[error("--plan {}", .path.display())]
+    Plan {
+        /// The plan file.
+        path: PathBuf,
+        /// What is wrong with it.
+        #[source]
+        source: PlanError,
+    },
+    /// The command line names nothing to do.
+    #[error("{0}")]
+    Usage(&'static str),
+    /// The journal file could not be read (`ferry status --offline`).
+    #[error("offline status")]
+    Offline(#[source] JournalError),
+    /// A migration ended failed (its status was printed).
+    #[error("migration of {export} failed")]
+    MigrationFailed {
+        /// The export.
+        export: String,
+    },
+    /// `ferry demo` failed.
+    #[error("demo")]
+    Demo(#[source] crate::demo::DemoError),
+    /// Migrations of a batch ended failed (their statuses were printed).
+    #[error("batch {batch}: {failed} of {total} migrations failed")]
+    BatchFailed {
+        /// The batch.
+        batch: String,
+        /// Jobs that failed.
+        failed: usize,
+        /// Jobs run.
+        total: usize,
+    },
+}
+
+/// Runs a client subcommand, or `ferry demo` (`ferry agent` is run by the binary's `main`,
+/// the only place that may name the agent).
+pub fn run(command: Command) -> Result<(), CliError> {
+    match command {
+        Command::Agent(_) => Err(CliError::Usage("`ferry agent` is run by the binary")),
+        Command::Export { action, target } => exports::export(action, &target),
+        Command::Tracker { action, target } => exports::tracker(action, &target),
+        Command::Heat {
+            export,
+            tracker,
+            width,
+            rows,
+            target,
+        } => exports::heat(&export, tracker.as_deref(), width, rows, &target),
+        Command::Migrate {
+            exports,
+            to,
+            batch,
+            plan,
+            concurrency,
+            policy,
+            max_pause,
+            force_after,
+            bandwidth,
+            no_wait,
+            verify,
+            yield_to_guest,
+            mirror,
+            target,
+        } => {
+            let request = migrate::Request {
+                policy,
+                max_pause_ms: max_pause,
+                force_after_ms: force_after,
+                bandwidth,
+                verify,
+                yield_to_guest,
+                mirror,
+            };
+            let plan = migrate::Plan {
+                exports,
+                to,
+                batch,
+                file: plan,
+            };
+            migrate::migrate(plan, &request, concurrency, no_wait, &target)
+        }
+        Command::Resume {
+            batch,
+            concurrency,
+            overrides,
+            target,
+        } => migrate::resume(&batch, concurrency, &overrides, &target),
+        Command::Abort { batch, target } => migrate::abort(&batch, &target),
+        Command::Jobs { id, target } => status::jobs(id, &target),
+        Command::Status {
+            batch,
+            offline,
+            cluster_key,
+            target,
+        } => {
+            if offline {
+                status::offline(batch.as_deref(), cluster_key, &target)
+            } else {
+                status::online(batch.as_deref(), &target)
+            }
+        }
+        Command::Demo(args) => demo(&args),
+    }
+}
+
+/// `ferry demo`: runs agents of its own, so it needs no target.
+fn demo(args: &crate::demo::DemoArgs) -> Result<(), CliError> {
+    crate::demo::run(args).map_err(CliError::Demo)
+}
+
+/// A client of the agent `target` names, with the token from its state directory (or
+/// `--token-file`).
+fn client(target: &ApiTarget) -> Result<Client, CliError> {
+    let path = target
+        .token_file
+        .clone()
+        .unwrap_or_else(|| target.state_dir.join("api.token"));
+    let token = token::read(&path).map_err(|source| CliError::Token { path, source })?;
+    Ok(Client::new(&target.api, Some(token)))
+}
+
+/// Prints `value` as pretty JSON (`--json`).
+fn print_json(value: &impl serde::Serialize) {
+    // API types always serialize (no maps with non-string keys, no failing impls).
+    let text = serde_json::to_string_pretty(value).expect("API types serialize to JSON");
+    println!("{text}");
+}
