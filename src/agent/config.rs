@@ -4,13 +4,12 @@
 //! Invariants: every path and address is configurable, so several agents can run side by side;
 //! every error names the field (or the flag) and what is wrong with it.
 
-use crate::dirty::{DEFAULT_GRANULARITY_BYTES, DEFAULT_HALF_LIFE_MS};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::dirty::{MAX_GRANULARITY_BYTES, MIN_GRANULARITY_BYTES};
+use crate::dirty::{DEFAULT_GRANULARITY_BYTES, DEFAULT_HALF_LIFE_MS};
 use crate::name;
 
 /// Default unix socket of the NBD server.
@@ -323,8 +322,8 @@ impl AgentConfig {
                     format!("export '{}' is defined twice", export.name),
                 ));
             }
-            validate_granularity(export.granularity_bytes)
-                .map_err(|p| invalid(format!("{field}.granularity"), p))?;
+            crate::dirty::validate_granularity(export.granularity_bytes)
+                .map_err(|p| invalid(format!("{field}.granularity"), p.to_string()))?;
             for tracker in &export.trackers {
                 name::validate(tracker)
                     .map_err(|err| invalid(format!("{field}.trackers"), err.to_string()))?;
@@ -332,17 +331,6 @@ impl AgentConfig {
         }
         Ok(())
     }
-}
-
-/// A granularity must be a power of two between 4 KiB and 64 MiB.
-pub fn validate_granularity(bytes: u64) -> Result<(), String> {
-    if !bytes.is_power_of_two() || !(MIN_GRANULARITY_BYTES..=MAX_GRANULARITY_BYTES).contains(&bytes)
-    {
-        return Err(format!(
-            "{bytes} bytes is not a power of two between 4 KiB and 64 MiB"
-        ));
-    }
-    Ok(())
 }
 
 pub use crate::units::parse_size;

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
-use crate::agent::config::{self, ExportConfig};
+use crate::agent::config::ExportConfig;
 use crate::api::types::{ExportSpec, ExportStats, ExportStatus, TrackerStatus};
 use crate::api::ControlError;
 use crate::dirty::{TrackerSet, TrackerSpec};
@@ -68,8 +68,8 @@ impl Exports {
     /// Opens an export, restoring its trackers and creating the configured ones.
     pub fn open(&self, cfg: &ExportConfig) -> Result<Arc<Export>, ControlError> {
         crate::name::validate(&cfg.name).map_err(|err| ControlError::Invalid(err.to_string()))?;
-        config::validate_granularity(cfg.granularity_bytes)
-            .map_err(|p| ControlError::Invalid(format!("granularity: {p}")))?;
+        crate::dirty::validate_granularity(cfg.granularity_bytes)
+            .map_err(|err| ControlError::Invalid(err.to_string()))?;
         if self
             .exports
             .read()

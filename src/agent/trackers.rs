@@ -7,7 +7,6 @@
 
 use std::sync::Arc;
 
-use crate::agent::config;
 use crate::agent::exports::Exports;
 use crate::api::types::{HeatMap, TrackerAdd, TrackerStatus};
 use crate::api::ControlError;
@@ -45,8 +44,8 @@ impl Trackers {
         let export = self.exports.get(export)?;
         crate::name::validate(&add.name).map_err(|err| ControlError::Invalid(err.to_string()))?;
         let granularity_bytes = add.granularity_bytes.unwrap_or(export.granularity_bytes());
-        config::validate_granularity(granularity_bytes)
-            .map_err(|p| ControlError::Invalid(format!("granularity: {p}")))?;
+        crate::dirty::validate_granularity(granularity_bytes)
+            .map_err(|err| ControlError::Invalid(err.to_string()))?;
         if export.trackers().get(&add.name).is_some() {
             return Err(ControlError::Exists(format!(
                 "export '{}' already has a tracker '{}'",

@@ -37,8 +37,9 @@ mod tracker;
 pub use bitmap::{BitmapError, DirtyBitmap, DirtySet};
 pub use heat::{Heat, HeatHistogram, HEAT_BUCKET_LOWER_BOUNDS, HOT_THRESHOLD};
 pub use tracker::{
-    Tracker, TrackerSpec, DEFAULT_GRANULARITY_BYTES, DEFAULT_HALF_LIFE_MS, MAX_BLOCK_COUNT,
-    MAX_DIRTY_RUNS, MAX_GRANULARITY_BYTES, MAX_HALF_LIFE_MS, MIN_GRANULARITY_BYTES,
+    validate_granularity, Tracker, TrackerSpec, DEFAULT_GRANULARITY_BYTES, DEFAULT_HALF_LIFE_MS,
+    MAX_BLOCK_COUNT, MAX_DIRTY_RUNS, MAX_GRANULARITY_BYTES, MAX_HALF_LIFE_MS,
+    MIN_GRANULARITY_BYTES,
 };
 
 /// Errors from creating, finding, saving and restoring trackers.

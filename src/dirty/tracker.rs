@@ -73,12 +73,7 @@ impl TrackerSpec {
     /// Checks name, granularity and half-life; the error names the bad value.
     pub fn validate(&self) -> Result<(), DirtyError> {
         name::validate(&self.name).map_err(DirtyError::Name)?;
-        let granularity_bytes = self.granularity_bytes;
-        if !granularity_bytes.is_power_of_two()
-            || !(MIN_GRANULARITY_BYTES..=MAX_GRANULARITY_BYTES).contains(&granularity_bytes)
-        {
-            return Err(DirtyError::Granularity { granularity_bytes });
-        }
+        validate_granularity(self.granularity_bytes)?;
         if !(1..=MAX_HALF_LIFE_MS).contains(&self.half_life_ms) {
             return Err(DirtyError::HalfLife {
                 half_life_ms: self.half_life_ms,
@@ -86,6 +81,17 @@ impl TrackerSpec {
         }
         Ok(())
     }
+}
+
+/// A tracking granularity must be a power of two in
+/// [`MIN_GRANULARITY_BYTES`]..=[`MAX_GRANULARITY_BYTES`] (for trackers and export defaults).
+pub fn validate_granularity(granularity_bytes: u64) -> Result<(), DirtyError> {
+    if !granularity_bytes.is_power_of_two()
+        || !(MIN_GRANULARITY_BYTES..=MAX_GRANULARITY_BYTES).contains(&granularity_bytes)
+    {
+        return Err(DirtyError::Granularity { granularity_bytes });
+    }
+    Ok(())
 }
 
 /// A named dirty bitmap plus heat over one disk; see the module docs.
