@@ -1,6 +1,8 @@
 //! Sizes as operators type them: `65536`, `64K`, `64KiB`, `512M`, `2G`, `1T` (binary units;
-//! `KB` is read as KiB, as `qemu-img` does). One parser for the config file, the CLI and the
-//! demo.
+//! `KB` is read as KiB, as `qemu-img` does), and rates as `200M` or `200M/s`. One parser for
+//! the config file, the CLI and the demo; the API itself takes plain byte counts.
+//!
+//! Invariant: a size that does not fit in a `u64` is an error, never a wrapped number.
 
 /// A size that cannot be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -49,6 +51,11 @@ pub fn parse_size(text: &str) -> Result<u64, SizeError> {
         .ok_or_else(|| SizeError::TooLarge(text.to_string()))
 }
 
+/// A rate in bytes per second: a size, optionally followed by `/s` ("200M/s").
+pub fn parse_rate(text: &str) -> Result<u64, SizeError> {
+    parse_size(text.trim().trim_end_matches("/s"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -66,5 +73,12 @@ mod tests {
             parse_size("99999999999T"),
             Err(SizeError::TooLarge(_))
         ));
+        assert_eq!(parse_size("1T"), Ok(1 << 40));
+        assert_eq!(parse_rate("32M/s"), Ok(32 << 20));
+        assert_eq!(parse_rate("0"), Ok(0));
+        assert_eq!(
+            parse_size("10X").unwrap_err().to_string(),
+            "'10X' has unknown unit 'x'"
+        );
     }
 }

@@ -333,7 +333,7 @@ impl AgentConfig {
     }
 }
 
-pub use crate::units::parse_size;
+use crate::units::parse_size;
 
 fn parse_addr(field: &str, text: &str) -> Result<SocketAddr, ConfigError> {
     text.parse().map_err(|_| {

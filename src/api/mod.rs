@@ -47,7 +47,6 @@ pub mod client;
 pub mod prometheus;
 pub mod render;
 pub mod server;
-pub mod size;
 #[cfg(test)]
 mod tests;
 pub mod token;

@@ -3,8 +3,8 @@
 
 use super::{client, print_json, ApiTarget, CliError, ExportAction, TrackerAction};
 use crate::api::render;
-use crate::api::size::parse_size;
 use crate::api::types::{ExportSpec, TrackerAdd};
+use crate::units::parse_size;
 
 /// `ferry export add|ls|rm`.
 pub fn export(action: ExportAction, target: &ApiTarget) -> Result<(), CliError> {

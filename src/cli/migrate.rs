@@ -10,9 +10,9 @@ use std::path::PathBuf;
 
 use super::{client, print_json, ApiTarget, CliError, ResumeOverrides};
 use crate::api::batch::{self, Item};
-use crate::api::size::parse_rate;
 use crate::api::types::{JobPhase, JobStatus, MigrateRequest};
 use crate::api::{view, Client};
+use crate::units::parse_rate;
 
 /// The options of `ferry migrate`.
 #[derive(Debug, Clone)]

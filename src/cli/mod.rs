@@ -24,9 +24,9 @@ use std::path::PathBuf;
 pub use args::*;
 
 use crate::api::batch::PlanError;
-use crate::api::size::SizeError;
 use crate::api::{token, Client, ClientError};
 use crate::journal::JournalError;
+use crate::units::SizeError;
 
 /// Why a client subcommand failed.
 #[derive(Debug, thiserror::Error)]
