@@ -16,7 +16,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::pair::{
-    json_of, migrate, migrate_background, pair, prefill, start_guest, verify_only, wait_fio, MIB,
+    json_of, migrate, migrate_background, pair, prefill, slow_migration, start_guest, verify_only,
+    wait_fio, MIB,
 };
 use common::{require, run_ok, sparse_image, stdout};
 
@@ -170,27 +171,6 @@ fn cli_json(agent: &common::AgentProc, args: &[&str]) -> serde_json::Value {
             agent.log()
         )
     })
-}
-
-/// Starts `ferry migrate EXPORT --batch BATCH --bandwidth 8M` in the background.
-fn slow_migration(pair: &common::pair::Pair, export: &str, batch: &str) -> std::process::Child {
-    Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args([
-            "migrate",
-            export,
-            "--batch",
-            batch,
-            "--json",
-            "--bandwidth",
-            "8M",
-        ])
-        .args(["--to", &pair.destination_transfer])
-        .args(["--api", &pair.source.api, "--state-dir"])
-        .arg(&pair.source.state_dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
 }
 
 // Goal: batches migrate several disks under one name; an interrupted batch resumes from
@@ -388,19 +368,6 @@ fn source_crash_then_resume_compares_digests() {
     );
 }
 
-/// `ferry ARGS --json` against the source agent of `pair`, in the background.
-fn background(pair: &common::pair::Pair, args: &[&str]) -> std::process::Child {
-    Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(args)
-        .arg("--json")
-        .args(["--api", &pair.source.api, "--state-dir"])
-        .arg(&pair.source.state_dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
 // Goal: a resumed job runs with the settings it was started with, not the defaults (a job
 // capped at 4 MiB/s is not resumed uncapped), and an option given to `ferry resume` replaces
 // that setting only. Method: a 64 MiB disk (48 MiB of data) migrated in batch s with
@@ -417,22 +384,19 @@ fn resumed_job_keeps_its_settings() {
     prefill(&image, 48 * MIB);
     let mut pair = pair(&image, "64K");
     let to = pair.destination_transfer.clone();
-    let first = background(
-        &pair,
-        &[
-            "migrate",
-            "vm1",
-            "--to",
-            &to,
-            "--batch",
-            "s",
-            "--bandwidth",
-            "4M",
-            "--max-pause",
-            "250",
-            "--yield",
-        ],
-    );
+    let first = pair.background(&[
+        "migrate",
+        "vm1",
+        "--to",
+        &to,
+        "--batch",
+        "s",
+        "--bandwidth",
+        "4M",
+        "--max-pause",
+        "250",
+        "--yield",
+    ]);
     std::thread::sleep(Duration::from_millis(3000));
     pair.destination.kill();
     let out = first.wait_with_output().unwrap();
@@ -447,7 +411,7 @@ fn resumed_job_keeps_its_settings() {
     assert_eq!(settings.max_pause_ms, 250);
     assert!(settings.yield_to_guest);
 
-    let second = background(&pair, &["resume", "s"]);
+    let second = pair.background(&["resume", "s"]);
     std::thread::sleep(Duration::from_millis(2000));
     pair.destination.kill();
     let out = second.wait_with_output().unwrap();

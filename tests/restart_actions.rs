@@ -15,25 +15,11 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::pair::{pair, prefill, MIB};
+use common::pair::{pair, prefill, slow_migration, MIB};
 use common::{require, run_ok, sparse_image, stdout};
-
-/// `ferry migrate vm1 --batch BATCH --bandwidth 8M` against the pair's source, in the
-/// background.
-fn slow_migration(pair: &common::pair::Pair, batch: &str) -> std::process::Child {
-    Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["migrate", "vm1", "--batch", batch, "--json"])
-        .args(["--bandwidth", "8M", "--to", &pair.destination_transfer])
-        .args(["--api", &pair.source.api, "--state-dir"])
-        .arg(&pair.source.state_dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
-}
 
 /// Waits up to `timeout` for `done`.
 fn eventually(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
@@ -64,7 +50,7 @@ fn aborted_jobs_are_carried_out_at_restart() {
     let mut pair = pair(&image, "64K");
     let target_image = pair.destination.state_dir.join("images").join("vm1.img");
 
-    let child = slow_migration(&pair, "ab");
+    let child = slow_migration(&pair, "vm1", "ab");
     std::thread::sleep(Duration::from_millis(3000));
     pair.destination.kill();
     let out = child.wait_with_output().unwrap();

@@ -67,6 +67,20 @@ impl Pair {
         self.batch_status(agent, None)
     }
 
+    /// `ferry ARGS --json` against the source agent, in the background (stdout and stderr
+    /// piped).
+    pub fn background(&self, args: &[&str]) -> Child {
+        Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(args)
+            .arg("--json")
+            .args(["--api", &self.source.api, "--state-dir"])
+            .arg(&self.source.state_dir)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
     /// `ferry status [BATCH] --json`, answered by `agent` through its API.
     pub fn batch_status(&self, agent: &AgentProc, batch: Option<&str>) -> serde_json::Value {
         let mut args = vec!["status", "--json"];
@@ -147,15 +161,26 @@ pub fn start_guest(uri: &str) -> Child {
 
 /// `ferry migrate vm1 --json --bandwidth 16M --to DESTINATION EXTRA...` in the background.
 pub fn migrate_background(pair: &Pair, extra: &[&str]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["migrate", "vm1", "--json", "--bandwidth", "16M", "--to"])
-        .arg(&pair.destination_transfer)
-        .args(extra)
-        .args(["--api", &pair.source.api, "--state-dir"])
-        .arg(&pair.source.state_dir)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap()
+    let to = pair.destination_transfer.clone();
+    let mut args = vec!["migrate", "vm1", "--bandwidth", "16M", "--to", &to];
+    args.extend(extra);
+    pair.background(&args)
+}
+
+/// `ferry migrate EXPORT --batch BATCH --bandwidth 8M` at the source, in the background (a
+/// 16 MiB send is confirmed every 2 s, so faults can land between sends).
+pub fn slow_migration(pair: &Pair, export: &str, batch: &str) -> Child {
+    let to = pair.destination_transfer.clone();
+    pair.background(&[
+        "migrate",
+        export,
+        "--batch",
+        batch,
+        "--bandwidth",
+        "8M",
+        "--to",
+        &to,
+    ])
 }
 
 /// Random data in the first `len` bytes (the rest stays a hole).
