@@ -102,17 +102,7 @@ mod tests {
     fn capped(job_id: u64) -> Record {
         Record::SourceSettings {
             job_id,
-            settings: JobSettings {
-                policy: Policy::Naive,
-                max_pause_ms: 300,
-                target_pause_ms: 10,
-                force_after_ms: None,
-                bandwidth_bytes_per_s: Some(32 << 20),
-                hot_threshold: 8,
-                mirror: false,
-                verify: false,
-                yield_to_guest: true,
-            },
+            settings: JobSettings::sample(Policy::Naive, 300),
         }
     }
 

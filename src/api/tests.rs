@@ -39,17 +39,7 @@ fn journal_job() -> JournalJob {
         granularity_bytes: 65536,
         destination: Some("10.0.0.2:7451".into()),
         policy: Some("heat".into()),
-        settings: Some(JobSettings {
-            policy: crate::migrate::Policy::Heat,
-            max_pause_ms: 100,
-            target_pause_ms: 10,
-            force_after_ms: None,
-            bandwidth_bytes_per_s: Some(32 << 20),
-            hot_threshold: 8,
-            mirror: false,
-            verify: false,
-            yield_to_guest: true,
-        }),
+        settings: Some(JobSettings::sample(crate::migrate::Policy::Heat, 100)),
         reason: None,
     }
 }

@@ -647,17 +647,7 @@ pub(crate) mod tests {
             started(8),
             Record::SourceSettings {
                 job_id: 8,
-                settings: crate::journal::JobSettings {
-                    policy: Policy::Heat,
-                    max_pause_ms: 100,
-                    target_pause_ms: 10,
-                    force_after_ms: None,
-                    bandwidth_bytes_per_s: Some(32 << 20),
-                    hot_threshold: 8,
-                    mirror: false,
-                    verify: false,
-                    yield_to_guest: true,
-                },
+                settings: crate::journal::JobSettings::sample(Policy::Heat, 100),
             },
             Record::TargetCommitted { job_id: 9 },
             Record::SourceAborted {

@@ -210,6 +210,24 @@ pub struct JobSettings {
     pub yield_to_guest: bool,
 }
 
+#[cfg(test)]
+impl JobSettings {
+    /// Settings of a capped, yielding heat job with `max_pause_ms`: what tests journal.
+    pub(crate) fn sample(policy: Policy, max_pause_ms: u64) -> Self {
+        JobSettings {
+            policy,
+            max_pause_ms,
+            target_pause_ms: 10,
+            force_after_ms: None,
+            bandwidth_bytes_per_s: Some(32 << 20),
+            hot_threshold: 8,
+            mirror: false,
+            verify: false,
+            yield_to_guest: true,
+        }
+    }
+}
+
 /// Which side of a migration a record (or a job) belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Role {
