@@ -30,7 +30,8 @@ fn only_line(status: &serde_json::Value) -> &serde_json::Value {
 
 // Goal: after a migration both journals say migrated, and a source killed with kill -9 comes
 // back forwarding (never serving its stale image). Method: migrate a 64 MiB disk; status on
-// both agents; kill -9 the source and restart it; qemu-io writes a pattern through the
+// both agents; `ferry export ls` at the source says where the disk is forwarded, before and
+// after a kill -9 and restart of the source; qemu-io writes a pattern through the
 // source; the pattern is at the destination (qemu-io read there) and not in the source's
 // local image file; status still says migrated.
 #[test]
@@ -57,9 +58,22 @@ fn switched_source_forwards_after_kill_and_status_says_migrated() {
         (&"target".into(), &"committed".into())
     );
     assert_eq!(line["verdict"], "migrated");
+    let forwarded = |pair: &common::pair::Pair| {
+        let exports = cli_json(&pair.source, &["export", "ls"]);
+        exports[0]["forwarding"]["to"].as_str().map(str::to_owned)
+    };
+    let destination_nbd = pair.destination.tcp.clone().unwrap();
+    assert_eq!(forwarded(&pair).as_deref(), Some(destination_nbd.as_str()));
 
     pair.source.kill();
     pair.restart_source();
+    // Said again after the restart (the journal's `switched`), and in the table as well.
+    assert_eq!(forwarded(&pair).as_deref(), Some(destination_nbd.as_str()));
+    let table = stdout(&pair.source.cli(&["export", "ls"]));
+    assert!(
+        table.contains(&format!("forwarding → {destination_nbd}")),
+        "{table}"
+    );
     let write = format!("write -P 0x5a {} 65536", 40 * MIB);
     run_ok(
         Command::new("qemu-io")

@@ -11,10 +11,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
 use crate::agent::config::ExportConfig;
-use crate::api::types::{ExportSpec, ExportStats, ExportStatus, TrackerStatus};
+use crate::api::types::{ExportSpec, ExportStats, ExportStatus, Forwarding, TrackerStatus};
 use crate::api::ControlError;
 use crate::dirty::{TrackerSet, TrackerSpec};
-use crate::disk::Export;
+use crate::disk::{Export, Route};
 use crate::env::Clock;
 use crate::error::error_chain;
 use crate::nbd::server::{export_info, ExportLookup};
@@ -293,6 +293,13 @@ impl Exports {
                 .map(|t| TrackerStatus::of(t))
                 .collect(),
             stats: ExportStats::of(export),
+            forwarding: match &*export.route().1 {
+                Route::Local => None,
+                Route::Forward { addr } => Some(Forwarding {
+                    to: addr.clone(),
+                    since_unix_ms: export.route_since_unix_ms(),
+                }),
+            },
         }
     }
 

@@ -136,6 +136,17 @@ pub fn render_prometheus(exports: &[ExportStatus]) -> String {
             text.sample(name, &[("export", &export.name)], read(export));
         }
     }
+    const FORWARDED: &str = "ferry_export_forwarded";
+    text.header(
+        FORWARDED,
+        "gauge",
+        "1 if the export's disk lives at another agent (requests forwarded to `to`), else 0.",
+    );
+    for export in exports {
+        let to = export.forwarding.as_ref().map_or("", |f| f.to.as_str());
+        let labels = [("export", export.name.as_str()), ("to", to)];
+        text.sample(FORWARDED, &labels, u8::from(export.forwarding.is_some()));
+    }
     render_latency(&mut text, exports);
     render_trackers(&mut text, exports);
     out
@@ -241,6 +252,7 @@ mod tests {
                 lost: true,
                 half_life_ms: 30_000,
             }],
+            forwarding: None,
             stats: ExportStats {
                 counts: CounterSnapshot {
                     read_ops: 7,
@@ -269,9 +281,16 @@ mod tests {
         // Goal: each documented metric appears once per export (tracker) with the right value.
         // Method: render two exports, one with a hostile name, and look for exact lines.
         let hostile = "x\"y\\z";
-        let text = render_prometheus(&[export("vm1"), export(hostile)]);
+        let mut moved = export("vm2");
+        moved.forwarding = Some(crate::api::types::Forwarding {
+            to: "10.0.0.2:10809".into(),
+            since_unix_ms: Some(1),
+        });
+        let text = render_prometheus(&[export("vm1"), export(hostile), moved]);
         for line in [
-            "ferry_exports 2",
+            "ferry_export_forwarded{export=\"vm1\",to=\"\"} 0",
+            "ferry_export_forwarded{export=\"vm2\",to=\"10.0.0.2:10809\"} 1",
+            "ferry_exports 3",
             "ferry_export_read_bytes_total{export=\"vm1\"} 28672",
             "ferry_export_read_ops_total{export=\"vm1\"} 7",
             "ferry_export_write_bytes_total{export=\"vm1\"} 20480",

@@ -8,7 +8,7 @@
 
 use std::fmt::Write as _;
 
-use super::types::{DiskStatus, ExportStatus, HeatMap, TrackerStatus};
+use super::types::{DiskStatus, ExportStatus, Forwarding, HeatMap, TrackerStatus};
 use crate::dirty::heat::{heat_bucket, HEAT_BUCKET_LOWER_BOUNDS, HOT_THRESHOLD};
 
 /// Heat shades, coldest first: index 0 is "never written or fully cooled".
@@ -129,6 +129,37 @@ impl Table {
     }
 }
 
+/// `forwarding → HOST:PORT since 2026-12-05 08:59:21Z`.
+pub fn forwarding_text(forwarding: &Forwarding) -> String {
+    match forwarding.since_unix_ms {
+        Some(ms) => format!("forwarding → {} since {}", forwarding.to, utc_text(ms)),
+        None => format!("forwarding → {}", forwarding.to),
+    }
+}
+
+/// `YYYY-MM-DD HH:MM:SSZ` of a time in ms since the Unix epoch (civil-from-days, UTC).
+fn utc_text(unix_ms: u64) -> String {
+    let secs = unix_ms / 1000;
+    let days = i64::try_from(secs / 86_400).unwrap_or(0);
+    let rem = secs % 86_400;
+    // Howard Hinnant's days-to-civil algorithm.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
 /// The `ferry export ls` table.
 pub fn exports_table(exports: &[ExportStatus]) -> String {
     if exports.is_empty() {
@@ -177,7 +208,11 @@ pub fn exports_table(exports: &[ExportStatus]) -> String {
             } else {
                 trackers.join(",")
             },
-            export.path.display().to_string(),
+            match &export.forwarding {
+                // Its image here is stale: never shown as where the disk is.
+                Some(forwarding) => forwarding_text(forwarding),
+                None => export.path.display().to_string(),
+            },
         ]);
     }
     table.render()
@@ -467,6 +502,7 @@ mod tests {
             granularity_bytes: 65536,
             connections: 1,
             trackers,
+            forwarding: None,
             stats: ExportStats {
                 counts: CounterSnapshot {
                     read_bytes: 5 << 20,
@@ -559,5 +595,36 @@ mod tests {
             let last_escape = line.rfind('\x1b').expect("has an escape");
             assert!(line[last_escape..].starts_with(RESET), "{line:?}");
         }
+    }
+
+    // Goal: a forwarded export says where its disk is and since when, in UTC, and its stale
+    // local path is not shown. Method: known instants (a leap day included) and one table.
+    #[test]
+    fn forwarding_is_said_with_its_time() {
+        assert_eq!(utc_text(0), "1970-01-01 00:00:00Z");
+        assert_eq!(utc_text(1_796_461_161_000), "2026-12-05 08:59:21Z");
+        assert_eq!(utc_text(1_709_247_605_000), "2024-02-29 23:00:05Z");
+        let forwarding = Forwarding {
+            to: "10.0.0.2:10809".into(),
+            since_unix_ms: Some(1_796_461_161_000),
+        };
+        assert_eq!(
+            forwarding_text(&forwarding),
+            "forwarding → 10.0.0.2:10809 since 2026-12-05 08:59:21Z"
+        );
+        let export = ExportStatus {
+            name: "vm1".into(),
+            path: "/images/vm1.img".into(),
+            read_only: false,
+            size_bytes: 1 << 30,
+            granularity_bytes: 65536,
+            connections: 1,
+            trackers: Vec::new(),
+            stats: ExportStats::default(),
+            forwarding: Some(forwarding),
+        };
+        let table = exports_table(&[export]);
+        assert!(table.contains("forwarding → 10.0.0.2:10809"), "{table}");
+        assert!(!table.contains("/images/vm1.img"), "{table}");
     }
 }

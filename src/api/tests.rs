@@ -114,6 +114,7 @@ impl Control for FakeControl {
                 .map(|t| tracker_status(t, spec.granularity_bytes))
                 .collect(),
             stats: ExportStats::default(),
+            forwarding: None,
         };
         exports.insert(spec.name, status.clone());
         Ok(status)

@@ -125,6 +125,20 @@ pub struct ExportStatus {
     pub trackers: Vec<TrackerStatus>,
     /// Its counters.
     pub stats: ExportStats,
+    /// Where its requests go when it no longer serves its own image (after a migration's
+    /// switchover): absent while it serves locally.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forwarding: Option<Forwarding>,
+}
+
+/// An export whose disk lives at another agent: every request is forwarded there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Forwarding {
+    /// The NBD TCP address requests go to.
+    pub to: String,
+    /// Since when (ms since the Unix epoch), when the agent saw the switch happen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since_unix_ms: Option<u64>,
 }
 
 /// Write heat of one tracker, reduced to a fixed number of cells for display.

@@ -123,6 +123,9 @@ pub struct Export {
     pub(super) route: ExportRoute,
     /// Where guest writes are mirrored while a migration runs in active-mirroring mode.
     pub(super) mirror: MirrorSlot,
+    /// Wall-clock time of the last route switch, ms since the epoch (0: never switched). For
+    /// display only: nothing orders events by it.
+    route_since_unix_ms: AtomicU64,
     removed: AtomicBool,
     next_connection: AtomicU64,
     connections: Mutex<BTreeMap<u64, Box<dyn ConnectionHandle>>>,
@@ -172,6 +175,7 @@ impl Export {
             write_latency: Mutex::new(LatencyRecorder::new()),
             route: ExportRoute::default(),
             mirror: MirrorSlot::default(),
+            route_since_unix_ms: AtomicU64::new(0),
             removed: AtomicBool::new(false),
             next_connection: AtomicU64::new(1),
             connections: Mutex::new(BTreeMap::new()),
@@ -317,6 +321,17 @@ impl Export {
     pub fn switch_route(&self, route: Route) {
         debug_assert!(self.route.is_held(), "route switched with writes flowing");
         self.route.set(route);
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| {
+                u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+            });
+        self.route_since_unix_ms.store(now_ms, Ordering::Relaxed);
+    }
+
+    /// When the route last switched (ms since the Unix epoch), if it ever did.
+    pub fn route_since_unix_ms(&self) -> Option<u64> {
+        Some(self.route_since_unix_ms.load(Ordering::Relaxed)).filter(|ms| *ms > 0)
     }
 
     /// Job: mirrors every guest write to `mirror` from now on. Call with writes held and
