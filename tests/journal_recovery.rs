@@ -31,7 +31,8 @@ fn only_line(status: &serde_json::Value) -> &serde_json::Value {
 // Goal: after a migration both journals say migrated, and a source killed with kill -9 comes
 // back forwarding (never serving its stale image). Method: migrate a 64 MiB disk; status on
 // both agents; `ferry export ls` at the source says where the disk is forwarded, before and
-// after a kill -9 and restart of the source; qemu-io writes a pattern through the
+// after a kill -9 and restart of the source (which finds its image under the stale name it
+// took at the switchover); qemu-io writes a pattern through the
 // source; the pattern is at the destination (qemu-io read there) and not in the source's
 // local image file; status still says migrated.
 #[test]
@@ -102,7 +103,11 @@ fn switched_source_forwards_after_kill_and_status_says_migrated() {
         stdout(&out)
     );
     let mut local = vec![0u8; 65536];
-    std::fs::File::open(&image)
+    // Renamed at the switchover: the stale image is never where the disk was configured.
+    let stale = common::stale_image(&image);
+    let exports = cli_json(&pair.source, &["export", "ls"]);
+    assert_eq!(exports[0]["path"].as_str(), stale.to_str(), "{exports:#}");
+    std::fs::File::open(&stale)
         .unwrap()
         .read_exact_at(&mut local, 40 * MIB)
         .unwrap();
@@ -263,7 +268,7 @@ fn batches_resume_and_abort() {
     // The source agent holds its image locked (qemu-img would refuse): a plain compare.
     run_ok(
         Command::new("cmp")
-            .arg(dir.path().join("vm3.img"))
+            .arg(common::stale_image(&dir.path().join("vm3.img")))
             .arg(&destination_image),
     );
 
@@ -377,7 +382,7 @@ fn source_crash_then_resume_compares_digests() {
     assert_eq!(line["verdict"], "migrated", "{line:#}");
     run_ok(
         Command::new("cmp")
-            .arg(&image)
+            .arg(common::stale_image(&image))
             .arg(pair.destination.state_dir.join("images").join("vm1.img")),
     );
 }
@@ -463,7 +468,7 @@ fn resumed_job_keeps_its_settings() {
     assert_eq!(journaled[0].phase, "switched");
     run_ok(
         Command::new("cmp")
-            .arg(&image)
+            .arg(common::stale_image(&image))
             .arg(pair.destination.state_dir.join("images").join("vm1.img")),
     );
 }

@@ -31,12 +31,21 @@ pub struct Exports {
     changes: Mutex<()>,
     /// Exports added at run time (persisted).
     runtime: Mutex<BTreeMap<String, ExportSpec>>,
+    /// Export name -> the migration job whose switchover renamed its image (from the
+    /// journal): a configured path that is gone is looked for under its stale name.
+    retired: BTreeMap<String, u64>,
 }
 
 impl Exports {
     /// An empty table keeping its state under `state_dir`.
-    pub fn new(state_dir: &Path, clock: Arc<dyn Clock>, half_life_ms: u64) -> Self {
+    pub fn new(
+        state_dir: &Path,
+        clock: Arc<dyn Clock>,
+        half_life_ms: u64,
+        retired: BTreeMap<String, u64>,
+    ) -> Self {
         Exports {
+            retired,
             exports: RwLock::new(BTreeMap::new()),
             state_dir: state_dir.to_path_buf(),
             clock,
@@ -84,9 +93,10 @@ impl Exports {
         let dir = self.tracker_dir(&cfg.name);
         let clock = self.clock.clone();
         let mut restore_error = None;
+        let image = self.image_path(cfg);
         let export = Export::open(
             &cfg.name,
-            &cfg.path,
+            &image,
             cfg.read_only,
             cfg.granularity_bytes,
             self.half_life_ms,
@@ -141,11 +151,23 @@ impl Exports {
         log::info!(
             "serving export {} from {} ({} bytes{})",
             cfg.name,
-            cfg.path.display(),
+            image.display(),
             export.size_bytes(),
             if cfg.read_only { ", read-only" } else { "" }
         );
         Ok(export)
+    }
+
+    /// Where `cfg`'s image is: its configured path, or, when a switchover retired it (the
+    /// journal says which job), its stale name. A switched export is opened only to forward;
+    /// its stale image is never served.
+    fn image_path(&self, cfg: &ExportConfig) -> PathBuf {
+        match self.retired.get(&cfg.name) {
+            Some(&job_id) if cfg.path.symlink_metadata().is_err() => {
+                crate::disk::stale_path(&cfg.path, job_id)
+            }
+            _ => cfg.path.clone(),
+        }
     }
 
     /// Opens the exports that were added at run time before the last stop.
@@ -281,7 +303,7 @@ impl Exports {
     pub fn status(&self, export: &Export) -> ExportStatus {
         ExportStatus {
             name: export.name().to_string(),
-            path: export.path().to_path_buf(),
+            path: export.path(),
             read_only: export.read_only(),
             size_bytes: export.size_bytes(),
             granularity_bytes: export.granularity_bytes(),

@@ -12,6 +12,7 @@
 //!   destination to drop its image; a finished source serves nothing; a committed target is
 //!   served even if the export list lost it; an aborted target's image is removed.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,7 +21,7 @@ use crate::disk::Route;
 use crate::error::error_chain;
 use crate::jobs::job::tracker_name;
 use crate::journal::commit::{self, Restart};
-use crate::journal::{JobView, Record, SharedJournal, Side, TargetView};
+use crate::journal::{JobView, Record, SharedJournal, Side, SourcePhase, TargetView};
 use crate::transfer::{abort_target, ask_until_final, ClusterKey, TargetState};
 
 use super::exports::Exports;
@@ -80,6 +81,21 @@ pub fn recover(
     if !to_abort.is_empty() {
         tell_aborted(to_abort, key.clone());
     }
+}
+
+/// Export name -> the job whose switchover retired its image (the latest, when several
+/// did): its file is at `disk::stale_path(configured path, job)` now.
+pub fn retired_images(journal: &SharedJournal) -> BTreeMap<String, u64> {
+    let mut retired = BTreeMap::new();
+    for view in journal.views() {
+        if let Side::Source(source) = &view.side {
+            if source.phase == SourcePhase::Switched {
+                let job = retired.entry(view.export.clone()).or_insert(view.job_id);
+                *job = (*job).max(view.job_id);
+            }
+        }
+    }
+    retired
 }
 
 /// A switched source forwards every request to the destination, never its stale image.
@@ -269,6 +285,7 @@ fn resolve_in_doubt(
             }
             if let Record::SourceSwitched { forward_addr, .. } = record {
                 export.switch_route(Route::Forward { addr: forward_addr });
+                crate::jobs::job::retire_image(&export, job_id);
             }
             export.release_writes();
             log::info!("export {}: job {job_id} resolved", export.name());

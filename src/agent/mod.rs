@@ -111,10 +111,12 @@ impl Agent {
             .create(&config.state_dir)
             .map_err(state_err)?;
         let engine = choose_engine(config.engine)?;
+        let journal = SharedJournal::open(&config.state_dir).map_err(AgentError::Journal)?;
         let exports = Arc::new(Exports::new(
             &config.state_dir,
             Arc::new(MonotonicClock::new()),
             config.half_life_ms,
+            journal::retired_images(&journal),
         ));
         for export in &config.exports {
             exports.open(export).map_err(|err| AgentError::Export {
@@ -123,7 +125,6 @@ impl Agent {
             })?;
         }
         exports.restore_runtime();
-        let journal = SharedJournal::open(&config.state_dir).map_err(AgentError::Journal)?;
         let key = load_cluster_key(&config.cluster_key)?;
         // Before any client is served: forwarding and held writes come back first.
         journal::recover(&journal, &exports, &key, &config.image_dir);

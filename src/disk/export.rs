@@ -82,6 +82,13 @@ pub trait ConnectionHandle: Send + Sync + std::fmt::Debug {
     fn stop_reading(&self);
 }
 
+/// The name an image takes when a migration's switchover made it stale:
+/// `<file name>.stale-<job id>`, in the same directory.
+pub fn stale_path(path: &Path, job_id: u64) -> PathBuf {
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    path.with_file_name(format!("{name}.stale-{job_id}"))
+}
+
 /// A snapshot of an export's request counters (also what the API reports).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CounterSnapshot {
@@ -105,7 +112,8 @@ pub struct CounterSnapshot {
 #[derive(Debug)]
 pub struct Export {
     name: String,
-    path: PathBuf,
+    /// Where the image file is: as configured, or its stale name once retired.
+    path: Mutex<PathBuf>,
     file: Arc<DirectFile>,
     size_bytes: u64,
     read_only: bool,
@@ -163,7 +171,7 @@ impl Export {
         }
         Ok(Export {
             name: name.to_string(),
-            path: path.to_path_buf(),
+            path: Mutex::new(path.to_path_buf()),
             file: Arc::new(file),
             size_bytes,
             read_only,
@@ -187,9 +195,28 @@ impl Export {
         &self.name
     }
 
-    /// Image path as configured.
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// Where the image file is now (its stale name once retired).
+    pub fn path(&self) -> PathBuf {
+        self.path.lock().expect("path lock").clone()
+    }
+
+    /// Job, at a switchover to forwarding: the local image is stale from now on, so its file
+    /// is renamed to [`stale_path`] (never to be served again, kept for the operator). The
+    /// open descriptor and its lock stay: the export still needs the file's size and lock.
+    /// An existing file of that name is never replaced.
+    pub fn retire_image(&self, job_id: u64) -> std::io::Result<PathBuf> {
+        let mut path = self.path.lock().expect("path lock");
+        let stale = stale_path(&path, job_id);
+        if stale.symlink_metadata().is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!("{} exists", stale.display()),
+            ));
+        }
+        std::fs::rename(&*path, &stale)?;
+        crate::durable::sync_parent(&stale)?;
+        *path = stale.clone();
+        Ok(stale)
     }
 
     /// The open image.

@@ -488,6 +488,7 @@ impl MigrationEnv for JobEnv {
         // Writes are held: no session mirrors into a stream the destination closed.
         self.export.remove_mirror();
         self.export.switch_route(Route::Forward { addr });
+        retire_image(&self.export, self.job_id);
         Ok(())
     }
 
@@ -582,5 +583,23 @@ impl JobRequest {
             verify: self.verify,
             yield_to_guest: self.yield_to_guest,
         }
+    }
+}
+
+/// After a switchover: the local image is stale; its file takes its stale name so nobody
+/// reads it as the disk. A failure is logged, never fatal: the route already forwards, and
+/// the journal's `switched` keeps a restart forwarding whatever the file is called.
+pub fn retire_image(export: &Export, job_id: u64) {
+    match export.retire_image(job_id) {
+        Ok(stale) => log::info!(
+            "export {}: its local image is stale now, renamed to {}",
+            export.name(),
+            stale.display()
+        ),
+        Err(err) => log::warn!(
+            "export {}: cannot rename the stale image {}: {err}",
+            export.name(),
+            export.path().display()
+        ),
     }
 }

@@ -258,3 +258,29 @@ pub fn nbdsh_command() -> Command {
     cmd.env("PATH", format!("/usr/bin:{path}"));
     cmd
 }
+
+/// Where a source image is after a migration's switchover retired it
+/// (`<file name>.stale-<job>`, the only such file); the configured path must be gone.
+pub fn stale_image(image: &Path) -> std::path::PathBuf {
+    assert!(
+        image.symlink_metadata().is_err(),
+        "{} was not renamed at the switchover",
+        image.display()
+    );
+    let prefix = format!("{}.stale-", image.file_name().unwrap().to_string_lossy());
+    let found: Vec<_> = std::fs::read_dir(image.parent().unwrap())
+        .unwrap()
+        .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+        .filter(|path| {
+            path.file_name()
+                .is_some_and(|name| name.to_string_lossy().starts_with(&prefix))
+        })
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "stale images of {}: {found:?}",
+        image.display()
+    );
+    found[0].clone()
+}
