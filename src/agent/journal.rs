@@ -116,6 +116,10 @@ fn forward(exports: &Exports, view: &JobView, addr: String) {
     export.hold_writes();
     export.switch_route(Route::Forward { addr });
     export.release_writes();
+    // Stopped between `SourceSwitched` and the rename: the image still has its old name.
+    if !crate::disk::is_stale_name(&export.path(), view.job_id) {
+        crate::jobs::job::retire_image(&export, view.job_id);
+    }
 }
 
 /// A finished source serves nothing for the export: its image is debris.

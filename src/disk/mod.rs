@@ -15,7 +15,9 @@ pub mod mirror;
 pub mod route;
 pub mod trap;
 
-pub use export::{stale_path, ConnectionHandle, CounterSnapshot, Export, ExportError};
+pub use export::{
+    is_stale_name, stale_path, ConnectionHandle, CounterSnapshot, Export, ExportError,
+};
 pub use mirror::WriteMirror;
 pub use route::Route;
 pub use trap::{WriteOutcome, WriteTrap};
