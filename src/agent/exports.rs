@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
 use crate::agent::config::ExportConfig;
+use crate::agent::journal::{locate, Move};
 use crate::api::types::{ExportSpec, ExportStats, ExportStatus, Forwarding, TrackerStatus};
 use crate::api::ControlError;
 use crate::dirty::{TrackerSet, TrackerSpec};
@@ -31,9 +32,9 @@ pub struct Exports {
     changes: Mutex<()>,
     /// Exports added at run time (persisted).
     runtime: Mutex<BTreeMap<String, ExportSpec>>,
-    /// Export name -> the migration job whose switchover renamed its image (from the
-    /// journal): a configured path that is gone is looked for under its stale name.
-    retired: BTreeMap<String, u64>,
+    /// Export name -> the moves of its disk the journal records: a configured path that is
+    /// gone is looked for where those moves left the image.
+    moves: BTreeMap<String, Vec<Move>>,
 }
 
 impl Exports {
@@ -42,10 +43,10 @@ impl Exports {
         state_dir: &Path,
         clock: Arc<dyn Clock>,
         half_life_ms: u64,
-        retired: BTreeMap<String, u64>,
+        moves: BTreeMap<String, Vec<Move>>,
     ) -> Self {
         Exports {
-            retired,
+            moves,
             exports: RwLock::new(BTreeMap::new()),
             state_dir: state_dir.to_path_buf(),
             clock,
@@ -158,14 +159,12 @@ impl Exports {
         Ok(export)
     }
 
-    /// Where `cfg`'s image is: its configured path, or, when a switchover retired it (the
-    /// journal says which job), its stale name. A switched export is opened only to forward;
-    /// its stale image is never served.
+    /// Where `cfg`'s image is: its configured path, or, when migrations moved the disk (the
+    /// journal says how), where they left it: its stale name (a switched export is opened
+    /// only to forward; that image is never served) or the image of a disk that came home.
     fn image_path(&self, cfg: &ExportConfig) -> PathBuf {
-        match self.retired.get(&cfg.name) {
-            Some(&job_id) if cfg.path.symlink_metadata().is_err() => {
-                crate::disk::stale_path(&cfg.path, job_id)
-            }
+        match self.moves.get(&cfg.name) {
+            Some(moves) if cfg.path.symlink_metadata().is_err() => locate(&cfg.path, moves),
             _ => cfg.path.clone(),
         }
     }
@@ -227,6 +226,41 @@ impl Exports {
     /// time (a restart serves it again).
     pub fn serve_committed(&self, spec: ExportSpec) -> Result<(), ControlError> {
         self.add_export(spec).map(drop)
+    }
+
+    /// Whether some export's image is `path` (then it is never debris to remove).
+    pub fn serves_path(&self, path: &Path) -> bool {
+        self.all().iter().any(|export| export.path() == path)
+    }
+
+    /// Whether `name` is served here but forwarded to another agent (its disk lives there):
+    /// a migration of it back here is a disk coming home.
+    pub fn is_forwarded(&self, name: &str) -> bool {
+        self.export(name)
+            .is_some_and(|export| export.is_forwarded())
+    }
+
+    /// A disk this agent forwarded was committed here again (at `image`): its export serves
+    /// the new image locally from now on, with the guests' connections kept. The stale image
+    /// it had before is not reused.
+    pub fn bring_home(&self, name: &str, image: &Path) -> Result<(), ControlError> {
+        let export = self.get(name)?;
+        let file = ferry_sys::DirectFile::open(image, !export.read_only())
+            .and_then(|file| file.lock_exclusive().map(|()| file))
+            .map_err(|err| ControlError::Io(format!("cannot open {}: {err}", image.display())))?;
+        let size_bytes = file
+            .size_bytes()
+            .map_err(|err| ControlError::Io(format!("cannot size {}: {err}", image.display())))?;
+        if size_bytes != export.size_bytes() {
+            return Err(ControlError::Invalid(format!(
+                "{} has {size_bytes} bytes, the export {}",
+                image.display(),
+                export.size_bytes()
+            )));
+        }
+        export.adopt_image(file, image);
+        log::info!("export {name}: came home, served from {}", image.display());
+        Ok(())
     }
 
     /// Every export.

@@ -13,7 +13,7 @@
 //!   served even if the export list lost it; an aborted target's image is removed.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,7 +21,7 @@ use crate::disk::Route;
 use crate::error::error_chain;
 use crate::jobs::job::tracker_name;
 use crate::journal::commit::{self, Restart};
-use crate::journal::{JobView, Record, SharedJournal, Side, SourcePhase, TargetView};
+use crate::journal::{JobView, Record, SharedJournal, Side, SourcePhase, TargetPhase, TargetView};
 use crate::transfer::{abort_target, ask_until_final, ClusterKey, TargetState};
 
 use super::exports::Exports;
@@ -41,10 +41,18 @@ pub fn recover(
     image_dir: &Path,
 ) {
     let mut to_abort = Vec::new();
-    for view in journal.views() {
+    let views = journal.views();
+    for view in views.iter().cloned() {
         let action = commit::restart(&view);
         match (&view.side, action) {
             (_, Restart::ServeAndResume | Restart::KeepForResume) => {}
+            (Side::Source(_), Restart::Forward) if superseded(&view, &views) => {
+                log::info!(
+                    "export {}: job {} moved it away, a later move brought it back",
+                    view.export,
+                    view.job_id
+                );
+            }
             (Side::Source(source), Restart::Forward) => {
                 if let Some(addr) = source.forward_addr.clone() {
                     forward(exports, &view, addr);
@@ -83,19 +91,64 @@ pub fn recover(
     }
 }
 
-/// Export name -> the job whose switchover retired its image (the latest, when several
-/// did): its file is at `disk::stale_path(configured path, job)` now.
-pub fn retired_images(journal: &SharedJournal) -> BTreeMap<String, u64> {
-    let mut retired = BTreeMap::new();
-    for view in journal.views() {
-        if let Side::Source(source) = &view.side {
-            if source.phase == SourcePhase::Switched {
-                let job = retired.entry(view.export.clone()).or_insert(view.job_id);
-                *job = (*job).max(view.job_id);
-            }
-        }
+/// One move of an export's disk, as the journal records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Move {
+    /// A migration from here switched over: the image took its stale name
+    /// (`disk::stale_path(image, job)`), and requests are forwarded.
+    Retired {
+        /// The job.
+        job_id: u64,
+    },
+    /// A migration to here committed: the disk is the image at this path.
+    Home {
+        /// The received image.
+        image: PathBuf,
+    },
+}
+
+/// Export name -> the moves of its disk that the journal records, oldest first (by the
+/// sequence number of each job's first record).
+pub fn moves(journal: &SharedJournal) -> BTreeMap<String, Vec<Move>> {
+    let mut views = journal.views();
+    views.sort_by_key(|view| view.first_seq);
+    let mut moves: BTreeMap<String, Vec<Move>> = BTreeMap::new();
+    for view in views {
+        let step = match &view.side {
+            Side::Source(source) if source.phase == SourcePhase::Switched => Move::Retired {
+                job_id: view.job_id,
+            },
+            Side::Target(target) if target.phase == TargetPhase::Committed => Move::Home {
+                image: target.image_path.clone(),
+            },
+            _ => continue,
+        };
+        moves.entry(view.export.clone()).or_default().push(step);
     }
-    retired
+    moves
+}
+
+/// Where an image first at `configured` is after `moves`.
+pub fn locate(configured: &Path, moves: &[Move]) -> PathBuf {
+    moves
+        .iter()
+        .fold(configured.to_path_buf(), |image, step| match step {
+            Move::Retired { job_id } => crate::disk::stale_path(&image, *job_id),
+            Move::Home { image } => image.clone(),
+        })
+}
+
+/// Whether a later move of the same export supersedes `view` (a disk that left and came
+/// back is served here, not forwarded by the older job).
+fn superseded(view: &JobView, all: &[JobView]) -> bool {
+    all.iter().any(|other| {
+        other.export == view.export
+            && other.first_seq > view.first_seq
+            && match &other.side {
+                Side::Source(source) => source.phase == SourcePhase::Switched,
+                Side::Target(target) => target.phase == TargetPhase::Committed,
+            }
+    })
 }
 
 /// A switched source forwards every request to the destination, never its stale image.
@@ -160,8 +213,8 @@ fn remove_image(exports: &Exports, view: &JobView, target: &TargetView, image_di
         );
         return;
     }
-    if exports.has_export(&view.export) {
-        return; // served under that name again since (a later job): not debris
+    if exports.serves_path(path) {
+        return; // served again since (a later job brought the disk here): not debris
     }
     match std::fs::remove_file(path) {
         Ok(()) => log::info!(
@@ -296,5 +349,40 @@ fn resolve_in_doubt(
         });
     if let Err(err) = spawned {
         log::error!("cannot start the in-doubt resolver for job {job_id}: {err}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Goal: an image is found where the journal's moves left it: away (stale name), home
+    // again (the received image), away again (that image's stale name). Method: replay.
+    #[test]
+    fn locate_replays_the_moves() {
+        let configured = Path::new("/images/vm1.img");
+        let home = PathBuf::from("/var/lib/ferry/images/vm1.img");
+        assert_eq!(locate(configured, &[]), configured);
+        let away = [Move::Retired { job_id: 3 }];
+        assert_eq!(
+            locate(configured, &away),
+            Path::new("/images/vm1.img.stale-3")
+        );
+        let back = [
+            Move::Retired { job_id: 3 },
+            Move::Home {
+                image: home.clone(),
+            },
+        ];
+        assert_eq!(locate(configured, &back), home);
+        let again = [
+            Move::Retired { job_id: 3 },
+            Move::Home { image: home },
+            Move::Retired { job_id: 9 },
+        ];
+        assert_eq!(
+            locate(configured, &again),
+            Path::new("/var/lib/ferry/images/vm1.img.stale-9")
+        );
     }
 }

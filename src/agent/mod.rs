@@ -116,7 +116,7 @@ impl Agent {
             &config.state_dir,
             Arc::new(MonotonicClock::new()),
             config.half_life_ms,
-            journal::retired_images(&journal),
+            journal::moves(&journal),
         ));
         for export in &config.exports {
             exports.open(export).map_err(|err| AgentError::Export {

@@ -101,7 +101,9 @@ impl Targets {
                 )));
             }
         }
-        if self.exports.has_export(&spec.export) {
+        // An export this agent forwards is a disk coming home: its image here is stale, so
+        // the disk is received into a new file, adopted at the commit.
+        if self.exports.has_export(&spec.export) && !self.exports.is_forwarded(&spec.export) {
             return Err(TargetError::Refused(format!(
                 "export '{}' is already served by this agent",
                 spec.export
@@ -216,7 +218,12 @@ impl TargetHost for Targets {
             granularity_bytes: spec.granularity_bytes,
             trackers: Vec::new(),
         };
-        if let Err(err) = self.exports.serve_committed(export) {
+        let served = if self.exports.is_forwarded(&spec.export) {
+            self.exports.bring_home(&spec.export, &export.path)
+        } else {
+            self.exports.serve_committed(export)
+        };
+        if let Err(err) = served {
             // Committed all the same (the journal says so): a restart serves it again.
             log::error!(
                 "export {} committed by job {} but not served: {err}",
@@ -235,8 +242,8 @@ impl TargetHost for Targets {
         if aborted.is_err() {
             return; // keep the image: the journal does not say it is debris
         }
-        if !self.exports.has_export(&spec.export) {
-            let path = self.image_path(&spec.export);
+        let path = self.image_path(&spec.export);
+        if !self.exports.serves_path(&path) {
             if let Err(err) = std::fs::remove_file(&path) {
                 log::warn!("cannot remove aborted target {}: {err}", path.display());
             }

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use ferry_sys::DirectFile;
 
 use crate::dirty::TrackerSet;
@@ -122,7 +123,8 @@ pub struct Export {
     name: String,
     /// Where the image file is: as configured, or its stale name once retired.
     path: Mutex<PathBuf>,
-    file: Arc<DirectFile>,
+    /// The open image; replaced only when a disk comes home ([`Export::adopt_image`]).
+    file: ArcSwap<DirectFile>,
     size_bytes: u64,
     read_only: bool,
     /// Default granularity of its trackers.
@@ -180,7 +182,7 @@ impl Export {
         Ok(Export {
             name: name.to_string(),
             path: Mutex::new(path.to_path_buf()),
-            file: Arc::new(file),
+            file: ArcSwap::from_pointee(file),
             size_bytes,
             read_only,
             granularity_bytes,
@@ -228,8 +230,27 @@ impl Export {
     }
 
     /// The open image.
-    pub fn file(&self) -> &Arc<DirectFile> {
-        &self.file
+    pub fn file(&self) -> Arc<DirectFile> {
+        self.file.load_full()
+    }
+
+    /// A disk this export forwarded comes home: `file` (the image just received and
+    /// committed here, opened and locked, of the export's size) becomes its image, and every
+    /// request is served locally from now on. Sessions finish what they have in flight on the
+    /// forwarding engine (those requests reach the local image through the agent that just
+    /// handed the disk back) before they open the local one. Writes are held only for the
+    /// swap, never drained: the in-flight ones wait for the very commit this is part of.
+    pub fn adopt_image(&self, file: DirectFile, path: &Path) {
+        assert_eq!(
+            file.size_bytes().ok(),
+            Some(self.size_bytes),
+            "an adopted image has the export's size (checked by the caller)"
+        );
+        self.route.hold();
+        self.file.store(Arc::new(file));
+        *self.path.lock().expect("path lock") = path.to_path_buf();
+        self.switch_route(Route::Local);
+        self.route.release();
     }
 
     /// Image size.

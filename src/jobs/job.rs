@@ -233,7 +233,7 @@ impl JobEnv {
     /// commit when they differ.
     fn verify_images(&mut self) -> Result<(), JobError> {
         let started = self.clock.now_ns();
-        let (file, size_bytes) = (self.export.file().clone(), self.export.size_bytes());
+        let (file, size_bytes) = (self.export.file(), self.export.size_bytes());
         let local = std::thread::spawn(move || crate::transfer::hash_image(&file, size_bytes));
         let remote = self.sender.verify().map_err(JobError::Transfer);
         let local = local
@@ -397,7 +397,7 @@ impl MigrationEnv for JobEnv {
         let extents: Vec<(u64, u64)> = blocks.iter_extents().collect();
         let stats = self
             .sender
-            .send_extents(self.export.file(), &extents)
+            .send_extents(&self.export.file(), &extents)
             .map_err(JobError::Transfer)?;
         self.sender.sync().map_err(JobError::Transfer)?;
         let elapsed_ns = self.clock.now_ns() - started;

@@ -1,0 +1,149 @@
+//! A disk comes home: after A→B, the agent that holds the guest's connection (A, which
+//! forwards to B) takes the disk back with `ferry migrate vm1 --to A` at B, and from the
+//! switchover on serves it from a new local image: no hop remains, so B can go away.
+//!
+//! How this proves no acknowledged write is lost: one guest connection at A writes
+//! throughout both migrations, keeping a ledger of every write the agent acknowledged (block
+//! -> generation, never two writes of one block in flight); after B is killed and again after
+//! A restarts, every block of the ledger reads back with its last acknowledged generation.
+
+// An integration test crate is compiled for tests only; the lint is for unit tests in src/.
+#![allow(clippy::tests_outside_test_module)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use common::pair::{migrate, prefill, write_key, MIB};
+use common::{free_port, require, sparse_image, stdout, AgentProc};
+use ferry::nbd::client::NbdClient;
+
+const BLOCK_BYTES: u64 = 4096;
+const DISK_BYTES: u64 = 64 * MIB;
+
+/// The 4 KiB block of `generation` at `offset`: both are readable back from it.
+fn pattern(offset: u64, generation: u64) -> Vec<u8> {
+    let mut block = Vec::with_capacity(BLOCK_BYTES as usize);
+    while block.len() < BLOCK_BYTES as usize {
+        block.extend_from_slice(&offset.to_le_bytes());
+        block.extend_from_slice(&generation.to_le_bytes());
+    }
+    block
+}
+
+/// A guest writing 4 KiB blocks one at a time on one connection until stopped; returns the
+/// connection and its ledger of acknowledged writes.
+fn guest(socket: std::path::PathBuf, stop: Arc<AtomicBool>) -> JoinHandle<(NbdClient, Ledger)> {
+    std::thread::spawn(move || {
+        let mut nbd = NbdClient::connect_unix(&socket, "vm1").expect("guest connects");
+        let mut ledger = HashMap::new();
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut generation = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let offset = state % (DISK_BYTES / BLOCK_BYTES) * BLOCK_BYTES;
+            generation += 1;
+            nbd.write_at(offset, &pattern(offset, generation))
+                .unwrap_or_else(|err| panic!("write {generation} at {offset} failed: {err}"));
+            ledger.insert(offset, generation);
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        (nbd, ledger)
+    })
+}
+
+type Ledger = HashMap<u64, u64>;
+
+/// Every block of `ledger` holds its last acknowledged write.
+fn check_ledger(nbd: &mut NbdClient, ledger: &Ledger) {
+    for (&offset, &generation) in ledger {
+        let read = nbd.read_at(offset, BLOCK_BYTES as u32).expect("read back");
+        assert!(
+            read == pattern(offset, generation),
+            "block at {offset} lost write {generation}"
+        );
+    }
+}
+
+fn agent(dir: tempfile::TempDir, exports: &[String], key: &str, transfer: &str) -> AgentProc {
+    AgentProc::start_in(
+        dir,
+        exports,
+        &["--tcp", "--transfer", transfer, "--cluster-key", key],
+    )
+}
+
+// Goal: A→B then B→A leaves A serving the disk locally from a new image, with the guest's
+// connection kept and no request failing; B can then be killed; a restart of A serves the
+// same image. Method: a guest writing every 2 ms on one connection at A throughout; migrate
+// A→B (forwarding), then B→A; `ferry export ls` at A shows no forwarding and the received
+// image; kill -9 B; the guest writes 1 s more; the ledger reads back through its own
+// connection; A restarts (SIGTERM) and the ledger reads back through a new one.
+#[test]
+fn a_disk_comes_home_and_no_hop_remains() {
+    require("fio");
+    let keys = common::scratch_dir();
+    let key = write_key(keys.path());
+    let key = key.to_str().unwrap();
+    let a_dir = common::scratch_dir();
+    let image = a_dir.path().join("vm1.img");
+    sparse_image(&image, DISK_BYTES);
+    prefill(&image, 16 * MIB);
+    let a_transfer = format!("127.0.0.1:{}", free_port());
+    let b_transfer = format!("127.0.0.1:{}", free_port());
+    let exports = vec![format!("vm1={},granularity=64K", image.display())];
+    let mut a = agent(a_dir, &exports, key, &a_transfer);
+    let mut b = agent(common::scratch_dir(), &[], key, &b_transfer);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = guest(a.socket.clone(), stop.clone());
+    std::thread::sleep(Duration::from_millis(300));
+    let away = migrate(&a, &b_transfer, &[]);
+    assert_eq!(away["phase"], "done", "{away:#}\n{}", a.log());
+    std::thread::sleep(Duration::from_millis(300));
+    let home = migrate(&b, &a_transfer, &[]);
+    assert_eq!(
+        home["phase"],
+        "done",
+        "{home:#}\nB:\n{}\nA:\n{}",
+        b.log(),
+        a.log()
+    );
+
+    let listed = a.cli(&["export", "ls", "--json"]);
+    let listed: serde_json::Value = serde_json::from_str(&stdout(&listed)).unwrap();
+    let vm1 = &listed[0];
+    assert!(vm1.get("forwarding").is_none(), "still forwarding: {vm1:#}");
+    let received = a.state_dir.join("images").join("vm1.img");
+    assert_eq!(vm1["path"].as_str(), received.to_str(), "{vm1:#}");
+
+    b.kill();
+    std::thread::sleep(Duration::from_millis(1000));
+    stop.store(true, Ordering::Relaxed);
+    let (mut nbd, ledger) = writer.join().expect("the guest saw no error");
+    assert!(
+        ledger.len() > 100,
+        "the guest wrote {} blocks",
+        ledger.len()
+    );
+    check_ledger(&mut nbd, &ledger);
+    drop(nbd);
+
+    assert!(a.stop(), "A stops cleanly\n{}", a.log());
+    a.restart(
+        &exports,
+        &["--tcp", "--transfer", &a_transfer, "--cluster-key", key],
+    );
+    let mut nbd = NbdClient::connect_unix(&a.socket, "vm1").expect("connect after restart");
+    check_ledger(&mut nbd, &ledger);
+    let listed = a.cli(&["export", "ls", "--json"]);
+    let listed: serde_json::Value = serde_json::from_str(&stdout(&listed)).unwrap();
+    assert_eq!(listed[0]["path"].as_str(), received.to_str(), "{listed:#}");
+    assert!(listed[0].get("forwarding").is_none(), "{listed:#}");
+}
