@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
 use crate::agent::config::ExportConfig;
-use crate::agent::journal::{locate, Move};
+use crate::agent::moves::{locate, Move};
 use crate::api::types::{ExportSpec, ExportStats, ExportStatus, Forwarding, TrackerStatus};
 use crate::api::ControlError;
 use crate::dirty::{TrackerSet, TrackerSpec};

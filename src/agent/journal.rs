@@ -12,8 +12,7 @@
 //!   destination to drop its image; a finished source serves nothing; a committed target is
 //!   served even if the export list lost it; an aborted target's image is removed.
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -89,53 +88,6 @@ pub fn recover(
     if !to_abort.is_empty() {
         tell_aborted(to_abort, key.clone());
     }
-}
-
-/// One move of an export's disk, as the journal records it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Move {
-    /// A migration from here switched over: the image took its stale name
-    /// (`disk::stale_path(image, job)`), and requests are forwarded.
-    Retired {
-        /// The job.
-        job_id: u64,
-    },
-    /// A migration to here committed: the disk is the image at this path.
-    Home {
-        /// The received image.
-        image: PathBuf,
-    },
-}
-
-/// Export name -> the moves of its disk that the journal records, oldest first (by the
-/// sequence number of each job's first record).
-pub fn moves(journal: &SharedJournal) -> BTreeMap<String, Vec<Move>> {
-    let mut views = journal.views();
-    views.sort_by_key(|view| view.first_seq);
-    let mut moves: BTreeMap<String, Vec<Move>> = BTreeMap::new();
-    for view in views {
-        let step = match &view.side {
-            Side::Source(source) if source.phase == SourcePhase::Switched => Move::Retired {
-                job_id: view.job_id,
-            },
-            Side::Target(target) if target.phase == TargetPhase::Committed => Move::Home {
-                image: target.image_path.clone(),
-            },
-            _ => continue,
-        };
-        moves.entry(view.export.clone()).or_default().push(step);
-    }
-    moves
-}
-
-/// Where an image first at `configured` is after `moves`.
-pub fn locate(configured: &Path, moves: &[Move]) -> PathBuf {
-    moves
-        .iter()
-        .fold(configured.to_path_buf(), |image, step| match step {
-            Move::Retired { job_id } => crate::disk::stale_path(&image, *job_id),
-            Move::Home { image } => image.clone(),
-        })
 }
 
 /// Whether a later move of the same export supersedes `view` (a disk that left and came
@@ -349,40 +301,5 @@ fn resolve_in_doubt(
         });
     if let Err(err) = spawned {
         log::error!("cannot start the in-doubt resolver for job {job_id}: {err}");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    // Goal: an image is found where the journal's moves left it: away (stale name), home
-    // again (the received image), away again (that image's stale name). Method: replay.
-    #[test]
-    fn locate_replays_the_moves() {
-        let configured = Path::new("/images/vm1.img");
-        let home = PathBuf::from("/var/lib/ferry/images/vm1.img");
-        assert_eq!(locate(configured, &[]), configured);
-        let away = [Move::Retired { job_id: 3 }];
-        assert_eq!(
-            locate(configured, &away),
-            Path::new("/images/vm1.img.stale-3")
-        );
-        let back = [
-            Move::Retired { job_id: 3 },
-            Move::Home {
-                image: home.clone(),
-            },
-        ];
-        assert_eq!(locate(configured, &back), home);
-        let again = [
-            Move::Retired { job_id: 3 },
-            Move::Home { image: home },
-            Move::Retired { job_id: 9 },
-        ];
-        assert_eq!(
-            locate(configured, &again),
-            Path::new("/var/lib/ferry/images/vm1.img.stale-9")
-        );
     }
 }

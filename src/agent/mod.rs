@@ -10,6 +10,7 @@ pub mod control;
 pub mod exports;
 pub mod journal;
 pub mod migrations;
+pub mod moves;
 pub mod status;
 pub mod targets;
 pub mod trackers;
@@ -116,7 +117,7 @@ impl Agent {
             &config.state_dir,
             Arc::new(MonotonicClock::new()),
             config.half_life_ms,
-            journal::moves(&journal),
+            moves::moves(&journal),
         ));
         for export in &config.exports {
             exports.open(export).map_err(|err| AgentError::Export {
