@@ -1,126 +1,376 @@
 //! The forwarding engine: a [`BlockIo`] that sends every request to another agent's NBD server
 //! (TCP) instead of the local image. After a migration's switchover the source export serves
 //! its clients through it, so the guest keeps its connection and never sees an error while the
-//! disk lives at the destination.
+//! disk lives at the destination, even while the destination restarts.
 //!
-//! One connection per session; requests are pipelined (the NBD cookie is the request's tag)
-//! and a reader thread turns replies into completions, which `complete` collects.
+//! One connection at a time per session; requests are pipelined (the NBD cookie is the
+//! request's tag). A link thread (`nbd-forward`) owns the connection's life: it reads replies
+//! and turns them into completions, which `complete` collects; when the connection breaks it
+//! reconnects with backoff ([`BACKOFF_FIRST`] doubling to [`BACKOFF_MAX`]), redoes the
+//! handshake, checks that the same image answers (export name and size) and resends every
+//! request still held.
+//!
+//! States: *connected* (a connection is installed in `writer`; submitters send on it, the link
+//! thread reads it) and *reconnecting* (`writer` is empty; submitted requests are only
+//! recorded). [`ForwardEngine::connect`] starts reconnecting, instead of failing the session,
+//! when the destination does not answer at once.
 //!
 //! Invariants:
-//! - Every submitted request completes exactly once, with its buffer: from the reply, or with
-//!   an error when the connection fails (then every pending request fails with EIO).
-//! - A READ's data lands at `data_start` of its own buffer, as the local engines do.
+//! - Every submitted request completes exactly once: from its reply, or with EIO once it has
+//!   waited longer than the hold (`forward_hold_ms`, counted from `submit`). Nothing else
+//!   fails a request: a broken connection only holds it. While held, `submit` still takes
+//!   requests up to `capacity` (then Full, and the session stops reading its client).
+//! - A request is on at most one live connection at a time, so a reply cannot come twice: a
+//!   broken connection is shut down and never read again, and a new one starts with the
+//!   held requests resent on it, exactly once each. A reply whose cookie is unknown is a
+//!   protocol error and breaks the connection.
+//! - Resending is safe: a WRITE, TRIM or WRITE_ZEROES at the same range with the same data
+//!   leaves the same bytes; a READ is read again. FLUSH and FUA requests are resent too, so
+//!   their success always comes from the destination on the connection that is alive: a
+//!   flush is never acknowledged on a guess. (Writes acknowledged on a previous connection
+//!   are in the destination's file: a process restart keeps them, and the resent FLUSH covers
+//!   them; a power loss of the destination host is not seen here, as with any NBD reconnect.)
+//! - A READ's data lands at `data_start` of its own buffer, as the local engines do. A WRITE
+//!   may complete without its buffer (its reply came while the buffer was being resent or
+//!   before it was put back); forwarded sessions do not use write buffers (the write trap
+//!   only lets forwarded writes leave the gate).
+//!
+//! Locks, in this order (never the other way round): `writer` (the installed connection; held
+//! while sending on it), then `pending` (the held requests; held only for map updates, never
+//! while the socket is written or read: the destination may stop reading our requests while
+//! we do not read its replies). `closer` is taken alone. The link thread reads replies
+//! without any lock, so sending never waits for itself; the resend after a reconnect runs on a
+//! second, scoped thread (`nbd-forward-send`) for the same reason.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
-use std::sync::{Arc, Mutex};
+use std::net::Shutdown;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use ferry_sys::AlignedBuf;
 
 use crate::io::{read_data_start, BlockIo, IoCompletion, IoError, IoKind, IoRequest};
 use crate::nbd::client::NbdClient;
 use crate::nbd::conn::Conn;
-use crate::nbd::wire;
+use crate::nbd::wire::{self, RequestHeader};
 
-/// A request sent and not yet answered.
+/// How long a request may wait for a destination that is away before it fails with EIO.
+pub const DEFAULT_HOLD_MS: u64 = 60_000;
+/// First delay between reconnect attempts.
+pub const BACKOFF_FIRST: Duration = Duration::from_millis(50);
+/// Longest delay between reconnect attempts.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// Bound on connecting and on each handshake step of one attempt.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Why a connection to the destination ended, or an attempt to open one failed.
+#[derive(Debug, thiserror::Error)]
+enum LinkError {
+    /// Connecting or the handshake failed (the destination is down or restarting).
+    #[error("cannot connect")]
+    Connect(#[source] io::Error),
+    /// Another image answers under the export's name.
+    #[error("it serves {found_bytes} bytes, expected {expected_bytes}: not the same image")]
+    WrongImage {
+        /// Size the destination advertised.
+        found_bytes: u64,
+        /// Size of the export.
+        expected_bytes: u64,
+    },
+    /// The socket failed or closed.
+    #[error("connection lost")]
+    Lost(#[source] io::Error),
+    /// Requests waited past the hold and the destination sent nothing meanwhile.
+    #[error("nothing received for {hold_ms} ms while requests wait")]
+    Silent {
+        /// The hold.
+        hold_ms: u64,
+    },
+    /// The destination broke the protocol (bad reply, unknown cookie).
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The engine is being dropped.
+    #[error("engine closed")]
+    Stopped,
+}
+
+/// Delays between reconnect attempts: [`BACKOFF_FIRST`], doubling up to [`BACKOFF_MAX`].
+#[derive(Debug, Clone)]
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    fn new() -> Self {
+        Backoff {
+            next: BACKOFF_FIRST,
+        }
+    }
+
+    /// The delay before the next attempt; each call doubles the following one.
+    fn next_delay(&mut self) -> Duration {
+        let delay = self.next;
+        self.next = (delay * 2).min(BACKOFF_MAX);
+        delay
+    }
+}
+
+/// A request sent (or to be sent) and not yet answered, with all it takes to send it again.
 #[derive(Debug)]
 struct Pending {
-    len_bytes: u32,
+    header: RequestHeader,
     data_start: usize,
+    /// A READ's destination (always here); a WRITE's payload (here once sent, except while a
+    /// resend is writing it).
     buf: Option<AlignedBuf>,
-    reads: bool,
+    /// The submitter is done with it: sent on the installed connection, or recorded while
+    /// there was none. Only ready requests are resent or expired; the others belong to a
+    /// submitter that holds or awaits the writer lock and sends them itself.
+    ready: bool,
+    /// When `submit` took it: the hold counts from here.
+    since: Instant,
+    /// Submission order, kept by the resend.
+    seq: u64,
 }
 
-/// Requests awaiting replies; `closed` once the reader has failed them all and exited.
+/// Whether a request submitted at `since` has waited past the hold at `now`.
+fn expired(since: Instant, now: Instant, hold: Duration) -> bool {
+    now.saturating_duration_since(since) >= hold
+}
+
+/// The ready requests that waited past the hold at `now`.
+fn expired_tags(pending: &HashMap<u64, Pending>, now: Instant, hold: Duration) -> Vec<u64> {
+    let is_due = |entry: &Pending| entry.ready && expired(entry.since, now, hold);
+    pending
+        .iter()
+        .filter(|(_, entry)| is_due(entry))
+        .map(|(tag, _)| *tag)
+        .collect()
+}
+
+/// When the oldest ready request's hold ends (None: nothing is held).
+fn next_expiry(pending: &HashMap<u64, Pending>, hold: Duration) -> Option<Instant> {
+    pending
+        .values()
+        .filter(|entry| entry.ready)
+        .map(|entry| entry.since + hold)
+        .min()
+}
+
+/// The installed connection; `generation` names it, so the link thread clears only its own.
 #[derive(Debug, Default)]
-struct PendingState {
-    map: HashMap<u64, Pending>,
-    closed: bool,
+struct Writer {
+    conn: Option<Conn>,
+    generation: u64,
 }
 
-type PendingMap = Arc<Mutex<PendingState>>;
+/// What the engine and its link thread share.
+#[derive(Debug)]
+struct Shared {
+    addr: String,
+    export: String,
+    size_bytes: u64,
+    hold: Duration,
+    writer: Mutex<Writer>,
+    pending: Mutex<HashMap<u64, Pending>>,
+    /// A handle on the newest connection, only to shut it down from `Drop`.
+    closer: Mutex<Option<Conn>>,
+    stop: AtomicBool,
+    done: Sender<IoCompletion>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().expect("forward engine lock")
+}
+
+fn eio() -> io::Error {
+    io::Error::from_raw_os_error(nix::libc::EIO)
+}
+
+impl Shared {
+    /// `addr/export` for log lines.
+    fn name(&self) -> String {
+        format!("{}/{}", self.addr, self.export)
+    }
+
+    fn hold_ms(&self) -> u64 {
+        u64::try_from(self.hold.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    /// One attempt: connect, handshake, and check that the same image answers.
+    fn dial(&self) -> Result<Conn, LinkError> {
+        let client = NbdClient::connect_tcp_within(&self.addr, &self.export, ATTEMPT_TIMEOUT)
+            .map_err(LinkError::Connect)?;
+        if client.size_bytes() != self.size_bytes {
+            return Err(LinkError::WrongImage {
+                found_bytes: client.size_bytes(),
+                expected_bytes: self.size_bytes,
+            });
+        }
+        Ok(client.into_conn())
+    }
+
+    /// Makes `conn` the one `Drop` shuts down; false when the engine is stopping (then the
+    /// caller must not use it). Under `closer`, so `Drop` (store `stop`, then lock) either
+    /// finds this connection or is seen here.
+    fn register(&self, conn: &Conn) -> Result<(), LinkError> {
+        let handle = conn.try_clone().map_err(LinkError::Lost)?;
+        let mut closer = lock(&self.closer);
+        if self.stopping() {
+            return Err(LinkError::Stopped);
+        }
+        *closer = Some(handle);
+        Ok(())
+    }
+
+    fn finish(&self, tag: u64, entry: Pending, result: io::Result<()>) {
+        let completion = IoCompletion {
+            tag,
+            result,
+            buf: entry.buf,
+            data_start: entry.data_start,
+        };
+        // The receiver lives as long as the engine; after that nobody is waiting.
+        let _ = self.done.send(completion);
+    }
+
+    /// Fails, with EIO, every ready request that waited past the hold.
+    fn expire(&self, now: Instant) {
+        let due: Vec<(u64, Pending)> = {
+            let mut pending = lock(&self.pending);
+            let tags = expired_tags(&pending, now, self.hold);
+            tags.into_iter()
+                .filter_map(|tag| pending.remove(&tag).map(|entry| (tag, entry)))
+                .collect()
+        };
+        if due.is_empty() {
+            return;
+        }
+        log::warn!(
+            "forward target {}: {} requests waited over {} ms: failed with EIO",
+            self.name(),
+            due.len(),
+            self.hold_ms()
+        );
+        for (tag, entry) in due {
+            self.finish(tag, entry, Err(eio()));
+        }
+    }
+
+    /// Whether a ready request has waited past the hold (the connection may be dead silent).
+    fn holds_expired(&self, now: Instant) -> bool {
+        next_expiry(&lock(&self.pending), self.hold).is_some_and(|due| due <= now)
+    }
+}
 
 /// Forwards requests to a remote NBD export.
 #[derive(Debug)]
 pub struct ForwardEngine {
-    conn: Conn,
+    shared: Arc<Shared>,
     capacity: usize,
     in_flight: usize,
-    pending: PendingMap,
+    next_seq: u64,
     done: Receiver<IoCompletion>,
-    done_tx: Sender<IoCompletion>,
-    reader: Option<JoinHandle<()>>,
+    /// Dropped to wake the link thread from a backoff wait.
+    stop_tx: Option<Sender<()>>,
+    link: Option<JoinHandle<()>>,
 }
 
 impl ForwardEngine {
-    /// Connects to `addr` (host:port of the destination's NBD TCP listener) and negotiates
-    /// `export`, whose size must be `size_bytes`.
-    pub fn connect(addr: &str, export: &str, size_bytes: u64, capacity: usize) -> io::Result<Self> {
-        let client = NbdClient::connect_tcp(addr, export)?;
-        if client.size_bytes() != size_bytes {
-            return Err(io::Error::other(format!(
-                "forward target {addr}/{export} has {} bytes, expected {size_bytes}",
-                client.size_bytes()
-            )));
-        }
-        let conn = client.into_conn();
-        let reader_conn = conn.try_clone()?;
-        let pending: PendingMap = Arc::new(Mutex::new(PendingState::default()));
-        let (tx, rx) = crossbeam_channel::unbounded();
-        let reader_pending = pending.clone();
-        let reader_tx = tx.clone();
-        let reader = std::thread::Builder::new()
-            .name("nbd-forward".into())
-            .spawn(move || read_replies(reader_conn, &reader_pending, &reader_tx))?;
-        Ok(ForwardEngine {
-            conn,
-            capacity: capacity.max(1),
-            in_flight: 0,
-            pending,
-            done: rx,
-            done_tx: tx,
-            reader: Some(reader),
-        })
-    }
-
-    fn send(&mut self, request: &IoRequest) -> io::Result<()> {
-        let (command, flags) = match request.kind {
-            IoKind::Read => (wire::CMD_READ, 0),
-            IoKind::Write { fua } => (wire::CMD_WRITE, fua_flag(fua)),
-            IoKind::Flush => (wire::CMD_FLUSH, 0),
-            IoKind::Trim { fua } => (wire::CMD_TRIM, fua_flag(fua)),
-            IoKind::WriteZeroes { may_trim, fua } => {
-                let no_hole = if may_trim { 0 } else { wire::CMD_FLAG_NO_HOLE };
-                (wire::CMD_WRITE_ZEROES, fua_flag(fua) | no_hole)
+    /// Forwards to `export` at `addr` (host:port of the destination's NBD TCP listener), whose
+    /// size must be `size_bytes`. A request waits up to `hold` for a destination that is
+    /// away. When the destination does not answer now, the engine starts reconnecting (logged
+    /// once) and the session's requests wait under the same hold; only failing to start the
+    /// link thread is an error.
+    pub fn connect(
+        addr: &str,
+        export: &str,
+        size_bytes: u64,
+        capacity: usize,
+        hold: Duration,
+    ) -> io::Result<Self> {
+        let (done_tx, done) = crossbeam_channel::unbounded();
+        let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(1);
+        let shared = Arc::new(Shared {
+            addr: addr.to_string(),
+            export: export.to_string(),
+            size_bytes,
+            hold,
+            writer: Mutex::new(Writer::default()),
+            pending: Mutex::new(HashMap::new()),
+            closer: Mutex::new(None),
+            stop: AtomicBool::new(false),
+            done: done_tx,
+        });
+        let first = match shared.dial() {
+            Ok(conn) => Some(conn),
+            Err(err) => {
+                log::warn!(
+                    "forward target {}: {}: the session starts and holds its requests up to \
+                     {} ms while reconnecting",
+                    shared.name(),
+                    crate::error::error_chain(&err),
+                    shared.hold_ms()
+                );
+                None
             }
         };
-        let header = wire::RequestHeader {
-            flags,
-            command,
-            cookie: request.tag,
-            offset_bytes: request.offset_bytes,
-            length_bytes: request.len_bytes,
-        }
-        .to_bytes();
-        match (&request.kind, &request.buf) {
-            (IoKind::Write { .. }, Some(buf)) => {
-                let payload = &buf.as_slice()[..request.len_bytes as usize];
-                let mut slices = [io::IoSlice::new(&header), io::IoSlice::new(payload)];
-                self.conn.write_all_slices(&mut slices)
-            }
-            _ => self.conn.write_all(&header),
-        }
+        let link_shared = shared.clone();
+        let link = std::thread::Builder::new()
+            .name("nbd-forward".into())
+            .spawn(move || run_link(&link_shared, first, &stop_rx))?;
+        Ok(ForwardEngine {
+            shared,
+            capacity: capacity.max(1),
+            in_flight: 0,
+            next_seq: 0,
+            done,
+            stop_tx: Some(stop_tx),
+            link: Some(link),
+        })
     }
 }
 
-fn fua_flag(fua: bool) -> u16 {
-    if fua {
-        wire::CMD_FLAG_FUA
-    } else {
-        0
+/// The request as the destination receives it.
+fn header_of(request: &IoRequest) -> RequestHeader {
+    let fua = |fua: bool| if fua { wire::CMD_FLAG_FUA } else { 0 };
+    let (command, flags) = match request.kind {
+        IoKind::Read => (wire::CMD_READ, 0),
+        IoKind::Write { fua: f } => (wire::CMD_WRITE, fua(f)),
+        IoKind::Flush => (wire::CMD_FLUSH, 0),
+        IoKind::Trim { fua: f } => (wire::CMD_TRIM, fua(f)),
+        IoKind::WriteZeroes { may_trim, fua: f } => {
+            let no_hole = if may_trim { 0 } else { wire::CMD_FLAG_NO_HOLE };
+            (wire::CMD_WRITE_ZEROES, fua(f) | no_hole)
+        }
+    };
+    RequestHeader {
+        flags,
+        command,
+        cookie: request.tag,
+        offset_bytes: request.offset_bytes,
+        length_bytes: request.len_bytes,
     }
+}
+
+/// Writes one request (header, and a WRITE's payload) to the destination.
+fn send(conn: &mut Conn, header: &RequestHeader, payload: Option<&AlignedBuf>) -> io::Result<()> {
+    let head = header.to_bytes();
+    if header.command != wire::CMD_WRITE {
+        return conn.write_all(&head);
+    }
+    let buf = payload.expect("a write keeps its payload until it is answered");
+    let data = &buf.as_slice()[..header.length_bytes as usize];
+    let mut slices = [io::IoSlice::new(&head), io::IoSlice::new(data)];
+    conn.write_all_slices(&mut slices)
 }
 
 impl BlockIo for ForwardEngine {
@@ -136,52 +386,50 @@ impl BlockIo for ForwardEngine {
         if self.in_flight >= self.capacity {
             return Err((IoError::Full, request));
         }
-        let reads = request.kind == IoKind::Read;
+        let header = header_of(&request);
+        let reads = header.command == wire::CMD_READ;
+        let len = header.length_bytes as usize;
+        if header.command == wire::CMD_WRITE && request.buf.as_ref().is_none_or(|b| b.len() < len) {
+            return Err((
+                IoError::BadRequest("write buffer missing or too short"),
+                request,
+            ));
+        }
+        self.next_seq += 1;
         let entry = Pending {
-            len_bytes: request.len_bytes,
+            header,
             data_start: if reads {
                 read_data_start(request.offset_bytes)
             } else {
                 0
             },
-            // A read's buffer goes to the reader thread now; a write's stays until sent.
+            // A read's buffer goes to the link thread now; a write's stays until sent.
             buf: if reads { request.buf.take() } else { None },
-            reads,
+            ready: false,
+            since: Instant::now(),
+            seq: self.next_seq,
         };
         self.in_flight += 1;
-        {
-            let mut pending = self.pending.lock().expect("pending lock");
-            if pending.closed {
-                // The connection is gone: fail at once (the reader will not answer).
-                let failed = IoCompletion {
-                    tag: request.tag,
-                    result: Err(io::Error::from_raw_os_error(nix::libc::EIO)),
-                    buf: entry.buf.or(request.buf.take()),
-                    data_start: entry.data_start,
-                };
-                let _ = self.done_tx.send(failed);
-                return Ok(());
+        let replaced = lock(&self.shared.pending).insert(request.tag, entry);
+        assert!(replaced.is_none(), "tag {} submitted twice", request.tag);
+        // Lock order: writer, then pending (the resend after a reconnect takes them the same
+        // way, so it waits for this request or this request waits for it: never both).
+        let mut writer = lock(&self.shared.writer);
+        if let Some(conn) = writer.conn.as_mut() {
+            if let Err(err) = send(conn, &header, request.buf.as_ref()) {
+                // The link thread sees the shutdown, reconnects, and resends this request.
+                log::debug!("forward target {}: send failed: {err}", self.shared.name());
+                let _ = conn.shutdown(Shutdown::Both);
+                writer.conn = None;
             }
-            pending.map.insert(request.tag, entry);
         }
-        let sent = self.send(&request);
-        if !reads {
-            // Hand the write's buffer back with the reply, unless the reply already came.
-            if let Some(entry) = self
-                .pending
-                .lock()
-                .expect("pending lock")
-                .map
-                .get_mut(&request.tag)
-            {
+        if let Some(entry) = lock(&self.shared.pending).get_mut(&request.tag) {
+            entry.ready = true;
+            if !reads {
                 entry.buf = request.buf.take();
             }
-        }
-        if let Err(err) = sent {
-            // The connection is broken: the reader thread fails every pending request.
-            log::warn!("forwarding failed: {err}");
-            let _ = self.conn.shutdown(std::net::Shutdown::Both);
-        }
+        } // else the reply already came: the write completes without its buffer.
+        drop(writer);
         Ok(())
     }
 
@@ -190,6 +438,8 @@ impl BlockIo for ForwardEngine {
         min_complete: usize,
         out: &mut Vec<IoCompletion>,
     ) -> Result<(), IoError> {
+        // The link thread sends a completion for every reply and every expired request, so a
+        // wait here ends at the latest when the oldest request's hold does.
         let want = min_complete.min(self.in_flight);
         let mut got = 0;
         while got < want {
@@ -212,62 +462,247 @@ impl BlockIo for ForwardEngine {
 
 impl Drop for ForwardEngine {
     fn drop(&mut self) {
-        let _ = self.conn.shutdown(std::net::Shutdown::Both);
-        if let Some(reader) = self.reader.take() {
-            let _ = reader.join();
+        // Release pairs with the Acquire in `stopping`; `register` checks under `closer`.
+        self.shared.stop.store(true, Ordering::Release);
+        drop(self.stop_tx.take());
+        if let Some(conn) = lock(&self.shared.closer).as_ref() {
+            let _ = conn.shutdown(Shutdown::Both);
+        }
+        if let Some(link) = self.link.take() {
+            let _ = link.join();
         }
     }
 }
 
-/// Reads replies until the connection ends, then fails whatever is still pending.
-fn read_replies(mut conn: Conn, pending: &PendingMap, done: &Sender<IoCompletion>) {
-    let outcome = (|| -> io::Result<()> {
-        loop {
-            let mut head = [0u8; wire::SIMPLE_REPLY_BYTES];
-            conn.read_exact(&mut head)?;
-            let wire::SimpleReply { error, cookie: tag } =
-                wire::parse_simple_reply(&head).map_err(io::Error::other)?;
-            let entry = pending.lock().expect("pending lock").map.remove(&tag);
-            let Some(mut entry) = entry else {
-                return Err(io::Error::other(format!("reply for unknown request {tag}")));
-            };
-            if error == 0 && entry.reads {
-                let start = entry.data_start;
-                let buf = entry.buf.as_mut().expect("a read has a buffer");
-                conn.read_exact(&mut buf.as_mut_slice()[start..start + entry.len_bytes as usize])?;
+/// The link thread: serves a connection until it breaks, reconnects, and again, until the
+/// engine is dropped; then fails whatever is left (nobody waits for it any more).
+fn run_link(shared: &Shared, first: Option<Conn>, stop: &Receiver<()>) {
+    let mut next = first;
+    let mut lost_at = next.is_none().then(Instant::now);
+    let mut generation = 0;
+    loop {
+        let conn = match next.take() {
+            Some(conn) => conn,
+            None => match reconnect(shared, stop) {
+                Some(conn) => conn,
+                None => break,
+            },
+        };
+        if let Some(lost_at) = lost_at.take() {
+            log::info!(
+                "forward target {}: connected again after {} ms",
+                shared.name(),
+                lost_at.elapsed().as_millis()
+            );
+        }
+        generation += 1;
+        let err = serve(shared, conn, generation);
+        if shared.stopping() {
+            break;
+        }
+        log::warn!(
+            "forward target {}: {}: holding requests up to {} ms while reconnecting",
+            shared.name(),
+            crate::error::error_chain(&err),
+            shared.hold_ms()
+        );
+        lost_at = Some(Instant::now());
+    }
+    let left: Vec<(u64, Pending)> = lock(&shared.pending).drain().collect();
+    for (tag, entry) in left {
+        shared.finish(tag, entry, Err(eio()));
+    }
+}
+
+/// Tries to connect with backoff, failing held requests as their hold ends; None when the
+/// engine is dropped. No lock is held while connecting: submitters keep recording requests.
+fn reconnect(shared: &Shared, stop: &Receiver<()>) -> Option<Conn> {
+    let mut backoff = Backoff::new();
+    let mut dial_at = Instant::now();
+    let mut told_wrong_image = false;
+    loop {
+        let now = Instant::now();
+        shared.expire(now);
+        if shared.stopping() {
+            return None;
+        }
+        if now >= dial_at {
+            match shared.dial() {
+                Ok(conn) => return Some(conn),
+                Err(err @ LinkError::WrongImage { .. }) if !told_wrong_image => {
+                    told_wrong_image = true;
+                    log::warn!(
+                        "forward target {}: {err}: refused; requests stay held",
+                        shared.name()
+                    );
+                }
+                Err(err) => log::debug!("forward target {}: {err}", shared.name()),
             }
-            let result = match error {
-                0 => Ok(()),
-                code => Err(io::Error::from_raw_os_error(nbd_to_errno(code))),
-            };
-            let completion = IoCompletion {
-                tag,
-                result,
-                buf: entry.buf,
-                data_start: entry.data_start,
-            };
-            if done.send(completion).is_err() {
-                return Ok(());
+            dial_at = Instant::now() + backoff.next_delay();
+        }
+        let wake_at = next_expiry(&lock(&shared.pending), shared.hold)
+            .map_or(dial_at, |due| due.min(dial_at));
+        let wait = wake_at.saturating_duration_since(Instant::now());
+        match stop.recv_timeout(wait) {
+            Err(RecvTimeoutError::Timeout) => {}
+            Ok(()) | Err(RecvTimeoutError::Disconnected) => return None,
+        }
+    }
+}
+
+/// Runs one connection: a scoped thread installs it for the submitters and resends what is
+/// held, while this thread reads replies until the connection fails. Returns why it ended.
+fn serve(shared: &Shared, conn: Conn, generation: u64) -> LinkError {
+    if let Err(err) = shared.register(&conn) {
+        return err;
+    }
+    let mut reader = match conn.try_clone() {
+        Ok(reader) => reader,
+        Err(err) => return LinkError::Lost(err),
+    };
+    let ended = std::thread::scope(|scope| {
+        let sender = std::thread::Builder::new()
+            .name("nbd-forward-send".into())
+            .spawn_scoped(scope, || install_and_resend(shared, conn, generation));
+        let ended = match sender {
+            Ok(_) => read_replies(shared, &mut reader),
+            Err(err) => LinkError::Lost(err),
+        };
+        // A resend blocked on a full socket fails now, so the scope can end.
+        let _ = reader.shutdown(Shutdown::Both);
+        ended
+    });
+    let mut writer = lock(&shared.writer);
+    if writer.generation == generation {
+        writer.conn = None; // dropped: the socket is closed
+    }
+    ended
+}
+
+/// Installs `conn` and resends, in submission order, every request that was ready at that
+/// moment, all under the writer lock: a request a submitter sends later is sent on this
+/// connection by that submitter, never twice.
+fn install_and_resend(shared: &Shared, conn: Conn, generation: u64) {
+    let mut writer = lock(&shared.writer);
+    writer.generation = generation;
+    writer.conn = Some(conn);
+    let mut held: Vec<(u64, u64)> = lock(&shared.pending)
+        .iter()
+        .filter(|(_, entry)| entry.ready)
+        .map(|(tag, entry)| (entry.seq, *tag))
+        .collect();
+    held.sort_unstable();
+    let conn = writer.conn.as_mut().expect("installed above");
+    for &(_, tag) in &held {
+        // The payload leaves the map while it is written: no socket I/O under `pending`.
+        let taken = lock(&shared.pending).get_mut(&tag).map(|entry| {
+            let writes = entry.header.command == wire::CMD_WRITE;
+            (entry.header, if writes { entry.buf.take() } else { None })
+        });
+        let Some((header, payload)) = taken else {
+            continue; // answered meanwhile
+        };
+        let sent = send(conn, &header, payload.as_ref());
+        if let Some(buf) = payload {
+            if let Some(entry) = lock(&shared.pending).get_mut(&tag) {
+                entry.buf = Some(buf);
+            } // else answered while written: completes without its buffer
+        }
+        if let Err(err) = sent {
+            log::debug!("forward target {}: resend failed: {err}", shared.name());
+            let _ = conn.shutdown(Shutdown::Both);
+            writer.conn = None;
+            return;
+        }
+    }
+    if !held.is_empty() {
+        log::info!(
+            "forward target {}: resent {} held requests",
+            shared.name(),
+            held.len()
+        );
+    }
+}
+
+/// Reads replies until the connection fails (or stays silent past the hold while requests
+/// wait). A READ whose data was cut off goes back to the held requests.
+fn read_replies(shared: &Shared, conn: &mut Conn) -> LinkError {
+    // The socket's receive timeout is a tick to look at the hold; reads resume after it.
+    let tick = (shared.hold / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    if let Conn::Tcp(stream) = conn {
+        if let Err(err) = stream.set_read_timeout(Some(tick)) {
+            return LinkError::Lost(err);
+        }
+    }
+    let mut heard = Instant::now();
+    loop {
+        let mut head = [0u8; wire::SIMPLE_REPLY_BYTES];
+        if let Err(err) = read_full(shared, conn, &mut head, &mut heard) {
+            return err;
+        }
+        let reply = match wire::parse_simple_reply(&head) {
+            Ok(reply) => reply,
+            Err(err) => return LinkError::Protocol(err.to_string()),
+        };
+        let tag = reply.cookie;
+        let Some(mut entry) = lock(&shared.pending).remove(&tag) else {
+            return LinkError::Protocol(format!("reply for unknown request {tag}"));
+        };
+        if reply.error == 0 && entry.header.command == wire::CMD_READ {
+            let start = entry.data_start;
+            let len = entry.header.length_bytes as usize;
+            let buf = entry.buf.as_mut().expect("a read has a buffer");
+            let data = &mut buf.as_mut_slice()[start..start + len];
+            if let Err(err) = read_full(shared, conn, data, &mut heard) {
+                lock(&shared.pending).insert(tag, entry);
+                return err;
             }
         }
-    })();
-    if let Err(err) = outcome {
-        log::debug!("forward connection ended: {err}");
-    }
-    let drained: Vec<(u64, Pending)> = {
-        let mut state = pending.lock().expect("pending lock");
-        state.closed = true;
-        state.map.drain().collect()
-    };
-    for (tag, entry) in drained {
-        let failed = IoCompletion {
-            tag,
-            result: Err(io::Error::from_raw_os_error(nix::libc::EIO)),
-            buf: entry.buf,
-            data_start: entry.data_start,
+        let result = match reply.error {
+            0 => Ok(()),
+            code => Err(io::Error::from_raw_os_error(nbd_to_errno(code))),
         };
-        let _ = done.send(failed);
+        shared.finish(tag, entry, result);
     }
+}
+
+/// Fills `buf` from the socket, across receive-timeout ticks; on each tick, gives up when the
+/// engine stops or when a request waited past the hold and nothing came for as long.
+fn read_full(
+    shared: &Shared,
+    conn: &mut Conn,
+    buf: &mut [u8],
+    heard: &mut Instant,
+) -> Result<(), LinkError> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match conn.read(&mut buf[filled..]) {
+            Ok(0) => return Err(LinkError::Lost(io::ErrorKind::UnexpectedEof.into())),
+            Ok(n) => {
+                filled += n;
+                *heard = Instant::now();
+            }
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                if shared.stopping() {
+                    return Err(LinkError::Stopped);
+                }
+                let now = Instant::now();
+                if expired(*heard, now, shared.hold) && shared.holds_expired(now) {
+                    return Err(LinkError::Silent {
+                        hold_ms: shared.hold_ms(),
+                    });
+                }
+            }
+            Err(err) => return Err(LinkError::Lost(err)),
+        }
+    }
+    Ok(())
 }
 
 /// NBD error values are Linux errno values for the ones that exist (spec: "Error values").
