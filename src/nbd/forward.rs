@@ -574,8 +574,10 @@ fn serve(shared: &Shared, conn: Conn, generation: u64) -> LinkError {
     });
     let mut writer = lock(&shared.writer);
     if writer.generation == generation {
-        writer.conn = None; // dropped: the socket is closed
+        writer.conn = None;
     }
+    drop(writer);
+    *lock(&shared.closer) = None; // the last handle: the socket is closed
     ended
 }
 
@@ -708,4 +710,125 @@ fn read_full(
 /// NBD error values are Linux errno values for the ones that exist (spec: "Error values").
 fn nbd_to_errno(code: u32) -> i32 {
     i32::try_from(code).unwrap_or(nix::libc::EIO)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Goal: reconnect attempts start fast and settle at one a second. Method: the first
+    // delays of a fresh backoff.
+    #[test]
+    fn backoff_doubles_to_its_cap() {
+        let mut backoff = Backoff::new();
+        let delays: Vec<u64> = (0..8)
+            .map(|_| backoff.next_delay().as_millis() as u64)
+            .collect();
+        assert_eq!(delays, [50, 100, 200, 400, 800, 1000, 1000, 1000]);
+    }
+
+    fn entry(since: Instant, ready: bool) -> Pending {
+        Pending {
+            header: RequestHeader {
+                flags: 0,
+                command: wire::CMD_FLUSH,
+                cookie: 0,
+                offset_bytes: 0,
+                length_bytes: 0,
+            },
+            data_start: 0,
+            buf: None,
+            ready,
+            since,
+            seq: 0,
+        }
+    }
+
+    // Goal: only ready requests that waited the whole hold expire, and the next expiry is
+    // the oldest ready one's. Method: a map of requests of several ages, judged at one instant.
+    #[test]
+    fn hold_expiry_takes_only_ready_requests_past_the_hold() {
+        let hold = Duration::from_millis(1000);
+        let now = Instant::now() + Duration::from_secs(10);
+        let mut pending = HashMap::new();
+        pending.insert(1, entry(now - Duration::from_millis(1500), true));
+        pending.insert(2, entry(now - Duration::from_millis(1000), true));
+        pending.insert(3, entry(now - Duration::from_millis(999), true));
+        pending.insert(4, entry(now - Duration::from_millis(5000), false));
+        let mut due = expired_tags(&pending, now, hold);
+        due.sort_unstable();
+        assert_eq!(due, [1, 2]);
+        let next = next_expiry(&pending, hold).unwrap();
+        assert_eq!(next, now - Duration::from_millis(500));
+        assert!(expired(now, now, Duration::ZERO));
+        assert!(!expired(now, now - Duration::from_millis(1), hold));
+        pending.retain(|_, entry| !entry.ready);
+        assert_eq!(next_expiry(&pending, hold), None);
+    }
+
+    // Goal: an engine opened while nothing listens at the destination starts (reconnecting),
+    // holds a request for the whole hold and then fails it with EIO, and drops promptly.
+    // Method: a port with no listener; a FLUSH with a 300 ms hold; timed.
+    #[test]
+    fn unreachable_destination_holds_then_fails_with_eio() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let hold = Duration::from_millis(300);
+        let mut engine = ForwardEngine::connect(&addr, "vm", 1 << 20, 4, hold).unwrap();
+        let started = Instant::now();
+        let flush = IoRequest {
+            tag: 7,
+            kind: IoKind::Flush,
+            offset_bytes: 0,
+            len_bytes: 0,
+            buf: None,
+        };
+        engine.submit(flush).unwrap();
+        assert_eq!(engine.in_flight(), 1);
+        let mut out = Vec::new();
+        engine.complete(1, &mut out).unwrap();
+        let waited = started.elapsed();
+        assert!(waited >= hold, "failed after {waited:?}");
+        assert!(waited < hold + Duration::from_secs(2), "{waited:?}");
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].tag, 7);
+        let errno = out[0].result.as_ref().unwrap_err().raw_os_error();
+        assert_eq!(errno, Some(nix::libc::EIO));
+        assert_eq!(engine.in_flight(), 0);
+        let dropping = Instant::now();
+        drop(engine);
+        assert!(dropping.elapsed() < Duration::from_secs(1));
+    }
+
+    // Goal: beyond its capacity the engine refuses (Full) instead of failing requests while
+    // it holds them. Method: capacity 1, destination unreachable, two submits.
+    #[test]
+    fn held_engine_is_full_at_capacity() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let hold = Duration::from_secs(60);
+        let mut engine = ForwardEngine::connect(&addr, "vm", 1 << 20, 1, hold).unwrap();
+        let flush = |tag| IoRequest {
+            tag,
+            kind: IoKind::Flush,
+            offset_bytes: 0,
+            len_bytes: 0,
+            buf: None,
+        };
+        engine.submit(flush(0)).unwrap();
+        let (err, back) = engine.submit(flush(1)).unwrap_err();
+        assert!(matches!(err, IoError::Full));
+        assert_eq!(back.tag, 1);
+        let mut out = Vec::new();
+        engine.complete(0, &mut out).unwrap();
+        assert!(out.is_empty(), "a held request completed: {out:?}");
+    }
 }
