@@ -71,6 +71,12 @@ impl NbdClient {
         for resolved in addr.to_socket_addrs()? {
             match std::net::TcpStream::connect_timeout(&resolved, timeout) {
                 Ok(stream) => {
+                    if stream.local_addr()? == stream.peer_addr()? {
+                        // TCP simultaneous open with itself: nothing listens on `addr`, whose
+                        // port the kernel also picked as our local port.
+                        last = io::Error::new(io::ErrorKind::ConnectionRefused, "self-connect");
+                        continue;
+                    }
                     stream.set_nodelay(true)?;
                     stream.set_read_timeout(Some(timeout))?;
                     stream.set_write_timeout(Some(timeout))?;
