@@ -4,10 +4,11 @@
 //! (`--forward-hold`) fails with EIO, and a different image answering under the export's
 //! name is refused.
 //!
-//! The guest is the in-crate NBD client on one unix-socket connection to the source: it
-//! writes 4 KiB blocks (a pattern naming the write), reads each back, flushes now and then,
-//! and keeps a ledger of acknowledged writes (offset -> write number) that must read back
-//! afterwards.
+//! The guest is the in-crate NBD client on one unix-socket connection to the source: in
+//! batches of 8 pipelined requests it writes 4 KiB blocks (a pattern naming the write; some
+//! FUA), reads them back, flushes every 8th batch, and keeps a ledger of acknowledged writes
+//! (offset -> write number) that must read back afterwards. So a restart finds several
+//! requests in flight, and they are resent.
 
 // An integration test crate is compiled for tests only; the lint is for unit tests in src/.
 #![allow(clippy::tests_outside_test_module)]
@@ -79,47 +80,96 @@ impl Guest {
     }
 }
 
+/// Requests the guest keeps in flight at once (pipelined on its one connection).
+const DEPTH: usize = 8;
+
 fn guest_loop(mut client: NbdClient, stop: &AtomicBool, stall_us: &AtomicU64) -> GuestReport {
     let mut ledger = BTreeMap::new();
     let mut errors = Vec::new();
     let mut state = 0x9e37_79b9_7f4a_7c15_u64;
     let mut ops = 0;
-    while !stop.load(Ordering::Relaxed) {
-        ops += 1;
-        state = state
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1);
-        let offset = (state >> 33) % BLOCKS * BLOCK;
+    let mut batches = 0u64;
+    while !stop.load(Ordering::Relaxed) && errors.len() <= 20 {
+        batches += 1;
         let started = Instant::now();
-        match client.write_at(offset, &pattern(ops, offset)) {
-            Ok(()) => {
-                ledger.insert(offset, ops);
-            }
-            Err(err) => {
+        // DEPTH writes to distinct blocks in flight at once, then their reads, pipelined.
+        let mut batch = BTreeMap::new();
+        while batch.len() < DEPTH {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1);
+            ops += 1;
+            batch.entry((state >> 33) % BLOCKS * BLOCK).or_insert(ops);
+        }
+        let mut cookies = BTreeMap::new();
+        for (&offset, &seq) in &batch {
+            match client.send_write(offset, &pattern(seq, offset), seq % 16 == 0) {
+                Ok(cookie) => cookies.insert(cookie, offset),
+                Err(err) => return report(client, ledger, errors, ops, &err),
+            };
+        }
+        let flush = (batches % 8 == 0).then(|| client.send_flush());
+        for _ in 0..cookies.len() + usize::from(flush.is_some()) {
+            let reply = match client.recv() {
+                Ok(reply) => reply,
+                Err(err) => return report(client, ledger, errors, ops, &err),
+            };
+            let Some(&offset) = cookies.get(&reply.cookie) else {
+                if reply.error != 0 {
+                    errors.push(format!("flush: NBD error {}", reply.error));
+                }
+                continue;
+            };
+            if reply.error == 0 {
+                ledger.insert(offset, batch[&offset]);
+            } else {
                 ledger.remove(&offset); // unknown content now
-                errors.push(format!("write {ops} at {offset}: {err}"));
+                errors.push(format!("write at {offset}: NBD error {}", reply.error));
             }
         }
-        match client.read_at(offset, BLOCK as u32) {
-            Ok(data)
-                if ledger
-                    .get(&offset)
-                    .is_none_or(|&seq| data == pattern(seq, offset)) => {}
-            Ok(_) => errors.push(format!("read at {offset}: not the acknowledged write")),
-            Err(err) => errors.push(format!("read at {offset}: {err}")),
+        let mut reads = BTreeMap::new();
+        for &offset in batch.keys() {
+            match client.send_read(offset, BLOCK as u32) {
+                Ok(cookie) => reads.insert(cookie, offset),
+                Err(err) => return report(client, ledger, errors, ops, &err),
+            };
         }
-        if ops % 64 == 0 {
-            if let Err(err) = client.flush() {
-                errors.push(format!("flush: {err}"));
+        for _ in 0..reads.len() {
+            let reply = match client.recv() {
+                Ok(reply) => reply,
+                Err(err) => return report(client, ledger, errors, ops, &err),
+            };
+            let offset = reads[&reply.cookie];
+            let expected = ledger.get(&offset).map(|&seq| pattern(seq, offset));
+            match (reply.error, reply.data, expected) {
+                (0, Some(data), Some(expected)) if data != expected => {
+                    errors.push(format!("read at {offset}: not the acknowledged write"));
+                }
+                (0, _, _) => {}
+                (error, _, _) => errors.push(format!("read at {offset}: NBD error {error}")),
             }
         }
         let took = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         stall_us.fetch_max(took, Ordering::Relaxed);
-        if errors.len() > 20 {
-            break; // the connection is gone: no point in going on
-        }
         std::thread::sleep(Duration::from_millis(3));
     }
+    GuestReport {
+        client,
+        ledger,
+        errors,
+        ops,
+    }
+}
+
+/// The report of a guest whose connection failed.
+fn report(
+    client: NbdClient,
+    ledger: BTreeMap<u64, u64>,
+    mut errors: Vec<String>,
+    ops: u64,
+    err: &std::io::Error,
+) -> GuestReport {
+    errors.push(format!("connection: {err}"));
     GuestReport {
         client,
         ledger,
@@ -203,12 +253,18 @@ fn destination_restarts_cost_a_stall_not_an_error() {
         report.errors,
         pair.source.log()
     );
-    assert!(report.ops > 100, "the guest hardly ran: {}", report.ops);
+    assert!(report.ops > 800, "the guest hardly ran: {}", report.ops);
     check_ledger(&mut report.client, &report.ledger);
     let log = pair.source.log();
     assert!(log.contains("connected again"), "{log}");
     for line in log.lines().filter(|line| line.contains("forward target")) {
         println!("source: {line}");
+    }
+    if std::env::var_os("FORWARD_HOLD_LOGS").is_some() {
+        println!(
+            "SOURCE LOG\n{log}\nDESTINATION LOG\n{}",
+            pair.destination.log()
+        );
     }
 }
 

@@ -130,18 +130,21 @@ impl Shared {
 }
 
 /// The link thread: serves a connection until it breaks, reconnects, and again, until the
-/// engine is dropped; then fails whatever is left (nobody waits for it any more).
+/// engine is dropped; then fails whatever is left (nobody waits for it any more). `first`:
+/// a handle on the connection `connect` installed as generation 1, if it made one.
 pub(super) fn run_link(shared: &Shared, first: Option<Conn>, stop: &Receiver<()>) {
-    let mut next = first;
-    let mut lost_at = next.is_none().then(Instant::now);
+    let mut lost_at = first.is_none().then(Instant::now);
     let mut generation = 0;
-    loop {
-        let conn = match next.take() {
-            Some(conn) => conn,
-            None => match reconnect(shared, stop) {
-                Some(conn) => conn,
-                None => break,
-            },
+    if let Some(reader) = first {
+        generation = 1;
+        let err = serve_installed(shared, reader, generation);
+        if !shared.stopping() {
+            lost_at = Some(lost(shared, &err));
+        }
+    }
+    while !shared.stopping() {
+        let Some(conn) = reconnect(shared, stop) else {
+            break;
         };
         if let Some(lost_at) = lost_at.take() {
             log::info!(
@@ -152,21 +155,25 @@ pub(super) fn run_link(shared: &Shared, first: Option<Conn>, stop: &Receiver<()>
         }
         generation += 1;
         let err = serve(shared, conn, generation);
-        if shared.stopping() {
-            break;
+        if !shared.stopping() {
+            lost_at = Some(lost(shared, &err));
         }
-        log::warn!(
-            "forward target {}: {}: holding requests up to {} ms while reconnecting",
-            shared.name(),
-            crate::error::error_chain(&err),
-            shared.hold_ms()
-        );
-        lost_at = Some(Instant::now());
     }
     let left: Vec<(u64, Pending)> = lock(&shared.pending).drain().collect();
     for (tag, entry) in left {
         shared.finish(tag, entry, Err(eio()));
     }
+}
+
+/// Logs a lost connection; returns when it was lost.
+fn lost(shared: &Shared, err: &LinkError) -> Instant {
+    log::warn!(
+        "forward target {}: {}: holding requests up to {} ms while reconnecting",
+        shared.name(),
+        crate::error::error_chain(err),
+        shared.hold_ms()
+    );
+    Instant::now()
 }
 
 /// Tries to connect with backoff, failing held requests as their hold ends; None when the
@@ -227,13 +234,30 @@ fn serve(shared: &Shared, conn: Conn, generation: u64) -> LinkError {
         let _ = reader.shutdown(Shutdown::Both);
         ended
     });
+    uninstall(shared, generation);
+    ended
+}
+
+/// Reads replies on the connection `connect` installed (nothing to resend: no request was
+/// submitted before it), until it fails.
+fn serve_installed(shared: &Shared, mut reader: Conn, generation: u64) -> LinkError {
+    if let Err(err) = shared.register(&reader) {
+        return err;
+    }
+    let ended = read_replies(shared, &mut reader);
+    let _ = reader.shutdown(Shutdown::Both);
+    uninstall(shared, generation);
+    ended
+}
+
+/// Removes connection `generation` (if still installed) and the last handles on it.
+fn uninstall(shared: &Shared, generation: u64) {
     let mut writer = lock(&shared.writer);
     if writer.generation == generation {
         writer.conn = None;
     }
     drop(writer);
     *lock(&shared.closer) = None; // the last handle: the socket is closed
-    ended
 }
 
 /// Installs `conn` and resends, in submission order, every request that was ready at that

@@ -30,6 +30,9 @@
 //!   flush is never acknowledged on a guess. (Writes acknowledged on a previous connection
 //!   are in the destination's file: a process restart keeps them, and the resent FLUSH covers
 //!   them; a power loss of the destination host is not seen here, as with any NBD reconnect.)
+//!   Limit: a destination *process* that survives a broken connection (a network cut) may still
+//!   apply a request it had already read from it; a ferry session does that before its thread
+//!   exits, well before a reconnect's handshake completes, unless its disk stalls longer.
 //! - A READ's data lands at `data_start` of its own buffer, as the local engines do. A WRITE
 //!   may complete without its buffer (its reply came while the buffer was being resent or
 //!   before it was put back); forwarded sessions do not use write buffers (the write trap
@@ -204,7 +207,15 @@ impl ForwardEngine {
             done: done_tx,
         });
         let first = match shared.dial() {
-            Ok(conn) => Some(conn),
+            Ok(conn) => {
+                // Installed before the first submit: nothing waits for the link thread.
+                let reader = conn.try_clone()?;
+                *lock(&shared.writer) = Writer {
+                    conn: Some(conn),
+                    generation: 1,
+                };
+                Some(reader)
+            }
             Err(err) => {
                 log::warn!(
                     "forward target {}: {}: the session starts and holds its requests up to \
