@@ -498,4 +498,32 @@ mod tests {
             .to_string()
             .contains("--export"));
     }
+
+    // Goal: the forwarding hold comes from the file, the flag wins, and silly values are
+    // refused naming the field. Method: default, file, flag over file, too short.
+    #[test]
+    fn forward_hold() {
+        let none = Overrides::default();
+        let config = AgentConfig::from_toml("", &none).unwrap();
+        assert_eq!(config.forward_hold_ms, DEFAULT_FORWARD_HOLD_MS);
+        let file = "[agent]\nforward_hold_ms = 5000\n";
+        assert_eq!(
+            AgentConfig::from_toml(file, &none).unwrap().forward_hold_ms,
+            5000
+        );
+        let flag = Overrides {
+            forward_hold_ms: Some(3000),
+            ..Overrides::default()
+        };
+        assert_eq!(
+            AgentConfig::from_toml(file, &flag).unwrap().forward_hold_ms,
+            3000
+        );
+        let short = Overrides {
+            forward_hold_ms: Some(10),
+            ..Overrides::default()
+        };
+        let err = AgentConfig::from_toml("", &short).unwrap_err();
+        assert!(err.to_string().starts_with("forward_hold_ms:"), "{err}");
+    }
 }

@@ -486,4 +486,155 @@ mod tests {
         engine.complete(0, &mut out).unwrap();
         assert!(out.is_empty(), "a held request completed: {out:?}");
     }
+
+    /// The export a fake destination serves.
+    struct Catalog(wire::ExportInfo);
+
+    impl wire::ExportCatalog for Catalog {
+        fn list(&self) -> Vec<wire::ExportInfo> {
+            vec![self.0.clone()]
+        }
+        fn lookup(&self, name: &str) -> Option<wire::ExportInfo> {
+            (name == self.0.name).then(|| self.0.clone())
+        }
+    }
+
+    const FAKE_BYTES: u64 = 1 << 20;
+
+    /// A fake destination on loopback: handshakes `vm` (1 MiB) on every connection, then hands
+    /// the connection and its index to `serve`. Returns the address.
+    fn fake_destination(serve: impl Fn(usize, std::net::TcpStream) + Send + 'static) -> String {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            let catalog = Catalog(wire::ExportInfo {
+                name: "vm".into(),
+                description: String::new(),
+                size_bytes: FAKE_BYTES,
+                read_only: false,
+                multi_conn: true,
+                can_trim: true,
+                can_fast_zero: false,
+                block_min: 1,
+                block_preferred: 4096,
+                block_max: 1 << 25,
+                meta_contexts: Vec::new(),
+            });
+            for (index, stream) in listener.incoming().enumerate() {
+                let Ok(mut stream) = stream else { return };
+                let negotiated = crate::nbd::handshake::negotiate(&mut stream, &catalog);
+                if matches!(negotiated, Ok(Some(_))) {
+                    serve(index, stream);
+                }
+            }
+        });
+        addr
+    }
+
+    /// Reads one request (and a WRITE's payload); None at end of stream.
+    fn read_request(stream: &mut std::net::TcpStream) -> Option<(RequestHeader, Vec<u8>)> {
+        use std::io::Read;
+        let mut head = [0u8; wire::REQUEST_BYTES];
+        stream.read_exact(&mut head).ok()?;
+        let header = wire::parse_request(&head).ok()?;
+        let mut payload = vec![0u8; header.payload_bytes() as usize];
+        stream.read_exact(&mut payload).ok()?;
+        Some((header, payload))
+    }
+
+    fn request(tag: u64, kind: IoKind, offset_bytes: u64, len_bytes: u32) -> IoRequest {
+        let buf = match kind {
+            IoKind::Read => Some(AlignedBuf::zeroed(
+                crate::io::read_buf_len(offset_bytes, len_bytes),
+                4096,
+            )),
+            IoKind::Write { .. } => {
+                let mut buf = AlignedBuf::zeroed(len_bytes as usize, 4096);
+                buf.as_mut_slice().fill(0xab);
+                Some(buf)
+            }
+            _ => None,
+        };
+        IoRequest {
+            tag,
+            kind,
+            offset_bytes,
+            len_bytes,
+            buf,
+        }
+    }
+
+    // Goal: requests on a connection that breaks before answering are resent on the next one,
+    // each exactly once with the same bytes, and complete once, successfully. Method: a fake
+    // destination whose first connection reads three requests (WRITE, READ, FLUSH) and
+    // closes; its second connection records what it receives and answers everything.
+    #[test]
+    fn broken_connection_resends_each_request_once() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        let addr = fake_destination(move |index, mut stream| {
+            if index == 0 {
+                for _ in 0..3 {
+                    read_request(&mut stream);
+                }
+                return; // dropped unanswered
+            }
+            while let Some((header, payload)) = read_request(&mut stream) {
+                log.lock().unwrap().push((header, payload));
+                let mut reply = Vec::new();
+                wire::encode_simple_reply(&mut reply, header.cookie, 0);
+                if header.command == wire::CMD_READ {
+                    reply.extend(std::iter::repeat_n(0x5a, header.length_bytes as usize));
+                }
+                stream.write_all(&reply).unwrap();
+            }
+        });
+        let hold = Duration::from_secs(30);
+        let mut engine = ForwardEngine::connect(&addr, "vm", FAKE_BYTES, 8, hold).unwrap();
+        let write = IoKind::Write { fua: true };
+        engine.submit(request(0, write, 8192, 4096)).unwrap();
+        engine.submit(request(1, IoKind::Read, 100, 512)).unwrap();
+        engine.submit(request(2, IoKind::Flush, 0, 0)).unwrap();
+        let mut out = Vec::new();
+        while out.len() < 3 {
+            engine.complete(1, &mut out).unwrap();
+        }
+        assert_eq!(out.len(), 3, "{out:?}");
+        for completion in &out {
+            assert!(completion.result.is_ok(), "{completion:?}");
+        }
+        let read = out.iter().find(|c| c.tag == 1).unwrap();
+        let data = &read.buf.as_ref().unwrap().as_slice()[read.data_start..][..512];
+        assert!(data.iter().all(|&b| b == 0x5a));
+        let seen = seen.lock().unwrap();
+        let mut cookies: Vec<u64> = seen.iter().map(|(header, _)| header.cookie).collect();
+        cookies.sort_unstable();
+        assert_eq!(cookies, [0, 1, 2], "each request resent exactly once");
+        let (header, payload) = seen.iter().find(|(h, _)| h.cookie == 0).unwrap();
+        assert_eq!(header.flags, wire::CMD_FLAG_FUA);
+        assert_eq!((header.offset_bytes, header.length_bytes), (8192, 4096));
+        assert!(payload.iter().all(|&b| b == 0xab));
+        assert_eq!(engine.in_flight(), 0);
+    }
+
+    // Goal: a destination that accepts and then never answers does not hold a request
+    // forever: it fails with EIO once it waited the hold, not before. Method: a fake
+    // destination that handshakes and reads but never replies; a 300 ms hold; timed.
+    #[test]
+    fn silent_destination_fails_requests_after_the_hold() {
+        let addr = fake_destination(|_, mut stream| {
+            std::thread::spawn(move || while read_request(&mut stream).is_some() {});
+        });
+        let hold = Duration::from_millis(300);
+        let mut engine = ForwardEngine::connect(&addr, "vm", FAKE_BYTES, 8, hold).unwrap();
+        let started = Instant::now();
+        engine.submit(request(3, IoKind::Flush, 0, 0)).unwrap();
+        let mut out = Vec::new();
+        engine.complete(1, &mut out).unwrap();
+        let waited = started.elapsed();
+        assert!(waited >= hold, "{waited:?}");
+        assert!(waited < Duration::from_secs(3), "{waited:?}");
+        let errno = out[0].result.as_ref().unwrap_err().raw_os_error();
+        assert_eq!(errno, Some(nix::libc::EIO));
+    }
 }
