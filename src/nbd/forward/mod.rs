@@ -12,8 +12,11 @@
 //!
 //! States: *connected* (a connection is installed in `writer`; submitters send on it, the link
 //! thread reads it) and *reconnecting* (`writer` is empty; submitted requests are only
-//! recorded). [`ForwardEngine::connect`] starts reconnecting, instead of failing the session,
-//! when the destination does not answer at once.
+//! recorded; the link thread dials on its backoff and, between attempts, wakes for the next
+//! request whose hold ends, to fail it). [`ForwardEngine::connect`] starts reconnecting,
+//! instead of failing the session, when the destination does not answer at once. A connected
+//! link whose socket stays silent for the hold while a request has waited as long counts as
+//! broken (a destination that hangs without closing).
 //!
 //! Invariants:
 //! - Every submitted request completes exactly once: from its reply, or with EIO once it has
