@@ -253,13 +253,14 @@ fn destination_restarts_cost_a_stall_not_an_error() {
         report.errors,
         pair.source.log()
     );
-    assert!(report.ops > 800, "the guest hardly ran: {}", report.ops);
+    assert!(report.ops > 200, "the guest hardly ran: {}", report.ops);
     check_ledger(&mut report.client, &report.ledger);
     let log = pair.source.log();
     assert!(log.contains("connected again"), "{log}");
     for line in log.lines().filter(|line| line.contains("forward target")) {
         println!("source: {line}");
     }
+    // FORWARD_HOLD_LOGS=1 (with --nocapture) prints both agents' logs.
     if std::env::var_os("FORWARD_HOLD_LOGS").is_some() {
         println!(
             "SOURCE LOG\n{log}\nDESTINATION LOG\n{}",
