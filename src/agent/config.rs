@@ -20,6 +20,10 @@ pub const DEFAULT_TCP: &str = "127.0.0.1:10809";
 pub const DEFAULT_STATE_DIR: &str = crate::api::DEFAULT_STATE_DIR;
 /// Default control API address.
 pub const DEFAULT_API: &str = crate::api::DEFAULT_API;
+/// Default hold of forwarded requests while the destination is away.
+pub const DEFAULT_FORWARD_HOLD_MS: u64 = crate::nbd::forward::DEFAULT_HOLD_MS;
+/// Accepted holds: at least a few reconnect attempts, at most an hour.
+const FORWARD_HOLD_MS: std::ops::RangeInclusive<u64> = 100..=3_600_000;
 /// Default address of the block-stream listener that receives migrated disks.
 pub const DEFAULT_TRANSFER: &str = "127.0.0.1:7451";
 
@@ -80,6 +84,7 @@ struct FileAgent {
     engine: Option<String>,
     queue_depth: Option<u32>,
     half_life_ms: Option<u64>,
+    forward_hold_ms: Option<u64>,
     transfer: Option<String>,
     cluster_key: Option<PathBuf>,
     image_dir: Option<PathBuf>,
@@ -148,6 +153,9 @@ pub struct AgentConfig {
     pub queue_depth: u32,
     /// Half-life of the heat counters.
     pub half_life_ms: u64,
+    /// How long a request forwarded to a destination that is away waits (while the source
+    /// reconnects) before it fails with EIO.
+    pub forward_hold_ms: u64,
     /// Exports served from the start.
     pub exports: Vec<ExportConfig>,
     /// Block-stream listener (migrations into this host), cluster-key authenticated.
@@ -181,6 +189,8 @@ pub struct Overrides {
     pub cluster_key: Option<PathBuf>,
     /// Directory for migrated-in images.
     pub image_dir: Option<PathBuf>,
+    /// `--forward-hold` (milliseconds).
+    pub forward_hold_ms: Option<u64>,
 }
 
 impl AgentConfig {
@@ -269,6 +279,21 @@ impl AgentConfig {
         if half_life_ms == 0 {
             return Err(invalid("half_life_ms", "must be at least 1"));
         }
+        let forward_hold_ms = ov
+            .forward_hold_ms
+            .or(agent.forward_hold_ms)
+            .unwrap_or(DEFAULT_FORWARD_HOLD_MS);
+        if !FORWARD_HOLD_MS.contains(&forward_hold_ms) {
+            return Err(invalid(
+                "forward_hold_ms",
+                format!(
+                    "{forward_hold_ms} is not in {}..={} (a shorter hold fails requests \
+                     during an ordinary reconnect)",
+                    FORWARD_HOLD_MS.start(),
+                    FORWARD_HOLD_MS.end()
+                ),
+            ));
+        }
         let mut exports = Vec::new();
         for (index, export) in file.exports.into_iter().enumerate() {
             let field = format!("export[{index}]");
@@ -301,6 +326,7 @@ impl AgentConfig {
             engine,
             queue_depth,
             half_life_ms,
+            forward_hold_ms,
             exports,
             transfer,
             cluster_key,
@@ -471,5 +497,33 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("--export"));
+    }
+
+    // Goal: the forwarding hold comes from the file, the flag wins, and silly values are
+    // refused naming the field. Method: default, file, flag over file, too short.
+    #[test]
+    fn forward_hold() {
+        let none = Overrides::default();
+        let config = AgentConfig::from_toml("", &none).unwrap();
+        assert_eq!(config.forward_hold_ms, DEFAULT_FORWARD_HOLD_MS);
+        let file = "[agent]\nforward_hold_ms = 5000\n";
+        assert_eq!(
+            AgentConfig::from_toml(file, &none).unwrap().forward_hold_ms,
+            5000
+        );
+        let flag = Overrides {
+            forward_hold_ms: Some(3000),
+            ..Overrides::default()
+        };
+        assert_eq!(
+            AgentConfig::from_toml(file, &flag).unwrap().forward_hold_ms,
+            3000
+        );
+        let short = Overrides {
+            forward_hold_ms: Some(10),
+            ..Overrides::default()
+        };
+        let err = AgentConfig::from_toml("", &short).unwrap_err();
+        assert!(err.to_string().starts_with("forward_hold_ms:"), "{err}");
     }
 }

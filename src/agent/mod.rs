@@ -133,6 +133,7 @@ impl Agent {
             engine,
             queue_depth: config.queue_depth,
             engine_watches_socket: true,
+            forward_hold: std::time::Duration::from_millis(config.forward_hold_ms),
         };
         let nbd = NbdServer::start(Some(&config.socket), config.tcp, exports.clone(), options)
             .map_err(AgentError::Listen)?;

@@ -239,6 +239,10 @@ pub struct AgentArgs {
     /// Directory for images of disks migrated into this host [default: <state-dir>/images].
     #[arg(long)]
     pub image_dir: Option<PathBuf>,
+    /// After a switchover, how long (milliseconds) a request forwarded to a destination that
+    /// is away (restarting) waits before it fails with EIO [default: 60000].
+    #[arg(long = "forward-hold", value_name = "MS")]
+    pub forward_hold_ms: Option<u64>,
 }
 
 /// `ferry export ...`

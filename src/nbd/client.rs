@@ -55,6 +55,42 @@ impl NbdClient {
         Self::negotiate(Conn::Tcp(stream), export)
     }
 
+    /// Like [`NbdClient::connect_tcp`], with every step bounded by `timeout` (connecting, and
+    /// each read and write of the handshake), so a caller that reconnects in a loop never hangs
+    /// on a destination that accepts and then says nothing. The timeouts are off afterwards.
+    pub fn connect_tcp_within(
+        addr: &str,
+        export: &str,
+        timeout: std::time::Duration,
+    ) -> io::Result<NbdClient> {
+        use std::net::ToSocketAddrs;
+        let mut last = io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("{addr} resolves to nothing"),
+        );
+        for resolved in addr.to_socket_addrs()? {
+            match std::net::TcpStream::connect_timeout(&resolved, timeout) {
+                Ok(stream) => {
+                    if stream.local_addr()? == stream.peer_addr()? {
+                        // TCP simultaneous open with itself: nothing listens on `addr`, whose
+                        // port the kernel also picked as our local port.
+                        last = io::Error::new(io::ErrorKind::ConnectionRefused, "self-connect");
+                        continue;
+                    }
+                    stream.set_nodelay(true)?;
+                    stream.set_read_timeout(Some(timeout))?;
+                    stream.set_write_timeout(Some(timeout))?;
+                    let client = Self::negotiate(Conn::Tcp(stream.try_clone()?), export)?;
+                    stream.set_read_timeout(None)?;
+                    stream.set_write_timeout(None)?;
+                    return Ok(client);
+                }
+                Err(err) => last = err,
+            }
+        }
+        Err(last)
+    }
+
     fn negotiate(mut conn: Conn, export: &str) -> io::Result<NbdClient> {
         let (size_bytes, transmission_flags) = handshake(&mut conn, export)?;
         Ok(NbdClient {

@@ -64,6 +64,9 @@ pub struct SessionOptions {
     pub queue_depth: u32,
     /// The engine also waits for the socket (one wait for disk and network).
     pub engine_watches_socket: bool,
+    /// How long a forwarded request waits for a destination that is away before it fails
+    /// with EIO (the forwarding engine reconnects meanwhile).
+    pub forward_hold: Duration,
 }
 
 /// Every connection alive, handshaking or serving.
@@ -300,7 +303,13 @@ fn engine_factory(export: Arc<Export>, options: SessionOptions) -> EngineFactory
         }
         Route::Forward { addr } => {
             let depth = usize::try_from(options.queue_depth).unwrap_or(1);
-            let engine = ForwardEngine::connect(addr, export.name(), export.size_bytes(), depth)?;
+            let engine = ForwardEngine::connect(
+                addr,
+                export.name(),
+                export.size_bytes(),
+                depth,
+                options.forward_hold,
+            )?;
             Ok(Box::new(engine) as Box<dyn crate::io::BlockIo>)
         }
     }))

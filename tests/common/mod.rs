@@ -29,13 +29,29 @@ pub fn scratch_dir() -> tempfile::TempDir {
         .expect("tempdir")
 }
 
-/// A free TCP port on loopback.
+/// A free TCP port on loopback, below the kernel's ephemeral range (32768 and up by default).
+/// Agents are restarted on the same ports; a port from the ephemeral range may meanwhile be
+/// the local end of some outgoing connection, whose TIME_WAIT then blocks the bind (even with
+/// SO_REUSEADDR, as client sockets do not set it), and a client reconnecting to such a port
+/// while nothing listens can connect to itself.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const COUNT: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let seed = std::process::id().wrapping_mul(2_654_435_761)
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |t| t.subsec_nanos());
+    for _ in 0..COUNT {
+        let step = NEXT.fetch_add(7_919, Ordering::Relaxed);
+        let port = FIRST + seed.wrapping_add(step) % COUNT;
+        let port = u16::try_from(port).expect("below 32768");
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {FIRST}..{}", FIRST + COUNT);
 }
 
 /// Creates a sparse image of `size_bytes`.

@@ -36,6 +36,7 @@ pub struct Pair {
     /// The cluster key both agents use.
     pub key_path: std::path::PathBuf,
     source_exports: Vec<String>,
+    source_extra: Vec<String>,
     source_transfer: String,
     _keys: tempfile::TempDir,
 }
@@ -44,7 +45,8 @@ impl Pair {
     /// Starts the (stopped or killed) source agent again, same state and addresses.
     pub fn restart_source(&mut self) {
         let key = self.key_path.to_str().unwrap().to_string();
-        let extra = ["--transfer", &self.source_transfer, "--cluster-key", &key];
+        let mut extra = vec!["--transfer", &self.source_transfer, "--cluster-key", &key];
+        extra.extend(self.source_extra.iter().map(String::as_str));
         self.source.restart(&self.source_exports, &extra);
     }
 
@@ -126,15 +128,20 @@ pub fn pair(image: &Path, granularity: &str) -> Pair {
 
 /// A pair whose source serves `source_exports` (`NAME=PATH[,opts]`).
 pub fn pair_of(source_exports: Vec<String>) -> Pair {
+    pair_with(source_exports, &[])
+}
+
+/// A pair whose source serves `source_exports` and gets `source_extra` flags (also on
+/// restarts).
+pub fn pair_with(source_exports: Vec<String>, source_extra: &[&str]) -> Pair {
     let keys = super::scratch_dir();
     let key = write_key(keys.path());
     let key = key.to_str().unwrap().to_string();
     let src_transfer = format!("127.0.0.1:{}", free_port());
     let dst_transfer = format!("127.0.0.1:{}", free_port());
-    let source = AgentProc::start(
-        &source_exports,
-        &["--transfer", &src_transfer, "--cluster-key", &key],
-    );
+    let mut extra = vec!["--transfer", &src_transfer, "--cluster-key", &key];
+    extra.extend_from_slice(source_extra);
+    let source = AgentProc::start(&source_exports, &extra);
     let destination = AgentProc::start(
         &[],
         &["--tcp", "--transfer", &dst_transfer, "--cluster-key", &key],
@@ -145,6 +152,7 @@ pub fn pair_of(source_exports: Vec<String>) -> Pair {
         destination_transfer: dst_transfer,
         key_path: key.into(),
         source_exports,
+        source_extra: source_extra.iter().map(|s| s.to_string()).collect(),
         source_transfer: src_transfer,
         _keys: keys,
     }
