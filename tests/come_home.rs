@@ -97,7 +97,10 @@ fn a_disk_comes_home_and_no_hop_remains() {
     prefill(&image, 16 * MIB);
     let a_transfer = format!("127.0.0.1:{}", free_port());
     let b_transfer = format!("127.0.0.1:{}", free_port());
-    let exports = vec![format!("vm1={},granularity=64K", image.display())];
+    let exports = vec![format!(
+        "vm1={},granularity=64K,tracker=backup",
+        image.display()
+    )];
     let mut a = agent(a_dir, &exports, key, &a_transfer);
     let mut b = agent(common::scratch_dir(), &[], key, &b_transfer);
 
@@ -122,6 +125,8 @@ fn a_disk_comes_home_and_no_hop_remains() {
     assert!(vm1.get("forwarding").is_none(), "still forwarding: {vm1:#}");
     let received = a.state_dir.join("images").join("vm1.img");
     assert_eq!(vm1["path"].as_str(), received.to_str(), "{vm1:#}");
+    // The tracker missed the writes made at B: it says so instead of being trusted.
+    assert_eq!(vm1["trackers"][0]["lost"], true, "{vm1:#}");
 
     b.kill();
     std::thread::sleep(Duration::from_millis(1000));

@@ -328,6 +328,14 @@ impl Tracker {
         self.lost.load(Ordering::Acquire)
     }
 
+    /// The tracker missed writes (its disk was written elsewhere, e.g. while the export
+    /// forwarded to another agent): every block counts as dirty and it says it is lost, as
+    /// after an unclean stop. A backup that trusted it would miss those writes.
+    pub fn mark_lost(&self) {
+        self.bitmap.mark_all();
+        self.lost.store(true, Ordering::Release);
+    }
+
     /// Clears the lost flag, once the caller re-established what differs (e.g. by comparing
     /// extent hashes).
     pub fn clear_lost(&self) {

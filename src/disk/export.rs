@@ -247,6 +247,10 @@ impl Export {
             "an adopted image has the export's size (checked by the caller)"
         );
         self.route.hold();
+        // Its trackers saw none of the writes made while the disk lived elsewhere.
+        for tracker in self.trackers.list() {
+            tracker.mark_lost();
+        }
         self.file.store(Arc::new(file));
         *self.path.lock().expect("path lock") = path.to_path_buf();
         self.switch_route(Route::Local);
