@@ -245,20 +245,9 @@ impl Exports {
     /// it had before is not reused.
     pub fn bring_home(&self, name: &str, image: &Path) -> Result<(), ControlError> {
         let export = self.get(name)?;
-        let file = ferry_sys::DirectFile::open(image, !export.read_only())
-            .and_then(|file| file.lock_exclusive().map(|()| file))
-            .map_err(|err| ControlError::Io(format!("cannot open {}: {err}", image.display())))?;
-        let size_bytes = file
-            .size_bytes()
-            .map_err(|err| ControlError::Io(format!("cannot size {}: {err}", image.display())))?;
-        if size_bytes != export.size_bytes() {
-            return Err(ControlError::Invalid(format!(
-                "{} has {size_bytes} bytes, the export {}",
-                image.display(),
-                export.size_bytes()
-            )));
-        }
-        export.adopt_image(file, image);
+        export
+            .adopt_image(image)
+            .map_err(|err| ControlError::Io(error_chain(&err)))?;
         log::info!("export {name}: came home, served from {}", image.display());
         Ok(())
     }

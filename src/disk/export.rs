@@ -83,6 +83,32 @@ pub trait ConnectionHandle: Send + Sync + std::fmt::Debug {
     fn stop_reading(&self);
 }
 
+/// Opens an image to serve (O_DIRECT + buffered), locks it (OFD, so no second agent serves
+/// it) and reads its size, which must not be zero.
+fn open_image(path: &Path, read_only: bool) -> Result<(DirectFile, u64), ExportError> {
+    let file = DirectFile::open(path, !read_only).map_err(|source| ExportError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    file.lock_exclusive()
+        .map_err(|source| ExportError::Locked {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let size_bytes = file.size_bytes().map_err(|source| ExportError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if size_bytes == 0 {
+        return Err(ExportError::BadSize {
+            path: path.to_path_buf(),
+            size_bytes,
+            problem: "an empty image cannot be served",
+        });
+    }
+    Ok((file, size_bytes))
+}
+
 /// The name an image takes when a migration's switchover made it stale:
 /// `<file name>.stale-<job id>`, in the same directory.
 pub fn stale_path(path: &Path, job_id: u64) -> PathBuf {
@@ -159,26 +185,7 @@ impl Export {
         half_life_ms: u64,
         trackers: impl FnOnce(u64) -> TrackerSet,
     ) -> Result<Self, ExportError> {
-        let file = DirectFile::open(path, !read_only).map_err(|source| ExportError::Open {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        file.lock_exclusive()
-            .map_err(|source| ExportError::Locked {
-                path: path.to_path_buf(),
-                source,
-            })?;
-        let size_bytes = file.size_bytes().map_err(|source| ExportError::Open {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        if size_bytes == 0 {
-            return Err(ExportError::BadSize {
-                path: path.to_path_buf(),
-                size_bytes,
-                problem: "an empty image cannot be served",
-            });
-        }
+        let (file, size_bytes) = open_image(path, read_only)?;
         Ok(Export {
             name: name.to_string(),
             path: Mutex::new(path.to_path_buf()),
@@ -240,12 +247,15 @@ impl Export {
     /// forwarding engine (those requests reach the local image through the agent that just
     /// handed the disk back) before they open the local one. Writes are held only for the
     /// swap, never drained: the in-flight ones wait for the very commit this is part of.
-    pub fn adopt_image(&self, file: DirectFile, path: &Path) {
-        assert_eq!(
-            file.size_bytes().ok(),
-            Some(self.size_bytes),
-            "an adopted image has the export's size (checked by the caller)"
-        );
+    pub fn adopt_image(&self, path: &Path) -> Result<(), ExportError> {
+        let (file, size_bytes) = open_image(path, self.read_only)?;
+        if size_bytes != self.size_bytes {
+            return Err(ExportError::BadSize {
+                path: path.to_path_buf(),
+                size_bytes,
+                problem: "not the size of the export it would replace",
+            });
+        }
         self.route.hold();
         // Its trackers saw none of the writes made while the disk lived elsewhere.
         for tracker in self.trackers.list() {
@@ -255,6 +265,7 @@ impl Export {
         *self.path.lock().expect("path lock") = path.to_path_buf();
         self.switch_route(Route::Local);
         self.route.release();
+        Ok(())
     }
 
     /// Image size.

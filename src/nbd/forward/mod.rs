@@ -424,17 +424,18 @@ mod tests {
         assert_eq!(next_expiry(&pending, hold), None);
     }
 
+    /// A loopback address nothing listens on (a port just bound and released).
+    fn unreachable_addr() -> String {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("127.0.0.1:{}", listener.local_addr().unwrap().port())
+    }
+
     // Goal: an engine opened while nothing listens at the destination starts (reconnecting),
     // holds a request for the whole hold and then fails it with EIO, and drops promptly.
     // Method: a port with no listener; a FLUSH with a 300 ms hold; timed.
     #[test]
     fn unreachable_destination_holds_then_fails_with_eio() {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let addr = format!("127.0.0.1:{port}");
+        let addr = unreachable_addr();
         let hold = Duration::from_millis(300);
         let mut engine = ForwardEngine::connect(&addr, "vm", 1 << 20, 4, hold).unwrap();
         let started = Instant::now();
@@ -466,12 +467,7 @@ mod tests {
     // it holds them. Method: capacity 1, destination unreachable, two submits.
     #[test]
     fn held_engine_is_full_at_capacity() {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let addr = format!("127.0.0.1:{port}");
+        let addr = unreachable_addr();
         let hold = Duration::from_secs(60);
         let mut engine = ForwardEngine::connect(&addr, "vm", 1 << 20, 1, hold).unwrap();
         let flush = |tag| IoRequest {
