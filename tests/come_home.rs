@@ -152,3 +152,96 @@ fn a_disk_comes_home_and_no_hop_remains() {
     assert_eq!(listed[0]["path"].as_str(), received.to_str(), "{listed:#}");
     assert!(listed[0].get("forwarding").is_none(), "{listed:#}");
 }
+
+// Goal: one hop at most. After A→B and B→C, A (which holds the guest's connection) forwards
+// straight to C, so B can be killed once its job is done; A's journal keeps that across a
+// restart. Method: a guest writing every 2 ms on one connection at A throughout; migrate
+// A→B, then B→C; B's job is done only after A answered (holder "re-pointed"); A's listing
+// forwards to C's NBD address; kill -9 B; the guest writes 1 s more; the ledger reads back
+// through its own connection; A restarts and the ledger reads back through a new one.
+#[test]
+fn a_chain_of_moves_leaves_one_hop() {
+    require("fio");
+    let keys = common::scratch_dir();
+    let key = write_key(keys.path());
+    let key = key.to_str().unwrap();
+    let a_dir = common::scratch_dir();
+    let image = a_dir.path().join("vm1.img");
+    sparse_image(&image, DISK_BYTES);
+    prefill(&image, 16 * MIB);
+    let [a_transfer, b_transfer, c_transfer] =
+        [(); 3].map(|()| format!("127.0.0.1:{}", free_port()));
+    let exports = vec![format!("vm1={},granularity=64K", image.display())];
+    let mut a = agent(a_dir, &exports, key, &a_transfer);
+    let mut b = agent(common::scratch_dir(), &[], key, &b_transfer);
+    let c = agent(common::scratch_dir(), &[], key, &c_transfer);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = guest(a.socket.clone(), stop.clone());
+    std::thread::sleep(Duration::from_millis(300));
+    let first = migrate(&a, &b_transfer, &[]);
+    assert_eq!(first["phase"], "done", "{first:#}\n{}", a.log());
+    std::thread::sleep(Duration::from_millis(300));
+    let second = migrate(&b, &c_transfer, &[]);
+    assert_eq!(second["phase"], "done", "{second:#}\nB:\n{}", b.log());
+    let told = second["holder"].as_str().unwrap_or_default();
+    assert!(told.ends_with("re-pointed"), "{second:#}\nA:\n{}", a.log());
+
+    let c_nbd = c.tcp.clone().expect("C serves NBD over TCP");
+    let forwarding_of = |agent: &AgentProc| {
+        let listed = agent.cli(&["export", "ls", "--json"]);
+        let listed: serde_json::Value = serde_json::from_str(&stdout(&listed)).unwrap();
+        listed[0]["forwarding"]["to"].as_str().map(str::to_owned)
+    };
+    assert_eq!(
+        forwarding_of(&a).as_deref(),
+        Some(c_nbd.as_str()),
+        "{}",
+        a.log()
+    );
+
+    b.kill();
+    std::thread::sleep(Duration::from_millis(1000));
+    stop.store(true, Ordering::Relaxed);
+    let (mut nbd, ledger) = writer.join().expect("the guest saw no error");
+    assert!(
+        ledger.len() > 100,
+        "the guest wrote {} blocks",
+        ledger.len()
+    );
+    check_ledger(&mut nbd, &ledger);
+    drop(nbd);
+
+    assert!(a.stop(), "A stops cleanly\n{}", a.log());
+    a.restart(
+        &exports,
+        &["--tcp", "--transfer", &a_transfer, "--cluster-key", key],
+    );
+    assert_eq!(
+        forwarding_of(&a).as_deref(),
+        Some(c_nbd.as_str()),
+        "{}",
+        a.log()
+    );
+    let mut nbd = NbdClient::connect_unix(&a.socket, "vm1").expect("connect after restart");
+    check_ledger(&mut nbd, &ledger);
+
+    // And home from the end of the chain: A holds the connection, so nothing is left to
+    // re-point (the answer says so) and A serves locally.
+    let home = migrate(&c, &a_transfer, &[]);
+    assert_eq!(
+        home["phase"],
+        "done",
+        "{home:#}
+C:
+{}
+A:
+{}",
+        c.log(),
+        a.log()
+    );
+    let told = home["holder"].as_str().unwrap_or_default();
+    assert!(told.ends_with("not forwarding"), "{home:#}");
+    assert_eq!(forwarding_of(&a), None, "{}", a.log());
+    check_ledger(&mut nbd, &ledger);
+}

@@ -8,11 +8,13 @@
 
 use std::sync::Arc;
 
-use crate::agent::exports::Exports;
+use super::exports::Exports;
+use super::holding;
 use crate::api::types::{AbortOutcome, DiskStatus, JobStatus, JournalJob, MigrateRequest};
 use crate::api::ControlError;
 use crate::disk::Export;
 use crate::error::error_chain;
+use crate::jobs::holder::HolderChoice;
 use crate::jobs::job::JobRequest;
 use crate::jobs::Jobs;
 use crate::journal::{JobView, Record, Role, SharedJournal, Side, SourcePhase};
@@ -33,12 +35,21 @@ pub struct Migrations {
     cluster_key: ClusterKey,
     /// Where every job records its steps.
     journal: SharedJournal,
+    /// This agent's block-stream address, as jobs name it to destinations when this agent
+    /// holds the guest's connection.
+    holder_addr: String,
 }
 
 impl Migrations {
     /// Migrations of `exports`, recorded in `journal`; new job ids continue above the
     /// highest the journal holds.
-    pub fn new(exports: Arc<Exports>, cluster_key: ClusterKey, journal: SharedJournal) -> Self {
+    /// `holder_addr` is this agent's block-stream address.
+    pub fn new(
+        exports: Arc<Exports>,
+        cluster_key: ClusterKey,
+        journal: SharedJournal,
+        holder_addr: String,
+    ) -> Self {
         let jobs = Jobs::new();
         if let Some(highest) = journal.views().iter().map(|view| view.job_id).max() {
             jobs.ids_above(highest);
@@ -48,7 +59,30 @@ impl Migrations {
             jobs,
             cluster_key,
             journal,
+            holder_addr,
         }
+    }
+
+    /// Who holds the guest's connection to `export`'s disk, for a new job or the resume of
+    /// `resume_job` (as its first run journaled it).
+    fn holder(&self, export: &str, resume_job: Option<u64>) -> HolderChoice {
+        let journaled = match resume_job {
+            Some(job_id) => {
+                self.journal
+                    .view(job_id, Role::Source)
+                    .and_then(|view| match view.side {
+                        Side::Source(source) => source.holder,
+                        Side::Target(_) => None,
+                    })
+            }
+            None => holding::holder_for(&self.journal, export),
+        };
+        journaled.map_or_else(
+            || HolderChoice::Here {
+                addr: self.holder_addr.clone(),
+            },
+            HolderChoice::Elsewhere,
+        )
     }
 
     /// A resume of `job_id` for `export` must continue an interrupted job of this export.
@@ -139,6 +173,7 @@ impl Migrations {
             ..SendOptions::default()
         };
         let key = self.cluster_key.clone();
+        let holder = self.holder(export.name(), request.resume_job);
         self.jobs
             .start(
                 export,
@@ -152,6 +187,7 @@ impl Migrations {
                     batch: request.batch.clone(),
                     resuming,
                     compare_digests,
+                    holder,
                 },
                 key,
                 request.resume_job,
@@ -233,5 +269,6 @@ pub fn target_spec(view: &JobView) -> TargetSpec {
         granularity_bytes: view.granularity_bytes,
         job_id: view.job_id,
         batch: view.batch.clone(),
+        holder: None,
     }
 }

@@ -8,6 +8,7 @@
 pub mod config;
 pub mod control;
 pub mod exports;
+pub mod holding;
 pub mod journal;
 pub mod migrations;
 pub mod moves;
@@ -129,6 +130,8 @@ impl Agent {
         let key = load_cluster_key(&config.cluster_key)?;
         // Before any client is served: forwarding and held writes come back first.
         journal::recover(&journal, &exports, &key, &config.image_dir);
+        // Holders not yet told where a disk went (stopped mid-way) are told again.
+        holding::resume_telling(&journal, &key);
         let options = SessionOptions {
             engine,
             queue_depth: config.queue_depth,
@@ -152,7 +155,7 @@ impl Agent {
         let control = Arc::new(AgentControl {
             exports: exports.clone(),
             trackers: Trackers::new(exports.clone()),
-            migrations: Migrations::new(exports.clone(), key, journal),
+            migrations: Migrations::new(exports.clone(), key, journal, transfer_addr.to_string()),
         });
         let api = api::serve(config.api, token, control).map_err(AgentError::Api)?;
         let api_addr = api.local_addr();

@@ -21,12 +21,16 @@ use std::time::{Duration, Instant};
 
 use ferry_sys::DirectFile;
 
-use crate::agent::exports::Exports;
+use super::exports::Exports;
 use crate::api::types::ExportSpec;
 use crate::dirty::DirtySet;
 use crate::journal::commit::{Answer, CommitDecision, CommitFence};
 use crate::journal::{Record, Role, SharedJournal, Side, TargetPhase, TargetView};
-use crate::transfer::{check_free_space, TargetError, TargetHost, TargetSpec, TargetState};
+use crate::transfer::{
+    check_free_space, Repoint, RepointOutcome, TargetError, TargetHost, TargetSpec, TargetState,
+};
+
+use super::holding;
 
 /// Least time between two records of a job's received blocks.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
@@ -124,6 +128,7 @@ impl Targets {
                 image_path: path.clone(),
             })
             .map_err(|err| TargetError::Journal(Box::new(err)))?;
+        self.record_holder(spec, source)?;
         match std::fs::metadata(&path) {
             Ok(meta) if meta.len() != spec.size_bytes => {
                 return Err(TargetError::WrongSize {
@@ -144,6 +149,36 @@ impl Targets {
         DirectFile::open(&path, true)
             .map(Arc::new)
             .map_err(TargetError::io("open", &path))
+    }
+}
+
+impl Targets {
+    /// Records who holds the guest's connection to the disk, unless this agent does (the
+    /// disk is coming home) or the source did not say.
+    fn record_holder(&self, spec: &TargetSpec, source: &str) -> Result<(), TargetError> {
+        let Some(holder) = &spec.holder else {
+            return Ok(());
+        };
+        if holding::is_holder_here(&self.journal, &spec.export, holder) {
+            return Ok(());
+        }
+        let holder = holding::holder_as_seen(holder, source);
+        let recorded = self
+            .journal
+            .view(spec.job_id, Role::Target)
+            .and_then(|view| match view.side {
+                Side::Target(target) => target.holder,
+                Side::Source(_) => None,
+            });
+        if recorded.as_ref() == Some(&holder) {
+            return Ok(());
+        }
+        self.journal
+            .append(&Record::TargetHolder {
+                job_id: spec.job_id,
+                holder,
+            })
+            .map_err(|err| TargetError::Journal(Box::new(err)))
     }
 }
 
@@ -248,6 +283,10 @@ impl TargetHost for Targets {
                 log::warn!("cannot remove aborted target {}: {err}", path.display());
             }
         }
+    }
+
+    fn repoint(&self, repoint: &Repoint) -> Result<RepointOutcome, TargetError> {
+        holding::repoint(&self.journal, &self.exports, repoint)
     }
 
     fn nbd_tcp(&self) -> Option<String> {

@@ -268,6 +268,16 @@ impl Export {
         Ok(())
     }
 
+    /// A forwarded disk moved on (a later switchover elsewhere): requests go to `route`
+    /// from now on. As in [`Export::adopt_image`], writes are held only for the swap, not
+    /// drained: sessions finish what they have in flight through the old route (whose agent
+    /// forwards it to the new one) before they open the new.
+    pub fn reroute(&self, route: Route) {
+        self.route.hold();
+        self.switch_route(route);
+        self.route.release();
+    }
+
     /// Image size.
     pub fn size_bytes(&self) -> u64 {
         self.size_bytes

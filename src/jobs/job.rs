@@ -24,6 +24,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use super::holder::HolderChoice;
 use crate::dirty::{DirtySet, Tracker, TrackerSpec};
 use crate::disk::Export;
 use crate::disk::Route;
@@ -142,6 +143,18 @@ impl JobEnv {
                 })
                 .map_err(JobError::Journal)?;
         }
+        let holder = request.holder.holder(job_id);
+        if let (Some(journal), false, HolderChoice::Elsewhere(_)) =
+            (&request.journal, request.resuming, &request.holder)
+        {
+            // Before the destination hears of the job: the switchover tells this holder.
+            journal
+                .append(&Record::SourceHolder {
+                    job_id,
+                    holder: holder.clone(),
+                })
+                .map_err(JobError::Journal)?;
+        }
         if let Some(journal) = &request.journal {
             // What this run was asked for, so that a resume without options continues alike.
             journal
@@ -180,6 +193,7 @@ impl JobEnv {
             granularity_bytes: export.granularity_bytes(),
             job_id,
             batch: request.batch.clone(),
+            holder: Some(holder),
         };
         let bandwidth_cap = send_options.bandwidth_bytes_per_s;
         let opened = Sender::connect(to, key, &target, send_options);
@@ -566,6 +580,9 @@ pub struct JobRequest {
     /// A resume: blocks whose content already matches at the destination (BLAKE3 per
     /// block) are not sent.
     pub compare_digests: bool,
+    /// Who holds the guest's connection to the disk: named in the `Open`, and told where
+    /// the disk went after the switchover when it is another agent.
+    pub holder: HolderChoice,
 }
 
 impl JobRequest {

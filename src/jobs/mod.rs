@@ -5,6 +5,7 @@
 //! authoritative when it failed, straight from the algorithm's error (never guessed); the
 //! reported guest write latency is measured by the export's sessions during the job.
 
+pub mod holder;
 pub mod job;
 
 use std::collections::BTreeMap;
@@ -19,6 +20,7 @@ use crate::journal::JobSettings;
 use crate::metrics::LatencySummary;
 use crate::migrate::{MigrateError, MigrationReport, Progress};
 use crate::transfer::ClusterKey;
+use holder::HolderChoice;
 use job::{JobEnv, JobRequest, VerifyOutcome};
 
 /// Where a job stands.
@@ -66,6 +68,11 @@ pub struct JobStatus {
     /// overrides); absent from agents that did not report it.
     #[serde(default)]
     pub settings: Option<JobSettings>,
+    /// The agent holding the guest's connection, when another one: told where the disk
+    /// went after the switchover ("telling ADDR", then its answer); the job is done once it
+    /// answered.
+    #[serde(default)]
+    pub holder: Option<String>,
 }
 
 impl JobStatus {
@@ -86,6 +93,7 @@ impl JobStatus {
             error: None,
             verify: None,
             settings: None,
+            holder: None,
         }
     }
 }
@@ -255,6 +263,24 @@ fn run_job(job: &Job, export: Arc<Export>, request: JobRequest, key: ClusterKey,
     status.verify = job.verify.lock().expect("verify lock").clone();
     status.guest_writes = export.counts().write_ops - write_ops_before;
     status.guest_write_latency_us = (during.count() > 0).then(|| during.summary());
+    if let (Ok(_), Some(journal), HolderChoice::Elsewhere(holder)) =
+        (&outcome, &request.journal, &request.holder)
+    {
+        status.phase = JobPhase::Running;
+        status.authoritative = "destination".into();
+        status.holder = Some(format!("telling {} (job {})", holder.addr, holder.job_id));
+        drop(status);
+        let told = holder::tell_holder(journal, &key, id);
+        status = job.status.lock().expect("status lock");
+        status.holder = told.map(|outcome| {
+            format!(
+                "{} (job {}): {}",
+                holder.addr,
+                holder.job_id,
+                outcome.as_str()
+            )
+        });
+    }
     match outcome {
         Ok(report) => {
             log::info!(

@@ -27,6 +27,7 @@ use super::JournalError;
 use crate::dirty::bitmap::checked_block_count;
 use crate::dirty::DirtySet;
 use crate::migrate::Policy;
+use crate::transfer::{Holder, RepointOutcome};
 
 /// Identifies a job in one agent's journal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -139,6 +140,14 @@ pub struct SourceView {
     /// The settings of the latest run (`SourceSettings`); `None` in journals written before
     /// settings were journaled (a resume then uses the defaults).
     pub settings: Option<JobSettings>,
+    /// Who holds the guest's connection to the disk, when it is another agent
+    /// (`SourceHolder`): told at the switchover where the disk went.
+    pub holder: Option<Holder>,
+    /// The holder's answer (`SourceHolderTold`); until then it may forward through here.
+    pub holder_told: Option<RepointOutcome>,
+    /// The moves of the latest `SourceRepointed` (0: never re-pointed; `forward_addr` is
+    /// then the job's own destination).
+    pub repointed_moves: u32,
 }
 
 /// What a target knows of its job.
@@ -155,6 +164,9 @@ pub struct TargetView {
     pub received: Option<DirtySet>,
     /// How many `TargetCreated` records resumed the job after the first.
     pub resumes: u32,
+    /// Who holds the guest's connection to the disk (`TargetHolder`), when another agent
+    /// does; `None` when this agent does (the disk came home) or the source did not say.
+    pub holder: Option<Holder>,
 }
 
 /// One side's state.
@@ -319,6 +331,19 @@ pub fn check(jobs: &JobViews, seq: u64, record: &Record) -> Result<(), JournalEr
         (Record::SourceFinished { .. }, Side::Source(source)) => {
             source.phase == SourcePhase::Switched
         }
+        (Record::SourceHolder { .. }, Side::Source(source)) => {
+            source.phase == SourcePhase::Copying && source.holder.is_none()
+        }
+        (Record::SourceRepointed { .. }, Side::Source(source)) => {
+            source.phase == SourcePhase::Switched
+        }
+        (Record::SourceHolderTold { .. }, Side::Source(source)) => {
+            matches!(source.phase, SourcePhase::Switched | SourcePhase::Finished)
+                && source.holder.is_some()
+        }
+        (Record::TargetHolder { .. }, Side::Target(target)) => {
+            target.phase == TargetPhase::Receiving
+        }
         (Record::TargetCommitted { .. } | Record::TargetAborted { .. }, Side::Target(target)) => {
             target.phase == TargetPhase::Receiving
         }
@@ -437,6 +462,26 @@ fn update(jobs: &mut JobViews, seq: u64, record: &Record) {
         (Record::SourceFinished { .. }, Side::Source(source)) => {
             source.phase = SourcePhase::Finished;
         }
+        (Record::SourceHolder { holder, .. }, Side::Source(source)) => {
+            source.holder = Some(holder.clone());
+        }
+        (
+            Record::SourceRepointed {
+                forward_addr,
+                moves,
+                ..
+            },
+            Side::Source(source),
+        ) => {
+            source.forward_addr = Some(forward_addr.clone());
+            source.repointed_moves = *moves;
+        }
+        (Record::SourceHolderTold { outcome, .. }, Side::Source(source)) => {
+            source.holder_told = Some(*outcome);
+        }
+        (Record::TargetHolder { holder, .. }, Side::Target(target)) => {
+            target.holder = Some(holder.clone());
+        }
         (Record::TargetReceived { received, .. }, Side::Target(target)) => {
             target.received = Some(received.clone());
         }
@@ -488,6 +533,9 @@ fn start(seq: u64, record: &Record) -> JobView {
                 forward_addr: None,
                 switchovers: 0,
                 settings: None,
+                holder: None,
+                holder_told: None,
+                repointed_moves: 0,
             }),
         ),
         Record::TargetCreated {
@@ -509,6 +557,7 @@ fn start(seq: u64, record: &Record) -> JobView {
                 image_path: image_path.clone(),
                 received: None,
                 resumes: 0,
+                holder: None,
             }),
         ),
         other => unreachable!("check refuses {} for an unknown job", other.kind_name()),

@@ -36,6 +36,12 @@
 //! | 1 | `hot_threshold` |
 //! | 1 | flags: bit 0 `mirror`, bit 1 `verify`, bit 2 `yield_to_guest`; other bits 0 |
 //!
+//! The holder records (kinds 8, 9, 10 and 20) came after that, the same way: a journal
+//! without them reads, and its jobs have no holder to tell (their disks may forward
+//! through more than one hop, as before). A holder is encoded as its address (string), its
+//! job id (`u64`) and its moves (`u64`, at most `u32::MAX`); a re-point outcome as one byte
+//! (1 = re-pointed, 2 = superseded, 3 = not forwarding).
+//!
 //! Invariants:
 //! - [`Record::decode`] never panics and never reads past the body: any byte string is a
 //!   record or an error naming the problem (a checksummed body can still be malformed when a
@@ -54,6 +60,7 @@ use crate::codec::{self, CodecError};
 use crate::dirty::bitmap::{checked_block_count, read_le_words, word_count_for};
 use crate::dirty::DirtySet;
 use crate::migrate::Policy;
+use crate::transfer::{Holder, RepointOutcome};
 
 const KIND_SOURCE_STARTED: u8 = 1;
 const KIND_SOURCE_SWITCHOVER_BEGUN: u8 = 2;
@@ -62,10 +69,14 @@ const KIND_SOURCE_SWITCHED: u8 = 4;
 const KIND_SOURCE_ABORTED: u8 = 5;
 const KIND_SOURCE_FINISHED: u8 = 6;
 const KIND_SOURCE_SETTINGS: u8 = 7;
+const KIND_SOURCE_HOLDER: u8 = 8;
+const KIND_SOURCE_REPOINTED: u8 = 9;
+const KIND_SOURCE_HOLDER_TOLD: u8 = 10;
 const KIND_TARGET_CREATED: u8 = 16;
 const KIND_TARGET_RECEIVED: u8 = 17;
 const KIND_TARGET_COMMITTED: u8 = 18;
 const KIND_TARGET_ABORTED: u8 = 19;
+const KIND_TARGET_HOLDER: u8 = 20;
 
 const POLICY_HEAT: u8 = 1;
 const POLICY_NAIVE: u8 = 2;
@@ -107,6 +118,34 @@ pub enum Record {
         job_id: u64,
         /// Its settings.
         settings: JobSettings,
+    },
+    /// The disk this job moves arrived here from elsewhere, and `holder` holds the guest's
+    /// connection to it: at the switchover it is told where the disk went. Appended right
+    /// after `SourceStarted`, before the destination is contacted.
+    SourceHolder {
+        /// The job.
+        job_id: u64,
+        /// Who to tell.
+        holder: Holder,
+    },
+    /// This agent holds the guest's connection and forwarded it to this job's destination;
+    /// the disk has moved on since (a later switchover elsewhere): it forwards to
+    /// `forward_addr` now. Appended before the route switches.
+    SourceRepointed {
+        /// The job (the one that first moved the disk away from here).
+        job_id: u64,
+        /// Where the disk is served now.
+        forward_addr: String,
+        /// The move that put it there (a later re-point with fewer moves is older).
+        moves: u32,
+    },
+    /// The holder answered the re-point of this job's switchover: nothing forwards through
+    /// this agent for this job's disk any more (other than guests connected here).
+    SourceHolderTold {
+        /// The job.
+        job_id: u64,
+        /// What the holder did.
+        outcome: RepointOutcome,
     },
     /// Guest writes are held and the commit is about to be sent: from here until
     /// `SourceSwitched` or `SourceSwitchoverCancelled` the source does not know which side is
@@ -182,6 +221,14 @@ pub enum Record {
         job_id: u64,
         /// Why.
         reason: String,
+    },
+    /// Who holds the guest's connection to the disk being received (the `Open` said so and
+    /// this agent is not that holder): a later move of the disk from here tells it.
+    TargetHolder {
+        /// The job.
+        job_id: u64,
+        /// The holder.
+        holder: Holder,
     },
 }
 
@@ -264,6 +311,10 @@ impl Record {
             | Self::SourceAborted { job_id, .. }
             | Self::SourceFinished { job_id }
             | Self::SourceSettings { job_id, .. }
+            | Self::SourceHolder { job_id, .. }
+            | Self::SourceRepointed { job_id, .. }
+            | Self::SourceHolderTold { job_id, .. }
+            | Self::TargetHolder { job_id, .. }
             | Self::TargetCreated { job_id, .. }
             | Self::TargetReceived { job_id, .. }
             | Self::TargetCommitted { job_id }
@@ -280,8 +331,12 @@ impl Record {
             | Self::SourceSwitched { .. }
             | Self::SourceAborted { .. }
             | Self::SourceFinished { .. }
-            | Self::SourceSettings { .. } => Role::Source,
-            Self::TargetCreated { .. }
+            | Self::SourceSettings { .. }
+            | Self::SourceHolder { .. }
+            | Self::SourceRepointed { .. }
+            | Self::SourceHolderTold { .. } => Role::Source,
+            Self::TargetHolder { .. }
+            | Self::TargetCreated { .. }
             | Self::TargetReceived { .. }
             | Self::TargetCommitted { .. }
             | Self::TargetAborted { .. } => Role::Target,
@@ -298,6 +353,10 @@ impl Record {
             Self::SourceAborted { .. } => "SourceAborted",
             Self::SourceFinished { .. } => "SourceFinished",
             Self::SourceSettings { .. } => "SourceSettings",
+            Self::SourceHolder { .. } => "SourceHolder",
+            Self::SourceRepointed { .. } => "SourceRepointed",
+            Self::SourceHolderTold { .. } => "SourceHolderTold",
+            Self::TargetHolder { .. } => "TargetHolder",
             Self::TargetCreated { .. } => "TargetCreated",
             Self::TargetReceived { .. } => "TargetReceived",
             Self::TargetCommitted { .. } => "TargetCommitted",
@@ -371,6 +430,10 @@ impl Record {
                 writer.u64(*job_id);
                 writer.str(reason);
             }
+            Self::SourceHolder { .. }
+            | Self::SourceRepointed { .. }
+            | Self::SourceHolderTold { .. }
+            | Self::TargetHolder { .. } => self.encode_holding(&mut writer),
         }
         // Pair assertion: what we write is what decode accepts.
         debug_assert!(Self::decode(&out[start..]).is_ok_and(|read| read == *self));
@@ -403,6 +466,40 @@ impl Record {
                 encode_set(received, writer);
             }
             _ => unreachable!("only TargetCreated and TargetReceived"),
+        }
+    }
+
+    /// The records of the guest connection's holder.
+    fn encode_holding(&self, writer: &mut Writer<'_>) {
+        match self {
+            Self::SourceHolder { job_id, holder } | Self::TargetHolder { job_id, holder } => {
+                let kind = if matches!(self, Self::SourceHolder { .. }) {
+                    KIND_SOURCE_HOLDER
+                } else {
+                    KIND_TARGET_HOLDER
+                };
+                writer.u8(kind);
+                writer.u64(*job_id);
+                writer.str(&holder.addr);
+                writer.u64(holder.job_id);
+                writer.u64(u64::from(holder.moves));
+            }
+            Self::SourceRepointed {
+                job_id,
+                forward_addr,
+                moves,
+            } => {
+                writer.u8(KIND_SOURCE_REPOINTED);
+                writer.u64(*job_id);
+                writer.str(forward_addr);
+                writer.u64(u64::from(*moves));
+            }
+            Self::SourceHolderTold { job_id, outcome } => {
+                writer.u8(KIND_SOURCE_HOLDER_TOLD);
+                writer.u64(*job_id);
+                writer.u8(outcome_byte(*outcome));
+            }
+            _ => unreachable!("only the holder records"),
         }
     }
 
@@ -459,6 +556,23 @@ impl Record {
                 job_id,
                 reason: fields.string()?,
             },
+            KIND_SOURCE_HOLDER => Self::SourceHolder {
+                job_id,
+                holder: fields.holder()?,
+            },
+            KIND_TARGET_HOLDER => Self::TargetHolder {
+                job_id,
+                holder: fields.holder()?,
+            },
+            KIND_SOURCE_REPOINTED => Self::SourceRepointed {
+                job_id,
+                forward_addr: fields.string()?,
+                moves: fields.u32()?,
+            },
+            KIND_SOURCE_HOLDER_TOLD => Self::SourceHolderTold {
+                job_id,
+                outcome: outcome_of(fields.u8()?)?,
+            },
             other => return Err(format!("unknown record kind {other}")),
         };
         if !fields.reader.is_empty() {
@@ -469,6 +583,23 @@ impl Record {
             ));
         }
         Ok(record)
+    }
+}
+
+fn outcome_byte(outcome: RepointOutcome) -> u8 {
+    match outcome {
+        RepointOutcome::Repointed => 1,
+        RepointOutcome::Superseded => 2,
+        RepointOutcome::NotForwarding => 3,
+    }
+}
+
+fn outcome_of(byte: u8) -> Result<RepointOutcome, String> {
+    match byte {
+        1 => Ok(RepointOutcome::Repointed),
+        2 => Ok(RepointOutcome::Superseded),
+        3 => Ok(RepointOutcome::NotForwarding),
+        other => Err(format!("unknown re-point outcome {other}")),
     }
 }
 
@@ -549,6 +680,20 @@ impl<'a> Fields<'a> {
     fn string(&mut self) -> Result<String, String> {
         let bytes = self.bytes()?;
         String::from_utf8(bytes.to_vec()).map_err(|_| "string is not UTF-8".to_owned())
+    }
+
+    /// A `u64` field that must fit in 32 bits.
+    fn u32(&mut self) -> Result<u32, String> {
+        let value = self.u64()?;
+        u32::try_from(value).map_err(|_| format!("{value} does not fit in 32 bits"))
+    }
+
+    fn holder(&mut self) -> Result<Holder, String> {
+        Ok(Holder {
+            addr: self.string()?,
+            job_id: self.u64()?,
+            moves: self.u32()?,
+        })
     }
 
     fn optional_string(&mut self) -> Result<Option<String>, String> {
@@ -873,6 +1018,35 @@ mod tests {
             Record::TargetAborted {
                 job_id: 10,
                 reason: String::new(),
+            },
+            Record::SourceHolder {
+                job_id: 11,
+                holder: Holder {
+                    addr: "10.0.0.1:7451".into(),
+                    job_id: 3,
+                    moves: 1,
+                },
+            },
+            Record::TargetHolder {
+                job_id: 12,
+                holder: Holder {
+                    addr: String::new(),
+                    job_id: u64::MAX,
+                    moves: u32::MAX,
+                },
+            },
+            Record::SourceRepointed {
+                job_id: 3,
+                forward_addr: "10.0.0.3:10809".into(),
+                moves: 2,
+            },
+            Record::SourceHolderTold {
+                job_id: 11,
+                outcome: RepointOutcome::Repointed,
+            },
+            Record::SourceHolderTold {
+                job_id: 11,
+                outcome: RepointOutcome::NotForwarding,
             },
         ]
     }

@@ -87,6 +87,77 @@ pub struct TargetSpec {
     pub job_id: u64,
     /// Batch the job belongs to, if any (≤ 64 bytes; journal grouping).
     pub batch: Option<String>,
+    /// The agent that holds the guest's connection to this disk (absent from older
+    /// sources): the destination tells it at its own later switchover where the disk went.
+    pub holder: Option<Holder>,
+}
+
+/// The agent holding the guest's connection to a disk that has moved away from it: it
+/// forwards the guest's requests to whichever agent holds the disk, and is told at every
+/// later switchover so that the hop stays one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder {
+    /// Its block-stream address (≤ 1024 bytes).
+    pub addr: String,
+    /// Its job that first moved the disk away: the forwarding that is re-pointed.
+    pub job_id: u64,
+    /// Switchovers of the disk since (and including) the holder's own: of two re-points,
+    /// the one with more moves is the newer.
+    pub moves: u32,
+}
+
+/// A disk the holder forwards to has moved on (a later switchover): forward to `nbd_tcp`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Repoint {
+    /// The holder's job (its [`Holder::job_id`]).
+    pub job_id: u64,
+    /// The export, as the holder serves it.
+    pub export: String,
+    /// The disk's size: a holder refuses a re-point to a disk of another size.
+    pub size_bytes: u64,
+    /// Where the disk is served now (NBD over TCP).
+    pub nbd_tcp: String,
+    /// The move that put it there ([`Holder::moves`] of that move).
+    pub moves: u32,
+}
+
+/// What a holder did with a [`Repoint`]; each is final for the agent that asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RepointOutcome {
+    /// It forwards to the new address now (or already did).
+    Repointed,
+    /// A newer move already re-pointed it; this one is ignored.
+    Superseded,
+    /// It no longer forwards that disk under that job (it came home, or was removed).
+    NotForwarding,
+}
+
+impl RepointOutcome {
+    fn to_wire(self) -> u8 {
+        match self {
+            Self::Repointed => 1,
+            Self::Superseded => 2,
+            Self::NotForwarding => 3,
+        }
+    }
+
+    fn from_wire(value: u8) -> Option<Self> {
+        Some(match value {
+            1 => Self::Repointed,
+            2 => Self::Superseded,
+            3 => Self::NotForwarding,
+            _ => return None,
+        })
+    }
+
+    /// Lower-case name for logs and status.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Repointed => "re-pointed",
+            Self::Superseded => "superseded",
+            Self::NotForwarding => "not forwarding",
+        }
+    }
 }
 
 /// A job's state in the destination's journal, as [`Frame::QueryOk`] carries it.
@@ -307,6 +378,16 @@ pub enum Frame {
         /// Where the destination serves NBD over TCP (a source forwards there).
         nbd_tcp: Option<String>,
     },
+    /// Instead of Open: to the agent holding a disk's guest connection, from the agent
+    /// that just switched the disk over to another: forward there now.
+    Repoint(Repoint),
+    /// The answer to Repoint; the connection ends after it.
+    RepointOk {
+        /// The Repoint's job.
+        job_id: u64,
+        /// What the holder did.
+        outcome: RepointOutcome,
+    },
     /// Drop the target (source side), or the acknowledgment of that (destination side).
     Abort,
     /// The sender of this frame stops; the connection closes after it.
@@ -342,8 +423,10 @@ mod kind {
     pub const QUERY: u8 = 18;
     pub const QUERY_OK: u8 = 19;
     pub const DIGESTS: u8 = 20;
-    /// The last kind: [`super::decode_header`] accepts `HELLO..=DIGESTS_OK`.
     pub const DIGESTS_OK: u8 = 21;
+    pub const REPOINT: u8 = 22;
+    /// The last kind: [`super::decode_header`] accepts `HELLO..=REPOINT_OK`.
+    pub const REPOINT_OK: u8 = 23;
 }
 
 /// Why bytes are not a frame.
@@ -411,7 +494,7 @@ pub fn decode_header(bytes: &[u8; HEADER_BYTES]) -> Result<FrameHeader, FrameErr
         data_len: be_u32(&bytes[12..16]),
         meta_crc: be_u32(&bytes[16..20]),
     };
-    if !(kind::HELLO..=kind::DIGESTS_OK).contains(&header.kind) {
+    if !(kind::HELLO..=kind::REPOINT_OK).contains(&header.kind) {
         return Err(FrameError::UnknownKind(header.kind));
     }
     if be_u16(&bytes[6..8]) != 0 {
@@ -542,6 +625,18 @@ pub fn decode_meta(header: &FrameHeader, meta: &[u8]) -> Result<Frame, FrameErro
             received_blocks: fields.u64_be()?,
             nbd_tcp: optional_string(&mut fields, "nbd_tcp flag")?,
         },
+        kind::REPOINT => Frame::Repoint(Repoint {
+            job_id: fields.u64_be()?,
+            size_bytes: fields.u64_be()?,
+            moves: fields.u32_be()?,
+            export: read_string(&mut fields, MAX_EXPORT_BYTES)?,
+            nbd_tcp: read_string(&mut fields, MAX_MESSAGE_BYTES)?,
+        }),
+        kind::REPOINT_OK => Frame::RepointOk {
+            job_id: fields.u64_be()?,
+            outcome: RepointOutcome::from_wire(fields.u8()?)
+                .ok_or(FrameError::BadField("outcome"))?,
+        },
         kind::ERROR => Frame::Error {
             code: ErrorCode::from_wire(fields.u16_be()?).ok_or(FrameError::BadField("code"))?,
             offset_bytes: fields.u64_be()?,
@@ -625,6 +720,12 @@ fn encode_meta(frame: &Frame, out: &mut Vec<u8>) -> (u8, u32) {
             out.push(u8::from(spec.batch.is_some()));
             if let Some(batch) = &spec.batch {
                 put_string(out, batch, MAX_EXPORT_BYTES);
+            }
+            if let Some(holder) = &spec.holder {
+                out.push(1);
+                put_string(out, &holder.addr, MAX_MESSAGE_BYTES);
+                out.extend_from_slice(&holder.job_id.to_be_bytes());
+                out.extend_from_slice(&holder.moves.to_be_bytes());
             }
             (kind::OPEN, 0)
         }
@@ -733,6 +834,19 @@ fn encode_meta(frame: &Frame, out: &mut Vec<u8>) -> (u8, u32) {
             put_optional_string(out, nbd_tcp.as_deref());
             (kind::QUERY_OK, 0)
         }
+        Frame::Repoint(repoint) => {
+            out.extend_from_slice(&repoint.job_id.to_be_bytes());
+            out.extend_from_slice(&repoint.size_bytes.to_be_bytes());
+            out.extend_from_slice(&repoint.moves.to_be_bytes());
+            put_string(out, &repoint.export, MAX_EXPORT_BYTES);
+            put_string(out, &repoint.nbd_tcp, MAX_MESSAGE_BYTES);
+            (kind::REPOINT, 0)
+        }
+        Frame::RepointOk { job_id, outcome } => {
+            out.extend_from_slice(&job_id.to_be_bytes());
+            out.push(outcome.to_wire());
+            (kind::REPOINT_OK, 0)
+        }
         Frame::Error {
             code,
             offset_bytes,
@@ -769,12 +883,26 @@ fn decode_spec(fields: &mut codec::Reader<'_>) -> Result<TargetSpec, FrameError>
         1 => Some(read_string(fields, MAX_EXPORT_BYTES)?),
         _ => return Err(FrameError::BadField("batch flag")),
     };
+    // Older sources end the Open here.
+    let holder = if fields.is_empty() {
+        None
+    } else {
+        match fields.u8()? {
+            1 => Some(Holder {
+                addr: read_string(fields, MAX_MESSAGE_BYTES)?,
+                job_id: fields.u64_be()?,
+                moves: fields.u32_be()?,
+            }),
+            _ => return Err(FrameError::BadField("holder flag")),
+        }
+    };
     Ok(TargetSpec {
         export,
         size_bytes,
         granularity_bytes,
         job_id,
         batch,
+        holder,
     })
 }
 
@@ -861,7 +989,39 @@ mod tests {
                 granularity_bytes: 65536,
                 job_id: 42,
                 batch: Some("evacuate-a".into()),
+                holder: None,
             }),
+            Frame::Open(TargetSpec {
+                export: "vm1".into(),
+                size_bytes: 1 << 30,
+                granularity_bytes: 4096,
+                job_id: 43,
+                batch: None,
+                holder: Some(Holder {
+                    addr: "10.0.0.1:7451".into(),
+                    job_id: 7,
+                    moves: 2,
+                }),
+            }),
+            Frame::Repoint(Repoint {
+                job_id: 7,
+                export: "vm1".into(),
+                size_bytes: 1 << 30,
+                nbd_tcp: "10.0.0.3:10809".into(),
+                moves: 3,
+            }),
+            Frame::RepointOk {
+                job_id: 7,
+                outcome: RepointOutcome::Repointed,
+            },
+            Frame::RepointOk {
+                job_id: 7,
+                outcome: RepointOutcome::Superseded,
+            },
+            Frame::RepointOk {
+                job_id: 7,
+                outcome: RepointOutcome::NotForwarding,
+            },
             Frame::OpenOk { nbd_tcp: None },
             Frame::OpenOk {
                 nbd_tcp: Some("10.0.0.2:10809".into()),
@@ -955,6 +1115,7 @@ mod tests {
             granularity_bytes: 4096,
             job_id: 1,
             batch: None,
+            holder: None,
         }));
         assert!(decode(&bytes).is_ok());
         // Rewrite the name length to 65 and fix both checksums: still refused (TooLong).
@@ -991,6 +1152,7 @@ mod tests {
             granularity_bytes: 4096,
             job_id: 1,
             batch: None,
+            holder: None,
         }));
         let refused = Err(FrameError::BadField("too many blocks for the granularity"));
         assert_eq!(decode(&huge), refused);

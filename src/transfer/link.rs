@@ -33,6 +33,8 @@ pub(crate) fn frame_name(frame: &Frame) -> &'static str {
         Frame::Digests { .. } => "Digests",
         Frame::DigestsOk { .. } => "DigestsOk",
         Frame::QueryOk { .. } => "QueryOk",
+        Frame::Repoint(_) => "Repoint",
+        Frame::RepointOk { .. } => "RepointOk",
         Frame::Abort => "Abort",
         Frame::Error { .. } => "Error",
     }

@@ -18,6 +18,10 @@
 //!   ◄────────────────────────────────────── CommitOk{seq}   (destination authoritative)
 //!   either side, any time: Error{code, offset, message}, then close
 //!
+//!  instead of Open, to the agent holding the guest's connection, after a later switchover:
+//!   ── Repoint{job, export, size, nbd_tcp, moves} ────►  journal, forward to nbd_tcp
+//!   ◄──────────────────────────── RepointOk{job, outcome}   close
+//!
 //!  instead of Open (status, or a source in doubt after a lost CommitOk):
 //!   ── Query{job, finalize} ─────────────────────────────►  journal lookup (finalize: make
 //!   ◄──────────────────── QueryOk{job, state, received}     "not committed" final), close
@@ -40,6 +44,7 @@ mod outbound;
 pub mod pace;
 pub mod peer;
 pub mod recv;
+pub mod repoint;
 pub mod send;
 
 use std::io;
@@ -47,7 +52,9 @@ use std::path::PathBuf;
 
 use thiserror::Error;
 
-pub use frame::{ErrorCode, Frame, FrameError, Role, TargetSpec, TargetState};
+pub use frame::{
+    ErrorCode, Frame, FrameError, Holder, Repoint, RepointOutcome, Role, TargetSpec, TargetState,
+};
 pub use key::ClusterKey;
 pub use outbound::MirrorLink;
 pub use pace::Pacer;

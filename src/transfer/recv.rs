@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use ferry_sys::{DirectFile, DIRECT_ALIGN};
 
-use super::frame::{ErrorCode, Frame, Role, TargetSpec, TargetState};
+use super::frame::{ErrorCode, Frame, Repoint, RepointOutcome, Role, TargetSpec, TargetState};
 use super::link::{self, read_frame, unexpected, write_frame};
 use super::{ClusterKey, TransferError};
 use crate::dirty::{DirtyBitmap, DirtySet};
@@ -127,6 +127,10 @@ pub trait TargetHost: Send + Sync {
     /// The stream that `create_target` accepted has ended and every write it submitted
     /// has completed: another stream may fill the target now.
     fn end_stream(&self, spec: &TargetSpec);
+    /// This agent holds the guest's connection to a disk it forwards, which has moved on:
+    /// forward to the new holder of the disk (durably, before answering), unless a newer
+    /// move already did or it no longer forwards that disk under that job.
+    fn repoint(&self, repoint: &Repoint) -> Result<RepointOutcome, TargetError>;
 }
 
 /// Refuses when the filesystem holding `dir` has fewer than `need_bytes` available.
@@ -344,7 +348,11 @@ fn serve_connection(
             write_frame(&mut stream, &reply, &mut Vec::new())?;
             return Ok("queried");
         }
-        Ok(other) => return Err(fail(&mut stream, unexpected(other, "Open or Query"))),
+        Ok(Frame::Repoint(repoint)) => return answer_repoint(&mut stream, host, &repoint),
+        Ok(other) => {
+            let expected = "Open, Query or Repoint";
+            return Err(fail(&mut stream, unexpected(other, expected)));
+        }
         Err(err) => return Err(fail(&mut stream, err)),
     };
     let source = stream
@@ -388,6 +396,34 @@ fn serve_connection(
             Err(err)
         }
         (Err(err), _) | (Ok(_), Err(err)) => Err(fail(&mut stream, err)),
+    }
+}
+
+/// Answers a [`Frame::Repoint`]; the connection ends after it.
+fn answer_repoint(
+    stream: &mut TcpStream,
+    host: &dyn TargetHost,
+    repoint: &Repoint,
+) -> Result<&'static str, TransferError> {
+    match host.repoint(repoint) {
+        Ok(outcome) => {
+            let reply = Frame::RepointOk {
+                job_id: repoint.job_id,
+                outcome,
+            };
+            write_frame(stream, &reply, &mut Vec::new())?;
+            Ok(outcome.as_str())
+        }
+        Err(err) => {
+            log::warn!(
+                "re-point of export {} (job {}) refused: {}",
+                repoint.export,
+                repoint.job_id,
+                crate::error::error_chain(&err)
+            );
+            let reason = err.to_string();
+            Err(fail(stream, TransferError::Refused { reason }))
+        }
     }
 }
 

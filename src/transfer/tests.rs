@@ -24,6 +24,7 @@ struct DirHost {
     refuse: Option<String>,
     committed: Mutex<Vec<String>>,
     aborted: Mutex<Vec<String>>,
+    repointed: Mutex<Vec<Repoint>>,
 }
 
 impl DirHost {
@@ -73,6 +74,14 @@ impl TargetHost for DirHost {
     fn checkpoint(&self, _spec: &TargetSpec, _received: &crate::dirty::DirtySet) {}
 
     fn end_stream(&self, _spec: &TargetSpec) {}
+
+    fn repoint(&self, repoint: &Repoint) -> Result<RepointOutcome, TargetError> {
+        if let Some(reason) = &self.refuse {
+            return Err(TargetError::Refused(reason.clone()));
+        }
+        self.repointed.lock().unwrap().push(repoint.clone());
+        Ok(RepointOutcome::Repointed)
+    }
 
     fn query(&self, _job_id: u64, _finalize: bool) -> (TargetState, u64) {
         if self.committed.lock().unwrap().is_empty() {
@@ -146,6 +155,7 @@ fn spec(export: &str, size_bytes: u64) -> TargetSpec {
         granularity_bytes: 65536,
         job_id: 7,
         batch: None,
+        holder: None,
     }
 }
 
@@ -462,4 +472,38 @@ fn mirrored_writes_racing_the_copy_land_last() {
         .zip(&target_bytes)
         .position(|(a, b)| a != b);
     assert_eq!(first_difference, None, "after {writes} mirrored writes");
+}
+
+// Goal: a re-point crosses the block stream to the holder's host, authenticated, and its
+// answer comes back; a refusal is an error naming the reason, and a wrong key gets nothing
+// through. Method: repoint::tell_holder against a real receiver with a recording host.
+#[test]
+fn repoint_reaches_the_holder() {
+    let s = setup(MIB, &[], None);
+    let repoint = Repoint {
+        job_id: 3,
+        export: "vm1".into(),
+        size_bytes: MIB,
+        nbd_tcp: "127.0.0.1:10810".into(),
+        moves: 2,
+    };
+    let timeout = std::time::Duration::from_secs(5);
+    let outcome = repoint::tell_holder(s.server.local_addr(), &s.key, &repoint, timeout);
+    assert_eq!(outcome.unwrap(), RepointOutcome::Repointed);
+    assert_eq!(*s.host.repointed.lock().unwrap(), vec![repoint.clone()]);
+
+    let wrong = ClusterKey::from_bytes([0x43; 32]);
+    let err = repoint::tell_holder(s.server.local_addr(), &wrong, &repoint, timeout);
+    assert!(matches!(err, Err(TransferError::Auth { .. })), "{err:?}");
+    assert_eq!(s.host.repointed.lock().unwrap().len(), 1);
+
+    let refusing = setup(MIB, &[], Some("size differs".into()));
+    let err = repoint::tell_holder(
+        refusing.server.local_addr(),
+        &refusing.key,
+        &repoint,
+        timeout,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("size differs"), "{err}");
 }
