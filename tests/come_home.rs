@@ -1,9 +1,11 @@
-//! A disk comes home: after A→B, the agent that holds the guest's connection (A, which
-//! forwards to B) takes the disk back with `ferry migrate vm1 --to A` at B, and from the
-//! switchover on serves it from a new local image: no hop remains, so B can go away.
+//! A disk comes home, and a chain of moves leaves one hop: after A→B, the agent that holds
+//! the guest's connection (A, which forwards to B) takes the disk back with
+//! `ferry migrate vm1 --to A` at B, and from the switchover on serves it from a new local
+//! image; after A→B→C, B tells A where the disk went and A forwards straight to C. Either way
+//! B can go away.
 //!
 //! How this proves no acknowledged write is lost: one guest connection at A writes
-//! throughout both migrations, keeping a ledger of every write the agent acknowledged (block
+//! throughout the migrations, keeping a ledger of every write the agent acknowledged (block
 //! -> generation, never two writes of one block in flight); after B is killed and again after
 //! A restarts, every block of the ledger reads back with its last acknowledged generation.
 
@@ -188,13 +190,8 @@ fn a_chain_of_moves_leaves_one_hop() {
     assert!(told.ends_with("re-pointed"), "{second:#}\nA:\n{}", a.log());
 
     let c_nbd = c.tcp.clone().expect("C serves NBD over TCP");
-    let forwarding_of = |agent: &AgentProc| {
-        let listed = agent.cli(&["export", "ls", "--json"]);
-        let listed: serde_json::Value = serde_json::from_str(&stdout(&listed)).unwrap();
-        listed[0]["forwarding"]["to"].as_str().map(str::to_owned)
-    };
     assert_eq!(
-        forwarding_of(&a).as_deref(),
+        forwarding_to(&a).as_deref(),
         Some(c_nbd.as_str()),
         "{}",
         a.log()
@@ -218,7 +215,7 @@ fn a_chain_of_moves_leaves_one_hop() {
         &["--tcp", "--transfer", &a_transfer, "--cluster-key", key],
     );
     assert_eq!(
-        forwarding_of(&a).as_deref(),
+        forwarding_to(&a).as_deref(),
         Some(c_nbd.as_str()),
         "{}",
         a.log()
@@ -242,6 +239,76 @@ A:
     );
     let told = home["holder"].as_str().unwrap_or_default();
     assert!(told.ends_with("not forwarding"), "{home:#}");
-    assert_eq!(forwarding_of(&a), None, "{}", a.log());
+    assert_eq!(forwarding_to(&a), None, "{}", a.log());
     check_ledger(&mut nbd, &ledger);
+}
+
+/// The `forwarding.to` of vm1 in `agent`'s listing, if it forwards.
+fn forwarding_to(agent: &AgentProc) -> Option<String> {
+    let listed = agent.cli(&["export", "ls", "--json"]);
+    let listed: serde_json::Value = serde_json::from_str(&stdout(&listed)).unwrap();
+    listed[0]["forwarding"]["to"].as_str().map(str::to_owned)
+}
+
+// Goal: a holder that is away when the disk moves on is told once it is back, even when
+// the agent that must tell it restarted meanwhile (the telling is journaled, and resumes).
+// Method: A→B; stop A; B→C switches over, and B's job stays running ("telling A"); stop B;
+// start A (it forwards to B, which is down, and holds); start B: it tells A, which then
+// forwards to C; a new guest connection at A writes and reads back through C.
+#[test]
+fn an_away_holder_is_told_when_it_is_back() {
+    let keys = common::scratch_dir();
+    let key = write_key(keys.path());
+    let key = key.to_str().unwrap();
+    let a_dir = common::scratch_dir();
+    let image = a_dir.path().join("vm1.img");
+    sparse_image(&image, DISK_BYTES);
+    prefill(&image, 4 * MIB);
+    let [a_transfer, b_transfer, c_transfer] =
+        [(); 3].map(|()| format!("127.0.0.1:{}", free_port()));
+    let exports = vec![format!("vm1={},granularity=64K", image.display())];
+    let flags =
+        |transfer: &str| ["--tcp", "--transfer", transfer, "--cluster-key", key].map(str::to_owned);
+    let mut a = agent(a_dir, &exports, key, &a_transfer);
+    let mut b = agent(common::scratch_dir(), &[], key, &b_transfer);
+    let c = agent(common::scratch_dir(), &[], key, &c_transfer);
+    let first = migrate(&a, &b_transfer, &[]);
+    assert_eq!(first["phase"], "done", "{first:#}\n{}", a.log());
+    assert!(a.stop(), "A stops cleanly\n{}", a.log());
+
+    let started = migrate(&b, &c_transfer, &["--no-wait"]);
+    let job = started["id"].to_string();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let telling = loop {
+        let listed: serde_json::Value =
+            serde_json::from_str(&stdout(&b.cli(&["jobs", &job, "--json"]))).unwrap();
+        let status = listed[0].clone();
+        let holder = status["holder"].as_str().unwrap_or_default().to_owned();
+        if holder.starts_with("telling") || std::time::Instant::now() > deadline {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(telling["phase"], "running", "{telling:#}\n{}", b.log());
+    assert_eq!(telling["authoritative"], "destination", "{telling:#}");
+    assert!(b.stop(), "B stops cleanly\n{}", b.log());
+
+    a.restart(&exports, &flags(&a_transfer).each_ref().map(String::as_str));
+    b.restart(&[], &flags(&b_transfer).each_ref().map(String::as_str));
+    let c_nbd = c.tcp.clone().expect("C serves NBD over TCP");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while forwarding_to(&a).as_deref() != Some(c_nbd.as_str()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "A not re-pointed to C\nA:\n{}\nB:\n{}",
+            a.log(),
+            b.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut nbd = NbdClient::connect_unix(&a.socket, "vm1").expect("connect at A");
+    nbd.write_at(0, &pattern(0, 1))
+        .expect("write through A to C");
+    assert_eq!(nbd.read_at(0, BLOCK_BYTES as u32).unwrap(), pattern(0, 1));
+    drop(b);
 }

@@ -99,6 +99,9 @@ pub fn render(status: &JobStatus) -> String {
     if let Some(settings) = &status.settings {
         out.push_str(&settings_line(settings));
     }
+    if let Some(holder) = &status.holder {
+        out.push_str(&format!("holder of the guest's connection: {holder}\n"));
+    }
     if let Some(r) = &status.report {
         out.push_str(&format!(
             "policy {}: disk {}, allocated {}, sent {} data + {} zero{}, amplification {:.3}\n",

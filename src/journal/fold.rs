@@ -720,6 +720,100 @@ mod tests {
     }
 
     #[test]
+    fn holder_records_choose_where_the_holder_forwards() {
+        // Goal: the holder records fold into the views without changing a phase: a job's
+        // holder and its answer, a target's holder, and a re-point that replaces the forward
+        // address with its move count; each only where it belongs. Method: fold the
+        // sequences, then apply each record in a phase that refuses it.
+        let holder = Holder {
+            addr: "10.0.0.1:7451".into(),
+            job_id: 3,
+            moves: 2,
+        };
+        let switched = Record::SourceSwitched {
+            job_id: 7,
+            forward_addr: "10.0.0.3:10809".into(),
+        };
+        let told = Record::SourceHolderTold {
+            job_id: 7,
+            outcome: RepointOutcome::Repointed,
+        };
+        let source_holder = Record::SourceHolder {
+            job_id: 7,
+            holder: holder.clone(),
+        };
+        let repointed = Record::SourceRepointed {
+            job_id: 7,
+            forward_addr: "10.0.0.4:10809".into(),
+            moves: 3,
+        };
+        let begun = Record::SourceSwitchoverBegun { job_id: 7 };
+        let jobs = folded(&[
+            started(7),
+            source_holder.clone(),
+            begun.clone(),
+            switched.clone(),
+            told.clone(),
+        ]);
+        let Side::Source(source) = &jobs[&source_key(7)].side else {
+            panic!("source view");
+        };
+        assert_eq!(source.holder.as_ref(), Some(&holder));
+        assert_eq!(source.holder_told, Some(RepointOutcome::Repointed));
+        assert_eq!(jobs[&source_key(7)].phase_name(), "switched");
+
+        let jobs = folded(&[
+            started(7),
+            begun.clone(),
+            switched.clone(),
+            repointed.clone(),
+        ]);
+        let Side::Source(source) = &jobs[&source_key(7)].side else {
+            panic!("source view");
+        };
+        assert_eq!(source.forward_addr.as_deref(), Some("10.0.0.4:10809"));
+        assert_eq!(source.repointed_moves, 3);
+
+        let target_holder = Record::TargetHolder {
+            job_id: 9,
+            holder: holder.clone(),
+        };
+        let jobs = folded(&[
+            created(9),
+            target_holder.clone(),
+            Record::TargetCommitted { job_id: 9 },
+        ]);
+        let Side::Target(target) = &jobs[&target_key(9)].side else {
+            panic!("target view");
+        };
+        assert_eq!(target.holder.as_ref(), Some(&holder));
+
+        let refused: Vec<(Vec<Record>, Record)> = vec![
+            (vec![started(7), begun.clone()], source_holder.clone()),
+            (
+                vec![started(7), source_holder.clone()],
+                source_holder.clone(),
+            ),
+            (vec![started(7)], repointed.clone()),
+            (
+                vec![started(7), begun.clone(), switched.clone()],
+                told.clone(),
+            ),
+            (
+                vec![created(9), Record::TargetCommitted { job_id: 9 }],
+                target_holder,
+            ),
+        ];
+        for (before, record) in refused {
+            let mut jobs = folded(&before);
+            let was = jobs.clone();
+            let err = apply(&mut jobs, 99, &record).expect_err("refused");
+            assert!(err.to_string().contains(record.kind_name()), "{err}");
+            assert_eq!(jobs, was);
+        }
+    }
+
+    #[test]
     fn one_id_as_source_and_as_target_is_two_jobs() {
         // Goal: an agent migrating its job 5 away while receiving a peer's job 5 keeps both.
         // Method: start both, commit the target only.

@@ -58,6 +58,10 @@
 //! | `SourceSwitchoverCancelled` | after the target refused the commit stream, or answered "not committed" (final: the target fenced every stream of the job before answering) |
 //! | `SourceAborted` / `TargetAborted` | before anything is removed |
 //! | `SourceFinished` | before the forwarding export and the image are removed |
+//! | `SourceHolder` | after `SourceStarted` of a job moving a disk that arrived from elsewhere, before the destination is contacted (no phase change) |
+//! | `TargetHolder` | after `TargetCreated`, when the `Open` names a holder other than this agent (no phase change) |
+//! | `SourceRepointed` | at the holder, before its route switches to the disk's new place (no phase change) |
+//! | `SourceHolderTold` | reports the holder's answer to the re-point after a switchover (no phase change) |
 //!
 //! # Invariants
 //!
