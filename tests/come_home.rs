@@ -312,3 +312,58 @@ fn an_away_holder_is_told_when_it_is_back() {
     assert_eq!(nbd.read_at(0, BLOCK_BYTES as u32).unwrap(), pattern(0, 1));
     drop(b);
 }
+
+// Goal: `ferry export gc` removes the image a switchover left stale, and the forwarding
+// export goes on without it, across a restart too. Method: A→B; at A `gc --dry-run` lists
+// the stale image and keeps it; `gc` removes it; a guest at A writes and reads through B;
+// A restarts (its export opens without an image and forwards) and the write reads back.
+#[test]
+fn gc_removes_stale_images_and_forwarding_goes_on() {
+    let keys = common::scratch_dir();
+    let key = write_key(keys.path());
+    let key = key.to_str().unwrap();
+    let a_dir = common::scratch_dir();
+    let image = a_dir.path().join("vm1.img");
+    sparse_image(&image, DISK_BYTES);
+    prefill(&image, 4 * MIB);
+    let [a_transfer, b_transfer] = [(); 2].map(|()| format!("127.0.0.1:{}", free_port()));
+    let exports = vec![format!("vm1={},granularity=64K", image.display())];
+    let mut a = agent(a_dir, &exports, key, &a_transfer);
+    let b = agent(common::scratch_dir(), &[], key, &b_transfer);
+    let moved = migrate(&a, &b_transfer, &[]);
+    assert_eq!(moved["phase"], "done", "{moved:#}\n{}", a.log());
+    let stale = common::stale_image(&image);
+    let gc = |args: &[&str]| -> serde_json::Value {
+        let mut all = vec!["export", "gc", "--json"];
+        all.extend_from_slice(args);
+        serde_json::from_str(&stdout(&a.cli(&all))).unwrap()
+    };
+    let listed = gc(&["--dry-run"]);
+    assert_eq!(listed[0]["path"].as_str(), stale.to_str(), "{listed:#}");
+    assert_eq!(listed[0]["removed"], false, "{listed:#}");
+    assert!(
+        listed[0]["allocated_bytes"].as_u64().unwrap() >= 4 * MIB,
+        "{listed:#}"
+    );
+    assert!(stale.exists());
+    let removed = gc(&[]);
+    assert_eq!(removed[0]["removed"], true, "{removed:#}");
+    assert!(!stale.exists(), "{} still there", stale.display());
+    assert_eq!(gc(&[]), serde_json::json!([]));
+
+    let mut nbd = NbdClient::connect_unix(&a.socket, "vm1").expect("connect at A");
+    nbd.write_at(8192, &pattern(8192, 7))
+        .expect("write through A");
+    drop(nbd);
+    assert!(a.stop(), "A stops cleanly\n{}", a.log());
+    a.restart(
+        &exports,
+        &["--tcp", "--transfer", &a_transfer, "--cluster-key", key],
+    );
+    assert_eq!(forwarding_to(&a), b.tcp.clone(), "{}", a.log());
+    let mut nbd = NbdClient::connect_unix(&a.socket, "vm1").expect("connect after restart");
+    assert_eq!(
+        nbd.read_at(8192, BLOCK_BYTES as u32).unwrap(),
+        pattern(8192, 7)
+    );
+}

@@ -8,7 +8,7 @@ use crate::agent::migrations::Migrations;
 use crate::agent::trackers::Trackers;
 use crate::api::types::{
     AbortOutcome, DiskStatus, ExportSpec, ExportStatus, HeatMap, JobStatus, JournalJob,
-    MigrateRequest, TrackerAdd, TrackerStatus,
+    MigrateRequest, StaleImage, TrackerAdd, TrackerStatus,
 };
 use crate::api::{Control, ControlError};
 
@@ -79,5 +79,13 @@ impl Control for AgentControl {
 
     fn journal_jobs(&self, batch: Option<&str>) -> Result<Vec<JournalJob>, ControlError> {
         self.migrations.journal_jobs(batch)
+    }
+
+    fn collect_stale(&self, dry_run: bool) -> Result<Vec<StaleImage>, ControlError> {
+        Ok(super::gc::collect(
+            self.migrations.journal(),
+            &self.exports,
+            dry_run,
+        ))
     }
 }

@@ -15,7 +15,7 @@ use crate::agent::moves::{locate, Move};
 use crate::api::types::{ExportSpec, ExportStats, ExportStatus, Forwarding, TrackerStatus};
 use crate::api::ControlError;
 use crate::dirty::{TrackerSet, TrackerSpec};
-use crate::disk::{Export, Route};
+use crate::disk::{Export, Route, Shape};
 use crate::env::Clock;
 use crate::error::error_chain;
 use crate::nbd::server::{export_info, ExportLookup};
@@ -35,6 +35,8 @@ pub struct Exports {
     /// Export name -> the moves of its disk the journal records: a configured path that is
     /// gone is looked for where those moves left the image.
     moves: BTreeMap<String, Vec<Move>>,
+    /// Export name -> the path it was configured with.
+    configured: Mutex<BTreeMap<String, PathBuf>>,
 }
 
 impl Exports {
@@ -53,6 +55,7 @@ impl Exports {
             half_life_ms,
             changes: Mutex::new(()),
             runtime: Mutex::new(BTreeMap::new()),
+            configured: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -95,23 +98,40 @@ impl Exports {
         let clock = self.clock.clone();
         let mut restore_error = None;
         let image = self.image_path(cfg);
-        let export = Export::open(
-            &cfg.name,
-            &image,
-            cfg.read_only,
-            cfg.granularity_bytes,
-            self.half_life_ms,
-            |size_bytes| {
-                if dir.exists() {
-                    match TrackerSet::restore(&dir, size_bytes, clock.clone()) {
-                        Ok(set) => return set,
-                        Err(err) => restore_error = Some(err),
-                    }
+        let trackers = |size_bytes| {
+            if dir.exists() {
+                match TrackerSet::restore(&dir, size_bytes, clock.clone()) {
+                    Ok(set) => return set,
+                    Err(err) => restore_error = Some(err),
                 }
-                TrackerSet::new(size_bytes, clock)
-            },
-        )
-        .map_err(|err| ControlError::Io(error_chain(&err)))?;
+            }
+            TrackerSet::new(size_bytes, clock)
+        };
+        let export = match self.forwarded_size(cfg, &image) {
+            // Its stale image was collected: it only forwards (recovery sets the route).
+            Some(size_bytes) => {
+                let shape = Shape {
+                    size_bytes,
+                    read_only: cfg.read_only,
+                    granularity_bytes: cfg.granularity_bytes,
+                    half_life_ms: self.half_life_ms,
+                };
+                Export::open_forwarding(&cfg.name, &image, shape, trackers)
+            }
+            None => Export::open(
+                &cfg.name,
+                &image,
+                cfg.read_only,
+                cfg.granularity_bytes,
+                self.half_life_ms,
+                trackers,
+            )
+            .map_err(|err| ControlError::Io(error_chain(&err)))?,
+        };
+        self.configured
+            .lock()
+            .expect("configured lock")
+            .insert(cfg.name.clone(), cfg.path.clone());
         if let Some(err) = restore_error {
             // The files are left in place for inspection; the export serves without them.
             log::error!(
@@ -167,6 +187,22 @@ impl Exports {
             Some(moves) if cfg.path.symlink_metadata().is_err() => locate(&cfg.path, moves),
             _ => cfg.path.clone(),
         }
+    }
+
+    /// The disk's size when `cfg`'s export forwards (its latest move took the disk away) and
+    /// its image is gone from where that move left it (`ferry export gc` removed it).
+    fn forwarded_size(&self, cfg: &ExportConfig, image: &Path) -> Option<u64> {
+        match self.moves.get(&cfg.name)?.last()? {
+            Move::Retired { size_bytes, .. } if image.symlink_metadata().is_err() => {
+                Some(*size_bytes)
+            }
+            _ => None,
+        }
+    }
+
+    /// The path each served export was configured with (where its moves start).
+    pub fn configured_paths(&self) -> BTreeMap<String, PathBuf> {
+        self.configured.lock().expect("configured lock").clone()
     }
 
     /// Opens the exports that were added at run time before the last stop.
@@ -314,7 +350,10 @@ impl Exports {
     pub fn sync_all(&self) -> bool {
         let mut ok = true;
         for export in self.all().iter().filter(|e| !e.read_only()) {
-            if let Err(err) = export.file().datasync() {
+            let Some(file) = export.file() else {
+                continue;
+            };
+            if let Err(err) = file.datasync() {
                 log::error!("export {}: final fdatasync failed: {err}", export.name());
                 ok = false;
             }
@@ -377,6 +416,10 @@ impl Exports {
             )));
         }
         self.exports.write().expect("exports lock").remove(name);
+        self.configured
+            .lock()
+            .expect("configured lock")
+            .remove(name);
         export.close_connections();
         if self
             .runtime

@@ -78,10 +78,7 @@ pub fn repoint(
     let forwards = view.export == repoint.export
         && source.phase == SourcePhase::Switched
         && source.holder.is_none()
-        && latest_move
-            == Some(Move::Retired {
-                job_id: view.job_id,
-            });
+        && matches!(latest_move, Some(Move::Retired { job_id, .. }) if job_id == view.job_id);
     let Some(export) = exports.export(&view.export).filter(|_| forwards) else {
         return Ok(RepointOutcome::NotForwarding);
     };

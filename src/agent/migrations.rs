@@ -63,6 +63,11 @@ impl Migrations {
         }
     }
 
+    /// The journal every job records its steps in.
+    pub fn journal(&self) -> &SharedJournal {
+        &self.journal
+    }
+
     /// Who holds the guest's connection to `export`'s disk, for a new job or the resume of
     /// `resume_job` (as its first run journaled it).
     fn holder(&self, export: &str, resume_job: Option<u64>) -> HolderChoice {

@@ -8,6 +8,7 @@
 pub mod config;
 pub mod control;
 pub mod exports;
+pub mod gc;
 pub mod holding;
 pub mod journal;
 pub mod migrations;

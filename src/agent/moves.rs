@@ -19,6 +19,8 @@ pub enum Move {
     Retired {
         /// The job.
         job_id: u64,
+        /// The disk's size (an export whose stale image was collected opens with it).
+        size_bytes: u64,
     },
     /// A migration to here committed: the disk is the image at this path.
     Home {
@@ -37,6 +39,7 @@ pub fn moves(journal: &SharedJournal) -> BTreeMap<String, Vec<Move>> {
         let step = match &view.side {
             Side::Source(source) if source.phase == SourcePhase::Switched => Move::Retired {
                 job_id: view.job_id,
+                size_bytes: view.size_bytes,
             },
             Side::Target(target) if target.phase == TargetPhase::Committed => Move::Home {
                 image: target.image_path.clone(),
@@ -53,7 +56,7 @@ pub fn locate(configured: &Path, moves: &[Move]) -> PathBuf {
     moves
         .iter()
         .fold(configured.to_path_buf(), |image, step| match step {
-            Move::Retired { job_id } => crate::disk::stale_path(&image, *job_id),
+            Move::Retired { job_id, .. } => crate::disk::stale_path(&image, *job_id),
             Move::Home { image } => image.clone(),
         })
 }
@@ -69,22 +72,34 @@ mod tests {
         let configured = Path::new("/images/vm1.img");
         let home = PathBuf::from("/var/lib/ferry/images/vm1.img");
         assert_eq!(locate(configured, &[]), configured);
-        let away = [Move::Retired { job_id: 3 }];
+        let away = [Move::Retired {
+            job_id: 3,
+            size_bytes: 1,
+        }];
         assert_eq!(
             locate(configured, &away),
             Path::new("/images/vm1.img.stale-3")
         );
         let back = [
-            Move::Retired { job_id: 3 },
+            Move::Retired {
+                job_id: 3,
+                size_bytes: 1,
+            },
             Move::Home {
                 image: home.clone(),
             },
         ];
         assert_eq!(locate(configured, &back), home);
         let again = [
-            Move::Retired { job_id: 3 },
+            Move::Retired {
+                job_id: 3,
+                size_bytes: 1,
+            },
             Move::Home { image: home },
-            Move::Retired { job_id: 9 },
+            Move::Retired {
+                job_id: 9,
+                size_bytes: 1,
+            },
         ];
         assert_eq!(
             locate(configured, &again),

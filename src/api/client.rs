@@ -13,7 +13,7 @@ use serde::de::DeserializeOwned;
 
 use super::types::{
     AbortOutcome, DiskStatus, ErrorBody, ExportSpec, ExportStatus, HeatMap, JobStatus, JournalJob,
-    MigrateRequest, TrackerAdd, TrackerStatus,
+    MigrateRequest, StaleImage, TrackerAdd, TrackerStatus,
 };
 
 /// How long to wait for the agent to accept a connection.
@@ -137,6 +137,13 @@ impl Client {
         let force = if force { "true" } else { "false" };
         self.call("DELETE", &path, &[("force", force)], None)
             .map(drop)
+    }
+
+    /// `GET /v1/stale-images` (`dry_run`: list them) or `DELETE /v1/stale-images` (remove
+    /// them).
+    pub fn collect_stale(&self, dry_run: bool) -> Result<Vec<StaleImage>, ClientError> {
+        let method = if dry_run { "GET" } else { "DELETE" };
+        self.call_json(method, "/v1/stale-images", &[], None)
     }
 
     /// `GET /v1/exports/{export}/trackers`

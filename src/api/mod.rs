@@ -126,6 +126,11 @@ pub trait Control: Send + Sync {
         let _ = batch;
         Ok(Vec::new())
     }
+    /// The stale images migrations left here; removed unless `dry_run` (`ferry export gc`).
+    fn collect_stale(&self, dry_run: bool) -> Result<Vec<types::StaleImage>, ControlError> {
+        let _ = dry_run;
+        Ok(Vec::new())
+    }
 }
 
 /// Why a control operation was refused. Each message is a sentence naming the export or

@@ -8,7 +8,7 @@
 
 use std::fmt::Write as _;
 
-use super::types::{DiskStatus, ExportStatus, Forwarding, HeatMap, TrackerStatus};
+use super::types::{DiskStatus, ExportStatus, Forwarding, HeatMap, StaleImage, TrackerStatus};
 use crate::dirty::heat::{heat_bucket, HEAT_BUCKET_LOWER_BOUNDS, HOT_THRESHOLD};
 
 /// Heat shades, coldest first: index 0 is "never written or fully cooled".
@@ -253,6 +253,36 @@ pub fn trackers_table(trackers: &[TrackerStatus]) -> String {
                 "ok"
             }
             .to_string(),
+        ]);
+    }
+    table.render()
+}
+
+/// The `ferry export gc` table: each stale image, its size on disk and what became of it.
+pub fn stale_images(images: &[StaleImage], dry_run: bool) -> String {
+    if images.is_empty() {
+        return "no stale images\n".to_string();
+    }
+    let mut table = Table::new(&[
+        ("EXPORT", Align::Left),
+        ("JOB", Align::Right),
+        ("ON DISK", Align::Right),
+        ("PATH", Align::Left),
+        ("", Align::Left),
+    ]);
+    for image in images {
+        let fate = match (&image.kept_because, image.removed, dry_run) {
+            (Some(reason), _, _) => format!("kept: {reason}"),
+            (None, true, _) => "removed".to_string(),
+            (None, false, true) => "would be removed".to_string(),
+            (None, false, false) => "kept".to_string(),
+        };
+        table.push(vec![
+            image.export.clone(),
+            image.job_id.to_string(),
+            human_bytes(image.allocated_bytes),
+            image.path.display().to_string(),
+            fate,
         ]);
     }
     table.render()

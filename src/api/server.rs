@@ -256,6 +256,11 @@ pub fn route(
             },
             _ => method_not_allowed("GET, POST"),
         },
+        ["v1", "stale-images"] => match method {
+            Method::Get => Reply::from_result(200, control.collect_stale(true)),
+            Method::Delete => Reply::from_result(200, control.collect_stale(false)),
+            _ => method_not_allowed("GET, DELETE"),
+        },
         ["v1", "exports", name] => match method {
             Method::Get => export_status(control, name),
             Method::Delete => match flag(query, "force") {

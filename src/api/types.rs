@@ -141,6 +141,25 @@ pub struct Forwarding {
     pub since_unix_ms: Option<u64>,
 }
 
+/// An image the journal's moves left stale (`<file>.stale-<job>`): never served again,
+/// kept for the operator until `ferry export gc` removes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StaleImage {
+    /// The export whose disk it held.
+    pub export: String,
+    /// The file.
+    pub path: PathBuf,
+    /// The job whose switchover left it stale.
+    pub job_id: u64,
+    /// Bytes it occupies on disk (allocated blocks).
+    pub allocated_bytes: u64,
+    /// Whether this request removed it.
+    pub removed: bool,
+    /// Why it was kept, when it was (not a regular file, removal failed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kept_because: Option<String>,
+}
+
 /// Write heat of one tracker, reduced to a fixed number of cells for display.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HeatMap {

@@ -274,6 +274,12 @@ pub enum ExportAction {
         #[arg(long)]
         force: bool,
     },
+    /// Remove the images migrations left stale here (`<file>.stale-<job>`, never served)
+    Gc {
+        /// Only list them.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 /// `ferry tracker ...`

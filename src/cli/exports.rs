@@ -6,7 +6,7 @@ use crate::api::render;
 use crate::api::types::{ExportSpec, TrackerAdd};
 use crate::units::parse_size;
 
-/// `ferry export add|ls|rm`.
+/// `ferry export add|ls|rm|gc`.
 pub fn export(action: ExportAction, target: &ApiTarget) -> Result<(), CliError> {
     let client = client(target)?;
     match action {
@@ -50,6 +50,14 @@ pub fn export(action: ExportAction, target: &ApiTarget) -> Result<(), CliError> 
             }
         }
         ExportAction::Rm { name, force } => client.remove_export(&name, force)?,
+        ExportAction::Gc { dry_run } => {
+            let images = client.collect_stale(dry_run)?;
+            if target.json {
+                print_json(&images);
+            } else {
+                print!("{}", render::stale_images(&images, dry_run));
+            }
+        }
     }
     Ok(())
 }

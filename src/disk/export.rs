@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
+use arc_swap::ArcSwapOption;
 use ferry_sys::DirectFile;
 
 use crate::dirty::TrackerSet;
@@ -143,14 +143,29 @@ pub struct CounterSnapshot {
     pub zero_ops: u64,
 }
 
+/// What an export is apart from its image: its size and how it is served and tracked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    /// Disk size.
+    pub size_bytes: u64,
+    /// Served read-only.
+    pub read_only: bool,
+    /// Default granularity of its trackers.
+    pub granularity_bytes: u64,
+    /// Default heat half-life of its trackers.
+    pub half_life_ms: u64,
+}
+
 /// A served export.
 #[derive(Debug)]
 pub struct Export {
     name: String,
     /// Where the image file is: as configured, or its stale name once retired.
     path: Mutex<PathBuf>,
-    /// The open image; replaced only when a disk comes home ([`Export::adopt_image`]).
-    file: ArcSwap<DirectFile>,
+    /// The open image; replaced when a disk comes home ([`Export::adopt_image`]). `None`
+    /// only while the export forwards and its stale image was collected
+    /// ([`Export::open_forwarding`], [`Export::release_image`]): nothing reads it then.
+    file: ArcSwapOption<DirectFile>,
     size_bytes: u64,
     read_only: bool,
     /// Default granularity of its trackers.
@@ -186,15 +201,43 @@ impl Export {
         trackers: impl FnOnce(u64) -> TrackerSet,
     ) -> Result<Self, ExportError> {
         let (file, size_bytes) = open_image(path, read_only)?;
-        Ok(Export {
-            name: name.to_string(),
-            path: Mutex::new(path.to_path_buf()),
-            file: ArcSwap::from_pointee(file),
+        let shape = Shape {
             size_bytes,
             read_only,
             granularity_bytes,
             half_life_ms,
-            trackers: trackers(size_bytes),
+        };
+        Ok(Self::new(name, path, Some(file), shape, trackers))
+    }
+
+    /// An export whose disk lives elsewhere and whose stale image is gone (collected): it
+    /// only forwards, so it needs no file; `size_bytes` comes from the journal. Its route
+    /// must be set to forward before anything is served.
+    pub fn open_forwarding(
+        name: &str,
+        path: &Path,
+        shape: Shape,
+        trackers: impl FnOnce(u64) -> TrackerSet,
+    ) -> Self {
+        Self::new(name, path, None, shape, trackers)
+    }
+
+    fn new(
+        name: &str,
+        path: &Path,
+        file: Option<DirectFile>,
+        shape: Shape,
+        trackers: impl FnOnce(u64) -> TrackerSet,
+    ) -> Self {
+        Export {
+            name: name.to_string(),
+            path: Mutex::new(path.to_path_buf()),
+            file: ArcSwapOption::from_pointee(file),
+            size_bytes: shape.size_bytes,
+            read_only: shape.read_only,
+            granularity_bytes: shape.granularity_bytes,
+            half_life_ms: shape.half_life_ms,
+            trackers: trackers(shape.size_bytes),
             counters: ExportCounters::default(),
             latency: Mutex::new(LatencyRecorder::new()),
             write_latency: Mutex::new(LatencyRecorder::new()),
@@ -204,7 +247,7 @@ impl Export {
             removed: AtomicBool::new(false),
             next_connection: AtomicU64::new(1),
             connections: Mutex::new(BTreeMap::new()),
-        })
+        }
     }
 
     /// NBD export name.
@@ -237,8 +280,29 @@ impl Export {
     }
 
     /// The open image.
-    pub fn file(&self) -> Arc<DirectFile> {
+    pub fn file(&self) -> Option<Arc<DirectFile>> {
         self.file.load_full()
+    }
+
+    /// The open image, or NotFound when the export has none (it forwards; its stale image
+    /// was collected).
+    pub fn image(&self) -> std::io::Result<Arc<DirectFile>> {
+        self.file.load_full().ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("export {} has no local image (it forwards)", self.name),
+            )
+        })
+    }
+
+    /// The stale image of a forwarding export was removed (`ferry export gc`): close it.
+    /// Refused (false) unless the export forwards, so a served image is never dropped.
+    pub fn release_image(&self) -> bool {
+        if !self.is_forwarded() {
+            return false;
+        }
+        self.file.store(None);
+        true
     }
 
     /// A disk this export forwarded comes home: `file` (the image just received and
@@ -261,7 +325,7 @@ impl Export {
         for tracker in self.trackers.list() {
             tracker.mark_lost();
         }
-        self.file.store(Arc::new(file));
+        self.file.store(Some(Arc::new(file)));
         *self.path.lock().expect("path lock") = path.to_path_buf();
         self.switch_route(Route::Local);
         self.route.release();
@@ -492,7 +556,7 @@ mod tests {
         assert!(is_stale_name(&export.path(), 7) && !is_stale_name(&export.path(), 8));
         assert!(!dir.path().join("disk.img").exists() && stale.exists());
         let mut byte = [0u8; 1];
-        export.file().read_at(4096, &mut byte).unwrap();
+        export.file().unwrap().read_at(4096, &mut byte).unwrap();
         assert_eq!(byte, [7]);
 
         let other = open("disk.img");

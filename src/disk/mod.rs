@@ -16,7 +16,7 @@ pub mod route;
 pub mod trap;
 
 pub use export::{
-    is_stale_name, stale_path, ConnectionHandle, CounterSnapshot, Export, ExportError,
+    is_stale_name, stale_path, ConnectionHandle, CounterSnapshot, Export, ExportError, Shape,
 };
 pub use mirror::WriteMirror;
 pub use route::Route;

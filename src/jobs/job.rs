@@ -247,7 +247,8 @@ impl JobEnv {
     /// commit when they differ.
     fn verify_images(&mut self) -> Result<(), JobError> {
         let started = self.clock.now_ns();
-        let (file, size_bytes) = (self.export.file(), self.export.size_bytes());
+        let file = self.export.image().map_err(JobError::Allocation)?;
+        let size_bytes = self.export.size_bytes();
         let local = std::thread::spawn(move || crate::transfer::hash_image(&file, size_bytes));
         let remote = self.sender.verify().map_err(JobError::Transfer);
         let local = local
@@ -288,6 +289,7 @@ impl JobEnv {
         let disk = self.export.size_bytes();
         let mut differing = DirtySet::empty(granularity, disk);
         let mut buf = vec![0u8; block_bytes as usize];
+        let image = self.export.image().map_err(JobError::Allocation)?;
         for (offset_bytes, len_bytes) in set.iter_extents() {
             let first_block = offset_bytes / granularity;
             let count = len_bytes.div_ceil(granularity);
@@ -298,8 +300,7 @@ impl JobEnv {
             for block in first_block..first_block + count {
                 let at = block * granularity;
                 let len = usize::try_from((disk - at).min(granularity)).expect("≤ block");
-                self.export
-                    .file()
+                image
                     .read_at(at, &mut buf[..len])
                     .map_err(JobError::Allocation)?;
                 let index = usize::try_from(block - first_block).expect("fits");
@@ -409,9 +410,10 @@ impl MigrationEnv for JobEnv {
         };
         self.sender.set_bandwidth(cap);
         let extents: Vec<(u64, u64)> = blocks.iter_extents().collect();
+        let image = self.export.image().map_err(JobError::Allocation)?;
         let stats = self
             .sender
-            .send_extents(&self.export.file(), &extents)
+            .send_extents(&image, &extents)
             .map_err(JobError::Transfer)?;
         self.sender.sync().map_err(JobError::Transfer)?;
         let elapsed_ns = self.clock.now_ns() - started;
@@ -541,15 +543,16 @@ impl MigrationEnv for JobEnv {
 pub fn allocated_blocks(export: &Export, granularity_bytes: u64) -> std::io::Result<DirtySet> {
     let disk = export.size_bytes();
     let mut set = DirtySet::empty(granularity_bytes, disk);
+    let image = export.image()?;
     let mut offset = 0;
     while offset < disk {
-        let Some(data) = export.file().seek_data(offset)? else {
+        let Some(data) = image.seek_data(offset)? else {
             break;
         };
         if data >= disk {
             break;
         }
-        let hole = export.file().seek_hole(data)?.unwrap_or(disk).min(disk);
+        let hole = image.seek_hole(data)?.unwrap_or(disk).min(disk);
         for block in data / granularity_bytes..hole.div_ceil(granularity_bytes) {
             set.insert(block);
         }

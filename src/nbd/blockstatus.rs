@@ -80,7 +80,7 @@ fn allocation(export: &Export, offset_bytes: u64, len_bytes: u64, limit: usize) 
     let mut extents = Vec::new();
     let mut pos = offset_bytes;
     while pos < end && extents.len() < limit {
-        let next = match export.file().seek_data(pos) {
+        let next = match export.image().and_then(|image| image.seek_data(pos)) {
             Err(_) => {
                 extents.push((to_u32(end - pos), 0));
                 break;
@@ -96,8 +96,8 @@ fn allocation(export: &Export, offset_bytes: u64, len_bytes: u64, limit: usize) 
             }
             Ok(Some(_)) => {
                 let hole = export
-                    .file()
-                    .seek_hole(pos)
+                    .image()
+                    .and_then(|image| image.seek_hole(pos))
                     .ok()
                     .flatten()
                     .unwrap_or(export.size_bytes());

@@ -298,8 +298,13 @@ fn engine_factory(export: Arc<Export>, options: SessionOptions) -> EngineFactory
     EngineFactory(Box::new(move |route: &Route, conn: &Conn| match route {
         Route::Local => {
             let watched = options.engine_watches_socket.then(|| conn.as_fd());
-            open_engine(options.engine, export.file(), options.queue_depth, watched)
-                .map_err(std::io::Error::from)
+            open_engine(
+                options.engine,
+                export.image()?,
+                options.queue_depth,
+                watched,
+            )
+            .map_err(std::io::Error::from)
         }
         Route::Forward { addr } => {
             let depth = usize::try_from(options.queue_depth).unwrap_or(1);
