@@ -322,3 +322,50 @@ fn hold_expires_with_eio_and_a_different_image_is_refused() {
     let data = client.read_at(0, BLOCK as u32).expect("read");
     assert!(data == pattern(4, 0));
 }
+
+// Goal: another disk answering under the export's name and size at the destination's
+// address (a fresh agent serving its own vm1) is refused: its NBD description names
+// another lineage. Method: migrate (hold 3 s); stop the destination; start an agent on its
+// NBD address serving a local 64 MiB vm1; a write at the source fails after the hold and
+// the source logs the refusal; the impostor's image is untouched; with the real destination
+// back, writes succeed on the same connection.
+#[test]
+fn another_disk_of_the_same_size_is_refused() {
+    let (_dir, mut pair) = switched_pair(&["--forward-hold", "3000"]);
+    let mut client = connect_source(&pair);
+    client.write_at(0, &pattern(1, 0)).expect("write while up");
+    let nbd_tcp = pair
+        .destination
+        .tcp
+        .clone()
+        .expect("destination NBD address");
+    assert!(pair.destination.stop(), "{}", pair.destination.log());
+
+    let other_dir = common::scratch_dir();
+    let other = other_dir.path().join("other.img");
+    sparse_image(&other, 64 * MIB);
+    let tcp_flag = format!("--tcp={nbd_tcp}");
+    let impostor = common::AgentProc::start(
+        &[format!("vm1={},granularity=64K", other.display())],
+        &[&tcp_flag],
+    );
+    let started = Instant::now();
+    let failed = client.write_at(0, &pattern(2, 0));
+    println!("another disk: write failed after {:?}", started.elapsed());
+    assert!(failed.is_err(), "a write reached another disk");
+    let log = pair.source.log();
+    assert!(log.contains("serves another disk"), "{log}");
+    let untouched = std::fs::read(&other).unwrap();
+    assert!(
+        untouched.iter().all(|&byte| byte == 0),
+        "the other disk was written"
+    );
+    drop(impostor);
+
+    pair.restart_destination();
+    client
+        .write_at(0, &pattern(3, 0))
+        .expect("write with the disk back");
+    let data = client.read_at(0, BLOCK as u32).expect("read");
+    assert!(data == pattern(3, 0));
+}

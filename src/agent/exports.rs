@@ -379,7 +379,7 @@ impl Exports {
             stats: ExportStats::of(export),
             forwarding: match &*export.route().1 {
                 Route::Local => None,
-                Route::Forward { addr } => Some(Forwarding {
+                Route::Forward { addr, .. } => Some(Forwarding {
                     to: addr.clone(),
                     since_unix_ms: export.route_since_unix_ms(),
                 }),

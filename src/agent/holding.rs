@@ -18,7 +18,7 @@ use std::sync::Mutex;
 
 use crate::disk::Route;
 use crate::jobs::holder::tell_holder;
-use crate::journal::{Record, Role, SharedJournal, Side, SourcePhase, TargetPhase};
+use crate::journal::{JobView, Record, Role, SharedJournal, Side, SourcePhase, TargetPhase};
 use crate::transfer::{ClusterKey, Holder, Repoint, RepointOutcome, TargetError};
 
 use super::exports::Exports;
@@ -107,8 +107,48 @@ pub fn repoint(
     );
     export.reroute(Route::Forward {
         addr: repoint.nbd_tcp.clone(),
+        lineage: Some(view.job_id),
     });
     Ok(RepointOutcome::Repointed)
+}
+
+/// The lineage of `export`'s disk as served here (`disk::lineage_token`): the holder's job
+/// the latest committed target names; for a disk that came home, the job that had moved it
+/// away from here before; `None` for a disk that never left.
+pub fn lineage_of(journal: &SharedJournal, export: &str) -> Option<u64> {
+    let mut views = journal.views();
+    views.sort_by_key(|view| view.first_seq);
+    let arrival = views.iter().rev().find(|view| {
+        view.export == export
+            && matches!(&view.side, Side::Target(target) if target.phase == TargetPhase::Committed)
+    })?;
+    if let Side::Target(target) = &arrival.side {
+        if let Some(holder) = &target.holder {
+            return Some(holder.job_id);
+        }
+    }
+    views
+        .iter()
+        .rev()
+        .filter(|view| view.export == export && view.first_seq < arrival.first_seq)
+        .find_map(|view| match &view.side {
+            Side::Source(source)
+                if source.holder.is_none()
+                    && matches!(source.phase, SourcePhase::Switched | SourcePhase::Finished) =>
+            {
+                Some(view.job_id)
+            }
+            _ => None,
+        })
+}
+
+/// The lineage a switched job's forwarding checks: its holder's job, or its own when this
+/// agent holds the guest's connection.
+pub fn forward_lineage(view: &JobView) -> Option<u64> {
+    match &view.side {
+        Side::Source(source) => Some(source.holder.as_ref().map_or(view.job_id, |h| h.job_id)),
+        Side::Target(_) => None,
+    }
 }
 
 /// At restart: every switched job whose holder has not answered tells it, each on its own

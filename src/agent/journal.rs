@@ -119,7 +119,10 @@ fn forward(exports: &Exports, view: &JobView, addr: String) {
         view.job_id
     );
     export.hold_writes();
-    export.switch_route(Route::Forward { addr });
+    export.switch_route(Route::Forward {
+        addr,
+        lineage: super::holding::forward_lineage(view),
+    });
     export.release_writes();
     // Stopped between `SourceSwitched` and the rename: the image still has its old name.
     if !crate::disk::is_stale_name(&export.path(), view.job_id) {
@@ -293,7 +296,12 @@ fn resolve_in_doubt(
                 return; // writes stay held: the journal must speak first
             }
             if let Record::SourceSwitched { forward_addr, .. } = record {
-                export.switch_route(Route::Forward { addr: forward_addr });
+                export.switch_route(Route::Forward {
+                    addr: forward_addr,
+                    lineage: journal
+                        .view(job_id, crate::journal::Role::Source)
+                        .and_then(|view| super::holding::forward_lineage(&view)),
+                });
                 crate::jobs::job::retire_image(&export, job_id);
             }
             export.release_writes();

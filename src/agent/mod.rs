@@ -133,6 +133,9 @@ impl Agent {
         journal::recover(&journal, &exports, &key, &config.image_dir);
         // Holders not yet told where a disk went (stopped mid-way) are told again.
         holding::resume_telling(&journal, &key);
+        for export in exports.all() {
+            export.set_lineage(holding::lineage_of(&journal, export.name()));
+        }
         let options = SessionOptions {
             engine,
             queue_depth: config.queue_depth,

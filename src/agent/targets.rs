@@ -258,6 +258,9 @@ impl TargetHost for Targets {
         } else {
             self.exports.serve_committed(export)
         };
+        if let Some(export) = self.exports.export(&spec.export) {
+            export.set_lineage(holding::lineage_of(&self.journal, &spec.export));
+        }
         if let Err(err) = served {
             // Committed all the same (the journal says so): a restart serves it again.
             log::error!(

@@ -186,6 +186,9 @@ pub struct Export {
     /// display only: nothing orders events by it.
     route_since_unix_ms: AtomicU64,
     removed: AtomicBool,
+    /// The disk's lineage ([`super::lineage_token`]); 0: none (the disk never left the agent
+    /// holding its guest's connection). Job ids are never 0.
+    lineage: AtomicU64,
     next_connection: AtomicU64,
     connections: Mutex<BTreeMap<u64, Box<dyn ConnectionHandle>>>,
 }
@@ -245,6 +248,7 @@ impl Export {
             mirror: MirrorSlot::default(),
             route_since_unix_ms: AtomicU64::new(0),
             removed: AtomicBool::new(false),
+            lineage: AtomicU64::new(0),
             next_connection: AtomicU64::new(1),
             connections: Mutex::new(BTreeMap::new()),
         }
@@ -340,6 +344,16 @@ impl Export {
         self.route.hold();
         self.switch_route(route);
         self.route.release();
+    }
+
+    /// The disk's lineage, as the agent knows it from the migration that brought it here.
+    pub fn lineage(&self) -> Option<u64> {
+        Some(self.lineage.load(Ordering::Relaxed)).filter(|&job_id| job_id != 0)
+    }
+
+    /// Records the disk's lineage (a migration brought it here; `None`: it came home).
+    pub fn set_lineage(&self, lineage: Option<u64>) {
+        self.lineage.store(lineage.unwrap_or(0), Ordering::Relaxed);
     }
 
     /// Image size.

@@ -19,5 +19,5 @@ pub use export::{
     is_stale_name, stale_path, ConnectionHandle, CounterSnapshot, Export, ExportError, Shape,
 };
 pub use mirror::WriteMirror;
-pub use route::Route;
+pub use route::{lineage_matches, lineage_token, Route};
 pub use trap::{WriteOutcome, WriteTrap};

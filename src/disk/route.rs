@@ -26,7 +26,35 @@ pub enum Route {
     Forward {
         /// NBD TCP address of the destination agent.
         addr: String,
+        /// The disk's lineage (see [`lineage_token`]): the forwarder refuses an export of
+        /// that name and size that says it is another disk. `None`: not checked.
+        lineage: Option<u64>,
     },
+}
+
+/// Marks the lineage in an export's NBD description.
+const LINEAGE_KEY: &str = "ferry-lineage=";
+
+/// The word an export's NBD description carries about the disk's lineage: the id of the
+/// job that first moved the disk away from the agent holding its guest's connection (the
+/// same at every agent the disk passes through), or `local` for a disk that never left
+/// that agent.
+pub fn lineage_token(lineage: Option<u64>) -> String {
+    match lineage {
+        Some(job_id) => format!("{LINEAGE_KEY}{job_id}"),
+        None => format!("{LINEAGE_KEY}local"),
+    }
+}
+
+/// Whether an export whose NBD description is `description` may be the disk of `lineage`:
+/// yes when it names that lineage, or names none at all (an agent from before lineages);
+/// no when it names another (a different disk under the same name and size).
+pub fn lineage_matches(description: Option<&str>, lineage: u64) -> bool {
+    let claimed = description
+        .unwrap_or_default()
+        .split_whitespace()
+        .find_map(|word| word.strip_prefix(LINEAGE_KEY));
+    claimed.is_none_or(|claimed| claimed.parse::<u64>() == Ok(lineage))
 }
 
 /// The route of one export and its write gate.
@@ -178,12 +206,27 @@ mod tests {
         assert_eq!(violations.load(Ordering::Relaxed), 0);
     }
 
+    // Goal: a description naming another lineage (or a local disk) is refused, the same one
+    // or none at all (an older agent) accepted; the token reads back. Method: table.
+    #[test]
+    fn lineages_tell_disks_apart() {
+        let ours = format!("ferry export vm1 {}", lineage_token(Some(42)));
+        assert!(lineage_matches(Some(&ours), 42));
+        assert!(!lineage_matches(Some(&ours), 43));
+        let local = format!("ferry export vm1 {}", lineage_token(None));
+        assert!(!lineage_matches(Some(&local), 42));
+        assert!(lineage_matches(Some("ferry export vm1"), 42));
+        assert!(lineage_matches(None, 42));
+        assert!(!lineage_matches(Some("ferry-lineage=42x"), 42));
+    }
+
     // Goal: set() bumps the generation and current() returns the new route. Method: set twice.
     #[test]
     fn route_generations() {
         let route = ExportRoute::default();
         assert_eq!(route.current(), (0, Arc::new(Route::Local)));
         route.set(Route::Forward {
+            lineage: None,
             addr: "127.0.0.1:1".into(),
         });
         assert_eq!(route.generation(), 1);

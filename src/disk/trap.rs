@@ -224,6 +224,7 @@ mod tests {
         let export = export(&dir);
         export.hold_writes();
         export.switch_route(Route::Forward {
+            lineage: None,
             addr: "127.0.0.1:1".into(),
         });
         export.release_writes();

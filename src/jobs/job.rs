@@ -99,6 +99,8 @@ pub struct JobEnv {
     mirror: Option<(MirrorLink, DirtySet)>,
     /// Where the steps are recorded, and what an in-doubt commit needs to ask the target.
     journal: Option<SharedJournal>,
+    /// The disk's lineage (the holder's job), which the forwarding checks.
+    lineage: u64,
     job_id: u64,
     to: SocketAddr,
     key: ClusterKey,
@@ -217,6 +219,10 @@ impl JobEnv {
             compare_digests: request.compare_digests,
             mirror: None,
             journal: request.journal.clone(),
+            lineage: target
+                .holder
+                .as_ref()
+                .map_or(job_id, |holder| holder.job_id),
             job_id,
             to,
             key: key.clone(),
@@ -503,7 +509,10 @@ impl MigrationEnv for JobEnv {
         }
         // Writes are held: no session mirrors into a stream the destination closed.
         self.export.remove_mirror();
-        self.export.switch_route(Route::Forward { addr });
+        self.export.switch_route(Route::Forward {
+            addr,
+            lineage: Some(self.lineage),
+        });
         retire_image(&self.export, self.job_id);
         Ok(())
     }

@@ -13,8 +13,8 @@ use crate::codec;
 use crate::nbd::conn::Conn;
 use crate::nbd::wire::{
     self, RequestHeader, CMD_DISC, CMD_FLAG_FUA, CMD_FLUSH, CMD_READ, CMD_WRITE,
-    FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, INFO_EXPORT, NBD_MAGIC, OPTION_REPLY_MAGIC,
-    OPT_GO, REP_ACK, REP_INFO,
+    FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, INFO_DESCRIPTION, INFO_EXPORT, NBD_MAGIC,
+    OPTION_REPLY_MAGIC, OPT_GO, REP_ACK, REP_INFO,
 };
 
 fn protocol(what: impl Into<String>) -> io::Error {
@@ -38,6 +38,8 @@ pub struct NbdClient {
     conn: Conn,
     size_bytes: u64,
     transmission_flags: u16,
+    /// The server's description of the export (`NBD_INFO_DESCRIPTION`), if it sent one.
+    description: Option<String>,
     next_cookie: u64,
     reads: HashMap<u64, u32>,
 }
@@ -92,14 +94,20 @@ impl NbdClient {
     }
 
     fn negotiate(mut conn: Conn, export: &str) -> io::Result<NbdClient> {
-        let (size_bytes, transmission_flags) = handshake(&mut conn, export)?;
+        let info = handshake(&mut conn, export)?;
         Ok(NbdClient {
             conn,
-            size_bytes,
-            transmission_flags,
+            size_bytes: info.size_bytes,
+            transmission_flags: info.transmission_flags,
+            description: info.description,
             next_cookie: 1,
             reads: HashMap::new(),
         })
+    }
+
+    /// The server's description of the export, if it sent one.
+    pub fn description(&self) -> Option<&str> {
+        self.description.as_deref()
     }
 
     /// The negotiated connection, for a caller that runs the transmission phase itself.
@@ -233,8 +241,15 @@ pub fn check(reply: Reply) -> io::Result<Reply> {
     Ok(reply)
 }
 
-/// Fixed newstyle handshake with OPT_GO; returns (size, transmission flags).
-fn handshake(conn: &mut Conn, export: &str) -> io::Result<(u64, u16)> {
+/// What OPT_GO told of the export.
+struct GoInfo {
+    size_bytes: u64,
+    transmission_flags: u16,
+    description: Option<String>,
+}
+
+/// Fixed newstyle handshake with OPT_GO, asking for the export's description too.
+fn handshake(conn: &mut Conn, export: &str) -> io::Result<GoInfo> {
     let mut greeting = [0u8; 18];
     conn.read_exact(&mut greeting)?;
     let [magic @ .., _, _, _, _, _, _, _, _, f0, f1] = greeting;
@@ -248,15 +263,17 @@ fn handshake(conn: &mut Conn, export: &str) -> io::Result<(u64, u16)> {
     let client_flags = u32::from(FLAG_FIXED_NEWSTYLE | (server_flags & FLAG_NO_ZEROES));
     conn.write_all(&client_flags.to_be_bytes())?;
     let name = export.as_bytes();
-    let mut option = Vec::with_capacity(16 + 6 + name.len());
+    let mut option = Vec::with_capacity(16 + 8 + name.len());
     option.extend_from_slice(&IHAVEOPT.to_be_bytes());
     option.extend_from_slice(&OPT_GO.to_be_bytes());
-    option.extend_from_slice(&((name.len() + 6) as u32).to_be_bytes());
+    option.extend_from_slice(&((name.len() + 8) as u32).to_be_bytes());
     option.extend_from_slice(&(name.len() as u32).to_be_bytes());
     option.extend_from_slice(name);
-    option.extend_from_slice(&0u16.to_be_bytes());
+    option.extend_from_slice(&1u16.to_be_bytes());
+    option.extend_from_slice(&INFO_DESCRIPTION.to_be_bytes());
     conn.write_all(&option)?;
     let mut export_info = None;
+    let mut description = None;
     loop {
         let mut head = [0u8; 20];
         conn.read_exact(&mut head)?;
@@ -275,12 +292,18 @@ fn handshake(conn: &mut Conn, export: &str) -> io::Result<(u64, u16)> {
             REP_ACK => break,
             REP_INFO => {
                 let mut info = codec::Reader::new(&payload);
-                if info.u16_be() == Ok(INFO_EXPORT) {
-                    let size = info.u64_be();
-                    let flags = info.u16_be();
-                    if let (Ok(size), Ok(flags)) = (size, flags) {
-                        export_info = Some((size, flags));
+                match info.u16_be() {
+                    Ok(INFO_EXPORT) => {
+                        let size = info.u64_be();
+                        let flags = info.u16_be();
+                        if let (Ok(size), Ok(flags)) = (size, flags) {
+                            export_info = Some((size, flags));
+                        }
                     }
+                    Ok(INFO_DESCRIPTION) => {
+                        description = Some(String::from_utf8_lossy(&payload[2..]).into_owned());
+                    }
+                    _ => {}
                 }
             }
             error if error & 0x8000_0000 != 0 => {
@@ -292,5 +315,11 @@ fn handshake(conn: &mut Conn, export: &str) -> io::Result<(u64, u16)> {
             other => return Err(protocol(format!("unexpected option reply {other}"))),
         }
     }
-    export_info.ok_or_else(|| protocol("server sent no NBD_INFO_EXPORT"))
+    let (size_bytes, transmission_flags) =
+        export_info.ok_or_else(|| protocol("server sent no NBD_INFO_EXPORT"))?;
+    Ok(GoInfo {
+        size_bytes,
+        transmission_flags,
+        description,
+    })
 }

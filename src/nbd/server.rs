@@ -33,7 +33,12 @@ pub fn export_info(export: &Export) -> ExportInfo {
     let read_only = export.read_only();
     ExportInfo {
         name: export.name().to_string(),
-        description: format!("ferry export {}", export.name()),
+        // Forwarders check the lineage: another disk under this name and size says so.
+        description: format!(
+            "ferry export {} {}",
+            export.name(),
+            crate::disk::lineage_token(export.lineage())
+        ),
         size_bytes: export.size_bytes(),
         read_only,
         // Every connection's writes reach the same file, O_DIRECT or through the one page
@@ -306,12 +311,13 @@ fn engine_factory(export: Arc<Export>, options: SessionOptions) -> EngineFactory
             )
             .map_err(std::io::Error::from)
         }
-        Route::Forward { addr } => {
+        Route::Forward { addr, lineage } => {
             let depth = usize::try_from(options.queue_depth).unwrap_or(1);
             let engine = ForwardEngine::connect(
                 addr,
                 export.name(),
                 export.size_bytes(),
+                *lineage,
                 depth,
                 options.forward_hold,
             )?;

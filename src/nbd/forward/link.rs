@@ -35,6 +35,15 @@ pub(super) enum LinkError {
         /// Size of the export.
         expected_bytes: u64,
     },
+    /// The destination serves another disk under the export's name and size (its NBD
+    /// description names another lineage).
+    #[error("the destination serves another disk ({description:?}, expected lineage {lineage})")]
+    OtherDisk {
+        /// What the destination says of its export.
+        description: String,
+        /// The disk's lineage.
+        lineage: u64,
+    },
     /// The socket failed or closed.
     #[error("connection lost")]
     Lost(#[source] io::Error),
@@ -83,6 +92,14 @@ impl Shared {
                 found_bytes: client.size_bytes(),
                 expected_bytes: self.size_bytes,
             });
+        }
+        if let Some(lineage) = self.lineage {
+            if !crate::disk::lineage_matches(client.description(), lineage) {
+                return Err(LinkError::OtherDisk {
+                    description: client.description().unwrap_or_default().to_owned(),
+                    lineage,
+                });
+            }
         }
         Ok(client.into_conn())
     }
@@ -191,7 +208,9 @@ fn reconnect(shared: &Shared, stop: &Receiver<()>) -> Option<Conn> {
         if now >= dial_at {
             match shared.dial() {
                 Ok(conn) => return Some(conn),
-                Err(err @ LinkError::WrongImage { .. }) if !told_wrong_image => {
+                Err(err @ (LinkError::WrongImage { .. } | LinkError::OtherDisk { .. }))
+                    if !told_wrong_image =>
+                {
                     told_wrong_image = true;
                     log::warn!(
                         "forward target {}: {err}: refused; requests stay held",

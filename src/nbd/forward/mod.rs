@@ -7,8 +7,9 @@
 //! request's tag). A link thread (`nbd-forward`, in `link.rs`) owns the connection's life: it
 //! reads replies and turns them into completions, which `complete` collects; when the
 //! connection breaks it reconnects with backoff ([`BACKOFF_FIRST`] doubling to
-//! [`BACKOFF_MAX`]), redoes the handshake, checks that the same image answers (export name and
-//! size) and resends every request still held.
+//! [`BACKOFF_MAX`]), redoes the handshake, checks that the same image answers (export name,
+//! size, and the disk's lineage when the destination states one) and resends every request
+//! still held.
 //!
 //! States: *connected* (a connection is installed in `writer`; submitters send on it, the link
 //! thread reads it) and *reconnecting* (`writer` is empty; submitted requests are only
@@ -127,6 +128,8 @@ struct Shared {
     addr: String,
     export: String,
     size_bytes: u64,
+    /// The disk's lineage the destination must not contradict (`disk::lineage_matches`).
+    lineage: Option<u64>,
     hold: Duration,
     writer: Mutex<Writer>,
     pending: Mutex<HashMap<u64, Pending>>,
@@ -185,7 +188,8 @@ pub struct ForwardEngine {
 
 impl ForwardEngine {
     /// Forwards to `export` at `addr` (host:port of the destination's NBD TCP listener), whose
-    /// size must be `size_bytes`. A request waits up to `hold` for a destination that is
+    /// size must be `size_bytes` and whose description must not name a lineage other than
+    /// `lineage` (when given). A request waits up to `hold` for a destination that is
     /// away. When the destination does not answer now, the engine starts reconnecting (logged
     /// once) and the session's requests wait under the same hold; only failing to start the
     /// link thread is an error.
@@ -193,6 +197,7 @@ impl ForwardEngine {
         addr: &str,
         export: &str,
         size_bytes: u64,
+        lineage: Option<u64>,
         capacity: usize,
         hold: Duration,
     ) -> io::Result<Self> {
@@ -202,6 +207,7 @@ impl ForwardEngine {
             addr: addr.to_string(),
             export: export.to_string(),
             size_bytes,
+            lineage,
             hold,
             writer: Mutex::new(Writer::default()),
             pending: Mutex::new(HashMap::new()),
@@ -437,7 +443,7 @@ mod tests {
     fn unreachable_destination_holds_then_fails_with_eio() {
         let addr = unreachable_addr();
         let hold = Duration::from_millis(300);
-        let mut engine = ForwardEngine::connect(&addr, "vm", 1 << 20, 4, hold).unwrap();
+        let mut engine = ForwardEngine::connect(&addr, "vm", 1 << 20, None, 4, hold).unwrap();
         let started = Instant::now();
         let flush = IoRequest {
             tag: 7,
@@ -469,7 +475,7 @@ mod tests {
     fn held_engine_is_full_at_capacity() {
         let addr = unreachable_addr();
         let hold = Duration::from_secs(60);
-        let mut engine = ForwardEngine::connect(&addr, "vm", 1 << 20, 1, hold).unwrap();
+        let mut engine = ForwardEngine::connect(&addr, "vm", 1 << 20, None, 1, hold).unwrap();
         let flush = |tag| IoRequest {
             tag,
             kind: IoKind::Flush,
@@ -589,7 +595,7 @@ mod tests {
             }
         });
         let hold = Duration::from_secs(30);
-        let mut engine = ForwardEngine::connect(&addr, "vm", FAKE_BYTES, 8, hold).unwrap();
+        let mut engine = ForwardEngine::connect(&addr, "vm", FAKE_BYTES, None, 8, hold).unwrap();
         let write = IoKind::Write { fua: true };
         engine.submit(request(0, write, 8192, 4096)).unwrap();
         engine.submit(request(1, IoKind::Read, 100, 512)).unwrap();
@@ -625,7 +631,7 @@ mod tests {
             std::thread::spawn(move || while read_request(&mut stream).is_some() {});
         });
         let hold = Duration::from_millis(300);
-        let mut engine = ForwardEngine::connect(&addr, "vm", FAKE_BYTES, 8, hold).unwrap();
+        let mut engine = ForwardEngine::connect(&addr, "vm", FAKE_BYTES, None, 8, hold).unwrap();
         let started = Instant::now();
         engine.submit(request(3, IoKind::Flush, 0, 0)).unwrap();
         let mut out = Vec::new();
