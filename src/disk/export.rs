@@ -20,6 +20,7 @@ use ferry_sys::DirectFile;
 use crate::dirty::TrackerSet;
 use crate::metrics::LatencyRecorder;
 
+use super::forwarding::{unix_ms_now, ForwardGauge};
 use super::mirror::{MirrorSlot, WriteMirror};
 use super::route::{ExportRoute, Route};
 
@@ -170,6 +171,8 @@ pub struct Export {
     /// Wall-clock time of the last route switch, ms since the epoch (0: never switched). For
     /// display only: nothing orders events by it.
     route_since_unix_ms: AtomicU64,
+    /// What the forwarding engines of its sessions report (holding, held requests).
+    forward_gauge: Arc<ForwardGauge>,
     removed: AtomicBool,
     next_connection: AtomicU64,
     connections: Mutex<BTreeMap<u64, Box<dyn ConnectionHandle>>>,
@@ -201,10 +204,16 @@ impl Export {
             route: ExportRoute::default(),
             mirror: MirrorSlot::default(),
             route_since_unix_ms: AtomicU64::new(0),
+            forward_gauge: Arc::new(ForwardGauge::default()),
             removed: AtomicBool::new(false),
             next_connection: AtomicU64::new(1),
             connections: Mutex::new(BTreeMap::new()),
         })
+    }
+
+    /// The gauge its sessions' forwarding engines update.
+    pub fn forward_gauge(&self) -> &Arc<ForwardGauge> {
+        &self.forward_gauge
     }
 
     /// NBD export name.
@@ -392,12 +401,8 @@ impl Export {
     pub fn switch_route(&self, route: Route) {
         debug_assert!(self.route.is_held(), "route switched with writes flowing");
         self.route.set(route);
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |since| {
-                u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
-            });
-        self.route_since_unix_ms.store(now_ms, Ordering::Relaxed);
+        self.route_since_unix_ms
+            .store(unix_ms_now(), Ordering::Relaxed);
     }
 
     /// When the route last switched (ms since the Unix epoch), if it ever did.

@@ -19,7 +19,7 @@ use std::time::Duration;
 use crate::disk::{Export, Route};
 use crate::io::{open_engine, EngineKind};
 use crate::nbd::conn::Conn;
-use crate::nbd::forward::ForwardEngine;
+use crate::nbd::forward::{ForwardEngine, ForwardTarget};
 use crate::nbd::handshake;
 use crate::nbd::session::{EngineFactory, Session};
 use crate::nbd::wire::{ExportCatalog, ExportInfo, BLOCK_MAX_BYTES, BLOCK_PREFERRED_BYTES};
@@ -303,13 +303,13 @@ fn engine_factory(export: Arc<Export>, options: SessionOptions) -> EngineFactory
         }
         Route::Forward { addr } => {
             let depth = usize::try_from(options.queue_depth).unwrap_or(1);
-            let engine = ForwardEngine::connect(
-                addr,
-                export.name(),
-                export.size_bytes(),
-                depth,
-                options.forward_hold,
-            )?;
+            let target = ForwardTarget {
+                addr: addr.clone(),
+                export: export.name().to_string(),
+                size_bytes: export.size_bytes(),
+            };
+            let gauge = export.forward_gauge().clone();
+            let engine = ForwardEngine::connect(target, depth, options.forward_hold, gauge)?;
             Ok(Box::new(engine) as Box<dyn crate::io::BlockIo>)
         }
     }))

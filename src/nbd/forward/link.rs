@@ -2,7 +2,8 @@
 //! turns them into completions; when the connection breaks it reconnects with backoff, checks
 //! the image, installs the new connection and resends what is held (on a scoped sender
 //! thread, so replies are read while requests are written); it fails held requests with EIO
-//! as their hold ends. The invariants and the lock order are in the parent's `//!`.
+//! as their hold ends; it tells the export's gauge when it starts and stops holding. The
+//! invariants and the lock order are in the parent's `//!`.
 
 use std::io::{self, Read};
 use std::net::Shutdown;
@@ -105,9 +106,12 @@ impl Shared {
         let due: Vec<(u64, Pending)> = {
             let mut pending = lock(&self.pending);
             let tags = expired_tags(&pending, now, self.hold);
-            tags.into_iter()
+            let due: Vec<(u64, Pending)> = tags
+                .into_iter()
                 .filter_map(|tag| pending.remove(&tag).map(|entry| (tag, entry)))
-                .collect()
+                .collect();
+            self.count_out(&pending, due.len());
+            due
         };
         if due.is_empty() {
             return;
@@ -133,13 +137,19 @@ impl Shared {
 /// engine is dropped; then fails whatever is left (nobody waits for it any more). `first`:
 /// a handle on the connection `connect` installed as generation 1, if it made one.
 pub(super) fn run_link(shared: &Shared, first: Option<Conn>, stop: &Receiver<()>) {
-    let mut lost_at = first.is_none().then(Instant::now);
+    let mut lost_at = None;
     let mut generation = 0;
-    if let Some(reader) = first {
-        generation = 1;
-        let err = serve_installed(shared, reader, generation);
-        if !shared.stopping() {
-            lost_at = Some(lost(shared, &err));
+    match first {
+        Some(reader) => {
+            generation = 1;
+            let err = serve_installed(shared, reader, generation);
+            if !shared.stopping() {
+                lost_at = Some(lost(shared, &err));
+            }
+        }
+        None => {
+            shared.start_holding();
+            lost_at = Some(Instant::now());
         }
     }
     while !shared.stopping() {
@@ -147,6 +157,8 @@ pub(super) fn run_link(shared: &Shared, first: Option<Conn>, stop: &Receiver<()>
             break;
         };
         if let Some(lost_at) = lost_at.take() {
+            // Before the connection is served: replies are read only while not holding.
+            shared.stop_holding(true);
             log::info!(
                 "forward target {}: connected again after {} ms",
                 shared.name(),
@@ -159,14 +171,21 @@ pub(super) fn run_link(shared: &Shared, first: Option<Conn>, stop: &Receiver<()>
             lost_at = Some(lost(shared, &err));
         }
     }
-    let left: Vec<(u64, Pending)> = lock(&shared.pending).drain().collect();
+    let left: Vec<(u64, Pending)> = {
+        let mut pending = lock(&shared.pending);
+        let left: Vec<(u64, Pending)> = pending.drain().collect();
+        shared.count_out(&pending, left.len());
+        left
+    };
+    shared.stop_holding(false);
     for (tag, entry) in left {
         shared.finish(tag, entry, Err(eio()));
     }
 }
 
-/// Logs a lost connection; returns when it was lost.
+/// Starts holding after a lost connection (logged); returns when it was lost.
 fn lost(shared: &Shared, err: &LinkError) -> Instant {
+    shared.start_holding();
     log::warn!(
         "forward target {}: {}: holding requests up to {} ms while reconnecting",
         shared.name(),
