@@ -1,8 +1,9 @@
 //! The source's forwarder after a switchover, with a destination that goes away: requests
 //! are held while it reconnects and resent when it is back, so a guest whose one connection
-//! stays at the source sees a stall, not an error; only a request that waited past the hold
-//! (`--forward-hold`) fails with EIO, and a different image answering under the export's
-//! name is refused.
+//! stays at the source sees a stall, not an error; the source says so (`holding since T, N
+//! requests` in its API, `ferry export ls`, `ferry status` and `/metrics`) until the
+//! destination is back; only a request that waited past the hold (`--forward-hold`) fails
+//! with EIO, and a different image answering under the export's name is refused.
 //!
 //! The guest is the in-crate NBD client on one unix-socket connection to the source: in
 //! batches of 8 pipelined requests it writes 4 KiB blocks (a pattern naming the write; some
@@ -206,6 +207,35 @@ fn connect_source(pair: &Pair) -> NbdClient {
     NbdClient::connect_unix(&pair.source.socket, "vm1").expect("connect to the source")
 }
 
+/// Polls `probe` every 50 ms for up to 20 s until it returns Some; panics with `what`.
+fn wait_for<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(found) = probe() {
+            return found;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within 20 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// What the source's API says of vm1's holding now (None: not forwarding or not holding).
+fn source_holding(pair: &Pair) -> Option<ferry::api::types::Holding> {
+    let export = pair
+        .source
+        .client()
+        .export("vm1")
+        .expect("vm1 at the source");
+    export.forwarding.expect("vm1 is forwarded").holding
+}
+
+/// `ferry ARGS` at the source: its standard output (the call must succeed).
+fn source_cli(pair: &Pair, args: &[&str]) -> String {
+    let out = pair.source.cli(args);
+    assert!(out.status.success(), "ferry {args:?}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 // Goal: a destination restarted by SIGTERM, or killed with kill -9 and down for 2 s, costs
 // the guest a stall and no error; every acknowledged write reads back; a session opened at
 // the source while the destination is down is served once it is back. Method: migrate, run
@@ -321,4 +351,76 @@ fn hold_expires_with_eio_and_a_different_image_is_refused() {
         .expect("write after the right image is back");
     let data = client.read_at(0, BLOCK as u32).expect("read");
     assert!(data == pattern(4, 0));
+}
+
+// Goal: while the destination is away the source says its forwarded export is holding,
+// since when and how many requests (API, `ferry export ls`, `ferry status`, `/metrics`),
+// with the guest's in-flight requests counted; once the destination is back it no longer
+// does, a reconnect is counted, and no request failed. Method: migrate; the guest pipelines
+// on one source connection; SIGTERM the destination; poll the source's API until it says
+// holding with N >= 1; read the listing, the status and the metrics; restart the
+// destination; poll until the API no longer says holding; read them again; the guest's
+// ledger reads back.
+#[test]
+fn holding_is_shown_while_the_destination_is_away() {
+    let (_dir, mut pair) = switched_pair(&[]);
+    let guest = Guest::start(connect_source(&pair));
+    std::thread::sleep(Duration::from_millis(500));
+    let stopped_at = std::time::SystemTime::now();
+    assert!(pair.destination.stop(), "{}", pair.destination.log());
+
+    let holding = wait_for("the source says holding with a request", || {
+        source_holding(&pair).filter(|holding| holding.requests >= 1)
+    });
+    let stopped_ms = stopped_at.duration_since(std::time::UNIX_EPOCH).unwrap();
+    let since_ms = u128::from(holding.since_unix_ms);
+    assert!(
+        since_ms + 1000 >= stopped_ms.as_millis(),
+        "holding since {since_ms}, the destination stopped at {stopped_ms:?}"
+    );
+    println!("holding: {holding:?}");
+    let listing = source_cli(&pair, &["export", "ls"]);
+    assert!(listing.contains("forwarding → "), "{listing}");
+    assert!(listing.contains(" (holding since "), "{listing}");
+    assert!(listing.contains(" request"), "{listing}");
+    let status = source_cli(&pair, &["status"]);
+    assert!(status.contains("vm1 (job "), "{status}");
+    assert!(status.contains(" (holding since "), "{status}");
+    let metrics = pair.source.client().metrics().expect("metrics");
+    assert!(
+        metrics.contains("ferry_export_forward_holding{export=\"vm1\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("ferry_export_forward_held_requests{export=\"vm1\"} 0\n"),
+        "{metrics}"
+    );
+
+    pair.restart_destination();
+    wait_for("the source no longer says holding", || {
+        source_holding(&pair).is_none().then_some(())
+    });
+    let listing = source_cli(&pair, &["export", "ls"]);
+    assert!(listing.contains("forwarding → "), "{listing}");
+    assert!(!listing.contains("holding"), "{listing}");
+    assert!(!source_cli(&pair, &["status"]).contains("holding"));
+    let metrics = pair.source.client().metrics().expect("metrics");
+    for want in [
+        "ferry_export_forward_holding{export=\"vm1\"} 0",
+        "ferry_export_forward_held_requests{export=\"vm1\"} 0",
+    ] {
+        assert!(metrics.contains(want), "{want}:\n{metrics}");
+    }
+    let reconnects = pair.source.client().export("vm1").unwrap().stats;
+    assert!(reconnects.forward_reconnects >= 1, "{reconnects:?}");
+
+    std::thread::sleep(Duration::from_millis(500));
+    let mut report = guest.finish();
+    assert!(
+        report.errors.is_empty(),
+        "{:?}\nsource log:\n{}",
+        report.errors,
+        pair.source.log()
+    );
+    check_ledger(&mut report.client, &report.ledger);
 }

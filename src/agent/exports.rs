@@ -12,10 +12,10 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use crate::agent::config::ExportConfig;
 use crate::agent::moves::{locate, Move};
-use crate::api::types::{ExportSpec, ExportStats, ExportStatus, Forwarding, TrackerStatus};
+use crate::api::types::{ExportSpec, ExportStats, ExportStatus, TrackerStatus};
 use crate::api::ControlError;
 use crate::dirty::{TrackerSet, TrackerSpec};
-use crate::disk::{Export, Route};
+use crate::disk::Export;
 use crate::env::Clock;
 use crate::error::error_chain;
 use crate::nbd::server::{export_info, ExportLookup};
@@ -338,13 +338,7 @@ impl Exports {
                 .map(|t| TrackerStatus::of(t))
                 .collect(),
             stats: ExportStats::of(export),
-            forwarding: match &*export.route().1 {
-                Route::Local => None,
-                Route::Forward { addr } => Some(Forwarding {
-                    to: addr.clone(),
-                    since_unix_ms: export.route_since_unix_ms(),
-                }),
-            },
+            forwarding: export.forwarding(),
         }
     }
 

@@ -218,6 +218,7 @@ impl Control for FakeControl {
                 verdict: "resumable".into(),
                 reason: "the destination holds part of the disk".into(),
                 action: "ferry resume b1".into(),
+                forwarding: None,
             })
             .collect())
     }

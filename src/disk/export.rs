@@ -20,7 +20,7 @@ use ferry_sys::DirectFile;
 use crate::dirty::TrackerSet;
 use crate::metrics::LatencyRecorder;
 
-use super::forwarding::{unix_ms_now, ForwardGauge};
+use super::forwarding::{unix_ms_now, ForwardGauge, Forwarding};
 use super::mirror::{MirrorSlot, WriteMirror};
 use super::route::{ExportRoute, Route};
 
@@ -214,6 +214,19 @@ impl Export {
     /// The gauge its sessions' forwarding engines update.
     pub fn forward_gauge(&self) -> &Arc<ForwardGauge> {
         &self.forward_gauge
+    }
+
+    /// Where its requests go when it no longer serves its own image, and whether they are
+    /// held now; None while it serves locally.
+    pub fn forwarding(&self) -> Option<Forwarding> {
+        match &*self.route().1 {
+            Route::Local => None,
+            Route::Forward { addr } => Some(Forwarding {
+                to: addr.clone(),
+                since_unix_ms: self.route_since_unix_ms(),
+                holding: self.forward_gauge.holding(),
+            }),
+        }
     }
 
     /// NBD export name.

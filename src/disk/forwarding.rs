@@ -1,6 +1,6 @@
 //! What an export whose disk lives at another agent shows of its forwarding: the
 //! [`ForwardGauge`] its sessions' forwarding engines update (`nbd::forward`), and the
-//! [`Holding`] snapshot the control API reports.
+//! [`Forwarding`] / [`Holding`] snapshot the control API reports.
 //!
 //! The gauge is lock-free: a forwarding engine touches it only when its link changes state
 //! (lost, connected again) and, while it holds, when a held request arrives or leaves. A
@@ -122,6 +122,20 @@ impl ForwardGauge {
     }
 }
 
+/// An export whose disk lives at another agent: every request is forwarded there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Forwarding {
+    /// The NBD TCP address requests go to.
+    pub to: String,
+    /// Since when (ms since the Unix epoch), when the agent saw the switch happen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since_unix_ms: Option<u64>,
+    /// Set while the destination is away and requests are held (absent from older agents'
+    /// answers: read as not holding).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holding: Option<Holding>,
+}
+
 /// Requests held for a destination that is away.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Holding {
@@ -205,5 +219,16 @@ mod tests {
         assert_eq!(gauge.holding(), None);
         assert_eq!(gauge.requests.load(Ordering::Relaxed), 0);
         assert_eq!(gauge.reconnects(), 4);
+    }
+
+    // Goal: an older agent's JSON (no `holding`) still parses, as not holding. Method:
+    // parse the JSON a forwarding export had before the field existed.
+    #[test]
+    fn forwarding_without_holding_parses() {
+        let old: Forwarding =
+            serde_json::from_str(r#"{"to":"10.0.0.2:10809","since_unix_ms":5}"#).unwrap();
+        assert_eq!(old.holding, None);
+        let text = serde_json::to_string(&old).unwrap();
+        assert!(!text.contains("holding"), "{text}");
     }
 }

@@ -20,7 +20,7 @@ pub mod trap;
 pub use export::{
     is_stale_name, stale_path, ConnectionHandle, CounterSnapshot, Export, ExportError,
 };
-pub use forwarding::{ForwardGauge, Holding};
+pub use forwarding::{ForwardGauge, Forwarding, Holding};
 pub use mirror::WriteMirror;
 pub use route::Route;
 pub use trap::{WriteOutcome, WriteTrap};
