@@ -2,8 +2,9 @@
 //! are held while it reconnects and resent when it is back, so a guest whose one connection
 //! stays at the source sees a stall, not an error; the source says so (`holding since T, N
 //! requests` in its API, `ferry export ls`, `ferry status` and `/metrics`) until the
-//! destination is back; only a request that waited past the hold (`--forward-hold`) fails
-//! with EIO, and a different image answering under the export's name is refused.
+//! destination is back; only a request that waited past the hold (`--forward-hold`, or the
+//! export's own `forward_hold=MS`) fails with EIO, and a different image answering under
+//! the export's name is refused.
 //!
 //! The guest is the in-crate NBD client on one unix-socket connection to the source: in
 //! batches of 8 pipelined requests it writes 4 KiB blocks (a pattern naming the write; some
@@ -190,13 +191,14 @@ fn check_ledger(client: &mut NbdClient, ledger: &BTreeMap<u64, u64>) {
     }
 }
 
-/// A pair with a 64 MiB disk (32 MiB of data) migrated to the destination.
-fn switched_pair(source_extra: &[&str]) -> (tempfile::TempDir, Pair) {
+/// A pair with a 64 MiB disk (32 MiB of data) migrated to the destination; `export_options`
+/// are appended to the source's `--export vm1=PATH,granularity=64K`.
+fn switched_pair(export_options: &str, source_extra: &[&str]) -> (tempfile::TempDir, Pair) {
     let dir = common::scratch_dir();
     let image = dir.path().join("vm1.img");
     sparse_image(&image, 64 * MIB);
     prefill(&image, 32 * MIB);
-    let export = format!("vm1={},granularity=64K", image.display());
+    let export = format!("vm1={},granularity=64K{export_options}", image.display());
     let pair = pair_with(vec![export], source_extra);
     let status = migrate(&pair.source, &pair.destination_transfer, &[]);
     assert_eq!(status["phase"], "done", "{status:#}");
@@ -244,7 +246,7 @@ fn source_cli(pair: &Pair, args: &[&str]) -> String {
 // runs on; then its ledger is read back; the longest stall of each phase is printed.
 #[test]
 fn destination_restarts_cost_a_stall_not_an_error() {
-    let (_dir, mut pair) = switched_pair(&[]);
+    let (_dir, mut pair) = switched_pair("", &[]);
     let guest = Guest::start(connect_source(&pair));
     std::thread::sleep(Duration::from_secs(1));
     let steady = guest.take_stall();
@@ -307,7 +309,7 @@ fn destination_restarts_cost_a_stall_not_an_error() {
 // stop, shrink back, restart; a write and read succeed on the same connection.
 #[test]
 fn hold_expires_with_eio_and_a_different_image_is_refused() {
-    let (_dir, mut pair) = switched_pair(&["--forward-hold", "3000"]);
+    let (_dir, mut pair) = switched_pair("", &["--forward-hold", "3000"]);
     let mut client = connect_source(&pair);
     client.write_at(0, &pattern(1, 0)).expect("write while up");
 
@@ -363,7 +365,7 @@ fn hold_expires_with_eio_and_a_different_image_is_refused() {
 // ledger reads back.
 #[test]
 fn holding_is_shown_while_the_destination_is_away() {
-    let (_dir, mut pair) = switched_pair(&[]);
+    let (_dir, mut pair) = switched_pair("", &[]);
     let guest = Guest::start(connect_source(&pair));
     std::thread::sleep(Duration::from_millis(500));
     let stopped_at = std::time::SystemTime::now();
@@ -423,4 +425,26 @@ fn holding_is_shown_while_the_destination_is_away() {
         pair.source.log()
     );
     check_ledger(&mut report.client, &report.ledger);
+}
+
+// Goal: an export's own hold (`--export ...,forward_hold=MS`) wins over the agent's: with
+// the agent's hold at 10 minutes and the export's at 2 s, a write to a destination that
+// stays down fails with EIO after about 2 s; the API shows the export's hold. Method:
+// migrate; read the export's status; kill -9 the destination; time one write.
+#[test]
+fn an_export_hold_wins_over_the_agent_hold() {
+    let (_dir, mut pair) = switched_pair(",forward_hold=2000", &["--forward-hold", "600000"]);
+    let export = pair.source.client().export("vm1").expect("vm1");
+    assert_eq!(export.forward_hold_ms, Some(2000));
+    let mut client = connect_source(&pair);
+    client.write_at(0, &pattern(1, 0)).expect("write while up");
+    pair.destination.kill();
+    let started = Instant::now();
+    let failed = client.write_at(0, &pattern(2, 0));
+    let to_eio = started.elapsed();
+    println!("destination down, export hold 2 s: write failed after {to_eio:?}");
+    let err = failed.expect_err("a write to a destination that stays down fails");
+    assert!(err.to_string().contains("NBD error 5"), "{err}");
+    assert!(to_eio >= Duration::from_millis(1500), "{to_eio:?}");
+    assert!(to_eio < Duration::from_secs(8), "{to_eio:?}");
 }

@@ -111,7 +111,8 @@ impl Exports {
                 TrackerSet::new(size_bytes, clock)
             },
         )
-        .map_err(|err| ControlError::Io(error_chain(&err)))?;
+        .map_err(|err| ControlError::Io(error_chain(&err)))?
+        .with_forward_hold(cfg.forward_hold_ms.map(std::time::Duration::from_millis));
         if let Some(err) = restore_error {
             // The files are left in place for inspection; the export serves without them.
             log::error!(
@@ -339,6 +340,9 @@ impl Exports {
                 .collect(),
             stats: ExportStats::of(export),
             forwarding: export.forwarding(),
+            forward_hold_ms: export
+                .forward_hold()
+                .map(|hold| u64::try_from(hold.as_millis()).unwrap_or(u64::MAX)),
         }
     }
 
@@ -401,6 +405,8 @@ fn export_config(spec: &ExportSpec) -> ExportConfig {
         read_only: spec.read_only,
         granularity_bytes: spec.granularity_bytes,
         trackers: spec.trackers.clone(),
+        // Exports added through the API take the agent's hold.
+        forward_hold_ms: None,
     }
 }
 

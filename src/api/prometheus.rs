@@ -276,6 +276,7 @@ mod tests {
                 half_life_ms: 30_000,
             }],
             forwarding: None,
+            forward_hold_ms: None,
             stats: ExportStats {
                 counts: CounterSnapshot {
                     read_ops: 7,

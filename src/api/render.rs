@@ -522,6 +522,7 @@ mod tests {
             connections: 1,
             trackers,
             forwarding: None,
+            forward_hold_ms: None,
             stats: ExportStats {
                 counts: CounterSnapshot {
                     read_bytes: 5 << 20,
@@ -663,6 +664,7 @@ mod tests {
             trackers: Vec::new(),
             stats: ExportStats::default(),
             forwarding: Some(forwarding),
+            forward_hold_ms: None,
         };
         let table = exports_table(&[export]);
         assert!(table.contains("forwarding → 10.0.0.2:10809"), "{table}");

@@ -115,6 +115,7 @@ impl Control for FakeControl {
                 .collect(),
             stats: ExportStats::default(),
             forwarding: None,
+            forward_hold_ms: None,
         };
         exports.insert(spec.name, status.clone());
         Ok(status)

@@ -134,6 +134,9 @@ pub struct ExportStatus {
     /// switchover): absent while it serves locally.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub forwarding: Option<Forwarding>,
+    /// Its own hold of forwarded requests, when it has one (absent: the agent's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forward_hold_ms: Option<u64>,
 }
 
 /// Write heat of one tracker, reduced to a fixed number of cells for display.
@@ -183,8 +186,8 @@ mod tests {
 
     #[test]
     fn export_status_of_an_older_agent_parses() {
-        // Goal: a client reads the exports of an agent that predates holding and reconnect
-        // counts. Method: a forwarding status as JSON without those
+        // Goal: a client reads the exports of an agent that predates holding, reconnect
+        // counts and per-export holds. Method: a forwarding status as JSON without those
         // fields, parsed.
         let status = ExportStatus {
             name: "vm1".into(),
@@ -200,12 +203,16 @@ mod tests {
                 since_unix_ms: Some(5),
                 holding: None,
             }),
+            forward_hold_ms: None,
         };
         let mut json = serde_json::to_value(&status).expect("serialize");
         let stats = json["stats"].as_object_mut().expect("stats");
         assert!(stats.remove("forward_reconnects").is_some());
         let text = json.to_string();
-        assert!(!text.contains("holding"), "{text}");
+        assert!(
+            !text.contains("holding") && !text.contains("forward_hold"),
+            "{text}"
+        );
         let parsed: ExportStatus = serde_json::from_str(&text).expect("older status");
         assert_eq!(parsed, status);
     }

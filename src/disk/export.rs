@@ -173,6 +173,8 @@ pub struct Export {
     route_since_unix_ms: AtomicU64,
     /// What the forwarding engines of its sessions report (holding, held requests).
     forward_gauge: Arc<ForwardGauge>,
+    /// This export's hold of forwarded requests, when it is not the agent's.
+    forward_hold: Option<Duration>,
     removed: AtomicBool,
     next_connection: AtomicU64,
     connections: Mutex<BTreeMap<u64, Box<dyn ConnectionHandle>>>,
@@ -205,10 +207,25 @@ impl Export {
             mirror: MirrorSlot::default(),
             route_since_unix_ms: AtomicU64::new(0),
             forward_gauge: Arc::new(ForwardGauge::default()),
+            forward_hold: None,
             removed: AtomicBool::new(false),
             next_connection: AtomicU64::new(1),
             connections: Mutex::new(BTreeMap::new()),
         })
+    }
+
+    /// The same export, whose forwarded requests wait up to `hold` (instead of the agent's
+    /// hold) for a destination that is away.
+    pub fn with_forward_hold(self, hold: Option<Duration>) -> Self {
+        Export {
+            forward_hold: hold,
+            ..self
+        }
+    }
+
+    /// This export's own hold of forwarded requests, if it has one (else the agent's).
+    pub fn forward_hold(&self) -> Option<Duration> {
+        self.forward_hold
     }
 
     /// The gauge its sessions' forwarding engines update.

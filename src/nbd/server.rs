@@ -65,7 +65,7 @@ pub struct SessionOptions {
     /// The engine also waits for the socket (one wait for disk and network).
     pub engine_watches_socket: bool,
     /// How long a forwarded request waits for a destination that is away before it fails
-    /// with EIO (the forwarding engine reconnects meanwhile).
+    /// with EIO (the forwarding engine reconnects meanwhile), for exports without their own.
     pub forward_hold: Duration,
 }
 
@@ -308,8 +308,10 @@ fn engine_factory(export: Arc<Export>, options: SessionOptions) -> EngineFactory
                 export: export.name().to_string(),
                 size_bytes: export.size_bytes(),
             };
+            // The export's own hold, when it has one, wins over the agent's.
+            let hold = export.forward_hold().unwrap_or(options.forward_hold);
             let gauge = export.forward_gauge().clone();
-            let engine = ForwardEngine::connect(target, depth, options.forward_hold, gauge)?;
+            let engine = ForwardEngine::connect(target, depth, hold, gauge)?;
             Ok(Box::new(engine) as Box<dyn crate::io::BlockIo>)
         }
     }))
