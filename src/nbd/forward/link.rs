@@ -327,6 +327,8 @@ fn install_and_resend(shared: &Shared, conn: Conn, generation: u64) {
 /// Reads replies until the connection fails (or stays silent past the hold while requests
 /// wait). A READ whose data was cut off goes back to the held requests.
 fn read_replies(shared: &Shared, conn: &mut Conn) -> LinkError {
+    // Replies leave `pending` below without telling the gauge: only right while not holding.
+    debug_assert!(!shared.holding.load(std::sync::atomic::Ordering::Relaxed));
     // The socket's receive timeout is a tick to look at the hold; reads resume after it.
     let tick = (shared.hold / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
     if let Conn::Tcp(stream) = conn {
