@@ -1,8 +1,10 @@
 //! The source's forwarder after a switchover, with a destination that goes away: requests
 //! are held while it reconnects and resent when it is back, so a guest whose one connection
-//! stays at the source sees a stall, not an error; only a request that waited past the hold
-//! (`--forward-hold`) fails with EIO, and a different image answering under the export's
-//! name is refused.
+//! stays at the source sees a stall, not an error; the source says so (`holding since T, N
+//! requests` in its API, `ferry export ls`, `ferry status` and `/metrics`) until the
+//! destination is back; only a request that waited past the hold (`--forward-hold`, or the
+//! export's own `forward_hold=MS`) fails with EIO, and a different image answering under
+//! the export's name is refused.
 //!
 //! The guest is the in-crate NBD client on one unix-socket connection to the source: in
 //! batches of 8 pipelined requests it writes 4 KiB blocks (a pattern naming the write; some
@@ -189,13 +191,14 @@ fn check_ledger(client: &mut NbdClient, ledger: &BTreeMap<u64, u64>) {
     }
 }
 
-/// A pair with a 64 MiB disk (32 MiB of data) migrated to the destination.
-fn switched_pair(source_extra: &[&str]) -> (tempfile::TempDir, Pair) {
+/// A pair with a 64 MiB disk (32 MiB of data) migrated to the destination; `export_options`
+/// are appended to the source's `--export vm1=PATH,granularity=64K`.
+fn switched_pair(export_options: &str, source_extra: &[&str]) -> (tempfile::TempDir, Pair) {
     let dir = common::scratch_dir();
     let image = dir.path().join("vm1.img");
     sparse_image(&image, 64 * MIB);
     prefill(&image, 32 * MIB);
-    let export = format!("vm1={},granularity=64K", image.display());
+    let export = format!("vm1={},granularity=64K{export_options}", image.display());
     let pair = pair_with(vec![export], source_extra);
     let status = migrate(&pair.source, &pair.destination_transfer, &[]);
     assert_eq!(status["phase"], "done", "{status:#}");
@@ -206,6 +209,35 @@ fn connect_source(pair: &Pair) -> NbdClient {
     NbdClient::connect_unix(&pair.source.socket, "vm1").expect("connect to the source")
 }
 
+/// Polls `probe` every 50 ms for up to 20 s until it returns Some; panics with `what`.
+fn wait_for<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(found) = probe() {
+            return found;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within 20 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// What the source's API says of vm1's holding now (None: not forwarding or not holding).
+fn source_holding(pair: &Pair) -> Option<ferry::api::types::Holding> {
+    let export = pair
+        .source
+        .client()
+        .export("vm1")
+        .expect("vm1 at the source");
+    export.forwarding.expect("vm1 is forwarded").holding
+}
+
+/// `ferry ARGS` at the source: its standard output (the call must succeed).
+fn source_cli(pair: &Pair, args: &[&str]) -> String {
+    let out = pair.source.cli(args);
+    assert!(out.status.success(), "ferry {args:?}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 // Goal: a destination restarted by SIGTERM, or killed with kill -9 and down for 2 s, costs
 // the guest a stall and no error; every acknowledged write reads back; a session opened at
 // the source while the destination is down is served once it is back. Method: migrate, run
@@ -214,7 +246,7 @@ fn connect_source(pair: &Pair) -> NbdClient {
 // runs on; then its ledger is read back; the longest stall of each phase is printed.
 #[test]
 fn destination_restarts_cost_a_stall_not_an_error() {
-    let (_dir, mut pair) = switched_pair(&[]);
+    let (_dir, mut pair) = switched_pair("", &[]);
     let guest = Guest::start(connect_source(&pair));
     std::thread::sleep(Duration::from_secs(1));
     let steady = guest.take_stall();
@@ -277,7 +309,7 @@ fn destination_restarts_cost_a_stall_not_an_error() {
 // stop, shrink back, restart; a write and read succeed on the same connection.
 #[test]
 fn hold_expires_with_eio_and_a_different_image_is_refused() {
-    let (_dir, mut pair) = switched_pair(&["--forward-hold", "3000"]);
+    let (_dir, mut pair) = switched_pair("", &["--forward-hold", "3000"]);
     let mut client = connect_source(&pair);
     client.write_at(0, &pattern(1, 0)).expect("write while up");
 
@@ -331,7 +363,7 @@ fn hold_expires_with_eio_and_a_different_image_is_refused() {
 // back, writes succeed on the same connection.
 #[test]
 fn another_disk_of_the_same_size_is_refused() {
-    let (_dir, mut pair) = switched_pair(&["--forward-hold", "3000"]);
+    let (_dir, mut pair) = switched_pair("", &["--forward-hold", "3000"]);
     let mut client = connect_source(&pair);
     client.write_at(0, &pattern(1, 0)).expect("write while up");
     let nbd_tcp = pair
@@ -368,4 +400,98 @@ fn another_disk_of_the_same_size_is_refused() {
         .expect("write with the disk back");
     let data = client.read_at(0, BLOCK as u32).expect("read");
     assert!(data == pattern(3, 0));
+}
+
+// Goal: while the destination is away the source says its forwarded export is holding,
+// since when and how many requests (API, `ferry export ls`, `ferry status`, `/metrics`),
+// with the guest's in-flight requests counted; once the destination is back it no longer
+// does, a reconnect is counted, and no request failed. Method: migrate; the guest pipelines
+// on one source connection; SIGTERM the destination; poll the source's API until it says
+// holding with N >= 1; read the listing, the status and the metrics; restart the
+// destination; poll until the API no longer says holding; read them again; the guest's
+// ledger reads back.
+#[test]
+fn holding_is_shown_while_the_destination_is_away() {
+    let (_dir, mut pair) = switched_pair("", &[]);
+    let guest = Guest::start(connect_source(&pair));
+    std::thread::sleep(Duration::from_millis(500));
+    let stopped_at = std::time::SystemTime::now();
+    assert!(pair.destination.stop(), "{}", pair.destination.log());
+
+    let holding = wait_for("the source says holding with a request", || {
+        source_holding(&pair).filter(|holding| holding.requests >= 1)
+    });
+    let stopped_ms = stopped_at.duration_since(std::time::UNIX_EPOCH).unwrap();
+    let since_ms = u128::from(holding.since_unix_ms);
+    assert!(
+        since_ms + 1000 >= stopped_ms.as_millis(),
+        "holding since {since_ms}, the destination stopped at {stopped_ms:?}"
+    );
+    println!("holding: {holding:?}");
+    let listing = source_cli(&pair, &["export", "ls"]);
+    assert!(listing.contains("forwarding → "), "{listing}");
+    assert!(listing.contains(" (holding since "), "{listing}");
+    assert!(listing.contains(" request"), "{listing}");
+    let status = source_cli(&pair, &["status"]);
+    assert!(status.contains("vm1 (job "), "{status}");
+    assert!(status.contains(" (holding since "), "{status}");
+    let metrics = pair.source.client().metrics().expect("metrics");
+    assert!(
+        metrics.contains("ferry_export_forward_holding{export=\"vm1\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("ferry_export_forward_held_requests{export=\"vm1\"} 0\n"),
+        "{metrics}"
+    );
+
+    pair.restart_destination();
+    wait_for("the source no longer says holding", || {
+        source_holding(&pair).is_none().then_some(())
+    });
+    let listing = source_cli(&pair, &["export", "ls"]);
+    assert!(listing.contains("forwarding → "), "{listing}");
+    assert!(!listing.contains("holding"), "{listing}");
+    assert!(!source_cli(&pair, &["status"]).contains("holding"));
+    let metrics = pair.source.client().metrics().expect("metrics");
+    for want in [
+        "ferry_export_forward_holding{export=\"vm1\"} 0",
+        "ferry_export_forward_held_requests{export=\"vm1\"} 0",
+    ] {
+        assert!(metrics.contains(want), "{want}:\n{metrics}");
+    }
+    let reconnects = pair.source.client().export("vm1").unwrap().stats;
+    assert!(reconnects.forward_reconnects >= 1, "{reconnects:?}");
+
+    std::thread::sleep(Duration::from_millis(500));
+    let mut report = guest.finish();
+    assert!(
+        report.errors.is_empty(),
+        "{:?}\nsource log:\n{}",
+        report.errors,
+        pair.source.log()
+    );
+    check_ledger(&mut report.client, &report.ledger);
+}
+
+// Goal: an export's own hold (`--export ...,forward_hold=MS`) wins over the agent's: with
+// the agent's hold at 10 minutes and the export's at 2 s, a write to a destination that
+// stays down fails with EIO after about 2 s; the API shows the export's hold. Method:
+// migrate; read the export's status; kill -9 the destination; time one write.
+#[test]
+fn an_export_hold_wins_over_the_agent_hold() {
+    let (_dir, mut pair) = switched_pair(",forward_hold=2000", &["--forward-hold", "600000"]);
+    let export = pair.source.client().export("vm1").expect("vm1");
+    assert_eq!(export.forward_hold_ms, Some(2000));
+    let mut client = connect_source(&pair);
+    client.write_at(0, &pattern(1, 0)).expect("write while up");
+    pair.destination.kill();
+    let started = Instant::now();
+    let failed = client.write_at(0, &pattern(2, 0));
+    let to_eio = started.elapsed();
+    println!("destination down, export hold 2 s: write failed after {to_eio:?}");
+    let err = failed.expect_err("a write to a destination that stays down fails");
+    assert!(err.to_string().contains("NBD error 5"), "{err}");
+    assert!(to_eio >= Duration::from_millis(1500), "{to_eio:?}");
+    assert!(to_eio < Duration::from_secs(8), "{to_eio:?}");
 }

@@ -100,6 +100,7 @@ struct FileExport {
     granularity: Option<SizeValue>,
     #[serde(default)]
     trackers: Vec<String>,
+    forward_hold_ms: Option<u64>,
 }
 
 /// A size written either as a number of bytes or as a string with a unit ("64K", "1M").
@@ -134,6 +135,8 @@ pub struct ExportConfig {
     pub granularity_bytes: u64,
     /// Trackers created at start when not restored from the state directory.
     pub trackers: Vec<String>,
+    /// Hold of this export's forwarded requests, instead of the agent's `forward_hold_ms`.
+    pub forward_hold_ms: Option<u64>,
 }
 
 /// The validated configuration of one agent.
@@ -179,7 +182,7 @@ pub struct Overrides {
     pub api: Option<String>,
     /// `--engine`.
     pub engine: Option<String>,
-    /// `--export NAME=PATH[,ro][,granularity=N][,tracker=T]`, repeated.
+    /// `--export NAME=PATH[,ro][,granularity=N][,tracker=T][,forward_hold=MS]`, repeated.
     pub exports: Vec<String>,
     /// `--granularity` for the `--export` exports.
     pub granularity: Option<String>,
@@ -283,17 +286,7 @@ impl AgentConfig {
             .forward_hold_ms
             .or(agent.forward_hold_ms)
             .unwrap_or(DEFAULT_FORWARD_HOLD_MS);
-        if !FORWARD_HOLD_MS.contains(&forward_hold_ms) {
-            return Err(invalid(
-                "forward_hold_ms",
-                format!(
-                    "{forward_hold_ms} is not in {}..={} (a shorter hold fails requests \
-                     during an ordinary reconnect)",
-                    FORWARD_HOLD_MS.start(),
-                    FORWARD_HOLD_MS.end()
-                ),
-            ));
-        }
+        check_forward_hold("forward_hold_ms", forward_hold_ms)?;
         let mut exports = Vec::new();
         for (index, export) in file.exports.into_iter().enumerate() {
             let field = format!("export[{index}]");
@@ -303,12 +296,16 @@ impl AgentConfig {
                 Some(SizeValue::Text(text)) => parse_size(text)
                     .map_err(|p| invalid(format!("{field}.granularity"), p.to_string()))?,
             };
+            if let Some(hold_ms) = export.forward_hold_ms {
+                check_forward_hold(&format!("{field}.forward_hold_ms"), hold_ms)?;
+            }
             exports.push(ExportConfig {
                 name: export.name,
                 path: export.path,
                 read_only: export.read_only,
                 granularity_bytes,
                 trackers: export.trackers,
+                forward_hold_ms: export.forward_hold_ms,
             });
         }
         let cli_granularity = match &ov.granularity {
@@ -361,6 +358,22 @@ impl AgentConfig {
 
 use crate::units::parse_size;
 
+/// Refuses a hold of forwarded requests outside [`FORWARD_HOLD_MS`], naming `field`.
+fn check_forward_hold(field: &str, hold_ms: u64) -> Result<(), ConfigError> {
+    if FORWARD_HOLD_MS.contains(&hold_ms) {
+        return Ok(());
+    }
+    Err(invalid(
+        field,
+        format!(
+            "{hold_ms} is not in {}..={} (a shorter hold fails requests during an ordinary \
+             reconnect)",
+            FORWARD_HOLD_MS.start(),
+            FORWARD_HOLD_MS.end()
+        ),
+    ))
+}
+
 fn parse_addr(field: &str, text: &str) -> Result<SocketAddr, ConfigError> {
     text.parse().map_err(|_| {
         invalid(
@@ -370,7 +383,7 @@ fn parse_addr(field: &str, text: &str) -> Result<SocketAddr, ConfigError> {
     })
 }
 
-/// `NAME=PATH[,ro][,granularity=SIZE][,tracker=T]...`
+/// `NAME=PATH[,ro][,granularity=SIZE][,tracker=T]...[,forward_hold=MS]`
 fn parse_export_flag(spec: &str, default_granularity: u64) -> Result<ExportConfig, ConfigError> {
     let field = "--export";
     let (name, rest) = spec
@@ -385,6 +398,7 @@ fn parse_export_flag(spec: &str, default_granularity: u64) -> Result<ExportConfi
         read_only: false,
         granularity_bytes: default_granularity,
         trackers: Vec::new(),
+        forward_hold_ms: None,
     };
     for option in parts {
         match option.split_once('=') {
@@ -394,10 +408,20 @@ fn parse_export_flag(spec: &str, default_granularity: u64) -> Result<ExportConfi
                     parse_size(size).map_err(|p| invalid(field, p.to_string()))?
             }
             Some(("tracker", tracker)) => export.trackers.push(tracker.to_string()),
+            Some(("forward_hold", ms)) => {
+                let hold_ms = ms.parse().map_err(|_| {
+                    invalid(field, format!("forward_hold={ms} is not a number of ms"))
+                })?;
+                check_forward_hold(field, hold_ms)?;
+                export.forward_hold_ms = Some(hold_ms);
+            }
             _ => {
                 return Err(invalid(
                     field,
-                    format!("unknown option '{option}' (ro, granularity=SIZE, tracker=NAME)"),
+                    format!(
+                        "unknown option '{option}' (ro, granularity=SIZE, tracker=NAME, \
+                         forward_hold=MS)"
+                    ),
                 ))
             }
         }
@@ -525,5 +549,43 @@ mod tests {
         };
         let err = AgentConfig::from_toml("", &short).unwrap_err();
         assert!(err.to_string().starts_with("forward_hold_ms:"), "{err}");
+    }
+
+    // Goal: an export's own forwarding hold comes from its TOML table or its --export
+    // option, other exports keep none (the agent's applies), and a value out of range or
+    // not a number is refused naming the export's field or the flag. Method: parse each form.
+    #[test]
+    fn export_forward_hold() {
+        let file = "[agent]\nforward_hold_ms = 5000\n\
+                    [[export]]\nname='a'\npath='/a'\nforward_hold_ms = 120000\n\
+                    [[export]]\nname='b'\npath='/b'\n";
+        let flag = Overrides {
+            exports: vec!["c=/c,tracker=t,forward_hold=900".into()],
+            ..Overrides::default()
+        };
+        let config = AgentConfig::from_toml(file, &flag).unwrap();
+        assert_eq!(config.forward_hold_ms, 5000);
+        let holds: Vec<Option<u64>> = config.exports.iter().map(|e| e.forward_hold_ms).collect();
+        assert_eq!(holds, [Some(120_000), None, Some(900)]);
+        assert_eq!(config.exports[2].trackers, ["t"]);
+
+        let short = "[[export]]\nname='a'\npath='/a'\nforward_hold_ms = 10\n";
+        let err = AgentConfig::from_toml(short, &Overrides::default()).unwrap_err();
+        assert!(
+            err.to_string().starts_with("export[0].forward_hold_ms:"),
+            "{err}"
+        );
+        for spec in [
+            "d=/d,forward_hold=99",
+            "d=/d,forward_hold=1m",
+            "d=/d,forward_hold=",
+        ] {
+            let bad = Overrides {
+                exports: vec![spec.into()],
+                ..Overrides::default()
+            };
+            let err = AgentConfig::from_toml("", &bad).unwrap_err();
+            assert!(err.to_string().starts_with("--export:"), "{spec}: {err}");
+        }
     }
 }

@@ -12,10 +12,10 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use crate::agent::config::ExportConfig;
 use crate::agent::moves::{locate, Move};
-use crate::api::types::{ExportSpec, ExportStats, ExportStatus, Forwarding, TrackerStatus};
+use crate::api::types::{ExportSpec, ExportStats, ExportStatus, TrackerStatus};
 use crate::api::ControlError;
 use crate::dirty::{TrackerSet, TrackerSpec};
-use crate::disk::{Export, Route, Shape};
+use crate::disk::{Export, Shape};
 use crate::env::Clock;
 use crate::error::error_chain;
 use crate::nbd::server::{export_info, ExportLookup};
@@ -127,7 +127,8 @@ impl Exports {
                 trackers,
             )
             .map_err(|err| ControlError::Io(error_chain(&err)))?,
-        };
+        }
+        .with_forward_hold(cfg.forward_hold_ms.map(std::time::Duration::from_millis));
         self.configured
             .lock()
             .expect("configured lock")
@@ -377,13 +378,10 @@ impl Exports {
                 .map(|t| TrackerStatus::of(t))
                 .collect(),
             stats: ExportStats::of(export),
-            forwarding: match &*export.route().1 {
-                Route::Local => None,
-                Route::Forward { addr, .. } => Some(Forwarding {
-                    to: addr.clone(),
-                    since_unix_ms: export.route_since_unix_ms(),
-                }),
-            },
+            forwarding: export.forwarding(),
+            forward_hold_ms: export
+                .forward_hold()
+                .map(|hold| u64::try_from(hold.as_millis()).unwrap_or(u64::MAX)),
         }
     }
 
@@ -450,6 +448,8 @@ fn export_config(spec: &ExportSpec) -> ExportConfig {
         read_only: spec.read_only,
         granularity_bytes: spec.granularity_bytes,
         trackers: spec.trackers.clone(),
+        // Exports added through the API take the agent's hold.
+        forward_hold_ms: None,
     }
 }
 

@@ -248,9 +248,14 @@ impl Migrations {
         self.jobs.list()
     }
 
-    /// Per-disk verdicts of the jobs in the journal (of `batch`), asking destinations.
+    /// Per-disk verdicts of the jobs in the journal (of `batch`), asking destinations, with
+    /// what each export forwarded now does.
     pub fn disk_status(&self, batch: Option<&str>) -> Result<Vec<DiskStatus>, ControlError> {
-        super::status::disks(Some(&self.journal), Some(&self.cluster_key), batch)
+        let mut lines = super::status::disks(Some(&self.journal), Some(&self.cluster_key), batch)?;
+        super::status::attach_forwarding(&mut lines, |name| {
+            self.exports.export(name)?.forwarding()
+        });
+        Ok(lines)
     }
 
     /// The journal's jobs (of `batch`).

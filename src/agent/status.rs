@@ -10,9 +10,11 @@
 //! gets here; an agent without a journal answers "no journal", never an empty list that
 //! would read as "nothing was migrated".
 
-use crate::api::types::{DiskStatus, JournalJob, MigrateRequest};
+use crate::api::types::{DiskStatus, Forwarding, JournalJob, MigrateRequest};
 use crate::api::ControlError;
-use crate::journal::{Role, SharedJournal, Side};
+use std::collections::BTreeMap;
+
+use crate::journal::{Role, SharedJournal, Side, SourcePhase};
 use crate::transfer::ClusterKey;
 
 /// `ferry status [BATCH]` as this agent sees it: each job of its journal (of `batch` only,
@@ -25,6 +27,28 @@ pub fn disks(
     let journal = journal.ok_or_else(no_journal)?;
     let views = journal.views();
     Ok(crate::journal::status::judge(&views, key, batch))
+}
+
+/// Puts what each export forwarded now does (`forwarding_of` its name: where, since when,
+/// holding) on the line of its newest switched source job among `lines`: the job whose
+/// switchover made it forward. Other lines are left alone.
+pub fn attach_forwarding(
+    lines: &mut [DiskStatus],
+    forwarding_of: impl Fn(&str) -> Option<Forwarding>,
+) {
+    let switched = |line: &DiskStatus| {
+        line.role == Role::Source.as_str() && line.phase == SourcePhase::Switched.as_str()
+    };
+    let mut newest: BTreeMap<String, u64> = BTreeMap::new();
+    for line in lines.iter().filter(|line| switched(line)) {
+        let job_id = newest.entry(line.export.clone()).or_insert(line.job_id);
+        *job_id = (*job_id).max(line.job_id);
+    }
+    for line in lines.iter_mut().filter(|line| switched(line)) {
+        if newest.get(&line.export) == Some(&line.job_id) {
+            line.forwarding = forwarding_of(&line.export);
+        }
+    }
 }
 
 /// The jobs of this agent's journal (of `batch` only, if given), oldest id first.
@@ -183,5 +207,48 @@ mod tests {
             disks(None, None, None),
             Err(ControlError::NotFound(_))
         ));
+    }
+
+    #[test]
+    fn forwarding_goes_on_the_newest_switched_source_line() {
+        // Goal: an export forwarded now is said on the line of the job that made it forward
+        // (its newest switched source job), not on older or other lines, and an export that
+        // does not forward gets nothing. Method: lines of two exports, one moved twice, with
+        // a target line and a copying line; a lookup that forwards vm1 only.
+        let line = |job_id: u64, export: &str, role: &str, phase: &str| DiskStatus {
+            job_id,
+            batch: None,
+            export: export.into(),
+            role: role.into(),
+            phase: phase.into(),
+            peer_state: None,
+            peer_unreachable: None,
+            destination_bytes: None,
+            verdict: "migrated".into(),
+            reason: String::new(),
+            action: "none".into(),
+            forwarding: None,
+        };
+        let mut lines = vec![
+            line(1, "vm1", "source", "switched"),
+            line(2, "vm1", "target", "committed"),
+            line(3, "vm1", "source", "switched"),
+            line(4, "vm2", "source", "switched"),
+            line(5, "vm1", "source", "copying"),
+        ];
+        let forwarding = Forwarding {
+            to: "10.0.0.2:10809".into(),
+            since_unix_ms: Some(1),
+            holding: None,
+        };
+        attach_forwarding(&mut lines, |name| {
+            (name == "vm1").then(|| forwarding.clone())
+        });
+        let forwarded: Vec<u64> = lines
+            .iter()
+            .filter(|line| line.forwarding.is_some())
+            .map(|line| line.job_id)
+            .collect();
+        assert_eq!(forwarded, [3]);
     }
 }

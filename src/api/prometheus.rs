@@ -1,5 +1,5 @@
 //! The Prometheus text exposition served at `GET /metrics`: every export's counters,
-//! latency quantiles and trackers.
+//! latency quantiles, forwarding state and trackers.
 //!
 //! Invariant: the exposition follows the Prometheus text format 0.0.4: one `# HELP`/`# TYPE`
 //! pair per family, label values escaped (`\\`, `\"`, `\n`), so an export or tracker name can
@@ -67,7 +67,7 @@ type ExportMetric = (
     fn(&ExportStatus) -> u64,
 );
 
-const EXPORT_METRICS: [ExportMetric; 9] = [
+const EXPORT_METRICS: [ExportMetric; 12] = [
     (
         "ferry_export_read_bytes_total",
         "counter",
@@ -122,7 +122,30 @@ const EXPORT_METRICS: [ExportMetric; 9] = [
         "Size of the exported image.",
         |e| e.size_bytes,
     ),
+    (
+        "ferry_export_forward_holding",
+        "gauge",
+        "1 while the export's requests are held because the agent it forwards to is away.",
+        |e| u64::from(holding(e).is_some()),
+    ),
+    (
+        "ferry_export_forward_held_requests",
+        "gauge",
+        "Requests held, across the export's connections, for the agent it forwards to.",
+        |e| holding(e).map_or(0, |h| h.requests),
+    ),
+    (
+        "ferry_export_forward_reconnects_total",
+        "counter",
+        "Connections to the agent the export forwards to, lost and made again.",
+        |e| e.stats.forward_reconnects,
+    ),
 ];
+
+/// The export's holding state, if it forwards and holds.
+fn holding(export: &ExportStatus) -> Option<crate::api::types::Holding> {
+    export.forwarding.as_ref().and_then(|f| f.holding)
+}
 
 /// Renders the Prometheus text exposition of every export and tracker.
 pub fn render_prometheus(exports: &[ExportStatus]) -> String {
@@ -253,6 +276,7 @@ mod tests {
                 half_life_ms: 30_000,
             }],
             forwarding: None,
+            forward_hold_ms: None,
             stats: ExportStats {
                 counts: CounterSnapshot {
                     read_ops: 7,
@@ -264,6 +288,7 @@ mod tests {
                     zero_ops: 3,
                 },
                 latency_us: latency.summary(),
+                forward_reconnects: 0,
             },
         }
     }
@@ -285,11 +310,21 @@ mod tests {
         moved.forwarding = Some(crate::api::types::Forwarding {
             to: "10.0.0.2:10809".into(),
             since_unix_ms: Some(1),
+            holding: Some(crate::api::types::Holding {
+                since_unix_ms: 2,
+                requests: 6,
+            }),
         });
+        moved.stats.forward_reconnects = 4;
         let text = render_prometheus(&[export("vm1"), export(hostile), moved]);
         for line in [
             "ferry_export_forwarded{export=\"vm1\",to=\"\"} 0",
             "ferry_export_forwarded{export=\"vm2\",to=\"10.0.0.2:10809\"} 1",
+            "ferry_export_forward_holding{export=\"vm1\"} 0",
+            "ferry_export_forward_holding{export=\"vm2\"} 1",
+            "ferry_export_forward_held_requests{export=\"vm1\"} 0",
+            "ferry_export_forward_held_requests{export=\"vm2\"} 6",
+            "ferry_export_forward_reconnects_total{export=\"vm2\"} 4",
             "ferry_exports 3",
             "ferry_export_read_bytes_total{export=\"vm1\"} 28672",
             "ferry_export_read_ops_total{export=\"vm1\"} 7",

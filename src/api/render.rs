@@ -129,12 +129,22 @@ impl Table {
     }
 }
 
-/// `forwarding → HOST:PORT since 2026-12-05 08:59:21Z`.
+/// `forwarding → HOST:PORT since 2026-12-05 08:59:21Z`, and while the destination is away
+/// ` (holding since 2026-12-05 09:10:02Z, 3 requests)`.
 pub fn forwarding_text(forwarding: &Forwarding) -> String {
-    match forwarding.since_unix_ms {
-        Some(ms) => format!("forwarding → {} since {}", forwarding.to, utc_text(ms)),
-        None => format!("forwarding → {}", forwarding.to),
+    let mut text = format!("forwarding → {}", forwarding.to);
+    if let Some(ms) = forwarding.since_unix_ms {
+        text.push_str(&format!(" since {}", utc_text(ms)));
     }
+    if let Some(holding) = &forwarding.holding {
+        let plural = if holding.requests == 1 { "" } else { "s" };
+        text.push_str(&format!(
+            " (holding since {}, {} request{plural})",
+            utc_text(holding.since_unix_ms),
+            holding.requests
+        ));
+    }
+    text
 }
 
 /// `YYYY-MM-DD HH:MM:SSZ` of a time in ms since the Unix epoch (civil-from-days, UTC).
@@ -289,7 +299,7 @@ pub fn stale_images(images: &[StaleImage], dry_run: bool) -> String {
 }
 
 /// The `ferry status` table: one line per disk, with the verdict, the reason and what to
-/// do next.
+/// do next; then, for each export this agent forwards now, where to and whether it holds.
 pub fn status_table(lines: &[DiskStatus]) -> String {
     if lines.is_empty() {
         return "no migrations in the journal\n".to_string();
@@ -314,7 +324,15 @@ pub fn status_table(lines: &[DiskStatus]) -> String {
             line.reason.clone(),
         ]);
     }
-    table.render()
+    let mut text = table.render();
+    // What each export forwarded now does, below the table (too wide for a column).
+    for line in lines {
+        if let Some(forwarding) = &line.forwarding {
+            let said = forwarding_text(forwarding);
+            text.push_str(&format!("{} (job {}): {said}\n", line.export, line.job_id));
+        }
+    }
+    text
 }
 
 /// Maps heat buckets to ramp levels, scaled so the hottest cell gets the darkest shade.
@@ -466,6 +484,7 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
+    use crate::api::types::Holding;
     use crate::api::types::{CounterSnapshot, ExportStats};
 
     fn tracker(name: &str, lost: bool) -> TrackerStatus {
@@ -533,6 +552,7 @@ mod tests {
             connections: 1,
             trackers,
             forwarding: None,
+            forward_hold_ms: None,
             stats: ExportStats {
                 counts: CounterSnapshot {
                     read_bytes: 5 << 20,
@@ -634,13 +654,35 @@ mod tests {
         assert_eq!(utc_text(0), "1970-01-01 00:00:00Z");
         assert_eq!(utc_text(1_796_461_161_000), "2026-12-05 08:59:21Z");
         assert_eq!(utc_text(1_709_247_605_000), "2024-02-29 23:00:05Z");
-        let forwarding = Forwarding {
+        let mut forwarding = Forwarding {
             to: "10.0.0.2:10809".into(),
             since_unix_ms: Some(1_796_461_161_000),
+            holding: None,
         };
         assert_eq!(
             forwarding_text(&forwarding),
             "forwarding → 10.0.0.2:10809 since 2026-12-05 08:59:21Z"
+        );
+        forwarding.holding = Some(Holding {
+            since_unix_ms: 1_796_461_802_000,
+            requests: 3,
+        });
+        assert_eq!(
+            forwarding_text(&forwarding),
+            "forwarding → 10.0.0.2:10809 since 2026-12-05 08:59:21Z \
+             (holding since 2026-12-05 09:10:02Z, 3 requests)"
+        );
+        let one = Forwarding {
+            since_unix_ms: None,
+            holding: Some(Holding {
+                since_unix_ms: 0,
+                requests: 1,
+            }),
+            ..forwarding.clone()
+        };
+        assert_eq!(
+            forwarding_text(&one),
+            "forwarding → 10.0.0.2:10809 (holding since 1970-01-01 00:00:00Z, 1 request)"
         );
         let export = ExportStatus {
             name: "vm1".into(),
@@ -652,9 +694,48 @@ mod tests {
             trackers: Vec::new(),
             stats: ExportStats::default(),
             forwarding: Some(forwarding),
+            forward_hold_ms: None,
         };
         let table = exports_table(&[export]);
         assert!(table.contains("forwarding → 10.0.0.2:10809"), "{table}");
+        assert!(table.contains("(holding since 2026-12-05 09:10:02Z, 3 requests)"));
         assert!(!table.contains("/images/vm1.img"), "{table}");
+    }
+
+    // Goal: `ferry status` says, below its table, what a forwarded export does now, holding
+    // included, and nothing for lines without it. Method: two lines, one forwarding.
+    #[test]
+    fn status_table_says_forwarding_below() {
+        let line = |job_id: u64, export: &str| DiskStatus {
+            job_id,
+            batch: Some("b".into()),
+            export: export.into(),
+            role: "source".into(),
+            phase: "switched".into(),
+            peer_state: Some("committed".into()),
+            peer_unreachable: None,
+            destination_bytes: None,
+            verdict: "migrated".into(),
+            reason: "the target committed and serves the disk".into(),
+            action: "none".into(),
+            forwarding: None,
+        };
+        let mut moved = line(3, "vm1");
+        moved.forwarding = Some(Forwarding {
+            to: "10.0.0.2:10809".into(),
+            since_unix_ms: Some(1_796_461_161_000),
+            holding: Some(Holding {
+                since_unix_ms: 1_796_461_802_000,
+                requests: 2,
+            }),
+        });
+        let text = status_table(&[moved, line(4, "vm2")]);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        assert_eq!(
+            lines[3],
+            "vm1 (job 3): forwarding → 10.0.0.2:10809 since 2026-12-05 08:59:21Z \
+             (holding since 2026-12-05 09:10:02Z, 2 requests)"
+        );
     }
 }

@@ -115,6 +115,7 @@ impl Control for FakeControl {
                 .collect(),
             stats: ExportStats::default(),
             forwarding: None,
+            forward_hold_ms: None,
         };
         exports.insert(spec.name, status.clone());
         Ok(status)
@@ -218,6 +219,7 @@ impl Control for FakeControl {
                 verdict: "resumable".into(),
                 reason: "the destination holds part of the disk".into(),
                 action: "ferry resume b1".into(),
+                forwarding: None,
             })
             .collect())
     }

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::disk::CounterSnapshot;
+pub use crate::disk::{CounterSnapshot, Forwarding, Holding};
 use crate::journal::{JobView, Role, Side, SourcePhase};
 pub use crate::metrics::LatencySummary;
 
@@ -59,6 +59,10 @@ pub struct ExportStats {
     pub counts: CounterSnapshot,
     /// Request latency, receive to reply, in microseconds.
     pub latency_us: LatencySummary,
+    /// Connections to the destination lost and made again while forwarding, over the
+    /// export's life (0 from older agents).
+    #[serde(default)]
+    pub forward_reconnects: u64,
 }
 
 /// One tracker of an export.
@@ -86,6 +90,7 @@ impl ExportStats {
         ExportStats {
             counts: export.counts(),
             latency_us: export.latency().summary(),
+            forward_reconnects: export.forward_gauge().reconnects(),
         }
     }
 }
@@ -129,16 +134,9 @@ pub struct ExportStatus {
     /// switchover): absent while it serves locally.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub forwarding: Option<Forwarding>,
-}
-
-/// An export whose disk lives at another agent: every request is forwarded there.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Forwarding {
-    /// The NBD TCP address requests go to.
-    pub to: String,
-    /// Since when (ms since the Unix epoch), when the agent saw the switch happen.
+    /// Its own hold of forwarded requests, when it has one (absent: the agent's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub since_unix_ms: Option<u64>,
+    pub forward_hold_ms: Option<u64>,
 }
 
 /// An image the journal's moves left stale (`<file>.stale-<job>`): never served again,
@@ -203,6 +201,39 @@ mod tests {
         assert!(spec.trackers.is_empty());
         let typo = r#"{"name":"vm1","path":"/i","readonly":true}"#;
         assert!(serde_json::from_str::<ExportSpec>(typo).is_err());
+    }
+
+    #[test]
+    fn export_status_of_an_older_agent_parses() {
+        // Goal: a client reads the exports of an agent that predates holding, reconnect
+        // counts and per-export holds. Method: a forwarding status as JSON without those
+        // fields, parsed.
+        let status = ExportStatus {
+            name: "vm1".into(),
+            path: "/i/vm1.raw".into(),
+            read_only: false,
+            size_bytes: 1 << 20,
+            granularity_bytes: 65536,
+            connections: 1,
+            trackers: Vec::new(),
+            stats: ExportStats::default(),
+            forwarding: Some(Forwarding {
+                to: "10.0.0.2:10809".into(),
+                since_unix_ms: Some(5),
+                holding: None,
+            }),
+            forward_hold_ms: None,
+        };
+        let mut json = serde_json::to_value(&status).expect("serialize");
+        let stats = json["stats"].as_object_mut().expect("stats");
+        assert!(stats.remove("forward_reconnects").is_some());
+        let text = json.to_string();
+        assert!(
+            !text.contains("holding") && !text.contains("forward_hold"),
+            "{text}"
+        );
+        let parsed: ExportStatus = serde_json::from_str(&text).expect("older status");
+        assert_eq!(parsed, status);
     }
 
     fn journaled() -> JobSettings {

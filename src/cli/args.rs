@@ -208,7 +208,8 @@ pub struct AgentArgs {
     /// TOML config file (see scripts/deploy/ferry.toml).
     #[arg(long, short)]
     pub config: Option<PathBuf>,
-    /// Serve an export: NAME=PATH[,ro][,granularity=SIZE][,tracker=NAME]; repeatable.
+    /// Serve an export: NAME=PATH[,ro][,granularity=SIZE][,tracker=NAME][,forward_hold=MS];
+    /// repeatable.
     #[arg(long = "export", short = 'e')]
     pub exports: Vec<String>,
     /// Unix socket of the NBD server [default: /run/ferry/nbd.sock].

@@ -20,6 +20,7 @@ use ferry_sys::DirectFile;
 use crate::dirty::TrackerSet;
 use crate::metrics::LatencyRecorder;
 
+use super::forwarding::{unix_ms_now, ForwardGauge, Forwarding};
 use super::mirror::{MirrorSlot, WriteMirror};
 use super::route::{ExportRoute, Route};
 
@@ -185,6 +186,10 @@ pub struct Export {
     /// Wall-clock time of the last route switch, ms since the epoch (0: never switched). For
     /// display only: nothing orders events by it.
     route_since_unix_ms: AtomicU64,
+    /// What the forwarding engines of its sessions report (holding, held requests).
+    forward_gauge: Arc<ForwardGauge>,
+    /// This export's hold of forwarded requests, when it is not the agent's.
+    forward_hold: Option<Duration>,
     removed: AtomicBool,
     /// The disk's lineage ([`super::lineage_token`]); 0: none (the disk never left the agent
     /// holding its guest's connection). Job ids are never 0.
@@ -247,10 +252,44 @@ impl Export {
             route: ExportRoute::default(),
             mirror: MirrorSlot::default(),
             route_since_unix_ms: AtomicU64::new(0),
+            forward_gauge: Arc::new(ForwardGauge::default()),
+            forward_hold: None,
             removed: AtomicBool::new(false),
             lineage: AtomicU64::new(0),
             next_connection: AtomicU64::new(1),
             connections: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// The same export, whose forwarded requests wait up to `hold` (instead of the agent's
+    /// hold) for a destination that is away.
+    pub fn with_forward_hold(self, hold: Option<Duration>) -> Self {
+        Export {
+            forward_hold: hold,
+            ..self
+        }
+    }
+
+    /// This export's own hold of forwarded requests, if it has one (else the agent's).
+    pub fn forward_hold(&self) -> Option<Duration> {
+        self.forward_hold
+    }
+
+    /// The gauge its sessions' forwarding engines update.
+    pub fn forward_gauge(&self) -> &Arc<ForwardGauge> {
+        &self.forward_gauge
+    }
+
+    /// Where its requests go when it no longer serves its own image, and whether they are
+    /// held now; None while it serves locally.
+    pub fn forwarding(&self) -> Option<Forwarding> {
+        match &*self.route().1 {
+            Route::Local => None,
+            Route::Forward { addr, .. } => Some(Forwarding {
+                to: addr.clone(),
+                since_unix_ms: self.route_since_unix_ms(),
+                holding: self.forward_gauge.holding(),
+            }),
         }
     }
 
@@ -480,12 +519,8 @@ impl Export {
     pub fn switch_route(&self, route: Route) {
         debug_assert!(self.route.is_held(), "route switched with writes flowing");
         self.route.set(route);
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |since| {
-                u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
-            });
-        self.route_since_unix_ms.store(now_ms, Ordering::Relaxed);
+        self.route_since_unix_ms
+            .store(unix_ms_now(), Ordering::Relaxed);
     }
 
     /// When the route last switched (ms since the Unix epoch), if it ever did.

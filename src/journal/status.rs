@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::commit::{status_of, SourceState, TargetState};
 use super::{fold, JobView, Journal, JournalError, Side, TargetPhase};
+use crate::disk::Forwarding;
 use crate::transfer::{query_target, ClusterKey, QueryAnswer, TargetState as RemoteState};
 
 /// How long one destination may take to answer.
@@ -42,6 +43,11 @@ pub struct DiskStatus {
     pub reason: String,
     /// What the operator does next ("none" when nothing).
     pub action: String,
+    /// On a switched source job's line, when this agent forwards the export now: where,
+    /// since when, and whether requests are held (filled in by the running agent; absent
+    /// offline and from older agents).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forwarding: Option<Forwarding>,
 }
 
 /// What the other side said.
@@ -118,6 +124,7 @@ pub fn judge<'a>(
             verdict: status.verdict.as_str().to_string(),
             reason,
             action: status.action.to_string(),
+            forwarding: None,
         });
     }
     lines

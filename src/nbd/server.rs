@@ -19,7 +19,7 @@ use std::time::Duration;
 use crate::disk::{Export, Route};
 use crate::io::{open_engine, EngineKind};
 use crate::nbd::conn::Conn;
-use crate::nbd::forward::ForwardEngine;
+use crate::nbd::forward::{ForwardEngine, ForwardTarget};
 use crate::nbd::handshake;
 use crate::nbd::session::{EngineFactory, Session};
 use crate::nbd::wire::{ExportCatalog, ExportInfo, BLOCK_MAX_BYTES, BLOCK_PREFERRED_BYTES};
@@ -70,7 +70,7 @@ pub struct SessionOptions {
     /// The engine also waits for the socket (one wait for disk and network).
     pub engine_watches_socket: bool,
     /// How long a forwarded request waits for a destination that is away before it fails
-    /// with EIO (the forwarding engine reconnects meanwhile).
+    /// with EIO (the forwarding engine reconnects meanwhile), for exports without their own.
     pub forward_hold: Duration,
 }
 
@@ -313,14 +313,16 @@ fn engine_factory(export: Arc<Export>, options: SessionOptions) -> EngineFactory
         }
         Route::Forward { addr, lineage } => {
             let depth = usize::try_from(options.queue_depth).unwrap_or(1);
-            let engine = ForwardEngine::connect(
-                addr,
-                export.name(),
-                export.size_bytes(),
-                *lineage,
-                depth,
-                options.forward_hold,
-            )?;
+            let target = ForwardTarget {
+                addr: addr.clone(),
+                export: export.name().to_string(),
+                size_bytes: export.size_bytes(),
+                lineage: *lineage,
+            };
+            // The export's own hold, when it has one, wins over the agent's.
+            let hold = export.forward_hold().unwrap_or(options.forward_hold);
+            let gauge = export.forward_gauge().clone();
+            let engine = ForwardEngine::connect(target, depth, hold, gauge)?;
             Ok(Box::new(engine) as Box<dyn crate::io::BlockIo>)
         }
     }))

@@ -2,7 +2,8 @@
 //! turns them into completions; when the connection breaks it reconnects with backoff, checks
 //! the image, installs the new connection and resends what is held (on a scoped sender
 //! thread, so replies are read while requests are written); it fails held requests with EIO
-//! as their hold ends. The invariants and the lock order are in the parent's `//!`.
+//! as their hold ends; it tells the export's gauge when it starts and stops holding. The
+//! invariants and the lock order are in the parent's `//!`.
 
 use std::io::{self, Read};
 use std::net::Shutdown;
@@ -122,9 +123,12 @@ impl Shared {
         let due: Vec<(u64, Pending)> = {
             let mut pending = lock(&self.pending);
             let tags = expired_tags(&pending, now, self.hold);
-            tags.into_iter()
+            let due: Vec<(u64, Pending)> = tags
+                .into_iter()
                 .filter_map(|tag| pending.remove(&tag).map(|entry| (tag, entry)))
-                .collect()
+                .collect();
+            self.count_out(&pending, due.len());
+            due
         };
         if due.is_empty() {
             return;
@@ -150,13 +154,19 @@ impl Shared {
 /// engine is dropped; then fails whatever is left (nobody waits for it any more). `first`:
 /// a handle on the connection `connect` installed as generation 1, if it made one.
 pub(super) fn run_link(shared: &Shared, first: Option<Conn>, stop: &Receiver<()>) {
-    let mut lost_at = first.is_none().then(Instant::now);
+    let mut lost_at = None;
     let mut generation = 0;
-    if let Some(reader) = first {
-        generation = 1;
-        let err = serve_installed(shared, reader, generation);
-        if !shared.stopping() {
-            lost_at = Some(lost(shared, &err));
+    match first {
+        Some(reader) => {
+            generation = 1;
+            let err = serve_installed(shared, reader, generation);
+            if !shared.stopping() {
+                lost_at = Some(lost(shared, &err));
+            }
+        }
+        None => {
+            shared.start_holding();
+            lost_at = Some(Instant::now());
         }
     }
     while !shared.stopping() {
@@ -164,6 +174,8 @@ pub(super) fn run_link(shared: &Shared, first: Option<Conn>, stop: &Receiver<()>
             break;
         };
         if let Some(lost_at) = lost_at.take() {
+            // Before the connection is served: replies are read only while not holding.
+            shared.stop_holding(true);
             log::info!(
                 "forward target {}: connected again after {} ms",
                 shared.name(),
@@ -176,14 +188,21 @@ pub(super) fn run_link(shared: &Shared, first: Option<Conn>, stop: &Receiver<()>
             lost_at = Some(lost(shared, &err));
         }
     }
-    let left: Vec<(u64, Pending)> = lock(&shared.pending).drain().collect();
+    let left: Vec<(u64, Pending)> = {
+        let mut pending = lock(&shared.pending);
+        let left: Vec<(u64, Pending)> = pending.drain().collect();
+        shared.count_out(&pending, left.len());
+        left
+    };
+    shared.stop_holding(false);
     for (tag, entry) in left {
         shared.finish(tag, entry, Err(eio()));
     }
 }
 
-/// Logs a lost connection; returns when it was lost.
+/// Starts holding after a lost connection (logged); returns when it was lost.
 fn lost(shared: &Shared, err: &LinkError) -> Instant {
+    shared.start_holding();
     log::warn!(
         "forward target {}: {}: holding requests up to {} ms while reconnecting",
         shared.name(),
@@ -327,6 +346,8 @@ fn install_and_resend(shared: &Shared, conn: Conn, generation: u64) {
 /// Reads replies until the connection fails (or stays silent past the hold while requests
 /// wait). A READ whose data was cut off goes back to the held requests.
 fn read_replies(shared: &Shared, conn: &mut Conn) -> LinkError {
+    // Replies leave `pending` below without telling the gauge: only right while not holding.
+    debug_assert!(!shared.holding.load(std::sync::atomic::Ordering::Relaxed));
     // The socket's receive timeout is a tick to look at the hold; reads resume after it.
     let tick = (shared.hold / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
     if let Conn::Tcp(stream) = conn {

@@ -17,7 +17,10 @@
 //! request whose hold ends, to fail it). [`ForwardEngine::connect`] starts reconnecting,
 //! instead of failing the session, when the destination does not answer at once. A connected
 //! link whose socket stays silent for the hold while a request has waited as long counts as
-//! broken (a destination that hangs without closing).
+//! broken (a destination that hangs without closing). The link thread tells the export's
+//! [`ForwardGauge`] when it starts holding (the connection was lost, or the first attempt
+//! failed) and when it stops (a connection to the same image is made again, or the engine
+//! is dropped), so operators see the export holding and how many requests wait.
 //!
 //! Invariants:
 //! - Every submitted request completes exactly once: from its reply, or with EIO once it has
@@ -41,11 +44,19 @@
 //!   may complete without its buffer (its reply came while the buffer was being resent or
 //!   before it was put back); forwarded sessions do not use write buffers (the write trap
 //!   only lets forwarded writes leave the gate).
+//! - The gauge counts this engine as holding exactly from the link thread's start of holding
+//!   to its end (one `hold_started`, one `hold_ended`), and its share of the held requests is
+//!   the size of `pending` over that time: the `holding` flag flips, and the share changes,
+//!   only under the `pending` lock. Replies are read only while not holding (the link thread
+//!   stops holding before it serves a new connection, starts after), so a connected engine
+//!   never touches the gauge: its hot path gains one relaxed load of `holding`, under the
+//!   `pending` lock `submit` takes anyway.
 //!
 //! Locks, in this order (never the other way round): `writer` (the installed connection; held
 //! while sending on it), then `pending` (the held requests; held only for map updates, never
 //! while the socket is written or read: the destination may stop reading our requests while
-//! we do not read its replies). `closer` is taken alone. The link thread reads replies
+//! we do not read its replies). `closer` is taken alone. The gauge is lock-free and takes no
+//! lock, so updating it under `pending` adds no order. The link thread reads replies
 //! without any lock, so sending never waits for itself; the resend after a reconnect runs on a
 //! second, scoped thread (`nbd-forward-send`) for the same reason.
 
@@ -60,6 +71,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use ferry_sys::AlignedBuf;
 
+use crate::disk::ForwardGauge;
 use crate::io::{read_data_start, BlockIo, IoCompletion, IoError, IoKind, IoRequest};
 use crate::nbd::conn::Conn;
 use crate::nbd::wire::{self, RequestHeader};
@@ -137,6 +149,11 @@ struct Shared {
     closer: Mutex<Option<Conn>>,
     stop: AtomicBool,
     done: Sender<IoCompletion>,
+    /// The export's holding state, shared by its sessions' engines.
+    gauge: Arc<ForwardGauge>,
+    /// The link thread holds (no connection since it lost one, or since the first attempt
+    /// failed). Written only under the `pending` lock, so `Relaxed` suffices.
+    holding: AtomicBool,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -161,6 +178,43 @@ impl Shared {
         self.stop.load(Ordering::Acquire)
     }
 
+    /// `count` requests entered `pending` (locked by the caller, who proves it by passing
+    /// the map): held ones while holding.
+    fn count_in(&self, _locked: &HashMap<u64, Pending>, count: usize) {
+        if self.holding.load(Ordering::Relaxed) {
+            self.gauge.hold_requests(count as u64);
+        }
+    }
+
+    /// `count` requests left `pending` (locked by the caller, as for `count_in`).
+    fn count_out(&self, _locked: &HashMap<u64, Pending>, count: usize) {
+        if self.holding.load(Ordering::Relaxed) {
+            self.gauge.release_requests(count as u64);
+        }
+    }
+
+    /// Link thread: the connection is lost (or the first attempt failed); every request now
+    /// in `pending` is held, and so is each one submitted until `stop_holding`.
+    fn start_holding(&self) {
+        let pending = lock(&self.pending);
+        if self.holding.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        self.gauge.hold_started();
+        self.gauge.hold_requests(pending.len() as u64);
+    }
+
+    /// Link thread: holding ends, because a connection to the same image was made
+    /// (`reconnected`; its requests are resent on it) or the engine stops.
+    fn stop_holding(&self, reconnected: bool) {
+        let pending = lock(&self.pending);
+        if !self.holding.swap(false, Ordering::Relaxed) {
+            return;
+        }
+        self.gauge.release_requests(pending.len() as u64);
+        self.gauge.hold_ended(reconnected);
+    }
+
     fn finish(&self, tag: u64, entry: Pending, result: io::Result<()>) {
         let completion = IoCompletion {
             tag,
@@ -171,6 +225,20 @@ impl Shared {
         // The receiver lives as long as the engine; after that nobody is waiting.
         let _ = self.done.send(completion);
     }
+}
+
+/// The export a [`ForwardEngine`] forwards to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwardTarget {
+    /// host:port of the destination's NBD TCP listener.
+    pub addr: String,
+    /// The export's name there (the same as here).
+    pub export: String,
+    /// The image's size: an export of another size under that name is not the same image.
+    pub size_bytes: u64,
+    /// The disk's lineage: an export whose NBD description names another is another disk
+    /// (`disk::lineage_matches`). `None`: not checked.
+    pub lineage: Option<u64>,
 }
 
 /// Forwards requests to a remote NBD export.
@@ -187,33 +255,32 @@ pub struct ForwardEngine {
 }
 
 impl ForwardEngine {
-    /// Forwards to `export` at `addr` (host:port of the destination's NBD TCP listener), whose
-    /// size must be `size_bytes` and whose description must not name a lineage other than
-    /// `lineage` (when given). A request waits up to `hold` for a destination that is
-    /// away. When the destination does not answer now, the engine starts reconnecting (logged
-    /// once) and the session's requests wait under the same hold; only failing to start the
-    /// link thread is an error.
+    /// Forwards to `target`, at most `capacity` requests at a time. A request waits up to
+    /// `hold` for a destination that is away. When the destination does not answer now, the
+    /// engine starts reconnecting (logged once) and the session's requests wait under the
+    /// same hold; only failing to start the link thread is an error. `gauge` is the export's:
+    /// the engine reports there while it holds.
     pub fn connect(
-        addr: &str,
-        export: &str,
-        size_bytes: u64,
-        lineage: Option<u64>,
+        target: ForwardTarget,
         capacity: usize,
         hold: Duration,
+        gauge: Arc<ForwardGauge>,
     ) -> io::Result<Self> {
         let (done_tx, done) = crossbeam_channel::unbounded();
         let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(1);
         let shared = Arc::new(Shared {
-            addr: addr.to_string(),
-            export: export.to_string(),
-            size_bytes,
-            lineage,
+            addr: target.addr,
+            export: target.export,
+            size_bytes: target.size_bytes,
+            lineage: target.lineage,
             hold,
             writer: Mutex::new(Writer::default()),
             pending: Mutex::new(HashMap::new()),
             closer: Mutex::new(None),
             stop: AtomicBool::new(false),
             done: done_tx,
+            gauge,
+            holding: AtomicBool::new(false),
         });
         let first = match shared.dial() {
             Ok(conn) => {
@@ -323,8 +390,12 @@ impl BlockIo for ForwardEngine {
             seq: self.next_seq,
         };
         self.in_flight += 1;
-        let replaced = lock(&self.shared.pending).insert(request.tag, entry);
-        assert!(replaced.is_none(), "tag {} submitted twice", request.tag);
+        {
+            let mut pending = lock(&self.shared.pending);
+            let replaced = pending.insert(request.tag, entry);
+            assert!(replaced.is_none(), "tag {} submitted twice", request.tag);
+            self.shared.count_in(&pending, 1);
+        }
         // Lock order: writer, then pending (the resend after a reconnect takes them the same
         // way, so it waits for this request or this request waits for it: never both).
         let mut writer = lock(&self.shared.writer);
@@ -388,258 +459,4 @@ impl Drop for ForwardEngine {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn entry(since: Instant, ready: bool) -> Pending {
-        Pending {
-            header: RequestHeader {
-                flags: 0,
-                command: wire::CMD_FLUSH,
-                cookie: 0,
-                offset_bytes: 0,
-                length_bytes: 0,
-            },
-            data_start: 0,
-            buf: None,
-            ready,
-            since,
-            seq: 0,
-        }
-    }
-
-    // Goal: only ready requests that waited the whole hold expire, and the next expiry is
-    // the oldest ready one's. Method: a map of requests of several ages, judged at one instant.
-    #[test]
-    fn hold_expiry_takes_only_ready_requests_past_the_hold() {
-        let hold = Duration::from_millis(1000);
-        let now = Instant::now() + Duration::from_secs(10);
-        let mut pending = HashMap::new();
-        pending.insert(1, entry(now - Duration::from_millis(1500), true));
-        pending.insert(2, entry(now - Duration::from_millis(1000), true));
-        pending.insert(3, entry(now - Duration::from_millis(999), true));
-        pending.insert(4, entry(now - Duration::from_millis(5000), false));
-        let mut due = expired_tags(&pending, now, hold);
-        due.sort_unstable();
-        assert_eq!(due, [1, 2]);
-        let next = next_expiry(&pending, hold).unwrap();
-        assert_eq!(next, now - Duration::from_millis(500));
-        assert!(expired(now, now, Duration::ZERO));
-        assert!(!expired(now, now - Duration::from_millis(1), hold));
-        pending.retain(|_, entry| !entry.ready);
-        assert_eq!(next_expiry(&pending, hold), None);
-    }
-
-    /// A loopback address nothing listens on (a port just bound and released).
-    fn unreachable_addr() -> String {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        format!("127.0.0.1:{}", listener.local_addr().unwrap().port())
-    }
-
-    // Goal: an engine opened while nothing listens at the destination starts (reconnecting),
-    // holds a request for the whole hold and then fails it with EIO, and drops promptly.
-    // Method: a port with no listener; a FLUSH with a 300 ms hold; timed.
-    #[test]
-    fn unreachable_destination_holds_then_fails_with_eio() {
-        let addr = unreachable_addr();
-        let hold = Duration::from_millis(300);
-        let mut engine = ForwardEngine::connect(&addr, "vm", 1 << 20, None, 4, hold).unwrap();
-        let started = Instant::now();
-        let flush = IoRequest {
-            tag: 7,
-            kind: IoKind::Flush,
-            offset_bytes: 0,
-            len_bytes: 0,
-            buf: None,
-        };
-        engine.submit(flush).unwrap();
-        assert_eq!(engine.in_flight(), 1);
-        let mut out = Vec::new();
-        engine.complete(1, &mut out).unwrap();
-        let waited = started.elapsed();
-        assert!(waited >= hold, "failed after {waited:?}");
-        assert!(waited < hold + Duration::from_secs(2), "{waited:?}");
-        assert_eq!(out.len(), 1);
-        assert_eq!(out[0].tag, 7);
-        let errno = out[0].result.as_ref().unwrap_err().raw_os_error();
-        assert_eq!(errno, Some(nix::libc::EIO));
-        assert_eq!(engine.in_flight(), 0);
-        let dropping = Instant::now();
-        drop(engine);
-        assert!(dropping.elapsed() < Duration::from_secs(1));
-    }
-
-    // Goal: beyond its capacity the engine refuses (Full) instead of failing requests while
-    // it holds them. Method: capacity 1, destination unreachable, two submits.
-    #[test]
-    fn held_engine_is_full_at_capacity() {
-        let addr = unreachable_addr();
-        let hold = Duration::from_secs(60);
-        let mut engine = ForwardEngine::connect(&addr, "vm", 1 << 20, None, 1, hold).unwrap();
-        let flush = |tag| IoRequest {
-            tag,
-            kind: IoKind::Flush,
-            offset_bytes: 0,
-            len_bytes: 0,
-            buf: None,
-        };
-        engine.submit(flush(0)).unwrap();
-        let (err, back) = engine.submit(flush(1)).unwrap_err();
-        assert!(matches!(err, IoError::Full));
-        assert_eq!(back.tag, 1);
-        let mut out = Vec::new();
-        engine.complete(0, &mut out).unwrap();
-        assert!(out.is_empty(), "a held request completed: {out:?}");
-    }
-
-    /// The export a fake destination serves.
-    struct Catalog(wire::ExportInfo);
-
-    impl wire::ExportCatalog for Catalog {
-        fn list(&self) -> Vec<wire::ExportInfo> {
-            vec![self.0.clone()]
-        }
-        fn lookup(&self, name: &str) -> Option<wire::ExportInfo> {
-            (name == self.0.name).then(|| self.0.clone())
-        }
-    }
-
-    const FAKE_BYTES: u64 = 1 << 20;
-
-    /// A fake destination on loopback: handshakes `vm` (1 MiB) on every connection, then hands
-    /// the connection and its index to `serve`. Returns the address.
-    fn fake_destination(serve: impl Fn(usize, std::net::TcpStream) + Send + 'static) -> String {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        std::thread::spawn(move || {
-            let catalog = Catalog(wire::ExportInfo {
-                name: "vm".into(),
-                description: String::new(),
-                size_bytes: FAKE_BYTES,
-                read_only: false,
-                multi_conn: true,
-                can_trim: true,
-                can_fast_zero: false,
-                block_min: 1,
-                block_preferred: 4096,
-                block_max: 1 << 25,
-                meta_contexts: Vec::new(),
-            });
-            for (index, stream) in listener.incoming().enumerate() {
-                let Ok(mut stream) = stream else { return };
-                let negotiated = crate::nbd::handshake::negotiate(&mut stream, &catalog);
-                if matches!(negotiated, Ok(Some(_))) {
-                    serve(index, stream);
-                }
-            }
-        });
-        addr
-    }
-
-    /// Reads one request (and a WRITE's payload); None at end of stream.
-    fn read_request(stream: &mut std::net::TcpStream) -> Option<(RequestHeader, Vec<u8>)> {
-        use std::io::Read;
-        let mut head = [0u8; wire::REQUEST_BYTES];
-        stream.read_exact(&mut head).ok()?;
-        let header = wire::parse_request(&head).ok()?;
-        let mut payload = vec![0u8; header.payload_bytes() as usize];
-        stream.read_exact(&mut payload).ok()?;
-        Some((header, payload))
-    }
-
-    fn request(tag: u64, kind: IoKind, offset_bytes: u64, len_bytes: u32) -> IoRequest {
-        let buf = match kind {
-            IoKind::Read => Some(AlignedBuf::zeroed(
-                crate::io::read_buf_len(offset_bytes, len_bytes),
-                4096,
-            )),
-            IoKind::Write { .. } => {
-                let mut buf = AlignedBuf::zeroed(len_bytes as usize, 4096);
-                buf.as_mut_slice().fill(0xab);
-                Some(buf)
-            }
-            _ => None,
-        };
-        IoRequest {
-            tag,
-            kind,
-            offset_bytes,
-            len_bytes,
-            buf,
-        }
-    }
-
-    // Goal: requests on a connection that breaks before answering are resent on the next one,
-    // each exactly once with the same bytes, and complete once, successfully. Method: a fake
-    // destination whose first connection reads three requests (WRITE, READ, FLUSH) and
-    // closes; its second connection records what it receives and answers everything.
-    #[test]
-    fn broken_connection_resends_each_request_once() {
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let log = seen.clone();
-        let addr = fake_destination(move |index, mut stream| {
-            if index == 0 {
-                for _ in 0..3 {
-                    read_request(&mut stream);
-                }
-                return; // dropped unanswered
-            }
-            while let Some((header, payload)) = read_request(&mut stream) {
-                log.lock().unwrap().push((header, payload));
-                let mut reply = Vec::new();
-                wire::encode_simple_reply(&mut reply, header.cookie, 0);
-                if header.command == wire::CMD_READ {
-                    reply.extend(std::iter::repeat_n(0x5a, header.length_bytes as usize));
-                }
-                stream.write_all(&reply).unwrap();
-            }
-        });
-        let hold = Duration::from_secs(30);
-        let mut engine = ForwardEngine::connect(&addr, "vm", FAKE_BYTES, None, 8, hold).unwrap();
-        let write = IoKind::Write { fua: true };
-        engine.submit(request(0, write, 8192, 4096)).unwrap();
-        engine.submit(request(1, IoKind::Read, 100, 512)).unwrap();
-        engine.submit(request(2, IoKind::Flush, 0, 0)).unwrap();
-        let mut out = Vec::new();
-        while out.len() < 3 {
-            engine.complete(1, &mut out).unwrap();
-        }
-        assert_eq!(out.len(), 3, "{out:?}");
-        for completion in &out {
-            assert!(completion.result.is_ok(), "{completion:?}");
-        }
-        let read = out.iter().find(|c| c.tag == 1).unwrap();
-        let data = &read.buf.as_ref().unwrap().as_slice()[read.data_start..][..512];
-        assert!(data.iter().all(|&b| b == 0x5a));
-        let seen = seen.lock().unwrap();
-        let mut cookies: Vec<u64> = seen.iter().map(|(header, _)| header.cookie).collect();
-        cookies.sort_unstable();
-        assert_eq!(cookies, [0, 1, 2], "each request resent exactly once");
-        let (header, payload) = seen.iter().find(|(h, _)| h.cookie == 0).unwrap();
-        assert_eq!(header.flags, wire::CMD_FLAG_FUA);
-        assert_eq!((header.offset_bytes, header.length_bytes), (8192, 4096));
-        assert!(payload.iter().all(|&b| b == 0xab));
-        assert_eq!(engine.in_flight(), 0);
-    }
-
-    // Goal: a destination that accepts and then never answers does not hold a request
-    // forever: it fails with EIO once it waited the hold, not before. Method: a fake
-    // destination that handshakes and reads but never replies; a 300 ms hold; timed.
-    #[test]
-    fn silent_destination_fails_requests_after_the_hold() {
-        let addr = fake_destination(|_, mut stream| {
-            std::thread::spawn(move || while read_request(&mut stream).is_some() {});
-        });
-        let hold = Duration::from_millis(300);
-        let mut engine = ForwardEngine::connect(&addr, "vm", FAKE_BYTES, None, 8, hold).unwrap();
-        let started = Instant::now();
-        engine.submit(request(3, IoKind::Flush, 0, 0)).unwrap();
-        let mut out = Vec::new();
-        engine.complete(1, &mut out).unwrap();
-        let waited = started.elapsed();
-        assert!(waited >= hold, "{waited:?}");
-        assert!(waited < Duration::from_secs(3), "{waited:?}");
-        let errno = out[0].result.as_ref().unwrap_err().raw_os_error();
-        assert_eq!(errno, Some(nix::libc::EIO));
-    }
-}
+mod tests;
