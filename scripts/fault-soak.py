@@ -1211,6 +1211,7 @@ class Soak:
                 if not dst.stop():
                     problems.append("h2 did not stop cleanly on SIGTERM within 15 s (killed)")
                 down_since = time.time()
+                info["term_stop_s"] = round(down_since - began, 2)
             else:
                 dst.kill()
                 down_since = time.time()
@@ -1454,6 +1455,8 @@ class Soak:
             # No resume after these; the guests' stalls and failures instead.
             if "restarts" in info:
                 timing = " ".join(f"{k} down {v}s" for k, v in info["restarts"])
+                if "term_stop_s" in info:
+                    timing += f" term_stop_s={info['term_stop_s']}"
             stalls = info.get("stalls") or {}
             after = (
                 f"stall={info['stall_s']:.2f}s "
