@@ -1091,13 +1091,7 @@ class Soak:
                 agent.start()
             self.start_writers(root, src, rng, writers)
             time.sleep(0.5)  # the writers connect and warm up the heat
-            out = self.ferry_cli(
-                "h1", src, "migrate", *self.vm_names, "--batch", batch, "--to", dst.transfer,
-                "--concurrency", str(len(self.vm_names)), "--bandwidth", self.bandwidth, "--json",
-                timeout=self.migrate_timeout,
-            )
-            self.save_output(root, "migrate", out)
-            self.jobs_done(out, "ferry migrate h1 -> h2", problems)
+            self.move_batch("h1", src, batch, dst, root, "migrate", info, problems, notes)
             snap = self.snapshot(src, dst)
             info["at_fault"] = snap
             info["actual"] = (
@@ -1229,13 +1223,7 @@ class Soak:
         """chain-kill-middle: the batch moves on h2 -> h3, then h2 is killed for good."""
         onward = f"{batch}c"
         windows.append(("move", time.time()))
-        out = self.ferry_cli(
-            "h2", dst, "migrate", *self.vm_names, "--batch", onward, "--to", third.transfer,
-            "--concurrency", str(len(self.vm_names)), "--bandwidth", self.bandwidth, "--json",
-            timeout=self.migrate_timeout,
-        )
-        self.save_output(root, "migrate-onward", out)
-        statuses = self.jobs_done(out, "ferry migrate h2 -> h3", problems)
+        statuses = self.move_batch("h2", dst, onward, third, root, "migrate-onward", info, problems, notes)
         info["holders"] = {st.get("export"): st.get("holder") for st in statuses}
         for st in statuses:
             if not str(st.get("holder") or "").endswith("re-pointed"):
@@ -1326,19 +1314,48 @@ class Soak:
             time.sleep(0.5)
         problems.append(f"{agent.host} serves {sorted(served)}, not every disk of the batch")
 
-    def jobs_done(self, out, what, problems):
-        """The job statuses `ferry migrate --json` printed; each must be done."""
-        try:
-            statuses = json.loads(out.stdout)
-        except ValueError:
-            problems.append(f"{what}: no JSON (exit {out.returncode}): {out.stdout[-300:]} {out.stderr[-300:]}")
-            raise RoundAborted
+    def move_batch(self, host, agent, batch, to, root, name, info, problems, notes):
+        """`ferry migrate` of every disk from `agent` (in `host`) to `to` as `batch`, until
+        each job is done: a job that gave up on its pause budget ("the source stays
+        authoritative", a loaded machine) is resumed, at most 3 times. Returns the jobs'
+        final statuses; anything else aborts the round."""
+        what = f"ferry migrate {host} -> {to.host}"
+
+        def statuses_of(out, step):
+            self.save_output(root, step, out)
+            try:
+                return json.loads(out.stdout)
+            except ValueError:
+                problems.append(f"{what}: no JSON (exit {out.returncode}): {out.stdout[-300:]} {out.stderr[-300:]}")
+                raise RoundAborted
+
+        out = self.ferry_cli(
+            host, agent, "migrate", *self.vm_names, "--batch", batch, "--to", to.transfer,
+            "--concurrency", str(len(self.vm_names)), "--bandwidth", self.bandwidth, "--json",
+            timeout=self.migrate_timeout,
+        )
+        statuses = statuses_of(out, name)
+        for attempt in range(1, 4):
+            undone = [st for st in statuses if st.get("phase") != "done"]
+            if not undone:
+                break
+            if not all("the source stays authoritative" in (st.get("error") or "") for st in undone):
+                break
+            notes.append(f"{what}: resumed " + ", ".join(
+                f"{st.get('export')} ({st.get('error')})" for st in undone))
+            info["resumed"] = info.get("resumed", 0) + len(undone)
+            out = self.ferry_cli(
+                host, agent, "resume", batch, "--json", "--concurrency", str(len(self.vm_names)),
+                timeout=self.migrate_timeout,
+            )
+            resumed = statuses_of(out, f"{name}-resume{attempt}")
+            statuses = [st for st in statuses if st.get("phase") == "done"] + resumed
         undone = [
             f"{st.get('export')} {st.get('phase')}: {st.get('error')}"
             for st in statuses
             if st.get("phase") != "done"
         ]
-        if undone or len(statuses) != len(self.vm_names):
+        if undone or sorted(st.get("export") for st in statuses) != sorted(self.vm_names):
             problems.append(f"{what}: not every job done: {undone or statuses}")
             raise RoundAborted
         return statuses
@@ -1464,6 +1481,9 @@ class Soak:
             ) + "(" + " ".join(f"{k} {v:.2f}" for k, v in stalls.items()) + ") "
             after += (f"failed={info.get('guest_failures', '?')} "
                       f"reconnects={info.get('guest_reconnects', '?')} ")
+            if info.get("resumed"):
+                after += f"resumed={info['resumed']} "
+            t["moves_resumed"] = t.get("moves_resumed", 0) + info.get("resumed", 0)
             if "stall_s" in info:
                 t.setdefault("stalls", []).append((info["fault"], info["stall_s"], stalls))
             t["guest_failures"] = t.get("guest_failures", 0) + info.get("guest_failures", 0)
@@ -1522,7 +1542,8 @@ class Soak:
         print(f"  acknowledged writes checked: {t['acked']}; lost {t['lost']}; phantom blocks {t['phantoms']}")
         if t.get("stalls"):
             print(f"  faults after the switchover: guest requests failed {t.get('guest_failures', 0)}, "
-                  f"guests reconnected {t.get('guest_reconnects', 0)}")
+                  f"guests reconnected {t.get('guest_reconnects', 0)}; jobs resumed before the fault "
+                  f"(they gave up on the pause budget) {t.get('moves_resumed', 0)}")
             for fault in MOVED_FAULTS:
                 rounds = [(stall, parts) for f, stall, parts in t["stalls"] if f == fault]
                 if not rounds:
