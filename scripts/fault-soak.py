@@ -4,7 +4,7 @@ writer with its ledger of acknowledged writes, and the checks.
 
 Subcommands:
   run      the rounds (called by scripts/fault-soak, which builds ferry and brings up the
-           two hosts of scripts/netlab)
+           two hosts of scripts/netlab, three for chain-kill-middle)
   writer   one guest: 4 KiB writes over NBD, every acknowledged write recorded in a ledger
   check    a ledger against an image (the same check the rounds run), for replaying by hand
   journal  prints a ferry journal file as the soak parses it
@@ -21,6 +21,7 @@ import os
 import random
 import shutil
 import signal
+import statistics
 import struct
 import subprocess
 import sys
@@ -32,6 +33,13 @@ BLOCK = 4096
 MAGIC = b"FSOAKBLK"
 HEADER = struct.Struct("<8sIIQQ")  # magic, disk, 0, block index, seq  (32 bytes)
 MIB = 1 << 20
+# Faults that strike after the batch switched over (no resume; `round_moved`), not in the
+# default FAULTS, so that a seed replays the same rounds as before they existed.
+MOVED_FAULTS = ("restart-dst-after-switch", "chain-kill-middle")
+
+
+class RoundAborted(Exception):
+    """A round cannot go on (its problem is already recorded)."""
 
 
 # ------------------------------------------------------------------ blocks and ledgers --
@@ -56,8 +64,9 @@ def parse_block(data):
 def read_ledger(path):
     """{block index: (last acknowledged seq or None, [attempted seqs])} and counters.
 
-    Ledger lines: "A seq index" before a write is sent, "K seq index" once it was
-    acknowledged, "E seq reason" when it failed (its outcome unknown)."""
+    Ledger lines: "A seq index" before a write is sent, "K seq index sent_at seconds" once
+    it was acknowledged (when it was sent, wall clock, and how long it took), "E seq reason"
+    when it failed (its outcome unknown), "C seq connected" at each (re)connection."""
     blocks = {}
     acked = attempted = 0
     with open(path, "rb") as f:
@@ -113,6 +122,35 @@ def check_image(image, ledger, disk):
     return lost, checked, acked, phantoms
 
 
+def ledger_guest(path):
+    """What the guest went through, from its ledger: failed requests, connections made,
+    and every acknowledged write as (sent at, seconds it took)."""
+    failures, connects, writes = [], 0, []
+    with open(path, "rb") as f:
+        for raw in f:
+            parts = raw.split()
+            if len(parts) < 3 or not raw.endswith(b"\n"):
+                continue
+            if parts[0] == b"E":
+                failures.append(raw.decode(errors="replace").strip())
+            elif parts[0] == b"C":
+                connects += 1
+            elif parts[0] == b"K" and len(parts) >= 5:
+                writes.append((float(parts[3]), float(parts[4])))
+    return failures, connects, writes
+
+
+def longest_stall(writes, start, end=None):
+    """The longest time one acknowledged write took among those that ended in [start, end)
+    (a write caught by a fault ends after it began). 0.0 when none ended there."""
+    took = [
+        seconds
+        for sent, seconds in writes
+        if sent + seconds >= start and (end is None or sent + seconds < end)
+    ]
+    return max(took, default=0.0)
+
+
 # ------------------------------------------------------------------------ the writer --
 
 
@@ -149,6 +187,7 @@ def writer_main(args):
         seq += 1
         data = make_block(args.disk, index, seq)
         log(f"A {seq} {index}\n")
+        sent_at, sent_mono = time.time(), time.monotonic()
         try:
             handle.pwrite(data, index * BLOCK)
         except nbd.Error as err:
@@ -160,7 +199,8 @@ def writer_main(args):
             handle = None
             time.sleep(0.05)
             continue
-        log(f"K {seq} {index}\n")
+        # Sent at (wall clock) and how long the write took: the soak's guest stalls.
+        log(f"K {seq} {index} {sent_at:.6f} {time.monotonic() - sent_mono:.6f}\n")
         next_at += interval
         delay = next_at - time.monotonic()
         if delay > 0:
@@ -201,10 +241,15 @@ KINDS = {
     4: "SourceSwitched",
     5: "SourceAborted",
     6: "SourceFinished",
+    7: "SourceSettings",
+    8: "SourceHolder",
+    9: "SourceRepointed",
+    10: "SourceHolderTold",
     16: "TargetCreated",
     17: "TargetReceived",
     18: "TargetCommitted",
     19: "TargetAborted",
+    20: "TargetHolder",
 }
 
 
@@ -273,11 +318,16 @@ TARGET_PHASE = {
 }
 
 
-def journal_jobs(path):
-    """{export: {"job", "role", "phase", "image"?, "records": [kinds]}} of a journal."""
+def journal_jobs(path, role=None):
+    """{export: {"job", "role", "phase", "image"?, "records": [kinds]}} of a journal (of the
+    jobs in `role` only, if given: an agent in the middle of a chain of moves has received a
+    disk as a target and sent it on as a source; without `role` the later job wins).
+    A job is its id and its role, as ferry keys them: the id of a job this agent received
+    may also be the id of one it started (ids derive from the agents' start times)."""
     by_job = {}
     for _, kind, job, fields in read_journal(path):
-        entry = by_job.setdefault(job, {"job": job, "records": []})
+        side = "target" if kind.startswith("Target") else "source"
+        entry = by_job.setdefault((job, side), {"job": job, "role": side, "records": []})
         entry["records"].append(kind)
         if "export" in fields:
             entry["export"] = fields["export"]
@@ -285,10 +335,14 @@ def journal_jobs(path):
             if "image" in fields:
                 entry["image"] = fields["image"]
         if kind in SOURCE_PHASE:
-            entry["role"], entry["phase"] = "source", SOURCE_PHASE[kind]
+            entry["phase"] = SOURCE_PHASE[kind]
         elif kind in TARGET_PHASE:
-            entry["role"], entry["phase"] = "target", TARGET_PHASE[kind]
-    return {e["export"]: e for e in by_job.values() if "export" in e}
+            entry["phase"] = TARGET_PHASE[kind]
+    return {
+        e["export"]: e
+        for e in by_job.values()
+        if "export" in e and (role is None or e.get("role") == role)
+    }
 
 
 class DirWatch:
@@ -569,6 +623,29 @@ class Soak:
         os.close(fd)
         return len(filled) * MIB
 
+    def start_writers(self, root, src, rng, writers):
+        """One guest writer per disk, connected to `src`'s socket, into `writers`."""
+        for i, vm in enumerate(self.vm_names):
+            ledger = os.path.join(root, f"{vm}.ledger")
+            hot_offset = rng.randrange((self.disk_size - self.hot_bytes) // MIB + 1) * MIB
+            writers[vm] = subprocess.Popen(
+                [
+                    self.python, self.me, "writer",
+                    "--uri", f"nbd+unix:///{vm}?socket={src.socket}",
+                    "--disk", str(i + 1),
+                    "--size", str(self.disk_size),
+                    "--ledger", ledger,
+                    "--rate", str(self.rate),
+                    "--hot-offset", str(hot_offset),
+                    "--hot-bytes", str(self.hot_bytes),
+                    "--hot-fraction", str(self.hot_fraction),
+                    "--seed", str(rng.randrange(1 << 32)),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=open(os.path.join(root, f"{vm}.writer.log"), "ab"),
+                start_new_session=True,
+            )
+
     def ferry_cli(self, host, agent, *args, timeout=120):
         cmd = self.lab.exec_cmd(
             host, self.ferry, *args, "--api", agent.api, "--state-dir", agent.state
@@ -724,6 +801,8 @@ class Soak:
         for d in (h1, h2, os.path.join(h1, "disks")):
             os.makedirs(d, exist_ok=True)
         fault, when = rng.choice(self.faults), rng.choice(self.whens)
+        if fault in MOVED_FAULTS:
+            return self.round_moved(number, seed, rng, fault, root)
         info = {"round": number, "seed": seed, "fault": fault, "when": when}
         problems = []
         self.vm_names = [f"vm{i + 1}" for i in range(self.disks)]
@@ -741,26 +820,7 @@ class Soak:
         try:
             src.start()
             dst.start()
-            for i, vm in enumerate(self.vm_names):
-                ledger = os.path.join(root, f"{vm}.ledger")
-                hot_offset = rng.randrange((self.disk_size - self.hot_bytes) // MIB + 1) * MIB
-                writers[vm] = subprocess.Popen(
-                    [
-                        self.python, self.me, "writer",
-                        "--uri", f"nbd+unix:///{vm}?socket={src.socket}",
-                        "--disk", str(i + 1),
-                        "--size", str(self.disk_size),
-                        "--ledger", ledger,
-                        "--rate", str(self.rate),
-                        "--hot-offset", str(hot_offset),
-                        "--hot-bytes", str(self.hot_bytes),
-                        "--hot-fraction", str(self.hot_fraction),
-                        "--seed", str(rng.randrange(1 << 32)),
-                    ],
-                    stdout=subprocess.DEVNULL,
-                    stderr=open(os.path.join(root, f"{vm}.writer.log"), "ab"),
-                    start_new_session=True,
-                )
+            self.start_writers(root, src, rng, writers)
             time.sleep(0.5)  # the writers connect and warm up the heat
             per_disk = allocated / len(self.vm_names)
             expected_s = per_disk / env_size(self.bandwidth)
@@ -987,6 +1047,326 @@ class Soak:
             shutil.rmtree(root, ignore_errors=True)
         return ok
 
+    # ------------------------------------------------- faults after the switchover --
+
+    def round_moved(self, number, seed, rng, fault, root):
+        """A round of one of MOVED_FAULTS. The batch moves h1 -> h2 undisturbed and the
+        guests keep writing through h1, which forwards to h2 on their one connection each.
+        Then either (restart-dst-after-switch) h2 restarts twice, SIGTERM + start at once and
+        kill -9 + 2 s down + start, in an order drawn from the seed; or (chain-kill-middle)
+        the batch moves on h2 -> h3 (`ferry migrate` at h2), whose jobs end only once h1
+        re-pointed its forwarding to h3, and h2 is killed with kill -9 and stays down.
+        Checked: no guest request failed and no guest connected twice; `ferry status BATCH`
+        at h1 while h2 is down and at the end, against h2's journal (its target jobs); h1's
+        `ferry export ls` forwards to the agent holding the disk; the longest guest stall
+        (one write's time) per window; every acknowledged write in the image of the agent
+        that committed last."""
+        batch = f"r{number}"
+        chain = fault == "chain-kill-middle"
+        info = {"round": number, "seed": seed, "fault": fault, "when": "after-switch"}
+        problems, notes = [], []
+        self.vm_names = [f"vm{i + 1}" for i in range(self.disks)]
+        h1, h2, h3 = (os.path.join(root, h) for h in ("h1", "h2", "h3"))
+        if chain:
+            os.makedirs(h3, exist_ok=True)
+        images = {}
+        for vm in self.vm_names:
+            images[vm] = os.path.join(h1, "disks", f"{vm}.img")
+            self.prefill_disk(images[vm], rng)
+        exports = []
+        for vm in self.vm_names:
+            exports += ["--export", f"{vm}={images[vm]},granularity=64K"]
+        src = Agent(self, "h1", h1, exports)
+        dst = Agent(self, "h2", h2, [f"--tcp={self.lab.ip('h2')}:10809"])
+        third = Agent(self, "h3", h3, [f"--tcp={self.lab.ip('h3')}:10809"]) if chain else None
+        agents = [a for a in (src, dst, third) if a is not None]
+        # Where the disk went, in order: its authority is the last one that committed.
+        hops = [dst, third] if chain else [dst]
+        src_journal = os.path.join(src.state, "journal")
+        dst_journal = os.path.join(dst.state, "journal")
+        writers = {}
+        windows = []  # (name, wall-clock start) of the stall windows, in order
+        try:
+            for agent in agents:
+                agent.start()
+            self.start_writers(root, src, rng, writers)
+            time.sleep(0.5)  # the writers connect and warm up the heat
+            self.move_batch("h1", src, batch, dst, root, "migrate", info, problems, notes)
+            snap = self.snapshot(src, dst)
+            info["at_fault"] = snap
+            info["actual"] = (
+                "after-switch" if all(v == "switched/committed" for v in snap.values()) else "not-switched"
+            )
+            if info["actual"] != "after-switch":
+                problems.append(f"the batch did not switch over: journals {snap}")
+                raise RoundAborted
+            self.check_forwarding(src, dst, problems, "after h1 -> h2")
+            time.sleep(rng.uniform(0.3, 1.0))
+            if chain:
+                self.chain_kill_middle(rng, src, dst, third, batch, root, info, windows, problems, notes)
+            else:
+                self.restart_dst(rng, src, dst, batch, info, windows, problems)
+            for agent in (src, third or dst):
+                if not agent.alive():
+                    problems.append(
+                        f"agent {agent.host} exited by itself "
+                        f"({agent.proc.returncode if agent.proc else '?'}):\n" + agent.log_tail()
+                    )
+        except RoundAborted:
+            pass
+        except Exception as err:  # a harness failure is a failed round, not a crash
+            problems.append(f"harness: {type(err).__name__}: {err}")
+        finally:
+            for proc in writers.values():
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+            for vm, proc in writers.items():
+                try:
+                    proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    problems.append(f"writer {vm} stuck (a write never completed); killed")
+                    proc.kill()
+                    proc.wait()
+            for agent in agents:
+                if agent.proc is not None and not agent.stop():
+                    problems.append(f"agent {agent.host} did not stop cleanly on SIGTERM")
+            self.lab.run("heal", check=False)
+
+        # ---- the guests: no failed request, one connection each, their stalls
+        failures, reconnects, writes = 0, 0, []
+        lost_total, acked_total, phantom_total, lost_detail = 0, 0, 0, []
+        info["authority"] = {}
+        for i, vm in enumerate(self.vm_names):
+            ledger = os.path.join(root, f"{vm}.ledger")
+            if not os.path.exists(ledger):
+                continue
+            failed, connects, acked_writes = ledger_guest(ledger)
+            failures += len(failed)
+            reconnects += max(0, connects - 1)
+            writes += acked_writes
+            for line in failed[:3]:
+                problems.append(f"{vm}: a guest request failed: {line}")
+            if connects != 1:
+                problems.append(f"{vm}: the guest connected {connects} times (one connection expected)")
+            # ---- no acknowledged write lost: the image of whoever committed last
+            image, holder = images[vm], "h1"
+            for agent in hops:
+                entry = journal_jobs(os.path.join(agent.state, "journal"), role="target").get(vm, {})
+                if entry.get("phase") == "committed":
+                    image, holder = entry["image"], agent.host
+            info["authority"][vm] = holder
+            if holder != hops[-1].host:
+                problems.append(f"{vm}: the last committed copy is at {holder}, not {hops[-1].host}")
+            try:
+                lost, _, acked, phantoms = check_image(image, ledger, i + 1)
+            except OSError as err:
+                problems.append(f"{vm}: cannot check {image}: {err}")
+                continue
+            lost_total += len(lost)
+            acked_total += acked
+            phantom_total += len(phantoms)
+            lost_detail += [f"{vm} ({holder}'s image): {x}" for x in lost[:5]]
+            lost_detail += [f"{vm}: phantom {x}" for x in phantoms[:3]]
+        info["guest_failures"], info["guest_reconnects"] = failures, reconnects
+        if windows:
+            first = windows[0][1]
+            info["stalls"] = {"before": round(longest_stall(writes, 0.0, first), 3)}
+            for n, (name, start) in enumerate(windows):
+                end = windows[n + 1][1] if n + 1 < len(windows) else None
+                info["stalls"][name] = round(longest_stall(writes, start, end), 3)
+            info["stall_s"] = round(longest_stall(writes, first), 3)
+        info["lost"], info["acked"], info["phantoms"] = lost_total, acked_total, phantom_total
+        info["notes"] = notes + info.pop("notes_status", [])
+        info["problems"] = problems
+        n = len(self.vm_names)
+        info["ok"] = (
+            info.get("correct", 0) == n
+            and info.get("during_correct", 0) == n
+            and lost_total == 0
+            and phantom_total == 0
+            and not problems
+        )
+        self.account(info, lost_detail)
+        if info["ok"] and self.keep != "all" or self.keep == "none":
+            shutil.rmtree(root, ignore_errors=True)
+        return info["ok"]
+
+    def restart_dst(self, rng, src, dst, batch, info, windows, problems):
+        """restart-dst-after-switch: h2 (holding the disks h1 forwards to) restarts twice."""
+        order = ["term", "kill"]
+        if rng.random() < 0.5:
+            order.reverse()
+        info["restarts"] = []
+        for kind in order:
+            time.sleep(rng.uniform(0.5, 1.5))  # guests write through h1 to h2
+            began = time.time()
+            windows.append((kind, began))
+            if kind == "term":
+                if not dst.stop():
+                    problems.append("h2 did not stop cleanly on SIGTERM within 15 s (killed)")
+                down_since = time.time()
+                info["term_stop_s"] = round(down_since - began, 2)
+            else:
+                dst.kill()
+                down_since = time.time()
+                # `ferry status` at h1 while h2 is down (it cannot be asked).
+                self.judged_status(src, dst, batch, info, problems, during=True)
+                time.sleep(max(0.0, down_since + 2.0 - time.time()))
+            dst.start()
+            info["restarts"].append((kind, round(time.time() - down_since, 2)))
+        time.sleep(rng.uniform(1.0, 2.0))  # guests write through the restarted h2
+        self.judged_status(src, dst, batch, info, problems, during=False)
+        self.check_forwarding(src, dst, problems, "after the restarts")
+        self.check_serving(dst, problems)
+
+    def chain_kill_middle(self, rng, src, dst, third, batch, root, info, windows, problems, notes):
+        """chain-kill-middle: the batch moves on h2 -> h3, then h2 is killed for good."""
+        onward = f"{batch}c"
+        windows.append(("move", time.time()))
+        statuses = self.move_batch("h2", dst, onward, third, root, "migrate-onward", info, problems, notes)
+        info["holders"] = {st.get("export"): st.get("holder") for st in statuses}
+        for st in statuses:
+            if not str(st.get("holder") or "").endswith("re-pointed"):
+                problems.append(f"{st.get('export')}: h2's job done with holder {st.get('holder')!r} "
+                                f"(expected '... re-pointed')")
+        self.check_forwarding(src, third, problems, "after h2 -> h3")
+        self.check_serving(third, problems)
+        # h2's own `ferry status` of the onward batch, against h3's journal.
+        third_truth = journal_jobs(os.path.join(third.state, "journal"), role="target")
+        view, out = self.status("h2", dst, onward)
+        middle_sources = journal_jobs(os.path.join(dst.state, "journal"), role="source")
+        info["middle"], middle_correct, middle_notes = self.judge(
+            view, out, third_truth, third_truth, problems, (middle_sources, middle_sources),
+            when="at h2, of the onward batch",
+        )
+        notes += [f"at h2: {n}" for n in middle_notes]
+        if middle_correct != len(self.vm_names) or set(info["middle"].values()) != {"migrated"}:
+            problems.append(f"h2's status of batch {onward}: {info['middle']} (all migrated expected)")
+        time.sleep(rng.uniform(0.2, 1.0))
+        windows.append(("kill", time.time()))
+        dst.kill()
+        phases = [
+            journal_jobs(os.path.join(src.state, "journal")),
+            journal_jobs(os.path.join(dst.state, "journal"), role="target"),
+            journal_jobs(os.path.join(dst.state, "journal"), role="source"),
+            journal_jobs(os.path.join(third.state, "journal"), role="target"),
+        ]
+        # h1's job / h2 received, h2's job / h3 received
+        info["at_fault"] = {
+            vm: "{}/{}+{}/{}".format(*(p.get(vm, {}).get("phase", "-") for p in phases))
+            for vm in self.vm_names
+        }
+        self.judged_status(src, dst, batch, info, problems, during=True)
+        hold = rng.uniform(2.0, 4.0)
+        info["down_s"] = round(hold, 2)
+        time.sleep(hold)  # guests write through h1 straight to h3, h2 down
+        self.judged_status(src, dst, batch, info, problems, during=False)
+        self.check_forwarding(src, third, problems, "with h2 down")
+
+    def judged_status(self, src, dst, batch, info, problems, during):
+        """`ferry status BATCH` at h1 judged against h2's journal (its target jobs: the
+        disks h1 moved there); into info's during* or verdicts/correct (no resume follows
+        these faults, so the final verdicts are the same)."""
+        dst_journal = os.path.join(dst.state, "journal")
+        src_journal = os.path.join(src.state, "journal")
+        before, s_before = journal_jobs(dst_journal, role="target"), journal_jobs(src_journal)
+        view, out = self.status("h1", src, batch)
+        after, s_after = journal_jobs(dst_journal, role="target"), journal_jobs(src_journal)
+        verdicts, correct, notes = self.judge(
+            view, out, before, after, problems, (s_before, s_after),
+            when="during the fault" if during else "after recovery",
+        )
+        states = {
+            vm: f"{s_after.get(vm, {}).get('phase', 'no-job')}/"
+            + ("unreachable" if (view or {}).get(vm, {}).get("peer_unreachable")
+               else after.get(vm, {}).get("phase", "no-job"))
+            for vm in self.vm_names
+        }
+        if during:
+            info["during"], info["during_correct"], info["during_states"] = verdicts, correct, states
+        else:
+            info["verdicts"], info["correct"], info["states"] = verdicts, correct, states
+            info["final"], info["final_correct"] = verdicts, correct
+        info.setdefault("notes_status", []).extend(
+            f"{'during' if during else 'after'}: {n}" for n in notes
+            if "could not reach" not in n  # expected: h2 is down
+        )
+
+    def check_forwarding(self, src, holder, problems, when):
+        """h1's `ferry export ls --json` forwards every disk to `holder`'s NBD address."""
+        want = f"{holder.ip}:10809"
+        out = self.ferry_cli("h1", src, "export", "ls", "--json")
+        try:
+            listed = {e["name"]: (e.get("forwarding") or {}).get("to") for e in json.loads(out.stdout)}
+        except (ValueError, KeyError, TypeError):
+            problems.append(f"ferry export ls at h1 ({when}) gave no JSON: {out.stdout[-300:]} {out.stderr[-300:]}")
+            return
+        wrong = {vm: listed.get(vm) for vm in self.vm_names if listed.get(vm) != want}
+        if wrong:
+            problems.append(f"h1 forwards ({when}) {wrong}, expected {want}")
+
+    def check_serving(self, agent, problems):
+        """`agent` serves every disk of the batch (what its journal says it committed)."""
+        for _ in range(10):
+            served = {e.get("name") for e in (agent.api_get("/v1/exports") or [])}
+            if all(vm in served for vm in self.vm_names):
+                return
+            time.sleep(0.5)
+        problems.append(f"{agent.host} serves {sorted(served)}, not every disk of the batch")
+
+    def move_batch(self, host, agent, batch, to, root, name, info, problems, notes):
+        """`ferry migrate` of every disk from `agent` (in `host`) to `to` as `batch`, until
+        each job is done: a job that gave up on its pause budget ("the source stays
+        authoritative", a loaded machine) is resumed, at most 3 times. Returns the jobs'
+        final statuses; anything else aborts the round."""
+        what = f"ferry migrate {host} -> {to.host}"
+
+        def statuses_of(out, step):
+            self.save_output(root, step, out)
+            try:
+                return json.loads(out.stdout)
+            except ValueError:
+                problems.append(f"{what}: no JSON (exit {out.returncode}): {out.stdout[-300:]} {out.stderr[-300:]}")
+                raise RoundAborted
+
+        out = self.ferry_cli(
+            host, agent, "migrate", *self.vm_names, "--batch", batch, "--to", to.transfer,
+            "--concurrency", str(len(self.vm_names)), "--bandwidth", self.bandwidth, "--json",
+            timeout=self.migrate_timeout,
+        )
+        statuses = statuses_of(out, name)
+        for attempt in range(1, 4):
+            undone = [st for st in statuses if st.get("phase") != "done"]
+            if not undone:
+                break
+            if not all("the source stays authoritative" in (st.get("error") or "") for st in undone):
+                break
+            notes.append(f"{what}: resumed " + ", ".join(
+                f"{st.get('export')} ({st.get('error')})" for st in undone))
+            info["resumed"] = info.get("resumed", 0) + len(undone)
+            out = self.ferry_cli(
+                host, agent, "resume", batch, "--json", "--concurrency", str(len(self.vm_names)),
+                timeout=self.migrate_timeout,
+            )
+            resumed = statuses_of(out, f"{name}-resume{attempt}")
+            statuses = [st for st in statuses if st.get("phase") == "done"] + resumed
+        undone = [
+            f"{st.get('export')} {st.get('phase')}: {st.get('error')}"
+            for st in statuses
+            if st.get("phase") != "done"
+        ]
+        if undone or sorted(st.get("export") for st in statuses) != sorted(self.vm_names):
+            problems.append(f"{what}: not every job done: {undone or statuses}")
+            raise RoundAborted
+        return statuses
+
+    @staticmethod
+    def save_output(root, name, out):
+        with open(os.path.join(root, f"{name}.json"), "w") as f:
+            f.write(out.stdout)
+        with open(os.path.join(root, f"{name}.err"), "w") as f:
+            f.write(out.stderr)
+
     def judge(self, view, out, truth_before, truth_after, problems, sources=({}, {}), when="after recovery"):
         """Verdicts per disk and how many are right. Ground truth: the destination's
         journal. Committed there -> `migrated` is the only right verdict (during the fault,
@@ -1088,6 +1468,28 @@ class Soak:
         timing = " ".join(
             f"{k}={info[k]}" for k in ("delay_s", "extra_s", "at_s", "down_s", "hold_s") if k in info
         )
+        if info["fault"] in MOVED_FAULTS:
+            # No resume after these; the guests' stalls and failures instead.
+            if "restarts" in info:
+                timing = " ".join(f"{k} down {v}s" for k, v in info["restarts"])
+                if "term_stop_s" in info:
+                    timing += f" term_stop_s={info['term_stop_s']}"
+            stalls = info.get("stalls") or {}
+            after = (
+                f"stall={info['stall_s']:.2f}s "
+                if "stall_s" in info else "stall=? "
+            ) + "(" + " ".join(f"{k} {v:.2f}" for k, v in stalls.items()) + ") "
+            after += (f"failed={info.get('guest_failures', '?')} "
+                      f"reconnects={info.get('guest_reconnects', '?')} ")
+            if info.get("resumed"):
+                after += f"resumed={info['resumed']} "
+            t["moves_resumed"] = t.get("moves_resumed", 0) + info.get("resumed", 0)
+            if "stall_s" in info:
+                t.setdefault("stalls", []).append((info["fault"], info["stall_s"], stalls))
+            t["guest_failures"] = t.get("guest_failures", 0) + info.get("guest_failures", 0)
+            t["guest_reconnects"] = t.get("guest_reconnects", 0) + info.get("guest_reconnects", 0)
+        else:
+            after = f"resend={mean_of(resend, 'fraction')} again={mean_of(resend, 'again')} "
         print(
             f"round {info['round']:>3} seed={info['seed']} fault={info['fault']:<9} "
             f"when={info['when']}->{info.get('actual', '?')} ({timing}) "
@@ -1095,7 +1497,7 @@ class Soak:
             f"during={','.join((info.get('during') or {}).get(vm, '?') for vm in self.vm_names)} "
             f"({info.get('during_correct', 0)}/{n}) "
             f"lost={info['lost']}/{info['acked']} "
-            f"resend={mean_of(resend, 'fraction')} again={mean_of(resend, 'again')} "
+            f"{after}"
             f"{'ok' if info['ok'] else 'FAIL'}",
             flush=True,
         )
@@ -1138,6 +1540,23 @@ class Soak:
         print(f"  verdicts during the fault (agent down or network cut): {t.get('during_correct', 0)} of "
               f"{t.get('during_verdicts', 0)} right")
         print(f"  acknowledged writes checked: {t['acked']}; lost {t['lost']}; phantom blocks {t['phantoms']}")
+        if t.get("stalls"):
+            print(f"  faults after the switchover: guest requests failed {t.get('guest_failures', 0)}, "
+                  f"guests reconnected {t.get('guest_reconnects', 0)}; jobs resumed before the fault "
+                  f"(they gave up on the pause budget) {t.get('moves_resumed', 0)}")
+            for fault in MOVED_FAULTS:
+                rounds = [(stall, parts) for f, stall, parts in t["stalls"] if f == fault]
+                if not rounds:
+                    continue
+                per_round = [stall for stall, _ in rounds]
+                kinds = {}
+                for _, parts in rounds:
+                    for kind, stall in parts.items():
+                        kinds.setdefault(kind, []).append(stall)
+                print(f"  longest guest stall per round, {fault} ({len(rounds)} rounds): "
+                      f"max {max(per_round):.2f} s, median {statistics.median(per_round):.2f} s ("
+                      + ", ".join(f"{k} max {max(v):.2f} median {statistics.median(v):.2f}"
+                                  for k, v in kinds.items()) + ")")
         print(f"  verdicts against the table of docs/commit-protocol.md: "
               f"{getattr(self, 'table_checked', 0) - getattr(self, 'table_mismatch', 0)} of "
               f"{getattr(self, 'table_checked', 0)} match")
