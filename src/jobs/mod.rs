@@ -115,13 +115,20 @@ pub struct Jobs {
 }
 
 impl Jobs {
-    /// An empty job table; ids start at a time-derived base so that two agents (or restarts)
-    /// rarely reuse one.
+    /// An empty job table; ids start at a random base (a multiple of 1000 below 10^12) so
+    /// that two agents rarely issue the same id: a disk's lineage and its holder are named
+    /// by job id across agents. (A base from the start second made agents started together
+    /// number their jobs alike.)
     pub fn new() -> Self {
-        let base = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs() % 1_000_000 * 1000)
-            .unwrap_or(0);
+        let random = crate::transfer::key::random_bytes().map_or_else(
+            |_| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos() as u64 ^ u64::from(std::process::id()))
+            },
+            |bytes| u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")),
+        );
+        let base = random % 1_000_000_000 * 1000;
         Jobs {
             next_id: AtomicU64::new(base + 1),
             jobs: Mutex::new(BTreeMap::new()),
