@@ -369,7 +369,7 @@ def cmd_stalls(guest_path, restarts_path, a_log, prefix):
         if backs:
             out(f"{kind}.back_max_ms", f"{max(backs) * 1000:.0f}")
             out(f"{kind}.back_median_ms", f"{med(backs) * 1000:.0f}")
-        out(f"{kind}.dials_median", med([d["dials"] for d in sel]))
+        out(f"{kind}.dials_median", f'{med([d["dials"] for d in sel]):g}')
         out(f"{kind}.count", len(sel))
         out(f"{kind}.over_goal", sum(1 for d in sel if d["excess"] > 0.5))
         out(f"{kind}.failed", sum(d["fails"] for d in sel))
