@@ -1,8 +1,8 @@
 # shellcheck shell=bash
 # scripts/lib/deps.sh - Debian packages ferry's scripts need, installed only when missing.
 #
-# Sourced (not run) by scripts/test, scripts/fault-soak, scripts/netlab, scripts/bench-nbd and
-# scripts/bench-migrate:
+# Sourced (not run) by scripts/test, scripts/fault-soak, scripts/netlab, scripts/bench-nbd,
+# scripts/bench-migrate and scripts/bench-hop:
 #
 #   deps_cmd CMD PKG      PKG is needed when the command CMD is not on PATH
 #   deps_py MODULE PKG    PKG is needed when /usr/bin/python3 cannot import MODULE

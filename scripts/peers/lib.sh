@@ -1,7 +1,7 @@
 # shellcheck shell=bash disable=SC2034  # (the variables are for the scripts that source it)
-# scripts/peers/lib.sh - helpers of ferry's benchmarks (scripts/bench-nbd, scripts/bench-migrate;
-# sourced, not run). Every process a benchmark starts is tracked by its pid and stopped by
-# that pid, never by name, so benchmarks can share the machine with other work.
+# scripts/peers/lib.sh - helpers of ferry's benchmarks (scripts/bench-nbd, scripts/bench-migrate,
+# scripts/bench-hop; sourced, not run). Every process a benchmark starts is tracked by its pid
+# and stopped by that pid, never by name, so benchmarks can share the machine with other work.
 #
 #   PY                    /usr/bin/python3 (Debian's: python3-libnbd is installed for it)
 #   QEMU_BIN              directory of the QEMU tools (default: the one holding qemu-nbd on
