@@ -27,17 +27,24 @@ use super::moves::{moves, Move};
 /// Serializes re-points: each decides on the journal as the previous one left it.
 static REPOINTING: Mutex<()> = Mutex::new(());
 
+/// The journal's views in journal order, and the index of the latest committed target of
+/// `export` (the migration that brought its disk here last), if any.
+fn latest_arrival(journal: &SharedJournal, export: &str) -> Option<(Vec<JobView>, usize)> {
+    let mut views = journal.views();
+    views.sort_by_key(|view| view.first_seq);
+    let arrival = views.iter().rposition(|view| {
+        view.export == export
+            && matches!(&view.side, Side::Target(target) if target.phase == TargetPhase::Committed)
+    })?;
+    Some((views, arrival))
+}
+
 /// The holder of `export`'s guest connection when it is another agent: the one named by the
 /// target record that brought the disk here last (`None`: this agent holds it). The moves
 /// count the job about to start.
 pub fn holder_for(journal: &SharedJournal, export: &str) -> Option<Holder> {
-    let mut views = journal.views();
-    views.sort_by_key(|view| view.first_seq);
-    let arrival = views.iter().rev().find(|view| {
-        view.export == export
-            && matches!(&view.side, Side::Target(target) if target.phase == TargetPhase::Committed)
-    })?;
-    let Side::Target(target) = &arrival.side else {
+    let (views, arrival) = latest_arrival(journal, export)?;
+    let Side::Target(target) = &views[arrival].side else {
         return None;
     };
     target.holder.as_ref().map(|holder| Holder {
@@ -116,12 +123,8 @@ pub fn repoint(
 /// the latest committed target names; for a disk that came home, the job that had moved it
 /// away from here before; `None` for a disk that never left.
 pub fn lineage_of(journal: &SharedJournal, export: &str) -> Option<u64> {
-    let mut views = journal.views();
-    views.sort_by_key(|view| view.first_seq);
-    let arrival = views.iter().rev().find(|view| {
-        view.export == export
-            && matches!(&view.side, Side::Target(target) if target.phase == TargetPhase::Committed)
-    })?;
+    let (views, arrival) = latest_arrival(journal, export)?;
+    let arrival = &views[arrival];
     if let Side::Target(target) = &arrival.side {
         if let Some(holder) = &target.holder {
             return Some(holder.job_id);

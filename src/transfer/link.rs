@@ -137,6 +137,26 @@ pub(crate) fn unexpected(frame: Frame, expected: &'static str) -> TransferError 
     }
 }
 
+/// A short exchange on its own connection (a query, a re-point): connect within `timeout`,
+/// every read and write bounded by it too, and prove the cluster key as the asking side.
+pub(crate) fn dial_authenticated(
+    addr: std::net::SocketAddr,
+    key: &ClusterKey,
+    timeout: std::time::Duration,
+) -> Result<std::net::TcpStream, TransferError> {
+    let mut stream =
+        std::net::TcpStream::connect_timeout(&addr, timeout).map_err(TransferError::Connect)?;
+    stream.set_nodelay(true).map_err(TransferError::Socket)?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(TransferError::Socket)?;
+    stream
+        .set_write_timeout(Some(timeout))
+        .map_err(TransferError::Socket)?;
+    authenticate(&mut stream, key, Role::Source)?;
+    Ok(stream)
+}
+
 /// Runs the mutual challenge as `role` (see the module diagram in `transfer`). The source
 /// proves first; the destination proves only to a peer that proved, so an unauthenticated
 /// peer learns nothing. A destination that rejects a proof tells the peer with `Error{Auth}`.

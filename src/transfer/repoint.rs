@@ -7,12 +7,12 @@
 //! re-pointed, superseded by a newer move, or not forwarding that disk any more); until then
 //! it keeps asking, because this agent still forwards what the holder sends it meanwhile.
 
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::error::error_chain;
 
-use super::frame::{Frame, Holder, Repoint, RepointOutcome, Role};
+use super::frame::{Frame, Holder, Repoint, RepointOutcome};
 use super::link::{self, read_frame, unexpected, write_frame};
 use super::{resolve_peer, ClusterKey, TransferError};
 
@@ -31,15 +31,7 @@ pub fn tell_holder(
     repoint: &Repoint,
     timeout: Duration,
 ) -> Result<RepointOutcome, TransferError> {
-    let mut stream = TcpStream::connect_timeout(&addr, timeout).map_err(TransferError::Connect)?;
-    stream.set_nodelay(true).map_err(TransferError::Socket)?;
-    stream
-        .set_read_timeout(Some(timeout))
-        .map_err(TransferError::Socket)?;
-    stream
-        .set_write_timeout(Some(timeout))
-        .map_err(TransferError::Socket)?;
-    link::authenticate(&mut stream, key, Role::Source)?;
+    let mut stream = link::dial_authenticated(addr, key, timeout)?;
     let frame = Frame::Repoint(repoint.clone());
     write_frame(&mut stream, &frame, &mut Vec::new())?;
     match read_frame(&mut stream, &mut Vec::new())? {

@@ -723,15 +723,7 @@ pub fn query_target(
     finalize: bool,
     timeout: Duration,
 ) -> Result<QueryAnswer, TransferError> {
-    let mut stream = TcpStream::connect_timeout(&addr, timeout).map_err(TransferError::Connect)?;
-    stream.set_nodelay(true).map_err(TransferError::Socket)?;
-    stream
-        .set_read_timeout(Some(timeout))
-        .map_err(TransferError::Socket)?;
-    stream
-        .set_write_timeout(Some(timeout))
-        .map_err(TransferError::Socket)?;
-    link::authenticate(&mut stream, key, Role::Source)?;
+    let mut stream = link::dial_authenticated(addr, key, timeout)?;
     write_frame(
         &mut stream,
         &Frame::Query { job_id, finalize },
