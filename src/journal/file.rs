@@ -163,6 +163,15 @@ impl Journal {
         scan(path, &bytes)
     }
 
+    /// Replays and folds a journal's bytes held in memory, as `open` does a file's, without
+    /// touching any file: what the fuzz target drives (every byte of it is hostile there).
+    pub fn replay_bytes(bytes: &[u8]) -> Result<(Replay, JobViews), JournalError> {
+        let path = Path::new("<memory>");
+        let replay = scan(path, bytes)?;
+        let jobs = fold_entries(path, &replay.entries)?;
+        Ok((replay, jobs))
+    }
+
     /// Appends `record`, durably: it returns only after the record is synced, and the
     /// caller may then let the change it announces take effect. Returns the record's
     /// sequence number. A record the state machine refuses is not written.
