@@ -1059,16 +1059,12 @@ mod tests {
         assert!(replies[1].data.is_empty());
     }
 
+    type Haggled = Result<Option<Negotiated>, HandshakeError>;
+
     /// Runs the TLS-required path: greet, await_starttls, and (if STARTTLS was acked) haggle
     /// as over TLS on the rest of the bytes. Returns both results and the output after the
     /// greeting.
-    fn run_tls(
-        client: Client,
-    ) -> (
-        Result<bool, HandshakeError>,
-        Option<Result<Option<Negotiated>, HandshakeError>>,
-        Vec<u8>,
-    ) {
+    fn run_tls(client: Client) -> (Result<bool, HandshakeError>, Option<Haggled>, Vec<u8>) {
         let mut duplex = Duplex {
             input: Cursor::new(client.0),
             output: Vec::new(),
