@@ -343,3 +343,31 @@ fn ferry_client_speaks_tls() {
     }
     client.disconnect().unwrap();
 }
+
+// Goal: the unix socket, which stays plaintext, is guarded by its mode: 0600 (owner only) by
+// default, 0660 with the group of --socket-group. Method: stat the socket of two agents.
+#[test]
+fn unix_socket_is_owner_only_or_its_group() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = common::scratch_dir();
+    let image = dir.path().join("disk.img");
+    sparse_image(&image, MIB);
+    let export = [format!("vm1={}", image.display())];
+    let agent = AgentProc::start(&export, &[]);
+    let meta = std::fs::metadata(&agent.socket).unwrap();
+    assert_eq!(meta.mode() & 0o777, 0o600);
+    drop(agent);
+    let grouped = AgentProc::start(&export, &["--socket-group", "daemon"]);
+    let meta = std::fs::metadata(&grouped.socket).unwrap();
+    assert_eq!(meta.mode() & 0o777, 0o660, "{}", grouped.log());
+    let daemon = Command::new("getent")
+        .args(["group", "daemon"])
+        .output()
+        .unwrap();
+    let gid = String::from_utf8_lossy(&daemon.stdout)
+        .split(':')
+        .nth(2)
+        .and_then(|gid| gid.parse::<u32>().ok())
+        .expect("the daemon group");
+    assert_eq!(meta.gid(), gid);
+}

@@ -90,6 +90,7 @@ struct FileAgent {
     image_dir: Option<PathBuf>,
     tls_creds: Option<PathBuf>,
     tcp_insecure: Option<bool>,
+    socket_group: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -174,6 +175,8 @@ pub struct AgentConfig {
     pub tls_creds: Option<PathBuf>,
     /// Serve NBD over TCP in plaintext when no TLS credentials are given (else refused).
     pub tcp_insecure: bool,
+    /// Group allowed to connect to the unix socket (mode 0660 then; else 0600, owner only).
+    pub socket_group: Option<String>,
 }
 
 /// Command-line overrides: each `Some` wins over the file.
@@ -205,6 +208,8 @@ pub struct Overrides {
     pub tls_creds: Option<PathBuf>,
     /// `--tcp-insecure`.
     pub tcp_insecure: bool,
+    /// `--socket-group`.
+    pub socket_group: Option<String>,
 }
 
 impl AgentConfig {
@@ -343,6 +348,7 @@ impl AgentConfig {
             tcp,
             tls_creds,
             tcp_insecure,
+            socket_group: ov.socket_group.clone().or(agent.socket_group),
             state_dir,
             api,
             engine,

@@ -70,6 +70,15 @@ pub enum AgentError {
     /// The NBD listeners could not be bound.
     #[error("cannot listen for NBD clients")]
     Listen(#[source] std::io::Error),
+    /// The NBD unix socket could not be opened to its group.
+    #[error("NBD socket group {group}")]
+    SocketGroup {
+        /// The group.
+        group: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The NBD TLS credentials could not be loaded.
     #[error("NBD TLS credentials {}", path.display())]
     Tls {
@@ -170,6 +179,12 @@ impl Agent {
         };
         let nbd = NbdServer::start(Some(&config.socket), config.tcp, exports.clone(), options)
             .map_err(AgentError::Listen)?;
+        if let Some(group) = &config.socket_group {
+            open_to_group(&config.socket, group).map_err(|source| AgentError::SocketGroup {
+                group: group.clone(),
+                source,
+            })?;
+        }
         let nbd_tcp = nbd.tcp_addr.map(|addr| addr.to_string());
         let targets = Arc::new(Targets::new(
             exports.clone(),
@@ -300,4 +315,18 @@ pub fn run(config: &AgentConfig) -> Result<(), AgentError> {
         log::info!("signal {signal}: stopping");
     }
     agent.shutdown()
+}
+
+/// Lets `group` connect to the unix socket at `path` (group owner, mode 0660).
+fn open_to_group(path: &Path, group: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let found = nix::unistd::Group::from_name(group).map_err(std::io::Error::from)?;
+    let Some(found) = found else {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "no such group",
+        ));
+    };
+    nix::unistd::chown(path, None, Some(found.gid)).map_err(std::io::Error::from)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
 }

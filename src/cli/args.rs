@@ -276,6 +276,9 @@ pub struct AgentArgs {
     /// Serve NBD over TCP without TLS (refused otherwise when --tls-creds is not given).
     #[arg(long)]
     pub tcp_insecure: bool,
+    /// Let this group connect to the NBD unix socket (mode 0660; else 0600, owner only).
+    #[arg(long, value_name = "GROUP")]
+    pub socket_group: Option<String>,
 }
 
 /// `ferry export ...`

@@ -3,7 +3,7 @@
 //!
 //! With TLS credentials the TCP listener requires TLS: nothing but STARTTLS is answered
 //! before the TLS handshake (see [`handshake::await_starttls`]), and the session runs over
-//! TLS. The unix socket stays plaintext, guarded by its mode.
+//! TLS. The unix socket stays plaintext, guarded by its mode (0600 from its creation).
 //!
 //! Invariants: a failed handshake or session ends that connection only; stopping the server
 //! first stops accepting, then shuts down the read side of every connection, so each session
@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::io;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -222,7 +223,11 @@ fn bind_unix(path: &Path) -> io::Result<UnixListener> {
         }
         std::fs::remove_file(path)?;
     }
-    UnixListener::bind(path)
+    let listener = UnixListener::bind(path)?;
+    // Whoever connects reads and writes every export: the owner only (the agent may open it
+    // to a group afterwards, `socket_group`).
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
 }
 
 type Ctx = (Arc<AtomicBool>, Arc<Live>, Arc<dyn ExportLookup>);
