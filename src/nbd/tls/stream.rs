@@ -115,8 +115,9 @@ impl TlsConn {
         }
         match self.lock().process_new_packets() {
             Ok(state) => state.plaintext_bytes_to_read() > 0,
-            // The next read reports the error.
-            Err(_) => true,
+            // Only an error a read already returned (rustls keeps it): the session has ended
+            // or is ending, and nothing waits to be read.
+            Err(_) => false,
         }
     }
 
