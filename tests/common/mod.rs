@@ -46,6 +46,15 @@ pub fn tls_creds() -> PathBuf {
         .clone()
 }
 
+/// QEMU's `--object` for the shared credentials as a client: pair with `tls-creds=tls0` in
+/// the `--image-opts` of an NBD TCP address.
+pub fn qemu_tls_object() -> String {
+    format!(
+        "tls-creds-x509,id=tls0,dir={},endpoint=client",
+        tls_creds().display()
+    )
+}
+
 /// Runs `ferry tls init DIR --host H...`.
 pub fn tls_init(dir: &Path, hosts: &[&str]) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry"));
