@@ -1444,6 +1444,35 @@ mod tests {
     }
 
     #[test]
+    fn fuzz_nothing_leaks_before_starttls() {
+        // Goal: on a TLS-only listener no byte stream gets an export named, listed or sized
+        // before STARTTLS, and none panics. Method: 5k valid and mutated sessions through
+        // greet + await_starttls; the server's output up to its STARTTLS ack (or the end)
+        // must not contain an export name.
+        let mut rng = SplitMix64::new(0x00f0_0dca_fe00_0002);
+        let mut started = 0u32;
+        for iteration in 0..5_000 {
+            let mut bytes = valid_session(&mut rng);
+            if iteration % 2 == 1 {
+                mutate(&mut rng, &mut bytes);
+            }
+            let mut duplex = Duplex {
+                input: Cursor::new(bytes),
+                output: Vec::new(),
+            };
+            let Ok(greeting) = greet(&mut duplex) else {
+                continue;
+            };
+            if let Ok(true) = await_starttls(&mut duplex, greeting) {
+                started += 1;
+            }
+            let shown = duplex.output.windows(3).any(|w| w == b"vm1" || w == b"vm2");
+            assert!(!shown, "an export leaked before TLS: {:?}", duplex.output);
+        }
+        assert!(started > 500, "only {started} sessions reached STARTTLS");
+    }
+
+    #[test]
     fn fuzz_negotiate_never_panics() {
         // Goal: no client byte stream panics negotiate, and every transmission it grants is
         // consistent. Method: 20k SplitMix64 streams (pure noise, valid sessions, mutated
