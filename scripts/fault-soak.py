@@ -483,6 +483,8 @@ class Agent:
             self.transfer,
             "--cluster-key",
             self.soak.key,
+            "--tls-creds",
+            self.soak.tls,
             *self.extra,
         )
         with open(self.log_path, "ab") as log:
@@ -571,6 +573,9 @@ class Soak:
         self.lab = Lab(args.netlab, os.environ.get("NETLAB_NET", "10.77.41"))
         self.work = args.work
         self.key = os.path.join(self.work, "cluster.key")
+        # NBD TLS credentials every agent shares: the destinations' TCP listeners require TLS
+        # and the source's forwarding hop dials with it, as in a deployment.
+        self.tls = os.path.join(self.work, "tls")
         self.rounds = int(os.environ.get("ROUNDS", "200"))
         self.seed = int(os.environ["SEED"])
         self.disk_size = env_size(os.environ.get("DISK_SIZE", "64M"))
@@ -1519,6 +1524,10 @@ class Soak:
         with open(self.key, "w") as f:
             f.write(hashlib.sha256(str(self.seed).encode()).hexdigest() + "\n")
         os.chmod(self.key, 0o600)
+        if not os.path.exists(os.path.join(self.tls, "ca-cert.pem")):
+            hosts = [arg for h in ("h1", "h2", "h3") for arg in ("--host", self.lab.ip(h))]
+            subprocess.run([self.ferry, "tls", "init", self.tls, *hosts], check=True,
+                           stdout=subprocess.DEVNULL)
         print(f"fault-soak: SEED={self.seed} ROUNDS={self.rounds} DISK_SIZE={self.disk_size >> 20}M "
               f"BANDWIDTH={self.bandwidth} WRITE_RATE={self.rate:g}/s per disk SLOW_SYNC_MS={self.slow_sync_ms:g} "
               f"FAULTS={','.join(self.faults)} WHENS={','.join(self.whens)}; work dir {self.work}",

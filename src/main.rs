@@ -41,6 +41,9 @@ fn agent(args: AgentArgs) -> Result<(), Box<dyn std::error::Error>> {
         cluster_key: args.cluster_key,
         image_dir: args.image_dir,
         forward_hold_ms: args.forward_hold_ms,
+        tls_creds: args.tls_creds,
+        tcp_insecure: args.tcp_insecure,
+        socket_group: args.socket_group,
     };
     let config = AgentConfig::load(args.config.as_deref(), &overrides)?;
     ferry::agent::run(&config)?;

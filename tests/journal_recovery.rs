@@ -83,7 +83,8 @@ fn switched_source_forwards_after_kill_and_status_says_migrated() {
     );
     let read = format!("read -P 0x5a {} 65536", 40 * MIB);
     let destination_uri = format!(
-        "driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={},export=vm1",
+        "driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={},export=vm1,\
+         tls-creds=tls0",
         pair.destination
             .tcp
             .as_ref()
@@ -94,6 +95,7 @@ fn switched_source_forwards_after_kill_and_status_says_migrated() {
     );
     let out = run_ok(
         Command::new("qemu-io")
+            .args(["--object", &common::qemu_tls_object()])
             .args(["--image-opts", &destination_uri])
             .args(["-c", &read]),
     );

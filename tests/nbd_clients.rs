@@ -372,7 +372,7 @@ fn fio_verify_crc32c() {
 }
 
 // Goal: NBD over TCP (off by default) serves the same export as the unix socket. Method: an
-// agent started with --tcp; qemu-io writes over nbd://127.0.0.1:PORT/vm1 and reads the
+// agent started with --tcp --tcp-insecure (plaintext; TLS is tests/nbd_tls.rs); qemu-io writes over nbd://127.0.0.1:PORT/vm1 and reads the
 // pattern back over the unix socket; nbdinfo lists both exports over TCP.
 #[test]
 fn tcp_listener_serves_the_same_exports() {
@@ -386,7 +386,7 @@ fn tcp_listener_serves_the_same_exports() {
             format!("vm1={}", image.display()),
             format!("vm2={},ro", other.display()),
         ],
-        &["--tcp"],
+        &["--tcp", "--tcp-insecure"],
     );
     let tcp = agent.tcp.clone().expect("tcp address");
     qemu_io(

@@ -88,6 +88,9 @@ struct FileAgent {
     transfer: Option<String>,
     cluster_key: Option<PathBuf>,
     image_dir: Option<PathBuf>,
+    tls_creds: Option<PathBuf>,
+    tcp_insecure: Option<bool>,
+    socket_group: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -167,6 +170,13 @@ pub struct AgentConfig {
     pub cluster_key: PathBuf,
     /// Where images of disks migrated into this host are created.
     pub image_dir: PathBuf,
+    /// NBD TLS credentials (QEMU's `tls-creds-x509` layout): the TCP listener requires TLS
+    /// and forwarding dials with TLS.
+    pub tls_creds: Option<PathBuf>,
+    /// Serve NBD over TCP in plaintext when no TLS credentials are given (else refused).
+    pub tcp_insecure: bool,
+    /// Group allowed to connect to the unix socket (mode 0660 then; else 0600, owner only).
+    pub socket_group: Option<String>,
 }
 
 /// Command-line overrides: each `Some` wins over the file.
@@ -194,6 +204,12 @@ pub struct Overrides {
     pub image_dir: Option<PathBuf>,
     /// `--forward-hold` (milliseconds).
     pub forward_hold_ms: Option<u64>,
+    /// `--tls-creds`.
+    pub tls_creds: Option<PathBuf>,
+    /// `--tcp-insecure`.
+    pub tcp_insecure: bool,
+    /// `--socket-group`.
+    pub socket_group: Option<String>,
 }
 
 impl AgentConfig {
@@ -315,9 +331,24 @@ impl AgentConfig {
         for spec in &ov.exports {
             exports.push(parse_export_flag(spec, cli_granularity)?);
         }
+        let tls_creds = ov.tls_creds.clone().or(agent.tls_creds);
+        let tcp_insecure = ov.tcp_insecure || agent.tcp_insecure.unwrap_or(false);
+        if let (Some(addr), None, false) = (tcp, &tls_creds, tcp_insecure) {
+            return Err(invalid(
+                "tcp",
+                format!(
+                    "NBD over TCP ({addr}) requires TLS: give --tls-creds DIR (tls_creds; \
+                     `ferry tls init DIR` creates one), or --tcp-insecure (tcp_insecure = true) \
+                     to serve every export to anyone who reaches the port"
+                ),
+            ));
+        }
         let config = AgentConfig {
             socket,
             tcp,
+            tls_creds,
+            tcp_insecure,
+            socket_group: ov.socket_group.clone().or(agent.socket_group),
             state_dir,
             api,
             engine,
@@ -440,6 +471,7 @@ mod tests {
             [agent]
             socket = "/tmp/x.sock"
             tcp = "127.0.0.1:10900"
+            tls_creds = "/etc/ferry/tls"
             state_dir = "/tmp/state"
             api = "127.0.0.1:7451"
             [[export]]
@@ -455,6 +487,7 @@ mod tests {
         let config = AgentConfig::from_toml(text, &Overrides::default()).unwrap();
         assert_eq!(config.socket, PathBuf::from("/tmp/x.sock"));
         assert_eq!(config.tcp.unwrap().port(), 10900);
+        assert_eq!(config.tls_creds, Some(PathBuf::from("/etc/ferry/tls")));
         assert_eq!(config.exports.len(), 2);
         assert_eq!(config.exports[0].granularity_bytes, 4096);
         assert_eq!(config.exports[0].trackers, vec!["backup".to_string()]);
@@ -488,6 +521,29 @@ mod tests {
         assert!(err.to_string().starts_with("api:"), "{err}");
     }
 
+    // Goal: NBD over TCP without TLS credentials is refused unless asked for in plaintext.
+    // Method: --tcp alone, then with tcp_insecure in the file, then with --tls-creds.
+    #[test]
+    fn tcp_requires_tls_or_insecure() {
+        let tcp = Overrides {
+            tcp: Some(String::new()),
+            ..Overrides::default()
+        };
+        let err = AgentConfig::from_toml("", &tcp).unwrap_err().to_string();
+        assert!(
+            err.starts_with("tcp:") && err.contains("--tls-creds"),
+            "{err}"
+        );
+        let config = AgentConfig::from_toml("[agent]\ntcp_insecure = true\n", &tcp).unwrap();
+        assert!(config.tcp_insecure && config.tls_creds.is_none());
+        let with_tls = Overrides {
+            tls_creds: Some("/etc/ferry/tls".into()),
+            ..tcp
+        };
+        let config = AgentConfig::from_toml("", &with_tls).unwrap();
+        assert!(!config.tcp_insecure && config.tls_creds.is_some());
+    }
+
     // Goal: the qemu-nbd-like flags build exports; method: parse several --export forms.
     #[test]
     fn export_flags() {
@@ -497,6 +553,7 @@ mod tests {
                 "r=/tmp/r.img,ro,granularity=1M,tracker=t1".into(),
             ],
             tcp: Some(String::new()),
+            tcp_insecure: true,
             ..Overrides::default()
         };
         let config = AgentConfig::from_toml("", &ov).unwrap();

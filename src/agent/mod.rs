@@ -27,6 +27,7 @@ use crate::api::{self, ApiServer};
 use crate::env::MonotonicClock;
 use crate::io::{probe_uring, EngineKind};
 use crate::nbd::server::{NbdServer, SessionOptions};
+use crate::nbd::tls::TlsCreds;
 
 use crate::error::error_chain;
 use crate::journal::SharedJournal;
@@ -69,6 +70,24 @@ pub enum AgentError {
     /// The NBD listeners could not be bound.
     #[error("cannot listen for NBD clients")]
     Listen(#[source] std::io::Error),
+    /// The NBD unix socket could not be opened to its group.
+    #[error("NBD socket group {group}")]
+    SocketGroup {
+        /// The group.
+        group: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The NBD TLS credentials could not be loaded.
+    #[error("NBD TLS credentials {}", path.display())]
+    Tls {
+        /// The credentials directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: crate::nbd::tls::TlsError,
+    },
     /// The control API could not start.
     #[error("cannot start the control API")]
     Api(#[source] api::ApiError),
@@ -136,14 +155,36 @@ impl Agent {
         for export in exports.all() {
             export.set_lineage(holding::lineage_of(&journal, export.name()));
         }
+        let tls = match &config.tls_creds {
+            Some(dir) => Some(TlsCreds::load(dir, config.tcp.is_some()).map_err(|source| {
+                AgentError::Tls {
+                    path: dir.clone(),
+                    source,
+                }
+            })?),
+            None => None,
+        };
+        if let (Some(addr), None) = (config.tcp, &tls) {
+            log::warn!(
+                "NBD over TCP on {addr} WITHOUT TLS (--tcp-insecure): anyone who reaches it \
+                 can read and write every export"
+            );
+        }
         let options = SessionOptions {
             engine,
             queue_depth: config.queue_depth,
             engine_watches_socket: true,
             forward_hold: std::time::Duration::from_millis(config.forward_hold_ms),
+            tls,
         };
         let nbd = NbdServer::start(Some(&config.socket), config.tcp, exports.clone(), options)
             .map_err(AgentError::Listen)?;
+        if let Some(group) = &config.socket_group {
+            open_to_group(&config.socket, group).map_err(|source| AgentError::SocketGroup {
+                group: group.clone(),
+                source,
+            })?;
+        }
         let nbd_tcp = nbd.tcp_addr.map(|addr| addr.to_string());
         let targets = Arc::new(Targets::new(
             exports.clone(),
@@ -274,4 +315,18 @@ pub fn run(config: &AgentConfig) -> Result<(), AgentError> {
         log::info!("signal {signal}: stopping");
     }
     agent.shutdown()
+}
+
+/// Lets `group` connect to the unix socket at `path` (group owner, mode 0660).
+fn open_to_group(path: &Path, group: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let found = nix::unistd::Group::from_name(group).map_err(std::io::Error::from)?;
+    let Some(found) = found else {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "no such group",
+        ));
+    };
+    nix::unistd::chown(path, None, Some(found.gid)).map_err(std::io::Error::from)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
 }

@@ -173,6 +173,29 @@ pub enum Command {
     /// Walk through ferry on temporary images: write tracking and heat, then a live migration
     /// (heat vs naive policy), with agents run as child processes.
     Demo(crate::demo::DemoArgs),
+    /// NBD TLS credentials.
+    Tls {
+        /// Action.
+        #[command(subcommand)]
+        action: TlsAction,
+    },
+}
+
+/// `ferry tls ...`
+#[derive(Debug, Subcommand)]
+pub enum TlsAction {
+    /// Create a CA and a server and a client certificate it signed in DIR, in the layout of
+    /// QEMU's tls-creds-x509 and libnbd's tls-certificates (ca-cert.pem, server-cert.pem,
+    /// server-key.pem, client-cert.pem, client-key.pem; ca-key.pem to sign more later).
+    /// Existing files are never overwritten.
+    Init {
+        /// Directory to create the files in (created 0700 if missing).
+        dir: PathBuf,
+        /// A name or IP address clients connect to the server with; repeatable
+        /// [default: localhost, 127.0.0.1 and ::1].
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+    },
 }
 
 /// `ferry resume` options: each replaces the setting the job was started with; the ones
@@ -244,6 +267,18 @@ pub struct AgentArgs {
     /// is away (restarting) waits before it fails with EIO [default: 60000].
     #[arg(long = "forward-hold", value_name = "MS")]
     pub forward_hold_ms: Option<u64>,
+    /// TLS credentials directory (QEMU's tls-creds-x509 layout: ca-cert.pem,
+    /// server-cert.pem, server-key.pem, client-cert.pem, client-key.pem; `ferry tls init`
+    /// creates one): NBD over TCP then requires TLS with client certificates, and forwarding
+    /// after a switchover dials with TLS.
+    #[arg(long, value_name = "DIR")]
+    pub tls_creds: Option<PathBuf>,
+    /// Serve NBD over TCP without TLS (refused otherwise when --tls-creds is not given).
+    #[arg(long)]
+    pub tcp_insecure: bool,
+    /// Let this group connect to the NBD unix socket (mode 0660; else 0600, owner only).
+    #[arg(long, value_name = "GROUP")]
+    pub socket_group: Option<String>,
 }
 
 /// `ferry export ...`

@@ -91,6 +91,9 @@ pub enum CliError {
     /// `ferry demo` failed.
     #[error("demo")]
     Demo(#[source] crate::demo::DemoError),
+    /// `ferry tls init` failed.
+    #[error("tls init")]
+    TlsInit(#[source] crate::nbd::tls::init::InitError),
     /// Migrations of a batch ended failed (their statuses were printed).
     #[error("batch {batch}: {failed} of {total} migrations failed")]
     BatchFailed {
@@ -171,7 +174,25 @@ pub fn run(command: Command) -> Result<(), CliError> {
             }
         }
         Command::Demo(args) => demo(&args),
+        Command::Tls {
+            action: TlsAction::Init { dir, hosts },
+        } => tls_init(&dir, hosts),
     }
+}
+
+/// `ferry tls init`: the server names `hosts`, or the loopback names by default.
+fn tls_init(dir: &std::path::Path, mut hosts: Vec<String>) -> Result<(), CliError> {
+    if hosts.is_empty() {
+        hosts = ["localhost", "127.0.0.1", "::1"].map(String::from).to_vec();
+    }
+    crate::nbd::tls::init::generate(dir, &hosts).map_err(CliError::TlsInit)?;
+    println!(
+        "TLS credentials in {} (server names: {}); give --tls-creds {} to each agent",
+        dir.display(),
+        hosts.join(", "),
+        dir.display()
+    );
+    Ok(())
 }
 
 /// `ferry demo`: runs agents of its own, so it needs no target.

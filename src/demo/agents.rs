@@ -309,6 +309,7 @@ struct AgentTable<'a> {
     transfer: &'a str,
     cluster_key: &'a Path,
     image_dir: PathBuf,
+    tls_creds: PathBuf,
 }
 
 #[derive(Debug, Serialize)]
@@ -319,7 +320,27 @@ struct ExportTable<'a> {
     trackers: &'a [&'static str],
 }
 
+/// The TLS credentials the demo's agents share, beside their shared cluster key: the
+/// forwarding hop after a switchover runs over TLS, as a deployment's would.
+fn tls_creds(spec: &AgentSpec) -> PathBuf {
+    spec.cluster_key
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join("tls")
+}
+
+/// Creates the credentials of [`tls_creds`] unless they exist.
+fn ensure_tls_creds(dir: &Path) -> Result<(), DemoError> {
+    if dir.join(crate::nbd::tls::CA_CERT).exists() {
+        return Ok(());
+    }
+    crate::nbd::tls::init::generate(dir, &["localhost".into(), "127.0.0.1".into()])
+        .map_err(DemoError::Tls)
+}
+
 fn write_config(path: &Path, spec: &AgentSpec, ports: &Ports) -> Result<(), DemoError> {
+    let tls_creds = tls_creds(spec);
+    ensure_tls_creds(&tls_creds)?;
     let file = ConfigFile {
         agent: AgentTable {
             socket: spec.socket(),
@@ -330,6 +351,7 @@ fn write_config(path: &Path, spec: &AgentSpec, ports: &Ports) -> Result<(), Demo
             transfer: &ports.transfer,
             cluster_key: &spec.cluster_key,
             image_dir: spec.dir.join("images"),
+            tls_creds,
         },
         export: spec
             .exports
@@ -358,11 +380,12 @@ mod tests {
     /// scripts/deploy/ferry.toml expects (the agent's parser is not imported: layering).
     #[test]
     fn demo_config_file_has_the_agent_format() {
+        let dir = tempfile::tempdir().expect("tempdir");
         let spec = AgentSpec {
             name: "heat-destination".into(),
             dir: PathBuf::from("/w/dest"),
             log: PathBuf::from("/w/logs/heat-destination.log"),
-            cluster_key: PathBuf::from("/w/cluster.key"),
+            cluster_key: dir.path().join("cluster.key"),
             half_life_ms: 10_000,
             exports: vec![ExportSpec {
                 name: "vm1",
@@ -375,7 +398,6 @@ mod tests {
             api: "127.0.0.1:4000".into(),
             transfer: "127.0.0.1:4001".into(),
         };
-        let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("agent.toml");
         write_config(&path, &spec, &ports).expect("write");
         let text = std::fs::read_to_string(&path).expect("read");
@@ -386,6 +408,9 @@ mod tests {
         assert_eq!(agent["api"].as_str(), Some("127.0.0.1:4000"));
         assert_eq!(agent["transfer"].as_str(), Some("127.0.0.1:4001"));
         assert_eq!(agent["tcp"].as_str(), Some("127.0.0.1:0"));
+        let tls = dir.path().join("tls");
+        assert_eq!(agent["tls_creds"].as_str(), tls.to_str());
+        assert!(tls.join("server-cert.pem").exists() && tls.join("client-key.pem").exists());
         assert_eq!(agent["half_life_ms"].as_integer(), Some(10_000));
         let exports = value["export"].as_array().expect("[[export]]");
         assert_eq!(exports.len(), 1);

@@ -77,6 +77,9 @@ pub enum DemoError {
         #[source]
         source: io::Error,
     },
+    /// The agents' TLS credentials could not be created.
+    #[error("TLS credentials")]
+    Tls(#[source] crate::nbd::tls::init::InitError),
     /// The agent's config file could not be written as TOML.
     #[error("config of agent {agent}")]
     Config {

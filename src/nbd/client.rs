@@ -1,5 +1,6 @@
-//! A small NBD client (fixed newstyle, OPT_GO, simple replies, pipelined requests), used by
-//! the demo to drive a real NBD connection and by tests that need exact control of the bytes.
+//! A small NBD client (fixed newstyle, OPT_GO, simple replies, pipelined requests, STARTTLS
+//! over TCP), used by the forwarder, by the demo to drive a real NBD connection and by tests
+//! that need exact control of the bytes.
 //!
 //! Invariant: every request sent is matched to its reply by cookie; read replies are sized
 //! from the request, as simple replies carry no length.
@@ -11,10 +12,11 @@ use std::path::Path;
 
 use crate::codec;
 use crate::nbd::conn::Conn;
+use crate::nbd::tls::ClientTls;
 use crate::nbd::wire::{
     self, RequestHeader, CMD_DISC, CMD_FLAG_FUA, CMD_FLUSH, CMD_READ, CMD_WRITE,
     FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, INFO_DESCRIPTION, INFO_EXPORT, NBD_MAGIC,
-    OPTION_REPLY_MAGIC, OPT_GO, REP_ACK, REP_INFO,
+    OPTION_REPLY_MAGIC, OPT_GO, OPT_STARTTLS, REP_ACK, REP_INFO,
 };
 
 fn protocol(what: impl Into<String>) -> io::Error {
@@ -47,23 +49,26 @@ pub struct NbdClient {
 impl NbdClient {
     /// Connects to a unix socket and selects `export` with OPT_GO.
     pub fn connect_unix(socket: &Path, export: &str) -> io::Result<NbdClient> {
-        Self::negotiate(Conn::Unix(UnixStream::connect(socket)?), export)
+        Self::negotiate(Conn::Unix(UnixStream::connect(socket)?), export, None)
     }
 
-    /// Connects over TCP and negotiates `export` (Nagle off: requests are sent whole).
-    pub fn connect_tcp(addr: &str, export: &str) -> io::Result<NbdClient> {
+    /// Connects over TCP and negotiates `export` (Nagle off: requests are sent whole), through
+    /// STARTTLS when `tls` is given.
+    pub fn connect_tcp(addr: &str, export: &str, tls: Option<&ClientTls>) -> io::Result<NbdClient> {
         let stream = std::net::TcpStream::connect(addr)?;
         stream.set_nodelay(true)?;
-        Self::negotiate(Conn::Tcp(stream), export)
+        Self::negotiate(Conn::Tcp(stream), export, tls.map(|tls| (tls, addr)))
     }
 
     /// Like [`NbdClient::connect_tcp`], with every step bounded by `timeout` (connecting, and
-    /// each read and write of the handshake), so a caller that reconnects in a loop never hangs
-    /// on a destination that accepts and then says nothing. The timeouts are off afterwards.
+    /// each read and write of the handshake, TLS included), so a caller that reconnects in a
+    /// loop never hangs on a destination that accepts and then says nothing. The timeouts are
+    /// off afterwards.
     pub fn connect_tcp_within(
         addr: &str,
         export: &str,
         timeout: std::time::Duration,
+        tls: Option<&ClientTls>,
     ) -> io::Result<NbdClient> {
         use std::net::ToSocketAddrs;
         let mut last = io::Error::new(
@@ -82,7 +87,8 @@ impl NbdClient {
                     stream.set_nodelay(true)?;
                     stream.set_read_timeout(Some(timeout))?;
                     stream.set_write_timeout(Some(timeout))?;
-                    let client = Self::negotiate(Conn::Tcp(stream.try_clone()?), export)?;
+                    let tls = tls.map(|tls| (tls, addr));
+                    let client = Self::negotiate(Conn::Tcp(stream.try_clone()?), export, tls)?;
                     stream.set_read_timeout(None)?;
                     stream.set_write_timeout(None)?;
                     return Ok(client);
@@ -93,8 +99,22 @@ impl NbdClient {
         Err(last)
     }
 
-    fn negotiate(mut conn: Conn, export: &str) -> io::Result<NbdClient> {
-        let info = handshake(&mut conn, export)?;
+    /// The handshake: greeting, STARTTLS and the TLS handshake when `tls` names the
+    /// configuration and the `host:port` dialled, then OPT_GO.
+    fn negotiate(
+        mut conn: Conn,
+        export: &str,
+        tls: Option<(&ClientTls, &str)>,
+    ) -> io::Result<NbdClient> {
+        greet(&mut conn)?;
+        if let (Some((config, addr)), Conn::Tcp(_)) = (tls, &conn) {
+            start_tls(&mut conn)?;
+            let Conn::Tcp(stream) = conn else {
+                unreachable!("matched as TCP above");
+            };
+            conn = Conn::Tls(Box::new(config.connect(stream, addr)?));
+        }
+        let info = go(&mut conn, export)?;
         Ok(NbdClient {
             conn,
             size_bytes: info.size_bytes,
@@ -248,8 +268,8 @@ struct GoInfo {
     description: Option<String>,
 }
 
-/// Fixed newstyle handshake with OPT_GO, asking for the export's description too.
-fn handshake(conn: &mut Conn, export: &str) -> io::Result<GoInfo> {
+/// Reads the server's greeting and answers with the client flags.
+fn greet(conn: &mut Conn) -> io::Result<()> {
     let mut greeting = [0u8; 18];
     conn.read_exact(&mut greeting)?;
     let [magic @ .., _, _, _, _, _, _, _, _, f0, f1] = greeting;
@@ -261,7 +281,45 @@ fn handshake(conn: &mut Conn, export: &str) -> io::Result<GoInfo> {
         return Err(protocol("server lacks fixed newstyle"));
     }
     let client_flags = u32::from(FLAG_FIXED_NEWSTYLE | (server_flags & FLAG_NO_ZEROES));
-    conn.write_all(&client_flags.to_be_bytes())?;
+    conn.write_all(&client_flags.to_be_bytes())
+}
+
+/// Sends NBD_OPT_STARTTLS and waits for its acknowledgement; the TLS handshake comes next.
+fn start_tls(conn: &mut Conn) -> io::Result<()> {
+    let mut option = [0u8; 16];
+    option[0..8].copy_from_slice(&IHAVEOPT.to_be_bytes());
+    option[8..12].copy_from_slice(&OPT_STARTTLS.to_be_bytes());
+    conn.write_all(&option)?;
+    let (reply_type, payload) = read_option_reply(conn)?;
+    if reply_type != REP_ACK {
+        let message = String::from_utf8_lossy(&payload);
+        return Err(protocol(format!(
+            "server refused STARTTLS ({reply_type:#x}) {message}"
+        )));
+    }
+    Ok(())
+}
+
+/// One option reply: its type and data (bounded).
+fn read_option_reply(conn: &mut Conn) -> io::Result<(u32, Vec<u8>)> {
+    let mut head = [0u8; 20];
+    conn.read_exact(&mut head)?;
+    let [magic @ .., _, _, _, _, t0, t1, t2, t3, l0, l1, l2, l3] = head;
+    if u64::from_be_bytes(magic) != OPTION_REPLY_MAGIC {
+        return Err(protocol("bad option reply magic"));
+    }
+    let reply_type = u32::from_be_bytes([t0, t1, t2, t3]);
+    let len = u32::from_be_bytes([l0, l1, l2, l3]);
+    if len > 64 * 1024 {
+        return Err(protocol("option reply too large"));
+    }
+    let mut payload = vec![0u8; len as usize];
+    conn.read_exact(&mut payload)?;
+    Ok((reply_type, payload))
+}
+
+/// OPT_GO for `export`, asking for its description too.
+fn go(conn: &mut Conn, export: &str) -> io::Result<GoInfo> {
     let name = export.as_bytes();
     let mut option = Vec::with_capacity(16 + 8 + name.len());
     option.extend_from_slice(&IHAVEOPT.to_be_bytes());
@@ -275,19 +333,7 @@ fn handshake(conn: &mut Conn, export: &str) -> io::Result<GoInfo> {
     let mut export_info = None;
     let mut description = None;
     loop {
-        let mut head = [0u8; 20];
-        conn.read_exact(&mut head)?;
-        let [magic @ .., _, _, _, _, t0, t1, t2, t3, l0, l1, l2, l3] = head;
-        if u64::from_be_bytes(magic) != OPTION_REPLY_MAGIC {
-            return Err(protocol("bad option reply magic"));
-        }
-        let reply_type = u32::from_be_bytes([t0, t1, t2, t3]);
-        let len = u32::from_be_bytes([l0, l1, l2, l3]);
-        if len > 64 * 1024 {
-            return Err(protocol("option reply too large"));
-        }
-        let mut payload = vec![0u8; len as usize];
-        conn.read_exact(&mut payload)?;
+        let (reply_type, payload) = read_option_reply(conn)?;
         match reply_type {
             REP_ACK => break,
             REP_INFO => {

@@ -3,6 +3,10 @@
 //!
 //! The socket stays in blocking mode: replies are written with blocking vectored writes, and
 //! the non-blocking read is a `recv(MSG_DONTWAIT)`, so no mode switch costs a syscall.
+//!
+//! Over TLS ([`Conn::Tls`]) decrypted bytes may wait inside the process while the socket is
+//! empty: [`Conn::has_buffered_input`] says so, and whoever waits for the socket's readiness
+//! must ask it first.
 
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, TcpStream};
@@ -11,6 +15,8 @@ use std::os::unix::net::UnixStream;
 
 use nix::sys::socket::{recv, MsgFlags};
 
+use crate::nbd::tls::TlsConn;
+
 /// One accepted NBD connection.
 #[derive(Debug)]
 pub enum Conn {
@@ -18,6 +24,8 @@ pub enum Conn {
     Unix(UnixStream),
     /// TCP (Nagle off: replies are whole batches already).
     Tcp(TcpStream),
+    /// TLS over TCP, after `NBD_OPT_STARTTLS`.
+    Tls(Box<TlsConn>),
 }
 
 impl Conn {
@@ -26,7 +34,26 @@ impl Conn {
         Ok(match self {
             Conn::Unix(s) => Conn::Unix(s.try_clone()?),
             Conn::Tcp(s) => Conn::Tcp(s.try_clone()?),
+            Conn::Tls(s) => Conn::Tls(Box::new(s.try_clone()?)),
         })
+    }
+
+    /// Sets the receive timeout of the socket underneath.
+    pub fn set_read_timeout(&self, timeout: Option<std::time::Duration>) -> io::Result<()> {
+        match self {
+            Conn::Unix(s) => s.set_read_timeout(timeout),
+            Conn::Tcp(s) => s.set_read_timeout(timeout),
+            Conn::Tls(s) => s.set_read_timeout(timeout),
+        }
+    }
+
+    /// True when a read would return bytes already held in this process (decrypted TLS
+    /// data), whether or not the socket is readable. Always false without TLS.
+    pub fn has_buffered_input(&self) -> bool {
+        match self {
+            Conn::Unix(_) | Conn::Tcp(_) => false,
+            Conn::Tls(s) => s.has_buffered_input(),
+        }
     }
 
     /// Shuts down one or both directions.
@@ -34,11 +61,15 @@ impl Conn {
         match self {
             Conn::Unix(s) => s.shutdown(how),
             Conn::Tcp(s) => s.shutdown(how),
+            Conn::Tls(s) => s.shutdown(how),
         }
     }
 
     /// Reads what is already buffered, without blocking: Ok(None) when nothing is.
     pub fn recv_ready(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        if let Conn::Tls(s) = self {
+            return s.read_plain(buf, false);
+        }
         match recv(self.as_raw_fd(), buf, MsgFlags::MSG_DONTWAIT) {
             Ok(n) => Ok(Some(n)),
             Err(nix::errno::Errno::EAGAIN) => Ok(None),
@@ -66,6 +97,7 @@ impl AsFd for Conn {
         match self {
             Conn::Unix(s) => s.as_fd(),
             Conn::Tcp(s) => s.as_fd(),
+            Conn::Tls(s) => s.socket().as_fd(),
         }
     }
 }
@@ -75,6 +107,7 @@ impl AsRawFd for Conn {
         match self {
             Conn::Unix(s) => s.as_raw_fd(),
             Conn::Tcp(s) => s.as_raw_fd(),
+            Conn::Tls(s) => s.socket().as_raw_fd(),
         }
     }
 }
@@ -84,6 +117,7 @@ impl Read for Conn {
         match self {
             Conn::Unix(s) => s.read(buf),
             Conn::Tcp(s) => s.read(buf),
+            Conn::Tls(s) => s.read(buf),
         }
     }
 }
@@ -93,12 +127,14 @@ impl Write for Conn {
         match self {
             Conn::Unix(s) => s.write(buf),
             Conn::Tcp(s) => s.write(buf),
+            Conn::Tls(s) => s.write(buf),
         }
     }
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         match self {
             Conn::Unix(s) => s.write_vectored(bufs),
             Conn::Tcp(s) => s.write_vectored(bufs),
+            Conn::Tls(s) => s.write_vectored(bufs),
         }
     }
     fn flush(&mut self) -> io::Result<()> {

@@ -10,9 +10,16 @@
 //!   ABORT ─► ACK ─► close                   everything else ─► reply, go on
 //! ```
 //!
-//! Supported: EXPORT_NAME, ABORT, LIST, INFO, GO, STRUCTURED_REPLY, LIST_META_CONTEXT and
-//! SET_META_CONTEXT. STARTTLS is refused by policy (ferry runs without TLS); extended headers
-//! and unknown options get `NBD_REP_ERR_UNSUP`.
+//! Supported: EXPORT_NAME, ABORT, LIST, INFO, GO, STRUCTURED_REPLY, LIST_META_CONTEXT,
+//! SET_META_CONTEXT and STARTTLS; extended headers and unknown options get
+//! `NBD_REP_ERR_UNSUP`.
+//!
+//! TLS (the spec's "TLS support", in its mandatory mode): on a listener that requires TLS the
+//! caller runs [`greet`], then [`await_starttls`], which answers every option but STARTTLS
+//! and ABORT with `NBD_REP_ERR_TLS_REQD` (and closes on EXPORT_NAME, which cannot be answered)
+//! and sees no export at all; after STARTTLS is acknowledged the caller runs the TLS
+//! handshake on the socket and [`haggle`]s over TLS, where STARTTLS again is invalid. Without
+//! TLS ([`negotiate`]) STARTTLS is refused by policy.
 //!
 //! Metadata contexts are those of `ExportInfo::meta_contexts` (`base:allocation`,
 //! `qemu:dirty-bitmap:NAME`, ...). LIST_META_CONTEXT with no query lists them all, and a query
@@ -41,8 +48,8 @@ use crate::nbd::wire::{
     FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, INFO_BLOCK_SIZE, INFO_DESCRIPTION, INFO_EXPORT,
     INFO_NAME, MAX_STRING_BYTES, NBD_MAGIC, OPTION_REPLY_MAGIC, OPT_ABORT, OPT_EXPORT_NAME, OPT_GO,
     OPT_INFO, OPT_LIST, OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT, OPT_STARTTLS,
-    OPT_STRUCTURED_REPLY, REP_ACK, REP_ERR_INVALID, REP_ERR_POLICY, REP_ERR_TOO_BIG,
-    REP_ERR_UNKNOWN, REP_ERR_UNSUP, REP_INFO, REP_META_CONTEXT, REP_SERVER,
+    OPT_STRUCTURED_REPLY, REP_ACK, REP_ERR_INVALID, REP_ERR_POLICY, REP_ERR_TLS_REQD,
+    REP_ERR_TOO_BIG, REP_ERR_UNKNOWN, REP_ERR_UNSUP, REP_INFO, REP_META_CONTEXT, REP_SERVER,
 };
 
 /// Longest option data read into memory; longer options are skipped and refused.
@@ -121,6 +128,10 @@ pub enum HandshakeError {
     /// More than `MAX_OPTIONS` options.
     #[error("too many options")]
     TooManyOptions,
+    /// EXPORT_NAME before STARTTLS on a listener that requires TLS (it cannot be refused
+    /// with an error reply, so the spec has the server close).
+    #[error("EXPORT_NAME before STARTTLS: this listener requires TLS")]
+    TlsRequired,
 }
 
 impl HandshakeError {
@@ -142,27 +153,85 @@ impl HandshakeError {
             Self::ClientClosed(_) => true,
             Self::Io(_) | Self::BadClientFlags(_) | Self::BadOptionMagic(_) => false,
             Self::OptionTooBig { .. } | Self::BadExportName | Self::UnknownExport(_) => false,
-            Self::TooManyOptions => false,
+            Self::TooManyOptions | Self::TlsRequired => false,
         }
     }
 }
 
-/// Runs the handshake: greeting, then options until one enters transmission.
+/// Runs the handshake without TLS: greeting, then options until one enters transmission.
 /// Ok(None) when the client aborted (after listing or querying, typically).
 pub fn negotiate<S: Read + Write>(
     stream: &mut S,
     catalog: &dyn ExportCatalog,
 ) -> Result<Option<Negotiated>, HandshakeError> {
-    let mut haggle = Haggle {
+    let greeting = greet(stream)?;
+    haggle(stream, catalog, greeting, Tls::Unavailable)
+}
+
+/// What the greeting agreed on; it holds across STARTTLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Greeting {
+    /// The client set NO_ZEROES: EXPORT_NAME's reply omits the 124 zero bytes.
+    no_zeroes: bool,
+}
+
+/// Whether TLS protects the options being haggled, which decides how STARTTLS is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tls {
+    /// This listener offers no TLS: STARTTLS is refused by policy.
+    Unavailable,
+    /// TLS is on (STARTTLS succeeded): STARTTLS again is invalid.
+    Established,
+}
+
+/// Sends the server's greeting and reads the client's flags.
+pub fn greet<S: Read + Write>(stream: &mut S) -> Result<Greeting, HandshakeError> {
+    let mut haggle = Haggle::new(
         stream,
-        catalog,
-        no_zeroes: false,
-        structured: false,
-        selection: None,
-        next_context_id: 1,
-        reply: Vec::with_capacity(256),
-    };
+        &NoExports,
+        Greeting { no_zeroes: false },
+        Tls::Unavailable,
+    );
     haggle.greet()?;
+    Ok(Greeting {
+        no_zeroes: haggle.no_zeroes,
+    })
+}
+
+/// The options before TLS on a listener that requires it: every option but STARTTLS and
+/// ABORT is refused with `NBD_REP_ERR_TLS_REQD`, and no export is visible (the catalog is
+/// not even given). Ok(true): STARTTLS was acknowledged, the TLS handshake comes next on the
+/// socket. Ok(false): the client aborted.
+pub fn await_starttls<S: Read + Write>(
+    stream: &mut S,
+    greeting: Greeting,
+) -> Result<bool, HandshakeError> {
+    let mut haggle = Haggle::new(stream, &NoExports, greeting, Tls::Unavailable);
+    let mut data = Vec::new();
+    for _ in 0..MAX_OPTIONS {
+        let decided = match haggle.read_option(&mut data)? {
+            Some(option) => haggle.before_tls(option, &data)?,
+            None => None,
+        };
+        let flushed = haggle.stream.flush().map_err(HandshakeError::from_io);
+        match decided {
+            None => flushed?,
+            Some(false) => return Ok(false),
+            Some(true) => return flushed.map(|()| true),
+        }
+    }
+    Err(HandshakeError::TooManyOptions)
+}
+
+/// The options after the greeting (and after STARTTLS when `tls` is established), until one
+/// enters transmission. Ok(None) when the client aborted.
+pub fn haggle<S: Read + Write>(
+    stream: &mut S,
+    catalog: &dyn ExportCatalog,
+    greeting: Greeting,
+    tls: Tls,
+) -> Result<Option<Negotiated>, HandshakeError> {
+    let mut haggle = Haggle::new(stream, catalog, greeting, tls);
     let mut data = Vec::new();
     for _ in 0..MAX_OPTIONS {
         let step = haggle.option(&mut data)?;
@@ -190,10 +259,23 @@ struct Selection {
     contexts: Vec<(u32, String)>,
 }
 
+/// The catalog before TLS: nothing to list or open.
+struct NoExports;
+
+impl ExportCatalog for NoExports {
+    fn list(&self) -> Vec<ExportInfo> {
+        Vec::new()
+    }
+    fn lookup(&self, _name: &str) -> Option<ExportInfo> {
+        None
+    }
+}
+
 /// State of one handshake.
 struct Haggle<'a, S> {
     stream: &'a mut S,
     catalog: &'a dyn ExportCatalog,
+    tls: Tls,
     no_zeroes: bool,
     structured: bool,
     selection: Option<Selection>,
@@ -201,7 +283,25 @@ struct Haggle<'a, S> {
     reply: Vec<u8>,
 }
 
-impl<S: Read + Write> Haggle<'_, S> {
+impl<'a, S: Read + Write> Haggle<'a, S> {
+    fn new(
+        stream: &'a mut S,
+        catalog: &'a dyn ExportCatalog,
+        greeting: Greeting,
+        tls: Tls,
+    ) -> Self {
+        Haggle {
+            stream,
+            catalog,
+            tls,
+            no_zeroes: greeting.no_zeroes,
+            structured: false,
+            selection: None,
+            next_context_id: 1,
+            reply: Vec::with_capacity(256),
+        }
+    }
+
     fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), HandshakeError> {
         self.stream.read_exact(buf).map_err(HandshakeError::from_io)
     }
@@ -233,6 +333,15 @@ impl<S: Read + Write> Haggle<'_, S> {
 
     /// Reads one option header and its data into `data`, then handles it.
     fn option(&mut self, data: &mut Vec<u8>) -> Result<Step, HandshakeError> {
+        match self.read_option(data)? {
+            Some(option) => self.dispatch(option, data),
+            None => Ok(Step::Continue),
+        }
+    }
+
+    /// Reads one option header and its data into `data`; None when the data was too long and
+    /// the option has been refused already.
+    fn read_option(&mut self, data: &mut Vec<u8>) -> Result<Option<u32>, HandshakeError> {
         let mut header = [0u8; 16];
         self.read_exact(&mut header)?;
         let [magic @ .., _, _, _, _, _, _, _, _] = header;
@@ -249,7 +358,8 @@ impl<S: Read + Write> Haggle<'_, S> {
             MAX_OPTION_BYTES
         };
         if len_bytes > limit {
-            return self.refuse_too_big(option, len_bytes);
+            self.refuse_too_big(option, len_bytes)?;
+            return Ok(None);
         }
         data.clear();
         data.resize(
@@ -257,13 +367,32 @@ impl<S: Read + Write> Haggle<'_, S> {
             0,
         );
         self.read_exact(data)?;
-        self.dispatch(option, data)
+        Ok(Some(option))
+    }
+
+    /// One option before TLS on a listener that requires it: Some(true) STARTTLS acked,
+    /// Some(false) aborted, None refused (go on).
+    fn before_tls(&mut self, option: u32, data: &[u8]) -> Result<Option<bool>, HandshakeError> {
+        match option {
+            OPT_STARTTLS if data.is_empty() => {
+                self.reply(option, REP_ACK, &[])?;
+                Ok(Some(true))
+            }
+            OPT_STARTTLS => self.invalid(option, "option takes no data").map(|_| None),
+            OPT_ABORT => self.dispatch(option, data).map(|_| Some(false)),
+            OPT_EXPORT_NAME => Err(HandshakeError::TlsRequired),
+            _ => {
+                let message = b"TLS required: send NBD_OPT_STARTTLS first";
+                self.reply(option, REP_ERR_TLS_REQD, &[message])?;
+                Ok(None)
+            }
+        }
     }
 
     /// Skips over-long option data and answers TOO_BIG, or closes when even skipping is
     /// unreasonable (or the option is EXPORT_NAME, which cannot be answered with an error).
     #[cold]
-    fn refuse_too_big(&mut self, option: u32, len_bytes: u32) -> Result<Step, HandshakeError> {
+    fn refuse_too_big(&mut self, option: u32, len_bytes: u32) -> Result<(), HandshakeError> {
         if option == OPT_EXPORT_NAME || len_bytes > MAX_DISCARD_BYTES {
             return Err(HandshakeError::OptionTooBig { option, len_bytes });
         }
@@ -276,8 +405,7 @@ impl<S: Read + Write> Haggle<'_, S> {
             let eof = io::Error::from(io::ErrorKind::UnexpectedEof);
             return Err(HandshakeError::ClientClosed(eof));
         }
-        self.reply(option, REP_ERR_TOO_BIG, &[b"option data too long"])?;
-        Ok(Step::Continue)
+        self.reply(option, REP_ERR_TOO_BIG, &[b"option data too long"])
     }
 
     fn dispatch(&mut self, option: u32, data: &[u8]) -> Result<Step, HandshakeError> {
@@ -297,6 +425,9 @@ impl<S: Read + Write> Haggle<'_, S> {
                 Ok(Step::Continue)
             }
             OPT_LIST | OPT_STRUCTURED_REPLY => self.invalid(option, "option takes no data"),
+            OPT_STARTTLS if self.tls == Tls::Established => {
+                self.invalid(option, "TLS is already on")
+            }
             OPT_STARTTLS => {
                 self.reply(option, REP_ERR_POLICY, &[b"TLS is not offered"])?;
                 Ok(Step::Continue)
@@ -928,6 +1059,78 @@ mod tests {
         assert!(replies[1].data.is_empty());
     }
 
+    type Haggled = Result<Option<Negotiated>, HandshakeError>;
+
+    /// Runs the TLS-required path: greet, await_starttls, and (if STARTTLS was acked) haggle
+    /// as over TLS on the rest of the bytes. Returns both results and the output after the
+    /// greeting.
+    fn run_tls(client: Client) -> (Result<bool, HandshakeError>, Option<Haggled>, Vec<u8>) {
+        let mut duplex = Duplex {
+            input: Cursor::new(client.0),
+            output: Vec::new(),
+        };
+        let greeting = greet(&mut duplex).expect("greeting");
+        let started = await_starttls(&mut duplex, greeting);
+        let after = match started {
+            Ok(true) => Some(haggle(&mut duplex, &catalog(), greeting, Tls::Established)),
+            _ => None,
+        };
+        let output = duplex.output.get(18..).unwrap_or_default().to_vec();
+        (started, after, output)
+    }
+
+    #[test]
+    fn tls_required_refuses_everything_before_starttls() {
+        // Goal: before STARTTLS nothing is listed or opened: every option but STARTTLS and
+        // ABORT gets TLS_REQD, STARTTLS with data is invalid; after STARTTLS, options work
+        // and STARTTLS again is invalid. Method: one scripted client through both phases.
+        let client = Client::new(BOTH)
+            .option(OPT_LIST, &[])
+            .option(OPT_INFO, &info_data("vm1", &[]))
+            .option(OPT_STRUCTURED_REPLY, &[])
+            .option(OPT_LIST_META_CONTEXT, &meta_data("vm1", &[]))
+            .option(OPT_STARTTLS, b"x")
+            .option(OPT_STARTTLS, &[])
+            .option(OPT_STARTTLS, &[])
+            .option(OPT_GO, &info_data("vm1", &[]));
+        let (started, after, output) = run_tls(client);
+        assert!(started.expect("ok"));
+        let negotiated = after.expect("haggled").expect("ok").expect("go");
+        assert_eq!(negotiated.export.name, "vm1");
+        assert!(!negotiated.structured_replies, "nothing before TLS counts");
+        let kinds: Vec<(u32, u32)> = replies(&output)
+            .iter()
+            .map(|r| (r.option, r.kind))
+            .collect();
+        assert_eq!(
+            kinds[..7],
+            [
+                (OPT_LIST, REP_ERR_TLS_REQD),
+                (OPT_INFO, REP_ERR_TLS_REQD),
+                (OPT_STRUCTURED_REPLY, REP_ERR_TLS_REQD),
+                (OPT_LIST_META_CONTEXT, REP_ERR_TLS_REQD),
+                (OPT_STARTTLS, REP_ERR_INVALID),
+                (OPT_STARTTLS, REP_ACK),
+                (OPT_STARTTLS, REP_ERR_INVALID),
+            ]
+        );
+        assert_eq!(kinds.last(), Some(&(OPT_GO, REP_ACK)));
+    }
+
+    #[test]
+    fn tls_required_closes_on_export_name_and_honours_abort() {
+        // Goal: EXPORT_NAME before STARTTLS closes (it cannot be refused), ABORT is acked.
+        let (started, _, output) = run_tls(Client::new(BOTH).option(OPT_EXPORT_NAME, b"vm1"));
+        assert!(
+            matches!(started, Err(HandshakeError::TlsRequired)),
+            "{started:?}"
+        );
+        assert!(output.is_empty(), "nothing sent: {output:?}");
+        let (started, _, output) = run_tls(Client::new(BOTH).option(OPT_ABORT, &[]));
+        assert!(!started.expect("ok"));
+        assert_eq!(replies(&output), [ack(OPT_ABORT)]);
+    }
+
     #[test]
     fn info_then_go_sends_spec_infos() {
         // Goal: INFO and GO send INFO_EXPORT, the requested NAME/DESCRIPTION, BLOCK_SIZE,
@@ -1238,6 +1441,35 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn fuzz_nothing_leaks_before_starttls() {
+        // Goal: on a TLS-only listener no byte stream gets an export named, listed or sized
+        // before STARTTLS, and none panics. Method: 5k valid and mutated sessions through
+        // greet + await_starttls; the server's output up to its STARTTLS ack (or the end)
+        // must not contain an export name.
+        let mut rng = SplitMix64::new(0x00f0_0dca_fe00_0002);
+        let mut started = 0u32;
+        for iteration in 0..5_000 {
+            let mut bytes = valid_session(&mut rng);
+            if iteration % 2 == 1 {
+                mutate(&mut rng, &mut bytes);
+            }
+            let mut duplex = Duplex {
+                input: Cursor::new(bytes),
+                output: Vec::new(),
+            };
+            let Ok(greeting) = greet(&mut duplex) else {
+                continue;
+            };
+            if let Ok(true) = await_starttls(&mut duplex, greeting) {
+                started += 1;
+            }
+            let shown = duplex.output.windows(3).any(|w| w == b"vm1" || w == b"vm2");
+            assert!(!shown, "an export leaked before TLS: {:?}", duplex.output);
+        }
+        assert!(started > 500, "only {started} sessions reached STARTTLS");
     }
 
     #[test]

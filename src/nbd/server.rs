@@ -1,6 +1,10 @@
 //! The NBD listeners (unix socket, optional TCP) and one thread per connection: handshake,
 //! then a [`Session`].
 //!
+//! With TLS credentials the TCP listener requires TLS: nothing but STARTTLS is answered
+//! before the TLS handshake (see [`handshake::await_starttls`]), and the session runs over
+//! TLS. The unix socket stays plaintext, guarded by its mode (0600 from its creation).
+//!
 //! Invariants: a failed handshake or session ends that connection only; stopping the server
 //! first stops accepting, then shuts down the read side of every connection, so each session
 //! answers what it already received before its thread exits.
@@ -9,6 +13,7 @@ use std::collections::BTreeMap;
 use std::io;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -16,12 +21,15 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use rustls::ServerConfig;
+
 use crate::disk::{Export, Route};
 use crate::io::{open_engine, EngineKind};
 use crate::nbd::conn::Conn;
 use crate::nbd::forward::{ForwardEngine, ForwardTarget};
 use crate::nbd::handshake;
 use crate::nbd::session::{EngineFactory, Session};
+use crate::nbd::tls::{self, TlsCreds};
 use crate::nbd::wire::{ExportCatalog, ExportInfo, BLOCK_MAX_BYTES, BLOCK_PREFERRED_BYTES};
 
 /// What the NBD handshake advertises for `export`.
@@ -61,7 +69,7 @@ pub trait ExportLookup: ExportCatalog + Send + Sync {
 }
 
 /// Per-connection settings.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct SessionOptions {
     /// io engine of each connection.
     pub engine: EngineKind,
@@ -72,6 +80,9 @@ pub struct SessionOptions {
     /// How long a forwarded request waits for a destination that is away before it fails
     /// with EIO (the forwarding engine reconnects meanwhile), for exports without their own.
     pub forward_hold: Duration,
+    /// TLS credentials: the TCP listener requires TLS with their server identity, and
+    /// forwarding dials with their client identity. None: plaintext on both.
+    pub tls: Option<TlsCreds>,
 }
 
 /// Every connection alive, handshaking or serving.
@@ -121,6 +132,7 @@ impl NbdServer {
         if let Some(path) = socket {
             let listener = bind_unix(path)?;
             let ctx = (server.stop.clone(), server.live.clone(), lookup.clone());
+            let options = options.clone();
             let thread = std::thread::Builder::new()
                 .name("nbd-unix".into())
                 .spawn(move || {
@@ -128,6 +140,7 @@ impl NbdServer {
                         || listener.accept().map(|(s, _)| Conn::Unix(s)),
                         ctx,
                         options,
+                        None,
                     )
                 })?;
             server
@@ -136,6 +149,13 @@ impl NbdServer {
             server.socket = Some(path.to_path_buf());
         }
         if let Some(addr) = tcp {
+            let tls = options.tls.as_ref().and_then(TlsCreds::server).cloned();
+            if options.tls.is_some() && tls.is_none() {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "the TLS credentials have no server identity for the TCP listener",
+                ));
+            }
             let listener = TcpListener::bind(addr)?;
             let bound = listener.local_addr()?;
             let ctx = (server.stop.clone(), server.live.clone(), lookup.clone());
@@ -146,7 +166,7 @@ impl NbdServer {
             };
             let thread = std::thread::Builder::new()
                 .name("nbd-tcp".into())
-                .spawn(move || accept_loop(accept, ctx, options))?;
+                .spawn(move || accept_loop(accept, ctx, options, tls))?;
             server.acceptors.push((thread, Wake::Tcp(bound)));
             server.tcp_addr = Some(bound);
         }
@@ -203,12 +223,22 @@ fn bind_unix(path: &Path) -> io::Result<UnixListener> {
         }
         std::fs::remove_file(path)?;
     }
-    UnixListener::bind(path)
+    let listener = UnixListener::bind(path)?;
+    // Whoever connects reads and writes every export: the owner only (the agent may open it
+    // to a group afterwards, `socket_group`).
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
 }
 
 type Ctx = (Arc<AtomicBool>, Arc<Live>, Arc<dyn ExportLookup>);
 
-fn accept_loop(mut accept: impl FnMut() -> io::Result<Conn>, ctx: Ctx, options: SessionOptions) {
+/// Accepts connections until stopped; `tls`: each must go through STARTTLS with it.
+fn accept_loop(
+    mut accept: impl FnMut() -> io::Result<Conn>,
+    ctx: Ctx,
+    options: SessionOptions,
+    tls: Option<Arc<ServerConfig>>,
+) {
     let (stop, live, lookup) = ctx;
     loop {
         let conn = accept();
@@ -235,12 +265,13 @@ fn accept_loop(mut accept: impl FnMut() -> io::Result<Conn>, ctx: Ctx, options: 
             }
         }
         let (live, lookup) = (live.clone(), lookup.clone());
+        let (options, tls) = (options.clone(), tls.clone());
         let spawned = std::thread::Builder::new()
             .name(format!("nbd-conn-{id}"))
             .spawn({
                 let live = live.clone();
                 move || {
-                    serve_connection(conn, &*lookup, options);
+                    serve_connection(conn, &*lookup, options, tls.as_ref());
                     let mut conns = live.conns.lock().expect("live lock");
                     conns.remove(&id);
                     live.gone.notify_all();
@@ -254,12 +285,21 @@ fn accept_loop(mut accept: impl FnMut() -> io::Result<Conn>, ctx: Ctx, options: 
 }
 
 /// Handshake, then the session; every error stays inside this connection.
-fn serve_connection(mut conn: Conn, lookup: &dyn ExportLookup, options: SessionOptions) {
-    let negotiated = match handshake::negotiate(&mut conn, lookup) {
-        Ok(Some(negotiated)) => negotiated,
+fn serve_connection(
+    conn: Conn,
+    lookup: &dyn ExportLookup,
+    options: SessionOptions,
+    tls: Option<&Arc<ServerConfig>>,
+) {
+    let (conn, negotiated) = match handshake_on(conn, lookup, tls) {
+        Ok(Some(agreed)) => agreed,
         Ok(None) => return,
-        Err(err) => {
+        Err(HandshakeFailed::Nbd(err)) => {
             log::info!("handshake failed: {err}");
+            return;
+        }
+        Err(HandshakeFailed::Tls(err)) => {
+            log::info!("TLS handshake failed: {err}");
             return;
         }
     };
@@ -297,6 +337,39 @@ fn serve_connection(mut conn: Conn, lookup: &dyn ExportLookup, options: SessionO
     export.detach(connection_id);
 }
 
+/// Why a connection ended before transmission.
+#[derive(Debug)]
+enum HandshakeFailed {
+    Nbd(handshake::HandshakeError),
+    Tls(io::Error),
+}
+
+/// The NBD handshake, through STARTTLS and the TLS handshake when `tls` is given. Returns the
+/// connection transmission runs on (TLS then) and what was agreed; None if the client aborted.
+fn handshake_on(
+    mut conn: Conn,
+    lookup: &dyn ExportLookup,
+    tls: Option<&Arc<ServerConfig>>,
+) -> Result<Option<(Conn, handshake::Negotiated)>, HandshakeFailed> {
+    let (Some(config), Conn::Tcp(_)) = (tls, &conn) else {
+        let negotiated = handshake::negotiate(&mut conn, lookup).map_err(HandshakeFailed::Nbd)?;
+        return Ok(negotiated.map(|negotiated| (conn, negotiated)));
+    };
+    let greeting = handshake::greet(&mut conn).map_err(HandshakeFailed::Nbd)?;
+    if !handshake::await_starttls(&mut conn, greeting).map_err(HandshakeFailed::Nbd)? {
+        return Ok(None);
+    }
+    let Conn::Tcp(stream) = conn else {
+        unreachable!("matched as TCP above");
+    };
+    let mut conn = Conn::Tls(Box::new(
+        tls::accept(stream, config).map_err(HandshakeFailed::Tls)?,
+    ));
+    let negotiated = handshake::haggle(&mut conn, lookup, greeting, handshake::Tls::Established)
+        .map_err(HandshakeFailed::Nbd)?;
+    Ok(negotiated.map(|negotiated| (conn, negotiated)))
+}
+
 /// How a session of `export` opens its engine for a route: the local io engine on the image
 /// (watching the connection when enabled), or forwarding to another agent.
 fn engine_factory(export: Arc<Export>, options: SessionOptions) -> EngineFactory {
@@ -314,6 +387,7 @@ fn engine_factory(export: Arc<Export>, options: SessionOptions) -> EngineFactory
         Route::Forward { addr, lineage } => {
             let depth = usize::try_from(options.queue_depth).unwrap_or(1);
             let target = ForwardTarget {
+                tls: options.tls.as_ref().map(|creds| creds.client().clone()),
                 addr: addr.clone(),
                 export: export.name().to_string(),
                 size_bytes: export.size_bytes(),

@@ -15,6 +15,8 @@
 //!   or a broken stream ends the connection (invariant 3). Nothing here panics on input.
 //! - At most `engine.capacity()` requests are in flight; beyond that the socket is not read,
 //!   which back-pressures the client.
+//! - The session waits for the socket's readiness only when no received byte waits inside
+//!   the process ([`Conn::has_buffered_input`], TLS), so no request is left unread.
 
 use std::io::{self, Read};
 use std::sync::Arc;
@@ -199,13 +201,15 @@ impl Session {
                     .map_err(SessionError::Socket);
             }
             let waiting = self.engine.in_flight() > 0;
-            let min_complete =
+            let mut min_complete =
                 usize::from(waiting && (dispatched == 0 || self.free_slots.is_empty()));
-            if min_complete > 0
-                && !self.closing
-                && self.stall.is_none()
-                && !self.free_slots.is_empty()
-            {
+            let can_take = !self.closing && self.stall.is_none() && !self.free_slots.is_empty();
+            if min_complete > 0 && can_take && self.conn.has_buffered_input() {
+                // TLS: requests already decrypted in this process do not make the socket
+                // readable, so waiting for it (or for the disk) would leave them unread.
+                min_complete = 0;
+            }
+            if min_complete > 0 && can_take {
                 // Wait for the disk and for the next request at once: a request arriving
                 // while the disk is busy is submitted now, not after the next completion.
                 self.engine.arm_readable();

@@ -115,6 +115,8 @@ pub const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
 pub const REP_ERR_POLICY: u32 = (1 << 31) + 2;
 /// Option reply `NBD_REP_ERR_INVALID`.
 pub const REP_ERR_INVALID: u32 = (1 << 31) + 3;
+/// Option reply `NBD_REP_ERR_TLS_REQD`.
+pub const REP_ERR_TLS_REQD: u32 = (1 << 31) + 5;
 /// Option reply `NBD_REP_ERR_UNKNOWN`.
 pub const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
 /// Option reply `NBD_REP_ERR_TOO_BIG`.

@@ -21,6 +21,50 @@ pub struct AgentProc {
     pub tcp: Option<String>,
 }
 
+/// The TLS credentials every agent of the test run shares (`ferry tls init`, for localhost,
+/// 127.0.0.1 and ::1), made once under the target's temporary directory: a CA, a server and
+/// a client identity, in the layout QEMU and libnbd read too.
+pub fn tls_creds() -> PathBuf {
+    static CREDS: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    CREDS
+        .get_or_init(|| {
+            let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+            let ready = root.join("tls-creds");
+            if ready.join("client-key.pem").exists() {
+                return ready;
+            }
+            // Made aside and renamed into place: test binaries may race to make it.
+            let fresh = root.join(format!("tls-creds.{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&fresh);
+            tls_init(&fresh, &["localhost", "127.0.0.1", "::1"]);
+            if std::fs::rename(&fresh, &ready).is_err() {
+                let _ = std::fs::remove_dir_all(&fresh);
+            }
+            assert!(ready.join("client-key.pem").exists(), "no TLS credentials");
+            ready
+        })
+        .clone()
+}
+
+/// QEMU's `--object` for the shared credentials as a client: pair with `tls-creds=tls0` in
+/// the `--image-opts` of an NBD TCP address.
+pub fn qemu_tls_object() -> String {
+    format!(
+        "tls-creds-x509,id=tls0,dir={},endpoint=client",
+        tls_creds().display()
+    )
+}
+
+/// Runs `ferry tls init DIR --host H...`.
+pub fn tls_init(dir: &Path, hosts: &[&str]) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry"));
+    cmd.arg("tls").arg("init").arg(dir);
+    for host in hosts {
+        cmd.arg("--host").arg(host);
+    }
+    run_ok(&mut cmd);
+}
+
 /// A directory on a file system that supports O_DIRECT (not tmpfs).
 pub fn scratch_dir() -> tempfile::TempDir {
     tempfile::Builder::new()
@@ -216,6 +260,11 @@ fn spawn(
         tcp = Some(addr);
     }
     cmd.args(extra.iter().filter(|a| **a != "--tcp"));
+    if !extra.contains(&"--tcp-insecure") && !extra.iter().any(|a| a.starts_with("--tls-creds")) {
+        // Every agent of a test run trusts one CA: listeners require TLS, forwarders dial
+        // with it, so the forwarding hop of every migration test runs over TLS.
+        cmd.arg("--tls-creds").arg(tls_creds());
+    }
     if !extra.contains(&"--transfer") {
         // Every agent of a test run needs its own block-stream port.
         cmd.arg("--transfer")

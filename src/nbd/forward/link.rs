@@ -86,8 +86,13 @@ impl Backoff {
 impl Shared {
     /// One attempt: connect, handshake, and check that the same image answers.
     pub(super) fn dial(&self) -> Result<Conn, LinkError> {
-        let client = NbdClient::connect_tcp_within(&self.addr, &self.export, ATTEMPT_TIMEOUT)
-            .map_err(LinkError::Connect)?;
+        let client = NbdClient::connect_tcp_within(
+            &self.addr,
+            &self.export,
+            ATTEMPT_TIMEOUT,
+            self.tls.as_ref(),
+        )
+        .map_err(LinkError::Connect)?;
         if client.size_bytes() != self.size_bytes {
             return Err(LinkError::WrongImage {
                 found_bytes: client.size_bytes(),
@@ -350,10 +355,8 @@ fn read_replies(shared: &Shared, conn: &mut Conn) -> LinkError {
     debug_assert!(!shared.holding.load(std::sync::atomic::Ordering::Relaxed));
     // The socket's receive timeout is a tick to look at the hold; reads resume after it.
     let tick = (shared.hold / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
-    if let Conn::Tcp(stream) = conn {
-        if let Err(err) = stream.set_read_timeout(Some(tick)) {
-            return LinkError::Lost(err);
-        }
+    if let Err(err) = conn.set_read_timeout(Some(tick)) {
+        return LinkError::Lost(err);
     }
     let mut heard = Instant::now();
     loop {

@@ -74,6 +74,7 @@ use ferry_sys::AlignedBuf;
 use crate::disk::ForwardGauge;
 use crate::io::{read_data_start, BlockIo, IoCompletion, IoError, IoKind, IoRequest};
 use crate::nbd::conn::Conn;
+use crate::nbd::tls::ClientTls;
 use crate::nbd::wire::{self, RequestHeader};
 
 /// How long a request may wait for a destination that is away before it fails with EIO.
@@ -144,6 +145,8 @@ struct Shared {
     size_bytes: u64,
     /// The disk's lineage the destination must not contradict (`disk::lineage_matches`).
     lineage: Option<u64>,
+    /// STARTTLS with this configuration on each dial; None: plaintext.
+    tls: Option<ClientTls>,
     hold: Duration,
     writer: Mutex<Writer>,
     pending: Mutex<HashMap<u64, Pending>>,
@@ -241,6 +244,9 @@ pub struct ForwardTarget {
     /// The disk's lineage: an export whose NBD description names another is another disk
     /// (`disk::lineage_matches`). `None`: not checked.
     pub lineage: Option<u64>,
+    /// Dial with STARTTLS and this configuration (the destination requires TLS). None:
+    /// plaintext.
+    pub tls: Option<ClientTls>,
 }
 
 /// Forwards requests to a remote NBD export.
@@ -275,6 +281,7 @@ impl ForwardEngine {
             export: target.export,
             size_bytes: target.size_bytes,
             lineage: target.lineage,
+            tls: target.tls,
             hold,
             writer: Mutex::new(Writer::default()),
             pending: Mutex::new(HashMap::new()),

@@ -61,6 +61,7 @@ fn open(
         export: "vm".into(),
         size_bytes,
         lineage: None,
+        tls: None,
     };
     let gauge = Arc::new(ForwardGauge::default());
     let engine = ForwardEngine::connect(target, capacity, hold, gauge.clone()).unwrap();
