@@ -41,6 +41,7 @@ fn agent(args: AgentArgs) -> Result<(), Box<dyn std::error::Error>> {
         cluster_key: args.cluster_key,
         image_dir: args.image_dir,
         forward_hold_ms: args.forward_hold_ms,
+        stream_insecure: args.stream_insecure,
     };
     let config = AgentConfig::load(args.config.as_deref(), &overrides)?;
     ferry::agent::run(&config)?;

@@ -88,6 +88,7 @@ struct FileAgent {
     transfer: Option<String>,
     cluster_key: Option<PathBuf>,
     image_dir: Option<PathBuf>,
+    stream_insecure: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -167,6 +168,9 @@ pub struct AgentConfig {
     pub cluster_key: PathBuf,
     /// Where images of disks migrated into this host are created.
     pub image_dir: PathBuf,
+    /// Block-stream frames after the handshake travel unsealed (plaintext, no record
+    /// authentication): for measurement only; every peer must say the same.
+    pub stream_insecure: bool,
 }
 
 /// Command-line overrides: each `Some` wins over the file.
@@ -194,6 +198,8 @@ pub struct Overrides {
     pub image_dir: Option<PathBuf>,
     /// `--forward-hold` (milliseconds).
     pub forward_hold_ms: Option<u64>,
+    /// `--stream-insecure` (only ever turns it on).
+    pub stream_insecure: bool,
 }
 
 impl AgentConfig {
@@ -287,6 +293,7 @@ impl AgentConfig {
             .or(agent.forward_hold_ms)
             .unwrap_or(DEFAULT_FORWARD_HOLD_MS);
         check_forward_hold("forward_hold_ms", forward_hold_ms)?;
+        let stream_insecure = ov.stream_insecure || agent.stream_insecure.unwrap_or(false);
         let mut exports = Vec::new();
         for (index, export) in file.exports.into_iter().enumerate() {
             let field = format!("export[{index}]");
@@ -328,6 +335,7 @@ impl AgentConfig {
             transfer,
             cluster_key,
             image_dir,
+            stream_insecure,
         };
         config.validate()?;
         Ok(config)

@@ -244,6 +244,10 @@ pub struct AgentArgs {
     /// is away (restarting) waits before it fails with EIO [default: 60000].
     #[arg(long = "forward-hold", value_name = "MS")]
     pub forward_hold_ms: Option<u64>,
+    /// Run the block stream without sealing its frames (plaintext, no protection against a
+    /// relay): for measurement only; the peer agents must run it too, or they refuse.
+    #[arg(long)]
+    pub stream_insecure: bool,
 }
 
 /// `ferry export ...`

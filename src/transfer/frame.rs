@@ -29,8 +29,10 @@ use crate::dirty::MIN_GRANULARITY_BYTES;
 
 /// First four bytes of every frame: "FRYB" (ferry block stream).
 pub const MAGIC: u32 = 0x4652_5942;
-/// Protocol version this code speaks.
-pub const VERSION: u8 = 1;
+/// Protocol version this code speaks. 2: frames after the handshake are sealed
+/// ([`super::seal`]) and Hello carries the stream mode; a version-1 peer is refused at its
+/// first header ([`FrameError::BadVersion`]), never misread.
+pub const VERSION: u8 = 2;
 /// Fixed header size.
 pub const HEADER_BYTES: usize = 24;
 /// Largest meta section.
@@ -255,6 +257,8 @@ pub enum Frame {
         nonce: [u8; 32],
         /// Who sends this Hello.
         role: Role,
+        /// The sender runs its frames unsealed after the handshake (measurement only).
+        insecure: bool,
     },
     /// Proof of the cluster key: keyed BLAKE3 over both nonces and the prover's role.
     Proof {
@@ -456,6 +460,10 @@ pub enum FrameError {
     /// A field with an invalid value.
     #[error("bad frame field: {0}")]
     BadField(&'static str),
+    /// A sealed record did not authenticate: altered, replayed, reordered, one before it
+    /// dropped, or sealed with another key.
+    #[error("frame failed authentication (altered, replayed, reordered or dropped)")]
+    Forged,
 }
 
 /// A decoded, checksum-verified header.
@@ -524,9 +532,15 @@ pub fn decode_meta(header: &FrameHeader, meta: &[u8]) -> Result<Frame, FrameErro
     let frame = match header.kind {
         kind::HELLO => {
             let role = Role::from_wire(fields.u8()?).ok_or(FrameError::BadField("role"))?;
+            let insecure = match fields.u8()? {
+                0 => false,
+                1 => true,
+                _ => return Err(FrameError::BadField("stream mode")),
+            };
             Frame::Hello {
                 nonce: fields.array()?,
                 role,
+                insecure,
             }
         }
         kind::PROOF => Frame::Proof {
@@ -703,8 +717,13 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
 /// Appends the meta of `frame`; returns its kind number and payload length.
 fn encode_meta(frame: &Frame, out: &mut Vec<u8>) -> (u8, u32) {
     match frame {
-        Frame::Hello { nonce, role } => {
+        Frame::Hello {
+            nonce,
+            role,
+            insecure,
+        } => {
             out.push(role.to_wire());
+            out.push(u8::from(*insecure));
             out.extend_from_slice(nonce);
             (kind::HELLO, 0)
         }
@@ -977,10 +996,12 @@ mod tests {
             Frame::Hello {
                 nonce: [7; 32],
                 role: Role::Source,
+                insecure: false,
             },
             Frame::Hello {
                 nonce: [9; 32],
                 role: Role::Destination,
+                insecure: true,
             },
             Frame::Proof { mac: [0xAB; 32] },
             Frame::Open(TargetSpec {

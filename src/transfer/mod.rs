@@ -45,6 +45,7 @@ pub mod pace;
 pub mod peer;
 pub mod recv;
 pub mod repoint;
+pub mod seal;
 pub mod send;
 
 use std::io;
