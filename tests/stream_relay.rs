@@ -1,0 +1,161 @@
+//! A relay on the block stream's path (no key) that alters, replays or drops one Data frame
+//! between two real agents: the sealed stream must notice, the job fail with the source
+//! authoritative and its data intact, and the destination never serve the image.
+//!
+//! The relay parses the source's frames by their wire layout only (24-byte header in the
+//! clear; after the two handshake frames, meta and payload each followed by a 16-byte tag)
+//! and passes the destination's bytes back untouched.
+
+// An integration test crate is compiled for tests only; the lint is for unit tests in src/.
+#![allow(clippy::tests_outside_test_module)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use common::pair::{migrate, pair, prefill, MIB};
+use common::{run_ok, sparse_image, stdout};
+
+/// What the relay does to the source's third Data frame (once per test).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Attack {
+    /// Pass everything through.
+    None,
+    /// Flip one byte of its payload.
+    Flip,
+    /// Send it twice.
+    Replay,
+    /// Leave it out.
+    Drop,
+}
+
+const HEADER_BYTES: usize = 24;
+const TAG_BYTES: usize = 16;
+const DATA_KIND: u8 = 5;
+/// The Data frame (counted from 1 on a connection) the relay attacks.
+const TARGET_DATA_FRAME: u32 = 3;
+
+/// Starts the relay in front of `destination`; returns its address.
+fn start_relay(destination: String, attack: Attack) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let attacked = Arc::new(AtomicBool::new(false));
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { return };
+            let Ok(upstream) = TcpStream::connect(&destination) else {
+                continue;
+            };
+            let attacked = Arc::clone(&attacked);
+            let (back_from, back_to) = (upstream.try_clone().unwrap(), client.try_clone().unwrap());
+            std::thread::spawn(move || copy_back(back_from, back_to));
+            std::thread::spawn(move || relay_frames(client, upstream, attack, &attacked));
+        }
+    });
+    addr
+}
+
+/// Destination → source, untouched.
+fn copy_back(mut from: TcpStream, mut to: TcpStream) {
+    let _ = std::io::copy(&mut from, &mut to);
+    let _ = to.shutdown(Shutdown::Write);
+}
+
+/// Source → destination, frame by frame, applying `attack` once.
+fn relay_frames(mut from: TcpStream, mut to: TcpStream, attack: Attack, attacked: &AtomicBool) {
+    let (mut frames, mut data_frames) = (0u32, 0u32);
+    let mut previous_data: Option<Vec<u8>> = None;
+    loop {
+        let mut frame = vec![0u8; HEADER_BYTES];
+        if from.read_exact(&mut frame).is_err() {
+            break;
+        }
+        let meta_len = u32::from_be_bytes(frame[8..12].try_into().unwrap()) as usize;
+        let data_len = u32::from_be_bytes(frame[12..16].try_into().unwrap()) as usize;
+        // Hello and Proof travel in the clear; every later frame is sealed.
+        let tag = if frames >= 2 { TAG_BYTES } else { 0 };
+        let payload = if data_len > 0 { data_len + tag } else { 0 };
+        let body_len = meta_len + tag + payload;
+        frame.resize(HEADER_BYTES + body_len, 0);
+        if from.read_exact(&mut frame[HEADER_BYTES..]).is_err() {
+            break;
+        }
+        frames += 1;
+        let mut copies = 1;
+        if frame[5] == DATA_KIND {
+            data_frames += 1;
+            if data_frames == TARGET_DATA_FRAME
+                && attack != Attack::None
+                && !attacked.swap(true, Ordering::SeqCst)
+            {
+                match attack {
+                    Attack::Flip => frame[HEADER_BYTES + meta_len + tag + 100] ^= 0x01,
+                    Attack::Replay => {
+                        // The previous Data frame again, then this one.
+                        let old = previous_data.clone().expect("an earlier Data frame");
+                        if to.write_all(&old).is_err() {
+                            break;
+                        }
+                    }
+                    Attack::Drop => copies = 0,
+                    Attack::None => {}
+                }
+            }
+            previous_data = Some(frame.clone());
+        }
+        for _ in 0..copies {
+            if to.write_all(&frame).is_err() {
+                return;
+            }
+        }
+    }
+    let _ = to.shutdown(Shutdown::Write);
+}
+
+// Goal: a relay that alters, replays or drops one Data frame makes the migration fail with
+// the source authoritative and serving its data unchanged, and the destination never serves
+// the image; the same relay passing everything through lets a migration succeed (so the
+// failures are the sealing's doing). Method: two agents, the source migrating a 32 MiB disk
+// (16 MiB random data) to the relay; per attack a fresh pair; check the job's status, the
+// destination's log (a frame that failed authentication), its `export ls`, and the
+// source's served bytes against a copy of the image taken before.
+#[test]
+fn relay_that_alters_replays_or_drops_a_frame_fails_the_job() {
+    common::require("nbdcopy");
+    for attack in [Attack::None, Attack::Flip, Attack::Replay, Attack::Drop] {
+        let dir = common::scratch_dir();
+        let image = dir.path().join("vm1.img");
+        sparse_image(&image, 32 * MIB);
+        prefill(&image, 16 * MIB);
+        let reference = dir.path().join("reference.img");
+        std::fs::copy(&image, &reference).unwrap();
+        let pair = pair(&image, "64K");
+        let relay = start_relay(pair.destination_transfer.clone(), attack);
+        let status = migrate(&pair.source, &relay, &[]);
+        let exports = stdout(&pair.destination.cli(&["export", "ls", "--json"]));
+        if attack == Attack::None {
+            assert_eq!(status["phase"], "done", "{status:#}");
+            assert!(exports.contains("vm1"), "{exports}");
+            continue;
+        }
+        assert_eq!(status["phase"], "failed", "{attack:?}: {status:#}");
+        assert_eq!(status["authoritative"], "source", "{attack:?}: {status:#}");
+        let log = pair.destination.log();
+        assert!(
+            log.contains("failed authentication"),
+            "{attack:?}: destination log:\n{log}"
+        );
+        assert!(!exports.contains("vm1"), "{attack:?}: {exports}");
+        let served = dir.path().join("served.img");
+        run_ok(
+            Command::new("nbdcopy")
+                .arg(pair.source.uri("vm1"))
+                .arg(&served),
+        );
+        run_ok(Command::new("cmp").arg(&reference).arg(&served));
+    }
+}
