@@ -714,6 +714,18 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
     );
 }
 
+/// `frame` encoded under the header of protocol `version` (an older one): how a peer of that
+/// version is told, in words it can read, why it is refused. Only for frames whose meta is
+/// the same in that version (Error is, in every version so far).
+pub fn encode_for_version(frame: &Frame, version: u8, out: &mut Vec<u8>) {
+    let start = out.len();
+    encode(frame, out);
+    let head = &mut out[start..start + HEADER_BYTES];
+    head[4] = version;
+    let header_crc = crc32c::crc32c(&head[..20]);
+    head[20..24].copy_from_slice(&header_crc.to_be_bytes());
+}
+
 /// Appends the meta of `frame`; returns its kind number and payload length.
 fn encode_meta(frame: &Frame, out: &mut Vec<u8>) -> (u8, u32) {
     match frame {

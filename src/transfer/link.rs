@@ -413,7 +413,16 @@ fn challenge<S: Read + Write>(
     if role == Role::Source {
         write_frame(link, &hello, &mut scratch)?;
     }
-    let peer_nonce = match read_frame(link, &mut meta)? {
+    let peer_hello = match read_frame(link, &mut meta) {
+        Err(TransferError::BadFrame(frame::FrameError::BadVersion(version))) => {
+            refuse_version(link, version);
+            return Err(TransferError::BadFrame(frame::FrameError::BadVersion(
+                version,
+            )));
+        }
+        other => other?,
+    };
+    let peer_nonce = match peer_hello {
         Frame::Hello {
             nonce,
             role,
@@ -468,6 +477,29 @@ fn challenge<S: Read + Write>(
         write_frame(link, &own_proof, &mut scratch)?;
     }
     Ok((source_nonce, target_nonce))
+}
+
+/// Tells a peer of an older protocol version, in its own version's framing, why it is
+/// refused (a newer one reads our version number and knows); ignores failure.
+#[cold]
+fn refuse_version<S: Write>(link: &mut Link<S>, version: u8) {
+    if version == 0 || version >= frame::VERSION {
+        return;
+    }
+    let message = format!(
+        "block stream protocol version {} here, the peer speaks version {version}: run the \
+         same ferry release on both agents",
+        frame::VERSION
+    );
+    let error = Frame::Error {
+        code: frame::ErrorCode::Refused,
+        offset_bytes: 0,
+        message,
+    };
+    let mut bytes = Vec::new();
+    frame::encode_for_version(&error, version, &mut bytes);
+    let _ = link.stream.write_all(&bytes);
+    let _ = link.stream.flush();
 }
 
 /// Why a handshake between a sealed and an insecure agent stops.

@@ -2,6 +2,7 @@
 //! byte buffers (tampered, replayed, dropped and reordered frames).
 
 use super::*;
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 
 fn run_pair(
@@ -265,4 +266,39 @@ fn handshake_then_sealed_frames_both_ways() {
             received_blocks: 3
         }
     );
+}
+
+// Goal: a peer of protocol version 1 is refused in words it can read: an Error frame under a
+// version-1 header (an old source reports "refused" instead of retrying), never misread.
+// Method: send a Hello under a version-1 header to a destination; read the answer's header.
+#[test]
+fn older_version_is_refused_in_its_own_framing() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let target = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        let key = ClusterKey::from_bytes([5; 32]);
+        authenticate(stream, &key, Role::Destination).map(drop)
+    });
+    let mut stream = TcpStream::connect(addr).unwrap();
+    let hello = Frame::Hello {
+        nonce: [1; 32],
+        role: Role::Source,
+        insecure: false,
+    };
+    let mut bytes = Vec::new();
+    frame::encode_for_version(&hello, 1, &mut bytes);
+    stream.write_all(&bytes).unwrap();
+    let mut head = [0u8; HEADER_BYTES];
+    stream.read_exact(&mut head).unwrap();
+    assert_eq!(head[4], 1, "answered in version 1");
+    assert_eq!(head[5], 13, "an Error frame");
+    let meta_len = u32::from_be_bytes(head[8..12].try_into().unwrap()) as usize;
+    let mut meta = vec![0u8; meta_len];
+    stream.read_exact(&mut meta).unwrap();
+    assert!(String::from_utf8_lossy(&meta).contains("version 2 here"));
+    assert!(matches!(
+        target.join().unwrap(),
+        Err(TransferError::BadFrame(frame::FrameError::BadVersion(1)))
+    ));
 }
