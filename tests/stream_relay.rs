@@ -159,3 +159,24 @@ fn relay_that_alters_replays_or_drops_a_frame_fails_the_job() {
         run_ok(Command::new("cmp").arg(&reference).arg(&served));
     }
 }
+
+// Goal: an agent running the stream insecure and one running it sealed refuse each other at
+// the handshake, and the job says why, the source still authoritative. Method: a pair whose
+// source alone has --stream-insecure; migrate; check the job's error.
+#[test]
+fn insecure_and_sealed_agents_refuse_each_other() {
+    let dir = common::scratch_dir();
+    let image = dir.path().join("vm1.img");
+    sparse_image(&image, 8 * MIB);
+    let exports = vec![format!("vm1={},granularity=64K", image.display())];
+    let pair = common::pair::pair_with(exports, &["--stream-insecure"]);
+    let status = migrate(&pair.source, &pair.destination_transfer, &[]);
+    assert_eq!(status["phase"], "failed", "{status:#}");
+    assert_eq!(status["authoritative"], "source", "{status:#}");
+    assert!(
+        status.to_string().contains("stream mode mismatch"),
+        "{status:#}"
+    );
+    let exports = stdout(&pair.destination.cli(&["export", "ls", "--json"]));
+    assert!(!exports.contains("vm1"), "{exports}");
+}
