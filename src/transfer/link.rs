@@ -413,42 +413,7 @@ fn challenge<S: Read + Write>(
     if role == Role::Source {
         write_frame(link, &hello, &mut scratch)?;
     }
-    let peer_hello = match read_frame(link, &mut meta) {
-        Err(TransferError::BadFrame(frame::FrameError::BadVersion(version))) => {
-            refuse_version(link, version);
-            return Err(TransferError::BadFrame(frame::FrameError::BadVersion(
-                version,
-            )));
-        }
-        other => other?,
-    };
-    let peer_nonce = match peer_hello {
-        Frame::Hello {
-            nonce,
-            role,
-            insecure: peer_insecure,
-        } if role == peer_role => {
-            if peer_insecure != insecure {
-                send_error(link, frame::ErrorCode::Refused, 0, MODE_MISMATCH);
-                return Err(TransferError::Auth {
-                    reason: MODE_MISMATCH,
-                });
-            }
-            nonce
-        }
-        Frame::Hello { .. } => {
-            send_error(
-                link,
-                frame::ErrorCode::Auth,
-                0,
-                "both peers claim the same role",
-            );
-            return Err(TransferError::Auth {
-                reason: "the peer claims our role",
-            });
-        }
-        other => return Err(unexpected(other, "Hello")),
-    };
+    let peer_nonce = read_peer_hello(link, peer_role, insecure, &mut meta)?;
     let (source_nonce, target_nonce) = match role {
         Role::Source => (own_nonce, peer_nonce),
         Role::Destination => (peer_nonce, own_nonce),
@@ -477,6 +442,52 @@ fn challenge<S: Read + Write>(
         write_frame(link, &own_proof, &mut scratch)?;
     }
     Ok((source_nonce, target_nonce))
+}
+
+/// Reads the peer's Hello: its nonce, if it has the other role and our stream mode. A peer
+/// of an older version, of our own role or of the other mode is told why it is refused.
+fn read_peer_hello<S: Read + Write>(
+    link: &mut Link<S>,
+    peer_role: Role,
+    insecure: bool,
+    meta: &mut Vec<u8>,
+) -> Result<[u8; 32], TransferError> {
+    let peer_hello = match read_frame(link, meta) {
+        Err(TransferError::BadFrame(frame::FrameError::BadVersion(version))) => {
+            refuse_version(link, version);
+            return Err(TransferError::BadFrame(frame::FrameError::BadVersion(
+                version,
+            )));
+        }
+        other => other?,
+    };
+    match peer_hello {
+        Frame::Hello {
+            nonce,
+            role,
+            insecure: peer_insecure,
+        } if role == peer_role => {
+            if peer_insecure != insecure {
+                send_error(link, frame::ErrorCode::Refused, 0, MODE_MISMATCH);
+                return Err(TransferError::Auth {
+                    reason: MODE_MISMATCH,
+                });
+            }
+            Ok(nonce)
+        }
+        Frame::Hello { .. } => {
+            send_error(
+                link,
+                frame::ErrorCode::Auth,
+                0,
+                "both peers claim the same role",
+            );
+            Err(TransferError::Auth {
+                reason: "the peer claims our role",
+            })
+        }
+        other => Err(unexpected(other, "Hello")),
+    }
 }
 
 /// Tells a peer of an older protocol version, in its own version's framing, why it is
