@@ -1,6 +1,6 @@
-//! A relay on the block stream's path (no key) that alters, replays or drops one Data frame
-//! between two real agents: the sealed stream must notice, the job fail with the source
-//! authoritative and its data intact, and the destination never serve the image.
+//! A relay on the block stream's path (no key) that alters, replays, drops or injects one
+//! Data frame between two real agents: the sealed stream must notice, the job fail with the
+//! source authoritative and its data intact, and the destination never serve the image.
 //!
 //! The relay parses the source's frames by their wire layout only (24-byte header in the
 //! clear; after the two handshake frames, meta and payload each followed by a 16-byte tag)
@@ -20,7 +20,7 @@ use std::sync::Arc;
 use common::pair::{migrate, pair, prefill, MIB};
 use common::{run_ok, sparse_image, stdout};
 
-/// What the relay does to the source's third Data frame (once per test).
+/// What the relay does at the source's third Data frame (once per test).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Attack {
     /// Pass everything through.
@@ -31,6 +31,9 @@ enum Attack {
     Replay,
     /// Leave it out.
     Drop,
+    /// Put a Data frame of the relay's own (zeros at offset 0, a well-formed header and
+    /// digest, tags it had to guess) before it.
+    Inject,
 }
 
 const HEADER_BYTES: usize = 24;
@@ -102,6 +105,11 @@ fn relay_frames(mut from: TcpStream, mut to: TcpStream, attack: Attack, attacked
                         }
                     }
                     Attack::Drop => copies = 0,
+                    Attack::Inject => {
+                        if to.write_all(&forged_data_frame()).is_err() {
+                            break;
+                        }
+                    }
                     Attack::None => {}
                 }
             }
@@ -116,17 +124,41 @@ fn relay_frames(mut from: TcpStream, mut to: TcpStream, attack: Attack, attacked
     let _ = to.shutdown(Shutdown::Write);
 }
 
-// Goal: a relay that alters, replays or drops one Data frame makes the migration fail with
-// the source authoritative and serving its data unchanged, and the destination never serves
-// the image; the same relay passing everything through lets a migration succeed (so the
-// failures are the sealing's doing). Method: two agents, the source migrating a 32 MiB disk
+/// A Data frame writing 4 KiB of zeros at offset 0, as a relay without the key can make it:
+/// header, meta and digest right, both tags guessed (zeros).
+fn forged_data_frame() -> Vec<u8> {
+    let payload = [0u8; 4096];
+    let frame = ferry::transfer::Frame::Data {
+        offset_bytes: 0,
+        len_bytes: 4096,
+        digest: *blake3::hash(&payload).as_bytes(),
+    };
+    let mut bytes = Vec::new();
+    ferry::transfer::frame::encode(&frame, &mut bytes);
+    bytes.extend_from_slice(&[0u8; TAG_BYTES]);
+    bytes.extend_from_slice(&payload);
+    bytes.extend_from_slice(&[0u8; TAG_BYTES]);
+    bytes
+}
+
+// Goal: a relay that alters, replays, drops or injects one Data frame makes the migration
+// fail with the source authoritative and serving its data unchanged, and the destination
+// never serves the image; the same relay passing everything through lets a migration
+// succeed (so the failures are the sealing's doing). Method: two agents, the source migrating a 32 MiB disk
 // (16 MiB random data) to the relay; per attack a fresh pair; check the job's status, the
 // destination's log (a frame that failed authentication), its `export ls`, and the
 // source's served bytes against a copy of the image taken before.
 #[test]
-fn relay_that_alters_replays_or_drops_a_frame_fails_the_job() {
+fn relay_that_alters_replays_drops_or_injects_a_frame_fails_the_job() {
     common::require("nbdcopy");
-    for attack in [Attack::None, Attack::Flip, Attack::Replay, Attack::Drop] {
+    let attacks = [
+        Attack::None,
+        Attack::Flip,
+        Attack::Replay,
+        Attack::Drop,
+        Attack::Inject,
+    ];
+    for attack in attacks {
         let dir = common::scratch_dir();
         let image = dir.path().join("vm1.img");
         sparse_image(&image, 32 * MIB);
