@@ -596,4 +596,23 @@ mod tests {
             assert!(err.to_string().starts_with("--export:"), "{spec}: {err}");
         }
     }
+
+    // Goal: the block stream is sealed unless the file or the flag says insecure.
+    // Method: parse without, with the key, and with the override.
+    #[test]
+    fn stream_insecure_from_file_or_flag() {
+        let none = AgentConfig::from_toml("", &Overrides::default()).unwrap();
+        assert!(!none.stream_insecure);
+        let file = "[agent]\nstream_insecure = true\n";
+        assert!(
+            AgentConfig::from_toml(file, &Overrides::default())
+                .unwrap()
+                .stream_insecure
+        );
+        let flag = Overrides {
+            stream_insecure: true,
+            ..Overrides::default()
+        };
+        assert!(AgentConfig::from_toml("", &flag).unwrap().stream_insecure);
+    }
 }
