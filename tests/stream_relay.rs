@@ -34,6 +34,9 @@ enum Attack {
     /// Put a Data frame of the relay's own (zeros at offset 0, a well-formed header and
     /// digest, tags it had to guess) before it.
     Inject,
+    /// Leave the source's frames alone; flip one bit of the destination's second sealed
+    /// frame (an answer to the source).
+    FlipReply,
 }
 
 const HEADER_BYTES: usize = 24;
@@ -53,22 +56,24 @@ fn start_relay(destination: String, attack: Attack) -> String {
             let Ok(upstream) = TcpStream::connect(&destination) else {
                 continue;
             };
-            let attacked = Arc::clone(&attacked);
             let (back_from, back_to) = (upstream.try_clone().unwrap(), client.try_clone().unwrap());
-            std::thread::spawn(move || copy_back(back_from, back_to));
-            std::thread::spawn(move || relay_frames(client, upstream, attack, &attacked));
+            // Each direction gets the attacks meant for it.
+            let (forth, back) = if attack == Attack::FlipReply {
+                (Attack::None, attack)
+            } else {
+                (attack, Attack::None)
+            };
+            let back_attacked = Arc::clone(&attacked);
+            std::thread::spawn(move || relay_frames(back_from, back_to, back, &back_attacked));
+            let attacked = Arc::clone(&attacked);
+            std::thread::spawn(move || relay_frames(client, upstream, forth, &attacked));
         }
     });
     addr
 }
 
-/// Destination → source, untouched.
-fn copy_back(mut from: TcpStream, mut to: TcpStream) {
-    let _ = std::io::copy(&mut from, &mut to);
-    let _ = to.shutdown(Shutdown::Write);
-}
-
-/// Source → destination, frame by frame, applying `attack` once.
+/// One direction, frame by frame (both sides send Hello and Proof in the clear first),
+/// applying `attack` once.
 fn relay_frames(mut from: TcpStream, mut to: TcpStream, attack: Attack, attacked: &AtomicBool) {
     let (mut frames, mut data_frames) = (0u32, 0u32);
     let mut previous_data: Option<Vec<u8>> = None;
@@ -89,10 +94,13 @@ fn relay_frames(mut from: TcpStream, mut to: TcpStream, attack: Attack, attacked
         }
         frames += 1;
         let mut copies = 1;
+        if attack == Attack::FlipReply && frames == 4 && !attacked.swap(true, Ordering::SeqCst) {
+            frame[HEADER_BYTES + meta_len + tag - 1] ^= 0x01;
+        }
         if frame[5] == DATA_KIND {
             data_frames += 1;
             if data_frames == TARGET_DATA_FRAME
-                && attack != Attack::None
+                && !matches!(attack, Attack::None | Attack::FlipReply)
                 && !attacked.swap(true, Ordering::SeqCst)
             {
                 match attack {
@@ -110,7 +118,7 @@ fn relay_frames(mut from: TcpStream, mut to: TcpStream, attack: Attack, attacked
                             break;
                         }
                     }
-                    Attack::None => {}
+                    Attack::None | Attack::FlipReply => {}
                 }
             }
             previous_data = Some(frame.clone());
@@ -141,8 +149,8 @@ fn forged_data_frame() -> Vec<u8> {
     bytes
 }
 
-// Goal: a relay that alters, replays, drops or injects one Data frame makes the migration
-// fail with the source authoritative and serving its data unchanged, and the destination
+// Goal: a relay that alters, replays, drops or injects one Data frame, or alters one of the
+// destination's answers, makes the migration fail with the source authoritative and serving its data unchanged, and the destination
 // never serves the image; the same relay passing everything through lets a migration
 // succeed (so the failures are the sealing's doing). Method: two agents, the source migrating a 32 MiB disk
 // (16 MiB random data) to the relay; per attack a fresh pair; check the job's status, the
@@ -157,6 +165,7 @@ fn relay_that_alters_replays_drops_or_injects_a_frame_fails_the_job() {
         Attack::Replay,
         Attack::Drop,
         Attack::Inject,
+        Attack::FlipReply,
     ];
     for attack in attacks {
         let dir = common::scratch_dir();
@@ -176,10 +185,15 @@ fn relay_that_alters_replays_drops_or_injects_a_frame_fails_the_job() {
         }
         assert_eq!(status["phase"], "failed", "{attack:?}: {status:#}");
         assert_eq!(status["authoritative"], "source", "{attack:?}: {status:#}");
-        let log = pair.destination.log();
+        // The side that received the forged frame says so.
+        let log = if attack == Attack::FlipReply {
+            pair.source.log()
+        } else {
+            pair.destination.log()
+        };
         assert!(
             log.contains("failed authentication"),
-            "{attack:?}: destination log:\n{log}"
+            "{attack:?}: log of the receiving side:\n{log}"
         );
         assert!(!exports.contains("vm1"), "{attack:?}: {exports}");
         let served = dir.path().join("served.img");
