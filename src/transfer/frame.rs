@@ -10,6 +10,9 @@
 //!  data: data_len payload bytes, only for Data (≤ 8 MiB), BLAKE3 digest carried in meta
 //! ```
 //!
+//! After the handshake, `link` seals each frame's meta (the header as associated data) and
+//! each payload, and a 16-byte tag follows each; the lengths here are the plaintext ones.
+//!
 //! Invariants:
 //! - Integers are big-endian. `header_crc` is the crc32c of bytes 0..20, `meta_crc` of the
 //!   meta bytes: a flipped bit is a [`FrameError`], never a different frame.
