@@ -262,8 +262,10 @@ pub enum Frame {
         role: Role,
         /// The sender runs its frames unsealed after the handshake (measurement only).
         insecure: bool,
+        /// The sender's ephemeral X25519 public key for this connection (record keys).
+        public: [u8; 32],
     },
-    /// Proof of the cluster key: keyed BLAKE3 over both nonces and the prover's role.
+    /// Proof of the cluster key: keyed BLAKE3 over both Hellos and the prover's role.
     Proof {
         /// The MAC.
         mac: [u8; 32],
@@ -542,6 +544,7 @@ pub fn decode_meta(header: &FrameHeader, meta: &[u8]) -> Result<Frame, FrameErro
             };
             Frame::Hello {
                 nonce: fields.array()?,
+                public: fields.array()?,
                 role,
                 insecure,
             }
@@ -736,10 +739,12 @@ fn encode_meta(frame: &Frame, out: &mut Vec<u8>) -> (u8, u32) {
             nonce,
             role,
             insecure,
+            public,
         } => {
             out.push(role.to_wire());
             out.push(u8::from(*insecure));
             out.extend_from_slice(nonce);
+            out.extend_from_slice(public);
             (kind::HELLO, 0)
         }
         Frame::Proof { mac } => {
@@ -1012,11 +1017,13 @@ mod tests {
                 nonce: [7; 32],
                 role: Role::Source,
                 insecure: false,
+                public: [8; 32],
             },
             Frame::Hello {
                 nonce: [9; 32],
                 role: Role::Destination,
                 insecure: true,
+                public: [10; 32],
             },
             Frame::Proof { mac: [0xAB; 32] },
             Frame::Open(TargetSpec {

@@ -1,6 +1,6 @@
 //! The cluster key: 32 secret bytes shared by every agent of a cluster, used as the key of a
 //! keyed BLAKE3 hash in the stream's mutual challenge and to derive each connection's record
-//! keys ([`super::seal`]); it never travels. It also carries whether this agent's streams run
+//! keys ([`super::seal`], with each connection's ephemeral X25519 secret); it never travels. It also carries whether this agent's streams run
 //! unprotected after the handshake (`stream_insecure`, for measurement only): the mode goes
 //! wherever the key goes, and both sides must agree on it.
 //!
@@ -28,6 +28,19 @@ const SOURCE_RECORD_CONTEXT: &str =
     "ferry block stream v2 2026-12 record key source to destination";
 const TARGET_RECORD_CONTEXT: &str =
     "ferry block stream v2 2026-12 record key destination to source";
+
+/// What both Hellos of one connection said: the proofs and the record keys cover all of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transcript {
+    /// The source's fresh nonce.
+    pub source_nonce: [u8; 32],
+    /// The destination's fresh nonce.
+    pub target_nonce: [u8; 32],
+    /// The source's ephemeral X25519 public key.
+    pub source_public: [u8; 32],
+    /// The destination's ephemeral X25519 public key.
+    pub target_public: [u8; 32],
+}
 
 /// The shared secret of a cluster, and how this agent's streams protect their frames.
 #[derive(Clone, PartialEq, Eq)]
@@ -137,54 +150,54 @@ impl ClusterKey {
     }
 
     /// The proof `prover` sends: keyed BLAKE3 over the context, the prover's role, the
-    /// stream mode and both nonces. Each side's proof covers the other's fresh nonce (no
-    /// replay), its own role (a proof cannot be reflected back to its author) and the mode
-    /// (a relay cannot talk both sides into plaintext).
-    pub fn prove(
-        &self,
-        prover: Role,
-        source_nonce: &[u8; 32],
-        target_nonce: &[u8; 32],
-    ) -> [u8; 32] {
-        let mut message = Vec::with_capacity(PROOF_CONTEXT.len() + 66);
+    /// stream mode and both Hellos. Each side's proof covers the other's fresh nonce (no
+    /// replay), its own role (a proof cannot be reflected back to its author), the mode (a
+    /// relay cannot talk both sides into plaintext) and both ephemeral public keys (a relay
+    /// cannot put its own in).
+    pub fn prove(&self, prover: Role, transcript: &Transcript) -> [u8; 32] {
+        let mut message = Vec::with_capacity(PROOF_CONTEXT.len() + 130);
         message.extend_from_slice(PROOF_CONTEXT);
         message.push(prover.to_wire());
         message.push(u8::from(self.insecure_stream));
-        message.extend_from_slice(source_nonce);
-        message.extend_from_slice(target_nonce);
+        message.extend_from_slice(&transcript.source_nonce);
+        message.extend_from_slice(&transcript.target_nonce);
+        message.extend_from_slice(&transcript.source_public);
+        message.extend_from_slice(&transcript.target_public);
         *blake3::keyed_hash(&self.bytes, &message).as_bytes()
     }
 
-    /// The record key `sender` seals with on the connection of these nonces
-    /// ([`super::seal`]): derived from the key and both nonces, one context per direction.
+    /// The record key `sender` seals with on the connection of `transcript`
+    /// ([`super::seal`]): derived from the key, both Hellos and the ephemeral X25519 secret
+    /// `shared` the two sides agreed on, one context per direction.
     pub(crate) fn record_key(
         &self,
         sender: Role,
-        source_nonce: &[u8; 32],
-        target_nonce: &[u8; 32],
+        transcript: &Transcript,
+        shared: &[u8; 32],
     ) -> [u8; 32] {
         let context = match sender {
             Role::Source => SOURCE_RECORD_CONTEXT,
             Role::Destination => TARGET_RECORD_CONTEXT,
         };
-        let mut material = [0u8; 96];
-        material[..32].copy_from_slice(&self.bytes);
-        material[32..64].copy_from_slice(source_nonce);
-        material[64..].copy_from_slice(target_nonce);
+        let mut material = [0u8; 192];
+        let parts = [
+            &self.bytes,
+            shared,
+            &transcript.source_nonce,
+            &transcript.target_nonce,
+            &transcript.source_public,
+            &transcript.target_public,
+        ];
+        for (out, part) in material.chunks_exact_mut(32).zip(parts) {
+            out.copy_from_slice(part);
+        }
         blake3::derive_key(context, &material)
     }
 
     /// Whether `mac` is the proof `prover` should have sent; constant time
     /// (`blake3::Hash`'s equality).
-    pub fn verify(
-        &self,
-        prover: Role,
-        source_nonce: &[u8; 32],
-        target_nonce: &[u8; 32],
-        mac: &[u8; 32],
-    ) -> bool {
-        blake3::Hash::from(self.prove(prover, source_nonce, target_nonce))
-            == blake3::Hash::from(*mac)
+    pub fn verify(&self, prover: Role, transcript: &Transcript, mac: &[u8; 32]) -> bool {
+        blake3::Hash::from(self.prove(prover, transcript)) == blake3::Hash::from(*mac)
     }
 }
 
@@ -242,16 +255,44 @@ mod tests {
         ));
     }
 
-    // Goal: a proof verifies only for the same key, role and nonces. Method: vary each.
+    // Goal: a proof verifies only for the same key, role, mode, nonces and public keys.
+    // Method: vary each.
     #[test]
-    fn proofs_bind_key_role_and_nonces() {
+    fn proofs_bind_key_role_mode_and_hellos() {
         let key = ClusterKey::from_bytes([1; 32]);
         let other = ClusterKey::from_bytes([2; 32]);
-        let (a, b) = ([3; 32], [4; 32]);
-        let mac = key.prove(Role::Source, &a, &b);
-        assert!(key.verify(Role::Source, &a, &b, &mac));
-        assert!(!other.verify(Role::Source, &a, &b, &mac));
-        assert!(!key.verify(Role::Destination, &a, &b, &mac));
-        assert!(!key.verify(Role::Source, &b, &a, &mac));
+        let hellos = Transcript {
+            source_nonce: [3; 32],
+            target_nonce: [4; 32],
+            source_public: [5; 32],
+            target_public: [6; 32],
+        };
+        let mac = key.prove(Role::Source, &hellos);
+        assert!(key.verify(Role::Source, &hellos, &mac));
+        assert!(!other.verify(Role::Source, &hellos, &mac));
+        assert!(!key.verify(Role::Destination, &hellos, &mac));
+        let insecure = key.clone().with_insecure_stream(true);
+        assert!(!insecure.verify(Role::Source, &hellos, &mac));
+        let variants = [
+            Transcript {
+                source_nonce: [4; 32],
+                ..hellos
+            },
+            Transcript {
+                target_nonce: [3; 32],
+                ..hellos
+            },
+            Transcript {
+                source_public: [7; 32],
+                ..hellos
+            },
+            Transcript {
+                target_public: [7; 32],
+                ..hellos
+            },
+        ];
+        for changed in variants {
+            assert!(!key.verify(Role::Source, &changed, &mac), "{changed:?}");
+        }
     }
 }

@@ -2,7 +2,8 @@
 //! after it ([`super::seal`]); shared by both sides.
 //!
 //! ```text
-//!  handshake (Hello, Proof):  header ‖ meta                     in the clear
+//!  handshake (Hello, Proof):  header ‖ meta                     in the clear (X25519 publics
+//!                                                               in the Hellos)
 //!  after it, every frame:     header ‖ meta* ‖ tag              meta* sealed, header as AAD
 //!  and a Data frame's payload:         payload* ‖ tag           the next record
 //! ```
@@ -23,8 +24,11 @@
 
 use std::io::{self, IoSlice, Read, Write};
 
+use ring::agreement::{agree_ephemeral, EphemeralPrivateKey, UnparsedPublicKey, X25519};
+use ring::rand::SystemRandom;
+
 use super::frame::{self, Frame, Role, HEADER_BYTES};
-use super::key::{random_bytes, ClusterKey};
+use super::key::{random_bytes, ClusterKey, Transcript};
 use super::seal::{self, Opener, SealError, Sealer, TAG_BYTES};
 use super::TransferError;
 
@@ -364,11 +368,11 @@ pub(crate) fn dial_authenticated(
 }
 
 /// Runs the mutual challenge as `role` (see the module diagram in `transfer`), then seals
-/// the connection with keys derived from both nonces (unless both sides run insecure). The
-/// source proves first; the destination proves only to a peer that proved, so an
-/// unauthenticated peer learns nothing. A destination that rejects a proof tells the peer
-/// with `Error{Auth}`; one whose stream mode differs from the source's tells it with
-/// `Error{Refused}`.
+/// the connection with keys derived from both Hellos and an ephemeral X25519 exchange
+/// (unless both sides run insecure). The source proves first; the destination proves only
+/// to a peer that proved, so an unauthenticated peer learns nothing. A destination that
+/// rejects a proof tells the peer with `Error{Auth}`; one whose stream mode differs from the
+/// source's tells it with `Error{Refused}`.
 pub(crate) fn authenticate<S: Read + Write>(
     stream: S,
     key: &ClusterKey,
@@ -382,22 +386,41 @@ pub(crate) fn authenticate<S: Read + Write>(
         },
         rx: Rx { opener: None },
     };
-    let (source_nonce, target_nonce) = challenge(&mut link, key, role)?;
+    let ephemeral = EphemeralPrivateKey::generate(&X25519, &SystemRandom::new())
+        .map_err(|_| TransferError::Socket(io::Error::other("cannot make an X25519 key")))?;
+    let (transcript, peer_public) = challenge(&mut link, key, role, &ephemeral)?;
     if !key.insecure_stream() {
-        let (sealer, opener) = seal::derive(key, role, &source_nonce, &target_nonce);
+        let shared = agree_ephemeral(
+            ephemeral,
+            &UnparsedPublicKey::new(&X25519, peer_public),
+            |secret| <[u8; 32]>::try_from(secret).ok(),
+        )
+        .ok()
+        .flatten()
+        .ok_or(TransferError::Auth {
+            reason: "the peer's ephemeral key is not a usable X25519 key",
+        })?;
+        let (sealer, opener) = seal::derive(key, role, &transcript, &shared);
         link.tx.sealer = Some(sealer);
         link.rx.opener = Some(opener);
     }
     Ok(link)
 }
 
-/// The Hello/Proof exchange in the clear; returns (source nonce, destination nonce).
+/// The Hello/Proof exchange in the clear; returns what both Hellos said and the peer's
+/// ephemeral public key.
 fn challenge<S: Read + Write>(
     link: &mut Link<S>,
     key: &ClusterKey,
     role: Role,
-) -> Result<([u8; 32], [u8; 32]), TransferError> {
+    ephemeral: &EphemeralPrivateKey,
+) -> Result<(Transcript, [u8; 32]), TransferError> {
     let own_nonce = random_bytes().map_err(TransferError::Socket)?;
+    let own_public: [u8; 32] = ephemeral
+        .compute_public_key()
+        .ok()
+        .and_then(|public| public.as_ref().try_into().ok())
+        .ok_or_else(|| TransferError::Socket(io::Error::other("cannot make an X25519 key")))?;
     let mut scratch = Vec::new();
     let mut meta = Vec::new();
     let peer_role = match role {
@@ -409,17 +432,28 @@ fn challenge<S: Read + Write>(
         nonce: own_nonce,
         role,
         insecure,
+        public: own_public,
     };
     if role == Role::Source {
         write_frame(link, &hello, &mut scratch)?;
     }
-    let peer_nonce = read_peer_hello(link, peer_role, insecure, &mut meta)?;
-    let (source_nonce, target_nonce) = match role {
-        Role::Source => (own_nonce, peer_nonce),
-        Role::Destination => (peer_nonce, own_nonce),
+    let (peer_nonce, peer_public) = read_peer_hello(link, peer_role, insecure, &mut meta)?;
+    let transcript = match role {
+        Role::Source => Transcript {
+            source_nonce: own_nonce,
+            target_nonce: peer_nonce,
+            source_public: own_public,
+            target_public: peer_public,
+        },
+        Role::Destination => Transcript {
+            source_nonce: peer_nonce,
+            target_nonce: own_nonce,
+            source_public: peer_public,
+            target_public: own_public,
+        },
     };
     let own_proof = Frame::Proof {
-        mac: key.prove(role, &source_nonce, &target_nonce),
+        mac: key.prove(role, &transcript),
     };
     if role == Role::Source {
         write_frame(link, &own_proof, &mut scratch)?;
@@ -430,7 +464,7 @@ fn challenge<S: Read + Write>(
         Frame::Proof { mac } => mac,
         other => return Err(unexpected(other, "Proof")),
     };
-    if !key.verify(peer_role, &source_nonce, &target_nonce, &peer_mac) {
+    if !key.verify(peer_role, &transcript, &peer_mac) {
         if role == Role::Destination {
             send_error(link, frame::ErrorCode::Auth, 0, "authentication failed");
         }
@@ -441,17 +475,18 @@ fn challenge<S: Read + Write>(
     if role == Role::Destination {
         write_frame(link, &own_proof, &mut scratch)?;
     }
-    Ok((source_nonce, target_nonce))
+    Ok((transcript, peer_public))
 }
 
-/// Reads the peer's Hello: its nonce, if it has the other role and our stream mode. A peer
-/// of an older version, of our own role or of the other mode is told why it is refused.
+/// Reads the peer's Hello: its nonce and ephemeral public key, if it has the other role and
+/// our stream mode. A peer of an older version, of our own role or of the other mode is told
+/// why it is refused.
 fn read_peer_hello<S: Read + Write>(
     link: &mut Link<S>,
     peer_role: Role,
     insecure: bool,
     meta: &mut Vec<u8>,
-) -> Result<[u8; 32], TransferError> {
+) -> Result<([u8; 32], [u8; 32]), TransferError> {
     let peer_hello = match read_frame(link, meta) {
         Err(TransferError::BadFrame(frame::FrameError::BadVersion(version))) => {
             refuse_version(link, version);
@@ -466,6 +501,7 @@ fn read_peer_hello<S: Read + Write>(
             nonce,
             role,
             insecure: peer_insecure,
+            public,
         } if role == peer_role => {
             if peer_insecure != insecure {
                 send_error(link, frame::ErrorCode::Refused, 0, MODE_MISMATCH);
@@ -473,7 +509,7 @@ fn read_peer_hello<S: Read + Write>(
                     reason: MODE_MISMATCH,
                 });
             }
-            Ok(nonce)
+            Ok((nonce, public))
         }
         Frame::Hello { .. } => {
             send_error(

@@ -64,9 +64,15 @@ fn reflected_role_is_refused() {
 /// A source's sending half and the destination's receiving half of one connection.
 fn sealed_halves() -> (Tx, Rx) {
     let key = ClusterKey::from_bytes([5; 32]);
-    let (ns, nd) = ([1; 32], [2; 32]);
-    let sealer = seal::derive(&key, Role::Source, &ns, &nd).0;
-    let opener = seal::derive(&key, Role::Destination, &ns, &nd).1;
+    let hellos = Transcript {
+        source_nonce: [1; 32],
+        target_nonce: [2; 32],
+        source_public: [3; 32],
+        target_public: [4; 32],
+    };
+    let shared = [6; 32];
+    let sealer = seal::derive(&key, Role::Source, &hellos, &shared).0;
+    let opener = seal::derive(&key, Role::Destination, &hellos, &shared).1;
     (
         Tx {
             sealer: Some(sealer),
@@ -285,6 +291,7 @@ fn older_version_is_refused_in_its_own_framing() {
         nonce: [1; 32],
         role: Role::Source,
         insecure: false,
+        public: [2; 32],
     };
     let mut bytes = Vec::new();
     frame::encode_for_version(&hello, 1, &mut bytes);
@@ -329,4 +336,46 @@ fn random_changes_never_pass() {
             "change at {first}: {frames:?}"
         );
     }
+}
+
+// Goal: a relay that puts its own ephemeral public key into a Hello (to learn the X25519
+// secret) fails the handshake: the proofs cover both public keys. Method: a relay that
+// changes the source's Hello's public key (crc32c fixed up) and passes the rest through.
+#[test]
+fn substituted_public_key_fails_the_handshake() {
+    let key = ClusterKey::from_bytes([5; 32]);
+    let target_listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let target_addr = target_listener.local_addr().unwrap();
+    let target_key = key.clone();
+    let target = std::thread::spawn(move || {
+        let (stream, _) = target_listener.accept().unwrap();
+        authenticate(stream, &target_key, Role::Destination).map(drop)
+    });
+    let relay_listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let relay_addr = relay_listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let (mut source, _) = relay_listener.accept().unwrap();
+        let mut upstream = TcpStream::connect(target_addr).unwrap();
+        let mut hello = vec![0u8; HEADER_BYTES + 66];
+        source.read_exact(&mut hello).unwrap();
+        hello[HEADER_BYTES + 34] ^= 0x55; // the public key
+        let meta_crc = crc32c::crc32c(&hello[HEADER_BYTES..]);
+        hello[16..20].copy_from_slice(&meta_crc.to_be_bytes());
+        let header_crc = crc32c::crc32c(&hello[..20]);
+        hello[20..24].copy_from_slice(&header_crc.to_be_bytes());
+        upstream.write_all(&hello).unwrap();
+        let (mut back_from, mut back_to) =
+            (upstream.try_clone().unwrap(), source.try_clone().unwrap());
+        std::thread::spawn(move || std::io::copy(&mut back_from, &mut back_to));
+        let _ = std::io::copy(&mut source, &mut upstream);
+    });
+    let source = authenticate(TcpStream::connect(relay_addr).unwrap(), &key, Role::Source);
+    assert!(
+        matches!(source, Err(TransferError::Auth { .. })),
+        "{source:?}"
+    );
+    assert!(
+        matches!(target.join().unwrap(), Err(TransferError::Auth { .. })),
+        "the destination refuses the source's proof"
+    );
 }

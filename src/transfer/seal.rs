@@ -1,21 +1,23 @@
 //! The record protection of the block stream after its handshake: one AES-256-GCM key per
-//! direction, derived from the cluster key and both sides' fresh nonces, and an implicit
-//! record counter per direction as the AEAD nonce.
+//! direction, derived from the cluster key, both sides' fresh nonces and an ephemeral X25519
+//! secret, and an implicit record counter per direction as the AEAD nonce.
 //!
 //! Why this and not a Noise or TLS handshake: the stream already runs a mutual challenge on
-//! the cluster key in which each side contributes 32 fresh random bytes and proves the key
-//! over both ([`super::key`]). Deriving the traffic keys from that same transcript
-//! (`BLAKE3 derive_key(context, key ‖ nonce_s ‖ nonce_d ‖ mode)`, one context per direction)
-//! gives keys that only holders of the cluster key can compute, that are new for every
-//! connection as long as either side's nonce is fresh, and that bind the direction, so no
-//! second handshake, state machine or certificate store is added. What it does not give is
-//! forward secrecy: someone who records a stream and later steals the cluster key can
-//! decrypt it (a Noise `NNpsk0` handshake would add an ephemeral Diffie-Hellman for that;
-//! the cluster key already lets its holder act as a destination, so the key file is the
-//! secret to guard either way).
+//! the cluster key in which each side contributes 32 fresh random bytes and an ephemeral
+//! X25519 public key in its Hello, and proves the key over both Hellos ([`super::key`]).
+//! Deriving the traffic keys from that same transcript (`BLAKE3 derive_key(context, key ‖
+//! x25519 secret ‖ nonce_s ‖ nonce_d ‖ public_s ‖ public_d)`, one context per direction) gives
+//! what a Noise `NNpsk0` handshake on the cluster key would: keys that only holders of the
+//! cluster key can compute (the proofs fail for anyone else, and the key is in the
+//! derivation), new for every connection, bound to the direction, and forward secret (the
+//! X25519 private keys live only for the handshake, so a stolen cluster key does not decrypt
+//! recorded streams). It adds no second handshake, state machine, certificate store or
+//! dependency (`ring` does both the X25519 and the AEAD), and Data payloads of up to 8 MiB are
+//! sealed whole, in place, where Noise transport messages stop at 64 KiB.
 //!
 //! Replay across sessions: a record sealed on one connection fails on any other, because
-//! the receiving side's nonce (part of the key) is new on every connection. Within a
+//! the receiving side's nonce and ephemeral key (part of the record key) are new on every
+//! connection. Within a
 //! connection the counter makes every record's AEAD nonce unique and expected: a replayed,
 //! reordered or dropped record is opened with the wrong counter and fails, and so does every
 //! record after it (the [`Opener`] is spent by its first failure).
@@ -35,7 +37,7 @@ use std::fmt;
 use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, AES_256_GCM};
 
 use super::frame::Role;
-use super::key::ClusterKey;
+use super::key::{ClusterKey, Transcript};
 
 /// Bytes of the authentication tag after each sealed record.
 pub const TAG_BYTES: usize = 16;
@@ -82,20 +84,20 @@ impl fmt::Debug for Opener {
     }
 }
 
-/// The two halves of one side of a connection, from the handshake's nonces: `role` is the
-/// side running this code.
+/// The two halves of one side of a connection, from the handshake's Hellos and the X25519
+/// secret both sides agreed on: `role` is the side running this code.
 pub fn derive(
     key: &ClusterKey,
     role: Role,
-    source_nonce: &[u8; 32],
-    target_nonce: &[u8; 32],
+    transcript: &Transcript,
+    shared: &[u8; 32],
 ) -> (Sealer, Opener) {
     let peer = match role {
         Role::Source => Role::Destination,
         Role::Destination => Role::Source,
     };
-    let own = key.record_key(role, source_nonce, target_nonce);
-    let theirs = key.record_key(peer, source_nonce, target_nonce);
+    let own = key.record_key(role, transcript, shared);
+    let theirs = key.record_key(peer, transcript, shared);
     (
         Sealer {
             key: aead_key(&own),
@@ -170,11 +172,18 @@ impl Opener {
 mod tests {
     use super::*;
 
+    const HELLOS: Transcript = Transcript {
+        source_nonce: [1; 32],
+        target_nonce: [2; 32],
+        source_public: [3; 32],
+        target_public: [4; 32],
+    };
+    const SHARED: [u8; 32] = [5; 32];
+
     fn pair() -> (Sealer, Opener, Sealer, Opener) {
         let key = ClusterKey::from_bytes([9; 32]);
-        let (ns, nd) = ([1; 32], [2; 32]);
-        let (source_tx, source_rx) = derive(&key, Role::Source, &ns, &nd);
-        let (dest_tx, dest_rx) = derive(&key, Role::Destination, &ns, &nd);
+        let (source_tx, source_rx) = derive(&key, Role::Source, &HELLOS, &SHARED);
+        let (dest_tx, dest_rx) = derive(&key, Role::Destination, &HELLOS, &SHARED);
         (source_tx, dest_rx, dest_tx, source_rx)
     }
 
@@ -253,31 +262,35 @@ mod tests {
         );
     }
 
-    // Goal: keys differ per direction, per connection (nonce) and per cluster key.
-    // Method: a record sealed by the source opens neither as the destination's own
-    // direction, nor with other nonces, nor with another key.
+    // Goal: keys differ per direction, per connection (nonce, public key, X25519 secret)
+    // and per cluster key. Method: a record sealed by the source opens neither as the
+    // destination's own direction, nor with another nonce, public key, secret or key.
     #[test]
-    fn keys_bind_direction_nonces_and_key() {
+    fn keys_bind_direction_hellos_secret_and_key() {
         let key = ClusterKey::from_bytes([9; 32]);
-        let (ns, nd) = ([1; 32], [2; 32]);
-        let (mut s_tx, _) = derive(&key, Role::Source, &ns, &nd);
+        let (mut s_tx, _) = derive(&key, Role::Source, &HELLOS, &SHARED);
         let (data, tag) = sealed(&mut s_tx, b"", b"secret");
+        let other_nonce = Transcript {
+            target_nonce: [6; 32],
+            ..HELLOS
+        };
+        let other_public = Transcript {
+            source_public: [6; 32],
+            ..HELLOS
+        };
+        let other_key = ClusterKey::from_bytes([8; 32]);
         let tries = [
-            derive(&key, Role::Source, &ns, &nd).1,
-            derive(&key, Role::Destination, &ns, &[3; 32]).1,
-            derive(
-                &ClusterKey::from_bytes([8; 32]),
-                Role::Destination,
-                &ns,
-                &nd,
-            )
-            .1,
+            derive(&key, Role::Source, &HELLOS, &SHARED).1,
+            derive(&key, Role::Destination, &other_nonce, &SHARED).1,
+            derive(&key, Role::Destination, &other_public, &SHARED).1,
+            derive(&key, Role::Destination, &HELLOS, &[6; 32]).1,
+            derive(&other_key, Role::Destination, &HELLOS, &SHARED).1,
         ];
         for mut opener in tries {
             let mut copy = data.clone();
             assert_eq!(opener.open(b"", &mut copy, &tag), Err(SealError::Forged));
         }
-        let mut right = derive(&key, Role::Destination, &ns, &nd).1;
+        let mut right = derive(&key, Role::Destination, &HELLOS, &SHARED).1;
         let mut copy = data;
         right.open(b"", &mut copy, &tag).unwrap();
         assert_eq!(copy, b"secret");
