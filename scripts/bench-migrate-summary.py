@@ -152,6 +152,27 @@ def num(v):
         return None
 
 
+def stream_lines(g, workloads, verdict):
+    """Sealed against insecure (STREAM=both): the idle copy rate and each pause."""
+    lines = []
+    sealed, plain = g("idle", "-", "copy_mibs"), g("idle-insecure", "-", "copy_mibs")
+    if sealed and plain:
+        r = sealed / plain
+        lines.append(f"sealed stream: idle copy rate {sealed:.0f} MiB/s vs insecure "
+                     f"{plain:.0f} MiB/s: {r:.3f}x (goal >= 0.9x) -> {verdict(r, 0.9, le=False)}")
+        ps, pi = g("idle", "-", "pause_ms"), g("idle-insecure", "-", "pause_ms")
+        if ps is not None and pi is not None:
+            lines.append(f"sealed stream: idle pause {ps:.1f} ms vs insecure {pi:.1f} ms")
+    for s in ("heat", "naive", "mirror", "yield"):
+        for w in workloads:
+            ps, pi = g(f"ferry-{s}", w, "pause_ms"), g(f"ferry-{s}-insecure", w, "pause_ms")
+            cs, ci = g(f"ferry-{s}", w, "converge_s"), g(f"ferry-{s}-insecure", w, "converge_s")
+            if ps is not None and pi is not None:
+                lines.append(f"sealed stream, ferry ({s}) at {w[1:]} IOPS: pause {ps:.1f} ms vs "
+                             f"insecure {pi:.1f} ms; converge {cs} s vs {ci} s")
+    return lines
+
+
 def cmd_summary(path):
     raw = {}
     for line in open(path):
@@ -165,8 +186,8 @@ def cmd_summary(path):
         parts = k.split(".", 3)
         if len(parts) < 3 or not parts[0].startswith("r"):
             continue
-        if parts[1] == "idle":
-            key = ("idle", "-", k.split(".", 2)[2])
+        if parts[1] in ("idle", "idle-insecure"):
+            key = (parts[1], "-", k.split(".", 2)[2])
         elif len(parts) == 4:
             key = (parts[1], parts[2], parts[3])
         else:
@@ -317,6 +338,7 @@ def cmd_summary(path):
     elif texts.get(("idle", "-", "status")):
         goal_lines.append(f"idle disk: ferry run {t('idle', '-', 'status')}: "
                           f"{t('idle', '-', 'error') or ''}")
+    goal_lines.extend(stream_lines(g, workloads, verdict))
     for line in goal_lines:
         print("  " + line)
 

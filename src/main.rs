@@ -44,6 +44,7 @@ fn agent(args: AgentArgs) -> Result<(), Box<dyn std::error::Error>> {
         tls_creds: args.tls_creds,
         tcp_insecure: args.tcp_insecure,
         socket_group: args.socket_group,
+        stream_insecure: args.stream_insecure,
     };
     let config = AgentConfig::load(args.config.as_deref(), &overrides)?;
     ferry::agent::run(&config)?;

@@ -91,6 +91,7 @@ struct FileAgent {
     tls_creds: Option<PathBuf>,
     tcp_insecure: Option<bool>,
     socket_group: Option<String>,
+    stream_insecure: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -177,6 +178,9 @@ pub struct AgentConfig {
     pub tcp_insecure: bool,
     /// Group allowed to connect to the unix socket (mode 0660 then; else 0600, owner only).
     pub socket_group: Option<String>,
+    /// Block-stream frames after the handshake travel unsealed (plaintext, no record
+    /// authentication): for measurement only; every peer must say the same.
+    pub stream_insecure: bool,
 }
 
 /// Command-line overrides: each `Some` wins over the file.
@@ -210,6 +214,8 @@ pub struct Overrides {
     pub tcp_insecure: bool,
     /// `--socket-group`.
     pub socket_group: Option<String>,
+    /// `--stream-insecure` (only ever turns it on).
+    pub stream_insecure: bool,
 }
 
 impl AgentConfig {
@@ -303,6 +309,7 @@ impl AgentConfig {
             .or(agent.forward_hold_ms)
             .unwrap_or(DEFAULT_FORWARD_HOLD_MS);
         check_forward_hold("forward_hold_ms", forward_hold_ms)?;
+        let stream_insecure = ov.stream_insecure || agent.stream_insecure.unwrap_or(false);
         let mut exports = Vec::new();
         for (index, export) in file.exports.into_iter().enumerate() {
             let field = format!("export[{index}]");
@@ -359,6 +366,7 @@ impl AgentConfig {
             transfer,
             cluster_key,
             image_dir,
+            stream_insecure,
         };
         config.validate()?;
         Ok(config)
@@ -644,5 +652,24 @@ mod tests {
             let err = AgentConfig::from_toml("", &bad).unwrap_err();
             assert!(err.to_string().starts_with("--export:"), "{spec}: {err}");
         }
+    }
+
+    // Goal: the block stream is sealed unless the file or the flag says insecure.
+    // Method: parse without, with the key, and with the override.
+    #[test]
+    fn stream_insecure_from_file_or_flag() {
+        let none = AgentConfig::from_toml("", &Overrides::default()).unwrap();
+        assert!(!none.stream_insecure);
+        let file = "[agent]\nstream_insecure = true\n";
+        assert!(
+            AgentConfig::from_toml(file, &Overrides::default())
+                .unwrap()
+                .stream_insecure
+        );
+        let flag = Overrides {
+            stream_insecure: true,
+            ..Overrides::default()
+        };
+        assert!(AgentConfig::from_toml("", &flag).unwrap().stream_insecure);
     }
 }

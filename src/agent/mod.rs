@@ -147,7 +147,14 @@ impl Agent {
             })?;
         }
         exports.restore_runtime();
-        let key = load_cluster_key(&config.cluster_key)?;
+        let key =
+            load_cluster_key(&config.cluster_key)?.with_insecure_stream(config.stream_insecure);
+        if config.stream_insecure {
+            log::warn!(
+                "stream_insecure: block-stream frames travel unsealed (plaintext, no \
+                 protection against a relay); for measurement only"
+            );
+        }
         // Before any client is served: forwarding and held writes come back first.
         journal::recover(&journal, &exports, &key, &config.image_dir);
         // Holders not yet told where a disk went (stopped mid-way) are told again.

@@ -279,6 +279,10 @@ pub struct AgentArgs {
     /// Let this group connect to the NBD unix socket (mode 0660; else 0600, owner only).
     #[arg(long, value_name = "GROUP")]
     pub socket_group: Option<String>,
+    /// Run the block stream without sealing its frames (plaintext, no protection against a
+    /// relay): for measurement only; the peer agents must run it too, or they refuse.
+    #[arg(long)]
+    pub stream_insecure: bool,
 }
 
 /// `ferry export ...`

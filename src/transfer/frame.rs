@@ -10,6 +10,9 @@
 //!  data: data_len payload bytes, only for Data (≤ 8 MiB), BLAKE3 digest carried in meta
 //! ```
 //!
+//! After the handshake, `link` seals each frame's meta (the header as associated data) and
+//! each payload, and a 16-byte tag follows each; the lengths here are the plaintext ones.
+//!
 //! Invariants:
 //! - Integers are big-endian. `header_crc` is the crc32c of bytes 0..20, `meta_crc` of the
 //!   meta bytes: a flipped bit is a [`FrameError`], never a different frame.
@@ -29,8 +32,10 @@ use crate::dirty::MIN_GRANULARITY_BYTES;
 
 /// First four bytes of every frame: "FRYB" (ferry block stream).
 pub const MAGIC: u32 = 0x4652_5942;
-/// Protocol version this code speaks.
-pub const VERSION: u8 = 1;
+/// Protocol version this code speaks. 2: frames after the handshake are sealed
+/// ([`super::seal`]) and Hello carries the stream mode; a version-1 peer is refused at its
+/// first header ([`FrameError::BadVersion`]), never misread.
+pub const VERSION: u8 = 2;
 /// Fixed header size.
 pub const HEADER_BYTES: usize = 24;
 /// Largest meta section.
@@ -255,8 +260,12 @@ pub enum Frame {
         nonce: [u8; 32],
         /// Who sends this Hello.
         role: Role,
+        /// The sender runs its frames unsealed after the handshake (measurement only).
+        insecure: bool,
+        /// The sender's ephemeral X25519 public key for this connection (record keys).
+        public: [u8; 32],
     },
-    /// Proof of the cluster key: keyed BLAKE3 over both nonces and the prover's role.
+    /// Proof of the cluster key: keyed BLAKE3 over both Hellos and the prover's role.
     Proof {
         /// The MAC.
         mac: [u8; 32],
@@ -456,6 +465,10 @@ pub enum FrameError {
     /// A field with an invalid value.
     #[error("bad frame field: {0}")]
     BadField(&'static str),
+    /// A sealed record did not authenticate: altered, replayed, reordered, one before it
+    /// dropped, or sealed with another key.
+    #[error("frame failed authentication (altered, replayed, reordered or dropped)")]
+    Forged,
 }
 
 /// A decoded, checksum-verified header.
@@ -524,9 +537,16 @@ pub fn decode_meta(header: &FrameHeader, meta: &[u8]) -> Result<Frame, FrameErro
     let frame = match header.kind {
         kind::HELLO => {
             let role = Role::from_wire(fields.u8()?).ok_or(FrameError::BadField("role"))?;
+            let insecure = match fields.u8()? {
+                0 => false,
+                1 => true,
+                _ => return Err(FrameError::BadField("stream mode")),
+            };
             Frame::Hello {
                 nonce: fields.array()?,
+                public: fields.array()?,
                 role,
+                insecure,
             }
         }
         kind::PROOF => Frame::Proof {
@@ -700,12 +720,31 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
     );
 }
 
+/// `frame` encoded under the header of protocol `version` (an older one): how a peer of that
+/// version is told, in words it can read, why it is refused. Only for frames whose meta is
+/// the same in that version (Error is, in every version so far).
+pub fn encode_for_version(frame: &Frame, version: u8, out: &mut Vec<u8>) {
+    let start = out.len();
+    encode(frame, out);
+    let head = &mut out[start..start + HEADER_BYTES];
+    head[4] = version;
+    let header_crc = crc32c::crc32c(&head[..20]);
+    head[20..24].copy_from_slice(&header_crc.to_be_bytes());
+}
+
 /// Appends the meta of `frame`; returns its kind number and payload length.
 fn encode_meta(frame: &Frame, out: &mut Vec<u8>) -> (u8, u32) {
     match frame {
-        Frame::Hello { nonce, role } => {
+        Frame::Hello {
+            nonce,
+            role,
+            insecure,
+            public,
+        } => {
             out.push(role.to_wire());
+            out.push(u8::from(*insecure));
             out.extend_from_slice(nonce);
+            out.extend_from_slice(public);
             (kind::HELLO, 0)
         }
         Frame::Proof { mac } => {
@@ -977,10 +1016,14 @@ mod tests {
             Frame::Hello {
                 nonce: [7; 32],
                 role: Role::Source,
+                insecure: false,
+                public: [8; 32],
             },
             Frame::Hello {
                 nonce: [9; 32],
                 role: Role::Destination,
+                insecure: true,
+                public: [10; 32],
             },
             Frame::Proof { mac: [0xAB; 32] },
             Frame::Open(TargetSpec {

@@ -1,5 +1,8 @@
-//! The cluster key: 32 secret bytes shared by every agent of a cluster, used only as the key
-//! of a keyed BLAKE3 hash in the stream's mutual challenge (it never travels).
+//! The cluster key: 32 secret bytes shared by every agent of a cluster, used as the key of a
+//! keyed BLAKE3 hash in the stream's mutual challenge and to derive each connection's record
+//! keys ([`super::seal`], with each connection's ephemeral X25519 secret); it never travels. It also carries whether this agent's streams run
+//! unprotected after the handshake (`stream_insecure`, for measurement only): the mode goes
+//! wherever the key goes, and both sides must agree on it.
 //!
 //! Invariants:
 //! - The key file holds 64 hex characters (and an optional newline), and is readable by its
@@ -19,11 +22,33 @@ use super::frame::Role;
 use super::TransferError;
 
 /// Domain separation of the proofs (a MAC for another purpose never verifies here).
-const PROOF_CONTEXT: &[u8] = b"ferry block stream v1 proof";
+const PROOF_CONTEXT: &[u8] = b"ferry block stream v2 proof";
+/// BLAKE3 `derive_key` contexts of the record keys, one per sending direction.
+const SOURCE_RECORD_CONTEXT: &str =
+    "ferry block stream v2 2026-12 record key source to destination";
+const TARGET_RECORD_CONTEXT: &str =
+    "ferry block stream v2 2026-12 record key destination to source";
 
-/// The shared secret of a cluster.
+/// What both Hellos of one connection said: the proofs and the record keys cover all of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transcript {
+    /// The source's fresh nonce.
+    pub source_nonce: [u8; 32],
+    /// The destination's fresh nonce.
+    pub target_nonce: [u8; 32],
+    /// The source's ephemeral X25519 public key.
+    pub source_public: [u8; 32],
+    /// The destination's ephemeral X25519 public key.
+    pub target_public: [u8; 32],
+}
+
+/// The shared secret of a cluster, and how this agent's streams protect their frames.
 #[derive(Clone, PartialEq, Eq)]
-pub struct ClusterKey([u8; 32]);
+pub struct ClusterKey {
+    bytes: [u8; 32],
+    /// Frames after the handshake travel unsealed (plaintext, no record MAC).
+    insecure_stream: bool,
+}
 
 impl fmt::Debug for ClusterKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -34,7 +59,22 @@ impl fmt::Debug for ClusterKey {
 impl ClusterKey {
     /// A key from raw bytes (tests, and keys taken from elsewhere).
     pub fn from_bytes(bytes: [u8; 32]) -> ClusterKey {
-        ClusterKey(bytes)
+        ClusterKey {
+            bytes,
+            insecure_stream: false,
+        }
+    }
+
+    /// The same key with streams sealed (`false`, the default) or in plaintext after the
+    /// handshake (`true`: measurement only; both peers must say the same).
+    pub fn with_insecure_stream(mut self, insecure: bool) -> ClusterKey {
+        self.insecure_stream = insecure;
+        self
+    }
+
+    /// Whether streams made with this key run unsealed after the handshake.
+    pub fn insecure_stream(&self) -> bool {
+        self.insecure_stream
     }
 
     /// Reads the key file at `path`, refusing one that group or others may read.
@@ -69,10 +109,11 @@ impl ClusterKey {
         if path.exists() {
             return Self::load(path);
         }
-        let key = ClusterKey(random_bytes().map_err(|source| TransferError::KeyCreate {
-            path: path.to_owned(),
-            source,
-        })?);
+        let key =
+            ClusterKey::from_bytes(random_bytes().map_err(|source| TransferError::KeyCreate {
+                path: path.to_owned(),
+                source,
+            })?);
         match key.write_new(path) {
             Ok(()) => Ok(key),
             // Another process created it meanwhile: theirs wins, everyone uses the same key.
@@ -98,41 +139,65 @@ impl ClusterKey {
             let digits = std::str::from_utf8(pair).ok()?;
             *out = u8::from_str_radix(digits, 16).ok()?;
         }
-        Some(ClusterKey(key))
+        Some(ClusterKey::from_bytes(key))
     }
 
     fn to_hex(&self) -> String {
-        self.0.iter().map(|byte| format!("{byte:02x}")).collect()
+        self.bytes
+            .iter()
+            .map(|byte| format!("{byte:02x}"))
+            .collect()
     }
 
-    /// The proof `prover` sends: keyed BLAKE3 over the context, the prover's role and both
-    /// nonces. Each side's proof covers the other's fresh nonce (no replay) and its own role
-    /// (a proof cannot be reflected back to its author).
-    pub fn prove(
-        &self,
-        prover: Role,
-        source_nonce: &[u8; 32],
-        target_nonce: &[u8; 32],
-    ) -> [u8; 32] {
-        let mut message = Vec::with_capacity(PROOF_CONTEXT.len() + 65);
+    /// The proof `prover` sends: keyed BLAKE3 over the context, the prover's role, the
+    /// stream mode and both Hellos. Each side's proof covers the other's fresh nonce (no
+    /// replay), its own role (a proof cannot be reflected back to its author), the mode (a
+    /// relay cannot talk both sides into plaintext) and both ephemeral public keys (a relay
+    /// cannot put its own in).
+    pub fn prove(&self, prover: Role, transcript: &Transcript) -> [u8; 32] {
+        let mut message = Vec::with_capacity(PROOF_CONTEXT.len() + 130);
         message.extend_from_slice(PROOF_CONTEXT);
         message.push(prover.to_wire());
-        message.extend_from_slice(source_nonce);
-        message.extend_from_slice(target_nonce);
-        *blake3::keyed_hash(&self.0, &message).as_bytes()
+        message.push(u8::from(self.insecure_stream));
+        message.extend_from_slice(&transcript.source_nonce);
+        message.extend_from_slice(&transcript.target_nonce);
+        message.extend_from_slice(&transcript.source_public);
+        message.extend_from_slice(&transcript.target_public);
+        *blake3::keyed_hash(&self.bytes, &message).as_bytes()
+    }
+
+    /// The record key `sender` seals with on the connection of `transcript`
+    /// ([`super::seal`]): derived from the key, both Hellos and the ephemeral X25519 secret
+    /// `shared` the two sides agreed on, one context per direction.
+    pub(crate) fn record_key(
+        &self,
+        sender: Role,
+        transcript: &Transcript,
+        shared: &[u8; 32],
+    ) -> [u8; 32] {
+        let context = match sender {
+            Role::Source => SOURCE_RECORD_CONTEXT,
+            Role::Destination => TARGET_RECORD_CONTEXT,
+        };
+        let mut material = [0u8; 192];
+        let parts = [
+            &self.bytes,
+            shared,
+            &transcript.source_nonce,
+            &transcript.target_nonce,
+            &transcript.source_public,
+            &transcript.target_public,
+        ];
+        for (out, part) in material.chunks_exact_mut(32).zip(parts) {
+            out.copy_from_slice(part);
+        }
+        blake3::derive_key(context, &material)
     }
 
     /// Whether `mac` is the proof `prover` should have sent; constant time
     /// (`blake3::Hash`'s equality).
-    pub fn verify(
-        &self,
-        prover: Role,
-        source_nonce: &[u8; 32],
-        target_nonce: &[u8; 32],
-        mac: &[u8; 32],
-    ) -> bool {
-        blake3::Hash::from(self.prove(prover, source_nonce, target_nonce))
-            == blake3::Hash::from(*mac)
+    pub fn verify(&self, prover: Role, transcript: &Transcript, mac: &[u8; 32]) -> bool {
+        blake3::Hash::from(self.prove(prover, transcript)) == blake3::Hash::from(*mac)
     }
 }
 
@@ -190,16 +255,44 @@ mod tests {
         ));
     }
 
-    // Goal: a proof verifies only for the same key, role and nonces. Method: vary each.
+    // Goal: a proof verifies only for the same key, role, mode, nonces and public keys.
+    // Method: vary each.
     #[test]
-    fn proofs_bind_key_role_and_nonces() {
+    fn proofs_bind_key_role_mode_and_hellos() {
         let key = ClusterKey::from_bytes([1; 32]);
         let other = ClusterKey::from_bytes([2; 32]);
-        let (a, b) = ([3; 32], [4; 32]);
-        let mac = key.prove(Role::Source, &a, &b);
-        assert!(key.verify(Role::Source, &a, &b, &mac));
-        assert!(!other.verify(Role::Source, &a, &b, &mac));
-        assert!(!key.verify(Role::Destination, &a, &b, &mac));
-        assert!(!key.verify(Role::Source, &b, &a, &mac));
+        let hellos = Transcript {
+            source_nonce: [3; 32],
+            target_nonce: [4; 32],
+            source_public: [5; 32],
+            target_public: [6; 32],
+        };
+        let mac = key.prove(Role::Source, &hellos);
+        assert!(key.verify(Role::Source, &hellos, &mac));
+        assert!(!other.verify(Role::Source, &hellos, &mac));
+        assert!(!key.verify(Role::Destination, &hellos, &mac));
+        let insecure = key.clone().with_insecure_stream(true);
+        assert!(!insecure.verify(Role::Source, &hellos, &mac));
+        let variants = [
+            Transcript {
+                source_nonce: [4; 32],
+                ..hellos
+            },
+            Transcript {
+                target_nonce: [3; 32],
+                ..hellos
+            },
+            Transcript {
+                source_public: [7; 32],
+                ..hellos
+            },
+            Transcript {
+                target_public: [7; 32],
+                ..hellos
+            },
+        ];
+        for changed in variants {
+            assert!(!key.verify(Role::Source, &changed, &mac), "{changed:?}");
+        }
     }
 }

@@ -1,13 +1,16 @@
 //! The block stream between agents (DESIGN "Block stream between agents"): TCP on its own
 //! port, framed extents with a BLAKE3 digest per data extent, a mutual keyed-hash challenge
-//! on the cluster key, zero extents as holes, an optional bandwidth cap.
+//! on the cluster key with an ephemeral X25519 exchange, then every frame sealed
+//! (AES-256-GCM, per-direction keys from the key, both Hellos and the X25519 secret,
+//! [`seal`]), zero extents as holes, an optional bandwidth cap.
 //!
 //! ```text
 //!  source agent (send::Sender)                        destination agent (recv::serve)
-//!   ── Hello{nonce_s, Source} ─────────────────────────►
-//!   ◄──────────────────────────── Hello{nonce_d, Destination}
-//!   ── Proof{H_k(Source, nonce_s, nonce_d)} ──────────►  verify (else Error{Auth}, close)
-//!   ◄──────────────── Proof{H_k(Destination, nonce_s, nonce_d)}   verify (else Auth error)
+//!   ── Hello{nonce_s, Source, mode, X25519 pub_s} ─────►  mode differs: Error{Refused}
+//!   ◄──────────────────── Hello{nonce_d, Destination, mode, pub_d}
+//!   ── Proof{H_k(Source, mode, both Hellos)} ──────────►  verify (else Error{Auth}, close)
+//!   ◄──────────────── Proof{H_k(Destination, mode, both Hellos)}   verify (else Auth error)
+//!   ═══ from here every frame (and Data payload) sealed, one counter per direction ═══
 //!   ── Open{export, size, granularity, job} ──────────►  host.create_target
 //!   ◄──────────────────────── OpenOk{nbd_tcp} | Error{Refused}
 //!   ── Data{offset, digest} + payload ────────────────►  digest checked, then written O_DIRECT
@@ -28,7 +31,12 @@
 //! ```
 //!
 //! Invariants:
-//! - The key never travels; each proof covers both fresh nonces and the prover's role.
+//! - The key never travels; each proof covers both fresh nonces and ephemeral public keys,
+//!   the prover's role and the stream mode.
+//! - After the handshake no frame is acted on before its record authenticated: a frame
+//!   altered, injected, replayed, reordered or dropped on the way ends the connection with
+//!   `Error{BadFrame}`, before anything is written or committed. Plaintext only when both
+//!   agents run `stream_insecure` (measurement).
 //! - A Data payload is written only after its digest matched; a mismatch stops the stream
 //!   with `Error{Digest}` naming the offset, and the target stays uncommitted.
 //! - Zero extents never travel as data: the destination punches a hole.
@@ -45,6 +53,7 @@ pub mod pace;
 pub mod peer;
 pub mod recv;
 pub mod repoint;
+pub mod seal;
 pub mod send;
 
 use std::io;

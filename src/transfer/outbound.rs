@@ -27,7 +27,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::frame::Frame;
-use super::link::{write_data, write_frame};
+use super::link::Tx;
 use super::TransferError;
 use crate::disk::mirror::WriteMirror;
 
@@ -53,6 +53,8 @@ pub(crate) struct Outbound {
 #[derive(Debug)]
 struct State {
     stream: TcpStream,
+    /// The sending half of the stream's framing: its record counter is the wire order.
+    tx: Tx,
     scratch: Vec<u8>,
     /// A copy is running: mirrored ranges are logged for it.
     copying: bool,
@@ -88,10 +90,11 @@ pub(crate) struct OutboundGuard<'a> {
 }
 
 impl Outbound {
-    pub(crate) fn new(stream: TcpStream) -> Outbound {
+    pub(crate) fn new(stream: TcpStream, tx: Tx) -> Outbound {
         Outbound {
             state: Mutex::new(State {
                 stream,
+                tx,
                 scratch: Vec::new(),
                 copying: false,
                 log: VecDeque::new(),
@@ -233,9 +236,12 @@ impl OutboundGuard<'_> {
     /// Writes a frame without payload.
     pub(crate) fn write_frame(&mut self, frame: &Frame) -> Result<(), TransferError> {
         let State {
-            stream, scratch, ..
+            stream,
+            tx,
+            scratch,
+            ..
         } = &mut *self.state;
-        write_frame(&mut &*stream, frame, scratch)
+        tx.write_frame(&mut &*stream, frame, scratch)
     }
 
     /// Writes a Data frame whose payload digest the caller computed (outside the lock).
@@ -246,9 +252,29 @@ impl OutboundGuard<'_> {
         digest: [u8; 32],
     ) -> Result<(), TransferError> {
         let State {
-            stream, scratch, ..
+            stream,
+            tx,
+            scratch,
+            ..
         } = &mut *self.state;
-        write_data(&mut &*stream, offset_bytes, payload, digest, scratch)
+        tx.write_data(&mut &*stream, offset_bytes, payload, digest, scratch)
+    }
+
+    /// Like [`OutboundGuard::write_data`], sealing `payload` in place (it holds ciphertext
+    /// afterwards): no copy of the payload.
+    pub(crate) fn write_data_in_place(
+        &mut self,
+        offset_bytes: u64,
+        payload: &mut [u8],
+        digest: [u8; 32],
+    ) -> Result<(), TransferError> {
+        let State {
+            stream,
+            tx,
+            scratch,
+            ..
+        } = &mut *self.state;
+        tx.write_data_in_place(&mut &*stream, offset_bytes, payload, digest, scratch)
     }
 
     /// The parts of `[offset_bytes, offset_bytes + len_bytes)` that no operation mirrored

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use ferry_sys::{DirectFile, DIRECT_ALIGN};
 
 use super::frame::{ErrorCode, Frame, Repoint, RepointOutcome, Role, TargetSpec, TargetState};
-use super::link::{self, read_frame, unexpected, write_frame};
+use super::link::{self, read_frame, unexpected, write_frame, Link};
 use super::{ClusterKey, TransferError};
 use crate::dirty::{DirtyBitmap, DirtySet};
 use crate::io::{open_engine, probe_uring, BlockIo, EngineKind, IoCompletion, IoKind, IoRequest};
@@ -322,7 +322,7 @@ fn accept_loop(
 
 /// Runs one connection to its end; the Ok value says how it ended.
 fn serve_connection(
-    mut stream: TcpStream,
+    stream: TcpStream,
     key: &ClusterKey,
     host: &dyn TargetHost,
     engine_kind: EngineKind,
@@ -334,7 +334,7 @@ fn serve_connection(
     stream
         .set_write_timeout(Some(WRITE_TIMEOUT))
         .map_err(TransferError::Socket)?;
-    link::authenticate(&mut stream, key, Role::Destination)?;
+    let mut stream = link::authenticate(stream, key, Role::Destination)?;
     let spec = match read_frame(&mut stream, &mut Vec::new()) {
         Ok(Frame::Open(spec)) => spec,
         Ok(Frame::Query { job_id, finalize }) => {
@@ -401,7 +401,7 @@ fn serve_connection(
 
 /// Answers a [`Frame::Repoint`]; the connection ends after it.
 fn answer_repoint(
-    stream: &mut TcpStream,
+    stream: &mut Link<TcpStream>,
     host: &dyn TargetHost,
     repoint: &Repoint,
 ) -> Result<&'static str, TransferError> {
@@ -431,7 +431,7 @@ fn answer_repoint(
 /// gracefully: shut down our side and drop the peer's in-flight input for a while, so the
 /// Error frame is read before the kernel could reset the connection. Returns `err`.
 #[cold]
-fn fail(stream: &mut TcpStream, err: TransferError) -> TransferError {
+fn fail(stream: &mut Link<TcpStream>, err: TransferError) -> TransferError {
     let (code, offset_bytes) = match &err {
         TransferError::Digest { offset_bytes } => (ErrorCode::Digest, *offset_bytes),
         TransferError::Refused { .. } => (ErrorCode::Refused, 0),
@@ -510,7 +510,7 @@ impl Target {
     /// Applies frames until Abort, a clean close after Commit, or an error.
     fn apply_frames(
         &mut self,
-        stream: &mut TcpStream,
+        stream: &mut Link<TcpStream>,
         host: &dyn TargetHost,
     ) -> Result<&'static str, TransferError> {
         let mut committed = false;
@@ -651,7 +651,7 @@ impl Target {
     /// Reads a Data payload, checks its digest, then queues its write.
     fn receive_data(
         &mut self,
-        stream: &mut TcpStream,
+        stream: &mut Link<TcpStream>,
         offset_bytes: u64,
         len_bytes: u32,
         digest: &[u8; 32],
@@ -659,9 +659,7 @@ impl Target {
         self.check_range(offset_bytes, u64::from(len_bytes))?;
         let len = len_bytes as usize;
         let mut buf = self.pool.take(len.next_multiple_of(DIRECT_ALIGN));
-        stream
-            .read_exact(&mut buf.as_mut_slice()[..len])
-            .map_err(TransferError::from_socket)?;
+        link::read_payload(stream, &mut buf.as_mut_slice()[..len])?;
         let actual = blake3::hash(&buf.as_slice()[..len]);
         if actual != blake3::Hash::from(*digest) {
             self.pool.give(buf);

@@ -167,8 +167,7 @@ impl Sender {
             });
         }
         let timeout = Duration::from_millis(options.connect_timeout_ms.max(1));
-        let mut stream =
-            TcpStream::connect_timeout(&addr, timeout).map_err(TransferError::Connect)?;
+        let stream = TcpStream::connect_timeout(&addr, timeout).map_err(TransferError::Connect)?;
         let reply_timeout = Some(Duration::from_millis(options.reply_timeout_ms.max(1)));
         stream.set_nodelay(true).map_err(TransferError::Socket)?;
         stream
@@ -177,25 +176,26 @@ impl Sender {
         stream
             .set_write_timeout(reply_timeout)
             .map_err(TransferError::Socket)?;
-        link::authenticate(&mut stream, key, Role::Source)?;
+        let mut link = link::authenticate(stream, key, Role::Source)?;
         let mut scratch = Vec::new();
-        write_frame(&mut stream, &Frame::Open(spec.clone()), &mut scratch)?;
-        let reply = match read_frame(&mut stream, &mut Vec::new())? {
+        write_frame(&mut link, &Frame::Open(spec.clone()), &mut scratch)?;
+        let reply = match read_frame(&mut link, &mut Vec::new())? {
             Frame::OpenOk { nbd_tcp } => OpenReply { nbd_tcp },
             other => return Err(unexpected(other, "OpenOk")),
         };
         // From here the reader thread waits for answers as long as it takes; callers wait on
         // the channel with their own timeout.
+        let (stream, link_tx, link_rx) = link.into_parts();
         stream
             .set_read_timeout(None)
             .map_err(TransferError::Socket)?;
         let reader_stream = stream.try_clone().map_err(TransferError::Socket)?;
-        let out = Arc::new(Outbound::new(stream));
+        let out = Arc::new(Outbound::new(stream, link_tx));
         let (tx, replies) = crossbeam_channel::bounded(16);
         let reader_out = Arc::clone(&out);
         let reader = std::thread::Builder::new()
             .name("ferry-send-rx".into())
-            .spawn(move || read_replies(reader_stream, tx, &reader_out))
+            .spawn(move || read_replies(reader_stream, link_rx, tx, &reader_out))
             .map_err(TransferError::Spawn)?;
         let engine_kind = if probe_uring().is_ok() {
             EngineKind::Uring
@@ -364,7 +364,7 @@ impl Sender {
                     },
                 );
             }
-            while let Some(chunk) = ready.remove(&next_emit) {
+            while let Some(mut chunk) = ready.remove(&next_emit) {
                 if self.mirroring {
                     let oldest_seq = reading
                         .values()
@@ -373,11 +373,11 @@ impl Sender {
                         .chain([chunk.since_seq])
                         .min()
                         .unwrap_or(chunk.since_seq);
-                    self.emit_carved(&chunk, oldest_seq, stats)?;
+                    self.emit_carved(&mut chunk, oldest_seq, stats)?;
                     window.sent_bytes += u64::from(chunk.len_bytes);
                     self.keep_window(&mut window)?;
                 } else {
-                    self.emit(&chunk, &mut zero_run, stats)?;
+                    self.emit(&mut chunk, &mut zero_run, stats)?;
                 }
                 self.pool.give(chunk.buf);
                 next_emit += 1;
@@ -393,12 +393,12 @@ impl Sender {
     /// Sends one chunk: extends the zero run, or flushes it and sends the chunk as Data.
     fn emit(
         &mut self,
-        chunk: &ReadChunk,
+        chunk: &mut ReadChunk,
         zero_run: &mut Option<ZeroRun>,
         stats: &mut SendStats,
     ) -> Result<(), TransferError> {
-        let data =
-            &chunk.buf.as_slice()[chunk.data_start..chunk.data_start + chunk.len_bytes as usize];
+        let data = &mut chunk.buf.as_mut_slice()
+            [chunk.data_start..chunk.data_start + chunk.len_bytes as usize];
         let len_bytes = u64::from(chunk.len_bytes);
         if is_all_zero(data) {
             if let Some(run) = zero_run.as_mut() {
@@ -421,9 +421,10 @@ impl Sender {
         let wire_bytes = (frame::HEADER_BYTES + 40) as u64 + len_bytes;
         self.pace(wire_bytes);
         let digest = *blake3::hash(data).as_bytes();
+        // Sealed in the read buffer itself: it goes back to the pool after this.
         self.out
             .lock()
-            .write_data(chunk.offset_bytes, data, digest)?;
+            .write_data_in_place(chunk.offset_bytes, data, digest)?;
         stats.data_bytes += len_bytes;
         stats.data_frames += 1;
         stats.wire_bytes += wire_bytes;
@@ -454,12 +455,12 @@ impl Sender {
     /// ranges mirrored since its read was submitted; each piece as Zero or Data.
     fn emit_carved(
         &mut self,
-        chunk: &ReadChunk,
+        chunk: &mut ReadChunk,
         oldest_seq: u64,
         stats: &mut SendStats,
     ) -> Result<(), TransferError> {
-        let data =
-            &chunk.buf.as_slice()[chunk.data_start..chunk.data_start + chunk.len_bytes as usize];
+        let data = &mut chunk.buf.as_mut_slice()
+            [chunk.data_start..chunk.data_start + chunk.len_bytes as usize];
         self.pace((frame::HEADER_BYTES + 40) as u64 + u64::from(chunk.len_bytes));
         let mut out = self.out.lock();
         let pieces = out.carve(
@@ -470,7 +471,7 @@ impl Sender {
         );
         for (offset_bytes, len_bytes) in pieces {
             let start = usize::try_from(offset_bytes - chunk.offset_bytes).expect("in chunk");
-            let piece = &data[start..start + len_bytes as usize];
+            let piece = &mut data[start..start + len_bytes as usize];
             if is_all_zero(piece) {
                 out.write_frame(&Frame::Zero {
                     offset_bytes,
@@ -480,7 +481,8 @@ impl Sender {
                 stats.zero_frames += 1;
                 stats.wire_bytes += (frame::HEADER_BYTES + 16) as u64;
             } else {
-                out.write_data(offset_bytes, piece, *blake3::hash(piece).as_bytes())?;
+                let digest = *blake3::hash(piece).as_bytes();
+                out.write_data_in_place(offset_bytes, piece, digest)?;
                 stats.data_bytes += len_bytes;
                 stats.data_frames += 1;
                 stats.wire_bytes += (frame::HEADER_BYTES + 40) as u64 + len_bytes;
@@ -752,22 +754,24 @@ pub fn query_target(
 /// The reader thread: forwards the destination's frames until the socket closes.
 fn read_replies(
     mut stream: TcpStream,
+    mut link_rx: link::Rx,
     tx: crossbeam_channel::Sender<Result<Frame, TransferError>>,
     out: &Outbound,
 ) {
-    read_until_closed(&mut stream, &tx, out);
+    read_until_closed(&mut stream, &mut link_rx, &tx, out);
     out.close();
 }
 
 /// Fence answers go to the mirror's waiters, every other frame to the channel.
 fn read_until_closed(
     stream: &mut TcpStream,
+    link_rx: &mut link::Rx,
     tx: &crossbeam_channel::Sender<Result<Frame, TransferError>>,
     out: &Outbound,
 ) {
     let mut meta = Vec::new();
     loop {
-        let reply = read_frame(stream, &mut meta);
+        let reply = link_rx.read_frame(stream, &mut meta);
         if let Ok(Frame::FenceOk { seq }) = reply {
             out.fence_answered(seq);
             continue;

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use ferry_sys::DirectFile;
 
-use super::frame::{self, ErrorCode, Frame, Role, TargetSpec};
+use super::frame::{ErrorCode, Frame, Role, TargetSpec};
 use super::link;
 use super::*;
 
@@ -220,8 +220,8 @@ fn loopback_whole_disk() {
 fn corrupted_data_is_refused() {
     let size = 4 * MIB;
     let s = setup(size, &[], None);
-    let mut stream = TcpStream::connect(s.server.local_addr()).unwrap();
-    link::authenticate(&mut stream, &s.key, Role::Source).unwrap();
+    let stream = TcpStream::connect(s.server.local_addr()).unwrap();
+    let mut stream = link::authenticate(stream, &s.key, Role::Source).unwrap();
     let mut scratch = Vec::new();
     link::write_frame(&mut stream, &Frame::Open(spec("bad", size)), &mut scratch).unwrap();
     let mut meta = Vec::new();
@@ -230,15 +230,7 @@ fn corrupted_data_is_refused() {
     let payload = vec![0xEEu8; 65536];
     let mut digest = *blake3::hash(&payload).as_bytes();
     digest[0] ^= 1;
-    let data = Frame::Data {
-        offset_bytes: MIB,
-        len_bytes: 65536,
-        digest,
-    };
-    scratch.clear();
-    frame::encode(&data, &mut scratch);
-    scratch.extend_from_slice(&payload);
-    stream.write_all(&scratch).unwrap();
+    link::write_data(&mut stream, MIB, &payload, digest, &mut scratch).unwrap();
     let answer = link::read_frame(&mut stream, &mut meta).unwrap();
     let Frame::Error {
         code, offset_bytes, ..
@@ -385,8 +377,8 @@ fn garbage_input_closes_only_that_connection() {
         let mut rest = Vec::new();
         let _ = stream.read_to_end(&mut rest);
     }
-    let mut stream = TcpStream::connect(s.server.local_addr()).unwrap();
-    link::authenticate(&mut stream, &s.key, Role::Source).unwrap();
+    let stream = TcpStream::connect(s.server.local_addr()).unwrap();
+    let mut stream = link::authenticate(stream, &s.key, Role::Source).unwrap();
     let mut scratch = Vec::new();
     link::write_frame(&mut stream, &Frame::Open(spec("noise", size)), &mut scratch).unwrap();
     let mut meta = Vec::new();
