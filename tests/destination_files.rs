@@ -3,6 +3,9 @@
 //! the files, the link targets and the journal as they were, and the peer is told no local
 //! path; a good migration still lands, its image private (0600).
 
+// An integration test crate is compiled for tests only; the lint is for unit tests in src/.
+#![allow(clippy::tests_outside_test_module)]
+
 mod common;
 
 use std::net::SocketAddr;
