@@ -109,9 +109,10 @@ impl TargetError {
 /// What the agent provides to streams: target creation and commitment.
 pub trait TargetHost: Send + Sync {
     /// Creates (or, for the same job on resume, reopens) the target image for `spec`, of
-    /// `spec.size_bytes`, sparse. Refuses with a reason when an export of that name is
-    /// already served, or the disk lacks space ([`check_free_space`]).
-    /// `source` is the peer's address as this agent sees it.
+    /// `spec.size_bytes`, sparse. Refuses with a reason when `spec` is out of bounds
+    /// ([`validate_spec`]), an export of that name is already served, a file the job did not
+    /// create is where the image goes, or the disk lacks space ([`check_free_space`]); a
+    /// refusal records nothing. `source` is the peer's address as this agent sees it.
     fn create_target(
         &self,
         spec: &TargetSpec,
