@@ -167,6 +167,8 @@ impl Targets {
                 check_free_space(&self.image_dir, spec.size_bytes)?;
                 // Before the image exists, so that no image exists the journal does not know.
                 self.record_created(spec, source, &path)?;
+                // A file appearing here since the check (only root writes this directory)
+                // is refused, left alone, and its job stays receiving with no image of its own.
                 let file = create_image_file(&path)?;
                 let made = file
                     .set_len(spec.size_bytes)
