@@ -103,8 +103,9 @@ fn live_migration_under_writes_loses_nothing() {
 }
 
 // Goal: a destination that cannot take the disk refuses with a clear error and the source
-// keeps serving locally, untouched. Method: an image of another size already sits where the
-// destination would create the target; migrate; then qemu-io still reads the source's data.
+// keeps serving locally, untouched; the file in the way is left as it was. Method: an image
+// (of another size) already sits where the destination would create the target; migrate;
+// then qemu-io still reads the source's data, and the file there is unchanged.
 #[test]
 fn destination_refusal_leaves_source_serving() {
     let dir = common::scratch_dir();
@@ -114,13 +115,16 @@ fn destination_refusal_leaves_source_serving() {
     let pair = pair(&image, "64K");
     let images = pair.destination.state_dir.join("images");
     std::fs::create_dir_all(&images).unwrap();
-    sparse_image(&images.join("vm1.img"), 32 * MIB);
+    let in_the_way = images.join("vm1.img");
+    sparse_image(&in_the_way, 32 * MIB);
     let out = pair
         .source
         .cli(&["migrate", "vm1", "--to", &pair.destination_transfer]);
     assert!(!out.status.success());
     let text = format!("{}{}", stdout(&out), String::from_utf8_lossy(&out.stderr));
-    assert!(text.contains("wrong size"), "{text}");
+    assert!(text.contains("exists"), "{text}");
+    assert!(!text.contains(images.to_str().unwrap()), "{text}");
+    assert_eq!(std::fs::metadata(&in_the_way).unwrap().len(), 32 * MIB);
     assert!(
         text.contains("source is authoritative") || text.contains("source"),
         "{text}"

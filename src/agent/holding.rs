@@ -90,10 +90,11 @@ pub fn repoint(
         return Ok(RepointOutcome::NotForwarding);
     };
     if view.size_bytes != repoint.size_bytes {
-        return Err(TargetError::Refused(format!(
-            "export '{}' has {} bytes here, not {}",
-            view.export, view.size_bytes, repoint.size_bytes
-        )));
+        // The sizes go to the local log only.
+        return Err(TargetError::WrongSize {
+            have_bytes: view.size_bytes,
+            want_bytes: repoint.size_bytes,
+        });
     }
     // The job's own switchover is move 1.
     if repoint.moves <= source.repointed_moves.max(1) {

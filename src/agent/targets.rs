@@ -5,6 +5,15 @@
 //! Invariants: a target is never created over an export this agent serves, nor over an
 //! image of another size; two streams never fill the same target at once; a committed target
 //! is recorded like an export added at run time, so a restarted agent serves it again.
+//!
+//! File safety (the peer holds the cluster key, but is trusted with no local file): an `Open`
+//! is checked whole ([`validate_spec`], the job's phase, the served exports, the file there)
+//! before anything is journaled. A new job's image is created `O_CREAT|O_EXCL|O_NOFOLLOW`,
+//! mode 0600, in `image_dir` (made 0700): never over a file that was there, never through a
+//! link. An existing file is reopened (`O_NOFOLLOW`) only to resume the job the journal says
+//! created it. The stream's image is OFD-locked from the Open to the commit or the stream's
+//! end, so it is never the image of a served export (those hold the same lock), and Abort
+//! removes only that locked file, the job's own.
 //! Journal (commit protocol): `TargetCreated` is durable before the image is created,
 //! `TargetCommitted` (the commit point) before the image is served and `CommitOk` sent,
 //! `TargetAborted` before the image is removed; a job the journal says committed or aborted
@@ -14,12 +23,14 @@
 //! blocks (docs/commit-protocol.md). Commits and queries decide under one lock.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::fs::File;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ferry_sys::DirectFile;
+use ferry_sys::{DirectFile, OfdLock};
 
 use super::exports::Exports;
 use crate::api::types::ExportSpec;
@@ -27,13 +38,26 @@ use crate::dirty::DirtySet;
 use crate::journal::commit::{Answer, CommitDecision, CommitFence};
 use crate::journal::{Record, Role, SharedJournal, Side, TargetPhase, TargetView};
 use crate::transfer::{
-    check_free_space, Repoint, RepointOutcome, TargetError, TargetHost, TargetSpec, TargetState,
+    check_free_space, create_image_file, validate_spec, Repoint, RepointOutcome, TargetError,
+    TargetHost, TargetSpec, TargetState,
 };
 
 use super::holding;
 
 /// Least time between two records of a job's received blocks.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+/// Mode of an image directory this agent creates: the images are guests' disks.
+const IMAGE_DIR_MODE: u32 = 0o700;
+
+/// The stream filling an export.
+#[derive(Debug)]
+struct Filling {
+    job_id: u64,
+    stream_id: u64,
+    /// The lock on the job's image, from its Open to its commit (the export takes the lock
+    /// then) or the stream's end; Abort removes the file only while this holds it.
+    image: Option<OfdLock>,
+}
 
 /// Where this agent puts migrated-in disks, and what it tells sources.
 #[derive(Debug)]
@@ -41,8 +65,8 @@ pub struct Targets {
     exports: Arc<Exports>,
     image_dir: PathBuf,
     nbd_tcp: Option<String>,
-    /// Export → (job, stream id) of the stream filling it.
-    filling: Mutex<BTreeMap<String, (u64, u64)>>,
+    /// Export → the stream filling it.
+    filling: Mutex<BTreeMap<String, Filling>>,
     /// Which stream may still commit each job; held while a commit or a query decides.
     fence: Mutex<CommitFence>,
     next_stream: AtomicU64,
@@ -60,6 +84,7 @@ impl Targets {
         nbd_tcp: Option<String>,
         journal: SharedJournal,
     ) -> Self {
+        warn_if_open(&image_dir);
         Targets {
             exports,
             image_dir,
@@ -85,12 +110,14 @@ impl Targets {
         self.image_dir.join(format!("{export}.img"))
     }
 
-    fn create(&self, spec: &TargetSpec, source: &str) -> Result<Arc<DirectFile>, TargetError> {
-        crate::name::validate(&spec.export).map_err(|err| TargetError::Refused(err.to_string()))?;
-        match self.phase(spec.job_id) {
-            None => {}
+    /// Checks the Open, then opens the job's image (a resume) or creates it, locked; the
+    /// journal records the job only once every check passed.
+    fn create(&self, spec: &TargetSpec, source: &str) -> Result<Image, TargetError> {
+        validate_spec(spec)?;
+        let resume = match self.phase(spec.job_id) {
+            None => false,
             // The same job again: a resume.
-            Some((TargetPhase::Receiving, export)) if export == spec.export => {}
+            Some((TargetPhase::Receiving, export)) if export == spec.export => true,
             Some((TargetPhase::Receiving, export)) => {
                 return Err(TargetError::Refused(format!(
                     "job {} is already receiving export '{export}' here",
@@ -104,7 +131,7 @@ impl Targets {
                     phase.as_str()
                 )));
             }
-        }
+        };
         // An export this agent forwards is a disk coming home: its image here is stale, so
         // the disk is received into a new file, adopted at the commit.
         if self.exports.has_export(&spec.export) && !self.exports.is_forwarded(&spec.export) {
@@ -113,10 +140,58 @@ impl Targets {
                 spec.export
             )));
         }
-        std::fs::create_dir_all(&self.image_dir)
-            .map_err(TargetError::io("create the directory of", &self.image_dir))?;
         let path = self.image_path(&spec.export);
-        // Before the image exists, so that no image exists the journal does not know.
+        if self.exports.serves_path(&path) {
+            return Err(TargetError::Exists { path });
+        }
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(IMAGE_DIR_MODE)
+            .create(&self.image_dir)
+            .map_err(TargetError::io("create the directory of", &self.image_dir))?;
+        // Only the job that created a file may reopen it; anything else there is not ours.
+        let existing = if resume {
+            open_existing(&path)?
+        } else if path.symlink_metadata().is_ok() {
+            return Err(TargetError::Exists { path });
+        } else {
+            None
+        };
+        match existing {
+            Some(file) => {
+                let lock = lock_image(file, &path, spec.size_bytes)?;
+                self.record_created(spec, source, &path)?;
+                open_locked(&path, lock)
+            }
+            None => {
+                check_free_space(&self.image_dir, spec.size_bytes)?;
+                // Before the image exists, so that no image exists the journal does not know.
+                self.record_created(spec, source, &path)?;
+                // A file appearing here since the check (only root writes this directory)
+                // is refused, left alone, and its job stays receiving with no image of its own.
+                let file = create_image_file(&path)?;
+                let made = file
+                    .set_len(spec.size_bytes)
+                    .map_err(TargetError::io("size", &path))
+                    .and_then(|()| lock_image(file, &path, spec.size_bytes))
+                    .and_then(|lock| open_locked(&path, lock));
+                if made.is_err() {
+                    // Created by this call (O_EXCL), so it is ours to remove; the job stays
+                    // receiving, as if stopped before the creation.
+                    let _ = std::fs::remove_file(&path);
+                }
+                made
+            }
+        }
+    }
+
+    /// `TargetCreated` (again, on a resume) and the holder, durably.
+    fn record_created(
+        &self,
+        spec: &TargetSpec,
+        source: &str,
+        path: &Path,
+    ) -> Result<(), TargetError> {
         self.journal
             .append(&Record::TargetCreated {
                 job_id: spec.job_id,
@@ -125,31 +200,100 @@ impl Targets {
                 size_bytes: spec.size_bytes,
                 granularity_bytes: spec.granularity_bytes,
                 source: source.to_string(),
-                image_path: path.clone(),
+                image_path: path.to_path_buf(),
             })
             .map_err(|err| TargetError::Journal(Box::new(err)))?;
-        self.record_holder(spec, source)?;
-        match std::fs::metadata(&path) {
-            Ok(meta) if meta.len() != spec.size_bytes => {
-                return Err(TargetError::WrongSize {
-                    have_bytes: meta.len(),
-                    want_bytes: spec.size_bytes,
-                });
-            }
-            // Same size: an interrupted migration of this disk, continued.
-            Ok(_) => {}
-            Err(_) => {
-                check_free_space(&self.image_dir, spec.size_bytes)?;
-                let file =
-                    std::fs::File::create(&path).map_err(TargetError::io("create", &path))?;
-                file.set_len(spec.size_bytes)
-                    .map_err(TargetError::io("size", &path))?;
-            }
-        }
-        DirectFile::open(&path, true)
-            .map(Arc::new)
-            .map_err(TargetError::io("open", &path))
+        self.record_holder(spec, source)
     }
+
+    /// The lock on the image of the stream filling `spec`'s export, if it is `spec`'s job.
+    fn take_lock(&self, spec: &TargetSpec) -> Option<OfdLock> {
+        let mut filling = self.filling.lock().expect("filling lock");
+        let entry = filling.get_mut(&spec.export)?;
+        if entry.job_id != spec.job_id {
+            return None;
+        }
+        entry.image.take()
+    }
+}
+
+/// A target image opened for a stream, and the lock that keeps it the job's own.
+struct Image {
+    file: Arc<DirectFile>,
+    lock: OfdLock,
+}
+
+/// Warns when `dir` exists with group or other access: the images in it are guests' disks.
+fn warn_if_open(dir: &Path) {
+    if let Ok(meta) = std::fs::metadata(dir) {
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            log::warn!(
+                "image directory {} has mode {mode:o}: migrated-in disks are readable beyond \
+                 root's (chmod 700)",
+                dir.display()
+            );
+        }
+    }
+}
+
+/// Opens the image at `path` for a resume, without following a link: None when it is gone.
+fn open_existing(path: &Path) -> Result<Option<File>, TargetError> {
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+        .open(path);
+    match opened {
+        Ok(file) => Ok(Some(file)),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(err) if err.raw_os_error() == Some(nix::libc::ELOOP) => Err(TargetError::Exists {
+            path: path.to_path_buf(),
+        }),
+        Err(err) => Err(TargetError::io("open", path)(err)),
+    }
+}
+
+/// Locks `file` (a served export's image is locked already, so it is refused here) and
+/// checks it is a regular file of `size_bytes`.
+fn lock_image(file: File, path: &Path, size_bytes: u64) -> Result<OfdLock, TargetError> {
+    let lock = OfdLock::lock_open(file, path).map_err(TargetError::io("lock", path))?;
+    let meta = lock
+        .file()
+        .metadata()
+        .map_err(TargetError::io("inspect", path))?;
+    if !meta.is_file() {
+        return Err(TargetError::Exists {
+            path: path.to_path_buf(),
+        });
+    }
+    if meta.len() != size_bytes {
+        return Err(TargetError::WrongSize {
+            have_bytes: meta.len(),
+            want_bytes: size_bytes,
+        });
+    }
+    Ok(lock)
+}
+
+/// Opens the locked image for the data path, checking it is still the file locked.
+fn open_locked(path: &Path, lock: OfdLock) -> Result<Image, TargetError> {
+    let file = DirectFile::open_no_follow(path, true).map_err(TargetError::io("open", path))?;
+    let same = nix::sys::stat::fstat(file.buffered_raw_fd())
+        .ok()
+        .zip(lock.file().metadata().ok())
+        .is_some_and(|(opened, locked)| {
+            opened.st_dev == locked.dev() && opened.st_ino == locked.ino()
+        });
+    if !same {
+        return Err(TargetError::Exists {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(Image {
+        file: Arc::new(file),
+        lock,
+    })
 }
 
 impl Targets {
@@ -197,19 +341,35 @@ impl TargetHost for Targets {
                     spec.export
                 )));
             }
-            filling.insert(spec.export.clone(), (spec.job_id, stream_id));
+            let entry = Filling {
+                job_id: spec.job_id,
+                stream_id,
+                image: None,
+            };
+            filling.insert(spec.export.clone(), entry);
         }
-        let created = self.create(spec, source);
-        match &created {
-            // After TargetCreated is durable: this stream is the one that may commit.
-            Ok(_) => self
-                .fence
-                .lock()
-                .expect("fence lock")
-                .open(spec.job_id, stream_id),
-            Err(_) => self.end_stream(spec),
+        match self.create(spec, source) {
+            Ok(Image { file, lock }) => {
+                if let Some(entry) = self
+                    .filling
+                    .lock()
+                    .expect("filling lock")
+                    .get_mut(&spec.export)
+                {
+                    entry.image = Some(lock);
+                }
+                // After TargetCreated is durable: this stream is the one that may commit.
+                self.fence
+                    .lock()
+                    .expect("fence lock")
+                    .open(spec.job_id, stream_id);
+                Ok(file)
+            }
+            Err(err) => {
+                self.end_stream(spec);
+                Err(err)
+            }
         }
-        created
     }
 
     fn commit_target(&self, spec: &TargetSpec) -> Result<(), TargetError> {
@@ -218,8 +378,8 @@ impl TargetHost for Targets {
             .lock()
             .expect("filling lock")
             .get(&spec.export)
-            .filter(|&&(job_id, _)| job_id == spec.job_id)
-            .map(|&(_, stream_id)| stream_id);
+            .filter(|entry| entry.job_id == spec.job_id)
+            .map(|entry| entry.stream_id);
         {
             // Decided under the fence lock, so no query answers while this commits.
             let fence = self.fence.lock().expect("fence lock");
@@ -246,6 +406,8 @@ impl TargetHost for Targets {
                     .map_err(|err| TargetError::Journal(Box::new(err)))?,
             }
         }
+        // The export takes the image's lock from here on.
+        drop(self.take_lock(spec));
         let export = ExportSpec {
             name: spec.export.clone(),
             path: self.image_path(&spec.export),
@@ -280,11 +442,33 @@ impl TargetHost for Targets {
         if aborted.is_err() {
             return; // keep the image: the journal does not say it is debris
         }
+        // Only the file this job's stream created or reopened, and still holds locked.
+        let Some(lock) = self.take_lock(spec) else {
+            log::warn!(
+                "job {}: aborted without its image locked; no file removed",
+                spec.job_id
+            );
+            return;
+        };
         let path = self.image_path(&spec.export);
-        if !self.exports.serves_path(&path) {
-            if let Err(err) = std::fs::remove_file(&path) {
-                log::warn!("cannot remove aborted target {}: {err}", path.display());
-            }
+        let ours = lock
+            .file()
+            .metadata()
+            .ok()
+            .zip(path.symlink_metadata().ok())
+            .is_some_and(|(locked, there)| {
+                locked.dev() == there.dev() && locked.ino() == there.ino()
+            });
+        if !ours || self.exports.serves_path(&path) {
+            log::warn!(
+                "job {}: {} is no longer its image; not removed",
+                spec.job_id,
+                path.display()
+            );
+            return;
+        }
+        if let Err(err) = std::fs::remove_file(&path) {
+            log::warn!("cannot remove aborted target {}: {err}", path.display());
         }
     }
 
@@ -355,9 +539,12 @@ impl TargetHost for Targets {
         let mut filling = self.filling.lock().expect("filling lock");
         if filling
             .get(&spec.export)
-            .is_some_and(|&(job_id, _)| job_id == spec.job_id)
+            .is_some_and(|entry| entry.job_id == spec.job_id)
         {
             filling.remove(&spec.export);
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -50,7 +50,7 @@
 //! | --- | --- |
 //! | `SourceStarted` | before the destination is contacted |
 //! | `SourceSettings` | after `SourceStarted`, and at each resume, before the destination is contacted (it changes no phase) |
-//! | `TargetCreated` | before the image is created (so no image exists that the journal does not know) |
+//! | `TargetCreated` | after the `Open` was checked whole (a refused `Open` leaves no record), before the image is created (so no image exists that the journal does not know) |
 //! | `TargetReceived` | after the fdatasync that made its blocks durable |
 //! | `SourceSwitchoverBegun` | writes held and drained, before the commit is sent |
 //! | `TargetCommitted` | after the target's fdatasync, before it is served and before `CommitOk` |

@@ -28,7 +28,7 @@ use thiserror::Error;
 /// Cuts a message to a bounded string field (here for the frame's users).
 pub use crate::codec::truncate_utf8;
 use crate::codec::{self, CodecError};
-use crate::dirty::MIN_GRANULARITY_BYTES;
+use crate::dirty::{MAX_GRANULARITY_BYTES, MIN_GRANULARITY_BYTES};
 
 /// First four bytes of every frame: "FRYB" (ferry block stream).
 pub const MAGIC: u32 = 0x4652_5942;
@@ -86,7 +86,7 @@ pub struct TargetSpec {
     pub export: String,
     /// Disk size.
     pub size_bytes: u64,
-    /// Block size of the destination's received-blocks bitmap (a power of two ≥ 4096).
+    /// Block size of the destination's received-blocks bitmap (a power of two, 4 KiB..=64 MiB).
     pub granularity_bytes: u64,
     /// Migration job this stream belongs to (journal key).
     pub job_id: u64,
@@ -911,7 +911,9 @@ fn decode_spec(fields: &mut codec::Reader<'_>) -> Result<TargetSpec, FrameError>
     if export.is_empty() {
         return Err(FrameError::BadField("empty export name"));
     }
-    if !granularity_bytes.is_power_of_two() || granularity_bytes < MIN_GRANULARITY_BYTES {
+    if !granularity_bytes.is_power_of_two()
+        || !(MIN_GRANULARITY_BYTES..=MAX_GRANULARITY_BYTES).contains(&granularity_bytes)
+    {
         return Err(FrameError::BadField("granularity"));
     }
     if size_bytes.div_ceil(granularity_bytes) > MAX_BLOCKS {
@@ -1199,6 +1201,18 @@ mod tests {
         }));
         let refused = Err(FrameError::BadField("too many blocks for the granularity"));
         assert_eq!(decode(&huge), refused);
+
+        for granularity_bytes in [1 << 62, MAX_GRANULARITY_BYTES * 2, 2048] {
+            let absurd = encoded(&Frame::Open(TargetSpec {
+                export: "absurd".into(),
+                size_bytes: 1 << 20,
+                granularity_bytes,
+                job_id: 1,
+                batch: None,
+                holder: None,
+            }));
+            assert_eq!(decode(&absurd), Err(FrameError::BadField("granularity")));
+        }
     }
 
     /// Recomputes the meta and header checksums after a test edited the meta, whose length

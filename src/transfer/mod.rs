@@ -46,6 +46,7 @@
 //!   connection only (DESIGN invariant 3). Every byte count reported is measured.
 
 pub mod frame;
+pub mod host;
 pub mod key;
 mod link;
 mod outbound;
@@ -64,14 +65,15 @@ use thiserror::Error;
 pub use frame::{
     ErrorCode, Frame, FrameError, Holder, Repoint, RepointOutcome, Role, TargetSpec, TargetState,
 };
+pub use host::{
+    check_free_space, create_image_file, create_sparse_target, validate_spec, TargetError,
+    TargetHost,
+};
 pub use key::ClusterKey;
 pub use outbound::MirrorLink;
 pub use pace::Pacer;
 pub use peer::{abort_target, ask_until_final, resolve_peer, AbortError, PeerError, DEFAULT_PORT};
-pub use recv::{
-    check_free_space, create_sparse_target, hash_image, serve, ReceiverServer, TargetError,
-    TargetHost,
-};
+pub use recv::{hash_image, serve, ReceiverServer};
 pub use send::{query_target, OpenReply, QueryAnswer, SendOptions, SendStats, Sender};
 
 /// Errors of the block stream. The same `io::Error` means different things from the socket,

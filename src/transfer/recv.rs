@@ -17,7 +17,6 @@
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -25,7 +24,8 @@ use std::time::{Duration, Instant};
 
 use ferry_sys::{DirectFile, DIRECT_ALIGN};
 
-use super::frame::{ErrorCode, Frame, Repoint, RepointOutcome, Role, TargetSpec, TargetState};
+use super::frame::{ErrorCode, Frame, Repoint, Role, TargetSpec};
+use super::host::{validate_spec, TargetHost};
 use super::link::{self, read_frame, unexpected, write_frame, Link};
 use super::{ClusterKey, TransferError};
 use crate::dirty::{DirtyBitmap, DirtySet};
@@ -47,125 +47,6 @@ const MAX_ZERO_REQUEST_BYTES: u64 = 1 << 30;
 const LINGER: Duration = Duration::from_secs(3);
 /// Connections served at once; more are closed at accept.
 const MAX_CONNECTIONS: usize = 64;
-
-/// Why a host refused to create or commit a target. Its `Display` (not its sources, which
-/// may name local paths) is what the source is told in an `Error` frame.
-#[derive(Debug, thiserror::Error)]
-pub enum TargetError {
-    /// The host will not take this target now (busy, wrong state, already served, bad name).
-    #[error("{0}")]
-    Refused(String),
-    /// The file system lacks room for the disk.
-    #[error("not enough space: {need_bytes} bytes needed, {free_bytes} available")]
-    NoSpace {
-        /// The disk's size.
-        need_bytes: u64,
-        /// What is available to this process.
-        free_bytes: u64,
-    },
-    /// An image of another size sits where the target goes.
-    #[error(
-        "wrong size: the image there holds {have_bytes} bytes, the source disk has {want_bytes}"
-    )]
-    WrongSize {
-        /// The existing image's size.
-        have_bytes: u64,
-        /// The source disk's size.
-        want_bytes: u64,
-    },
-    /// The image or its directory could not be created, sized, opened or locked.
-    #[error("cannot {action} the target image")]
-    Io {
-        /// What failed.
-        action: &'static str,
-        /// The file or directory.
-        path: PathBuf,
-        /// What the OS said.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The host's journal could not record the step, so it was not taken.
-    #[error("the destination cannot record it")]
-    Journal(#[source] Box<dyn std::error::Error + Send + Sync>),
-}
-
-impl TargetError {
-    /// An I/O failure of `action` on `path`.
-    pub fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> TargetError {
-        let path = path.to_path_buf();
-        move |source| TargetError::Io {
-            action,
-            path,
-            source,
-        }
-    }
-}
-
-/// What the agent provides to streams: target creation and commitment.
-pub trait TargetHost: Send + Sync {
-    /// Creates (or, for the same job on resume, reopens) the target image for `spec`, of
-    /// `spec.size_bytes`, sparse. Refuses with a reason when an export of that name is
-    /// already served, or the disk lacks space ([`check_free_space`]).
-    /// `source` is the peer's address as this agent sees it.
-    fn create_target(
-        &self,
-        spec: &TargetSpec,
-        source: &str,
-    ) -> Result<Arc<DirectFile>, TargetError>;
-    /// Makes the target authoritative: start serving it. Called after an fdatasync.
-    fn commit_target(&self, spec: &TargetSpec) -> Result<(), TargetError>;
-    /// Drops the target (the source asked to abort).
-    fn abort_target(&self, spec: &TargetSpec);
-    /// Where this agent serves NBD over TCP, told to sources for forwarding.
-    fn nbd_tcp(&self) -> Option<String>;
-    /// Blocks durably received so far (called after each Sync's fdatasync): the host may
-    /// record them, so a resumed migration sends only what is missing.
-    fn checkpoint(&self, spec: &TargetSpec, received: &DirtySet);
-    /// The job's state here and the blocks durably received; with `finalize`, a job not
-    /// committed is made uncommittable before the answer (see [`Frame::Query`]).
-    fn query(&self, job_id: u64, finalize: bool) -> (TargetState, u64);
-    /// The stream that `create_target` accepted has ended and every write it submitted
-    /// has completed: another stream may fill the target now.
-    fn end_stream(&self, spec: &TargetSpec);
-    /// This agent holds the guest's connection to a disk it forwards, which has moved on:
-    /// forward to the new holder of the disk (durably, before answering), unless a newer
-    /// move already did or it no longer forwards that disk under that job.
-    fn repoint(&self, repoint: &Repoint) -> Result<RepointOutcome, TargetError>;
-}
-
-/// Refuses when the filesystem holding `dir` has fewer than `need_bytes` available.
-pub fn check_free_space(dir: &Path, need_bytes: u64) -> Result<(), TargetError> {
-    let stat = nix::sys::statvfs::statvfs(dir)
-        .map_err(|errno| TargetError::io("inspect the file system of", dir)(errno.into()))?;
-    let free_bytes = stat.blocks_available().saturating_mul(stat.fragment_size());
-    if free_bytes < need_bytes {
-        return Err(TargetError::NoSpace {
-            need_bytes,
-            free_bytes,
-        });
-    }
-    Ok(())
-}
-
-/// Creates a new sparse image of `size_bytes` at `path` (refusing an existing file or too
-/// little space), opens it O_DIRECT and locks it.
-pub fn create_sparse_target(path: &Path, size_bytes: u64) -> Result<Arc<DirectFile>, TargetError> {
-    let dir = path.parent().filter(|dir| !dir.as_os_str().is_empty());
-    check_free_space(dir.unwrap_or(Path::new(".")), size_bytes)?;
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(path)
-        .map_err(TargetError::io("create", path))?;
-    file.set_len(size_bytes)
-        .map_err(TargetError::io("size", path))?;
-    drop(file);
-    let image = DirectFile::open(path, true).map_err(TargetError::io("open", path))?;
-    image
-        .lock_exclusive()
-        .map_err(TargetError::io("lock", path))?;
-    Ok(Arc::new(image))
-}
 
 /// A running block-stream listener.
 #[derive(Debug)]
@@ -358,15 +239,18 @@ fn serve_connection(
     let source = stream
         .peer_addr()
         .map_or_else(|_| "unknown".to_string(), |addr| addr.to_string());
-    let file = match host.create_target(&spec, &source) {
+    // Checked here for every host, before it records or creates anything.
+    let created = validate_spec(&spec).and_then(|()| host.create_target(&spec, &source));
+    let file = match created {
         Ok(file) => file,
         Err(err) => {
             log::warn!(
-                "target {} refused: {}",
+                "target {:?} (job {}) refused: {}",
                 spec.export,
+                spec.job_id,
                 crate::error::error_chain(&err)
             );
-            let reason = err.to_string();
+            let reason = err.peer_reason();
             return Err(fail(&mut stream, TransferError::Refused { reason }));
         }
     };
@@ -421,7 +305,7 @@ fn answer_repoint(
                 repoint.job_id,
                 crate::error::error_chain(&err)
             );
-            let reason = err.to_string();
+            let reason = err.peer_reason();
             Err(fail(stream, TransferError::Refused { reason }))
         }
     }
@@ -454,9 +338,15 @@ fn fail(stream: &mut Link<TcpStream>, err: TransferError) -> TransferError {
         | TransferError::KeyFormat { .. }
         | TransferError::KeyCreate { .. } => (ErrorCode::Internal, 0),
     };
+    // Short, and never a local path or size (the full chain goes to the local log).
     let message = match &err {
         TransferError::Refused { reason } => reason.clone(),
-        other => crate::error::error_chain(other),
+        TransferError::TargetWrite(_) | TransferError::Engine(_) => "target write failed".into(),
+        TransferError::Digest { .. }
+        | TransferError::BadFrame(_)
+        | TransferError::Unexpected { .. }
+        | TransferError::OutOfRange { .. } => crate::error::error_chain(&err),
+        _ => "internal error".into(),
     };
     link::send_error(stream, code, offset_bytes, &message);
     let _ = stream.shutdown(Shutdown::Write);
@@ -586,7 +476,7 @@ impl Target {
                             crate::error::error_chain(&err)
                         );
                         TransferError::Refused {
-                            reason: err.to_string(),
+                            reason: err.peer_reason(),
                         }
                     })?;
                     committed = true;

@@ -37,7 +37,17 @@ impl DirectFile {
     /// `writable`. Fails with `InvalidInput` on other file types and when the filesystem
     /// refuses `O_DIRECT` (tmpfs does).
     pub fn open(path: &Path, writable: bool) -> io::Result<DirectFile> {
-        let buffered = open_with(path, writable, 0)?;
+        Self::open_flags(path, writable, 0)
+    }
+
+    /// Like [`open`](Self::open), but refuses (`ELOOP`) when the last component of `path` is
+    /// a symbolic link, for images in a directory where a link could point anywhere.
+    pub fn open_no_follow(path: &Path, writable: bool) -> io::Result<DirectFile> {
+        Self::open_flags(path, writable, libc::O_NOFOLLOW)
+    }
+
+    fn open_flags(path: &Path, writable: bool, flags: libc::c_int) -> io::Result<DirectFile> {
+        let buffered = open_with(path, writable, flags)?;
         let file_type = buffered.metadata()?.file_type();
         let block_device = file_type.is_block_device();
         if !block_device && !file_type.is_file() {
@@ -49,7 +59,7 @@ impl DirectFile {
                 ),
             ));
         }
-        let direct = open_with(path, writable, libc::O_DIRECT).map_err(|err| {
+        let direct = open_with(path, writable, libc::O_DIRECT | flags).map_err(|err| {
             if err.raw_os_error() == Some(libc::EINVAL) {
                 io::Error::new(
                     io::ErrorKind::InvalidInput,
@@ -304,6 +314,20 @@ mod tests {
         assert!(err.to_string().contains("locked by"), "{err}");
         drop(first);
         second.lock_exclusive().expect("lock after release");
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    // Goal: open_no_follow refuses a link (ELOOP) and opens the file itself. Method: a link
+    // to an image, opened both ways.
+    #[test]
+    fn open_no_follow_refuses_links() {
+        let path = temp_image("nofollow", 4096);
+        let link = path.with_extension("link");
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        let err = DirectFile::open_no_follow(&link, true).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ELOOP), "{err}");
+        DirectFile::open_no_follow(&path, true).expect("the file itself");
+        std::fs::remove_file(&link).unwrap();
         std::fs::remove_file(&path).unwrap();
     }
 

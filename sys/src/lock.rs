@@ -96,6 +96,16 @@ impl OfdLock {
         })
     }
 
+    /// Locks `file`, already open for writing at `path` (which only names it in errors),
+    /// exclusively without waiting: for a file whose open must not follow links.
+    pub fn lock_open(file: File, path: &Path) -> io::Result<OfdLock> {
+        lock_fd(file.as_fd(), path, true)?;
+        Ok(OfdLock {
+            file,
+            path: path.to_owned(),
+        })
+    }
+
     /// The locked file's path.
     pub fn path(&self) -> &Path {
         &self.path
@@ -124,6 +134,26 @@ mod tests {
         drop(first);
         let again = OfdLock::acquire(&path).expect("lock after release");
         drop(again);
+        std::fs::remove_file(&path).expect("cleanup");
+    }
+
+    // Goal: a file opened elsewhere locks like one opened here, and conflicts with acquire.
+    // Method: lock_open on an open file, then acquire.
+    #[test]
+    fn lock_open_conflicts_with_acquire() {
+        let path = std::env::temp_dir().join(format!("ferry-sys-lock-open-{}", std::process::id()));
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .expect("open");
+        let held = OfdLock::lock_open(file, &path).expect("lock");
+        assert_eq!(
+            OfdLock::acquire(&path).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock
+        );
+        drop(held);
         std::fs::remove_file(&path).expect("cleanup");
     }
 }
