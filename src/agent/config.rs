@@ -92,6 +92,7 @@ struct FileAgent {
     tcp_insecure: Option<bool>,
     socket_group: Option<String>,
     stream_insecure: Option<bool>,
+    limits: Option<super::limits::FileLimits>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -110,7 +111,7 @@ struct FileExport {
 /// A size written either as a number of bytes or as a string with a unit ("64K", "1M").
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
-enum SizeValue {
+pub(super) enum SizeValue {
     Bytes(u64),
     Text(String),
 }
@@ -181,6 +182,8 @@ pub struct AgentConfig {
     /// Block-stream frames after the handshake travel unsealed (plaintext, no record
     /// authentication): for measurement only; every peer must say the same.
     pub stream_insecure: bool,
+    /// `[agent.limits]`: connection caps, deadlines, byte budgets.
+    pub limits: super::limits::Limits,
 }
 
 /// Command-line overrides: each `Some` wins over the file.
@@ -310,6 +313,7 @@ impl AgentConfig {
             .unwrap_or(DEFAULT_FORWARD_HOLD_MS);
         check_forward_hold("forward_hold_ms", forward_hold_ms)?;
         let stream_insecure = ov.stream_insecure || agent.stream_insecure.unwrap_or(false);
+        let limits = super::limits::Limits::build(agent.limits.as_ref())?;
         let mut exports = Vec::new();
         for (index, export) in file.exports.into_iter().enumerate() {
             let field = format!("export[{index}]");
@@ -367,6 +371,7 @@ impl AgentConfig {
             cluster_key,
             image_dir,
             stream_insecure,
+            limits,
         };
         config.validate()?;
         Ok(config)

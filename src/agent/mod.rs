@@ -11,6 +11,7 @@ pub mod exports;
 pub mod gc;
 pub mod holding;
 pub mod journal;
+pub mod limits;
 pub mod migrations;
 pub mod moves;
 pub mod status;
@@ -183,6 +184,7 @@ impl Agent {
             engine_watches_socket: true,
             forward_hold: std::time::Duration::from_millis(config.forward_hold_ms),
             tls,
+            limits: config.limits.nbd(),
         };
         let nbd = NbdServer::start(Some(&config.socket), config.tcp, exports.clone(), options)
             .map_err(AgentError::Listen)?;
@@ -199,8 +201,13 @@ impl Agent {
             nbd_tcp,
             journal.clone(),
         ));
-        let transfer = crate::transfer::serve(config.transfer, key.clone(), targets)
-            .map_err(AgentError::Transfer)?;
+        let transfer = crate::transfer::serve(
+            config.transfer,
+            key.clone(),
+            targets,
+            config.limits.stream(),
+        )
+        .map_err(AgentError::Transfer)?;
         let transfer_addr = transfer.local_addr();
         let token_path = config.state_dir.join("api.token");
         let token = api::token::load_or_create(&token_path).map_err(state_err)?;

@@ -47,6 +47,16 @@ impl Conn {
         }
     }
 
+    /// Sets the send timeout of the socket underneath (a reply write that makes no progress
+    /// for that long fails).
+    pub fn set_write_timeout(&self, timeout: Option<std::time::Duration>) -> io::Result<()> {
+        match self {
+            Conn::Unix(s) => s.set_write_timeout(timeout),
+            Conn::Tcp(s) => s.set_write_timeout(timeout),
+            Conn::Tls(s) => s.socket().set_write_timeout(timeout),
+        }
+    }
+
     /// True when a read would return bytes already held in this process (decrypted TLS
     /// data), whether or not the socket is readable. Always false without TLS.
     pub fn has_buffered_input(&self) -> bool {
@@ -139,6 +149,12 @@ impl Write for Conn {
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+impl crate::nbd::admission::Closer for Conn {
+    fn close(&self, how: std::net::Shutdown) {
+        let _ = self.shutdown(how);
     }
 }
 

@@ -3,6 +3,7 @@
 //! small client.
 //! Spec: <https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.md>.
 
+pub mod admission;
 pub mod blockstatus;
 pub mod bufpool;
 pub mod client;

@@ -8,16 +8,22 @@
 //! Invariants: a failed handshake or session ends that connection only; stopping the server
 //! first stops accepting, then shuts down the read side of every connection, so each session
 //! answers what it already received before its thread exits.
+//!
+//! Bounds (DESIGN invariant 6, [`ServerLimits`]): each listener admits connections through
+//! its own [`Admission`] (handshaking and serving peers capped apart, the oldest handshake
+//! evicted for a newcomer, a handshake deadline), so idle or trickling peers cost at most
+//! the handshaking cap in threads and descriptors; every session's buffers come from a pool
+//! bounded by the connection's budget and the agent's [`Budget`]; a failing `accept`
+//! (EMFILE) backs off and the listener keeps listening.
 
-use std::collections::BTreeMap;
 use std::io;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -25,10 +31,12 @@ use rustls::ServerConfig;
 
 use crate::disk::{Export, Route};
 use crate::io::{open_engine, EngineKind};
+use crate::nbd::admission::{accept_failed, AcceptBackoff, Admission, AdmissionLimits, Ticket};
+use crate::nbd::bufpool::{Budget, BufPool};
 use crate::nbd::conn::Conn;
 use crate::nbd::forward::{ForwardEngine, ForwardTarget};
 use crate::nbd::handshake;
-use crate::nbd::session::{EngineFactory, Session};
+use crate::nbd::session::{EngineFactory, Session, SessionLimits};
 use crate::nbd::tls::{self, TlsCreds};
 use crate::nbd::wire::{ExportCatalog, ExportInfo, BLOCK_MAX_BYTES, BLOCK_PREFERRED_BYTES};
 
@@ -83,21 +91,43 @@ pub struct SessionOptions {
     /// TLS credentials: the TCP listener requires TLS with their server identity, and
     /// forwarding dials with their client identity. None: plaintext on both.
     pub tls: Option<TlsCreds>,
+    /// Connection caps, deadlines and byte budgets.
+    pub limits: ServerLimits,
 }
 
-/// Every connection alive, handshaking or serving.
-#[derive(Debug, Default)]
-struct Live {
-    conns: Mutex<BTreeMap<u64, Conn>>,
-    gone: Condvar,
-    next_id: AtomicU64,
+/// Resource bounds of the NBD server (the agent's `[agent.limits]`).
+#[derive(Debug, Clone)]
+pub struct ServerLimits {
+    /// Caps and handshake deadline, per listener.
+    pub admission: AdmissionLimits,
+    /// Time from a request's first byte to its last (header and WRITE payload).
+    pub request_deadline: Duration,
+    /// Longest a reply write may make no progress.
+    pub reply_deadline: Duration,
+    /// Buffers of one connection (bytes in flight plus kept).
+    pub connection_bytes: usize,
+    /// Buffers in flight of all connections (the agent's budget, shared).
+    pub budget: Arc<Budget>,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        ServerLimits {
+            admission: AdmissionLimits::NBD,
+            request_deadline: Duration::from_secs(60),
+            reply_deadline: Duration::from_secs(60),
+            connection_bytes: 64 << 20,
+            budget: Budget::new(1 << 30),
+        }
+    }
 }
 
 /// A running NBD server.
 #[derive(Debug)]
 pub struct NbdServer {
     stop: Arc<AtomicBool>,
-    live: Arc<Live>,
+    /// One per listener, with its reaper thread.
+    admissions: Vec<(Arc<Admission>, JoinHandle<()>)>,
     acceptors: Vec<(JoinHandle<()>, Wake)>,
     /// Bound TCP address, if TCP is on.
     pub tcp_addr: Option<SocketAddr>,
@@ -121,17 +151,20 @@ impl NbdServer {
         options: SessionOptions,
     ) -> io::Result<NbdServer> {
         let stop = Arc::new(AtomicBool::new(false));
-        let live = Arc::new(Live::default());
         let mut server = NbdServer {
             stop,
-            live,
+            admissions: Vec::new(),
             acceptors: Vec::new(),
             tcp_addr: None,
             socket: None,
         };
         if let Some(path) = socket {
             let listener = bind_unix(path)?;
-            let ctx = (server.stop.clone(), server.live.clone(), lookup.clone());
+            let ctx = (
+                server.stop.clone(),
+                server.admit("nbd-unix", &options)?,
+                lookup.clone(),
+            );
             let options = options.clone();
             let thread = std::thread::Builder::new()
                 .name("nbd-unix".into())
@@ -158,7 +191,11 @@ impl NbdServer {
             }
             let listener = TcpListener::bind(addr)?;
             let bound = listener.local_addr()?;
-            let ctx = (server.stop.clone(), server.live.clone(), lookup.clone());
+            let ctx = (
+                server.stop.clone(),
+                server.admit("nbd-tcp", &options)?,
+                lookup.clone(),
+            );
             let accept = move || {
                 let (stream, _) = listener.accept()?;
                 stream.set_nodelay(true)?;
@@ -171,6 +208,26 @@ impl NbdServer {
             server.tcp_addr = Some(bound);
         }
         Ok(server)
+    }
+
+    /// The admission of a new listener, its reaper started.
+    fn admit(
+        &mut self,
+        what: &'static str,
+        options: &SessionOptions,
+    ) -> io::Result<Arc<Admission>> {
+        let admission = Admission::new(what, options.limits.admission);
+        let reaper = admission.start_reaper()?;
+        self.admissions.push((admission.clone(), reaper));
+        Ok(admission)
+    }
+
+    /// Connections (handshaking, serving) of all listeners.
+    pub fn connection_counts(&self) -> (usize, usize) {
+        self.admissions
+            .iter()
+            .map(|(admission, _)| admission.counts())
+            .fold((0, 0), |(h, s), (h1, s1)| (h + h1, s + s1))
     }
 
     /// Stops accepting, asks every connection to finish, and waits up to `grace` for them.
@@ -188,22 +245,23 @@ impl NbdServer {
                 let _ = std::fs::remove_file(path);
             }
         }
-        let conns = self.live.conns.lock().expect("live lock");
-        for conn in conns.values() {
-            let _ = conn.shutdown(Shutdown::Read);
+        for (admission, _) in &self.admissions {
+            admission.stop(Shutdown::Read);
         }
-        let (conns, _) = self
-            .live
-            .gone
-            .wait_timeout_while(conns, grace, |conns| !conns.is_empty())
-            .expect("live lock");
-        conns.len()
+        let deadline = std::time::Instant::now() + grace;
+        let mut alive = 0;
+        for (admission, reaper) in self.admissions.drain(..) {
+            let _ = reaper.join();
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            alive += admission.wait_empty(left);
+        }
+        alive
     }
 }
 
 impl Drop for NbdServer {
     fn drop(&mut self) {
-        if !self.acceptors.is_empty() {
+        if !self.acceptors.is_empty() || !self.admissions.is_empty() {
             self.shutdown(Duration::from_secs(5));
         }
     }
@@ -230,7 +288,7 @@ fn bind_unix(path: &Path) -> io::Result<UnixListener> {
     Ok(listener)
 }
 
-type Ctx = (Arc<AtomicBool>, Arc<Live>, Arc<dyn ExportLookup>);
+type Ctx = (Arc<AtomicBool>, Arc<Admission>, Arc<dyn ExportLookup>);
 
 /// Accepts connections until stopped; `tls`: each must go through STARTTLS with it.
 fn accept_loop(
@@ -239,7 +297,9 @@ fn accept_loop(
     options: SessionOptions,
     tls: Option<Arc<ServerConfig>>,
 ) {
-    let (stop, live, lookup) = ctx;
+    let (stop, admission, lookup) = ctx;
+    let mut backoff = AcceptBackoff::default();
+    let mut next_id = 0u64;
     loop {
         let conn = accept();
         if stop.load(Ordering::Acquire) {
@@ -248,38 +308,30 @@ fn accept_loop(
         let conn = match conn {
             Ok(conn) => conn,
             Err(err) => {
-                log::warn!("accept failed: {err}");
-                // EMFILE and friends: do not spin.
-                std::thread::sleep(Duration::from_millis(50));
+                // EMFILE and friends: the listener stays, a little later.
+                accept_failed("NBD listener", &mut backoff, &err);
                 continue;
             }
         };
-        let id = live.next_id.fetch_add(1, Ordering::Relaxed);
-        match conn.try_clone() {
-            Ok(clone) => {
-                live.conns.lock().expect("live lock").insert(id, clone);
-            }
+        backoff.succeeded();
+        let closer = match conn.try_clone() {
+            Ok(clone) => Box::new(clone),
             Err(err) => {
-                log::warn!("connection refused: cannot clone its socket: {err}");
+                log::warn!("NBD connection refused: cannot clone its socket: {err}");
                 continue;
             }
-        }
-        let (live, lookup) = (live.clone(), lookup.clone());
-        let (options, tls) = (options.clone(), tls.clone());
+        };
+        let Ok(ticket) = admission.admit(closer) else {
+            continue; // stopping
+        };
+        next_id += 1;
+        let (lookup, options, tls) = (lookup.clone(), options.clone(), tls.clone());
         let spawned = std::thread::Builder::new()
-            .name(format!("nbd-conn-{id}"))
-            .spawn({
-                let live = live.clone();
-                move || {
-                    serve_connection(conn, &*lookup, options, tls.as_ref());
-                    let mut conns = live.conns.lock().expect("live lock");
-                    conns.remove(&id);
-                    live.gone.notify_all();
-                }
-            });
+            .name(format!("nbd-conn-{next_id}"))
+            .spawn(move || serve_connection(conn, &ticket, &*lookup, options, tls.as_ref()));
         if let Err(err) = spawned {
-            log::warn!("connection dropped: cannot start its thread: {err}");
-            live.conns.lock().expect("live lock").remove(&id);
+            // The closure, and with it the ticket and the socket, is dropped.
+            log::warn!("NBD connection dropped: cannot start its thread: {err}");
         }
     }
 }
@@ -287,13 +339,14 @@ fn accept_loop(
 /// Handshake, then the session; every error stays inside this connection.
 fn serve_connection(
     conn: Conn,
+    ticket: &Ticket,
     lookup: &dyn ExportLookup,
     options: SessionOptions,
     tls: Option<&Arc<ServerConfig>>,
 ) {
     let (conn, negotiated) = match handshake_on(conn, lookup, tls) {
-        Ok(Some(agreed)) => agreed,
-        Ok(None) => return,
+        Ok(Some(agreed)) if ticket.promote().is_ok() => agreed,
+        Ok(_) => return,
         Err(HandshakeFailed::Nbd(err)) => {
             log::info!("handshake failed: {err}");
             return;
@@ -314,6 +367,14 @@ fn serve_connection(
     let Some(connection_id) = export.attach(Box::new(handle)) else {
         return; // removed meanwhile
     };
+    let limits = SessionLimits {
+        pool: BufPool::bounded(
+            options.limits.connection_bytes,
+            options.limits.budget.clone(),
+        ),
+        request_deadline: options.limits.request_deadline,
+        reply_deadline: options.limits.reply_deadline,
+    };
     let factory = engine_factory(export.clone(), options);
     let result = Session::new(
         conn,
@@ -321,6 +382,7 @@ fn serve_connection(
         factory,
         negotiated.structured_replies,
         negotiated.meta_contexts,
+        limits,
     )
     .map_err(|err| {
         // The chain names the cause (e.g. the forwarding address refusing connections).

@@ -13,8 +13,13 @@
 //! - FLUSH and FUA replies are sent only after fdatasync (or RWF_DSYNC) completed (invariant 2).
 //! - A malformed request gets an NBD error reply and the connection goes on; only a bad magic
 //!   or a broken stream ends the connection (invariant 3). Nothing here panics on input.
-//! - At most `engine.capacity()` requests are in flight; beyond that the socket is not read,
-//!   which back-pressures the client.
+//! - At most `engine.capacity()` requests are in flight, and their buffers stay within the
+//!   connection's and the agent's byte budgets ([`BufPool::bounded`]); beyond either the
+//!   socket is not read, which back-pressures the client (DESIGN invariant 6).
+//! - A WRITE enters the export's write gate only once its whole payload has been read: a
+//!   client that stalls in the middle of a payload holds no gate, so it delays neither a
+//!   switchover's drain nor other clients' writes. A request whose first byte arrived must be
+//!   complete within the request deadline, or the connection is closed.
 //! - The session waits for the socket's readiness only when no received byte waits inside
 //!   the process ([`Conn::has_buffered_input`], TLS), so no request is left unread.
 
@@ -84,6 +89,41 @@ enum Stall {
     Route,
     /// Writes are held (a switchover): wait for the release.
     Held,
+    /// The byte budget is spent: wait for buffers to come back.
+    Budget,
+}
+
+/// Limits of one session (the agent's `[agent.limits]`).
+#[derive(Debug)]
+pub struct SessionLimits {
+    /// Buffers of this connection, bounded by its budget and the agent's.
+    pub pool: BufPool,
+    /// Time from a request's first byte to its last (header and WRITE payload).
+    pub request_deadline: Duration,
+    /// Longest a reply write may make no progress (a client that stopped reading).
+    pub reply_deadline: Duration,
+}
+
+/// A request received whole (header, and a WRITE's payload) and not yet dispatched.
+#[derive(Debug)]
+struct Ready {
+    header: RequestHeader,
+    /// A WRITE's payload.
+    payload: Option<AlignedBuf>,
+}
+
+/// A WRITE whose payload is arriving.
+#[derive(Debug)]
+struct Incoming {
+    header: RequestHeader,
+    /// Where the payload goes; None when the WRITE was refused and its payload is skipped.
+    buf: Option<AlignedBuf>,
+    /// Why it was refused.
+    refused: Option<NbdErrno>,
+    /// Payload bytes received so far.
+    have: usize,
+    /// When its header was taken.
+    since: Instant,
 }
 
 /// The state of one connection after the handshake.
@@ -115,6 +155,15 @@ pub struct Session {
     stall: Option<Stall>,
     /// The request being dispatched was admitted through the write gate.
     gated_next: bool,
+    /// Received whole, waiting for a slot, the gate, the route or a buffer.
+    ready: Option<Ready>,
+    /// A WRITE payload being received.
+    incoming: Option<Incoming>,
+    /// When the bytes after the last request taken began (the start of a partial header).
+    request_started: Instant,
+    request_deadline: Duration,
+    /// The receive timeout set on the socket (None: none, an idle client may wait forever).
+    read_timeout: Option<Duration>,
 }
 
 impl Session {
@@ -125,7 +174,11 @@ impl Session {
         factory: EngineFactory,
         structured: bool,
         contexts: Vec<(u32, String)>,
+        limits: SessionLimits,
     ) -> Result<Self, SessionError> {
+        conn.set_write_timeout(Some(limits.reply_deadline))
+            .map_err(SessionError::Socket)?;
+        conn.set_read_timeout(None).map_err(SessionError::Socket)?;
         let (route_gen, route) = export.route();
         let engine = (factory.0)(&route, &conn).map_err(SessionError::Engine)?;
         let capacity = engine.capacity();
@@ -141,7 +194,7 @@ impl Session {
             tx: TxQueue::new(),
             slots: vec![None; capacity],
             free_slots: (0..capacity as u32).rev().collect(),
-            pool: BufPool::new(),
+            pool: limits.pool,
             completions: Vec::with_capacity(capacity),
             counts: CounterSnapshot::default(),
             latency: LatencyRecorder::new(),
@@ -153,6 +206,11 @@ impl Session {
             forwarded: matches!(*route, Route::Forward { .. }),
             stall: None,
             gated_next: false,
+            ready: None,
+            incoming: None,
+            request_started: Instant::now(),
+            request_deadline: limits.request_deadline,
+            read_timeout: None,
         })
     }
 
@@ -189,7 +247,9 @@ impl Session {
             let mut dispatched = 0;
             if !self.closing && !self.free_slots.is_empty() {
                 let idle = self.engine.in_flight() == 0;
-                if self.rx_end - self.rx_start < REQUEST_BYTES {
+                if self.awaits_payload() {
+                    self.fill_payload(idle)?;
+                } else if self.ready.is_none() && self.rx_end - self.rx_start < REQUEST_BYTES {
                     self.fill(idle)?;
                 }
                 dispatched = self.dispatch_all()?;
@@ -252,6 +312,11 @@ impl Session {
             Some(Stall::Held) => {
                 self.export.wait_released(Duration::from_millis(10));
             }
+            Some(Stall::Budget) => {
+                // Nothing of this connection is out (all flushed): other connections hold
+                // the agent's budget.
+                self.pool.wait_budget(Duration::from_millis(10));
+            }
             None => {}
         }
         Ok(())
@@ -267,24 +332,125 @@ impl Session {
             self.rx_end -= self.rx_start;
             self.rx_start = 0;
         }
-        let space = &mut self.rx[self.rx_end..];
+        let was_empty = self.rx_start == self.rx_end;
         let read = if block {
-            match self.conn.read(space) {
+            // Between requests a client may stay silent as long as it likes; within one,
+            // it has the request deadline.
+            let deadline = (!was_empty).then(|| self.request_started + self.request_deadline);
+            self.set_deadline(deadline)?;
+            match self.conn.read(&mut self.rx[self.rx_end..]) {
                 Ok(n) => Some(n),
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => None,
-                Err(err) => return Err(self.socket_closed(err)),
+                Err(err) => return Err(self.read_failed(err)),
             }
         } else {
+            let space = &mut self.rx[self.rx_end..];
             self.conn
                 .recv_ready(space)
                 .map_err(|err| self.socket_closed(err))?
         };
         match read {
             Some(0) => self.closing = true,
-            Some(n) => self.rx_end += n,
+            Some(n) => {
+                if was_empty {
+                    self.request_started = Instant::now();
+                }
+                self.rx_end += n;
+            }
             None => {}
         }
         Ok(())
+    }
+
+    /// True when a WRITE payload is arriving and nothing of it waits in the receive buffer:
+    /// the rest is read straight into the payload's buffer.
+    fn awaits_payload(&self) -> bool {
+        self.rx_start == self.rx_end
+            && self
+                .incoming
+                .as_ref()
+                .is_some_and(|incoming| incoming.buf.is_some())
+    }
+
+    /// Reads more of the arriving WRITE payload into its buffer: blocking when `block` (up
+    /// to the request deadline), else only what is already there.
+    fn fill_payload(&mut self, block: bool) -> Result<(), SessionError> {
+        let Some(incoming) = self.incoming.as_ref() else {
+            return Ok(());
+        };
+        if block {
+            self.set_deadline(Some(incoming.since + self.request_deadline))?;
+        }
+        let result = {
+            let Some(incoming) = self.incoming.as_mut() else {
+                return Ok(());
+            };
+            let Some(buf) = incoming.buf.as_mut() else {
+                return Ok(());
+            };
+            let len = incoming.header.length_bytes as usize;
+            let space = &mut buf.as_mut_slice()[incoming.have..len];
+            if block {
+                self.conn.read(space).map(Some)
+            } else {
+                self.conn.recv_ready(space)
+            }
+        };
+        let read = match result {
+            Ok(read) => read,
+            Err(err) if block && err.kind() == io::ErrorKind::Interrupted => None,
+            Err(err) if block => return Err(self.read_failed(err)),
+            Err(err) => return Err(self.socket_closed(err)),
+        };
+        match (read, self.incoming.as_mut()) {
+            (Some(0), _) => self.closing = true,
+            (Some(n), Some(incoming)) => incoming.have += n,
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Sets the socket's receive timeout for a blocking read that must end by `deadline`
+    /// (None: no deadline); a deadline already past fails at once.
+    fn set_deadline(&mut self, deadline: Option<Instant>) -> Result<(), SessionError> {
+        let timeout = match deadline {
+            None => None,
+            Some(deadline) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(self.read_failed(io::ErrorKind::TimedOut.into()));
+                }
+                Some(left)
+            }
+        };
+        // Rounded to 100 ms, so steady streaming does not cost a syscall per read.
+        let differs = match (timeout, self.read_timeout) {
+            (None, None) => false,
+            (Some(new), Some(old)) => new.abs_diff(old) > Duration::from_millis(100),
+            _ => true,
+        };
+        if differs {
+            self.conn
+                .set_read_timeout(timeout)
+                .map_err(|err| self.socket_closed(err))?;
+            self.read_timeout = timeout;
+        }
+        Ok(())
+    }
+
+    /// A blocking read failed: a timeout means the request deadline passed.
+    fn read_failed(&mut self, err: io::Error) -> SessionError {
+        if matches!(
+            err.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+        ) {
+            self.closing = true;
+            return SessionError::Protocol(format!(
+                "request not received within {:?}",
+                self.request_deadline
+            ));
+        }
+        self.socket_closed(err)
     }
 
     /// A reset from the peer is an ordinary end; other errors are reported.
@@ -293,18 +459,22 @@ impl Session {
         SessionError::Socket(err)
     }
 
-    /// Handles every complete request header in the receive buffer while slots are free.
+    /// Dispatches every request received whole while slots, the gate, the route and the
+    /// budget allow.
     fn dispatch_all(&mut self) -> Result<usize, SessionError> {
+        // Each stall is found again below if its cause remains.
+        self.stall = None;
         let mut dispatched = 0;
         while !self.closing && !self.free_slots.is_empty() {
-            if self.rx_end - self.rx_start < REQUEST_BYTES {
+            if self.ready.is_none() && !self.receive_next()? {
                 break;
             }
-            let mut header_bytes = [0u8; REQUEST_BYTES];
-            header_bytes.copy_from_slice(&self.rx[self.rx_start..self.rx_start + REQUEST_BYTES]);
-            let header = wire::parse_request(&header_bytes)
-                .map_err(|err| SessionError::Protocol(err.to_string()))?;
+            let Some(ready) = self.ready.take() else {
+                continue; // a refused WRITE, answered
+            };
+            let header = ready.header;
             if self.export.route_generation() != self.route_gen {
+                self.ready = Some(ready);
                 self.stall = Some(Stall::Route);
                 break;
             }
@@ -312,13 +482,24 @@ impl Session {
                 header.command,
                 wire::CMD_WRITE | wire::CMD_TRIM | wire::CMD_WRITE_ZEROES
             );
+            let mut payload = ready.payload;
+            if header.command == wire::CMD_READ && self.validate(&header).is_ok() {
+                let len = read_buf_len(header.offset_bytes, header.length_bytes);
+                payload = self.pool.try_take(len);
+                if payload.is_none() {
+                    self.ready = Some(Ready { header, payload });
+                    self.stall = Some(Stall::Budget);
+                    break;
+                }
+            }
+            // After the payload was read: the gate is never held across a socket read.
             if writes && !self.export.enter_write() {
+                self.ready = Some(Ready { header, payload });
                 self.stall = Some(Stall::Held);
                 break;
             }
-            self.rx_start += REQUEST_BYTES;
             self.gated_next = writes;
-            let result = self.dispatch(&header);
+            let result = self.dispatch(&header, payload);
             if std::mem::take(&mut self.gated_next) {
                 // Answered without reaching the engine (refused, or an error).
                 self.export.write_not_started();
@@ -329,35 +510,123 @@ impl Session {
         Ok(dispatched)
     }
 
-    fn dispatch(&mut self, header: &RequestHeader) -> Result<(), SessionError> {
-        let info_valid = wire::validate(header, &self.export_info_cached(), self.structured);
-        let command = match info_valid {
+    /// Takes the next request from the receive buffer into `ready` (a WRITE once its
+    /// payload is complete). False when more bytes (or a buffer) are needed first.
+    fn receive_next(&mut self) -> Result<bool, SessionError> {
+        if self.incoming.is_some() {
+            return Ok(self.advance_incoming());
+        }
+        if self.rx_end - self.rx_start < REQUEST_BYTES {
+            return Ok(false);
+        }
+        let mut header_bytes = [0u8; REQUEST_BYTES];
+        header_bytes.copy_from_slice(&self.rx[self.rx_start..self.rx_start + REQUEST_BYTES]);
+        let header = wire::parse_request(&header_bytes)
+            .map_err(|err| SessionError::Protocol(err.to_string()))?;
+        if header.command != wire::CMD_WRITE {
+            self.rx_start += REQUEST_BYTES;
+            self.request_started = Instant::now();
+            self.ready = Some(Ready {
+                header,
+                payload: None,
+            });
+            return Ok(true);
+        }
+        let (buf, refused) = match self.validate(&header) {
+            Ok(_) => match self.pool.try_take(header.length_bytes as usize) {
+                Some(buf) => (Some(buf), None),
+                None => {
+                    self.stall = Some(Stall::Budget);
+                    return Ok(false);
+                }
+            },
+            Err(errno) => (None, Some(errno)),
+        };
+        self.rx_start += REQUEST_BYTES;
+        self.incoming = Some(Incoming {
+            header,
+            buf,
+            refused,
+            have: 0,
+            since: Instant::now(),
+        });
+        Ok(self.advance_incoming())
+    }
+
+    /// Moves received payload bytes into the arriving WRITE; when it is complete, moves it
+    /// to `ready` (or answers its refusal) and returns true.
+    fn advance_incoming(&mut self) -> bool {
+        let Some(incoming) = self.incoming.as_mut() else {
+            return true;
+        };
+        let len = incoming.header.length_bytes as usize;
+        let take = (self.rx_end - self.rx_start).min(len - incoming.have);
+        if let Some(buf) = incoming.buf.as_mut() {
+            buf.as_mut_slice()[incoming.have..incoming.have + take]
+                .copy_from_slice(&self.rx[self.rx_start..self.rx_start + take]);
+        }
+        self.rx_start += take;
+        incoming.have += take;
+        if incoming.have < len {
+            return false;
+        }
+        let incoming = self.incoming.take().expect("matched above");
+        self.request_started = Instant::now();
+        if let Some(errno) = incoming.refused {
+            self.reply_error(incoming.header.cookie, errno);
+            return true;
+        }
+        self.ready = Some(Ready {
+            header: incoming.header,
+            payload: incoming.buf,
+        });
+        true
+    }
+
+    fn validate(&self, header: &RequestHeader) -> Result<Command, NbdErrno> {
+        wire::validate(header, &self.export_info_cached(), self.structured)
+    }
+
+    /// Dispatches one request received whole; `payload`: a WRITE's data, or a READ's buffer.
+    fn dispatch(
+        &mut self,
+        header: &RequestHeader,
+        payload: Option<AlignedBuf>,
+    ) -> Result<(), SessionError> {
+        let command = match self.validate(header) {
             Ok(command) => command,
             Err(errno) => {
-                if header.command == wire::CMD_WRITE {
-                    self.discard_payload(header.length_bytes)?;
+                if let Some(buf) = payload {
+                    self.pool.give(buf);
                 }
                 self.reply_error(header.cookie, errno);
                 return Ok(());
             }
         };
+        let (Command::Read | Command::Write, Some(buf)) = (command, payload) else {
+            self.dispatch_bufferless(header, command);
+            return Ok(());
+        };
+        let kind = match command {
+            Command::Read => IoKind::Read,
+            _ => IoKind::Write { fua: header.fua() },
+        };
+        self.submit(header, command, kind, Some(buf));
+        Ok(())
+    }
+
+    /// Dispatches a request that carries no buffer (a READ or WRITE here is a bug: answered
+    /// EIO rather than trusted).
+    fn dispatch_bufferless(&mut self, header: &RequestHeader, command: Command) {
         match command {
             Command::Disc => self.closing = true,
             Command::BlockStatus => self.block_status(header),
-            Command::Read => {
-                let buf = self
-                    .pool
-                    .take(read_buf_len(header.offset_bytes, header.length_bytes));
-                self.submit(header, command, IoKind::Read, Some(buf));
-            }
-            Command::Write => {
-                let buf = self.receive_payload(header.length_bytes)?;
-                self.submit(
-                    header,
-                    command,
-                    IoKind::Write { fua: header.fua() },
-                    Some(buf),
+            Command::Read | Command::Write => {
+                log::error!(
+                    "export {}: {command:?} without a buffer",
+                    self.export.name()
                 );
+                self.reply_error(header.cookie, NbdErrno::Io);
             }
             Command::Flush => self.submit(header, command, IoKind::Flush, None),
             Command::Trim => self.submit(header, command, IoKind::Trim { fua: header.fua() }, None),
@@ -365,7 +634,7 @@ impl Session {
                 if header.fast_zero() && header.no_hole() {
                     // Zeroing without holes means writing every byte: not fast here.
                     self.reply_error(header.cookie, NbdErrno::NotSup);
-                    return Ok(());
+                    return;
                 }
                 let kind = IoKind::WriteZeroes {
                     may_trim: !header.no_hole(),
@@ -374,7 +643,6 @@ impl Session {
                 self.submit(header, command, kind, None);
             }
         }
-        Ok(())
     }
 
     /// The export's size and flags as the handshake advertised them. Recomputed cheaply: the
@@ -436,40 +704,6 @@ impl Session {
             }
             self.reply_error(header.cookie, NbdErrno::Io);
         }
-    }
-
-    /// Moves a WRITE payload into an aligned buffer: what is already received is copied, the
-    /// rest is read from the socket straight into the buffer.
-    fn receive_payload(&mut self, len_bytes: u32) -> Result<AlignedBuf, SessionError> {
-        let len = len_bytes as usize;
-        let mut buf = self.pool.take(len);
-        let have = (self.rx_end - self.rx_start).min(len);
-        buf.as_mut_slice()[..have].copy_from_slice(&self.rx[self.rx_start..self.rx_start + have]);
-        self.rx_start += have;
-        if have < len {
-            if let Err(err) = self.conn.read_exact(&mut buf.as_mut_slice()[have..len]) {
-                self.pool.give(buf);
-                return Err(self.socket_closed(err));
-            }
-        }
-        Ok(buf)
-    }
-
-    /// Skips the payload of a refused WRITE so the stream stays in step.
-    fn discard_payload(&mut self, len_bytes: u32) -> Result<(), SessionError> {
-        let mut left = len_bytes as usize;
-        let have = (self.rx_end - self.rx_start).min(left);
-        self.rx_start += have;
-        left -= have;
-        let mut sink = [0u8; 64 * 1024];
-        while left > 0 {
-            let want = left.min(sink.len());
-            if let Err(err) = self.conn.read_exact(&mut sink[..want]) {
-                return Err(self.socket_closed(err));
-            }
-            left -= want;
-        }
-        Ok(())
     }
 
     fn reply_error(&mut self, cookie: u64, errno: NbdErrno) {

@@ -13,11 +13,16 @@
 //!   target as it is, for a later resume.
 //! - Any malformed frame, digest mismatch or write failure: an `Error` frame, then the
 //!   connection closes; the listener and other connections go on.
+//!
+//! Admission ([`Admission`], DESIGN invariant 6): peers that have not proven the cluster key
+//! are capped apart from authenticated ones (16 and 64 by default), the oldest
+//! unauthenticated one is closed for a newcomer, and authentication must finish within its
+//! deadline (5 s), so peers trickling bytes cannot lock real sources out.
 
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -30,6 +35,7 @@ use super::link::{self, read_frame, unexpected, write_frame, Link};
 use super::{ClusterKey, TransferError};
 use crate::dirty::{DirtyBitmap, DirtySet};
 use crate::io::{open_engine, probe_uring, BlockIo, EngineKind, IoCompletion, IoKind, IoRequest};
+use crate::nbd::admission::{accept_failed, AcceptBackoff, Admission, AdmissionLimits, Ticket};
 use crate::nbd::bufpool::BufPool;
 
 /// Time a peer has to finish the handshake and Open.
@@ -45,8 +51,6 @@ const MAX_ZERO_REQUEST_BYTES: u64 = 1 << 30;
 /// After an error, input is still read (and dropped) for this long, so the Error frame
 /// reaches the peer before the close can turn into a reset.
 const LINGER: Duration = Duration::from_secs(3);
-/// Connections served at once; more are closed at accept.
-const MAX_CONNECTIONS: usize = 64;
 
 /// A running block-stream listener.
 #[derive(Debug)]
@@ -58,24 +62,32 @@ pub struct ReceiverServer {
 }
 
 /// What the accept thread and connection threads share.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Shared {
-    /// Open connections (a clone each, to shut them down).
-    connections: Mutex<BTreeMap<u64, TcpStream>>,
+    /// Every open connection, authenticated or not (a clone each, to shut them down).
+    admission: Arc<Admission>,
+    reaper: Mutex<Option<JoinHandle<()>>>,
     workers: Mutex<Vec<JoinHandle<()>>>,
-    next_id: AtomicU64,
 }
 
-/// Listens on `addr` and serves each stream on its own thread.
+/// Listens on `addr` and serves each stream on its own thread, admitting peers within
+/// `limits`.
 pub fn serve(
     addr: SocketAddr,
     key: ClusterKey,
     host: Arc<dyn TargetHost>,
+    limits: AdmissionLimits,
 ) -> Result<ReceiverServer, TransferError> {
     let listener = TcpListener::bind(addr).map_err(TransferError::Listen)?;
     let local_addr = listener.local_addr().map_err(TransferError::Listen)?;
     let stop = Arc::new(AtomicBool::new(false));
-    let shared = Arc::new(Shared::default());
+    let admission = Admission::new("block stream", limits);
+    let reaper = admission.start_reaper().map_err(TransferError::Spawn)?;
+    let shared = Arc::new(Shared {
+        admission,
+        reaper: Mutex::new(Some(reaper)),
+        workers: Mutex::new(Vec::new()),
+    });
     let engine_kind = if probe_uring().is_ok() {
         EngineKind::Uring
     } else {
@@ -123,8 +135,9 @@ impl ReceiverServer {
         }
         let _ = TcpStream::connect_timeout(&wake, Duration::from_secs(1));
         let _ = accept.join();
-        for stream in lock(&self.shared.connections).values() {
-            let _ = stream.shutdown(Shutdown::Both);
+        self.shared.admission.stop(Shutdown::Both);
+        if let Some(reaper) = lock(&self.shared.reaper).take() {
+            let _ = reaper.join();
         }
         let workers = std::mem::take(&mut *lock(&self.shared.workers));
         for worker in workers {
@@ -152,51 +165,50 @@ fn accept_loop(
     host: &Arc<dyn TargetHost>,
     engine_kind: EngineKind,
 ) {
-    for incoming in listener.incoming() {
+    let mut backoff = AcceptBackoff::default();
+    let mut next_id = 0u64;
+    loop {
+        let incoming = listener.accept();
         if stop.load(Ordering::SeqCst) {
             return;
         }
         let stream = match incoming {
-            Ok(stream) => stream,
+            Ok((stream, _)) => stream,
             Err(err) => {
-                log::warn!("block stream accept failed: {err}");
-                std::thread::sleep(Duration::from_millis(50));
+                accept_failed("block stream listener", &mut backoff, &err);
                 continue;
             }
         };
-        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-        {
-            let mut connections = lock(&shared.connections);
-            if connections.len() >= MAX_CONNECTIONS {
-                log::warn!("block stream refused: {MAX_CONNECTIONS} connections already open");
+        backoff.succeeded();
+        let closer = match stream.try_clone() {
+            Ok(clone) => Box::new(clone),
+            Err(err) => {
+                log::warn!("block stream refused: cannot clone its socket: {err}");
                 continue;
             }
-            if let Ok(clone) = stream.try_clone() {
-                connections.insert(id, clone);
-            }
-        }
-        let (key, host, worker_shared) = (key.clone(), Arc::clone(host), Arc::clone(shared));
+        };
+        let Ok(ticket) = shared.admission.admit(closer) else {
+            continue; // stopping
+        };
+        next_id += 1;
+        let (key, host) = (key.clone(), Arc::clone(host));
         let spawned = std::thread::Builder::new()
-            .name(format!("ferry-recv-{id}"))
+            .name(format!("ferry-recv-{next_id}"))
             .spawn(move || {
                 let peer = stream.peer_addr().ok();
-                match serve_connection(stream, &key, &*host, engine_kind) {
+                match serve_connection(stream, &ticket, &key, &*host, engine_kind) {
                     Ok(end) => log::info!("block stream from {peer:?}: {end}"),
                     Err(err) => log::warn!(
                         "block stream from {peer:?} failed: {}",
                         crate::error::error_chain(&err)
                     ),
                 }
-                lock(&worker_shared.connections).remove(&id);
             });
         let mut workers = lock(&shared.workers);
         workers.retain(|worker| !worker.is_finished());
         match spawned {
             Ok(worker) => workers.push(worker),
-            Err(err) => {
-                log::warn!("cannot start a block stream thread: {err}");
-                lock(&shared.connections).remove(&id);
-            }
+            Err(err) => log::warn!("cannot start a block stream thread: {err}"),
         }
     }
 }
@@ -204,6 +216,7 @@ fn accept_loop(
 /// Runs one connection to its end; the Ok value says how it ended.
 fn serve_connection(
     stream: TcpStream,
+    ticket: &Ticket,
     key: &ClusterKey,
     host: &dyn TargetHost,
     engine_kind: EngineKind,
@@ -216,6 +229,12 @@ fn serve_connection(
         .set_write_timeout(Some(WRITE_TIMEOUT))
         .map_err(TransferError::Socket)?;
     let mut stream = link::authenticate(stream, key, Role::Destination)?;
+    if ticket.promote().is_err() {
+        let refused = TransferError::Refused {
+            reason: "too many streams".into(),
+        };
+        return Err(fail(&mut stream, refused));
+    }
     let spec = match read_frame(&mut stream, &mut Vec::new()) {
         Ok(Frame::Open(spec)) => spec,
         Ok(Frame::Query { job_id, finalize }) => {

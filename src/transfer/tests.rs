@@ -138,7 +138,13 @@ fn setup(size_bytes: u64, zero_ranges: &[(u64, u64)], refuse: Option<String>) ->
     });
     let key = ClusterKey::from_bytes([0x42; 32]);
     let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let server = serve(addr, key.clone(), Arc::clone(&host) as Arc<dyn TargetHost>).unwrap();
+    let server = serve(
+        addr,
+        key.clone(),
+        Arc::clone(&host) as Arc<dyn TargetHost>,
+        crate::nbd::admission::AdmissionLimits::STREAM,
+    )
+    .unwrap();
     Setup {
         _dir: dir,
         source_path,
