@@ -151,19 +151,14 @@ impl Admission {
             return Err(Refusal::Stopped);
         }
         while state.handshaking >= self.limits.handshaking_max {
-            let oldest = state
-                .entries
-                .iter()
-                .find(|(_, entry)| matches!(entry.phase, Phase::Handshaking { .. }))
-                .map(|(id, _)| *id);
-            let Some(oldest) = oldest else { break };
-            let entry = Self::remove(&mut state, oldest).expect("found above");
+            if !Self::evict_oldest_in(&mut state) {
+                break;
+            }
             log::info!(
                 "{}: {} connections handshaking: the oldest is closed for a new one",
                 self.what,
                 self.limits.handshaking_max
             );
-            entry.closer.close(Shutdown::Both);
         }
         let id = state.next_id;
         state.next_id += 1;
@@ -182,6 +177,34 @@ impl Admission {
             admission: Arc::clone(self),
             id,
         })
+    }
+
+    /// Closes the oldest handshaking connection; false if there is none.
+    fn evict_oldest_in(state: &mut State) -> bool {
+        let oldest = state
+            .entries
+            .iter()
+            .find(|(_, entry)| matches!(entry.phase, Phase::Handshaking { .. }))
+            .map(|(id, _)| *id);
+        let Some(entry) = oldest.and_then(|id| Self::remove(state, id)) else {
+            return false;
+        };
+        // Its clone is freed here, its own socket when its thread sees the shutdown.
+        entry.closer.close(Shutdown::Both);
+        true
+    }
+
+    /// Out of descriptors (EMFILE at accept): closes the oldest handshaking connection, so
+    /// unauthenticated peers holding descriptors cannot keep real peers from being accepted.
+    /// False when no connection is handshaking.
+    pub fn evict_oldest(&self) -> bool {
+        let mut state = self.lock();
+        let evicted = Self::evict_oldest_in(&mut state);
+        drop(state);
+        if evicted {
+            self.changed.notify_all();
+        }
+        evicted
     }
 
     fn remove(state: &mut State, id: u64) -> Option<Entry> {
@@ -295,6 +318,11 @@ pub struct Ticket {
 }
 
 impl Ticket {
+    /// The admission this ticket belongs to.
+    pub fn admission(&self) -> &Admission {
+        &self.admission
+    }
+
     /// The handshake succeeded: the connection now counts as serving, without a deadline.
     /// Refused when the serving cap is full or the connection was evicted or reaped.
     pub fn promote(&self) -> Result<(), Refusal> {
@@ -366,11 +394,25 @@ impl AcceptBackoff {
     }
 }
 
-/// An accept loop's handling of one failed `accept`: log (rate-limited) and pause.
-pub fn accept_failed(what: &str, backoff: &mut AcceptBackoff, err: &std::io::Error) {
+/// True for the errors of a process or system out of descriptors (EMFILE, ENFILE).
+pub fn out_of_descriptors(err: &std::io::Error) -> bool {
+    matches!(err.raw_os_error(), Some(23 | 24))
+}
+
+/// An accept loop's handling of one failed `accept`: out of descriptors, the oldest
+/// handshaking connection of `admission` is closed for the waiting peer; then log
+/// (rate-limited) and pause.
+pub fn accept_failed(admission: &Admission, backoff: &mut AcceptBackoff, err: &std::io::Error) {
+    let evicted = out_of_descriptors(err) && admission.evict_oldest();
     let pause = backoff.failed();
     if backoff.should_log() {
-        log::warn!("{what}: accept failed (pausing {pause:?}, still listening): {err}");
+        let what = admission.what;
+        let freed = if evicted {
+            ", the oldest handshake closed"
+        } else {
+            ""
+        };
+        log::warn!("{what}: accept failed (pausing {pause:?}{freed}, still listening): {err}");
     }
     std::thread::sleep(pause);
 }
@@ -515,6 +557,30 @@ mod tests {
         assert_eq!(closed.load(Ordering::SeqCst), 1);
         admission.stop(Shutdown::Both);
         reaper.join().unwrap();
+    }
+
+    // Goal: out of descriptors, the oldest handshaking connection is closed, never a
+    // serving one. Method: one serving, two handshaking, evict three times.
+    #[test]
+    fn evict_oldest_spares_serving() {
+        let admission = Admission::new("test", limits(8, 8));
+        let (s, s_closed) = probe();
+        let served = admission.admit(s).unwrap();
+        served.promote().unwrap();
+        let (a, a_closed) = probe();
+        let _a = admission.admit(a).unwrap();
+        let (b, b_closed) = probe();
+        let _b = admission.admit(b).unwrap();
+        assert!(admission.evict_oldest());
+        assert_eq!(a_closed.load(Ordering::SeqCst), 1);
+        assert_eq!(b_closed.load(Ordering::SeqCst), 0);
+        assert!(admission.evict_oldest());
+        assert!(!admission.evict_oldest());
+        assert_eq!(s_closed.load(Ordering::SeqCst), 0);
+        assert_eq!(admission.counts(), (0, 1));
+        let emfile = std::io::Error::from_raw_os_error(24);
+        assert!(out_of_descriptors(&emfile));
+        assert!(!out_of_descriptors(&std::io::Error::from_raw_os_error(11)));
     }
 
     // Goal: back-off is 10, 20, 40, 80, 100, 100 ms and restarts after a success.

@@ -31,7 +31,9 @@ use rustls::ServerConfig;
 
 use crate::disk::{Export, Route};
 use crate::io::{open_engine, EngineKind};
-use crate::nbd::admission::{accept_failed, AcceptBackoff, Admission, AdmissionLimits, Ticket};
+use crate::nbd::admission::{
+    accept_failed, out_of_descriptors, AcceptBackoff, Admission, AdmissionLimits, Ticket,
+};
 use crate::nbd::bufpool::{Budget, BufPool};
 use crate::nbd::conn::Conn;
 use crate::nbd::forward::{ForwardEngine, ForwardTarget};
@@ -309,12 +311,12 @@ fn accept_loop(
             Ok(conn) => conn,
             Err(err) => {
                 // EMFILE and friends: the listener stays, a little later.
-                accept_failed("NBD listener", &mut backoff, &err);
+                accept_failed(&admission, &mut backoff, &err);
                 continue;
             }
         };
         backoff.succeeded();
-        let closer = match conn.try_clone() {
+        let closer = match clone_for_admission(&conn, &admission) {
             Ok(clone) => Box::new(clone),
             Err(err) => {
                 log::warn!("NBD connection refused: cannot clone its socket: {err}");
@@ -333,6 +335,15 @@ fn accept_loop(
             // The closure, and with it the ticket and the socket, is dropped.
             log::warn!("NBD connection dropped: cannot start its thread: {err}");
         }
+    }
+}
+
+/// A clone of `conn` for its admission entry; out of descriptors, the oldest handshake is
+/// closed and the clone tried once more.
+fn clone_for_admission(conn: &Conn, admission: &Admission) -> io::Result<Conn> {
+    match conn.try_clone() {
+        Err(err) if out_of_descriptors(&err) && admission.evict_oldest() => conn.try_clone(),
+        other => other,
     }
 }
 
@@ -363,37 +374,49 @@ fn serve_connection(
         );
         return;
     };
-    let Ok(handle) = conn.try_clone() else { return };
+    let Ok(handle) = clone_for_admission(&conn, ticket.admission()) else {
+        return;
+    };
     let Some(connection_id) = export.attach(Box::new(handle)) else {
         return; // removed meanwhile
     };
-    let limits = SessionLimits {
-        pool: BufPool::bounded(
-            options.limits.connection_bytes,
-            options.limits.budget.clone(),
-        ),
-        request_deadline: options.limits.request_deadline,
-        reply_deadline: options.limits.reply_deadline,
+    let structured = negotiated.structured_replies;
+    let mut conn = conn;
+    let mut retried = false;
+    let session = loop {
+        let limits = SessionLimits {
+            pool: BufPool::bounded(
+                options.limits.connection_bytes,
+                options.limits.budget.clone(),
+            ),
+            request_deadline: options.limits.request_deadline,
+            reply_deadline: options.limits.reply_deadline,
+        };
+        let factory = engine_factory(export.clone(), options.clone());
+        let contexts = negotiated.meta_contexts.clone();
+        match Session::new(conn, export.clone(), factory, structured, contexts, limits) {
+            Ok(session) => break Some(session),
+            // Out of descriptors, most likely held by peers still in their handshake: an
+            // authenticated client goes first (DESIGN invariant 6).
+            Err((_, back)) if !retried && ticket.admission().evict_oldest() => {
+                log::warn!(
+                    "export {}: session start failed, once more after closing the oldest handshake",
+                    export.name()
+                );
+                (conn, retried) = (back, true);
+            }
+            Err((err, _)) => {
+                // The chain names the cause (e.g. the forwarding address refusing connections).
+                let cause = crate::error::error_chain(&err);
+                log::error!(
+                    "export {}: cannot start the session: {cause}",
+                    export.name()
+                );
+                break None;
+            }
+        }
     };
-    let factory = engine_factory(export.clone(), options);
-    let result = Session::new(
-        conn,
-        export.clone(),
-        factory,
-        negotiated.structured_replies,
-        negotiated.meta_contexts,
-        limits,
-    )
-    .map_err(|err| {
-        // The chain names the cause (e.g. the forwarding address refusing connections).
-        let cause = crate::error::error_chain(&err);
-        log::error!(
-            "export {}: cannot start the session: {cause}",
-            export.name()
-        );
-    })
-    .map(Session::run);
-    if let Ok(Err(err)) = result {
+    if let Some(Err(err)) = session.map(Session::run) {
         log::info!("export {}: connection ended: {err}", export.name());
     }
     export.detach(connection_id);

@@ -167,7 +167,8 @@ pub struct Session {
 }
 
 impl Session {
-    /// A session on a negotiated connection.
+    /// A session on a negotiated connection; on failure the connection comes back (the
+    /// caller may free resources and try again).
     pub fn new(
         conn: Conn,
         export: Arc<Export>,
@@ -175,12 +176,18 @@ impl Session {
         structured: bool,
         contexts: Vec<(u32, String)>,
         limits: SessionLimits,
-    ) -> Result<Self, SessionError> {
-        conn.set_write_timeout(Some(limits.reply_deadline))
-            .map_err(SessionError::Socket)?;
-        conn.set_read_timeout(None).map_err(SessionError::Socket)?;
+    ) -> Result<Self, (SessionError, Conn)> {
+        let timeouts = conn
+            .set_write_timeout(Some(limits.reply_deadline))
+            .and_then(|()| conn.set_read_timeout(None));
+        if let Err(err) = timeouts {
+            return Err((SessionError::Socket(err), conn));
+        }
         let (route_gen, route) = export.route();
-        let engine = (factory.0)(&route, &conn).map_err(SessionError::Engine)?;
+        let engine = match (factory.0)(&route, &conn) {
+            Ok(engine) => engine,
+            Err(err) => return Err((SessionError::Engine(err), conn)),
+        };
         let capacity = engine.capacity();
         Ok(Session {
             conn,

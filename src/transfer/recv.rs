@@ -35,7 +35,9 @@ use super::link::{self, read_frame, unexpected, write_frame, Link};
 use super::{ClusterKey, TransferError};
 use crate::dirty::{DirtyBitmap, DirtySet};
 use crate::io::{open_engine, probe_uring, BlockIo, EngineKind, IoCompletion, IoKind, IoRequest};
-use crate::nbd::admission::{accept_failed, AcceptBackoff, Admission, AdmissionLimits, Ticket};
+use crate::nbd::admission::{
+    accept_failed, out_of_descriptors, AcceptBackoff, Admission, AdmissionLimits, Ticket,
+};
 use crate::nbd::bufpool::BufPool;
 
 /// Time a peer has to finish the handshake and Open.
@@ -175,12 +177,18 @@ fn accept_loop(
         let stream = match incoming {
             Ok((stream, _)) => stream,
             Err(err) => {
-                accept_failed("block stream listener", &mut backoff, &err);
+                accept_failed(&shared.admission, &mut backoff, &err);
                 continue;
             }
         };
         backoff.succeeded();
-        let closer = match stream.try_clone() {
+        let cloned = match stream.try_clone() {
+            Err(err) if out_of_descriptors(&err) && shared.admission.evict_oldest() => {
+                stream.try_clone()
+            }
+            other => other,
+        };
+        let closer = match cloned {
             Ok(clone) => Box::new(clone),
             Err(err) => {
                 log::warn!("block stream refused: cannot clone its socket: {err}");
