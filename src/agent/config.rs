@@ -111,7 +111,7 @@ struct FileExport {
 /// A size written either as a number of bytes or as a string with a unit ("64K", "1M").
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
-pub(super) enum SizeValue {
+enum SizeValue {
     Bytes(u64),
     Text(String),
 }
@@ -313,7 +313,8 @@ impl AgentConfig {
             .unwrap_or(DEFAULT_FORWARD_HOLD_MS);
         check_forward_hold("forward_hold_ms", forward_hold_ms)?;
         let stream_insecure = ov.stream_insecure || agent.stream_insecure.unwrap_or(false);
-        let limits = super::limits::Limits::build(agent.limits.as_ref())?;
+        let limits = super::limits::Limits::build(agent.limits.as_ref())
+            .map_err(|err| invalid(err.field, err.problem))?;
         let mut exports = Vec::new();
         for (index, export) in file.exports.into_iter().enumerate() {
             let field = format!("export[{index}]");
@@ -676,5 +677,23 @@ mod tests {
             ..Overrides::default()
         };
         assert!(AgentConfig::from_toml("", &flag).unwrap().stream_insecure);
+    }
+
+    // Goal: `[agent.limits]` is read inside `[agent]`, defaults apply without it, and a bad
+    // value is named with its table. Method: TOML texts.
+    #[test]
+    fn limits_table_in_the_agent_table() {
+        let none = AgentConfig::from_toml("", &Overrides::default()).unwrap();
+        assert_eq!(none.limits, crate::agent::limits::Limits::default());
+        let text = "[agent.limits]\nnbd_handshaking_max = 8\nagent_bytes = \"2G\"\n";
+        let config = AgentConfig::from_toml(text, &Overrides::default()).unwrap();
+        assert_eq!(config.limits.nbd.handshaking_max, 8);
+        assert_eq!(config.limits.agent_bytes, 2 << 30);
+        let bad = "[agent.limits]\nstream_serving_max = 0\n";
+        let err = AgentConfig::from_toml(bad, &Overrides::default()).unwrap_err();
+        assert!(
+            err.to_string().starts_with("limits.stream_serving_max:"),
+            "{err}"
+        );
     }
 }

@@ -20,7 +20,6 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::config::ConfigError;
 use crate::nbd::admission::AdmissionLimits;
 use crate::nbd::bufpool::Budget;
 use crate::nbd::server::ServerLimits;
@@ -35,11 +34,28 @@ pub(super) struct FileLimits {
     nbd_handshake_timeout_ms: Option<u64>,
     request_timeout_ms: Option<u64>,
     reply_timeout_ms: Option<u64>,
-    connection_bytes: Option<super::config::SizeValue>,
-    agent_bytes: Option<super::config::SizeValue>,
+    connection_bytes: Option<SizeValue>,
+    agent_bytes: Option<SizeValue>,
     stream_handshaking_max: Option<usize>,
     stream_serving_max: Option<usize>,
     stream_handshake_timeout_ms: Option<u64>,
+}
+
+/// A size written either as a number of bytes or as a string with a unit ("64M").
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum SizeValue {
+    Bytes(u64),
+    Text(String),
+}
+
+/// A field of `[agent.limits]` out of range, as the config error names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct LimitsError {
+    /// `limits.FIELD`.
+    pub field: String,
+    /// What is wrong.
+    pub problem: String,
 }
 
 /// The resource limits of the agent, validated.
@@ -72,14 +88,14 @@ impl Default for Limits {
     }
 }
 
-fn invalid(field: &str, problem: String) -> ConfigError {
-    ConfigError::Invalid {
+fn invalid(field: &str, problem: String) -> LimitsError {
+    LimitsError {
         field: format!("limits.{field}"),
         problem,
     }
 }
 
-fn count(field: &str, value: Option<usize>, default: usize) -> Result<usize, ConfigError> {
+fn count(field: &str, value: Option<usize>, default: usize) -> Result<usize, LimitsError> {
     let value = value.unwrap_or(default);
     if !(1..=1_000_000).contains(&value) {
         return Err(invalid(field, format!("{value} is not in 1..=1000000")));
@@ -87,7 +103,7 @@ fn count(field: &str, value: Option<usize>, default: usize) -> Result<usize, Con
     Ok(value)
 }
 
-fn millis(field: &str, value: Option<u64>, default: Duration) -> Result<Duration, ConfigError> {
+fn millis(field: &str, value: Option<u64>, default: Duration) -> Result<Duration, LimitsError> {
     let Some(ms) = value else { return Ok(default) };
     if !(100..=3_600_000).contains(&ms) {
         return Err(invalid(field, format!("{ms} ms is not in 100..=3600000")));
@@ -95,15 +111,11 @@ fn millis(field: &str, value: Option<u64>, default: Duration) -> Result<Duration
     Ok(Duration::from_millis(ms))
 }
 
-fn bytes(
-    field: &str,
-    value: Option<&super::config::SizeValue>,
-    default: u64,
-) -> Result<u64, ConfigError> {
+fn bytes(field: &str, value: Option<&SizeValue>, default: u64) -> Result<u64, LimitsError> {
     let value = match value {
         None => default,
-        Some(super::config::SizeValue::Bytes(n)) => *n,
-        Some(super::config::SizeValue::Text(text)) => {
+        Some(SizeValue::Bytes(n)) => *n,
+        Some(SizeValue::Text(text)) => {
             parse_size(text).map_err(|p| invalid(field, p.to_string()))?
         }
     };
@@ -115,7 +127,7 @@ fn bytes(
 }
 
 impl Limits {
-    pub(super) fn build(file: Option<&FileLimits>) -> Result<Limits, ConfigError> {
+    pub(super) fn build(file: Option<&FileLimits>) -> Result<Limits, LimitsError> {
         let empty = FileLimits::default();
         let file = file.unwrap_or(&empty);
         let d = Limits::default();
@@ -196,22 +208,23 @@ impl Limits {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::config::{AgentConfig, Overrides};
 
-    // Goal: defaults without a table, every field read from `[agent.limits]`, bad values
-    // named. Method: TOML texts.
+    fn build(text: &str) -> Result<Limits, LimitsError> {
+        let file: FileLimits = toml::from_str(text).expect("parses");
+        Limits::build(Some(&file))
+    }
+
+    // Goal: defaults without a table, every field read, bad values named. Method: TOML
+    // texts of the table's body (config.rs tests it in place, under `[agent.limits]`).
     #[test]
     fn limits_table_parses_and_validates() {
-        let none = AgentConfig::from_toml("", &Overrides::default()).unwrap();
-        assert_eq!(none.limits, Limits::default());
-        let text = "[agent.limits]\nnbd_handshaking_max = 8\nnbd_serving_max = 9\n\
+        assert_eq!(Limits::build(None), Ok(Limits::default()));
+        let text = "nbd_handshaking_max = 8\nnbd_serving_max = 9\n\
                     nbd_handshake_timeout_ms = 2000\nrequest_timeout_ms = 3000\n\
                     reply_timeout_ms = 4000\nconnection_bytes = \"16M\"\n\
                     agent_bytes = 134217728\nstream_handshaking_max = 2\n\
                     stream_serving_max = 3\nstream_handshake_timeout_ms = 1000\n";
-        let limits = AgentConfig::from_toml(text, &Overrides::default())
-            .unwrap()
-            .limits;
+        let limits = build(text).unwrap();
         assert_eq!(limits.nbd.handshaking_max, 8);
         assert_eq!(limits.nbd.serving_max, 9);
         assert_eq!(limits.nbd.handshake_deadline, Duration::from_secs(2));
@@ -228,12 +241,8 @@ mod tests {
             ("connection_bytes = \"2G\"", "limits.connection_bytes"),
             ("agent_bytes = \"lots\"", "limits.agent_bytes"),
         ] {
-            let err =
-                AgentConfig::from_toml(&format!("[agent.limits]\n{bad}\n"), &Overrides::default())
-                    .unwrap_err();
-            assert!(err.to_string().starts_with(field), "{bad}: {err}");
+            assert_eq!(build(bad).unwrap_err().field, field, "{bad}");
         }
-        let unknown = "[agent.limits]\nthreads = 3\n";
-        assert!(AgentConfig::from_toml(unknown, &Overrides::default()).is_err());
+        assert!(toml::from_str::<FileLimits>("threads = 3").is_err());
     }
 }
