@@ -426,3 +426,57 @@ fn configured_limits_are_applied() {
     assert!(started.elapsed() < Duration::from_secs(3));
     nbdinfo_ok(&agent.uri("vm1")).unwrap();
 }
+
+// Goal: a request whose header arrived but whose payload stalls is closed at the request
+// deadline, while a connection idle between requests is not. Method: request deadline 1 s;
+// one connection sends a WRITE header and 100 payload bytes, another sends nothing after
+// its handshake; after 2.5 s the first is closed, the second still serves a READ.
+#[test]
+fn request_deadline_closes_a_stalled_request_only() {
+    let dir = common::scratch_dir();
+    let image = dir.path().join("vm1.img");
+    sparse_image(&image, 16 * MIB);
+    let config = limits_config(dir.path(), "request_timeout_ms = 1000");
+    let config = config.to_str().unwrap().to_string();
+    let agent = AgentProc::start(
+        &[format!("vm1={}", image.display())],
+        &["--config", &config],
+    );
+    let mut idle = NbdClient::connect_unix(&agent.socket, "vm1").unwrap();
+    let mut stalled = NbdClient::connect_unix(&agent.socket, "vm1")
+        .unwrap()
+        .into_conn();
+    let mut request = Vec::new();
+    request.extend_from_slice(&0x2560_9513u32.to_be_bytes()); // request magic
+    request.extend_from_slice(&0u16.to_be_bytes()); // flags
+    request.extend_from_slice(&1u16.to_be_bytes()); // WRITE
+    request.extend_from_slice(&9u64.to_be_bytes()); // cookie
+    request.extend_from_slice(&0u64.to_be_bytes()); // offset
+    request.extend_from_slice(&65536u32.to_be_bytes()); // length
+    request.extend_from_slice(&[0xcd; 100]);
+    stalled.write_all(&request).unwrap();
+    let started = Instant::now();
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let end = stalled.read(&mut buf);
+    let closed = started.elapsed();
+    assert!(
+        matches!(end, Ok(0))
+            || end
+                .as_ref()
+                .is_err_and(|e| e.kind() != std::io::ErrorKind::WouldBlock),
+        "{end:?}"
+    );
+    eprintln!("stalled request closed after {closed:?}");
+    assert!(closed < Duration::from_millis(2500), "{closed:?}");
+    assert!(closed >= Duration::from_millis(900), "{closed:?}");
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(idle.read_at(0, 4096).unwrap(), vec![0u8; 4096]);
+    assert!(
+        agent.log().contains("request not received within"),
+        "{}",
+        agent.log()
+    );
+}

@@ -228,6 +228,15 @@ impl Admission {
             })
             .map(|(id, _)| *id)
             .collect();
+        if !expired.is_empty() {
+            // Logged before the close, so whoever sees the close finds the reason logged.
+            log::info!(
+                "{}: {} connection(s) closed: no handshake within {:?}",
+                self.what,
+                expired.len(),
+                self.limits.handshake_deadline
+            );
+        }
         for id in &expired {
             if let Some(entry) = Self::remove(&mut state, *id) {
                 entry.closer.close(Shutdown::Both);
@@ -242,12 +251,6 @@ impl Admission {
             })
             .min();
         if !expired.is_empty() {
-            log::info!(
-                "{}: {} connection(s) closed: no handshake within {:?}",
-                self.what,
-                expired.len(),
-                self.limits.handshake_deadline
-            );
             drop(state);
             self.changed.notify_all();
         }
