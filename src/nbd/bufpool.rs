@@ -16,7 +16,8 @@
 //!   wait forever); the agent's handed-out total ≤ its budget with the same exception for an
 //!   agent holding nothing; the agent's kept total ≤ its keep limit.
 
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::Duration;
 
 use ferry_sys::{AlignedBuf, DIRECT_ALIGN};
@@ -34,21 +35,20 @@ fn keep_per_class(class: usize) -> usize {
     }
 }
 
-/// The agent-wide bytes budget shared by every bounded pool.
+/// The agent-wide bytes budget shared by every bounded pool. Counted with atomics, so the
+/// data path takes no lock per buffer; only a connection waiting for the budget sleeps.
 #[derive(Debug)]
 pub struct Budget {
     /// Bytes handed out by all pools at once.
     limit_bytes: usize,
     /// Bytes kept in all pools' free lists at once.
     keep_limit_bytes: usize,
-    used: Mutex<BudgetUse>,
+    out_bytes: AtomicUsize,
+    kept_bytes: AtomicUsize,
+    /// Connections in [`Budget::wait_freed`]: givers notify only when someone waits.
+    waiters: AtomicUsize,
+    sleep: Mutex<()>,
     freed: Condvar,
-}
-
-#[derive(Debug, Default, Clone, Copy)]
-struct BudgetUse {
-    out_bytes: usize,
-    kept_bytes: usize,
 }
 
 impl Budget {
@@ -57,67 +57,80 @@ impl Budget {
         Arc::new(Budget {
             limit_bytes,
             keep_limit_bytes: limit_bytes / 4,
-            used: Mutex::new(BudgetUse::default()),
+            out_bytes: AtomicUsize::new(0),
+            kept_bytes: AtomicUsize::new(0),
+            waiters: AtomicUsize::new(0),
+            sleep: Mutex::new(()),
             freed: Condvar::new(),
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, BudgetUse> {
-        self.used.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
     /// Bytes handed out now, by all pools.
     pub fn out_bytes(&self) -> usize {
-        self.lock().out_bytes
+        self.out_bytes.load(Ordering::Relaxed)
     }
 
     fn try_hand_out(&self, bytes: usize) -> bool {
-        let mut used = self.lock();
-        if used.out_bytes > 0 && used.out_bytes + bytes > self.limit_bytes {
-            return false;
-        }
-        used.out_bytes += bytes;
-        true
+        // Relaxed: a count, not a guard of other memory.
+        self.out_bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |out| {
+                (out == 0 || out + bytes <= self.limit_bytes).then_some(out + bytes)
+            })
+            .is_ok()
     }
 
     /// A handed-out buffer of `bytes` comes back: true if the pool, which `wants` to, may
     /// keep it.
     fn back_kept(&self, bytes: usize, wants: bool) -> bool {
-        let mut used = self.lock();
-        used.out_bytes = used.out_bytes.saturating_sub(bytes);
-        let keep = wants && used.kept_bytes + bytes <= self.keep_limit_bytes;
-        if keep {
-            used.kept_bytes += bytes;
+        let keep = wants
+            && self
+                .kept_bytes
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |kept| {
+                    (kept + bytes <= self.keep_limit_bytes).then_some(kept + bytes)
+                })
+                .is_ok();
+        let _ = self
+            .out_bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |out| {
+                Some(out.saturating_sub(bytes))
+            });
+        // SeqCst with the waiter's increment: either the waiter sees the bytes back, or
+        // this sees the waiter (and then its timed wait bounds a missed wake-up anyway).
+        if bytes > 0 && self.waiters.load(Ordering::SeqCst) > 0 {
+            let _guard = self.sleep.lock().unwrap_or_else(PoisonError::into_inner);
+            self.freed.notify_all();
         }
-        drop(used);
-        self.freed.notify_all();
         keep
     }
 
     /// A kept buffer of `bytes` is handed out again, whatever the limit.
     fn kept_out(&self, bytes: usize) {
-        let mut used = self.lock();
-        used.kept_bytes = used.kept_bytes.saturating_sub(bytes);
-        used.out_bytes += bytes;
+        self.kept_freed(bytes);
+        self.force_out(bytes);
     }
 
     /// A new buffer of `bytes` is handed out, whatever the limit.
     fn force_out(&self, bytes: usize) {
-        self.lock().out_bytes += bytes;
+        self.out_bytes.fetch_add(bytes, Ordering::Relaxed);
     }
 
     fn kept_freed(&self, bytes: usize) {
-        let mut used = self.lock();
-        used.kept_bytes = used.kept_bytes.saturating_sub(bytes);
+        let _ = self
+            .kept_bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |kept| {
+                Some(kept.saturating_sub(bytes))
+            });
     }
 
     /// Waits up to `timeout` for some pool to give bytes back.
     pub fn wait_freed(&self, timeout: Duration) {
-        let used = self.lock();
+        self.waiters.fetch_add(1, Ordering::SeqCst);
+        let guard = self.sleep.lock().unwrap_or_else(PoisonError::into_inner);
         let _ = self
             .freed
-            .wait_timeout(used, timeout)
+            .wait_timeout(guard, timeout)
             .unwrap_or_else(PoisonError::into_inner);
+        self.waiters.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -362,6 +375,30 @@ mod tests {
         b.give(b_buf);
         drop(b);
         assert_eq!(budget.out_bytes(), 0);
+    }
+
+    // Goal: a connection waiting for the agent's budget wakes when another gives back, not
+    // at its timeout. Method: a waiter with a 5 s timeout; a give-back 50 ms later.
+    #[test]
+    fn waiting_for_the_budget_wakes_on_give_back() {
+        let budget = Budget::new(64 * MIB);
+        let mut holder = BufPool::bounded(64 * MIB, budget.clone());
+        let held = holder.try_take(64 * MIB).unwrap();
+        let waiter = {
+            let budget = budget.clone();
+            std::thread::spawn(move || {
+                let mut pool = BufPool::bounded(64 * MIB, budget);
+                let started = std::time::Instant::now();
+                while pool.try_take(4096).is_none() {
+                    pool.wait_budget(Duration::from_secs(5));
+                }
+                started.elapsed()
+            })
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        holder.give(held);
+        let waited = waiter.join().unwrap();
+        assert!(waited < Duration::from_secs(4), "woke after {waited:?}");
     }
 
     // Goal: unbounded pools behave as before and never count against a budget.
