@@ -27,7 +27,7 @@
 //! | 3 | [`io`] | block engines behind `BlockIo` (io_uring, pread/pwrite); the `ferry-sys` crate holds all code the compiler cannot check |
 //! | 4 | [`dirty`] | write trackers: dirty bitmaps, heat, their files |
 //! | 5 | [`disk`] | one served export: image, trackers, route and write gate, mirror hook, the one write trap, the gauge its forwarding engines report holding through |
-//! | 6 | [`nbd`] | the NBD protocol: wire, handshake, sessions, listeners, client, forwarding engine |
+//! | 6 | [`nbd`] | the NBD protocol: wire, handshake, sessions, listeners and their admission (also the block stream's), bounded buffer pools, client, forwarding engine |
 //! | 7 | [`transfer`] | the authenticated block stream between agents; peer addresses (`lease` will sit here) |
 //! | 8 | [`migrate`] | the pure live-migration algorithm (heat and naive policies, forecast, switchover) and its simulation |
 //! | 9 | [`journal`] | the durable record of every migration and the commit protocol's pure decisions, simulated |
