@@ -255,16 +255,26 @@ impl JobEnv {
         let started = self.clock.now_ns();
         let file = self.export.image().map_err(JobError::Allocation)?;
         let size_bytes = self.export.size_bytes();
-        let local = std::thread::spawn(move || crate::transfer::hash_image(&file, size_bytes));
+        let hasher = std::thread::Builder::new()
+            .name("ferry-verify-hash".into())
+            .spawn({
+                let file = file.clone();
+                move || crate::transfer::hash_image(&file, size_bytes)
+            });
         let remote = self.sender.verify().map_err(JobError::Transfer);
-        let local = local
-            .join()
-            .unwrap_or_else(|_| {
+        let local = match hasher {
+            Ok(hasher) => hasher.join().unwrap_or_else(|_| {
                 Err(TransferError::Refused {
                     reason: "hash thread panicked".into(),
                 })
-            })
-            .map_err(JobError::VerifyRead)?;
+            }),
+            // Out of threads: hash here, after the destination's (slower, never an abort).
+            Err(err) => {
+                log::warn!("cannot start a hash thread ({err}): hashing the source inline");
+                crate::transfer::hash_image(&file, size_bytes)
+            }
+        }
+        .map_err(JobError::VerifyRead)?;
         let remote = remote?;
         let outcome = VerifyOutcome {
             matched: local == remote,
