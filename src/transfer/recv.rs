@@ -97,11 +97,21 @@ pub fn serve(
         EngineKind::Sync
     };
     let accept = {
-        let (stop, shared) = (Arc::clone(&stop), Arc::clone(&shared));
+        let (stop, worker_shared) = (Arc::clone(&stop), Arc::clone(&shared));
         std::thread::Builder::new()
             .name("ferry-recv-accept".into())
-            .spawn(move || accept_loop(&listener, &stop, &shared, &key, &host, engine_kind))
-            .map_err(TransferError::Spawn)?
+            .spawn(move || accept_loop(&listener, &stop, &worker_shared, &key, &host, engine_kind))
+    };
+    let accept = match accept {
+        Ok(accept) => accept,
+        Err(err) => {
+            // The reaper stops with the admission.
+            shared.admission.stop(Shutdown::Both);
+            if let Some(reaper) = lock(&shared.reaper).take() {
+                let _ = reaper.join();
+            }
+            return Err(TransferError::Spawn(err));
+        }
     };
     Ok(ReceiverServer {
         local_addr,
