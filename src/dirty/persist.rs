@@ -59,14 +59,14 @@ pub const EXTENSION: &str = "tracker";
 /// [`durable::TEMP_SUFFIX`].
 const TEMP_SUFFIX: &str = ".tracker.tmp";
 /// Bytes before the name: magic, version, state, flags, 4 u64 fields, name length.
-pub(crate) const FIXED_HEADER_BYTES: usize = 8 + 4 + 4 + 4 + 4 * 8 + 4;
+const FIXED_HEADER_BYTES: usize = 8 + 4 + 4 + 4 + 4 * 8 + 4;
 /// Bytes after the name and before the entries: heat shift, W, H.
 const COUNTS_BYTES: usize = 4 + 8 + 8;
 /// Bytes of one bitmap entry and of one heat entry.
 const WORD_ENTRY_BYTES: u64 = 16;
 const HEAT_ENTRY_BYTES: u64 = 9;
 /// Flag bit: the tracker was lost (restored after an unclean stop, not yet cleared).
-pub(crate) const FLAG_LOST: u32 = 1;
+const FLAG_LOST: u32 = 1;
 /// Bytes of the trailing checksum.
 const CHECKSUM_BYTES: usize = 4;
 
@@ -97,12 +97,12 @@ pub struct SavedTracker {
 }
 
 /// The fields every version shares, checked against each other.
-pub(crate) struct Header {
-    pub(crate) state: FileState,
-    pub(crate) lost: bool,
-    pub(crate) spec: TrackerSpec,
-    pub(crate) block_count: u64,
-    pub(crate) disk_bytes: u64,
+struct Header {
+    state: FileState,
+    lost: bool,
+    spec: TrackerSpec,
+    block_count: u64,
+    disk_bytes: u64,
 }
 
 /// Path of the file for tracker `name` under `dir`.
@@ -201,7 +201,11 @@ pub fn decode(path: &Path, bytes: &[u8]) -> Result<SavedTracker, DirtyError> {
     let (words, heat) = if version == VERSION {
         decode_entries(&mut reader, &header)
     } else {
-        persist_v1::decode_body(&mut reader, &header)
+        persist_v1::decode_body(
+            &mut reader,
+            header.block_count,
+            header.spec.granularity_bytes,
+        )
     }
     .map_err(corrupt)?;
     Ok(SavedTracker {
@@ -215,7 +219,7 @@ pub fn decode(path: &Path, bytes: &[u8]) -> Result<SavedTracker, DirtyError> {
 }
 
 /// A file that ends inside a field.
-pub(crate) fn truncated(err: CodecError) -> String {
+fn truncated(err: CodecError) -> String {
     format!("truncated: {err}")
 }
 
@@ -771,5 +775,78 @@ mod tests {
             let err = decode(&path, &bytes).expect_err(problem);
             assert!(err.to_string().contains(problem), "{problem}: {err}");
         }
+    }
+
+    /// A version 1 file as the old build wrote it.
+    fn v1_file(
+        state: FileState,
+        flags: u32,
+        disk_bytes: u64,
+        words: &[u64],
+        heat: &[u8],
+    ) -> Vec<u8> {
+        let granularity_bytes = 4096u64;
+        let mut out = Vec::new();
+        out.extend_from_slice(&MAGIC);
+        out.extend_from_slice(&persist_v1::VERSION.to_le_bytes());
+        out.extend_from_slice(&(state as u32).to_le_bytes());
+        out.extend_from_slice(&flags.to_le_bytes());
+        let block_count = disk_bytes.div_ceil(granularity_bytes);
+        for field in [granularity_bytes, block_count, disk_bytes, 30_000] {
+            out.extend_from_slice(&field.to_le_bytes());
+        }
+        out.extend_from_slice(&2u32.to_le_bytes());
+        out.extend_from_slice(b"v1");
+        for word in words {
+            out.extend_from_slice(&word.to_le_bytes());
+        }
+        out.extend_from_slice(heat);
+        let checksum = crc32c::crc32c(&out);
+        out.extend_from_slice(&checksum.to_le_bytes());
+        out
+    }
+
+    #[test]
+    fn version_1_files_load_sparse() {
+        // Goal: an old dense file loads as the same bits, heat per region the hottest block.
+        // Method: hand-build a v1 file of 600 blocks (3 regions of 256), decode, compare.
+        let disk_bytes = 600 * 4096 - 10;
+        let mut words = vec![0u64; 10];
+        words[0] = 0b101;
+        words[9] = 1 << 23; // block 599, the last
+        let mut heat = vec![0u8; 600];
+        heat[3] = 7;
+        heat[200] = 9;
+        heat[599] = 2;
+        let bytes = v1_file(FileState::Clean, 0, disk_bytes, &words, &heat);
+        let saved = decode(Path::new("old.tracker"), &bytes).expect("v1 decodes");
+        assert_eq!(saved.words, vec![(0, 0b101), (9, 1 << 23)]);
+        assert_eq!(saved.heat, vec![(0, 9), (2, 2)]);
+        assert_eq!(saved.spec.name, "v1");
+        assert!(!saved.lost);
+        let dir = tempfile::tempdir().expect("tempdir");
+        fs::write(tracker_path(dir.path(), "v1"), &bytes).expect("write");
+        let restored = TrackerSet::restore(dir.path(), disk_bytes, clock()).expect("restore v1");
+        let tracker = restored.get("v1").expect("v1");
+        let blocks: Vec<u64> = tracker.bitmap_set().iter_blocks().collect();
+        assert_eq!(blocks, vec![0, 2, 599]);
+        assert_eq!((tracker.heat(3), tracker.heat(599)), (9, 2));
+        // The rewrite at restore is version 2.
+        let rewritten = fs::read(tracker_path(dir.path(), "v1")).expect("read");
+        assert_eq!(rewritten[8..12], VERSION.to_le_bytes());
+        let lost = v1_file(FileState::Active, FLAG_LOST, disk_bytes, &words, &heat);
+        let saved = decode(Path::new("old.tracker"), &lost).expect("v1 decodes");
+        assert!(saved.lost);
+        assert_eq!(saved.state, FileState::Active);
+        // A v1 body of the wrong length, even with a valid checksum, is refused.
+        let short = v1_file(FileState::Clean, 0, disk_bytes, &words, &heat[..599]);
+        let err = decode(Path::new("old.tracker"), &short).expect_err("short body");
+        assert!(err.to_string().contains("header implies"), "{err}");
+        // Bits past the disk's end are refused.
+        let mut past = words.clone();
+        past[9] = 1 << 24;
+        let bytes = v1_file(FileState::Clean, 0, disk_bytes, &past, &heat);
+        let err = decode(Path::new("old.tracker"), &bytes).expect_err("bits past end");
+        assert!(err.to_string().contains("past"), "{err}");
     }
 }

@@ -495,9 +495,11 @@ mod tests {
             let index = SimEnv::block_index(block);
             assert_eq!(env.source[index], env.acked[index]);
         }
-        // Heat is per 1 MiB region (16 blocks here): count hot regions of the 64.
+        // Heat is per 1 MiB region (16 blocks here), so a region sums its blocks' writes:
+        // a few of the 64 regions stand out (heat 32 or more), most do not.
         let snapshot = env.heat_snapshot();
-        let hot = snapshot.regions().filter(|&(_, heat)| heat >= 8).count();
-        assert!(hot > 0 && hot < 16, "hot regions: {hot}");
+        let hot = snapshot.regions().filter(|&(_, heat)| heat >= 32).count();
+        let all: Vec<(u64, u8)> = snapshot.regions().collect();
+        assert!(hot > 0 && hot < 8, "hot regions: {hot} {all:?}");
     }
 }
