@@ -6,6 +6,10 @@
 //! - `sweep`: a copier pass over the same 16M blocks: bare `take_word` over every word, and
 //!   `Tracker::take_and_clear` (which also builds the `DirtySet`).
 //! - `tracker_set`: `TrackerSet::mark_range` for one 4 KiB write with 0, 1 and 4 trackers.
+//! - `mark_chunk`: the bare bitmap `mark` into a chunk that exists (hot) and into a fresh one
+//!   (cold: the first mark allocates the chunk and installs it).
+//! - `take_and_clear`: a 64 TiB disk at 64 KiB (2^30 blocks) with 4096 random dirty blocks
+//!   (sparse), and 1 TiB at 64 KiB with every other block dirty (dense, 8M blocks).
 
 use std::hint::black_box;
 use std::sync::{Arc, Barrier};
@@ -153,5 +157,87 @@ fn bench_tracker_set(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_mark, bench_sweep, bench_tracker_set);
+fn bench_mark_chunk(c: &mut Criterion) {
+    let mut group = c.benchmark_group("mark_chunk");
+    let blocks = 1u64 << 32;
+    // 32 Ki blocks per chunk: marking the first block of chunk after chunk installs each one.
+    let chunk_blocks = 1u64 << 15;
+    group.bench_function("hot", |b| {
+        let bitmap = DirtyBitmap::new(blocks);
+        bitmap.mark(0);
+        let mut block = 0;
+        b.iter(|| {
+            block = (block + 1) & (chunk_blocks - 1);
+            bitmap.mark(black_box(block));
+        });
+    });
+    group.bench_function("cold", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            let mut left = iters;
+            while left > 0 {
+                let bitmap = DirtyBitmap::new(blocks);
+                let batch = left.min(blocks / chunk_blocks);
+                let start = Instant::now();
+                for chunk in 0..batch {
+                    bitmap.mark(black_box(chunk * chunk_blocks));
+                }
+                total += start.elapsed();
+                left -= batch;
+            }
+            total
+        });
+    });
+    group.finish();
+}
+
+/// Times `take_and_clear` on `tracker`, re-marking `dirty` (not timed) before each take.
+fn time_takes(tracker: &Tracker, iters: u64, dirty: &dyn Fn(&Tracker)) -> Duration {
+    let mut total = Duration::ZERO;
+    for _ in 0..iters {
+        dirty(tracker);
+        let start = Instant::now();
+        black_box(tracker.take_and_clear());
+        total += start.elapsed();
+    }
+    total
+}
+
+fn bench_take_and_clear(c: &mut Criterion) {
+    let mut group = c.benchmark_group("take_and_clear");
+    group.sample_size(10);
+    let clock: Arc<dyn Clock> = Arc::new(MonotonicClock::new());
+    let disk_bytes = 64 * TIB;
+    let spec = TrackerSpec::new("sparse").with_granularity_bytes(GRANULARITY_BYTES);
+    let sparse = Tracker::new(spec, disk_bytes, Arc::clone(&clock)).expect("tracker");
+    let dirty = offsets(disk_bytes, 4096, 13);
+    group.bench_function("sparse_64tib_4k_dirty", |b| {
+        b.iter_custom(|iters| {
+            time_takes(&sparse, iters, &|t| {
+                dirty.iter().for_each(|&o| t.mark_range(o, WRITE_BYTES));
+            })
+        });
+    });
+    let spec = TrackerSpec::new("dense").with_granularity_bytes(GRANULARITY_BYTES);
+    let dense = Tracker::new(spec, TIB, clock).expect("tracker");
+    group.bench_function("dense_1tib_every_other_block", |b| {
+        b.iter_custom(|iters| {
+            time_takes(&dense, iters, &|t| {
+                (0..TIB / GRANULARITY_BYTES)
+                    .step_by(2)
+                    .for_each(|block| t.mark_range(block * GRANULARITY_BYTES, WRITE_BYTES));
+            })
+        });
+    });
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    bench_mark,
+    bench_sweep,
+    bench_tracker_set,
+    bench_mark_chunk,
+    bench_take_and_clear
+);
 criterion_main!(benches);

@@ -124,7 +124,7 @@ impl Trackers {
             cell_bytes,
             cells: map,
             histogram: tracker.heat_histogram_pairs(),
-            hot_blocks: tracker.hot_set(HOT_THRESHOLD).len() as u64,
+            hot_blocks: tracker.hot_count(HOT_THRESHOLD),
         })
     }
 }

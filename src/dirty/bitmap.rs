@@ -1,11 +1,29 @@
 //! Dirty bitmaps: one bit per block, set after a guest write completes, taken by a copier.
 //!
+//! Storage is sparse ([`Chunked`]): a chunk of [`CHUNK_WORDS`] words (32 Ki blocks, 4 KiB) is
+//! allocated on the first mark inside it, so an empty tracker of a 64 TiB disk costs a few KiB
+//! and memory follows the regions written. A sweep ([`DirtyBitmap::take_into`]) visits only
+//! installed chunks whose hint says they may hold bits, so taking a sparse set from a huge
+//! disk touches only the chunks written since the last take.
+//!
 //! Invariants:
 //! - A bit is set ([`DirtyBitmap::mark`]) only after the write it stands for has completed,
-//!   with `Release`; a copier takes bits ([`DirtyBitmap::take_word`]) with `swap(0, Acquire)`
-//!   before it reads the blocks. So a pass that sees a bit also sees the write, and a write
-//!   that completes after the take sets the bit again for the next pass (DESIGN.md
-//!   invariant 1).
+//!   with `Release`; a copier takes bits ([`DirtyBitmap::take_word`],
+//!   [`DirtyBitmap::take_into`]) with `swap(0, Acquire)` before it reads the blocks. So a pass
+//!   that sees a bit also sees the write, and a write that completes after the take sets the
+//!   bit again for the next pass (DESIGN.md invariant 1).
+//! - The chunk hint: a marker whose `fetch_or` found the word zero then sets its chunk's hint
+//!   with an RMW (`swap(true, Release)`); a sweep clears the hint (`swap(false, Acquire)`)
+//!   before it takes the chunk's words, and skips a chunk whose hint was clear. A bit is never
+//!   stranded: either the sweep's hint swap reads a value at or after the marker's hint RMW
+//!   in the hint's modification order (RMWs continue the release sequence, so the sweep
+//!   synchronizes with that marker and its word swap sees the bit), or the marker's RMW comes
+//!   later and leaves the hint set for the next sweep. A marker that finds the word nonzero
+//!   leaves the hint alone: whoever made the word nonzero set it, and a sweep that took those
+//!   bits took ours too (both RMWs on one word are ordered), or our `fetch_or` came after the
+//!   sweep's swap and found zero.
+//! - Chunks are never freed while the bitmap lives (see `chunked.rs`): memory is proportional
+//!   to the regions written over the tracker's life, and a sweep never races a free.
 //! - Bits at or past `block_count` are never set: marking an out-of-range block is a bug
 //!   and panics (a write past the end of an export was validated away long before).
 //! - On disk and on the wire, words are little-endian `u64`, block `b` is bit `b % 64` of
@@ -13,16 +31,13 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use super::chunked::Chunked;
+pub use super::set::{valid_mask, word_count_for, DirtySet, WORD_BITS};
 use super::MAX_BLOCK_COUNT;
 use crate::codec;
 
-/// Blocks per bitmap word.
-pub const WORD_BITS: u64 = 64;
-
-/// Number of `u64` words needed for `block_count` bits.
-pub fn word_count_for(block_count: u64) -> usize {
-    usize::try_from(block_count.div_ceil(WORD_BITS)).expect("bitmap fits in memory")
-}
+/// Words per bitmap chunk: 32 Ki blocks, 4 KiB, allocated on the first mark inside it.
+pub const CHUNK_WORDS: usize = 512;
 
 /// A bitmap read from a file or the wire that cannot be taken.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -70,7 +85,9 @@ pub fn read_le_words(
     reader: &mut codec::Reader<'_>,
     block_count: u64,
 ) -> Result<Vec<u64>, BitmapError> {
-    let word_count = word_count_for(block_count);
+    // At most MAX_BLOCK_COUNT / 8 bytes (512 MiB), and `bytes` checks they are all there
+    // before anything is allocated: memory follows the input.
+    let word_count = usize::try_from(word_count_for(block_count)).expect("checked block count");
     let mut raw = codec::Reader::new(
         reader
             .bytes(word_count * 8)
@@ -89,36 +106,20 @@ pub fn read_le_words(
     Ok(words)
 }
 
-/// Index of the word holding `block`.
-pub(crate) fn word_index(block: u64) -> usize {
-    usize::try_from(block / WORD_BITS).expect("bitmap fits in memory")
-}
-
-/// Mask of the valid bits of the word at `word` in a bitmap of `block_count` bits.
-fn valid_mask(word: usize, block_count: u64) -> u64 {
-    let first_block = word as u64 * WORD_BITS;
-    let valid_bits = block_count.saturating_sub(first_block).min(WORD_BITS);
-    if valid_bits == WORD_BITS {
-        u64::MAX
-    } else {
-        (1u64 << valid_bits) - 1
-    }
-}
-
 /// One bit per block; set after a guest write completes, cleared by a transfer pass.
 #[derive(Debug)]
 pub struct DirtyBitmap {
-    words: Box<[AtomicU64]>,
+    words: Chunked<AtomicU64, CHUNK_WORDS>,
     block_count: u64,
 }
 
 impl DirtyBitmap {
-    /// Creates a clean bitmap of `block_count` blocks.
+    /// Creates a clean bitmap of `block_count` blocks; nothing is allocated per block.
     pub fn new(block_count: u64) -> Self {
-        let words = (0..word_count_for(block_count))
-            .map(|_| AtomicU64::new(0))
-            .collect();
-        Self { words, block_count }
+        Self {
+            words: Chunked::new(word_count_for(block_count)),
+            block_count,
+        }
     }
 
     /// Number of blocks (bits) tracked.
@@ -126,9 +127,35 @@ impl DirtyBitmap {
         self.block_count
     }
 
-    /// Number of `u64` words.
-    pub fn word_count(&self) -> usize {
+    /// Number of `u64` words of the dense form.
+    pub fn word_count(&self) -> u64 {
         self.words.len()
+    }
+
+    /// Heap bytes held now (directory and installed chunks).
+    pub fn allocated_bytes(&self) -> u64 {
+        self.words.allocated_bytes()
+    }
+
+    /// Asserts `block` is in range; a write past the export is a bug.
+    fn check(&self, block: u64) {
+        assert!(
+            block < self.block_count,
+            "block {block} out of range (block count {})",
+            self.block_count
+        );
+    }
+
+    /// ORs `mask` into word `word` with `Release`, installing its chunk, and sets the chunk
+    /// hint when the word was zero (see the module docs).
+    fn publish(&self, word: u64, mask: u64) {
+        let (chunk, cell) = self.words.get_or_install(word);
+        // Release: a pass that observes these bits also observes the completed writes.
+        if cell.fetch_or(mask, Ordering::Release) == 0 {
+            // An RMW, not a store: it continues the release sequence of an earlier marker's
+            // hint, so a sweep reading ours synchronizes with that marker too.
+            chunk.hint.swap(true, Ordering::Release);
+        }
     }
 
     /// Marks `block` dirty.
@@ -137,13 +164,8 @@ impl DirtyBitmap {
     /// write, a concurrent pass can clear the bit, copy stale data, and never resend the
     /// block.
     pub fn mark(&self, block: u64) {
-        assert!(
-            block < self.block_count,
-            "block {block} out of range (block count {})",
-            self.block_count
-        );
-        // Release: a pass that observes this bit also observes the completed write.
-        self.words[word_index(block)].fetch_or(1 << (block % WORD_BITS), Ordering::Release);
+        self.check(block);
+        self.publish(block / WORD_BITS, 1 << (block % WORD_BITS));
     }
 
     /// Marks blocks `first..=last` dirty with one `fetch_or` per word touched.
@@ -151,12 +173,8 @@ impl DirtyBitmap {
     /// Same contract as [`DirtyBitmap::mark`]: only after the writes completed.
     pub fn mark_blocks(&self, first: u64, last: u64) {
         assert!(first <= last, "empty block range {first}..={last}");
-        assert!(
-            last < self.block_count,
-            "block {last} out of range (block count {})",
-            self.block_count
-        );
-        let (first_word, last_word) = (word_index(first), word_index(last));
+        self.check(last);
+        let (first_word, last_word) = (first / WORD_BITS, last / WORD_BITS);
         for word in first_word..=last_word {
             let low_bit = if word == first_word {
                 first % WORD_BITS
@@ -168,228 +186,132 @@ impl DirtyBitmap {
             } else {
                 63
             };
-            let mask = (u64::MAX >> (63 - high_bit)) & (u64::MAX << low_bit);
-            // Release: as in `mark`, the bits publish the completed write.
-            self.words[word].fetch_or(mask, Ordering::Release);
+            self.publish(word, (u64::MAX >> (63 - high_bit)) & (u64::MAX << low_bit));
         }
     }
 
     /// Whether `block` is dirty now.
     pub fn is_dirty(&self, block: u64) -> bool {
-        assert!(
-            block < self.block_count,
-            "block {block} out of range (block count {})",
-            self.block_count
-        );
-        // Acquire: a caller that sees the bit may read the block and see the write.
-        self.words[word_index(block)].load(Ordering::Acquire) & (1 << (block % WORD_BITS)) != 0
+        self.check(block);
+        self.load_word(block / WORD_BITS) & (1 << (block % WORD_BITS)) != 0
     }
 
-    /// Reads one word without clearing it (status reports, persistence).
-    pub fn load_word(&self, word: usize) -> u64 {
+    /// Reads one word without clearing it (status reports); 0 when its chunk is missing.
+    pub fn load_word(&self, word: u64) -> u64 {
         // Acquire: pairs with `mark`'s Release, as `take_word` does.
-        self.words[word].load(Ordering::Acquire)
+        self.words
+            .get(word)
+            .map_or(0, |cell| cell.load(Ordering::Acquire))
     }
 
-    /// Takes and clears one word; later writes set bits again for the next pass.
-    pub fn take_word(&self, word: usize) -> u64 {
+    /// Word `word`, or, when its chunk was never written (all clean), `Err` with the first
+    /// word of the next chunk (so a scan of clean space skips whole chunks).
+    pub fn word_or_gap(&self, word: u64) -> Result<u64, u64> {
+        match self.words.get(word) {
+            // Acquire: pairs with `mark`'s Release.
+            Some(cell) => Ok(cell.load(Ordering::Acquire)),
+            None => Err((word / CHUNK_WORDS as u64 + 1) * CHUNK_WORDS as u64),
+        }
+    }
+
+    /// Takes and clears one word; later writes set bits again for the next pass. The chunk
+    /// hint is left set (a later sweep finds nothing there, which is harmless).
+    pub fn take_word(&self, word: u64) -> u64 {
         // Acquire: the pass then reads blocks whose writes completed before their marks.
-        self.words[word].swap(0, Ordering::Acquire)
+        self.words
+            .get(word)
+            .map_or(0, |cell| cell.swap(0, Ordering::Acquire))
     }
 
     /// ORs `bits` into one word: gives back bits a failed pass took, or restores saved ones.
-    pub fn or_word(&self, word: usize, bits: u64) {
+    pub fn or_word(&self, word: u64, bits: u64) {
         assert_eq!(
             bits & !valid_mask(word, self.block_count),
             0,
             "bits past block count {} in word {word}",
             self.block_count
         );
-        // Release: a later taker must see the writes the original taker had acquired, so
-        // the give-back continues the release chain from the original marks.
-        self.words[word].fetch_or(bits, Ordering::Release);
+        if bits != 0 {
+            // Release: a later taker must see the writes the original taker had acquired, so
+            // the give-back continues the release chain from the original marks.
+            self.publish(word, bits);
+        }
     }
 
-    /// Marks every block dirty (a tracker whose history was lost).
+    /// Marks every block dirty (a tracker whose history was lost); installs every chunk.
     pub fn mark_all(&self) {
-        for word in 0..self.words.len() {
+        for word in 0..self.word_count() {
             self.or_word(word, valid_mask(word, self.block_count));
         }
     }
 
-    /// Number of dirty blocks now (a racy count while writes go on).
+    /// Number of dirty blocks now (a racy count while writes go on); visits installed chunks.
     pub fn count(&self) -> u64 {
         self.words
-            .iter()
+            .chunks()
+            .flat_map(|(_, chunk)| chunk.cells.iter())
             .map(|word| u64::from(word.load(Ordering::Relaxed).count_ones()))
             .sum()
     }
 
-    /// Takes and clears every word, in order; see [`DirtyBitmap::take_word`].
-    pub fn take_all(&self) -> Vec<u64> {
-        (0..self.words.len())
-            .map(|word| self.take_word(word))
-            .collect()
-    }
-
-    /// Copies every word without clearing.
-    pub fn snapshot(&self) -> Vec<u64> {
-        (0..self.words.len())
-            .map(|word| self.load_word(word))
-            .collect()
-    }
-}
-
-/// Blocks a pass took from a tracker: a plain (non-atomic) bitmap owned by the copier.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DirtySet {
-    granularity_bytes: u64,
-    disk_bytes: u64,
-    block_count: u64,
-    words: Vec<u64>,
-}
-
-impl DirtySet {
-    /// Wraps words taken from a bitmap of `block_count` blocks of `granularity_bytes` bytes
-    /// covering a disk of `disk_bytes` bytes.
-    pub fn from_words(
-        granularity_bytes: u64,
-        disk_bytes: u64,
-        block_count: u64,
-        words: Vec<u64>,
-    ) -> Self {
-        assert!(
-            granularity_bytes.is_power_of_two(),
-            "granularity {granularity_bytes}"
-        );
-        assert_eq!(block_count, disk_bytes.div_ceil(granularity_bytes));
-        assert_eq!(words.len(), word_count_for(block_count));
-        for (word, bits) in words.iter().enumerate() {
-            assert_eq!(
-                bits & !valid_mask(word, block_count),
-                0,
-                "bits past block count"
-            );
-        }
-        Self {
-            granularity_bytes,
-            disk_bytes,
-            block_count,
-            words,
-        }
-    }
-
-    /// An empty set for the same geometry.
-    pub fn empty(granularity_bytes: u64, disk_bytes: u64) -> Self {
-        let block_count = disk_bytes.div_ceil(granularity_bytes);
-        let words = vec![0; word_count_for(block_count)];
-        Self::from_words(granularity_bytes, disk_bytes, block_count, words)
-    }
-
-    /// Bytes per block.
-    pub fn granularity_bytes(&self) -> u64 {
-        self.granularity_bytes
-    }
-
-    /// Size of the disk the set covers.
-    pub fn disk_bytes(&self) -> u64 {
-        self.disk_bytes
-    }
-
-    /// Number of blocks the set covers (dirty or not).
-    pub fn block_count(&self) -> u64 {
-        self.block_count
-    }
-
-    /// The raw words (block `b` is bit `b % 64` of word `b / 64`).
-    pub fn words(&self) -> &[u64] {
-        &self.words
-    }
-
-    /// Number of dirty blocks.
-    pub fn count(&self) -> u64 {
-        self.words.iter().map(|w| u64::from(w.count_ones())).sum()
-    }
-
-    /// Whether no block is dirty.
-    pub fn is_empty(&self) -> bool {
-        self.words.iter().all(|&w| w == 0)
-    }
-
-    /// Whether `block` is in the set.
-    pub fn contains(&self, block: u64) -> bool {
-        assert!(block < self.block_count, "block {block} out of range");
-        self.words[word_index(block)] & (1 << (block % WORD_BITS)) != 0
-    }
-
-    /// Adds `block` to the set.
-    pub fn insert(&mut self, block: u64) {
-        assert!(block < self.block_count, "block {block} out of range");
-        self.words[word_index(block)] |= 1 << (block % WORD_BITS);
-    }
-
-    /// Adds every block of `other` (same geometry) to the set.
-    pub fn union_with(&mut self, other: &DirtySet) {
+    /// Takes and clears every dirty word into `set` (same block count), chunk by chunk,
+    /// skipping chunks whose hint is clear; see [`DirtyBitmap::take_word`] and the module docs.
+    pub fn take_into(&self, set: &mut DirtySet) {
         assert_eq!(
-            (self.granularity_bytes, self.block_count),
-            (other.granularity_bytes, other.block_count),
-            "sets of different geometry"
+            set.block_count(),
+            self.block_count,
+            "take into another geometry"
         );
-        for (word, &bits) in self.words.iter_mut().zip(&other.words) {
-            *word |= bits;
-        }
-    }
-
-    /// Dirty blocks in increasing order.
-    pub fn iter_blocks(&self) -> impl Iterator<Item = u64> + '_ {
-        self.words
-            .iter()
-            .enumerate()
-            .flat_map(|(word, &bits)| BitIter { bits }.map(move |bit| word as u64 * 64 + bit))
-    }
-
-    /// Maximal runs of dirty blocks as byte extents `(offset_bytes, len_bytes)`, in order,
-    /// clipped to the disk (the last block may be partial).
-    pub fn iter_extents(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
-        let mut blocks = self.iter_blocks().peekable();
-        std::iter::from_fn(move || {
-            let first = blocks.next()?;
-            let mut last = first;
-            while blocks.next_if_eq(&(last + 1)).is_some() {
-                last += 1;
+        for (number, chunk) in self.words.chunks() {
+            // Acquire: pairs with the hint RMW of the marker that made a word nonzero.
+            if !chunk.hint.swap(false, Ordering::Acquire) {
+                continue;
             }
-            let offset_bytes = first * self.granularity_bytes;
-            let end_bytes = ((last + 1) * self.granularity_bytes).min(self.disk_bytes);
-            Some((offset_bytes, end_bytes - offset_bytes))
-        })
-    }
-}
-
-/// Positions of the set bits of one word, lowest first.
-struct BitIter {
-    bits: u64,
-}
-
-impl Iterator for BitIter {
-    type Item = u64;
-
-    fn next(&mut self) -> Option<u64> {
-        if self.bits == 0 {
-            return None;
+            let base = number * CHUNK_WORDS as u64;
+            for (word, cell) in (base..).zip(chunk.cells.iter()) {
+                // A zero load skips the swap: the swap would read a value at least as new, and
+                // a mark it misses found the word zero, so it sets the hint again.
+                if cell.load(Ordering::Relaxed) != 0 {
+                    set.or_word(word, cell.swap(0, Ordering::Acquire));
+                }
+            }
         }
-        let bit = u64::from(self.bits.trailing_zeros());
-        self.bits &= self.bits - 1;
-        Some(bit)
+    }
+
+    /// Copies every dirty word into `set` (same block count) without clearing.
+    pub fn load_into(&self, set: &mut DirtySet) {
+        assert_eq!(
+            set.block_count(),
+            self.block_count,
+            "load into another geometry"
+        );
+        for (number, chunk) in self.words.chunks() {
+            let base = number * CHUNK_WORDS as u64;
+            for (word, cell) in (base..).zip(chunk.cells.iter()) {
+                // Acquire: pairs with `mark`'s Release, as `take_word` does.
+                set.or_word(word, cell.load(Ordering::Acquire));
+            }
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dirty::set::BitIter;
+    use crate::prng::SplitMix64 as Prng;
+    use std::collections::BTreeSet;
+
+    /// Takes everything into a fresh set of 4 KiB blocks.
+    fn take(bitmap: &DirtyBitmap) -> DirtySet {
+        let mut set = DirtySet::empty(4096, bitmap.block_count() * 4096);
+        bitmap.take_into(&mut set);
+        set
+    }
 
     #[test]
     fn mark_take_round_trip() {
-        // Goal: take_word returns marked bits once. Method: mark 3 blocks, take twice.
+        // Goal: a take returns marked bits once. Method: mark 3 blocks, take twice.
         let bitmap = DirtyBitmap::new(130);
         assert_eq!(bitmap.word_count(), 3);
         for block in [0, 127, 129] {
@@ -398,9 +320,16 @@ mod tests {
         assert!(bitmap.is_dirty(127));
         assert!(!bitmap.is_dirty(126));
         assert_eq!(bitmap.count(), 3);
-        assert_eq!(bitmap.take_all(), vec![1, 1 << 63, 1 << 1]);
-        assert_eq!(bitmap.take_all(), vec![0, 0, 0]);
+        let taken = take(&bitmap);
+        assert_eq!(
+            taken.iter_words().collect::<Vec<_>>(),
+            vec![(0, 1), (1, 1 << 63), (2, 2)]
+        );
+        assert!(take(&bitmap).is_empty());
         assert_eq!(bitmap.count(), 0);
+        bitmap.mark(5);
+        assert_eq!(bitmap.take_word(0), 1 << 5);
+        assert_eq!(bitmap.take_word(2), 0);
     }
 
     #[test]
@@ -421,8 +350,72 @@ mod tests {
             for block in first..=last {
                 single.mark(block);
             }
-            assert_eq!(ranged.snapshot(), single.snapshot(), "{first}..={last}");
+            assert_eq!(take(&ranged), take(&single), "{first}..={last}");
         }
+    }
+
+    #[test]
+    fn random_marks_takes_and_merges_match_a_reference() {
+        // Goal: the chunked bitmap behaves as a plain set. Method: on a 2^32-block bitmap
+        // (sparse, chunks far apart) and a 100k-block one (dense), random marks and ranges,
+        // takes that must return exactly the model in block order, and merge-backs of part of
+        // a take; memory stays with the chunks touched.
+        let mut prng = Prng::new(5);
+        for block_count in [1u64 << 32, 100_000] {
+            let bitmap = DirtyBitmap::new(block_count);
+            let mut model = BTreeSet::new();
+            for round in 0..20 {
+                for _ in 0..prng.below(300) {
+                    let first = prng.below(block_count);
+                    let last = (first + prng.below(3 * WORD_BITS)).min(block_count - 1);
+                    bitmap.mark_blocks(first, last);
+                    model.extend(first..=last);
+                }
+                assert_eq!(bitmap.count(), model.len() as u64, "round {round}");
+                let mut peek = DirtySet::empty(4096, block_count * 4096);
+                bitmap.load_into(&mut peek);
+                let taken = take(&bitmap);
+                assert_eq!(peek, taken);
+                assert!(
+                    taken.iter_blocks().eq(model.iter().copied()),
+                    "round {round}"
+                );
+                assert_eq!(bitmap.count(), 0);
+                // Give back every other word, as a failed pass would.
+                model.clear();
+                for (word, bits) in taken.iter_words().step_by(2) {
+                    bitmap.or_word(word, bits);
+                    model.extend(BitIter { bits }.map(|bit| word * WORD_BITS + bit));
+                }
+            }
+            assert!(
+                bitmap.allocated_bytes() < 20 << 20,
+                "{}",
+                bitmap.allocated_bytes()
+            );
+        }
+    }
+
+    #[test]
+    fn an_empty_huge_bitmap_is_small_and_sweeps_fast() {
+        // Goal: memory and sweep time follow what was written. Method: 2^32 blocks, check
+        // the empty footprint, mark 3 far-apart blocks, take them, take again (hint skip).
+        let bitmap = DirtyBitmap::new(1 << 32);
+        assert!(
+            bitmap.allocated_bytes() <= 4096,
+            "{}",
+            bitmap.allocated_bytes()
+        );
+        for block in [0, 1 << 31, (1 << 32) - 1] {
+            bitmap.mark(block);
+        }
+        let taken = take(&bitmap);
+        assert_eq!(
+            taken.iter_blocks().collect::<Vec<_>>(),
+            vec![0, 1 << 31, (1 << 32) - 1]
+        );
+        assert!(take(&bitmap).is_empty());
+        assert!(!bitmap.is_dirty(1 << 31));
     }
 
     #[test]
@@ -442,35 +435,11 @@ mod tests {
     #[test]
     fn mark_all_stays_in_range() {
         // Goal: mark_all sets exactly block_count bits. Method: count after mark_all.
-        for block_count in [0, 1, 63, 64, 65, 1000] {
+        for block_count in [0, 1, 63, 64, 65, 1000, 40_000] {
             let bitmap = DirtyBitmap::new(block_count);
             bitmap.mark_all();
             assert_eq!(bitmap.count(), block_count);
+            assert_eq!(take(&bitmap).count(), block_count);
         }
-    }
-
-    #[test]
-    fn dirty_set_iterates_blocks_and_extents() {
-        // Goal: iter_blocks/iter_extents list the set. Method: insert known blocks, compare.
-        let mut set = DirtySet::empty(4096, 200 * 4096 - 100);
-        for block in [0, 1, 2, 64, 65, 130, 199] {
-            set.insert(block);
-        }
-        assert_eq!(set.count(), 7);
-        assert!(set.contains(65));
-        assert!(!set.contains(66));
-        let blocks: Vec<u64> = set.iter_blocks().collect();
-        assert_eq!(blocks, vec![0, 1, 2, 64, 65, 130, 199]);
-        let extents: Vec<(u64, u64)> = set.iter_extents().collect();
-        assert_eq!(
-            extents,
-            vec![
-                (0, 3 * 4096),
-                (64 * 4096, 2 * 4096),
-                (130 * 4096, 4096),
-                (199 * 4096, 4096 - 100)
-            ]
-        );
-        assert!(DirtySet::empty(4096, 4096).is_empty());
     }
 }

@@ -1,6 +1,12 @@
-//! Write heat: a per-block counter of recent writes that halves every half-life.
+//! Write heat: a counter of recent writes per region that halves every half-life.
 //!
-//! Each block has one `AtomicU32` packing an 8-bit count (low byte) and a 24-bit epoch (high
+//! Heat is kept per region of [`HEAT_REGION_BYTES`] (or per block when blocks are larger), not
+//! per block: it is a scheduling hint, and a region's cell is bumped once per write touching
+//! it. Cells live in lazily allocated chunks ([`Chunked`], 1024 cells = 4 KiB covering 1 GiB at
+//! 1 MiB regions), so memory follows the regions written; a region never written reads 0.
+//! Chunks are never freed while the tracker lives (see `chunked.rs`).
+//!
+//! Each region has one `AtomicU32` packing an 8-bit count (low byte) and a 24-bit epoch (high
 //! bits), where `epoch = now_ns / half_life_ns` from the injected clock. A bump first decays the
 //! stored count to the current epoch (`count >> elapsed_epochs`, 0 once 8 or more half-lives
 //! passed), then adds 1, saturating at 255. Reading decays the same way, so no background
@@ -18,7 +24,15 @@
 //! - Epochs mean nothing across restarts (the clock origin changes); persisted heat is a
 //!   plain count, restored as fresh at the current epoch.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU32, Ordering};
+
+use super::chunked::Chunked;
+
+/// Bytes per heat region (when the tracker's blocks are smaller): 1 MiB.
+pub const HEAT_REGION_BYTES: u64 = 1 << 20;
+/// Cells per heat chunk: 4 KiB of cells.
+const HEAT_CHUNK_CELLS: usize = 1024;
 
 /// Bits of the epoch stored beside each count.
 const EPOCH_BITS: u32 = 24;
@@ -50,7 +64,12 @@ pub struct HeatHistogram {
 impl HeatHistogram {
     /// Counts one block of heat `heat`.
     pub fn add(&mut self, heat: u8) {
-        self.blocks[heat_bucket(heat)] += 1;
+        self.add_blocks(heat, 1);
+    }
+
+    /// Counts `blocks` blocks of heat `heat`.
+    pub fn add_blocks(&mut self, heat: u8, blocks: u64) {
+        self.blocks[heat_bucket(heat)] += blocks;
     }
 
     /// `(heat lower bound, blocks)` per bucket, coldest first (the API's wire shape).
@@ -92,31 +111,35 @@ fn unpack(cell: u32) -> (u8, u32) {
     (count, cell >> 8)
 }
 
-/// Per-block decaying write counters; see the module docs.
+/// Per-region decaying write counters in lazily allocated chunks; see the module docs.
 #[derive(Debug)]
 pub struct Heat {
-    cells: Box<[AtomicU32]>,
+    cells: Chunked<AtomicU32, HEAT_CHUNK_CELLS>,
     half_life_ns: u64,
 }
 
 impl Heat {
-    /// Creates cold counters for `block_count` blocks, halving every `half_life_ms`.
-    pub fn new(block_count: u64, half_life_ms: u64) -> Self {
+    /// Creates cold counters for `region_count` regions, halving every `half_life_ms`;
+    /// nothing is allocated per region.
+    pub fn new(region_count: u64, half_life_ms: u64) -> Self {
         assert!(half_life_ms > 0, "half-life must be positive");
         let half_life_ns = half_life_ms
             .checked_mul(1_000_000)
             .expect("half-life fits in u64 nanoseconds");
-        let len = usize::try_from(block_count).expect("heat fits in memory");
-        let cells = (0..len).map(|_| AtomicU32::new(0)).collect();
         Self {
-            cells,
+            cells: Chunked::new(region_count),
             half_life_ns,
         }
     }
 
-    /// Number of blocks.
-    pub fn block_count(&self) -> u64 {
-        self.cells.len() as u64
+    /// Number of regions.
+    pub fn region_count(&self) -> u64 {
+        self.cells.len()
+    }
+
+    /// Heap bytes held now.
+    pub fn allocated_bytes(&self) -> u64 {
+        self.cells.allocated_bytes()
     }
 
     /// The epoch (half-lives since the clock's origin, mod 2^24) at `now_ns`.
@@ -125,53 +148,123 @@ impl Heat {
         u32::try_from(epoch).expect("masked to 24 bits")
     }
 
-    /// Index of `block`'s cell; out of range is a bug.
-    fn cell(&self, block: u64) -> &AtomicU32 {
-        let index = usize::try_from(block)
-            .ok()
-            .filter(|&i| i < self.cells.len());
-        let Some(index) = index else {
-            panic!(
-                "block {block} out of range (block count {})",
-                self.cells.len()
-            );
-        };
-        &self.cells[index]
-    }
-
-    /// Counts one write to `block` at `epoch` (from [`Heat::epoch`]).
-    pub fn bump(&self, block: u64, epoch: u32) {
-        let cell = self.cell(block);
+    /// Counts one write to `region` at `epoch` (from [`Heat::epoch`]); installs its chunk.
+    pub fn bump(&self, region: u64, epoch: u32) {
+        let (_, cell) = self.cells.get_or_install(region);
         // Relaxed load + store, not a CAS loop: a racing bump may be lost, which only makes
-        // the block look a little cooler (see module docs), and the hot path stays one load
+        // the region look a little cooler (see module docs), and the hot path stays one load
         // and at most one store.
         let old = cell.load(Ordering::Relaxed);
         let (count, stored_epoch) = unpack(old);
         let new = pack(decay(count, stored_epoch, epoch).saturating_add(1), epoch);
         if new != old {
-            // Skipping the store when saturated keeps hot blocks' cache lines shared.
+            // Skipping the store when saturated keeps hot regions' cache lines shared.
             cell.store(new, Ordering::Relaxed);
         }
     }
 
-    /// Heat of `block` decayed to `epoch`.
-    pub fn get(&self, block: u64, epoch: u32) -> u8 {
-        let (count, stored_epoch) = unpack(self.cell(block).load(Ordering::Relaxed));
-        decay(count, stored_epoch, epoch)
+    /// Heat of `region` decayed to `epoch` (0 when never written); out of range is a bug.
+    pub fn get(&self, region: u64, epoch: u32) -> u8 {
+        self.cells.get(region).map_or(0, |cell| read(cell, epoch))
     }
 
-    /// Sets `block`'s heat to `count` as of `epoch` (restoring a saved tracker).
-    pub fn set(&self, block: u64, count: u8, epoch: u32) {
-        self.cell(block)
-            .store(pack(count, epoch), Ordering::Relaxed);
+    /// Sets `region`'s heat to `count` as of `epoch` (restoring a saved tracker); a zero
+    /// count on a region never written allocates nothing.
+    pub fn set(&self, region: u64, count: u8, epoch: u32) {
+        if count == 0 && self.cells.get(region).is_none() {
+            return;
+        }
+        let (_, cell) = self.cells.get_or_install(region);
+        cell.store(pack(count, epoch), Ordering::Relaxed);
     }
 
-    /// Every block's heat decayed to `epoch`, in block order.
-    pub fn counts(&self, epoch: u32) -> impl Iterator<Item = u8> + '_ {
-        self.cells.iter().map(move |cell| {
-            let (count, stored_epoch) = unpack(cell.load(Ordering::Relaxed));
-            decay(count, stored_epoch, epoch)
+    /// Regions of nonzero heat decayed to `epoch`, as `(region, heat)` in region order;
+    /// visits installed chunks only.
+    pub fn nonzero(&self, epoch: u32) -> impl Iterator<Item = (u64, u8)> + '_ {
+        self.cells.chunks().flat_map(move |(number, chunk)| {
+            let base = number * HEAT_CHUNK_CELLS as u64;
+            (base..)
+                .zip(chunk.cells.iter())
+                .map(move |(region, cell)| (region, read(cell, epoch)))
+                .filter(|&(_, heat)| heat > 0)
         })
+    }
+
+    /// Hottest region in `first..=last` at `epoch`; skips chunks never written.
+    pub fn max_in(&self, first: u64, last: u64, epoch: u32) -> u8 {
+        let chunk_len = HEAT_CHUNK_CELLS as u64;
+        let mut hottest = 0;
+        for number in first / chunk_len..=last / chunk_len {
+            let Some(chunk) = self.cells.chunk(number) else {
+                continue;
+            };
+            let base = number * chunk_len;
+            let (from, to) = (
+                first.max(base) - base,
+                last.min(base + chunk_len - 1) - base,
+            );
+            for cell in &chunk.cells[from as usize..=to as usize] {
+                hottest = hottest.max(read(cell, epoch));
+            }
+        }
+        hottest
+    }
+}
+
+/// A cell's count decayed to `epoch`.
+fn read(cell: &AtomicU32, epoch: u32) -> u8 {
+    let (count, stored_epoch) = unpack(cell.load(Ordering::Relaxed));
+    decay(count, stored_epoch, epoch)
+}
+
+/// Heat of every region at one moment, sparse, with the block-to-region mapping: what the
+/// migration policy reads to decide which blocks to copy last.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HeatSnapshot {
+    /// Blocks per region, as a shift.
+    region_shift: u32,
+    /// Nonzero heat per region.
+    regions: BTreeMap<u64, u8>,
+}
+
+impl HeatSnapshot {
+    /// A snapshot of regions of `1 << region_shift` blocks with the given nonzero heats.
+    pub fn new(region_shift: u32, regions: impl IntoIterator<Item = (u64, u8)>) -> Self {
+        let regions = regions.into_iter().filter(|&(_, heat)| heat > 0).collect();
+        Self {
+            region_shift,
+            regions,
+        }
+    }
+
+    /// Blocks per region, as a shift.
+    pub fn region_shift(&self) -> u32 {
+        self.region_shift
+    }
+
+    /// Heat of the region holding `block` (0 when cold or unknown).
+    pub fn get(&self, block: u64) -> u8 {
+        self.regions
+            .get(&(block >> self.region_shift))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Raises every region to `other`'s heat where it is hotter (same region size).
+    pub fn merge_max(&mut self, other: &HeatSnapshot) {
+        assert_eq!(
+            self.region_shift, other.region_shift,
+            "regions of another size"
+        );
+        for (&region, &heat) in &other.regions {
+            let entry = self.regions.entry(region).or_insert(0);
+            *entry = (*entry).max(heat);
+        }
+    }
+
+    /// Nonzero regions as `(region, heat)`, in order.
+    pub fn regions(&self) -> impl Iterator<Item = (u64, u8)> + '_ {
+        self.regions.iter().map(|(&region, &heat)| (region, heat))
     }
 }
 

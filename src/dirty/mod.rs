@@ -12,7 +12,9 @@
 //!   updates).
 //! - The hot path takes no lock and allocates nothing: one atomic load when the export has no
 //!   tracker, otherwise an arc-swap snapshot load, one clock read, and per tracker one
-//!   `fetch_or` per bitmap word touched and one heat update per block touched.
+//!   `fetch_or` per bitmap word touched and one heat update per heat region touched. The
+//!   first write into a chunk of 32 Ki blocks (or a heat chunk of 1 GiB) allocates that chunk
+//!   once, lock-free (`chunked.rs`); memory follows the regions written, not the disk size.
 //! - A tracker persisted on clean shutdown comes back as it was; one whose file says the agent
 //!   did not stop cleanly comes back lost (every block dirty, cold), never silently trusted, and
 //!   stays lost across later clean restarts until [`Tracker::clear_lost`]; a corrupt file is an
@@ -28,17 +30,22 @@ use crate::env::Clock;
 use crate::name::NameError;
 
 pub mod bitmap;
+mod chunked;
 pub mod heat;
 pub mod persist;
+mod persist_v1;
+pub mod set;
 #[cfg(test)]
 mod tests;
 mod tracker;
 
 pub use bitmap::{BitmapError, DirtyBitmap, DirtySet};
-pub use heat::{Heat, HeatHistogram, HEAT_BUCKET_LOWER_BOUNDS, HOT_THRESHOLD};
+pub use heat::{
+    Heat, HeatHistogram, HeatSnapshot, HEAT_BUCKET_LOWER_BOUNDS, HEAT_REGION_BYTES, HOT_THRESHOLD,
+};
 pub use tracker::{
-    validate_granularity, Tracker, TrackerSpec, DEFAULT_GRANULARITY_BYTES, DEFAULT_HALF_LIFE_MS,
-    MAX_BLOCK_COUNT, MAX_DIRTY_RUNS, MAX_GRANULARITY_BYTES, MAX_HALF_LIFE_MS,
+    heat_shift_for, validate_granularity, Tracker, TrackerSpec, DEFAULT_GRANULARITY_BYTES,
+    DEFAULT_HALF_LIFE_MS, MAX_BLOCK_COUNT, MAX_DIRTY_RUNS, MAX_GRANULARITY_BYTES, MAX_HALF_LIFE_MS,
     MIN_GRANULARITY_BYTES,
 };
 

@@ -1,12 +1,14 @@
 //! Tracker files: save on clean shutdown, restore at start-up, detect unclean stops.
 //!
 //! One file per tracker, `<dir>/<name>.tracker` (the caller passes one directory per export).
+//! Format version 2 is sparse: only nonzero bitmap words and nonzero heat regions are stored,
+//! so saving and loading take time proportional to what was written, not to the disk size.
 //! Layout, little-endian:
 //!
 //! | bytes | field |
 //! | --- | --- |
 //! | 8 | magic `FERRYTRK` |
-//! | 4 | version (1) |
+//! | 4 | version (2; version 1 files still load, see `persist_v1.rs`) |
 //! | 4 | state: 1 = Clean (saved at shutdown), 2 = Active (in use) |
 //! | 4 | flags: bit 0 = lost (the history was already lost before this save) |
 //! | 8 | granularity_bytes |
@@ -14,9 +16,15 @@
 //! | 8 | disk_bytes |
 //! | 8 | half_life_ms |
 //! | 4 | name length, then the name (UTF-8) |
-//! | 8 × ceil(block_count / 64) | bitmap words |
-//! | block_count | heat counts, decayed to save time (epochs mean nothing after a restart) |
+//! | 4 | heat shift: blocks per heat region, as a shift (must match this build's) |
+//! | 8 | W: number of bitmap entries |
+//! | 8 | H: number of heat entries |
+//! | 16 × W | (word index, bits): nonzero words, indexes strictly increasing |
+//! | 9 × H | (region, heat): nonzero heat decayed to save time, regions strictly increasing |
 //! | 4 | crc32c of every byte before it |
+//!
+//! An Active file, or a lost tracker's, has W = H = 0: its bits are never read (it loads as
+//! lost, every block dirty), so the rewrite at start-up is small whatever the disk size.
 //!
 //! Invariants:
 //! - Files are replaced atomically: temp file, fsync, rename, fsync of the directory. A crash
@@ -24,16 +32,18 @@
 //! - Restore rewrites every file as Active before any tracker is used, so a file found
 //!   Active at start-up means the agent did not stop cleanly: that tracker comes back lost.
 //! - Decoding checks length, magic, version and checksum before trusting any field, then
-//!   every field against the others and against the disk: a corrupt file is an error naming
-//!   the file and the problem, never misread.
+//!   every field against the others and against the disk, and the entry counts against the
+//!   bytes present before allocating for them (a hostile file allocates nothing it does not
+//!   hold): a corrupt file is an error naming the file and the problem, never misread.
 
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::bitmap::read_le_words;
-use super::{DirtyError, Tracker, TrackerSpec};
+use super::bitmap::valid_mask;
+use super::persist_v1;
+use super::{heat_shift_for, DirtyError, Tracker, TrackerSpec};
 use crate::codec::{self, CodecError};
 use crate::durable;
 use crate::env::Clock;
@@ -41,8 +51,8 @@ use crate::name::NAME_MAX_BYTES;
 
 /// First bytes of every tracker file.
 pub const MAGIC: [u8; 8] = *b"FERRYTRK";
-/// Format version this build writes and reads.
-pub const VERSION: u32 = 1;
+/// Format version this build writes.
+pub const VERSION: u32 = 2;
 /// File name suffix of tracker files.
 pub const EXTENSION: &str = "tracker";
 /// Suffix of the temp file a save writes before renaming: the extension, then
@@ -50,6 +60,11 @@ pub const EXTENSION: &str = "tracker";
 const TEMP_SUFFIX: &str = ".tracker.tmp";
 /// Bytes before the name: magic, version, state, flags, 4 u64 fields, name length.
 const FIXED_HEADER_BYTES: usize = 8 + 4 + 4 + 4 + 4 * 8 + 4;
+/// Bytes after the name and before the entries: heat shift, W, H.
+const COUNTS_BYTES: usize = 4 + 8 + 8;
+/// Bytes of one bitmap entry and of one heat entry.
+const WORD_ENTRY_BYTES: u64 = 16;
+const HEAT_ENTRY_BYTES: u64 = 9;
 /// Flag bit: the tracker was lost (restored after an unclean stop, not yet cleared).
 const FLAG_LOST: u32 = 1;
 /// Bytes of the trailing checksum.
@@ -75,10 +90,19 @@ pub struct SavedTracker {
     pub spec: TrackerSpec,
     /// Size of the disk when saved.
     pub disk_bytes: u64,
-    /// Bitmap words.
-    pub words: Vec<u64>,
-    /// Heat per block at save time.
-    pub heat: Vec<u8>,
+    /// Nonzero bitmap words as `(word index, bits)`, in order.
+    pub words: Vec<(u64, u64)>,
+    /// Nonzero heat at save time as `(region, heat)`, in order.
+    pub heat: Vec<(u64, u8)>,
+}
+
+/// The fields every version shares, checked against each other.
+struct Header {
+    state: FileState,
+    lost: bool,
+    spec: TrackerSpec,
+    block_count: u64,
+    disk_bytes: u64,
 }
 
 /// Path of the file for tracker `name` under `dir`.
@@ -88,37 +112,58 @@ pub fn tracker_path(dir: &Path, name: &str) -> PathBuf {
 
 /// Serializes `tracker` in `state`; see the module docs for the layout.
 pub fn encode(tracker: &Tracker, state: FileState) -> Vec<u8> {
-    let words = tracker.bitmap_words();
-    let heat = tracker.heat_counts();
+    // Active and lost files load as lost: their bits and heat would never be read.
+    let keep = state == FileState::Clean && !tracker.is_lost();
+    let words: Vec<(u64, u64)> = if keep {
+        tracker.bitmap_set().iter_words().collect()
+    } else {
+        Vec::new()
+    };
+    let heat = if keep {
+        tracker.heat_regions()
+    } else {
+        Vec::new()
+    };
     let name = tracker.name().as_bytes();
-    let capacity = FIXED_HEADER_BYTES + name.len() + words.len() * 8 + heat.len() + CHECKSUM_BYTES;
-    let mut out = Vec::with_capacity(capacity);
+    let mut out = Vec::with_capacity(
+        FIXED_HEADER_BYTES + name.len() + COUNTS_BYTES + words.len() * 16 + heat.len() * 9 + 4,
+    );
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&VERSION.to_le_bytes());
     out.extend_from_slice(&(state as u32).to_le_bytes());
     let flags = if tracker.is_lost() { FLAG_LOST } else { 0 };
     out.extend_from_slice(&flags.to_le_bytes());
-    out.extend_from_slice(&tracker.granularity_bytes().to_le_bytes());
-    out.extend_from_slice(&tracker.block_count().to_le_bytes());
-    out.extend_from_slice(&tracker.disk_bytes().to_le_bytes());
-    out.extend_from_slice(&tracker.half_life_ms().to_le_bytes());
+    for field in [
+        tracker.granularity_bytes(),
+        tracker.block_count(),
+        tracker.disk_bytes(),
+        tracker.half_life_ms(),
+    ] {
+        out.extend_from_slice(&field.to_le_bytes());
+    }
     let name_len = u32::try_from(name.len()).expect("names are at most NAME_MAX_BYTES");
     out.extend_from_slice(&name_len.to_le_bytes());
     out.extend_from_slice(name);
-    for word in &words {
+    out.extend_from_slice(&tracker.heat_shift().to_le_bytes());
+    out.extend_from_slice(&(words.len() as u64).to_le_bytes());
+    out.extend_from_slice(&(heat.len() as u64).to_le_bytes());
+    for &(word, bits) in &words {
         out.extend_from_slice(&word.to_le_bytes());
+        out.extend_from_slice(&bits.to_le_bytes());
     }
-    out.extend_from_slice(&heat);
+    for &(region, count) in &heat {
+        out.extend_from_slice(&region.to_le_bytes());
+        out.push(count);
+    }
     let checksum = crc32c::crc32c(&out);
     out.extend_from_slice(&checksum.to_le_bytes());
-    assert_eq!(out.len(), capacity);
     // Pair assertion: what we write is what decode accepts.
     debug_assert!(decode(Path::new("<encoded>"), &out)
         .is_ok_and(|saved| saved.words == words && saved.heat == heat && saved.state == state));
     out
 }
 
-/// Parses a tracker file's bytes; `path` only names the file in errors.
+/// Parses a tracker file's bytes (version 2, or 1); `path` only names the file in errors.
 pub fn decode(path: &Path, bytes: &[u8]) -> Result<SavedTracker, DirtyError> {
     let corrupt = |problem: String| DirtyError::Corrupt {
         path: path.to_owned(),
@@ -139,9 +184,10 @@ pub fn decode(path: &Path, bytes: &[u8]) -> Result<SavedTracker, DirtyError> {
         return Err(corrupt("bad magic: not a ferry tracker file".to_owned()));
     }
     let version = reader.u32_le().map_err(short)?;
-    if version != VERSION {
+    if version != VERSION && version != persist_v1::VERSION {
         return Err(corrupt(format!(
-            "unsupported version {version} (this build reads {VERSION})"
+            "unsupported version {version} (this build reads {} and {VERSION})",
+            persist_v1::VERSION
         )));
     }
     let stored = codec::Reader::new(checksum).u32_le().map_err(short)?;
@@ -151,7 +197,25 @@ pub fn decode(path: &Path, bytes: &[u8]) -> Result<SavedTracker, DirtyError> {
             "checksum mismatch (stored {stored:#010x}, computed {computed:#010x}): torn or damaged"
         )));
     }
-    decode_fields(&mut reader, body.len()).map_err(corrupt)
+    let header = decode_header(&mut reader).map_err(corrupt)?;
+    let (words, heat) = if version == VERSION {
+        decode_entries(&mut reader, &header)
+    } else {
+        persist_v1::decode_body(
+            &mut reader,
+            header.block_count,
+            header.spec.granularity_bytes,
+        )
+    }
+    .map_err(corrupt)?;
+    Ok(SavedTracker {
+        state: header.state,
+        lost: header.lost,
+        spec: header.spec,
+        disk_bytes: header.disk_bytes,
+        words,
+        heat,
+    })
 }
 
 /// A file that ends inside a field.
@@ -159,8 +223,8 @@ fn truncated(err: CodecError) -> String {
     format!("truncated: {err}")
 }
 
-/// Parses the checksummed fields after the version; the error is the problem found.
-fn decode_fields(reader: &mut codec::Reader<'_>, body_len: usize) -> Result<SavedTracker, String> {
+/// Parses the checksummed fields after the version up to the name; the error is the problem.
+fn decode_header(reader: &mut codec::Reader<'_>) -> Result<Header, String> {
     let state = match reader.u32_le().map_err(truncated)? {
         1 => FileState::Clean,
         2 => FileState::Active,
@@ -188,17 +252,6 @@ fn decode_fields(reader: &mut codec::Reader<'_>, body_len: usize) -> Result<Save
             "block count {block_count} does not match {disk_bytes} bytes at granularity {granularity_bytes}"
         ));
     }
-    let word_count = usize::try_from(block_count.div_ceil(64)).ok();
-    let heat_len = usize::try_from(block_count).ok();
-    let expected = word_count
-        .zip(heat_len)
-        .and_then(|(words, heat)| words.checked_mul(8)?.checked_add(heat))
-        .and_then(|data| data.checked_add(FIXED_HEADER_BYTES + name_len));
-    if expected != Some(body_len) {
-        return Err(format!(
-            "{body_len} bytes before the checksum, header implies {expected:?}"
-        ));
-    }
     let name = String::from_utf8(reader.bytes(name_len).map_err(truncated)?.to_vec())
         .map_err(|_| "name is not UTF-8".to_owned())?;
     let spec = TrackerSpec {
@@ -206,21 +259,77 @@ fn decode_fields(reader: &mut codec::Reader<'_>, body_len: usize) -> Result<Save
         granularity_bytes,
         half_life_ms,
     };
+    // block_count against MAX_BLOCK_COUNT: the tracker's constructor, at load.
     spec.validate().map_err(|err| err.to_string())?;
-    let words =
-        read_le_words(reader, block_count).map_err(|err| crate::error::error_chain(&err))?;
-    let heat = reader
-        .bytes(usize::try_from(block_count).expect("checked above"))
-        .map_err(truncated)?
-        .to_vec();
-    Ok(SavedTracker {
+    Ok(Header {
         state,
         lost: flags & FLAG_LOST != 0,
         spec,
+        block_count,
         disk_bytes,
-        words,
-        heat,
     })
+}
+
+/// Parses version 2's heat shift, counts and entries, checking the counts against the bytes
+/// left before allocating, and every entry against the geometry.
+#[allow(clippy::type_complexity)]
+fn decode_entries(
+    reader: &mut codec::Reader<'_>,
+    header: &Header,
+) -> Result<(Vec<(u64, u64)>, Vec<(u64, u8)>), String> {
+    let heat_shift = reader.u32_le().map_err(truncated)?;
+    let expected_shift = heat_shift_for(header.spec.granularity_bytes);
+    if heat_shift != expected_shift {
+        return Err(format!(
+            "heat shift {heat_shift}, this build uses {expected_shift} at this granularity"
+        ));
+    }
+    let word_entries = reader.u64_le().map_err(truncated)?;
+    let heat_entries = reader.u64_le().map_err(truncated)?;
+    let expected = word_entries
+        .checked_mul(WORD_ENTRY_BYTES)
+        .zip(heat_entries.checked_mul(HEAT_ENTRY_BYTES))
+        .and_then(|(words, heat)| words.checked_add(heat));
+    if expected != Some(reader.remaining() as u64) {
+        return Err(format!(
+            "{} bytes of entries, counts {word_entries} words and {heat_entries} heat imply {expected:?}",
+            reader.remaining()
+        ));
+    }
+    // Both counts are now bounded by the bytes present.
+    let mut words = Vec::with_capacity(usize::try_from(word_entries).expect("bounded"));
+    let word_count = header.block_count.div_ceil(64);
+    for _ in 0..word_entries {
+        let word = reader.u64_le().map_err(truncated)?;
+        let bits = reader.u64_le().map_err(truncated)?;
+        if word >= word_count || words.last().is_some_and(|&(last, _)| last >= word) {
+            return Err(format!(
+                "bitmap word {word} out of order or past {word_count}"
+            ));
+        }
+        if bits == 0 || bits & !valid_mask(word, header.block_count) != 0 {
+            return Err(format!(
+                "bitmap word {word} is zero or has bits past the disk"
+            ));
+        }
+        words.push((word, bits));
+    }
+    let region_count = header.block_count.div_ceil(1 << heat_shift);
+    let mut heat = Vec::with_capacity(usize::try_from(heat_entries).expect("bounded"));
+    for _ in 0..heat_entries {
+        let region = reader.u64_le().map_err(truncated)?;
+        let count = reader.u8().map_err(truncated)?;
+        if region >= region_count || heat.last().is_some_and(|&(last, _)| last >= region) {
+            return Err(format!(
+                "heat region {region} out of order or past {region_count}"
+            ));
+        }
+        if count == 0 {
+            return Err(format!("heat region {region} stored with heat 0"));
+        }
+        heat.push((region, count));
+    }
+    Ok((words, heat))
 }
 
 /// Fsyncs a directory so that renames and removals in it are durable.
@@ -431,10 +540,11 @@ mod tests {
             let after = restored.get(before.name()).expect("restored by name");
             assert_eq!(after.spec(), before.spec());
             assert!(!after.is_lost());
-            assert_eq!(after.bitmap_words(), before.bitmap_words());
-            assert_eq!(after.heat_counts(), before.heat_counts());
+            assert_eq!(after.bitmap_set(), before.bitmap_set());
+            assert_eq!(after.heat_regions(), before.heat_regions());
         }
-        assert_eq!(restored.get("fine").expect("fine").heat(3), 5);
+        // Five writes to block 3 and one to blocks 100..=102, all in the first 1 MiB region.
+        assert_eq!(restored.get("fine").expect("fine").heat(3), 6);
         assert_eq!(restored.get("fine").expect("fine").dirty_count(), 5);
     }
 
@@ -516,13 +626,13 @@ mod tests {
         let (dir, path) = saved_sample();
         let bytes = fs::read(&path).expect("read");
         let mut newer = bytes.clone();
-        newer[8..12].copy_from_slice(&2u32.to_le_bytes());
+        newer[8..12].copy_from_slice(&3u32.to_le_bytes());
         let body_len = newer.len() - 4;
         let checksum = crc32c::crc32c(&newer[..body_len]);
         newer[body_len..].copy_from_slice(&checksum.to_le_bytes());
         fs::write(&path, &newer).expect("write");
         let text = restore_error(dir.path(), DISK_BYTES, &path);
-        assert!(text.contains("unsupported version 2"), "{text}");
+        assert!(text.contains("unsupported version 3"), "{text}");
         let mut alien = bytes;
         alien[..8].copy_from_slice(b"NOTOURS!");
         fs::write(&path, &alien).expect("write");
@@ -591,5 +701,152 @@ mod tests {
         drop(set);
         let restored = TrackerSet::restore(dir.path(), DISK_BYTES, clock()).expect("restore");
         assert!(restored.get("late").expect("late").is_lost());
+    }
+
+    /// Rewrites the trailing checksum after an edit, so decode reaches the field checks.
+    fn reseal(bytes: &mut [u8]) {
+        let body_len = bytes.len() - 4;
+        let checksum = crc32c::crc32c(&bytes[..body_len]);
+        bytes[body_len..].copy_from_slice(&checksum.to_le_bytes());
+    }
+
+    #[test]
+    fn a_sparse_huge_tracker_saves_small_and_round_trips() {
+        // Goal: file size and work follow the dirty data, not the disk. Method: a 64 TiB disk
+        // at 64 KiB (2^30 blocks) with 3 dirty blocks; save, check the size, restore, compare;
+        // the Active rewrite holds no entries.
+        let disk_bytes = 64 << 40;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let set = TrackerSet::new(disk_bytes, clock());
+        set.add(TrackerSpec::new("big")).expect("add");
+        for offset_bytes in [0, 1 << 40, disk_bytes - 4096] {
+            set.mark_range(offset_bytes, 4096);
+        }
+        set.save(dir.path()).expect("save");
+        let path = tracker_path(dir.path(), "big");
+        let bytes = fs::read(&path).expect("read");
+        assert!(bytes.len() < 200, "{} bytes", bytes.len());
+        let restored = TrackerSet::restore(dir.path(), disk_bytes, clock()).expect("restore");
+        let big = restored.get("big").expect("big");
+        let before = set.get("big").expect("big");
+        assert_eq!(big.bitmap_set(), before.bitmap_set());
+        assert_eq!(big.heat_regions(), before.heat_regions());
+        assert!(
+            big.allocated_bytes() < 64 << 10,
+            "{}",
+            big.allocated_bytes()
+        );
+        let active = decode(&path, &fs::read(&path).expect("read")).expect("decode");
+        assert_eq!(active.state, FileState::Active);
+        assert!(active.words.is_empty() && active.heat.is_empty());
+    }
+
+    #[test]
+    fn hostile_counts_and_entries_are_refused_before_allocating() {
+        // Goal: a file with a valid checksum but lying counts or entries is refused, never
+        // misread and never allocating from a count. Method: edit W, H and entries, reseal.
+        let (_dir, path) = saved_sample();
+        let bytes = fs::read(&path).expect("read");
+        let saved = decode(&path, &bytes).expect("decode");
+        assert!(saved.words.len() >= 2, "{saved:?}");
+        let counts_at = FIXED_HEADER_BYTES + "fine".len() + 4;
+        let entries_at = counts_at + 16;
+        let mut cases: Vec<(Vec<u8>, &str)> = Vec::new();
+        let mut huge = bytes.clone();
+        huge[counts_at..counts_at + 8].copy_from_slice(&(u64::MAX / 2).to_le_bytes());
+        cases.push((huge, "imply"));
+        let mut swapped = bytes.clone();
+        let (first, second) = (entries_at, entries_at + 16);
+        let first_entry = swapped[first..first + 16].to_vec();
+        swapped.copy_within(second..second + 16, first);
+        swapped[second..second + 16].copy_from_slice(&first_entry);
+        cases.push((swapped, "out of order"));
+        let mut zero = bytes.clone();
+        zero[entries_at + 8..entries_at + 16].fill(0);
+        cases.push((zero, "zero"));
+        let mut past = bytes.clone();
+        past[entries_at..entries_at + 8].copy_from_slice(&u64::MAX.to_le_bytes());
+        cases.push((past, "past"));
+        let mut shift = bytes;
+        shift[counts_at - 4] ^= 1;
+        cases.push((shift, "heat shift"));
+        for (mut bytes, problem) in cases {
+            reseal(&mut bytes);
+            let err = decode(&path, &bytes).expect_err(problem);
+            assert!(err.to_string().contains(problem), "{problem}: {err}");
+        }
+    }
+
+    /// A version 1 file as the old build wrote it.
+    fn v1_file(
+        state: FileState,
+        flags: u32,
+        disk_bytes: u64,
+        words: &[u64],
+        heat: &[u8],
+    ) -> Vec<u8> {
+        let granularity_bytes = 4096u64;
+        let mut out = Vec::new();
+        out.extend_from_slice(&MAGIC);
+        out.extend_from_slice(&persist_v1::VERSION.to_le_bytes());
+        out.extend_from_slice(&(state as u32).to_le_bytes());
+        out.extend_from_slice(&flags.to_le_bytes());
+        let block_count = disk_bytes.div_ceil(granularity_bytes);
+        for field in [granularity_bytes, block_count, disk_bytes, 30_000] {
+            out.extend_from_slice(&field.to_le_bytes());
+        }
+        out.extend_from_slice(&2u32.to_le_bytes());
+        out.extend_from_slice(b"v1");
+        for word in words {
+            out.extend_from_slice(&word.to_le_bytes());
+        }
+        out.extend_from_slice(heat);
+        let checksum = crc32c::crc32c(&out);
+        out.extend_from_slice(&checksum.to_le_bytes());
+        out
+    }
+
+    #[test]
+    fn version_1_files_load_sparse() {
+        // Goal: an old dense file loads as the same bits, heat per region the hottest block.
+        // Method: hand-build a v1 file of 600 blocks (3 regions of 256), decode, compare.
+        let disk_bytes = 600 * 4096 - 10;
+        let mut words = vec![0u64; 10];
+        words[0] = 0b101;
+        words[9] = 1 << 23; // block 599, the last
+        let mut heat = vec![0u8; 600];
+        heat[3] = 7;
+        heat[200] = 9;
+        heat[599] = 2;
+        let bytes = v1_file(FileState::Clean, 0, disk_bytes, &words, &heat);
+        let saved = decode(Path::new("old.tracker"), &bytes).expect("v1 decodes");
+        assert_eq!(saved.words, vec![(0, 0b101), (9, 1 << 23)]);
+        assert_eq!(saved.heat, vec![(0, 9), (2, 2)]);
+        assert_eq!(saved.spec.name, "v1");
+        assert!(!saved.lost);
+        let dir = tempfile::tempdir().expect("tempdir");
+        fs::write(tracker_path(dir.path(), "v1"), &bytes).expect("write");
+        let restored = TrackerSet::restore(dir.path(), disk_bytes, clock()).expect("restore v1");
+        let tracker = restored.get("v1").expect("v1");
+        let blocks: Vec<u64> = tracker.bitmap_set().iter_blocks().collect();
+        assert_eq!(blocks, vec![0, 2, 599]);
+        assert_eq!((tracker.heat(3), tracker.heat(599)), (9, 2));
+        // The rewrite at restore is version 2.
+        let rewritten = fs::read(tracker_path(dir.path(), "v1")).expect("read");
+        assert_eq!(rewritten[8..12], VERSION.to_le_bytes());
+        let lost = v1_file(FileState::Active, FLAG_LOST, disk_bytes, &words, &heat);
+        let saved = decode(Path::new("old.tracker"), &lost).expect("v1 decodes");
+        assert!(saved.lost);
+        assert_eq!(saved.state, FileState::Active);
+        // A v1 body of the wrong length, even with a valid checksum, is refused.
+        let short = v1_file(FileState::Clean, 0, disk_bytes, &words, &heat[..599]);
+        let err = decode(Path::new("old.tracker"), &short).expect_err("short body");
+        assert!(err.to_string().contains("header implies"), "{err}");
+        // Bits past the disk's end are refused.
+        let mut past = words.clone();
+        past[9] = 1 << 24;
+        let bytes = v1_file(FileState::Clean, 0, disk_bytes, &past, &heat);
+        let err = decode(Path::new("old.tracker"), &bytes).expect_err("bits past end");
+        assert!(err.to_string().contains("past"), "{err}");
     }
 }

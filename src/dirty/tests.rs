@@ -262,3 +262,107 @@ fn tracker_set_names_and_empty_path() {
     assert!(set.get("b").expect("b").is_dirty(17));
     assert!(format!("{set:?}").contains("\"a\", \"b\""));
 }
+
+/// Resident set size of this process now, from /proc (0 where there is none).
+fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .map_or(0, |kib| kib * 1024)
+}
+
+/// A tracker over `disk_bytes` at `granularity_bytes`, in a set of its own.
+fn figure_set(disk_bytes: u64, granularity_bytes: u64) -> TrackerSet {
+    let set = TrackerSet::new(disk_bytes, Arc::new(ManualClock::default()));
+    let spec = TrackerSpec::new("figures").with_granularity_bytes(granularity_bytes);
+    set.add(spec).expect("add tracker");
+    set
+}
+
+/// Marks `writes` random 4 KiB writes.
+fn random_writes(set: &TrackerSet, writes: u64, seed: u64) {
+    let mut prng = Prng::new(seed);
+    let pages = set.disk_bytes() / 4096;
+    for _ in 0..writes {
+        set.mark_range(prng.below(pages) * 4096, 4096);
+    }
+}
+
+#[test]
+#[ignore = "figures: cargo test --release --lib sparse_figures -- --ignored --nocapture"]
+fn sparse_figures() {
+    // Goal: print the memory, sweep and save/load figures of issue 11. Method: build the
+    // trackers, measure with allocated_bytes (heap held by bitmap and heat) and VmRSS, time
+    // the operations once (run alone, in release).
+    const TIB: u64 = 1 << 40;
+    let too_big = Tracker::new(
+        TrackerSpec::new("t").with_granularity_bytes(4096),
+        64 * TIB,
+        Arc::new(ManualClock::default()),
+    );
+    println!(
+        "64 TiB at 4 KiB (2^34 blocks): {}",
+        too_big.expect_err("over MAX")
+    );
+    for (disk_bytes, granularity_bytes, label) in [
+        (16 * TIB, 4096, "16 TiB at 4 KiB (2^32 blocks)"),
+        (64 * TIB, 64 << 10, "64 TiB at 64 KiB (2^30 blocks)"),
+        (256 << 30, 64 << 10, "256 GiB at 64 KiB (4 Mi blocks)"),
+    ] {
+        let rss_before = rss_bytes();
+        let set = figure_set(disk_bytes, granularity_bytes);
+        let tracker = set.get("figures").expect("tracker");
+        let empty = tracker.allocated_bytes();
+        random_writes(&set, 2048, 1);
+        let after_2k = tracker.allocated_bytes();
+        random_writes(&set, (1 << 20) - 2048, 2);
+        let after_1m = tracker.allocated_bytes();
+        let rss_after = rss_bytes();
+        println!(
+            "{label}: empty {empty} B; after 2k random 4 KiB writes {after_2k} B; after 1M \
+             {after_1m} B (RSS +{} KiB)",
+            rss_after.saturating_sub(rss_before) >> 10
+        );
+    }
+    let disk_bytes = 64 * TIB;
+    let set = figure_set(disk_bytes, 64 << 10);
+    let tracker = set.get("figures").expect("tracker");
+    random_writes(&set, 4096, 3);
+    let dirty = tracker.dirty_count();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let started = std::time::Instant::now();
+    set.save(dir.path()).expect("save");
+    let save = started.elapsed();
+    let file_bytes = std::fs::metadata(dir.path().join("figures.tracker"))
+        .expect("file")
+        .len();
+    let started = std::time::Instant::now();
+    let restored = TrackerSet::restore(dir.path(), disk_bytes, Arc::new(ManualClock::default()))
+        .expect("restore");
+    let load = started.elapsed();
+    assert_eq!(
+        restored.get("figures").expect("restored").dirty_count(),
+        dirty
+    );
+    let started = std::time::Instant::now();
+    let taken = tracker.take_and_clear();
+    let take = started.elapsed();
+    let started = std::time::Instant::now();
+    let again = tracker.take_and_clear();
+    let take_empty = started.elapsed();
+    assert_eq!((taken.count(), again.count()), (dirty, 0));
+    println!(
+        "64 TiB at 64 KiB, {dirty} dirty blocks: take_and_clear {take:?} (then empty: \
+         {take_empty:?}), set {} B; save {save:?} ({file_bytes} B file), restore {load:?} \
+         (includes the Active rewrite)",
+        taken.allocated_bytes()
+    );
+}

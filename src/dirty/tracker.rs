@@ -15,8 +15,8 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use super::bitmap::{word_index, DirtyBitmap, DirtySet, WORD_BITS};
-use super::heat::{Heat, HeatHistogram};
+use super::bitmap::{DirtyBitmap, DirtySet, WORD_BITS};
+use super::heat::{Heat, HeatHistogram, HeatSnapshot, HEAT_REGION_BYTES};
 use super::DirtyError;
 use crate::env::Clock;
 use crate::name;
@@ -31,7 +31,9 @@ pub const MAX_GRANULARITY_BYTES: u64 = 64 << 20;
 pub const DEFAULT_HALF_LIFE_MS: u64 = 30_000;
 /// Longest heat half-life accepted: 365 days.
 pub const MAX_HALF_LIFE_MS: u64 = 365 * 24 * 3600 * 1000;
-/// Most blocks one tracker may have (the heat array costs 4 bytes per block).
+/// Most blocks one tracker may have. Trackers are sparse now; the bound stays for the
+/// journal (a dense block set must fit a record body) and for a lost tracker, whose bitmap is
+/// all installed (2^32 blocks: 512 MiB).
 pub const MAX_BLOCK_COUNT: u64 = 1 << 32;
 /// Most runs [`Tracker::dirty_runs`] returns; the NBD client asks again for the rest.
 pub const MAX_DIRTY_RUNS: usize = 1024;
@@ -102,7 +104,9 @@ pub struct Tracker {
     half_life_ms: u64,
     disk_bytes: u64,
     bitmap: DirtyBitmap,
+    /// Per region of `1 << heat_shift` blocks.
     heat: Heat,
+    heat_shift: u32,
     clock: Arc<dyn Clock>,
     lost: AtomicBool,
 }
@@ -136,6 +140,7 @@ impl Tracker {
                 granularity_bytes: spec.granularity_bytes,
             });
         }
+        let heat_shift = heat_shift_for(spec.granularity_bytes);
         Ok(Self {
             granularity_shift: spec.granularity_bytes.trailing_zeros(),
             granularity_bytes: spec.granularity_bytes,
@@ -143,7 +148,8 @@ impl Tracker {
             name: spec.name,
             disk_bytes,
             bitmap: DirtyBitmap::new(block_count),
-            heat: Heat::new(block_count, spec.half_life_ms),
+            heat: Heat::new(block_count.div_ceil(1 << heat_shift), spec.half_life_ms),
+            heat_shift,
             clock,
             lost: AtomicBool::new(false),
         })
@@ -211,8 +217,8 @@ impl Tracker {
         let last = (offset_bytes + len_bytes - 1) >> self.granularity_shift;
         self.bitmap.mark_blocks(first, last);
         let epoch = self.heat.epoch(now_ns);
-        for block in first..=last {
-            self.heat.bump(block, epoch);
+        for region in first >> self.heat_shift..=last >> self.heat_shift {
+            self.heat.bump(region, epoch);
         }
     }
 
@@ -238,14 +244,21 @@ impl Tracker {
 
     /// Takes every dirty bit and clears it, word by word (each word atomically); call before
     /// reading the blocks. Writes completing meanwhile set bits again for the next pass.
+    /// Visits only the chunks written since the last take.
     pub fn take_and_clear(&self) -> DirtySet {
-        let words = self.bitmap.take_all();
-        DirtySet::from_words(
-            self.granularity_bytes,
-            self.disk_bytes,
-            self.block_count(),
-            words,
-        )
+        let mut set = DirtySet::empty(self.granularity_bytes, self.disk_bytes);
+        self.bitmap.take_into(&mut set);
+        set
+    }
+
+    /// Heap bytes the bitmap and the heat hold now (directories and installed chunks).
+    pub fn allocated_bytes(&self) -> u64 {
+        self.bitmap.allocated_bytes() + self.heat.allocated_bytes()
+    }
+
+    /// Blocks per heat region, as a shift: heat is kept per region, not per block.
+    pub fn heat_shift(&self) -> u32 {
+        self.heat_shift
     }
 
     /// ORs `set` back: a failed pass gives its bits back. The set must come from a tracker
@@ -257,10 +270,8 @@ impl Tracker {
             "merge granularity"
         );
         assert_eq!(set.disk_bytes(), self.disk_bytes, "merge disk size");
-        for (word, &bits) in set.words().iter().enumerate() {
-            if bits != 0 {
-                self.bitmap.or_word(word, bits);
-            }
+        for (word, bits) in set.iter_words() {
+            self.bitmap.or_word(word, bits);
         }
     }
 
@@ -269,18 +280,48 @@ impl Tracker {
         self.heat.epoch(self.clock.now_ns())
     }
 
-    /// Heat of `block`, decayed to now.
+    /// Heat of `block` (of the region holding it), decayed to now.
     pub fn heat(&self, block: u64) -> u8 {
-        self.heat.get(block, self.epoch_now())
+        assert!(block < self.block_count(), "block {block} out of range");
+        self.heat.get(block >> self.heat_shift, self.epoch_now())
     }
 
-    /// Number of blocks per heat bucket, decayed to now.
+    /// Blocks of heat region `region`, clipped to the disk.
+    fn region_blocks(&self, region: u64) -> std::ops::Range<u64> {
+        let first = region << self.heat_shift;
+        first..((region + 1) << self.heat_shift).min(self.block_count())
+    }
+
+    /// Number of blocks per heat bucket, decayed to now (each block counts its region's heat).
     pub fn heat_histogram(&self) -> HeatHistogram {
         let mut histogram = HeatHistogram::default();
-        for heat in self.heat.counts(self.epoch_now()) {
-            histogram.add(heat);
+        let mut warm_blocks = 0;
+        for (region, heat) in self.heat.nonzero(self.epoch_now()) {
+            let blocks = self.region_blocks(region);
+            let count = blocks.end - blocks.start;
+            histogram.add_blocks(heat, count);
+            warm_blocks += count;
         }
+        histogram.add_blocks(0, self.block_count() - warm_blocks);
         histogram
+    }
+
+    /// Heat of every region now, sparse (for the migration policy).
+    pub fn heat_snapshot(&self) -> HeatSnapshot {
+        HeatSnapshot::new(self.heat_shift, self.heat.nonzero(self.epoch_now()))
+    }
+
+    /// Number of blocks whose heat now is at least `threshold` (at least 1).
+    pub fn hot_count(&self, threshold: u8) -> u64 {
+        assert!(threshold > 0, "every block has heat 0 or more");
+        self.heat
+            .nonzero(self.epoch_now())
+            .filter(|&(_, heat)| heat >= threshold)
+            .map(|(region, _)| {
+                let blocks = self.region_blocks(region);
+                blocks.end - blocks.start
+            })
+            .sum()
     }
 
     /// [`Tracker::heat_histogram`] as `(heat lower bound, blocks)` pairs, coldest first.
@@ -289,12 +330,15 @@ impl Tracker {
     }
 
     /// Blocks whose heat now is at least `threshold`, in increasing order.
+    /// Lists every block of every hot region: prefer [`Tracker::hot_count`] for a number.
     pub fn hot_set(&self, threshold: u8) -> Vec<u64> {
-        let counts = self.heat.counts(self.epoch_now());
-        (0u64..)
-            .zip(counts)
+        if threshold == 0 {
+            return (0..self.block_count()).collect();
+        }
+        self.heat
+            .nonzero(self.epoch_now())
             .filter(|&(_, heat)| heat >= threshold)
-            .map(|(block, _)| block)
+            .flat_map(|(region, _)| self.region_blocks(region))
             .collect()
     }
 
@@ -314,10 +358,8 @@ impl Tracker {
                 let (start_bytes, end_bytes) = (cell_start(cell), cell_start(cell + 1));
                 let first = start_bytes >> self.granularity_shift;
                 let last = (end_bytes.max(start_bytes + 1) - 1) >> self.granularity_shift;
-                (first..=last)
-                    .map(|block| self.heat.get(block, epoch))
-                    .max()
-                    .unwrap_or(0)
+                self.heat
+                    .max_in(first >> self.heat_shift, last >> self.heat_shift, epoch)
             })
             .collect()
     }
@@ -378,7 +420,15 @@ impl Tracker {
     fn same_state_end(&self, start: u64, dirty: bool, limit: u64) -> u64 {
         let mut block = start;
         while block < limit {
-            let word = self.bitmap.load_word(word_index(block));
+            let word = match self.bitmap.word_or_gap(block / WORD_BITS) {
+                Ok(word) => word,
+                // No chunk: clean up to the next chunk. Past the dirty state's end when dirty.
+                Err(_) if dirty => return block,
+                Err(next_word) => {
+                    block = next_word * WORD_BITS;
+                    continue;
+                }
+            };
             // Ones where the state differs; bits past block_count read as clean.
             let differs = if dirty { !word } else { word } >> (block % WORD_BITS);
             if differs != 0 {
@@ -389,34 +439,44 @@ impl Tracker {
         limit
     }
 
-    /// Every word of the bitmap, without clearing (for saving).
-    pub(crate) fn bitmap_words(&self) -> Vec<u64> {
-        self.bitmap.snapshot()
+    /// The dirty bits now, without clearing (for saving).
+    pub(crate) fn bitmap_set(&self) -> DirtySet {
+        let mut set = DirtySet::empty(self.granularity_bytes, self.disk_bytes);
+        self.bitmap.load_into(&mut set);
+        set
     }
 
-    /// Every block's heat decayed to now (for saving).
-    pub(crate) fn heat_counts(&self) -> Vec<u8> {
-        self.heat.counts(self.epoch_now()).collect()
+    /// Nonzero heat per region, decayed to now (for saving).
+    pub(crate) fn heat_regions(&self) -> Vec<(u64, u8)> {
+        self.heat.nonzero(self.epoch_now()).collect()
     }
 
-    /// Loads saved state into a fresh tracker: bits and heat (as fresh counts), or, when
-    /// `lost`, every block dirty and cold.
-    pub(crate) fn load_saved(&self, words: &[u64], heat_counts: &[u8], lost: bool) {
+    /// Loads saved state into a fresh tracker: nonzero `(word, bits)` and `(region, heat)`
+    /// pairs (heat as fresh counts), or, when `lost`, every block dirty and cold. The caller
+    /// checked every index against this tracker's geometry.
+    pub(crate) fn load_saved(&self, words: &[(u64, u64)], heat: &[(u64, u8)], lost: bool) {
         assert_eq!(self.dirty_count(), 0, "load into a fresh tracker only");
         if lost {
             self.bitmap.mark_all();
             self.lost.store(true, Ordering::Release);
             return;
         }
-        assert_eq!(words.len(), self.bitmap.word_count());
-        for (word, &bits) in words.iter().enumerate() {
+        for &(word, bits) in words {
             self.bitmap.or_word(word, bits);
         }
         let epoch = self.epoch_now();
-        for (block, &count) in (0u64..).zip(heat_counts) {
-            self.heat.set(block, count, epoch);
+        for &(region, count) in heat {
+            self.heat.set(region, count, epoch);
         }
     }
+}
+
+/// Blocks per heat region for blocks of `granularity_bytes`, as a shift: regions of
+/// [`HEAT_REGION_BYTES`], or one block when blocks are larger.
+pub fn heat_shift_for(granularity_bytes: u64) -> u32 {
+    HEAT_REGION_BYTES
+        .trailing_zeros()
+        .saturating_sub(granularity_bytes.trailing_zeros())
 }
 
 #[cfg(test)]
@@ -526,44 +586,57 @@ mod tests {
         tracker.mark_range(5 * 4 * KIB, 1);
         tracker.merge(&set);
         assert_eq!(dirty_blocks(&tracker), vec![0, 5, 64, 65, 999]);
-        // Heat counts writes, not merges.
-        assert_eq!(tracker.heat(64), 1);
+        // Heat counts writes (one per region per write), not merges.
+        assert_eq!(tracker.heat(64), 4);
     }
 
+    /// Bytes of one heat region of a 4 KiB tracker (256 blocks).
+    const REGION: u64 = 1 << 20;
+
     #[test]
-    fn heat_counts_writes_and_decays_with_the_clock() {
-        // Goal: heat follows writes and halves each half-life. Method: ManualClock steps.
-        let (tracker, clock) = new_tracker(16 * 4 * KIB);
+    fn heat_counts_writes_per_region_and_decays_with_the_clock() {
+        // Goal: heat counts writes per 1 MiB region and halves each half-life; every block
+        // reads its region's heat. Method: ManualClock steps over a 16-region disk.
+        let (tracker, clock) = new_tracker(16 * REGION - 4 * KIB);
+        assert_eq!(tracker.heat_shift(), 8);
         for _ in 0..40 {
-            tracker.mark_range(2 * 4 * KIB, 2 * 4 * KIB);
+            tracker.mark_range(2 * REGION + 8 * KIB, 2 * 4 * KIB);
         }
-        tracker.mark_range(9 * 4 * KIB, 1);
-        assert_eq!(
-            (tracker.heat(2), tracker.heat(3), tracker.heat(9)),
-            (40, 40, 1)
-        );
+        // One write spanning two regions bumps both once.
+        tracker.mark_range(9 * REGION - 4 * KIB, 8 * KIB);
+        let region = |r: u64| tracker.heat(r * 256 + 17);
+        assert_eq!((region(2), region(8), region(9), region(3)), (40, 1, 1, 0));
         clock.advance_ms(1000);
-        assert_eq!((tracker.heat(2), tracker.heat(9)), (20, 0));
+        assert_eq!((region(2), region(9)), (20, 0));
         clock.advance_ms(2000);
-        assert_eq!(tracker.heat(3), 5);
-        tracker.mark_range(3 * 4 * KIB, 1);
-        assert_eq!(tracker.heat(3), 6);
-        assert_eq!(tracker.hot_set(5), vec![2, 3]);
-        assert_eq!(tracker.hot_set(6), vec![3]);
+        assert_eq!(region(2), 5);
+        tracker.mark_range(2 * REGION, 1);
+        assert_eq!(tracker.heat(2 * 256), 6);
+        assert_eq!(tracker.hot_set(5), (512..768).collect::<Vec<u64>>());
+        assert_eq!(tracker.hot_count(6), 256);
+        assert_eq!(tracker.hot_count(7), 0);
         let histogram = tracker.heat_histogram();
-        assert_eq!(histogram.total(), 16);
-        assert_eq!(histogram.to_pairs()[0], (0, 14));
-        assert_eq!(histogram.to_pairs()[3], (4, 2));
+        assert_eq!(histogram.total(), tracker.block_count());
+        assert_eq!(histogram.to_pairs()[0], (0, tracker.block_count() - 256));
+        assert_eq!(histogram.to_pairs()[3], (4, 256));
+        let snapshot = tracker.heat_snapshot();
+        assert_eq!((snapshot.get(600), snapshot.get(0)), (6, 0));
+        assert!(
+            tracker.allocated_bytes() < 64 * KIB,
+            "{}",
+            tracker.allocated_bytes()
+        );
     }
 
     #[test]
     fn heat_map_takes_max_per_cell() {
-        // Goal: heat_map splits the disk in equal cells, max heat each. Method: few and many cells.
-        let (tracker, _clock) = new_tracker(8 * 4 * KIB);
+        // Goal: heat_map splits the disk in equal cells, max heat each. Method: few and many
+        // cells over an 8-region disk.
+        let (tracker, _clock) = new_tracker(8 * REGION);
         for _ in 0..3 {
             tracker.mark_range(KIB, 1);
         }
-        tracker.mark_range(5 * 4 * KIB, 1);
+        tracker.mark_range(5 * REGION, 1);
         assert_eq!(tracker.heat_map(2), vec![3, 1]);
         assert_eq!(tracker.heat_map(4), vec![3, 0, 1, 0]);
         assert_eq!(tracker.heat_map(1), vec![3]);

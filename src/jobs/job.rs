@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::holder::HolderChoice;
-use crate::dirty::{DirtySet, Tracker, TrackerSpec};
+use crate::dirty::{DirtySet, HeatSnapshot, Tracker, TrackerSpec};
 use crate::disk::Export;
 use crate::disk::Route;
 use crate::env::Clock;
@@ -394,19 +394,17 @@ impl MigrationEnv for JobEnv {
 
     /// The hottest view available: every tracker of the export at the migration's
     /// granularity (a tracker that existed before the job carries the write history the
-    /// migration tracker lacks), block by block the maximum.
-    fn heat_snapshot(&self) -> Vec<u8> {
+    /// migration tracker lacks), region by region the maximum (one granularity, one region
+    /// size).
+    fn heat_snapshot(&self) -> HeatSnapshot {
         let granularity = self.tracker.granularity_bytes();
-        let trackers: Vec<_> = self
-            .export
-            .trackers()
-            .list()
-            .into_iter()
-            .filter(|t| t.granularity_bytes() == granularity)
-            .collect();
-        (0..self.tracker.block_count())
-            .map(|block| trackers.iter().map(|t| t.heat(block)).max().unwrap_or(0))
-            .collect()
+        let mut snapshot = self.tracker.heat_snapshot();
+        for tracker in self.export.trackers().list() {
+            if tracker.granularity_bytes() == granularity {
+                snapshot.merge_max(&tracker.heat_snapshot());
+            }
+        }
+        snapshot
     }
 
     fn send(&mut self, blocks: &DirtySet) -> Result<SendOutcome, JobError> {

@@ -410,17 +410,10 @@ fn check_received(view: &JobView, target: &TargetView, received: &DirtySet) -> R
     let Some(previous) = &target.received else {
         return Ok(());
     };
-    let lost = previous
-        .words()
-        .iter()
-        .zip(received.words())
-        .enumerate()
-        .find(|(_, (old, new))| **old & !**new != 0);
-    match lost {
+    match received.first_missing(previous) {
         None => Ok(()),
-        Some((word, (old, new))) => Err(format!(
-            "received blocks shrink: block {} was received by record {}",
-            word as u64 * 64 + u64::from((old & !new).trailing_zeros()),
+        Some(block) => Err(format!(
+            "received blocks shrink: block {block} was received by record {}",
             view.last_seq
         )),
     }

@@ -25,7 +25,7 @@
 //!   dirty set was sent; the source forwards to the destination before writes are released.
 //! - DESIGN.md invariant 5: reports hold measurements only ([`report`]).
 
-use crate::dirty::DirtySet;
+use crate::dirty::{DirtySet, HeatSnapshot};
 
 pub mod backoff;
 pub mod forecast;
@@ -102,8 +102,8 @@ pub trait MigrationEnv {
     fn merge_dirty(&mut self, set: &DirtySet);
     /// Number of dirty blocks now, without clearing (racy while writes go on).
     fn dirty_count(&self) -> u64;
-    /// Heat of every block now (decayed), one count per block in block order.
-    fn heat_snapshot(&self) -> Vec<u8>;
+    /// Heat now (decayed), sparse by region; [`HeatSnapshot::get`] maps a block to its heat.
+    fn heat_snapshot(&self) -> HeatSnapshot;
     /// Reads the blocks' current contents at the source and sends them, returning once the
     /// destination acknowledged them all. On error, any subset of `blocks` may have arrived;
     /// the caller merges all of them back. A block read and sent here must be ordered with

@@ -237,12 +237,7 @@ impl<'env, E: MigrationEnv> Migration<'env, E> {
             &mut self.carried,
             DirtySet::empty(self.granularity_bytes, self.report.disk_bytes),
         );
-        let new_blocks = taken
-            .words()
-            .iter()
-            .zip(carried.words())
-            .map(|(&bits, &old)| u64::from((bits & !old).count_ones()))
-            .sum();
+        let new_blocks = taken.count_not_in(&carried);
         let interval_ns = now_ns.saturating_sub(self.last_take_ns);
         self.forecast
             .record_dirty(new_blocks, self.granularity_bytes, interval_ns);

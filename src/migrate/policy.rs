@@ -16,7 +16,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::dirty::{DirtySet, HOT_THRESHOLD};
+use crate::dirty::{DirtySet, HeatSnapshot, HOT_THRESHOLD};
 
 /// How a migration orders its copy passes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -158,20 +158,40 @@ impl MigrateOptions {
     }
 }
 
-/// Splits `taken` into the blocks to copy now and the hot ones to put back, by `heat` (one
-/// count per block) and `threshold`. Returns `(cold, hot)`; together they are `taken`.
-pub fn split_hot(taken: &DirtySet, heat: &[u8], threshold: u8) -> (DirtySet, DirtySet) {
+/// Splits `taken` into the blocks to copy now and the hot ones to put back, by `heat` (per
+/// region) and `threshold`. Returns `(cold, hot)`; together they are `taken`. Walks runs of
+/// `taken` against the hot regions, so the cost follows runs and regions, not blocks.
+pub fn split_hot(taken: &DirtySet, heat: &HeatSnapshot, threshold: u8) -> (DirtySet, DirtySet) {
     let granularity_bytes = taken.granularity_bytes();
     let disk_bytes = taken.disk_bytes();
     let mut cold = DirtySet::empty(granularity_bytes, disk_bytes);
     let mut hot = DirtySet::empty(granularity_bytes, disk_bytes);
-    for block in taken.iter_blocks() {
-        let index = usize::try_from(block).expect("block index fits in memory");
-        // A missing count (short snapshot) reads as cold: copying early is always safe.
-        if heat.get(index).copied().unwrap_or(0) >= threshold {
-            hot.insert(block);
-        } else {
-            cold.insert(block);
+    let shift = heat.region_shift();
+    // Hot block ranges, in order; a region missing from the snapshot reads as cold (copying
+    // early is always safe).
+    let mut hot_ranges = heat
+        .regions()
+        .filter(|&(_, region_heat)| region_heat >= threshold)
+        .map(|(region, _)| (region << shift, (region + 1) << shift))
+        .peekable();
+    for (first, end) in taken.iter_runs() {
+        let mut block = first;
+        while block < end {
+            while hot_ranges.next_if(|&(_, stop)| stop <= block).is_some() {}
+            match hot_ranges.peek() {
+                Some(&(start, stop)) if start < end => {
+                    if start > block {
+                        cold.insert_range(block, start);
+                    }
+                    let upto = stop.min(end);
+                    hot.insert_range(block.max(start), upto);
+                    block = upto;
+                }
+                _ => {
+                    cold.insert_range(block, end);
+                    block = end;
+                }
+            }
         }
     }
     debug_assert_eq!(cold.count() + hot.count(), taken.count());
@@ -218,8 +238,12 @@ mod tests {
         for block in [0, 2, 3, 7] {
             taken.insert(block);
         }
-        let heat = [9, 0, 8, 7, 255, 0, 0];
+        let heat = HeatSnapshot::new(0, [(0, 9), (2, 8), (3, 7), (4, 255)]);
         let (cold, hot) = split_hot(&taken, &heat, 8);
+        let regions = HeatSnapshot::new(2, [(0, 9)]);
+        let (cold_regions, hot_regions) = split_hot(&taken, &regions, 8);
+        assert_eq!(cold_regions.iter_blocks().collect::<Vec<_>>(), vec![7]);
+        assert_eq!(hot_regions.iter_blocks().collect::<Vec<_>>(), vec![0, 2, 3]);
         assert_eq!(cold.iter_blocks().collect::<Vec<_>>(), vec![3, 7]);
         assert_eq!(hot.iter_blocks().collect::<Vec<_>>(), vec![0, 2]);
     }

@@ -467,12 +467,9 @@ impl Target {
                 } => self.zero_or_trim(offset_bytes, len_bytes, false)?,
                 Frame::Sync { seq } => {
                     self.flush()?;
-                    let received = DirtySet::from_words(
-                        self.spec.granularity_bytes,
-                        self.spec.size_bytes,
-                        self.received.block_count(),
-                        self.received.snapshot(),
-                    );
+                    let mut received =
+                        DirtySet::empty(self.spec.granularity_bytes, self.spec.size_bytes);
+                    self.received.load_into(&mut received);
                     host.checkpoint(&self.spec, &received);
                     let reply = Frame::SyncOk {
                         seq,

@@ -1,0 +1,200 @@
+//! Lazily allocated arrays of atomic cells: memory follows the indexes touched, not the length.
+//!
+//! A [`Chunked`] array of `len` cells is cut into chunks of `N` cells. A chunk is allocated
+//! (zeroed) the first time a cell in it is written through [`Chunked::get_or_install`];
+//! reading a cell of a missing chunk reads zero without allocating. Chunks hang off a
+//! two-level directory: a top array of `ceil(len / (N * NODE_CHUNKS))` lazily filled node
+//! slots, each node holding [`NODE_CHUNKS`] lazily filled chunk slots. An empty array of 2^32
+//! cells at 512 cells per chunk costs a top array of 256 slots (2 KiB).
+//!
+//! Invariants:
+//! - Installing is lock-free: a slot is filled by `compare_exchange` from null
+//!   (`once_cell::race::OnceBox`); when two threads race to fill a slot, the loser frees its
+//!   own allocation and uses the winner's. Once a chunk exists, reaching a cell is two
+//!   `Acquire` loads and two pointer hops, and never allocates.
+//! - The `Acquire` load of a slot pairs with the installer's `Release` (AcqRel) exchange, so a
+//!   thread that sees a chunk sees it zeroed (never garbage), whatever the cells' own ordering.
+//! - Chunks are never freed while the array lives: memory is proportional to the chunks ever
+//!   touched over the array's life. Freeing one safely would need every reader and writer to
+//!   be quiescent (a writer may hold a reference to a cell of it); dropping the whole array is
+//!   the one quiescent point, and `Drop` is ordinary ownership.
+//! - Each chunk carries a `hint` flag its user may set when a chunk becomes non-empty, so a
+//!   sweep can skip chunks with nothing to take (see `bitmap.rs` for the protocol).
+
+use std::sync::atomic::AtomicBool;
+
+use once_cell::race::OnceBox;
+
+/// Chunk slots per directory node (a node is 4 KiB of pointers).
+pub const NODE_CHUNKS: usize = 512;
+
+/// One allocated run of `N` cells and its non-empty hint.
+#[derive(Debug)]
+pub struct Chunk<T, const N: usize> {
+    /// Set by writers when the chunk may hold something to take; cleared by a sweep.
+    pub hint: AtomicBool,
+    /// The cells, zero when installed.
+    pub cells: [T; N],
+}
+
+/// A node of the directory: [`NODE_CHUNKS`] chunk slots.
+struct Node<T, const N: usize> {
+    chunks: [OnceBox<Chunk<T, N>>; NODE_CHUNKS],
+}
+
+/// A lazily allocated array of `len` atomic cells; see the module docs.
+pub struct Chunked<T, const N: usize> {
+    len: u64,
+    nodes: Box<[OnceBox<Node<T, N>>]>,
+}
+
+impl<T: Default, const N: usize> std::fmt::Debug for Chunked<T, N> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Chunked")
+            .field("len", &self.len)
+            .field("chunks_installed", &self.chunks().count())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T: Default, const N: usize> Chunked<T, N> {
+    /// Cells per chunk, as a `u64`.
+    const CHUNK_LEN: u64 = N as u64;
+    /// Cells per directory node.
+    const NODE_LEN: u64 = N as u64 * NODE_CHUNKS as u64;
+
+    /// An array of `len` cells, none allocated.
+    pub fn new(len: u64) -> Self {
+        let node_count = usize::try_from(len.div_ceil(Self::NODE_LEN)).expect("directory fits");
+        let nodes = (0..node_count).map(|_| OnceBox::new()).collect();
+        Self { len, nodes }
+    }
+
+    /// Number of cells.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Splits a cell index in (node, chunk slot in node, cell in chunk); out of range is a bug.
+    fn split(&self, index: u64) -> (usize, usize, usize) {
+        assert!(
+            index < self.len,
+            "cell {index} out of range (length {})",
+            self.len
+        );
+        let node = usize::try_from(index / Self::NODE_LEN).expect("checked against len");
+        // Both remainders are below small constants, so the casts cannot truncate.
+        let slot = ((index / Self::CHUNK_LEN) % NODE_CHUNKS as u64) as usize;
+        let cell = (index % Self::CHUNK_LEN) as usize;
+        (node, slot, cell)
+    }
+
+    /// The chunk numbered `chunk`, if installed.
+    pub fn chunk(&self, chunk: u64) -> Option<&Chunk<T, N>> {
+        let (node, slot, _) = self.split(chunk * Self::CHUNK_LEN);
+        self.nodes[node].get()?.chunks[slot].get()
+    }
+
+    /// Cell `index`, if its chunk is installed (a missing chunk reads as all zero).
+    pub fn get(&self, index: u64) -> Option<&T> {
+        let (node, slot, cell) = self.split(index);
+        let chunk = self.nodes[node].get()?.chunks[slot].get()?;
+        Some(&chunk.cells[cell])
+    }
+
+    /// Cell `index` and its chunk, installing the chunk (zeroed) if needed.
+    pub fn get_or_install(&self, index: u64) -> (&Chunk<T, N>, &T) {
+        let (node, slot, cell) = self.split(index);
+        let node = self.nodes[node].get_or_init(|| {
+            Box::new(Node {
+                chunks: std::array::from_fn(|_| OnceBox::new()),
+            })
+        });
+        let chunk = node.chunks[slot].get_or_init(|| {
+            Box::new(Chunk {
+                hint: AtomicBool::new(false),
+                cells: std::array::from_fn(|_| T::default()),
+            })
+        });
+        (chunk, &chunk.cells[cell])
+    }
+
+    /// Installed chunks as `(chunk number, chunk)`, in increasing order; chunks installed
+    /// during the walk may or may not be listed.
+    pub fn chunks(&self) -> impl Iterator<Item = (u64, &Chunk<T, N>)> + '_ {
+        self.nodes
+            .iter()
+            .enumerate()
+            .filter_map(|(node, slot)| Some((node, slot.get()?)))
+            .flat_map(|(node, chunks)| {
+                let first = node as u64 * NODE_CHUNKS as u64;
+                (first..)
+                    .zip(chunks.chunks.iter())
+                    .filter_map(|(number, slot)| Some((number, slot.get()?)))
+            })
+    }
+
+    /// Heap bytes held now: the top array, installed nodes and installed chunks.
+    pub fn allocated_bytes(&self) -> u64 {
+        let top = std::mem::size_of_val(&*self.nodes) as u64;
+        let nodes = self.nodes.iter().filter(|n| n.get().is_some()).count() as u64;
+        let chunks = self.chunks().count() as u64;
+        top + nodes * std::mem::size_of::<Node<T, N>>() as u64
+            + chunks * std::mem::size_of::<Chunk<T, N>>() as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    #[test]
+    fn reads_do_not_install_and_writes_install_one_chunk() {
+        // Goal: memory follows writes. Method: read everywhere, write two cells, count chunks.
+        let array: Chunked<AtomicU64, 8> = Chunked::new(10_000);
+        assert!(array.get(9_999).is_none());
+        assert_eq!(array.chunks().count(), 0);
+        let empty = array.allocated_bytes();
+        array.get_or_install(17).1.store(5, Ordering::Relaxed);
+        array.get_or_install(9_999).1.store(6, Ordering::Relaxed);
+        array.get_or_install(16).1.store(7, Ordering::Relaxed);
+        let numbers: Vec<u64> = array.chunks().map(|(n, _)| n).collect();
+        assert_eq!(numbers, vec![2, 1249]);
+        assert_eq!(array.get(17).map(|c| c.load(Ordering::Relaxed)), Some(5));
+        assert_eq!(array.get(18).map(|c| c.load(Ordering::Relaxed)), Some(0));
+        assert!(array.chunk(3).is_none());
+        assert!(array.allocated_bytes() > empty);
+    }
+
+    #[test]
+    fn racing_installs_agree_on_one_chunk() {
+        // Goal: concurrent first writes to one chunk all land. Method: 4 threads each add to
+        // every cell of fresh chunks; sums must be exact.
+        let array: Chunked<AtomicU64, 64> = Chunked::new(64 * 1024);
+        std::thread::scope(|scope| {
+            for _ in 0..4 {
+                scope.spawn(|| {
+                    for index in 0..array.len() {
+                        array
+                            .get_or_install(index)
+                            .1
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                });
+            }
+        });
+        assert_eq!(array.chunks().count(), 1024);
+        for index in 0..array.len() {
+            assert_eq!(array.get(index).map(|c| c.load(Ordering::Relaxed)), Some(4));
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "out of range")]
+    fn index_past_len_panics() {
+        // Goal: an index past the end is a bug. Method: get(len).
+        let array: Chunked<AtomicU64, 8> = Chunked::new(8);
+        let _ = array.get(8);
+    }
+}
