@@ -291,9 +291,10 @@ fn raw(method: &str, url: &str, token: Option<&str>, body: Option<&[u8]>) -> (u1
 }
 
 #[test]
-fn token_is_required_except_for_metrics() {
-    // Goal: no route but /metrics answers without the right token.
-    // Method: call with no token and a wrong one (client and raw), then /metrics without.
+fn token_is_required_even_for_metrics() {
+    // Goal: no route answers without the right token, /metrics included (it shows export
+    // names, sizes and guest I/O). Method: call with no token and a wrong one (client and
+    // raw), then /metrics without and with the token.
     let h = start();
     h.client.add_export(&spec("vm1")).expect("add");
     for token in [None, Some("wrong".to_string()), Some(format!("{TOKEN}0"))] {
@@ -308,6 +309,8 @@ fn token_is_required_except_for_metrics() {
         );
         let err = client.remove_export("vm1", true).expect_err("refused");
         assert_eq!(err.status(), Some(401));
+        let err = client.metrics().expect_err("metrics need the token");
+        assert_eq!(err.status(), Some(401));
     }
     assert_eq!(
         h.client.exports().expect("still there").len(),
@@ -318,15 +321,53 @@ fn token_is_required_except_for_metrics() {
     let (status, body) = raw("GET", &format!("http://{}/v1/nope", h.addr), None, None);
     assert_eq!(status, 401);
     assert!(body.contains("\"error\""), "{body}");
-    let metrics = Client::new(&h.addr, None)
-        .metrics()
-        .expect("metrics are open");
+    let (status, body) = raw("GET", &format!("http://{}/metrics", h.addr), None, None);
+    assert_eq!(status, 401);
+    assert!(!body.contains("vm1"), "{body}");
+    let metrics = h.client.metrics().expect("metrics with the token");
     assert!(
         metrics.contains("ferry_export_connections{export=\"vm1\"} 0"),
         "{metrics}"
     );
     assert!(metrics.contains("ferry_tracker_lost{export=\"vm1\",tracker=\"backup\"} 0"));
     h.server.shutdown();
+}
+
+#[test]
+fn metrics_open_or_on_their_own_address() {
+    // Goal: with metrics_open, /metrics answers without the token and nothing else does; a
+    // separate metrics address serves /metrics alone, without the token, and no body.
+    // Method: serve with both options, call each address with and without the token.
+    let fake = Arc::new(FakeControl::default());
+    let options = super::ServeOptions {
+        metrics_open: true,
+        metrics: Some("127.0.0.1:0".parse().expect("address")),
+    };
+    let bind = "127.0.0.1:0".parse().expect("address");
+    let server = super::serve_with(bind, TOKEN.to_string(), fake.clone(), &options).expect("serve");
+    let api = server.local_addr();
+    let metrics = server.metrics_addr().expect("metrics address");
+    assert_ne!(metrics.port(), 0);
+    Client::new(&api.to_string(), Some(TOKEN.into()))
+        .add_export(&spec("vm1"))
+        .expect("add");
+    for addr in [api, metrics] {
+        let (status, body) = raw("GET", &format!("http://{addr}/metrics"), None, None);
+        assert_eq!(status, 200, "{addr}");
+        assert!(body.contains("ferry_export_connections{export=\"vm1\"} 0"));
+    }
+    let (status, _) = raw("GET", &format!("http://{api}/v1/exports"), None, None);
+    assert_eq!(status, 401);
+    for (method, path, body, want) in [
+        ("GET", "/v1/exports", None, 404),
+        ("POST", "/metrics", Some(&b"{}"[..]), 400),
+        ("DELETE", "/metrics", None, 405),
+    ] {
+        let url = format!("http://{metrics}{path}");
+        let (status, text) = raw(method, &url, Some(TOKEN), body);
+        assert_eq!(status, want, "{method} {path}: {text}");
+    }
+    server.shutdown();
 }
 
 #[test]
@@ -611,7 +652,7 @@ fn bind_conflict_is_an_error() {
 #[test]
 fn absurd_declared_body_does_not_take_the_agent_down() {
     // Goal: a petabyte Content-Length, sent before authentication, neither aborts the process
-    // (tiny_http would allocate the declared size to drain it) nor stops the server.
+    // nor stops the server (the body is never read: 401, connection closed).
     // Method: write such a request by hand over TCP, wait, then make normal calls.
     use std::io::Write;
     let h = start();
