@@ -15,6 +15,12 @@
 
 use std::fmt;
 
+use serde::Serialize;
+
+use super::types::ErrorBody;
+
+/// Largest request body accepted (read only from a caller presenting the token).
+pub const MAX_BODY_BYTES: usize = 1 << 20;
 /// Largest request head (request line and headers, with the blank line) read from a peer.
 pub const MAX_HEAD_BYTES: usize = 16 * 1024;
 /// Most header lines in one request head.
@@ -204,6 +210,60 @@ fn has_token(value: &[u8], token: &[u8]) -> bool {
     value
         .split(|byte| *byte == b',')
         .any(|item| item.trim_ascii().eq_ignore_ascii_case(token))
+}
+
+/// An HTTP answer before the listener encodes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// HTTP status.
+    pub status: u16,
+    /// `Content-Type`; None for an empty body.
+    pub content_type: Option<&'static str>,
+    /// Body bytes.
+    pub body: Vec<u8>,
+    /// Extra headers (`Allow`, `WWW-Authenticate`).
+    pub headers: Vec<(&'static str, &'static str)>,
+}
+
+impl Reply {
+    /// A JSON answer.
+    pub fn json(status: u16, value: &impl Serialize) -> Reply {
+        // Our own types always serialize (no maps with non-string keys, no failing impls).
+        let body = serde_json::to_vec(value).expect("API types serialize to JSON");
+        Reply {
+            status,
+            content_type: Some("application/json"),
+            body,
+            headers: Vec::new(),
+        }
+    }
+
+    /// An answer without a body.
+    pub fn empty(status: u16) -> Reply {
+        Reply {
+            status,
+            content_type: None,
+            body: Vec::new(),
+            headers: Vec::new(),
+        }
+    }
+
+    /// A JSON error answer `{"error": message}`.
+    #[cold]
+    pub fn error(status: u16, message: impl Into<String>) -> Reply {
+        Reply::json(
+            status,
+            &ErrorBody {
+                error: message.into(),
+            },
+        )
+    }
+
+    /// The answer with one more header.
+    pub fn with_header(mut self, name: &'static str, value: &'static str) -> Reply {
+        self.headers.push((name, value));
+        self
+    }
 }
 
 /// The interim answer to `Expect: 100-continue`.

@@ -34,8 +34,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 
-use super::http::{self, Head, MAX_HEAD_BYTES};
-use super::server::{Reply, MAX_BODY_BYTES};
+use super::http::{self, Head, Reply, MAX_BODY_BYTES, MAX_HEAD_BYTES};
 use super::ApiError;
 
 /// Most connections open at once (idle, queued and being answered).
@@ -65,6 +64,9 @@ const READ_CHUNK_BYTES: usize = 4096;
 const ACCEPT_BURST: usize = 16;
 /// Longest poll, so `stopping` is seen even if a wake-up is lost.
 const POLL_MAX: Duration = Duration::from_secs(1);
+/// At most one warning about accept or poll failures per this long (a flood must not fill
+/// the log).
+const WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// What answers requests: the API's routes, or `/metrics` alone.
 pub trait Service: Send + Sync {
@@ -169,6 +171,7 @@ pub fn start(
         idle: Vec::with_capacity(MAX_CONNECTIONS),
         busy: 0,
         backoff: None,
+        warned: None,
         stopping: running.stopping.clone(),
     };
     // On failure the closure, and with it the job sender, is dropped: the workers end.
@@ -229,6 +232,8 @@ struct Loop {
     busy: usize,
     /// Accepting paused until then, after an accept error; the current pause.
     backoff: Option<(Instant, Duration)>,
+    /// When the last accept or poll failure was logged.
+    warned: Option<Instant>,
     stopping: Arc<AtomicBool>,
 }
 
@@ -308,9 +313,23 @@ impl Loop {
         if err == nix::errno::Errno::EINTR {
             return;
         }
-        log::warn!("control API: poll failed ({err}); closing the oldest idle connection");
+        if self.may_warn() {
+            log::warn!("control API: poll failed ({err}); closing the oldest idle connection");
+        }
         self.evict_oldest();
         std::thread::sleep(BACKOFF_MIN);
+    }
+
+    /// Whether a failure may be logged now (once per [`WARN_EVERY`]).
+    fn may_warn(&mut self) -> bool {
+        let now = Instant::now();
+        let due = self
+            .warned
+            .is_none_or(|at| now.duration_since(at) >= WARN_EVERY);
+        if due {
+            self.warned = Some(now);
+        }
+        due
     }
 
     fn drain_wakes(&mut self) {
@@ -374,12 +393,17 @@ impl Loop {
     #[cold]
     fn accept_failed(&mut self, err: &io::Error) {
         let pause = match self.backoff {
-            None => {
-                log::warn!("control API: cannot accept a connection ({err}); backing off");
-                BACKOFF_MIN
-            }
+            None => BACKOFF_MIN,
             Some((_, pause)) => (pause * 2).min(BACKOFF_MAX),
         };
+        if self.may_warn() {
+            log::warn!(
+                "control API: cannot accept a connection ({err}); backing off, closing the \
+                 oldest idle connection ({} idle, {} busy)",
+                self.idle.len(),
+                self.busy
+            );
+        }
         self.backoff = Some((Instant::now() + pause, pause));
         self.evict_oldest();
     }
@@ -548,7 +572,8 @@ fn read_admitted_body(conn: &mut Conn, head: &Head, service: &dyn Service) -> Op
         }
         return None;
     };
-    if head.expect_continue && conn.stream.write_all(http::CONTINUE).is_err() {
+    let continued = Instant::now() + WRITE_DEADLINE;
+    if head.expect_continue && write_within(&mut conn.stream, http::CONTINUE, continued).is_err() {
         return None;
     }
     match read_body(conn, body_bytes) {
@@ -607,10 +632,30 @@ fn respond(conn: &mut Conn, head: &Head, reply: &Reply, close: bool) -> io::Resu
     if head.method != http::Method::Head {
         bytes.extend_from_slice(&reply.body);
     }
-    conn.stream.set_write_timeout(Some(WRITE_DEADLINE))?;
-    conn.stream.write_all(&bytes).inspect_err(|err| {
+    write_within(&mut conn.stream, &bytes, Instant::now() + WRITE_DEADLINE).inspect_err(|err| {
         log::debug!("control API: {}: answer not sent: {err}", conn.peer);
     })
+}
+
+/// Writes all of `bytes` by `deadline` (a peer that reads slowly cannot hold a worker
+/// longer).
+fn write_within(stream: &mut TcpStream, mut bytes: &[u8], deadline: Instant) -> io::Result<()> {
+    while !bytes.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        stream.set_write_timeout(Some(left))?;
+        match stream.write(bytes) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => bytes = &bytes[n..],
+            // SO_SNDTIMEO expired: the deadline check above ends it.
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(())
 }
 
 /// After answering an admitted peer that is still sending a refused body: stop sending,

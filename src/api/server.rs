@@ -24,11 +24,10 @@ use serde::Serialize;
 use super::http::{Head, Method};
 use super::listen::Service;
 use super::prometheus;
-use super::types::{ErrorBody, ExportSpec, MigrateRequest, TrackerAdd};
+use super::types::{ExportSpec, MigrateRequest, TrackerAdd};
 use super::{Control, ControlError};
 
-/// Largest request body accepted.
-pub const MAX_BODY_BYTES: usize = 1 << 20;
+pub use super::http::{Reply, MAX_BODY_BYTES};
 /// Heat map cells when the request names none (64 columns x 16 rows).
 pub const DEFAULT_HEAT_CELLS: usize = 1024;
 /// Most heat map cells one request gets.
@@ -63,56 +62,7 @@ impl Context {
     }
 }
 
-/// An HTTP answer before the listener encodes it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Reply {
-    /// HTTP status.
-    pub status: u16,
-    /// `Content-Type`; None for an empty body.
-    pub content_type: Option<&'static str>,
-    /// Body bytes.
-    pub body: Vec<u8>,
-    /// Extra headers (`Allow`, `WWW-Authenticate`).
-    pub headers: Vec<(&'static str, &'static str)>,
-}
-
 impl Reply {
-    fn json(status: u16, value: &impl Serialize) -> Reply {
-        // Our own types always serialize (no maps with non-string keys, no failing impls).
-        let body = serde_json::to_vec(value).expect("API types serialize to JSON");
-        Reply {
-            status,
-            content_type: Some("application/json"),
-            body,
-            headers: Vec::new(),
-        }
-    }
-
-    fn empty(status: u16) -> Reply {
-        Reply {
-            status,
-            content_type: None,
-            body: Vec::new(),
-            headers: Vec::new(),
-        }
-    }
-
-    /// A JSON error answer `{"error": message}`.
-    #[cold]
-    pub fn error(status: u16, message: impl Into<String>) -> Reply {
-        Reply::json(
-            status,
-            &ErrorBody {
-                error: message.into(),
-            },
-        )
-    }
-
-    fn with_header(mut self, name: &'static str, value: &'static str) -> Reply {
-        self.headers.push((name, value));
-        self
-    }
-
     fn from_result<T: Serialize>(status: u16, result: Result<T, ControlError>) -> Reply {
         match result {
             Ok(value) => Reply::json(status, &value),
