@@ -59,6 +59,7 @@ mod tests;
 pub mod token;
 pub mod types;
 pub mod view;
+mod worker;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
