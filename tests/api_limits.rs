@@ -99,9 +99,14 @@ fn closed_within(stream: &mut TcpStream, wait: Duration) -> bool {
     false
 }
 
+/// Running, and no thread of it panicked (a debug build unwinds where the release build,
+/// `panic = "abort"`, would take the whole agent down).
 fn alive(agent: &mut AgentProc) -> bool {
     let child = agent.child.as_mut().expect("started");
-    child.try_wait().expect("wait").is_none()
+    let running = child.try_wait().expect("wait").is_none();
+    let log = agent.log();
+    assert!(!log.contains("panicked"), "a thread panicked:\n{log}");
+    running
 }
 
 // Goal: a 256 MiB header line without CRLF costs the agent at most its head buffer, the
@@ -151,7 +156,7 @@ fn huge_header_line_is_cut_off_without_growth() {
 // GET /v1/exports with the token, timed; the 8 are answered 401 and closed, unread.
 #[test]
 fn unsent_bodies_do_not_stall_the_api() {
-    let agent = AgentProc::start(&[], &[]);
+    let mut agent = AgentProc::start(&[], &[]);
     let token = token(&agent);
     let mut stalls: Vec<TcpStream> = (0..8)
         .map(|_| {
@@ -179,6 +184,7 @@ fn unsent_bodies_do_not_stall_the_api() {
         );
         assert!(closed_within(stream, PROMPT), "body awaited");
     }
+    assert!(alive(&mut agent));
 }
 
 // Goal: requests abandoned after declaring a large body (unauthenticated, and with the token
@@ -186,7 +192,7 @@ fn unsent_bodies_do_not_stall_the_api() {
 // Threads, send 40 such requests and drop each, wait for the counts to come back.
 #[test]
 fn abandoned_bodies_leak_no_descriptor_or_thread() {
-    let agent = AgentProc::start(&[], &[]);
+    let mut agent = AgentProc::start(&[], &[]);
     let (pid, token) = (pid(&agent), token(&agent));
     served_promptly(&agent.api, &token, "warm-up");
     let (fds_before, threads_before) = (fd_count(pid), status_field(pid, "Threads"));
@@ -222,6 +228,7 @@ fn abandoned_bodies_leak_no_descriptor_or_thread() {
     );
     assert_eq!(threads, threads_before, "threads leaked");
     served_promptly(&agent.api, &token, "after the abandoned bodies");
+    assert!(alive(&mut agent));
 }
 
 // Goal: at most 64 API connections are held; with more idle ones, the oldest is evicted and
@@ -229,7 +236,7 @@ fn abandoned_bodies_leak_no_descriptor_or_thread() {
 // call the API, check that the first connection was closed.
 #[test]
 fn idle_connections_are_capped_oldest_evicted() {
-    let agent = AgentProc::start(&[], &[]);
+    let mut agent = AgentProc::start(&[], &[]);
     let (pid, token) = (pid(&agent), token(&agent));
     served_promptly(&agent.api, &token, "warm-up");
     let fds_before = fd_count(pid);
@@ -251,6 +258,7 @@ fn idle_connections_are_capped_oldest_evicted() {
     let took = served_promptly(&agent.api, &token, "at the connection cap");
     eprintln!("at the cap, served in {took:?}");
     assert!(closed_within(&mut idle[0], PROMPT), "oldest idle kept");
+    assert!(alive(&mut agent));
 }
 
 // Goal: when the agent runs out of descriptors it neither aborts nor stops listening, and

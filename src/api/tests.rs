@@ -666,3 +666,90 @@ fn absurd_declared_body_does_not_take_the_agent_down() {
     }
     h.server.shutdown();
 }
+
+/// Sends `bytes` on a fresh connection and reads until the server closes it (or 3 s).
+fn exchange(addr: &str, bytes: &[u8]) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .expect("timeout");
+    stream.write_all(bytes).expect("send");
+    let mut answer = Vec::new();
+    // A reset after the answer (a refused body left unread) ends the read too.
+    let _ = stream.read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[test]
+fn keep_alive_pipelining_head_and_continue() {
+    // Goal: one connection carries several requests (pipelined in one write), HEAD gets the
+    // head only, `Expect: 100-continue` is answered before the body, and `Connection: close`
+    // ends the connection. Method: raw bytes over TCP, then read the whole exchange.
+    let h = start();
+    let auth = format!("Authorization: Bearer {TOKEN}\r\n");
+    let body = serde_json::to_string(&spec("vm1")).expect("json");
+    let requests = format!(
+        "GET /v1/exports HTTP/1.1\r\nHost: x\r\n{auth}\r\n\
+         HEAD /v1/exports HTTP/1.1\r\nHost: x\r\n{auth}\r\n\
+         POST /v1/exports HTTP/1.1\r\nHost: x\r\n{auth}Expect: 100-continue\r\n\
+         Content-Length: {}\r\n\r\n{body}\
+         GET /v1/exports/vm1 HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n",
+        body.len()
+    );
+    let answer = exchange(&h.addr, requests.as_bytes());
+    let statuses: Vec<&str> = answer
+        .match_indices("HTTP/1.1 ")
+        .map(|(at, _)| &answer[at + 9..at + 12])
+        .collect();
+    assert_eq!(statuses, ["200", "200", "100", "201", "200"], "{answer}");
+    assert_eq!(
+        answer.matches("[]").count(),
+        1,
+        "HEAD has no body: {answer}"
+    );
+    assert!(answer.ends_with('}'), "{answer}");
+    assert_eq!(h.client.exports().expect("listed").len(), 1);
+    h.server.shutdown();
+}
+
+#[test]
+fn hostile_heads_and_bodies_are_refused_and_closed() {
+    // Goal: an oversized head gets 431, a malformed one 400, a chunked body 411, a body
+    // without the token 401 (unread), an over-limit body with the token 413; each closes the
+    // connection, and the server keeps serving. Method: raw requests, read to the close.
+    let h = start();
+    let long = format!("GET /v1/exports HTTP/1.1\r\nX: {}", "a".repeat(20_000));
+    let auth = format!("Authorization: Bearer {TOKEN}\r\n");
+    let cases: Vec<(String, &str)> = vec![
+        (long, "HTTP/1.1 431 "),
+        (
+            "GET / HTTP/1.1\r\nBad Header\r\n\r\n".into(),
+            "HTTP/1.1 400 ",
+        ),
+        (
+            format!("POST /v1/exports HTTP/1.1\r\n{auth}Transfer-Encoding: chunked\r\n\r\n"),
+            "HTTP/1.1 411 ",
+        ),
+        (
+            "POST /v1/exports HTTP/1.1\r\nContent-Length: 5\r\n\r\n".into(),
+            "HTTP/1.1 401 ",
+        ),
+        (
+            format!("POST /v1/exports HTTP/1.1\r\n{auth}Content-Length: 99999999\r\n\r\n"),
+            "HTTP/1.1 413 ",
+        ),
+    ];
+    for (request, want) in cases {
+        let started = Instant::now();
+        let answer = exchange(&h.addr, request.as_bytes());
+        assert!(answer.starts_with(want), "{want}: {answer}");
+        assert!(answer.contains("Connection: close"), "{answer}");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{want}: not closed"
+        );
+    }
+    assert!(h.client.exports().expect("still serving").is_empty());
+    h.server.shutdown();
+}
