@@ -6,6 +6,9 @@
 //! memory, workers blocked on bodies that never come, requests abandoned with their
 //! descriptor and thread, a thread per connection (a panic once the thread limit is hit),
 //! an accept loop that ends for good when descriptors run out, and an open `/metrics`.
+//!
+//! `FERRY_AGENT_BIN=target/release/ferry` runs them against the release build (`panic =
+//! "abort"`, as deployed); any binary of another revision can be compared the same way.
 
 // An integration test crate is compiled for tests only; the lint is for unit tests in src/.
 #![allow(clippy::tests_outside_test_module)]
@@ -174,6 +177,7 @@ fn unsent_bodies_do_not_stall_the_api() {
     let took = served_promptly(&agent.api, &token, "with 8 unsent bodies");
     eprintln!("8 unsent bodies: /metrics and /v1/exports answered in {took:?}");
     for stream in &mut stalls {
+        stream.set_read_timeout(Some(PROMPT)).expect("timeout");
         let mut answer = [0u8; 12];
         stream.read_exact(&mut answer).expect("an answer");
         assert_eq!(
@@ -337,7 +341,7 @@ fn start_as_nobody() -> NobodyAgent {
             "--clear-groups",
             "--",
         ])
-        .arg(env!("CARGO_BIN_EXE_ferry"))
+        .arg(common::agent_bin())
         .arg("agent")
         .arg("--socket")
         .arg(dir.path().join("nbd.sock"))

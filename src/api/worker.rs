@@ -28,6 +28,8 @@ pub const WRITE_DEADLINE: Duration = Duration::from_secs(15);
 pub const LINGER_MAX_BYTES: u64 = 16 << 20;
 /// Time spent at most discarding them.
 pub const LINGER_DEADLINE: Duration = Duration::from_secs(2);
+/// Bytes of a body read in one go (into the body's own buffer, reserved whole up front).
+const READ_CHUNK_BYTES: usize = 64 * 1024;
 
 /// What answers requests: the API's routes, or `/metrics` alone.
 pub trait Service: Send + Sync {
@@ -179,7 +181,7 @@ fn read_body(conn: &mut Conn, body_bytes: usize) -> io::Result<Vec<u8>> {
         }
         conn.stream.set_read_timeout(Some(left))?;
         let start = body.len();
-        body.resize(body_bytes, 0);
+        body.resize(body_bytes.min(start + READ_CHUNK_BYTES), 0);
         let result = conn.stream.read(&mut body[start..]);
         body.truncate(start + *result.as_ref().unwrap_or(&0));
         match result {
