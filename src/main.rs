@@ -34,6 +34,8 @@ fn agent(args: AgentArgs) -> Result<(), Box<dyn std::error::Error>> {
         tcp: args.tcp,
         state_dir: args.state_dir,
         api: args.api,
+        metrics_auth: args.metrics_auth,
+        metrics: args.metrics,
         engine: args.engine,
         exports: args.exports,
         granularity: args.granularity,

@@ -108,7 +108,8 @@ fn cli_manages_exports_trackers_heat_and_metrics() {
         "a heat map in the terminal:\n{map}"
     );
 
-    let metrics = ureq_get(&format!("http://{}/metrics", agent.api));
+    // curl's view of it: /metrics needs the token too.
+    let metrics = http_get(&format!("http://{}/metrics", agent.api), &agent);
     for want in [
         "ferry_export_write_bytes_total{export=\"vm2\"}",
         "ferry_tracker_dirty_blocks{export=\"vm2\",tracker=\"backup\"} 3",
@@ -156,9 +157,12 @@ fn cli_manages_exports_trackers_heat_and_metrics() {
     assert_eq!(exports.as_array().unwrap().len(), 1, "{exports}");
 }
 
-fn ureq_get(url: &str) -> String {
+fn http_get(url: &str, agent: &AgentProc) -> String {
+    let token = ferry::api::token::read(&agent.state_dir.join("api.token")).expect("token");
     let out = run_ok(Command::new("python3").arg("-c").arg(format!(
-        "import urllib.request; print(urllib.request.urlopen({url:?}).read().decode())"
+        "import urllib.request; r = urllib.request.Request({url:?}, \
+         headers={{'Authorization': 'Bearer {token}'}}); \
+         print(urllib.request.urlopen(r).read().decode())"
     )));
     stdout(&out)
 }

@@ -216,8 +216,15 @@ impl Agent {
             trackers: Trackers::new(exports.clone()),
             migrations: Migrations::new(exports.clone(), key, journal, transfer_addr.to_string()),
         });
-        let api = api::serve(config.api, token, control).map_err(AgentError::Api)?;
+        let options = api::ServeOptions {
+            metrics_open: !config.metrics_auth,
+            metrics: config.metrics,
+        };
+        let api = api::serve_with(config.api, token, control, &options).map_err(AgentError::Api)?;
         let api_addr = api.local_addr();
+        if let Some(metrics_addr) = api.metrics_addr() {
+            log::info!("/metrics without token on http://{metrics_addr}/metrics");
+        }
         log::info!(
             "agent up: nbd unix {}{}, api http://{api_addr}, migrations on {transfer_addr}, \
              engine {engine:?}, state {}",

@@ -1,9 +1,11 @@
-//! The control API: HTTP/JSON on `127.0.0.1:7450` (by default), served by a few worker
-//! threads on `tiny_http`, and its `ureq` client for the CLI.
+//! The control API: HTTP/JSON on `127.0.0.1:7450` (by default), served by ferry's own small
+//! HTTP/1.1 server ([`listen`]: one poll(2) listener thread, [`WORKERS`] fixed workers;
+//! [`http`]: request heads on `httparse`), and its `ureq` client for the CLI.
 //!
 //! ```text
-//!  ferry CLI ── Client (ureq) ──HTTP──► tiny_http ─► workers ─► server::route ─► dyn Control
-//!  curl /metrics ─────────────────────┘                                     (agent::Registry)
+//!  ferry CLI ── Client (ureq) ──HTTP──► listen ─► workers ─► server::route ─► dyn Control
+//!  curl -H 'Authorization: Bearer ..' /metrics ┘                          (agent::Registry)
+//!  Prometheus ──► metrics address (optional) ─► listen ─► server::MetricsOnly
 //! ```
 //!
 //! Routes (all JSON; see [`server`] for the details):
@@ -34,16 +36,21 @@
 //! parameter is refused.
 //!
 //! Invariants:
-//! - Every route except `GET /metrics` requires `Authorization: Bearer <token>`; the token is
-//!   compared in constant time. `/metrics` holds counters only, no names beyond export and
-//!   tracker names, and is what a local Prometheus scrapes without the token.
+//! - Every route requires `Authorization: Bearer <token>`, `GET /metrics` included (it shows
+//!   export names, sizes and each guest's I/O) unless `metrics_auth = false`; the token is
+//!   compared in constant time. A Prometheus scraper without the token gets `/metrics` alone
+//!   on a separate address ([`ServeOptions::metrics`]), bound where only it can reach.
 //! - Errors are `{"error": "..."}` with a status from [`ControlError::http_status`]; request
-//!   bodies are capped at [`server::MAX_BODY_BYTES`]; bad input is a 4xx, never a panic.
-//! - [`ApiServer::shutdown`] returns promptly: each worker is woken with `Server::unblock`,
-//!   finishes the request it holds, and is joined.
+//!   bodies are read only with the token and capped at [`server::MAX_BODY_BYTES`]; bad input
+//!   is a 4xx, never a panic; what a peer can make the agent hold before authentication is
+//!   bounded (see [`listen`]).
+//! - [`ApiServer::shutdown`] returns promptly: the listener is woken and joined, idle
+//!   connections close, each worker finishes the request it holds and is joined.
 
 pub mod batch;
 pub mod client;
+pub mod http;
+pub mod listen;
 pub mod prometheus;
 pub mod render;
 pub mod server;
@@ -52,11 +59,10 @@ mod tests;
 pub mod token;
 pub mod types;
 pub mod view;
+mod worker;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 pub use client::{Client, ClientError};
 use types::{
@@ -179,95 +185,77 @@ pub enum ApiError {
         source: std::io::Error,
     },
     /// A worker thread could not be started.
-    #[error("cannot start an API worker thread")]
+    #[error("cannot start an API thread")]
     Spawn(#[source] std::io::Error),
+    /// The listener's wake-up socket pair could not be made.
+    #[error("cannot set up the API listener")]
+    Setup(#[source] std::io::Error),
+}
+
+/// How the API is served besides its address and token.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServeOptions {
+    /// `/metrics` answers without the token on the API address (`metrics_auth = false`).
+    pub metrics_open: bool,
+    /// Also serve `/metrics` alone, without the token, on this address.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// A running API server; [`ApiServer::shutdown`] (or dropping it) stops it.
+#[derive(Debug)]
 pub struct ApiServer {
-    http: Arc<tiny_http::Server>,
-    local_addr: SocketAddr,
-    stopping: Arc<AtomicBool>,
-    workers: Vec<JoinHandle<()>>,
+    api: listen::Running,
+    metrics: Option<listen::Running>,
 }
 
-impl std::fmt::Debug for ApiServer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ApiServer")
-            .field("local_addr", &self.local_addr)
-            .field("workers", &self.workers.len())
-            .finish_non_exhaustive()
-    }
-}
-
-/// Binds `addr` and answers API requests against `control` until shut down.
+/// Binds `addr` and answers API requests against `control` until shut down; `/metrics`
+/// needs the token too.
 pub fn serve(
     addr: SocketAddr,
     token: String,
     control: Arc<dyn Control>,
 ) -> Result<ApiServer, ApiError> {
+    serve_with(addr, token, control, &ServeOptions::default())
+}
+
+/// [`serve`], with `options`. Every thread is started here; failing to start one is an error.
+pub fn serve_with(
+    addr: SocketAddr,
+    token: String,
+    control: Arc<dyn Control>,
+    options: &ServeOptions,
+) -> Result<ApiServer, ApiError> {
     assert!(!token.is_empty(), "an empty token would let anyone in");
-    let http = tiny_http::Server::http(addr).map_err(|err| ApiError::Bind {
-        addr,
-        source: match err.downcast::<std::io::Error>() {
-            Ok(io) => *io,
-            Err(other) => std::io::Error::other(other),
-        },
-    })?;
-    let local_addr = http
-        .server_addr()
-        .to_ip()
-        .expect("a TCP listener has an IP address");
-    let mut server = ApiServer {
-        http: Arc::new(http),
-        local_addr,
-        stopping: Arc::new(AtomicBool::new(false)),
-        workers: Vec::with_capacity(WORKERS),
+    let context = server::Context::new(token, !options.metrics_open, control.clone());
+    let api = listen::start(addr, WORKERS, "ferry-api", Arc::new(context))?;
+    let metrics = match options.metrics {
+        None => None,
+        Some(metrics_addr) => {
+            let service = Arc::new(server::MetricsOnly::new(control));
+            // Dropping `api` on an error stops it.
+            Some(listen::start(metrics_addr, 1, "ferry-metrics", service)?)
+        }
     };
-    let context = Arc::new(server::Context::new(token, control));
-    for index in 0..WORKERS {
-        let http = server.http.clone();
-        let stopping = server.stopping.clone();
-        let context = context.clone();
-        let worker = std::thread::Builder::new()
-            .name(format!("ferry-api-{index}"))
-            .spawn(move || server::worker(&http, &stopping, &context))
-            // Dropping `server` stops the workers already started.
-            .map_err(ApiError::Spawn)?;
-        server.workers.push(worker);
-    }
-    Ok(server)
+    Ok(ApiServer { api, metrics })
 }
 
 impl ApiServer {
     /// The bound address (the real port when the configured one was 0).
     pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+        self.api.local_addr()
+    }
+
+    /// The bound address of the separate `/metrics` listener, if any.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(listen::Running::local_addr)
     }
 
     /// Stops taking requests, lets each worker finish the one it holds, and joins them.
     pub fn shutdown(mut self) {
-        self.stop();
-        log::info!("control API on {} stopped", self.local_addr);
-    }
-
-    /// Idempotent: the second call finds no workers.
-    fn stop(&mut self) {
-        self.stopping.store(true, Ordering::Release);
-        // One unblock wakes one worker, so one per worker.
-        for _ in &self.workers {
-            self.http.unblock();
+        self.api.stop();
+        if let Some(metrics) = self.metrics.as_mut() {
+            metrics.stop();
         }
-        for worker in self.workers.drain(..) {
-            if worker.join().is_err() {
-                log::error!("an API worker panicked");
-            }
-        }
-    }
-}
-
-impl Drop for ApiServer {
-    fn drop(&mut self) {
-        self.stop();
+        log::info!("control API on {} stopped", self.api.local_addr());
     }
 }

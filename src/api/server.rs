@@ -2,108 +2,67 @@
 //! mapping of [`ControlError`]s to HTTP statuses.
 //!
 //! [`route`] is a pure function of (method, URL, Authorization header, body) to a [`Reply`],
-//! so the whole API is testable without sockets; [`worker`] only moves requests between
-//! `tiny_http` and [`route`].
+//! so the whole API is testable without sockets; [`Context`] is the [`Service`] the
+//! listener ([`super::listen`]) calls with each request, and only moves it to [`route`].
 //!
 //! Invariants:
-//! - Authentication comes before routing: without the token, every path but `/metrics`
-//!   answers 401, so an unauthenticated caller learns nothing about exports.
-//! - At most [`MAX_BODY_BYTES`] of a body are read; larger bodies get 413, undecodable ones
-//!   400, and a request declaring an absurd body is dropped unanswered (`abandon`) because
-//!   tiny_http would abort the process draining it. Path segments and query values are
-//!   percent-decoded; nothing here panics on input.
+//! - Authentication comes before routing: without the token, every path answers 401 (but
+//!   `/metrics` when `metrics_auth` is off), so an unauthenticated caller learns nothing
+//!   about exports.
+//! - A body is read only from a caller presenting the token ([`Service::admit_body`], before
+//!   any body byte), and at most [`MAX_BODY_BYTES`] of it; larger bodies get 413,
+//!   undecodable ones 400. Path segments and query values are percent-decoded; nothing
+//!   here panics on input.
 
 use std::io::Read;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tiny_http::{Header, Method, Request, Response, Server};
 
+use super::http::{Head, Method};
+use super::listen::Service;
 use super::prometheus;
-use super::types::{ErrorBody, ExportSpec, MigrateRequest, TrackerAdd};
+use super::types::{ExportSpec, MigrateRequest, TrackerAdd};
 use super::{Control, ControlError};
 
-/// Largest request body accepted.
-pub const MAX_BODY_BYTES: usize = 1 << 20;
-/// Largest declared body that is drained (read and discarded) after refusing it; see
-/// [`abandon`] for larger ones.
-const DRAIN_MAX_BYTES: usize = 64 << 20;
+pub use super::http::{Reply, MAX_BODY_BYTES};
 /// Heat map cells when the request names none (64 columns x 16 rows).
 pub const DEFAULT_HEAT_CELLS: usize = 1024;
 /// Most heat map cells one request gets.
 pub const MAX_HEAT_CELLS: usize = 65_536;
 
-/// What every worker shares: the token and the thing controlled.
+/// What every worker shares: the token, whether `/metrics` needs it, and the thing
+/// controlled.
 pub struct Context {
     token: String,
+    metrics_auth: bool,
     control: Arc<dyn Control>,
 }
 
 impl std::fmt::Debug for Context {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never the token.
-        f.debug_struct("Context").finish_non_exhaustive()
+        f.debug_struct("Context")
+            .field("metrics_auth", &self.metrics_auth)
+            .finish_non_exhaustive()
     }
 }
 
 impl Context {
-    /// A context answering with `control` to callers presenting `token`.
-    pub fn new(token: String, control: Arc<dyn Control>) -> Self {
-        Context { token, control }
+    /// A context answering with `control` to callers presenting `token`; `/metrics` too
+    /// needs the token when `metrics_auth`.
+    pub fn new(token: String, metrics_auth: bool, control: Arc<dyn Control>) -> Self {
+        Context {
+            token,
+            metrics_auth,
+            control,
+        }
     }
-}
-
-/// An HTTP answer before it is handed to `tiny_http`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Reply {
-    /// HTTP status.
-    pub status: u16,
-    /// `Content-Type`; None for an empty body.
-    pub content_type: Option<&'static str>,
-    /// Body bytes.
-    pub body: Vec<u8>,
-    /// Extra headers (`Allow`, `WWW-Authenticate`).
-    pub headers: Vec<(&'static str, &'static str)>,
 }
 
 impl Reply {
-    fn json(status: u16, value: &impl Serialize) -> Reply {
-        // Our own types always serialize (no maps with non-string keys, no failing impls).
-        let body = serde_json::to_vec(value).expect("API types serialize to JSON");
-        Reply {
-            status,
-            content_type: Some("application/json"),
-            body,
-            headers: Vec::new(),
-        }
-    }
-
-    fn empty(status: u16) -> Reply {
-        Reply {
-            status,
-            content_type: None,
-            body: Vec::new(),
-            headers: Vec::new(),
-        }
-    }
-
-    #[cold]
-    fn error(status: u16, message: impl Into<String>) -> Reply {
-        Reply::json(
-            status,
-            &ErrorBody {
-                error: message.into(),
-            },
-        )
-    }
-
-    fn with_header(mut self, name: &'static str, value: &'static str) -> Reply {
-        self.headers.push((name, value));
-        self
-    }
-
     fn from_result<T: Serialize>(status: u16, result: Result<T, ControlError>) -> Reply {
         match result {
             Ok(value) => Reply::json(status, &value),
@@ -119,99 +78,90 @@ impl Reply {
     }
 }
 
-/// One worker: answers requests until [`super::ApiServer`] sets `stopping` and unblocks it.
-pub fn worker(http: &Server, stopping: &AtomicBool, context: &Context) {
-    loop {
-        let request = match http.recv() {
-            Ok(request) => request,
-            Err(err) => {
-                if !stopping.load(Ordering::Acquire) {
-                    // tiny_http's accept loop ended (e.g. out of file descriptors).
-                    log::error!("control API stopped taking requests: {err}");
-                }
-                return;
-            }
-        };
-        handle(request, context);
+impl Service for Context {
+    /// A body is read only from a caller presenting the token, whatever the path.
+    fn admit_body(&self, head: &Head) -> Result<(), Reply> {
+        authenticate(head.authorization.as_deref(), &self.token).inspect_err(|_| {
+            log::warn!(
+                "control API: {} {} with a {} byte body: refused (token), connection closed",
+                head.method,
+                path_of(&head.target),
+                head.body_bytes
+            );
+        })
+    }
+
+    fn answer(&self, head: &Head, body: &[u8], peer: SocketAddr) -> Reply {
+        let mut body = body;
+        let url = head.target.as_str();
+        let method = head_as_get(&head.method);
+        let reply = route(method, url, head.authorization.as_deref(), &mut body, self);
+        if reply.status == 401 {
+            log::warn!(
+                "control API: {} {} from {peer}: refused (token)",
+                head.method,
+                path_of(url)
+            );
+        } else {
+            log::debug!(
+                "control API: {} {} -> {}",
+                head.method,
+                path_of(url),
+                reply.status
+            );
+        }
+        reply
     }
 }
 
-fn handle(mut request: Request, context: &Context) {
-    let method = request.method().clone();
-    let url = request.url().to_string();
-    let authorization = request
-        .headers()
-        .iter()
-        .find(|h| h.field.equiv("Authorization"))
-        .map(|h| h.value.as_str().to_string());
-    let declared_bytes = request.body_length();
-    if declared_bytes.is_some_and(|n| n > DRAIN_MAX_BYTES) {
-        abandon(request);
-        return;
-    }
-    let reply = if declared_bytes.is_some_and(|n| n > MAX_BODY_BYTES) {
-        body_too_large()
-    } else {
-        route(
-            &method,
-            &url,
-            authorization.as_deref(),
-            request.as_reader(),
-            context,
-        )
-    };
-    if reply.status == 401 {
-        let peer = request
-            .remote_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default();
-        log::warn!(
-            "control API: {method} {} from {peer}: refused (token)",
-            path_of(&url)
-        );
-    } else {
-        log::debug!(
-            "control API: {method} {} -> {}",
-            path_of(&url),
-            reply.status
-        );
-    }
-    if let Err(err) = request.respond(to_response(reply)) {
-        log::debug!("control API: client went away before the answer: {err}");
+/// HEAD is answered as GET (the listener sends the head only).
+fn head_as_get(method: &Method) -> &Method {
+    match method {
+        Method::Head => &Method::Get,
+        other => other,
     }
 }
 
-/// Drops a request that declares an absurd body without answering it.
-///
-/// tiny_http 0.12 drains an unread body when the request is dropped, into one buffer of the
-/// declared size (`EqualReader::drop`): a `Content-Length` of a few terabytes, sent by any
-/// local user before authentication, would make that allocation fail and abort the agent.
-/// Forgetting the request never runs that drop; the cost is one idle connection and one
-/// tiny_http thread per such request, which no ferry client ever sends.
-#[cold]
-fn abandon(request: Request) {
-    log::warn!(
-        "control API: request from {:?} declares a {} byte body: connection abandoned",
-        request.remote_addr(),
-        request.body_length().unwrap_or(0)
-    );
-    std::mem::forget(request);
+/// The service of the separate `/metrics` address (`metrics = "ADDR"`): `GET /metrics`
+/// without a token, nothing else, and no request bodies.
+pub struct MetricsOnly {
+    control: Arc<dyn Control>,
 }
 
-fn to_response(reply: Reply) -> Response<std::io::Cursor<Vec<u8>>> {
-    let mut response = Response::from_data(reply.body).with_status_code(reply.status);
-    let mut add = |name: &str, value: &str| {
-        // Header names and values here are ASCII constants.
-        let header = Header::from_bytes(name.as_bytes(), value.as_bytes()).expect("ASCII header");
-        response.add_header(header);
-    };
-    if let Some(content_type) = reply.content_type {
-        add("Content-Type", content_type);
+impl std::fmt::Debug for MetricsOnly {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MetricsOnly").finish_non_exhaustive()
     }
-    for (name, value) in reply.headers {
-        add(name, value);
+}
+
+impl MetricsOnly {
+    /// Serves the counters of `control`.
+    pub fn new(control: Arc<dyn Control>) -> Self {
+        MetricsOnly { control }
     }
-    response
+}
+
+impl Service for MetricsOnly {
+    fn admit_body(&self, _head: &Head) -> Result<(), Reply> {
+        Err(Reply::error(400, "no request takes a body here"))
+    }
+
+    fn answer(&self, head: &Head, _body: &[u8], _peer: SocketAddr) -> Reply {
+        match (head_as_get(&head.method), path_of(&head.target)) {
+            (Method::Get, "/metrics") => metrics(self.control.as_ref()),
+            (_, "/metrics") => method_not_allowed("GET"),
+            _ => Reply::error(404, "only /metrics is served here"),
+        }
+    }
+}
+
+fn metrics(control: &dyn Control) -> Reply {
+    Reply {
+        status: 200,
+        content_type: Some(prometheus::PROMETHEUS_CONTENT_TYPE),
+        body: prometheus::render_prometheus(&control.exports()).into_bytes(),
+        headers: Vec::new(),
+    }
 }
 
 fn path_of(url: &str) -> &str {
@@ -228,19 +178,20 @@ pub fn route(
     context: &Context,
 ) -> Reply {
     let (path, query) = url.split_once('?').unwrap_or((url, ""));
-    if path == "/metrics" {
+    if path == "/metrics" && !context.metrics_auth {
         return match method {
-            Method::Get => Reply {
-                status: 200,
-                content_type: Some(prometheus::PROMETHEUS_CONTENT_TYPE),
-                body: prometheus::render_prometheus(&context.control.exports()).into_bytes(),
-                headers: Vec::new(),
-            },
+            Method::Get => metrics(context.control.as_ref()),
             _ => method_not_allowed("GET"),
         };
     }
     if let Err(reply) = authenticate(authorization, &context.token) {
         return reply;
+    }
+    if path == "/metrics" {
+        return match method {
+            Method::Get => metrics(context.control.as_ref()),
+            _ => method_not_allowed("GET"),
+        };
     }
     let Some(segments) = path_segments(path) else {
         return Reply::error(400, format!("malformed path '{path}'"));

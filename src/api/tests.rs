@@ -291,9 +291,10 @@ fn raw(method: &str, url: &str, token: Option<&str>, body: Option<&[u8]>) -> (u1
 }
 
 #[test]
-fn token_is_required_except_for_metrics() {
-    // Goal: no route but /metrics answers without the right token.
-    // Method: call with no token and a wrong one (client and raw), then /metrics without.
+fn token_is_required_even_for_metrics() {
+    // Goal: no route answers without the right token, /metrics included (it shows export
+    // names, sizes and guest I/O). Method: call with no token and a wrong one (client and
+    // raw), then /metrics without and with the token.
     let h = start();
     h.client.add_export(&spec("vm1")).expect("add");
     for token in [None, Some("wrong".to_string()), Some(format!("{TOKEN}0"))] {
@@ -308,6 +309,8 @@ fn token_is_required_except_for_metrics() {
         );
         let err = client.remove_export("vm1", true).expect_err("refused");
         assert_eq!(err.status(), Some(401));
+        let err = client.metrics().expect_err("metrics need the token");
+        assert_eq!(err.status(), Some(401));
     }
     assert_eq!(
         h.client.exports().expect("still there").len(),
@@ -318,15 +321,53 @@ fn token_is_required_except_for_metrics() {
     let (status, body) = raw("GET", &format!("http://{}/v1/nope", h.addr), None, None);
     assert_eq!(status, 401);
     assert!(body.contains("\"error\""), "{body}");
-    let metrics = Client::new(&h.addr, None)
-        .metrics()
-        .expect("metrics are open");
+    let (status, body) = raw("GET", &format!("http://{}/metrics", h.addr), None, None);
+    assert_eq!(status, 401);
+    assert!(!body.contains("vm1"), "{body}");
+    let metrics = h.client.metrics().expect("metrics with the token");
     assert!(
         metrics.contains("ferry_export_connections{export=\"vm1\"} 0"),
         "{metrics}"
     );
     assert!(metrics.contains("ferry_tracker_lost{export=\"vm1\",tracker=\"backup\"} 0"));
     h.server.shutdown();
+}
+
+#[test]
+fn metrics_open_or_on_their_own_address() {
+    // Goal: with metrics_open, /metrics answers without the token and nothing else does; a
+    // separate metrics address serves /metrics alone, without the token, and no body.
+    // Method: serve with both options, call each address with and without the token.
+    let fake = Arc::new(FakeControl::default());
+    let options = super::ServeOptions {
+        metrics_open: true,
+        metrics: Some("127.0.0.1:0".parse().expect("address")),
+    };
+    let bind = "127.0.0.1:0".parse().expect("address");
+    let server = super::serve_with(bind, TOKEN.to_string(), fake.clone(), &options).expect("serve");
+    let api = server.local_addr();
+    let metrics = server.metrics_addr().expect("metrics address");
+    assert_ne!(metrics.port(), 0);
+    Client::new(&api.to_string(), Some(TOKEN.into()))
+        .add_export(&spec("vm1"))
+        .expect("add");
+    for addr in [api, metrics] {
+        let (status, body) = raw("GET", &format!("http://{addr}/metrics"), None, None);
+        assert_eq!(status, 200, "{addr}");
+        assert!(body.contains("ferry_export_connections{export=\"vm1\"} 0"));
+    }
+    let (status, _) = raw("GET", &format!("http://{api}/v1/exports"), None, None);
+    assert_eq!(status, 401);
+    for (method, path, body, want) in [
+        ("GET", "/v1/exports", None, 404),
+        ("POST", "/metrics", Some(&b"{}"[..]), 400),
+        ("DELETE", "/metrics", None, 405),
+    ] {
+        let url = format!("http://{metrics}{path}");
+        let (status, text) = raw(method, &url, Some(TOKEN), body);
+        assert_eq!(status, want, "{method} {path}: {text}");
+    }
+    server.shutdown();
 }
 
 #[test]
@@ -611,7 +652,7 @@ fn bind_conflict_is_an_error() {
 #[test]
 fn absurd_declared_body_does_not_take_the_agent_down() {
     // Goal: a petabyte Content-Length, sent before authentication, neither aborts the process
-    // (tiny_http would allocate the declared size to drain it) nor stops the server.
+    // nor stops the server (the body is never read: 401, connection closed).
     // Method: write such a request by hand over TCP, wait, then make normal calls.
     use std::io::Write;
     let h = start();
@@ -623,5 +664,92 @@ fn absurd_declared_body_does_not_take_the_agent_down() {
     for _ in 0..2 * super::WORKERS {
         assert!(h.client.exports().expect("still serving").is_empty());
     }
+    h.server.shutdown();
+}
+
+/// Sends `bytes` on a fresh connection and reads until the server closes it (or 3 s).
+fn exchange(addr: &str, bytes: &[u8]) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .expect("timeout");
+    stream.write_all(bytes).expect("send");
+    let mut answer = Vec::new();
+    // A reset after the answer (a refused body left unread) ends the read too.
+    let _ = stream.read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[test]
+fn keep_alive_pipelining_head_and_continue() {
+    // Goal: one connection carries several requests (pipelined in one write), HEAD gets the
+    // head only, `Expect: 100-continue` is answered before the body, and `Connection: close`
+    // ends the connection. Method: raw bytes over TCP, then read the whole exchange.
+    let h = start();
+    let auth = format!("Authorization: Bearer {TOKEN}\r\n");
+    let body = serde_json::to_string(&spec("vm1")).expect("json");
+    let requests = format!(
+        "GET /v1/exports HTTP/1.1\r\nHost: x\r\n{auth}\r\n\
+         HEAD /v1/exports HTTP/1.1\r\nHost: x\r\n{auth}\r\n\
+         POST /v1/exports HTTP/1.1\r\nHost: x\r\n{auth}Expect: 100-continue\r\n\
+         Content-Length: {}\r\n\r\n{body}\
+         GET /v1/exports/vm1 HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n",
+        body.len()
+    );
+    let answer = exchange(&h.addr, requests.as_bytes());
+    let statuses: Vec<&str> = answer
+        .match_indices("HTTP/1.1 ")
+        .map(|(at, _)| &answer[at + 9..at + 12])
+        .collect();
+    assert_eq!(statuses, ["200", "200", "100", "201", "200"], "{answer}");
+    assert_eq!(
+        answer.matches("[]").count(),
+        1,
+        "HEAD has no body: {answer}"
+    );
+    assert!(answer.ends_with('}'), "{answer}");
+    assert_eq!(h.client.exports().expect("listed").len(), 1);
+    h.server.shutdown();
+}
+
+#[test]
+fn hostile_heads_and_bodies_are_refused_and_closed() {
+    // Goal: an oversized head gets 431, a malformed one 400, a chunked body 411, a body
+    // without the token 401 (unread), an over-limit body with the token 413; each closes the
+    // connection, and the server keeps serving. Method: raw requests, read to the close.
+    let h = start();
+    let long = format!("GET /v1/exports HTTP/1.1\r\nX: {}", "a".repeat(20_000));
+    let auth = format!("Authorization: Bearer {TOKEN}\r\n");
+    let cases: Vec<(String, &str)> = vec![
+        (long, "HTTP/1.1 431 "),
+        (
+            "GET / HTTP/1.1\r\nBad Header\r\n\r\n".into(),
+            "HTTP/1.1 400 ",
+        ),
+        (
+            format!("POST /v1/exports HTTP/1.1\r\n{auth}Transfer-Encoding: chunked\r\n\r\n"),
+            "HTTP/1.1 411 ",
+        ),
+        (
+            "POST /v1/exports HTTP/1.1\r\nContent-Length: 5\r\n\r\n".into(),
+            "HTTP/1.1 401 ",
+        ),
+        (
+            format!("POST /v1/exports HTTP/1.1\r\n{auth}Content-Length: 99999999\r\n\r\n"),
+            "HTTP/1.1 413 ",
+        ),
+    ];
+    for (request, want) in cases {
+        let started = Instant::now();
+        let answer = exchange(&h.addr, request.as_bytes());
+        assert!(answer.starts_with(want), "{want}: {answer}");
+        assert!(answer.contains("Connection: close"), "{answer}");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{want}: not closed"
+        );
+    }
+    assert!(h.client.exports().expect("still serving").is_empty());
     h.server.shutdown();
 }

@@ -247,6 +247,14 @@ pub struct AgentArgs {
     /// Control API address [default: 127.0.0.1:7450].
     #[arg(long)]
     pub api: Option<String>,
+    /// Whether /metrics on the API address needs the API token [default: true]; false
+    /// shows export names, sizes and guest I/O to anyone who reaches the port.
+    #[arg(long, value_name = "BOOL")]
+    pub metrics_auth: Option<bool>,
+    /// Also serve /metrics alone, without the token, on this address (for a Prometheus
+    /// scraper on a trusted network).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
     /// io engine: auto, uring or sync.
     #[arg(long)]
     pub engine: Option<String>,

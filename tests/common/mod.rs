@@ -65,6 +65,15 @@ pub fn tls_init(dir: &Path, hosts: &[&str]) {
     run_ok(&mut cmd);
 }
 
+/// The `ferry` binary agents are started from: `FERRY_AGENT_BIN` when set (e.g. the release
+/// build, `panic = "abort"` as deployed, or another revision's binary to compare), else the
+/// binary built for these tests.
+pub fn agent_bin() -> PathBuf {
+    std::env::var_os("FERRY_AGENT_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_ferry")))
+}
+
 /// A directory on a file system that supports O_DIRECT (not tmpfs).
 pub fn scratch_dir() -> tempfile::TempDir {
     tempfile::Builder::new()
@@ -245,7 +254,7 @@ fn spawn(
     let socket = dir.join("nbd.sock");
     let state_dir = dir.join("state");
     let api = format!("127.0.0.1:{}", free_port());
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry"));
+    let mut cmd = Command::new(agent_bin());
     cmd.arg("agent")
         .arg("--socket")
         .arg(&socket)
