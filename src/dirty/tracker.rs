@@ -11,8 +11,12 @@
 //! - Marks follow completed writes (DESIGN.md invariant 1, see `bitmap.rs`).
 //! - A lost tracker (restored after an unclean stop) has every block dirty and says so with
 //!   [`Tracker::is_lost`] until a caller that re-established the history clears it.
+//! - No tracker is durable yet ([`Tracker::is_durable`] is false): marks live in memory and
+//!   reach disk only at a clean shutdown, so an unclean stop loses the history (the tracker
+//!   comes back lost). The activity log will make marks durable and restore trackers as
+//!   [`TrackerState::Recovered`]; until then no tracker is in that state.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::bitmap::{DirtyBitmap, DirtySet, WORD_BITS};
@@ -96,6 +100,22 @@ pub fn validate_granularity(granularity_bytes: u64) -> Result<(), DirtyError> {
     Ok(())
 }
 
+/// How far a tracker's dirty bits can be trusted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrackerState {
+    /// The bits are the whole history since the tracker was created or last taken.
+    Ok,
+    /// The history was lost (unclean stop, or writes made elsewhere): every block is dirty.
+    Lost,
+    /// Reserved for the activity log: restored after an unclean stop from the log, so the
+    /// bits are a superset of the real history that over-marks at most `bound_bytes` (the
+    /// regions the log held open). No tracker is in this state yet.
+    Recovered {
+        /// Most bytes marked dirty that may not have been written.
+        bound_bytes: u64,
+    },
+}
+
 /// A named dirty bitmap plus heat over one disk; see the module docs.
 pub struct Tracker {
     name: String,
@@ -109,6 +129,8 @@ pub struct Tracker {
     heat_shift: u32,
     clock: Arc<dyn Clock>,
     lost: AtomicBool,
+    /// Bytes of this tracker's file at its last save (0: never saved).
+    state_bytes: AtomicU64,
 }
 
 impl std::fmt::Debug for Tracker {
@@ -152,6 +174,7 @@ impl Tracker {
             heat_shift,
             clock,
             lost: AtomicBool::new(false),
+            state_bytes: AtomicU64::new(0),
         })
     }
 
@@ -254,6 +277,39 @@ impl Tracker {
     /// Heap bytes the bitmap and the heat hold now (directories and installed chunks).
     pub fn allocated_bytes(&self) -> u64 {
         self.bitmap.allocated_bytes() + self.heat.allocated_bytes()
+    }
+
+    /// Heap bytes held now, as [`Tracker::allocated_bytes`]: what `tracker ls` and `/metrics`
+    /// show as the tracker's memory.
+    pub fn memory_bytes(&self) -> u64 {
+        self.allocated_bytes()
+    }
+
+    /// Bytes of the tracker's file at its last save, Clean or Active (0 when never saved). A
+    /// running tracker's file is Active and holds no bits (see `persist.rs`), so this is small
+    /// until a clean shutdown writes the whole state.
+    pub fn state_bytes(&self) -> u64 {
+        self.state_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Records the size of the file just saved for this tracker.
+    pub(crate) fn record_save(&self, file_bytes: u64) {
+        self.state_bytes.store(file_bytes, Ordering::Relaxed);
+    }
+
+    /// Whether every mark of an acknowledged write survives a crash. False for every tracker
+    /// today: marks reach disk only at a clean shutdown. The activity log will make it true.
+    pub fn is_durable(&self) -> bool {
+        false
+    }
+
+    /// How far the dirty bits can be trusted now.
+    pub fn state(&self) -> TrackerState {
+        if self.is_lost() {
+            TrackerState::Lost
+        } else {
+            TrackerState::Ok
+        }
     }
 
     /// Blocks per heat region, as a shift: heat is kept per region, not per block.
@@ -760,12 +816,19 @@ mod tests {
     fn lost_tracker_is_all_dirty_until_cleared() {
         // Goal: loading as lost marks every block and sets the flag. Method: load_saved(lost).
         let (tracker, _clock) = new_tracker(100 * 4 * KIB + 1);
+        assert_eq!(tracker.state(), TrackerState::Ok);
         tracker.load_saved(&[], &[], true);
         assert!(tracker.is_lost());
+        assert_eq!(tracker.state(), TrackerState::Lost);
+        assert!(
+            !tracker.is_durable(),
+            "no tracker is durable before the activity log"
+        );
         assert_eq!(tracker.dirty_count(), 101);
         assert_eq!(tracker.dirty_bytes(), tracker.disk_bytes());
         tracker.clear_lost();
         assert!(!tracker.is_lost());
+        assert_eq!(tracker.state(), TrackerState::Ok);
         assert!(format!("{tracker:?}").contains("dirty_count: 101"));
     }
 }
