@@ -53,14 +53,22 @@ fn map_extents(context: &str, uri: &str) -> Vec<(u64, u64, u64)> {
 }
 
 /// An agent serving a sparse `size_bytes` export `vm1` with tracker `boot` (default half-life)
-/// and tracker `hot` (one hour, so nothing decays during the test), and the writes made:
-/// region 0 once, region 5 three times, region 10 eight times (heat levels 1, 2 and 4).
+/// and tracker `hot` (30 days: in practice no half-life boundary falls inside the test), and
+/// the writes made: region 0 once, region 5 three times, region 10 eight times (heat levels
+/// 1, 2 and 4).
 fn agent_with_heat(size_bytes: u64) -> AgentProc {
     let dir = common::scratch_dir();
     let image = dir.path().join("disk.img");
     sparse_image(&image, size_bytes);
     let agent = AgentProc::start_in(dir, &[format!("vm1={},tracker=boot", image.display())], &[]);
-    let added = agent.cli(&["tracker", "add", "vm1", "hot", "--half-life-ms", "3600000"]);
+    let added = agent.cli(&[
+        "tracker",
+        "add",
+        "vm1",
+        "hot",
+        "--half-life-ms",
+        "2592000000",
+    ]);
     assert!(
         added.status.success(),
         "{}",
