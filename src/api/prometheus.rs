@@ -215,7 +215,7 @@ fn render_trackers(text: &mut Exposition<'_>, exports: &[ExportStatus]) {
         &'static str,
         fn(&crate::api::types::TrackerStatus) -> u64,
     );
-    let metrics: [TrackerMetric; 3] = [
+    let metrics: [TrackerMetric; 6] = [
         (
             "ferry_tracker_dirty_blocks",
             "Blocks written since the tracker was last cleared.",
@@ -231,6 +231,21 @@ fn render_trackers(text: &mut Exposition<'_>, exports: &[ExportStatus]) {
             "1 if the tracker was restored after an unclean stop.",
             |t| u64::from(t.lost),
         ),
+        (
+            "ferry_tracker_memory_bytes",
+            "Heap bytes of the tracker's bitmap and heat chunks.",
+            |t| t.memory_bytes,
+        ),
+        (
+            "ferry_tracker_state_bytes",
+            "Bytes of the tracker's state file at its last save.",
+            |t| t.state_bytes,
+        ),
+        (
+            "ferry_tracker_durable",
+            "1 if every acknowledged write's mark survives a crash (none before the activity log).",
+            |t| u64::from(t.durable),
+        ),
     ];
     for (name, help, read) in metrics {
         text.header(name, "gauge", help);
@@ -242,6 +257,28 @@ fn render_trackers(text: &mut Exposition<'_>, exports: &[ExportStatus]) {
                 ];
                 text.sample(name, &labels, read(tracker));
             }
+        }
+    }
+    render_tracker_states(text, exports);
+}
+
+/// `ferry_tracker_state{export,tracker,state}`: 1 on the tracker's current state, one sample
+/// per tracker (the info-metric pattern, so `state` can gain values without new metrics).
+fn render_tracker_states(text: &mut Exposition<'_>, exports: &[ExportStatus]) {
+    const STATE: &str = "ferry_tracker_state";
+    text.header(
+        STATE,
+        "gauge",
+        "1 on the tracker's state: ok, lost, or recovered (activity log, not yet).",
+    );
+    for export in exports {
+        for tracker in &export.trackers {
+            let labels = [
+                ("export", export.name.as_str()),
+                ("tracker", tracker.name.as_str()),
+                ("state", tracker.state.name()),
+            ];
+            text.sample(STATE, &labels, 1);
         }
     }
 }
@@ -274,6 +311,10 @@ mod tests {
                 dirty_bytes: 3 * 65536,
                 lost: true,
                 half_life_ms: 30_000,
+                memory_bytes: 6144,
+                state_bytes: 93,
+                durable: false,
+                state: crate::api::types::TrackerState::Lost,
             }],
             forwarding: None,
             forward_hold_ms: None,
@@ -342,6 +383,10 @@ mod tests {
             "ferry_tracker_dirty_blocks{export=\"vm1\",tracker=\"backup\"} 3",
             "ferry_tracker_dirty_bytes{export=\"vm1\",tracker=\"backup\"} 196608",
             "ferry_tracker_lost{export=\"vm1\",tracker=\"backup\"} 1",
+            "ferry_tracker_memory_bytes{export=\"vm1\",tracker=\"backup\"} 6144",
+            "ferry_tracker_state_bytes{export=\"vm1\",tracker=\"backup\"} 93",
+            "ferry_tracker_durable{export=\"vm1\",tracker=\"backup\"} 0",
+            "ferry_tracker_state{export=\"vm1\",tracker=\"backup\",state=\"lost\"} 1",
             "ferry_export_connections{export=\"x\\\"y\\\\z\"} 2",
         ] {
             assert!(

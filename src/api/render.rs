@@ -8,7 +8,9 @@
 
 use std::fmt::Write as _;
 
-use super::types::{DiskStatus, ExportStatus, Forwarding, HeatMap, StaleImage, TrackerStatus};
+use super::types::{
+    DiskStatus, ExportStatus, Forwarding, HeatMap, StaleImage, TrackerState, TrackerStatus,
+};
 use crate::dirty::heat::{heat_bucket, HEAT_BUCKET_LOWER_BOUNDS, HOT_THRESHOLD};
 
 /// Heat shades, coldest first: index 0 is "never written or fully cooled".
@@ -241,6 +243,9 @@ pub fn trackers_table(trackers: &[TrackerStatus]) -> String {
         ("DIRTY", Align::Right),
         ("DIRTY%", Align::Right),
         ("HALF-LIFE", Align::Right),
+        ("MEMORY", Align::Right),
+        ("STATE FILE", Align::Right),
+        ("DURABLE", Align::Left),
         ("STATE", Align::Left),
     ]);
     for tracker in trackers {
@@ -257,15 +262,30 @@ pub fn trackers_table(trackers: &[TrackerStatus]) -> String {
             human_bytes(tracker.dirty_bytes),
             format!("{percent:.1}%"),
             human_ms(tracker.half_life_ms),
-            if tracker.lost {
-                "lost (unclean stop: all dirty)"
+            human_bytes(tracker.memory_bytes),
+            if tracker.state_bytes == 0 {
+                "-".to_string()
             } else {
-                "ok"
-            }
-            .to_string(),
+                human_bytes(tracker.state_bytes)
+            },
+            if tracker.durable { "yes" } else { "no" }.to_string(),
+            tracker_state(tracker),
         ]);
     }
     table.render()
+}
+
+/// The STATE cell of `tracker ls`: the state and what it means for a backup.
+fn tracker_state(tracker: &TrackerStatus) -> String {
+    match tracker.state {
+        // An older agent reports no state, only the flag.
+        TrackerState::Ok if tracker.lost => "lost (unclean stop: all dirty)".to_string(),
+        TrackerState::Ok => "ok".to_string(),
+        TrackerState::Lost => "lost (unclean stop: all dirty)".to_string(),
+        TrackerState::Recovered { bound_bytes } => {
+            format!("recovered (over-marks <= {})", human_bytes(bound_bytes))
+        }
+    }
 }
 
 /// The `ferry export gc` table: each stale image, its size on disk and what became of it.
@@ -496,6 +516,14 @@ mod tests {
             dirty_bytes: 4096 * 65536,
             lost,
             half_life_ms: 30_000,
+            memory_bytes: 12 << 10,
+            state_bytes: if lost { 0 } else { 1500 },
+            durable: false,
+            state: if lost {
+                TrackerState::Lost
+            } else {
+                TrackerState::Ok
+            },
         }
     }
 
@@ -591,6 +619,38 @@ mod tests {
         assert!(lines[1].ends_with("ok"));
         assert!(lines[2].contains("lost"));
         assert_eq!(trackers_table(&[]), "no trackers\n");
+    }
+
+    #[test]
+    fn trackers_table_shows_memory_state_file_and_durability() {
+        // Goal: the memory, state file size, durability and each state render. Method: two
+        // trackers (one never saved) and a recovered one; check columns and cells.
+        let mut recovered = tracker("log", false);
+        recovered.state = TrackerState::Recovered {
+            bound_bytes: 4 << 20,
+        };
+        recovered.durable = true;
+        let text = trackers_table(&[
+            tracker("backup", false),
+            tracker("since-monday", true),
+            recovered,
+        ]);
+        let lines: Vec<&str> = text.lines().collect();
+        for column in ["MEMORY", "STATE FILE", "DURABLE", "STATE"] {
+            assert!(lines[0].contains(column), "{text}");
+        }
+        assert!(lines[1].contains("12 KiB"), "{text}");
+        assert!(
+            lines[1].contains("1.5 KiB") || lines[1].contains("1500"),
+            "{text}"
+        );
+        assert!(lines[1].contains(" no "), "{text}");
+        assert!(lines[2].contains(" - "), "never saved: {text}");
+        assert!(lines[3].contains(" yes "), "{text}");
+        assert!(
+            lines[3].ends_with("recovered (over-marks <= 4 MiB)"),
+            "{text}"
+        );
     }
 
     #[test]

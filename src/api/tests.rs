@@ -69,6 +69,10 @@ fn tracker_status(name: &str, granularity_bytes: u64) -> TrackerStatus {
         dirty_bytes: 0,
         lost: false,
         half_life_ms: 30_000,
+        memory_bytes: 2048,
+        state_bytes: 0,
+        durable: false,
+        state: crate::api::types::TrackerState::Ok,
     }
 }
 

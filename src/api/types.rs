@@ -82,6 +82,61 @@ pub struct TrackerStatus {
     pub lost: bool,
     /// Heat half-life.
     pub half_life_ms: u64,
+    /// Heap bytes its bitmap and heat chunks hold now: follows the regions written, not the
+    /// disk size (0 from older agents).
+    #[serde(default)]
+    pub memory_bytes: u64,
+    /// Bytes of its `.tracker` file at the last save, Clean or Active (0: never saved, or
+    /// an older agent). A running tracker's file is Active and small.
+    #[serde(default)]
+    pub state_bytes: u64,
+    /// Every acknowledged write's mark survives a crash. False for every tracker until the
+    /// activity log sets it: today an unclean stop loses the history (state `lost`).
+    #[serde(default)]
+    pub durable: bool,
+    /// How far its dirty bits can be trusted (`ok` from older agents; see `lost` there).
+    #[serde(default)]
+    pub state: TrackerState,
+}
+
+/// How far a tracker's dirty bits can be trusted: JSON `"ok"`, `"lost"`, or
+/// `{"recovered":{"bound_bytes":N}}`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TrackerState {
+    /// The bits are the whole history since creation or the last take.
+    #[default]
+    Ok,
+    /// The history was lost (unclean stop, or writes made elsewhere): every block is dirty.
+    Lost,
+    /// Reserved for the activity log: rebuilt from it after an unclean stop, over-marking
+    /// at most `bound_bytes`. No agent reports it yet.
+    Recovered {
+        /// Most bytes marked dirty that may not have been written.
+        bound_bytes: u64,
+    },
+}
+
+impl TrackerState {
+    /// The short name `tracker ls` and `/metrics` show: `ok`, `lost` or `recovered`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Lost => "lost",
+            Self::Recovered { .. } => "recovered",
+        }
+    }
+}
+
+impl From<crate::dirty::TrackerState> for TrackerState {
+    fn from(state: crate::dirty::TrackerState) -> Self {
+        use crate::dirty::TrackerState as Dirty;
+        match state {
+            Dirty::Ok => Self::Ok,
+            Dirty::Lost => Self::Lost,
+            Dirty::Recovered { bound_bytes } => Self::Recovered { bound_bytes },
+        }
+    }
 }
 
 impl ExportStats {
@@ -107,6 +162,10 @@ impl TrackerStatus {
             dirty_bytes: dirty_blocks * tracker.granularity_bytes(),
             lost: tracker.is_lost(),
             half_life_ms: tracker.half_life_ms(),
+            memory_bytes: tracker.memory_bytes(),
+            state_bytes: tracker.state_bytes(),
+            durable: tracker.is_durable(),
+            state: tracker.state().into(),
         }
     }
 }
@@ -318,6 +377,34 @@ mod tests {
         for flag in ["verify", "mirror", "yield_to_guest"] {
             assert!(!text.contains(flag), "{text}");
         }
+    }
+
+    #[test]
+    fn tracker_status_json_names_states_and_defaults_new_fields() {
+        // Goal: states serialize as the documented names, and an older agent's status (no
+        // memory, state file, durability or state) still parses. Method: serde both ways.
+        for (state, json) in [
+            (TrackerState::Ok, r#""ok""#),
+            (TrackerState::Lost, r#""lost""#),
+            (
+                TrackerState::Recovered { bound_bytes: 5 },
+                r#"{"recovered":{"bound_bytes":5}}"#,
+            ),
+        ] {
+            assert_eq!(serde_json::to_string(&state).expect("serialize"), json);
+            assert_eq!(
+                serde_json::from_str::<TrackerState>(json).expect("parse"),
+                state
+            );
+        }
+        let old: TrackerStatus = serde_json::from_str(
+            r#"{"name":"t","granularity_bytes":65536,"block_count":16,"dirty_blocks":1,
+                "dirty_bytes":65536,"lost":false,"half_life_ms":30000}"#,
+        )
+        .expect("older agent");
+        assert_eq!((old.memory_bytes, old.state_bytes), (0, 0));
+        assert!(!old.durable);
+        assert_eq!(old.state, TrackerState::Ok);
     }
 
     #[test]

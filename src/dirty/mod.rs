@@ -44,9 +44,9 @@ pub use heat::{
     Heat, HeatHistogram, HeatSnapshot, HEAT_BUCKET_LOWER_BOUNDS, HEAT_REGION_BYTES, HOT_THRESHOLD,
 };
 pub use tracker::{
-    heat_shift_for, validate_granularity, Tracker, TrackerSpec, DEFAULT_GRANULARITY_BYTES,
-    DEFAULT_HALF_LIFE_MS, MAX_BLOCK_COUNT, MAX_DIRTY_RUNS, MAX_GRANULARITY_BYTES, MAX_HALF_LIFE_MS,
-    MIN_GRANULARITY_BYTES,
+    heat_shift_for, validate_granularity, Tracker, TrackerSpec, TrackerState,
+    DEFAULT_GRANULARITY_BYTES, DEFAULT_HALF_LIFE_MS, MAX_BLOCK_COUNT, MAX_DIRTY_RUNS,
+    MAX_GRANULARITY_BYTES, MAX_HALF_LIFE_MS, MIN_GRANULARITY_BYTES,
 };
 
 /// Errors from creating, finding, saving and restoring trackers.

@@ -400,11 +400,12 @@ pub(crate) fn save_all(
         source,
     })?;
     for tracker in trackers {
-        durable::write_atomic(&tracker_path(dir, tracker.name()), &encode(tracker, state))
-            .map_err(|err| {
-                let (path, source) = err.into_parts();
-                DirtyError::Save { path, source }
-            })?;
+        let bytes = encode(tracker, state);
+        durable::write_atomic(&tracker_path(dir, tracker.name()), &bytes).map_err(|err| {
+            let (path, source) = err.into_parts();
+            DirtyError::Save { path, source }
+        })?;
+        tracker.record_save(bytes.len() as u64);
     }
     for (path, entry) in list_dir(dir)?.unwrap_or_default() {
         if let Entry::Temp = entry {
@@ -726,9 +727,14 @@ mod tests {
         let path = tracker_path(dir.path(), "big");
         let bytes = fs::read(&path).expect("read");
         assert!(bytes.len() < 200, "{} bytes", bytes.len());
+        let before = set.get("big").expect("big");
+        assert_eq!(
+            before.state_bytes(),
+            bytes.len() as u64,
+            "size of the last save"
+        );
         let restored = TrackerSet::restore(dir.path(), disk_bytes, clock()).expect("restore");
         let big = restored.get("big").expect("big");
-        let before = set.get("big").expect("big");
         assert_eq!(big.bitmap_set(), before.bitmap_set());
         assert_eq!(big.heat_regions(), before.heat_regions());
         assert!(
@@ -736,7 +742,13 @@ mod tests {
             "{}",
             big.allocated_bytes()
         );
-        let active = decode(&path, &fs::read(&path).expect("read")).expect("decode");
+        let active_bytes = fs::read(&path).expect("read");
+        assert_eq!(
+            big.state_bytes(),
+            active_bytes.len() as u64,
+            "the Active rewrite"
+        );
+        let active = decode(&path, &active_bytes).expect("decode");
         assert_eq!(active.state, FileState::Active);
         assert!(active.words.is_empty() && active.heat.is_empty());
     }

@@ -11,8 +11,12 @@
 //! - Marks follow completed writes (DESIGN.md invariant 1, see `bitmap.rs`).
 //! - A lost tracker (restored after an unclean stop) has every block dirty and says so with
 //!   [`Tracker::is_lost`] until a caller that re-established the history clears it.
+//! - No tracker is durable yet ([`Tracker::is_durable`] is false): marks live in memory and
+//!   reach disk only at a clean shutdown, so an unclean stop loses the history (the tracker
+//!   comes back lost). The activity log will make marks durable and restore trackers as
+//!   [`TrackerState::Recovered`]; until then no tracker is in that state.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::bitmap::{DirtyBitmap, DirtySet, WORD_BITS};
@@ -96,6 +100,22 @@ pub fn validate_granularity(granularity_bytes: u64) -> Result<(), DirtyError> {
     Ok(())
 }
 
+/// How far a tracker's dirty bits can be trusted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrackerState {
+    /// The bits are the whole history since the tracker was created or last taken.
+    Ok,
+    /// The history was lost (unclean stop, or writes made elsewhere): every block is dirty.
+    Lost,
+    /// Reserved for the activity log: restored after an unclean stop from the log, so the
+    /// bits are a superset of the real history that over-marks at most `bound_bytes` (the
+    /// regions the log held open). No tracker is in this state yet.
+    Recovered {
+        /// Most bytes marked dirty that may not have been written.
+        bound_bytes: u64,
+    },
+}
+
 /// A named dirty bitmap plus heat over one disk; see the module docs.
 pub struct Tracker {
     name: String,
@@ -109,6 +129,8 @@ pub struct Tracker {
     heat_shift: u32,
     clock: Arc<dyn Clock>,
     lost: AtomicBool,
+    /// Bytes of this tracker's file at its last save (0: never saved).
+    state_bytes: AtomicU64,
 }
 
 impl std::fmt::Debug for Tracker {
@@ -152,6 +174,7 @@ impl Tracker {
             heat_shift,
             clock,
             lost: AtomicBool::new(false),
+            state_bytes: AtomicU64::new(0),
         })
     }
 
@@ -254,6 +277,39 @@ impl Tracker {
     /// Heap bytes the bitmap and the heat hold now (directories and installed chunks).
     pub fn allocated_bytes(&self) -> u64 {
         self.bitmap.allocated_bytes() + self.heat.allocated_bytes()
+    }
+
+    /// Heap bytes held now, as [`Tracker::allocated_bytes`]: what `tracker ls` and `/metrics`
+    /// show as the tracker's memory.
+    pub fn memory_bytes(&self) -> u64 {
+        self.allocated_bytes()
+    }
+
+    /// Bytes of the tracker's file at its last save, Clean or Active (0 when never saved). A
+    /// running tracker's file is Active and holds no bits (see `persist.rs`), so this is small
+    /// until a clean shutdown writes the whole state.
+    pub fn state_bytes(&self) -> u64 {
+        self.state_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Records the size of the file just saved for this tracker.
+    pub(crate) fn record_save(&self, file_bytes: u64) {
+        self.state_bytes.store(file_bytes, Ordering::Relaxed);
+    }
+
+    /// Whether every mark of an acknowledged write survives a crash. False for every tracker
+    /// today: marks reach disk only at a clean shutdown. The activity log will make it true.
+    pub fn is_durable(&self) -> bool {
+        false
+    }
+
+    /// How far the dirty bits can be trusted now.
+    pub fn state(&self) -> TrackerState {
+        if self.is_lost() {
+            TrackerState::Lost
+        } else {
+            TrackerState::Ok
+        }
     }
 
     /// Blocks per heat region, as a shift: heat is kept per region, not per block.
@@ -437,6 +493,31 @@ impl Tracker {
             block = (block / WORD_BITS + 1) * WORD_BITS;
         }
         limit
+    }
+
+    /// Runs of equal heat `(run_len_bytes, heat)` covering `[offset_bytes, offset_bytes +
+    /// len_bytes)` clipped to the disk, in order, heat decayed to now (for NBD BLOCK_STATUS
+    /// over `ferry:heat`). One run per heat region at most, so a range of `R` regions gives
+    /// at most `R + 1` runs (the first and last may cover partial regions); neighbours of
+    /// equal heat are merged. Reads never allocate.
+    pub fn heat_runs(&self, offset_bytes: u64, len_bytes: u64) -> Vec<(u64, u8)> {
+        let end_bytes = offset_bytes.saturating_add(len_bytes).min(self.disk_bytes);
+        let region_shift = self.granularity_shift + self.heat_shift;
+        let epoch = self.epoch_now();
+        let mut runs: Vec<(u64, u8)> = Vec::new();
+        let mut position_bytes = offset_bytes;
+        while position_bytes < end_bytes {
+            let region = position_bytes >> region_shift;
+            let region_end_bytes = ((region + 1) << region_shift).min(end_bytes);
+            let heat = self.heat.get(region, epoch);
+            let run_bytes = region_end_bytes - position_bytes;
+            match runs.last_mut() {
+                Some((last_bytes, last_heat)) if *last_heat == heat => *last_bytes += run_bytes,
+                _ => runs.push((run_bytes, heat)),
+            }
+            position_bytes = region_end_bytes;
+        }
+        runs
     }
 
     /// The dirty bits now, without clearing (for saving).
@@ -714,15 +795,40 @@ mod tests {
     }
 
     #[test]
+    fn heat_runs_follow_regions_and_merge_equal_neighbours() {
+        // Goal: heat runs cover the range exactly, per 1 MiB region, equal neighbours merged.
+        // Method: bump regions 1 (twice) and 2 (twice) of a 5 MiB disk, read an unaligned range.
+        let (tracker, _clock) = new_tracker(5 << 20);
+        tracker.mark_range(1 << 20, 4096);
+        tracker.mark_range((1 << 20) + 8192, 4096);
+        tracker.mark_range(2 << 20, 8192);
+        tracker.mark_range((3 << 20) - 4096, 4096);
+        let runs = tracker.heat_runs(4096, 5 << 20);
+        assert_eq!(
+            runs,
+            vec![((1 << 20) - 4096, 0), (2 << 20, 2), (2 << 20, 0)],
+            "clipped to the disk, regions 1 and 2 merged"
+        );
+        assert_eq!(tracker.heat_runs(0, 0), Vec::new());
+    }
+
+    #[test]
     fn lost_tracker_is_all_dirty_until_cleared() {
         // Goal: loading as lost marks every block and sets the flag. Method: load_saved(lost).
         let (tracker, _clock) = new_tracker(100 * 4 * KIB + 1);
+        assert_eq!(tracker.state(), TrackerState::Ok);
         tracker.load_saved(&[], &[], true);
         assert!(tracker.is_lost());
+        assert_eq!(tracker.state(), TrackerState::Lost);
+        assert!(
+            !tracker.is_durable(),
+            "no tracker is durable before the activity log"
+        );
         assert_eq!(tracker.dirty_count(), 101);
         assert_eq!(tracker.dirty_bytes(), tracker.disk_bytes());
         tracker.clear_lost();
         assert!(!tracker.is_lost());
+        assert_eq!(tracker.state(), TrackerState::Ok);
         assert!(format!("{tracker:?}").contains("dirty_count: 101"));
     }
 }

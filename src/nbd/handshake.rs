@@ -22,8 +22,9 @@
 //! TLS ([`negotiate`]) STARTTLS is refused by policy.
 //!
 //! Metadata contexts are those of `ExportInfo::meta_contexts` (`base:allocation`,
-//! `qemu:dirty-bitmap:NAME`, ...). LIST_META_CONTEXT with no query lists them all, and a query
-//! ending in ':' (`base:`, `qemu:`, `qemu:dirty-bitmap:`) lists those it prefixes; it is
+//! `qemu:dirty-bitmap:NAME`, `ferry:heat`, `ferry:heat:NAME`, see `blockstatus.rs`).
+//! LIST_META_CONTEXT with no query lists them all, and a query ending in ':' (`base:`,
+//! `qemu:`, `qemu:dirty-bitmap:`, `ferry:`) lists those it prefixes; it is
 //! answered even before STRUCTURED_REPLY (the spec allows it). SET_META_CONTEXT takes exact
 //! names only, requires structured replies (else `NBD_REP_ERR_INVALID`), and replaces the
 //! previous selection, even when it fails.

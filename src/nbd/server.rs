@@ -34,6 +34,7 @@ use crate::io::{open_engine, EngineKind};
 use crate::nbd::admission::{
     accept_failed, out_of_descriptors, AcceptBackoff, Admission, AdmissionLimits, Ticket,
 };
+use crate::nbd::blockstatus;
 use crate::nbd::bufpool::{Budget, BufPool};
 use crate::nbd::conn::Conn;
 use crate::nbd::forward::{ForwardEngine, ForwardTarget};
@@ -45,8 +46,15 @@ use crate::nbd::wire::{ExportCatalog, ExportInfo, BLOCK_MAX_BYTES, BLOCK_PREFERR
 /// What the NBD handshake advertises for `export`.
 pub fn export_info(export: &Export) -> ExportInfo {
     let mut meta_contexts = vec!["base:allocation".to_string()];
-    for tracker in export.trackers().list() {
+    let trackers = export.trackers().list();
+    for tracker in &trackers {
         meta_contexts.push(format!("qemu:dirty-bitmap:{}", tracker.name()));
+    }
+    if !trackers.is_empty() {
+        meta_contexts.push(blockstatus::HEAT_CONTEXT.to_string());
+    }
+    for tracker in &trackers {
+        meta_contexts.push(format!("{}{}", blockstatus::HEAT_PREFIX, tracker.name()));
     }
     let read_only = export.read_only();
     ExportInfo {
