@@ -205,6 +205,26 @@ impl TrackerSet {
         Ok(removed)
     }
 
+    /// Replaces the tracker of `spec`'s name by a clean one built from `spec`, in one publish;
+    /// hands back (new, old). On error nothing changed. A write that loaded the list before
+    /// this may still mark the old one: a caller moving bits over holds writes meanwhile.
+    pub fn replace(&self, spec: TrackerSpec) -> Result<(Arc<Tracker>, Arc<Tracker>), DirtyError> {
+        let tracker = Arc::new(Tracker::new(
+            spec,
+            self.disk_bytes,
+            Arc::clone(&self.clock),
+        )?);
+        let _update = self.update.lock().unwrap_or_else(PoisonError::into_inner);
+        let current = self.trackers.load_full();
+        let Some(index) = current.iter().position(|t| t.name() == tracker.name()) else {
+            return Err(DirtyError::NotFound(tracker.name().to_owned()));
+        };
+        let mut next = Vec::clone(&current);
+        let old = std::mem::replace(&mut next[index], Arc::clone(&tracker));
+        self.publish(next);
+        Ok((tracker, old))
+    }
+
     /// Publishes a new list; the caller holds `update`.
     fn publish(&self, next: Vec<Arc<Tracker>>) {
         let count = next.len();
