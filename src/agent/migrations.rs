@@ -157,8 +157,11 @@ impl Migrations {
                 .map_err(|err| ControlError::Invalid(format!("granularity: {err}")))?;
         }
         // A resume's is the journaled one (`with_journaled_settings`), never re-derived.
-        let tracker_granularity_bytes =
-            job_granularity(request.granularity_bytes, export.granularity_bytes());
+        let tracker_granularity_bytes = job_granularity(
+            request.granularity_bytes,
+            export.granularity_bytes(),
+            export.size_bytes(),
+        );
         options.chunk_blocks = (SEND_CHUNK_BYTES / tracker_granularity_bytes).max(1);
         if let Some(batch) = &request.batch {
             crate::name::validate(batch)

@@ -32,12 +32,16 @@ use crate::env::Clock;
 use crate::journal::{JobSettings, Record, SharedJournal};
 use crate::migrate::backoff::GuestBackoff;
 use crate::migrate::{MigrateOptions, MigrationEnv, Progress, SendOutcome};
+use crate::transfer::frame::MAX_BLOCKS;
 use crate::transfer::{
     ClusterKey, MirrorLink, SendOptions, Sender, TargetSpec, TargetState, TransferError,
 };
 
 /// How long a switchover waits for in-flight guest writes to finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Blocks whose digests a resume asks for at once (2 MiB of digests).
+const DIGEST_WINDOW_BLOCKS: u64 = 1 << 16;
 
 /// Block size a job tracks at unless told otherwise, whatever the export's granularity: at
 /// 64 KiB a random 4 KiB guest write re-sends 16 times its bytes (`scripts/bench-migrate`:
@@ -46,9 +50,23 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 pub const JOB_GRANULARITY_BYTES: u64 = 4 << 10;
 
 /// The granularity a new job tracks at: the one asked for, else [`JOB_GRANULARITY_BYTES`] or
-/// the export's when that is finer (never coarser than the export's own trackers).
-pub fn job_granularity(requested_bytes: Option<u64>, export_granularity_bytes: u64) -> u64 {
-    requested_bytes.unwrap_or(JOB_GRANULARITY_BYTES.min(export_granularity_bytes))
+/// the export's when that is finer (never coarser than the export's own trackers), doubled
+/// while the disk has more blocks than a destination takes ([`MAX_BLOCKS`]: 4 TiB at 4 KiB).
+pub fn job_granularity(
+    requested_bytes: Option<u64>,
+    export_granularity_bytes: u64,
+    disk_bytes: u64,
+) -> u64 {
+    if let Some(granularity_bytes) = requested_bytes {
+        return granularity_bytes;
+    }
+    let mut granularity_bytes = JOB_GRANULARITY_BYTES.min(export_granularity_bytes);
+    while disk_bytes.div_ceil(granularity_bytes) > MAX_BLOCKS
+        && granularity_bytes < export_granularity_bytes
+    {
+        granularity_bytes *= 2;
+    }
+    granularity_bytes
 }
 
 /// Errors of the job's environment.
@@ -320,9 +338,17 @@ impl JobEnv {
         let mut differing = DirtySet::empty(granularity, disk);
         let mut buf = vec![0u8; block_bytes as usize];
         let image = self.export.image().map_err(JobError::Allocation)?;
-        for (offset_bytes, len_bytes) in set.iter_extents() {
-            let first_block = offset_bytes / granularity;
-            let count = len_bytes.div_ceil(granularity);
+        // A window of blocks at a time: a whole-disk extent at 4 KiB is 2^28 digests per TiB.
+        let windows = set.iter_extents().flat_map(|(offset_bytes, len_bytes)| {
+            let (first, end) = (
+                offset_bytes / granularity,
+                (offset_bytes + len_bytes).div_ceil(granularity),
+            );
+            (first..end)
+                .step_by(DIGEST_WINDOW_BLOCKS as usize)
+                .map(move |start| (start, (end - start).min(DIGEST_WINDOW_BLOCKS)))
+        });
+        for (first_block, count) in windows {
             let remote = self
                 .sender
                 .digests(first_block, count, block_bytes)
@@ -702,12 +728,23 @@ mod tests {
 
     #[test]
     fn a_job_tracks_at_4k_unless_told_never_coarser_than_its_export() {
-        // Goal: the job's granularity rule. Method: the pure function on export granularities.
-        assert_eq!(job_granularity(None, 64 << 10), 4096);
-        assert_eq!(job_granularity(None, 1 << 20), 4096);
-        assert_eq!(job_granularity(None, 4096), 4096);
-        assert_eq!(job_granularity(Some(64 << 10), 64 << 10), 64 << 10);
-        assert_eq!(job_granularity(Some(1 << 20), 4096), 1 << 20, "as asked");
+        // Goal: the job's granularity rule. Method: the pure function on export granularities
+        // and disk sizes around the destination's block limit.
+        const TIB: u64 = 1 << 40;
+        assert_eq!(job_granularity(None, 64 << 10, TIB), 4096);
+        assert_eq!(job_granularity(None, 1 << 20, TIB), 4096);
+        assert_eq!(job_granularity(None, 4096, TIB), 4096);
+        assert_eq!(job_granularity(Some(64 << 10), 64 << 10, TIB), 64 << 10);
+        assert_eq!(
+            job_granularity(Some(1 << 20), 4096, TIB),
+            1 << 20,
+            "as asked"
+        );
+        // Past 4 TiB the destination's block limit doubles it, up to the export's.
+        assert_eq!(job_granularity(None, 64 << 10, 4 * TIB), 4096);
+        assert_eq!(job_granularity(None, 64 << 10, 4 * TIB + 1), 8192);
+        assert_eq!(job_granularity(None, 64 << 10, 20 * TIB), 32 << 10);
+        assert_eq!(job_granularity(None, 64 << 10, 1 << 60), 64 << 10);
     }
 
     #[test]
