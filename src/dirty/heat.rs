@@ -31,6 +31,14 @@ use super::chunked::Chunked;
 
 /// Bytes per heat region (when the tracker's blocks are smaller): 1 MiB.
 pub const HEAT_REGION_BYTES: u64 = 1 << 20;
+/// Blocks per heat region for blocks of `granularity_bytes`, as a shift: regions of
+/// [`HEAT_REGION_BYTES`], or one block when blocks are larger.
+pub fn heat_shift_for(granularity_bytes: u64) -> u32 {
+    HEAT_REGION_BYTES
+        .trailing_zeros()
+        .saturating_sub(granularity_bytes.trailing_zeros())
+}
+
 /// Cells per heat chunk: 4 KiB of cells.
 const HEAT_CHUNK_CELLS: usize = 1024;
 
@@ -277,7 +285,7 @@ impl HeatSnapshot {
         from_granularity_bytes: u64,
         to_granularity_bytes: u64,
     ) -> HeatSnapshot {
-        let region_shift = super::tracker::heat_shift_for(to_granularity_bytes);
+        let region_shift = heat_shift_for(to_granularity_bytes);
         let from_region_bytes = from_granularity_bytes << self.region_shift;
         let to_region_bytes = to_granularity_bytes << region_shift;
         let mut regions = BTreeMap::new();

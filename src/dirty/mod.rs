@@ -41,11 +41,12 @@ mod tracker;
 
 pub use bitmap::{BitmapError, DirtyBitmap, DirtySet};
 pub use heat::{
-    Heat, HeatHistogram, HeatSnapshot, HEAT_BUCKET_LOWER_BOUNDS, HEAT_REGION_BYTES, HOT_THRESHOLD,
+    heat_shift_for, Heat, HeatHistogram, HeatSnapshot, HEAT_BUCKET_LOWER_BOUNDS, HEAT_REGION_BYTES,
+    HOT_THRESHOLD,
 };
 pub use tracker::{
-    heat_shift_for, validate_granularity, Tracker, TrackerSpec, DEFAULT_GRANULARITY_BYTES,
-    DEFAULT_HALF_LIFE_MS, MAX_BLOCK_COUNT, MAX_DIRTY_RUNS, MAX_GRANULARITY_BYTES, MAX_HALF_LIFE_MS,
+    validate_granularity, Tracker, TrackerSpec, DEFAULT_GRANULARITY_BYTES, DEFAULT_HALF_LIFE_MS,
+    MAX_BLOCK_COUNT, MAX_DIRTY_RUNS, MAX_GRANULARITY_BYTES, MAX_HALF_LIFE_MS,
     MIN_GRANULARITY_BYTES,
 };
 
