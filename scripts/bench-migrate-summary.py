@@ -134,6 +134,7 @@ SYSTEMS = [  # key, label
     ("ferry-naive", "ferry (naive)"),
     ("ferry-mirror", "ferry (heat, --mirror)"),
     ("ferry-yield", "ferry (heat, --yield)"),
+    ("ferry-heat64k", "ferry (heat, --granularity 64K)"),
     ("ferry-heat-forced", "ferry (heat, --force-after 30000)"),
     ("ferry-naive-forced", "ferry (naive, --force-after 30000)"),
     ("qemu-bg64k", "QEMU mirror background, 64 KiB"),
@@ -163,7 +164,7 @@ def stream_lines(g, workloads, verdict):
         ps, pi = g("idle", "-", "pause_ms"), g("idle-insecure", "-", "pause_ms")
         if ps is not None and pi is not None:
             lines.append(f"sealed stream: idle pause {ps:.1f} ms vs insecure {pi:.1f} ms")
-    for s in ("heat", "naive", "mirror", "yield"):
+    for s in ("heat", "naive", "mirror", "yield", "heat64k"):
         for w in workloads:
             ps, pi = g(f"ferry-{s}", w, "pause_ms"), g(f"ferry-{s}-insecure", w, "pause_ms")
             cs, ci = g(f"ferry-{s}", w, "converge_s"), g(f"ferry-{s}-insecure", w, "converge_s")
@@ -244,6 +245,15 @@ def cmd_summary(path):
     for r in rows:
         print(f"{r['w']:<9}{r['label']:<36}{r['conv']:>8}{r['res']:>22}{r['amp']:>8}"
               f"{r['pause']:>10}{r['iops']:>8}  {r['lat']:<24}{r['match']:>6}  {r['note']}")
+    for w in workloads:
+        fine, coarse = g("ferry-heat", w, "resent_bytes"), g("ferry-heat64k", w, "resent_bytes")
+        if fine is not None and coarse is not None:
+            print(f"job tracking at {w[1:]} IOPS: re-sent 4 KiB {fine / 2**20:.1f} MiB vs 64 KiB "
+                  f"{coarse / 2**20:.1f} MiB ({fine / max(coarse, 1):.3f}x); guest IOPS "
+                  f"{f(g('ferry-heat', w, 'job_iops'), '{:.0f}')} vs "
+                  f"{f(g('ferry-heat64k', w, 'job_iops'), '{:.0f}')}, p99 "
+                  f"{f(g('ferry-heat', w, 'job_p99_us'), '{:.0f}')} vs "
+                  f"{f(g('ferry-heat64k', w, 'job_p99_us'), '{:.0f}')} us")
     print("\nno-job baselines (writer only, same windows method):")
     for w in workloads:
         for s in ("ferry-base", "qemu-base"):

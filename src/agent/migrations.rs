@@ -15,7 +15,7 @@ use crate::api::ControlError;
 use crate::disk::Export;
 use crate::error::error_chain;
 use crate::jobs::holder::HolderChoice;
-use crate::jobs::job::JobRequest;
+use crate::jobs::job::{job_granularity, JobRequest};
 use crate::jobs::Jobs;
 use crate::journal::{JobView, Record, Role, SharedJournal, Side, SourcePhase};
 use crate::migrate::{MigrateOptions, Policy};
@@ -152,7 +152,17 @@ impl Migrations {
             options.hot_threshold = threshold;
         }
         options.mirror_from_start = request.mirror.unwrap_or(false);
-        options.chunk_blocks = (SEND_CHUNK_BYTES / export.granularity_bytes()).max(1);
+        if let Some(granularity_bytes) = request.granularity_bytes {
+            crate::dirty::validate_granularity(granularity_bytes)
+                .map_err(|err| ControlError::Invalid(format!("granularity: {err}")))?;
+        }
+        // A resume's is the journaled one (`with_journaled_settings`), never re-derived.
+        let tracker_granularity_bytes = job_granularity(
+            request.granularity_bytes,
+            export.granularity_bytes(),
+            export.size_bytes(),
+        );
+        options.chunk_blocks = (SEND_CHUNK_BYTES / tracker_granularity_bytes).max(1);
         if let Some(batch) = &request.batch {
             crate::name::validate(batch)
                 .map_err(|err| ControlError::Invalid(format!("batch: {err}")))?;
@@ -193,6 +203,7 @@ impl Migrations {
                     resuming,
                     compare_digests,
                     holder,
+                    tracker_granularity_bytes,
                 },
                 key,
                 request.resume_job,

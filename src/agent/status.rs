@@ -77,8 +77,17 @@ pub fn with_journaled_settings(
     let view = request
         .resume_job
         .and_then(|job_id| journal?.view(job_id, Role::Source));
-    match view.map(|view| view.side) {
-        Some(Side::Source(source)) => match &source.settings {
+    let Some(view) = view else {
+        return request;
+    };
+    // The granularity is the job's geometry (its tracker's bits, the destination's received
+    // blocks, its journal records): a resume keeps the journaled one, whatever was asked.
+    let request = MigrateRequest {
+        granularity_bytes: Some(view.granularity_bytes),
+        ..request
+    };
+    match view.side {
+        Side::Source(source) => match &source.settings {
             Some(settings) => request.resumed_with(settings),
             None => MigrateRequest {
                 policy: request
@@ -87,7 +96,7 @@ pub fn with_journaled_settings(
                 ..request
             },
         },
-        Some(Side::Target(_)) | None => request,
+        Side::Target(_) => request,
     }
 }
 
@@ -182,6 +191,11 @@ mod tests {
             "from SourceStarted"
         );
         assert_eq!(unsettled.bandwidth_bytes_per_s, None);
+        assert_eq!(
+            unsettled.granularity_bytes,
+            Some(64 << 10),
+            "the job's journaled granularity"
+        );
         assert_eq!(unsettled.max_pause_ms, None);
         let fresh = MigrateRequest {
             resume_job: None,

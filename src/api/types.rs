@@ -464,6 +464,10 @@ pub struct MigrateRequest {
     /// as the job was started).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mirror: Option<bool>,
+    /// Block size the job tracks (and sends, and journals) at; absent: 4 KiB, or the
+    /// export's granularity when finer. A resume always keeps the one its job started with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub granularity_bytes: Option<u64>,
     /// Batch the job belongs to (recorded in both journals; `ferry status BATCH`).
     #[serde(default)]
     pub batch: Option<String>,

@@ -115,6 +115,10 @@ pub enum Command {
         /// both sides before the guest sees it complete): one copy pass, always converges.
         #[arg(long)]
         mirror: bool,
+        /// Block size the job tracks and re-sends at (e.g. 64K); default 4K, or the
+        /// export's granularity when finer.
+        #[arg(long)]
+        granularity: Option<String>,
         /// Agent to talk to.
         #[command(flatten)]
         target: ApiTarget,

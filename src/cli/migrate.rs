@@ -31,6 +31,8 @@ pub struct Request {
     pub yield_to_guest: bool,
     /// Mirror from the start.
     pub mirror: bool,
+    /// Tracking granularity of the job as written (`64K`); `None`: the agent's default.
+    pub granularity: Option<String>,
 }
 
 /// What `ferry migrate` moves where.
@@ -56,6 +58,16 @@ fn bandwidth(text: Option<&str>) -> Result<Option<u64>, CliError> {
         })
 }
 
+/// `--granularity` in bytes.
+fn granularity(text: Option<&str>) -> Result<Option<u64>, CliError> {
+    text.map(crate::units::parse_size)
+        .transpose()
+        .map_err(|source| CliError::Size {
+            flag: "--granularity",
+            source,
+        })
+}
+
 /// `ferry migrate`: one export followed with a progress bar, or a batch.
 pub fn migrate(
     plan: Plan,
@@ -76,6 +88,7 @@ pub fn migrate(
         verify: Some(options.verify),
         yield_to_guest: Some(options.yield_to_guest),
         mirror: Some(options.mirror),
+        granularity_bytes: granularity(options.granularity.as_deref())?,
         batch: plan.batch.clone(),
         resume_job: None,
     };
@@ -146,6 +159,7 @@ pub fn resume(
         verify: overrides.verify,
         yield_to_guest: overrides.yield_to_guest,
         mirror: overrides.mirror,
+        granularity_bytes: None,
         batch: Some(batch.to_string()),
         resume_job: None,
     };

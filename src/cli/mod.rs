@@ -134,9 +134,11 @@ pub fn run(command: Command) -> Result<(), CliError> {
             verify,
             yield_to_guest,
             mirror,
+            granularity,
             target,
         } => {
             let request = migrate::Request {
+                granularity,
                 policy,
                 max_pause_ms: max_pause,
                 force_after_ms: force_after,

@@ -211,6 +211,7 @@ fn migrate(
         verify: None,
         yield_to_guest: None,
         mirror: None,
+        granularity_bytes: None,
         batch: None,
         resume_job: None,
     };

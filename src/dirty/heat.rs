@@ -31,6 +31,14 @@ use super::chunked::Chunked;
 
 /// Bytes per heat region (when the tracker's blocks are smaller): 1 MiB.
 pub const HEAT_REGION_BYTES: u64 = 1 << 20;
+/// Blocks per heat region for blocks of `granularity_bytes`, as a shift: regions of
+/// [`HEAT_REGION_BYTES`], or one block when blocks are larger.
+pub fn heat_shift_for(granularity_bytes: u64) -> u32 {
+    HEAT_REGION_BYTES
+        .trailing_zeros()
+        .saturating_sub(granularity_bytes.trailing_zeros())
+}
+
 /// Cells per heat chunk: 4 KiB of cells.
 const HEAT_CHUNK_CELLS: usize = 1024;
 
@@ -266,6 +274,37 @@ impl HeatSnapshot {
     pub fn regions(&self) -> impl Iterator<Item = (u64, u8)> + '_ {
         self.regions.iter().map(|(&region, &heat)| (region, heat))
     }
+
+    /// This snapshot of a tracker of `from_granularity_bytes` blocks, as one of
+    /// `to_granularity_bytes` blocks would map it (regions of [`HEAT_REGION_BYTES`], or one
+    /// block when blocks are larger): a region larger than the new ones gives its heat to each
+    /// region it covers, smaller regions give their hottest to the region holding them. So a
+    /// 64 KiB tracker's heat merges into a 4 KiB job's view, region for region.
+    pub fn to_granularity(
+        &self,
+        from_granularity_bytes: u64,
+        to_granularity_bytes: u64,
+    ) -> HeatSnapshot {
+        let region_shift = heat_shift_for(to_granularity_bytes);
+        let from_region_bytes = from_granularity_bytes << self.region_shift;
+        let to_region_bytes = to_granularity_bytes << region_shift;
+        let mut regions = BTreeMap::new();
+        for (&region, &heat) in &self.regions {
+            if from_region_bytes >= to_region_bytes {
+                let ratio = from_region_bytes / to_region_bytes;
+                regions.extend((region * ratio..(region + 1) * ratio).map(|r| (r, heat)));
+            } else {
+                let entry = regions
+                    .entry(region / (to_region_bytes / from_region_bytes))
+                    .or_insert(0);
+                *entry = heat.max(*entry);
+            }
+        }
+        Self {
+            region_shift,
+            regions,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -348,6 +387,27 @@ mod tests {
         assert_eq!(pairs[0], (0, 2));
         assert_eq!(pairs[2], (2, 1));
         assert_eq!(pairs[8], (128, 1));
+    }
+
+    #[test]
+    fn snapshots_convert_between_granularities() {
+        // Goal: a coarse tracker's heat lands on the same bytes in a fine tracker's view.
+        // Method: snapshots at 64 KiB, 4 MiB and 4 KiB blocks; read blocks at the new size.
+        let coarse = HeatSnapshot::new(4, [(3, 9)]); // 1 MiB regions of 64 KiB blocks
+        let fine = coarse.to_granularity(64 << 10, 4096);
+        assert_eq!(fine.region_shift(), 8);
+        assert_eq!(fine.get(3 * 256), 9);
+        assert_eq!(fine.get(4 * 256 - 1), 9);
+        assert_eq!(fine.get(4 * 256), 0);
+        // A 4 MiB block is its own region: it spreads over four 1 MiB regions.
+        let huge = HeatSnapshot::new(0, [(1, 7)]).to_granularity(4 << 20, 4096);
+        let hot: Vec<(u64, u8)> = huge.regions().collect();
+        assert_eq!(hot, vec![(4, 7), (5, 7), (6, 7), (7, 7)]);
+        // Back to 4 MiB blocks: the hottest of the regions a block holds.
+        let small = HeatSnapshot::new(8, [(4, 2), (6, 5), (9, 1)]);
+        let back: Vec<(u64, u8)> = small.to_granularity(4096, 4 << 20).regions().collect();
+        assert_eq!(back, vec![(1, 5), (2, 1)]);
+        assert_eq!(coarse.to_granularity(64 << 10, 64 << 10), coarse);
     }
 
     #[test]

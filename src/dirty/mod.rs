@@ -41,12 +41,13 @@ mod tracker;
 
 pub use bitmap::{BitmapError, DirtyBitmap, DirtySet};
 pub use heat::{
-    Heat, HeatHistogram, HeatSnapshot, HEAT_BUCKET_LOWER_BOUNDS, HEAT_REGION_BYTES, HOT_THRESHOLD,
+    heat_shift_for, Heat, HeatHistogram, HeatSnapshot, HEAT_BUCKET_LOWER_BOUNDS, HEAT_REGION_BYTES,
+    HOT_THRESHOLD,
 };
 pub use tracker::{
-    heat_shift_for, validate_granularity, Tracker, TrackerSpec, TrackerState,
-    DEFAULT_GRANULARITY_BYTES, DEFAULT_HALF_LIFE_MS, MAX_BLOCK_COUNT, MAX_DIRTY_RUNS,
-    MAX_GRANULARITY_BYTES, MAX_HALF_LIFE_MS, MIN_GRANULARITY_BYTES,
+    validate_granularity, Tracker, TrackerSpec, TrackerState, DEFAULT_GRANULARITY_BYTES,
+    DEFAULT_HALF_LIFE_MS, MAX_BLOCK_COUNT, MAX_DIRTY_RUNS, MAX_GRANULARITY_BYTES, MAX_HALF_LIFE_MS,
+    MIN_GRANULARITY_BYTES,
 };
 
 /// Errors from creating, finding, saving and restoring trackers.
@@ -203,6 +204,26 @@ impl TrackerSet {
         let removed = next.remove(index);
         self.publish(next);
         Ok(removed)
+    }
+
+    /// Replaces the tracker of `spec`'s name by a clean one built from `spec`, in one publish;
+    /// hands back (new, old). On error nothing changed. A write that loaded the list before
+    /// this may still mark the old one: a caller moving bits over holds writes meanwhile.
+    pub fn replace(&self, spec: TrackerSpec) -> Result<(Arc<Tracker>, Arc<Tracker>), DirtyError> {
+        let tracker = Arc::new(Tracker::new(
+            spec,
+            self.disk_bytes,
+            Arc::clone(&self.clock),
+        )?);
+        let _update = self.update.lock().unwrap_or_else(PoisonError::into_inner);
+        let current = self.trackers.load_full();
+        let Some(index) = current.iter().position(|t| t.name() == tracker.name()) else {
+            return Err(DirtyError::NotFound(tracker.name().to_owned()));
+        };
+        let mut next = Vec::clone(&current);
+        let old = std::mem::replace(&mut next[index], Arc::clone(&tracker));
+        self.publish(next);
+        Ok((tracker, old))
     }
 
     /// Publishes a new list; the caller holds `update`.

@@ -395,6 +395,30 @@ impl DirtySet {
     }
 }
 
+impl DirtySet {
+    /// The same disk's set at blocks of `granularity_bytes` (a power of two): to a finer
+    /// granularity each block becomes every fine block it covers, to a coarser one a coarse
+    /// block is in the set when any fine block it covers is. Either way every byte in a block
+    /// of `self` is in a block of the result, so a tracker's history survives a change of
+    /// granularity (a job tracking at 4 KiB started over a 64 KiB tracker's bits). Works run by
+    /// run, so a long run stays one span.
+    pub fn to_granularity(&self, granularity_bytes: u64) -> DirtySet {
+        let mut converted = DirtySet::empty(granularity_bytes, self.disk_bytes);
+        let (from, to) = (self.granularity_bytes, granularity_bytes);
+        for (first, end) in self.iter_runs() {
+            let (first, end) = if from >= to {
+                let ratio = from / to;
+                (first * ratio, (end * ratio).min(converted.block_count))
+            } else {
+                let ratio = to / from;
+                (first / ratio, end.div_ceil(ratio))
+            };
+            converted.insert_range(first, end);
+        }
+        converted
+    }
+}
+
 /// Positions of the set bits of one word, lowest first.
 pub(crate) struct BitIter {
     /// Bits not yet returned.
@@ -537,5 +561,54 @@ mod tests {
         set.insert(12345);
         set.insert_range(7, 9_000_000);
         assert_eq!(set.allocated_bytes(), 24);
+    }
+
+    #[test]
+    fn to_granularity_expands_and_coarsens_block_sets() {
+        // Goal: converting a set between granularities keeps every byte it covers, both ways,
+        // and a round trip fine -> coarse -> fine gives the coarse blocks' cover. Method:
+        // random sets on a disk whose last block is partial at both granularities; compare
+        // byte coverage against a per-4-KiB model.
+        let mut prng = Prng::new(23);
+        let disk_bytes = 3 * SET_CHUNK_BLOCKS * 65536 + 5000;
+        for round in 0..20 {
+            let mut coarse = DirtySet::empty(65536, disk_bytes);
+            for _ in 0..prng.below(30) {
+                let first = prng.below(coarse.block_count());
+                let end = (first + 1 + prng.below(3 * SET_CHUNK_BLOCKS)).min(coarse.block_count());
+                coarse.insert_range(first, end);
+            }
+            let fine = coarse.to_granularity(4096);
+            assert_eq!(
+                (fine.granularity_bytes(), fine.disk_bytes()),
+                (4096, disk_bytes)
+            );
+            let expected: u64 = coarse
+                .iter_extents()
+                .map(|(_, len)| len.div_ceil(4096))
+                .sum();
+            assert_eq!(fine.count(), expected, "round {round}");
+            for block in fine.iter_blocks() {
+                assert!(coarse.contains(block / 16), "round {round}: block {block}");
+            }
+            assert_eq!(fine.to_granularity(65536), coarse, "round {round} back");
+        }
+        // To coarser: any fine block sets its coarse block; the partial last block too.
+        let mut fine = DirtySet::empty(4096, disk_bytes);
+        let last = fine.block_count() - 1;
+        for block in [0, 15, 16, 17, 40, last] {
+            fine.insert(block);
+        }
+        let coarse = fine.to_granularity(65536);
+        let blocks: Vec<u64> = coarse.iter_blocks().collect();
+        assert_eq!(blocks, vec![0, 1, 2, last / 16]);
+        assert_eq!(coarse.block_count(), disk_bytes.div_ceil(65536));
+        // Same granularity: the same set; a whole-disk run stays one span.
+        assert_eq!(fine.to_granularity(4096), fine);
+        let mut whole = DirtySet::empty(1 << 20, 1 << 40);
+        whole.insert_range(0, whole.block_count());
+        let expanded = whole.to_granularity(4096);
+        assert_eq!(expanded.count(), (1u64 << 40) / 4096);
+        assert!(expanded.allocated_bytes() < 100);
     }
 }

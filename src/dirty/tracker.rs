@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::bitmap::{DirtyBitmap, DirtySet, WORD_BITS};
-use super::heat::{Heat, HeatHistogram, HeatSnapshot, HEAT_REGION_BYTES};
+use super::heat::{heat_shift_for, Heat, HeatHistogram, HeatSnapshot};
 use super::DirtyError;
 use crate::env::Clock;
 use crate::name;
@@ -550,14 +550,6 @@ impl Tracker {
             self.heat.set(region, count, epoch);
         }
     }
-}
-
-/// Blocks per heat region for blocks of `granularity_bytes`, as a shift: regions of
-/// [`HEAT_REGION_BYTES`], or one block when blocks are larger.
-pub fn heat_shift_for(granularity_bytes: u64) -> u32 {
-    HEAT_REGION_BYTES
-        .trailing_zeros()
-        .saturating_sub(granularity_bytes.trailing_zeros())
 }
 
 #[cfg(test)]
