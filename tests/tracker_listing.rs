@@ -26,10 +26,8 @@ fn cli_ok(agent: &AgentProc, args: &[&str]) -> String {
 }
 
 fn metrics(agent: &AgentProc) -> String {
-    let url = format!("http://{}/metrics", agent.api);
-    stdout(&run_ok(Command::new("python3").arg("-c").arg(format!(
-        "import urllib.request; print(urllib.request.urlopen({url:?}).read().decode())"
-    ))))
+    // /metrics needs the API token, as every other call does.
+    agent.client().metrics().expect("/metrics")
 }
 
 /// The value of the sample whose line starts with `series` (name and labels).
