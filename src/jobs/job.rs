@@ -37,6 +37,8 @@ use crate::transfer::{
     ClusterKey, MirrorLink, SendOptions, Sender, TargetSpec, TargetState, TransferError,
 };
 
+mod compare;
+
 /// How long a switchover waits for in-flight guest writes to finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -280,98 +282,6 @@ impl JobEnv {
     }
 }
 
-impl JobEnv {
-    /// Hashes both images (writes are held: this is the switchover point) and refuses to
-    /// commit when they differ.
-    fn verify_images(&mut self) -> Result<(), JobError> {
-        let started = self.clock.now_ns();
-        let file = self.export.image().map_err(JobError::Allocation)?;
-        let size_bytes = self.export.size_bytes();
-        let hasher = std::thread::Builder::new()
-            .name("ferry-verify-hash".into())
-            .spawn({
-                let file = file.clone();
-                move || crate::transfer::hash_image(&file, size_bytes)
-            });
-        let remote = self.sender.verify().map_err(JobError::Transfer);
-        let local = match hasher {
-            Ok(hasher) => hasher.join().unwrap_or_else(|_| {
-                Err(TransferError::Refused {
-                    reason: "hash thread panicked".into(),
-                })
-            }),
-            // Out of threads: hash here, after the destination's (slower, never an abort).
-            Err(err) => {
-                log::warn!("cannot start a hash thread ({err}): hashing the source inline");
-                crate::transfer::hash_image(&file, size_bytes)
-            }
-        }
-        .map_err(JobError::VerifyRead)?;
-        let remote = remote?;
-        let outcome = VerifyOutcome {
-            matched: local == remote,
-            source_digest: hex(&local),
-            destination_digest: hex(&remote),
-            elapsed_ms: (self.clock.now_ns() - started) as f64 / 1e6,
-        };
-        if let Some(slot) = &self.verify {
-            *slot.lock().expect("verify lock") = Some(outcome.clone());
-        }
-        if outcome.matched {
-            Ok(())
-        } else {
-            Err(JobError::VerifyMismatch {
-                source_digest: outcome.source_digest,
-                destination_digest: outcome.destination_digest,
-            })
-        }
-    }
-}
-
-impl JobEnv {
-    /// The blocks of `set` whose content differs at the destination (BLAKE3 per block).
-    fn differing(&mut self, set: &DirtySet) -> Result<DirtySet, JobError> {
-        let granularity = set.granularity_bytes();
-        let block_bytes = u32::try_from(granularity)
-            .map_err(|_| JobError::Allocation(std::io::Error::other("granularity above 4 GiB")))?;
-        let disk = self.export.size_bytes();
-        let mut differing = DirtySet::empty(granularity, disk);
-        let mut buf = vec![0u8; block_bytes as usize];
-        let image = self.export.image().map_err(JobError::Allocation)?;
-        // A window of blocks at a time: a whole-disk extent at 4 KiB is 2^28 digests per TiB.
-        let windows = set.iter_extents().flat_map(|(offset_bytes, len_bytes)| {
-            let (first, end) = (
-                offset_bytes / granularity,
-                (offset_bytes + len_bytes).div_ceil(granularity),
-            );
-            (first..end)
-                .step_by(DIGEST_WINDOW_BLOCKS as usize)
-                .map(move |start| (start, (end - start).min(DIGEST_WINDOW_BLOCKS)))
-        });
-        for (first_block, count) in windows {
-            let remote = self
-                .sender
-                .digests(first_block, count, block_bytes)
-                .map_err(JobError::Transfer)?;
-            for block in first_block..first_block + count {
-                let at = block * granularity;
-                let len = usize::try_from((disk - at).min(granularity)).expect("≤ block");
-                image
-                    .read_at(at, &mut buf[..len])
-                    .map_err(JobError::Allocation)?;
-                let index = usize::try_from(block - first_block).expect("fits");
-                let same = remote
-                    .get(index)
-                    .is_some_and(|digest| digest == blake3::hash(&buf[..len]).as_bytes());
-                if !same {
-                    differing.insert(block);
-                }
-            }
-        }
-        Ok(differing)
-    }
-}
-
 /// `tracker` at `spec`'s granularity: itself when it already is, else a tracker of `spec`
 /// replacing it (writes held meanwhile, so no write falls between the two) with its bits
 /// converted ([`DirtySet::to_granularity`]): a resume never loses what the failed run left.
@@ -402,10 +312,6 @@ fn regrain_tracker(
     replaced
         .map(|(fine, _)| fine)
         .map_err(|err| JobError::Allocation(std::io::Error::other(err.to_string())))
-}
-
-fn hex(bytes: &[u8; 32]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Name of a job's tracker.
@@ -721,60 +627,4 @@ pub fn retire_image(export: &Export, job_id: u64) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::dirty::TrackerSet;
-    use crate::env::MonotonicClock;
-
-    #[test]
-    fn a_job_tracks_at_4k_unless_told_never_coarser_than_its_export() {
-        // Goal: the job's granularity rule. Method: the pure function on export granularities
-        // and disk sizes around the destination's block limit.
-        const TIB: u64 = 1 << 40;
-        assert_eq!(job_granularity(None, 64 << 10, TIB), 4096);
-        assert_eq!(job_granularity(None, 1 << 20, TIB), 4096);
-        assert_eq!(job_granularity(None, 4096, TIB), 4096);
-        assert_eq!(job_granularity(Some(64 << 10), 64 << 10, TIB), 64 << 10);
-        assert_eq!(
-            job_granularity(Some(1 << 20), 4096, TIB),
-            1 << 20,
-            "as asked"
-        );
-        // Past 4 TiB the destination's block limit doubles it, up to the export's.
-        assert_eq!(job_granularity(None, 64 << 10, 4 * TIB), 4096);
-        assert_eq!(job_granularity(None, 64 << 10, 4 * TIB + 1), 8192);
-        assert_eq!(job_granularity(None, 64 << 10, 20 * TIB), 32 << 10);
-        assert_eq!(job_granularity(None, 64 << 10, 1 << 60), 64 << 10);
-    }
-
-    #[test]
-    fn a_resumed_tracker_at_another_granularity_keeps_its_bits() {
-        // Goal: a resume whose tracker is at another granularity than the job's loses no
-        // dirty block, and the converted tracker is the one the export marks from then on.
-        // Method: a 64 KiB tracker with two dirty blocks, regrained to 4 KiB; then a write.
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("disk.img");
-        let file = std::fs::File::create(&path).unwrap();
-        file.set_len(8 << 20).unwrap();
-        let export = Export::open("vm", &path, false, 64 << 10, 1000, |size_bytes| {
-            TrackerSet::new(size_bytes, Arc::new(MonotonicClock::new()))
-        })
-        .unwrap();
-        let spec = |granularity_bytes| TrackerSpec {
-            name: tracker_name(3),
-            granularity_bytes,
-            half_life_ms: 1000,
-        };
-        let coarse = export.trackers().add(spec(64 << 10)).unwrap();
-        coarse.mark_range(0, 1);
-        coarse.mark_range(5 << 16, 4096);
-        let fine = regrain_tracker(&export, Arc::clone(&coarse), spec(4096)).unwrap();
-        assert_eq!(fine.granularity_bytes(), 4096);
-        assert_eq!(fine.dirty_count(), 32, "two 64 KiB blocks = 32 of 4 KiB");
-        let same = regrain_tracker(&export, Arc::clone(&fine), spec(4096)).unwrap();
-        assert!(Arc::ptr_eq(&same, &fine));
-        export.trackers().mark_range(1 << 20, 4096);
-        assert_eq!(fine.dirty_count(), 33);
-        assert_eq!(export.trackers().len(), 1);
-    }
-}
+mod tests;
