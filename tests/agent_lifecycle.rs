@@ -21,21 +21,10 @@ fn qemu_io(uri: &str, command: &str) {
     assert!(!stdout(&out).contains("failed"), "{}", stdout(&out));
 }
 
-fn cli_ok(agent: &AgentProc, args: &[&str]) -> String {
-    let out = agent.cli(args);
-    assert!(
-        out.status.success(),
-        "ferry {args:?} failed:\n{}\n{}",
-        stdout(&out),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout(&out)
-}
-
 fn cli_json(agent: &AgentProc, args: &[&str]) -> serde_json::Value {
     let mut all = args.to_vec();
     all.push("--json");
-    serde_json::from_str(&cli_ok(agent, &all)).expect("json output")
+    serde_json::from_str(&agent.cli_ok(&all)).expect("json output")
 }
 
 fn tracker<'a>(list: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
@@ -73,17 +62,14 @@ fn cli_manages_exports_trackers_heat_and_metrics() {
     assert_eq!(added["size_bytes"].as_u64(), Some(32 * MIB), "{added}");
     let exports = cli_json(&agent, &["export", "ls"]);
     assert_eq!(exports.as_array().unwrap().len(), 2, "{exports}");
-    let table = cli_ok(&agent, &["export", "ls"]);
+    let table = agent.cli_ok(&["export", "ls"]);
     assert!(table.contains("vm1") && table.contains("vm2"), "{table}");
 
     for _ in 0..20 {
         qemu_io(&agent.uri("vm2"), "write -P 3 0 65536");
     }
     qemu_io(&agent.uri("vm2"), &format!("write -P 4 {} 4096", 20 * MIB));
-    cli_ok(
-        &agent,
-        &["tracker", "add", "vm2", "since-now", "--granularity", "4K"],
-    );
+    agent.cli_ok(&["tracker", "add", "vm2", "since-now", "--granularity", "4K"]);
     qemu_io(&agent.uri("vm2"), &format!("write -P 5 {} 8192", 8 * MIB));
 
     let trackers = cli_json(&agent, &["tracker", "ls", "vm2"]);
@@ -102,7 +88,7 @@ fn cli_manages_exports_trackers_heat_and_metrics() {
         "first block is hottest: {heat}"
     );
     assert!(heat["hot_blocks"].as_u64().unwrap() >= 1, "{heat}");
-    let map = cli_ok(&agent, &["heat", "vm2"]);
+    let map = agent.cli_ok(&["heat", "vm2"]);
     assert!(
         map.lines().count() > 4,
         "a heat map in the terminal:\n{map}"
@@ -151,8 +137,8 @@ fn cli_manages_exports_trackers_heat_and_metrics() {
     assert!(!no_token.status.success());
     assert!(String::from_utf8_lossy(&no_token.stderr).contains("/nonexistent/token"));
 
-    cli_ok(&agent, &["tracker", "rm", "vm2", "since-now"]);
-    cli_ok(&agent, &["export", "rm", "vm2"]);
+    agent.cli_ok(&["tracker", "rm", "vm2", "since-now"]);
+    agent.cli_ok(&["export", "rm", "vm2"]);
     let exports = cli_json(&agent, &["export", "ls"]);
     assert_eq!(exports.as_array().unwrap().len(), 1, "{exports}");
 }
@@ -179,17 +165,14 @@ fn clean_stop_saves_and_kill_marks_lost() {
     sparse_image(&extra, 8 * MIB);
     let exports = vec![format!("vm1={},tracker=backup", image.display())];
     let mut agent = AgentProc::start_in(dir, &exports, &[]);
-    cli_ok(
-        &agent,
-        &[
-            "export",
-            "add",
-            "extra",
-            extra.to_str().unwrap(),
-            "--tracker",
-            "t",
-        ],
-    );
+    agent.cli_ok(&[
+        "export",
+        "add",
+        "extra",
+        extra.to_str().unwrap(),
+        "--tracker",
+        "t",
+    ]);
     qemu_io(&agent.uri("vm1"), "write -P 7 0 196608");
     qemu_io(&agent.uri("extra"), "write -P 7 65536 1");
     assert!(agent.stop(), "clean stop:\n{}", agent.log());

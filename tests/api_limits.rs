@@ -20,32 +20,11 @@ use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{free_port, run_ok, scratch_dir, AgentProc};
+use common::{free_port, proc_fd_count, proc_status_field, run_ok, scratch_dir, AgentProc};
 
 const MIB: usize = 1 << 20;
 /// What "answers promptly" means here (the machine is shared with other builds).
 const PROMPT: Duration = Duration::from_secs(2);
-
-fn pid(agent: &AgentProc) -> u32 {
-    agent.child.as_ref().expect("running").id()
-}
-
-/// A `Name:   value kB` line of /proc/PID/status, as a number.
-fn status_field(pid: u32, field: &str) -> u64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    let line = text
-        .lines()
-        .find(|l| l.starts_with(&format!("{field}:")))
-        .unwrap_or_else(|| panic!("{field} in {text}"));
-    let value = line.split_whitespace().nth(1).expect("value");
-    value.parse().expect("number")
-}
-
-fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .expect("fd dir")
-        .count()
-}
 
 fn token(agent: &AgentProc) -> String {
     ferry::api::token::read(&agent.state_dir.join("api.token")).expect("token")
@@ -105,8 +84,7 @@ fn closed_within(stream: &mut TcpStream, wait: Duration) -> bool {
 /// Running, and no thread of it panicked (a debug build unwinds where the release build,
 /// `panic = "abort"`, would take the whole agent down).
 fn alive(agent: &mut AgentProc) -> bool {
-    let child = agent.child.as_mut().expect("started");
-    let running = child.try_wait().expect("wait").is_none();
+    let running = agent.is_running();
     let log = agent.log();
     assert!(!log.contains("panicked"), "a thread panicked:\n{log}");
     running
@@ -118,10 +96,13 @@ fn alive(agent: &mut AgentProc) -> bool {
 #[test]
 fn huge_header_line_is_cut_off_without_growth() {
     let mut agent = AgentProc::start(&[], &[]);
-    let (pid, token) = (pid(&agent), token(&agent));
+    let (pid, token) = (agent.pid(), token(&agent));
     served_promptly(&agent.api, &token, "warm-up");
     let _ = call(&agent.api, "GET", "/v1/exports", None);
-    let (hwm_before, rss_before) = (status_field(pid, "VmHWM"), status_field(pid, "VmRSS"));
+    let (hwm_before, rss_before) = (
+        proc_status_field(pid, "VmHWM"),
+        proc_status_field(pid, "VmRSS"),
+    );
     let mut stream = TcpStream::connect(&agent.api).expect("connect");
     stream
         .write_all(b"GET /v1/exports HTTP/1.1\r\nX-Long: ")
@@ -139,7 +120,10 @@ fn huge_header_line_is_cut_off_without_growth() {
     };
     assert!(cut, "the agent read all {} MiB", sent / MIB);
     assert!(closed_within(&mut stream, PROMPT), "connection left open");
-    let (hwm_after, rss_after) = (status_field(pid, "VmHWM"), status_field(pid, "VmRSS"));
+    let (hwm_after, rss_after) = (
+        proc_status_field(pid, "VmHWM"),
+        proc_status_field(pid, "VmRSS"),
+    );
     eprintln!(
         "256 MiB header line: cut after {} KiB sent; VmRSS {rss_before} -> {rss_after} kB, \
          VmHWM {hwm_before} -> {hwm_after} kB",
@@ -197,9 +181,9 @@ fn unsent_bodies_do_not_stall_the_api() {
 #[test]
 fn abandoned_bodies_leak_no_descriptor_or_thread() {
     let mut agent = AgentProc::start(&[], &[]);
-    let (pid, token) = (pid(&agent), token(&agent));
+    let (pid, token) = (agent.pid(), token(&agent));
     served_promptly(&agent.api, &token, "warm-up");
-    let (fds_before, threads_before) = (fd_count(pid), status_field(pid, "Threads"));
+    let (fds_before, threads_before) = (proc_fd_count(pid), proc_status_field(pid, "Threads"));
     for round in 0..40 {
         let mut stream = TcpStream::connect(&agent.api).expect("connect");
         let length = if round % 2 == 0 { 1u64 << 40 } else { 4 << 20 };
@@ -217,7 +201,7 @@ fn abandoned_bodies_leak_no_descriptor_or_thread() {
     let deadline = Instant::now() + Duration::from_secs(5);
     let (mut fds, mut threads) = (usize::MAX, u64::MAX);
     while Instant::now() < deadline {
-        (fds, threads) = (fd_count(pid), status_field(pid, "Threads"));
+        (fds, threads) = (proc_fd_count(pid), proc_status_field(pid, "Threads"));
         if fds <= fds_before && threads <= threads_before {
             break;
         }
@@ -241,9 +225,9 @@ fn abandoned_bodies_leak_no_descriptor_or_thread() {
 #[test]
 fn idle_connections_are_capped_oldest_evicted() {
     let mut agent = AgentProc::start(&[], &[]);
-    let (pid, token) = (pid(&agent), token(&agent));
+    let (pid, token) = (agent.pid(), token(&agent));
     served_promptly(&agent.api, &token, "warm-up");
-    let fds_before = fd_count(pid);
+    let fds_before = proc_fd_count(pid);
     let addr = agent.api.parse().expect("address");
     let mut idle = Vec::new();
     for _ in 0..150 {
@@ -253,7 +237,7 @@ fn idle_connections_are_capped_oldest_evicted() {
         }
     }
     std::thread::sleep(Duration::from_millis(300));
-    let fds = fd_count(pid);
+    let fds = proc_fd_count(pid);
     eprintln!("150 idle connections: agent fds {fds_before} -> {fds}");
     assert!(
         fds <= fds_before + 64,
@@ -271,9 +255,9 @@ fn idle_connections_are_capped_oldest_evicted() {
 #[test]
 fn out_of_descriptors_backs_off_and_serves_again() {
     let mut agent = AgentProc::start(&[], &[]);
-    let (pid, token) = (pid(&agent), token(&agent));
+    let (pid, token) = (agent.pid(), token(&agent));
     served_promptly(&agent.api, &token, "warm-up");
-    let limit = fd_count(pid) + 6;
+    let limit = proc_fd_count(pid) + 6;
     run_ok(
         Command::new("prlimit")
             .arg(format!("--pid={pid}"))
@@ -283,7 +267,7 @@ fn out_of_descriptors_backs_off_and_serves_again() {
         .filter_map(|_| TcpStream::connect(&agent.api).ok())
         .collect();
     std::thread::sleep(Duration::from_millis(500));
-    let held = fd_count(pid);
+    let held = proc_fd_count(pid);
     let log = agent.log();
     assert!(
         log.contains("cannot accept a connection"),
@@ -380,7 +364,7 @@ fn thread_limit_never_aborts_the_agent() {
     served_promptly(&agent.api, &token, "warm-up");
     // As nobody too: prlimit(2) on another user's process needs CAP_SYS_RESOURCE. The limit
     // is the agent's own thread count: nobody may start no further thread.
-    let threads = status_field(pid, "Threads");
+    let threads = proc_status_field(pid, "Threads");
     run_ok(
         Command::new("setpriv")
             .args([

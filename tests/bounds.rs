@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::pair::{migrate, pair_with, MIB};
-use common::{require, sparse_image, tls_creds, AgentProc};
+use common::{proc_fd_count, proc_status_field, require, sparse_image, tls_creds, AgentProc};
 use ferry::nbd::client::NbdClient;
 
 /// Writes `[agent.limits]` (`body`) into a config file in `dir`.
@@ -29,34 +29,6 @@ fn limits_config(dir: &Path, body: &str) -> PathBuf {
     let path = dir.join("limits.toml");
     std::fs::write(&path, format!("[agent.limits]\n{body}\n")).unwrap();
     path
-}
-
-fn pid(agent: &AgentProc) -> u32 {
-    agent.child.as_ref().expect("running").id()
-}
-
-/// A field of `/proc/PID/status` (the number before any unit).
-fn status_field(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status
-        .lines()
-        .find(|line| line.starts_with(&format!("{field}:")))
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"));
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
-fn threads(pid: u32) -> u64 {
-    status_field(pid, "Threads")
-}
-
-fn fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count()
-}
-
-fn alive(agent: &mut AgentProc) -> bool {
-    agent.child.as_mut().unwrap().try_wait().unwrap().is_none()
 }
 
 /// `timeout 30 nbdinfo --size URI` succeeds.
@@ -111,9 +83,9 @@ fn idle_connections_at_the_handshake_cap_cost_bounded_threads() {
     let image = dir.path().join("vm1.img");
     sparse_image(&image, 16 * MIB);
     let mut agent = AgentProc::start(&[format!("vm1={}", image.display())], &["--tcp"]);
-    let pid = pid(&agent);
+    let pid = agent.pid();
     let tcp = agent.tcp.clone().unwrap();
-    let (threads_before, fds_before) = (threads(pid), fds(pid));
+    let (threads_before, fds_before) = (proc_status_field(pid, "Threads"), proc_fd_count(pid));
     let mut idle = Vec::new();
     for _ in 0..2000 {
         let addr = tcp.parse().unwrap();
@@ -123,7 +95,7 @@ fn idle_connections_at_the_handshake_cap_cost_bounded_threads() {
     }
     assert!(idle.len() >= 1900, "only {} connected", idle.len());
     std::thread::sleep(Duration::from_millis(1500));
-    let (threads_idle, fds_idle) = (threads(pid), fds(pid));
+    let (threads_idle, fds_idle) = (proc_status_field(pid, "Threads"), proc_fd_count(pid));
     eprintln!(
         "{} idle connections: threads {threads_before} -> {threads_idle}, \
          fds {fds_before} -> {fds_idle}",
@@ -149,7 +121,7 @@ fn idle_connections_at_the_handshake_cap_cost_bounded_threads() {
         "{:?}",
         started.elapsed()
     );
-    assert!(alive(&mut agent));
+    assert!(agent.is_running());
     drop(idle);
 }
 
@@ -275,8 +247,8 @@ fn descriptor_exhaustion_does_not_lock_out_or_abort() {
     let image = dir.path().join("vm1.img");
     sparse_image(&image, 16 * MIB);
     let mut agent = AgentProc::start(&[format!("vm1={}", image.display())], &[]);
-    let pid = pid(&agent);
-    let limit = fds(pid) + 24;
+    let pid = agent.pid();
+    let limit = proc_fd_count(pid) + 24;
     common::run_ok(
         Command::new("prlimit")
             .arg(format!("--pid={pid}"))
@@ -286,18 +258,18 @@ fn descriptor_exhaustion_does_not_lock_out_or_abort() {
         .map(|_| UnixStream::connect(&agent.socket).unwrap())
         .collect();
     std::thread::sleep(Duration::from_millis(500));
-    assert!(alive(&mut agent), "{}", agent.log());
+    assert!(agent.is_running(), "{}", agent.log());
     let took = qemu_io_write(&agent, 0);
     eprintln!(
         "served while out of descriptors in {took:?} (limit {limit}, agent fds {})",
-        fds(pid)
+        proc_fd_count(pid)
     );
     assert!(took < Duration::from_secs(5), "{took:?}");
     assert!(agent.log().contains("accept failed"), "{}", agent.log());
     drop(silent);
     std::thread::sleep(Duration::from_millis(300));
     qemu_io_write(&agent, 8192);
-    assert!(alive(&mut agent));
+    assert!(agent.is_running());
 }
 
 // Goal: a client that queues large unaligned READs and never reads the replies makes the
@@ -311,8 +283,8 @@ fn unread_large_reads_stay_within_the_byte_budget() {
     let image = dir.path().join("vm1.img");
     sparse_image(&image, 64 * MIB);
     let mut agent = AgentProc::start(&[format!("vm1={}", image.display())], &[]);
-    let pid = pid(&agent);
-    let before = status_field(pid, "VmHWM");
+    let pid = agent.pid();
+    let before = proc_status_field(pid, "VmHWM");
     let mut clients = Vec::new();
     for _ in 0..2 {
         let mut client = NbdClient::connect_unix(&agent.socket, "vm1").unwrap();
@@ -322,13 +294,13 @@ fn unread_large_reads_stay_within_the_byte_budget() {
         clients.push(client);
     }
     std::thread::sleep(Duration::from_secs(4));
-    let peak_kib = status_field(pid, "VmHWM");
+    let peak_kib = proc_status_field(pid, "VmHWM");
     eprintln!(
         "unread READs: agent VmHWM {} MiB -> {} MiB (2 connections x 64 MiB budget)",
         before / 1024,
         peak_kib / 1024
     );
-    assert!(alive(&mut agent));
+    assert!(agent.is_running());
     assert!(
         peak_kib < before + 200 * 1024,
         "peak RSS {} MiB",
@@ -399,13 +371,13 @@ fn configured_limits_are_applied() {
         &[format!("vm1={}", image.display())],
         &["--config", &config],
     );
-    let pid = pid(&agent);
-    let threads_before = threads(pid);
+    let pid = agent.pid();
+    let threads_before = proc_status_field(pid, "Threads");
     let mut silent: Vec<UnixStream> = (0..10)
         .map(|_| UnixStream::connect(&agent.socket).unwrap())
         .collect();
     std::thread::sleep(Duration::from_millis(300));
-    let threads_silent = threads(pid);
+    let threads_silent = proc_status_field(pid, "Threads");
     assert!(
         threads_silent <= threads_before + 4,
         "threads {threads_before} -> {threads_silent}"

@@ -14,17 +14,6 @@ use common::{require, run_ok, sparse_image, stdout, AgentProc};
 const GIB: u64 = 1 << 30;
 const TIB: u64 = 1 << 40;
 
-fn cli_ok(agent: &AgentProc, args: &[&str]) -> String {
-    let out = agent.cli(args);
-    assert!(
-        out.status.success(),
-        "ferry {args:?} failed:\n{}\n{}",
-        stdout(&out),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout(&out)
-}
-
 fn metrics(agent: &AgentProc) -> String {
     // /metrics needs the API token, as every other call does.
     agent.client().metrics().expect("/metrics")
@@ -50,10 +39,7 @@ fn tracker_ls_shows_memory_state_file_durability_and_state() {
     let image = dir.path().join("disk.img");
     sparse_image(&image, TIB);
     let agent = AgentProc::start_in(dir, &[format!("vm1={},tracker=boot", image.display())], &[]);
-    cli_ok(
-        &agent,
-        &["tracker", "add", "vm1", "fine", "--granularity", "4K"],
-    );
+    agent.cli_ok(&["tracker", "add", "vm1", "fine", "--granularity", "4K"]);
     let writes = 64;
     let mut cmd = Command::new("qemu-io");
     cmd.args(["-f", "raw"]);
@@ -65,7 +51,7 @@ fn tracker_ls_shows_memory_state_file_durability_and_state() {
     assert!(!out.contains("failed"), "{out}");
 
     let list: serde_json::Value =
-        serde_json::from_str(&cli_ok(&agent, &["tracker", "ls", "vm1", "--json"])).expect("json");
+        serde_json::from_str(&agent.cli_ok(&["tracker", "ls", "vm1", "--json"])).expect("json");
     let metrics = metrics(&agent);
     for (name, dense_bytes) in [("boot", 6 << 20), ("fine", 36 << 20)] {
         let tracker = list
@@ -107,7 +93,7 @@ fn tracker_ls_shows_memory_state_file_durability_and_state() {
             format!("ferry_tracker_state{{export=\"vm1\",tracker=\"{name}\",state=\"ok\"}}");
         assert_eq!(sample(&metrics, &state), 1);
     }
-    let table = cli_ok(&agent, &["tracker", "ls", "vm1"]);
+    let table = agent.cli_ok(&["tracker", "ls", "vm1"]);
     let header = table.lines().next().expect("header");
     for column in ["MEMORY", "STATE FILE", "DURABLE", "STATE"] {
         assert!(header.contains(column), "{table}");

@@ -210,6 +210,29 @@ impl AgentProc {
             .expect("run ferry cli")
     }
 
+    /// `ferry ARGS` against this agent, which must succeed; its stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "ferry {args:?} failed:\n{}\n{}",
+            stdout(&out),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout(&out)
+    }
+
+    /// The agent's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// Whether the agent process still runs (it did not exit or abort).
+    pub fn is_running(&mut self) -> bool {
+        let child = self.child.as_mut().expect("started");
+        child.try_wait().expect("wait").is_none()
+    }
+
     /// A control API client of this agent, with its token (what the CLI uses).
     pub fn client(&self) -> ferry::api::Client {
         let token = ferry::api::token::read(&self.state_dir.join("api.token")).expect("token");
@@ -357,4 +380,22 @@ pub fn stale_image(image: &Path) -> std::path::PathBuf {
         image.display()
     );
     found[0].clone()
+}
+
+/// A number field of `/proc/PID/status` (`Threads`, `VmRSS` in KiB, ...).
+pub fn proc_status_field(pid: u32, field: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let line = text
+        .lines()
+        .find(|line| line.starts_with(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"));
+    let value = line.split_whitespace().nth(1).expect("value");
+    value.parse().expect("number")
+}
+
+/// Open descriptors of process `pid`.
+pub fn proc_fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fd dir")
+        .count()
 }
