@@ -264,6 +264,22 @@ impl Reply {
         self.headers.push((name, value));
         self
     }
+
+    /// The answer on the wire: its head ([`response_head`]), then its body unless
+    /// `head_only` (a HEAD request gets the length of the body it is not sent).
+    pub fn encode(&self, close: bool, head_only: bool) -> Vec<u8> {
+        let mut bytes = response_head(
+            self.status,
+            self.content_type,
+            &self.headers,
+            self.body.len(),
+            close,
+        );
+        if !head_only {
+            bytes.extend_from_slice(&self.body);
+        }
+        bytes
+    }
 }
 
 /// The interim answer to `Expect: 100-continue`.

@@ -75,15 +75,7 @@ pub(super) fn wake(waker: &UnixStream) {
 /// Best effort, without blocking: a short error answer on a connection about to close.
 #[cold]
 pub(super) fn refuse(stream: &TcpStream, status: u16, message: &str) {
-    let reply = Reply::error(status, message);
-    let mut bytes = http::response_head(
-        reply.status,
-        reply.content_type,
-        &reply.headers,
-        reply.body.len(),
-        true,
-    );
-    bytes.extend_from_slice(&reply.body);
+    let bytes = Reply::error(status, message).encode(true, false);
     // A few hundred bytes fit the socket buffer of any live peer; a peer that does not read
     // loses the answer, not the agent's time.
     let _ = stream.set_nonblocking(true);
@@ -197,16 +189,7 @@ fn read_body(conn: &mut Conn, body_bytes: usize) -> io::Result<Vec<u8>> {
 
 /// Sends `reply` (its head only for HEAD) within [`WRITE_DEADLINE`].
 fn respond(conn: &mut Conn, head: &Head, reply: &Reply, close: bool) -> io::Result<()> {
-    let mut bytes = http::response_head(
-        reply.status,
-        reply.content_type,
-        &reply.headers,
-        reply.body.len(),
-        close,
-    );
-    if head.method != http::Method::Head {
-        bytes.extend_from_slice(&reply.body);
-    }
+    let bytes = reply.encode(close, head.method == http::Method::Head);
     write_within(&mut conn.stream, &bytes, Instant::now() + WRITE_DEADLINE).inspect_err(|err| {
         log::debug!("control API: {}: answer not sent: {err}", conn.peer);
     })
