@@ -105,7 +105,7 @@ impl Exports {
                     Err(err) => restore_error = Some(err),
                 }
             }
-            TrackerSet::new(size_bytes, clock)
+            TrackerSet::in_dir(size_bytes, clock, &dir)
         };
         let export = match self.forwarded_size(cfg, &image) {
             // Its stale image was collected: it only forwards (recovery sets the route).
@@ -157,6 +157,7 @@ impl Exports {
                     name: name.clone(),
                     granularity_bytes: cfg.granularity_bytes,
                     half_life_ms: self.half_life_ms,
+                    durable: false,
                 };
                 export
                     .trackers()

@@ -60,6 +60,7 @@ impl Trackers {
                 .half_life_ms
                 .unwrap_or(self.exports.half_life_ms())
                 .max(1),
+            durable: add.durable,
         };
         let tracker = export
             .trackers()

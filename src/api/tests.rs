@@ -388,6 +388,7 @@ fn every_route_round_trips() {
         name: "since-monday".into(),
         granularity_bytes: Some(4096),
         half_life_ms: Some(500),
+        durable: false,
     };
     let tracker = h.client.add_tracker("vm1", &add).expect("add tracker");
     assert_eq!(
@@ -500,6 +501,7 @@ fn control_errors_map_to_statuses_and_messages() {
         name: "backup".into(),
         granularity_bytes: None,
         half_life_ms: None,
+        durable: false,
     };
     check(
         h.client.add_tracker("vm1", &add).map(drop),

@@ -49,6 +49,10 @@ pub struct TrackerAdd {
     /// Heat half-life; the agent's when absent.
     #[serde(default)]
     pub half_life_ms: Option<u64>,
+    /// Keep an activity log so that a crash leaves the tracker `recovered`, not `lost`
+    /// (false when absent).
+    #[serde(default)]
+    pub durable: bool,
 }
 
 /// Request counters and latency of one export since the agent started.
@@ -416,7 +420,8 @@ mod tests {
             TrackerAdd {
                 name: "t".into(),
                 granularity_bytes: None,
-                half_life_ms: None
+                half_life_ms: None,
+                durable: false,
             }
         );
         let text = serde_json::to_string(&add).expect("serialize");

@@ -349,6 +349,10 @@ pub enum TrackerAction {
         /// Heat half-life in milliseconds.
         #[arg(long)]
         half_life_ms: Option<u64>,
+        /// Keep an activity log: after a crash the tracker comes back `recovered` (every
+        /// write it tracked is still dirty), not `lost`.
+        #[arg(long)]
+        durable: bool,
     },
     /// List trackers of an export.
     Ls {

@@ -71,6 +71,7 @@ pub fn tracker(action: TrackerAction, target: &ApiTarget) -> Result<(), CliError
             name,
             granularity,
             half_life_ms,
+            durable,
         } => {
             let granularity_bytes = granularity
                 .map(|text| parse_size(&text))
@@ -83,6 +84,7 @@ pub fn tracker(action: TrackerAction, target: &ApiTarget) -> Result<(), CliError
                 name,
                 granularity_bytes,
                 half_life_ms,
+                durable,
             };
             let status = client.add_tracker(&export, &add)?;
             if target.json {

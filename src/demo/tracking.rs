@@ -106,6 +106,7 @@ fn write_workload(
                     name: "second-half".into(),
                     granularity_bytes: None,
                     half_life_ms: None,
+                    durable: false,
                 },
             )?;
             println!(

@@ -29,9 +29,11 @@ use arc_swap::ArcSwap;
 use crate::env::Clock;
 use crate::name::NameError;
 
+pub mod activity;
 pub mod bitmap;
 mod chunked;
 pub mod heat;
+pub mod logfile;
 pub mod persist;
 mod persist_v1;
 pub mod set;
@@ -44,6 +46,7 @@ pub use heat::{
     heat_shift_for, Heat, HeatHistogram, HeatSnapshot, HEAT_BUCKET_LOWER_BOUNDS, HEAT_REGION_BYTES,
     HOT_THRESHOLD,
 };
+pub use logfile::LogError;
 pub use tracker::{
     validate_granularity, Tracker, TrackerSpec, TrackerState, DEFAULT_GRANULARITY_BYTES,
     DEFAULT_HALF_LIFE_MS, MAX_BLOCK_COUNT, MAX_DIRTY_RUNS, MAX_GRANULARITY_BYTES, MAX_HALF_LIFE_MS,
@@ -108,6 +111,18 @@ pub enum DirtyError {
         /// What is wrong.
         problem: String,
     },
+    /// A durable tracker's activity log could not be created.
+    #[error("cannot create activity log {}", path.display())]
+    Log {
+        /// The log file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: logfile::LogError,
+    },
+    /// A durable tracker was asked for where no state directory is known.
+    #[error("tracker {0:?} cannot be durable: the export has no state directory")]
+    NoStateDir(String),
     /// The file is valid but was saved for a disk of another size.
     #[error("tracker file {} does not match the disk: {problem}", path.display())]
     Mismatch {
@@ -122,6 +137,13 @@ pub enum DirtyError {
 pub struct TrackerSet {
     disk_bytes: u64,
     clock: Arc<dyn Clock>,
+    /// Where tracker files and activity logs live (`None`: in-memory only, no durable
+    /// tracker can be added).
+    dir: Option<PathBuf>,
+    /// Extents each durable tracker's log holds open at most.
+    log_extents: usize,
+    /// Trackers with an activity log, so that a write without any pays one atomic load.
+    durable_count: AtomicUsize,
     /// Published list; replaced whole on add/remove, loaded on every write.
     trackers: ArcSwap<Vec<Arc<Tracker>>>,
     /// `trackers.len()`, so that an export without trackers pays one atomic load.
@@ -149,7 +171,46 @@ impl TrackerSet {
             trackers: ArcSwap::from_pointee(Vec::new()),
             tracker_count: AtomicUsize::new(0),
             update: Mutex::new(()),
+            dir: None,
+            log_extents: activity::DEFAULT_LOG_EXTENTS,
+            durable_count: AtomicUsize::new(0),
         }
+    }
+
+    /// An empty set whose tracker files and activity logs live in `dir` (created when the
+    /// first file is written), so durable trackers can be added.
+    pub fn in_dir(disk_bytes: u64, clock: Arc<dyn Clock>, dir: &Path) -> Self {
+        let mut set = Self::new(disk_bytes, clock);
+        set.dir = Some(dir.to_owned());
+        set
+    }
+
+    /// Where the set's tracker files and logs live (`None`: in memory only).
+    pub fn dir(&self) -> Option<&Path> {
+        self.dir.as_deref()
+    }
+
+    /// Sets how many extents each durable tracker's log holds open at most (before any
+    /// durable tracker is added).
+    pub fn with_log_extents(mut self, log_extents: usize) -> Self {
+        self.log_extents = log_extents.max(4);
+        self
+    }
+
+    /// Creates the activity log of a durable `tracker` in the set's directory, before it is
+    /// published.
+    fn attach_log(&self, tracker: &Tracker) -> Result<(), DirtyError> {
+        if !tracker.wants_log() {
+            return Ok(());
+        }
+        let Some(dir) = &self.dir else {
+            return Err(DirtyError::NoStateDir(tracker.name().to_owned()));
+        };
+        std::fs::create_dir_all(dir).map_err(|source| DirtyError::Save {
+            path: dir.clone(),
+            source,
+        })?;
+        tracker.attach_log(&logfile::log_path(dir, tracker.name()), self.log_extents)
     }
 
     /// Size of the disk the trackers cover.
@@ -179,13 +240,14 @@ impl TrackerSet {
         self.insert(tracker)
     }
 
-    /// Adds a built tracker (restore path).
+    /// Adds a built tracker, creating its log first when it is durable.
     fn insert(&self, tracker: Tracker) -> Result<Arc<Tracker>, DirtyError> {
         let _update = self.update.lock().unwrap_or_else(PoisonError::into_inner);
         let current = self.trackers.load_full();
         if current.iter().any(|t| t.name() == tracker.name()) {
             return Err(DirtyError::Exists(tracker.name().to_owned()));
         }
+        self.attach_log(&tracker)?;
         let tracker = Arc::new(tracker);
         let mut next = Vec::clone(&current);
         next.push(Arc::clone(&tracker));
@@ -206,9 +268,10 @@ impl TrackerSet {
         Ok(removed)
     }
 
-    /// Replaces the tracker of `spec`'s name by a clean one built from `spec`, in one publish;
-    /// hands back (new, old). On error nothing changed. A write that loaded the list before
-    /// this may still mark the old one: a caller moving bits over holds writes meanwhile.
+    /// Replaces the tracker of `spec`'s name by one built from `spec` holding the old one's
+    /// bits at the new granularity ([`DirtySet::to_granularity`]), in one publish; hands back
+    /// (new, old). On error nothing changed. Call with writes held and drained: a write that
+    /// loaded the list before this would mark only the old one.
     pub fn replace(&self, spec: TrackerSpec) -> Result<(Arc<Tracker>, Arc<Tracker>), DirtyError> {
         let tracker = Arc::new(Tracker::new(
             spec,
@@ -220,6 +283,13 @@ impl TrackerSet {
         let Some(index) = current.iter().position(|t| t.name() == tracker.name()) else {
             return Err(DirtyError::NotFound(tracker.name().to_owned()));
         };
+        // Before the new log exists (it replaces the old one's file): it starts with them.
+        let carried = current[index].bitmap_set();
+        tracker.merge(&carried.to_granularity(tracker.granularity_bytes()));
+        if current[index].is_lost() {
+            tracker.mark_lost();
+        }
+        self.attach_log(&tracker)?;
         let mut next = Vec::clone(&current);
         let old = std::mem::replace(&mut next[index], Arc::clone(&tracker));
         self.publish(next);
@@ -229,7 +299,11 @@ impl TrackerSet {
     /// Publishes a new list; the caller holds `update`.
     fn publish(&self, next: Vec<Arc<Tracker>>) {
         let count = next.len();
+        let durable = next.iter().filter(|t| t.has_log()).count();
         self.trackers.store(Arc::new(next));
+        // SeqCst like the count below: a writer that sees 0 admitted nothing, and marks
+        // late-admit a durable tracker published after its admission.
+        self.durable_count.store(durable, Ordering::SeqCst);
         // SeqCst, after the list store: a writer whose load sees the new count also sees the
         // new list, and one that still sees 0 did its load (so its write completed) before
         // the tracker was published, hence before any copier using the tracker starts.
@@ -264,6 +338,45 @@ impl TrackerSet {
         }
     }
 
+    /// Admits a write of `[offset_bytes, offset_bytes + len_bytes)` into every durable
+    /// tracker's activity log before it starts (blocking at most for one log append); the
+    /// write is marked with [`TrackerSet::mark_admitted`], and the admission dropped after.
+    /// Without durable trackers this is one atomic load.
+    pub fn admit(&self, offset_bytes: u64, len_bytes: u64) -> Admission {
+        // SeqCst: pairs with `publish`.
+        if len_bytes == 0 || self.durable_count.load(Ordering::SeqCst) == 0 {
+            return Admission { held: None };
+        }
+        let trackers = self.trackers.load_full();
+        for tracker in trackers.iter() {
+            tracker.enter(offset_bytes, len_bytes);
+        }
+        Admission {
+            held: Some(Held {
+                trackers,
+                offset_bytes,
+                len_bytes,
+            }),
+        }
+    }
+
+    /// Records a completed write admitted with `admission` in every tracker (see
+    /// [`Tracker::mark_range`]). A durable tracker published after the admission has not
+    /// admitted the write: its extents are opened now, after the mark and before the reply,
+    /// so an acknowledged write is in its log all the same.
+    pub fn mark_admitted(&self, offset_bytes: u64, len_bytes: u64, admission: &Admission) {
+        self.mark_range(offset_bytes, len_bytes);
+        if len_bytes == 0 || self.durable_count.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        for tracker in self.trackers.load().iter().filter(|t| t.has_log()) {
+            if !admission.holds(tracker) {
+                tracker.enter(offset_bytes, len_bytes);
+                tracker.leave(offset_bytes, len_bytes);
+            }
+        }
+    }
+
     /// Saves every tracker under `dir` as cleanly stopped. Call on clean shutdown, after guest
     /// writes stopped: a write marked after this is not in the files, and a crash after it
     /// would restore stale trackers. Files of trackers no longer in the set are left alone
@@ -289,11 +402,67 @@ impl TrackerSet {
         disk_bytes: u64,
         clock: Arc<dyn Clock>,
     ) -> Result<TrackerSet, DirtyError> {
-        let set = TrackerSet::new(disk_bytes, Arc::clone(&clock));
-        for tracker in persist::load_all(dir, disk_bytes, &clock)? {
-            set.insert(tracker)?;
+        Self::in_dir(disk_bytes, Arc::clone(&clock), dir).restore_into(dir)
+    }
+
+    /// [`TrackerSet::restore`] into this empty set (which keeps its log settings): each
+    /// durable tracker gets a new log holding its restored bits before its file is rewritten
+    /// as Active.
+    pub fn restore_into(mut self, dir: &Path) -> Result<TrackerSet, DirtyError> {
+        self.dir = Some(dir.to_owned());
+        for tracker in persist::load_all(dir, self.disk_bytes, &self.clock)? {
+            self.insert(tracker)?;
         }
-        set.save_active(dir)?;
-        Ok(set)
+        self.save_active(dir)?;
+        Ok(self)
+    }
+}
+
+/// A write admitted into the durable trackers' activity logs
+/// ([`TrackerSet::admit`]); dropping it lets the extents close again, so drop it only after
+/// the write was marked ([`TrackerSet::mark_admitted`]) or, if it never started, at once.
+#[must_use = "dropping an admission ends it"]
+pub struct Admission {
+    held: Option<Held>,
+}
+
+struct Held {
+    trackers: Arc<Vec<Arc<Tracker>>>,
+    offset_bytes: u64,
+    len_bytes: u64,
+}
+
+impl Admission {
+    /// An admission of nothing (a write no durable tracker sees).
+    pub fn none() -> Self {
+        Admission { held: None }
+    }
+
+    /// Whether `tracker` admitted this write.
+    fn holds(&self, tracker: &Arc<Tracker>) -> bool {
+        self.held
+            .as_ref()
+            .is_some_and(|held| held.trackers.iter().any(|t| Arc::ptr_eq(t, tracker)))
+    }
+}
+
+impl std::fmt::Debug for Admission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admission")
+            .field(
+                "held",
+                &self.held.as_ref().map(|h| (h.offset_bytes, h.len_bytes)),
+            )
+            .finish()
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        if let Some(held) = self.held.take() {
+            for tracker in held.trackers.iter() {
+                tracker.leave(held.offset_bytes, held.len_bytes);
+            }
+        }
     }
 }

@@ -396,6 +396,61 @@ impl DirtySet {
 }
 
 impl DirtySet {
+    /// Makes words `first_word..end_word` exactly `words` (nonzero `(word, bits)` pairs inside
+    /// the range, valid bits only): the range is cleared, splitting a `Full` span around it,
+    /// then `words` are ORed in. Replaying an activity log's close record does this.
+    pub fn replace_words(&mut self, first_word: u64, end_word: u64, words: &[(u64, u64)]) {
+        let chunk_words = SET_CHUNK_WORDS as u64;
+        let end_word = end_word.min(self.word_count());
+        if first_word < end_word {
+            for chunk in first_word / chunk_words..end_word.div_ceil(chunk_words) {
+                self.split_full(chunk);
+                let Some(Span::Bits(bits)) = self.spans.get_mut(&chunk) else {
+                    continue;
+                };
+                let base = chunk * chunk_words;
+                for word in first_word.max(base)..end_word.min(base + chunk_words) {
+                    bits[(word - base) as usize] = 0;
+                }
+                if bits.iter().all(|&w| w == 0) {
+                    self.spans.remove(&chunk);
+                }
+            }
+        }
+        for &(word, bits) in words {
+            assert!(
+                (first_word..end_word).contains(&word),
+                "word {word} outside {first_word}..{end_word}"
+            );
+            self.or_word(word, bits);
+        }
+    }
+
+    /// When chunk `chunk` lies in a `Full` span, cuts it out as a `Bits` chunk of every valid
+    /// block, keeping the rest of the span `Full`.
+    fn split_full(&mut self, chunk: u64) {
+        let Some((first, Span::Full(chunks))) = self.span_of(chunk).map(|(f, s)| (f, s.clone()))
+        else {
+            return;
+        };
+        self.spans.remove(&first);
+        if chunk > first {
+            self.spans.insert(first, Span::Full(chunk - first));
+        }
+        if first + chunks > chunk + 1 {
+            self.spans
+                .insert(chunk + 1, Span::Full(first + chunks - chunk - 1));
+        }
+        let base = chunk * SET_CHUNK_WORDS as u64;
+        let mut words = Box::new([0; SET_CHUNK_WORDS]);
+        for (index, word) in words.iter_mut().enumerate() {
+            *word = valid_mask(base + index as u64, self.block_count);
+        }
+        self.spans.insert(chunk, Span::Bits(words));
+    }
+}
+
+impl DirtySet {
     /// The same disk's set at blocks of `granularity_bytes` (a power of two): to a finer
     /// granularity each block becomes every fine block it covers, to a coarser one a coarse
     /// block is in the set when any fine block it covers is. Either way every byte in a block

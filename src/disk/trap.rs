@@ -5,7 +5,10 @@
 //! the engine failed as a whole and will never report it). For each batch of completions:
 //! 1. its blocks are marked in every tracker of the export, once (DESIGN invariant 1: after
 //!    the data is on the image, before the reply, so a copier that clears the bit and then
-//!    reads sees the new data; a failed write may have changed bytes, so it is marked too);
+//!    reads sees the new data; a failed write may have changed bytes, so it is marked too),
+//!    with the admission the session took into the durable trackers' activity logs before
+//!    it submitted the write ([`crate::dirty::TrackerSet::admit`]); the session drops the
+//!    admission only after this;
 //! 2. while a mirror is installed, it is handed to the mirror (a failed one as diverged), and
 //!    the batch waits for the mirror's fence (the destination has it, or the mirror recorded
 //!    that it does not, and the job will not commit);
@@ -20,6 +23,7 @@ use std::sync::Arc;
 
 use super::export::Export;
 use super::mirror::WriteMirror;
+use crate::dirty::Admission;
 
 /// What became of one admitted write.
 #[derive(Debug, Clone, Copy)]
@@ -75,12 +79,20 @@ impl Export {
 impl WriteTrap<'_> {
     /// A write admitted through the gate completed with `outcome`: marked and mirrored now,
     /// out of the gate at [`WriteTrap::finish`].
-    pub fn completed(&mut self, offset_bytes: u64, len_bytes: u64, outcome: WriteOutcome<'_>) {
+    pub fn completed(
+        &mut self,
+        offset_bytes: u64,
+        len_bytes: u64,
+        outcome: WriteOutcome<'_>,
+        admission: &Admission,
+    ) {
         self.admitted += 1;
         if self.forwarded {
             return;
         }
-        self.export.trackers().mark_range(offset_bytes, len_bytes);
+        self.export
+            .trackers()
+            .mark_admitted(offset_bytes, len_bytes, admission);
         let Some(mirror) = &self.mirror else {
             return;
         };
@@ -184,7 +196,12 @@ mod tests {
         let export = export(&dir);
         assert!(export.enter_write());
         let mut trap = export.write_trap(false);
-        trap.completed(8192, 4096, WriteOutcome::Written(Some(&[7; 4096])));
+        trap.completed(
+            8192,
+            4096,
+            WriteOutcome::Written(Some(&[7; 4096])),
+            &Admission::none(),
+        );
         export.hold_writes();
         assert!(!export.wait_drained(Duration::from_millis(20)));
         assert_eq!(export.trackers().get("t").unwrap().dirty_count(), 1);
@@ -206,8 +223,13 @@ mod tests {
         export.release_writes();
         assert!(export.enter_write() && export.enter_write());
         let mut trap = export.write_trap(false);
-        trap.completed(0, 4, WriteOutcome::Written(Some(b"abcd")));
-        trap.completed(4096, 4096, WriteOutcome::Written(None));
+        trap.completed(
+            0,
+            4,
+            WriteOutcome::Written(Some(b"abcd")),
+            &Admission::none(),
+        );
+        trap.completed(4096, 4096, WriteOutcome::Written(None), &Admission::none());
         trap.finish();
         assert_eq!(*mirror.writes.lock().unwrap(), [(0, b"abcd".to_vec())]);
         assert_eq!(mirror.diverged.load(Ordering::SeqCst), 1);
@@ -231,7 +253,7 @@ mod tests {
         assert!(export.enter_write());
         {
             let mut trap = export.write_trap(true);
-            trap.completed(0, 4096, WriteOutcome::Failed);
+            trap.completed(0, 4096, WriteOutcome::Failed, &Admission::none());
         }
         assert_eq!(export.trackers().get("t").unwrap().dirty_count(), 0);
         export.hold_writes();

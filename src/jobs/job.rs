@@ -205,6 +205,9 @@ impl JobEnv {
             name: name.clone(),
             granularity_bytes: request.tracker_granularity_bytes,
             half_life_ms: export.half_life_ms(),
+            // A crash of the source then resumes from the recovered bits, not from digests
+            // of the whole disk (an export without a state directory cannot keep a log).
+            durable: export.trackers().dir().is_some(),
         };
         // A resumed job continues with the tracker its failed run left (its bits are what
         // the destination may lack); a fresh one starts its own.
@@ -299,10 +302,8 @@ fn regrain_tracker(
         export.release_writes();
         return Err(JobError::Drain(DRAIN_TIMEOUT));
     }
+    // The new tracker starts with the old one's bits, converted.
     let replaced = export.trackers().replace(spec);
-    if let Ok((fine, old)) = &replaced {
-        fine.merge(&old.take_and_clear().to_granularity(granularity_bytes));
-    }
     export.release_writes();
     log::info!(
         "export {}: tracker {} now at {granularity_bytes} bytes, its bits converted",

@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use ferry_sys::AlignedBuf;
 
+use crate::dirty::Admission;
 use crate::disk::{CounterSnapshot, Export, Route, WriteOutcome};
 use crate::io::{read_buf_len, BlockIo, IoCompletion, IoKind, IoRequest};
 use crate::metrics::LatencyRecorder;
@@ -63,7 +64,7 @@ pub enum SessionError {
 }
 
 /// What a request in flight was, to build its reply.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 struct Pending {
     cookie: u64,
     command: Command,
@@ -72,6 +73,9 @@ struct Pending {
     started: Instant,
     /// Admitted through the export's write gate: leaves it through the write trap.
     gated: bool,
+    /// A gated write's admission into the durable trackers' activity logs, dropped after
+    /// the trap marked it (or at once if it never reached the engine).
+    admission: Admission,
 }
 
 /// Opens the engine for a route (the session's connection is watched for readability).
@@ -181,7 +185,7 @@ impl Session {
             rx_start: 0,
             rx_end: 0,
             tx: TxQueue::new(),
-            slots: vec![None; capacity],
+            slots: (0..capacity).map(|_| None).collect(),
             free_slots: (0..capacity as u32).rev().collect(),
             pool: limits.pool,
             completions: Vec::with_capacity(capacity),
@@ -221,7 +225,12 @@ impl Session {
         for pending in self.slots.iter_mut().filter_map(Option::take) {
             if pending.gated {
                 let len = u64::from(pending.len_bytes);
-                trap.completed(pending.offset_bytes, len, WriteOutcome::Failed);
+                trap.completed(
+                    pending.offset_bytes,
+                    len,
+                    WriteOutcome::Failed,
+                    &pending.admission,
+                );
             }
         }
         trap.finish();
@@ -459,13 +468,24 @@ impl Session {
             .free_slots
             .pop()
             .expect("dispatch checks for a free slot");
+        let gated = std::mem::take(&mut self.gated_next);
+        // Before the write reaches the image: its extents are open in every durable
+        // tracker's activity log (a forwarded write lives at the destination).
+        let admission = if gated && !self.forwarded {
+            self.export
+                .trackers()
+                .admit(header.offset_bytes, u64::from(header.length_bytes))
+        } else {
+            Admission::none()
+        };
         self.slots[slot as usize] = Some(Pending {
             cookie: header.cookie,
             command,
             offset_bytes: header.offset_bytes,
             len_bytes: header.length_bytes,
             started: Instant::now(),
-            gated: std::mem::take(&mut self.gated_next),
+            gated,
+            admission,
         });
         let request = IoRequest {
             tag: u64::from(slot),
@@ -562,7 +582,7 @@ impl Session {
                 (Ok(()), Command::WriteZeroes) => WriteOutcome::Zeroed,
                 (Ok(()), _) => WriteOutcome::Trimmed,
             };
-            trap.completed(offset_bytes, len_bytes, outcome);
+            trap.completed(offset_bytes, len_bytes, outcome, &pending.admission);
         }
         trap.finish();
     }

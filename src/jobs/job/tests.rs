@@ -42,6 +42,7 @@ fn a_resumed_tracker_at_another_granularity_keeps_its_bits() {
         name: tracker_name(3),
         granularity_bytes,
         half_life_ms: 1000,
+        durable: false,
     };
     let coarse = export.trackers().add(spec(64 << 10)).unwrap();
     coarse.mark_range(0, 1);

@@ -1,0 +1,618 @@
+//! Tracker files: save on clean shutdown, restore at start-up, detect unclean stops.
+//!
+//! One file per tracker, `<dir>/<name>.tracker` (the caller passes one directory per export).
+//! The format is sparse: only nonzero bitmap words and nonzero heat regions are stored, so
+//! saving and loading take time proportional to what was written, not to the disk size.
+//! A durable tracker also has an activity log, `<dir>/<name>.log` (`logfile.rs`).
+//! Layout, little-endian:
+//!
+//! | bytes | field |
+//! | --- | --- |
+//! | 8 | magic `FERRYTRK` |
+//! | 4 | version (3; versions 2 and 1 still load, see `persist_v1.rs` for 1) |
+//! | 4 | state: 1 = Clean (saved at shutdown), 2 = Active (in use) |
+//! | 4 | flags: bit 0 = lost (the history was already lost before this save), bit 1 = durable (an activity log beside it), bit 2 = recovered (from a log, over-marking at most the bound below); bits 1 and 2 from version 3 |
+//! | 8 | granularity_bytes |
+//! | 8 | block_count |
+//! | 8 | disk_bytes |
+//! | 8 | half_life_ms |
+//! | 4 | name length, then the name (UTF-8) |
+//! | 8 | recovered bound in bytes (version 3 only; 0 unless recovered) |
+//! | 4 | heat shift: blocks per heat region, as a shift (must match this build's) |
+//! | 8 | W: number of bitmap entries |
+//! | 8 | H: number of heat entries |
+//! | 16 × W | (word index, bits): nonzero words, indexes strictly increasing |
+//! | 9 × H | (region, heat): nonzero heat decayed to save time, regions strictly increasing |
+//! | 4 | crc32c of every byte before it |
+//!
+//! An Active file, or a lost tracker's, has W = H = 0: its bits are never read (it loads as
+//! lost, every block dirty, or for a durable tracker as its log's replay), so the rewrite at
+//! start-up is small whatever the disk size.
+//!
+//! Invariants:
+//! - Files are replaced atomically: temp file, fsync, rename, fsync of the directory. A crash
+//!   leaves the old file or the new one, never a mix; a torn temp file is ignored.
+//! - Restore rewrites every file as Active before any tracker is used, so a file found
+//!   Active at start-up means the agent did not stop cleanly: that tracker comes back lost,
+//!   or, when durable and its log replays, recovered with the log's bound.
+//! - A clean save removes the durable trackers' logs after their Clean files are written: a
+//!   Clean file holds every bit (the last take included), and a log is only read beside an
+//!   Active file. A log without a durable tracker's file is removed at restore.
+//! - Decoding checks length, magic, version and checksum before trusting any field, then
+//!   every field against the others and against the disk, and the entry counts against the
+//!   bytes present before allocating for them (a hostile file allocates nothing it does not
+//!   hold): a corrupt file is an error naming the file and the problem, never misread.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::activity::extent_blocks_for;
+use super::bitmap::valid_mask;
+use super::logfile;
+use super::persist_v1;
+use super::{heat_shift_for, DirtyError, Tracker, TrackerSpec};
+use crate::codec::{self, CodecError};
+use crate::durable;
+use crate::env::Clock;
+use crate::name::NAME_MAX_BYTES;
+
+/// First bytes of every tracker file.
+pub const MAGIC: [u8; 8] = *b"FERRYTRK";
+/// Format version this build writes.
+pub const VERSION: u32 = 3;
+/// The sparse format without the durable and recovered fields (still read).
+const VERSION_2: u32 = 2;
+/// File name suffix of tracker files.
+pub const EXTENSION: &str = "tracker";
+/// Suffix of the temp file a save writes before renaming: the extension, then
+/// [`durable::TEMP_SUFFIX`].
+const TEMP_SUFFIX: &str = ".tracker.tmp";
+/// Bytes before the name: magic, version, state, flags, 4 u64 fields, name length.
+const FIXED_HEADER_BYTES: usize = 8 + 4 + 4 + 4 + 4 * 8 + 4;
+/// Bytes after the name and before the entries: heat shift, W, H.
+const COUNTS_BYTES: usize = 4 + 8 + 8;
+/// Bytes of one bitmap entry and of one heat entry.
+const WORD_ENTRY_BYTES: u64 = 16;
+const HEAT_ENTRY_BYTES: u64 = 9;
+/// Flag bit: the tracker was lost (restored after an unclean stop, not yet cleared).
+const FLAG_LOST: u32 = 1;
+/// Flag bit: the tracker is durable (an activity log lies beside its file).
+const FLAG_DURABLE: u32 = 2;
+/// Flag bit: the tracker was recovered from its log (the bound field says by how much).
+const FLAG_RECOVERED: u32 = 4;
+/// Bytes of the trailing checksum.
+const CHECKSUM_BYTES: usize = 4;
+
+/// Whether a file was written by a clean shutdown or by a running agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileState {
+    /// Saved at clean shutdown: the bitmap is the whole history.
+    Clean = 1,
+    /// The tracker is (or was, when the agent died) in use: its bitmap is stale.
+    Active = 2,
+}
+
+/// A decoded tracker file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SavedTracker {
+    /// Clean or Active.
+    pub state: FileState,
+    /// The tracker was already lost when saved; it stays lost after a clean restart.
+    pub lost: bool,
+    /// Name, granularity, half-life.
+    pub spec: TrackerSpec,
+    /// Size of the disk when saved.
+    pub disk_bytes: u64,
+    /// Nonzero bitmap words as `(word index, bits)`, in order.
+    pub words: Vec<(u64, u64)>,
+    /// Nonzero heat at save time as `(region, heat)`, in order.
+    pub heat: Vec<(u64, u8)>,
+    /// `Some(bound_bytes)` when the tracker had been recovered from its log.
+    pub recovered_bound: Option<u64>,
+}
+
+/// The fields every version shares, checked against each other.
+struct Header {
+    state: FileState,
+    lost: bool,
+    recovered: bool,
+    spec: TrackerSpec,
+    block_count: u64,
+    disk_bytes: u64,
+}
+
+/// Path of the file for tracker `name` under `dir`.
+pub fn tracker_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}.{EXTENSION}"))
+}
+
+/// Serializes `tracker` in `state`; see the module docs for the layout.
+pub fn encode(tracker: &Tracker, state: FileState) -> Vec<u8> {
+    // Active and lost files load as lost: their bits and heat would never be read.
+    let keep = state == FileState::Clean && !tracker.is_lost();
+    let words: Vec<(u64, u64)> = if keep {
+        tracker.bitmap_set().iter_words().collect()
+    } else {
+        Vec::new()
+    };
+    let heat = if keep {
+        tracker.heat_regions()
+    } else {
+        Vec::new()
+    };
+    let name = tracker.name().as_bytes();
+    let mut out = Vec::with_capacity(
+        FIXED_HEADER_BYTES + name.len() + COUNTS_BYTES + words.len() * 16 + heat.len() * 9 + 4,
+    );
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&(state as u32).to_le_bytes());
+    let recovered_bound = tracker.recovered_bound();
+    let flags = [
+        (tracker.is_lost(), FLAG_LOST),
+        (tracker.wants_log(), FLAG_DURABLE),
+        (recovered_bound.is_some(), FLAG_RECOVERED),
+    ]
+    .iter()
+    .filter(|(set, _)| *set)
+    .fold(0, |flags, (_, flag)| flags | flag);
+    out.extend_from_slice(&flags.to_le_bytes());
+    for field in [
+        tracker.granularity_bytes(),
+        tracker.block_count(),
+        tracker.disk_bytes(),
+        tracker.half_life_ms(),
+    ] {
+        out.extend_from_slice(&field.to_le_bytes());
+    }
+    let name_len = u32::try_from(name.len()).expect("names are at most NAME_MAX_BYTES");
+    out.extend_from_slice(&name_len.to_le_bytes());
+    out.extend_from_slice(name);
+    out.extend_from_slice(&recovered_bound.unwrap_or(0).to_le_bytes());
+    out.extend_from_slice(&tracker.heat_shift().to_le_bytes());
+    out.extend_from_slice(&(words.len() as u64).to_le_bytes());
+    out.extend_from_slice(&(heat.len() as u64).to_le_bytes());
+    for &(word, bits) in &words {
+        out.extend_from_slice(&word.to_le_bytes());
+        out.extend_from_slice(&bits.to_le_bytes());
+    }
+    for &(region, count) in &heat {
+        out.extend_from_slice(&region.to_le_bytes());
+        out.push(count);
+    }
+    let checksum = crc32c::crc32c(&out);
+    out.extend_from_slice(&checksum.to_le_bytes());
+    // Pair assertion: what we write is what decode accepts.
+    debug_assert!(decode(Path::new("<encoded>"), &out)
+        .is_ok_and(|saved| saved.words == words && saved.heat == heat && saved.state == state));
+    out
+}
+
+/// Parses a tracker file's bytes (version 2, or 1); `path` only names the file in errors.
+pub fn decode(path: &Path, bytes: &[u8]) -> Result<SavedTracker, DirtyError> {
+    let corrupt = |problem: String| DirtyError::Corrupt {
+        path: path.to_owned(),
+        problem,
+    };
+    let minimum = FIXED_HEADER_BYTES + CHECKSUM_BYTES;
+    if bytes.len() < minimum {
+        return Err(corrupt(format!(
+            "truncated: {} bytes, a header needs {minimum}",
+            bytes.len()
+        )));
+    }
+    let (body, checksum) = bytes.split_at(bytes.len() - CHECKSUM_BYTES);
+    // The reads below cannot run out: the length was checked against the fixed header.
+    let short = |err| corrupt(truncated(err));
+    let mut reader = codec::Reader::new(body);
+    if reader.array::<8>().map_err(short)? != MAGIC {
+        return Err(corrupt("bad magic: not a ferry tracker file".to_owned()));
+    }
+    let version = reader.u32_le().map_err(short)?;
+    if ![VERSION, VERSION_2, persist_v1::VERSION].contains(&version) {
+        return Err(corrupt(format!(
+            "unsupported version {version} (this build reads {}, {VERSION_2} and {VERSION})",
+            persist_v1::VERSION
+        )));
+    }
+    let stored = codec::Reader::new(checksum).u32_le().map_err(short)?;
+    let computed = crc32c::crc32c(body);
+    if stored != computed {
+        return Err(corrupt(format!(
+            "checksum mismatch (stored {stored:#010x}, computed {computed:#010x}): torn or damaged"
+        )));
+    }
+    let header = decode_header(&mut reader, version).map_err(corrupt)?;
+    let recovered_bound = if version == VERSION {
+        let bound = reader.u64_le().map_err(short)?;
+        header.recovered.then_some(bound)
+    } else {
+        None
+    };
+    let (words, heat) = if version != persist_v1::VERSION {
+        decode_entries(&mut reader, &header)
+    } else {
+        persist_v1::decode_body(
+            &mut reader,
+            header.block_count,
+            header.spec.granularity_bytes,
+        )
+    }
+    .map_err(corrupt)?;
+    Ok(SavedTracker {
+        state: header.state,
+        lost: header.lost,
+        spec: header.spec,
+        disk_bytes: header.disk_bytes,
+        words,
+        heat,
+        recovered_bound,
+    })
+}
+
+/// A file that ends inside a field.
+fn truncated(err: CodecError) -> String {
+    format!("truncated: {err}")
+}
+
+/// Parses the checksummed fields after the version up to the name; the error is the problem.
+fn decode_header(reader: &mut codec::Reader<'_>, version: u32) -> Result<Header, String> {
+    let state = match reader.u32_le().map_err(truncated)? {
+        1 => FileState::Clean,
+        2 => FileState::Active,
+        other => return Err(format!("unknown state {other}")),
+    };
+    let flags = reader.u32_le().map_err(truncated)?;
+    let known = if version == VERSION {
+        FLAG_LOST | FLAG_DURABLE | FLAG_RECOVERED
+    } else {
+        FLAG_LOST
+    };
+    if flags & !known != 0 {
+        return Err(format!("unknown flags {flags:#x}"));
+    }
+    let granularity_bytes = reader.u64_le().map_err(truncated)?;
+    let block_count = reader.u64_le().map_err(truncated)?;
+    let disk_bytes = reader.u64_le().map_err(truncated)?;
+    let half_life_ms = reader.u64_le().map_err(truncated)?;
+    let name_len = reader.u32_le().map_err(truncated)? as usize;
+    if name_len > NAME_MAX_BYTES {
+        return Err(format!("name length {name_len} exceeds {NAME_MAX_BYTES}"));
+    }
+    if !granularity_bytes.is_power_of_two() {
+        return Err(format!(
+            "granularity {granularity_bytes} is not a power of two"
+        ));
+    }
+    if block_count != disk_bytes.div_ceil(granularity_bytes) {
+        return Err(format!(
+            "block count {block_count} does not match {disk_bytes} bytes at granularity {granularity_bytes}"
+        ));
+    }
+    let name = String::from_utf8(reader.bytes(name_len).map_err(truncated)?.to_vec())
+        .map_err(|_| "name is not UTF-8".to_owned())?;
+    let spec = TrackerSpec {
+        name,
+        granularity_bytes,
+        half_life_ms,
+        durable: flags & FLAG_DURABLE != 0,
+    };
+    // block_count against MAX_BLOCK_COUNT: the tracker's constructor, at load.
+    spec.validate().map_err(|err| err.to_string())?;
+    Ok(Header {
+        state,
+        lost: flags & FLAG_LOST != 0,
+        recovered: flags & FLAG_RECOVERED != 0,
+        spec,
+        block_count,
+        disk_bytes,
+    })
+}
+
+/// Parses version 2's heat shift, counts and entries, checking the counts against the bytes
+/// left before allocating, and every entry against the geometry.
+#[allow(clippy::type_complexity)]
+fn decode_entries(
+    reader: &mut codec::Reader<'_>,
+    header: &Header,
+) -> Result<(Vec<(u64, u64)>, Vec<(u64, u8)>), String> {
+    let heat_shift = reader.u32_le().map_err(truncated)?;
+    let expected_shift = heat_shift_for(header.spec.granularity_bytes);
+    if heat_shift != expected_shift {
+        return Err(format!(
+            "heat shift {heat_shift}, this build uses {expected_shift} at this granularity"
+        ));
+    }
+    let word_entries = reader.u64_le().map_err(truncated)?;
+    let heat_entries = reader.u64_le().map_err(truncated)?;
+    let expected = word_entries
+        .checked_mul(WORD_ENTRY_BYTES)
+        .zip(heat_entries.checked_mul(HEAT_ENTRY_BYTES))
+        .and_then(|(words, heat)| words.checked_add(heat));
+    if expected != Some(reader.remaining() as u64) {
+        return Err(format!(
+            "{} bytes of entries, counts {word_entries} words and {heat_entries} heat imply {expected:?}",
+            reader.remaining()
+        ));
+    }
+    // Both counts are now bounded by the bytes present.
+    let mut words = Vec::with_capacity(usize::try_from(word_entries).expect("bounded"));
+    let word_count = header.block_count.div_ceil(64);
+    for _ in 0..word_entries {
+        let word = reader.u64_le().map_err(truncated)?;
+        let bits = reader.u64_le().map_err(truncated)?;
+        if word >= word_count || words.last().is_some_and(|&(last, _)| last >= word) {
+            return Err(format!(
+                "bitmap word {word} out of order or past {word_count}"
+            ));
+        }
+        if bits == 0 || bits & !valid_mask(word, header.block_count) != 0 {
+            return Err(format!(
+                "bitmap word {word} is zero or has bits past the disk"
+            ));
+        }
+        words.push((word, bits));
+    }
+    let region_count = header.block_count.div_ceil(1 << heat_shift);
+    let mut heat = Vec::with_capacity(usize::try_from(heat_entries).expect("bounded"));
+    for _ in 0..heat_entries {
+        let region = reader.u64_le().map_err(truncated)?;
+        let count = reader.u8().map_err(truncated)?;
+        if region >= region_count || heat.last().is_some_and(|&(last, _)| last >= region) {
+            return Err(format!(
+                "heat region {region} out of order or past {region_count}"
+            ));
+        }
+        if count == 0 {
+            return Err(format!("heat region {region} stored with heat 0"));
+        }
+        heat.push((region, count));
+    }
+    Ok((words, heat))
+}
+
+/// Fsyncs a directory so that renames and removals in it are durable.
+fn sync_dir(dir: &Path) -> Result<(), DirtyError> {
+    durable::sync_dir(dir).map_err(|source| DirtyError::Save {
+        path: dir.to_owned(),
+        source,
+    })
+}
+
+/// What a directory entry is to us.
+enum Entry {
+    /// `<name>.tracker`.
+    Tracker(String),
+    /// `<name>.log`, a durable tracker's activity log.
+    Log(String),
+    /// A temp file a crashed save left.
+    Temp,
+    /// Anything else: left alone.
+    Other,
+}
+
+/// Classifies a file name found in a tracker directory.
+fn classify(file_name: &str) -> Entry {
+    if file_name.ends_with(TEMP_SUFFIX) {
+        Entry::Temp
+    } else if let Some(name) = file_name.strip_suffix(".tracker") {
+        Entry::Tracker(name.to_owned())
+    } else if let Some(name) = file_name.strip_suffix(".log") {
+        Entry::Log(name.to_owned())
+    } else {
+        Entry::Other
+    }
+}
+
+/// Lists the entries of `dir` (sorted, for a deterministic order); `None` if it is missing.
+fn list_dir(dir: &Path) -> Result<Option<Vec<(PathBuf, Entry)>>, DirtyError> {
+    let load_error = |source| DirtyError::Load {
+        path: dir.to_owned(),
+        source,
+    };
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(err) => return Err(load_error(err)),
+    };
+    let mut listed = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(load_error)?;
+        let file_name = entry.file_name();
+        let kind = file_name.to_str().map_or(Entry::Other, classify);
+        listed.push((entry.path(), kind));
+    }
+    listed.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(Some(listed))
+}
+
+/// Writes every tracker's file in `state`, removes temp files a crashed save left, then syncs
+/// the directory. A missing `dir` is created when there is something to write. Files of other
+/// trackers are left alone (one that failed to restore stays for inspection): removing a
+/// tracker's file is [`remove_saved`]'s job.
+pub(crate) fn save_all(
+    dir: &Path,
+    trackers: &[Arc<Tracker>],
+    state: FileState,
+) -> Result<(), DirtyError> {
+    if trackers.is_empty() && !dir.exists() {
+        return Ok(());
+    }
+    fs::create_dir_all(dir).map_err(|source| DirtyError::Save {
+        path: dir.to_owned(),
+        source,
+    })?;
+    for tracker in trackers {
+        let bytes = encode(tracker, state);
+        durable::write_atomic(&tracker_path(dir, tracker.name()), &bytes).map_err(|err| {
+            let (path, source) = err.into_parts();
+            DirtyError::Save { path, source }
+        })?;
+        tracker.record_save(bytes.len() as u64);
+    }
+    if state == FileState::Clean {
+        // The Clean files hold every bit now; a log is read only beside an Active file.
+        for tracker in trackers.iter().filter(|t| t.wants_log()) {
+            remove_if_present(&logfile::log_path(dir, tracker.name()))?;
+        }
+    }
+    for (path, entry) in list_dir(dir)?.unwrap_or_default() {
+        if let Entry::Temp = entry {
+            log::info!("removing stale temp file {}", path.display());
+            fs::remove_file(&path).map_err(|source| DirtyError::Save { path, source })?;
+        }
+    }
+    sync_dir(dir)
+}
+
+/// Removes `path`; whether it was there.
+fn remove_if_present(path: &Path) -> Result<bool, DirtyError> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(source) => Err(DirtyError::Save {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// Removes the file of tracker `name` under `dir` (after the tracker was removed from its
+/// set), durably; returns whether there was one. Without this, a removed tracker whose file
+/// was Active would come back, lost, at the next start.
+pub fn remove_saved(dir: &Path, name: &str) -> Result<bool, DirtyError> {
+    let removed = remove_if_present(&tracker_path(dir, name))?;
+    // After the tracker file: a log alone is never read, and is removed at restore.
+    let log_removed = remove_if_present(&logfile::log_path(dir, name))?;
+    if removed || log_removed {
+        sync_dir(dir)?;
+    }
+    Ok(removed)
+}
+
+/// Loads every `<name>.tracker` under `dir` (none when `dir` is missing) into trackers for a
+/// disk of `disk_bytes` bytes: Clean files as saved; Active files as lost, or, for a durable
+/// tracker whose log replays, as recovered. Logs of no durable tracker are removed.
+pub(crate) fn load_all(
+    dir: &Path,
+    disk_bytes: u64,
+    clock: &Arc<dyn Clock>,
+) -> Result<Vec<Tracker>, DirtyError> {
+    let mut trackers = Vec::new();
+    let mut logs = Vec::new();
+    for (path, entry) in list_dir(dir)?.unwrap_or_default() {
+        match entry {
+            Entry::Tracker(file_name) => {
+                trackers.push(load_one(dir, &path, &file_name, disk_bytes, clock)?);
+            }
+            Entry::Log(name) => logs.push((path, name)),
+            Entry::Temp | Entry::Other => {}
+        }
+    }
+    for (path, name) in logs {
+        if !trackers.iter().any(|t| t.name() == name && t.wants_log()) {
+            log::info!(
+                "removing activity log {} of no durable tracker",
+                path.display()
+            );
+            remove_if_present(&path)?;
+        }
+    }
+    Ok(trackers)
+}
+
+/// Loads the tracker file at `path` (named `<file_name>.tracker`); see [`load_all`].
+fn load_one(
+    dir: &Path,
+    path: &Path,
+    file_name: &str,
+    disk_bytes: u64,
+    clock: &Arc<dyn Clock>,
+) -> Result<Tracker, DirtyError> {
+    let bytes = fs::read(path).map_err(|source| DirtyError::Load {
+        path: path.to_owned(),
+        source,
+    })?;
+    let saved = decode(path, &bytes)?;
+    if saved.spec.name != file_name {
+        return Err(DirtyError::Corrupt {
+            path: path.to_owned(),
+            problem: format!("holds tracker {:?}", saved.spec.name),
+        });
+    }
+    if saved.disk_bytes != disk_bytes {
+        return Err(DirtyError::Mismatch {
+            path: path.to_owned(),
+            problem: format!(
+                "saved for {} bytes, disk has {disk_bytes}",
+                saved.disk_bytes
+            ),
+        });
+    }
+    let tracker =
+        Tracker::new(saved.spec.clone(), disk_bytes, Arc::clone(clock)).map_err(|err| {
+            DirtyError::Corrupt {
+                path: path.to_owned(),
+                problem: err.to_string(),
+            }
+        })?;
+    let unclean = saved.state == FileState::Active;
+    if !unclean || saved.lost {
+        tracker.load_saved(&saved.words, &saved.heat, saved.lost);
+        if let (Some(bound_bytes), false) = (saved.recovered_bound, saved.lost) {
+            tracker.set_recovered(bound_bytes);
+        }
+        return Ok(tracker);
+    }
+    if !saved.spec.durable {
+        log::warn!(
+            "tracker {} was in use at an unclean stop: all blocks dirty",
+            path.display()
+        );
+        tracker.load_saved(&[], &[], true);
+        return Ok(tracker);
+    }
+    recover(dir, &tracker, saved.recovered_bound.unwrap_or(0));
+    Ok(tracker)
+}
+
+/// Rebuilds a durable tracker found Active from its log: recovered, or lost when the log is
+/// missing or unusable (the error goes to the log, the tracker still loads).
+fn recover(dir: &Path, tracker: &Tracker, earlier_bound_bytes: u64) {
+    let path = logfile::log_path(dir, tracker.name());
+    let geometry = logfile::Geometry {
+        granularity_bytes: tracker.granularity_bytes(),
+        disk_bytes: tracker.disk_bytes(),
+        extent_blocks: extent_blocks_for(tracker.granularity_bytes()),
+    };
+    match logfile::replay(&path, &geometry) {
+        Ok(replayed) => {
+            tracker.merge(&replayed.set);
+            // A second crash before the history was re-established adds its own bound.
+            let bound_bytes = earlier_bound_bytes + replayed.bound_bytes;
+            tracker.set_recovered(bound_bytes);
+            log::warn!(
+                "tracker {} was in use at an unclean stop: recovered from its activity log, \
+                 {} blocks dirty, over-marking at most {bound_bytes} bytes ({} extents open, \
+                 {} torn bytes ignored)",
+                path.display(),
+                tracker.dirty_count(),
+                replayed.open_extents,
+                replayed.torn_bytes
+            );
+        }
+        Err(err) => {
+            log::warn!(
+                "tracker {}: {}; all blocks dirty",
+                tracker.name(),
+                crate::error::error_chain(&err)
+            );
+            tracker.load_saved(&[], &[], true);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
