@@ -426,6 +426,28 @@ impl DirtySet {
         }
     }
 
+    /// Removes every block of `other` (same geometry) from the set: a pass's delivered
+    /// blocks leave the take a durable tracker keeps.
+    pub fn remove_all(&mut self, other: &DirtySet) {
+        assert_eq!(
+            (self.granularity_bytes, self.block_count),
+            (other.granularity_bytes, other.block_count),
+            "sets of different geometry"
+        );
+        let chunk_words = SET_CHUNK_WORDS as u64;
+        for (word, bits) in other.iter_words() {
+            let chunk = word / chunk_words;
+            self.split_full(chunk);
+            let Some(Span::Bits(words)) = self.spans.get_mut(&chunk) else {
+                continue;
+            };
+            words[(word % chunk_words) as usize] &= !bits;
+            if words.iter().all(|&w| w == 0) {
+                self.spans.remove(&chunk);
+            }
+        }
+    }
+
     /// When chunk `chunk` lies in a `Full` span, cuts it out as a `Bits` chunk of every valid
     /// block, keeping the rest of the span `Full`.
     fn split_full(&mut self, chunk: u64) {
@@ -598,6 +620,20 @@ mod tests {
                 other.first_missing(&set),
                 model.difference(&other_model).next().copied()
             );
+            let mut removed = set.clone();
+            removed.remove_all(&other);
+            let removed_model: BTreeSet<u64> = model.difference(&other_model).copied().collect();
+            check(&removed, &removed_model, &format!("round {round} after remove"));
+            let (first_word, end_word) = (prng.below(removed.word_count() + 1), removed.word_count());
+            let keep = (first_word < end_word).then_some((first_word, 1u64));
+            removed.replace_words(first_word, end_word, keep.as_slice());
+            let replaced_model: BTreeSet<u64> = removed_model
+                .iter()
+                .copied()
+                .filter(|&b| b / WORD_BITS < first_word)
+                .chain(keep.map(|(word, _)| word * WORD_BITS))
+                .collect();
+            check(&removed, &replaced_model, &format!("round {round} after replace"));
             set.union_with(&other);
             model.extend(other_model);
             check(&set, &model, &format!("round {round} after union"));

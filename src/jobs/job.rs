@@ -346,6 +346,10 @@ impl MigrationEnv for JobEnv {
         }
         // Read after the tracker exists: a block written from now on is in its bits.
         let differing = self.differing(allocated)?;
+        // The rest is at the destination already: the take need not cover it any more.
+        let mut same = allocated.clone();
+        same.remove_all(&differing);
+        self.tracker.settle(&same);
         log::info!(
             "export {}: resume: {} of {} candidate blocks differ at the destination",
             self.export.name(),
@@ -412,6 +416,8 @@ impl MigrationEnv for JobEnv {
             .send_extents(&image, &extents)
             .map_err(JobError::Transfer)?;
         self.sender.sync().map_err(JobError::Transfer)?;
+        // Synced at the destination: a crash from here on need not resend these.
+        self.tracker.settle(blocks);
         let elapsed_ns = self.clock.now_ns() - started;
         if elapsed_ns > 0 {
             let bytes = (stats.data_bytes + stats.zero_bytes) as f64;

@@ -7,6 +7,7 @@
 //! the tracker lost (every block dirty), never silently incomplete.
 
 use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::sync::PoisonError;
 
 use super::Tracker;
@@ -79,6 +80,29 @@ impl Tracker {
     pub fn leave(&self, offset_bytes: u64, len_bytes: u64) {
         if let Some(log) = self.log.get() {
             log.leave(offset_bytes, len_bytes);
+        }
+    }
+
+    /// The blocks of `sent`, taken by the last [`Tracker::take_and_clear`], are at the
+    /// destination now (sent and synced): a crash from here on need not count them. The log
+    /// is compacted once an eighth of the take was settled, so that a recovery after a long
+    /// pass over-marks little while a pass costs at most eight compactions.
+    pub fn settle(&self, sent: &DirtySet) {
+        let Some(log) = self.log.get() else {
+            return;
+        };
+        let compact = log.exclusive(|| {
+            let mut take = self.last_take.lock().unwrap_or_else(PoisonError::into_inner);
+            let Some(take) = take.as_mut() else {
+                return false;
+            };
+            take.remove_all(sent);
+            let settled = self.settled_blocks.fetch_add(sent.count(), Ordering::Relaxed) + sent.count();
+            settled * 8 >= self.take_blocks.load(Ordering::Relaxed)
+        });
+        if compact {
+            self.settled_blocks.store(0, Ordering::Relaxed);
+            log.compact(self);
         }
     }
 

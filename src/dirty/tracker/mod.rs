@@ -152,6 +152,10 @@ pub struct Tracker {
     last_take: Mutex<Option<DirtySet>>,
     /// `Some(bound_bytes)` once recovered from a log, until the history is re-established.
     recovered: Mutex<Option<u64>>,
+    /// Blocks of the last take, and how many of them were settled since the log's last
+    /// compaction ([`Tracker::settle`]).
+    take_blocks: AtomicU64,
+    settled_blocks: AtomicU64,
 }
 
 impl std::fmt::Debug for Tracker {
@@ -200,6 +204,8 @@ impl Tracker {
             log: OnceLock::new(),
             last_take: Mutex::new(None),
             recovered: Mutex::new(None),
+            take_blocks: AtomicU64::new(0),
+            settled_blocks: AtomicU64::new(0),
         })
     }
 
