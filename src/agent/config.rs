@@ -86,6 +86,7 @@ struct FileAgent {
     engine: Option<String>,
     queue_depth: Option<u32>,
     half_life_ms: Option<u64>,
+    tracker_log_extents: Option<usize>,
     forward_hold_ms: Option<u64>,
     transfer: Option<String>,
     cluster_key: Option<PathBuf>,
@@ -169,6 +170,10 @@ pub struct AgentConfig {
     pub queue_depth: u32,
     /// Half-life of the heat counters.
     pub half_life_ms: u64,
+    /// Extents of 4 MiB (at least) each durable tracker's activity log holds open at most:
+    /// the most a crash over-marks, and how far writes range before they wait for a log
+    /// append.
+    pub tracker_log_extents: usize,
     /// How long a request forwarded to a destination that is away waits (while the source
     /// reconnects) before it fails with EIO.
     pub forward_hold_ms: u64,
@@ -324,6 +329,15 @@ impl AgentConfig {
         if half_life_ms == 0 {
             return Err(invalid("half_life_ms", "must be at least 1"));
         }
+        let tracker_log_extents = agent
+            .tracker_log_extents
+            .unwrap_or(crate::dirty::activity::DEFAULT_LOG_EXTENTS);
+        if !(4..=1 << 20).contains(&tracker_log_extents) {
+            return Err(invalid(
+                "tracker_log_extents",
+                format!("{tracker_log_extents} is not in 4..=1048576"),
+            ));
+        }
         let forward_hold_ms = ov
             .forward_hold_ms
             .or(agent.forward_hold_ms)
@@ -385,6 +399,7 @@ impl AgentConfig {
             engine,
             queue_depth,
             half_life_ms,
+            tracker_log_extents,
             forward_hold_ms,
             exports,
             transfer,

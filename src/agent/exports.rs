@@ -28,6 +28,8 @@ pub struct Exports {
     state_dir: PathBuf,
     clock: Arc<dyn Clock>,
     half_life_ms: u64,
+    /// Extents each durable tracker's activity log holds open at most.
+    log_extents: usize,
     /// Serializes add/remove so `exports.json` matches the map.
     changes: Mutex<()>,
     /// Exports added at run time (persisted).
@@ -53,10 +55,17 @@ impl Exports {
             state_dir: state_dir.to_path_buf(),
             clock,
             half_life_ms,
+            log_extents: crate::dirty::activity::DEFAULT_LOG_EXTENTS,
             changes: Mutex::new(()),
             runtime: Mutex::new(BTreeMap::new()),
             configured: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// Sets how many extents each durable tracker's activity log holds open at most.
+    pub fn with_log_extents(mut self, log_extents: usize) -> Self {
+        self.log_extents = log_extents;
+        self
     }
 
     /// Default heat half-life of new trackers.
@@ -96,16 +105,18 @@ impl Exports {
         }
         let dir = self.tracker_dir(&cfg.name);
         let clock = self.clock.clone();
+        let log_extents = self.log_extents;
         let mut restore_error = None;
         let image = self.image_path(cfg);
         let trackers = |size_bytes| {
+            let empty = || TrackerSet::in_dir(size_bytes, clock.clone(), &dir);
             if dir.exists() {
-                match TrackerSet::restore(&dir, size_bytes, clock.clone()) {
+                match empty().with_log_extents(log_extents).restore_into(&dir) {
                     Ok(set) => return set,
                     Err(err) => restore_error = Some(err),
                 }
             }
-            TrackerSet::in_dir(size_bytes, clock, &dir)
+            empty().with_log_extents(log_extents)
         };
         let export = match self.forwarded_size(cfg, &image) {
             // Its stale image was collected: it only forwards (recovery sets the route).

@@ -135,12 +135,15 @@ impl Agent {
             .map_err(state_err)?;
         let engine = choose_engine(config.engine)?;
         let journal = SharedJournal::open(&config.state_dir).map_err(AgentError::Journal)?;
-        let exports = Arc::new(Exports::new(
-            &config.state_dir,
-            Arc::new(MonotonicClock::new()),
-            config.half_life_ms,
-            moves::moves(&journal),
-        ));
+        let exports = Arc::new(
+            Exports::new(
+                &config.state_dir,
+                Arc::new(MonotonicClock::new()),
+                config.half_life_ms,
+                moves::moves(&journal),
+            )
+            .with_log_extents(config.tracker_log_extents),
+        );
         for export in &config.exports {
             exports.open(export).map_err(|err| AgentError::Export {
                 name: export.name.clone(),

@@ -623,8 +623,13 @@ mod tests {
             let mut removed = set.clone();
             removed.remove_all(&other);
             let removed_model: BTreeSet<u64> = model.difference(&other_model).copied().collect();
-            check(&removed, &removed_model, &format!("round {round} after remove"));
-            let (first_word, end_word) = (prng.below(removed.word_count() + 1), removed.word_count());
+            check(
+                &removed,
+                &removed_model,
+                &format!("round {round} after remove"),
+            );
+            let (first_word, end_word) =
+                (prng.below(removed.word_count() + 1), removed.word_count());
             let keep = (first_word < end_word).then_some((first_word, 1u64));
             removed.replace_words(first_word, end_word, keep.as_slice());
             let replaced_model: BTreeSet<u64> = removed_model
@@ -633,7 +638,11 @@ mod tests {
                 .filter(|&b| b / WORD_BITS < first_word)
                 .chain(keep.map(|(word, _)| word * WORD_BITS))
                 .collect();
-            check(&removed, &replaced_model, &format!("round {round} after replace"));
+            check(
+                &removed,
+                &replaced_model,
+                &format!("round {round} after replace"),
+            );
             set.union_with(&other);
             model.extend(other_model);
             check(&set, &model, &format!("round {round} after union"));

@@ -129,6 +129,8 @@ pub struct JobEnv {
     compare_digests: bool,
     /// While mirroring: the mirror the sessions feed, and every block taken since.
     mirror: Option<(MirrorLink, DirtySet)>,
+    /// Guest writes are held (the switchover): nothing that may wait on a disk sync runs.
+    writes_held: bool,
     /// Where the steps are recorded, and what an in-doubt commit needs to ask the target.
     journal: Option<SharedJournal>,
     /// The disk's lineage (the holder's job), which the forwarding checks.
@@ -255,6 +257,7 @@ impl JobEnv {
             yield_to_guest,
             compare_digests: request.compare_digests,
             mirror: None,
+            writes_held: false,
             journal: request.journal.clone(),
             lineage: target
                 .holder
@@ -416,12 +419,16 @@ impl MigrationEnv for JobEnv {
             .send_extents(&image, &extents)
             .map_err(JobError::Transfer)?;
         self.sender.sync().map_err(JobError::Transfer)?;
-        // Synced at the destination: a crash from here on need not resend these.
-        self.tracker.settle(blocks);
         let elapsed_ns = self.clock.now_ns() - started;
         if elapsed_ns > 0 {
             let bytes = (stats.data_bytes + stats.zero_bytes) as f64;
             self.copy_bytes_per_s = Some(bytes * 1e9 / elapsed_ns as f64);
+        }
+        if !self.writes_held {
+            // Synced at the destination: a crash from here on need not resend these. Not in
+            // the switchover (the log's compaction would lengthen the pause; the tracker
+            // goes with the commit), and not in the copy time the forecast measures.
+            self.tracker.settle(blocks);
         }
         Ok(SendOutcome {
             bytes_data: stats.data_bytes,
@@ -431,6 +438,7 @@ impl MigrationEnv for JobEnv {
     }
 
     fn hold_writes(&mut self) -> Result<(), JobError> {
+        self.writes_held = true;
         self.export.hold_writes();
         if self.export.wait_drained(DRAIN_TIMEOUT) {
             Ok(())
@@ -440,6 +448,7 @@ impl MigrationEnv for JobEnv {
     }
 
     fn release_writes(&mut self) {
+        self.writes_held = false;
         self.export.release_writes();
     }
 

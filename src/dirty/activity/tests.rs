@@ -142,14 +142,27 @@ fn settled_blocks_leave_the_log_at_the_next_compaction() {
     tracker.merge(&all);
     let taken = tracker.take_and_clear();
     let path = logfile::log_path(dir.path(), "d");
-    assert_eq!(logfile::replay(&path, &geometry()).expect("replay").set.count(), 1000);
+    assert_eq!(
+        logfile::replay(&path, &geometry())
+            .expect("replay")
+            .set
+            .count(),
+        1000
+    );
     let mut half = DirtySet::empty(GRANULARITY, DISK_BYTES);
     half.insert_range(0, 500);
     tracker.settle(&half);
     let replayed = logfile::replay(&path, &geometry()).expect("replay");
-    assert_eq!(replayed.set.count(), 500, "compacted without the settled half");
+    assert_eq!(
+        replayed.set.count(),
+        500,
+        "compacted without the settled half"
+    );
     tracker.settle(&taken);
-    assert!(logfile::replay(&path, &geometry()).expect("replay").set.is_empty());
+    assert!(logfile::replay(&path, &geometry())
+        .expect("replay")
+        .set
+        .is_empty());
 }
 
 #[test]

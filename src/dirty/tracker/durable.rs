@@ -92,12 +92,18 @@ impl Tracker {
             return;
         };
         let compact = log.exclusive(|| {
-            let mut take = self.last_take.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut take = self
+                .last_take
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             let Some(take) = take.as_mut() else {
                 return false;
             };
             take.remove_all(sent);
-            let settled = self.settled_blocks.fetch_add(sent.count(), Ordering::Relaxed) + sent.count();
+            let settled = self
+                .settled_blocks
+                .fetch_add(sent.count(), Ordering::Relaxed)
+                + sent.count();
             settled * 8 >= self.take_blocks.load(Ordering::Relaxed)
         });
         if compact {

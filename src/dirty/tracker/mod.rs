@@ -389,7 +389,15 @@ impl Tracker {
             self.bitmap.or_word(word, bits);
         }
         if let Some(log) = self.log.get() {
-            if !log.merged(self, set) {
+            // Bits a pass gives back come from the last take, which the log covers already:
+            // no append (a deferred switchover merges with writes held).
+            let covered = self
+                .last_take
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .as_ref()
+                .is_some_and(|take| set.count_not_in(take) == 0);
+            if !covered && !log.merged(self, set) {
                 self.mark_lost();
             }
         }
