@@ -4,8 +4,15 @@
 //! (zeroed) the first time a cell in it is written through [`Chunked::get_or_install`];
 //! reading a cell of a missing chunk reads zero without allocating. Chunks hang off a
 //! two-level directory: a top array of `ceil(len / (N * NODE_CHUNKS))` lazily filled node
-//! slots, each node holding [`NODE_CHUNKS`] lazily filled chunk slots. An empty array of 2^32
-//! cells at 512 cells per chunk costs a top array of 256 slots (2 KiB).
+//! slots, each node holding [`NODE_CHUNKS`] lazily filled chunk slots. An empty array of 2^26
+//! cells (a bitmap of 2^32 blocks) at 16 cells per chunk costs a top array of 8192 slots (64
+//! KiB).
+//!
+//! Memory when writes are spread uniformly: once every node is installed (a node covers
+//! `N * NODE_CHUNKS` cells, so a few writes per node suffice), the directory costs 8 bytes per
+//! chunk slot of the whole array, whatever `NODE_CHUNKS` is, plus each chunk touched. Small
+//! chunks waste less on cells never written but raise that per-slot cost, so users pick `N`
+//! with both in view (see `bitmap.rs`).
 //!
 //! Invariants:
 //! - Installing is lock-free: a slot is filled by `compare_exchange` from null
@@ -107,9 +114,21 @@ impl<T: Default, const N: usize> Chunked<T, N> {
 
     /// Cell `index`, if its chunk is installed (a missing chunk reads as all zero).
     pub fn get(&self, index: u64) -> Option<&T> {
+        self.get_or_gap(index).ok()
+    }
+
+    /// Cell `index`, or, when its chunk is missing, `Err` with the first index past the
+    /// missing chunk or, when the whole node is missing, past the node (capped at `len`), so
+    /// a scan of never-written space skips a node per step rather than a chunk.
+    pub fn get_or_gap(&self, index: u64) -> Result<&T, u64> {
         let (node, slot, cell) = self.split(index);
-        let chunk = self.nodes[node].get()?.chunks[slot].get()?;
-        Some(&chunk.cells[cell])
+        let Some(chunks) = self.nodes[node].get() else {
+            return Err(((index / Self::NODE_LEN + 1) * Self::NODE_LEN).min(self.len));
+        };
+        match chunks.chunks[slot].get() {
+            Some(chunk) => Ok(&chunk.cells[cell]),
+            None => Err(((index / Self::CHUNK_LEN + 1) * Self::CHUNK_LEN).min(self.len)),
+        }
     }
 
     /// Cell `index` and its chunk, installing the chunk (zeroed) if needed.
@@ -192,6 +211,20 @@ mod tests {
         assert_eq!(array.get(17).map(|c| c.load(Ordering::Relaxed)), Some(5));
         assert_eq!(array.get(18).map(|c| c.load(Ordering::Relaxed)), Some(0));
         assert!(array.chunk(3).is_none());
+        // A missing chunk in an installed node skips one chunk; a missing node skips the node.
+        assert_eq!(array.get_or_gap(30).err(), Some(32));
+        let array_of_nodes: Chunked<AtomicU64, 8> = Chunked::new(3 * 8 * NODE_CHUNKS as u64 + 5);
+        array_of_nodes.get_or_install(0);
+        assert_eq!(array_of_nodes.get_or_gap(9).err(), Some(16));
+        let node_len = 8 * NODE_CHUNKS as u64;
+        assert_eq!(
+            array_of_nodes.get_or_gap(node_len + 1).err(),
+            Some(2 * node_len)
+        );
+        assert_eq!(
+            array_of_nodes.get_or_gap(3 * node_len).err(),
+            Some(3 * node_len + 5)
+        );
         assert!(array.allocated_bytes() > empty);
         assert_eq!(array.allocated_bytes(), array.allocated_bytes_walked());
     }

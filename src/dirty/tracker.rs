@@ -162,7 +162,7 @@ impl Tracker {
                 granularity_bytes: spec.granularity_bytes,
             });
         }
-        let heat_shift = heat_shift_for(spec.granularity_bytes);
+        let heat_shift = heat_shift_for(spec.granularity_bytes, disk_bytes);
         Ok(Self {
             granularity_shift: spec.granularity_bytes.trailing_zeros(),
             granularity_bytes: spec.granularity_bytes,

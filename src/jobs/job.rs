@@ -382,7 +382,10 @@ impl MigrationEnv for JobEnv {
             if tracker.granularity_bytes() == granularity {
                 snapshot.merge_max(&other);
             } else {
-                snapshot.merge_max(&other.to_granularity(tracker.granularity_bytes(), granularity));
+                let disk_bytes = tracker.disk_bytes();
+                let other =
+                    other.to_granularity(tracker.granularity_bytes(), granularity, disk_bytes);
+                snapshot.merge_max(&other);
             }
         }
         snapshot
