@@ -10,8 +10,9 @@
 //! Why chunks this small: under writes scattered uniformly (many exports, random I/O), nearly
 //! every chunk is touched once the writes outnumber the chunks, so memory is about
 //! `chunks touched x chunk size + 8 bytes x chunk slots` (the directory; see `chunked.rs`).
-//! 4096 random writes on a 256 GiB disk at 4 KiB touch ~4000 chunks: 512-word chunks cost
-//! ~7 MiB, 16-word ones ~1.1 MiB (half of it directory), and 8- or 32-word ones more again.
+//! 4096 random writes on a 256 GiB disk at 4 KiB cost ~7 MiB in 512-word chunks (most of the
+//! 2048 touched), ~1.1 MiB in 16-word ones (~4000 of 65536 touched, half the cost directory),
+//! and more again in 8-word (directory) or 32-word (chunks) ones.
 //!
 //! Invariants:
 //! - A bit is set ([`DirtyBitmap::mark`]) only after the write it stands for has completed,

@@ -35,9 +35,8 @@ pub const MAX_GRANULARITY_BYTES: u64 = 64 << 20;
 pub const DEFAULT_HALF_LIFE_MS: u64 = 30_000;
 /// Longest heat half-life accepted: 365 days.
 pub const MAX_HALF_LIFE_MS: u64 = 365 * 24 * 3600 * 1000;
-/// Most blocks one tracker may have. Trackers are sparse now; the bound stays for the
-/// journal (a dense block set must fit a record body) and for a lost tracker, whose bitmap is
-/// all installed (2^32 blocks: 512 MiB).
+/// Most blocks one tracker may have. Trackers are sparse now (and a lost one is a flag); the
+/// bound stays for the journal (a dense block set must fit a record body).
 pub const MAX_BLOCK_COUNT: u64 = 1 << 32;
 /// Most runs [`Tracker::dirty_runs`] returns; the NBD client asks again for the rest.
 pub const MAX_DIRTY_RUNS: usize = 1024;
