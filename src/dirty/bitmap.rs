@@ -3,9 +3,10 @@
 //! Storage is sparse ([`Chunked`]): a chunk of [`CHUNK_WORDS`] words (1 Ki blocks, 128 bytes
 //! and its hint) is allocated on the first mark inside it, so an empty tracker of a 64 TiB disk
 //! at 64 KiB costs its 16 KiB directory top and memory follows the regions written. A sweep
-//! ([`DirtyBitmap::take_into`]) visits only installed chunks whose hint says they may hold
-//! bits, so taking a sparse set from a huge disk touches only the chunks written since the
-//! last take (and walks the directory's slots, 8 bytes per chunk: 8 MiB at 2^30 blocks).
+//! ([`DirtyBitmap::take_into`]) walks only directory nodes whose hint is set and visits only
+//! installed chunks whose hint says they may hold bits, so taking a sparse set from a huge
+//! disk touches only the nodes and chunks written since the last take (at worst reading the
+//! slots of every node, 8 bytes per chunk: 8 MiB at 2^30 blocks).
 //!
 //! Why chunks this small: under writes scattered uniformly (many exports, random I/O), nearly
 //! every chunk is touched once the writes outnumber the chunks, so memory is about
@@ -30,6 +31,12 @@
 //!   leaves the hint alone: whoever made the word nonzero set it, and a sweep that took those
 //!   bits took ours too (both RMWs on one word are ordered), or our `fetch_or` came after the
 //!   sweep's swap and found zero.
+//! - The node hint (one per directory node, [`Chunked::hinted_chunks`]) is the same protocol
+//!   one level up, with chunk hints in the place of words: a marker whose chunk-hint swap
+//!   found it clear then sets the node hint with an RMW (`swap(true, Release)`); a sweep
+//!   clears the node hint (`swap(false, Acquire)`) before it swaps the node's chunk hints,
+//!   and skips a node whose hint was clear. So a sweep after a quiet period reads one flag
+//!   per node, not every chunk slot.
 //! - Chunks are never freed while the bitmap lives (see `chunked.rs`): memory is proportional
 //!   to the regions written over the tracker's life, and a sweep never races a free.
 //! - "Every block dirty" (a lost tracker, [`DirtyBitmap::mark_all`]) is one flag, not bits:
@@ -167,14 +174,17 @@ impl DirtyBitmap {
     }
 
     /// ORs `mask` into word `word` with `Release`, installing its chunk, and sets the chunk
-    /// hint when the word was zero (see the module docs).
+    /// hint when the word was zero, and the node hint when the chunk hint was clear (see the
+    /// module docs).
     fn publish(&self, word: u64, mask: u64) {
-        let (chunk, cell) = self.words.get_or_install(word);
+        let installed = self.words.get_or_install(word);
         // Release: a pass that observes these bits also observes the completed writes.
-        if cell.fetch_or(mask, Ordering::Release) == 0 {
-            // An RMW, not a store: it continues the release sequence of an earlier marker's
+        if installed.cell.fetch_or(mask, Ordering::Release) == 0 {
+            // RMWs, not stores: each continues the release sequence of an earlier marker's
             // hint, so a sweep reading ours synchronizes with that marker too.
-            chunk.hint.swap(true, Ordering::Release);
+            if !installed.chunk.hint.swap(true, Ordering::Release) {
+                installed.node_hint.swap(true, Ordering::Release);
+            }
         }
     }
 
@@ -307,7 +317,7 @@ impl DirtyBitmap {
     }
 
     /// Takes and clears every dirty word into `set` (same block count), chunk by chunk,
-    /// skipping chunks whose hint is clear; see [`DirtyBitmap::take_word`] and the module docs.
+    /// skipping nodes and chunks whose hint is clear; see [`DirtyBitmap::take_word`] and the module docs.
     pub fn take_into(&self, set: &mut DirtySet) {
         assert_eq!(
             set.block_count(),
@@ -319,7 +329,7 @@ impl DirtyBitmap {
         if self.all_dirty.swap(false, Ordering::Acquire) {
             set.insert_range(0, self.block_count);
         }
-        for (number, chunk) in self.words.chunks() {
+        for (number, chunk) in self.words.hinted_chunks() {
             // Acquire: pairs with the hint RMW of the marker that made a word nonzero.
             if !chunk.hint.swap(false, Ordering::Acquire) {
                 continue;

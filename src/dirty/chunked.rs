@@ -25,8 +25,11 @@
 //!   touched over the array's life. Freeing one safely would need every reader and writer to
 //!   be quiescent (a writer may hold a reference to a cell of it); dropping the whole array is
 //!   the one quiescent point, and `Drop` is ordinary ownership.
-//! - Each chunk carries a `hint` flag its user may set when a chunk becomes non-empty, so a
-//!   sweep can skip chunks with nothing to take (see `bitmap.rs` for the protocol).
+//! - Each chunk carries a `hint` flag its user may set when a chunk becomes non-empty, and each
+//!   node a `hint` its user may set when one of its chunk hints becomes set, so a sweep
+//!   ([`Chunked::hinted_chunks`]) skips whole nodes, then chunks, with nothing to take (see
+//!   `bitmap.rs` for the protocol). Without the node hint a sweep of a fully installed
+//!   directory reads every chunk slot even when nothing was written since the last one.
 //! - `installed_bytes` counts the nodes and chunks installed, each by the thread that won its
 //!   slot (a loser's allocation is freed and not counted), so [`Chunked::allocated_bytes`] is
 //!   one load, cheap enough for every listing and `/metrics` scrape. `Relaxed`: it is a
@@ -48,9 +51,21 @@ pub struct Chunk<T, const N: usize> {
     pub cells: [T; N],
 }
 
-/// A node of the directory: [`NODE_CHUNKS`] chunk slots.
+/// A node of the directory: [`NODE_CHUNKS`] chunk slots and their hint.
 struct Node<T, const N: usize> {
+    /// Set by writers when a chunk hint of this node became set; cleared by a sweep.
+    hint: AtomicBool,
     chunks: [OnceBox<Chunk<T, N>>; NODE_CHUNKS],
+}
+
+/// A cell reached for writing ([`Chunked::get_or_install`]), with the hints above it.
+pub struct Installed<'a, T, const N: usize> {
+    /// The hint of the node holding the chunk.
+    pub node_hint: &'a AtomicBool,
+    /// The chunk holding the cell.
+    pub chunk: &'a Chunk<T, N>,
+    /// The cell.
+    pub cell: &'a T,
 }
 
 /// A lazily allocated array of `len` atomic cells; see the module docs.
@@ -131,17 +146,23 @@ impl<T: Default, const N: usize> Chunked<T, N> {
         }
     }
 
-    /// Cell `index` and its chunk, installing the chunk (zeroed) if needed.
-    pub fn get_or_install(&self, index: u64) -> (&Chunk<T, N>, &T) {
+    /// Cell `index`, its chunk and its node's hint, installing the node and chunk (zeroed) if
+    /// needed.
+    pub fn get_or_install(&self, index: u64) -> Installed<'_, T, N> {
         let (node, slot, cell) = self.split(index);
         let node = self.install(&self.nodes[node], || Node {
+            hint: AtomicBool::new(false),
             chunks: std::array::from_fn(|_| OnceBox::new()),
         });
         let chunk = self.install(&node.chunks[slot], || Chunk {
             hint: AtomicBool::new(false),
             cells: std::array::from_fn(|_| T::default()),
         });
-        (chunk, &chunk.cells[cell])
+        Installed {
+            node_hint: &node.hint,
+            chunk,
+            cell: &chunk.cells[cell],
+        }
     }
 
     /// The value in `slot`, made by `make` and installed if empty; counts the bytes when this
@@ -165,6 +186,23 @@ impl<T: Default, const N: usize> Chunked<T, N> {
             .iter()
             .enumerate()
             .filter_map(|(node, slot)| Some((node, slot.get()?)))
+            .flat_map(|(node, chunks)| {
+                let first = node as u64 * NODE_CHUNKS as u64;
+                (first..)
+                    .zip(chunks.chunks.iter())
+                    .filter_map(|(number, slot)| Some((number, slot.get()?)))
+            })
+    }
+
+    /// Installed chunks of the nodes whose hint was set, as `(chunk number, chunk)` in
+    /// increasing order, clearing each node hint (`swap(false, Acquire)`, pairing with the
+    /// writer's `Release` RMW that set it) before walking the node's slots.
+    pub fn hinted_chunks(&self) -> impl Iterator<Item = (u64, &Chunk<T, N>)> + '_ {
+        self.nodes
+            .iter()
+            .enumerate()
+            .filter_map(|(node, slot)| Some((node, slot.get()?)))
+            .filter(|(_, chunks)| chunks.hint.swap(false, Ordering::Acquire))
             .flat_map(|(node, chunks)| {
                 let first = node as u64 * NODE_CHUNKS as u64;
                 (first..)
@@ -203,9 +241,9 @@ mod tests {
         assert!(array.get(9_999).is_none());
         assert_eq!(array.chunks().count(), 0);
         let empty = array.allocated_bytes();
-        array.get_or_install(17).1.store(5, Ordering::Relaxed);
-        array.get_or_install(9_999).1.store(6, Ordering::Relaxed);
-        array.get_or_install(16).1.store(7, Ordering::Relaxed);
+        array.get_or_install(17).cell.store(5, Ordering::Relaxed);
+        array.get_or_install(9_999).cell.store(6, Ordering::Relaxed);
+        array.get_or_install(16).cell.store(7, Ordering::Relaxed);
         let numbers: Vec<u64> = array.chunks().map(|(n, _)| n).collect();
         assert_eq!(numbers, vec![2, 1249]);
         assert_eq!(array.get(17).map(|c| c.load(Ordering::Relaxed)), Some(5));
@@ -225,6 +263,17 @@ mod tests {
             array_of_nodes.get_or_gap(3 * node_len).err(),
             Some(3 * node_len + 5)
         );
+        // Only nodes whose hint is set are walked, and walking clears the hint.
+        array_of_nodes.get_or_install(2 * node_len + 1);
+        let installed = array_of_nodes.get_or_install(2 * node_len + 9);
+        installed.node_hint.store(true, Ordering::Relaxed);
+        let hinted: Vec<u64> = array_of_nodes.hinted_chunks().map(|(n, _)| n).collect();
+        assert_eq!(
+            hinted,
+            vec![2 * NODE_CHUNKS as u64, 2 * NODE_CHUNKS as u64 + 1]
+        );
+        assert_eq!(array_of_nodes.hinted_chunks().count(), 0);
+        assert_eq!(array_of_nodes.chunks().count(), 3);
         assert!(array.allocated_bytes() > empty);
         assert_eq!(array.allocated_bytes(), array.allocated_bytes_walked());
     }
@@ -240,7 +289,7 @@ mod tests {
                     for index in 0..array.len() {
                         array
                             .get_or_install(index)
-                            .1
+                            .cell
                             .fetch_add(1, Ordering::Relaxed);
                     }
                 });

@@ -215,7 +215,7 @@ impl Heat {
 
     /// Counts one write to `region` at `epoch` (from [`Heat::epoch`]); installs its chunk.
     pub fn bump(&self, region: u64, epoch: u32) {
-        let (_, cell) = self.cells.get_or_install(region);
+        let cell = self.cells.get_or_install(region).cell;
         // Relaxed load + store, not a CAS loop: a racing bump may be lost, which only makes
         // the region look a little cooler (see module docs), and the hot path stays one load
         // and at most one store.
@@ -239,7 +239,7 @@ impl Heat {
         if count == 0 && self.cells.get(region).is_none() {
             return;
         }
-        let (_, cell) = self.cells.get_or_install(region);
+        let cell = self.cells.get_or_install(region).cell;
         cell.store(pack(count, epoch), Ordering::Relaxed);
     }
 
