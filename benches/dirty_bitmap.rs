@@ -16,6 +16,7 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use ferry::dirty::bitmap::CHUNK_WORDS;
 use ferry::dirty::{DirtyBitmap, Tracker, TrackerSet, TrackerSpec};
 use ferry::env::{Clock, MonotonicClock};
 
@@ -160,8 +161,8 @@ fn bench_tracker_set(c: &mut Criterion) {
 fn bench_mark_chunk(c: &mut Criterion) {
     let mut group = c.benchmark_group("mark_chunk");
     let blocks = 1u64 << 32;
-    // 32 Ki blocks per chunk: marking the first block of chunk after chunk installs each one.
-    let chunk_blocks = 1u64 << 15;
+    // Marking the first block of chunk after chunk installs each one.
+    let chunk_blocks = CHUNK_WORDS as u64 * 64;
     group.bench_function("hot", |b| {
         let bitmap = DirtyBitmap::new(blocks);
         bitmap.mark(0);

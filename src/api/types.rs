@@ -234,8 +234,8 @@ pub struct HeatMap {
     pub block_count: u64,
     /// Bytes of the export per cell (rounded up).
     pub cell_bytes: u64,
-    /// Hottest heat (0..=255) within each cell, in disk order (heat is kept per 1 MiB region,
-    /// so cells finer than a region repeat its heat).
+    /// Hottest heat (0..=255) within each cell, in disk order (heat is kept per region of
+    /// 1 MiB or more, see `heat_shift_for`, so cells finer than a region repeat its heat).
     pub cells: Vec<u8>,
     /// `(heat lower bound, blocks)` per heat bucket, coldest first; see
     /// [`crate::dirty::heat::HEAT_BUCKET_LOWER_BOUNDS`].

@@ -179,7 +179,7 @@ impl ActivityLog {
     }
 
     fn cell(&self, extent: u64) -> &AtomicU32 {
-        self.cells.get_or_install(extent).1
+        self.cells.get_or_install(extent).cell
     }
 
     /// Enters an open extent without waiting; false when it is closed or being closed.

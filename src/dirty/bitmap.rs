@@ -1,10 +1,19 @@
 //! Dirty bitmaps: one bit per block, set after a guest write completes, taken by a copier.
 //!
-//! Storage is sparse ([`Chunked`]): a chunk of [`CHUNK_WORDS`] words (32 Ki blocks, 4 KiB) is
-//! allocated on the first mark inside it, so an empty tracker of a 64 TiB disk costs a few KiB
-//! and memory follows the regions written. A sweep ([`DirtyBitmap::take_into`]) visits only
+//! Storage is sparse ([`Chunked`]): a chunk of [`CHUNK_WORDS`] words (1 Ki blocks, 128 bytes
+//! and its hint) is allocated on the first mark inside it, so an empty tracker of a 64 TiB disk
+//! at 64 KiB costs its 16 KiB directory top and memory follows the regions written. A sweep
+//! ([`DirtyBitmap::take_into`]) walks only directory nodes whose hint is set and visits only
 //! installed chunks whose hint says they may hold bits, so taking a sparse set from a huge
-//! disk touches only the chunks written since the last take.
+//! disk touches only the nodes and chunks written since the last take (at worst reading the
+//! slots of every node, 8 bytes per chunk: 8 MiB at 2^30 blocks).
+//!
+//! Why chunks this small: under writes scattered uniformly (many exports, random I/O), nearly
+//! every chunk is touched once the writes outnumber the chunks, so memory is about
+//! `chunks touched x chunk size + 8 bytes x chunk slots` (the directory; see `chunked.rs`).
+//! 4096 random writes on a 256 GiB disk at 4 KiB cost ~7 MiB in 512-word chunks (most of the
+//! 2048 touched), ~1.1 MiB in 16-word ones (~4000 of 65536 touched, half the cost directory),
+//! and more again in 8-word (directory) or 32-word (chunks) ones.
 //!
 //! Invariants:
 //! - A bit is set ([`DirtyBitmap::mark`]) only after the write it stands for has completed,
@@ -22,22 +31,37 @@
 //!   leaves the hint alone: whoever made the word nonzero set it, and a sweep that took those
 //!   bits took ours too (both RMWs on one word are ordered), or our `fetch_or` came after the
 //!   sweep's swap and found zero.
+//! - The node hint (one per directory node, [`Chunked::hinted_chunks`]) is the same protocol
+//!   one level up, with chunk hints in the place of words: a marker whose chunk-hint swap
+//!   found it clear then sets the node hint with an RMW (`swap(true, Release)`); a sweep
+//!   clears the node hint (`swap(false, Acquire)`) before it swaps the node's chunk hints,
+//!   and skips a node whose hint was clear. So a sweep after a quiet period reads one flag
+//!   per node, not every chunk slot.
 //! - Chunks are never freed while the bitmap lives (see `chunked.rs`): memory is proportional
 //!   to the regions written over the tracker's life, and a sweep never races a free.
+//! - "Every block dirty" (a lost tracker, [`DirtyBitmap::mark_all`]) is one flag, not bits:
+//!   while it is set every block reads dirty whatever the words say, so losing a 16 TiB
+//!   tracker installs nothing. It is set with `Release` after the bits it stands for would
+//!   have been, and a sweep takes it with `swap(false, Acquire)` like a word (taking the whole
+//!   range) before it sweeps the words, so a mark after the sweep's swap lands in a word for
+//!   the next pass. Anything that must take single words ([`DirtyBitmap::take_word`]) first
+//!   turns the flag into bits, setting every word before clearing the flag, so no block is
+//!   ever clean in between (a racing sweep may take some twice: a harmless extra copy).
 //! - Bits at or past `block_count` are never set: marking an out-of-range block is a bug
 //!   and panics (a write past the end of an export was validated away long before).
 //! - On disk and on the wire, words are little-endian `u64`, block `b` is bit `b % 64` of
 //!   word `b / 64`.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use super::chunked::Chunked;
 pub use super::set::{valid_mask, word_count_for, DirtySet, WORD_BITS};
 use super::MAX_BLOCK_COUNT;
 use crate::codec;
 
-/// Words per bitmap chunk: 32 Ki blocks, 4 KiB, allocated on the first mark inside it.
-pub const CHUNK_WORDS: usize = 512;
+/// Words per bitmap chunk: 1 Ki blocks, 128 bytes, allocated on the first mark inside it
+/// (see the module docs for why this size).
+pub const CHUNK_WORDS: usize = 16;
 
 /// A bitmap read from a file or the wire that cannot be taken.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -111,6 +135,8 @@ pub fn read_le_words(
 pub struct DirtyBitmap {
     words: Chunked<AtomicU64, CHUNK_WORDS>,
     block_count: u64,
+    /// Every block is dirty, whatever the words say (see the module docs).
+    all_dirty: AtomicBool,
 }
 
 impl DirtyBitmap {
@@ -119,6 +145,7 @@ impl DirtyBitmap {
         Self {
             words: Chunked::new(word_count_for(block_count)),
             block_count,
+            all_dirty: AtomicBool::new(false),
         }
     }
 
@@ -147,14 +174,17 @@ impl DirtyBitmap {
     }
 
     /// ORs `mask` into word `word` with `Release`, installing its chunk, and sets the chunk
-    /// hint when the word was zero (see the module docs).
+    /// hint when the word was zero, and the node hint when the chunk hint was clear (see the
+    /// module docs).
     fn publish(&self, word: u64, mask: u64) {
-        let (chunk, cell) = self.words.get_or_install(word);
+        let installed = self.words.get_or_install(word);
         // Release: a pass that observes these bits also observes the completed writes.
-        if cell.fetch_or(mask, Ordering::Release) == 0 {
-            // An RMW, not a store: it continues the release sequence of an earlier marker's
+        if installed.cell.fetch_or(mask, Ordering::Release) == 0 {
+            // RMWs, not stores: each continues the release sequence of an earlier marker's
             // hint, so a sweep reading ours synchronizes with that marker too.
-            chunk.hint.swap(true, Ordering::Release);
+            if !installed.chunk.hint.swap(true, Ordering::Release) {
+                installed.node_hint.swap(true, Ordering::Release);
+            }
         }
     }
 
@@ -199,24 +229,43 @@ impl DirtyBitmap {
     /// Reads one word without clearing it (status reports); 0 when its chunk is missing.
     pub fn load_word(&self, word: u64) -> u64 {
         // Acquire: pairs with `mark`'s Release, as `take_word` does.
-        self.words
+        let bits = self
+            .words
             .get(word)
-            .map_or(0, |cell| cell.load(Ordering::Acquire))
+            .map_or(0, |cell| cell.load(Ordering::Acquire));
+        bits | self.all_dirty_mask(word)
     }
 
-    /// Word `word`, or, when its chunk was never written (all clean), `Err` with the first
-    /// word of the next chunk (so a scan of clean space skips whole chunks).
-    pub fn word_or_gap(&self, word: u64) -> Result<u64, u64> {
-        match self.words.get(word) {
-            // Acquire: pairs with `mark`'s Release.
-            Some(cell) => Ok(cell.load(Ordering::Acquire)),
-            None => Err((word / CHUNK_WORDS as u64 + 1) * CHUNK_WORDS as u64),
+    /// Every valid bit of `word` while the all-dirty flag is set, else 0.
+    fn all_dirty_mask(&self, word: u64) -> u64 {
+        // Acquire: pairs with `mark_all`'s Release, as the words' loads do.
+        if self.all_dirty.load(Ordering::Acquire) {
+            valid_mask(word, self.block_count)
+        } else {
+            0
         }
     }
 
+    /// Word `word`, or, when its chunk was never written (all clean), `Err` with the first
+    /// word past the clean space around it (the chunk, or its whole directory node), so a
+    /// scan of clean space skips whole chunks or nodes.
+    pub fn word_or_gap(&self, word: u64) -> Result<u64, u64> {
+        if self.all_dirty.load(Ordering::Acquire) {
+            return Ok(self.load_word(word));
+        }
+        // Acquire: pairs with `mark`'s Release.
+        self.words
+            .get_or_gap(word)
+            .map(|cell| cell.load(Ordering::Acquire))
+    }
+
     /// Takes and clears one word; later writes set bits again for the next pass. The chunk
-    /// hint is left set (a later sweep finds nothing there, which is harmless).
+    /// hint is left set (a later sweep finds nothing there, which is harmless). When every
+    /// block is dirty, the flag is first turned into bits (installing every chunk).
     pub fn take_word(&self, word: u64) -> u64 {
+        if self.all_dirty.load(Ordering::Acquire) {
+            self.expand_all_dirty();
+        }
         // Acquire: the pass then reads blocks whose writes completed before their marks.
         self.words
             .get(word)
@@ -238,15 +287,28 @@ impl DirtyBitmap {
         }
     }
 
-    /// Marks every block dirty (a tracker whose history was lost); installs every chunk.
+    /// Marks every block dirty (a tracker whose history was lost): sets the all-dirty flag,
+    /// allocating nothing.
     pub fn mark_all(&self) {
+        // Release: a sweep that takes the flag sees what was done before (as for a bit).
+        self.all_dirty.store(true, Ordering::Release);
+    }
+
+    /// Turns the all-dirty flag into bits: every word set, then the flag cleared, so each
+    /// block stays dirty throughout (see the module docs).
+    fn expand_all_dirty(&self) {
         for word in 0..self.word_count() {
             self.or_word(word, valid_mask(word, self.block_count));
         }
+        // Acquire: whoever set the flag happens-before the bits we just published.
+        self.all_dirty.swap(false, Ordering::Acquire);
     }
 
     /// Number of dirty blocks now (a racy count while writes go on); visits installed chunks.
     pub fn count(&self) -> u64 {
+        if self.all_dirty.load(Ordering::Acquire) {
+            return self.block_count;
+        }
         self.words
             .chunks()
             .flat_map(|(_, chunk)| chunk.cells.iter())
@@ -255,14 +317,19 @@ impl DirtyBitmap {
     }
 
     /// Takes and clears every dirty word into `set` (same block count), chunk by chunk,
-    /// skipping chunks whose hint is clear; see [`DirtyBitmap::take_word`] and the module docs.
+    /// skipping nodes and chunks whose hint is clear; see [`DirtyBitmap::take_word`] and the module docs.
     pub fn take_into(&self, set: &mut DirtySet) {
         assert_eq!(
             set.block_count(),
             self.block_count,
             "take into another geometry"
         );
-        for (number, chunk) in self.words.chunks() {
+        // Acquire: pairs with `mark_all`'s Release. Taken before the words: a mark after this
+        // swap lands in a word this sweep or the next one takes.
+        if self.all_dirty.swap(false, Ordering::Acquire) {
+            set.insert_range(0, self.block_count);
+        }
+        for (number, chunk) in self.words.hinted_chunks() {
             // Acquire: pairs with the hint RMW of the marker that made a word nonzero.
             if !chunk.hint.swap(false, Ordering::Acquire) {
                 continue;
@@ -285,6 +352,9 @@ impl DirtyBitmap {
             self.block_count,
             "load into another geometry"
         );
+        if self.all_dirty.load(Ordering::Acquire) {
+            set.insert_range(0, self.block_count);
+        }
         for (number, chunk) in self.words.chunks() {
             let base = number * CHUNK_WORDS as u64;
             for (word, cell) in (base..).zip(chunk.cells.iter()) {
@@ -402,7 +472,7 @@ mod tests {
         // the empty footprint, mark 3 far-apart blocks, take them, take again (hint skip).
         let bitmap = DirtyBitmap::new(1 << 32);
         assert!(
-            bitmap.allocated_bytes() <= 4096,
+            bitmap.allocated_bytes() <= 64 << 10,
             "{}",
             bitmap.allocated_bytes()
         );
@@ -441,5 +511,38 @@ mod tests {
             assert_eq!(bitmap.count(), block_count);
             assert_eq!(take(&bitmap).count(), block_count);
         }
+    }
+
+    #[test]
+    fn all_dirty_is_a_flag_that_takes_and_marks_like_bits() {
+        // Goal: a lost 2^32-block bitmap allocates nothing, reads all dirty, takes once, and
+        // keeps later marks; take_word turns it into bits. Method: probe each reader.
+        let bitmap = DirtyBitmap::new(1 << 32);
+        bitmap.mark(7);
+        let before = bitmap.allocated_bytes();
+        bitmap.mark_all();
+        assert_eq!(bitmap.allocated_bytes(), before);
+        assert!(bitmap.is_dirty(1 << 31));
+        assert_eq!(bitmap.count(), 1 << 32);
+        assert_eq!(bitmap.word_or_gap(1 << 20), Ok(u64::MAX));
+        let mut peek = DirtySet::empty(4096, (1 << 32) * 4096);
+        bitmap.load_into(&mut peek);
+        assert_eq!(peek.count(), 1 << 32);
+        assert_eq!(take(&bitmap).count(), 1 << 32);
+        assert_eq!(take(&bitmap).count(), 0);
+        assert!(!bitmap.is_dirty(7));
+        // Marks during and after the flag are taken like any other.
+        bitmap.mark_all();
+        bitmap.mark(9);
+        assert_eq!(take(&bitmap).count(), 1 << 32);
+        bitmap.mark(11);
+        assert_eq!(take(&bitmap).iter_blocks().collect::<Vec<_>>(), vec![11]);
+        // take_word: the flag becomes bits, the other words stay dirty.
+        let small = DirtyBitmap::new(200);
+        small.mark_all();
+        assert_eq!(small.take_word(1), u64::MAX);
+        assert_eq!(small.count(), 200 - 64);
+        assert_eq!(small.load_word(3), valid_mask(3, 200));
+        assert_eq!(take(&small).count(), 200 - 64);
     }
 }

@@ -4,8 +4,15 @@
 //! (zeroed) the first time a cell in it is written through [`Chunked::get_or_install`];
 //! reading a cell of a missing chunk reads zero without allocating. Chunks hang off a
 //! two-level directory: a top array of `ceil(len / (N * NODE_CHUNKS))` lazily filled node
-//! slots, each node holding [`NODE_CHUNKS`] lazily filled chunk slots. An empty array of 2^32
-//! cells at 512 cells per chunk costs a top array of 256 slots (2 KiB).
+//! slots, each node holding [`NODE_CHUNKS`] lazily filled chunk slots. An empty array of 2^26
+//! cells (a bitmap of 2^32 blocks) at 16 cells per chunk costs a top array of 8192 slots (64
+//! KiB).
+//!
+//! Memory when writes are spread uniformly: once every node is installed (a node covers
+//! `N * NODE_CHUNKS` cells, so a few writes per node suffice), the directory costs 8 bytes per
+//! chunk slot of the whole array, whatever `NODE_CHUNKS` is, plus each chunk touched. Small
+//! chunks waste less on cells never written but raise that per-slot cost, so users pick `N`
+//! with both in view (see `bitmap.rs`).
 //!
 //! Invariants:
 //! - Installing is lock-free: a slot is filled by `compare_exchange` from null
@@ -18,8 +25,11 @@
 //!   touched over the array's life. Freeing one safely would need every reader and writer to
 //!   be quiescent (a writer may hold a reference to a cell of it); dropping the whole array is
 //!   the one quiescent point, and `Drop` is ordinary ownership.
-//! - Each chunk carries a `hint` flag its user may set when a chunk becomes non-empty, so a
-//!   sweep can skip chunks with nothing to take (see `bitmap.rs` for the protocol).
+//! - Each chunk carries a `hint` flag its user may set when a chunk becomes non-empty, and each
+//!   node a `hint` its user may set when one of its chunk hints becomes set, so a sweep
+//!   ([`Chunked::hinted_chunks`]) skips whole nodes, then chunks, with nothing to take (see
+//!   `bitmap.rs` for the protocol). Without the node hint a sweep of a fully installed
+//!   directory reads every chunk slot even when nothing was written since the last one.
 //! - `installed_bytes` counts the nodes and chunks installed, each by the thread that won its
 //!   slot (a loser's allocation is freed and not counted), so [`Chunked::allocated_bytes`] is
 //!   one load, cheap enough for every listing and `/metrics` scrape. `Relaxed`: it is a
@@ -41,9 +51,21 @@ pub struct Chunk<T, const N: usize> {
     pub cells: [T; N],
 }
 
-/// A node of the directory: [`NODE_CHUNKS`] chunk slots.
+/// A node of the directory: [`NODE_CHUNKS`] chunk slots and their hint.
 struct Node<T, const N: usize> {
+    /// Set by writers when a chunk hint of this node became set; cleared by a sweep.
+    hint: AtomicBool,
     chunks: [OnceBox<Chunk<T, N>>; NODE_CHUNKS],
+}
+
+/// A cell reached for writing ([`Chunked::get_or_install`]), with the hints above it.
+pub struct Installed<'a, T, const N: usize> {
+    /// The hint of the node holding the chunk.
+    pub node_hint: &'a AtomicBool,
+    /// The chunk holding the cell.
+    pub chunk: &'a Chunk<T, N>,
+    /// The cell.
+    pub cell: &'a T,
 }
 
 /// A lazily allocated array of `len` atomic cells; see the module docs.
@@ -107,22 +129,40 @@ impl<T: Default, const N: usize> Chunked<T, N> {
 
     /// Cell `index`, if its chunk is installed (a missing chunk reads as all zero).
     pub fn get(&self, index: u64) -> Option<&T> {
-        let (node, slot, cell) = self.split(index);
-        let chunk = self.nodes[node].get()?.chunks[slot].get()?;
-        Some(&chunk.cells[cell])
+        self.get_or_gap(index).ok()
     }
 
-    /// Cell `index` and its chunk, installing the chunk (zeroed) if needed.
-    pub fn get_or_install(&self, index: u64) -> (&Chunk<T, N>, &T) {
+    /// Cell `index`, or, when its chunk is missing, `Err` with the first index past the
+    /// missing chunk or, when the whole node is missing, past the node (capped at `len`), so
+    /// a scan of never-written space skips a node per step rather than a chunk.
+    pub fn get_or_gap(&self, index: u64) -> Result<&T, u64> {
+        let (node, slot, cell) = self.split(index);
+        let Some(chunks) = self.nodes[node].get() else {
+            return Err(((index / Self::NODE_LEN + 1) * Self::NODE_LEN).min(self.len));
+        };
+        match chunks.chunks[slot].get() {
+            Some(chunk) => Ok(&chunk.cells[cell]),
+            None => Err(((index / Self::CHUNK_LEN + 1) * Self::CHUNK_LEN).min(self.len)),
+        }
+    }
+
+    /// Cell `index`, its chunk and its node's hint, installing the node and chunk (zeroed) if
+    /// needed.
+    pub fn get_or_install(&self, index: u64) -> Installed<'_, T, N> {
         let (node, slot, cell) = self.split(index);
         let node = self.install(&self.nodes[node], || Node {
+            hint: AtomicBool::new(false),
             chunks: std::array::from_fn(|_| OnceBox::new()),
         });
         let chunk = self.install(&node.chunks[slot], || Chunk {
             hint: AtomicBool::new(false),
             cells: std::array::from_fn(|_| T::default()),
         });
-        (chunk, &chunk.cells[cell])
+        Installed {
+            node_hint: &node.hint,
+            chunk,
+            cell: &chunk.cells[cell],
+        }
     }
 
     /// The value in `slot`, made by `make` and installed if empty; counts the bytes when this
@@ -146,6 +186,23 @@ impl<T: Default, const N: usize> Chunked<T, N> {
             .iter()
             .enumerate()
             .filter_map(|(node, slot)| Some((node, slot.get()?)))
+            .flat_map(|(node, chunks)| {
+                let first = node as u64 * NODE_CHUNKS as u64;
+                (first..)
+                    .zip(chunks.chunks.iter())
+                    .filter_map(|(number, slot)| Some((number, slot.get()?)))
+            })
+    }
+
+    /// Installed chunks of the nodes whose hint was set, as `(chunk number, chunk)` in
+    /// increasing order, clearing each node hint (`swap(false, Acquire)`, pairing with the
+    /// writer's `Release` RMW that set it) before walking the node's slots.
+    pub fn hinted_chunks(&self) -> impl Iterator<Item = (u64, &Chunk<T, N>)> + '_ {
+        self.nodes
+            .iter()
+            .enumerate()
+            .filter_map(|(node, slot)| Some((node, slot.get()?)))
+            .filter(|(_, chunks)| chunks.hint.swap(false, Ordering::Acquire))
             .flat_map(|(node, chunks)| {
                 let first = node as u64 * NODE_CHUNKS as u64;
                 (first..)
@@ -184,14 +241,39 @@ mod tests {
         assert!(array.get(9_999).is_none());
         assert_eq!(array.chunks().count(), 0);
         let empty = array.allocated_bytes();
-        array.get_or_install(17).1.store(5, Ordering::Relaxed);
-        array.get_or_install(9_999).1.store(6, Ordering::Relaxed);
-        array.get_or_install(16).1.store(7, Ordering::Relaxed);
+        array.get_or_install(17).cell.store(5, Ordering::Relaxed);
+        array.get_or_install(9_999).cell.store(6, Ordering::Relaxed);
+        array.get_or_install(16).cell.store(7, Ordering::Relaxed);
         let numbers: Vec<u64> = array.chunks().map(|(n, _)| n).collect();
         assert_eq!(numbers, vec![2, 1249]);
         assert_eq!(array.get(17).map(|c| c.load(Ordering::Relaxed)), Some(5));
         assert_eq!(array.get(18).map(|c| c.load(Ordering::Relaxed)), Some(0));
         assert!(array.chunk(3).is_none());
+        // A missing chunk in an installed node skips one chunk; a missing node skips the node.
+        assert_eq!(array.get_or_gap(30).err(), Some(32));
+        let array_of_nodes: Chunked<AtomicU64, 8> = Chunked::new(3 * 8 * NODE_CHUNKS as u64 + 5);
+        array_of_nodes.get_or_install(0);
+        assert_eq!(array_of_nodes.get_or_gap(9).err(), Some(16));
+        let node_len = 8 * NODE_CHUNKS as u64;
+        assert_eq!(
+            array_of_nodes.get_or_gap(node_len + 1).err(),
+            Some(2 * node_len)
+        );
+        assert_eq!(
+            array_of_nodes.get_or_gap(3 * node_len).err(),
+            Some(3 * node_len + 5)
+        );
+        // Only nodes whose hint is set are walked, and walking clears the hint.
+        array_of_nodes.get_or_install(2 * node_len + 1);
+        let installed = array_of_nodes.get_or_install(2 * node_len + 9);
+        installed.node_hint.store(true, Ordering::Relaxed);
+        let hinted: Vec<u64> = array_of_nodes.hinted_chunks().map(|(n, _)| n).collect();
+        assert_eq!(
+            hinted,
+            vec![2 * NODE_CHUNKS as u64, 2 * NODE_CHUNKS as u64 + 1]
+        );
+        assert_eq!(array_of_nodes.hinted_chunks().count(), 0);
+        assert_eq!(array_of_nodes.chunks().count(), 3);
         assert!(array.allocated_bytes() > empty);
         assert_eq!(array.allocated_bytes(), array.allocated_bytes_walked());
     }
@@ -207,7 +289,7 @@ mod tests {
                     for index in 0..array.len() {
                         array
                             .get_or_install(index)
-                            .1
+                            .cell
                             .fetch_add(1, Ordering::Relaxed);
                     }
                 });

@@ -1,9 +1,12 @@
 //! Write heat: a counter of recent writes per region that halves every half-life.
 //!
-//! Heat is kept per region of [`HEAT_REGION_BYTES`] (or per block when blocks are larger), not
-//! per block: it is a scheduling hint, and a region's cell is bumped once per write touching
-//! it. Cells live in lazily allocated chunks ([`Chunked`], 1024 cells = 4 KiB covering 1 GiB at
-//! 1 MiB regions), so memory follows the regions written; a region never written reads 0.
+//! Heat is kept per region, not per block: it is a scheduling hint, and a region's cell is
+//! bumped once per write touching it. A region is [`HEAT_REGION_BYTES`] (1 MiB), or one block
+//! when blocks are larger, or, on disks over 64 GiB, the power of two that keeps a tracker at
+//! most [`MAX_HEAT_REGIONS`] regions ([`heat_shift_for`]): 4 MiB on 256 GiB, 1 GiB on 64 TiB.
+//! So a tracker's heat never exceeds 256 KiB of cells, even when writes are spread over the
+//! whole disk and touch every region. Cells live in lazily allocated chunks ([`Chunked`], 1024
+//! cells = 4 KiB), so memory follows the regions written; a region never written reads 0.
 //! Chunks are never freed while the tracker lives (see `chunked.rs`).
 //!
 //! Each region has one `AtomicU32` packing an 8-bit count (low byte) and a 24-bit epoch (high
@@ -23,20 +26,74 @@
 //!   warm again: accepted for a hint.
 //! - Epochs mean nothing across restarts (the clock origin changes); persisted heat is a
 //!   plain count, restored as fresh at the current epoch.
+//! - The region size is a function of the granularity and the block count only (never of
+//!   the build's history), so every tracker of one disk at one granularity agrees on it.
+//!   Saved heat of another region size (an older build) is mapped ([`remap_regions`]), never
+//!   read as if its regions were this build's.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use super::chunked::Chunked;
 
-/// Bytes per heat region (when the tracker's blocks are smaller): 1 MiB.
+/// Smallest bytes per heat region (when the tracker's blocks are smaller): 1 MiB.
 pub const HEAT_REGION_BYTES: u64 = 1 << 20;
-/// Blocks per heat region for blocks of `granularity_bytes`, as a shift: regions of
-/// [`HEAT_REGION_BYTES`], or one block when blocks are larger.
-pub fn heat_shift_for(granularity_bytes: u64) -> u32 {
-    HEAT_REGION_BYTES
+/// Most heat regions a tracker has (256 KiB of cells); larger disks get larger regions.
+pub const MAX_HEAT_REGIONS: u64 = 1 << 16;
+
+/// Blocks per heat region for a disk of `disk_bytes` at `granularity_bytes`, as a shift:
+/// regions of [`HEAT_REGION_BYTES`] (or one block when blocks are larger), doubled until the
+/// disk has at most [`MAX_HEAT_REGIONS`]. Depends on `disk_bytes` only through the block
+/// count, so a disk rounded up to whole blocks gets the same shift.
+pub fn heat_shift_for(granularity_bytes: u64, disk_bytes: u64) -> u32 {
+    heat_shift_for_blocks(granularity_bytes, disk_bytes.div_ceil(granularity_bytes))
+}
+
+/// [`heat_shift_for`] from the block count (a saved tracker's header).
+pub fn heat_shift_for_blocks(granularity_bytes: u64, block_count: u64) -> u32 {
+    let at_least_region = HEAT_REGION_BYTES
         .trailing_zeros()
-        .saturating_sub(granularity_bytes.trailing_zeros())
+        .saturating_sub(granularity_bytes.trailing_zeros());
+    // The smallest s with ceil(block_count / 2^s) <= MAX_HEAT_REGIONS.
+    let at_most_regions = block_count
+        .div_ceil(MAX_HEAT_REGIONS)
+        .next_power_of_two()
+        .trailing_zeros();
+    at_least_region.max(at_most_regions)
+}
+
+/// Nonzero `(region, heat)` of regions of `1 << from_shift` blocks, in region order, as regions
+/// of `1 << to_shift` blocks would hold them, in region order, below `to_region_count`: a
+/// region larger than the new ones gives its heat to each region it covers, smaller regions
+/// give their hottest to the region holding them. (Loads heat saved with another region size.)
+pub fn remap_regions(
+    regions: Vec<(u64, u8)>,
+    from_shift: u32,
+    to_shift: u32,
+    to_region_count: u64,
+) -> Vec<(u64, u8)> {
+    if from_shift == to_shift {
+        return regions;
+    }
+    let mut out: Vec<(u64, u8)> = Vec::new();
+    for (region, heat) in regions {
+        if from_shift > to_shift {
+            let ratio_shift = from_shift - to_shift;
+            let first = region.checked_shl(ratio_shift).unwrap_or(u64::MAX);
+            let end = (region + 1)
+                .checked_shl(ratio_shift)
+                .unwrap_or(u64::MAX)
+                .min(to_region_count);
+            out.extend((first..end).map(|r| (r, heat)));
+        } else {
+            let holder = region >> (to_shift - from_shift);
+            match out.last_mut() {
+                Some((last, hottest)) if *last == holder => *hottest = (*hottest).max(heat),
+                _ => out.push((holder, heat)),
+            }
+        }
+    }
+    out
 }
 
 /// Cells per heat chunk: 4 KiB of cells.
@@ -158,7 +215,7 @@ impl Heat {
 
     /// Counts one write to `region` at `epoch` (from [`Heat::epoch`]); installs its chunk.
     pub fn bump(&self, region: u64, epoch: u32) {
-        let (_, cell) = self.cells.get_or_install(region);
+        let cell = self.cells.get_or_install(region).cell;
         // Relaxed load + store, not a CAS loop: a racing bump may be lost, which only makes
         // the region look a little cooler (see module docs), and the hot path stays one load
         // and at most one store.
@@ -182,7 +239,7 @@ impl Heat {
         if count == 0 && self.cells.get(region).is_none() {
             return;
         }
-        let (_, cell) = self.cells.get_or_install(region);
+        let cell = self.cells.get_or_install(region).cell;
         cell.store(pack(count, epoch), Ordering::Relaxed);
     }
 
@@ -275,17 +332,18 @@ impl HeatSnapshot {
         self.regions.iter().map(|(&region, &heat)| (region, heat))
     }
 
-    /// This snapshot of a tracker of `from_granularity_bytes` blocks, as one of
-    /// `to_granularity_bytes` blocks would map it (regions of [`HEAT_REGION_BYTES`], or one
-    /// block when blocks are larger): a region larger than the new ones gives its heat to each
-    /// region it covers, smaller regions give their hottest to the region holding them. So a
-    /// 64 KiB tracker's heat merges into a 4 KiB job's view, region for region.
+    /// This snapshot of a tracker of `from_granularity_bytes` blocks on a disk of
+    /// `disk_bytes`, as one of `to_granularity_bytes` blocks on that disk would map it
+    /// (regions from [`heat_shift_for`]): a region larger than the new ones gives its heat to
+    /// each region it covers, smaller regions give their hottest to the region holding them.
+    /// So a 64 KiB tracker's heat merges into a 4 KiB job's view, region for region.
     pub fn to_granularity(
         &self,
         from_granularity_bytes: u64,
         to_granularity_bytes: u64,
+        disk_bytes: u64,
     ) -> HeatSnapshot {
-        let region_shift = heat_shift_for(to_granularity_bytes);
+        let region_shift = heat_shift_for(to_granularity_bytes, disk_bytes);
         let from_region_bytes = from_granularity_bytes << self.region_shift;
         let to_region_bytes = to_granularity_bytes << region_shift;
         let mut regions = BTreeMap::new();
@@ -394,20 +452,71 @@ mod tests {
         // Goal: a coarse tracker's heat lands on the same bytes in a fine tracker's view.
         // Method: snapshots at 64 KiB, 4 MiB and 4 KiB blocks; read blocks at the new size.
         let coarse = HeatSnapshot::new(4, [(3, 9)]); // 1 MiB regions of 64 KiB blocks
-        let fine = coarse.to_granularity(64 << 10, 4096);
+        let disk_bytes = 1 << 30;
+        let fine = coarse.to_granularity(64 << 10, 4096, disk_bytes);
         assert_eq!(fine.region_shift(), 8);
         assert_eq!(fine.get(3 * 256), 9);
         assert_eq!(fine.get(4 * 256 - 1), 9);
         assert_eq!(fine.get(4 * 256), 0);
         // A 4 MiB block is its own region: it spreads over four 1 MiB regions.
-        let huge = HeatSnapshot::new(0, [(1, 7)]).to_granularity(4 << 20, 4096);
+        let huge = HeatSnapshot::new(0, [(1, 7)]).to_granularity(4 << 20, 4096, disk_bytes);
         let hot: Vec<(u64, u8)> = huge.regions().collect();
         assert_eq!(hot, vec![(4, 7), (5, 7), (6, 7), (7, 7)]);
         // Back to 4 MiB blocks: the hottest of the regions a block holds.
         let small = HeatSnapshot::new(8, [(4, 2), (6, 5), (9, 1)]);
-        let back: Vec<(u64, u8)> = small.to_granularity(4096, 4 << 20).regions().collect();
+        let back: Vec<(u64, u8)> = small
+            .to_granularity(4096, 4 << 20, disk_bytes)
+            .regions()
+            .collect();
         assert_eq!(back, vec![(1, 5), (2, 1)]);
-        assert_eq!(coarse.to_granularity(64 << 10, 64 << 10), coarse);
+        assert_eq!(
+            coarse.to_granularity(64 << 10, 64 << 10, disk_bytes),
+            coarse
+        );
+        // On 256 GiB, regions are 4 MiB at both granularities: 64 KiB heat maps 1:1.
+        let big = HeatSnapshot::new(6, [(3, 9)]).to_granularity(64 << 10, 4096, 256 << 30);
+        assert_eq!((big.region_shift(), big.get(3 << 10)), (10, 9));
+    }
+
+    #[test]
+    fn regions_grow_with_the_disk_to_bound_the_count() {
+        // Goal: 1 MiB regions up to 64 GiB, then at most MAX_HEAT_REGIONS per tracker, and a
+        // shift that depends on the block count only. Method: sizes around the thresholds.
+        const GIB: u64 = 1 << 30;
+        let cases = [
+            (4096, 0, 8),
+            (4096, 64 * GIB, 8),
+            (4096, 64 * GIB + 1, 9),
+            (4096, 256 * GIB, 10),
+            (64 << 10, 256 * GIB, 6),
+            (64 << 10, 64 << 40, 14),
+            (4 << 20, 256 * GIB, 0),
+            (4 << 20, 1 << 40, 2),
+        ];
+        for (granularity_bytes, disk_bytes, shift) in cases {
+            let got = heat_shift_for(granularity_bytes, disk_bytes);
+            assert_eq!(got, shift, "{granularity_bytes} on {disk_bytes}");
+            let blocks = disk_bytes.div_ceil(granularity_bytes);
+            assert!(blocks.div_ceil(1 << got) <= MAX_HEAT_REGIONS);
+            assert_eq!(
+                heat_shift_for(granularity_bytes, blocks * granularity_bytes),
+                got
+            );
+        }
+    }
+
+    #[test]
+    fn remapped_regions_keep_their_bytes() {
+        // Goal: heat saved with other regions lands on the same bytes. Method: 1 MiB regions
+        // (shift 8) to 4 MiB (shift 10) take the hottest; back spreads, clipped to the count.
+        let fine = vec![(0, 3), (3, 9), (4, 2), (9, 1)];
+        let coarse = remap_regions(fine.clone(), 8, 10, 3);
+        assert_eq!(coarse, vec![(0, 9), (1, 2), (2, 1)]);
+        assert_eq!(
+            remap_regions(vec![(1, 4), (2, 5)], 10, 8, 10),
+            vec![(4, 4), (5, 4), (6, 4), (7, 4), (8, 5), (9, 5)]
+        );
+        assert_eq!(remap_regions(fine.clone(), 8, 8, 10), fine);
     }
 
     #[test]

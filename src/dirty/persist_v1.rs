@@ -10,7 +10,7 @@
 //!   allocated is bounded by the bytes present (the file was read whole already).
 
 use super::bitmap::read_le_words;
-use super::heat_shift_for;
+use super::heat::heat_shift_for_blocks;
 use crate::codec;
 
 /// The dense format's version number.
@@ -44,7 +44,7 @@ pub(crate) fn decode_body(
     let per_block = reader
         .bytes(usize::try_from(block_count).expect("bounded by the file"))
         .map_err(|err| format!("truncated: {err}"))?;
-    let shift = heat_shift_for(granularity_bytes);
+    let shift = heat_shift_for_blocks(granularity_bytes, block_count);
     let mut heat: Vec<(u64, u8)> = Vec::new();
     for (block, &count) in (0u64..).zip(per_block) {
         if count == 0 {

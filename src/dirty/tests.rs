@@ -1,5 +1,5 @@
-//! Cross-module tests of the trackers: DESIGN.md invariant 1 under concurrency, and the
-//! lock-free tracker set.
+//! Cross-module tests of the trackers: DESIGN.md invariant 1 under concurrency, the
+//! lock-free tracker set, and saved heat of another region size.
 //!
 //! The ordering model: a "disk" of `AtomicU64` cells (one per block), writer threads that store
 //! a new version into a cell and mark it, and a copier that repeatedly takes and clears the
@@ -365,4 +365,39 @@ fn sparse_figures() {
          (includes the Active rewrite)",
         taken.allocated_bytes()
     );
+}
+
+#[test]
+fn saved_heat_of_another_region_size_is_remapped_on_load() {
+    // Goal: a file from a build with other heat regions (1 MiB where this build uses 4 MiB on
+    // 256 GiB) loads with its heat on the same bytes, never misread. Method: save a tracker,
+    // rewrite the file's heat shift (finer, then coarser), reseal, decode.
+    use super::persist::{decode, encode, FileState};
+    let disk_bytes = 256 << 30;
+    let clock: Arc<dyn Clock> = Arc::new(ManualClock::default());
+    let spec = TrackerSpec::new("remap-me").with_granularity_bytes(GRANULARITY_BYTES);
+    let tracker = Tracker::new(spec, disk_bytes, clock).expect("tracker");
+    assert_eq!(tracker.heat_shift(), 10, "4 MiB regions on 256 GiB");
+    tracker.mark_range(9 << 20, 4096); // 4 MiB region 2
+    let bytes = encode(&tracker, FileState::Clean);
+    let name_at = bytes
+        .windows(8)
+        .position(|window| window == b"remap-me")
+        .expect("name in the file");
+    // After the name: the recovered bound (8 bytes), then the heat shift.
+    let shift_at = name_at + 8 + 8;
+    let path = std::path::Path::new("remap-me.tracker");
+    for (file_shift, expected) in [
+        (10u32, vec![(2, 1)]),
+        (8, vec![(0, 1)]),
+        (11, vec![(4, 1), (5, 1)]),
+    ] {
+        let mut edited = bytes.clone();
+        edited[shift_at..shift_at + 4].copy_from_slice(&file_shift.to_le_bytes());
+        let body_len = edited.len() - 4;
+        let checksum = crc32c::crc32c(&edited[..body_len]);
+        edited[body_len..].copy_from_slice(&checksum.to_le_bytes());
+        let saved = decode(path, &edited).expect("decode");
+        assert_eq!(saved.heat, expected, "file shift {file_shift}");
+    }
 }

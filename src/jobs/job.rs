@@ -387,10 +387,15 @@ impl MigrationEnv for JobEnv {
         let mut snapshot = self.tracker.heat_snapshot();
         for tracker in self.export.trackers().list() {
             let other = tracker.heat_snapshot();
-            if tracker.granularity_bytes() == granularity {
+            let same_regions = other.region_shift() == snapshot.region_shift();
+            if tracker.granularity_bytes() == granularity && same_regions {
                 snapshot.merge_max(&other);
             } else {
-                snapshot.merge_max(&other.to_granularity(tracker.granularity_bytes(), granularity));
+                // Regions as the job's tracker cuts its disk, whatever the other's size.
+                let disk_bytes = self.tracker.disk_bytes();
+                let other =
+                    other.to_granularity(tracker.granularity_bytes(), granularity, disk_bytes);
+                snapshot.merge_max(&other);
             }
         }
         snapshot

@@ -7,9 +7,10 @@
 //! tracker) is the hottest of all its trackers at each byte. The extent flags carry the heat
 //! *level*, the bucket index of [`crate::dirty::heat_bucket`]: 0 = cold, 1 = one write in
 //! about the last half-life, 2 = 2-3, 3 = 4-7, ..., 8 = 128-255 (the counter saturates).
-//! Heat is kept per 1 MiB region (per block when blocks are larger), so extents follow region
-//! boundaries, clipped to the request; adjacent regions of equal level are one extent. When
-//! the export forwards to another agent, the local counters say nothing: all cold.
+//! Heat is kept per region (1 MiB, or a block when larger, or coarser on disks over 64 GiB:
+//! see [`crate::dirty::heat_shift_for`]), so extents follow region boundaries, clipped to the
+//! request; adjacent regions of equal level are one extent. When the export forwards to
+//! another agent, the local counters say nothing: all cold.
 //!
 //! Invariants: every context answers at least one extent; extents have non-zero lengths, are
 //! contiguous from the request's offset and never extend past the requested range; at most

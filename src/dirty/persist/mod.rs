@@ -18,7 +18,7 @@
 //! | 8 | half_life_ms |
 //! | 4 | name length, then the name (UTF-8) |
 //! | 8 | recovered bound in bytes (version 3 only; 0 unless recovered) |
-//! | 4 | heat shift: blocks per heat region, as a shift (must match this build's) |
+//! | 4 | heat shift: blocks per heat region, as a shift (another is mapped to this build's) |
 //! | 8 | W: number of bitmap entries |
 //! | 8 | H: number of heat entries |
 //! | 16 × W | (word index, bits): nonzero words, indexes strictly increasing |
@@ -50,9 +50,10 @@ use std::sync::Arc;
 
 use super::activity::extent_blocks_for;
 use super::bitmap::valid_mask;
+use super::heat::{heat_shift_for_blocks, remap_regions};
 use super::logfile;
 use super::persist_v1;
-use super::{heat_shift_for, DirtyError, Tracker, TrackerSpec};
+use super::{DirtyError, Tracker, TrackerSpec};
 use crate::codec::{self, CodecError};
 use crate::durable;
 use crate::env::Clock;
@@ -319,11 +320,9 @@ fn decode_entries(
     header: &Header,
 ) -> Result<(Vec<(u64, u64)>, Vec<(u64, u8)>), String> {
     let heat_shift = reader.u32_le().map_err(truncated)?;
-    let expected_shift = heat_shift_for(header.spec.granularity_bytes);
-    if heat_shift != expected_shift {
-        return Err(format!(
-            "heat shift {heat_shift}, this build uses {expected_shift} at this granularity"
-        ));
+    // Another region size (an older build) is mapped below; a shift past 63 is no shift.
+    if heat_shift >= u64::BITS {
+        return Err(format!("heat shift {heat_shift} is not a block shift"));
     }
     let word_entries = reader.u64_le().map_err(truncated)?;
     let heat_entries = reader.u64_le().map_err(truncated)?;
@@ -370,6 +369,13 @@ fn decode_entries(
         }
         heat.push((region, count));
     }
+    let shift = heat_shift_for_blocks(header.spec.granularity_bytes, header.block_count);
+    let heat = remap_regions(
+        heat,
+        heat_shift,
+        shift,
+        header.block_count.div_ceil(1 << shift),
+    );
     Ok((words, heat))
 }
 

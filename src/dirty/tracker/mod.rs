@@ -41,9 +41,8 @@ pub const MAX_GRANULARITY_BYTES: u64 = 64 << 20;
 pub const DEFAULT_HALF_LIFE_MS: u64 = 30_000;
 /// Longest heat half-life accepted: 365 days.
 pub const MAX_HALF_LIFE_MS: u64 = 365 * 24 * 3600 * 1000;
-/// Most blocks one tracker may have. Trackers are sparse now; the bound stays for the
-/// journal (a dense block set must fit a record body) and for a lost tracker, whose bitmap is
-/// all installed (2^32 blocks: 512 MiB).
+/// Most blocks one tracker may have. Trackers are sparse now (and a lost one is a flag); the
+/// bound stays for the journal (a dense block set must fit a record body).
 pub const MAX_BLOCK_COUNT: u64 = 1 << 32;
 /// Most runs [`Tracker::dirty_runs`] returns; the NBD client asks again for the rest.
 pub const MAX_DIRTY_RUNS: usize = 1024;
@@ -187,7 +186,7 @@ impl Tracker {
                 granularity_bytes: spec.granularity_bytes,
             });
         }
-        let heat_shift = heat_shift_for(spec.granularity_bytes);
+        let heat_shift = heat_shift_for(spec.granularity_bytes, disk_bytes);
         Ok(Self {
             granularity_shift: spec.granularity_bytes.trailing_zeros(),
             granularity_bytes: spec.granularity_bytes,
