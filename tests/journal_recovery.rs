@@ -349,12 +349,14 @@ fn qemu_client_with_reconnect_delay_survives_kill_9() {
     assert!(!stderr.to_lowercase().contains("error"), "{stderr}");
 }
 
-// Goal: a source killed mid-copy comes back with its migration tracker lost, and a resume
-// still sends only what the destination lacks (blocks compared by BLAKE3), ending with
-// identical images. Method: a 64 MiB disk (48 MiB of data) migrated in batch b at 8 MiB/s;
-// kill -9 the source after 3 s (the first 16 MiB send is confirmed by then); restart it;
-// status says resumable; `ferry resume b` sends less than the allocated bytes; migrated;
-// the images are byte for byte equal.
+// Goal: a source killed mid-copy comes back with its migration tracker recovered from its
+// activity log (durable), holding less than the whole disk (the delivered chunks were
+// settled), and a resume compares digests of the recovered blocks only and sends at most
+// them, ending with identical images. Method: a 64 MiB disk (48 MiB of data) migrated in
+// batch b at 8 MiB/s; kill -9 the source after 3 s (the first 16 MiB send is confirmed by
+// then); restart it; `tracker ls` shows the job's tracker `recovered`; status says
+// resumable; `ferry resume b` sends no more than the recovered bytes; migrated; the images
+// are byte for byte equal.
 #[test]
 fn source_crash_then_resume_compares_digests() {
     let dir = common::scratch_dir();
@@ -367,6 +369,21 @@ fn source_crash_then_resume_compares_digests() {
     pair.source.kill();
     let _ = child.wait_with_output();
     pair.restart_source();
+    let trackers = cli_json(&pair.source, &["tracker", "ls", "vm1"]);
+    let tracker = trackers
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| {
+            t["name"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("migrate-"))
+        })
+        .unwrap_or_else(|| panic!("no migration tracker: {trackers:#}\n{}", pair.source.log()))
+        .clone();
+    assert!(tracker["state"]["recovered"].is_object(), "{tracker:#}");
+    let recovered_bytes = tracker["dirty_bytes"].as_u64().unwrap();
+    assert!(recovered_bytes < 48 * MIB, "nothing settled: {tracker:#}");
     let line = only_line(&pair.batch_status(&pair.source, Some("b"))).clone();
     assert_eq!(line["verdict"], "resumable", "{line:#}");
 
@@ -378,6 +395,10 @@ fn source_crash_then_resume_compares_digests() {
     assert!(
         sent + 8 * MIB <= report["allocated_bytes"].as_u64().unwrap(),
         "the resume sent (nearly) the whole disk again: {report:#}"
+    );
+    assert!(
+        sent <= recovered_bytes,
+        "sent {sent} beyond the recovered {recovered_bytes}: {report:#}"
     );
     assert!(pair.source.log().contains("differ at the destination"));
     let line = only_line(&pair.batch_status(&pair.source, Some("b"))).clone();

@@ -79,15 +79,7 @@ impl Trackers {
                 export.name()
             ))
         })?;
-        let file = self
-            .exports
-            .tracker_dir(export.name())
-            .join(format!("{tracker}.tracker"));
-        if file.exists() {
-            std::fs::remove_file(&file).map_err(|err| {
-                ControlError::Io(format!("cannot remove {}: {err}", file.display()))
-            })?;
-        }
+        // The set removed its file and log.
         Ok(())
     }
 

@@ -359,7 +359,10 @@ impl DirtyBitmap {
             let base = number * CHUNK_WORDS as u64;
             for (word, cell) in (base..).zip(chunk.cells.iter()) {
                 // Acquire: pairs with `mark`'s Release, as `take_word` does.
-                set.or_word(word, cell.load(Ordering::Acquire));
+                let bits = cell.load(Ordering::Acquire);
+                if bits != 0 {
+                    set.or_word(word, bits);
+                }
             }
         }
     }

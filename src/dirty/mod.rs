@@ -197,8 +197,8 @@ impl TrackerSet {
         self
     }
 
-    /// Creates the activity log of a durable `tracker` in the set's directory, before it is
-    /// published.
+    /// Creates the activity log of a durable `tracker` in the set's directory, and its file
+    /// as Active, before it is published.
     fn attach_log(&self, tracker: &Tracker) -> Result<(), DirtyError> {
         if !tracker.wants_log() {
             return Ok(());
@@ -210,7 +210,10 @@ impl TrackerSet {
             path: dir.clone(),
             source,
         })?;
-        tracker.attach_log(&logfile::log_path(dir, tracker.name()), self.log_extents)
+        tracker.attach_log(&logfile::log_path(dir, tracker.name()), self.log_extents)?;
+        // Recorded as running at once: a crash from now on replays the log, whoever added
+        // the tracker (a job adds its own without saving the set).
+        persist::save_one(dir, tracker, persist::FileState::Active)
     }
 
     /// Size of the disk the trackers cover.
@@ -255,7 +258,8 @@ impl TrackerSet {
         Ok(tracker)
     }
 
-    /// Removes a tracker and hands it back (a job may still hold it).
+    /// Removes a tracker and hands it back (a job may still hold it), with its file and
+    /// activity log when the set has a directory.
     pub fn remove(&self, name: &str) -> Result<Arc<Tracker>, DirtyError> {
         let _update = self.update.lock().unwrap_or_else(PoisonError::into_inner);
         let current = self.trackers.load_full();
@@ -265,6 +269,15 @@ impl TrackerSet {
         let mut next = Vec::clone(&current);
         let removed = next.remove(index);
         self.publish(next);
+        if let Some(dir) = &self.dir {
+            // Its file and log go too, or a restart would bring it back (lost, or recovered).
+            if let Err(err) = persist::remove_saved(dir, name) {
+                log::error!(
+                    "tracker {name} removed, its files not: {}",
+                    crate::error::error_chain(&err)
+                );
+            }
+        }
         Ok(removed)
     }
 

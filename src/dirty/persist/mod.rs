@@ -451,12 +451,7 @@ pub(crate) fn save_all(
         source,
     })?;
     for tracker in trackers {
-        let bytes = encode(tracker, state);
-        durable::write_atomic(&tracker_path(dir, tracker.name()), &bytes).map_err(|err| {
-            let (path, source) = err.into_parts();
-            DirtyError::Save { path, source }
-        })?;
-        tracker.record_save(bytes.len() as u64);
+        save_one(dir, tracker, state)?;
     }
     if state == FileState::Clean {
         // The Clean files hold every bit now; a log is read only beside an Active file.
@@ -471,6 +466,17 @@ pub(crate) fn save_all(
         }
     }
     sync_dir(dir)
+}
+
+/// Writes one tracker's file in `state` (atomically, durably) into an existing `dir`.
+pub(crate) fn save_one(dir: &Path, tracker: &Tracker, state: FileState) -> Result<(), DirtyError> {
+    let bytes = encode(tracker, state);
+    durable::write_atomic(&tracker_path(dir, tracker.name()), &bytes).map_err(|err| {
+        let (path, source) = err.into_parts();
+        DirtyError::Save { path, source }
+    })?;
+    tracker.record_save(bytes.len() as u64);
+    Ok(())
 }
 
 /// Removes `path`; whether it was there.
