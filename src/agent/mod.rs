@@ -274,7 +274,7 @@ impl Agent {
     }
 
     /// Clean stop: stop the API and the listeners, drain connections, sync, save trackers.
-    pub fn shutdown(mut self) -> Result<(), AgentError> {
+    pub fn shutdown(&mut self) -> Result<(), AgentError> {
         if let Some(api) = self.api.take() {
             api.shutdown();
         }
@@ -339,11 +339,17 @@ pub fn run(config: &AgentConfig) -> Result<(), AgentError> {
     // Installed before anything starts, so a signal during start-up still stops cleanly.
     let mut signals =
         signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(AgentError::Signals)?;
-    let agent = Agent::start(config)?;
+    let mut agent = Agent::start(config)?;
     if let Some(signal) = signals.forever().next() {
         log::info!("signal {signal}: stopping");
     }
-    agent.shutdown()
+    let stopped = agent.shutdown();
+    // The process exits next: the exports' memory (millions of tracker chunks on a large
+    // host) goes back with it, not one free at a time, which took most of a clean stop.
+    if stopped.is_ok() {
+        std::process::exit(0);
+    }
+    stopped
 }
 
 /// Lets `group` connect to the unix socket at `path` (group owner, mode 0660).

@@ -426,7 +426,9 @@ impl TrackerSet {
         for tracker in persist::load_all(dir, self.disk_bytes, &self.clock)? {
             self.insert(tracker)?;
         }
-        self.save_active(dir)?;
+        // A durable tracker's file was written Active with its new log (`attach_log`).
+        let plain: Vec<Arc<Tracker>> = self.list().into_iter().filter(|t| !t.has_log()).collect();
+        persist::save_all(dir, &plain, persist::FileState::Active)?;
         Ok(self)
     }
 }
