@@ -488,6 +488,15 @@ impl ActivityLog {
         }
     }
 
+    /// Closes the log for good after a clean save wrote every bit to the tracker's file: the
+    /// file is closed here (so removing it frees its blocks now, in the saving thread, not at
+    /// process exit) and nothing is logged any more.
+    pub fn close(&self) {
+        let mut file = lock(&self.file);
+        self.failed.store(true, Ordering::Release);
+        file.take();
+    }
+
     /// The log cannot be written: stop logging and remove the file, so that a recovery finds
     /// no log (the tracker comes back lost) rather than one that missed writes.
     fn give_up(&self, file: &mut Option<LogFile>, err: &LogError) {

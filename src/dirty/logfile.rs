@@ -182,7 +182,7 @@ pub fn encode_merge(out: &mut Vec<u8>, set: &DirtySet) {
 }
 
 /// The header for `geometry`.
-fn encode_header(geometry: &Geometry) -> Vec<u8> {
+pub fn encode_header(geometry: &Geometry) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_BYTES);
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&VERSION.to_le_bytes());
@@ -323,10 +323,6 @@ pub struct Replayed {
 
 /// Replays the log at `path` for a tracker of `geometry`; see the module docs.
 pub fn replay(path: &Path, geometry: &Geometry) -> Result<Replayed, LogError> {
-    let corrupt = |problem: String| LogError::Corrupt {
-        path: path.to_owned(),
-        problem,
-    };
     let io_error = |source| LogError::Io {
         path: path.to_owned(),
         source,
@@ -337,7 +333,29 @@ pub fn replay(path: &Path, geometry: &Geometry) -> Result<Replayed, LogError> {
         .open(path)
         .map_err(io_error)?;
     let file_bytes = file.metadata().map_err(io_error)?.len();
-    let mut reader = BufReader::new(file);
+    replay_from(BufReader::new(file), file_bytes, geometry, path)
+}
+
+/// [`replay`] of a log's bytes already in memory (`path` names it in errors).
+pub fn replay_bytes(bytes: &[u8], geometry: &Geometry, path: &Path) -> Result<Replayed, LogError> {
+    replay_from(bytes, bytes.len() as u64, geometry, path)
+}
+
+/// The log of `file_bytes` bytes read from `reader`; see [`replay`].
+fn replay_from(
+    mut reader: impl Read,
+    file_bytes: u64,
+    geometry: &Geometry,
+    path: &Path,
+) -> Result<Replayed, LogError> {
+    let corrupt = |problem: String| LogError::Corrupt {
+        path: path.to_owned(),
+        problem,
+    };
+    let io_error = |source| LogError::Io {
+        path: path.to_owned(),
+        source,
+    };
     let mut header = [0u8; HEADER_BYTES];
     reader
         .read_exact(&mut header)

@@ -456,6 +456,7 @@ pub(crate) fn save_all(
     if state == FileState::Clean {
         // The Clean files hold every bit now; a log is read only beside an Active file.
         for tracker in trackers.iter().filter(|t| t.wants_log()) {
+            tracker.close_log();
             remove_if_present(&logfile::log_path(dir, tracker.name()))?;
         }
     }

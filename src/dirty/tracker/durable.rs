@@ -112,6 +112,13 @@ impl Tracker {
         }
     }
 
+    /// Closes the log after a clean save (see [`ActivityLog::close`]).
+    pub(crate) fn close_log(&self) {
+        if let Some(log) = self.log.get() {
+            log.close();
+        }
+    }
+
     /// Bytes of disk the log holds open now: what a crash now would over-mark at most.
     pub fn open_bytes(&self) -> u64 {
         self.log.get().map_or(0, ActivityLog::open_bytes)
