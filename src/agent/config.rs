@@ -108,6 +108,8 @@ struct FileExport {
     granularity: Option<SizeValue>,
     #[serde(default)]
     trackers: Vec<String>,
+    #[serde(default)]
+    durable_trackers: Vec<String>,
     forward_hold_ms: Option<u64>,
 }
 
@@ -143,6 +145,8 @@ pub struct ExportConfig {
     pub granularity_bytes: u64,
     /// Trackers created at start when not restored from the state directory.
     pub trackers: Vec<String>,
+    /// Durable trackers (an activity log each) created at start likewise.
+    pub durable_trackers: Vec<String>,
     /// Hold of this export's forwarded requests, instead of the agent's `forward_hold_ms`.
     pub forward_hold_ms: Option<u64>,
 }
@@ -364,6 +368,7 @@ impl AgentConfig {
                 read_only: export.read_only,
                 granularity_bytes,
                 trackers: export.trackers,
+                durable_trackers: export.durable_trackers,
                 forward_hold_ms: export.forward_hold_ms,
             });
         }
@@ -426,7 +431,7 @@ impl AgentConfig {
             }
             crate::dirty::validate_granularity(export.granularity_bytes)
                 .map_err(|p| invalid(format!("{field}.granularity"), p.to_string()))?;
-            for tracker in &export.trackers {
+            for tracker in export.trackers.iter().chain(&export.durable_trackers) {
                 name::validate(tracker)
                     .map_err(|err| invalid(format!("{field}.trackers"), err.to_string()))?;
             }
@@ -462,7 +467,7 @@ fn parse_addr(field: &str, text: &str) -> Result<SocketAddr, ConfigError> {
     })
 }
 
-/// `NAME=PATH[,ro][,granularity=SIZE][,tracker=T]...[,forward_hold=MS]`
+/// `NAME=PATH[,ro][,granularity=SIZE][,tracker=T]...[,durable_tracker=T]...[,forward_hold=MS]`
 fn parse_export_flag(spec: &str, default_granularity: u64) -> Result<ExportConfig, ConfigError> {
     let field = "--export";
     let (name, rest) = spec
@@ -477,6 +482,7 @@ fn parse_export_flag(spec: &str, default_granularity: u64) -> Result<ExportConfi
         read_only: false,
         granularity_bytes: default_granularity,
         trackers: Vec::new(),
+        durable_trackers: Vec::new(),
         forward_hold_ms: None,
     };
     for option in parts {
@@ -487,6 +493,7 @@ fn parse_export_flag(spec: &str, default_granularity: u64) -> Result<ExportConfi
                     parse_size(size).map_err(|p| invalid(field, p.to_string()))?
             }
             Some(("tracker", tracker)) => export.trackers.push(tracker.to_string()),
+            Some(("durable_tracker", tracker)) => export.durable_trackers.push(tracker.to_string()),
             Some(("forward_hold", ms)) => {
                 let hold_ms = ms.parse().map_err(|_| {
                     invalid(field, format!("forward_hold={ms} is not a number of ms"))
@@ -499,7 +506,7 @@ fn parse_export_flag(spec: &str, default_granularity: u64) -> Result<ExportConfi
                     field,
                     format!(
                         "unknown option '{option}' (ro, granularity=SIZE, tracker=NAME, \
-                         forward_hold=MS)"
+                         durable_tracker=NAME, forward_hold=MS)"
                     ),
                 ))
             }
@@ -527,6 +534,7 @@ mod tests {
             path = "/images/vm1.raw"
             granularity = "4K"
             trackers = ["backup"]
+            durable_trackers = ["seed"]
             [[export]]
             name = "vm2"
             path = "/dev/vdb"
@@ -539,6 +547,7 @@ mod tests {
         assert_eq!(config.exports.len(), 2);
         assert_eq!(config.exports[0].granularity_bytes, 4096);
         assert_eq!(config.exports[0].trackers, vec!["backup".to_string()]);
+        assert_eq!(config.exports[0].durable_trackers, ["seed"]);
         assert!(config.exports[1].read_only);
         assert_eq!(
             config.exports[1].granularity_bytes,
@@ -665,7 +674,7 @@ mod tests {
                     [[export]]\nname='a'\npath='/a'\nforward_hold_ms = 120000\n\
                     [[export]]\nname='b'\npath='/b'\n";
         let flag = Overrides {
-            exports: vec!["c=/c,tracker=t,forward_hold=900".into()],
+            exports: vec!["c=/c,tracker=t,durable_tracker=d,forward_hold=900".into()],
             ..Overrides::default()
         };
         let config = AgentConfig::from_toml(file, &flag).unwrap();
@@ -673,6 +682,7 @@ mod tests {
         let holds: Vec<Option<u64>> = config.exports.iter().map(|e| e.forward_hold_ms).collect();
         assert_eq!(holds, [Some(120_000), None, Some(900)]);
         assert_eq!(config.exports[2].trackers, ["t"]);
+        assert_eq!(config.exports[2].durable_trackers, ["d"]);
 
         let short = "[[export]]\nname='a'\npath='/a'\nforward_hold_ms = 10\n";
         let err = AgentConfig::from_toml(short, &Overrides::default()).unwrap_err();

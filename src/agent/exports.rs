@@ -162,13 +162,14 @@ impl Exports {
                 );
             }
         }
-        for name in &cfg.trackers {
+        let durable = cfg.durable_trackers.iter().map(|name| (name, true));
+        for (name, durable) in cfg.trackers.iter().map(|name| (name, false)).chain(durable) {
             if export.trackers().get(name).is_none() {
                 let spec = TrackerSpec {
                     name: name.clone(),
                     granularity_bytes: cfg.granularity_bytes,
                     half_life_ms: self.half_life_ms,
-                    durable: false,
+                    durable,
                 };
                 export
                     .trackers()
@@ -459,6 +460,8 @@ fn export_config(spec: &ExportSpec) -> ExportConfig {
         read_only: spec.read_only,
         granularity_bytes: spec.granularity_bytes,
         trackers: spec.trackers.clone(),
+        // Through the API, a durable tracker is added with `POST .../trackers`.
+        durable_trackers: Vec::new(),
         // Exports added through the API take the agent's hold.
         forward_hold_ms: None,
     }

@@ -235,7 +235,8 @@ pub struct AgentArgs {
     /// TOML config file (see scripts/deploy/ferry.toml).
     #[arg(long, short)]
     pub config: Option<PathBuf>,
-    /// Serve an export: NAME=PATH[,ro][,granularity=SIZE][,tracker=NAME][,forward_hold=MS];
+    /// Serve an export:
+    /// NAME=PATH[,ro][,granularity=SIZE][,tracker=NAME][,durable_tracker=NAME][,forward_hold=MS];
     /// repeatable.
     #[arg(long = "export", short = 'e')]
     pub exports: Vec<String>,

@@ -55,6 +55,7 @@ impl Site {
             read_only: false,
             granularity_bytes: 64 << 10,
             trackers: Vec::new(),
+            durable_trackers: Vec::new(),
             forward_hold_ms: None,
         };
         self.exports.open(&config).unwrap();
