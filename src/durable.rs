@@ -90,6 +90,17 @@ pub fn temp_path(path: &Path) -> PathBuf {
 
 /// Replaces `path` with `bytes` atomically and durably; see the module docs.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), DurableError> {
+    replace_unsynced(path, bytes)?;
+    sync_parent(path).map_err(|source| DurableError::SyncDir {
+        path: parent_dir(path).to_owned(),
+        source,
+    })
+}
+
+/// [`write_atomic`] without the directory sync: the new file is complete and synced, but its
+/// name may not survive a crash until the caller syncs the directory ([`sync_dir`]), once
+/// for many files written into it.
+pub fn replace_unsynced(path: &Path, bytes: &[u8]) -> Result<(), DurableError> {
     let temp = temp_path(path);
     if let Err(source) = write_temp(&temp, bytes) {
         // Best effort here and below: a leftover is removed by the next write anyway.
@@ -103,10 +114,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), DurableError> {
             source,
         });
     }
-    sync_parent(path).map_err(|source| DurableError::SyncDir {
-        path: parent_dir(path).to_owned(),
-        source,
-    })
+    Ok(())
 }
 
 /// Creates `temp` afresh (never through an existing entry), writes `bytes` and fsyncs it.

@@ -488,7 +488,7 @@ impl ExportLookup for Exports {
 }
 
 /// Threads [`for_each_parallel`] uses: enough to overlap many fsyncs on 2 cores.
-const PARALLEL_WORKERS: usize = 8;
+const PARALLEL_WORKERS: usize = 16;
 
 /// Runs `work` on every item from a few threads; every item is tried, and the first error
 /// (in item order) is returned.

@@ -451,7 +451,8 @@ pub(crate) fn save_all(
         source,
     })?;
     for tracker in trackers {
-        save_one(dir, tracker, state)?;
+        // The directory is synced once, below.
+        write_unsynced(dir, tracker, state)?;
     }
     if state == FileState::Clean {
         // The Clean files hold every bit now; a log is read only beside an Active file.
@@ -471,8 +472,14 @@ pub(crate) fn save_all(
 
 /// Writes one tracker's file in `state` (atomically, durably) into an existing `dir`.
 pub(crate) fn save_one(dir: &Path, tracker: &Tracker, state: FileState) -> Result<(), DirtyError> {
+    write_unsynced(dir, tracker, state)?;
+    sync_dir(dir)
+}
+
+/// Replaces one tracker's file with a synced new one; the caller syncs `dir`.
+fn write_unsynced(dir: &Path, tracker: &Tracker, state: FileState) -> Result<(), DirtyError> {
     let bytes = encode(tracker, state);
-    durable::write_atomic(&tracker_path(dir, tracker.name()), &bytes).map_err(|err| {
+    durable::replace_unsynced(&tracker_path(dir, tracker.name()), &bytes).map_err(|err| {
         let (path, source) = err.into_parts();
         DirtyError::Save { path, source }
     })?;
