@@ -23,6 +23,8 @@ use super::TransferError;
 
 /// Domain separation of the proofs (a MAC for another purpose never verifies here).
 const PROOF_CONTEXT: &[u8] = b"ferry block stream v2 proof";
+/// Context of [`ClusterKey::seed_key`].
+const SEED_KEY_CONTEXT: &str = "ferry seed v1 2026-12 seed key";
 /// BLAKE3 `derive_key` contexts of the record keys, one per sending direction.
 const SOURCE_RECORD_CONTEXT: &str =
     "ferry block stream v2 2026-12 record key source to destination";
@@ -164,6 +166,16 @@ impl ClusterKey {
         message.extend_from_slice(&transcript.source_public);
         message.extend_from_slice(&transcript.target_public);
         *blake3::keyed_hash(&self.bytes, &message).as_bytes()
+    }
+
+    /// The key of seed `seed_id` on portable media (`docs/seed-format.md`): derived from the
+    /// cluster key and the seed id, so every seed has its own and only holders of the
+    /// cluster key can compute it.
+    pub fn seed_key(&self, seed_id: &[u8; 16]) -> [u8; 32] {
+        let mut material = [0u8; 48];
+        material[..32].copy_from_slice(&self.bytes);
+        material[32..].copy_from_slice(seed_id);
+        blake3::derive_key(SEED_KEY_CONTEXT, &material)
     }
 
     /// The record key `sender` seals with on the connection of `transcript`
