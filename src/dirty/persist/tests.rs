@@ -1,8 +1,11 @@
 //! Unit tests of tracker files: round trips, unclean stops, torn and hostile files, old versions.
 
+use std::fs;
+use std::sync::Arc;
+
 use super::*;
 use crate::dirty::TrackerSet;
-use crate::env::ManualClock;
+use crate::env::{Clock, ManualClock};
 
 const DISK_BYTES: u64 = 300 * 4096 + 512;
 
