@@ -26,6 +26,7 @@ fn spec(export: &str, job_id: u64) -> TargetSpec {
         job_id,
         batch: None,
         holder: None,
+        seed: None,
     }
 }
 

@@ -16,6 +16,7 @@ use crate::disk::Export;
 use crate::error::error_chain;
 use crate::jobs::holder::HolderChoice;
 use crate::jobs::job::{job_granularity, JobRequest};
+use crate::jobs::sync::SeedSync;
 use crate::jobs::Jobs;
 use crate::journal::{JobView, Record, Role, SharedJournal, Side, SourcePhase};
 use crate::migrate::{MigrateOptions, Policy};
@@ -131,6 +132,17 @@ impl Migrations {
         export: &str,
         request: MigrateRequest,
     ) -> Result<JobStatus, ControlError> {
+        self.start_job(export, request, None)
+    }
+
+    /// Starts a migrate, resume or seed catch-up job (`seed`: the catch-up's part; its
+    /// request resumes the seed's job).
+    pub(super) fn start_job(
+        &self,
+        export: &str,
+        request: MigrateRequest,
+        seed: Option<(SeedSync, Option<u64>)>,
+    ) -> Result<JobStatus, ControlError> {
         let request = super::status::with_journaled_settings(Some(&self.journal), request);
         let export = self.exports.get(export)?;
         let to = resolve_peer(&request.to)
@@ -169,17 +181,30 @@ impl Migrations {
         }
         let journal = Some(self.journal.clone());
         let resuming = request.resume_job.is_some();
+        let mut tracker_kept = false;
         if let Some(job_id) = request.resume_job {
             self.check_resumable(&export, job_id)?;
             // The failed run left its tracker: its bits are what the destination may lack.
             // Without it (or lost in an unclean stop), all allocated blocks are candidates.
-            options.resume = export
+            tracker_kept = export
                 .trackers()
                 .get(&crate::jobs::job::tracker_name(job_id))
                 .is_some_and(|tracker| !tracker.is_lost());
+            options.resume = tracker_kept;
         }
-        // On a resume the destination holds part of the disk: compare before sending.
-        let compare_digests = resuming;
+        // On a resume the destination holds part of the disk: compare before sending. A
+        // seed's destination holds all of it as the seed saw it: its tracker says what
+        // changed since, and without the tracker only digests can say.
+        let compare_digests = match &seed {
+            None => resuming,
+            Some(_) => !tracker_kept,
+        };
+        let seed = seed.map(|(mut sync, threshold_bytes)| {
+            sync.compare_all = !tracker_kept;
+            options.ending = crate::migrate::Ending::InSync;
+            options.threshold_bytes = threshold_bytes;
+            sync
+        });
         options
             .validate()
             .map_err(|p| ControlError::Invalid(p.to_string()))?;
@@ -204,6 +229,7 @@ impl Migrations {
                     compare_digests,
                     holder,
                     tracker_granularity_bytes,
+                    seed,
                 },
                 key,
                 request.resume_job,
@@ -291,5 +317,9 @@ pub fn target_spec(view: &JobView) -> TargetSpec {
         job_id: view.job_id,
         batch: view.batch.clone(),
         holder: None,
+        seed: match &view.side {
+            Side::Source(source) => source.seed.as_ref().map(|seed| seed.seed_id),
+            Side::Target(_) => None,
+        },
     }
 }

@@ -14,6 +14,7 @@ pub mod journal;
 pub mod limits;
 pub mod migrations;
 pub mod moves;
+pub mod seeded;
 pub mod status;
 pub mod targets;
 pub mod trackers;

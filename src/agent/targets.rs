@@ -43,6 +43,8 @@ use crate::transfer::{
 };
 
 use super::holding;
+use super::seeded;
+use crate::journal::SeedStep;
 
 /// Least time between two records of a job's received blocks.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
@@ -73,6 +75,8 @@ pub struct Targets {
     journal: SharedJournal,
     /// When each job's received blocks were last recorded.
     checkpoints: Mutex<BTreeMap<u64, Instant>>,
+    /// Seeded jobs whose image was found changed outside ferry at their latest Open.
+    changed_outside: Mutex<std::collections::BTreeSet<u64>>,
 }
 
 impl Targets {
@@ -94,6 +98,7 @@ impl Targets {
             next_stream: AtomicU64::new(1),
             journal,
             checkpoints: Mutex::new(BTreeMap::new()),
+            changed_outside: Mutex::new(std::collections::BTreeSet::new()),
         }
     }
 
@@ -214,6 +219,31 @@ impl Targets {
             return None;
         }
         entry.image.take()
+    }
+}
+
+impl Targets {
+    /// A seeded job's stream is about to write its image: notes whether the image changed
+    /// outside ferry since its last step, then records `CatchingUp` (durable before any
+    /// write).
+    fn open_seeded(&self, spec: &TargetSpec) -> Result<(), TargetError> {
+        let image = self.image_path(&spec.export);
+        let changed = seeded::changed_since_recorded(&self.journal, spec.job_id, &image);
+        if changed {
+            log::warn!(
+                "export {} (job {}): the seeded image changed since ferry last wrote it; the \
+                 source will compare digests of the whole disk",
+                spec.export,
+                spec.job_id
+            );
+            self.changed_outside
+                .lock()
+                .expect("changed lock")
+                .insert(spec.job_id);
+        }
+        let now = crate::jobs::sync::unix_ms();
+        let image = (image.as_path(), changed);
+        seeded::record(&self.journal, spec.job_id, SeedStep::CatchingUp, now, image)
     }
 }
 
@@ -357,6 +387,13 @@ impl TargetHost for Targets {
                     .get_mut(&spec.export)
                 {
                     entry.image = Some(lock);
+                }
+                if spec.seed.is_some() {
+                    if let Err(err) = self.open_seeded(spec) {
+                        drop(file);
+                        self.end_stream(spec);
+                        return Err(err);
+                    }
                 }
                 // After TargetCreated is durable: this stream is the one that may commit.
                 self.fence
@@ -535,7 +572,39 @@ impl TargetHost for Targets {
         }
     }
 
+    fn resolve_spec(&self, spec: TargetSpec) -> Result<TargetSpec, TargetError> {
+        seeded::resolve(&self.journal, spec)
+    }
+
+    fn changed_outside(&self, spec: &TargetSpec) -> bool {
+        self.changed_outside
+            .lock()
+            .expect("changed lock")
+            .remove(&spec.job_id)
+    }
+
+    fn mark_in_sync(&self, spec: &TargetSpec, at_unix_ms: u64) -> Result<(), TargetError> {
+        let image = self.image_path(&spec.export);
+        let image = (image.as_path(), false);
+        seeded::record(
+            &self.journal,
+            spec.job_id,
+            SeedStep::InSync,
+            at_unix_ms,
+            image,
+        )?;
+        log::info!(
+            "export {} (job {}): in sync with its source as of {at_unix_ms} (Unix ms)",
+            spec.export,
+            spec.job_id
+        );
+        Ok(())
+    }
+
     fn end_stream(&self, spec: &TargetSpec) {
+        if spec.seed.is_some() {
+            seeded::record_stream_end(&self.journal, spec.job_id, &self.image_path(&spec.export));
+        }
         let mut filling = self.filling.lock().expect("filling lock");
         if filling
             .get(&spec.export)

@@ -103,6 +103,9 @@ pub enum JobError {
     /// A mirrored guest write may be missing at the destination: the commit was not sent.
     #[error("active mirroring failed to deliver a guest write; not committing")]
     MirrorFailed,
+    /// An in-sync point was asked of a job that is not a seed catch-up.
+    #[error("only a seed catch-up has in-sync points")]
+    NotSeeded,
 }
 
 /// The environment of one running migration.
@@ -127,6 +130,13 @@ pub struct JobEnv {
     yield_to_guest: bool,
     /// Whether `allocated` leaves out blocks the destination already holds.
     compare_digests: bool,
+    /// Every block of the disk is a candidate, holes too (a seed catch-up without its
+    /// tracker, or onto an image changed outside ferry): only digests say what differs.
+    compare_all: bool,
+    /// The seed whose image the destination holds (a seed catch-up).
+    seed: Option<[u8; 16]>,
+    /// Bytes read from the source image to send or to compare.
+    bytes_read: u64,
     /// While mirroring: the mirror the sessions feed, and every block taken since.
     mirror: Option<(MirrorLink, DirtySet)>,
     /// Guest writes are held (the switchover): nothing that may wait on a disk sync runs.
@@ -235,6 +245,7 @@ impl JobEnv {
             job_id,
             batch: request.batch.clone(),
             holder: Some(holder),
+            seed: request.seed.as_ref().map(|sync| sync.seed_id),
         };
         let bandwidth_cap = send_options.bandwidth_bytes_per_s;
         let opened = Sender::connect(to, key, &target, send_options);
@@ -249,13 +260,25 @@ impl JobEnv {
         };
         let clock = export.trackers().clock().clone();
         let backoff = GuestBackoff::new(clock.now_ns(), &export.write_latency());
+        let mut compare_all = request.seed.as_ref().is_some_and(|sync| sync.compare_all);
+        if reply.changed_outside {
+            log::warn!(
+                "export {}: the destination's seeded image was written outside ferry; \
+                 comparing digests of the whole disk",
+                export.name()
+            );
+            compare_all = true;
+        }
         Ok(JobEnv {
             backoff,
             bandwidth_cap,
             pass: 0,
             copy_bytes_per_s: None,
             yield_to_guest,
-            compare_digests: request.compare_digests,
+            compare_digests: request.compare_digests || compare_all,
+            compare_all,
+            seed: target.seed,
+            bytes_read: 0,
             mirror: None,
             writes_held: false,
             journal: request.journal.clone(),
@@ -274,6 +297,11 @@ impl JobEnv {
             progress,
             verify,
         })
+    }
+
+    /// Bytes read from the source image so far, to send or to compare digests.
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read
     }
 
     /// Removes any mirror (the run is over), and the migration tracker unless
@@ -339,6 +367,12 @@ impl MigrationEnv for JobEnv {
     }
 
     fn allocated(&mut self) -> Result<DirtySet, JobError> {
+        if self.compare_all {
+            let mut all = DirtySet::empty(self.tracker.granularity_bytes(), self.disk_bytes());
+            let blocks = all.block_count();
+            all.insert_range(0, blocks);
+            return Ok(all);
+        }
         allocated_blocks(&self.export, self.tracker.granularity_bytes())
             .map_err(JobError::Allocation)
     }
@@ -423,6 +457,7 @@ impl MigrationEnv for JobEnv {
             .sender
             .send_extents(&image, &extents)
             .map_err(JobError::Transfer)?;
+        self.bytes_read += stats.data_bytes + stats.zero_bytes;
         self.sender.sync().map_err(JobError::Transfer)?;
         let elapsed_ns = self.clock.now_ns() - started;
         if elapsed_ns > 0 {
@@ -501,6 +536,31 @@ impl MigrationEnv for JobEnv {
             })
             .map_err(JobError::Journal)?;
         Err(JobError::Transfer(err))
+    }
+
+    fn mark_in_sync(&mut self) -> Result<(), JobError> {
+        let Some(seed_id) = self.seed else {
+            return Err(JobError::NotSeeded);
+        };
+        let at_unix_ms = super::sync::unix_ms();
+        self.sender
+            .mark_in_sync(at_unix_ms)
+            .map_err(JobError::Transfer)?;
+        if let Some(journal) = &self.journal {
+            journal
+                .append(&Record::SourceSeed {
+                    job_id: self.job_id,
+                    seed_id,
+                    step: crate::journal::SeedStep::InSync,
+                    at_unix_ms,
+                })
+                .map_err(JobError::Journal)?;
+        }
+        // Later passes of a continuous replication compare nothing: the tracker covers
+        // every write since this point.
+        self.compare_digests = false;
+        self.compare_all = false;
+        Ok(())
     }
 
     fn switch_to_destination(&mut self) -> Result<(), JobError> {
@@ -609,6 +669,8 @@ pub struct JobRequest {
     /// received blocks and the journal's sets ([`job_granularity`]; a resume: the journaled
     /// one).
     pub tracker_granularity_bytes: u64,
+    /// A seed catch-up (`ferry seed sync`) instead of a plain migration.
+    pub seed: Option<super::sync::SeedSync>,
 }
 
 impl JobRequest {

@@ -7,9 +7,10 @@
 
 pub mod holder;
 pub mod job;
+pub mod sync;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -22,6 +23,7 @@ use crate::migrate::{MigrateError, MigrationReport, Progress};
 use crate::transfer::ClusterKey;
 use holder::HolderChoice;
 use job::{JobEnv, JobRequest, VerifyOutcome};
+use sync::SyncStatus;
 
 /// Where a job stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,6 +75,9 @@ pub struct JobStatus {
     /// answered.
     #[serde(default)]
     pub holder: Option<String>,
+    /// A seed catch-up (`ferry seed sync`): its state and figures.
+    #[serde(default)]
+    pub sync: Option<SyncStatus>,
 }
 
 impl JobStatus {
@@ -94,6 +99,7 @@ impl JobStatus {
             verify: None,
             settings: None,
             holder: None,
+            sync: None,
         }
     }
 }
@@ -104,6 +110,10 @@ struct Job {
     status: Mutex<JobStatus>,
     progress: Arc<Mutex<Option<Progress>>>,
     verify: Arc<Mutex<Option<VerifyOutcome>>>,
+    /// A seed catch-up's own figures.
+    sync: Arc<Mutex<SyncStatus>>,
+    /// Asked to stop (a continuous replication ends after its current run).
+    stop: AtomicBool,
     started: Instant,
 }
 
@@ -169,6 +179,7 @@ impl Jobs {
         let id = resume_id.unwrap_or_else(|| self.next_id.fetch_add(1, Ordering::Relaxed));
         let status = JobStatus {
             settings: Some(request.settings()),
+            sync: request.seed.as_ref().map(|_| SyncStatus::default()),
             ..JobStatus::starting(
                 id,
                 export.name(),
@@ -180,6 +191,17 @@ impl Jobs {
             status: Mutex::new(status),
             progress: Arc::new(Mutex::new(None)),
             verify: Arc::new(Mutex::new(None)),
+            sync: Arc::new(Mutex::new(SyncStatus {
+                seed_id: request
+                    .seed
+                    .as_ref()
+                    .map(|sync| crate::journal::seed::seed_id_hex(&sync.seed_id))
+                    .unwrap_or_default(),
+                state: "catching-up".into(),
+                compared_all: request.seed.as_ref().is_some_and(|sync| sync.compare_all),
+                ..SyncStatus::default()
+            })),
+            stop: AtomicBool::new(false),
             started: Instant::now(),
         });
         jobs.insert(id, job.clone());
@@ -194,6 +216,9 @@ impl Jobs {
 
     fn status_of(&self, job: &Job) -> JobStatus {
         let mut status = job.status.lock().expect("status lock").clone();
+        if status.sync.is_some() {
+            status.sync = Some(job.sync.lock().expect("sync lock").clone());
+        }
         if status.phase == JobPhase::Running {
             status.elapsed_s = job.started.elapsed().as_secs_f64();
             status.progress = job.progress.lock().expect("progress lock").clone();
@@ -211,6 +236,17 @@ impl Jobs {
             .cloned()
             .collect();
         jobs.iter().map(|job| self.status_of(job)).collect()
+    }
+
+    /// Asks job `id` to stop after its current run (a continuous replication); false when
+    /// no such job runs.
+    pub fn stop(&self, id: u64) -> bool {
+        let Some(job) = self.jobs.lock().expect("jobs lock").get(&id).cloned() else {
+            return false;
+        };
+        job.stop.store(true, Ordering::Release);
+        let running = job.status.lock().expect("status lock").phase == JobPhase::Running;
+        running
     }
 
     /// Whether job `id` is running now.
@@ -244,9 +280,16 @@ fn run_job(job: &Job, export: Arc<Export>, request: JobRequest, key: ClusterKey,
         )
         .map_err(|err| (false, crate::error::error_chain(&err)))
         .and_then(|mut env| {
-            let result = crate::migrate::run(&mut env, &request.options);
-            // Kept for a resume while the source is authoritative.
-            let keep = matches!(&result, Err(err) if !err.destination_authoritative());
+            let result = match &request.seed {
+                None => crate::migrate::run(&mut env, &request.options),
+                Some(sync) => sync::drive(&mut env, &request.options, sync, &job.sync, &job.stop),
+            };
+            // Kept for a resume while the source is authoritative (and at an in-sync point,
+            // where the tracker goes on covering every write since).
+            let keep = match &result {
+                Ok(report) => report.in_sync,
+                Err(err) => !err.destination_authoritative(),
+            };
             let bytes_mirrored = env.finish(keep).mirrored_bytes();
             result
                 .map(|mut report| {
@@ -289,6 +332,18 @@ fn run_job(job: &Job, export: Arc<Export>, request: JobRequest, key: ClusterKey,
         });
     }
     match outcome {
+        Ok(report) if report.in_sync => {
+            log::info!(
+                "export {}: in sync at {} after {:.1} s (pause {:.1} ms)",
+                export.name(),
+                status.to,
+                report.converge_ms / 1000.0,
+                report.pause_ms,
+            );
+            status.phase = JobPhase::Done;
+            status.authoritative = "source".into();
+            status.report = Some(report);
+        }
         Ok(report) => {
             log::info!(
                 "export {}: migrated to {} in {:.1} s (pause {:.1} ms, {} passes)",

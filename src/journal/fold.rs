@@ -23,6 +23,7 @@ use std::path::PathBuf;
 
 use super::record::Entry;
 use super::record::{JobSettings, Record, Role};
+use super::seed::{SeedStep, SeedView};
 use super::JournalError;
 use crate::dirty::bitmap::checked_block_count;
 use crate::dirty::DirtySet;
@@ -148,6 +149,8 @@ pub struct SourceView {
     /// The moves of the latest `SourceRepointed` (0: never re-pointed; `forward_addr` is
     /// then the job's own destination).
     pub repointed_moves: u32,
+    /// The job's seed, when its bulk copy went to a medium (`SourceSeed`).
+    pub seed: Option<SeedView>,
 }
 
 /// What a target knows of its job.
@@ -167,6 +170,8 @@ pub struct TargetView {
     /// Who holds the guest's connection to the disk (`TargetHolder`), when another agent
     /// does; `None` when this agent does (the disk came home) or the source did not say.
     pub holder: Option<Holder>,
+    /// The job's seed, when its image came from a medium (`TargetSeed`).
+    pub seed: Option<SeedView>,
 }
 
 /// One side's state.
@@ -347,6 +352,16 @@ pub fn check(jobs: &JobViews, seq: u64, record: &Record) -> Result<(), JournalEr
         (Record::TargetCommitted { .. } | Record::TargetAborted { .. }, Side::Target(target)) => {
             target.phase == TargetPhase::Receiving
         }
+        (Record::SourceSeed { seed_id, step, .. }, Side::Source(source)) => {
+            source.phase == SourcePhase::Copying
+                && step.is_source()
+                && seed_may_follow(source.seed.as_ref(), seed_id, *step)
+        }
+        (Record::TargetSeed { seed_id, step, .. }, Side::Target(target)) => {
+            target.phase == TargetPhase::Receiving
+                && step.is_target()
+                && seed_may_follow(target.seed.as_ref(), seed_id, *step)
+        }
         // Keys include the role, so a source record never meets a target view.
         (_, Side::Source(_) | Side::Target(_)) => false,
     };
@@ -357,6 +372,28 @@ pub fn check(jobs: &JobViews, seq: u64, record: &Record) -> Result<(), JournalEr
             "not allowed in phase {}",
             view.phase_name()
         )))
+    }
+}
+
+/// A job keeps one seed, and its steps go forward ([`SeedStep::may_follow`]).
+fn seed_may_follow(current: Option<&SeedView>, seed_id: &[u8; 16], step: SeedStep) -> bool {
+    match current {
+        None => SeedStep::may_follow(None, step),
+        Some(view) => view.seed_id == *seed_id && SeedStep::may_follow(Some(view.step), step),
+    }
+}
+
+/// Applies a seed record [`seed_may_follow`] accepted.
+fn advance_seed(
+    seed: &mut Option<SeedView>,
+    seed_id: &[u8; 16],
+    step: SeedStep,
+    at_unix_ms: u64,
+    fingerprint: u64,
+) {
+    match seed {
+        Some(view) => view.advance(step, at_unix_ms, fingerprint),
+        None => *seed = Some(SeedView::first(*seed_id, step, at_unix_ms, fingerprint)),
     }
 }
 
@@ -487,6 +524,25 @@ fn update(jobs: &mut JobViews, seq: u64, record: &Record) {
             target.received = None;
             view.reason = Some(reason.clone());
         }
+        (
+            Record::SourceSeed {
+                seed_id,
+                step,
+                at_unix_ms,
+                ..
+            },
+            Side::Source(source),
+        ) => advance_seed(&mut source.seed, seed_id, *step, *at_unix_ms, 0),
+        (
+            Record::TargetSeed {
+                seed_id,
+                step,
+                at_unix_ms,
+                fingerprint,
+                ..
+            },
+            Side::Target(target),
+        ) => advance_seed(&mut target.seed, seed_id, *step, *at_unix_ms, *fingerprint),
         (record, _) => unreachable!("check refuses {} here", record.kind_name()),
     }
 }
@@ -529,6 +585,7 @@ fn start(seq: u64, record: &Record) -> JobView {
                 holder: None,
                 holder_told: None,
                 repointed_moves: 0,
+                seed: None,
             }),
         ),
         Record::TargetCreated {
@@ -551,6 +608,7 @@ fn start(seq: u64, record: &Record) -> JobView {
                 received: None,
                 resumes: 0,
                 holder: None,
+                seed: None,
             }),
         ),
         other => unreachable!("check refuses {} for an unknown job", other.kind_name()),

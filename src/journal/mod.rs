@@ -105,6 +105,7 @@ pub mod commit;
 pub mod file;
 pub mod fold;
 pub mod record;
+pub mod seed;
 pub mod shared;
 pub mod sim;
 pub mod status;
@@ -116,6 +117,7 @@ pub use fold::{
 };
 pub use record::Entry;
 pub use record::{JobSettings, Record, Role};
+pub use seed::{SeedStep, SeedView};
 pub use shared::SharedJournal;
 
 /// Errors from opening, replaying, appending to and compacting a journal.

@@ -56,6 +56,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use super::seed::SeedStep;
 use crate::codec::{self, CodecError};
 use crate::dirty::bitmap::{checked_block_count, read_le_words};
 use crate::dirty::DirtySet;
@@ -77,6 +78,8 @@ const KIND_TARGET_RECEIVED: u8 = 17;
 const KIND_TARGET_COMMITTED: u8 = 18;
 const KIND_TARGET_ABORTED: u8 = 19;
 const KIND_TARGET_HOLDER: u8 = 20;
+const KIND_SOURCE_SEED: u8 = 11;
+const KIND_TARGET_SEED: u8 = 21;
 
 const POLICY_HEAT: u8 = 1;
 const POLICY_NAIVE: u8 = 2;
@@ -230,6 +233,34 @@ pub enum Record {
         /// The holder.
         holder: Holder,
     },
+    /// A seed step at the source (`journal/seed.rs`): the job's bulk copy goes to a medium.
+    /// `Exporting` is appended before the seed tracker is created, `Exported` after the
+    /// medium is sealed and synced, `InSync` after the destination confirmed an in-sync point.
+    SourceSeed {
+        /// The job.
+        job_id: u64,
+        /// The seed's id.
+        seed_id: [u8; 16],
+        /// The step.
+        step: SeedStep,
+        /// When (Unix ms).
+        at_unix_ms: u64,
+    },
+    /// A seed step at the target: `Importing` after `TargetCreated` and before the first
+    /// extent is written, `Imported` after every extent verified and the image was synced,
+    /// `InSync` after the image was synced at an in-sync point (before it is confirmed).
+    TargetSeed {
+        /// The job.
+        job_id: u64,
+        /// The seed's id.
+        seed_id: [u8; 16],
+        /// The step.
+        step: SeedStep,
+        /// When (Unix ms).
+        at_unix_ms: u64,
+        /// The image file's fingerprint as ferry left it.
+        fingerprint: u64,
+    },
 }
 
 /// What a source job was asked to run with (`ferry migrate` options): journaled in
@@ -314,6 +345,8 @@ impl Record {
             | Self::SourceHolder { job_id, .. }
             | Self::SourceRepointed { job_id, .. }
             | Self::SourceHolderTold { job_id, .. }
+            | Self::SourceSeed { job_id, .. }
+            | Self::TargetSeed { job_id, .. }
             | Self::TargetHolder { job_id, .. }
             | Self::TargetCreated { job_id, .. }
             | Self::TargetReceived { job_id, .. }
@@ -334,8 +367,10 @@ impl Record {
             | Self::SourceSettings { .. }
             | Self::SourceHolder { .. }
             | Self::SourceRepointed { .. }
-            | Self::SourceHolderTold { .. } => Role::Source,
+            | Self::SourceHolderTold { .. }
+            | Self::SourceSeed { .. } => Role::Source,
             Self::TargetHolder { .. }
+            | Self::TargetSeed { .. }
             | Self::TargetCreated { .. }
             | Self::TargetReceived { .. }
             | Self::TargetCommitted { .. }
@@ -361,6 +396,8 @@ impl Record {
             Self::TargetReceived { .. } => "TargetReceived",
             Self::TargetCommitted { .. } => "TargetCommitted",
             Self::TargetAborted { .. } => "TargetAborted",
+            Self::SourceSeed { .. } => "SourceSeed",
+            Self::TargetSeed { .. } => "TargetSeed",
         }
     }
 
@@ -434,6 +471,32 @@ impl Record {
             | Self::SourceRepointed { .. }
             | Self::SourceHolderTold { .. }
             | Self::TargetHolder { .. } => self.encode_holding(&mut writer),
+            Self::SourceSeed {
+                job_id,
+                seed_id,
+                step,
+                at_unix_ms,
+            } => {
+                writer.u8(KIND_SOURCE_SEED);
+                writer.u64(*job_id);
+                writer.out.extend_from_slice(seed_id);
+                writer.u8(step.to_byte());
+                writer.u64(*at_unix_ms);
+            }
+            Self::TargetSeed {
+                job_id,
+                seed_id,
+                step,
+                at_unix_ms,
+                fingerprint,
+            } => {
+                writer.u8(KIND_TARGET_SEED);
+                writer.u64(*job_id);
+                writer.out.extend_from_slice(seed_id);
+                writer.u8(step.to_byte());
+                writer.u64(*at_unix_ms);
+                writer.u64(*fingerprint);
+            }
         }
         // Pair assertion: what we write is what decode accepts.
         debug_assert!(Self::decode(&out[start..]).is_ok_and(|read| read == *self));
@@ -573,6 +636,19 @@ impl Record {
                 job_id,
                 outcome: outcome_of(fields.u8()?)?,
             },
+            KIND_SOURCE_SEED => Self::SourceSeed {
+                job_id,
+                seed_id: fields.seed_id()?,
+                step: SeedStep::from_byte(fields.u8()?)?,
+                at_unix_ms: fields.u64()?,
+            },
+            KIND_TARGET_SEED => Self::TargetSeed {
+                job_id,
+                seed_id: fields.seed_id()?,
+                step: SeedStep::from_byte(fields.u8()?)?,
+                at_unix_ms: fields.u64()?,
+                fingerprint: fields.u64()?,
+            },
             other => return Err(format!("unknown record kind {other}")),
         };
         if !fields.reader.is_empty() {
@@ -686,6 +762,10 @@ impl<'a> Fields<'a> {
     fn u32(&mut self) -> Result<u32, String> {
         let value = self.u64()?;
         u32::try_from(value).map_err(|_| format!("{value} does not fit in 32 bits"))
+    }
+
+    fn seed_id(&mut self) -> Result<[u8; 16], String> {
+        self.reader.array().map_err(truncated)
     }
 
     fn holder(&mut self) -> Result<Holder, String> {
@@ -1031,6 +1111,19 @@ mod tests {
             Record::SourceHolderTold {
                 job_id: 11,
                 outcome: RepointOutcome::NotForwarding,
+            },
+            Record::SourceSeed {
+                job_id: 13,
+                seed_id: [7; 16],
+                step: SeedStep::Exported,
+                at_unix_ms: 1_700_000_000_000,
+            },
+            Record::TargetSeed {
+                job_id: 13,
+                seed_id: [7; 16],
+                step: SeedStep::InSync,
+                at_unix_ms: u64::MAX,
+                fingerprint: 42,
             },
         ]
     }

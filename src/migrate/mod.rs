@@ -36,7 +36,7 @@ pub mod sim;
 
 pub use forecast::Forecast;
 pub use plan::run;
-pub use policy::{MigrateOptions, Policy, PolicyParseError};
+pub use policy::{Ending, MigrateOptions, Policy, PolicyParseError};
 pub use report::{MigrationReport, PassKind, PassReport};
 
 /// What one [`MigrationEnv::send`] moved, as the env measured it.
@@ -121,6 +121,10 @@ pub trait MigrationEnv {
     /// Called with writes held. `Ok` means committed; `Err` must mean NOT committed (the env
     /// resolves an ambiguous reply, e.g. from the destination's journal, before returning).
     fn commit(&mut self) -> Result<(), Self::Error>;
+    /// The destination syncs what it received and records that it equals the source now
+    /// (an in-sync point, [`Ending::InSync`]); the source records it too. Called with writes
+    /// held, after the final send. `Err`: no point was recorded; nothing changes authority.
+    fn mark_in_sync(&mut self) -> Result<(), Self::Error>;
     /// From now on the source forwards every guest request to the destination. Called with
     /// writes held, after a successful commit.
     fn switch_to_destination(&mut self) -> Result<(), Self::Error>;
@@ -148,6 +152,8 @@ pub enum Step {
     HoldWrites,
     /// [`MigrationEnv::commit`].
     Commit,
+    /// [`MigrationEnv::mark_in_sync`].
+    MarkInSync,
     /// [`MigrationEnv::switch_to_destination`].
     SwitchToDestination,
     /// [`MigrationEnv::start_mirroring`].
@@ -162,6 +168,7 @@ impl std::fmt::Display for Step {
             Self::FinalSend => "final send",
             Self::HoldWrites => "hold writes",
             Self::Commit => "commit",
+            Self::MarkInSync => "mark in sync",
             Self::SwitchToDestination => "switch to destination",
             Self::StartMirroring => "start mirroring",
         })

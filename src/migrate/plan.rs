@@ -17,7 +17,7 @@
 //!   both sides; they are dropped, so the set to send only drains and the run converges.
 
 use super::forecast::Forecast;
-use super::policy::{split_hot, MigrateOptions, Policy};
+use super::policy::{split_hot, Ending, MigrateOptions, Policy};
 use super::report::{MigrationReport, PassKind, PassReport};
 use super::{MigrateError, MigrationEnv, Progress, Step};
 use crate::dirty::DirtySet;
@@ -81,6 +81,7 @@ impl<'env, E: MigrationEnv> Migration<'env, E> {
                 mirrored: false,
                 bytes_mirrored: 0,
                 forced: false,
+                in_sync: false,
                 converge_ms: 0.0,
                 pause_ms: 0.0,
                 pause_drain_ms: 0.0,
@@ -335,6 +336,13 @@ impl<'env, E: MigrationEnv> Migration<'env, E> {
         if blocks == 0 {
             return true;
         }
+        let over_threshold = self
+            .options
+            .threshold_bytes
+            .is_some_and(|threshold_bytes| blocks * self.granularity_bytes > threshold_bytes);
+        if over_threshold {
+            return false;
+        }
         // Aim low while the set still shrinks; accept the hard bound once it does not.
         let budget_ms = if self.forecast.stalled() {
             self.options.max_pause_ms
@@ -402,6 +410,10 @@ impl<'env, E: MigrationEnv> Migration<'env, E> {
         let (blocks_sent, bytes_sent) =
             self.send_set(pass, PassKind::Final, final_set, Step::FinalSend)?;
         let sent_ns = self.env.now_ns();
+        if self.options.ending == Ending::InSync {
+            let times = (hold_start_ns, start_ns, sent_ns);
+            return self.finish_in_sync(final_set, times, (blocks_sent, bytes_sent), forced);
+        }
         if let Err(source) = self.env.commit() {
             // Not committed (the env's contract): the destination may hold the final blocks
             // but is not authoritative; give their bits back so a rerun sends them again.
@@ -432,6 +444,51 @@ impl<'env, E: MigrationEnv> Migration<'env, E> {
                 report: Box::new(self.report.clone()),
                 source,
             });
+        }
+        self.env.release_writes();
+        self.writes_held = false;
+        self.report.pause_ms = ms_since(hold_start_ns, self.env.now_ns());
+        Ok(())
+    }
+
+    /// [`Ending::InSync`]: records the point at both ends, ends mirroring (the tracker covers
+    /// the mirrored writes too) and releases writes; the source stays authoritative.
+    /// `times`: when writes were held, the final send started, and ended; `sent`: its
+    /// blocks and bytes.
+    fn finish_in_sync(
+        &mut self,
+        final_set: &DirtySet,
+        times: (u64, u64, u64),
+        sent: (u64, u64),
+        forced: bool,
+    ) -> Result<(), MigrateError<E::Error>> {
+        let (hold_start_ns, start_ns, sent_ns) = times;
+        if let Err(source) = self.env.mark_in_sync() {
+            self.env.merge_dirty(final_set);
+            return Err(source_error(Step::MarkInSync, source));
+        }
+        let marked_ns = self.env.now_ns();
+        self.report.pause_final_send_ms = ms_since(start_ns, sent_ns);
+        self.report.pause_commit_ms = ms_since(sent_ns, marked_ns);
+        let (blocks_sent, bytes_sent) = sent;
+        self.report.passes.push(PassReport {
+            pass: self.passes + 1,
+            kind: PassKind::Final,
+            dirty_blocks_at_start: final_set.count(),
+            blocks_sent,
+            bytes_sent,
+            duration_ms: ms_since(start_ns, marked_ns),
+        });
+        self.report.forced = forced;
+        self.report.in_sync = true;
+        self.report.converge_ms = ms_since(self.start_ns, marked_ns);
+        if self.report.allocated_bytes > 0 {
+            self.report.amplification =
+                self.report.bytes_sent() as f64 / self.report.allocated_bytes as f64;
+        }
+        if self.mirroring {
+            self.env.stop_mirroring();
+            self.mirroring = false;
         }
         self.env.release_writes();
         self.writes_held = false;
@@ -600,6 +657,41 @@ mod tests {
         assert_eq!(report.passes.last().map(|p| p.kind), Some(PassKind::Final));
         assert!(err.destination_authoritative());
         assert!(env.writes_held());
+    }
+
+    #[test]
+    fn in_sync_points_leave_the_source_authoritative_and_repeat() {
+        // Goal: an in-sync run ends with both sides equal at the point (the sim checks that
+        // in `mark_in_sync`), writes released, no switch; the guest writes on, and a second
+        // run from the tracker's bits reaches another point, then a switchover. Method: three
+        // runs on one env: InSync, InSync (resume), Switchover (resume).
+        let mut env = world(|_| {});
+        let in_sync = MigrateOptions {
+            ending: Ending::InSync,
+            ..MigrateOptions::default()
+        };
+        let report = run(&mut env, &in_sync).expect("first point");
+        assert!(report.in_sync);
+        assert!(!env.switched());
+        assert!(!env.writes_held());
+        assert_eq!(env.in_sync_points(), 1);
+        env.check_source_authoritative();
+        env.run_guest_ms(500);
+        let again = MigrateOptions {
+            resume: true,
+            threshold_bytes: Some(1 << 20),
+            ..in_sync
+        };
+        let report = run(&mut env, &again).expect("second point");
+        assert!(report.in_sync);
+        assert_eq!(env.in_sync_points(), 2);
+        assert!(report.bytes_data < report.allocated_bytes, "{report:?}");
+        let migrate = MigrateOptions {
+            resume: true,
+            ..MigrateOptions::default()
+        };
+        run(&mut env, &migrate).expect("switchover");
+        env.check_switched();
     }
 
     #[test]

@@ -112,6 +112,26 @@ pub struct MigrateOptions {
     /// may lack (a failed run merges back what it took), so nothing is added (the allocated
     /// blocks are still asked for, for the report).
     pub resume: bool,
+    /// How the run ends: a switchover (a migration) or an in-sync point (a seed catch-up).
+    #[serde(default)]
+    pub ending: Ending,
+    /// The dirty bytes below which the run may end (besides the pause budget); `None`: the
+    /// pause budget alone decides.
+    #[serde(default)]
+    pub threshold_bytes: Option<u64>,
+}
+
+/// How a run ends once what remains fits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Ending {
+    /// Commit at the destination and forward to it: the destination is authoritative.
+    #[default]
+    Switchover,
+    /// Record an in-sync point at both ends with writes held, then release them: the
+    /// destination equals the source as it was at that point; the source stays
+    /// authoritative and its tracker goes on (a seed catch-up, continuous replication).
+    InSync,
 }
 
 impl Default for MigrateOptions {
@@ -127,6 +147,8 @@ impl Default for MigrateOptions {
             stall_passes: DEFAULT_STALL_PASSES,
             chunk_blocks: DEFAULT_CHUNK_BLOCKS,
             resume: false,
+            ending: Ending::Switchover,
+            threshold_bytes: None,
         }
     }
 }

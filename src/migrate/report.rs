@@ -84,6 +84,10 @@ pub struct MigrationReport {
     pub bytes_mirrored: u64,
     /// Whether the switchover was forced past the pause budget (`force_after_ms`).
     pub forced: bool,
+    /// The run ended at an in-sync point ([`super::Ending::InSync`]), not a switchover: the
+    /// source is still authoritative.
+    #[serde(default)]
+    pub in_sync: bool,
     /// From the start of the run to the commit point.
     pub converge_ms: f64,
     /// Guest write pause: from `hold_writes` to `release_writes`.
@@ -134,6 +138,7 @@ mod tests {
             hot_blocks: 0,
             deferrals: 0,
             mirrored: false,
+            in_sync: false,
             bytes_mirrored: 0,
             forced: false,
             converge_ms: 2.0,

@@ -149,6 +149,8 @@ pub struct SimEnv {
     mirroring: bool,
     committed: bool,
     switched: bool,
+    /// In-sync points recorded ([`MigrationEnv::mark_in_sync`]).
+    in_sync_points: u32,
     source_at_switch: Vec<u64>,
     /// Guest writes acknowledged, total.
     pub writes_acked: u64,
@@ -184,6 +186,7 @@ impl SimEnv {
             queued: Vec::new(),
             mirroring: false,
             committed: false,
+            in_sync_points: 0,
             switched: false,
             source_at_switch: Vec::new(),
             writes_acked: 0,
@@ -217,6 +220,11 @@ impl SimEnv {
     /// Whether the destination is authoritative (the run switched over).
     pub fn switched(&self) -> bool {
         self.switched
+    }
+
+    /// In-sync points recorded so far.
+    pub fn in_sync_points(&self) -> u32 {
+        self.in_sync_points
     }
 
     /// Lets the guest write for `duration_ms` more (between runs, or after the switch).
@@ -428,6 +436,19 @@ impl MigrationEnv for SimEnv {
         }
         self.check_sides_equal("commit");
         self.committed = true;
+        Ok(())
+    }
+
+    fn mark_in_sync(&mut self) -> Result<(), SimError> {
+        assert!(self.held, "in-sync point without held writes");
+        let now_ns = self.clock.now_ns();
+        self.advance_to(now_ns + self.options.commit_ns);
+        if self.prng.chance(self.options.commit_fail_per_mille) {
+            self.faults_injected += 1;
+            return Err(SimError::CommitFailed);
+        }
+        self.check_sides_equal("in-sync point");
+        self.in_sync_points += 1;
         Ok(())
     }
 

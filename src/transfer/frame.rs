@@ -95,6 +95,9 @@ pub struct TargetSpec {
     /// The agent that holds the guest's connection to this disk (absent from older
     /// sources): the destination tells it at its own later switchover where the disk went.
     pub holder: Option<Holder>,
+    /// The seed the destination's image came from (`ferry seed sync`): the destination
+    /// continues that seeded job only if it imported exactly this seed for it.
+    pub seed: Option<[u8; 16]>,
 }
 
 /// The agent holding the guest's connection to a disk that has moved away from it: it
@@ -276,6 +279,9 @@ pub enum Frame {
     OpenOk {
         /// Where the destination serves NBD over TCP (for forwarding after switchover).
         nbd_tcp: Option<String>,
+        /// A seeded image was changed since ferry last wrote it (a write outside ferry): the
+        /// source must compare digests rather than trust its tracker.
+        changed_outside: bool,
     },
     /// `len_bytes` payload bytes for `offset_bytes` follow this frame.
     Data {
@@ -397,6 +403,19 @@ pub enum Frame {
         /// What the holder did.
         outcome: RepointOutcome,
     },
+    /// Sync, then record an in-sync point of a seeded job at `at_unix_ms`: the target
+    /// equals the source as it was when its writes were held for this point.
+    Mark {
+        /// Echoed in the answer.
+        seq: u64,
+        /// The source's time of the point (Unix ms).
+        at_unix_ms: u64,
+    },
+    /// The in-sync point is durable at the destination.
+    MarkOk {
+        /// The Mark's seq.
+        seq: u64,
+    },
     /// Drop the target (source side), or the acknowledgment of that (destination side).
     Abort,
     /// The sender of this frame stops; the connection closes after it.
@@ -434,8 +453,10 @@ mod kind {
     pub const DIGESTS: u8 = 20;
     pub const DIGESTS_OK: u8 = 21;
     pub const REPOINT: u8 = 22;
-    /// The last kind: [`super::decode_header`] accepts `HELLO..=REPOINT_OK`.
     pub const REPOINT_OK: u8 = 23;
+    pub const MARK: u8 = 24;
+    /// The last kind: [`super::decode_header`] accepts `HELLO..=MARK_OK`.
+    pub const MARK_OK: u8 = 25;
 }
 
 /// Why bytes are not a frame.
@@ -507,7 +528,7 @@ pub fn decode_header(bytes: &[u8; HEADER_BYTES]) -> Result<FrameHeader, FrameErr
         data_len: be_u32(&bytes[12..16]),
         meta_crc: be_u32(&bytes[16..20]),
     };
-    if !(kind::HELLO..=kind::REPOINT_OK).contains(&header.kind) {
+    if !(kind::HELLO..=kind::MARK_OK).contains(&header.kind) {
         return Err(FrameError::UnknownKind(header.kind));
     }
     if be_u16(&bytes[6..8]) != 0 {
@@ -555,6 +576,18 @@ pub fn decode_meta(header: &FrameHeader, meta: &[u8]) -> Result<Frame, FrameErro
         kind::OPEN => Frame::Open(decode_spec(&mut fields)?),
         kind::OPEN_OK => Frame::OpenOk {
             nbd_tcp: optional_string(&mut fields, "nbd_tcp flag")?,
+            // Older destinations end the OpenOk here.
+            changed_outside: match fields.is_empty() {
+                true => false,
+                false => flag(fields.u8()?, "changed_outside")?,
+            },
+        },
+        kind::MARK => Frame::Mark {
+            seq: fields.u64_be()?,
+            at_unix_ms: fields.u64_be()?,
+        },
+        kind::MARK_OK => Frame::MarkOk {
+            seq: fields.u64_be()?,
         },
         kind::DATA => Frame::Data {
             offset_bytes: range(fields.u64_be()?, u64::from(header.data_len))?,
@@ -765,11 +798,23 @@ fn encode_meta(frame: &Frame, out: &mut Vec<u8>) -> (u8, u32) {
                 put_string(out, &holder.addr, MAX_MESSAGE_BYTES);
                 out.extend_from_slice(&holder.job_id.to_be_bytes());
                 out.extend_from_slice(&holder.moves.to_be_bytes());
+            } else if spec.seed.is_some() {
+                out.push(0);
+            }
+            if let Some(seed) = &spec.seed {
+                out.push(1);
+                out.extend_from_slice(seed);
             }
             (kind::OPEN, 0)
         }
-        Frame::OpenOk { nbd_tcp } => {
+        Frame::OpenOk {
+            nbd_tcp,
+            changed_outside,
+        } => {
             put_optional_string(out, nbd_tcp.as_deref());
+            if *changed_outside {
+                out.push(1);
+            }
             (kind::OPEN_OK, 0)
         }
         Frame::Data {
@@ -881,6 +926,15 @@ fn encode_meta(frame: &Frame, out: &mut Vec<u8>) -> (u8, u32) {
             put_string(out, &repoint.nbd_tcp, MAX_MESSAGE_BYTES);
             (kind::REPOINT, 0)
         }
+        Frame::Mark { seq, at_unix_ms } => {
+            out.extend_from_slice(&seq.to_be_bytes());
+            out.extend_from_slice(&at_unix_ms.to_be_bytes());
+            (kind::MARK, 0)
+        }
+        Frame::MarkOk { seq } => {
+            out.extend_from_slice(&seq.to_be_bytes());
+            (kind::MARK_OK, 0)
+        }
         Frame::RepointOk { job_id, outcome } => {
             out.extend_from_slice(&job_id.to_be_bytes());
             out.push(outcome.to_wire());
@@ -929,12 +983,22 @@ fn decode_spec(fields: &mut codec::Reader<'_>) -> Result<TargetSpec, FrameError>
         None
     } else {
         match fields.u8()? {
+            0 => None,
             1 => Some(Holder {
                 addr: read_string(fields, MAX_MESSAGE_BYTES)?,
                 job_id: fields.u64_be()?,
                 moves: fields.u32_be()?,
             }),
             _ => return Err(FrameError::BadField("holder flag")),
+        }
+    };
+    // Sources without seeds end the Open here.
+    let seed = if fields.is_empty() {
+        None
+    } else {
+        match fields.u8()? {
+            1 => Some(fields.array()?),
+            _ => return Err(FrameError::BadField("seed flag")),
         }
     };
     Ok(TargetSpec {
@@ -944,7 +1008,17 @@ fn decode_spec(fields: &mut codec::Reader<'_>) -> Result<TargetSpec, FrameError>
         job_id,
         batch,
         holder,
+        seed,
     })
+}
+
+/// A boolean byte (0 or 1).
+fn flag(byte: u8, what: &'static str) -> Result<bool, FrameError> {
+    match byte {
+        0 => Ok(false),
+        1 => Ok(true),
+        _ => Err(FrameError::BadField(what)),
+    }
 }
 
 /// A presence byte, then (when 1) a string of at most [`MAX_MESSAGE_BYTES`].
@@ -1035,6 +1109,7 @@ mod tests {
                 job_id: 42,
                 batch: Some("evacuate-a".into()),
                 holder: None,
+                seed: None,
             }),
             Frame::Open(TargetSpec {
                 export: "vm1".into(),
@@ -1047,6 +1122,7 @@ mod tests {
                     job_id: 7,
                     moves: 2,
                 }),
+                seed: None,
             }),
             Frame::Repoint(Repoint {
                 job_id: 7,
@@ -1067,10 +1143,28 @@ mod tests {
                 job_id: 7,
                 outcome: RepointOutcome::NotForwarding,
             },
-            Frame::OpenOk { nbd_tcp: None },
+            Frame::OpenOk {
+                nbd_tcp: None,
+                changed_outside: false,
+            },
             Frame::OpenOk {
                 nbd_tcp: Some("10.0.0.2:10809".into()),
+                changed_outside: true,
             },
+            Frame::Open(TargetSpec {
+                export: "seeded".into(),
+                size_bytes: 1 << 30,
+                granularity_bytes: 4096,
+                job_id: 44,
+                batch: None,
+                holder: None,
+                seed: Some([0x5e; 16]),
+            }),
+            Frame::Mark {
+                seq: 9,
+                at_unix_ms: 1_700_000_000_000,
+            },
+            Frame::MarkOk { seq: 9 },
             Frame::Data {
                 offset_bytes: 1 << 30,
                 len_bytes: 5,
@@ -1161,6 +1255,7 @@ mod tests {
             job_id: 1,
             batch: None,
             holder: None,
+            seed: None,
         }));
         assert!(decode(&bytes).is_ok());
         // Rewrite the name length to 65 and fix both checksums: still refused (TooLong).
@@ -1198,6 +1293,7 @@ mod tests {
             job_id: 1,
             batch: None,
             holder: None,
+            seed: None,
         }));
         let refused = Err(FrameError::BadField("too many blocks for the granularity"));
         assert_eq!(decode(&huge), refused);
@@ -1210,6 +1306,7 @@ mod tests {
                 job_id: 1,
                 batch: None,
                 holder: None,
+                seed: None,
             }));
             assert_eq!(decode(&absurd), Err(FrameError::BadField("granularity")));
         }

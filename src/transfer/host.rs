@@ -139,6 +139,31 @@ pub trait TargetHost: Send + Sync {
     /// forward to the new holder of the disk (durably, before answering), unless a newer
     /// move already did or it no longer forwards that disk under that job.
     fn repoint(&self, repoint: &Repoint) -> Result<RepointOutcome, TargetError>;
+    /// `spec` as this host knows the job (a seeded job may be imported under another export
+    /// name); refuses a seeded Open it cannot continue. Called before every other check.
+    fn resolve_spec(&self, spec: TargetSpec) -> Result<TargetSpec, TargetError> {
+        match spec.seed {
+            None => Ok(spec),
+            Some(_) => Err(TargetError::Refused(
+                "this destination keeps no seeds".into(),
+            )),
+        }
+    }
+    /// Records an in-sync point of a seeded target (called after an fdatasync): the image
+    /// equals the source's at `at_unix_ms`. A host without seeds refuses.
+    fn mark_in_sync(&self, spec: &TargetSpec, at_unix_ms: u64) -> Result<(), TargetError> {
+        let _ = at_unix_ms;
+        Err(TargetError::Refused(format!(
+            "export '{}' is not a seeded target here",
+            spec.export
+        )))
+    }
+    /// Whether the seeded image `create_target` just opened was written outside ferry since
+    /// ferry last left it (the source then compares digests). False for unseeded targets.
+    fn changed_outside(&self, spec: &TargetSpec) -> bool {
+        let _ = spec;
+        false
+    }
 }
 
 /// Checks every field of an `Open` the source chose, before anything is recorded or created.
@@ -241,6 +266,7 @@ mod tests {
                 job_id: 3,
                 moves: 1,
             }),
+            seed: None,
         }
     }
 

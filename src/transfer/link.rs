@@ -56,6 +56,8 @@ pub(crate) fn frame_name(frame: &Frame) -> &'static str {
         Frame::QueryOk { .. } => "QueryOk",
         Frame::Repoint(_) => "Repoint",
         Frame::RepointOk { .. } => "RepointOk",
+        Frame::Mark { .. } => "Mark",
+        Frame::MarkOk { .. } => "MarkOk",
         Frame::Abort => "Abort",
         Frame::Error { .. } => "Error",
     }

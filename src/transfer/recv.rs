@@ -277,7 +277,11 @@ fn serve_connection(
         .peer_addr()
         .map_or_else(|_| "unknown".to_string(), |addr| addr.to_string());
     // Checked here for every host, before it records or creates anything.
-    let created = validate_spec(&spec).and_then(|()| host.create_target(&spec, &source));
+    let resolved = host.resolve_spec(spec.clone());
+    let spec = resolved.as_ref().map_or(spec, Clone::clone);
+    let created = resolved
+        .and_then(|_| validate_spec(&spec))
+        .and_then(|()| host.create_target(&spec, &source));
     let file = match created {
         Ok(file) => file,
         Err(err) => {
@@ -295,6 +299,7 @@ fn serve_connection(
         .map_err(|err| fail(&mut stream, TransferError::Engine(err)))?;
     let reply = Frame::OpenOk {
         nbd_tcp: host.nbd_tcp(),
+        changed_outside: host.changed_outside(&spec),
     };
     write_frame(&mut stream, &reply, &mut Vec::new())?;
     stream
@@ -516,6 +521,20 @@ impl Target {
                     committed = true;
                     write_frame(stream, &Frame::CommitOk { seq }, &mut self.scratch)?;
                 }
+                Frame::Mark { seq, at_unix_ms } => {
+                    self.flush()?;
+                    host.mark_in_sync(&self.spec, at_unix_ms).map_err(|err| {
+                        log::warn!(
+                            "target {}: in-sync point not recorded: {}",
+                            self.spec.export,
+                            crate::error::error_chain(&err)
+                        );
+                        TransferError::Refused {
+                            reason: err.peer_reason(),
+                        }
+                    })?;
+                    write_frame(stream, &Frame::MarkOk { seq }, &mut self.scratch)?;
+                }
                 Frame::Abort => {
                     self.drain()?;
                     host.abort_target(&self.spec);
@@ -525,7 +544,7 @@ impl Target {
                 other => {
                     return Err(unexpected(
                         other,
-                        "Data, Zero, Trim, Sync, Fence, Verify, Commit or Abort",
+                        "Data, Zero, Trim, Sync, Fence, Verify, Mark, Commit or Abort",
                     ))
                 }
             }

@@ -70,6 +70,8 @@ impl Default for SendOptions {
 pub struct OpenReply {
     /// Where the destination serves NBD over TCP, if it does.
     pub nbd_tcp: Option<String>,
+    /// The destination's seeded image was written outside ferry: compare, do not trust.
+    pub changed_outside: bool,
 }
 
 /// What one [`Sender::send_extents`] call put on the wire (measured).
@@ -180,7 +182,13 @@ impl Sender {
         let mut scratch = Vec::new();
         write_frame(&mut link, &Frame::Open(spec.clone()), &mut scratch)?;
         let reply = match read_frame(&mut link, &mut Vec::new())? {
-            Frame::OpenOk { nbd_tcp } => OpenReply { nbd_tcp },
+            Frame::OpenOk {
+                nbd_tcp,
+                changed_outside,
+            } => OpenReply {
+                nbd_tcp,
+                changed_outside,
+            },
             other => return Err(unexpected(other, "OpenOk")),
         };
         // From here the reader thread waits for answers as long as it takes; callers wait on
@@ -581,6 +589,18 @@ impl Sender {
         match self.wait_reply("CommitOk")? {
             Frame::CommitOk { seq: answered } if answered == seq => Ok(()),
             other => Err(unexpected(other, "CommitOk")),
+        }
+    }
+
+    /// Syncs, then has the destination record an in-sync point of its seeded image at
+    /// `at_unix_ms`; after Ok the point is durable there.
+    pub fn mark_in_sync(&mut self, at_unix_ms: u64) -> Result<(), TransferError> {
+        let seq = self.take_seq();
+        self.send_frame(&Frame::Mark { seq, at_unix_ms })
+            .map_err(|err| self.explain(err))?;
+        match self.wait_reply("MarkOk")? {
+            Frame::MarkOk { seq: answered } if answered == seq => Ok(()),
+            other => Err(unexpected(other, "MarkOk")),
         }
     }
 

@@ -162,6 +162,7 @@ fn spec(export: &str, size_bytes: u64) -> TargetSpec {
         job_id: 7,
         batch: None,
         holder: None,
+        seed: None,
     }
 }
 

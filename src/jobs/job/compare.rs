@@ -91,6 +91,7 @@ impl JobEnv {
                 image
                     .read_at(at, &mut buf[..len])
                     .map_err(JobError::Allocation)?;
+                self.bytes_read += len as u64;
                 let index = usize::try_from(block - first_block).expect("fits");
                 let same = remote
                     .get(index)

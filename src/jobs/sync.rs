@@ -1,0 +1,132 @@
+//! A seed catch-up (`ferry seed sync`): the job of a seed, resumed over the block stream to
+//! the destination that imported the seed, run to an in-sync point, then stopped there, kept
+//! there (continuous replication) or switched over (a migration).
+//!
+//! Invariants:
+//! - Every run of the loop is [`crate::migrate::run`] on the same [`JobEnv`]: the first ends
+//!   at an in-sync point ([`Ending::InSync`]), each later one continues from the tracker's
+//!   bits (`resume`), so a block written at any time is sent by some run after it.
+//! - The source stays authoritative at every in-sync point; only `--then migrate`'s last run
+//!   commits, exactly as a migration does.
+//! - A follow ends only when asked to (the job's stop flag) or when a run fails; the lag it
+//!   reports is the time since the last in-sync point.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use super::job::{JobEnv, JobError};
+use crate::migrate::{Ending, MigrateError, MigrateOptions, MigrationReport};
+
+/// Least pause between two runs of a continuous replication.
+const FOLLOW_PAUSE: Duration = Duration::from_millis(500);
+
+/// What a seed catch-up does once in sync.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SyncThen {
+    /// Stop at the first in-sync point.
+    Stop,
+    /// Keep the destination in sync: a new in-sync point after every run, until stopped.
+    Follow,
+    /// Switch over to the destination, as a migration does.
+    Migrate,
+}
+
+/// A seed catch-up's part of a job request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeedSync {
+    /// The seed the destination imported.
+    pub seed_id: [u8; 16],
+    /// What to do once in sync.
+    pub then: SyncThen,
+    /// The seed's tracker is gone (or lost): every block is a candidate and only digests
+    /// say what travels.
+    pub compare_all: bool,
+}
+
+/// What a catch-up reports while it runs and after.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SyncStatus {
+    /// The seed (hex).
+    pub seed_id: String,
+    /// "catching-up", "in-sync" or "switching-over".
+    pub state: String,
+    /// In-sync points reached.
+    pub in_sync_points: u32,
+    /// The latest one (Unix ms).
+    pub last_in_sync_unix_ms: Option<u64>,
+    /// Whether the first run compared digests of every block (no tracker to trust).
+    pub compared_all: bool,
+    /// Data bytes sent over all runs.
+    pub bytes_sent: u64,
+    /// Bytes the source read to send or compare over all runs.
+    pub bytes_read: u64,
+}
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| {
+            u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
+        })
+}
+
+/// Runs the catch-up on `env`; the last run's report (an in-sync point, or the switchover).
+pub fn drive(
+    env: &mut JobEnv,
+    options: &MigrateOptions,
+    sync: &SeedSync,
+    status: &Arc<Mutex<SyncStatus>>,
+    stop: &AtomicBool,
+) -> Result<MigrationReport, MigrateError<JobError>> {
+    let in_sync = MigrateOptions {
+        ending: Ending::InSync,
+        ..options.clone()
+    };
+    let mut report = run_once(env, &in_sync, status)?;
+    let again = MigrateOptions {
+        resume: true,
+        ..in_sync.clone()
+    };
+    match sync.then {
+        SyncThen::Stop => Ok(report),
+        SyncThen::Follow => {
+            while !stop.load(Ordering::Acquire) {
+                std::thread::sleep(FOLLOW_PAUSE);
+                report = run_once(env, &again, status)?;
+            }
+            Ok(report)
+        }
+        SyncThen::Migrate => {
+            status.lock().expect("sync status").state = "switching-over".into();
+            let migrate = MigrateOptions {
+                ending: Ending::Switchover,
+                ..again
+            };
+            run_once(env, &migrate, status)
+        }
+    }
+}
+
+/// One run; the status counts what it sent and whether it reached a point.
+fn run_once(
+    env: &mut JobEnv,
+    options: &MigrateOptions,
+    status: &Arc<Mutex<SyncStatus>>,
+) -> Result<MigrationReport, MigrateError<JobError>> {
+    let read_before = env.bytes_read();
+    let report = crate::migrate::run(env, options)?;
+    let mut status = status.lock().expect("sync status");
+    status.bytes_sent += report.bytes_data;
+    status.bytes_read += env.bytes_read() - read_before;
+    if report.in_sync {
+        status.state = "in-sync".into();
+        status.in_sync_points += 1;
+        status.last_in_sync_unix_ms = Some(unix_ms());
+    }
+    Ok(report)
+}
