@@ -23,11 +23,13 @@ pub mod chunk;
 pub mod header;
 pub mod keys;
 pub mod manifest;
+pub mod volume;
 
 pub use chunk::{ChunkPlace, SealedChunk};
 pub use header::{Header, KeySource, VolumeState};
 pub use keys::SeedKeys;
 pub use manifest::{check_coverage, DiskManifest, Extent, ExtentBuilder, ExtentKind, Manifest};
+pub use volume::Media;
 
 /// Why a sealed part of a medium was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
