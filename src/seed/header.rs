@@ -103,7 +103,14 @@ impl Header {
 }
 
 /// The header's 4 KiB as written to the volume.
+/// `header` must be of `keys`' seed and key, with a manifest place its state allows.
 pub fn encode(header: &Header, keys: &SeedKeys) -> [u8; HEADER_BYTES] {
+    assert_eq!(&header.seed_id, keys.seed_id(), "header of another seed");
+    assert!(keys.matches(&header.key_check), "header of another key");
+    assert!(
+        check_manifest_place(header).is_ok(),
+        "manifest place {header:?}"
+    );
     let mut out = [0u8; HEADER_BYTES];
     let mut fields = Vec::with_capacity(FIELDS_BYTES);
     fields.extend_from_slice(&MAGIC);
