@@ -1,6 +1,6 @@
 //! The keys of one seed: derived from the cluster key (or a separate seed key) and the seed
-//! id, one for the AEAD, one for the keyed digests, and a check value that tells a wrong key
-//! from a damaged medium.
+//! id, one for the AEAD, one for the keyed digests, one for the volume headers' MAC, one for
+//! the manifests' outer MAC, and a check value that tells a wrong key from a damaged medium.
 //!
 //! Invariants: each key has its own BLAKE3 `derive_key` context, so no key is ever used for
 //! two purposes; key material never appears in `Debug` output.
@@ -14,11 +14,15 @@ use crate::transfer::ClusterKey;
 const AEAD_CONTEXT: &str = "ferry seed v1 2026-12 aead key";
 const DIGEST_CONTEXT: &str = "ferry seed v1 2026-12 digest key";
 const CHECK_CONTEXT: &str = "ferry seed v1 2026-12 key check";
+const HEADER_MAC_CONTEXT: &str = "ferry seed v1 2026-12 header mac key";
+const MANIFEST_MAC_CONTEXT: &str = "ferry seed v1 2026-12 manifest mac key";
 
 /// The keys of one seed.
 pub struct SeedKeys {
     pub(super) aead: LessSafeKey,
     digest_key: [u8; 32],
+    header_mac_key: [u8; 32],
+    manifest_mac_key: [u8; 32],
     check: [u8; 32],
     seed_id: [u8; 16],
 }
@@ -44,6 +48,8 @@ impl SeedKeys {
         SeedKeys {
             aead: LessSafeKey::new(aead),
             digest_key: blake3::derive_key(DIGEST_CONTEXT, &seed_key),
+            header_mac_key: blake3::derive_key(HEADER_MAC_CONTEXT, &seed_key),
+            manifest_mac_key: blake3::derive_key(MANIFEST_MAC_CONTEXT, &seed_key),
             check: blake3::derive_key(CHECK_CONTEXT, &seed_key),
             seed_id,
         }
@@ -69,6 +75,22 @@ impl SeedKeys {
     pub fn digest(&self, data: &[u8]) -> [u8; 32] {
         *blake3::keyed_hash(&self.digest_key, data).as_bytes()
     }
+
+    /// The MAC of a volume header's fields (keyed BLAKE3: the header is rewritten in place,
+    /// so it gets no nonce-based tag; see `header.rs`).
+    pub fn header_mac(&self, fields: &[u8]) -> [u8; 32] {
+        *blake3::keyed_hash(&self.header_mac_key, fields).as_bytes()
+    }
+
+    /// The MAC of a sealed manifest's ciphertext, checked before decryption is attempted.
+    pub fn manifest_mac(&self, ciphertext: &[u8]) -> [u8; 32] {
+        *blake3::keyed_hash(&self.manifest_mac_key, ciphertext).as_bytes()
+    }
+}
+
+/// Whether two MACs are equal, in constant time.
+pub fn mac_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    blake3::Hash::from(*a) == blake3::Hash::from(*b)
 }
 
 #[cfg(test)]
@@ -90,6 +112,10 @@ mod tests {
         assert_ne!(a.digest(b"x"), b.digest(b"x"));
         assert_ne!(a.digest(b"x"), a.digest(b"y"));
         assert_ne!(a.check_value(), a.digest(b""));
+        assert_ne!(a.header_mac(b"x"), a.digest(b"x"));
+        assert_ne!(a.header_mac(b"x"), a.manifest_mac(b"x"));
+        assert_ne!(a.manifest_mac(b"x"), b.manifest_mac(b"x"));
+        assert!(mac_eq(&a.header_mac(b"x"), &a.header_mac(b"x")));
         assert!(!format!("{a:?}").contains(&format!("{:?}", a.check_value())));
     }
 }
