@@ -5,10 +5,12 @@ use std::sync::Arc;
 
 use crate::agent::exports::Exports;
 use crate::agent::migrations::Migrations;
+use crate::agent::seeds::Seeds;
 use crate::agent::trackers::Trackers;
 use crate::api::types::{
     AbortOutcome, DiskStatus, ExportSpec, ExportStatus, HeatMap, JobStatus, JournalJob,
-    MigrateRequest, StaleImage, TrackerAdd, TrackerStatus,
+    MigrateRequest, SeedExportRequest, SeedImportRequest, SeedInfo, SeedInspectRequest,
+    SeedRunStatus, SeedSyncRequest, StaleImage, TrackerAdd, TrackerStatus,
 };
 use crate::api::{Control, ControlError};
 
@@ -21,6 +23,8 @@ pub struct AgentControl {
     pub trackers: Trackers,
     /// Migrations from this agent.
     pub migrations: Migrations,
+    /// Seeds exported and imported here.
+    pub seeds: Seeds,
 }
 
 impl Control for AgentControl {
@@ -59,6 +63,34 @@ impl Control for AgentControl {
 
     fn migrate(&self, export: &str, request: MigrateRequest) -> Result<JobStatus, ControlError> {
         self.migrations.migrate(export, request)
+    }
+
+    fn seed_export(&self, request: SeedExportRequest) -> Result<SeedRunStatus, ControlError> {
+        self.seeds.export(&self.migrations, request)
+    }
+
+    fn seed_import(&self, request: SeedImportRequest) -> Result<SeedRunStatus, ControlError> {
+        self.seeds.import(request)
+    }
+
+    fn seed_inspect(&self, request: SeedInspectRequest) -> Result<SeedInfo, ControlError> {
+        self.seeds.inspect(request)
+    }
+
+    fn seeds(&self) -> Vec<SeedRunStatus> {
+        self.seeds.list()
+    }
+
+    fn seed(&self, seed_id: &str) -> Result<SeedRunStatus, ControlError> {
+        self.seeds.get(seed_id)
+    }
+
+    fn seed_sync(&self, export: &str, request: SeedSyncRequest) -> Result<JobStatus, ControlError> {
+        self.seeds.sync(&self.migrations, export, request)
+    }
+
+    fn stop_job(&self, id: u64) -> Result<JobStatus, ControlError> {
+        self.migrations.stop_job(id)
     }
 
     fn abort_job(&self, id: u64) -> Result<AbortOutcome, ControlError> {

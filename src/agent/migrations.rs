@@ -64,6 +64,19 @@ impl Migrations {
         }
     }
 
+    /// A new job id (a seed's job, journaled by the seed export).
+    pub fn reserve_job_id(&self) -> u64 {
+        self.jobs.reserve_id()
+    }
+
+    /// Asks job `id` to stop after its current run (a continuous replication).
+    pub fn stop_job(&self, id: u64) -> Result<JobStatus, ControlError> {
+        if !self.jobs.stop(id) {
+            return Err(ControlError::NotFound(format!("no running job {id}")));
+        }
+        self.job(id)
+    }
+
     /// The journal every job records its steps in.
     pub fn journal(&self) -> &SharedJournal {
         &self.journal

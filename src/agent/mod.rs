@@ -15,6 +15,7 @@ pub mod limits;
 pub mod migrations;
 pub mod moves;
 pub mod seeded;
+pub mod seeds;
 pub mod status;
 pub mod targets;
 pub mod trackers;
@@ -38,6 +39,7 @@ use config::EngineChoice;
 use control::AgentControl;
 use exports::Exports;
 use migrations::Migrations;
+use seeds::Seeds;
 use targets::Targets;
 use trackers::Trackers;
 
@@ -223,6 +225,12 @@ impl Agent {
         let control = Arc::new(AgentControl {
             exports: exports.clone(),
             trackers: Trackers::new(exports.clone()),
+            seeds: Seeds::new(
+                exports.clone(),
+                journal.clone(),
+                key.clone(),
+                config.image_dir.clone(),
+            ),
             migrations: Migrations::new(exports.clone(), key, journal, transfer_addr.to_string()),
         });
         let options = api::ServeOptions {

@@ -242,6 +242,7 @@ mod tests {
             reason: String::new(),
             action: "none".into(),
             forwarding: None,
+            seed: None,
         };
         let mut lines = vec![
             line(1, "vm1", "source", "switched"),

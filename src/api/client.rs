@@ -13,7 +13,8 @@ use serde::de::DeserializeOwned;
 
 use super::types::{
     AbortOutcome, DiskStatus, ErrorBody, ExportSpec, ExportStatus, HeatMap, JobStatus, JournalJob,
-    MigrateRequest, StaleImage, TrackerAdd, TrackerStatus,
+    MigrateRequest, SeedExportRequest, SeedImportRequest, SeedInfo, SeedInspectRequest,
+    SeedRunStatus, SeedSyncRequest, StaleImage, TrackerAdd, TrackerStatus,
 };
 
 /// How long to wait for the agent to accept a connection.
@@ -206,6 +207,46 @@ impl Client {
     /// `GET /v1/jobs/{id}`
     pub fn job(&self, id: u64) -> Result<JobStatus, ClientError> {
         self.call_json("GET", &format!("/v1/jobs/{id}"), &[], None)
+    }
+
+    /// `POST /v1/jobs/{id}/stop`
+    pub fn stop_job(&self, id: u64) -> Result<JobStatus, ClientError> {
+        self.call_json("POST", &format!("/v1/jobs/{id}/stop"), &[], None)
+    }
+
+    /// `POST /v1/seeds/export`
+    pub fn seed_export(&self, request: &SeedExportRequest) -> Result<SeedRunStatus, ClientError> {
+        self.call_json("POST", "/v1/seeds/export", &[], Some(json(request)))
+    }
+
+    /// `POST /v1/seeds/import`
+    pub fn seed_import(&self, request: &SeedImportRequest) -> Result<SeedRunStatus, ClientError> {
+        self.call_json("POST", "/v1/seeds/import", &[], Some(json(request)))
+    }
+
+    /// `POST /v1/seeds/inspect`
+    pub fn seed_inspect(&self, request: &SeedInspectRequest) -> Result<SeedInfo, ClientError> {
+        self.call_json("POST", "/v1/seeds/inspect", &[], Some(json(request)))
+    }
+
+    /// `GET /v1/seeds`
+    pub fn seeds(&self) -> Result<Vec<SeedRunStatus>, ClientError> {
+        self.call_json("GET", "/v1/seeds", &[], None)
+    }
+
+    /// `GET /v1/seeds/{id}`
+    pub fn seed(&self, seed_id: &str) -> Result<SeedRunStatus, ClientError> {
+        self.call_json("GET", &format!("/v1/seeds/{}", encode(seed_id)), &[], None)
+    }
+
+    /// `POST /v1/exports/{export}/seed-sync`
+    pub fn seed_sync(
+        &self,
+        export: &str,
+        request: &SeedSyncRequest,
+    ) -> Result<JobStatus, ClientError> {
+        let path = format!("/v1/exports/{}/seed-sync", encode(export));
+        self.call_json("POST", &path, &[], Some(json(request)))
     }
 
     /// `POST /v1/jobs/{id}/abort`

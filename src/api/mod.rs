@@ -67,7 +67,8 @@ use std::sync::Arc;
 pub use client::{Client, ClientError};
 use types::{
     DiskStatus, ExportSpec, ExportStatus, HeatMap, JobStatus, JournalJob, MigrateRequest,
-    TrackerAdd, TrackerStatus,
+    SeedExportRequest, SeedImportRequest, SeedInfo, SeedInspectRequest, SeedRunStatus,
+    SeedSyncRequest, TrackerAdd, TrackerStatus,
 };
 
 /// Default control API address: where an agent listens and a client calls.
@@ -131,6 +132,40 @@ pub trait Control: Send + Sync {
     fn journal_jobs(&self, batch: Option<&str>) -> Result<Vec<JournalJob>, ControlError> {
         let _ = batch;
         Ok(Vec::new())
+    }
+    /// Starts copying exports onto a seed's media (`ferry seed export`).
+    fn seed_export(&self, request: SeedExportRequest) -> Result<SeedRunStatus, ControlError> {
+        let _ = request;
+        Err(ControlError::Invalid("this agent keeps no seeds".into()))
+    }
+    /// Starts importing a seed into images here (`ferry seed import`).
+    fn seed_import(&self, request: SeedImportRequest) -> Result<SeedRunStatus, ControlError> {
+        let _ = request;
+        Err(ControlError::Invalid("this agent keeps no seeds".into()))
+    }
+    /// What is on a medium (`ferry seed ls|show|verify`).
+    fn seed_inspect(&self, request: SeedInspectRequest) -> Result<SeedInfo, ControlError> {
+        let _ = request;
+        Err(ControlError::Invalid("this agent keeps no seeds".into()))
+    }
+    /// The seed exports and imports since the agent started.
+    fn seeds(&self) -> Vec<SeedRunStatus> {
+        Vec::new()
+    }
+    /// One seed run, by seed id (hex).
+    fn seed(&self, seed_id: &str) -> Result<SeedRunStatus, ControlError> {
+        Err(ControlError::NotFound(format!("no seed run {seed_id}")))
+    }
+    /// Starts the catch-up of an export's seed (`ferry seed sync`).
+    fn seed_sync(&self, export: &str, request: SeedSyncRequest) -> Result<JobStatus, ControlError> {
+        let _ = request;
+        Err(ControlError::Invalid(format!(
+            "this agent cannot sync '{export}'"
+        )))
+    }
+    /// Asks a running job to stop after its current run (a continuous replication).
+    fn stop_job(&self, id: u64) -> Result<JobStatus, ControlError> {
+        Err(ControlError::NotFound(format!("no job {id}")))
     }
     /// The stale images migrations left here; removed unless `dry_run` (`ferry export gc`).
     fn collect_stale(&self, dry_run: bool) -> Result<Vec<types::StaleImage>, ControlError> {

@@ -779,6 +779,7 @@ mod tests {
             reason: "the target committed and serves the disk".into(),
             action: "none".into(),
             forwarding: None,
+            seed: None,
         };
         let mut moved = line(3, "vm1");
         moved.forwarding = Some(Forwarding {

@@ -24,7 +24,10 @@ use serde::Serialize;
 use super::http::{Head, Method};
 use super::listen::Service;
 use super::prometheus;
-use super::types::{ExportSpec, MigrateRequest, TrackerAdd};
+use super::types::{
+    ExportSpec, MigrateRequest, SeedExportRequest, SeedImportRequest, SeedInspectRequest,
+    SeedSyncRequest, TrackerAdd,
+};
 use super::{Control, ControlError};
 
 pub use super::http::{Reply, MAX_BODY_BYTES};
@@ -251,6 +254,47 @@ pub fn route(
             (Method::Get, Ok(id)) => Reply::from_result(200, control.job(id)),
             (Method::Get, Err(_)) => Reply::error(400, format!("job id '{id}' is not a number")),
             _ => method_not_allowed("GET"),
+        },
+        ["v1", "jobs", id, "stop"] => match (method, id.parse::<u64>()) {
+            (Method::Post, Ok(id)) => Reply::from_result(200, control.stop_job(id)),
+            (Method::Post, Err(_)) => Reply::error(400, format!("job id '{id}' is not a number")),
+            _ => method_not_allowed("POST"),
+        },
+        ["v1", "seeds"] => match method {
+            Method::Get => Reply::json(200, &control.seeds()),
+            _ => method_not_allowed("GET"),
+        },
+        ["v1", "seeds", "export"] => match method {
+            Method::Post => match decode::<SeedExportRequest>(body) {
+                Ok(request) => Reply::from_result(202, control.seed_export(request)),
+                Err(reply) => reply,
+            },
+            _ => method_not_allowed("POST"),
+        },
+        ["v1", "seeds", "import"] => match method {
+            Method::Post => match decode::<SeedImportRequest>(body) {
+                Ok(request) => Reply::from_result(202, control.seed_import(request)),
+                Err(reply) => reply,
+            },
+            _ => method_not_allowed("POST"),
+        },
+        ["v1", "seeds", "inspect"] => match method {
+            Method::Post => match decode::<SeedInspectRequest>(body) {
+                Ok(request) => Reply::from_result(200, control.seed_inspect(request)),
+                Err(reply) => reply,
+            },
+            _ => method_not_allowed("POST"),
+        },
+        ["v1", "seeds", id] => match method {
+            Method::Get => Reply::from_result(200, control.seed(id)),
+            _ => method_not_allowed("GET"),
+        },
+        ["v1", "exports", name, "seed-sync"] => match method {
+            Method::Post => match decode::<SeedSyncRequest>(body) {
+                Ok(request) => Reply::from_result(202, control.seed_sync(name, request)),
+                Err(reply) => reply,
+            },
+            _ => method_not_allowed("POST"),
         },
         ["v1", "jobs", id, "abort"] => match (method, id.parse::<u64>()) {
             (Method::Post, Ok(id)) => Reply::from_result(200, control.abort_job(id)),

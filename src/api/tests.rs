@@ -224,6 +224,7 @@ impl Control for FakeControl {
                 reason: "the destination holds part of the disk".into(),
                 action: "ferry resume b1".into(),
                 forwarding: None,
+                seed: None,
             })
             .collect())
     }

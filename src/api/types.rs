@@ -589,6 +589,11 @@ pub struct AbortOutcome {
     pub destination: String,
 }
 
+pub use crate::jobs::seeding::{
+    SeedDisk, SeedDiskInfo, SeedExportRequest, SeedImportRequest, SeedInfo, SeedInspectRequest,
+    SeedRunStatus, SeedSyncRequest, VolumeInfo,
+};
+pub use crate::jobs::sync::{SyncStatus, SyncThen};
 pub use crate::jobs::{JobPhase, JobStatus};
 pub use crate::journal::status::DiskStatus;
 pub use crate::journal::JobSettings;

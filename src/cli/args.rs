@@ -72,6 +72,15 @@ pub enum Command {
         #[command(flatten)]
         target: ApiTarget,
     },
+    /// Seed live disks over portable media: export, import, catch up over the network.
+    Seed {
+        /// Action.
+        #[command(subcommand)]
+        action: SeedAction,
+        /// Agent to talk to.
+        #[command(flatten)]
+        target: ApiTarget,
+    },
     /// Move a live export to another agent (copy passes, then a bounded switchover).
     Migrate {
         /// Exports to move (several, or a --plan, make a batch).
@@ -366,5 +375,104 @@ pub enum TrackerAction {
         export: String,
         /// Tracker name.
         name: String,
+    },
+}
+
+/// `ferry seed` actions.
+#[derive(Debug, Subcommand)]
+pub enum SeedAction {
+    /// Copy live exports onto a medium (at the source): prints the seed id.
+    Export {
+        /// Exports to put on the seed.
+        #[arg(required = true)]
+        exports: Vec<String>,
+        /// Medium: a directory (a mounted USB disk) or a raw device; repeat for the next
+        /// volumes when one medium is too small.
+        #[arg(long, required = true)]
+        media: Vec<PathBuf>,
+        /// Yield to the guest while its write p99 exceeds this many milliseconds.
+        #[arg(long)]
+        max_impact: Option<u64>,
+        /// A file with a separate 32-byte seed key (64 hex digits) instead of the cluster's.
+        #[arg(long)]
+        seed_key: Option<PathBuf>,
+        /// Return once started instead of following it.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Verify a seed into images here (at the destination); they stay unserved until a
+    /// catch-up reaches an in-sync point.
+    Import {
+        /// The seed's media (directories or raw devices), every volume.
+        #[arg(long, required = true)]
+        media: Vec<PathBuf>,
+        /// Import a one-disk seed under this export name.
+        #[arg(long = "as")]
+        as_name: Option<String>,
+        /// The separate seed key's file, if the seed was made with one.
+        #[arg(long)]
+        seed_key: Option<PathBuf>,
+        /// Return once started instead of following it.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Send what changed since the seed to the destination that imported it, until in sync.
+    Sync {
+        /// The export whose seed to catch up.
+        export: String,
+        /// Destination agent's block-stream address, HOST[:PORT].
+        #[arg(long)]
+        to: String,
+        /// End once at most this many bytes remain dirty (e.g. 64M); the write hold at the
+        /// in-sync point stays within --max-pause.
+        #[arg(long)]
+        threshold: Option<String>,
+        /// Keep the destination in sync (continuous replication) until `ferry seed stop`.
+        #[arg(long, conflicts_with = "then")]
+        follow: bool,
+        /// Once in sync: `migrate` switches over as a live migration does.
+        #[arg(long)]
+        then: Option<String>,
+        /// Longest write hold at the in-sync point, in milliseconds.
+        #[arg(long)]
+        max_pause: Option<u64>,
+        /// Bandwidth cap of the block stream (e.g. 200M = 200 MiB/s).
+        #[arg(long)]
+        bandwidth: Option<String>,
+        /// Return once started instead of following it.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// End a continuous replication (`sync --follow`) after its current pass.
+    Stop {
+        /// The sync job's id.
+        job: u64,
+    },
+    /// List the seeds and volumes on media (headers only).
+    Ls {
+        /// Media: directories or raw devices.
+        #[arg(long, required = true)]
+        media: Vec<PathBuf>,
+        /// The separate seed key's file, if any.
+        #[arg(long)]
+        seed_key: Option<PathBuf>,
+    },
+    /// Show a seed's disks (manifests authenticated with the key).
+    Show {
+        /// Media: directories or raw devices.
+        #[arg(long, required = true)]
+        media: Vec<PathBuf>,
+        /// The separate seed key's file, if any.
+        #[arg(long)]
+        seed_key: Option<PathBuf>,
+    },
+    /// Read and verify every chunk of a seed.
+    Verify {
+        /// Media: directories or raw devices.
+        #[arg(long, required = true)]
+        media: Vec<PathBuf>,
+        /// The separate seed key's file, if any.
+        #[arg(long)]
+        seed_key: Option<PathBuf>,
     },
 }

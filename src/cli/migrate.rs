@@ -49,7 +49,7 @@ pub struct Plan {
 }
 
 /// `--bandwidth` in bytes per second.
-fn bandwidth(text: Option<&str>) -> Result<Option<u64>, CliError> {
+pub(super) fn bandwidth(text: Option<&str>) -> Result<Option<u64>, CliError> {
     text.map(parse_rate)
         .transpose()
         .map_err(|source| CliError::Size {

@@ -17,6 +17,7 @@
 mod args;
 mod exports;
 mod migrate;
+mod seed;
 mod status;
 
 use std::path::PathBuf;
@@ -87,6 +88,14 @@ pub enum CliError {
     MigrationFailed {
         /// The export.
         export: String,
+    },
+    /// A seed export, import or check ended failed (its status was printed).
+    #[error("seed {seed_id}: {message}")]
+    SeedFailed {
+        /// The seed.
+        seed_id: String,
+        /// Why.
+        message: String,
     },
     /// `ferry demo` failed.
     #[error("demo")]
@@ -162,6 +171,7 @@ pub fn run(command: Command) -> Result<(), CliError> {
             target,
         } => migrate::resume(&batch, concurrency, &overrides, &target),
         Command::Abort { batch, target } => migrate::abort(&batch, &target),
+        Command::Seed { action, target } => seed::seed(action, &target),
         Command::Jobs { id, target } => status::jobs(id, &target),
         Command::Status {
             batch,

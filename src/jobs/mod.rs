@@ -7,6 +7,7 @@
 
 pub mod holder;
 pub mod job;
+pub mod seeding;
 pub mod sync;
 
 use std::collections::BTreeMap;
@@ -236,6 +237,11 @@ impl Jobs {
             .cloned()
             .collect();
         jobs.iter().map(|job| self.status_of(job)).collect()
+    }
+
+    /// A new job id, for a job the caller journals itself (a seed's).
+    pub fn reserve_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Asks job `id` to stop after its current run (a continuous replication); false when

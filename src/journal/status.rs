@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::commit::{status_of, SourceState, TargetState};
-use super::{fold, JobView, Journal, JournalError, Side, TargetPhase};
+use super::{fold, JobView, Journal, JournalError, SeedStep, Side, SourcePhase, TargetPhase};
 use crate::disk::Forwarding;
 use crate::transfer::{query_target, ClusterKey, QueryAnswer, TargetState as RemoteState};
 
@@ -48,6 +48,76 @@ pub struct DiskStatus {
     /// offline and from older agents).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub forwarding: Option<Forwarding>,
+    /// The job's seed, when its disk travels on a medium: its id, step and latest in-sync
+    /// point (Unix ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<SeedLine>,
+}
+
+/// A seed's state on a `ferry status` line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeedLine {
+    /// The seed (hex).
+    pub seed_id: String,
+    /// Its step at this end (`exporting`, `exported`, `importing`, `imported`,
+    /// `catching-up`, `in-sync`).
+    pub step: String,
+    /// The latest in-sync point, if any (Unix ms).
+    pub in_sync_unix_ms: Option<u64>,
+}
+
+/// The verdict of a job whose seed is still travelling or catching up (not committed, not
+/// aborted): what the seed step says, instead of asking a destination the source may not
+/// know yet.
+fn seed_verdict(view: &JobView) -> Option<(SeedLine, &'static str, String, &'static str)> {
+    let (seed, open) = match &view.side {
+        Side::Source(source) => (source.seed.as_ref()?, source.phase == SourcePhase::Copying),
+        Side::Target(target) => (
+            target.seed.as_ref()?,
+            target.phase == TargetPhase::Receiving,
+        ),
+    };
+    if !open {
+        return None;
+    }
+    let line = SeedLine {
+        seed_id: super::seed::seed_id_hex(&seed.seed_id),
+        step: seed.step.as_str().to_string(),
+        in_sync_unix_ms: seed.in_sync_unix_ms,
+    };
+    let (verdict, reason, action) = match seed.step {
+        SeedStep::Exporting => (
+            "seed-exporting",
+            "the seed is being copied onto its medium (or the copy stopped)".to_string(),
+            "wait for `ferry seed export`, or `ferry abort` the job and export again",
+        ),
+        SeedStep::Exported => (
+            "seed-exported",
+            "the medium is sealed; the source serves the disk and tracks every write".to_string(),
+            "ship the medium, `ferry seed import` it, then `ferry seed sync`",
+        ),
+        SeedStep::Importing => (
+            "seed-importing",
+            "the image is being verified from the medium; it is unserved and inconsistent"
+                .to_string(),
+            "let the import finish (or run it again: it resumes)",
+        ),
+        SeedStep::Imported | SeedStep::CatchingUp => (
+            "catching-up",
+            "the image is unserved and inconsistent until a catch-up reaches an in-sync point"
+                .to_string(),
+            "`ferry seed sync` at the source",
+        ),
+        SeedStep::InSync => (
+            "in-sync",
+            format!(
+                "equal to the source as of {} (Unix ms); the source stays authoritative",
+                seed.in_sync_unix_ms.unwrap_or(seed.at_unix_ms)
+            ),
+            "none (`ferry seed sync --then migrate` to switch over)",
+        ),
+    };
+    Some((line, verdict, reason, action))
 }
 
 /// What the other side said.
@@ -80,6 +150,24 @@ pub fn judge<'a>(
     let mut lines = Vec::new();
     for view in views {
         if batch.is_some_and(|batch| view.batch.as_deref() != Some(batch)) {
+            continue;
+        }
+        if let Some((seed, verdict, reason, action)) = seed_verdict(view) {
+            lines.push(DiskStatus {
+                job_id: view.job_id,
+                batch: view.batch.clone(),
+                export: view.export.clone(),
+                role: view.role().as_str().into(),
+                phase: view.phase_name().into(),
+                peer_state: None,
+                peer_unreachable: None,
+                destination_bytes: None,
+                verdict: verdict.into(),
+                reason,
+                action: action.into(),
+                forwarding: None,
+                seed: Some(seed),
+            });
             continue;
         }
         let peer = match (&view.side, key) {
@@ -125,6 +213,7 @@ pub fn judge<'a>(
             reason,
             action: status.action.to_string(),
             forwarding: None,
+            seed: None,
         });
     }
     lines

@@ -25,6 +25,8 @@ const QUIET_WRITES: u64 = 20;
 /// The controller of one job.
 #[derive(Debug)]
 pub struct GuestBackoff {
+    /// Guest write p99 above which the copy backs off.
+    target_p99_us: u64,
     rate_bytes_per_s: Option<u64>,
     window_start_ns: u64,
     before: LatencyRecorder,
@@ -34,10 +36,17 @@ impl GuestBackoff {
     /// Starts uncapped, judging from `now_ns` on, `latency` being the export's recorder now.
     pub fn new(now_ns: u64, latency: &LatencyRecorder) -> Self {
         GuestBackoff {
+            target_p99_us: TARGET_P99_US,
             rate_bytes_per_s: None,
             window_start_ns: now_ns,
             before: latency.clone(),
         }
+    }
+
+    /// The same, backing off above `target_p99_us` instead of [`TARGET_P99_US`].
+    pub fn with_target_us(mut self, target_p99_us: u64) -> Self {
+        self.target_p99_us = target_p99_us.max(1);
+        self
     }
 
     /// The cap to use for the next send (None: uncapped). `copy_bytes_per_s` is the copy rate
@@ -56,7 +65,7 @@ impl GuestBackoff {
         self.before = latency.clone();
         self.window_start_ns = now_ns;
         let busy = window.count() >= QUIET_WRITES;
-        self.rate_bytes_per_s = if busy && window.summary().p99 > TARGET_P99_US {
+        self.rate_bytes_per_s = if busy && window.summary().p99 > self.target_p99_us {
             let current = self
                 .rate_bytes_per_s
                 .or(copy_bytes_per_s.map(|r| r as u64))
