@@ -299,6 +299,20 @@ impl JobEnv {
         })
     }
 
+    /// Whether the next run compares digests of every block (no tracker to trust, or the
+    /// destination's image changed outside ferry).
+    pub fn compares_all(&self) -> bool {
+        self.compare_all
+    }
+
+    /// Every block of the disk, holes too.
+    fn every_block(&self) -> DirtySet {
+        let mut all = DirtySet::empty(self.tracker.granularity_bytes(), self.disk_bytes());
+        let blocks = all.block_count();
+        all.insert_range(0, blocks);
+        all
+    }
+
     /// Bytes read from the source image so far, to send or to compare digests.
     pub fn bytes_read(&self) -> u64 {
         self.bytes_read
@@ -368,10 +382,7 @@ impl MigrationEnv for JobEnv {
 
     fn allocated(&mut self) -> Result<DirtySet, JobError> {
         if self.compare_all {
-            let mut all = DirtySet::empty(self.tracker.granularity_bytes(), self.disk_bytes());
-            let blocks = all.block_count();
-            all.insert_range(0, blocks);
-            return Ok(all);
+            return Ok(self.every_block());
         }
         allocated_blocks(&self.export, self.tracker.granularity_bytes())
             .map_err(JobError::Allocation)
@@ -381,7 +392,14 @@ impl MigrationEnv for JobEnv {
         if !self.compare_digests {
             return Ok(allocated.clone());
         }
-        // Read after the tracker exists: a block written from now on is in its bits.
+        // Read after the tracker exists: a block written from now on is in its bits. With
+        // nothing to trust at the destination, every block of the disk is compared (blocks
+        // changed there need not be in any tracker of ours).
+        let allocated = &if self.compare_all {
+            self.every_block()
+        } else {
+            allocated.clone()
+        };
         let differing = self.differing(allocated)?;
         // The rest is at the destination already: the take need not cover it any more.
         let mut same = allocated.clone();

@@ -119,6 +119,9 @@ fn run_once(
     status: &Arc<Mutex<SyncStatus>>,
 ) -> Result<MigrationReport, MigrateError<JobError>> {
     let read_before = env.bytes_read();
+    if env.compares_all() {
+        status.lock().expect("sync status").compared_all = true;
+    }
     let report = crate::migrate::run(env, options)?;
     let mut status = status.lock().expect("sync status");
     status.bytes_sent += report.bytes_data;

@@ -446,12 +446,16 @@ impl Target {
         host: &dyn TargetHost,
     ) -> Result<&'static str, TransferError> {
         let mut committed = false;
+        // At an in-sync point and nothing written since: the source may close here.
+        let mut at_point = false;
         loop {
             let frame = match read_frame(stream, &mut self.meta) {
                 Ok(frame) => frame,
                 Err(TransferError::PeerGone(_)) if committed => return Ok("committed"),
+                Err(TransferError::PeerGone(_)) if at_point => return Ok("in sync"),
                 Err(err) => return Err(err),
             };
+            at_point = matches!(frame, Frame::Mark { .. });
             if committed {
                 // The target is served now: nothing may write it from this stream any more.
                 return Err(unexpected(frame, "the end of the stream after Commit"));
