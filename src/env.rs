@@ -94,6 +94,16 @@ impl Clock for ManualClock {
     }
 }
 
+/// Milliseconds since the Unix epoch on the wall clock (0 before it): the times ferry records
+/// for operators (seed steps, in-sync points), never used to order events.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| {
+            u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -29,10 +29,10 @@
 //! | 5 | [`disk`] | one served export: image, trackers, route and write gate, mirror hook, the one write trap, the gauge its forwarding engines report holding through |
 //! | 6 | [`nbd`] | the NBD protocol: wire, handshake, sessions, listeners and their admission (also the block stream's), bounded buffer pools, client, forwarding engine |
 //! | 7 | [`transfer`] | the authenticated block stream between agents; peer addresses (`lease` will sit here) |
-//! | 7 | [`seed`] | seeds on portable media: their keys, sealed chunks, volume headers, manifests, and volumes as files or raw media (`docs/seed-format.md`) |
 //! | 8 | [`migrate`] | the pure live-migration algorithm (heat and naive policies, forecast, switchover) and its simulation |
+//! | 8 | [`seed`] | seeds on portable media: their keys, sealed chunks, volume headers, manifests, and volumes as files or raw media (`docs/seed-format.md`) |
 //! | 9 | [`journal`] | the durable record of every migration and the commit protocol's pure decisions, simulated |
-//! | 10 | [`jobs`] | the algorithm run on real exports: the job environment and the job table (`seed` will sit here) |
+//! | 10 | [`jobs`] | the algorithm run on real exports: the job environment and the job table; seed catch-ups, and seed export and import on real images |
 //! | 11 | [`api`] | DTOs, the HTTP server over a `Control` trait, the client, rendering, the batch driver |
 //! | 12 | [`agent`] | the composition root: config, exports, trackers, migrations, targets, recovery (`manager` will sit here) |
 //! | 13 | [`demo`] | `ferry demo`: agents as child processes, driven through the API |

@@ -177,7 +177,7 @@ pub fn record_stream_end(journal: &SharedJournal, job_id: u64, image: &Path) {
     if step == SeedStep::Importing || recorded == 0 || recorded == fingerprint(image) {
         return;
     }
-    let now = crate::jobs::sync::unix_ms();
+    let now = crate::env::unix_ms();
     if let Err(err) = record(journal, job_id, SeedStep::CatchingUp, now, (image, false)) {
         log::warn!("job {job_id}: seed step not recorded: {err}");
     }

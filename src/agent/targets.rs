@@ -241,7 +241,7 @@ impl Targets {
                 .expect("changed lock")
                 .insert(spec.job_id);
         }
-        let now = crate::jobs::sync::unix_ms();
+        let now = crate::env::unix_ms();
         let image = (image.as_path(), changed);
         seeded::record(&self.journal, spec.job_id, SeedStep::CatchingUp, now, image)
     }

@@ -175,6 +175,49 @@ pub fn render_prometheus(exports: &[ExportStatus]) -> String {
     out
 }
 
+/// The catch-ups of seeds (`ferry seed sync`): for each running one, the time since its
+/// latest in-sync point (the replication lag) and the points reached.
+pub fn render_replication(jobs: &[crate::api::types::JobStatus], now_unix_ms: u64) -> String {
+    let mut out = String::new();
+    let mut text = Exposition { out: &mut out };
+    const LAG: &str = "ferry_seed_lag_seconds";
+    const POINTS: &str = "ferry_seed_in_sync_points";
+    let running = jobs
+        .iter()
+        .filter(|job| job.phase == crate::api::types::JobPhase::Running && job.sync.is_some());
+    text.header(
+        LAG,
+        "gauge",
+        "Seconds since the destination was last in sync with the source (running catch-ups \
+         that reached an in-sync point).",
+    );
+    for job in running.clone() {
+        let sync = job.sync.as_ref().expect("filtered");
+        if let Some(at_ms) = sync.last_in_sync_unix_ms {
+            let lag_s = now_unix_ms.saturating_sub(at_ms) as f64 / 1000.0;
+            let labels = [
+                ("export", job.export.as_str()),
+                ("seed", sync.seed_id.as_str()),
+            ];
+            text.sample(LAG, &labels, lag_s);
+        }
+    }
+    text.header(
+        POINTS,
+        "counter",
+        "In-sync points a running catch-up reached.",
+    );
+    for job in running {
+        let sync = job.sync.as_ref().expect("filtered");
+        let labels = [
+            ("export", job.export.as_str()),
+            ("seed", sync.seed_id.as_str()),
+        ];
+        text.sample(POINTS, &labels, sync.in_sync_points);
+    }
+    out
+}
+
 fn render_latency(text: &mut Exposition<'_>, exports: &[ExportStatus]) {
     const NAME: &str = "ferry_request_latency_us";
     text.header(

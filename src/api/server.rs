@@ -162,7 +162,12 @@ fn metrics(control: &dyn Control) -> Reply {
     Reply {
         status: 200,
         content_type: Some(prometheus::PROMETHEUS_CONTENT_TYPE),
-        body: prometheus::render_prometheus(&control.exports()).into_bytes(),
+        body: {
+            let mut text = prometheus::render_prometheus(&control.exports());
+            let now_ms = crate::env::unix_ms();
+            text.push_str(&prometheus::render_replication(&control.jobs(), now_ms));
+            text.into_bytes()
+        },
         headers: Vec::new(),
     }
 }

@@ -150,6 +150,30 @@ pub struct JobEnv {
     key: ClusterKey,
 }
 
+/// What a seed catch-up does once in sync.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SyncThen {
+    /// Stop at the first in-sync point.
+    Stop,
+    /// Keep the destination in sync: a new in-sync point after every run, until stopped.
+    Follow,
+    /// Switch over to the destination, as a migration does.
+    Migrate,
+}
+
+/// A seed catch-up's part of a job request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeedSync {
+    /// The seed the destination imported.
+    pub seed_id: [u8; 16],
+    /// What to do once in sync.
+    pub then: SyncThen,
+    /// The seed's tracker is gone (or lost): every block is a candidate and only digests
+    /// say what travels.
+    pub compare_all: bool,
+}
+
 /// The comparison of both images at the switchover point (`--verify`).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct VerifyOutcome {
@@ -560,7 +584,7 @@ impl MigrationEnv for JobEnv {
         let Some(seed_id) = self.seed else {
             return Err(JobError::NotSeeded);
         };
-        let at_unix_ms = super::sync::unix_ms();
+        let at_unix_ms = crate::env::unix_ms();
         self.sender
             .mark_in_sync(at_unix_ms)
             .map_err(JobError::Transfer)?;
@@ -688,7 +712,7 @@ pub struct JobRequest {
     /// one).
     pub tracker_granularity_bytes: u64,
     /// A seed catch-up (`ferry seed sync`) instead of a plain migration.
-    pub seed: Option<super::sync::SeedSync>,
+    pub seed: Option<SeedSync>,
 }
 
 impl JobRequest {

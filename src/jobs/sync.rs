@@ -13,39 +13,17 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use super::job::{JobEnv, JobError};
+pub use super::job::{SeedSync, SyncThen};
+pub use crate::env::unix_ms;
 use crate::migrate::{Ending, MigrateError, MigrateOptions, MigrationReport};
 
 /// Least pause between two runs of a continuous replication.
 const FOLLOW_PAUSE: Duration = Duration::from_millis(500);
-
-/// What a seed catch-up does once in sync.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum SyncThen {
-    /// Stop at the first in-sync point.
-    Stop,
-    /// Keep the destination in sync: a new in-sync point after every run, until stopped.
-    Follow,
-    /// Switch over to the destination, as a migration does.
-    Migrate,
-}
-
-/// A seed catch-up's part of a job request.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SeedSync {
-    /// The seed the destination imported.
-    pub seed_id: [u8; 16],
-    /// What to do once in sync.
-    pub then: SyncThen,
-    /// The seed's tracker is gone (or lost): every block is a candidate and only digests
-    /// say what travels.
-    pub compare_all: bool,
-}
 
 /// What a catch-up reports while it runs and after.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -64,15 +42,6 @@ pub struct SyncStatus {
     pub bytes_sent: u64,
     /// Bytes the source read to send or compare over all runs.
     pub bytes_read: u64,
-}
-
-/// Milliseconds since the Unix epoch (0 if the clock is before it).
-pub fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |elapsed| {
-            u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
-        })
 }
 
 /// Runs the catch-up on `env`; the last run's report (an in-sync point, or the switchover).

@@ -110,10 +110,14 @@ fn seed_verdict(view: &JobView) -> Option<(SeedLine, &'static str, String, &'sta
         ),
         SeedStep::InSync => (
             "in-sync",
-            format!(
-                "equal to the source as of {} (Unix ms); the source stays authoritative",
-                seed.in_sync_unix_ms.unwrap_or(seed.at_unix_ms)
-            ),
+            {
+                let at_ms = seed.in_sync_unix_ms.unwrap_or(seed.at_unix_ms);
+                let lag_s = crate::env::unix_ms().saturating_sub(at_ms) / 1000;
+                format!(
+                    "equal to the source as of {at_ms} (Unix ms, lag {lag_s} s); the source \
+                     stays authoritative"
+                )
+            },
             "none (`ferry seed sync --then migrate` to switch over)",
         ),
     };
