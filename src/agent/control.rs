@@ -85,6 +85,10 @@ impl Control for AgentControl {
         self.seeds.get(seed_id)
     }
 
+    fn seed_stop(&self, seed_id: &str) -> Result<SeedRunStatus, ControlError> {
+        self.seeds.stop(seed_id)
+    }
+
     fn seed_sync(&self, export: &str, request: SeedSyncRequest) -> Result<JobStatus, ControlError> {
         self.seeds.sync(&self.migrations, export, request)
     }

@@ -230,6 +230,7 @@ impl Agent {
                 journal.clone(),
                 key.clone(),
                 config.image_dir.clone(),
+                config.state_dir.join("seeds"),
             ),
             migrations: Migrations::new(exports.clone(), key, journal, transfer_addr.to_string()),
         });

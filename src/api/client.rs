@@ -234,6 +234,12 @@ impl Client {
         self.call_json("GET", "/v1/seeds", &[], None)
     }
 
+    /// `POST /v1/seeds/{id}/stop`
+    pub fn seed_stop(&self, seed_id: &str) -> Result<SeedRunStatus, ClientError> {
+        let path = format!("/v1/seeds/{}/stop", encode(seed_id));
+        self.call_json("POST", &path, &[], None)
+    }
+
     /// `GET /v1/seeds/{id}`
     pub fn seed(&self, seed_id: &str) -> Result<SeedRunStatus, ClientError> {
         self.call_json("GET", &format!("/v1/seeds/{}", encode(seed_id)), &[], None)

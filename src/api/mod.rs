@@ -156,6 +156,10 @@ pub trait Control: Send + Sync {
     fn seed(&self, seed_id: &str) -> Result<SeedRunStatus, ControlError> {
         Err(ControlError::NotFound(format!("no seed run {seed_id}")))
     }
+    /// Stops a running seed export or import (an export continues with `--resume`).
+    fn seed_stop(&self, seed_id: &str) -> Result<SeedRunStatus, ControlError> {
+        Err(ControlError::NotFound(format!("no seed run {seed_id}")))
+    }
     /// Starts the catch-up of an export's seed (`ferry seed sync`).
     fn seed_sync(&self, export: &str, request: SeedSyncRequest) -> Result<JobStatus, ControlError> {
         let _ = request;

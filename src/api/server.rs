@@ -290,6 +290,10 @@ pub fn route(
             },
             _ => method_not_allowed("POST"),
         },
+        ["v1", "seeds", id, "stop"] => match method {
+            Method::Post => Reply::from_result(200, control.seed_stop(id)),
+            _ => method_not_allowed("POST"),
+        },
         ["v1", "seeds", id] => match method {
             Method::Get => Reply::from_result(200, control.seed(id)),
             _ => method_not_allowed("GET"),

@@ -396,6 +396,9 @@ pub enum SeedAction {
         /// A file with a separate 32-byte seed key (64 hex digits) instead of the cluster's.
         #[arg(long)]
         seed_key: Option<PathBuf>,
+        /// Continue the stopped export of this seed (name the same exports and media).
+        #[arg(long)]
+        resume: Option<String>,
         /// Return once started instead of following it.
         #[arg(long)]
         no_wait: bool,
@@ -443,10 +446,11 @@ pub enum SeedAction {
         #[arg(long)]
         no_wait: bool,
     },
-    /// End a continuous replication (`sync --follow`) after its current pass.
+    /// Stop a seed export or import (by seed id; an export continues with --resume), or
+    /// end a continuous replication (`sync --follow`, by job id) after its current pass.
     Stop {
-        /// The sync job's id.
-        job: u64,
+        /// A seed id, or a sync job's id.
+        id: String,
     },
     /// List the seeds and volumes on media (headers only).
     Ls {

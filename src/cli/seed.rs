@@ -25,6 +25,7 @@ pub fn seed(action: SeedAction, target: &ApiTarget) -> Result<(), CliError> {
             media,
             max_impact,
             seed_key,
+            resume,
             no_wait,
         } => {
             let request = SeedExportRequest {
@@ -32,6 +33,7 @@ pub fn seed(action: SeedAction, target: &ApiTarget) -> Result<(), CliError> {
                 media,
                 max_impact_ms: max_impact,
                 seed_key_file: seed_key,
+                resume,
             };
             let started = client.seed_export(&request)?;
             finish_run(&client, started, no_wait, target.json)
@@ -83,12 +85,17 @@ pub fn seed(action: SeedAction, target: &ApiTarget) -> Result<(), CliError> {
             };
             sync(&client, &export, &request, no_wait, target.json)
         }
-        SeedAction::Stop { job } => {
-            let status = client.stop_job(job)?;
-            println!(
-                "job {job}: stopping after its current pass ({:?})",
-                status.phase
-            );
+        SeedAction::Stop { id } => {
+            if let Ok(job) = id.parse::<u64>() {
+                let status = client.stop_job(job)?;
+                println!(
+                    "job {job}: stopping after its current pass ({:?})",
+                    status.phase
+                );
+                return Ok(());
+            }
+            let status = client.seed_stop(&id)?;
+            println!("seed {}: {} stopping", status.seed_id, status.kind);
             Ok(())
         }
         SeedAction::Ls { media, seed_key } => {

@@ -22,7 +22,10 @@ use std::time::{Duration, Instant};
 use ferry_sys::uring::{Completion, Op, Ring};
 use ferry_sys::{AlignedBuf, DirectFile, DIRECT_ALIGN};
 
+use super::checkpoint::{self, Checkpoint, Line, Resume, RESERVE_SEQUENCES};
 use super::{SeedProgress, SeedRunError};
+
+mod resumed;
 use crate::disk::Export;
 use crate::migrate::backoff::GuestBackoff;
 use crate::seed::chunk::{self, sealed_len, ChunkPlace, MAX_CHUNK_BYTES};
@@ -35,6 +38,8 @@ use crate::seed::SeedKeys;
 const READ_DEPTH: usize = 8;
 /// Ring depth: the reads and as many writes.
 const RING_DEPTH: u32 = 2 * READ_DEPTH as u32;
+/// Data bytes between two checkpoints (a resumed export redoes at most this much).
+const CHECKPOINT_BYTES: u64 = 64 << 20;
 /// Room a volume keeps for its manifest per extent on it (the encoding's largest record,
 /// rounded up), besides a fixed page.
 const MANIFEST_BYTES_PER_EXTENT: u64 = 64;
@@ -73,6 +78,10 @@ struct VolumeWriter {
     capacity_bytes: Option<u64>,
     manifest: Manifest,
     extents_on_volume: u64,
+    /// Sequences below this are reserved in the checkpoint.
+    reserved_until: u64,
+    /// A resumed export: the part of a disk already on this volume, to continue.
+    resumed_part: Option<(u32, Vec<crate::seed::manifest::Extent>)>,
 }
 
 /// Everything one export run shares.
@@ -87,15 +96,30 @@ pub struct SeedWriter<'a> {
     pub stop: &'a AtomicBool,
     /// Back off when the guest's write p99 exceeds this (µs).
     pub max_impact_us: Option<u64>,
+    /// Where the export records its progress (a resume continues from it).
+    pub checkpoint: Option<std::sync::Mutex<Checkpoint>>,
+    /// A stopped export's state, to continue from.
+    pub resume: Option<Resume>,
 }
 
 impl SeedWriter<'_> {
     /// Copies every disk, in order, onto as many volumes as it takes; each volume sealed.
     pub fn run(&self, disks: &[ExportDisk]) -> Result<ExportOutcome, SeedRunError> {
         let mut outcome = ExportOutcome::default();
-        let mut writer = self.open_volume(0, &mut outcome)?;
-        for disk in disks {
-            writer = self.copy_disk(disk, writer, &mut outcome)?;
+        let (mut writer, (first_disk, first_bytes)) = match &self.resume {
+            None => (self.open_volume(0, &mut outcome)?, (0, 0)),
+            Some(resume) => (
+                resumed::reopen_volume(self, resume, disks, &mut outcome)?,
+                resume.position,
+            ),
+        };
+        for disk in disks.iter().filter(|disk| disk.index >= first_disk) {
+            let first = if disk.index == first_disk {
+                first_bytes
+            } else {
+                0
+            };
+            writer = self.copy_disk(disk, writer, first, &mut outcome)?;
         }
         self.seal(writer, true)?;
         Ok(outcome)
@@ -146,7 +170,17 @@ impl SeedWriter<'_> {
                 disks: Vec::new(),
             },
             extents_on_volume: 0,
+            reserved_until: 0,
+            resumed_part: None,
         })
+    }
+
+    /// Appends `line` to the checkpoint, if there is one.
+    fn record(&self, line: &Line) -> Result<(), SeedRunError> {
+        match &self.checkpoint {
+            Some(checkpoint) => checkpoint.lock().expect("checkpoint").append(line),
+            None => Ok(()),
+        }
     }
 
     /// Writes the volume's manifest and seals it (`last`: the seed's volume count is known).
@@ -162,7 +196,9 @@ impl SeedWriter<'_> {
             &writer.manifest,
             at,
         )?;
-        Ok(())
+        self.record(&Line::Sealed {
+            volume: writer.number,
+        })
     }
 
     /// Copies one disk from the volume `writer`; returns the volume the disk ended on.
@@ -170,11 +206,11 @@ impl SeedWriter<'_> {
         &self,
         disk: &ExportDisk,
         mut writer: VolumeWriter,
+        mut first_bytes: u64,
         outcome: &mut ExportOutcome,
     ) -> Result<VolumeWriter, SeedRunError> {
         let image = disk.export.image().map_err(SeedRunError::Source)?;
         let size_bytes = disk.export.size_bytes();
-        let mut first_bytes = 0;
         loop {
             let copied = self.copy_part(disk, &image, &mut writer, first_bytes)?;
             if copied.end_bytes >= size_bytes {
@@ -198,13 +234,25 @@ impl SeedWriter<'_> {
         first_bytes: u64,
     ) -> Result<Part, SeedRunError> {
         let size_bytes = disk.export.size_bytes();
+        let builder = match writer.resumed_part.take() {
+            Some((index, extents)) if index == disk.index => resumed::rebuild(&extents)?,
+            _ => ExtentBuilder::new(first_bytes),
+        };
+        let part_first_bytes = builder
+            .extents()
+            .first()
+            .map_or(first_bytes, |e| e.offset_bytes);
+        // A resumed part's extents are in the checkpoint already.
+        let checkpointed = builder.extents().len();
         let mut part = PartCopy {
             disk,
             image,
             ring: Ring::new(RING_DEPTH, &[image.direct_fd(), writer.file.direct_fd()])
                 .map_err(|err| SeedRunError::Ring(err.to_string()))?,
-            builder: ExtentBuilder::new(first_bytes),
-            next_read_bytes: first_bytes,
+            next_read_bytes: builder.end_bytes(),
+            builder,
+            checkpointed,
+            since_checkpoint_bytes: 0,
             next_index: 0,
             next_to_place: 0,
             ready: BTreeMap::new(),
@@ -221,6 +269,13 @@ impl SeedWriter<'_> {
         // Whatever happened, no buffer stays with the kernel.
         let drained = part.drain(self, writer);
         result.and(drained)?;
+        part.checkpoint(self, writer, true)?;
+        let end_unix_ms = super::unix_ms();
+        self.record(&Line::PartEnd {
+            volume: writer.number,
+            disk: disk.index,
+            end_unix_ms,
+        })?;
         let end_bytes = part.builder.end_bytes();
         writer.manifest.disks.push(DiskManifest {
             index: disk.index,
@@ -231,8 +286,8 @@ impl SeedWriter<'_> {
             tracker: disk.tracker.0.clone(),
             tracker_generation: disk.tracker.1,
             start_unix_ms: disk.start_unix_ms,
-            end_unix_ms: super::unix_ms(),
-            first_offset_bytes: first_bytes,
+            end_unix_ms,
+            first_offset_bytes: part_first_bytes,
             end_offset_bytes: end_bytes,
             extents: part.builder.into_extents(),
         });
@@ -274,6 +329,10 @@ struct PartCopy<'a> {
     holes: Holes,
     backoff: Option<GuestBackoff>,
     started: Instant,
+    /// Extents of `builder` recorded in the checkpoint.
+    checkpointed: usize,
+    /// Data bytes placed since the last checkpoint.
+    since_checkpoint_bytes: u64,
 }
 
 /// The image's next data and hole, from SEEK_DATA / SEEK_HOLE.
@@ -467,6 +526,14 @@ impl PartCopy<'_> {
                 self.next_read_bytes = offset;
                 return Ok(());
             }
+            if writer.next_sequence >= writer.reserved_until {
+                let until = writer.next_sequence + RESERVE_SEQUENCES;
+                seed.record(&Line::Reserve {
+                    volume: writer.number,
+                    until,
+                })?;
+                writer.reserved_until = until;
+            }
             let place = ChunkPlace {
                 disk: self.disk.index,
                 offset_bytes: offset,
@@ -500,7 +567,58 @@ impl PartCopy<'_> {
             writer.extents_on_volume += 1;
             self.next_to_place += 1;
             seed.progress.add_data(u64::from(len), sealed);
+            self.since_checkpoint_bytes += u64::from(len);
+            if self.since_checkpoint_bytes >= CHECKPOINT_BYTES {
+                self.checkpoint(seed, writer, false)?;
+            }
         }
+        Ok(())
+    }
+
+    /// Records the extents placed since the last checkpoint once their chunks are durable on
+    /// the medium (`all`: the part is over, a trailing zero extent too; otherwise it may
+    /// still grow and waits).
+    fn checkpoint(
+        &mut self,
+        seed: &SeedWriter<'_>,
+        writer: &mut VolumeWriter,
+        all: bool,
+    ) -> Result<(), SeedRunError> {
+        if seed.checkpoint.is_none() {
+            return Ok(());
+        }
+        let mut completions = Vec::new();
+        while self.writes_in_flight > 0 {
+            self.ring
+                .submit_and_wait(1)
+                .map_err(|err| SeedRunError::Ring(err.to_string()))?;
+            self.ring.reap(&mut completions);
+            for completion in completions.drain(..) {
+                self.complete(seed, completion)?;
+            }
+        }
+        writer
+            .file
+            .datasync()
+            .map_err(SeedRunError::io("sync", writer.file.path()))?;
+        let extents = self.builder.extents();
+        let growing = !all
+            && extents
+                .last()
+                .is_some_and(|last| last.kind == crate::seed::manifest::ExtentKind::Zero);
+        let end = extents.len() - usize::from(growing);
+        if end > self.checkpointed {
+            seed.record(&Line::Extents {
+                volume: writer.number,
+                disk: self.disk.index,
+                extents: extents[self.checkpointed..end]
+                    .iter()
+                    .map(checkpoint::extent_line)
+                    .collect(),
+            })?;
+            self.checkpointed = end;
+        }
+        self.since_checkpoint_bytes = 0;
         Ok(())
     }
 

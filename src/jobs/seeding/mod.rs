@@ -6,6 +6,7 @@
 //! where (journal steps, trackers, image files) is decided by the agent that calls them,
 //! before and after. Errors name the volume, disk and offset concerned, never a key.
 
+pub mod checkpoint;
 pub mod export;
 pub mod import;
 
@@ -171,6 +172,10 @@ pub struct SeedExportRequest {
     /// A file holding a separate 32-byte seed key (hex), instead of the cluster key's.
     #[serde(default)]
     pub seed_key_file: Option<PathBuf>,
+    /// Continue the stopped export of this seed (hex) instead of starting a new one
+    /// (`exports` must name its disks).
+    #[serde(default)]
+    pub resume: Option<String>,
 }
 
 /// Body of `POST /v1/seeds/import`.
