@@ -46,7 +46,7 @@ mod coverage;
 #[cfg(test)]
 mod tests;
 
-pub use coverage::{check_coverage, data_chunks, ExtentBuilder};
+pub use coverage::{check_coverage, data_chunks, ExtentBuilder, MAX_LISTED_MISSING};
 
 /// Encoding version of the manifest.
 pub const ENCODING_VERSION: u32 = 1;

@@ -101,11 +101,13 @@ pub enum FormatError {
         max_bytes: u64,
     },
     /// Volumes of the seed are missing: the disks are not fully covered without them.
-    #[error("{}", missing_message(missing, *count_known))]
+    #[error("{}", missing_message(missing, *missing_count, *count_known))]
     MissingVolumes {
-        /// The volume numbers missing (when the count is unknown, the next after the last
-        /// present is included).
+        /// The first volume numbers missing, at most 32 (when the count is unknown, the next
+        /// after the last present is included).
         missing: Vec<u32>,
+        /// How many are missing in all.
+        missing_count: u64,
         /// Whether the seed's volume count is known (its last volume is present).
         count_known: bool,
     },
@@ -140,14 +142,19 @@ pub enum FormatError {
     },
 }
 
-fn missing_message(missing: &[u32], count_known: bool) -> String {
+fn missing_message(missing: &[u32], missing_count: u64, count_known: bool) -> String {
     let list: Vec<String> = missing.iter().map(u32::to_string).collect();
+    let listed = if missing_count > missing.len() as u64 {
+        format!(", ... ({missing_count} in all)")
+    } else {
+        String::new()
+    };
     let more = if count_known {
         ""
     } else {
         " (and any after it: the last volume is not present)"
     };
-    format!("seed volumes missing: {}{more}", list.join(", "))
+    format!("seed volumes missing: {}{listed}{more}", list.join(", "))
 }
 
 impl FormatError {

@@ -13,6 +13,9 @@ use super::{DiskManifest, Extent, ExtentKind, Manifest, BLOCK_BYTES, MAX_ZERO_EX
 use crate::seed::chunk::MAX_CHUNK_BYTES;
 use crate::seed::FormatError;
 
+/// Most missing volume numbers an error lists (the rest are counted).
+pub const MAX_LISTED_MISSING: usize = 32;
+
 /// Turns the ranges an export reads, in disk order, into a disk part's extents.
 #[derive(Debug, Clone)]
 pub struct ExtentBuilder {
@@ -127,6 +130,7 @@ pub fn check_coverage(manifests: &[Manifest]) -> Result<(), FormatError> {
     let Some(first) = manifests.first() else {
         return Err(FormatError::MissingVolumes {
             missing: vec![0],
+            missing_count: 1,
             count_known: false,
         });
     };
@@ -175,12 +179,19 @@ fn check_volume_numbers(
         Some(count) => (count, true),
         None => (last_present.saturating_add(2), false),
     };
-    let missing: Vec<u32> = (0..end).filter(|v| !volumes.contains_key(v)).collect();
-    if missing.is_empty() {
+    // The count comes from a medium: never list more than MAX_LISTED_MISSING numbers.
+    let present_below_end = volumes.range(..end).count() as u64;
+    let missing_count = u64::from(end) - present_below_end;
+    let missing: Vec<u32> = (0..end)
+        .filter(|v| !volumes.contains_key(v))
+        .take(MAX_LISTED_MISSING)
+        .collect();
+    if missing_count == 0 {
         Ok(())
     } else {
         Err(FormatError::MissingVolumes {
             missing,
+            missing_count,
             count_known,
         })
     }

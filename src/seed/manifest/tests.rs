@@ -326,13 +326,13 @@ fn coverage_names_missing_volumes_and_gaps() {
     check_coverage(&all).expect("covered");
     let err = check_coverage(&[all[0].clone(), all[2].clone()]).expect_err("1 missing");
     assert!(
-        matches!(&err, FormatError::MissingVolumes { missing, count_known: true } if missing == &[1]),
+        matches!(&err, FormatError::MissingVolumes { missing, count_known: true, .. } if missing == &[1]),
         "{err}"
     );
     assert!(err.to_string().contains('1'), "{err}");
     let err = check_coverage(&all[..2]).expect_err("last missing");
     assert!(
-        matches!(&err, FormatError::MissingVolumes { missing, count_known: false } if missing == &[2]),
+        matches!(&err, FormatError::MissingVolumes { missing, count_known: false, .. } if missing == &[2]),
         "{err}"
     );
     let gap = vec![part(0, 0, mib, 0), part(1, 2 * mib, 3 * mib, 2)];
@@ -346,6 +346,22 @@ fn coverage_names_missing_volumes_and_gaps() {
         check_coverage(&overlap),
         Err(FormatError::Coverage { .. })
     ));
+    // A count from the medium of a billion volumes is counted, not listed.
+    let mut huge = all[2].clone();
+    huge.volume_count = 1 << 30;
+    let err = check_coverage(&[huge]).expect_err("almost all missing");
+    match &err {
+        FormatError::MissingVolumes {
+            missing,
+            missing_count,
+            ..
+        } => {
+            assert_eq!(missing.len(), MAX_LISTED_MISSING);
+            assert_eq!(*missing_count, (1 << 30) - 1);
+        }
+        other => panic!("{other}"),
+    }
+    assert!(err.to_string().contains("1073741823 in all"), "{err}");
     let twice = vec![all[0].clone(), all[0].clone()];
     assert!(matches!(
         check_coverage(&twice),
