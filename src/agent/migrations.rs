@@ -27,6 +27,9 @@ use crate::transfer::{abort_target, resolve_peer, ClusterKey, SendOptions, Targe
 /// tracking a fixed 256 blocks made sends of 1 MiB, each waiting for a sync.)
 pub const SEND_CHUNK_BYTES: u64 = 16 << 20;
 
+/// Reads in flight of a seed catch-up's sends.
+const SEED_READ_DEPTH: usize = 32;
+
 /// The migrations of one agent.
 #[derive(Debug)]
 pub struct Migrations {
@@ -221,10 +224,15 @@ impl Migrations {
         options
             .validate()
             .map_err(|p| ControlError::Invalid(p.to_string()))?;
-        let send = SendOptions {
+        let mut send = SendOptions {
             bandwidth_bytes_per_s: request.bandwidth_bytes_per_s,
             ..SendOptions::default()
         };
+        if seed.is_some() {
+            // A catch-up sends scattered blocks (what changed since the seed): reads of one
+            // block each, so more of them in flight.
+            send.read_depth = SEED_READ_DEPTH;
+        }
         let key = self.cluster_key.clone();
         let holder = self.holder(export.name(), request.resume_job);
         self.jobs

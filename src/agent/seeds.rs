@@ -174,7 +174,10 @@ impl Seeds {
         let (job_id, seed_id) = self.seed_job(export)?;
         let migrate = MigrateRequest {
             to: request.to.clone(),
-            policy: None,
+            // What changed since the seed was mostly written while it travelled: heat says
+            // little about what is still being written, and holding "hot" blocks back to the
+            // end only makes the last pass longer.
+            policy: Some("naive".into()),
             max_pause_ms: request.max_pause_ms,
             target_pause_ms: None,
             force_after_ms: None,

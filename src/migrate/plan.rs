@@ -379,8 +379,10 @@ impl<'env, E: MigrationEnv> Migration<'env, E> {
         };
         let held_ms = ms_since(hold_start_ns, self.env.now_ns());
         let final_bytes = set_bytes(&final_set);
+        // Nothing left to send: deferring cannot make the pause shorter (the set can only
+        // grow), so the switchover goes ahead whatever the measured send overhead says.
         let estimate_ms = match final_bytes {
-            0 => Some(self.forecast.pause_estimate_ms(0).unwrap_or(0.0)),
+            0 => Some(0.0),
             bytes => self.forecast.pause_estimate_ms(bytes),
         };
         let fits = estimate_ms
