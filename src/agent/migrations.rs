@@ -132,6 +132,11 @@ impl Migrations {
 
     /// Tells the destination of an aborted job to drop its image; says how that went.
     fn abort_destination(&self, view: &JobView, destination: &str) -> String {
+        if destination.starts_with("seed:") {
+            // A seed's job names its seed, not a destination: an agent that imported it
+            // keeps an unserved image until it is removed there.
+            return "none to tell (a seed; remove an imported image at its agent)".into();
+        }
         let told = abort_target(destination, &self.cluster_key, &target_spec(view));
         match told {
             Ok(()) => "aborted".into(),

@@ -76,7 +76,9 @@ pub fn drive(
                 ending: Ending::Switchover,
                 ..again
             };
-            run_once(env, &migrate, status)
+            let report = run_once(env, &migrate, status)?;
+            status.lock().expect("sync status").state = "migrated".into();
+            Ok(report)
         }
     }
 }
