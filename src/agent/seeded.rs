@@ -182,3 +182,106 @@ pub fn record_stream_end(journal: &SharedJournal, job_id: u64, image: &Path) {
         log::warn!("job {job_id}: seed step not recorded: {err}");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn spec(job_id: u64, seed: Option<[u8; 16]>) -> TargetSpec {
+        TargetSpec {
+            export: "vm1".into(),
+            size_bytes: 1 << 20,
+            granularity_bytes: 4096,
+            job_id,
+            batch: None,
+            holder: None,
+            seed,
+        }
+    }
+
+    fn imported(
+        journal: &SharedJournal,
+        job_id: u64,
+        name: &str,
+        seed_id: [u8; 16],
+        step: SeedStep,
+    ) {
+        let records = [
+            Record::TargetCreated {
+                job_id,
+                batch: None,
+                export: name.into(),
+                size_bytes: 1 << 20,
+                granularity_bytes: 4096,
+                source: "seed".into(),
+                image_path: PathBuf::from(format!("/nonexistent/{name}.img")),
+            },
+            Record::TargetSeed {
+                job_id,
+                seed_id,
+                step: SeedStep::Importing,
+                at_unix_ms: 1,
+                fingerprint: 0,
+            },
+        ];
+        for record in &records {
+            journal.append(record).unwrap();
+        }
+        if step != SeedStep::Importing {
+            let done = Record::TargetSeed {
+                job_id,
+                seed_id,
+                step,
+                at_unix_ms: 2,
+                fingerprint: 7,
+            };
+            journal.append(&done).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_seeded_open_continues_only_its_own_imported_seed() {
+        // Goal: the seeded Open is mapped to the name the seed was imported as; another
+        // seed, an unfinished import, an unknown job and a seedless host are refused, the
+        // refusal naming what is held. Method: a journal with two imported seeds.
+        let dir = tempfile::tempdir().unwrap();
+        let journal = SharedJournal::open(dir.path()).unwrap();
+        imported(&journal, 7, "db-copy", [1; 16], SeedStep::Imported);
+        imported(&journal, 8, "web", [2; 16], SeedStep::Importing);
+        let resolved = resolve(&journal, spec(7, Some([1; 16]))).expect("its seed");
+        assert_eq!(resolved.export, "db-copy");
+        let plain = resolve(&journal, spec(7, None)).expect("no seed: unchanged");
+        assert_eq!(plain.export, "vm1");
+        let other = resolve(&journal, spec(7, Some([3; 16])))
+            .unwrap_err()
+            .to_string();
+        assert!(other.contains(&seed_id_hex(&[1; 16])), "{other}");
+        let unfinished = resolve(&journal, spec(8, Some([2; 16])))
+            .unwrap_err()
+            .to_string();
+        assert!(unfinished.contains("not fully imported"), "{unfinished}");
+        let unknown = resolve(&journal, spec(9, Some([4; 16])))
+            .unwrap_err()
+            .to_string();
+        assert!(unknown.contains("was not imported here"), "{unknown}");
+        assert!(
+            unknown.contains(&seed_id_hex(&[1; 16])),
+            "names what is held: {unknown}"
+        );
+    }
+
+    #[test]
+    fn fingerprints_change_with_the_file() {
+        // Goal: a write outside ferry changes the fingerprint; an absent file is never equal.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        std::fs::write(&path, b"one").unwrap();
+        let before = fingerprint(&path);
+        assert_eq!(before, fingerprint(&path));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(&path, b"two").unwrap();
+        assert_ne!(before, fingerprint(&path));
+        assert_eq!(fingerprint(&dir.path().join("absent")), 0);
+    }
+}

@@ -989,4 +989,70 @@ mod tests {
             assert_eq!(jobs, unchanged, "{text}");
         }
     }
+
+    #[test]
+    fn a_job_keeps_one_seed_and_its_steps_go_forward() {
+        // Goal: seed records follow the order of `journal/seed.rs` at each end, name one
+        // seed, and stop once the job is over. Method: a source and a target lifecycle with
+        // seeds, then each wrong record refused with the journal unchanged.
+        let seed = |job_id, step, seed_id| Record::SourceSeed {
+            job_id,
+            seed_id,
+            step,
+            at_unix_ms: 5,
+        };
+        let target_seed = |job_id, step, seed_id| Record::TargetSeed {
+            job_id,
+            seed_id,
+            step,
+            at_unix_ms: 6,
+            fingerprint: 9,
+        };
+        let jobs = folded(&[
+            started(3),
+            seed(3, SeedStep::Exporting, [1; 16]),
+            seed(3, SeedStep::Exported, [1; 16]),
+            seed(3, SeedStep::InSync, [1; 16]),
+            created(3),
+            target_seed(3, SeedStep::Importing, [1; 16]),
+            target_seed(3, SeedStep::Imported, [1; 16]),
+            target_seed(3, SeedStep::CatchingUp, [1; 16]),
+            target_seed(3, SeedStep::InSync, [1; 16]),
+        ]);
+        let Side::Source(source) = &jobs[&source_key(3)].side else {
+            panic!("source");
+        };
+        let seed_view = source.seed.as_ref().expect("a seed");
+        assert_eq!(seed_view.step, SeedStep::InSync);
+        assert_eq!(seed_view.in_sync_unix_ms, Some(5));
+        let Side::Target(target) = &jobs[&target_key(3)].side else {
+            panic!("target");
+        };
+        assert_eq!(target.seed.as_ref().map(|s| s.fingerprint), Some(9));
+        let refused = [
+            seed(3, SeedStep::Exporting, [1; 16]),       // backwards
+            seed(3, SeedStep::InSync, [2; 16]),          // another seed
+            seed(3, SeedStep::Imported, [1; 16]),        // a target step
+            target_seed(3, SeedStep::Exported, [1; 16]), // a source step
+            target_seed(3, SeedStep::Importing, [1; 16]),
+        ];
+        for record in refused {
+            let mut copy = jobs.clone();
+            assert!(apply(&mut copy, 99, &record).is_err(), "{record:?}");
+            assert_eq!(copy, jobs);
+        }
+        let mut over = jobs.clone();
+        apply(&mut over, 20, &Record::TargetCommitted { job_id: 3 }).unwrap();
+        let after = target_seed(3, SeedStep::InSync, [1; 16]);
+        assert!(
+            apply(&mut over, 21, &after).is_err(),
+            "no seed step once committed"
+        );
+        let mut fresh = folded(&[created(4)]);
+        let early = target_seed(4, SeedStep::InSync, [1; 16]);
+        assert!(
+            apply(&mut fresh, 2, &early).is_err(),
+            "in sync before imported"
+        );
+    }
 }
