@@ -203,22 +203,31 @@ impl Migrations {
         let journal = Some(self.journal.clone());
         let resuming = request.resume_job.is_some();
         let mut tracker_kept = false;
+        let mut tracker_recovered = false;
         if let Some(job_id) = request.resume_job {
             self.check_resumable(&export, job_id)?;
             // The failed run left its tracker: its bits are what the destination may lack.
             // Without it (or lost in an unclean stop), all allocated blocks are candidates.
-            tracker_kept = export
+            let tracker = export
                 .trackers()
-                .get(&crate::jobs::job::tracker_name(job_id))
-                .is_some_and(|tracker| !tracker.is_lost());
+                .get(&crate::jobs::job::tracker_name(job_id));
+            tracker_kept = tracker.as_ref().is_some_and(|tracker| !tracker.is_lost());
+            tracker_recovered = tracker.is_some_and(|tracker| {
+                matches!(
+                    tracker.state(),
+                    crate::dirty::TrackerState::Recovered { .. }
+                )
+            });
             options.resume = tracker_kept;
         }
         // On a resume the destination holds part of the disk: compare before sending. A
         // seed's destination holds all of it as the seed saw it: its tracker says what
         // changed since, and without the tracker only digests can say.
+        // A tracker recovered from its log after a crash marks whole extents: its bits are
+        // compared before they are sent.
         let compare_digests = match &seed {
             None => resuming,
-            Some(_) => !tracker_kept,
+            Some(_) => !tracker_kept || tracker_recovered,
         };
         let seed = seed.map(|(mut sync, threshold_bytes)| {
             sync.compare_all = !tracker_kept;
