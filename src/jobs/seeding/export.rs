@@ -17,22 +17,25 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use ferry_sys::uring::{Completion, Op, Ring};
 use ferry_sys::{AlignedBuf, DirectFile, DIRECT_ALIGN};
 
-use super::checkpoint::{self, Checkpoint, Line, Resume, RESERVE_SEQUENCES};
+use super::checkpoint::{Checkpoint, Line, Resume, RESERVE_SEQUENCES};
 use super::{SeedProgress, SeedRunError};
 
+mod pacing;
 mod resumed;
+
 use crate::disk::Export;
 use crate::migrate::backoff::GuestBackoff;
 use crate::seed::chunk::{self, sealed_len, ChunkPlace, MAX_CHUNK_BYTES};
 use crate::seed::header::{Header, KeySource, HEADER_BYTES};
-use crate::seed::manifest::{self, DiskManifest, ExtentBuilder, Manifest, BLOCK_BYTES};
+use crate::seed::manifest::{DiskManifest, ExtentBuilder, Manifest, BLOCK_BYTES};
 use crate::seed::volume::{self, Media};
 use crate::seed::SeedKeys;
+use pacing::{fits, is_zero, seed_path, Holes};
 
 /// Chunk reads in flight.
 const READ_DEPTH: usize = 8;
@@ -335,32 +338,6 @@ struct PartCopy<'a> {
     since_checkpoint_bytes: u64,
 }
 
-/// The image's next data and hole, from SEEK_DATA / SEEK_HOLE.
-#[derive(Default)]
-struct Holes {
-    /// `[data_start, data_end)`: the data range at or after the last query.
-    data: Option<(u64, u64)>,
-}
-
-impl Holes {
-    /// Whether `[offset, offset + len)` is all hole.
-    fn is_hole(&mut self, image: &DirectFile, offset: u64, len: u64, size: u64) -> bool {
-        let stale = self.data.is_none_or(|(_, end)| end <= offset);
-        if stale {
-            let start = image.seek_data(offset).ok().flatten();
-            self.data = Some(match start {
-                None => (size, size),
-                Some(start) => {
-                    let end = image.seek_hole(start).ok().flatten().unwrap_or(size);
-                    (start, end.max(start + 1))
-                }
-            });
-        }
-        let (start, _) = self.data.expect("set above");
-        start >= offset + len
-    }
-}
-
 const WRITE_TAG: u64 = 1 << 63;
 
 impl PartCopy<'_> {
@@ -398,21 +375,6 @@ impl PartCopy<'_> {
                 for completion in completions.drain(..) {
                     self.complete(seed, completion)?;
                 }
-            }
-        }
-    }
-
-    /// Sleeps as the guest back-off asks (`--max-impact`), given the copy rate so far.
-    fn throttle(&mut self, seed: &SeedWriter<'_>) {
-        let Some(backoff) = &mut self.backoff else {
-            return;
-        };
-        let elapsed_s = self.started.elapsed().as_secs_f64().max(1e-3);
-        let rate = seed.progress.done_bytes() as f64 / elapsed_s;
-        let latency = self.disk.export.write_latency();
-        if let Some(cap) = backoff.observe(elapsed_ns(self.started), &latency, Some(rate)) {
-            if rate > cap as f64 {
-                std::thread::sleep(Duration::from_millis(5));
             }
         }
     }
@@ -575,53 +537,6 @@ impl PartCopy<'_> {
         Ok(())
     }
 
-    /// Records the extents placed since the last checkpoint once their chunks are durable on
-    /// the medium (`all`: the part is over, a trailing zero extent too; otherwise it may
-    /// still grow and waits).
-    fn checkpoint(
-        &mut self,
-        seed: &SeedWriter<'_>,
-        writer: &mut VolumeWriter,
-        all: bool,
-    ) -> Result<(), SeedRunError> {
-        if seed.checkpoint.is_none() {
-            return Ok(());
-        }
-        let mut completions = Vec::new();
-        while self.writes_in_flight > 0 {
-            self.ring
-                .submit_and_wait(1)
-                .map_err(|err| SeedRunError::Ring(err.to_string()))?;
-            self.ring.reap(&mut completions);
-            for completion in completions.drain(..) {
-                self.complete(seed, completion)?;
-            }
-        }
-        writer
-            .file
-            .datasync()
-            .map_err(SeedRunError::io("sync", writer.file.path()))?;
-        let extents = self.builder.extents();
-        let growing = !all
-            && extents
-                .last()
-                .is_some_and(|last| last.kind == crate::seed::manifest::ExtentKind::Zero);
-        let end = extents.len() - usize::from(growing);
-        if end > self.checkpointed {
-            seed.record(&Line::Extents {
-                volume: writer.number,
-                disk: self.disk.index,
-                extents: extents[self.checkpointed..end]
-                    .iter()
-                    .map(checkpoint::extent_line)
-                    .collect(),
-            })?;
-            self.checkpointed = end;
-        }
-        self.since_checkpoint_bytes = 0;
-        Ok(())
-    }
-
     /// Waits for everything in flight (reads are dropped, writes must succeed).
     fn drain(
         &mut self,
@@ -644,34 +559,4 @@ impl PartCopy<'_> {
         self.ready.clear();
         failed.map_or(Ok(()), Err)
     }
-}
-
-/// Whether the volume has room for a chunk of `len` bytes and a manifest one extent longer.
-fn fits(writer: &VolumeWriter, len: u32) -> bool {
-    let Some(capacity) = writer.capacity_bytes else {
-        return true;
-    };
-    let manifest_room =
-        (writer.extents_on_volume + 2) * MANIFEST_BYTES_PER_EXTENT + 2 * HEADER_BYTES as u64;
-    let need = writer.next_offset_bytes + sealed_len(len as usize) as u64 + manifest_room;
-    need <= capacity && manifest::padded_len(manifest_room) <= capacity
-}
-
-/// Whether every byte is zero (a zero chunk is recorded, not written).
-fn is_zero(bytes: &[u8]) -> bool {
-    let words = bytes.chunks_exact(8);
-    let tail = words.remainder();
-    tail.iter().all(|&b| b == 0)
-        && words
-            .map(|chunk| u64::from_ne_bytes(chunk.try_into().expect("8 bytes")))
-            .all(|word| word == 0)
-}
-
-/// Nanoseconds since `start` (the back-off's clock starts with the part).
-fn elapsed_ns(start: Instant) -> u64 {
-    u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX)
-}
-
-fn seed_path(seed: &SeedWriter<'_>) -> PathBuf {
-    seed.media.last().cloned().unwrap_or_default()
 }
