@@ -645,13 +645,15 @@ fn bad_media_are_refused() {
     flip_byte(&copy, 4096 + 1000);
     let run = seed_import(&damaged, &[&chunk_dir]);
     assert!(!run.ok, "damaged chunk accepted: {}", run.text);
+    assert_eq!(run.json["state"], "failed", "{}", run.text);
+    let error = run.json["error"].as_str().unwrap_or_default();
     assert!(
-        run.text.contains("failed authentication") || run.text.contains("digest"),
+        error.contains("failed authentication") || error.contains("digest"),
         "{}",
         run.text
     );
     assert!(
-        run.text.contains("vm1") && run.text.contains("offset"),
+        error.contains("disk 0 offset 0"),
         "disk and offset not named: {}",
         run.text
     );
