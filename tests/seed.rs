@@ -281,6 +281,18 @@ fn serves(agent: &AgentProc, export: &str) -> bool {
         .any(|e| e["name"] == export)
 }
 
+/// `ferry jobs ID --json` at `agent`: the job.
+fn job_status(agent: &AgentProc, job: &str) -> serde_json::Value {
+    let list = json_of(&agent.cli(&["jobs", job, "--json"]));
+    match list {
+        serde_json::Value::Array(mut jobs) => {
+            assert_eq!(jobs.len(), 1, "{jobs:#?}");
+            jobs.remove(0)
+        }
+        job => job,
+    }
+}
+
 /// `size_mib` MiB of random data.
 fn random_image(path: &Path, size_mib: u64) {
     run_ok(
@@ -743,7 +755,7 @@ fn follow_keeps_in_sync_and_then_migrate_switches_over() {
     let deadline = Instant::now() + Duration::from_secs(40);
     let mut round = 0u8;
     loop {
-        let status = json_of(&pair.source.cli(&["jobs", &job, "--json"]));
+        let status = job_status(&pair.source, &job);
         assert_ne!(status["phase"], "failed", "{status:#}");
         if status["sync"]["in_sync_points"].as_u64() >= Some(2) {
             break;
@@ -765,7 +777,7 @@ fn follow_keeps_in_sync_and_then_migrate_switches_over() {
     pair.source.cli_ok(&["seed", "stop", &job]);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let status = json_of(&pair.source.cli(&["jobs", &job, "--json"]));
+        let status = job_status(&pair.source, &job);
         if status["phase"] != "running" {
             break;
         }
