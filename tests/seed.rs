@@ -151,7 +151,11 @@ fn agent_in_host(lab: &Lab, host: &str, key: &Path) -> (AgentProc, String) {
     };
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        assert!(agent.is_running(), "agent in {host} exited:\n{}", agent.log());
+        assert!(
+            agent.is_running(),
+            "agent in {host} exited:\n{}",
+            agent.log()
+        );
         if agent.socket.exists() && std::net::TcpStream::connect(&agent.api).is_ok() {
             break;
         }
@@ -173,11 +177,7 @@ struct Run {
 }
 
 fn run_of(out: &Output) -> Run {
-    let text = format!(
-        "{}{}",
-        stdout(out),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = format!("{}{}", stdout(out), String::from_utf8_lossy(&out.stderr));
     Run {
         ok: out.status.success(),
         json: serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null),
@@ -328,7 +328,10 @@ fn write_blocks(agent: &AgentProc, export: &str, writes: &[(u8, u64, u64)], mirr
     }
     run_ok(&mut cmd);
     if let Some(mirror) = mirror {
-        let mut file = std::fs::OpenOptions::new().write(true).open(mirror).unwrap();
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(mirror)
+            .unwrap();
         for &(pattern, offset, len) in writes {
             file.seek(SeekFrom::Start(offset)).unwrap();
             file.write_all(&vec![pattern; len as usize]).unwrap();
@@ -420,7 +423,11 @@ fn seed_over_a_filesystem_medium_then_sync_matches() {
     let dir = scratch_dir();
     let key = pair::write_key(dir.path());
     let usb_loop = LoopDev::new(&dir.path().join("usb.raw"), 512 * MIB);
-    run_ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(usb_loop.path()));
+    run_ok(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(usb_loop.path()),
+    );
     let usb_dir = dir.path().join("usb");
     let mut usb = Some(Mounted::new(usb_loop.path(), &usb_dir));
 
@@ -463,9 +470,14 @@ fn seed_over_a_filesystem_medium_then_sync_matches() {
     let source_line = seed_line(&source, "vm1");
     let destination_line = seed_line(&destination, "vm1");
     assert_eq!(source_line["verdict"], "in-sync", "{source_line:#}");
-    assert_eq!(destination_line["verdict"], "in-sync", "{destination_line:#}");
+    assert_eq!(
+        destination_line["verdict"], "in-sync",
+        "{destination_line:#}"
+    );
     assert!(
-        destination_line["seed"]["in_sync_unix_ms"].as_u64().is_some(),
+        destination_line["seed"]["in_sync_unix_ms"]
+            .as_u64()
+            .is_some(),
         "{destination_line:#}"
     );
     assert!(!serves(&destination, "vm1"), "served before a switchover");
@@ -508,7 +520,11 @@ fn seed_on_a_raw_device_spanning_two_volumes() {
     );
 
     let partial = seed_import(&pair.destination, &[first.path()]);
-    assert!(!partial.ok, "import with one volume of two: {}", partial.text);
+    assert!(
+        !partial.ok,
+        "import with one volume of two: {}",
+        partial.text
+    );
     assert!(
         partial.text.contains("volumes missing: 1"),
         "does not name volume 1 as missing: {}",
@@ -626,10 +642,7 @@ fn bad_media_are_refused() {
     let seed_a = seed_export(&pair.source, "vm1", &[&medium]);
     let seed_a_id = seed_a["seed_id"].as_str().expect("seed id").to_string();
     let volume = volume_file(&medium);
-    let damaged = AgentProc::start(
-        &[],
-        &["--cluster-key", pair.key_path.to_str().unwrap()],
-    );
+    let damaged = AgentProc::start(&[], &["--cluster-key", pair.key_path.to_str().unwrap()]);
 
     // A changed byte in the manifest.
     let (manifest_dir, copy) = copy_medium(&volume, dir.path(), "manifest");
@@ -677,9 +690,19 @@ fn bad_media_are_refused() {
     );
 
     // `seed verify` of the damaged medium.
-    let verify = ferry(&pair.source, &["seed", "verify", "--media", chunk_dir.to_str().unwrap()]);
-    assert!(!verify.ok, "seed verify passed a damaged chunk: {}", verify.text);
-    let verify = ferry(&pair.source, &["seed", "verify", "--media", medium.to_str().unwrap()]);
+    let verify = ferry(
+        &pair.source,
+        &["seed", "verify", "--media", chunk_dir.to_str().unwrap()],
+    );
+    assert!(
+        !verify.ok,
+        "seed verify passed a damaged chunk: {}",
+        verify.text
+    );
+    let verify = ferry(
+        &pair.source,
+        &["seed", "verify", "--media", medium.to_str().unwrap()],
+    );
     assert!(verify.ok, "seed verify of the good medium: {}", verify.text);
 
     // Another cluster's key.
@@ -721,7 +744,9 @@ fn bad_media_are_refused() {
         run.text
     );
     assert!(
-        !verdicts(&pair.destination, "vm1").iter().any(|v| v == "in-sync"),
+        !verdicts(&pair.destination, "vm1")
+            .iter()
+            .any(|v| v == "in-sync"),
         "{:?}",
         verdicts(&pair.destination, "vm1")
     );
@@ -745,11 +770,19 @@ fn follow_keeps_in_sync_and_then_migrate_switches_over() {
     let medium = dir.path().join("medium");
     std::fs::create_dir(&medium).unwrap();
     seed_export(&pair.source, "vm1", &[&medium]);
-    write_blocks(&pair.source, "vm1", &scattered_writes(0x11), Some(&expected));
+    write_blocks(
+        &pair.source,
+        "vm1",
+        &scattered_writes(0x11),
+        Some(&expected),
+    );
     seed_import_ok(&pair.destination, &[&medium]);
 
     let to = pair.destination_transfer.clone();
-    let run = ferry(&pair.source, &["seed", "sync", "vm1", "--to", &to, "--follow"]);
+    let run = ferry(
+        &pair.source,
+        &["seed", "sync", "vm1", "--to", &to, "--follow"],
+    );
     assert!(run.ok, "seed sync --follow: {}", run.text);
     let job = run.json["job_id"].as_u64().expect("job id").to_string();
     let deadline = Instant::now() + Duration::from_secs(40);
@@ -786,15 +819,26 @@ fn follow_keeps_in_sync_and_then_migrate_switches_over() {
     }
     assert!(!serves(&pair.destination, "vm1"));
 
-    write_blocks(&pair.source, "vm1", &scattered_writes(0x77), Some(&expected));
-    let switched = ferry(&pair.source, &["seed", "sync", "vm1", "--to", &to, "--then", "migrate"]);
+    write_blocks(
+        &pair.source,
+        "vm1",
+        &scattered_writes(0x77),
+        Some(&expected),
+    );
+    let switched = ferry(
+        &pair.source,
+        &["seed", "sync", "vm1", "--to", &to, "--then", "migrate"],
+    );
     assert!(
         switched.ok && switched.json["phase"] == "done",
         "seed sync --then migrate: {}\n{}",
         switched.text,
         pair.source.log()
     );
-    assert!(serves(&pair.destination, "vm1"), "not served after the switchover");
+    assert!(
+        serves(&pair.destination, "vm1"),
+        "not served after the switchover"
+    );
     let copied = dir.path().join("copied.img");
     run_ok(
         Command::new("nbdcopy")
@@ -802,4 +846,54 @@ fn follow_keeps_in_sync_and_then_migrate_switches_over() {
             .arg(&copied),
     );
     assert_same(&expected, &copied);
+}
+
+// Goal: a continuous replication (`seed sync --follow`) outlives a steady trickle of guest
+// writes: it keeps reaching in-sync points for as long as it runs. Method: 64 MiB random disk,
+// seed, import, `seed sync --follow`; qemu-io writes 128 KiB every ~0.3 s for 45 s while
+// `ferry jobs ID` must stay `running`; then `seed stop`.
+#[test]
+#[ignore = "ferry bug: a followed catch-up under a steady trickle of writes fails after 30-40 s \
+            with `switchover deferred 31 times; the source stays authoritative` (phase failed); \
+            seen in 2 of 8 runs"]
+fn follow_survives_a_steady_write_load() {
+    let dir = scratch_dir();
+    let (pair, _image) = random_pair(dir.path(), 64);
+    let medium = dir.path().join("medium");
+    std::fs::create_dir(&medium).unwrap();
+    seed_export(&pair.source, "vm1", &[&medium]);
+    seed_import_ok(&pair.destination, &[&medium]);
+    let to = pair.destination_transfer.clone();
+    let run = ferry(
+        &pair.source,
+        &["seed", "sync", "vm1", "--to", &to, "--follow"],
+    );
+    assert!(run.ok, "seed sync --follow: {}", run.text);
+    let job = run.json["job_id"].as_u64().expect("job id").to_string();
+    let start = Instant::now();
+    let mut round = 0u8;
+    while start.elapsed() < Duration::from_secs(45) {
+        let status = job_status(&pair.source, &job);
+        assert_eq!(
+            status["phase"],
+            "running",
+            "the follow ended after {:?}: {status:#}\nsource log:\n{}",
+            start.elapsed(),
+            pair.source.log()
+        );
+        round = round.wrapping_add(1);
+        write_blocks(
+            &pair.source,
+            "vm1",
+            &[(0x20 + round, u64::from(round) * 256 * 1024, 128 * 1024)],
+            None,
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let status = job_status(&pair.source, &job);
+    assert!(
+        status["sync"]["in_sync_points"].as_u64() >= Some(10),
+        "{status:#}"
+    );
+    pair.source.cli_ok(&["seed", "stop", &job]);
 }

@@ -216,20 +216,18 @@ pub fn fio_zipf(uri: &str, iops: u32, ios: u32, extra: &[&str]) -> Command {
 /// The guest's fio job on `target` (`--ioengine=...` and where it writes).
 fn fio_zipf_on(target: &[String], iops: u32, ios: u32, extra: &[&str]) -> Command {
     let mut cmd = Command::new("fio");
-    cmd.arg("--name=guest").args(target).args([
-        "--rw=randwrite",
-        "--bs=4k",
-        "--iodepth=8",
-    ])
-    .args([
-        "--random_distribution=zipf:1.2",
-        "--randseed=42",
-        "--verify=crc32c",
-    ])
-    .args(["--verify_state_save=0", "--size=128M"])
-    .arg(format!("--rate_iops={iops}"))
-    .arg(format!("--number_ios={ios}"))
-    .args(extra);
+    cmd.arg("--name=guest")
+        .args(target)
+        .args(["--rw=randwrite", "--bs=4k", "--iodepth=8"])
+        .args([
+            "--random_distribution=zipf:1.2",
+            "--randseed=42",
+            "--verify=crc32c",
+        ])
+        .args(["--verify_state_save=0", "--size=128M"])
+        .arg(format!("--rate_iops={iops}"))
+        .arg(format!("--number_ios={ios}"))
+        .args(extra);
     cmd
 }
 
