@@ -467,6 +467,8 @@ fn seed_over_a_filesystem_medium_then_sync_matches() {
     let synced = seed_sync_ok(&source, "vm1", &destination_transfer, &[]);
     assert_eq!(synced["compared_all"], false, "{synced:#}");
     assert_eq!(synced["seed_id"], exported["seed_id"], "{synced:#}");
+    // The guest went on writing after the seed tracker was made: those blocks were sent.
+    assert!(synced["bytes_sent"].as_u64() > Some(0), "{synced:#}");
     let source_line = seed_line(&source, "vm1");
     let destination_line = seed_line(&destination, "vm1");
     assert_eq!(source_line["verdict"], "in-sync", "{source_line:#}");
@@ -630,9 +632,9 @@ fn lost_tracker_falls_back_to_digests() {
 // same seed twice; a catch-up against a destination holding an older seed of the disk is
 // refused naming the seed it holds; `seed verify` of a damaged medium fails. Method: one seed
 // (A) of a 64 MiB random disk onto a directory; each case on a copy of its volume; damaged
-// copies imported at one destination, the good one at another, the wrong key at a third
-// agent; then a second seed (B) of the same disk, and `seed sync vm1` to the destination that
-// imported A.
+// copies imported at one destination (which then takes a good copy), the good one at
+// another, the wrong key at a third agent; then a second seed (B) of the same disk, and `seed
+// sync vm1` to the destination that imported A.
 #[test]
 fn bad_media_are_refused() {
     let dir = scratch_dir();
@@ -688,6 +690,11 @@ fn bad_media_are_refused() {
         "{:?}",
         verdicts(&damaged, "vm1")
     );
+
+    // A good copy of the same seed then imports there (the partial import resumes).
+    seed_import_ok(&damaged, &[&medium]);
+    assert_eq!(verdicts(&damaged, "vm1"), ["catching-up"]);
+    assert!(!serves(&damaged, "vm1"));
 
     // `seed verify` of the damaged medium.
     let verify = ferry(
