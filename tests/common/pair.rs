@@ -209,24 +209,25 @@ pub fn prefill(image: &Path, len: u64) {
 }
 
 pub fn fio_zipf(uri: &str, iops: u32, ios: u32, extra: &[&str]) -> Command {
+    let target = ["--ioengine=nbd".to_string(), format!("--uri={uri}")];
+    fio_zipf_on(&target, iops, ios, extra)
+}
+
+/// The guest's fio job on `target` (`--ioengine=...` and where it writes).
+fn fio_zipf_on(target: &[String], iops: u32, ios: u32, extra: &[&str]) -> Command {
     let mut cmd = Command::new("fio");
-    cmd.args([
-        "--name=guest",
-        "--ioengine=nbd",
-        "--rw=randwrite",
-        "--bs=4k",
-        "--iodepth=8",
-    ])
-    .args([
-        "--random_distribution=zipf:1.2",
-        "--randseed=42",
-        "--verify=crc32c",
-    ])
-    .args(["--verify_state_save=0", "--size=128M"])
-    .arg(format!("--uri={uri}"))
-    .arg(format!("--rate_iops={iops}"))
-    .arg(format!("--number_ios={ios}"))
-    .args(extra);
+    cmd.arg("--name=guest")
+        .args(target)
+        .args(["--rw=randwrite", "--bs=4k", "--iodepth=8"])
+        .args([
+            "--random_distribution=zipf:1.2",
+            "--randseed=42",
+            "--verify=crc32c",
+        ])
+        .args(["--verify_state_save=0", "--size=128M"])
+        .arg(format!("--rate_iops={iops}"))
+        .arg(format!("--number_ios={ios}"))
+        .args(extra);
     cmd
 }
 
@@ -238,6 +239,24 @@ pub fn verify_only(uri: &str, ios: u32) {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+}
+
+/// Like `verify_only`, in an image file read directly (psync), not through NBD.
+pub fn verify_only_file(image: &Path, ios: u32) {
+    let target = [
+        "--ioengine=psync".to_string(),
+        format!("--filename={}", image.display()),
+    ];
+    let out = fio_zipf_on(&target, 0, ios, &["--verify_only"])
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(!text.contains("verify: bad"), "{text}");
 }
 
 pub fn wait_fio(child: Child) -> String {
