@@ -7,7 +7,8 @@
                                   ranks are laid over the disk by a seeded permutation, so the
                                   hot blocks are scattered as fio's zipf scatters them); the
                                   sorted block indexes go to OUT (uint64, native order);
-                                  key=value on stdout (changed_blocks, changed_bytes, runs)
+                                  key=value on stdout (changed_blocks, changed_bytes, changed_runs:
+                                  runs of adjacent changed blocks)
   write-nbd URI PLAN SEED QD      writes the plan's blocks through an NBD export (libnbd, QD
                                   requests in flight, then a flush); the new contents of every
                                   block come from SEED, in block order, so every system gets
@@ -19,8 +20,9 @@
                                   reads in flight, at most 4 MiB each) and written at the same
                                   offsets into the file DST (then fdatasync); key=value: its
                                   own wall time (connect to fdatasync), the status and copy
-                                  phases, dirty extents and bytes, payload read, and what this
-                                  process read from disk (/proc/self/io)
+                                  phases (fdatasync's share apart), dirty extents and bytes,
+                                  payload read, and what this process read and wrote at the
+                                  storage layer (/proc/self/io)
   run -- CMD...                   runs CMD; key=value: wall_s, and read_bytes / write_bytes
                                   the command (and its children) did at the storage layer
                                   (/proc/self/io of this process once CMD is reaped)
@@ -88,7 +90,6 @@ def cmd_plan(size, pct, seed, theta, out):
     kv("", "changed_blocks", len(blocks))
     kv("", "changed_bytes", len(blocks) * BLOCK)
     kv("", "changed_runs", runs)
-    kv("", "changed_hot_share", f"{sum(1 for r in ranks if r < want // 10) / len(ranks):.3f}")
 
 
 def load_plan(path):
@@ -234,6 +235,7 @@ def cmd_bitmap_copy(uri, bitmap, dst, qd):
             off += n
     while h.aio_in_flight() > 0:
         h.poll(-1)
+    t_read = time.monotonic()
     os.fdatasync(fd)
     os.close(fd)
     t1 = time.monotonic()
@@ -244,6 +246,7 @@ def cmd_bitmap_copy(uri, bitmap, dst, qd):
     kv("", "client_s", f"{t1 - t0:.3f}")
     kv("", "status_s", f"{t_status - t0:.3f}")
     kv("", "copy_s", f"{t1 - t_status:.3f}")
+    kv("", "fdatasync_s", f"{t1 - t_read:.3f}")
     kv("", "block_status_requests", statuses)
     kv("", "dirty_extents", len(dirty))
     kv("", "dirty_bytes", sum(length for _, length in dirty))
