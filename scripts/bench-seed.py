@@ -37,6 +37,7 @@
   summary KV                      the tables, goal verdicts and README table (key=value in)
 """
 import array
+import functools
 import heapq
 import json
 import math
@@ -208,32 +209,38 @@ def cmd_bitmap_copy(uri, bitmap, dst, qd):
     errors = []
     copied = [0]
     qd = int(qd)
+    # QD request slots, each with its buffer kept while requests of its size follow.
+    bufs = [nbd.Buffer(BLOCK) for _ in range(qd)]
+    lens = [BLOCK] * qd
+    free = list(range(qd))
+    where = [0] * qd
 
-    def piece(off, length):
-        buf = nbd.Buffer(length)
+    def done(slot, err):
+        if err.value:
+            errors.append(err.value)
+        else:
+            os.pwrite(fd, bufs[slot].to_buffer(), where[slot])
+            copied[0] += lens[slot]
+        free.append(slot)
+        return 1
 
-        def done(err):
-            if err.value:
-                errors.append(err.value)
-                return 1
-            os.pwrite(fd, buf.to_buffer(), off)
-            copied[0] += length
-            return 1
-
-        return buf, done
-
+    callbacks = [functools.partial(done, i) for i in range(qd)]
     reads = 0
     for off, length in dirty:
         end = min(off + length, size)
         while off < end:
             n = min(end - off, MAX_COPY)
-            while h.aio_in_flight() >= qd:
+            while not free:
                 h.poll(-1)
-            buf, done = piece(off, n)
-            h.aio_pread(buf, off, done)
+            slot = free.pop()
+            if lens[slot] != n:
+                bufs[slot] = nbd.Buffer(n)
+                lens[slot] = n
+            where[slot] = off
+            h.aio_pread(bufs[slot], off, callbacks[slot])
             reads += 1
             off += n
-    while h.aio_in_flight() > 0:
+    while len(free) < qd:
         h.poll(-1)
     t_read = time.monotonic()
     os.fdatasync(fd)
