@@ -431,7 +431,8 @@ def cmd_summary(path):
             continue
         changed = g(c, "changed_bytes")
         if t(c, "ferry", "match") != "yes":
-            goals.append(f"{p}: the destination differs from the source after the sync -> MISS")
+            goals.append(f"{p}: the destination does not match the source after the sync "
+                         f"(compare: {t(c, 'ferry', 'match')}) -> MISS")
         r = ratio(g(c, "ferry", "wire_bytes"), changed)
         goals.append(f"{p}: sent {mib(g(c, 'ferry', 'wire_bytes'))} MiB = "
                      f"{'-' if r is None else f'{r:.3f}'}x the changed bytes "
@@ -497,7 +498,7 @@ def cmd_summary(path):
         print("\nGoals:\n")
         for line in goals:
             print(f"- {line}")
-    bad = [r for r in rows if r["match"] == "no"]
+    bad = [r for r in rows if r["match"] in ("no", "error")]
     if bad:
         print("\nMISMATCH: " + ", ".join(f"{r['case']}% {r['s']}" for r in bad))
         sys.exit(1)
