@@ -857,12 +857,11 @@ fn follow_keeps_in_sync_and_then_migrate_switches_over() {
 
 // Goal: a continuous replication (`seed sync --follow`) outlives a steady trickle of guest
 // writes: it keeps reaching in-sync points for as long as it runs. Method: 64 MiB random disk,
-// seed, import, `seed sync --follow`; qemu-io writes 128 KiB every ~0.3 s for 45 s while
-// `ferry jobs ID` must stay `running`; then `seed stop`.
+// seed, import, `seed sync --follow`; qemu-io writes 128 KiB every ~0.3 s for 40 s while
+// `ferry jobs ID` must stay `running`; then `seed stop`. (It once failed after 30-40 s with
+// "switchover deferred 31 times": an in-sync point with nothing left to send was deferred
+// on the measured send overhead, and a follow ended on one deferred point.)
 #[test]
-#[ignore = "ferry bug: a followed catch-up under a steady trickle of writes fails after 30-40 s \
-            with `switchover deferred 31 times; the source stays authoritative` (phase failed); \
-            seen in 2 of 8 runs"]
 fn follow_survives_a_steady_write_load() {
     let dir = scratch_dir();
     let (pair, _image) = random_pair(dir.path(), 64);
@@ -879,7 +878,7 @@ fn follow_survives_a_steady_write_load() {
     let job = run.json["job_id"].as_u64().expect("job id").to_string();
     let start = Instant::now();
     let mut round = 0u8;
-    while start.elapsed() < Duration::from_secs(45) {
+    while start.elapsed() < Duration::from_secs(40) {
         let status = job_status(&pair.source, &job);
         assert_eq!(
             status["phase"],

@@ -66,7 +66,19 @@ pub fn drive(
         SyncThen::Follow => {
             while !stop.load(Ordering::Acquire) {
                 std::thread::sleep(FOLLOW_PAUSE);
-                report = run_once(env, &again, status)?;
+                match run_once(env, &again, status) {
+                    Ok(next) => report = next,
+                    // A burst of writes kept this point from fitting the hold budget: its bits
+                    // were merged back and writes released, so the next run carries on.
+                    Err(MigrateError::NotConverged { deferrals }) => {
+                        log::warn!(
+                            "export {}: in-sync point deferred {deferrals} times; trying again",
+                            env.export_name()
+                        );
+                        status.lock().expect("sync status").state = "catching-up".into();
+                    }
+                    Err(err) => return Err(err),
+                }
             }
             Ok(report)
         }

@@ -100,7 +100,8 @@ fn seed_verdict(view: &JobView) -> Option<(SeedLine, &'static str, String, &'sta
             "seed-importing",
             "the image is being verified from the medium; it is unserved and inconsistent"
                 .to_string(),
-            "let the import finish (or run it again: it resumes)",
+            "let the import finish; if it failed, run it again with a good copy of the medium \
+             (it resumes; a damaged medium is refused again)",
         ),
         SeedStep::Imported | SeedStep::CatchingUp => (
             "catching-up",

@@ -321,8 +321,11 @@ pub fn read_manifest(
         .map_err(FormatError::io("size", file.path()))?;
     let room_bytes = size_bytes.saturating_sub(header.manifest_offset_bytes);
     let len_bytes = header.manifest_len_bytes;
-    if len_bytes == 0 {
-        return Err(FormatError::Truncated { what: "manifest" });
+    if len_bytes == 0 || room_bytes == 0 {
+        // Sealed with a manifest the medium no longer holds: cut short.
+        return Err(FormatError::Truncated {
+            what: "volume (its manifest is missing)",
+        });
     }
     let max_bytes = MAX_MANIFEST_BYTES.min(room_bytes);
     if len_bytes > max_bytes || manifest::padded_len(len_bytes) > room_bytes {

@@ -32,6 +32,11 @@ pub struct SeedSync {
 }
 
 impl JobEnv {
+    /// The export this job copies.
+    pub fn export_name(&self) -> &str {
+        self.export.name()
+    }
+
     /// Whether the next run compares digests of every block (no tracker to trust, or the
     /// destination's image changed outside ferry).
     pub fn compares_all(&self) -> bool {
