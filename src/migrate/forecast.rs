@@ -23,7 +23,7 @@ pub const PAUSE_SAFETY: f64 = 1.25;
 /// The dirty rate must stay below this fraction of the copy rate for a pass to gain ground.
 pub const CONVERGE_MARGIN: f64 = 0.9;
 /// Number of recent sends whose overhead is remembered.
-const OVERHEAD_WINDOW: usize = 8;
+const OVERHEAD_WINDOW: usize = 16;
 /// Number of pass-start dirty counts remembered.
 const HISTORY_WINDOW: usize = 16;
 
@@ -36,6 +36,8 @@ pub struct Forecast {
     dirty_bytes_per_s: Option<f64>,
     /// Recent per-send time beyond what the bandwidth explains, in nanoseconds.
     overhead_ns: VecDeque<f64>,
+    /// Elapsed times of the same recent sends, in nanoseconds.
+    send_ns: VecDeque<u64>,
     /// Dirty blocks at the start of recent passes, oldest first.
     pass_dirty_blocks: VecDeque<u64>,
     /// Passes without shrinking after which [`Forecast::converges`] says no.
@@ -50,6 +52,7 @@ impl Forecast {
             copy_bytes_per_s: None,
             dirty_bytes_per_s: None,
             overhead_ns: VecDeque::with_capacity(OVERHEAD_WINDOW),
+            send_ns: VecDeque::with_capacity(OVERHEAD_WINDOW),
             pass_dirty_blocks: VecDeque::with_capacity(HISTORY_WINDOW),
             stall_passes,
         }
@@ -66,8 +69,10 @@ impl Forecast {
         let overhead_ns = (elapsed_ns as f64 - bytes as f64 * 1e9 / bandwidth).max(0.0);
         if self.overhead_ns.len() == OVERHEAD_WINDOW {
             self.overhead_ns.pop_front();
+            self.send_ns.pop_front();
         }
         self.overhead_ns.push_back(overhead_ns);
+        self.send_ns.push_back(elapsed_ns);
     }
 
     /// Records that `new_blocks` blocks of `granularity_bytes` became dirty over `interval_ns`.
@@ -104,6 +109,20 @@ impl Forecast {
         let overhead_ns = self.overhead_ns.iter().copied().fold(0.0, f64::max);
         let send_ns = bytes as f64 * 1e9 / bandwidth * PAUSE_SAFETY;
         Some((send_ns + overhead_ns) / 1e6)
+    }
+
+    /// Forecast time of a final step with nothing to send (the commit or in-sync mark
+    /// alone), in milliseconds; `None` before any send was measured. Two measurements bound
+    /// it from above, and the lower one is taken: the largest recent per-send overhead (a
+    /// send's fixed costs, a round trip among them), and the quickest recent send (each
+    /// ended with a round trip to the destination, as the commit does). The overhead alone
+    /// would also charge slow source reads, which an empty final step does not do and which
+    /// no later send refreshes once nothing is left to send; the quickest send alone would
+    /// charge the data of large passes.
+    pub fn ending_estimate_ms(&self) -> Option<f64> {
+        let quickest_ns = *self.send_ns.iter().min()? as f64;
+        let overhead_ns = self.overhead_ns.iter().copied().fold(0.0, f64::max);
+        Some(quickest_ns.min(overhead_ns) / 1e6)
     }
 
     /// Whether the last `stall_passes` passes all started with more dirty blocks than the
@@ -188,6 +207,21 @@ mod tests {
         );
         forecast.record_send(0, 5); // ignored
         forecast.record_send(5, 0); // ignored
+    }
+
+    #[test]
+    fn ending_estimate_is_a_round_trip() {
+        // Goal: an empty final step is judged by a round trip, not by slow reads. Method:
+        // none before a send; one quick and several slow sends: the quickest bounds it.
+        let mut forecast = Forecast::new(3);
+        assert_eq!(forecast.ending_estimate_ms(), None);
+        forecast.record_send(MIB, 2_000_000);
+        for _ in 0..4 {
+            forecast.record_send(MIB, 300_000_000); // reads stalled behind a busy disk
+        }
+        let ending_ms = forecast.ending_estimate_ms().unwrap();
+        assert!((ending_ms - 2.0).abs() < 1e-9, "{ending_ms}");
+        assert!(forecast.pause_estimate_ms(0).unwrap() > 100.0);
     }
 
     #[test]

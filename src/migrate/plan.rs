@@ -379,11 +379,17 @@ impl<'env, E: MigrationEnv> Migration<'env, E> {
         };
         let held_ms = ms_since(hold_start_ns, self.env.now_ns());
         let final_bytes = set_bytes(&final_set);
-        // Nothing left to send: deferring cannot make the pause shorter (the set can only
-        // grow), so the switchover goes ahead whatever the measured send overhead says.
+        // The pause is the hold, the final send and the ending's round trip (commit or
+        // in-sync mark). With nothing to send only the round trip is charged (a slow hold is
+        // deferred: the next one may drain faster); without any measurement the switchover
+        // goes ahead, as nothing can be sent faster than nothing.
+        let ending_ms = self.forecast.ending_estimate_ms().unwrap_or(0.0);
         let estimate_ms = match final_bytes {
-            0 => Some(0.0),
-            bytes => self.forecast.pause_estimate_ms(bytes),
+            0 => Some(ending_ms),
+            bytes => self
+                .forecast
+                .pause_estimate_ms(bytes)
+                .map(|send_ms| send_ms + ending_ms),
         };
         let fits = estimate_ms
             .is_some_and(|estimate_ms| held_ms + estimate_ms <= self.options.max_pause_ms as f64);
