@@ -28,7 +28,8 @@
 //! | 4 | [`dirty`] | write trackers: dirty bitmaps, heat, their files |
 //! | 5 | [`disk`] | one served export: image, trackers, route and write gate, mirror hook, the one write trap, the gauge its forwarding engines report holding through |
 //! | 6 | [`nbd`] | the NBD protocol: wire, handshake, sessions, listeners and their admission (also the block stream's), bounded buffer pools, client, forwarding engine |
-//! | 7 | [`transfer`] | the authenticated block stream between agents; peer addresses (`lease` will sit here) |
+//! | 7 | [`transfer`] | the authenticated block stream between agents; peer addresses |
+//! | 7 | [`lease`] | witness leases of the manager pair: records, the lease file, the witness's and holder's pure decisions, the agents' epoch fence, and their simulation |
 //! | 8 | [`migrate`] | the pure live-migration algorithm (heat and naive policies, forecast, switchover) and its simulation |
 //! | 8 | [`seed`] | seeds on portable media: their keys, sealed chunks, volume headers, manifests, and volumes as files or raw media (`docs/seed-format.md`) |
 //! | 9 | [`journal`] | the durable record of every migration and the commit protocol's pure decisions, simulated |
@@ -52,6 +53,7 @@ pub mod error;
 pub mod io;
 pub mod jobs;
 pub mod journal;
+pub mod lease;
 pub mod metrics;
 pub mod migrate;
 pub mod name;
