@@ -10,6 +10,7 @@
 //!
 //! - [`witness`]: the witness's pure decisions (grant, renew, install at a new witness).
 //! - [`holder`]: the holder's local deadline.
+//! - [`role`]: a manager's role (standby, active, moving the witness), its pure decisions.
 //! - [`record`]: the on-disk record (magic, version, checksum); a torn or corrupt record
 //!   never counts as a lease.
 //! - [`store`]: the lease file, O_DIRECT + fdatasync, read back and verified, with a bounded
@@ -28,6 +29,7 @@ use crate::name::{self, NameError};
 pub mod fence;
 pub mod holder;
 pub mod record;
+pub mod role;
 pub mod sim;
 pub mod store;
 pub mod witness;
