@@ -56,6 +56,26 @@ impl SplitMix64 {
     }
 }
 
+/// Seeds a simulation runs: the one in env var `SIM_SEED`, else `1..=count`.
+pub fn seeds_from_env(count: u64) -> Vec<u64> {
+    match std::env::var("SIM_SEED") {
+        Ok(seed) => vec![seed.trim().parse().expect("SIM_SEED must be a u64")],
+        Err(_) => (1..=count).collect(),
+    }
+}
+
+/// Prints "replay with SIM_SEED=N" if dropped while panicking; hold one per seed.
+#[derive(Debug)]
+pub struct SeedReport(pub u64);
+
+impl Drop for SeedReport {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("replay with SIM_SEED={}", self.0);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -48,8 +48,8 @@ pub struct RoleDurable {
 pub struct Rules {
     /// Shrink deadlines by the clock-drift bound (off: trust the clocks to agree).
     pub drift_margin: bool,
-    /// Expiry judged by the witness (off: the standby judges it by its own clock from what
-    /// it last read, and the witness trusts it).
+    /// Expiry judged by the witness (off: the standby times the lease by its own clock from
+    /// when it first read the record, and the witness trusts it).
     pub expiry_by_witness: bool,
 }
 
@@ -174,6 +174,8 @@ pub struct Role {
     drained: Vec<String>,
     /// Under `expiry_by_witness: false`: when this manager's own clock says the lease ends.
     judged_expiry_ns: Option<u64>,
+    /// A standby asks again at this local time, when the witness said the lease expires.
+    next_ask_ns: Option<u64>,
 }
 
 impl Role {
@@ -192,6 +194,7 @@ impl Role {
             heard: Vec::new(),
             drained: Vec::new(),
             judged_expiry_ns: None,
+            next_ask_ns: None,
         }
     }
 
@@ -243,6 +246,11 @@ impl Role {
         if !self.drained.iter().any(|name| name == host) {
             self.drained.push(host.to_string());
         }
+    }
+
+    /// `host` is back in service.
+    pub fn undrain(&mut self, host: &str) {
+        self.drained.retain(|name| name != host);
     }
 
     fn reaches(&self, host: &str, now_ns: u64) -> bool {
@@ -297,6 +305,13 @@ impl Role {
             .last_lease_sent_ns
             .is_some_and(|sent_ns| now_ns.saturating_sub(sent_ns) < interval_ns)
         {
+            // Between intervals, a standby asks as soon as the witness said it may.
+            if self.phase == Phase::Standby && self.next_ask_ns.is_some_and(|at| now_ns >= at) {
+                self.next_ask_ns = None;
+                if let (Some(choice), None) = (self.durable.choice.clone(), &self.durable.pending) {
+                    self.ask(&choice, now_ns, &mut out);
+                }
+            }
             return out;
         }
         self.last_lease_sent_ns = Some(now_ns);

@@ -28,27 +28,7 @@ use super::{MigrationEnv, Progress, SendOutcome};
 use crate::dirty::{DirtySet, HeatSnapshot, Tracker, TrackerSpec};
 use crate::env::{Clock, ManualClock};
 
-pub use crate::prng::SplitMix64;
-
-/// Seeds to run: the one in env var `SIM_SEED`, else `1..=count`.
-pub fn seeds_from_env(count: u64) -> Vec<u64> {
-    match std::env::var("SIM_SEED") {
-        Ok(seed) => vec![seed.trim().parse().expect("SIM_SEED must be a u64")],
-        Err(_) => (1..=count).collect(),
-    }
-}
-
-/// Prints "replay with SIM_SEED=N" if dropped while panicking; hold one per seed.
-#[derive(Debug)]
-pub struct SeedReport(pub u64);
-
-impl Drop for SeedReport {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("replay with SIM_SEED={}", self.0);
-        }
-    }
-}
+pub use crate::prng::{seeds_from_env, SeedReport, SplitMix64};
 
 /// Errors the simulated env injects.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

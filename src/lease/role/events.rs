@@ -39,6 +39,9 @@ impl Role {
                 lease: Some(lease),
                 remaining_ms,
             } => self.saw(lease, *remaining_ms, choice.generation, now_ns),
+            LeaseReply::State { lease: None, .. } if !self.config.rules.expiry_by_witness => {
+                self.judged_expiry_ns.get_or_insert(now_ns);
+            }
             LeaseReply::Refused { reason, lease } => {
                 if let Some(lease) = lease {
                     self.saw(lease, 0, choice.generation, now_ns);
@@ -56,7 +59,12 @@ impl Role {
             return;
         }
         self.witness_epoch = self.witness_epoch.max(lease.epoch);
-        if !self.config.rules.expiry_by_witness && remaining_ms > 0 {
+        if self.phase == Phase::Standby && remaining_ms > 0 {
+            self.next_ask_ns = Some(now_ns + remaining_ms * 1_000_000);
+        }
+        // The broken rule: the standby times the lease by its own clock from the first time
+        // it saw the record (which renewals do not change).
+        if !self.config.rules.expiry_by_witness && self.judged_expiry_ns.is_none() {
             self.judged_expiry_ns = Some(now_ns + remaining_ms * 1_000_000);
         }
     }
