@@ -44,8 +44,8 @@ pub enum FenceError {
     },
     /// The epoch file is damaged: the agent will not guess its epoch.
     #[error(
-        "manager epoch file {} is corrupt; replace it with one of at least the last epoch \
-         of the managers",
+        "manager epoch file {} is corrupt (never read as epoch 0, which would let an old \
+         manager act again)",
         path.display()
     )]
     Corrupt {
