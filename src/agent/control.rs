@@ -1,9 +1,10 @@
 //! The control API's view of the agent: each request handed to the part that owns it
-//! (exports, trackers, migrations). Nothing is decided here.
+//! (exports, trackers, migrations, the manager epoch fence). Nothing is decided here.
 
 use std::sync::Arc;
 
 use crate::agent::exports::Exports;
+use crate::agent::fencing::Fencing;
 use crate::agent::migrations::Migrations;
 use crate::agent::seeds::Seeds;
 use crate::agent::trackers::Trackers;
@@ -12,7 +13,7 @@ use crate::api::types::{
     MigrateRequest, SeedExportRequest, SeedImportRequest, SeedInfo, SeedInspectRequest,
     SeedRunStatus, SeedSyncRequest, StaleImage, TrackerAdd, TrackerStatus,
 };
-use crate::api::{Control, ControlError};
+use crate::api::{Control, ControlError, EpochHold};
 
 /// What the API server calls.
 #[derive(Debug)]
@@ -25,6 +26,8 @@ pub struct AgentControl {
     pub migrations: Migrations,
     /// Seeds exported and imported here.
     pub seeds: Seeds,
+    /// The highest manager epoch seen; older managers' commands are refused.
+    pub fencing: Fencing,
 }
 
 impl Control for AgentControl {
@@ -123,5 +126,14 @@ impl Control for AgentControl {
             &self.exports,
             dry_run,
         ))
+    }
+
+    fn admit_epoch(&self, epoch: u64) -> Result<EpochHold<'_>, ControlError> {
+        let admitted = self.fencing.admit(epoch)?;
+        Ok(EpochHold::new(admitted))
+    }
+
+    fn manager_epoch(&self) -> u64 {
+        self.fencing.highest()
     }
 }

@@ -8,6 +8,7 @@
 pub mod config;
 pub mod control;
 pub mod exports;
+pub mod fencing;
 pub mod gc;
 pub mod holding;
 pub mod journal;
@@ -38,6 +39,7 @@ pub use config::AgentConfig;
 use config::EngineChoice;
 use control::AgentControl;
 use exports::Exports;
+use fencing::Fencing;
 use migrations::Migrations;
 use seeds::Seeds;
 use targets::Targets;
@@ -104,6 +106,9 @@ pub enum AgentError {
     /// The migration journal cannot be opened or replayed.
     #[error("migration journal")]
     Journal(#[source] crate::journal::JournalError),
+    /// The manager epoch fence cannot be loaded (its file is unreadable or corrupt).
+    #[error("manager epoch fence")]
+    Fence(#[source] fencing::FenceError),
     /// Signal handling could not be installed.
     #[error("cannot install signal handlers")]
     Signals(#[source] std::io::Error),
@@ -136,6 +141,8 @@ impl Agent {
             .mode(0o700)
             .create(&config.state_dir)
             .map_err(state_err)?;
+        // Before anything acts: a corrupt epoch file must stop the agent, not reset it.
+        let fencing = Fencing::load(&config.state_dir).map_err(AgentError::Fence)?;
         let engine = choose_engine(config.engine)?;
         let journal = SharedJournal::open(&config.state_dir).map_err(AgentError::Journal)?;
         let exports = Arc::new(
@@ -233,6 +240,7 @@ impl Agent {
                 config.state_dir.join("seeds"),
             ),
             migrations: Migrations::new(exports.clone(), key, journal, transfer_addr.to_string()),
+            fencing,
         });
         let options = api::ServeOptions {
             metrics_open: !config.metrics_auth,

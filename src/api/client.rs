@@ -5,12 +5,17 @@
 //! agent's own words (`agent at 127.0.0.1:7450: no export named 'x'`); path segments are
 //! percent-encoded, so no name can change which route is called; the token is sent only in
 //! the `Authorization` header and never appears in `Debug` output or errors.
+//!
+//! A `ferry manager` sends its epoch with every call ([`Client::with_epoch`], header
+//! [`MANAGER_EPOCH_HEADER`]); an agent that has seen a newer manager answers
+//! [`ClientError::StaleEpoch`], and the caller must stop acting as the active manager.
 
 use std::io::{self, Read};
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
+use super::http::MANAGER_EPOCH_HEADER;
 use super::types::{
     AbortOutcome, DiskStatus, ErrorBody, ExportSpec, ExportStatus, HeatMap, JobStatus, JournalJob,
     MigrateRequest, SeedExportRequest, SeedImportRequest, SeedInfo, SeedInspectRequest,
@@ -54,6 +59,19 @@ pub enum ClientError {
         /// The agent's explanation.
         message: String,
     },
+    /// The agent has seen a newer manager epoch than the one sent (HTTP 409): a newer
+    /// manager took over, and this call did nothing.
+    #[error("agent at {addr}: {message}")]
+    StaleEpoch {
+        /// The agent's address as given.
+        addr: String,
+        /// The epoch sent.
+        epoch: u64,
+        /// The highest epoch the agent has seen.
+        highest: u64,
+        /// The agent's explanation.
+        message: String,
+    },
     /// The agent's answer could not be read or is not what the call expects.
     #[error("agent at {addr}: unreadable answer to {call}")]
     Decode {
@@ -73,6 +91,7 @@ impl ClientError {
         match self {
             ClientError::Unauthorized { .. } => Some(401),
             ClientError::Rejected { status, .. } => Some(*status),
+            ClientError::StaleEpoch { .. } => Some(409),
             ClientError::Unreachable { .. } | ClientError::Decode { .. } => None,
         }
     }
@@ -84,6 +103,7 @@ pub struct Client {
     addr: String,
     base_url: String,
     token: Option<String>,
+    epoch: Option<u64>,
 }
 
 impl std::fmt::Debug for Client {
@@ -91,6 +111,7 @@ impl std::fmt::Debug for Client {
         f.debug_struct("Client")
             .field("addr", &self.addr)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("epoch", &self.epoch)
             .finish_non_exhaustive()
     }
 }
@@ -114,7 +135,16 @@ impl Client {
             addr: addr.to_string(),
             base_url,
             token,
+            epoch: None,
         }
+    }
+
+    /// The same client as a manager of `epoch`: every call carries it
+    /// ([`MANAGER_EPOCH_HEADER`]), and the agent refuses it once a newer manager took over
+    /// ([`ClientError::StaleEpoch`]).
+    pub fn with_epoch(mut self, epoch: u64) -> Client {
+        self.epoch = Some(epoch);
+        self
     }
 
     /// `GET /v1/exports`
@@ -310,6 +340,9 @@ impl Client {
         if let Some(token) = &self.token {
             request = request.set("Authorization", &format!("Bearer {token}"));
         }
+        if let Some(epoch) = self.epoch {
+            request = request.set(MANAGER_EPOCH_HEADER, &epoch.to_string());
+        }
         let result = match body {
             Some(bytes) => request
                 .set("Content-Type", "application/json")
@@ -334,7 +367,20 @@ impl Client {
             .into_reader()
             .take(ERROR_BODY_MAX_BYTES)
             .read_to_string(&mut text);
-        let message = match serde_json::from_str::<ErrorBody>(&text) {
+        let body = serde_json::from_str::<ErrorBody>(&text);
+        if let Ok(ErrorBody {
+            error,
+            stale_epoch: Some(stale),
+        }) = &body
+        {
+            return ClientError::StaleEpoch {
+                addr: self.addr.clone(),
+                epoch: stale.epoch,
+                highest: stale.highest,
+                message: error.clone(),
+            };
+        }
+        let message = match body {
             Ok(body) => body.error,
             // Not a ferry agent, or the body was cut: say what was seen.
             Err(_) if read.is_ok() && !text.trim().is_empty() => {

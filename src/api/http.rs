@@ -12,6 +12,8 @@
 //! - `Content-Length` is one decimal number (repeated only with the same value); a
 //!   `Transfer-Encoding` is refused (411), so the body length is always known before a body
 //!   byte is read, and no request can be smuggled behind another.
+//! - [`MANAGER_EPOCH_HEADER`], when present, is given once and is a canonical decimal u64
+//!   ([`crate::lease::fence::parse_epoch`]); anything else is refused (400) before routing.
 
 use std::fmt;
 
@@ -25,6 +27,9 @@ pub const MAX_BODY_BYTES: usize = 1 << 20;
 pub const MAX_HEAD_BYTES: usize = 16 * 1024;
 /// Most header lines in one request head.
 pub const MAX_HEADERS: usize = 32;
+/// The header a `ferry manager` sends with every command: its epoch (a decimal u64), which
+/// the agent fences on (see [`crate::lease::fence`]).
+pub const MANAGER_EPOCH_HEADER: &str = "Ferry-Manager-Epoch";
 
 /// A request method. Routes match on the first five; anything else is answered 405.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,6 +95,9 @@ pub struct Head {
     pub keep_alive: bool,
     /// `Expect: 100-continue`: the peer waits for a `100 Continue` before the body.
     pub expect_continue: bool,
+    /// The manager epoch ([`MANAGER_EPOCH_HEADER`]); `None` from a caller that is not a
+    /// manager (the CLI).
+    pub manager_epoch: Option<u64>,
     /// Bytes of the head, blank line included: the body (or the next request) starts here.
     pub head_bytes: usize,
 }
@@ -149,6 +157,7 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<Head>, HeadError> {
         // HTTP/1.0 closes after each request (we never answer with its keep-alive form).
         keep_alive: version == 1,
         expect_continue: false,
+        manager_epoch: None,
         head_bytes,
     };
     let mut content_length = None;
@@ -178,6 +187,14 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<Head>, HeadError> {
                 return Err(HeadError::Malformed("unsupported Expect"));
             }
             head.expect_continue = true;
+        } else if name.eq_ignore_ascii_case(MANAGER_EPOCH_HEADER) {
+            if head.manager_epoch.is_some() {
+                return Err(HeadError::Malformed("Ferry-Manager-Epoch given twice"));
+            }
+            let epoch = crate::lease::fence::parse_epoch(value).ok_or(HeadError::Malformed(
+                "bad Ferry-Manager-Epoch (a decimal u64)",
+            ))?;
+            head.manager_epoch = Some(epoch);
         }
     }
     head.body_bytes = content_length.unwrap_or(0);
@@ -255,6 +272,7 @@ impl Reply {
             status,
             &ErrorBody {
                 error: message.into(),
+                stale_epoch: None,
             },
         )
     }
@@ -433,6 +451,42 @@ mod tests {
         let head = parse_head(b"GET / HTTP/1.1\r\nAuthorization: \xff\r\n\r\n");
         let head = head.expect("valid").expect("complete");
         assert_eq!(head.authorization.as_deref(), Some(""));
+    }
+
+    #[test]
+    fn manager_epoch_header_is_strict() {
+        // Goal: the manager's epoch is read from its header (any case of the name, spaces
+        // around the value), absent is None, and anything but one canonical u64 is a 400.
+        // Method: parse good heads and hostile ones.
+        assert_eq!(complete("GET / HTTP/1.1\r\n\r\n").manager_epoch, None);
+        let head = complete("GET / HTTP/1.1\r\nferry-manager-epoch:  42 \r\n\r\n");
+        assert_eq!(head.manager_epoch, Some(42));
+        let head = complete("GET / HTTP/1.1\r\nFerry-Manager-Epoch: 0\r\n\r\n");
+        assert_eq!(head.manager_epoch, Some(0));
+        for value in [
+            "",
+            "-1",
+            "+1",
+            "007",
+            "1 2",
+            "0x10",
+            "4a",
+            "18446744073709551616",
+        ] {
+            let text = format!("GET / HTTP/1.1\r\nFerry-Manager-Epoch: {value}\r\n\r\n");
+            let err = parse_head(text.as_bytes()).expect_err(value);
+            assert_eq!(err.http_status(), 400, "{value:?}");
+            assert!(err.to_string().len() < 80, "{err}");
+        }
+        let twice = "GET / HTTP/1.1\r\nFerry-Manager-Epoch: 5\r\nFerry-Manager-Epoch: 5\r\n\r\n";
+        assert_eq!(
+            parse_head(twice.as_bytes())
+                .expect_err("twice")
+                .http_status(),
+            400
+        );
+        let bytes = b"GET / HTTP/1.1\r\nFerry-Manager-Epoch: \xff\r\n\r\n";
+        assert_eq!(parse_head(bytes).expect_err("not text").http_status(), 400);
     }
 
     #[test]

@@ -44,6 +44,10 @@
 //!   bodies are read only with the token and capped at [`server::MAX_BODY_BYTES`]; bad input
 //!   is a 4xx, never a panic; what a peer can make the agent hold before authentication is
 //!   bounded (see [`listen`]).
+//! - Fencing: a request carrying [`http::MANAGER_EPOCH_HEADER`] (a `ferry manager`'s) is
+//!   routed only once [`Control::admit_epoch`] admitted its epoch, after authentication (an
+//!   unauthenticated caller never moves the fence); a stale epoch is 409 and the command does
+//!   nothing. Requests without the header (the operator's CLI) are not fenced.
 //! - [`ApiServer::shutdown`] returns promptly: the listener is woken and joined, idle
 //!   connections close, each worker finishes the request it holds and is joined.
 
@@ -176,6 +180,46 @@ pub trait Control: Send + Sync {
         let _ = dry_run;
         Ok(Vec::new())
     }
+    /// Admits a manager's command of `epoch` before it is routed: refuses an epoch lower than
+    /// the highest seen ([`ControlError::StaleEpoch`]), and persists a higher one durably
+    /// before returning. The command runs while the returned hold lives. The default refuses
+    /// every manager command, so a `Control` that keeps no fence never obeys one unfenced.
+    fn admit_epoch(&self, epoch: u64) -> Result<EpochHold<'_>, ControlError> {
+        let _ = epoch;
+        Err(ControlError::Invalid(
+            "this agent takes no manager commands".into(),
+        ))
+    }
+    /// The highest manager epoch admitted (0 before any); the `ferry_manager_epoch` gauge.
+    fn manager_epoch(&self) -> u64 {
+        0
+    }
+}
+
+/// Keeps an admitted epoch current while the command it admitted runs: until the hold is
+/// dropped the agent admits no higher epoch, so a newer manager's first command starts only
+/// after every command of an older epoch has ended.
+pub struct EpochHold<'a> {
+    _guard: Box<dyn Held + 'a>,
+}
+
+/// Anything an [`EpochHold`] keeps alive (it is only dropped, never used).
+trait Held {}
+impl<T> Held for T {}
+
+impl<'a> EpochHold<'a> {
+    /// A hold that keeps `guard` (e.g. a read guard on the fence) until dropped.
+    pub fn new<G: 'a>(guard: G) -> Self {
+        EpochHold {
+            _guard: Box::new(guard),
+        }
+    }
+}
+
+impl std::fmt::Debug for EpochHold<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EpochHold").finish_non_exhaustive()
+    }
 }
 
 /// Why a control operation was refused. Each message is a sentence naming the export or
@@ -197,6 +241,9 @@ pub enum ControlError {
     /// The agent failed to open, save or remove a file (HTTP 500).
     #[error("{0}")]
     Io(String),
+    /// A manager command of an epoch older than one the agent has seen (HTTP 409).
+    #[error(transparent)]
+    StaleEpoch(#[from] crate::lease::fence::StaleEpoch),
 }
 
 impl ControlError {
@@ -204,7 +251,7 @@ impl ControlError {
     pub fn http_status(&self) -> u16 {
         match self {
             ControlError::Invalid(_) => 400,
-            ControlError::Exists(_) | ControlError::Busy(_) => 409,
+            ControlError::Exists(_) | ControlError::Busy(_) | ControlError::StaleEpoch(_) => 409,
             ControlError::NotFound(_) => 404,
             ControlError::Io(_) => 500,
         }

@@ -218,6 +218,21 @@ pub fn render_replication(jobs: &[crate::api::types::JobStatus], now_unix_ms: u6
     out
 }
 
+/// The highest manager epoch the agent has admitted (`ferry_manager_epoch`, 0 before any
+/// manager command): a gauge that only rises, by one step per manager takeover.
+pub fn render_manager_epoch(highest: u64) -> String {
+    const NAME: &str = "ferry_manager_epoch";
+    let mut out = String::new();
+    let mut text = Exposition { out: &mut out };
+    text.header(
+        NAME,
+        "gauge",
+        "Highest ferry manager epoch this agent has seen; commands of lower epochs are refused.",
+    );
+    text.sample(NAME, &[], highest);
+    out
+}
+
 fn render_latency(text: &mut Exposition<'_>, exports: &[ExportStatus]) {
     const NAME: &str = "ferry_request_latency_us";
     text.header(
@@ -333,6 +348,18 @@ mod tests {
     use super::*;
     use crate::api::types::{CounterSnapshot, ExportStats, TrackerStatus};
     use crate::metrics::LatencyRecorder;
+
+    #[test]
+    fn manager_epoch_is_one_gauge() {
+        // Goal: the epoch is one unlabelled gauge with its HELP and TYPE. Method: render 7.
+        let text = render_manager_epoch(7);
+        assert!(
+            text.contains("# TYPE ferry_manager_epoch gauge\n"),
+            "{text}"
+        );
+        assert!(text.ends_with("\nferry_manager_epoch 7\n"), "{text}");
+        assert_eq!(text.lines().count(), 3);
+    }
 
     fn export(name: &str) -> ExportStatus {
         let mut latency = LatencyRecorder::new();

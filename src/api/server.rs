@@ -9,6 +9,9 @@
 //! - Authentication comes before routing: without the token, every path answers 401 (but
 //!   `/metrics` when `metrics_auth` is off), so an unauthenticated caller learns nothing
 //!   about exports.
+//! - Fencing comes right after authentication: a request carrying a manager epoch is routed
+//!   only once [`Control::admit_epoch`] admitted it, and runs while its hold lives; a stale
+//!   epoch is 409 with both epochs in the body, and nothing is routed.
 //! - A body is read only from a caller presenting the token ([`Service::admit_body`], before
 //!   any body byte), and at most [`MAX_BODY_BYTES`] of it; larger bodies get 413,
 //!   undecodable ones 400. Path segments and query values are percent-decoded; nothing
@@ -25,8 +28,8 @@ use super::http::{Head, Method};
 use super::listen::Service;
 use super::prometheus;
 use super::types::{
-    ExportSpec, MigrateRequest, SeedExportRequest, SeedImportRequest, SeedInspectRequest,
-    SeedSyncRequest, TrackerAdd,
+    ErrorBody, ExportSpec, MigrateRequest, SeedExportRequest, SeedImportRequest,
+    SeedInspectRequest, SeedSyncRequest, StaleEpochBody, TrackerAdd,
 };
 use super::{Control, ControlError};
 
@@ -69,15 +72,32 @@ impl Reply {
     fn from_result<T: Serialize>(status: u16, result: Result<T, ControlError>) -> Reply {
         match result {
             Ok(value) => Reply::json(status, &value),
-            Err(err) => Reply::error(err.http_status(), err.to_string()),
+            Err(err) => Reply::from_error(&err),
         }
     }
 
     fn from_unit(result: Result<(), ControlError>) -> Reply {
         match result {
             Ok(()) => Reply::empty(204),
-            Err(err) => Reply::error(err.http_status(), err.to_string()),
+            Err(err) => Reply::from_error(&err),
         }
+    }
+
+    /// The error answer: `{"error": ...}`, with both epochs when a manager was fenced off.
+    #[cold]
+    fn from_error(err: &ControlError) -> Reply {
+        let stale_epoch = match err {
+            ControlError::StaleEpoch(stale) => Some(StaleEpochBody {
+                epoch: stale.epoch,
+                highest: stale.highest,
+            }),
+            _ => None,
+        };
+        let body = ErrorBody {
+            error: err.to_string(),
+            stale_epoch,
+        };
+        Reply::json(err.http_status(), &body)
     }
 }
 
@@ -98,7 +118,15 @@ impl Service for Context {
         let mut body = body;
         let url = head.target.as_str();
         let method = head_as_get(&head.method);
-        let reply = route(method, url, head.authorization.as_deref(), &mut body, self);
+        let authorization = head.authorization.as_deref();
+        let reply = route(
+            method,
+            url,
+            authorization,
+            head.manager_epoch,
+            &mut body,
+            self,
+        );
         if reply.status == 401 {
             log::warn!(
                 "control API: {} {} from {peer}: refused (token)",
@@ -166,6 +194,7 @@ fn metrics(control: &dyn Control) -> Reply {
             let mut text = prometheus::render_prometheus(&control.exports());
             let now_ms = crate::env::unix_ms();
             text.push_str(&prometheus::render_replication(&control.jobs(), now_ms));
+            text.push_str(&prometheus::render_manager_epoch(control.manager_epoch()));
             text.into_bytes()
         },
         headers: Vec::new(),
@@ -176,17 +205,20 @@ fn path_of(url: &str) -> &str {
     url.split_once('?').map_or(url, |(path, _)| path)
 }
 
-/// Answers one request. `authorization` is the raw header value; `body` is read only by
-/// routes that take one, and at most [`MAX_BODY_BYTES`] + 1 bytes of it.
+/// Answers one request. `authorization` is the raw header value; `manager_epoch` the
+/// checked `Ferry-Manager-Epoch` (a manager's command); `body` is read only by routes that
+/// take one, and at most [`MAX_BODY_BYTES`] + 1 bytes of it.
 pub fn route(
     method: &Method,
     url: &str,
     authorization: Option<&str>,
+    manager_epoch: Option<u64>,
     body: &mut dyn Read,
     context: &Context,
 ) -> Reply {
     let (path, query) = url.split_once('?').unwrap_or((url, ""));
     if path == "/metrics" && !context.metrics_auth {
+        // Unauthenticated: the epoch (if any) is ignored, never admitted.
         return match method {
             Method::Get => metrics(context.control.as_ref()),
             _ => method_not_allowed("GET"),
@@ -195,17 +227,37 @@ pub fn route(
     if let Err(reply) = authenticate(authorization, &context.token) {
         return reply;
     }
+    let control = context.control.as_ref();
+    // Held until the command below has answered: no newer epoch is admitted meanwhile.
+    let _hold = match manager_epoch.map(|epoch| control.admit_epoch(epoch)) {
+        None => None,
+        Some(Ok(hold)) => Some(hold),
+        Some(Err(err)) => {
+            log::warn!("control API: {method} {path}: {err}");
+            return Reply::from_error(&err);
+        }
+    };
     if path == "/metrics" {
         return match method {
-            Method::Get => metrics(context.control.as_ref()),
+            Method::Get => metrics(control),
             _ => method_not_allowed("GET"),
         };
     }
+    dispatch(method, path, query, body, control)
+}
+
+/// Answers one authenticated (and, for a manager, admitted) request by its path.
+fn dispatch(
+    method: &Method,
+    path: &str,
+    query: &str,
+    body: &mut dyn Read,
+    control: &dyn Control,
+) -> Reply {
     let Some(segments) = path_segments(path) else {
         return Reply::error(400, format!("malformed path '{path}'"));
     };
     let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
-    let control = context.control.as_ref();
     match segments.as_slice() {
         ["v1", "exports"] => match method {
             Method::Get => Reply::json(200, &control.exports()),

@@ -13,7 +13,8 @@ use super::types::{
     DiskStatus, ExportSpec, ExportStats, ExportStatus, HeatMap, JobSettings, JournalJob,
     TrackerAdd, TrackerStatus,
 };
-use super::{serve, ApiServer, Client, ClientError, Control, ControlError};
+use super::{serve, ApiServer, Client, ClientError, Control, ControlError, EpochHold};
+use crate::lease::fence::{Admission, EpochFence};
 
 const TOKEN: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
@@ -25,6 +26,7 @@ struct FakeControl {
     exports: Mutex<BTreeMap<String, ExportStatus>>,
     last_heat: Mutex<Option<(String, Option<String>, usize)>>,
     batches_asked: Mutex<Vec<Option<String>>>,
+    fence: Mutex<EpochFence>,
 }
 
 /// The fake journal's one job: a source job of batch `b1`, interrupted, capped at 32 MiB/s.
@@ -77,6 +79,19 @@ fn tracker_status(name: &str, granularity_bytes: u64) -> TrackerStatus {
 }
 
 impl Control for FakeControl {
+    fn admit_epoch(&self, epoch: u64) -> Result<EpochHold<'_>, ControlError> {
+        let mut fence = self.fence.lock().expect("fake lock");
+        if fence.check(epoch)? == Admission::Raise {
+            fence.raise(epoch);
+        }
+        // Holds nothing: the command may call `manager_epoch` (`/metrics`).
+        Ok(EpochHold::new(()))
+    }
+
+    fn manager_epoch(&self) -> u64 {
+        self.fence.lock().expect("fake lock").highest
+    }
+
     fn exports(&self) -> Vec<ExportStatus> {
         self.exports
             .lock()
@@ -759,4 +774,73 @@ fn hostile_heads_and_bodies_are_refused_and_closed() {
     }
     assert!(h.client.exports().expect("still serving").is_empty());
     h.server.shutdown();
+}
+
+#[test]
+fn manager_epochs_are_fenced() {
+    // Goal: a manager's epoch is admitted before its command is routed, a stale one is a 409
+    // naming both epochs that changes nothing, garbage is a 400, an unauthenticated caller
+    // never moves the fence, and calls without the header (the CLI) are not fenced.
+    // Method: drive the fake's fence through the client with and without epochs, and raw.
+    let h = start();
+    let manager = |epoch| Client::new(&h.addr, Some(TOKEN.to_string())).with_epoch(epoch);
+    manager(5)
+        .add_export(&spec("vm1"))
+        .expect("epoch 5 admitted");
+    assert_eq!(h.fake.manager_epoch(), 5);
+    let err = manager(4)
+        .add_export(&spec("vm2"))
+        .expect_err("epoch 4 is stale");
+    let ClientError::StaleEpoch {
+        epoch,
+        highest,
+        ref message,
+        ..
+    } = err
+    else {
+        panic!("{err:?}");
+    };
+    assert_eq!((epoch, highest), (4, 5));
+    assert!(
+        message.contains("epoch 4") && message.contains("epoch 5"),
+        "{message}"
+    );
+    assert_eq!(err.status(), Some(409));
+    assert!(manager(4).exports().is_err(), "reads are fenced too");
+    assert_eq!(h.client.exports().expect("no header: not fenced").len(), 1);
+    h.client
+        .add_export(&spec("vm3"))
+        .expect("the CLI still works");
+    manager(6)
+        .remove_export("vm3", true)
+        .expect("epoch 6 admitted");
+    assert_eq!(h.fake.manager_epoch(), 6);
+    let metrics = h.client.metrics().expect("metrics");
+    assert!(metrics.contains("\nferry_manager_epoch 6\n"), "{metrics}");
+    let ask = |epoch: &str, token: &str| {
+        exchange(
+            &h.addr,
+            format!(
+                "GET /v1/exports HTTP/1.1\r\nAuthorization: Bearer {token}\r\n\
+                 Ferry-Manager-Epoch: {epoch}\r\nConnection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+    };
+    let answer = ask("5", TOKEN);
+    assert!(answer.starts_with("HTTP/1.1 409 "), "{answer}");
+    assert!(
+        answer.contains("\"stale_epoch\":{\"epoch\":5,\"highest\":6}"),
+        "{answer}"
+    );
+    for garbage in ["x", "-1", "07", "99999999999999999999"] {
+        let answer = ask(garbage, TOKEN);
+        assert!(answer.starts_with("HTTP/1.1 400 "), "{garbage}: {answer}");
+        assert!(answer.contains("Ferry-Manager-Epoch"), "{answer}");
+    }
+    assert!(ask("99", "wrong").starts_with("HTTP/1.1 401 "));
+    assert_eq!(h.fake.manager_epoch(), 6, "no token, no raise");
+    assert!(ask("6", TOKEN).starts_with("HTTP/1.1 200 "));
+    let metrics = manager(6).metrics().expect("a manager reads /metrics too");
+    assert!(metrics.contains("\nferry_manager_epoch 6\n"), "{metrics}");
 }

@@ -244,11 +244,24 @@ pub struct HeatMap {
     pub hot_blocks: u64,
 }
 
-/// The body of every error response: `{"error": "..."}`.
+/// The body of every error response: `{"error": "..."}`; a refused manager command (409)
+/// also carries both epochs: `{"error": "...", "stale_epoch": {"epoch": 4, "highest": 5}}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
     /// What went wrong, as a sentence for a person.
     pub error: String,
+    /// Set when a manager command was refused for its epoch: a newer manager took over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stale_epoch: Option<StaleEpochBody>,
+}
+
+/// The epochs of a refused manager command ([`crate::lease::fence::StaleEpoch`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StaleEpochBody {
+    /// The epoch the command carried.
+    pub epoch: u64,
+    /// The highest epoch the agent has seen.
+    pub highest: u64,
 }
 
 #[cfg(test)]
