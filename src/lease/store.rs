@@ -9,7 +9,8 @@
 //!
 //! Reading takes the valid record with the highest sequence. An empty slot (never written)
 //! or a torn one (checksum mismatch) does not count, and the other slot's older record
-//! stands. That is safe for a lease because:
+//! stands (the next write then reuses the torn one's sequence: a sequence names a record
+//! only among valid ones). That is safe for a lease because:
 //! - a torn slot is a write that was never confirmed: the witness grants or renews only on a
 //!   confirmed write, so nobody was told about the lost record;
 //! - [`LeaseFile::write`] refuses a lower epoch than the newest record's, so an older record
@@ -153,7 +154,7 @@ pub enum StoreError {
         /// Why slot 1 does not count.
         slot1: RecordError,
     },
-    /// The write would lower the epoch: a caller bug, refused before any I/O.
+    /// The write would lower the epoch: a caller bug, refused before anything is written.
     #[error("lease file {} holds epoch {current_epoch}; refusing to write epoch {new_epoch}", path.display())]
     EpochRegression {
         path: PathBuf,
@@ -400,7 +401,8 @@ impl LeaseFile {
 
 impl Drop for LeaseFile {
     /// Stops the writer thread. It is joined only when idle: a write stuck on a slow disk
-    /// must not hold up the caller, so then the thread finishes that write on its own.
+    /// must not hold up the caller, so then the thread finishes that write on its own, and
+    /// keeps the file (and its lock: a reopen is `Locked`) until it has.
     fn drop(&mut self) {
         drop(self.requests.take());
         if self.in_flight.is_none() {
@@ -944,7 +946,7 @@ mod tests {
     }
 
     #[test]
-    fn a_lower_epoch_is_refused_before_any_io() {
+    fn a_lower_epoch_is_refused_before_it_is_written() {
         // Goal: the store keeps epochs from going down, so an older record never holds a
         // higher epoch than a newer one. Method: write epoch 5, then try 4; the file keeps 5.
         let dir = temp_dir();
@@ -1091,14 +1093,18 @@ mod tests {
         assert!(err.is_maybe_written());
         assert!(err.to_string().contains("may still land"), "{err}");
         let started = Instant::now();
+        let long = Duration::from_secs(30);
         for _ in 0..3 {
             let err = file
-                .write_within(&lease(2, "manager-a"), timeout)
+                .write_within(&lease(2, "manager-a"), long)
                 .expect_err("busy");
             assert!(matches!(err, StoreError::Busy { .. }), "{err:?}");
             assert!(!err.is_maybe_written());
         }
-        assert!(started.elapsed() < timeout, "Busy does not wait");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "Busy does not wait"
+        );
         permits.send(()).expect("release the stuck sync");
         let landed = wait_for(|| file.read().expect("read")).expect("late write landed");
         assert_eq!(landed.sequence, 1);
