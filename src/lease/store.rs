@@ -1106,12 +1106,16 @@ mod tests {
             "Busy does not wait"
         );
         permits.send(()).expect("release the stuck sync");
-        let landed = wait_for(|| file.read().expect("read")).expect("late write landed");
-        assert_eq!(landed.sequence, 1);
-        permits.send(()).expect("permit the next sync");
-        let next = file.write_within(&lease(2, "manager-b"), Duration::from_secs(10));
-        let next = next.expect("write after the late one");
-        assert_eq!(next.sequence, 2);
+        permits.send(()).expect("permit the next write's sync");
+        // Busy until the late write has also been read back; then the next write follows it.
+        let next = wait_for(|| match file.write_within(&lease(2, "manager-b"), long) {
+            Err(StoreError::Busy { .. }) => None,
+            other => Some(other),
+        });
+        let next = next.expect("the late write finishes").expect("next write");
+        assert_eq!(next.sequence, 2, "the late write landed as sequence 1");
+        let late = raw_slots(file.path())[0].clone().expect("late record");
+        assert_eq!((late.sequence, late.lease), (1, lease(1, "manager-a")));
         assert_eq!(file.read().expect("read"), Some(next));
     }
 
