@@ -294,6 +294,10 @@ impl Witness {
                     self.refuse(Refusal::HolderMismatch)
                 }
             }
+            // An older generation's record: epochs only grow, so one above the installed
+            // lease (a grant nobody acted on, made after the move) refuses the install; the
+            // standby then takes over here once a full lease has passed.
+            Some(current) if current.epoch > new.epoch => self.refuse(Refusal::EpochMismatch),
             _ => Decision::Write {
                 lease: new.clone(),
                 reply: granted,

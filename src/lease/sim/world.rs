@@ -4,6 +4,7 @@ use std::collections::VecDeque;
 use std::fmt;
 
 use super::{host_name, Event, PendingWrite, Queue, SimOptions, SimReport, SplitMix64, MS};
+use crate::lease::fence::{Admission, EpochFence};
 use crate::lease::role::{Out, Role, RoleDurable};
 use crate::lease::witness::{Decision, LeaseReply, LeaseRequest, Refusal, Witness};
 use crate::lease::Lease;
@@ -110,7 +111,10 @@ struct HostNode {
     landing: bool,
     slow: bool,
     waiting: VecDeque<(usize, LeaseRequest, u64)>,
-    fence_highest: u64,
+    /// The agent's fence (production code), persisted at once in this model.
+    fence: EpochFence,
+    /// The checker's own record of the highest epoch this agent executed.
+    executed_highest: u64,
 }
 
 /// The world: nodes, links, queue, checker state.
@@ -155,7 +159,8 @@ impl World {
                 landing: false,
                 slow: false,
                 waiting: VecDeque::new(),
-                fence_highest: 0,
+                fence: EpochFence::default(),
+                executed_highest: 0,
             })
             .collect();
         let nodes = 2 + options.hosts;
@@ -196,7 +201,7 @@ impl World {
             }
             self.now_ns = at_ns;
             self.report.events += 1;
-            self.handle(event);
+            self.handle(event)?;
             self.check()?;
         }
         self.report.active_at_end = self.actives().iter().any(Option::is_some);
@@ -237,7 +242,7 @@ impl World {
         Some(node.clock.local(self.now_ns))
     }
 
-    fn handle(&mut self, event: Event) {
+    fn handle(&mut self, event: Event) -> Result<(), Violation> {
         match event {
             Event::Tick(manager, incarnation) => {
                 if self.managers[manager].incarnation == incarnation {
@@ -298,9 +303,10 @@ impl World {
                     node.landing = false;
                 }
             }
-            Event::Command { host, epoch } => self.command(host, epoch),
+            Event::Command { host, epoch } => return self.command(host, epoch),
             other => self.fault_event(other),
         }
+        Ok(())
     }
 
     fn role(&mut self, manager: usize) -> &mut Role {
@@ -502,17 +508,31 @@ impl World {
         self.send(2 + host, to, delay_ns, event);
     }
 
-    fn command(&mut self, host: usize, epoch: u64) {
+    /// An agent receives a manager's command: its fence admits or refuses it; the checker
+    /// verifies the admitted ones independently.
+    fn command(&mut self, host: usize, epoch: u64) -> Result<(), Violation> {
         let node = &mut self.hosts[host];
         if node.witness.is_none() {
-            return; // down
+            return Ok(()); // down
         }
-        if epoch < node.fence_highest {
-            self.report.commands_fenced += 1;
-            return;
+        match node.fence.check(epoch) {
+            Err(_stale) => {
+                self.report.commands_fenced += 1;
+                return Ok(());
+            }
+            Ok(Admission::Raise) => node.fence.raise(epoch),
+            Ok(Admission::Current) => {}
         }
-        node.fence_highest = epoch;
+        if epoch < node.executed_highest {
+            return Err(Violation::StaleCommand {
+                at_ms: self.now_ns / MS,
+                epoch,
+                highest: node.executed_highest,
+            });
+        }
+        node.executed_highest = epoch;
         self.report.commands_executed += 1;
+        Ok(())
     }
 
     /// Each manager's active epoch now (down or paused managers do not act).
