@@ -24,6 +24,8 @@
 
 use std::fmt;
 
+use serde::{Deserialize, Serialize};
+
 use crate::name::{self, NameError};
 
 pub mod fence;
@@ -35,7 +37,9 @@ pub mod store;
 pub mod witness;
 
 /// A manager's id (`ferry manager --id`), under the one name rule of [`crate::name`].
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// In JSON, a plain string, checked against the rule when read.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct ManagerId(String);
 
 impl ManagerId {
@@ -51,6 +55,21 @@ impl ManagerId {
     }
 }
 
+impl TryFrom<String> for ManagerId {
+    type Error = NameError;
+
+    fn try_from(id: String) -> Result<Self, NameError> {
+        name::validate(&id)?;
+        Ok(Self(id))
+    }
+}
+
+impl From<ManagerId> for String {
+    fn from(id: ManagerId) -> String {
+        id.0
+    }
+}
+
 impl fmt::Display for ManagerId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
@@ -58,7 +77,7 @@ impl fmt::Display for ManagerId {
 }
 
 /// What a witness keeps for one manager pair: the content of a lease record.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lease {
     /// Raised by every takeover; commands of a lower epoch are refused by agents.
     pub epoch: u64,

@@ -20,10 +20,14 @@
 
 use std::fmt;
 
+use serde::{Deserialize, Serialize};
+
 use super::{Lease, ManagerId};
 
-/// What a manager asks of the witness.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What a manager asks of the witness. In JSON, tagged by `op`:
+/// `{"op": "acquire", "candidate": "m2", "seen_epoch": 1, "generation": 1}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum LeaseRequest {
     /// The holder keeps its lease.
     Renew {
@@ -52,8 +56,9 @@ pub enum LeaseRequest {
     Read,
 }
 
-/// Why a request was refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Why a request was refused. In JSON, snake case: `"write_failed"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Refusal {
     /// The epoch named is not the current one.
     EpochMismatch,
@@ -79,8 +84,10 @@ impl fmt::Display for Refusal {
     }
 }
 
-/// The witness's answer.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The witness's answer. In JSON, tagged by `outcome`:
+/// `{"outcome": "held", "lease": {..}, "remaining_ms": 4000}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum LeaseReply {
     /// The requester holds `lease`, from when it sent the request.
     Granted {
