@@ -9,6 +9,7 @@
 //! A `ferry manager` sends its epoch with every call ([`Client::with_epoch`], header
 //! [`MANAGER_EPOCH_HEADER`]); an agent that has seen a newer manager answers
 //! [`ClientError::StaleEpoch`], and the caller must stop acting as the active manager.
+//! Lease requests to the witness ([`Client::lease`]) never carry it: they are not fenced.
 
 use std::io::{self, Read};
 use std::time::Duration;
@@ -16,6 +17,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 
 use super::http::MANAGER_EPOCH_HEADER;
+use super::leases::{LeaseCall, LeaseReply, LeaseStatus};
 use super::types::{
     AbortOutcome, DiskStatus, ErrorBody, ExportSpec, ExportStatus, HeatMap, JobStatus, JournalJob,
     MigrateRequest, SeedExportRequest, SeedImportRequest, SeedInfo, SeedInspectRequest,
@@ -301,6 +303,31 @@ impl Client {
     pub fn journal_jobs(&self, batch: Option<&str>) -> Result<Vec<JournalJob>, ClientError> {
         let query: Vec<(&str, &str)> = batch.map(|batch| ("batch", batch)).into_iter().collect();
         self.call_json("GET", "/v1/journal/jobs", &query, None)
+    }
+
+    /// `POST /v1/leases/{pair}`: a lease request to the pair's witness. Sent without the
+    /// manager epoch, even by a client [`Client::with_epoch`]: the witness never fences it.
+    /// Refusals of the lease are `Ok` ([`LeaseReply::Refused`]); `Err` means undecided.
+    pub fn lease(&self, pair: &str, call: &LeaseCall) -> Result<LeaseReply, ClientError> {
+        let path = format!("/v1/leases/{}", encode(pair));
+        self.unfenced()
+            .call_json("POST", &path, &[], Some(json(call)))
+    }
+
+    /// `GET /v1/leases`: the leases the agent keeps as witness.
+    pub fn leases(&self) -> Result<Vec<LeaseStatus>, ClientError> {
+        self.unfenced().call_json("GET", "/v1/leases", &[], None)
+    }
+
+    /// This client without a manager epoch (same connection pool).
+    fn unfenced(&self) -> Client {
+        Client {
+            http: self.http.clone(),
+            addr: self.addr.clone(),
+            base_url: self.base_url.clone(),
+            token: self.token.clone(),
+            epoch: None,
+        }
     }
 
     /// `GET /metrics` (Prometheus text).

@@ -26,6 +26,8 @@
 //! | POST   | /v1/jobs/{id}/abort                       |             | AbortOutcome    |
 //! | GET    | /v1/status?batch=B                        |             | [DiskStatus]    |
 //! | GET    | /v1/journal/jobs?batch=B                  |             | [JournalJob]    |
+//! | POST   | /v1/leases/{pair}                         | LeaseCall   | LeaseReply      |
+//! | GET    | /v1/leases                                |             | [LeaseStatus]   |
 //! | GET    | /metrics                                  |             | Prometheus text |
 //!
 //! `GET /v1/status` is `ferry status`: the agent judges every job of its journal (of batch
@@ -47,13 +49,15 @@
 //! - Fencing: a request carrying [`http::MANAGER_EPOCH_HEADER`] (a `ferry manager`'s) is
 //!   routed only once [`Control::admit_epoch`] admitted its epoch, after authentication (an
 //!   unauthenticated caller never moves the fence); a stale epoch is 409 and the command does
-//!   nothing. Requests without the header (the operator's CLI) are not fenced.
+//!   nothing. Requests without the header (the operator's CLI) are not fenced. The lease
+//!   routes ([`leases`]) are never fenced: a request there with the header is a 400.
 //! - [`ApiServer::shutdown`] returns promptly: the listener is woken and joined, idle
 //!   connections close, each worker finishes the request it holds and is joined.
 
 pub mod batch;
 pub mod client;
 pub mod http;
+pub mod leases;
 pub mod listen;
 pub mod prometheus;
 pub mod render;
@@ -193,6 +197,24 @@ pub trait Control: Send + Sync {
     /// The highest manager epoch admitted (0 before any); the `ferry_manager_epoch` gauge.
     fn manager_epoch(&self) -> u64 {
         0
+    }
+    /// Decides a manager's lease request for `pair`, this agent being the pair's witness.
+    /// `pair` and `call` were checked ([`leases::LeaseCall::check`]).
+    fn lease(
+        &self,
+        pair: &str,
+        call: &leases::LeaseCall,
+    ) -> Result<leases::LeaseReply, ControlError> {
+        let _ = (pair, call);
+        Err(ControlError::Invalid("this agent keeps no leases".into()))
+    }
+    /// The leases kept as witness, by pair.
+    fn leases(&self) -> Vec<leases::LeaseStatus> {
+        Vec::new()
+    }
+    /// The witness's gauge and counter for `/metrics`.
+    fn witness_counters(&self) -> leases::WitnessCounters {
+        leases::WitnessCounters::default()
     }
 }
 

@@ -9,6 +9,7 @@
 
 use std::fmt::Write as _;
 
+use super::leases::WitnessCounters;
 use super::types::ExportStatus;
 
 /// Quantiles exported by the summary, with their Prometheus label values.
@@ -233,6 +234,28 @@ pub fn render_manager_epoch(highest: u64) -> String {
     out
 }
 
+/// The witness's gauge and counter: manager pairs whose lease this agent keeps, and lease
+/// record writes that failed or timed out.
+pub fn render_witness(counters: &WitnessCounters) -> String {
+    const PAIRS: &str = "ferry_witness_pairs";
+    const FAILURES: &str = "ferry_witness_write_failures_total";
+    let mut out = String::new();
+    let mut text = Exposition { out: &mut out };
+    text.header(
+        PAIRS,
+        "gauge",
+        "Manager pairs whose lease this agent keeps as witness.",
+    );
+    text.sample(PAIRS, &[], counters.pairs);
+    text.header(
+        FAILURES,
+        "counter",
+        "Lease record writes that failed or timed out (each answered write_failed).",
+    );
+    text.sample(FAILURES, &[], counters.write_failures);
+    out
+}
+
 fn render_latency(text: &mut Exposition<'_>, exports: &[ExportStatus]) {
     const NAME: &str = "ferry_request_latency_us";
     text.header(
@@ -359,6 +382,28 @@ mod tests {
         );
         assert!(text.ends_with("\nferry_manager_epoch 7\n"), "{text}");
         assert_eq!(text.lines().count(), 3);
+    }
+
+    #[test]
+    fn witness_metrics() {
+        // Goal: the witness's gauge and counter are exposed with their types. Method: render.
+        let text = render_witness(&WitnessCounters {
+            pairs: 2,
+            write_failures: 5,
+        });
+        assert!(
+            text.contains("# TYPE ferry_witness_pairs gauge\n"),
+            "{text}"
+        );
+        assert!(text.contains("\nferry_witness_pairs 2\n"), "{text}");
+        assert!(
+            text.contains("# TYPE ferry_witness_write_failures_total counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.ends_with("\nferry_witness_write_failures_total 5\n"),
+            "{text}"
+        );
     }
 
     fn export(name: &str) -> ExportStatus {

@@ -11,7 +11,8 @@
 //!   about exports.
 //! - Fencing comes right after authentication: a request carrying a manager epoch is routed
 //!   only once [`Control::admit_epoch`] admitted it, and runs while its hold lives; a stale
-//!   epoch is 409 with both epochs in the body, and nothing is routed.
+//!   epoch is 409 with both epochs in the body, and nothing is routed. The lease routes
+//!   ([`super::leases`]) come before the fence and are never fenced.
 //! - A body is read only from a caller presenting the token ([`Service::admit_body`], before
 //!   any body byte), and at most [`MAX_BODY_BYTES`] of it; larger bodies get 413,
 //!   undecodable ones 400. Path segments and query values are percent-decoded; nothing
@@ -25,6 +26,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::http::{Head, Method};
+use super::leases;
 use super::listen::Service;
 use super::prometheus;
 use super::types::{
@@ -85,7 +87,7 @@ impl Reply {
 
     /// The error answer: `{"error": ...}`, with both epochs when a manager was fenced off.
     #[cold]
-    fn from_error(err: &ControlError) -> Reply {
+    pub(super) fn from_error(err: &ControlError) -> Reply {
         let stale_epoch = match err {
             ControlError::StaleEpoch(stale) => Some(StaleEpochBody {
                 epoch: stale.epoch,
@@ -195,6 +197,7 @@ fn metrics(control: &dyn Control) -> Reply {
             let now_ms = crate::env::unix_ms();
             text.push_str(&prometheus::render_replication(&control.jobs(), now_ms));
             text.push_str(&prometheus::render_manager_epoch(control.manager_epoch()));
+            text.push_str(&prometheus::render_witness(&control.witness_counters()));
             text.into_bytes()
         },
         headers: Vec::new(),
@@ -228,6 +231,12 @@ pub fn route(
         return reply;
     }
     let control = context.control.as_ref();
+    // A lease request is how a manager gets an epoch: never fenced (see `leases`).
+    if let Some(segments) = path_segments(path) {
+        if let Some(reply) = leases::route(method, &segments, manager_epoch, body, control) {
+            return reply;
+        }
+    }
     // Held until the command below has answered: no newer epoch is admitted meanwhile.
     let _hold = match manager_epoch.map(|epoch| control.admit_epoch(epoch)) {
         None => None,
@@ -476,7 +485,7 @@ pub fn constant_time_eq(presented: &[u8], expected: &[u8]) -> bool {
 }
 
 #[cold]
-fn method_not_allowed(allow: &'static str) -> Reply {
+pub(super) fn method_not_allowed(allow: &'static str) -> Reply {
     Reply::error(405, format!("method not allowed here (allowed: {allow})"))
         .with_header("Allow", allow)
 }
@@ -490,7 +499,7 @@ fn body_too_large() -> Reply {
 }
 
 /// Reads and decodes a JSON body of at most [`MAX_BODY_BYTES`].
-fn decode<T: DeserializeOwned>(body: &mut dyn Read) -> Result<T, Reply> {
+pub(super) fn decode<T: DeserializeOwned>(body: &mut dyn Read) -> Result<T, Reply> {
     let mut bytes = Vec::new();
     let limit = u64::try_from(MAX_BODY_BYTES).expect("1 MiB fits in u64") + 1;
     body.take(limit)
