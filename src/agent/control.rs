@@ -1,5 +1,6 @@
 //! The control API's view of the agent: each request handed to the part that owns it
-//! (exports, trackers, migrations, the manager epoch fence). Nothing is decided here.
+//! (exports, trackers, migrations, the manager epoch fence, the lease witness). Nothing is
+//! decided here.
 
 use std::sync::Arc;
 
@@ -8,6 +9,8 @@ use crate::agent::fencing::Fencing;
 use crate::agent::migrations::Migrations;
 use crate::agent::seeds::Seeds;
 use crate::agent::trackers::Trackers;
+use crate::agent::witness::WitnessService;
+use crate::api::leases::{LeaseCall, LeaseReply, LeaseStatus, WitnessCounters};
 use crate::api::types::{
     AbortOutcome, DiskStatus, ExportSpec, ExportStatus, HeatMap, JobStatus, JournalJob,
     MigrateRequest, SeedExportRequest, SeedImportRequest, SeedInfo, SeedInspectRequest,
@@ -28,6 +31,8 @@ pub struct AgentControl {
     pub seeds: Seeds,
     /// The highest manager epoch seen; older managers' commands are refused.
     pub fencing: Fencing,
+    /// The manager pairs' leases this agent keeps as witness.
+    pub witness: WitnessService,
 }
 
 impl Control for AgentControl {
@@ -135,5 +140,23 @@ impl Control for AgentControl {
 
     fn manager_epoch(&self) -> u64 {
         self.fencing.highest()
+    }
+
+    fn lease(&self, pair: &str, call: &LeaseCall) -> Result<LeaseReply, ControlError> {
+        let reply = self
+            .witness
+            .serve(pair, &call.request, call.lease_ms, call.write_timeout())?;
+        Ok(reply)
+    }
+
+    fn leases(&self) -> Vec<LeaseStatus> {
+        self.witness.statuses()
+    }
+
+    fn witness_counters(&self) -> WitnessCounters {
+        WitnessCounters {
+            pairs: u64::try_from(self.witness.pair_count()).unwrap_or(u64::MAX),
+            write_failures: self.witness.write_failures(),
+        }
     }
 }

@@ -20,6 +20,7 @@ pub mod seeds;
 pub mod status;
 pub mod targets;
 pub mod trackers;
+pub mod witness;
 
 use std::net::SocketAddr;
 use std::os::unix::fs::DirBuilderExt;
@@ -44,6 +45,7 @@ use migrations::Migrations;
 use seeds::Seeds;
 use targets::Targets;
 use trackers::Trackers;
+use witness::WitnessService;
 
 use crate::transfer::{ClusterKey, ReceiverServer};
 
@@ -227,6 +229,12 @@ impl Agent {
         )
         .map_err(AgentError::Transfer)?;
         let transfer_addr = transfer.local_addr();
+        // Before the API answers: leases kept here count as renewed now (the restart rule).
+        let witness = WitnessService::open(
+            config.state_dir.join(witness::LEASE_DIR),
+            Arc::new(MonotonicClock::new()),
+            witness::PAIRS_MAX,
+        );
         let token_path = config.state_dir.join("api.token");
         let token = api::token::load_or_create(&token_path).map_err(state_err)?;
         let control = Arc::new(AgentControl {
@@ -241,6 +249,7 @@ impl Agent {
             ),
             migrations: Migrations::new(exports.clone(), key, journal, transfer_addr.to_string()),
             fencing,
+            witness,
         });
         let options = api::ServeOptions {
             metrics_open: !config.metrics_auth,
