@@ -26,7 +26,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::http::{Head, Method};
-use super::leases;
+use super::leases::LeaseCall;
 use super::listen::Service;
 use super::prometheus;
 use super::types::{
@@ -87,7 +87,7 @@ impl Reply {
 
     /// The error answer: `{"error": ...}`, with both epochs when a manager was fenced off.
     #[cold]
-    pub(super) fn from_error(err: &ControlError) -> Reply {
+    fn from_error(err: &ControlError) -> Reply {
         let stale_epoch = match err {
             ControlError::StaleEpoch(stale) => Some(StaleEpochBody {
                 epoch: stale.epoch,
@@ -233,7 +233,7 @@ pub fn route(
     let control = context.control.as_ref();
     // A lease request is how a manager gets an epoch: never fenced (see `leases`).
     if let Some(segments) = path_segments(path) {
-        if let Some(reply) = leases::route(method, &segments, manager_epoch, body, control) {
+        if let Some(reply) = lease_route(method, &segments, manager_epoch, body, control) {
             return reply;
         }
     }
@@ -389,6 +389,58 @@ fn dispatch(
     }
 }
 
+/// Answers a request under `/v1/leases` (`segments` are the decoded path's; [`super::leases`]
+/// says why these are never fenced); `None` when the path is another route's.
+fn lease_route(
+    method: &Method,
+    segments: &[String],
+    manager_epoch: Option<u64>,
+    body: &mut dyn Read,
+    control: &dyn Control,
+) -> Option<Reply> {
+    let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
+    let ["v1", "leases", rest @ ..] = segments.as_slice() else {
+        return None;
+    };
+    if manager_epoch.is_some() {
+        return Some(Reply::error(
+            400,
+            "lease requests are not manager commands: send no manager epoch header",
+        ));
+    }
+    Some(match (rest, method) {
+        ([], Method::Get) => Reply::json(200, &control.leases()),
+        ([], _) => method_not_allowed("GET"),
+        ([pair], Method::Post) => lease(control, pair, body),
+        ([_], _) => method_not_allowed("POST"),
+        _ => Reply::error(404, "no API route under /v1/leases"),
+    })
+}
+
+fn lease(control: &dyn Control, pair: &str, body: &mut dyn Read) -> Reply {
+    if crate::name::validate(pair).is_err() {
+        // The reply never echoes the hostile text; the rule is enough to fix the request.
+        return Reply::error(
+            400,
+            format!(
+                "pair: 1 to {} of letters, digits, '.', '_', '-' (no leading '.')",
+                crate::name::NAME_MAX_BYTES
+            ),
+        );
+    }
+    let call = match decode::<LeaseCall>(body) {
+        Ok(call) => call,
+        Err(reply) => return reply,
+    };
+    if let Err(err) = call.check() {
+        return Reply::error(400, err.to_string());
+    }
+    match control.lease(pair, &call) {
+        Ok(reply) => Reply::json(200, &reply),
+        Err(err) => Reply::from_error(&err),
+    }
+}
+
 fn export_status(control: &dyn Control, name: &str) -> Reply {
     match control.exports().into_iter().find(|e| e.name == name) {
         Some(status) => Reply::json(200, &status),
@@ -485,7 +537,7 @@ pub fn constant_time_eq(presented: &[u8], expected: &[u8]) -> bool {
 }
 
 #[cold]
-pub(super) fn method_not_allowed(allow: &'static str) -> Reply {
+fn method_not_allowed(allow: &'static str) -> Reply {
     Reply::error(405, format!("method not allowed here (allowed: {allow})"))
         .with_header("Allow", allow)
 }
@@ -499,7 +551,7 @@ fn body_too_large() -> Reply {
 }
 
 /// Reads and decodes a JSON body of at most [`MAX_BODY_BYTES`].
-pub(super) fn decode<T: DeserializeOwned>(body: &mut dyn Read) -> Result<T, Reply> {
+fn decode<T: DeserializeOwned>(body: &mut dyn Read) -> Result<T, Reply> {
     let mut bytes = Vec::new();
     let limit = u64::try_from(MAX_BODY_BYTES).expect("1 MiB fits in u64") + 1;
     body.take(limit)
