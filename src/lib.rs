@@ -54,6 +54,7 @@ pub mod io;
 pub mod jobs;
 pub mod journal;
 pub mod lease;
+pub mod manager;
 pub mod metrics;
 pub mod migrate;
 pub mod name;

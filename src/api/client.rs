@@ -495,3 +495,5 @@ mod tests {
         assert_eq!(err.status(), None);
     }
 }
+
+mod manager;

@@ -56,6 +56,7 @@
 
 pub mod batch;
 pub mod client;
+pub mod fleet;
 pub mod http;
 pub mod leases;
 pub mod listen;

@@ -552,7 +552,7 @@ fn body_too_large() -> Reply {
 }
 
 /// Reads and decodes a JSON body of at most [`MAX_BODY_BYTES`].
-fn decode<T: DeserializeOwned>(body: &mut dyn Read) -> Result<T, Reply> {
+pub fn decode<T: DeserializeOwned>(body: &mut dyn Read) -> Result<T, Reply> {
     let mut bytes = Vec::new();
     let limit = u64::try_from(MAX_BODY_BYTES).expect("1 MiB fits in u64") + 1;
     body.take(limit)
@@ -566,7 +566,7 @@ fn decode<T: DeserializeOwned>(body: &mut dyn Read) -> Result<T, Reply> {
 }
 
 /// `force=true|false|1|0|yes|no`; absent is false.
-fn flag(query: &str, name: &str) -> Result<bool, Reply> {
+pub fn flag(query: &str, name: &str) -> Result<bool, Reply> {
     let params = query_pairs(query).ok_or_else(|| Reply::error(400, "malformed query string"))?;
     match params
         .iter()
@@ -584,7 +584,7 @@ fn flag(query: &str, name: &str) -> Result<bool, Reply> {
 
 /// The decoded segments of an absolute path (empty segments dropped); None if a segment
 /// has a bad escape or is not UTF-8.
-fn path_segments(path: &str) -> Option<Vec<String>> {
+pub fn path_segments(path: &str) -> Option<Vec<String>> {
     if !path.starts_with('/') {
         return None;
     }

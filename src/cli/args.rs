@@ -37,6 +37,19 @@ pub struct ApiTarget {
 pub enum Command {
     /// Run the agent (root daemon).
     Agent(AgentArgs),
+    /// The manager pair: `ferry manager` runs one (config file and flags); `ferry manager
+    /// status` and `ferry manager takeover` ask a running one (`--api` is its address).
+    Manager(ManagerArgs),
+    /// Drain a host (the managers move the witness lease away from it) or return it; asks a
+    /// manager (`--api`), which tells its peer.
+    Host {
+        /// Action.
+        #[command(subcommand)]
+        action: HostAction,
+        /// Manager to talk to.
+        #[command(flatten)]
+        target: ApiTarget,
+    },
     /// Manage exports of a running agent.
     Export {
         /// Action.
@@ -478,5 +491,69 @@ pub enum SeedAction {
         /// The separate seed key's file, if any.
         #[arg(long)]
         seed_key: Option<PathBuf>,
+    },
+}
+
+/// `ferry manager`.
+#[derive(Debug, Args)]
+pub struct ManagerArgs {
+    /// `status` or `takeover`; without one, runs the manager.
+    #[command(subcommand)]
+    pub action: Option<ManagerAction>,
+    /// Configuration file (TOML; see `src/manager/config.rs`).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// This manager's id.
+    #[arg(long)]
+    pub id: Option<String>,
+    /// The pair's name (its lease file on the witness).
+    #[arg(long)]
+    pub pair: Option<String>,
+    /// This manager's API address (host:port).
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Where the manager keeps its role state.
+    #[arg(long)]
+    pub manager_dir: Option<PathBuf>,
+    /// The peer manager, ID=ADDRESS.
+    #[arg(long, value_name = "ID=ADDRESS")]
+    pub peer: Option<String>,
+    /// A managed agent, NAME=ADDRESS (repeat; added to the file's).
+    #[arg(long = "agent", value_name = "NAME=ADDRESS")]
+    pub agents: Vec<String>,
+    /// Manager to ask (status, takeover); the run uses `--token-file` for the fleet token.
+    #[command(flatten)]
+    pub target: ApiTarget,
+}
+
+/// `ferry manager` actions on a running manager.
+#[derive(Debug, Subcommand)]
+pub enum ManagerAction {
+    /// Who is active, the epoch, the witness, the lease's age, the last role change.
+    Status,
+    /// Make this manager active without the witness: for when the other manager and the
+    /// witness are lost together. Dangerous if the other manager is alive.
+    Takeover {
+        /// Required: says you know the other manager is gone.
+        #[arg(long)]
+        force: bool,
+        /// The host to record as the new witness.
+        #[arg(long)]
+        witness: String,
+    },
+}
+
+/// `ferry host` actions.
+#[derive(Debug, Subcommand)]
+pub enum HostAction {
+    /// No witness on this host: the managers move the lease away (no failover).
+    Drain {
+        /// The host's name in the managers' configuration.
+        name: String,
+    },
+    /// The host may be witness again.
+    Undrain {
+        /// The host's name.
+        name: String,
     },
 }

@@ -16,6 +16,7 @@
 
 mod args;
 mod exports;
+mod manager;
 mod migrate;
 mod seed;
 mod status;
@@ -97,6 +98,15 @@ pub enum CliError {
         /// Why.
         message: String,
     },
+    /// `ferry manager` could not run.
+    #[error("manager")]
+    Manager(#[source] crate::manager::ManagerError),
+    /// The manager's configuration is refused.
+    #[error("manager configuration")]
+    ManagerConfig(#[source] crate::manager::ConfigError),
+    /// `ferry manager takeover` without `--force`.
+    #[error("a takeover happens only through the witness; pass --force if the other manager and the witness are really lost")]
+    TakeoverNotForced,
     /// `ferry demo` failed.
     #[error("demo")]
     Demo(#[source] crate::demo::DemoError),
@@ -120,6 +130,8 @@ pub enum CliError {
 pub fn run(command: Command) -> Result<(), CliError> {
     match command {
         Command::Agent(_) => Err(CliError::Usage("`ferry agent` is run by the binary")),
+        Command::Manager(args) => manager::manager(args),
+        Command::Host { action, target } => manager::host(&action, &target),
         Command::Export { action, target } => exports::export(action, &target),
         Command::Tracker { action, target } => exports::tracker(action, &target),
         Command::Heat {

@@ -1,0 +1,88 @@
+//! What `ferry manager` serves: its status and the fleet's hosts.
+//!
+//! DTOs only; the manager (`crate::manager`) fills them, the CLI renders them.
+
+use serde::{Deserialize, Serialize};
+
+use crate::lease::role::WitnessChoice;
+
+/// `GET /v1/manager/status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManagerStatus {
+    /// This manager's id.
+    pub id: String,
+    /// The pair's name.
+    pub pair: String,
+    /// Whether it acts as active now.
+    pub active: bool,
+    /// The epoch it acts under, when active.
+    pub epoch: Option<u64>,
+    /// The highest epoch it knows of.
+    pub known_epoch: u64,
+    /// The witness both managers recorded.
+    pub witness: Option<WitnessChoice>,
+    /// A witness move this manager proposed and the peer has not confirmed.
+    pub pending: Option<WitnessChoice>,
+    /// Time left before it must stop acting, by its own clock (0 when standby).
+    pub lease_remaining_ms: u64,
+    /// The lease it runs with.
+    pub lease_ms: u32,
+    /// Its renewal interval.
+    pub renew_interval_ms: u32,
+    /// The other manager as this one sees it.
+    pub peer: PeerView,
+    /// Role changes since start.
+    pub role_changes: u64,
+    /// The latest role change and why.
+    pub last_change: Option<RoleChange>,
+    /// Hosts drained (never witness).
+    pub drained: Vec<String>,
+    /// The managed agents.
+    pub agents: Vec<AgentView>,
+}
+
+/// The peer manager, as seen from this one.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerView {
+    /// Its id.
+    pub id: String,
+    /// Its API address.
+    pub address: String,
+    /// Time since its last message, if any came.
+    pub heard_ms_ago: Option<u64>,
+    /// Whether its last heartbeat said it was active.
+    pub active: bool,
+}
+
+/// A role change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoleChange {
+    /// When (Unix ms).
+    pub at_unix_ms: u64,
+    /// Active afterwards.
+    pub active: bool,
+    /// The epoch held or last known.
+    pub epoch: u64,
+    /// Why.
+    pub reason: String,
+}
+
+/// One managed agent.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentView {
+    /// Host name.
+    pub name: String,
+    /// API address.
+    pub address: String,
+    /// Time since it last answered, if it did.
+    pub heard_ms_ago: Option<u64>,
+}
+
+/// `POST /v1/manager/takeover`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TakeoverRequest {
+    /// Must be true: a takeover otherwise happens only through the witness.
+    pub force: bool,
+    /// The host to record as witness (one this manager reaches).
+    pub witness: String,
+}

@@ -1,0 +1,121 @@
+//! `ferry manager` (run one, or ask one for its status, or force a takeover) and `ferry host
+//! drain|undrain`.
+
+use super::{client, print_json, ApiTarget, CliError, HostAction, ManagerAction, ManagerArgs};
+use crate::api::fleet::{ManagerStatus, TakeoverRequest};
+use crate::manager::{ManagerConfig, Overrides};
+
+/// `ferry manager [status | takeover]`.
+pub fn manager(args: ManagerArgs) -> Result<(), CliError> {
+    match &args.action {
+        None => run(&args),
+        Some(ManagerAction::Status) => {
+            let status = client(&args.target)?.manager_status().map_err(CliError::Api)?;
+            if args.target.json {
+                print_json(&status);
+            } else {
+                print!("{}", render(&status));
+            }
+            Ok(())
+        }
+        Some(ManagerAction::Takeover { force, witness }) => {
+            if !force {
+                return Err(CliError::TakeoverNotForced);
+            }
+            eprintln!(
+                "warning: recording {witness} as witness without the other manager; if it is \
+                 still running, two managers may act until agents see the new epoch"
+            );
+            let request = TakeoverRequest {
+                force: true,
+                witness: witness.clone(),
+            };
+            let status = client(&args.target)?
+                .manager_takeover(&request)
+                .map_err(CliError::Api)?;
+            print!("{}", render(&status));
+            Ok(())
+        }
+    }
+}
+
+fn run(args: &ManagerArgs) -> Result<(), CliError> {
+    let overrides = Overrides {
+        id: args.id.clone(),
+        pair: args.pair.clone(),
+        listen: args.listen.clone(),
+        state_dir: args.manager_dir.clone(),
+        token_file: args.target.token_file.clone(),
+        peer: args.peer.clone(),
+        agents: args.agents.clone(),
+    };
+    let config =
+        ManagerConfig::load(args.config.as_deref(), &overrides).map_err(CliError::ManagerConfig)?;
+    crate::manager::run(config).map_err(CliError::Manager)
+}
+
+/// `ferry host drain|undrain NAME`.
+pub fn host(action: &HostAction, target: &ApiTarget) -> Result<(), CliError> {
+    let (name, drained) = match action {
+        HostAction::Drain { name } => (name, true),
+        HostAction::Undrain { name } => (name, false),
+    };
+    client(target)?
+        .host_drain(name, drained, false)
+        .map_err(CliError::Api)?;
+    println!("{name}: {}", if drained { "drained" } else { "back in service" });
+    Ok(())
+}
+
+/// The status as lines.
+fn render(status: &ManagerStatus) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let role = match status.epoch {
+        Some(epoch) if status.active => format!(
+            "ACTIVE, epoch {epoch} ({:.1} s of the {:.1} s lease left)",
+            status.lease_remaining_ms as f64 / 1e3,
+            status.lease_ms as f64 / 1e3
+        ),
+        _ => format!("standby (highest epoch known {})", status.known_epoch),
+    };
+    let _ = writeln!(out, "manager {} (pair {}): {role}", status.id, status.pair);
+    let witness = status.witness.as_ref().map_or("none chosen yet".to_string(), |w| {
+        format!("{} (generation {})", w.host, w.generation)
+    });
+    let _ = writeln!(out, "witness: {witness}");
+    if let Some(pending) = &status.pending {
+        let _ = writeln!(out, "witness move proposed, not yet confirmed: {}", pending.host);
+    }
+    let heard = status
+        .peer
+        .heard_ms_ago
+        .map_or("never heard".to_string(), |ms| format!("heard {:.1} s ago", ms as f64 / 1e3));
+    let peer_role = if status.peer.active { "active" } else { "not active" };
+    let _ = writeln!(
+        out,
+        "peer {} at {}: {heard}, {peer_role}",
+        status.peer.id, status.peer.address
+    );
+    if let Some(change) = &status.last_change {
+        let _ = writeln!(
+            out,
+            "last change: {} at epoch {} ({} ms Unix): {} ({} changes)",
+            if change.active { "active" } else { "standby" },
+            change.epoch,
+            change.at_unix_ms,
+            change.reason,
+            status.role_changes
+        );
+    }
+    if !status.drained.is_empty() {
+        let _ = writeln!(out, "drained: {}", status.drained.join(", "));
+    }
+    for agent in &status.agents {
+        let heard = agent
+            .heard_ms_ago
+            .map_or("not answering".to_string(), |ms| format!("heard {:.1} s ago", ms as f64 / 1e3));
+        let _ = writeln!(out, "  {} {}: {heard}", agent.name, agent.address);
+    }
+    out
+}

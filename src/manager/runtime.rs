@@ -1,0 +1,358 @@
+//! The manager's lease loop: one thread owns the [`Role`], ticks it, feeds it the witness's
+//! replies, the peer's messages and which hosts answer, and carries out what it decides.
+//!
+//! Invariants:
+//! - A [`Out::Persist`] is saved before any later output is handed to a sender; a failed
+//!   save stops the loop's sending for that batch (and is logged): nothing is sent that
+//!   depends on a state not on disk.
+//! - The loop never blocks on the network: requests go to bounded per-host queues and a
+//!   bounded peer queue, each drained by its own thread; a full queue drops the message (the
+//!   protocol treats it as lost). The send time a reply is judged by is taken when the
+//!   request is queued, before it is sent, which only shortens the deadline.
+//! - Every role change is logged with its reason and kept for `ferry manager status`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
+
+use super::link::Transport;
+use super::state::StateFile;
+use crate::api::fleet::{ManagerStatus, PeerView, RoleChange};
+use crate::env::Clock;
+use crate::lease::role::{Out, PeerMessage, Role};
+use crate::lease::witness::{LeaseReply, LeaseRequest};
+
+/// How often the role is ticked.
+pub const TICK: Duration = Duration::from_millis(100);
+/// Requests queued per host, and messages to the peer, before new ones are dropped.
+const QUEUE_DEPTH: usize = 8;
+
+/// What the loop is told.
+#[derive(Debug)]
+pub enum Input {
+    /// The witness on `host` answered `request`, queued at local time `sent_ns`.
+    Reply {
+        /// The host.
+        host: String,
+        /// The request.
+        request: LeaseRequest,
+        /// When it was queued.
+        sent_ns: u64,
+        /// The answer.
+        reply: LeaseReply,
+    },
+    /// `host`'s agent answered a ping.
+    Heard(String),
+    /// A message from the peer manager.
+    Peer(PeerMessage),
+    /// The operator drained (or returned) a host.
+    Drain {
+        /// The host.
+        host: String,
+        /// Drained or back.
+        drained: bool,
+    },
+    /// `ferry manager takeover --force --witness HOST`.
+    Force(String),
+}
+
+/// A request for one host's worker.
+#[derive(Debug)]
+pub struct HostJob {
+    request: LeaseRequest,
+    sent_ns: u64,
+}
+
+/// What the loop shares with the API: the status and the epoch the manager acts under.
+#[derive(Debug, Default)]
+pub struct Shared {
+    /// The latest status.
+    pub status: Mutex<ManagerStatus>,
+    /// The epoch this manager is active under, 0 when standby.
+    pub active_epoch: AtomicU64,
+    /// Set to stop every thread.
+    pub stop: AtomicBool,
+}
+
+/// The loop's state.
+#[allow(missing_debug_implementations)] // holds a clock trait object and channels only
+pub struct Runtime {
+    role: Role,
+    state: StateFile,
+    clock: Arc<dyn Clock>,
+    inputs: Receiver<Input>,
+    hosts: HashMap<String, Sender<HostJob>>,
+    peer: Sender<PeerMessage>,
+    shared: Arc<Shared>,
+    heard: HashMap<String, Instant>,
+    role_changes: u64,
+    last_change: Option<RoleChange>,
+}
+
+impl Runtime {
+    /// A loop for `role` (built from the saved state), with its inputs and workers.
+    pub fn new(
+        role: Role,
+        state: StateFile,
+        clock: Arc<dyn Clock>,
+        inputs: Receiver<Input>,
+        workers: Workers,
+        shared: Arc<Shared>,
+    ) -> Self {
+        Self {
+            role,
+            state,
+            clock,
+            inputs,
+            hosts: workers.hosts,
+            peer: workers.peer,
+            shared,
+            heard: HashMap::new(),
+            role_changes: 0,
+            last_change: None,
+        }
+    }
+
+    /// Runs until [`Shared::stop`] or until every input sender is gone.
+    pub fn run(mut self) {
+        let mut next_tick = Instant::now();
+        while !self.shared.stop.load(Ordering::Relaxed) {
+            let wait = next_tick.saturating_duration_since(Instant::now());
+            match self.inputs.recv_timeout(wait) {
+                Ok(input) => self.handle(input),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            if Instant::now() >= next_tick {
+                let outs = self.role.tick(self.clock.now_ns());
+                self.carry_out(outs);
+                next_tick += TICK;
+                if next_tick < Instant::now() {
+                    next_tick = Instant::now() + TICK; // the loop was late: do not burst
+                }
+                self.publish();
+            }
+        }
+    }
+
+    fn handle(&mut self, input: Input) {
+        let now_ns = self.clock.now_ns();
+        let outs = match input {
+            Input::Reply {
+                host,
+                request,
+                sent_ns,
+                reply,
+            } => self.role.on_witness(&host, &request, sent_ns, &reply, now_ns),
+            Input::Heard(host) => {
+                self.role.heard_host(&host, now_ns);
+                self.heard.insert(host, Instant::now());
+                Vec::new()
+            }
+            Input::Peer(message) => self.role.on_peer(&message, now_ns),
+            Input::Drain { host, drained } => {
+                if drained {
+                    self.role.drain(&host);
+                } else {
+                    self.role.undrain(&host);
+                }
+                log::info!("host {host}: {}", if drained { "drained" } else { "back in service" });
+                Vec::new()
+            }
+            Input::Force(host) => {
+                log::warn!(
+                    "forced takeover: {host} recorded as witness by this manager alone; safe \
+                     only if the other manager is gone"
+                );
+                self.role.force_choice(&host)
+            }
+        };
+        self.carry_out(outs);
+    }
+
+    fn carry_out(&mut self, outs: Vec<Out>) {
+        let now_ns = self.clock.now_ns();
+        for out in outs {
+            match out {
+                Out::Persist(durable) => {
+                    if let Err(err) = self.state.save(&durable) {
+                        log::error!("{}", crate::error::error_chain(&err));
+                        return; // nothing that depends on it is sent
+                    }
+                }
+                Out::Witness { host, request } => self.to_host(&host, request, now_ns),
+                Out::Peer(message) => match self.peer.try_send(message) {
+                    Ok(()) | Err(TrySendError::Full(_)) => {}
+                    Err(TrySendError::Disconnected(_)) => log::warn!("peer sender stopped"),
+                },
+                Out::Changed {
+                    active,
+                    epoch,
+                    reason,
+                } => self.changed(active, epoch, reason),
+            }
+        }
+        let epoch = self.role.active_epoch(now_ns).unwrap_or(0);
+        self.shared.active_epoch.store(epoch, Ordering::Release);
+    }
+
+    fn to_host(&self, host: &str, request: LeaseRequest, sent_ns: u64) {
+        let Some(queue) = self.hosts.get(host) else {
+            log::warn!("witness {host} is not a managed agent");
+            return;
+        };
+        // Full: dropped, as a lost message would be.
+        let _ = queue.try_send(HostJob { request, sent_ns });
+    }
+
+    fn changed(&mut self, active: bool, epoch: u64, reason: &'static str) {
+        self.role_changes += 1;
+        let role = if active { "active" } else { "standby" };
+        log::warn!("manager role: {role} (epoch {epoch}): {reason}");
+        self.last_change = Some(RoleChange {
+            at_unix_ms: crate::env::unix_ms(),
+            active,
+            epoch,
+            reason: reason.to_string(),
+        });
+    }
+
+    /// Publishes the status the API serves.
+    fn publish(&self) {
+        let now_ns = self.clock.now_ns();
+        let durable = self.role.durable();
+        let (peer_heard_ns, peer_active) = self.role.peer();
+        let mut status = self.shared.status.lock().unwrap_or_else(|p| p.into_inner());
+        status.active = self.role.is_active(now_ns);
+        status.epoch = self.role.active_epoch(now_ns);
+        status.known_epoch = durable.known_epoch;
+        status.witness = durable.choice.clone();
+        status.pending = durable.pending.clone();
+        status.lease_remaining_ms = self.role.lease_remaining_ns(now_ns) / 1_000_000;
+        status.peer = PeerView {
+            heard_ms_ago: peer_heard_ns.map(|at| now_ns.saturating_sub(at) / 1_000_000),
+            active: peer_active,
+            ..status.peer.clone()
+        };
+        status.role_changes = self.role_changes;
+        status.last_change.clone_from(&self.last_change);
+        status.drained = self.role.drained().to_vec();
+        for agent in &mut status.agents {
+            agent.heard_ms_ago = self
+                .heard
+                .get(&agent.name)
+                .map(|at| at.elapsed().as_millis() as u64);
+        }
+    }
+}
+
+/// The queues of the per-host workers and the peer sender.
+#[derive(Debug)]
+pub struct Workers {
+    hosts: HashMap<String, Sender<HostJob>>,
+    peer: Sender<PeerMessage>,
+}
+
+impl Workers {
+    /// Starts one worker per host (lease requests and a ping every `ping_interval`) and the
+    /// peer sender, all reporting to `inputs`.
+    pub fn start(
+        hosts: &[String],
+        transport: Arc<dyn Transport>,
+        inputs: &Sender<Input>,
+        ping_interval: Duration,
+        shared: &Arc<Shared>,
+    ) -> std::io::Result<Self> {
+        let mut queues = HashMap::new();
+        for host in hosts {
+            let (tx, rx) = crossbeam_channel::bounded(QUEUE_DEPTH);
+            let worker = HostWorker {
+                host: host.clone(),
+                transport: transport.clone(),
+                jobs: rx,
+                inputs: inputs.clone(),
+                ping_interval,
+                shared: shared.clone(),
+            };
+            std::thread::Builder::new()
+                .name(format!("mgr-{host}"))
+                .spawn(move || worker.run())?;
+            queues.insert(host.clone(), tx);
+        }
+        let (peer_tx, peer_rx) = crossbeam_channel::bounded::<PeerMessage>(QUEUE_DEPTH);
+        let stop = shared.clone();
+        std::thread::Builder::new()
+            .name("mgr-peer".into())
+            .spawn(move || {
+                while let Ok(message) = peer_rx.recv() {
+                    if stop.stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    if let Err(err) = transport.to_peer(&message) {
+                        log::debug!("peer: {}", crate::error::error_chain(&err));
+                    }
+                }
+            })?;
+        Ok(Self {
+            hosts: queues,
+            peer: peer_tx,
+        })
+    }
+}
+
+struct HostWorker {
+    host: String,
+    transport: Arc<dyn Transport>,
+    jobs: Receiver<HostJob>,
+    inputs: Sender<Input>,
+    ping_interval: Duration,
+    shared: Arc<Shared>,
+}
+
+impl HostWorker {
+    fn run(self) {
+        let mut last_ping = Instant::now() - self.ping_interval;
+        while !self.shared.stop.load(Ordering::Relaxed) {
+            let wait = (last_ping + self.ping_interval).saturating_duration_since(Instant::now());
+            match self.jobs.recv_timeout(wait) {
+                Ok(job) => self.lease(job),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            if last_ping.elapsed() >= self.ping_interval {
+                last_ping = Instant::now();
+                self.ping();
+            }
+        }
+    }
+
+    fn lease(&self, job: HostJob) {
+        match self.transport.lease(&self.host, &job.request) {
+            Ok(reply) => {
+                let _ = self.inputs.send(Input::Heard(self.host.clone()));
+                let _ = self.inputs.send(Input::Reply {
+                    host: self.host.clone(),
+                    request: job.request,
+                    sent_ns: job.sent_ns,
+                    reply,
+                });
+            }
+            Err(err) => log::debug!("witness {}: {}", self.host, crate::error::error_chain(&err)),
+        }
+    }
+
+    /// An answer proves the host reachable; the active's epoch rides along, so agents'
+    /// fences meet a new epoch before its first real command.
+    fn ping(&self) {
+        let epoch = self.shared.active_epoch.load(Ordering::Acquire);
+        match self.transport.ping(&self.host, (epoch > 0).then_some(epoch)) {
+            Ok(()) => {
+                let _ = self.inputs.send(Input::Heard(self.host.clone()));
+            }
+            Err(err) => log::debug!("agent {}: {}", self.host, crate::error::error_chain(&err)),
+        }
+    }
+}

@@ -1,0 +1,249 @@
+//! The manager's HTTP API: its status, the pair's messages, the operator's takeover and
+//! drains, and the fleet's per-VM status; the standby redirects writes to the active.
+//!
+//! Invariants: every path needs the fleet token (the peer presents it too); bodies are
+//! bounded by the listener and decoded strictly; a host named in a request must be a managed
+//! one; nothing here blocks the lease loop (requests are queued to it, never awaited).
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use crossbeam_channel::Sender;
+
+use super::config::ManagerConfig;
+use super::runtime::{Input, Shared};
+use crate::api::fleet::TakeoverRequest;
+use crate::api::http::{Head, Method, Reply};
+use crate::api::listen::Service;
+use crate::api::server::{authenticate, decode, flag, path_segments};
+use crate::api::Client;
+use crate::journal::status::DiskStatus;
+use crate::lease::role::PeerMessage;
+
+/// Agents asked at once for the fleet's status.
+const STATUS_FANOUT: usize = 16;
+
+/// The manager's API.
+pub struct ManagerService {
+    token: String,
+    config: ManagerConfig,
+    inputs: Sender<Input>,
+    shared: Arc<Shared>,
+    agents: Vec<(String, Client)>,
+    peer: Client,
+}
+
+impl std::fmt::Debug for ManagerService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ManagerService")
+            .field("id", &self.config.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ManagerService {
+    /// The API of the manager configured by `config`.
+    pub fn new(
+        token: String,
+        config: ManagerConfig,
+        inputs: Sender<Input>,
+        shared: Arc<Shared>,
+    ) -> Self {
+        let client = |address: &str| Client::new(address, Some(token.clone()));
+        let agents = config
+            .agents
+            .iter()
+            .map(|agent| (agent.name.clone(), client(&agent.address)))
+            .collect();
+        let peer = client(&config.peer_address);
+        Self {
+            token,
+            config,
+            inputs,
+            shared,
+            agents,
+            peer,
+        }
+    }
+
+    fn route(&self, method: &Method, path: &str, query: &str, body: &mut dyn std::io::Read) -> Reply {
+        let Some(segments) = path_segments(path) else {
+            return Reply::error(400, "malformed path");
+        };
+        let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
+        match (method, segments.as_slice()) {
+            (Method::Get, ["v1", "manager", "status"]) => {
+                let status = self.shared.status.lock().unwrap_or_else(|p| p.into_inner());
+                Reply::json(200, &*status)
+            }
+            (Method::Post, ["v1", "manager", "peer"]) => match decode::<PeerMessage>(body) {
+                Ok(message) => self.queue(Input::Peer(message), Reply::empty(204)),
+                Err(reply) => reply,
+            },
+            (Method::Post, ["v1", "manager", "takeover"]) => match decode(body) {
+                Ok(request) => self.takeover(&request),
+                Err(reply) => reply,
+            },
+            (Method::Post, ["v1", "hosts", name, action @ ("drain" | "undrain")]) => {
+                match flag(query, "from_peer") {
+                    Ok(from_peer) => self.drain(name, *action == "drain", from_peer),
+                    Err(reply) => reply,
+                }
+            }
+            (Method::Get, ["v1", "status"]) => Reply::json(200, &self.fleet_status()),
+            (Method::Get, ["metrics"]) => self.metrics(),
+            (Method::Get, _) => Reply::error(404, "no such manager path"),
+            _ => self.not_here(path),
+        }
+    }
+
+    fn queue(&self, input: Input, reply: Reply) -> Reply {
+        match self.inputs.send(input) {
+            Ok(()) => reply,
+            Err(_) => Reply::error(503, "the manager is stopping"),
+        }
+    }
+
+    fn managed(&self, name: &str) -> bool {
+        self.config.agents.iter().any(|agent| agent.name == name)
+    }
+
+    fn takeover(&self, request: &TakeoverRequest) -> Reply {
+        if !request.force {
+            return Reply::error(
+                400,
+                "a takeover happens only through the witness; --force records a witness alone, \
+                 which is safe only if the other manager is gone",
+            );
+        }
+        if !self.managed(&request.witness) {
+            return Reply::error(400, format!("{} is not a managed host", request.witness));
+        }
+        let status = self.shared.status.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        self.queue(Input::Force(request.witness.clone()), Reply::json(202, &status))
+    }
+
+    fn drain(&self, name: &str, drained: bool, from_peer: bool) -> Reply {
+        if !self.managed(name) {
+            return Reply::error(404, format!("{name} is not a managed host"));
+        }
+        let input = Input::Drain {
+            host: name.to_string(),
+            drained,
+        };
+        if let Err(_closed) = self.inputs.send(input) {
+            return Reply::error(503, "the manager is stopping");
+        }
+        if from_peer {
+            return Reply::empty(204);
+        }
+        // Both managers must know: the witness is moved by whichever is active.
+        match self.peer.host_drain(name, drained, true) {
+            Ok(()) => Reply::empty(204),
+            Err(err) => Reply::error(
+                502,
+                format!(
+                    "{name} {} here, but the peer manager was not told: {}",
+                    if drained { "drained" } else { "returned" },
+                    crate::error::error_chain(&err)
+                ),
+            ),
+        }
+    }
+
+    /// Every agent's per-VM verdicts, asked `STATUS_FANOUT` at a time; an unreachable agent
+    /// is logged and left out.
+    fn fleet_status(&self) -> Vec<DiskStatus> {
+        let epoch = self.shared.active_epoch.load(Ordering::Acquire);
+        let mut all = Vec::new();
+        for chunk in self.agents.chunks(STATUS_FANOUT) {
+            let answers: Vec<_> = std::thread::scope(|scope| {
+                let handles: Vec<_> = chunk
+                    .iter()
+                    .map(|(name, client)| {
+                        scope.spawn(move || {
+                            let answer = if epoch > 0 {
+                                client.at_epoch(epoch).migration_status(None)
+                            } else {
+                                client.migration_status(None)
+                            };
+                            (name, answer)
+                        })
+                    })
+                    .collect();
+                handles.into_iter().filter_map(|h| h.join().ok()).collect()
+            });
+            for (name, answer) in answers {
+                match answer {
+                    Ok(disks) => all.extend(disks),
+                    Err(err) => log::warn!("status of {name}: {}", crate::error::error_chain(&err)),
+                }
+            }
+        }
+        all
+    }
+
+    /// A write this manager does not serve: the standby points to the active.
+    fn not_here(&self, path: &str) -> Reply {
+        let status = self.shared.status.lock().unwrap_or_else(|p| p.into_inner());
+        if status.active {
+            return Reply::error(404, "no such manager path");
+        }
+        if status.peer.active {
+            let base = if self.config.peer_address.contains("://") {
+                self.config.peer_address.clone()
+            } else {
+                format!("http://{}", self.config.peer_address)
+            };
+            return Reply::error(
+                307,
+                format!("this manager is standby; the active is {}", self.config.peer_id),
+            )
+            .with_header("Location", format!("{base}{path}"));
+        }
+        Reply::error(503, "no manager is active right now (a takeover is in progress)")
+    }
+
+    fn metrics(&self) -> Reply {
+        let status = self.shared.status.lock().unwrap_or_else(|p| p.into_inner());
+        let text = format!(
+            "# HELP ferry_manager_active Whether this manager acts as active.\n\
+             # TYPE ferry_manager_active gauge\nferry_manager_active {}\n\
+             # HELP ferry_manager_epoch_known The highest epoch this manager knows of.\n\
+             # TYPE ferry_manager_epoch_known gauge\nferry_manager_epoch_known {}\n\
+             # HELP ferry_manager_lease_remaining_seconds Time left on the lease.\n\
+             # TYPE ferry_manager_lease_remaining_seconds gauge\n\
+             ferry_manager_lease_remaining_seconds {}\n\
+             # HELP ferry_manager_witness_generation The recorded witness generation.\n\
+             # TYPE ferry_manager_witness_generation gauge\nferry_manager_witness_generation {}\n\
+             # HELP ferry_manager_role_changes_total Role changes since start.\n\
+             # TYPE ferry_manager_role_changes_total counter\nferry_manager_role_changes_total {}\n",
+            u8::from(status.active),
+            status.known_epoch,
+            status.lease_remaining_ms as f64 / 1e3,
+            status.witness.as_ref().map_or(0, |w| w.generation),
+            status.role_changes,
+        );
+        let mut reply = Reply::empty(200);
+        reply.content_type = Some("text/plain; version=0.0.4");
+        reply.body = text.into_bytes();
+        reply
+    }
+}
+
+impl Service for ManagerService {
+    fn admit_body(&self, head: &Head) -> Result<(), Reply> {
+        authenticate(head.authorization.as_deref(), &self.token)
+    }
+
+    fn answer(&self, head: &Head, body: &[u8], _peer: SocketAddr) -> Reply {
+        if let Err(reply) = authenticate(head.authorization.as_deref(), &self.token) {
+            return reply;
+        }
+        let (path, query) = head.target.split_once('?').unwrap_or((&head.target, ""));
+        let method = if head.method == Method::Head { &Method::Get } else { &head.method };
+        let mut body = body;
+        self.route(method, path, query, &mut body)
+    }
+}
