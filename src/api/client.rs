@@ -6,6 +6,9 @@
 //! percent-encoded, so no name can change which route is called; the token is sent only in
 //! the `Authorization` header and never appears in `Debug` output or errors.
 //!
+//! An agent on a routable address answers over TLS only ([`Client::with_tls`]: mutual
+//! certificates from a credential directory, the agent's name checked), still with the token.
+//!
 //! A `ferry manager` sends its epoch with every call ([`Client::with_epoch`], header
 //! [`MANAGER_EPOCH_HEADER`]); an agent that has seen a newer manager answers
 //! [`ClientError::StaleEpoch`], and the caller must stop acting as the active manager.
@@ -16,6 +19,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 
 use super::http::MANAGER_EPOCH_HEADER;
+use super::tls::ClientTlsOptions;
 use super::types::{
     AbortOutcome, DiskStatus, ErrorBody, ExportSpec, ExportStatus, HeatMap, JobStatus, JournalJob,
     MigrateRequest, SeedExportRequest, SeedImportRequest, SeedInfo, SeedInspectRequest,
@@ -125,11 +129,7 @@ impl Client {
         } else {
             format!("http://{trimmed}")
         };
-        let http = ureq::AgentBuilder::new()
-            .timeout_connect(CONNECT_TIMEOUT)
-            .timeout(CALL_TIMEOUT)
-            .redirects(0)
-            .build();
+        let http = http_builder().build();
         Client {
             http,
             addr: addr.to_string(),
@@ -137,6 +137,17 @@ impl Client {
             token,
             epoch: None,
         }
+    }
+
+    /// The same client over TLS: every call goes to `https://` (an `http://` address is
+    /// dialled over TLS all the same), verifying the agent's certificate and showing the
+    /// client's, as `tls` says.
+    pub fn with_tls(mut self, tls: &ClientTlsOptions) -> Client {
+        self.http = http_builder().tls_connector(tls.connector()).build();
+        if let Some(rest) = self.base_url.strip_prefix("http://") {
+            self.base_url = format!("https://{rest}");
+        }
+        self
     }
 
     /// The same client as a manager of `epoch`: every call carries it
@@ -410,6 +421,14 @@ impl Client {
             source,
         }
     }
+}
+
+/// The HTTP agent's settings, with or without TLS.
+fn http_builder() -> ureq::AgentBuilder {
+    ureq::AgentBuilder::new()
+        .timeout_connect(CONNECT_TIMEOUT)
+        .timeout(CALL_TIMEOUT)
+        .redirects(0)
 }
 
 fn json(value: &impl serde::Serialize) -> Vec<u8> {
