@@ -10,6 +10,10 @@
 //! the client reads the 413 instead of a connection reset while it is still sending. Every
 //! answer is sent within [`WRITE_DEADLINE`], so a peer that does not read cannot hold a
 //! worker longer.
+//!
+//! A worker sees a connection only after its TLS handshake (if any) is over; it reads and
+//! writes through the session ([`super::tls::Stream`]) with the same deadlines, set on the
+//! socket underneath.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr};
