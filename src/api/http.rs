@@ -15,6 +15,7 @@
 //! - [`MANAGER_EPOCH_HEADER`], when present, is given once and is a canonical decimal u64
 //!   ([`crate::lease::fence::parse_epoch`]); anything else is refused (400) before routing.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use serde::Serialize;
@@ -238,8 +239,9 @@ pub struct Reply {
     pub content_type: Option<&'static str>,
     /// Body bytes.
     pub body: Vec<u8>,
-    /// Extra headers (`Allow`, `WWW-Authenticate`).
-    pub headers: Vec<(&'static str, &'static str)>,
+    /// Extra headers (`Allow`, `WWW-Authenticate`, `Location`); values never hold CR or LF
+    /// ([`Reply::with_header`] refuses them).
+    pub headers: Vec<(&'static str, Cow<'static, str>)>,
 }
 
 impl Reply {
@@ -278,7 +280,13 @@ impl Reply {
     }
 
     /// The answer with one more header.
-    pub fn with_header(mut self, name: &'static str, value: &'static str) -> Reply {
+    /// A value holding CR or LF (header injection) is a caller bug and panics.
+    pub fn with_header(mut self, name: &'static str, value: impl Into<Cow<'static, str>>) -> Reply {
+        let value = value.into();
+        assert!(
+            !value.contains(['\r', '\n']),
+            "header {name} value holds a line break"
+        );
         self.headers.push((name, value));
         self
     }
@@ -289,7 +297,11 @@ impl Reply {
         let mut bytes = response_head(
             self.status,
             self.content_type,
-            &self.headers,
+            &self
+                .headers
+                .iter()
+                .map(|(name, value)| (*name, value.as_ref()))
+                .collect::<Vec<_>>(),
             self.body.len(),
             close,
         );

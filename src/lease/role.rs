@@ -17,12 +17,14 @@
 //!   has seen, only on top of its own current generation, and only for a host it reaches; it
 //!   never picks a witness alone. Grants for a generation no longer recorded are ignored.
 
+use serde::{Deserialize, Serialize};
+
 use super::holder::{Deadline, HolderBounds};
 use super::witness::LeaseRequest;
 use super::{Lease, ManagerId};
 
 /// Which host is witness, under which generation, proposed at which epoch.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WitnessChoice {
     /// Raised by one at every move (1 for the first choice).
     pub generation: u64,
@@ -33,7 +35,7 @@ pub struct WitnessChoice {
 }
 
 /// What a manager keeps durably.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct RoleDurable {
     /// The witness both managers recorded.
     pub choice: Option<WitnessChoice>,
@@ -80,7 +82,8 @@ pub struct RoleConfig {
 }
 
 /// A message between the two managers.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum PeerMessage {
     /// Sent every renewal interval.
     Heartbeat {
@@ -169,6 +172,7 @@ pub struct Role {
     peer_heard_ns: Option<u64>,
     peer_reaches: Vec<String>,
     peer_choice: Option<WitnessChoice>,
+    peer_active: bool,
     /// Hosts heard from, with when.
     heard: Vec<(String, u64)>,
     drained: Vec<String>,
@@ -191,6 +195,7 @@ impl Role {
             peer_heard_ns: None,
             peer_reaches: Vec::new(),
             peer_choice: None,
+            peer_active: false,
             heard: Vec::new(),
             drained: Vec::new(),
             judged_expiry_ns: None,
@@ -231,6 +236,45 @@ impl Role {
             }
             Phase::Standby => 0,
         }
+    }
+
+    /// When the peer was last heard from (local time), and whether it said it was active.
+    pub fn peer(&self) -> (Option<u64>, bool) {
+        (self.peer_heard_ns, self.peer_active)
+    }
+
+    /// Hosts drained (no witness there).
+    pub fn drained(&self) -> &[String] {
+        &self.drained
+    }
+
+    /// The operator's override when the active and the witness are lost together: this
+    /// manager records `host` as the next witness generation alone, which a standby
+    /// otherwise never does, and acquires there once a full lease has passed. Safe only if the
+    /// other manager is really gone: if it still holds a lease elsewhere, two managers may
+    /// act until agents' fences meet the new, higher epoch.
+    pub fn force_choice(&mut self, host: &str) -> Vec<Out> {
+        let mut out = Vec::new();
+        let generation = [self.durable.choice.as_ref(), self.durable.pending.as_ref()]
+            .into_iter()
+            .flatten()
+            .map(|choice| choice.generation)
+            .max()
+            .unwrap_or(0);
+        // Skip an epoch: a grant the lost side might still get at the old witness (one
+        // takeover: known + 1) stays below what agents see from here, so fences refuse it.
+        self.durable.known_epoch += 1;
+        self.witness_epoch = self.durable.known_epoch;
+        self.durable.choice = Some(WitnessChoice {
+            generation: generation + 1,
+            host: host.to_string(),
+            proposer_epoch: self.durable.known_epoch,
+        });
+        self.durable.pending = None;
+        self.judged_expiry_ns = None;
+        self.next_ask_ns = None;
+        self.persist(&mut out);
+        out
     }
 
     /// Records that `host`'s agent answered at `now_ns`.

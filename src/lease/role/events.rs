@@ -139,6 +139,7 @@ impl Role {
             } => {
                 self.peer_reaches.clone_from(reaches);
                 self.peer_choice.clone_from(choice);
+                self.peer_active = *active;
                 if *active && self.active_epoch(now_ns).is_some_and(|e| e < *known_epoch) {
                     self.step_down("the peer holds a newer epoch", &mut out);
                 }
