@@ -479,6 +479,8 @@ class Agent:
             self.state,
             "--api",
             self.api,
+            # A namespace address is routable: plain HTTP there needs the override.
+            "--api-insecure",
             "--transfer",
             self.transfer,
             "--cluster-key",

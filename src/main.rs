@@ -45,6 +45,8 @@ fn agent(args: AgentArgs) -> Result<(), Box<dyn std::error::Error>> {
         forward_hold_ms: args.forward_hold_ms,
         tls_creds: args.tls_creds,
         tcp_insecure: args.tcp_insecure,
+        api_tls_creds: args.api_tls_creds,
+        api_insecure: args.api_insecure,
         socket_group: args.socket_group,
         stream_insecure: args.stream_insecure,
     };

@@ -81,6 +81,8 @@ struct FileAgent {
     tcp: Option<String>,
     state_dir: Option<PathBuf>,
     api: Option<String>,
+    api_tls_creds: Option<PathBuf>,
+    api_insecure: Option<bool>,
     metrics_auth: Option<bool>,
     metrics: Option<String>,
     engine: Option<String>,
@@ -162,6 +164,12 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
     /// Control API address (port 0 picks a free port).
     pub api: SocketAddr,
+    /// TLS credentials of the control API (the NBD layout): every API connection is then
+    /// mutual TLS (and still needs the token). Required when `api` is not loopback.
+    pub api_tls_creds: Option<PathBuf>,
+    /// Serve the API in plain HTTP on a routable address (else refused): the token and every
+    /// command travel readable by anyone on the path.
+    pub api_insecure: bool,
     /// `/metrics` on the API address needs the token (the default: it shows export names,
     /// sizes and each guest's I/O to anyone who reaches the port).
     pub metrics_auth: bool,
@@ -214,6 +222,10 @@ pub struct Overrides {
     pub state_dir: Option<PathBuf>,
     /// `--api`.
     pub api: Option<String>,
+    /// `--api-tls-creds`.
+    pub api_tls_creds: Option<PathBuf>,
+    /// `--api-insecure` (only ever turns it on).
+    pub api_insecure: bool,
     /// `--metrics-auth BOOL`.
     pub metrics_auth: Option<bool>,
     /// `--metrics ADDR`.
@@ -291,6 +303,9 @@ impl AgentConfig {
             "api",
             &ov.api.clone().or(agent.api).unwrap_or(DEFAULT_API.into()),
         )?;
+        let api_tls_creds = ov.api_tls_creds.clone().or(agent.api_tls_creds);
+        let api_insecure = ov.api_insecure || agent.api_insecure.unwrap_or(false);
+        check_api_tls(api, api_tls_creds.is_some(), api_insecure)?;
         let metrics_auth = ov.metrics_auth.or(agent.metrics_auth).unwrap_or(true);
         let metrics = match ov.metrics.clone().or(agent.metrics) {
             None => None,
@@ -399,6 +414,8 @@ impl AgentConfig {
             socket_group: ov.socket_group.clone().or(agent.socket_group),
             state_dir,
             api,
+            api_tls_creds,
+            api_insecure,
             metrics_auth,
             metrics,
             engine,
@@ -443,6 +460,23 @@ impl AgentConfig {
 use crate::units::parse_size;
 
 /// Refuses a hold of forwarded requests outside [`FORWARD_HOLD_MS`], naming `field`.
+/// The control API may serve plain HTTP on loopback only: elsewhere the token and every
+/// command would cross the network readable, so TLS credentials (or the explicit insecure
+/// override) are required, as for NBD over TCP.
+fn check_api_tls(api: SocketAddr, tls: bool, insecure: bool) -> Result<(), ConfigError> {
+    if tls || insecure || crate::api::tls::is_local(api) {
+        return Ok(());
+    }
+    Err(invalid(
+        "api",
+        format!(
+            "the control API on {api} (not loopback) requires TLS: give --api-tls-creds DIR \
+             (api_tls_creds; `ferry tls init DIR --host NAME` creates one), or --api-insecure \
+             (api_insecure = true) to send the API token and every command in plaintext"
+        ),
+    ))
+}
+
 fn check_forward_hold(field: &str, hold_ms: u64) -> Result<(), ConfigError> {
     if FORWARD_HOLD_MS.contains(&hold_ms) {
         return Ok(());
@@ -576,6 +610,48 @@ mod tests {
         };
         let err = AgentConfig::from_toml("", &ov).unwrap_err();
         assert!(err.to_string().starts_with("api:"), "{err}");
+    }
+
+    // Goal: the API leaves loopback only with TLS credentials or the explicit insecure
+    // override, and loopback stays plain. Method: routable addresses alone (refused, the
+    // message naming both options), with api_insecure in the file, with --api-tls-creds;
+    // loopback addresses alone.
+    #[test]
+    fn api_off_loopback_requires_tls_or_insecure() {
+        let api = |addr: &str| Overrides {
+            api: Some(addr.into()),
+            ..Overrides::default()
+        };
+        for routable in ["0.0.0.0:7450", "10.1.2.3:7450", "[::]:7450"] {
+            let err = AgentConfig::from_toml("", &api(routable))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with("api:"), "{err}");
+            assert!(err.contains("not loopback"), "{err}");
+            assert!(
+                err.contains("--api-tls-creds") && err.contains("--api-insecure"),
+                "{err}"
+            );
+        }
+        let file = "[agent]\napi_insecure = true\n";
+        let config = AgentConfig::from_toml(file, &api("0.0.0.0:7450")).unwrap();
+        assert!(config.api_insecure && config.api_tls_creds.is_none());
+        let with_tls = Overrides {
+            api_tls_creds: Some("/etc/ferry/api-tls".into()),
+            ..api("10.1.2.3:7450")
+        };
+        let config = AgentConfig::from_toml("", &with_tls).unwrap();
+        assert_eq!(
+            config.api_tls_creds,
+            Some(PathBuf::from("/etc/ferry/api-tls"))
+        );
+        let file = "[agent]\napi = \"0.0.0.0:7450\"\napi_tls_creds = \"/etc/ferry/tls\"\n";
+        let config = AgentConfig::from_toml(file, &Overrides::default()).unwrap();
+        assert!(!config.api_insecure && config.api_tls_creds.is_some());
+        for local in ["127.0.0.1:7450", "127.0.0.2:7450", "[::1]:7450"] {
+            let config = AgentConfig::from_toml("", &api(local)).unwrap();
+            assert!(config.api_tls_creds.is_none() && !config.api_insecure);
+        }
     }
 
     // Goal: NBD over TCP without TLS credentials is refused unless asked for in plaintext.

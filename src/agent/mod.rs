@@ -96,6 +96,15 @@ pub enum AgentError {
         #[source]
         source: crate::nbd::tls::TlsError,
     },
+    /// The control API's TLS credentials could not be loaded.
+    #[error("control API TLS credentials {}", path.display())]
+    ApiTls {
+        /// The credentials directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: crate::nbd::tls::TlsError,
+    },
     /// The control API could not start.
     #[error("cannot start the control API")]
     Api(#[source] api::ApiError),
@@ -254,6 +263,12 @@ impl Agent {
         let options = api::ServeOptions {
             metrics_open: !config.metrics_auth,
             metrics: config.metrics,
+            tls: api_tls(config)?,
+        };
+        let scheme = if options.tls.is_some() {
+            "https"
+        } else {
+            "http"
         };
         let api = api::serve_with(config.api, token, control, &options).map_err(AgentError::Api)?;
         let api_addr = api.local_addr();
@@ -261,7 +276,7 @@ impl Agent {
             log::info!("/metrics without token on http://{metrics_addr}/metrics");
         }
         log::info!(
-            "agent up: nbd unix {}{}, api http://{api_addr}, migrations on {transfer_addr}, \
+            "agent up: nbd unix {}{}, api {scheme}://{api_addr}, migrations on {transfer_addr}, \
              engine {engine:?}, state {}",
             config.socket.display(),
             nbd.tcp_addr
@@ -326,6 +341,26 @@ impl Agent {
             Err(AgentError::Unclean(problems.join("; ")))
         }
     }
+}
+
+/// The control API's TLS configuration, if configured; warns when the API is served in
+/// plain HTTP beyond loopback (`api_insecure`).
+fn api_tls(config: &AgentConfig) -> Result<Option<api::tls::ServerTls>, AgentError> {
+    let Some(dir) = &config.api_tls_creds else {
+        if !api::tls::is_local(config.api) {
+            log::warn!(
+                "control API on {} WITHOUT TLS (--api-insecure): the API token and every \
+                 command cross the network readable",
+                config.api
+            );
+        }
+        return Ok(None);
+    };
+    let tls = api::tls::ServerTls::load(dir).map_err(|source| AgentError::ApiTls {
+        path: dir.clone(),
+        source,
+    })?;
+    Ok(Some(tls))
 }
 
 /// The cluster key: read from `path`, or created there (0600) on first start.

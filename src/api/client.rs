@@ -6,6 +6,9 @@
 //! percent-encoded, so no name can change which route is called; the token is sent only in
 //! the `Authorization` header and never appears in `Debug` output or errors.
 //!
+//! An agent on a routable address answers over TLS only ([`Client::with_tls`]: mutual
+//! certificates from a credential directory, the agent's name checked), still with the token.
+//!
 //! A `ferry manager` sends its epoch with every call ([`Client::with_epoch`], header
 //! [`MANAGER_EPOCH_HEADER`]); an agent that has seen a newer manager answers
 //! [`ClientError::StaleEpoch`], and the caller must stop acting as the active manager.
@@ -18,6 +21,7 @@ use serde::de::DeserializeOwned;
 
 use super::http::MANAGER_EPOCH_HEADER;
 use super::leases::{LeaseCall, LeaseReply, LeaseStatus};
+use super::tls::ClientTlsOptions;
 use super::types::{
     AbortOutcome, DiskStatus, ErrorBody, ExportSpec, ExportStatus, HeatMap, JobStatus, JournalJob,
     MigrateRequest, SeedExportRequest, SeedImportRequest, SeedInfo, SeedInspectRequest,
@@ -106,6 +110,10 @@ pub struct Client {
     base_url: String,
     token: Option<String>,
     epoch: Option<u64>,
+    /// TLS options ([`Client::with_tls`]), kept to rebuild `http` with another timeout.
+    tls: Option<ClientTlsOptions>,
+    /// Connect and call timeout ([`Client::with_timeout`]), when not the defaults.
+    timeout: Option<Duration>,
 }
 
 impl std::fmt::Debug for Client {
@@ -127,18 +135,28 @@ impl Client {
         } else {
             format!("http://{trimmed}")
         };
-        let http = ureq::AgentBuilder::new()
-            .timeout_connect(CONNECT_TIMEOUT)
-            .timeout(CALL_TIMEOUT)
-            .redirects(0)
-            .build();
+        let http = http_builder().build();
         Client {
             http,
             addr: addr.to_string(),
             base_url,
             token,
             epoch: None,
+            tls: None,
+            timeout: None,
         }
+    }
+
+    /// The same client over TLS: every call goes to `https://` (an `http://` address is
+    /// dialled over TLS all the same), verifying the agent's certificate and showing the
+    /// client's, as `tls` says.
+    pub fn with_tls(mut self, tls: &ClientTlsOptions) -> Client {
+        self.tls = Some(tls.clone());
+        self.http = self.build_http();
+        if let Some(rest) = self.base_url.strip_prefix("http://") {
+            self.base_url = format!("https://{rest}");
+        }
+        self
     }
 
     /// The same client as a manager of `epoch`: every call carries it
@@ -321,13 +339,32 @@ impl Client {
 
     /// This client without a manager epoch (same connection pool).
     fn unfenced(&self) -> Client {
+        self.copy_with_epoch(None)
+    }
+
+    /// A copy sharing the connection pool, with `epoch`.
+    fn copy_with_epoch(&self, epoch: Option<u64>) -> Client {
         Client {
             http: self.http.clone(),
             addr: self.addr.clone(),
             base_url: self.base_url.clone(),
             token: self.token.clone(),
-            epoch: None,
+            epoch,
+            tls: self.tls.clone(),
+            timeout: self.timeout,
         }
+    }
+
+    /// The HTTP agent for this client's TLS options and timeout.
+    fn build_http(&self) -> ureq::Agent {
+        let mut builder = http_builder();
+        if let Some(timeout) = self.timeout {
+            builder = builder.timeout_connect(timeout).timeout(timeout);
+        }
+        if let Some(tls) = &self.tls {
+            builder = builder.tls_connector(tls.connector());
+        }
+        builder.build()
     }
 
     /// `GET /metrics` (Prometheus text).
@@ -437,6 +474,14 @@ impl Client {
             source,
         }
     }
+}
+
+/// The HTTP agent's settings, with or without TLS.
+fn http_builder() -> ureq::AgentBuilder {
+    ureq::AgentBuilder::new()
+        .timeout_connect(CONNECT_TIMEOUT)
+        .timeout(CALL_TIMEOUT)
+        .redirects(0)
 }
 
 fn json(value: &impl serde::Serialize) -> Vec<u8> {

@@ -15,6 +15,11 @@
 //! accept errors (out of descriptors) back off from [`BACKOFF_MIN`] to [`BACKOFF_MAX`]
 //! instead of ending the loop, so the API serves again once descriptors are free.
 //!
+//! On a TLS listener ([`start_tls`]) each connection's handshake runs here, without
+//! blocking, before its head is read ([`super::tls`]); it must end within [`HEAD_DEADLINE`]
+//! of the accept (the head's own deadline starts at its first decrypted byte), and a
+//! connection that never finishes it counts against [`MAX_CONNECTIONS`] like any idle one.
+//!
 //! Bodies, answers and the [`Service`] that makes them are the workers' side
 //! ([`super::worker`]).
 
@@ -31,6 +36,7 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 
 use super::http::{self, Head, MAX_HEAD_BYTES};
+use super::tls::{ServerTls, Stream};
 use super::worker::{refuse, wake, work, Back, Conn, Job};
 use super::ApiError;
 
@@ -88,6 +94,17 @@ pub fn start(
     name: &str,
     service: Arc<dyn Service>,
 ) -> Result<Running, ApiError> {
+    start_tls(addr, workers, name, service, None)
+}
+
+/// [`start`], every connection TLS when `tls` is given.
+pub fn start_tls(
+    addr: SocketAddr,
+    workers: usize,
+    name: &str,
+    service: Arc<dyn Service>,
+    tls: Option<ServerTls>,
+) -> Result<Running, ApiError> {
     assert!(workers > 0, "a server needs a worker");
     let bind_err = |source| ApiError::Bind { addr, source };
     let listener = TcpListener::bind(addr).map_err(bind_err)?;
@@ -131,6 +148,7 @@ pub fn start(
         backoff: None,
         warned: None,
         stopping: running.stopping.clone(),
+        tls,
     };
     // On failure the closure, and with it the job sender, is dropped: the workers end.
     let listener = std::thread::Builder::new()
@@ -187,6 +205,8 @@ struct Loop {
     /// When the last accept or poll failure was logged.
     warned: Option<Instant>,
     stopping: Arc<AtomicBool>,
+    /// Every connection is TLS when set.
+    tls: Option<ServerTls>,
 }
 
 impl Loop {
@@ -230,7 +250,11 @@ impl Loop {
             fds.push(PollFd::new(self.listener.as_fd(), PollFlags::POLLIN));
         }
         for conn in &self.idle {
-            fds.push(PollFd::new(conn.stream.as_fd(), PollFlags::POLLIN));
+            let sock = conn
+                .stream
+                .socket()
+                .expect("idle connections have a socket");
+            fds.push(PollFd::new(sock.as_fd(), conn.stream.interest()));
         }
         nix::poll::poll(&mut fds, self.timeout(now))?;
         let ready = |fd: &PollFd| fd.revents().is_some_and(|events| !events.is_empty());
@@ -309,8 +333,12 @@ impl Loop {
                     HEAD_DEADLINE
                 };
             self.idle.push(conn);
-            if self.idle.last().is_some_and(|conn| !conn.buf.is_empty()) {
-                self.parse(self.idle.len() - 1);
+            let last = self.idle.len() - 1;
+            if self.idle[last].stream.has_buffered_input() {
+                // Decrypted bytes poll(2) cannot see (a pipelined request).
+                self.read(last);
+            } else if !self.idle[last].buf.is_empty() {
+                self.parse(last);
             }
         }
     }
@@ -365,15 +393,22 @@ impl Loop {
         self.evict_oldest();
     }
 
-    fn admit(&mut self, stream: TcpStream, peer: SocketAddr) {
-        if let Err(err) = stream.set_nonblocking(true) {
-            log::debug!("control API: {peer}: {err}: closed");
-            return;
-        }
+    fn admit(&mut self, sock: TcpStream, peer: SocketAddr) {
+        let accepted = sock
+            .set_nonblocking(true)
+            .and_then(|()| Stream::accepted(sock, self.tls.as_ref()));
+        let mut stream = match accepted {
+            Ok(stream) => stream,
+            Err(err) => {
+                log::debug!("control API: {peer}: {err}: closed");
+                return;
+            }
+        };
         if self.idle.len() + self.busy >= MAX_CONNECTIONS && !self.evict_oldest() {
-            // Every connection is queued or being answered: the newcomer waits for none.
+            // Every connection is queued or being answered: the newcomer waits for none
+            // (on TLS it is closed unanswered: no HTTP before a handshake).
             log::debug!("control API: {peer}: {MAX_CONNECTIONS} connections busy: closed");
-            refuse(&stream, 503, "too many connections");
+            refuse(&mut stream, 503, "too many connections");
             return;
         }
         let now = Instant::now();
@@ -395,13 +430,28 @@ impl Loop {
         true
     }
 
-    /// Reads what connection `index` sent (one chunk, without blocking), then parses.
+    /// Reads what connection `index` sent (one chunk without blocking; on TLS, what the
+    /// handshake needs first, then every decrypted byte up to the head's room), then parses.
     fn read(&mut self, index: usize) {
         let conn = &mut self.idle[index];
+        match conn.stream.advance() {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(err) => {
+                log::debug!("control API: {}: TLS handshake: {err}: closed", conn.peer);
+                self.idle.swap_remove(index);
+                return;
+            }
+        }
         let room = MAX_HEAD_BYTES.saturating_sub(conn.buf.len());
         let start = conn.buf.len();
-        conn.buf.resize(start + room.min(READ_CHUNK_BYTES), 0);
-        let result = conn.stream.read(&mut conn.buf[start..]);
+        let chunk = match conn.stream {
+            Stream::Plain(_) => room.min(READ_CHUNK_BYTES),
+            // Decrypted bytes left in the session would not wake poll(2): take them all.
+            _ => room,
+        };
+        conn.buf.resize(start + chunk, 0);
+        let result = conn.stream.read_ready(&mut conn.buf[start..]);
         conn.buf.truncate(start + *result.as_ref().unwrap_or(&0));
         match result {
             Ok(0) if room > 0 => {
@@ -432,9 +482,9 @@ impl Loop {
                 self.dispatch(conn, head);
             }
             Err(err) => {
-                let conn = self.idle.swap_remove(index);
+                let mut conn = self.idle.swap_remove(index);
                 log::debug!("control API: {}: {err}: refused", conn.peer);
-                refuse(&conn.stream, err.http_status(), &err.to_string());
+                refuse(&mut conn.stream, err.http_status(), &err.to_string());
             }
         }
     }
@@ -442,9 +492,9 @@ impl Loop {
     fn dispatch(&mut self, conn: Conn, head: Head) {
         match self.jobs.try_send(Job { conn, head }) {
             Ok(()) => self.busy += 1,
-            Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) => {
+            Err(TrySendError::Full(mut job) | TrySendError::Disconnected(mut job)) => {
                 log::warn!("control API: {}: request queue full: 503", job.conn.peer);
-                refuse(&job.conn.stream, 503, "the agent is busy, try again");
+                refuse(&mut job.conn.stream, 503, "the agent is busy, try again");
             }
         }
     }

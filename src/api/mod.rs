@@ -51,6 +51,8 @@
 //!   unauthenticated caller never moves the fence); a stale epoch is 409 and the command does
 //!   nothing. Requests without the header (the operator's CLI) are not fenced. The lease
 //!   routes ([`leases`]) are never fenced: a request there with the header is a 400.
+//! - On a routable address the API is TLS only ([`tls`]; the agent's configuration refuses
+//!   plain HTTP there unless told `api_insecure`): mutual certificates, and the token too.
 //! - [`ApiServer::shutdown`] returns promptly: the listener is woken and joined, idle
 //!   connections close, each worker finishes the request it holds and is joined.
 
@@ -65,6 +67,7 @@ pub mod render;
 pub mod server;
 #[cfg(test)]
 mod tests;
+pub mod tls;
 pub mod token;
 pub mod types;
 pub mod view;
@@ -308,6 +311,9 @@ pub struct ServeOptions {
     pub metrics_open: bool,
     /// Also serve `/metrics` alone, without the token, on this address.
     pub metrics: Option<SocketAddr>,
+    /// Serve the API address over TLS only (mutual; the token is still required). The
+    /// separate `/metrics` address stays plain.
+    pub tls: Option<tls::ServerTls>,
 }
 
 /// A running API server; [`ApiServer::shutdown`] (or dropping it) stops it.
@@ -336,7 +342,8 @@ pub fn serve_with(
 ) -> Result<ApiServer, ApiError> {
     assert!(!token.is_empty(), "an empty token would let anyone in");
     let context = server::Context::new(token, !options.metrics_open, control.clone());
-    let api = listen::start(addr, WORKERS, "ferry-api", Arc::new(context))?;
+    let service = Arc::new(context);
+    let api = listen::start_tls(addr, WORKERS, "ferry-api", service, options.tls.clone())?;
     let metrics = match options.metrics {
         None => None,
         Some(metrics_addr) => {

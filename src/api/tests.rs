@@ -362,6 +362,7 @@ fn metrics_open_or_on_their_own_address() {
     let options = super::ServeOptions {
         metrics_open: true,
         metrics: Some("127.0.0.1:0".parse().expect("address")),
+        ..Default::default()
     };
     let bind = "127.0.0.1:0".parse().expect("address");
     let server = super::serve_with(bind, TOKEN.to_string(), fake.clone(), &options).expect("serve");

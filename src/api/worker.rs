@@ -10,15 +10,20 @@
 //! the client reads the 413 instead of a connection reset while it is still sending. Every
 //! answer is sent within [`WRITE_DEADLINE`], so a peer that does not read cannot hold a
 //! worker longer.
+//!
+//! A worker sees a connection only after its TLS handshake (if any) is over; it reads and
+//! writes through the session ([`super::tls::Stream`]) with the same deadlines, set on the
+//! socket underneath.
 
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::{Shutdown, SocketAddr};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
 use super::http::{self, Head, Reply, MAX_BODY_BYTES};
+use super::tls::Stream;
 
 /// Time to receive a whole admitted body.
 pub const BODY_DEADLINE: Duration = Duration::from_secs(15);
@@ -42,7 +47,8 @@ pub trait Service: Send + Sync {
 
 /// A connection and what was read from it but not yet used.
 pub(super) struct Conn {
-    pub(super) stream: TcpStream,
+    /// Plain, or TLS (its handshake over once a worker holds it).
+    pub(super) stream: Stream,
     pub(super) peer: SocketAddr,
     /// Bytes read and not yet consumed: the head being read, or the start of the next one.
     pub(super) buf: Vec<u8>,
@@ -73,13 +79,21 @@ pub(super) fn wake(waker: &UnixStream) {
 }
 
 /// Best effort, without blocking: a short error answer on a connection about to close.
+/// Nothing is sent on a TLS connection whose handshake is not over.
 #[cold]
-pub(super) fn refuse(stream: &TcpStream, status: u16, message: &str) {
+pub(super) fn refuse(stream: &mut Stream, status: u16, message: &str) {
     let bytes = Reply::error(status, message).encode(true, false);
+    if matches!(stream, Stream::Handshake(_) | Stream::Failed) {
+        return;
+    }
     // A few hundred bytes fit the socket buffer of any live peer; a peer that does not read
     // loses the answer, not the agent's time.
-    let _ = stream.set_nonblocking(true);
-    let _ = (&*stream).write(&bytes);
+    if stream
+        .socket()
+        .is_some_and(|sock| sock.set_nonblocking(true).is_ok())
+    {
+        let _ = stream.write(&bytes);
+    }
 }
 
 /// One worker: answers jobs until the listener is gone.
@@ -101,7 +115,7 @@ pub(super) fn work(
 fn serve(job: Job, service: &dyn Service) -> Option<Conn> {
     let Job { mut conn, head } = job;
     conn.buf.drain(..head.head_bytes);
-    if let Err(err) = conn.stream.set_nonblocking(false) {
+    if let Err(err) = conn.stream.socket()?.set_nonblocking(false) {
         log::debug!("control API: {}: {err}: closed", conn.peer);
         return None;
     }
@@ -113,7 +127,8 @@ fn serve(job: Job, service: &dyn Service) -> Option<Conn> {
     let reply = service.answer(&head, &body, conn.peer);
     let keep = head.keep_alive;
     respond(&mut conn, &head, &reply, !keep).ok()?;
-    if !keep || conn.stream.set_nonblocking(true).is_err() {
+    let nonblocking = conn.stream.socket().map(|sock| sock.set_nonblocking(true));
+    if !keep || !matches!(nonblocking, Some(Ok(()))) {
         return None;
     }
     Some(conn)
@@ -171,7 +186,7 @@ fn read_body(conn: &mut Conn, body_bytes: usize) -> io::Result<Vec<u8>> {
         if left.is_zero() {
             return Err(io::ErrorKind::TimedOut.into());
         }
-        conn.stream.set_read_timeout(Some(left))?;
+        socket(&conn.stream)?.set_read_timeout(Some(left))?;
         let start = body.len();
         body.resize(body_bytes.min(start + READ_CHUNK_BYTES), 0);
         let result = conn.stream.read(&mut body[start..]);
@@ -197,13 +212,13 @@ fn respond(conn: &mut Conn, head: &Head, reply: &Reply, close: bool) -> io::Resu
 
 /// Writes all of `bytes` by `deadline` (a peer that reads slowly cannot hold a worker
 /// longer).
-fn write_within(stream: &mut TcpStream, mut bytes: &[u8], deadline: Instant) -> io::Result<()> {
+fn write_within(stream: &mut Stream, mut bytes: &[u8], deadline: Instant) -> io::Result<()> {
     while !bytes.is_empty() {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(io::ErrorKind::TimedOut.into());
         }
-        stream.set_write_timeout(Some(left))?;
+        socket(stream)?.set_write_timeout(Some(left))?;
         match stream.write(bytes) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => bytes = &bytes[n..],
@@ -220,20 +235,31 @@ fn write_within(stream: &mut TcpStream, mut bytes: &[u8], deadline: Instant) -> 
 /// then discard what arrives for a bounded time, so that closing does not reset the
 /// connection before the peer has read the answer.
 fn linger(conn: &mut Conn) {
-    let _ = conn.stream.shutdown(Shutdown::Write);
+    // Discarded as received: on TLS too, the socket is read directly (nothing is decrypted).
+    let Some(mut sock) = conn.stream.socket() else {
+        return;
+    };
+    let _ = sock.shutdown(Shutdown::Write);
     let mut scratch = [0u8; 16 * 1024];
     let mut discarded_bytes = 0u64;
     let deadline = Instant::now() + LINGER_DEADLINE;
     while discarded_bytes < LINGER_MAX_BYTES {
         let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() || conn.stream.set_read_timeout(Some(left)).is_err() {
+        if left.is_zero() || sock.set_read_timeout(Some(left)).is_err() {
             return;
         }
-        match conn.stream.read(&mut scratch) {
+        match sock.read(&mut scratch) {
             Ok(0) => return,
             Ok(n) => discarded_bytes += n as u64,
             Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
             Err(_) => return,
         }
     }
+}
+
+/// The socket of a connection a worker holds (a failed handshake never reaches one).
+fn socket(stream: &Stream) -> io::Result<&std::net::TcpStream> {
+    stream
+        .socket()
+        .ok_or_else(|| io::Error::other("connection failed"))
 }

@@ -27,6 +27,13 @@ pub struct ApiTarget {
     /// State directory of the agent (where its token is).
     #[arg(long, env = "FERRY_STATE_DIR", default_value = crate::api::DEFAULT_STATE_DIR, global = true)]
     pub state_dir: PathBuf,
+    /// TLS credentials to call the agent with (ca-cert.pem, client-cert.pem, client-key.pem,
+    /// the layout `ferry tls init` makes): calls go over TLS (https).
+    #[arg(long, env = "FERRY_API_TLS_CREDS", value_name = "DIR", global = true)]
+    pub api_tls_creds: Option<PathBuf>,
+    /// The name the agent's certificate must carry [default: the host part of --api].
+    #[arg(long, env = "FERRY_API_TLS_NAME", value_name = "NAME", global = true)]
+    pub api_tls_name: Option<String>,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     pub json: bool,
@@ -271,9 +278,20 @@ pub struct AgentArgs {
     /// State directory [default: /var/lib/ferry].
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
-    /// Control API address [default: 127.0.0.1:7450].
+    /// Control API address [default: 127.0.0.1:7450]; an address that is not loopback needs
+    /// --api-tls-creds (or --api-insecure).
     #[arg(long)]
     pub api: Option<String>,
+    /// TLS credentials of the control API (the --tls-creds layout; `ferry tls init DIR --host
+    /// NAME` creates one): every API connection is then TLS with client certificates, and
+    /// the token is still required.
+    #[arg(long, value_name = "DIR")]
+    pub api_tls_creds: Option<PathBuf>,
+    /// Serve the control API in plain HTTP on an address that is not loopback (refused
+    /// otherwise without --api-tls-creds): the token and every command cross the network
+    /// readable.
+    #[arg(long)]
+    pub api_insecure: bool,
     /// Whether /metrics on the API address needs the API token [default: true]; false
     /// shows export names, sizes and guest I/O to anyone who reaches the port.
     #[arg(long, value_name = "BOOL")]

@@ -10,7 +10,9 @@ pub fn manager(args: ManagerArgs) -> Result<(), CliError> {
     match &args.action {
         None => run(&args),
         Some(ManagerAction::Status) => {
-            let status = client(&args.target)?.manager_status().map_err(CliError::Api)?;
+            let status = client(&args.target)?
+                .manager_status()
+                .map_err(CliError::Api)?;
             if args.target.json {
                 print_json(&status);
             } else {
@@ -46,6 +48,7 @@ fn run(args: &ManagerArgs) -> Result<(), CliError> {
         listen: args.listen.clone(),
         state_dir: args.manager_dir.clone(),
         token_file: args.target.token_file.clone(),
+        tls_creds: args.target.api_tls_creds.clone(),
         peer: args.peer.clone(),
         agents: args.agents.clone(),
     };
@@ -63,7 +66,14 @@ pub fn host(action: &HostAction, target: &ApiTarget) -> Result<(), CliError> {
     client(target)?
         .host_drain(name, drained, false)
         .map_err(CliError::Api)?;
-    println!("{name}: {}", if drained { "drained" } else { "back in service" });
+    println!(
+        "{name}: {}",
+        if drained {
+            "drained"
+        } else {
+            "back in service"
+        }
+    );
     Ok(())
 }
 
@@ -80,18 +90,31 @@ fn render(status: &ManagerStatus) -> String {
         _ => format!("standby (highest epoch known {})", status.known_epoch),
     };
     let _ = writeln!(out, "manager {} (pair {}): {role}", status.id, status.pair);
-    let witness = status.witness.as_ref().map_or("none chosen yet".to_string(), |w| {
-        format!("{} (generation {})", w.host, w.generation)
-    });
+    let witness = status
+        .witness
+        .as_ref()
+        .map_or("none chosen yet".to_string(), |w| {
+            format!("{} (generation {})", w.host, w.generation)
+        });
     let _ = writeln!(out, "witness: {witness}");
     if let Some(pending) = &status.pending {
-        let _ = writeln!(out, "witness move proposed, not yet confirmed: {}", pending.host);
+        let _ = writeln!(
+            out,
+            "witness move proposed, not yet confirmed: {}",
+            pending.host
+        );
     }
     let heard = status
         .peer
         .heard_ms_ago
-        .map_or("never heard".to_string(), |ms| format!("heard {:.1} s ago", ms as f64 / 1e3));
-    let peer_role = if status.peer.active { "active" } else { "not active" };
+        .map_or("never heard".to_string(), |ms| {
+            format!("heard {:.1} s ago", ms as f64 / 1e3)
+        });
+    let peer_role = if status.peer.active {
+        "active"
+    } else {
+        "not active"
+    };
     let _ = writeln!(
         out,
         "peer {} at {}: {heard}, {peer_role}",
@@ -114,7 +137,9 @@ fn render(status: &ManagerStatus) -> String {
     for agent in &status.agents {
         let heard = agent
             .heard_ms_ago
-            .map_or("not answering".to_string(), |ms| format!("heard {:.1} s ago", ms as f64 / 1e3));
+            .map_or("not answering".to_string(), |ms| {
+                format!("heard {:.1} s ago", ms as f64 / 1e3)
+            });
         let _ = writeln!(out, "  {} {}: {heard}", agent.name, agent.address);
     }
     out

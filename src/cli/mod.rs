@@ -26,6 +26,7 @@ use std::path::PathBuf;
 pub use args::*;
 
 use crate::api::batch::PlanError;
+use crate::api::tls::ClientTlsOptions;
 use crate::api::{token, Client, ClientError};
 use crate::journal::JournalError;
 use crate::units::SizeError;
@@ -113,6 +114,15 @@ pub enum CliError {
     /// `ferry tls init` failed.
     #[error("tls init")]
     TlsInit(#[source] crate::nbd::tls::init::InitError),
+    /// The API TLS credentials (`--api-tls-creds`) could not be loaded.
+    #[error("--api-tls-creds {}", .path.display())]
+    ApiTls {
+        /// The credential directory.
+        path: PathBuf,
+        /// What is wrong with it.
+        #[source]
+        source: crate::nbd::tls::TlsError,
+    },
     /// Migrations of a batch ended failed (their statuses were printed).
     #[error("batch {batch}: {failed} of {total} migrations failed")]
     BatchFailed {
@@ -232,7 +242,22 @@ fn client(target: &ApiTarget) -> Result<Client, CliError> {
         .clone()
         .unwrap_or_else(|| target.state_dir.join("api.token"));
     let token = token::read(&path).map_err(|source| CliError::Token { path, source })?;
-    Ok(Client::new(&target.api, Some(token)))
+    let client = Client::new(&target.api, Some(token));
+    let Some(dir) = &target.api_tls_creds else {
+        if target.api.trim().starts_with("https://") {
+            return Err(CliError::Usage(
+                "an https:// agent address needs --api-tls-creds DIR (FERRY_API_TLS_CREDS)",
+            ));
+        }
+        return Ok(client);
+    };
+    let tls = ClientTlsOptions::load(dir, target.api_tls_name.clone()).map_err(|source| {
+        CliError::ApiTls {
+            path: dir.clone(),
+            source,
+        }
+    })?;
+    Ok(client.with_tls(&tls))
 }
 
 /// Prints `value` as pretty JSON (`--json`).

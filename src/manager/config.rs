@@ -6,6 +6,7 @@
 //! listen = "127.0.0.1:7700"      # this manager's API
 //! state_dir = "/var/lib/ferry-manager"
 //! token_file = "/etc/ferry/api.token"   # the fleet's API token (agents and managers)
+//! tls_creds = "/etc/ferry/api-tls"      # TLS both ways (required off loopback)
 //!
 //! [peer]
 //! id = "m2"
@@ -23,7 +24,8 @@
 //! address = "10.0.0.1:7600"
 //! ```
 //!
-//! Invariants: ids, the pair and host names follow the name rule; the two ids differ; the
+//! Invariants: a listen address off loopback needs `tls_creds` (the manager then speaks TLS
+//! to agents and its peer too); ids, the pair and host names follow the name rule; the two ids differ; the
 //! timings leave two renewals inside every deadline (`renew_interval_ms ≤ lease_ms / 3`) and
 //! a write timeout inside one renewal interval; at least one agent is managed; errors name
 //! the field.
@@ -163,6 +165,7 @@ struct FileConfig {
     listen: Option<String>,
     state_dir: Option<PathBuf>,
     token_file: Option<PathBuf>,
+    tls_creds: Option<PathBuf>,
     peer: Option<PeerEntry>,
     #[serde(default)]
     lease: LeaseTimings,
@@ -183,6 +186,8 @@ pub struct Overrides {
     pub state_dir: Option<PathBuf>,
     /// `--token-file`.
     pub token_file: Option<PathBuf>,
+    /// `--api-tls-creds`.
+    pub tls_creds: Option<PathBuf>,
     /// `--peer ID=ADDRESS`.
     pub peer: Option<String>,
     /// `--agent NAME=ADDRESS`, repeated (added to the file's).
@@ -202,6 +207,8 @@ pub struct ManagerConfig {
     pub state_dir: PathBuf,
     /// The fleet's API token file.
     pub token_file: PathBuf,
+    /// TLS credentials (ferry's layout) for the listener and every client, if any.
+    pub tls_creds: Option<PathBuf>,
     /// The peer.
     pub peer_id: ManagerId,
     /// The peer's API address.
@@ -243,20 +250,35 @@ impl ManagerConfig {
         let id = manager_id("id", &id)?;
         let pair = ov.pair.clone().or(file.pair).unwrap_or(DEFAULT_PAIR.into());
         crate::name::validate(&pair).map_err(|err| invalid("pair", err.to_string()))?;
-        let listen = ov.listen.clone().or(file.listen).ok_or_else(|| missing("listen"))?;
-        let state_dir = ov.state_dir.clone().or(file.state_dir).ok_or_else(|| missing("state_dir"))?;
+        let listen = ov
+            .listen
+            .clone()
+            .or(file.listen)
+            .ok_or_else(|| missing("listen"))?;
+        let tls_creds = ov.tls_creds.clone().or(file.tls_creds);
+        check_listen(&listen, tls_creds.is_some())?;
+        let state_dir = ov
+            .state_dir
+            .clone()
+            .or(file.state_dir)
+            .ok_or_else(|| missing("state_dir"))?;
         let token_file = ov
             .token_file
             .clone()
             .or(file.token_file)
             .unwrap_or_else(|| state_dir.join("api.token"));
         let peer = match &ov.peer {
-            Some(text) => parse_pair("peer", text).map(|(id, address)| PeerEntry { id, address })?,
+            Some(text) => {
+                parse_pair("peer", text).map(|(id, address)| PeerEntry { id, address })?
+            }
             None => file.peer.ok_or_else(|| missing("peer"))?,
         };
         let peer_id = manager_id("peer.id", &peer.id)?;
         if peer_id == id {
-            return Err(invalid("peer.id", format!("{peer_id} is this manager's own id")));
+            return Err(invalid(
+                "peer.id",
+                format!("{peer_id} is this manager's own id"),
+            ));
         }
         let mut agents = file.agents;
         for text in &ov.agents {
@@ -271,12 +293,31 @@ impl ManagerConfig {
             listen,
             state_dir,
             token_file,
+            tls_creds,
             peer_id,
             peer_address: peer.address,
             lease: file.lease,
             agents,
         })
     }
+}
+
+/// `host:port`, and off loopback only with TLS (the token and every command would cross the
+/// network readable otherwise).
+fn check_listen(listen: &str, tls: bool) -> Result<(), ConfigError> {
+    let addr: std::net::SocketAddr = listen
+        .parse()
+        .map_err(|_| invalid("listen", format!("{listen:?} is not host:port")))?;
+    if !tls && !crate::api::tls::is_local(addr) {
+        return Err(invalid(
+            "listen",
+            format!(
+                "the manager API on {addr} (not loopback) requires TLS: give tls_creds \
+                 (--api-tls-creds DIR; `ferry tls init DIR --host NAME` creates one)"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn invalid(field: &'static str, message: String) -> ConfigError {
@@ -307,13 +348,20 @@ fn check_address(field: &'static str, address: &str) -> Result<(), ConfigError> 
 
 fn check_agents(agents: &[AgentEntry]) -> Result<(), ConfigError> {
     if agents.is_empty() {
-        return Err(invalid("agents", "at least one managed agent is needed".into()));
+        return Err(invalid(
+            "agents",
+            "at least one managed agent is needed".into(),
+        ));
     }
     for (index, agent) in agents.iter().enumerate() {
-        crate::name::validate(&agent.name).map_err(|err| invalid("agents.name", err.to_string()))?;
+        crate::name::validate(&agent.name)
+            .map_err(|err| invalid("agents.name", err.to_string()))?;
         check_address("agents.address", &agent.address)?;
         if agents[..index].iter().any(|other| other.name == agent.name) {
-            return Err(invalid("agents.name", format!("{} is listed twice", agent.name)));
+            return Err(invalid(
+                "agents.name",
+                format!("{} is listed twice", agent.name),
+            ));
         }
     }
     Ok(())
@@ -350,7 +398,10 @@ mod tests {
         assert_eq!(config.id.as_str(), "m1");
         assert_eq!(config.pair, DEFAULT_PAIR);
         assert_eq!(config.lease, LeaseTimings::default());
-        assert_eq!(config.token_file, PathBuf::from("/var/lib/ferry-manager/api.token"));
+        assert_eq!(
+            config.token_file,
+            PathBuf::from("/var/lib/ferry-manager/api.token")
+        );
         assert_eq!(config.agents.len(), 1);
     }
 
@@ -374,18 +425,37 @@ mod tests {
         // Goal: each mistake is named. Method: one broken field at a time.
         let cases = [
             (FILE.replace("\"m2\"", "\"m1\""), "peer.id"),
-            (FILE.replace("name = \"h1\"", "name = \"../h1\""), "agents.name"),
-            (format!("{FILE}\n[lease]\nlease_ms = 4000\nrenew_interval_ms = 2000\n"), "lease.renew_interval_ms"),
-            (format!("{FILE}\n[lease]\nwrite_timeout_ms = 1000\n"), "lease.write_timeout_ms"),
-            (format!("{FILE}\n[lease]\nmargin_ms = 2000\n"), "lease.margin_ms"),
+            (
+                FILE.replace("name = \"h1\"", "name = \"../h1\""),
+                "agents.name",
+            ),
+            (
+                format!("{FILE}\n[lease]\nlease_ms = 4000\nrenew_interval_ms = 2000\n"),
+                "lease.renew_interval_ms",
+            ),
+            (
+                format!("{FILE}\n[lease]\nwrite_timeout_ms = 1000\n"),
+                "lease.write_timeout_ms",
+            ),
+            (
+                format!("{FILE}\n[lease]\nmargin_ms = 2000\n"),
+                "lease.margin_ms",
+            ),
             (FILE.replace("id = \"m1\"", ""), "id"),
+            (FILE.replace("127.0.0.1:7700", "0.0.0.0:7700"), "listen"),
         ];
         for (text, field) in cases {
             let err = parse(&text, &Overrides::default()).expect_err(field);
             assert!(err.to_string().starts_with(field), "{field}: {err}");
         }
-        let err = parse(FILE, &Overrides { peer: Some("m2".into()), ..Overrides::default() })
-            .expect_err("no address");
+        let err = parse(
+            FILE,
+            &Overrides {
+                peer: Some("m2".into()),
+                ..Overrides::default()
+            },
+        )
+        .expect_err("no address");
         assert!(err.to_string().starts_with("peer"), "{err}");
     }
 }

@@ -13,6 +13,7 @@ use thiserror::Error;
 
 use super::config::ManagerConfig;
 use crate::api::leases::LeaseCall;
+use crate::api::tls::ClientTlsOptions;
 use crate::api::{Client, ClientError};
 use crate::lease::role::PeerMessage;
 use crate::lease::witness::{LeaseReply, LeaseRequest};
@@ -49,11 +50,17 @@ pub struct HttpTransport {
 }
 
 impl HttpTransport {
-    /// Clients for `config`'s agents and peer, sending `token`.
-    pub fn new(config: &ManagerConfig, token: &str) -> Self {
+    /// Clients for `config`'s agents and peer, sending `token`, over TLS with `tls`.
+    pub fn new(config: &ManagerConfig, token: &str, tls: Option<&ClientTlsOptions>) -> Self {
         // A call may take at most one renewal interval: later answers are useless anyway.
         let timeout = Duration::from_millis(u64::from(config.lease.renew_interval_ms));
-        let client = |address: &str| Client::new(address, Some(token.to_string())).with_timeout(timeout);
+        let client = |address: &str| {
+            let client = Client::new(address, Some(token.to_string())).with_timeout(timeout);
+            match tls {
+                Some(tls) => client.with_tls(tls),
+                None => client,
+            }
+        };
         Self {
             agents: config
                 .agents

@@ -59,6 +59,9 @@ pub enum ManagerError {
     /// A thread could not start.
     #[error("cannot start a thread")]
     Spawn(#[source] std::io::Error),
+    /// The TLS credentials could not be loaded.
+    #[error("TLS credentials")]
+    Tls(#[source] crate::nbd::tls::TlsError),
     /// The signal handler could not be installed.
     #[error("cannot install signal handlers")]
     Signals(#[source] std::io::Error),
@@ -96,6 +99,13 @@ pub fn start(
     token: String,
     transport: Arc<dyn link::Transport>,
 ) -> Result<Running, ManagerError> {
+    let (server_tls, client_tls) = match &config.tls_creds {
+        Some(dir) => (
+            Some(crate::api::tls::ServerTls::load(dir).map_err(ManagerError::Tls)?),
+            Some(crate::api::tls::ClientTlsOptions::load(dir, None).map_err(ManagerError::Tls)?),
+        ),
+        None => (None, None),
+    };
     let state = state::StateFile::new(&config.state_dir)?;
     let durable = state.load()?;
     log::info!(
@@ -111,7 +121,11 @@ pub fn start(
         ..Shared::default()
     });
     let (inputs_tx, inputs_rx) = crossbeam_channel::unbounded::<Input>();
-    let hosts: Vec<String> = config.agents.iter().map(|agent| agent.name.clone()).collect();
+    let hosts: Vec<String> = config
+        .agents
+        .iter()
+        .map(|agent| agent.name.clone())
+        .collect();
     let ping = Duration::from_millis(u64::from(config.lease.renew_interval_ms));
     let workers = Workers::start(&hosts, transport, &inputs_tx, ping, &shared)
         .map_err(ManagerError::Spawn)?;
@@ -125,21 +139,30 @@ pub fn start(
         .listen
         .parse()
         .map_err(|_| ManagerError::Listen(config.listen.clone()))?;
-    let service = service::ManagerService::new(token, config, inputs_tx, shared.clone());
-    let api = crate::api::listen::start(addr, API_WORKERS, "mgr-api", Arc::new(service))?;
+    let channels = (inputs_tx, shared.clone());
+    let service = service::ManagerService::new(token, config, channels, client_tls.as_ref());
+    let api =
+        crate::api::listen::start_tls(addr, API_WORKERS, "mgr-api", Arc::new(service), server_tls)?;
     Ok(Running { shared, api })
 }
 
 /// Runs the manager configured by `config` over HTTP until SIGTERM or SIGINT.
 pub fn run(config: ManagerConfig) -> Result<(), ManagerError> {
     use signal_hook::consts::{SIGINT, SIGTERM};
-    let token = crate::api::token::read(&config.token_file).map_err(|source| ManagerError::Token {
-        path: config.token_file.clone(),
-        source,
-    })?;
+    let token =
+        crate::api::token::read(&config.token_file).map_err(|source| ManagerError::Token {
+            path: config.token_file.clone(),
+            source,
+        })?;
     let mut signals =
         signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(ManagerError::Signals)?;
-    let transport = Arc::new(link::HttpTransport::new(&config, &token));
+    let tls = match &config.tls_creds {
+        Some(dir) => {
+            Some(crate::api::tls::ClientTlsOptions::load(dir, None).map_err(ManagerError::Tls)?)
+        }
+        None => None,
+    };
+    let transport = Arc::new(link::HttpTransport::new(&config, &token, tls.as_ref()));
     let running = start(config, token, transport)?;
     log::info!("manager API on {}", running.api_addr());
     if let Some(signal) = signals.forever().next() {

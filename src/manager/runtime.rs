@@ -146,7 +146,9 @@ impl Runtime {
                 request,
                 sent_ns,
                 reply,
-            } => self.role.on_witness(&host, &request, sent_ns, &reply, now_ns),
+            } => self
+                .role
+                .on_witness(&host, &request, sent_ns, &reply, now_ns),
             Input::Heard(host) => {
                 self.role.heard_host(&host, now_ns);
                 self.heard.insert(host, Instant::now());
@@ -159,7 +161,14 @@ impl Runtime {
                 } else {
                     self.role.undrain(&host);
                 }
-                log::info!("host {host}: {}", if drained { "drained" } else { "back in service" });
+                log::info!(
+                    "host {host}: {}",
+                    if drained {
+                        "drained"
+                    } else {
+                        "back in service"
+                    }
+                );
                 Vec::new()
             }
             Input::Force(host) => {
@@ -348,7 +357,10 @@ impl HostWorker {
     /// fences meet a new epoch before its first real command.
     fn ping(&self) {
         let epoch = self.shared.active_epoch.load(Ordering::Acquire);
-        match self.transport.ping(&self.host, (epoch > 0).then_some(epoch)) {
+        match self
+            .transport
+            .ping(&self.host, (epoch > 0).then_some(epoch))
+        {
             Ok(()) => {
                 let _ = self.inputs.send(Input::Heard(self.host.clone()));
             }

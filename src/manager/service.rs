@@ -17,6 +17,7 @@ use crate::api::fleet::TakeoverRequest;
 use crate::api::http::{Head, Method, Reply};
 use crate::api::listen::Service;
 use crate::api::server::{authenticate, decode, flag, path_segments};
+use crate::api::tls::ClientTlsOptions;
 use crate::api::Client;
 use crate::journal::status::DiskStatus;
 use crate::lease::role::PeerMessage;
@@ -47,10 +48,17 @@ impl ManagerService {
     pub fn new(
         token: String,
         config: ManagerConfig,
-        inputs: Sender<Input>,
-        shared: Arc<Shared>,
+        channels: (Sender<Input>, Arc<Shared>),
+        tls: Option<&ClientTlsOptions>,
     ) -> Self {
-        let client = |address: &str| Client::new(address, Some(token.clone()));
+        let (inputs, shared) = channels;
+        let client = |address: &str| {
+            let client = Client::new(address, Some(token.clone()));
+            match tls {
+                Some(tls) => client.with_tls(tls),
+                None => client,
+            }
+        };
         let agents = config
             .agents
             .iter()
@@ -67,7 +75,13 @@ impl ManagerService {
         }
     }
 
-    fn route(&self, method: &Method, path: &str, query: &str, body: &mut dyn std::io::Read) -> Reply {
+    fn route(
+        &self,
+        method: &Method,
+        path: &str,
+        query: &str,
+        body: &mut dyn std::io::Read,
+    ) -> Reply {
         let Some(segments) = path_segments(path) else {
             return Reply::error(400, "malformed path");
         };
@@ -120,8 +134,16 @@ impl ManagerService {
         if !self.managed(&request.witness) {
             return Reply::error(400, format!("{} is not a managed host", request.witness));
         }
-        let status = self.shared.status.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        self.queue(Input::Force(request.witness.clone()), Reply::json(202, &status))
+        let status = self
+            .shared
+            .status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        self.queue(
+            Input::Force(request.witness.clone()),
+            Reply::json(202, &status),
+        )
     }
 
     fn drain(&self, name: &str, drained: bool, from_peer: bool) -> Reply {
@@ -191,18 +213,29 @@ impl ManagerService {
             return Reply::error(404, "no such manager path");
         }
         if status.peer.active {
+            let scheme = if self.config.tls_creds.is_some() {
+                "https"
+            } else {
+                "http"
+            };
             let base = if self.config.peer_address.contains("://") {
                 self.config.peer_address.clone()
             } else {
-                format!("http://{}", self.config.peer_address)
+                format!("{scheme}://{}", self.config.peer_address)
             };
             return Reply::error(
                 307,
-                format!("this manager is standby; the active is {}", self.config.peer_id),
+                format!(
+                    "this manager is standby; the active is {}",
+                    self.config.peer_id
+                ),
             )
             .with_header("Location", format!("{base}{path}"));
         }
-        Reply::error(503, "no manager is active right now (a takeover is in progress)")
+        Reply::error(
+            503,
+            "no manager is active right now (a takeover is in progress)",
+        )
     }
 
     fn metrics(&self) -> Reply {
@@ -242,7 +275,11 @@ impl Service for ManagerService {
             return reply;
         }
         let (path, query) = head.target.split_once('?').unwrap_or((&head.target, ""));
-        let method = if head.method == Method::Head { &Method::Get } else { &head.method };
+        let method = if head.method == Method::Head {
+            &Method::Get
+        } else {
+            &head.method
+        };
         let mut body = body;
         self.route(method, path, query, &mut body)
     }

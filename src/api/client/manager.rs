@@ -11,23 +11,14 @@ impl Client {
     /// The same client with connect and call timeouts of `timeout` (the manager's lease
     /// calls must fail inside a renewal interval, not after a minute).
     pub fn with_timeout(mut self, timeout: Duration) -> Client {
-        self.http = ureq::AgentBuilder::new()
-            .timeout_connect(timeout)
-            .timeout(timeout)
-            .redirects(0)
-            .build();
+        self.timeout = Some(timeout);
+        self.http = self.build_http();
         self
     }
 
     /// A copy of this client carrying `epoch` on every call (see [`Client::with_epoch`]).
     pub fn at_epoch(&self, epoch: u64) -> Client {
-        Client {
-            http: self.http.clone(),
-            addr: self.addr.clone(),
-            base_url: self.base_url.clone(),
-            token: self.token.clone(),
-            epoch: Some(epoch),
-        }
+        self.copy_with_epoch(Some(epoch))
     }
 
     /// `GET /v1/manager/status`.
@@ -42,16 +33,28 @@ impl Client {
     }
 
     /// `POST /v1/manager/takeover`.
-    pub fn manager_takeover(&self, request: &TakeoverRequest) -> Result<ManagerStatus, ClientError> {
+    pub fn manager_takeover(
+        &self,
+        request: &TakeoverRequest,
+    ) -> Result<ManagerStatus, ClientError> {
         self.call_json("POST", "/v1/manager/takeover", &[], Some(json(request)))
     }
 
     /// `POST /v1/hosts/{name}/drain` (or `/undrain`), forwarded to the peer manager unless
     /// `from_peer`.
-    pub fn host_drain(&self, name: &str, drained: bool, from_peer: bool) -> Result<(), ClientError> {
+    pub fn host_drain(
+        &self,
+        name: &str,
+        drained: bool,
+        from_peer: bool,
+    ) -> Result<(), ClientError> {
         let action = if drained { "drain" } else { "undrain" };
         let path = format!("/v1/hosts/{}/{action}", encode(name));
-        let query: &[(&str, &str)] = if from_peer { &[("from_peer", "true")] } else { &[] };
+        let query: &[(&str, &str)] = if from_peer {
+            &[("from_peer", "true")]
+        } else {
+            &[]
+        };
         self.call("POST", &path, query, None).map(drop)
     }
 }

@@ -173,9 +173,14 @@ impl ClientTls {
     /// `NBD_OPT_STARTTLS`); `addr` is the `host:port` dialled, whose host the server's
     /// certificate must name.
     pub fn connect(&self, sock: TcpStream, addr: &str) -> io::Result<TlsConn> {
-        let host = host_of(addr);
-        let name = ServerName::try_from(host.to_string())
-            .map_err(|_| io::Error::other(TlsError::ServerName(addr.to_string())))?;
+        self.connect_as(sock, host_of(addr))
+    }
+
+    /// Like [`ClientTls::connect`], with the name (or address) the server's certificate
+    /// must carry given as is: the control API client lets the operator name it.
+    pub fn connect_as(&self, sock: TcpStream, server_name: &str) -> io::Result<TlsConn> {
+        let name = ServerName::try_from(server_name.to_string())
+            .map_err(|_| io::Error::other(TlsError::ServerName(server_name.to_string())))?;
         let conn = rustls::ClientConnection::new(self.0.clone(), name).map_err(io::Error::other)?;
         TlsConn::handshake(sock, conn.into())
     }

@@ -63,15 +63,23 @@ impl TlsConn {
         while conn.wants_write() {
             conn.write_tls(&mut sock)?;
         }
+        Ok(TlsConn::established(sock, conn))
+    }
+
+    /// A connection whose handshake someone else ran to its end (the control API runs it
+    /// without blocking, on its poll loop). Decrypted bytes rustls already holds are read
+    /// first.
+    pub fn established(sock: TcpStream, mut conn: rustls::Connection) -> TlsConn {
+        assert!(!conn.is_handshaking(), "the handshake must be over");
         conn.set_buffer_limit(Some(SEND_LIMIT_BYTES));
-        Ok(TlsConn {
+        TlsConn {
             sock,
             tls: Arc::new(Mutex::new(conn)),
             cipher: Vec::new(),
             cipher_start: 0,
             cipher_end: 0,
             out: Vec::new(),
-        })
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, rustls::Connection> {
