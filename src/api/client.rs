@@ -414,6 +414,12 @@ impl Client {
             None => request.call(),
         };
         match result {
+            // Redirects are not followed (a standby manager points to the active): an error
+            // naming where to go, not a body to decode.
+            Ok(response) if (300..400).contains(&response.status()) => {
+                let status = response.status();
+                Err(self.rejected(status, response))
+            }
             Ok(response) => Ok(response),
             Err(ureq::Error::Status(status, response)) => Err(self.rejected(status, response)),
             Err(ureq::Error::Transport(transport)) => Err(ClientError::Unreachable {

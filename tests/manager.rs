@@ -1,0 +1,299 @@
+//! `ferry manager` with real processes on loopback: three agents (the witness candidates)
+//! sharing the fleet token, two managers. One becomes active; the agents' fences learn its
+//! epoch; the standby redirects writes; draining the witness moves the lease without a
+//! failover; kill -9 of the active fails over within the lease plus a second, and the old
+//! epoch is refused by the agents; the killed manager comes back as standby.
+//! (The partition, pause, jitter and clock scenarios run in network namespaces:
+//! `scripts/manager-scenarios`.)
+
+// An integration test crate is compiled for tests only; the lint is for unit tests in src/.
+#![allow(clippy::tests_outside_test_module)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{agent_bin, free_port, scratch_dir, AgentProc};
+use ferry::api::fleet::ManagerStatus;
+use ferry::api::{Client, ClientError};
+
+const TOKEN: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+/// A `ferry manager` process.
+struct ManagerProc {
+    child: Option<Child>,
+    args: Vec<String>,
+    dir: PathBuf,
+    api: String,
+}
+
+impl ManagerProc {
+    fn start(id: &str, api: &str, peer: &str, agents: &[String], dir: &Path) -> Self {
+        let token_file = dir.join("fleet.token");
+        std::fs::write(&token_file, TOKEN).expect("token");
+        let mut args: Vec<String> = [
+            "manager",
+            "--id",
+            id,
+            "--listen",
+            api,
+            "--peer",
+            peer,
+            "--manager-dir",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.push(dir.join(id).display().to_string());
+        args.push("--token-file".into());
+        args.push(token_file.display().to_string());
+        for agent in agents {
+            args.push("--agent".into());
+            args.push(agent.clone());
+        }
+        let mut manager = Self {
+            child: None,
+            args,
+            dir: dir.to_path_buf(),
+            api: api.to_string(),
+        };
+        manager.spawn();
+        manager
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("{}.log", self.api.replace(':', "_"))))
+            .expect("log");
+        let child = Command::new(agent_bin())
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .env("RUST_LOG", "info")
+            .spawn()
+            .expect("spawn ferry manager");
+        self.child = Some(child);
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{}.log", self.api.replace(':', "_"))))
+            .unwrap_or_default()
+    }
+
+    fn client(&self) -> Client {
+        Client::new(&self.api, Some(TOKEN.into()))
+    }
+
+    fn status(&self) -> Option<ManagerStatus> {
+        self.client().manager_status().ok()
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for ManagerProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// An agent whose state directory holds the fleet token before it starts.
+fn agent() -> AgentProc {
+    let dir = scratch_dir();
+    std::fs::create_dir_all(dir.path().join("state")).expect("state dir");
+    std::fs::write(dir.path().join("state/api.token"), TOKEN).expect("token");
+    AgentProc::start_in(dir, &[], &[])
+}
+
+/// Polls until `check` holds of the two managers' statuses, or panics after `limit`.
+fn wait_for(
+    managers: &[&ManagerProc],
+    limit: Duration,
+    what: &str,
+    check: impl Fn(&[Option<ManagerStatus>]) -> bool,
+) -> Vec<Option<ManagerStatus>> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let statuses: Vec<_> = managers.iter().map(|m| m.status()).collect();
+        if check(&statuses) {
+            return statuses;
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "{what}: not after {limit:?}: {statuses:#?}\n{}",
+                managers
+                    .iter()
+                    .map(|m| m.log())
+                    .collect::<Vec<_>>()
+                    .join("\n---\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn active_index(statuses: &[Option<ManagerStatus>]) -> Option<usize> {
+    let actives: Vec<usize> = statuses
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.as_ref().is_some_and(|s| s.active))
+        .map(|(i, _)| i)
+        .collect();
+    assert!(actives.len() <= 1, "two actives: {statuses:#?}");
+    actives.first().copied()
+}
+
+fn agent_epoch(agent: &AgentProc) -> u64 {
+    let metrics = agent.client().metrics().expect("metrics");
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("ferry_manager_epoch "))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_pair_elects_moves_its_witness_and_fails_over() {
+    let agents: Vec<AgentProc> = (0..3).map(|_| agent()).collect();
+    let names: Vec<String> = agents
+        .iter()
+        .enumerate()
+        .map(|(i, a)| format!("h{}={}", i + 1, a.api))
+        .collect();
+    let dir = scratch_dir();
+    let apis = [
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_port()),
+    ];
+    let mut managers = [
+        ManagerProc::start(
+            "m1",
+            &apis[0],
+            &format!("m2={}", apis[1]),
+            &names,
+            dir.path(),
+        ),
+        ManagerProc::start(
+            "m2",
+            &apis[1],
+            &format!("m1={}", apis[0]),
+            &names,
+            dir.path(),
+        ),
+    ];
+
+    // Election: the first witness is chosen by both, one manager is active a lease later.
+    let statuses = wait_for(
+        &[&managers[0], &managers[1]],
+        Duration::from_secs(20),
+        "an active",
+        |s| active_index(s).is_some(),
+    );
+    let active = active_index(&statuses).expect("active");
+    let first = statuses[active].clone().expect("status");
+    let epoch = first.epoch.expect("epoch");
+    let witness = first.witness.clone().expect("witness");
+    let other = statuses[1 - active].clone().expect("standby status");
+    assert_eq!(
+        other.witness.as_ref(),
+        Some(&witness),
+        "both recorded the witness"
+    );
+
+    // The agents' fences learn the epoch from the active's pings.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while agents.iter().any(|a| agent_epoch(a) < epoch) {
+        assert!(
+            Instant::now() < deadline,
+            "fences did not learn epoch {epoch}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // The standby redirects a write it does not serve to the active.
+    let err = managers[1 - active]
+        .client()
+        .abort_job(1)
+        .expect_err("standby redirects");
+    assert_eq!(err.status(), Some(307), "{err}");
+
+    // Draining the witness moves the lease, with no failover.
+    let drained = witness.host.clone();
+    managers[1 - active]
+        .client()
+        .host_drain(&drained, true, false)
+        .expect("drain");
+    let statuses = wait_for(
+        &[&managers[0], &managers[1]],
+        Duration::from_secs(10),
+        "a move",
+        |s| {
+            s[active]
+                .as_ref()
+                .and_then(|s| s.witness.as_ref())
+                .is_some_and(|w| w.host != drained && w.generation == witness.generation + 1)
+        },
+    );
+    let moved = statuses[active].clone().expect("status");
+    assert!(
+        moved.active && moved.epoch == Some(epoch),
+        "no failover: {moved:?}"
+    );
+    assert_eq!(moved.role_changes, first.role_changes, "no role change");
+
+    // kill -9 of the active: the standby takes over within the lease plus a second.
+    let killed_at = Instant::now();
+    managers[active].kill();
+    let statuses = wait_for(
+        &[&managers[1 - active]],
+        Duration::from_secs(10),
+        "failover",
+        |s| s[0].as_ref().is_some_and(|s| s.active),
+    );
+    let failover = killed_at.elapsed();
+    let new_epoch = statuses[0].as_ref().and_then(|s| s.epoch).expect("epoch");
+    eprintln!("failover after kill -9: {failover:?}, epoch {epoch} -> {new_epoch}");
+    assert!(
+        failover <= Duration::from_secs(5),
+        "failover took {failover:?}"
+    );
+    assert!(new_epoch > epoch);
+
+    // The agents refuse the old epoch once the new active's pings reached them.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while agents.iter().any(|a| agent_epoch(a) < new_epoch) {
+        assert!(
+            Instant::now() < deadline,
+            "fences did not learn epoch {new_epoch}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let stale = agents[0].client().with_epoch(epoch).exports();
+    assert!(
+        matches!(stale, Err(ClientError::StaleEpoch { .. })),
+        "{stale:?}"
+    );
+
+    // The killed manager comes back as standby.
+    managers[active].spawn();
+    let statuses = wait_for(
+        &[&managers[0], &managers[1]],
+        Duration::from_secs(10),
+        "rejoin",
+        |s| {
+            s[active]
+                .as_ref()
+                .is_some_and(|s| s.peer.active && !s.active)
+        },
+    );
+    assert_eq!(active_index(&statuses), Some(1 - active));
+}
