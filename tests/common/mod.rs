@@ -3,6 +3,7 @@
 //! helpers to run the real NBD clients (qemu-io, qemu-img, nbdinfo, nbdcopy, nbdsh, fio).
 #![allow(dead_code)]
 
+pub mod managers;
 pub mod pair;
 
 use std::io::Read;
