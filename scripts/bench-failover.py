@@ -6,7 +6,8 @@ sharing one fleet token. Each run: wait until the pair is settled (one active, t
 hears it, both recorded the same witness, no move pending), kill -9 the active, and time
 until the standby is active: by its log line `manager role: active (epoch N)` (millisecond
 timestamps, the precise figure) and by polling its status every 50 ms (a check on the
-first). The killed manager is started again (it comes back standby) before the next run.
+first). The kill comes a random 0..1 s after the pair settled, so it falls anywhere between
+two renewals. The killed manager is started again (it comes back standby) before the next run.
 
 Only processes this script started are ever signalled, by their pid; all of them are killed
 on exit, even on failure or Ctrl-C.
@@ -178,7 +179,7 @@ def main():
             manager.start()
             wait_listening(manager, listens[i])
 
-        results = []
+        results, witnesses, moves = [], [], 0
         for run in range(1, args.runs + 1):
             deadline = time.monotonic() + 30
             while (active := settled([status(a) for a in listens])) is None:
@@ -187,7 +188,16 @@ def main():
                              + "\n".join(m.log() for m in managers))
                 time.sleep(0.05)
             standby = 1 - active
-            epoch = status(listens[active])["epoch"]
+            # The pair settles when the restarted standby hears the active's heartbeat, which
+            # leaves with a renewal: wait a random part of the renewal interval, so the kill
+            # falls anywhere between two renewals (failover = lease - that part, + a round trip).
+            phase_s = random.random()
+            time.sleep(phase_s)
+            before = status(listens[active])
+            epoch, witness = before["epoch"], before["witness"]
+            if witnesses and witnesses[-1] != witness:
+                moves += 1
+            witnesses.append(witness)
             killed_wall, killed_mono = time.time(), time.monotonic()
             managers[active].kill()
             poll_s = None
@@ -203,8 +213,10 @@ def main():
                     if act and e > epoch and w >= killed_wall - 0.01]
             log_s = min(took) if took else poll_s
             results.append(log_s)
-            print(f"run {run:2}: {ids[active]} killed at epoch {epoch}, {ids[standby]} active "
-                  f"after {log_s * 1000:.0f} ms (poll {poll_s * 1000:.0f} ms)", flush=True)
+            print(f"run {run:2}: {ids[active]} killed at epoch {epoch} ({phase_s * 1000:.0f} ms "
+                  f"after settling; witness {witness['host']} g{witness['generation']}), "
+                  f"{ids[standby]} active after {log_s * 1000:.0f} ms "
+                  f"(poll {poll_s * 1000:.0f} ms)", flush=True)
             managers[active].start()
             wait_listening(managers[active], listens[active])
 
@@ -212,6 +224,7 @@ def main():
         print(f"failover after kill -9 of the active, {len(results)} runs: "
               f"min {min(results) * 1000:.0f} ms, median {statistics.median(results) * 1000:.0f} ms, "
               f"max {max(results) * 1000:.0f} ms; {ok}/{len(results)} within {LIMIT_S:.0f} s")
+        print(f"witness moves between runs (no fault ever touched a witness): {moves}")
         return 0 if ok == len(results) else 1
     finally:
         for proc in procs:
