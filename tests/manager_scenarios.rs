@@ -340,6 +340,10 @@ impl Harness {
                 before.witness.host
             ));
         }
+        out.notes.push(format!(
+            "polls: {}",
+            timeline(&self.watch, &self.managers, start_ms, end_ms)
+        ));
         let overlaps = proven_overlaps(&self.watch, start_ms, end_ms);
         if overlaps > 0 {
             out.failures.push(format!(
@@ -383,6 +387,75 @@ impl Harness {
 
 fn sleep_ms(ms: u64) {
     std::thread::sleep(Duration::from_millis(ms));
+}
+
+/// A poll's role: `A<epoch>` active, `s` standby, `-` no answer.
+fn role_of(sample: &Sample) -> String {
+    match &sample.status {
+        None => "-".into(),
+        Some(status) => match sample.active_epoch() {
+            Some(epoch) => format!("A{epoch}"),
+            None if status.known_epoch > 0 => "s".into(),
+            None => "s0".into(),
+        },
+    }
+}
+
+/// Every change of either manager's polled role in `[from_ms, to_ms]`, as
+/// `+MS id=ROLE` (milliseconds after `from_ms`).
+fn timeline(watch: &Watch, managers: &[LabManager], from_ms: u64, to_ms: u64) -> String {
+    let mut samples: Vec<(usize, Sample)> = (0..managers.len())
+        .flat_map(|i| {
+            watch
+                .between(i, from_ms, to_ms)
+                .into_iter()
+                .map(move |s| (i, s))
+        })
+        .collect();
+    samples.sort_by_key(|(_, s)| s.recv_ms);
+    let mut current = vec![String::new(); managers.len()];
+    let mut changes = Vec::new();
+    for (i, sample) in samples {
+        let role = role_of(&sample);
+        if role != current[i] {
+            changes.push(format!(
+                "+{} {}={role}",
+                sample.recv_ms - from_ms,
+                managers[i].id
+            ));
+            current[i] = role;
+        }
+    }
+    changes.join(" ")
+}
+
+/// Every poll as CSV (`recv_ms,manager,role,known_epoch,witness,lease_remaining_ms`).
+fn polls_csv(watch: &Watch, managers: &[LabManager]) -> String {
+    let mut text = String::from("recv_ms,manager,role,known_epoch,witness,lease_remaining_ms\n");
+    for (i, manager) in managers.iter().enumerate() {
+        for sample in watch.between(i, 0, u64::MAX) {
+            let (known, witness, remaining) =
+                sample
+                    .status
+                    .as_ref()
+                    .map_or((String::new(), String::new(), String::new()), |s| {
+                        (
+                            s.known_epoch.to_string(),
+                            s.witness
+                                .as_ref()
+                                .map_or(String::new(), |w| format!("{}:g{}", w.host, w.generation)),
+                            s.lease_remaining_ms.to_string(),
+                        )
+                    });
+            text.push_str(&format!(
+                "{},{},{},{known},{witness},{remaining}\n",
+                sample.recv_ms,
+                manager.id,
+                role_of(&sample)
+            ));
+        }
+    }
+    text
 }
 
 /// Pairs of polls (one of each manager) that prove both active at one instant: each status
@@ -988,6 +1061,13 @@ fn manager_pair_scenarios() {
     eprintln!("{table}");
     let report = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("manager-scenarios.txt");
     let _ = std::fs::write(&report, &table);
+    let polls = report.with_file_name("manager-scenarios-polls.csv");
+    let _ = std::fs::write(&polls, polls_csv(&h.watch, &h.managers));
+    println!(
+        "(table in {}, every poll in {})",
+        report.display(),
+        polls.display()
+    );
     let failed = !failures.is_empty() || outcomes.iter().any(|o| !o.failures.is_empty());
     assert!(!failed, "{table}\n{}", h.logs());
 }
