@@ -47,7 +47,7 @@ pub struct SimOptions {
     pub margin_ms: u32,
     /// One-way message delay, uniform in `0..=delay_ms_max`.
     pub delay_ms_max: u32,
-    /// Messages lost, per mille.
+    /// Messages lost, per mille, until the heal.
     pub loss_per_mille: u32,
     /// Mean time between injected faults (0: none).
     pub fault_every_ms: u64,

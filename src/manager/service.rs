@@ -23,7 +23,9 @@ use crate::journal::status::DiskStatus;
 use crate::lease::role::PeerMessage;
 
 /// Agents asked at once for the fleet's status.
-const STATUS_FANOUT: usize = 16;
+const STATUS_FANOUT: usize = 32;
+/// How long one agent may take to give its status.
+const STATUS_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(1_500);
 
 /// The manager's API.
 pub struct ManagerService {
@@ -62,7 +64,10 @@ impl ManagerService {
         let agents = config
             .agents
             .iter()
-            .map(|agent| (agent.name.clone(), client(&agent.address)))
+            .map(|agent| {
+                let client = client(&agent.address).with_timeout(STATUS_TIMEOUT);
+                (agent.name.clone(), client)
+            })
             .collect();
         let peer = client(&config.peer_address);
         Self {
@@ -105,7 +110,10 @@ impl ManagerService {
                     Err(reply) => reply,
                 }
             }
-            (Method::Get, ["v1", "status"]) => Reply::json(200, &self.fleet_status()),
+            (Method::Get, ["v1", "status"]) => match batch_of(query) {
+                Ok(batch) => Reply::json(200, &self.fleet_status(batch.as_deref())),
+                Err(reply) => reply,
+            },
             (Method::Get, ["metrics"]) => self.metrics(),
             (Method::Get, _) => Reply::error(404, "no such manager path"),
             _ => self.not_here(path),
@@ -174,36 +182,37 @@ impl ManagerService {
         }
     }
 
-    /// Every agent's per-VM verdicts, asked `STATUS_FANOUT` at a time; an unreachable agent
-    /// is logged and left out.
-    fn fleet_status(&self) -> Vec<DiskStatus> {
+    /// Every agent's per-VM verdicts (of `batch`, if given), asked by `STATUS_FANOUT`
+    /// threads pulling agents from one queue (a slow agent holds only its own thread), each
+    /// call bounded by [`STATUS_TIMEOUT`]. An agent that does not answer is a line of its own
+    /// (needs-attention, naming the host), never silently left out.
+    fn fleet_status(&self, batch: Option<&str>) -> Vec<DiskStatus> {
         let epoch = self.shared.active_epoch.load(Ordering::Acquire);
-        let mut all = Vec::new();
-        for chunk in self.agents.chunks(STATUS_FANOUT) {
-            let answers: Vec<_> = std::thread::scope(|scope| {
-                let handles: Vec<_> = chunk
-                    .iter()
-                    .map(|(name, client)| {
-                        scope.spawn(move || {
-                            let answer = if epoch > 0 {
-                                client.at_epoch(epoch).migration_status(None)
-                            } else {
-                                client.migration_status(None)
-                            };
-                            (name, answer)
-                        })
-                    })
-                    .collect();
-                handles.into_iter().filter_map(|h| h.join().ok()).collect()
-            });
-            for (name, answer) in answers {
-                match answer {
-                    Ok(disks) => all.extend(disks),
-                    Err(err) => log::warn!("status of {name}: {}", crate::error::error_chain(&err)),
-                }
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let answers = std::sync::Mutex::new(Vec::with_capacity(self.agents.len()));
+        std::thread::scope(|scope| {
+            for _ in 0..STATUS_FANOUT.min(self.agents.len()) {
+                scope.spawn(|| loop {
+                    let index = next.fetch_add(1, Ordering::Relaxed);
+                    let Some((name, client)) = self.agents.get(index) else {
+                        break;
+                    };
+                    let answer = if epoch > 0 {
+                        client.at_epoch(epoch).migration_status(batch)
+                    } else {
+                        client.migration_status(batch)
+                    };
+                    let lines = answer.unwrap_or_else(|err| vec![unreachable_line(name, &err)]);
+                    answers
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push((index, lines));
+                });
             }
-        }
-        all
+        });
+        let mut answers = answers.into_inner().unwrap_or_else(|p| p.into_inner());
+        answers.sort_by_key(|(index, _)| *index);
+        answers.into_iter().flat_map(|(_, lines)| lines).collect()
     }
 
     /// A write this manager does not serve: the standby points to the active.
@@ -282,5 +291,37 @@ impl Service for ManagerService {
         };
         let mut body = body;
         self.route(method, path, query, &mut body)
+    }
+}
+
+/// `?batch=NAME`, checked against the name rule.
+fn batch_of(query: &str) -> Result<Option<String>, Reply> {
+    let Some(batch) = query
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("batch="))
+    else {
+        return Ok(None);
+    };
+    crate::name::validate(batch).map_err(|err| Reply::error(400, format!("batch: {err}")))?;
+    Ok(Some(batch.to_string()))
+}
+
+/// The line of an agent that did not answer.
+fn unreachable_line(host: &str, err: &crate::api::ClientError) -> DiskStatus {
+    log::warn!("status of {host}: {}", crate::error::error_chain(err));
+    DiskStatus {
+        job_id: 0,
+        batch: None,
+        export: "*".into(),
+        role: format!("host {host}"),
+        phase: "unknown".into(),
+        peer_state: None,
+        peer_unreachable: Some(err.to_string()),
+        destination_bytes: None,
+        verdict: "needs-attention".into(),
+        reason: format!("agent {host} did not answer: its disks' verdicts are unknown"),
+        action: format!("check host {host}, then ask again"),
+        forwarding: None,
+        seed: None,
     }
 }

@@ -205,6 +205,15 @@ impl World {
             self.check()?;
         }
         self.report.active_at_end = self.actives().iter().any(Option::is_some);
+        // LEASE_SIM_DEBUG=1: the end state of a run that found no active, for diagnosis.
+        if !self.report.active_at_end && std::env::var_os("LEASE_SIM_DEBUG").is_some() {
+            for node in &self.managers {
+                eprintln!("{:#?}", node.role);
+            }
+            for (host, node) in self.hosts.iter().enumerate() {
+                eprintln!("h{}: {:?}, disk {:?}", host + 1, node.witness, node.disk);
+            }
+        }
         self.report.witness_moves = self
             .managers
             .iter()
@@ -349,8 +358,10 @@ impl World {
     }
 
     /// Sends over the link `from`-`to` (node indices), unless cut or lost.
+    /// Loss stops with the other faults at the heal.
     fn send(&mut self, from: usize, to: usize, delay_ns: u64, event: Event) {
-        if self.cut[from][to] || self.prng.chance(self.options.loss_per_mille) {
+        let lost = self.faults_on && self.prng.chance(self.options.loss_per_mille);
+        if self.cut[from][to] || lost {
             return;
         }
         self.queue.push(self.now_ns + delay_ns, event);
