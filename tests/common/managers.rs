@@ -9,6 +9,7 @@
 //! - what the test did to each manager process (started, killed, paused, resumed),
 //! - the role changes each manager logged (`manager role: active|standby (epoch N): why`).
 
+pub mod checks;
 pub mod jitter;
 
 use std::path::{Path, PathBuf};
