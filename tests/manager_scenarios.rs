@@ -605,7 +605,7 @@ fn drain_witness(h: &mut Harness) -> Outcome {
 
 fn pause_active(h: &mut Harness) -> Outcome {
     let paused_at = std::cell::Cell::new(0);
-    let (mut resumed_at, mut old, mut refused) = (0, 0, 0);
+    let (mut resumed_at, mut old, mut refused) = (0, 0, Vec::new());
     let mut out = h.scenario(
         "8 SIGSTOP the active 8 s",
         true,
@@ -627,7 +627,8 @@ fn pause_active(h: &mut Harness) -> Outcome {
     out.notes
         .push(format!("stopped {} ms", resumed_at - paused_at.get()));
     out.notes.push(format!(
-        "agents refused {refused} calls at epoch {} after SIGCONT",
+        "agents refused {} calls at epoch {} after SIGCONT {refused:?}",
+        refused.len(),
         out.epochs.0
     ));
     let woke = h
@@ -647,22 +648,28 @@ fn pause_active(h: &mut Harness) -> Outcome {
     out
 }
 
-/// Calls at `epoch` the agents refused as stale (their log says so) since `from_ms`.
-fn stale_refusals(h: &Harness, epoch: u64, from_ms: u64) -> usize {
-    let needle = format!("manager epoch {epoch} is older");
-    h.agents
-        .iter()
-        .flat_map(|agent| {
-            agent
-                .log()
-                .lines()
-                .filter(|line| line.contains(&needle))
-                .filter_map(|line| line.strip_prefix('[')?.split_whitespace().next())
-                .filter_map(common::managers::rfc3339_ms)
-                .filter(|at| *at >= from_ms)
-                .collect::<Vec<_>>()
-        })
-        .count()
+/// Calls at `epoch` the agents refused as stale since `from_ms`, by their logs
+/// (`[STAMP WARN ...] control API: GET /v1/exports: manager epoch 3 is older ...`), as
+/// `host: METHOD PATH`.
+fn stale_refusals(h: &Harness, epoch: u64, from_ms: u64) -> Vec<String> {
+    let needle = format!(": manager epoch {epoch} is older");
+    let mut refused = Vec::new();
+    for agent in &h.agents {
+        for line in agent.log().lines().filter(|line| line.contains(&needle)) {
+            let at = line
+                .strip_prefix('[')
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(common::managers::rfc3339_ms);
+            if at.is_some_and(|at| at >= from_ms) {
+                let call = line
+                    .split_once("control API: ")
+                    .and_then(|(_, rest)| rest.split_once(&needle))
+                    .map_or("?", |(call, _)| call);
+                refused.push(format!("{}: {call}", agent.host));
+            }
+        }
+    }
+    refused
 }
 
 /// 9a makes the manager whose every link runs through a jitter proxy the active (restarted
