@@ -3,7 +3,7 @@
 //! each disk is authoritative.
 //!
 //! ```text
-//!  NBD client (QEMU, qemu-io, nbdcopy, fio ...)            ferry CLI / demo / (manager)
+//!  NBD client (QEMU, qemu-io, nbdcopy, fio ...)            ferry CLI / demo / manager
 //!    │ unix socket / TCP                                          │ api::Client (HTTP/JSON)
 //!  ┌─▼───────────────────────────── ferry agent ──────────────────▼──────────────────────┐
 //!  │ nbd::server ─► nbd::session ─► io engine (io_uring, O_DIRECT) ─► image              │
@@ -35,7 +35,8 @@
 //! | 9 | [`journal`] | the durable record of every migration and the commit protocol's pure decisions, simulated |
 //! | 10 | [`jobs`] | the algorithm run on real exports: the job environment and the job table; seed catch-ups, and seed export and import on real images |
 //! | 11 | [`api`] | DTOs, the HTTP server over a `Control` trait, the client, rendering, the batch driver |
-//! | 12 | [`agent`] | the composition root: config, exports, trackers, migrations, targets, recovery (`manager` will sit here) |
+//! | 12 | [`agent`] | the composition root: config, exports, trackers, migrations, targets, recovery, the witness service, the epoch fence |
+//! | 12 | [`manager`] | `ferry manager`: the active/standby control plane over many agents (its lease loop, batches across agents, its API) |
 //! | 13 | [`demo`] | `ferry demo`: agents as child processes, driven through the API |
 //! | 14 | [`cli`] | argument parsing and the commands, each an API call and a rendering |
 #![forbid(unsafe_code)]

@@ -297,3 +297,153 @@ fn a_pair_elects_moves_its_witness_and_fails_over() {
     );
     assert_eq!(active_index(&statuses), Some(1 - active));
 }
+
+/// Writes `size_mib` MiB of pseudo-random data into a new image.
+fn data_image(path: &Path, size_mib: usize, seed: u8) {
+    let mut bytes = vec![0u8; size_mib << 20];
+    let mut state = u64::from(seed) + 1;
+    for chunk in bytes.chunks_mut(8) {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
+    }
+    std::fs::write(path, bytes).expect("image");
+}
+
+/// An agent with the fleet token and the cluster key, serving `exports`, with `extra` flags.
+fn keyed_agent(key: &Path, exports: &[String], extra: &[&str]) -> (AgentProc, String) {
+    let dir = scratch_dir();
+    std::fs::create_dir_all(dir.path().join("state")).expect("state dir");
+    std::fs::write(dir.path().join("state/api.token"), TOKEN).expect("token");
+    let transfer = format!("127.0.0.1:{}", free_port());
+    let key = key.display().to_string();
+    let mut flags = vec!["--transfer", &transfer, "--cluster-key", &key];
+    flags.extend_from_slice(extra);
+    (AgentProc::start_in(dir, exports, &flags), transfer)
+}
+
+#[test]
+fn a_batch_driven_by_the_manager_survives_a_failover() {
+    // Goal: `ferry migrate --batch` against a manager moves disks between agents, jobs named
+    // across the fleet (SOURCE:ID), and the batch carries on after the active is killed.
+    // Method: h1 serves three 16 MiB images, h2 receives (named by host: the manager knows
+    // its block-stream address), h3 is a witness candidate; concurrency 1 at 4 MiB/s, so the
+    // batch lasts ~12 s; kill -9 the active once the first job runs; the new active finishes
+    // it; every item is migrated with the images' digests compared at the switchover.
+    let keys = scratch_dir();
+    let key = common::pair::write_key(keys.path());
+    let images = scratch_dir();
+    let exports: Vec<String> = (1..=3)
+        .map(|i| {
+            let path = images.path().join(format!("vm{i}.img"));
+            data_image(&path, 16, i as u8);
+            format!("vm{i}={}", path.display())
+        })
+        .collect();
+    let (h1, _) = keyed_agent(&key, &exports, &[]);
+    let (h2, h2_transfer) = keyed_agent(&key, &[], &["--tcp"]);
+    let (h3, _) = keyed_agent(&key, &[], &[]);
+    let names = vec![
+        format!("h1={}", h1.api),
+        format!("h2={},{h2_transfer}", h2.api),
+        format!("h3={}", h3.api),
+    ];
+    let dir = scratch_dir();
+    let apis = [
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_port()),
+    ];
+    let mut managers = [
+        ManagerProc::start(
+            "m1",
+            &apis[0],
+            &format!("m2={}", apis[1]),
+            &names,
+            dir.path(),
+        ),
+        ManagerProc::start(
+            "m2",
+            &apis[1],
+            &format!("m1={}", apis[0]),
+            &names,
+            dir.path(),
+        ),
+    ];
+    let statuses = wait_for(
+        &[&managers[0], &managers[1]],
+        Duration::from_secs(20),
+        "an active",
+        |s| active_index(s).is_some(),
+    );
+    let active = active_index(&statuses).expect("active");
+    let token_file = dir.path().join("fleet.token");
+    let out = Command::new(agent_bin())
+        .args([
+            "migrate", "vm1", "vm2", "vm3", "--to", "h2", "--batch", "b1",
+        ])
+        .args([
+            "--concurrency",
+            "1",
+            "--bandwidth",
+            "4M",
+            "--verify",
+            "--no-wait",
+        ])
+        .args(["--api", &managers[active].api, "--token-file"])
+        .arg(&token_file)
+        .output()
+        .expect("ferry migrate");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Kill the active once the first job runs.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let view = managers[active].client().manager_batch("b1");
+        if view.is_ok_and(|v| v.items.iter().any(|i| i.state == "running")) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no job started:\n{}",
+            managers[active].log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    managers[active].kill();
+
+    // The other manager takes over and finishes the batch.
+    let survivor = &managers[1 - active];
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let view = loop {
+        if let Ok(view) = survivor.client().manager_batch("b1") {
+            if view.done {
+                break view;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "batch not done:\n{}",
+            survivor.log()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    eprintln!("{view:#?}");
+    for item in &view.items {
+        assert_eq!(item.state, "migrated", "{item:?}");
+        assert!(
+            item.job
+                .as_deref()
+                .is_some_and(|job| job.starts_with("h1:")),
+            "{item:?}"
+        );
+    }
+    let lines = h1.client().migration_status(Some("b1")).expect("status");
+    let migrated = lines.iter().filter(|l| l.verdict == "migrated").count();
+    assert_eq!(migrated, 3, "{lines:#?}");
+    drop((h2, h3));
+}

@@ -86,3 +86,57 @@ pub struct TakeoverRequest {
     /// The host to record as witness (one this manager reaches).
     pub witness: String,
 }
+
+/// `POST /v1/manager/batches`: a batch the active manager drives across agents.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchPlan {
+    /// The batch's name (journaled on both sides of every job).
+    pub name: String,
+    /// Jobs running at once across the fleet.
+    pub concurrency: usize,
+    /// What moves where.
+    pub items: Vec<BatchItem>,
+    /// Options of every job (its `to` and `batch` are set per item).
+    pub options: crate::api::types::MigrateRequest,
+}
+
+/// One export of a batch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchItem {
+    /// The export (VM disk).
+    pub export: String,
+    /// The managed host serving it; found by the manager when absent.
+    #[serde(default)]
+    pub source: Option<String>,
+    /// The destination's block-stream address, or a managed host's name whose `transfer`
+    /// address the manager knows.
+    pub to: String,
+}
+
+/// A batch as the active manager last saw it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchView {
+    /// The batch's name.
+    pub name: String,
+    /// Every item's state.
+    pub items: Vec<BatchItemView>,
+    /// Every item reached a final state.
+    pub done: bool,
+}
+
+/// One item's state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchItemView {
+    /// The export.
+    pub export: String,
+    /// Its source host.
+    pub source: String,
+    /// The destination's address.
+    pub to: String,
+    /// waiting, running, resuming, migrated, not-migrated, needs-attention, unknown.
+    pub state: String,
+    /// The job, unique across the fleet: `SOURCE:ID`.
+    pub job: Option<String>,
+    /// Why, when not migrated.
+    pub reason: Option<String>,
+}

@@ -27,7 +27,7 @@
 //! | GET    | /v1/status?batch=B                        |             | [DiskStatus]    |
 //! | GET    | /v1/journal/jobs?batch=B                  |             | [JournalJob]    |
 //! | POST   | /v1/leases/{pair}                         | LeaseCall   | LeaseReply      |
-//! | GET    | /v1/leases                                |             | [LeaseStatus]   |
+//! | GET    | /v1/leases                                |             | [`leases::LeaseStatus`] |
 //! | GET    | /metrics                                  |             | Prometheus text |
 //!
 //! `GET /v1/status` is `ferry status`: the agent judges every job of its journal (of batch

@@ -2,7 +2,9 @@
 //! drain|undrain`.
 
 use super::{client, print_json, ApiTarget, CliError, HostAction, ManagerAction, ManagerArgs};
-use crate::api::fleet::{ManagerStatus, TakeoverRequest};
+use crate::api::fleet::{BatchItem, BatchPlan, BatchView, ManagerStatus, TakeoverRequest};
+use crate::api::types::MigrateRequest;
+use crate::api::Client;
 use crate::manager::{ManagerConfig, Overrides};
 
 /// `ferry manager [status | takeover]`.
@@ -143,4 +145,99 @@ fn render(status: &ManagerStatus) -> String {
         let _ = writeln!(out, "  {} {}: {heard}", agent.name, agent.address);
     }
     out
+}
+
+/// `ferry migrate --batch ... --api MANAGER`: hands the plan to the active manager (a standby
+/// answers with a redirect naming it), then follows the batch until every item is final.
+pub fn drive_batch(
+    client: &Client,
+    batch: &str,
+    pairs: Vec<(String, String)>,
+    options: MigrateRequest,
+    concurrency: usize,
+    no_wait: bool,
+    json: bool,
+) -> Result<(), CliError> {
+    let plan = BatchPlan {
+        name: batch.to_string(),
+        concurrency,
+        items: pairs
+            .into_iter()
+            .map(|(export, to)| BatchItem {
+                export,
+                source: None,
+                to,
+            })
+            .collect(),
+        options,
+    };
+    let peer = client
+        .manager_status()
+        .ok()
+        .map(|status| status.peer.address);
+    let mut view = client
+        .manager_submit_batch(&plan, false)
+        .map_err(CliError::Api)?;
+    let mut managers = vec![client.for_address(&client_addr(client))];
+    managers.extend(peer.map(|addr| client.for_address(&addr)));
+    let mut printed: Vec<String> = Vec::new();
+    loop {
+        let lines = batch_lines(&view);
+        for line in lines.iter().filter(|line| !printed.contains(line)) {
+            if !json {
+                println!("{line}");
+            }
+        }
+        printed = lines;
+        if view.done || no_wait {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        // After a failover the other manager knows the plan too: ask whichever answers.
+        match managers
+            .iter()
+            .find_map(|manager| manager.manager_batch(batch).ok())
+        {
+            Some(next) => view = next,
+            None => eprintln!("ferry: no manager answers about batch {batch} (retrying)"),
+        }
+    }
+    if json {
+        print_json(&view);
+    }
+    let failed = view
+        .items
+        .iter()
+        .filter(|item| item.state != "migrated")
+        .count();
+    if view.done && failed > 0 {
+        return Err(CliError::BatchFailed {
+            batch: batch.to_string(),
+            failed,
+            total: view.items.len(),
+        });
+    }
+    Ok(())
+}
+
+fn batch_lines(view: &BatchView) -> Vec<String> {
+    view.items
+        .iter()
+        .map(|item| {
+            let job = item.job.as_deref().unwrap_or("-");
+            let why = item
+                .reason
+                .as_deref()
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default();
+            format!(
+                "{} {} -> {} [{job}]: {}{why}",
+                item.export, item.source, item.to, item.state
+            )
+        })
+        .collect()
+}
+
+fn client_addr(client: &Client) -> String {
+    client.addr().to_string()
 }

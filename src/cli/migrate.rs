@@ -116,7 +116,9 @@ pub fn migrate(
     if pairs.is_empty() {
         return Err(CliError::Usage("name an export (or give --plan)"));
     }
-    if pairs.len() == 1 && plan.batch.is_none() && plan.file.is_none() {
+    // A manager (it answers its status) drives the batch across the fleet itself.
+    let manager = client.manager_status().is_ok();
+    if pairs.len() == 1 && plan.batch.is_none() && plan.file.is_none() && !manager {
         return migrate_one(&client, &pairs[0].0, request, no_wait, target.json);
     }
     let batch = plan.batch.unwrap_or_else(|| {
@@ -125,6 +127,17 @@ pub fn migrate(
             .map_or(0, |d| d.as_secs());
         format!("batch-{secs}")
     });
+    if manager {
+        return super::manager::drive_batch(
+            &client,
+            &batch,
+            pairs,
+            request,
+            concurrency,
+            no_wait,
+            target.json,
+        );
+    }
     let items = pairs
         .into_iter()
         .map(|(export, to)| Item {

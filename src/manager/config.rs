@@ -22,7 +22,10 @@
 //! [[agents]]
 //! name = "h1"
 //! address = "10.0.0.1:7600"
+//! transfer = "10.0.0.1:7451"     # optional: batches may then name h1 as a destination
 //! ```
+//!
+//! `--agent NAME=ADDRESS[,TRANSFER]` adds one from the command line.
 //!
 //! Invariants: a listen address off loopback needs `tls_creds` (the manager then speaks TLS
 //! to agents and its peer too); ids, the pair and host names follow the name rule; the two ids differ; the
@@ -76,6 +79,9 @@ pub struct AgentEntry {
     pub name: String,
     /// Its control API address.
     pub address: String,
+    /// Its block-stream address, so batches may name it as a destination.
+    #[serde(default)]
+    pub transfer: Option<String>,
 }
 
 /// The peer manager.
@@ -282,8 +288,16 @@ impl ManagerConfig {
         }
         let mut agents = file.agents;
         for text in &ov.agents {
-            let (name, address) = parse_pair("agent", text)?;
-            agents.push(AgentEntry { name, address });
+            let (name, addresses) = parse_pair("agent", text)?;
+            let (address, transfer) = match addresses.split_once(',') {
+                Some((address, transfer)) => (address.to_string(), Some(transfer.to_string())),
+                None => (addresses, None),
+            };
+            agents.push(AgentEntry {
+                name,
+                address,
+                transfer,
+            });
         }
         check_agents(&agents)?;
         file.lease.validate()?;

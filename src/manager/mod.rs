@@ -27,6 +27,7 @@ use crate::api::fleet::{AgentView, ManagerStatus, PeerView};
 use crate::env::{Clock, MonotonicClock};
 use crate::lease::role::{Role, RoleConfig, Rules};
 
+pub mod batches;
 pub mod config;
 pub mod link;
 pub mod runtime;
@@ -139,8 +140,19 @@ pub fn start(
         .listen
         .parse()
         .map_err(|_| ManagerError::Listen(config.listen.clone()))?;
+    let driver = Arc::new(batches::Driver::new(
+        batches::BatchStore::new(&config.state_dir),
+        agent_clients(&config, &token, client_tls.as_ref()),
+        shared.clone(),
+    ));
+    let driving = driver.clone();
+    std::thread::Builder::new()
+        .name("mgr-batches".into())
+        .spawn(move || driving.run())
+        .map_err(ManagerError::Spawn)?;
     let channels = (inputs_tx, shared.clone());
-    let service = service::ManagerService::new(token, config, channels, client_tls.as_ref());
+    let service =
+        service::ManagerService::new(token, config, channels, client_tls.as_ref(), driver);
     let api =
         crate::api::listen::start_tls(addr, API_WORKERS, "mgr-api", Arc::new(service), server_tls)?;
     Ok(Running { shared, api })
@@ -170,6 +182,27 @@ pub fn run(config: ManagerConfig) -> Result<(), ManagerError> {
     }
     running.stop();
     Ok(())
+}
+
+/// One API client per managed agent (calls bounded: a dead agent costs a round, not more).
+fn agent_clients(
+    config: &ManagerConfig,
+    token: &str,
+    tls: Option<&crate::api::tls::ClientTlsOptions>,
+) -> std::collections::HashMap<String, crate::api::Client> {
+    config
+        .agents
+        .iter()
+        .map(|agent| {
+            let client = crate::api::Client::new(&agent.address, Some(token.to_string()))
+                .with_timeout(Duration::from_secs(3));
+            let client = match tls {
+                Some(tls) => client.with_tls(tls),
+                None => client,
+            };
+            (agent.name.clone(), client)
+        })
+        .collect()
 }
 
 fn role_config(config: &ManagerConfig) -> RoleConfig {

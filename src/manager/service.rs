@@ -11,9 +11,10 @@ use std::sync::Arc;
 
 use crossbeam_channel::Sender;
 
+use super::batches::Driver;
 use super::config::ManagerConfig;
 use super::runtime::{Input, Shared};
-use crate::api::fleet::TakeoverRequest;
+use crate::api::fleet::{BatchPlan, TakeoverRequest};
 use crate::api::http::{Head, Method, Reply};
 use crate::api::listen::Service;
 use crate::api::server::{authenticate, decode, flag, path_segments};
@@ -29,6 +30,7 @@ const STATUS_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(1_5
 
 /// The manager's API.
 pub struct ManagerService {
+    driver: Arc<Driver>,
     token: String,
     config: ManagerConfig,
     inputs: Sender<Input>,
@@ -52,6 +54,7 @@ impl ManagerService {
         config: ManagerConfig,
         channels: (Sender<Input>, Arc<Shared>),
         tls: Option<&ClientTlsOptions>,
+        driver: Arc<Driver>,
     ) -> Self {
         let (inputs, shared) = channels;
         let client = |address: &str| {
@@ -71,6 +74,7 @@ impl ManagerService {
             .collect();
         let peer = client(&config.peer_address);
         Self {
+            driver,
             token,
             config,
             inputs,
@@ -108,6 +112,27 @@ impl ManagerService {
                 match flag(query, "from_peer") {
                     Ok(from_peer) => self.drain(name, *action == "drain", from_peer),
                     Err(reply) => reply,
+                }
+            }
+            (Method::Post, ["v1", "manager", "batches"]) => match flag(query, "from_peer") {
+                Ok(from_peer) => match decode::<BatchPlan>(body) {
+                    Ok(plan) => self.submit(plan, from_peer, path),
+                    Err(reply) => reply,
+                },
+                Err(reply) => reply,
+            },
+            (Method::Get, ["v1", "manager", "batches"]) => Reply::json(
+                200,
+                &*self.driver.views.lock().unwrap_or_else(|p| p.into_inner()),
+            ),
+            (Method::Get, ["v1", "manager", "batches", name]) => {
+                let views = self.driver.views.lock().unwrap_or_else(|p| p.into_inner());
+                match views.iter().find(|view| view.name == *name) {
+                    Some(view) => Reply::json(200, view),
+                    None => Reply::error(
+                        404,
+                        format!("no batch {name} (yet: the driver looks every 0.5 s)"),
+                    ),
                 }
             }
             (Method::Get, ["v1", "status"]) => match batch_of(query) {
@@ -215,6 +240,100 @@ impl ManagerService {
         answers.into_iter().flat_map(|(_, lines)| lines).collect()
     }
 
+    /// Checks, completes (sources, destinations), saves and replicates a plan; the driver
+    /// takes it from the store. Only the active takes plans from the operator.
+    fn submit(&self, mut plan: BatchPlan, from_peer: bool, path: &str) -> Reply {
+        if let Err(message) = check_plan(&plan) {
+            return Reply::error(400, message);
+        }
+        if !from_peer {
+            if !self
+                .shared
+                .status
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .active
+            {
+                return self.not_here(path);
+            }
+            if let Err(message) = self.complete(&mut plan) {
+                return Reply::error(400, message);
+            }
+        }
+        if let Err(err) = self.driver.store().save(&plan) {
+            return Reply::error(500, crate::error::error_chain(&err));
+        }
+        if !from_peer {
+            if let Err(err) = self.peer.manager_submit_batch(&plan, true) {
+                log::warn!(
+                    "batch {}: the peer manager did not store it (a failover now would not \
+                     know of it): {}",
+                    plan.name,
+                    crate::error::error_chain(&err)
+                );
+            }
+        }
+        Reply::json(202, &crate::manager::batches::planned(&plan))
+    }
+
+    /// Finds each item's source (the one agent serving the export) and turns a managed
+    /// host named as destination into its block-stream address.
+    fn complete(&self, plan: &mut BatchPlan) -> Result<(), String> {
+        let mut served: Option<Vec<(String, Vec<String>)>> = None;
+        for item in &mut plan.items {
+            if let Some(agent) = self.config.agents.iter().find(|a| a.name == item.to) {
+                item.to = agent.transfer.clone().ok_or_else(|| {
+                    format!(
+                        "{} has no transfer address in the manager's configuration",
+                        agent.name
+                    )
+                })?;
+            }
+            match &item.source {
+                Some(source) if self.managed(source) => {}
+                Some(source) => return Err(format!("{source} is not a managed host")),
+                None => {
+                    let served = served.get_or_insert_with(|| self.exports_by_host());
+                    let hosts: Vec<&String> = served
+                        .iter()
+                        .filter(|(_, exports)| exports.contains(&item.export))
+                        .map(|(host, _)| host)
+                        .collect();
+                    match hosts.as_slice() {
+                        [host] => item.source = Some((*host).clone()),
+                        [] => return Err(format!("no managed agent serves {}", item.export)),
+                        _ => {
+                            return Err(format!(
+                                "{} is served by several agents: name its source",
+                                item.export
+                            ))
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every reachable agent's export names.
+    fn exports_by_host(&self) -> Vec<(String, Vec<String>)> {
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = self
+                .agents
+                .iter()
+                .map(|(name, client)| {
+                    scope.spawn(move || {
+                        let exports = client
+                            .exports()
+                            .map(|list| list.into_iter().map(|e| e.name).collect());
+                        (name.clone(), exports.unwrap_or_default())
+                    })
+                })
+                .collect();
+            handles.into_iter().filter_map(|h| h.join().ok()).collect()
+        })
+    }
+
     /// A write this manager does not serve: the standby points to the active.
     fn not_here(&self, path: &str) -> Reply {
         let status = self.shared.status.lock().unwrap_or_else(|p| p.into_inner());
@@ -292,6 +411,31 @@ impl Service for ManagerService {
         let mut body = body;
         self.route(method, path, query, &mut body)
     }
+}
+
+/// A plan's shape: names under the name rule, a sane concurrency and size.
+fn check_plan(plan: &BatchPlan) -> Result<(), String> {
+    crate::name::validate(&plan.name).map_err(|err| format!("batch: {err}"))?;
+    if !(1..=64).contains(&plan.concurrency) {
+        return Err("concurrency must be 1..=64".into());
+    }
+    if plan.items.is_empty() || plan.items.len() > 10_000 {
+        return Err("a batch has 1..=10000 items".into());
+    }
+    for item in &plan.items {
+        crate::name::validate(&item.export).map_err(|err| format!("export: {err}"))?;
+        if item.to.is_empty()
+            || item
+                .to
+                .contains(|c: char| c.is_whitespace() || c.is_control())
+        {
+            return Err(format!(
+                "{}: destination {:?} is not an address",
+                item.export, item.to
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// `?batch=NAME`, checked against the name rule.

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use super::{encode, json, Client, ClientError};
-use crate::api::fleet::{ManagerStatus, TakeoverRequest};
+use crate::api::fleet::{BatchPlan, BatchView, ManagerStatus, TakeoverRequest};
 use crate::lease::role::PeerMessage;
 
 impl Client {
@@ -19,6 +19,26 @@ impl Client {
     /// A copy of this client carrying `epoch` on every call (see [`Client::with_epoch`]).
     pub fn at_epoch(&self, epoch: u64) -> Client {
         self.copy_with_epoch(Some(epoch))
+    }
+
+    /// A client of another address with this one's token, TLS and timeout (a manager's
+    /// peer, after a failover).
+    pub fn for_address(&self, addr: &str) -> Client {
+        let mut other = Client::new(addr, self.token.clone());
+        other.tls.clone_from(&self.tls);
+        other.timeout = self.timeout;
+        other.http = other.build_http();
+        if other.tls.is_some() {
+            if let Some(rest) = other.base_url.strip_prefix("http://") {
+                other.base_url = format!("https://{rest}");
+            }
+        }
+        other
+    }
+
+    /// The address this client calls.
+    pub fn addr(&self) -> &str {
+        &self.addr
     }
 
     /// `GET /v1/manager/status`.
@@ -56,5 +76,35 @@ impl Client {
             &[]
         };
         self.call("POST", &path, query, None).map(drop)
+    }
+
+    /// `POST /v1/manager/batches`: the active manager drives `plan` (`from_peer`: the
+    /// active replicating it to the standby).
+    pub fn manager_submit_batch(
+        &self,
+        plan: &BatchPlan,
+        from_peer: bool,
+    ) -> Result<BatchView, ClientError> {
+        let query: &[(&str, &str)] = if from_peer {
+            &[("from_peer", "true")]
+        } else {
+            &[]
+        };
+        self.call_json("POST", "/v1/manager/batches", query, Some(json(plan)))
+    }
+
+    /// `GET /v1/manager/batches/{name}`.
+    pub fn manager_batch(&self, name: &str) -> Result<BatchView, ClientError> {
+        self.call_json(
+            "GET",
+            &format!("/v1/manager/batches/{}", encode(name)),
+            &[],
+            None,
+        )
+    }
+
+    /// `GET /v1/manager/batches`.
+    pub fn manager_batches(&self) -> Result<Vec<BatchView>, ClientError> {
+        self.call_json("GET", "/v1/manager/batches", &[], None)
     }
 }

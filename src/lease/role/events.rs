@@ -58,7 +58,10 @@ impl Role {
         if lease.witness_generation != generation {
             return;
         }
-        self.witness_epoch = self.witness_epoch.max(lease.epoch);
+        // What the witness holds now, even if lower than shown before: a record write that
+        // failed (shown with its new epoch, held by nobody) may be lost to a crash, and the
+        // compare-and-swap needs the epoch the witness has. Nobody ever held the lost one.
+        self.witness_epoch = lease.epoch;
         if self.phase == Phase::Standby && remaining_ms > 0 {
             self.next_ask_ns = Some(now_ns + remaining_ms * 1_000_000);
         }
