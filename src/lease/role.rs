@@ -93,8 +93,10 @@ pub enum PeerMessage {
         active: bool,
         /// Its recorded choice.
         choice: Option<WitnessChoice>,
-        /// Hosts it heard from recently.
-        reaches: Vec<String>,
+        /// Hosts it heard from recently; `None` until it has run for the reach timeout (a
+        /// manager that just started has not heard from every host yet, and a partial list
+        /// would read as "the witness is unreachable to me").
+        reaches: Option<Vec<String>>,
     },
     /// The sender (the active, or the lower id at first) proposes a witness.
     Propose {
@@ -170,7 +172,10 @@ pub struct Role {
     last_lease_sent_ns: Option<u64>,
     last_witness_ok_ns: Option<u64>,
     peer_heard_ns: Option<u64>,
-    peer_reaches: Vec<String>,
+    /// What the peer's last heartbeat said it reaches (`None`: not known yet).
+    peer_reaches: Option<Vec<String>>,
+    /// When this role first ticked (local time).
+    started_ns: Option<u64>,
     peer_choice: Option<WitnessChoice>,
     peer_active: bool,
     /// Hosts heard from, with when.
@@ -193,7 +198,8 @@ impl Role {
             last_lease_sent_ns: None,
             last_witness_ok_ns: None,
             peer_heard_ns: None,
-            peer_reaches: Vec::new(),
+            peer_reaches: None,
+            started_ns: None,
             peer_choice: None,
             peer_active: false,
             heard: Vec::new(),
@@ -226,6 +232,21 @@ impl Role {
     /// What is kept durably.
     pub fn durable(&self) -> &RoleDurable {
         &self.durable
+    }
+
+    /// The epoch it acts under and the local time it must stop by, when active at `now_ns`.
+    pub fn acting(&self, now_ns: u64) -> Option<(u64, u64)> {
+        match self.phase {
+            Phase::Active {
+                epoch, deadline, ..
+            }
+            | Phase::Moving { epoch, deadline }
+                if deadline.allows(now_ns) =>
+            {
+                Some((epoch, deadline.until_ns()))
+            }
+            _ => None,
+        }
     }
 
     /// Time left on the lease at `now_ns`, in nanoseconds (zero when standby).
@@ -341,6 +362,7 @@ impl Role {
     /// Time passes: deadlines, heartbeats, renewals, acquisitions, moves.
     pub fn tick(&mut self, now_ns: u64) -> Vec<Out> {
         let mut out = Vec::new();
+        self.started_ns.get_or_insert(now_ns);
         if !self.is_active(now_ns) {
             self.step_down("the lease deadline passed", &mut out);
         }
@@ -390,12 +412,16 @@ impl Role {
     }
 
     fn heartbeat(&self, now_ns: u64) -> PeerMessage {
-        let reaches = self
-            .heard
-            .iter()
-            .filter(|(_, at_ns)| self.recent(*at_ns, now_ns))
-            .map(|(name, _)| name.clone())
-            .collect();
+        let settled = self
+            .started_ns
+            .is_some_and(|started_ns| !self.recent(started_ns, now_ns));
+        let reaches = settled.then(|| {
+            self.heard
+                .iter()
+                .filter(|(_, at_ns)| self.recent(*at_ns, now_ns))
+                .map(|(name, _)| name.clone())
+                .collect()
+        });
         PeerMessage::Heartbeat {
             known_epoch: self.durable.known_epoch,
             active: self.is_active(now_ns),
@@ -486,7 +512,11 @@ impl Role {
             .filter(|name| Some(name.as_str()) != current)
             .filter(|name| !self.drained.contains(name))
             .filter(|name| self.reaches(name, now_ns))
-            .filter(|name| self.peer_reaches.contains(name))
+            .filter(|name| {
+                self.peer_reaches
+                    .as_ref()
+                    .is_some_and(|reaches| reaches.contains(name))
+            })
             .collect();
         hosts.sort();
         hosts.first().map(|name| (*name).clone())
@@ -509,7 +539,10 @@ impl Role {
         let unreachable_to_me = !self
             .last_witness_ok_ns
             .is_some_and(|at_ns| self.recent(at_ns, now_ns));
-        let unreachable_to_peer = !self.peer_reaches.contains(&choice.host);
+        let unreachable_to_peer = self
+            .peer_reaches
+            .as_ref()
+            .is_some_and(|reaches| !reaches.contains(&choice.host));
         if !(drained || unreachable_to_me || unreachable_to_peer) {
             return false;
         }

@@ -208,10 +208,9 @@ impl Driver {
     pub fn run(&self) {
         while !self.shared.stop.load(Ordering::Relaxed) {
             std::thread::sleep(ROUND);
-            let epoch = self.shared.active_epoch.load(Ordering::Acquire);
             match self.store.load_all() {
                 Ok(plans) => {
-                    let views = plans.iter().map(|plan| self.round(plan, epoch)).collect();
+                    let views = plans.iter().map(|plan| self.round(plan)).collect();
                     *self.views.lock().unwrap_or_else(|p| p.into_inner()) = views;
                 }
                 Err(err) => log::warn!("{}", crate::error::error_chain(&err)),
@@ -219,8 +218,8 @@ impl Driver {
         }
     }
 
-    /// One look at `plan`; starts or resumes items when active (`epoch` > 0).
-    fn round(&self, plan: &BatchPlan, epoch: u64) -> BatchView {
+    /// One look at `plan`; starts or resumes items when active.
+    fn round(&self, plan: &BatchPlan) -> BatchView {
         let mut seen: HashMap<&str, Result<SourceView, String>> = HashMap::new();
         let mut states = Vec::with_capacity(plan.items.len());
         for item in &plan.items {
@@ -234,8 +233,8 @@ impl Driver {
             };
             states.push(state);
         }
-        if epoch > 0 {
-            self.act(plan, &mut states, epoch);
+        if self.shared.acting_epoch().is_some() {
+            self.act(plan, &mut states);
         }
         view(plan, &states)
     }
@@ -253,7 +252,7 @@ impl Driver {
     }
 
     /// Starts waiting items and resumes resumable ones, up to the concurrency.
-    fn act(&self, plan: &BatchPlan, states: &mut [ItemState], epoch: u64) {
+    fn act(&self, plan: &BatchPlan, states: &mut [ItemState]) {
         let mut busy = states
             .iter()
             .filter(|s| matches!(s, ItemState::Running(_)))
@@ -270,6 +269,10 @@ impl Driver {
             let source = item.source.as_deref().unwrap_or_default();
             let Some(client) = self.agents.get(source) else {
                 continue;
+            };
+            // Read against the clock right before the command, not at the round's start.
+            let Some(epoch) = self.shared.acting_epoch() else {
+                return;
             };
             let mut request = plan.options.clone();
             request.to.clone_from(&item.to);

@@ -18,7 +18,7 @@
 //! on the network).
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use thiserror::Error;
@@ -117,10 +117,8 @@ pub fn start(
         durable.known_epoch
     );
     let role = Role::new(role_config(&config), durable);
-    let shared = Arc::new(Shared {
-        status: Mutex::new(initial_status(&config)),
-        ..Shared::default()
-    });
+    let clock: Arc<dyn Clock> = Arc::new(MonotonicClock::new());
+    let shared = Arc::new(Shared::new(initial_status(&config), clock.clone()));
     let (inputs_tx, inputs_rx) = crossbeam_channel::unbounded::<Input>();
     let hosts: Vec<String> = config
         .agents
@@ -130,7 +128,6 @@ pub fn start(
     let ping = Duration::from_millis(u64::from(config.lease.renew_interval_ms));
     let workers = Workers::start(&hosts, transport, &inputs_tx, ping, &shared)
         .map_err(ManagerError::Spawn)?;
-    let clock: Arc<dyn Clock> = Arc::new(MonotonicClock::new());
     let runtime = Runtime::new(role, state, clock, inputs_rx, workers, shared.clone());
     std::thread::Builder::new()
         .name("mgr-lease".into())

@@ -12,7 +12,7 @@
 //! - Every role change is logged with its reason and kept for `ferry manager status`.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -66,15 +66,44 @@ pub struct HostJob {
     sent_ns: u64,
 }
 
-/// What the loop shares with the API: the status and the epoch the manager acts under.
-#[derive(Debug, Default)]
+/// What the loop shares with the API, the workers and the batch driver: the status, and the
+/// epoch the manager acts under with the deadline it must stop by.
+#[derive(Debug)]
 pub struct Shared {
     /// The latest status.
     pub status: Mutex<ManagerStatus>,
-    /// The epoch this manager is active under, 0 when standby.
-    pub active_epoch: AtomicU64,
+    /// The lease loop's clock (deadlines are in its time).
+    pub clock: Arc<dyn Clock>,
+    /// `(epoch, until_ns)` while active; `None` when standby.
+    acting: Mutex<Option<(u64, u64)>>,
     /// Set to stop every thread.
     pub stop: AtomicBool,
+}
+
+impl Shared {
+    /// Shared state starting with `status`, timed by `clock`.
+    pub fn new(status: ManagerStatus, clock: Arc<dyn Clock>) -> Self {
+        Self {
+            status: Mutex::new(status),
+            clock,
+            acting: Mutex::new(None),
+            stop: AtomicBool::new(false),
+        }
+    }
+
+    /// The epoch to send a command under, read against the clock right now: `None` once the
+    /// deadline passed, even if the lease loop has not ticked since (a process woken from a
+    /// pause must not send one more command under its old epoch). Call it right before each
+    /// command.
+    pub fn acting_epoch(&self) -> Option<u64> {
+        let acting = *self.acting.lock().unwrap_or_else(|p| p.into_inner());
+        let (epoch, until_ns) = acting?;
+        (self.clock.now_ns() < until_ns).then_some(epoch)
+    }
+
+    fn set_acting(&self, acting: Option<(u64, u64)>) {
+        *self.acting.lock().unwrap_or_else(|p| p.into_inner()) = acting;
+    }
 }
 
 /// The loop's state.
@@ -204,8 +233,7 @@ impl Runtime {
                 } => self.changed(active, epoch, reason),
             }
         }
-        let epoch = self.role.active_epoch(now_ns).unwrap_or(0);
-        self.shared.active_epoch.store(epoch, Ordering::Release);
+        self.shared.set_acting(self.role.acting(now_ns));
     }
 
     fn to_host(&self, host: &str, request: LeaseRequest, sent_ns: u64) {
@@ -356,11 +384,7 @@ impl HostWorker {
     /// An answer proves the host reachable; the active's epoch rides along, so agents'
     /// fences meet a new epoch before its first real command.
     fn ping(&self) {
-        let epoch = self.shared.active_epoch.load(Ordering::Acquire);
-        match self
-            .transport
-            .ping(&self.host, (epoch > 0).then_some(epoch))
-        {
+        match self.transport.ping(&self.host, self.shared.acting_epoch()) {
             Ok(()) => {
                 let _ = self.inputs.send(Input::Heard(self.host.clone()));
             }

@@ -212,7 +212,6 @@ impl ManagerService {
     /// call bounded by [`STATUS_TIMEOUT`]. An agent that does not answer is a line of its own
     /// (needs-attention, naming the host), never silently left out.
     fn fleet_status(&self, batch: Option<&str>) -> Vec<DiskStatus> {
-        let epoch = self.shared.active_epoch.load(Ordering::Acquire);
         let next = std::sync::atomic::AtomicUsize::new(0);
         let answers = std::sync::Mutex::new(Vec::with_capacity(self.agents.len()));
         std::thread::scope(|scope| {
@@ -222,10 +221,9 @@ impl ManagerService {
                     let Some((name, client)) = self.agents.get(index) else {
                         break;
                     };
-                    let answer = if epoch > 0 {
-                        client.at_epoch(epoch).migration_status(batch)
-                    } else {
-                        client.migration_status(batch)
+                    let answer = match self.shared.acting_epoch() {
+                        Some(epoch) => client.at_epoch(epoch).migration_status(batch),
+                        None => client.migration_status(batch),
                     };
                     let lines = answer.unwrap_or_else(|err| vec![unreachable_line(name, &err)]);
                     answers

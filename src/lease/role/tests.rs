@@ -96,12 +96,13 @@ fn pair() -> ([Role; 2], Vec<(String, Witness)>) {
 #[test]
 fn the_pair_chooses_a_witness_and_one_becomes_active() {
     // Goal: bootstrap: the lower id proposes, the peer records, a full lease later exactly
-    // one is active at epoch 1. Method: scripted steps of one second with instant delivery.
+    // one is active at epoch 1 (each first waits the reach timeout to know what the other
+    // reaches). Method: scripted steps of one second with instant delivery.
     let (mut roles, mut witnesses) = pair();
-    for second in 0..8 {
+    for second in 0..12 {
         step(&mut roles, &mut witnesses, second * 1_000 * MS);
     }
-    let now_ns = 8_000 * MS;
+    let now_ns = 12_000 * MS;
     let active: Vec<_> = roles.iter().filter(|r| r.is_active(now_ns)).collect();
     assert_eq!(active.len(), 1, "{roles:?}");
     assert_eq!(active[0].active_epoch(now_ns), Some(1));
@@ -117,17 +118,17 @@ fn a_drained_witness_moves_without_a_failover() {
     // Goal: draining the witness moves the lease to another host and the active stays
     // active throughout with the same epoch. Method: bootstrap, drain h1 at both, step.
     let (mut roles, mut witnesses) = pair();
-    for second in 0..8 {
+    for second in 0..12 {
         step(&mut roles, &mut witnesses, second * 1_000 * MS);
     }
     let active = roles
         .iter()
-        .position(|r| r.is_active(8_000 * MS))
+        .position(|r| r.is_active(12_000 * MS))
         .expect("one active");
     for role in roles.iter_mut() {
         role.drain("h1");
     }
-    for second in 8..16 {
+    for second in 12..20 {
         step(&mut roles, &mut witnesses, second * 1_000 * MS);
         assert_eq!(
             roles[active].active_epoch(second * 1_000 * MS + MS),
