@@ -134,6 +134,9 @@ fn agent_in_host(lab: &Lab, host: &str, key: &Path) -> (AgentProc, String) {
         .arg(&state_dir)
         .args(["--api", &api, "--transfer", &transfer, "--cluster-key"])
         .arg(key)
+        // The lab's namespaces are reached only from this test: plain HTTP there is what the
+        // test drives through the root link (the API's TLS is tested in tests/api_tls.rs).
+        .arg("--api-insecure")
         .arg("--tls-creds")
         .arg(common::tls_creds())
         .stdout(Stdio::null())
