@@ -140,3 +140,38 @@ fn a_drained_witness_moves_without_a_failover() {
     assert_eq!((choice.generation, choice.host.as_str()), (2, "h2"));
     assert_eq!(roles[1].durable().choice, Some(choice));
 }
+
+#[test]
+fn a_forced_takeover_skips_an_epoch_at_a_witness_chosen_alone() {
+    // Goal: `takeover --force` records a witness without the peer, and the epoch it gets
+    // stays above anything the lost side could still be granted at the old witness (one
+    // takeover there: known + 1). Method: bootstrap, then the standby alone forces h3 and
+    // steps with the peer silent; it is active a full lease later at known + 2.
+    let (mut roles, mut witnesses) = pair();
+    for second in 0..12 {
+        step(&mut roles, &mut witnesses, second * 1_000 * MS);
+    }
+    let active = roles
+        .iter()
+        .position(|r| r.is_active(12_000 * MS))
+        .expect("one active");
+    let standby = 1 - active;
+    let known = roles[standby].durable().known_epoch;
+    let outs = roles[standby].force_choice("h3");
+    assert!(matches!(outs.as_slice(), [Out::Persist(_)]), "{outs:?}");
+    let choice = roles[standby].durable().choice.clone().expect("forced");
+    assert_eq!((choice.host.as_str(), choice.generation), ("h3", 2));
+    // The other manager is gone: only the standby ticks from now on.
+    for second in 12..20 {
+        let now_ns = second * 1_000 * MS;
+        roles[standby].heard_host("h3", now_ns);
+        let outs = roles[standby].tick(now_ns);
+        for out in outs {
+            if let Out::Witness { host, request } = out {
+                let reply = witness_answer(&mut witnesses, &host, &request, now_ns);
+                roles[standby].on_witness(&host, &request, now_ns, &reply, now_ns);
+            }
+        }
+    }
+    assert_eq!(roles[standby].active_epoch(20_000 * MS), Some(known + 2));
+}
