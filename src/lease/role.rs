@@ -174,8 +174,10 @@ pub struct Role {
     peer_heard_ns: Option<u64>,
     /// What the peer's last heartbeat said it reaches (`None`: not known yet).
     peer_reaches: Option<Vec<String>>,
-    /// When this role first ticked (local time).
+    /// When this role started ticking (again, after a stall) (local time).
     started_ns: Option<u64>,
+    /// Its latest tick (local time).
+    last_tick_ns: Option<u64>,
     peer_choice: Option<WitnessChoice>,
     peer_active: bool,
     /// Hosts heard from, with when.
@@ -200,6 +202,7 @@ impl Role {
             peer_heard_ns: None,
             peer_reaches: None,
             started_ns: None,
+            last_tick_ns: None,
             peer_choice: None,
             peer_active: false,
             heard: Vec::new(),
@@ -362,7 +365,15 @@ impl Role {
     /// Time passes: deadlines, heartbeats, renewals, acquisitions, moves.
     pub fn tick(&mut self, now_ns: u64) -> Vec<Out> {
         let mut out = Vec::new();
-        self.started_ns.get_or_insert(now_ns);
+        // A manager that did not tick for the reach timeout (paused, or starting) has a stale
+        // view of the hosts it reaches: it starts over, as after a restart.
+        let stalled = self
+            .last_tick_ns
+            .is_none_or(|last_ns| !self.recent(last_ns, now_ns));
+        if stalled {
+            self.started_ns = Some(now_ns);
+        }
+        self.last_tick_ns = Some(now_ns);
         if !self.is_active(now_ns) {
             self.step_down("the lease deadline passed", &mut out);
         }
