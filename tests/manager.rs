@@ -141,6 +141,18 @@ fn wait_for(
     }
 }
 
+/// Managers m1 and m2 on loopback, peers of each other, managing `agents` (`NAME=ADDR`).
+fn start_pair(agents: &[String], dir: &Path) -> [ManagerProc; 2] {
+    let apis = [
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_port()),
+    ];
+    [
+        ManagerProc::start("m1", &apis[0], &format!("m2={}", apis[1]), agents, dir),
+        ManagerProc::start("m2", &apis[1], &format!("m1={}", apis[0]), agents, dir),
+    ]
+}
+
 fn active_index(statuses: &[Option<ManagerStatus>]) -> Option<usize> {
     let actives: Vec<usize> = statuses
         .iter()
@@ -170,26 +182,7 @@ fn a_pair_elects_moves_its_witness_and_fails_over() {
         .map(|(i, a)| format!("h{}={}", i + 1, a.api))
         .collect();
     let dir = scratch_dir();
-    let apis = [
-        format!("127.0.0.1:{}", free_port()),
-        format!("127.0.0.1:{}", free_port()),
-    ];
-    let mut managers = [
-        ManagerProc::start(
-            "m1",
-            &apis[0],
-            &format!("m2={}", apis[1]),
-            &names,
-            dir.path(),
-        ),
-        ManagerProc::start(
-            "m2",
-            &apis[1],
-            &format!("m1={}", apis[0]),
-            &names,
-            dir.path(),
-        ),
-    ];
+    let mut managers = start_pair(&names, dir.path());
 
     // Election: the first witness is chosen by both, one manager is active a lease later.
     let statuses = wait_for(
@@ -358,26 +351,7 @@ fn a_batch_driven_by_the_manager_survives_a_failover() {
         format!("h3={}", h3.api),
     ];
     let dir = scratch_dir();
-    let apis = [
-        format!("127.0.0.1:{}", free_port()),
-        format!("127.0.0.1:{}", free_port()),
-    ];
-    let mut managers = [
-        ManagerProc::start(
-            "m1",
-            &apis[0],
-            &format!("m2={}", apis[1]),
-            &names,
-            dir.path(),
-        ),
-        ManagerProc::start(
-            "m2",
-            &apis[1],
-            &format!("m1={}", apis[0]),
-            &names,
-            dir.path(),
-        ),
-    ];
+    let mut managers = start_pair(&names, dir.path());
     let statuses = wait_for(
         &[&managers[0], &managers[1]],
         Duration::from_secs(20),

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::netlab::Lab;
 use common::pair::{self, json_of, Pair, MIB};
 use common::{free_port, require, run_ok, scratch_dir, stdout, AgentProc};
 
@@ -70,46 +71,6 @@ impl Drop for Mounted {
         if !ok {
             let _ = Command::new("umount").arg("-l").arg(&self.dir).output();
         }
-    }
-}
-
-/// A scripts/netlab lab of two hosts with a root link, with a prefix and subnet of its own;
-/// `down` on drop (every process in it killed).
-struct Lab {
-    prefix: String,
-    net: String,
-}
-
-impl Lab {
-    fn up(tag: &str) -> Lab {
-        let pid = std::process::id();
-        let lab = Lab {
-            prefix: format!("{tag}{}", pid % 10_000),
-            net: format!("10.78.{}", 20 + pid % 200),
-        };
-        run_ok(lab.command().args(["up", "2", "--root-link"]));
-        lab
-    }
-
-    fn command(&self) -> Command {
-        let mut cmd = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/netlab"));
-        cmd.env("NETLAB_PREFIX", &self.prefix)
-            .env("NETLAB_NET", &self.net);
-        cmd
-    }
-
-    /// The address of `host` ("h1", "h2", or "root").
-    fn ip(&self, host: &str) -> String {
-        match host {
-            "root" => format!("{}.254", self.net),
-            _ => format!("{}.{}", self.net, &host[1..]),
-        }
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        let _ = self.command().arg("down").output();
     }
 }
 
@@ -422,7 +383,7 @@ fn random_pair(dir: &Path, size_mib: u64) -> (Pair, PathBuf) {
 fn seed_over_a_filesystem_medium_then_sync_matches() {
     require("fio");
     require("mkfs.ext4");
-    let lab = Lab::up("sd");
+    let lab = Lab::up("sd", "10.78", 2);
     let dir = scratch_dir();
     let key = pair::write_key(dir.path());
     let usb_loop = LoopDev::new(&dir.path().join("usb.raw"), 512 * MIB);

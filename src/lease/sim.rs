@@ -22,7 +22,7 @@ use std::collections::BinaryHeap;
 
 use super::holder::HolderBounds;
 use super::role::{PeerMessage, RoleConfig, Rules};
-use super::witness::{Decision, LeaseReply, LeaseRequest, Witness};
+use super::witness::{LeaseReply, LeaseRequest};
 use super::{Lease, ManagerId};
 pub use crate::prng::{seeds_from_env, SeedReport, SplitMix64};
 
@@ -250,23 +250,5 @@ impl Queue {
         let Reverse((at_ns, _, index)) = self.heap.pop()?;
         let event = self.events[index].take()?;
         Some((at_ns, event))
-    }
-}
-
-/// Runs one witness decision, with every write landing at once (for callers without a
-/// disk model).
-pub fn answer_at_once(
-    witness: &mut Witness,
-    request: &LeaseRequest,
-    now_ns: u64,
-    lease_ms: u32,
-) -> LeaseReply {
-    match witness.decide(request, now_ns, lease_ms) {
-        Decision::Reply(reply) => reply,
-        Decision::Renew(reply) => {
-            witness.renewed(now_ns);
-            reply
-        }
-        Decision::Write { lease, reply } => witness.written(lease, reply, true, now_ns, now_ns),
     }
 }

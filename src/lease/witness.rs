@@ -312,6 +312,24 @@ impl Witness {
         }
     }
 
+    /// Decides `request` and applies the decision at once, as a witness whose record writes
+    /// always land at once would (tests, the simulation, in-memory fake agents).
+    pub fn answer_in_memory(
+        &mut self,
+        request: &LeaseRequest,
+        now_ns: u64,
+        lease_ms: u32,
+    ) -> LeaseReply {
+        match self.decide(request, now_ns, lease_ms) {
+            Decision::Reply(reply) => reply,
+            Decision::Renew(reply) => {
+                self.renewed(now_ns);
+                reply
+            }
+            Decision::Write { lease, reply } => self.written(lease, reply, true, now_ns, now_ns),
+        }
+    }
+
     /// Applies a [`Decision::Renew`] at `now_ns`.
     pub fn renewed(&mut self, now_ns: u64) {
         self.renewed_at_ns = now_ns;
@@ -360,14 +378,7 @@ mod tests {
 
     /// Runs `request` at `now_ns` with every write succeeding.
     fn run(witness: &mut Witness, request: LeaseRequest, now_ns: u64) -> LeaseReply {
-        match witness.decide(&request, now_ns, LEASE_MS) {
-            Decision::Reply(reply) => reply,
-            Decision::Renew(reply) => {
-                witness.renewed(now_ns);
-                reply
-            }
-            Decision::Write { lease, reply } => witness.written(lease, reply, true, now_ns, now_ns),
-        }
+        witness.answer_in_memory(&request, now_ns, LEASE_MS)
     }
 
     fn acquire(name: &str, seen_epoch: u64, generation: u64) -> LeaseRequest {

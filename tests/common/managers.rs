@@ -23,7 +23,7 @@ use ferry::api::fleet::ManagerStatus;
 use ferry::api::tls::ClientTlsOptions;
 use ferry::api::Client;
 
-use super::{agent_bin, run_ok, scratch_dir, tls_init};
+use super::{agent_bin, scratch_dir, tls_init};
 
 /// The fleet's API token (agents and managers share it).
 pub const TOKEN: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
@@ -41,57 +41,7 @@ pub fn now_ms() -> u64 {
         .map_or(0, |t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// A scripts/netlab lab with a prefix and a subnet of its own and a root link; `down` on
-/// drop (every process in it killed), even when the test fails.
-#[derive(Debug)]
-pub struct Lab {
-    pub prefix: String,
-    pub net: String,
-}
-
-impl Lab {
-    /// `hosts` hosts. The prefix and subnet depend on the pid, as in tests/seed.rs, in a range
-    /// no other user of netlab takes (seed: 10.78.*, fault-soak: 10.77.41, selftest: 10.77.9).
-    pub fn up(tag: &str, net_base: &str, hosts: u32) -> Lab {
-        let pid = std::process::id();
-        let lab = Lab {
-            prefix: format!("{tag}{}", pid % 10_000),
-            net: format!("{net_base}.{}", 20 + pid % 200),
-        };
-        let _ = lab.command().arg("down").output(); // a leftover of a killed run
-        run_ok(
-            lab.command()
-                .args(["up", &hosts.to_string(), "--root-link"]),
-        );
-        lab
-    }
-
-    pub fn command(&self) -> Command {
-        let mut cmd = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/netlab"));
-        cmd.env("NETLAB_PREFIX", &self.prefix)
-            .env("NETLAB_NET", &self.net);
-        cmd
-    }
-
-    /// `netlab ARGS`, which must succeed.
-    pub fn run(&self, args: &[&str]) {
-        run_ok(self.command().args(args));
-    }
-
-    /// The address of lab host `host` ("h3"), or of the root link ("root").
-    pub fn ip(&self, host: &str) -> String {
-        match host {
-            "root" => format!("{}.254", self.net),
-            _ => format!("{}.{}", self.net, &host[1..]),
-        }
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        let _ = self.command().arg("down").output();
-    }
-}
+pub use super::netlab::Lab;
 
 /// What every process of the fleet shares: the token file and the TLS credentials (one CA,
 /// one server certificate naming every lab address and 127.0.0.1).

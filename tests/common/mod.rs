@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod managers;
+pub mod netlab;
 pub mod pair;
 
 use std::io::Read;

@@ -37,7 +37,7 @@ use ferry::api::types::{
 use ferry::api::{Control, ControlError, EpochHold};
 use ferry::env::{Clock, MonotonicClock};
 use ferry::lease::fence::StaleEpoch;
-use ferry::lease::witness::{Decision, Witness};
+use ferry::lease::witness::Witness;
 
 /// How the fake agents look.
 #[derive(Debug, Clone)]
@@ -252,15 +252,8 @@ impl Control for FakeAgent {
         let mut witnesses = self.witnesses.lock().unwrap_or_else(|p| p.into_inner());
         let now_ns = self.clock.now_ns();
         let witness = witnesses.entry(pair.to_string()).or_default();
-        Ok(match witness.decide(&call.request, now_ns, call.lease_ms) {
-            Decision::Reply(reply) => reply,
-            Decision::Renew(reply) => {
-                witness.renewed(now_ns);
-                reply
-            }
-            // A perfect disk: written at once.
-            Decision::Write { lease, reply } => witness.written(lease, reply, true, now_ns, now_ns),
-        })
+        // A perfect disk: every record written at once.
+        Ok(witness.answer_in_memory(&call.request, now_ns, call.lease_ms))
     }
     fn leases(&self) -> Vec<LeaseStatus> {
         self.counts.leases.fetch_add(1, Ordering::Relaxed);

@@ -1,7 +1,7 @@
 //! Unit tests of the role: one scripted exchange each; the simulation covers the rest.
 
 use super::*;
-use crate::lease::witness::{Decision, LeaseReply, LeaseRequest, Witness};
+use crate::lease::witness::{LeaseReply, LeaseRequest, Witness};
 
 const MS: u64 = 1_000_000;
 
@@ -32,14 +32,7 @@ fn witness_answer(
         .find(|(name, _)| name == host)
         .expect("a host")
         .1;
-    match witness.decide(request, now_ns, 4_000) {
-        Decision::Reply(reply) => reply,
-        Decision::Renew(reply) => {
-            witness.renewed(now_ns);
-            reply
-        }
-        Decision::Write { lease, reply } => witness.written(lease, reply, true, now_ns, now_ns),
-    }
+    witness.answer_in_memory(request, now_ns, 4_000)
 }
 
 /// Delivers every message between two roles and one witness per host, instantly, at
