@@ -27,6 +27,7 @@ fn spec(export: &str, job_id: u64) -> TargetSpec {
         batch: None,
         holder: None,
         seed: None,
+        manager_epoch: None,
     }
 }
 
@@ -161,7 +162,7 @@ fn a_keyed_peer_cannot_touch_files_it_did_not_create() {
     )
     .unwrap_or_else(|err| panic!("good Open refused: {err}\n{}", agent.log()));
     sender.send_extents(&source_file, &[(0, MIB)]).unwrap();
-    sender.commit().unwrap();
+    sender.commit(None).unwrap();
     drop(sender);
     let landed = images.join("vm5.img");
     assert_eq!(

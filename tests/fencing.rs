@@ -10,8 +10,9 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{free_port, sparse_image, AgentProc};
-use ferry::api::types::TrackerAdd;
+use common::pair::pair_of;
+use common::{free_port, run_ok, sparse_image, AgentProc};
+use ferry::api::types::{JobPhase, JobStatus, MigrateRequest, TrackerAdd};
 use ferry::api::{Client, ClientError};
 
 fn tracker(name: &str) -> TrackerAdd {
@@ -162,4 +163,125 @@ fn a_corrupt_epoch_file_stops_the_agent() {
     assert!(!status.success(), "{stderr}");
     assert!(stderr.contains("manager-epoch"), "{stderr}");
     assert!(stderr.contains("corrupt"), "{stderr}");
+}
+
+/// A migration to `to` at 8 MiB/s (a 32 MiB disk takes ~4 s), resuming `resume` if given.
+fn slow_migration(to: &str, resume: Option<u64>) -> MigrateRequest {
+    serde_json::from_value(serde_json::json!({
+        "to": to,
+        "bandwidth_bytes_per_s": 8 << 20,
+        "resume_job": resume,
+    }))
+    .expect("a migrate request")
+}
+
+/// Polls job `id` on `client` until it is no longer running.
+fn finished(client: &Client, id: u64) -> JobStatus {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let job = client.job(id).expect("job status");
+        if job.phase != JobPhase::Running {
+            return job;
+        }
+        assert!(Instant::now() < deadline, "job {id} still running: {job:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_deposed_managers_migration_neither_opens_nor_commits() {
+    // Goal: block-stream Opens and Commits of a manager's job carry its epoch, so a job of a
+    // deposed manager whose source has not heard of the new one cannot take a disk, and the
+    // new manager's resume of it finishes with no write lost.
+    // Method: two agents; epoch 5 starts vm1's migration (8 MiB/s over 32 MiB written with a
+    // pattern); while it copies, the destination sees epoch 6 (the new active's first call):
+    // the Commit at 5 is refused naming both epochs, the source stays authoritative and
+    // still serves the pattern. Epoch 6 resumes the job: done, and the destination image
+    // equals the source's. A job of vm2 at epoch 6 after the destination saw 8 is refused at
+    // its Open, before any image is created there.
+    common::require("qemu-io");
+    let dir = common::scratch_dir();
+    let (vm1, vm2) = (dir.path().join("vm1.raw"), dir.path().join("vm2.raw"));
+    sparse_image(&vm1, 32 << 20);
+    sparse_image(&vm2, 8 << 20);
+    run_ok(
+        Command::new("qemu-io")
+            .args(["-f", "raw", "-c", "write -P 0x5a 0 32M"])
+            .arg(&vm1),
+    );
+    let pair = pair_of(vec![
+        format!("vm1={}", vm1.display()),
+        format!("vm2={}", vm2.display()),
+    ]);
+    let to = pair.destination_transfer.clone();
+    let started = pair
+        .source
+        .client()
+        .with_epoch(5)
+        .migrate("vm1", &slow_migration(&to, None))
+        .expect("epoch 5 starts the job");
+    std::thread::sleep(Duration::from_secs(1));
+    pair.destination
+        .client()
+        .with_epoch(6)
+        .exports()
+        .expect("epoch 6 is admitted");
+    let failed = finished(&pair.source.client(), started.id);
+    assert_eq!(failed.phase, JobPhase::Failed, "{failed:?}");
+    assert_eq!(failed.authoritative, "source", "{failed:?}");
+    let error = failed.error.clone().unwrap_or_default();
+    assert!(
+        error.contains("manager epoch 5 ") && error.contains("epoch 6 "),
+        "{error}"
+    );
+    let read = run_ok(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-r",
+        "-c",
+        "read -P 0x5a 0 32M",
+        &pair.source.uri("vm1"),
+    ]));
+    assert!(common::stdout(&read).contains("read 33554432/33554432"));
+
+    let resumed = pair
+        .source
+        .client()
+        .with_epoch(6)
+        .migrate("vm1", &slow_migration(&to, Some(started.id)))
+        .expect("epoch 6 resumes the job");
+    let done = finished(&pair.source.client(), resumed.id);
+    assert_eq!(done.phase, JobPhase::Done, "{done:?}");
+    let moved = pair.destination.dir.path().join("state/images/vm1.img");
+    // The source agent holds its image locked (qemu-img would refuse): a plain compare.
+    run_ok(
+        Command::new("cmp")
+            .arg(common::stale_image(&vm1))
+            .arg(&moved),
+    );
+
+    pair.destination
+        .client()
+        .with_epoch(8)
+        .exports()
+        .expect("epoch 8 is admitted");
+    let refused = pair
+        .source
+        .client()
+        .with_epoch(6)
+        .migrate("vm2", &slow_migration(&to, None))
+        .expect("epoch 6 is current at the source");
+    let refused = finished(&pair.source.client(), refused.id);
+    assert_eq!(refused.phase, JobPhase::Failed, "{refused:?}");
+    let error = refused.error.unwrap_or_default();
+    assert!(error.contains("older than epoch 8"), "{error}");
+    assert!(
+        !pair
+            .destination
+            .dir
+            .path()
+            .join("state/images/vm2.img")
+            .exists(),
+        "a refused Open created an image"
+    );
 }

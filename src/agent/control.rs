@@ -30,7 +30,7 @@ pub struct AgentControl {
     /// Seeds exported and imported here.
     pub seeds: Seeds,
     /// The highest manager epoch seen; older managers' commands are refused.
-    pub fencing: Fencing,
+    pub fencing: Arc<Fencing>,
     /// The manager pairs' leases this agent keeps as witness.
     pub witness: WitnessService,
 }

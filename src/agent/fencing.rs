@@ -25,7 +25,9 @@ use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use crate::api::ControlError;
 use crate::durable::{self, DurableError};
 use crate::error::error_chain;
+use crate::jobs::job::ManagerEpoch;
 use crate::lease::fence::{self, Admission, EpochFence, EpochFileError, StaleEpoch};
+use crate::transfer::TargetError;
 
 /// The epoch file's name in the state directory.
 pub const EPOCH_FILE: &str = "manager-epoch";
@@ -91,6 +93,12 @@ pub struct Fencing {
     highest: AtomicU64,
 }
 
+impl ManagerEpoch for Fencing {
+    fn highest(&self) -> u64 {
+        Fencing::highest(self)
+    }
+}
+
 /// A command admitted at the fence's current epoch; see the module invariants.
 #[derive(Debug)]
 pub struct Admitted<'a> {
@@ -136,6 +144,25 @@ impl Fencing {
             }
             // Raised (by us or a racing caller), or refused; the next check decides.
             self.raise(epoch)?;
+        }
+    }
+
+    /// Admits a block-stream Open or Commit of a manager's job (see
+    /// [`crate::transfer::TargetSpec::manager_epoch`]); `None` (an operator's job) is not
+    /// fenced. The step may act while the returned [`Admitted`] lives.
+    pub fn admit_stream(&self, epoch: Option<u64>) -> Result<Option<Admitted<'_>>, TargetError> {
+        let Some(epoch) = epoch else {
+            return Ok(None);
+        };
+        match self.admit(epoch) {
+            Ok(admitted) => Ok(Some(admitted)),
+            Err(FenceError::Stale(stale)) => Err(TargetError::Refused(stale.to_string())),
+            Err(err) => {
+                log::error!("block stream: {}", error_chain(&err));
+                Err(TargetError::Refused(
+                    "the destination cannot record the manager epoch".into(),
+                ))
+            }
         }
     }
 

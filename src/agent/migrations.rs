@@ -15,7 +15,7 @@ use crate::api::ControlError;
 use crate::disk::Export;
 use crate::error::error_chain;
 use crate::jobs::holder::HolderChoice;
-use crate::jobs::job::{job_granularity, JobRequest};
+use crate::jobs::job::{job_granularity, JobRequest, ManagerEpoch};
 use crate::jobs::sync::SeedSync;
 use crate::jobs::Jobs;
 use crate::journal::{JobView, Record, Role, SharedJournal, Side, SourcePhase};
@@ -42,6 +42,8 @@ pub struct Migrations {
     /// This agent's block-stream address, as jobs name it to destinations when this agent
     /// holds the guest's connection.
     holder_addr: String,
+    /// The agent's manager-epoch fence, named by the Open and Commit of a manager's job.
+    epochs: Arc<dyn ManagerEpoch>,
 }
 
 impl Migrations {
@@ -53,6 +55,7 @@ impl Migrations {
         cluster_key: ClusterKey,
         journal: SharedJournal,
         holder_addr: String,
+        epochs: Arc<dyn ManagerEpoch>,
     ) -> Self {
         let jobs = Jobs::new();
         if let Some(highest) = journal.views().iter().map(|view| view.job_id).max() {
@@ -64,6 +67,7 @@ impl Migrations {
             cluster_key,
             journal,
             holder_addr,
+            epochs,
         }
     }
 
@@ -265,6 +269,7 @@ impl Migrations {
                     holder,
                     tracker_granularity_bytes,
                     seed,
+                    manager_epoch: request.manager_epoch.map(|_| Arc::clone(&self.epochs)),
                 },
                 key,
                 request.resume_job,
@@ -356,5 +361,7 @@ pub fn target_spec(view: &JobView) -> TargetSpec {
             Side::Source(source) => source.seed.as_ref().map(|seed| seed.seed_id),
             Side::Target(_) => None,
         },
+        // Asking about or aborting a job is not fenced.
+        manager_epoch: None,
     }
 }

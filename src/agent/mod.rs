@@ -153,7 +153,7 @@ impl Agent {
             .create(&config.state_dir)
             .map_err(state_err)?;
         // Before anything acts: a corrupt epoch file must stop the agent, not reset it.
-        let fencing = Fencing::load(&config.state_dir).map_err(AgentError::Fence)?;
+        let fencing = Arc::new(Fencing::load(&config.state_dir).map_err(AgentError::Fence)?);
         let engine = choose_engine(config.engine)?;
         let journal = SharedJournal::open(&config.state_dir).map_err(AgentError::Journal)?;
         let exports = Arc::new(
@@ -229,6 +229,7 @@ impl Agent {
             config.image_dir.clone(),
             nbd_tcp,
             journal.clone(),
+            Arc::clone(&fencing),
         ));
         let transfer = crate::transfer::serve(
             config.transfer,
@@ -256,7 +257,13 @@ impl Agent {
                 config.image_dir.clone(),
                 config.state_dir.join("seeds"),
             ),
-            migrations: Migrations::new(exports.clone(), key, journal, transfer_addr.to_string()),
+            migrations: Migrations::new(
+                exports.clone(),
+                key,
+                journal,
+                transfer_addr.to_string(),
+                Arc::clone(&fencing) as _,
+            ),
             fencing,
             witness,
         });

@@ -197,6 +197,7 @@ mod tests {
             batch: None,
             holder: None,
             seed,
+            manager_epoch: None,
         }
     }
 

@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 use ferry_sys::{DirectFile, OfdLock};
 
 use super::exports::Exports;
+use super::fencing::Fencing;
 use crate::api::types::ExportSpec;
 use crate::dirty::DirtySet;
 use crate::journal::commit::{Answer, CommitDecision, CommitFence};
@@ -77,6 +78,9 @@ pub struct Targets {
     checkpoints: Mutex<BTreeMap<u64, Instant>>,
     /// Seeded jobs whose image was found changed outside ferry at their latest Open.
     changed_outside: Mutex<std::collections::BTreeSet<u64>>,
+    /// The agent's manager-epoch fence: a manager's job opens and commits only at an epoch
+    /// no older than the highest seen here.
+    epochs: Arc<Fencing>,
 }
 
 impl Targets {
@@ -87,6 +91,7 @@ impl Targets {
         image_dir: PathBuf,
         nbd_tcp: Option<String>,
         journal: SharedJournal,
+        epochs: Arc<Fencing>,
     ) -> Self {
         warn_if_open(&image_dir);
         Targets {
@@ -99,6 +104,7 @@ impl Targets {
             journal,
             checkpoints: Mutex::new(BTreeMap::new()),
             changed_outside: Mutex::new(std::collections::BTreeSet::new()),
+            epochs,
         }
     }
 
@@ -362,6 +368,8 @@ impl TargetHost for Targets {
         spec: &TargetSpec,
         source: &str,
     ) -> Result<Arc<DirectFile>, TargetError> {
+        // A deposed manager's job creates nothing here.
+        let _admitted = self.epochs.admit_stream(spec.manager_epoch)?;
         let stream_id = self.next_stream.fetch_add(1, Ordering::Relaxed);
         {
             let mut filling = self.filling.lock().expect("filling lock");
@@ -409,7 +417,13 @@ impl TargetHost for Targets {
         }
     }
 
-    fn commit_target(&self, spec: &TargetSpec) -> Result<(), TargetError> {
+    fn commit_target(
+        &self,
+        spec: &TargetSpec,
+        manager_epoch: Option<u64>,
+    ) -> Result<(), TargetError> {
+        // Held to the end of the commit: a newer manager's first command waits for it.
+        let _admitted = self.epochs.admit_stream(manager_epoch)?;
         let stream_id = self
             .filling
             .lock()

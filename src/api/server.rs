@@ -252,7 +252,7 @@ pub fn route(
             _ => method_not_allowed("GET"),
         };
     }
-    dispatch(method, path, query, body, control)
+    dispatch(method, path, query, body, control, manager_epoch)
 }
 
 /// Answers one authenticated (and, for a manager, admitted) request by its path.
@@ -262,6 +262,7 @@ fn dispatch(
     query: &str,
     body: &mut dyn Read,
     control: &dyn Control,
+    manager_epoch: Option<u64>,
 ) -> Reply {
     let Some(segments) = path_segments(path) else {
         return Reply::error(400, format!("malformed path '{path}'"));
@@ -307,7 +308,13 @@ fn dispatch(
         },
         ["v1", "exports", name, "migrate"] => match method {
             Method::Post => match decode::<MigrateRequest>(body) {
-                Ok(request) => Reply::from_result(202, control.migrate(name, request)),
+                Ok(request) => {
+                    let request = MigrateRequest {
+                        manager_epoch,
+                        ..request
+                    };
+                    Reply::from_result(202, control.migrate(name, request))
+                }
                 Err(reply) => reply,
             },
             _ => method_not_allowed("POST"),

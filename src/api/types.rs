@@ -493,6 +493,11 @@ pub struct MigrateRequest {
     /// options left out are those the job was started with (its journaled settings).
     #[serde(default)]
     pub resume_job: Option<u64>,
+    /// The manager epoch the request was admitted at (its `Ferry-Manager-Epoch` header,
+    /// set by the API server, never read from the body): the job's Open and Commit are
+    /// then fenced at the destination.
+    #[serde(skip)]
+    pub manager_epoch: Option<u64>,
 }
 
 impl MigrateRequest {

@@ -78,6 +78,7 @@ pub fn migrate(
 ) -> Result<(), CliError> {
     let client = client(target)?;
     let request = MigrateRequest {
+        manager_epoch: None,
         to: plan.to.clone().unwrap_or_default(),
         policy: Some(options.policy.clone()),
         max_pause_ms: Some(options.max_pause_ms),
@@ -143,6 +144,7 @@ pub fn migrate(
         .map(|(export, to)| Item {
             export,
             request: MigrateRequest {
+                manager_epoch: None,
                 to,
                 batch: Some(batch.clone()),
                 ..request.clone()
@@ -162,6 +164,7 @@ pub fn resume(
 ) -> Result<(), CliError> {
     let client = client(target)?;
     let given = MigrateRequest {
+        manager_epoch: None,
         to: String::new(),
         policy: overrides.policy.clone(),
         max_pause_ms: overrides.max_pause,
@@ -182,6 +185,7 @@ pub fn resume(
         .filter(|job| job.resumable())
         .map(|job| Item {
             request: MigrateRequest {
+                manager_epoch: None,
                 to: job.destination.clone().unwrap_or_default(),
                 resume_job: Some(job.job_id),
                 ..given.clone()

@@ -201,6 +201,7 @@ fn migrate(
         .transfer_addr()
         .expect("the destination receives migrations");
     let request = MigrateRequest {
+        manager_epoch: None,
         to: to.to_string(),
         policy: Some(policy.into()),
         max_pause_ms: Some(MAX_PAUSE_MS),

@@ -114,6 +114,8 @@ pub enum JobError {
 /// The environment of one running migration.
 #[derive(Debug)]
 pub struct JobEnv {
+    /// A manager's job: the fence whose epoch the Commit carries.
+    manager_epoch: Option<Arc<dyn ManagerEpoch>>,
     export: Arc<Export>,
     tracker: Arc<Tracker>,
     sender: Sender,
@@ -249,6 +251,7 @@ impl JobEnv {
             batch: request.batch.clone(),
             holder: Some(holder),
             seed: request.seed.as_ref().map(|sync| sync.seed_id),
+            manager_epoch: request.manager_epoch.as_ref().map(|fence| fence.highest()),
         };
         let bandwidth_cap = send_options.bandwidth_bytes_per_s;
         let opened = Sender::connect(to, key, &target, send_options);
@@ -285,6 +288,7 @@ impl JobEnv {
             mirror: None,
             writes_held: false,
             journal: request.journal.clone(),
+            manager_epoch: request.manager_epoch.clone(),
             lineage: target
                 .holder
                 .as_ref()
@@ -507,14 +511,15 @@ impl MigrationEnv for JobEnv {
         if self.verify.is_some() {
             self.verify_images()?;
         }
+        let epoch = self.manager_epoch.as_ref().map(|fence| fence.highest());
         let Some(journal) = self.journal.clone() else {
-            return self.sender.commit().map_err(JobError::Transfer);
+            return self.sender.commit(epoch).map_err(JobError::Transfer);
         };
         let job_id = self.job_id;
         journal
             .append(&Record::SourceSwitchoverBegun { job_id })
             .map_err(JobError::Journal)?;
-        let err = match self.sender.commit() {
+        let err = match self.sender.commit(epoch) {
             Ok(()) => return Ok(()),
             Err(err) => err,
         };
@@ -673,6 +678,18 @@ pub struct JobRequest {
     pub tracker_granularity_bytes: u64,
     /// A seed catch-up (`ferry seed sync`) instead of a plain migration.
     pub seed: Option<SeedSync>,
+    /// A manager started the job: its Open and Commit carry the highest manager epoch this
+    /// agent has admitted at that moment ([`ManagerEpoch`]). `None`: an operator's job.
+    pub manager_epoch: Option<Arc<dyn ManagerEpoch>>,
+}
+
+/// The highest manager epoch this agent has admitted (its fence): a job a manager started
+/// names it in its Open and Commit, so a destination that has seen a newer manager refuses
+/// the job of a deposed one, unless this agent has heard from the newer manager too (it
+/// answers to that one now, and would have been told to abort).
+pub trait ManagerEpoch: Send + Sync + std::fmt::Debug {
+    /// The epoch, read when the Open or Commit is sent.
+    fn highest(&self) -> u64;
 }
 
 impl JobRequest {

@@ -98,6 +98,10 @@ pub struct TargetSpec {
     /// The seed the destination's image came from (`ferry seed sync`): the destination
     /// continues that seeded job only if it imported exactly this seed for it.
     pub seed: Option<[u8; 16]>,
+    /// The manager epoch the source's job runs under (absent for jobs an operator started,
+    /// and from older sources): the destination refuses an epoch older than the highest it
+    /// has seen, so a deposed manager's job cannot open a target.
+    pub manager_epoch: Option<u64>,
 }
 
 /// The agent holding the guest's connection to a disk that has moved away from it: it
@@ -322,6 +326,9 @@ pub enum Frame {
     Commit {
         /// Echoed in the answer.
         seq: u64,
+        /// The manager epoch the source's job commits under (see
+        /// [`TargetSpec::manager_epoch`]); absent for operator jobs and older sources.
+        manager_epoch: Option<u64>,
     },
     /// The destination is authoritative from now on.
     CommitOk {
@@ -613,16 +620,15 @@ pub fn decode_meta(header: &FrameHeader, meta: &[u8]) -> Result<Frame, FrameErro
                 }
             }
         }
-        kind::SYNC
-        | kind::COMMIT
-        | kind::COMMIT_OK
-        | kind::VERIFY
-        | kind::FENCE
-        | kind::FENCE_OK => {
+        kind::COMMIT => Frame::Commit {
+            seq: fields.u64_be()?,
+            // Older sources, and jobs without a manager epoch, end the Commit here.
+            manager_epoch: optional_epoch(&mut fields)?,
+        },
+        kind::SYNC | kind::COMMIT_OK | kind::VERIFY | kind::FENCE | kind::FENCE_OK => {
             let seq = fields.u64_be()?;
             match header.kind {
                 kind::SYNC => Frame::Sync { seq },
-                kind::COMMIT => Frame::Commit { seq },
                 kind::VERIFY => Frame::Verify { seq },
                 kind::FENCE => Frame::Fence { seq },
                 kind::FENCE_OK => Frame::FenceOk { seq },
@@ -798,13 +804,16 @@ fn encode_meta(frame: &Frame, out: &mut Vec<u8>) -> (u8, u32) {
                 put_string(out, &holder.addr, MAX_MESSAGE_BYTES);
                 out.extend_from_slice(&holder.job_id.to_be_bytes());
                 out.extend_from_slice(&holder.moves.to_be_bytes());
-            } else if spec.seed.is_some() {
+            } else if spec.seed.is_some() || spec.manager_epoch.is_some() {
                 out.push(0);
             }
             if let Some(seed) = &spec.seed {
                 out.push(1);
                 out.extend_from_slice(seed);
+            } else if spec.manager_epoch.is_some() {
+                out.push(0);
             }
+            put_optional_epoch(out, spec.manager_epoch);
             (kind::OPEN, 0)
         }
         Frame::OpenOk {
@@ -844,8 +853,12 @@ fn encode_meta(frame: &Frame, out: &mut Vec<u8>) -> (u8, u32) {
             };
             (kind, 0)
         }
+        Frame::Commit { seq, manager_epoch } => {
+            out.extend_from_slice(&seq.to_be_bytes());
+            put_optional_epoch(out, *manager_epoch);
+            (kind::COMMIT, 0)
+        }
         Frame::Sync { seq }
-        | Frame::Commit { seq }
         | Frame::CommitOk { seq }
         | Frame::Verify { seq }
         | Frame::Fence { seq }
@@ -853,7 +866,6 @@ fn encode_meta(frame: &Frame, out: &mut Vec<u8>) -> (u8, u32) {
             out.extend_from_slice(&seq.to_be_bytes());
             let kind = match frame {
                 Frame::Sync { .. } => kind::SYNC,
-                Frame::Commit { .. } => kind::COMMIT,
                 Frame::Verify { .. } => kind::VERIFY,
                 Frame::Fence { .. } => kind::FENCE,
                 Frame::FenceOk { .. } => kind::FENCE_OK,
@@ -997,10 +1009,13 @@ fn decode_spec(fields: &mut codec::Reader<'_>) -> Result<TargetSpec, FrameError>
         None
     } else {
         match fields.u8()? {
+            0 => None,
             1 => Some(fields.array()?),
             _ => return Err(FrameError::BadField("seed flag")),
         }
     };
+    // Sources of jobs without a manager epoch end the Open here.
+    let manager_epoch = optional_epoch(fields)?;
     Ok(TargetSpec {
         export,
         size_bytes,
@@ -1009,7 +1024,27 @@ fn decode_spec(fields: &mut codec::Reader<'_>) -> Result<TargetSpec, FrameError>
         batch,
         holder,
         seed,
+        manager_epoch,
     })
+}
+
+/// A trailing manager epoch: nothing (absent), or a presence byte 1 and the epoch.
+fn optional_epoch(fields: &mut codec::Reader<'_>) -> Result<Option<u64>, FrameError> {
+    if fields.is_empty() {
+        return Ok(None);
+    }
+    match fields.u8()? {
+        1 => Ok(Some(fields.u64_be()?)),
+        _ => Err(FrameError::BadField("manager epoch flag")),
+    }
+}
+
+/// Appends a trailing manager epoch (nothing when absent).
+fn put_optional_epoch(out: &mut Vec<u8>, epoch: Option<u64>) {
+    if let Some(epoch) = epoch {
+        out.push(1);
+        out.extend_from_slice(&epoch.to_be_bytes());
+    }
 }
 
 /// A boolean byte (0 or 1).
@@ -1110,6 +1145,7 @@ mod tests {
                 batch: Some("evacuate-a".into()),
                 holder: None,
                 seed: None,
+                manager_epoch: None,
             }),
             Frame::Open(TargetSpec {
                 export: "vm1".into(),
@@ -1123,6 +1159,7 @@ mod tests {
                     moves: 2,
                 }),
                 seed: None,
+                manager_epoch: None,
             }),
             Frame::Repoint(Repoint {
                 job_id: 7,
@@ -1159,6 +1196,7 @@ mod tests {
                 batch: None,
                 holder: None,
                 seed: Some([0x5e; 16]),
+                manager_epoch: None,
             }),
             Frame::Mark {
                 seq: 9,
@@ -1190,8 +1228,39 @@ mod tests {
                 seq: 3,
                 received_blocks: 99,
             },
-            Frame::Commit { seq: 4 },
+            Frame::Commit {
+                seq: 4,
+                manager_epoch: None,
+            },
+            Frame::Commit {
+                seq: 4,
+                manager_epoch: Some(u64::MAX),
+            },
             Frame::CommitOk { seq: 4 },
+            Frame::Open(TargetSpec {
+                export: "managed".into(),
+                size_bytes: 1 << 30,
+                granularity_bytes: 4096,
+                job_id: 45,
+                batch: Some("b".into()),
+                holder: None,
+                seed: None,
+                manager_epoch: Some(7),
+            }),
+            Frame::Open(TargetSpec {
+                export: "managed-seeded".into(),
+                size_bytes: 1 << 30,
+                granularity_bytes: 4096,
+                job_id: 46,
+                batch: None,
+                holder: Some(Holder {
+                    addr: "10.0.0.1:7451".into(),
+                    job_id: 7,
+                    moves: 1,
+                }),
+                seed: Some([0x5e; 16]),
+                manager_epoch: Some(8),
+            }),
             Frame::Digests {
                 seq: 8,
                 offset_bytes: 1 << 20,
@@ -1244,6 +1313,31 @@ mod tests {
         }
     }
 
+    // Goal: a Commit from a source that predates manager epochs (its meta is the seq alone)
+    // still decodes, as a job without an epoch; a bad epoch flag is refused, not guessed.
+    #[test]
+    fn a_commit_without_an_epoch_is_an_older_sources() {
+        let mut out = Vec::new();
+        encode(&Frame::Sync { seq: 4 }, &mut out);
+        out[5] = kind::COMMIT;
+        reseal(&mut out, 0);
+        let (decoded, _) = decode(&out).expect("decodes");
+        assert_eq!(
+            decoded,
+            Frame::Commit {
+                seq: 4,
+                manager_epoch: None
+            }
+        );
+        let mut flagged = encoded(&Frame::Commit {
+            seq: 4,
+            manager_epoch: Some(9),
+        });
+        flagged[HEADER_BYTES + 8] = 2;
+        reseal(&mut flagged, 0);
+        assert!(decode(&flagged).is_err());
+    }
+
     // Goal: bounds are enforced. Method: oversize export name, payload length, zero lengths,
     // bad granularity, overflowing ranges; each must be an error.
     #[test]
@@ -1256,6 +1350,7 @@ mod tests {
             batch: None,
             holder: None,
             seed: None,
+            manager_epoch: None,
         }));
         assert!(decode(&bytes).is_ok());
         // Rewrite the name length to 65 and fix both checksums: still refused (TooLong).
@@ -1294,6 +1389,7 @@ mod tests {
             batch: None,
             holder: None,
             seed: None,
+            manager_epoch: None,
         }));
         let refused = Err(FrameError::BadField("too many blocks for the granularity"));
         assert_eq!(decode(&huge), refused);
@@ -1307,6 +1403,7 @@ mod tests {
                 batch: None,
                 holder: None,
                 seed: None,
+                manager_epoch: None,
             }));
             assert_eq!(decode(&absurd), Err(FrameError::BadField("granularity")));
         }

@@ -119,7 +119,13 @@ pub trait TargetHost: Send + Sync {
         source: &str,
     ) -> Result<Arc<DirectFile>, TargetError>;
     /// Makes the target authoritative: start serving it. Called after an fdatasync.
-    fn commit_target(&self, spec: &TargetSpec) -> Result<(), TargetError>;
+    /// `manager_epoch` is the Commit's (see [`TargetSpec::manager_epoch`]): a host refuses
+    /// an epoch older than the highest it has seen, as it does at `create_target`.
+    fn commit_target(
+        &self,
+        spec: &TargetSpec,
+        manager_epoch: Option<u64>,
+    ) -> Result<(), TargetError>;
     /// Drops the target (the source asked to abort).
     fn abort_target(&self, spec: &TargetSpec);
     /// Where this agent serves NBD over TCP, told to sources for forwarding.
@@ -267,6 +273,7 @@ mod tests {
                 moves: 1,
             }),
             seed: None,
+            manager_epoch: None,
         }
     }
 

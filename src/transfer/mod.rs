@@ -11,13 +11,13 @@
 //!   ── Proof{H_k(Source, mode, both Hellos)} ──────────►  verify (else Error{Auth}, close)
 //!   ◄──────────────── Proof{H_k(Destination, mode, both Hellos)}   verify (else Auth error)
 //!   ═══ from here every frame (and Data payload) sealed, one counter per direction ═══
-//!   ── Open{export, size, granularity, job} ──────────►  host.create_target
+//!   ── Open{export, size, granularity, job, epoch?} ──►  host.create_target (fenced)
 //!   ◄──────────────────────── OpenOk{nbd_tcp} | Error{Refused}
 //!   ── Data{offset, digest} + payload ────────────────►  digest checked, then written O_DIRECT
 //!   ── Zero{offset, len} / Trim{offset, len} ─────────►  hole punched
 //!   ── Sync{seq} ─────────────────────────────────────►  drain writes, fdatasync
 //!   ◄────────────────────── SyncOk{seq, received_blocks}
-//!   ── Commit{seq} ───────────────────────────────────►  sync, host.commit_target
+//!   ── Commit{seq, epoch?} ───────────────────────────►  sync, host.commit_target (fenced)
 //!   ◄────────────────────────────────────── CommitOk{seq}   (destination authoritative)
 //!   either side, any time: Error{code, offset, message}, then close
 //!

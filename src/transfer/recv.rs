@@ -510,18 +510,19 @@ impl Target {
                     let reply = Frame::VerifyOk { seq, digest };
                     write_frame(stream, &reply, &mut self.scratch)?;
                 }
-                Frame::Commit { seq } => {
+                Frame::Commit { seq, manager_epoch } => {
                     self.flush()?;
-                    host.commit_target(&self.spec).map_err(|err| {
-                        log::warn!(
-                            "target {} not committed: {}",
-                            self.spec.export,
-                            crate::error::error_chain(&err)
-                        );
-                        TransferError::Refused {
-                            reason: err.peer_reason(),
-                        }
-                    })?;
+                    host.commit_target(&self.spec, manager_epoch)
+                        .map_err(|err| {
+                            log::warn!(
+                                "target {} not committed: {}",
+                                self.spec.export,
+                                crate::error::error_chain(&err)
+                            );
+                            TransferError::Refused {
+                                reason: err.peer_reason(),
+                            }
+                        })?;
                     committed = true;
                     write_frame(stream, &Frame::CommitOk { seq }, &mut self.scratch)?;
                 }

@@ -581,10 +581,11 @@ impl Sender {
     }
 
     /// Syncs, then has the destination commit the target: after Ok the destination is
-    /// authoritative for the disk.
-    pub fn commit(&mut self) -> Result<(), TransferError> {
+    /// authoritative for the disk. `manager_epoch`: the epoch the job commits under, if a
+    /// manager started it (see [`TargetSpec::manager_epoch`]).
+    pub fn commit(&mut self, manager_epoch: Option<u64>) -> Result<(), TransferError> {
         let seq = self.take_seq();
-        self.send_frame(&Frame::Commit { seq })
+        self.send_frame(&Frame::Commit { seq, manager_epoch })
             .map_err(|err| self.explain(err))?;
         match self.wait_reply("CommitOk")? {
             Frame::CommitOk { seq: answered } if answered == seq => Ok(()),

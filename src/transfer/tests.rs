@@ -57,7 +57,11 @@ impl TargetHost for DirHost {
         }
     }
 
-    fn commit_target(&self, spec: &TargetSpec) -> Result<(), TargetError> {
+    fn commit_target(
+        &self,
+        spec: &TargetSpec,
+        _manager_epoch: Option<u64>,
+    ) -> Result<(), TargetError> {
         self.committed.lock().unwrap().push(spec.export.clone());
         Ok(())
     }
@@ -114,7 +118,7 @@ fn send_whole_and_commit(s: &Setup, name: &str, size: u64) {
     sender
         .send_extents(&open_source(&s.source_path), &[(0, size)])
         .unwrap();
-    sender.commit().unwrap();
+    sender.commit(None).unwrap();
 }
 
 fn setup(size_bytes: u64, zero_ranges: &[(u64, u64)], refuse: Option<String>) -> Setup {
@@ -163,6 +167,7 @@ fn spec(export: &str, size_bytes: u64) -> TargetSpec {
         batch: None,
         holder: None,
         seed: None,
+        manager_epoch: None,
     }
 }
 
@@ -191,7 +196,7 @@ fn loopback_whole_disk() {
     let source = open_source(&s.source_path);
     let stats = sender.send_extents(&source, &[(0, size)]).unwrap();
     let received_blocks = sender.sync().unwrap();
-    sender.commit().unwrap();
+    sender.commit(None).unwrap();
     drop(sender);
     let mib_per_s = (size as f64 / MIB as f64) / (stats.elapsed_ns as f64 / 1e9);
     eprintln!("loopback 64 MiB: {stats:?}, {mib_per_s:.0} MiB/s");
@@ -302,7 +307,7 @@ fn dropped_connection_then_resume() {
     let (mut sender, _) =
         Sender::connect(upstream_addr, &s.key, &target_spec, SendOptions::default()).unwrap();
     sender.send_extents(&source, &[(0, size)]).unwrap();
-    sender.commit().unwrap();
+    sender.commit(None).unwrap();
     drop(sender);
     let source_bytes = std::fs::read(&s.source_path).unwrap();
     assert!(source_bytes == std::fs::read(s.host.image("vm2")).unwrap());
@@ -463,7 +468,7 @@ fn mirrored_writes_racing_the_copy_land_last() {
     copied.store(true, Ordering::SeqCst);
     let writes = guest.join().unwrap();
     assert!(!link.failed());
-    sender.commit().unwrap();
+    sender.commit(None).unwrap();
     let source_bytes = std::fs::read(&s.source_path).unwrap();
     let target_bytes = std::fs::read(s.host.image("mirrored")).unwrap();
     let first_difference = source_bytes

@@ -18,6 +18,7 @@ struct Site {
     image_dir: PathBuf,
     exports: Arc<Exports>,
     targets: Targets,
+    epochs: Arc<Fencing>,
 }
 
 impl Site {
@@ -30,12 +31,20 @@ impl Site {
         let clock = Arc::new(MonotonicClock::new());
         let exports = Arc::new(Exports::new(&state, clock, 30_000, BTreeMap::new()));
         let image_dir = dir.path().join("images");
-        let targets = Targets::new(exports.clone(), image_dir.clone(), None, journal);
+        let epochs = Arc::new(Fencing::load(&state).unwrap());
+        let targets = Targets::new(
+            exports.clone(),
+            image_dir.clone(),
+            None,
+            journal,
+            Arc::clone(&epochs),
+        );
         Site {
             dir,
             image_dir,
             exports,
             targets,
+            epochs,
         }
     }
 
@@ -87,6 +96,7 @@ fn spec(export: &str, job_id: u64) -> TargetSpec {
         batch: None,
         holder: None,
         seed: None,
+        manager_epoch: None,
     }
 }
 
@@ -213,4 +223,42 @@ fn a_jobs_own_image_is_private_resumable_and_removed_on_abort() {
     assert!(!path.exists(), "the aborted job's image is left");
     // Aborted is final: the job cannot come back to create it again.
     site.refused(&target);
+}
+
+// Goal: a deposed manager's job neither opens nor commits a target here, and the epoch a
+// job's Open or Commit names is as durable as a command's.
+// Method: epoch 5 opens; a command of epoch 7 arrives (the fence's own admit); the job's
+// Commit at 5 is refused with both epochs named, and at 7 it commits; a new job's Open at 5
+// is refused before anything is journaled; a restarted fence still says 7.
+#[test]
+fn a_deposed_managers_job_neither_opens_nor_commits() {
+    let site = Site::new();
+    let target = TargetSpec {
+        manager_epoch: Some(5),
+        ..spec("vm6", 20)
+    };
+    site.targets.create_target(&target, "127.0.0.1:9").unwrap();
+    drop(site.epochs.admit(7).unwrap());
+    let refused = site
+        .targets
+        .commit_target(&target, Some(5))
+        .expect_err("a commit at a deposed epoch");
+    let told = refused.peer_reason();
+    assert!(
+        told.contains("epoch 5") && told.contains("epoch 7"),
+        "{told}"
+    );
+    site.targets.commit_target(&target, Some(7)).unwrap();
+    let late = TargetSpec {
+        manager_epoch: Some(5),
+        ..spec("vm7", 21)
+    };
+    let told = site.refused(&late);
+    assert!(told.contains("older than epoch 7"), "{told}");
+    let state = site.dir.path().join("state");
+    assert_eq!(Fencing::load(&state).unwrap().highest(), 7);
+    // An operator's job (no epoch) is not fenced.
+    site.targets
+        .create_target(&spec("vm8", 22), "127.0.0.1:9")
+        .unwrap();
 }
