@@ -173,16 +173,47 @@ fn agent_epoch(agent: &AgentProc) -> u64 {
         .unwrap_or(0)
 }
 
+/// `ferry ARGS --api MANAGER --token-file ...` (the operator's CLI), which must succeed.
+fn cli_ok(manager: &ManagerProc, args: &[&str]) -> String {
+    let token_file = manager.dir.join("fleet.token");
+    let out = Command::new(agent_bin())
+        .args(args)
+        .args(["--api", &manager.api, "--token-file"])
+        .arg(&token_file)
+        .output()
+        .expect("run ferry");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "ferry {args:?}: {text}");
+    text
+}
+
+/// Whether `status` lists `host` as an agent it has heard from.
+fn hears(status: &Option<ManagerStatus>, host: &str) -> bool {
+    status.as_ref().is_some_and(|s| {
+        s.agents
+            .iter()
+            .any(|a| a.name == host && a.heard_ms_ago.is_some_and(|ms| ms < 3_000))
+    })
+}
+
 #[test]
 fn a_pair_elects_moves_its_witness_and_fails_over() {
-    let agents: Vec<AgentProc> = (0..3).map(|_| agent()).collect();
+    // Goal: election, fencing, redirect, a host added at run time, a drain that moves the
+    // witness with no failover, kill -9 failover, rejoin, and the operator's forced takeover
+    // when the active and the witness are lost at once.
+    let mut agents: Vec<AgentProc> = (0..3).map(|_| agent()).collect();
     let names: Vec<String> = agents
         .iter()
         .enumerate()
         .map(|(i, a)| format!("h{}={}", i + 1, a.api))
         .collect();
     let dir = scratch_dir();
-    let mut managers = start_pair(&names, dir.path());
+    // h3 is not configured: the operator adds it while the pair runs.
+    let mut managers = start_pair(&names[..2], dir.path());
 
     // Election: the first witness is chosen by both, one manager is active a lease later.
     let statuses = wait_for(
@@ -204,7 +235,7 @@ fn a_pair_elects_moves_its_witness_and_fails_over() {
 
     // The agents' fences learn the epoch from the active's pings.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while agents.iter().any(|a| agent_epoch(a) < epoch) {
+    while agents[..2].iter().any(|a| agent_epoch(a) < epoch) {
         assert!(
             Instant::now() < deadline,
             "fences did not learn epoch {epoch}"
@@ -225,6 +256,16 @@ fn a_pair_elects_moves_its_witness_and_fails_over() {
         .abort_job(1)
         .expect_err("standby redirects");
     assert_eq!(err.status(), Some(307), "{err}");
+
+    // A host added at run time (on either manager: the standby here) is managed by both.
+    let added = cli_ok(&managers[1 - active], &["host", "add", "h3", &agents[2].api]);
+    assert!(added.contains("h3: managed"), "{added}");
+    wait_for(
+        &[&managers[0], &managers[1]],
+        Duration::from_secs(5),
+        "both managers hear the added h3",
+        |s| hears(&s[0], "h3") && hears(&s[1], "h3"),
+    );
 
     // Draining the witness moves the lease, with no failover.
     let drained = witness.host.clone();
@@ -297,6 +338,45 @@ fn a_pair_elects_moves_its_witness_and_fails_over() {
         },
     );
     assert_eq!(active_index(&statuses), Some(1 - active));
+    // It kept the host added before it was killed (its hosts file).
+    assert!(
+        statuses[active]
+            .as_ref()
+            .is_some_and(|s| s.agents.iter().any(|a| a.name == "h3")),
+        "h3 forgotten: {statuses:#?}"
+    );
+
+    // The active and the witness lost at once: the standby waits, as any quorum system
+    // must, until the operator forces a takeover with another witness.
+    let survivor = active;
+    let witness = statuses[1 - active]
+        .as_ref()
+        .and_then(|s| s.witness.clone())
+        .expect("witness");
+    let witness_index: usize = witness.host[1..].parse::<usize>().expect("hN") - 1;
+    managers[1 - active].kill();
+    agents[witness_index].kill();
+    std::thread::sleep(Duration::from_secs(7));
+    let waiting = managers[survivor].status().expect("status");
+    assert!(!waiting.active, "took over without a witness: {waiting:?}");
+    let other_host = format!("h{}", (witness_index + 1) % 3 + 1);
+    let forced = cli_ok(
+        &managers[survivor],
+        &["manager", "takeover", "--force", "--witness", &other_host],
+    );
+    eprintln!("forced takeover: {forced}");
+    let statuses = wait_for(
+        &[&managers[survivor]],
+        Duration::from_secs(10),
+        "forced takeover",
+        |s| s[0].as_ref().is_some_and(|s| s.active),
+    );
+    let forced_epoch = statuses[0].as_ref().and_then(|s| s.epoch).expect("epoch");
+    assert!(forced_epoch > new_epoch, "{forced_epoch} after {new_epoch}");
+    assert_eq!(
+        statuses[0].as_ref().and_then(|s| s.witness.clone()).map(|w| w.host),
+        Some(other_host)
+    );
 }
 
 /// Writes `size_mib` MiB of pseudo-random data into a new image.

@@ -87,6 +87,19 @@ pub struct TakeoverRequest {
     pub witness: String,
 }
 
+/// `POST /v1/hosts`: one more agent for the managers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostAdd {
+    /// The host's name.
+    pub name: String,
+    /// Its agent's control API address.
+    pub address: String,
+    /// Its block-stream address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transfer: Option<String>,
+}
+
 /// `POST /v1/manager/batches`: a batch the active manager drives across agents.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BatchPlan {

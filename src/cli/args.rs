@@ -47,8 +47,8 @@ pub enum Command {
     /// The manager pair: `ferry manager` runs one (config file and flags); `ferry manager
     /// status` and `ferry manager takeover` ask a running one (`--api` is its address).
     Manager(ManagerArgs),
-    /// Drain a host (the managers move the witness lease away from it) or return it; asks a
-    /// manager (`--api`), which tells its peer.
+    /// Add a host to the managers, drain one (the managers move the witness lease away from
+    /// it) or return it; asks a manager (`--api`), which tells its peer.
     Host {
         /// Action.
         #[command(subcommand)]
@@ -573,5 +573,15 @@ pub enum HostAction {
     Undrain {
         /// The host's name.
         name: String,
+    },
+    /// Manage one more agent (both managers keep it across restarts).
+    Add {
+        /// The host's name (witness choices, plans and status name it).
+        name: String,
+        /// Its agent's control API address (host:port).
+        address: String,
+        /// Its block-stream address, so that plans may name the host as a destination.
+        #[arg(long)]
+        transfer: Option<String>,
     },
 }

@@ -2,7 +2,7 @@
 //! drain|undrain`.
 
 use super::{client, print_json, ApiTarget, CliError, HostAction, ManagerAction, ManagerArgs};
-use crate::api::fleet::{BatchItem, BatchPlan, BatchView, ManagerStatus, TakeoverRequest};
+use crate::api::fleet::{BatchItem, BatchPlan, BatchView, HostAdd, ManagerStatus, TakeoverRequest};
 use crate::api::types::MigrateRequest;
 use crate::api::Client;
 use crate::manager::{ManagerConfig, Overrides};
@@ -59,11 +59,27 @@ fn run(args: &ManagerArgs) -> Result<(), CliError> {
     crate::manager::run(config).map_err(CliError::Manager)
 }
 
-/// `ferry host drain|undrain NAME`.
+/// `ferry host add|drain|undrain NAME`.
 pub fn host(action: &HostAction, target: &ApiTarget) -> Result<(), CliError> {
     let (name, drained) = match action {
         HostAction::Drain { name } => (name, true),
         HostAction::Undrain { name } => (name, false),
+        HostAction::Add {
+            name,
+            address,
+            transfer,
+        } => {
+            let host = HostAdd {
+                name: name.clone(),
+                address: address.clone(),
+                transfer: transfer.clone(),
+            };
+            client(target)?
+                .host_add(&host, false)
+                .map_err(CliError::Api)?;
+            println!("{name}: managed (at {address})");
+            return Ok(());
+        }
     };
     client(target)?
         .host_drain(name, drained, false)

@@ -22,10 +22,10 @@ use std::time::Duration;
 
 use thiserror::Error;
 
+use super::fleet::Fleet;
 use super::runtime::Shared;
 use crate::api::fleet::{BatchItemView, BatchPlan, BatchView};
 use crate::api::types::{JobPhase, JobStatus};
-use crate::api::Client;
 use crate::journal::status::DiskStatus;
 
 /// How often the driver looks at the batches.
@@ -176,7 +176,7 @@ type SourceView = (Vec<DiskStatus>, Vec<JobStatus>);
 /// The driver: a thread that drives every stored batch while this manager is active.
 pub struct Driver {
     store: BatchStore,
-    agents: HashMap<String, Client>,
+    fleet: Arc<Fleet>,
     shared: Arc<Shared>,
     /// What the last round saw, for `GET /v1/manager/batches`.
     pub views: Mutex<Vec<BatchView>>,
@@ -189,11 +189,11 @@ impl std::fmt::Debug for Driver {
 }
 
 impl Driver {
-    /// A driver of the plans in `store`, talking to `agents`.
-    pub fn new(store: BatchStore, agents: HashMap<String, Client>, shared: Arc<Shared>) -> Self {
+    /// A driver of the plans in `store`, talking to `fleet`'s agents.
+    pub fn new(store: BatchStore, fleet: Arc<Fleet>, shared: Arc<Shared>) -> Self {
         Self {
             store,
-            agents,
+            fleet,
             shared,
             views: Mutex::new(Vec::new()),
         }
@@ -240,10 +240,11 @@ impl Driver {
     }
 
     fn look(&self, source: &str, batch: &str) -> Result<SourceView, String> {
-        let client = self
-            .agents
+        let agent = self
+            .fleet
             .get(source)
             .ok_or_else(|| format!("{source} is not a managed host"))?;
+        let client = &agent.command;
         let lines = client
             .migration_status(Some(batch))
             .map_err(|e| crate::error::error_chain(&e))?;
@@ -267,9 +268,10 @@ impl Driver {
                 _ => continue,
             };
             let source = item.source.as_deref().unwrap_or_default();
-            let Some(client) = self.agents.get(source) else {
+            let Some(agent) = self.fleet.get(source) else {
                 continue;
             };
+            let client = &agent.command;
             // Read against the clock right before the command, not at the round's start.
             let Some(epoch) = self.shared.acting_epoch() else {
                 return;

@@ -35,7 +35,7 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::lease::holder::HolderBounds;
@@ -72,7 +72,7 @@ pub enum ConfigError {
 }
 
 /// One managed agent.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentEntry {
     /// The host's name (witness choices and status name it).
@@ -80,7 +80,7 @@ pub struct AgentEntry {
     /// Its control API address.
     pub address: String,
     /// Its block-stream address, so batches may name it as a destination.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transfer: Option<String>,
 }
 

@@ -6,12 +6,13 @@
 //! dead host costs its worker one interval, never the lease loop; lease requests never carry
 //! the manager epoch (the witness is not fenced), pings of the active do.
 
-use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use thiserror::Error;
 
 use super::config::ManagerConfig;
+use super::fleet::Fleet;
 use crate::api::leases::LeaseCall;
 use crate::api::tls::ClientTlsOptions;
 use crate::api::{Client, ClientError};
@@ -39,10 +40,10 @@ pub trait Transport: Send + Sync {
     fn to_peer(&self, message: &PeerMessage) -> Result<(), LinkError>;
 }
 
-/// The HTTP transport: one API client per agent and one for the peer.
+/// The HTTP transport: the fleet's agents' quick clients, and one for the peer.
 #[derive(Debug)]
 pub struct HttpTransport {
-    agents: HashMap<String, Client>,
+    fleet: Arc<Fleet>,
     peer: Client,
     pair: String,
     lease_ms: u32,
@@ -50,35 +51,39 @@ pub struct HttpTransport {
 }
 
 impl HttpTransport {
-    /// Clients for `config`'s agents and peer, sending `token`, over TLS with `tls`.
-    pub fn new(config: &ManagerConfig, token: &str, tls: Option<&ClientTlsOptions>) -> Self {
-        // A call may take at most one renewal interval: later answers are useless anyway.
-        let timeout = Duration::from_millis(u64::from(config.lease.renew_interval_ms));
-        let client = |address: &str| {
-            let client = Client::new(address, Some(token.to_string())).with_timeout(timeout);
-            match tls {
-                Some(tls) => client.with_tls(tls),
-                None => client,
-            }
-        };
+    /// Calls to `fleet`'s agents and to `config`'s peer, sending `token`, over TLS with
+    /// `tls`.
+    pub fn new(
+        config: &ManagerConfig,
+        fleet: Arc<Fleet>,
+        token: &str,
+        tls: Option<&ClientTlsOptions>,
+    ) -> Self {
+        let peer = Client::new(&config.peer_address, Some(token.to_string()))
+            .with_timeout(quick_timeout(config));
         Self {
-            agents: config
-                .agents
-                .iter()
-                .map(|agent| (agent.name.clone(), client(&agent.address)))
-                .collect(),
-            peer: client(&config.peer_address),
+            fleet,
+            peer: match tls {
+                Some(tls) => peer.with_tls(tls),
+                None => peer,
+            },
             pair: config.pair.clone(),
             lease_ms: config.lease.lease_ms,
             write_timeout_ms: config.lease.write_timeout_ms,
         }
     }
 
-    fn agent(&self, host: &str) -> Result<&Client, LinkError> {
-        self.agents
+    fn agent(&self, host: &str) -> Result<Arc<super::fleet::Agent>, LinkError> {
+        self.fleet
             .get(host)
             .ok_or_else(|| LinkError::UnknownHost(host.to_string()))
     }
+}
+
+/// How long a lease request or ping may take: one renewal interval (a later answer is
+/// useless anyway).
+pub fn quick_timeout(config: &ManagerConfig) -> Duration {
+    Duration::from_millis(u64::from(config.lease.renew_interval_ms))
 }
 
 impl Transport for HttpTransport {
@@ -88,11 +93,11 @@ impl Transport for HttpTransport {
             write_timeout_ms: self.write_timeout_ms,
             request: request.clone(),
         };
-        Ok(self.agent(host)?.lease(&self.pair, &call)?)
+        Ok(self.agent(host)?.quick.lease(&self.pair, &call)?)
     }
 
     fn ping(&self, host: &str, epoch: Option<u64>) -> Result<(), LinkError> {
-        let agent = self.agent(host)?;
+        let agent = &self.agent(host)?.quick;
         match epoch {
             Some(epoch) => agent.at_epoch(epoch).exports()?,
             None => agent.exports()?,

@@ -29,10 +29,12 @@ use crate::lease::role::{Role, RoleConfig, Rules};
 
 pub mod batches;
 pub mod config;
+pub mod fleet;
 pub mod link;
 pub mod runtime;
 pub mod service;
 pub mod state;
+pub mod workers;
 
 pub use config::{ConfigError, ManagerConfig, Overrides};
 
@@ -93,13 +95,8 @@ impl Running {
     }
 }
 
-/// Starts a manager with `transport` to reach agents and the peer (HTTP in production, an
-/// in-process fleet in tests).
-pub fn start(
-    config: ManagerConfig,
-    token: String,
-    transport: Arc<dyn link::Transport>,
-) -> Result<Running, ManagerError> {
+/// Starts a manager reaching its agents and its peer over their HTTP APIs.
+pub fn start(config: ManagerConfig, token: String) -> Result<Running, ManagerError> {
     let (server_tls, client_tls) = match &config.tls_creds {
         Some(dir) => (
             Some(crate::api::tls::ServerTls::load(dir).map_err(ManagerError::Tls)?),
@@ -120,13 +117,21 @@ pub fn start(
     let clock: Arc<dyn Clock> = Arc::new(MonotonicClock::new());
     let shared = Arc::new(Shared::new(initial_status(&config), clock.clone()));
     let (inputs_tx, inputs_rx) = crossbeam_channel::unbounded::<Input>();
-    let hosts: Vec<String> = config
-        .agents
-        .iter()
-        .map(|agent| agent.name.clone())
-        .collect();
+    let fleet = Arc::new(fleet::Fleet::load(
+        &config.state_dir,
+        &config.agents,
+        &token,
+        client_tls.as_ref(),
+        link::quick_timeout(&config),
+    ));
+    let transport = Arc::new(link::HttpTransport::new(
+        &config,
+        fleet.clone(),
+        &token,
+        client_tls.as_ref(),
+    ));
     let ping = Duration::from_millis(u64::from(config.lease.renew_interval_ms));
-    let workers = Workers::start(&hosts, transport, &inputs_tx, ping, &shared)
+    let workers = Workers::start(fleet.clone(), transport, &inputs_tx, ping, &shared)
         .map_err(ManagerError::Spawn)?;
     let runtime = Runtime::new(role, state, clock, inputs_rx, workers, shared.clone());
     std::thread::Builder::new()
@@ -139,7 +144,7 @@ pub fn start(
         .map_err(|_| ManagerError::Listen(config.listen.clone()))?;
     let driver = Arc::new(batches::Driver::new(
         batches::BatchStore::new(&config.state_dir),
-        agent_clients(&config, &token, client_tls.as_ref()),
+        fleet.clone(),
         shared.clone(),
     ));
     let driving = driver.clone();
@@ -148,8 +153,13 @@ pub fn start(
         .spawn(move || driving.run())
         .map_err(ManagerError::Spawn)?;
     let channels = (inputs_tx, shared.clone());
-    let service =
-        service::ManagerService::new(token, config, channels, client_tls.as_ref(), driver);
+    let service = service::ManagerService::new(
+        token,
+        config,
+        channels,
+        client_tls.as_ref(),
+        (driver, fleet),
+    );
     let api =
         crate::api::listen::start_tls(addr, API_WORKERS, "mgr-api", Arc::new(service), server_tls)?;
     Ok(Running { shared, api })
@@ -165,41 +175,13 @@ pub fn run(config: ManagerConfig) -> Result<(), ManagerError> {
         })?;
     let mut signals =
         signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(ManagerError::Signals)?;
-    let tls = match &config.tls_creds {
-        Some(dir) => {
-            Some(crate::api::tls::ClientTlsOptions::load(dir, None).map_err(ManagerError::Tls)?)
-        }
-        None => None,
-    };
-    let transport = Arc::new(link::HttpTransport::new(&config, &token, tls.as_ref()));
-    let running = start(config, token, transport)?;
+    let running = start(config, token)?;
     log::info!("manager API on {}", running.api_addr());
     if let Some(signal) = signals.forever().next() {
         log::info!("signal {signal}: stopping");
     }
     running.stop();
     Ok(())
-}
-
-/// One API client per managed agent (calls bounded: a dead agent costs a round, not more).
-fn agent_clients(
-    config: &ManagerConfig,
-    token: &str,
-    tls: Option<&crate::api::tls::ClientTlsOptions>,
-) -> std::collections::HashMap<String, crate::api::Client> {
-    config
-        .agents
-        .iter()
-        .map(|agent| {
-            let client = crate::api::Client::new(&agent.address, Some(token.to_string()))
-                .with_timeout(Duration::from_secs(3));
-            let client = match tls {
-                Some(tls) => client.with_tls(tls),
-                None => client,
-            };
-            (agent.name.clone(), client)
-        })
-        .collect()
 }
 
 fn role_config(config: &ManagerConfig) -> RoleConfig {

@@ -5,9 +5,8 @@
 //! - A [`Out::Persist`] is saved before any later output is handed to a sender; a failed
 //!   save stops the loop's sending for that batch (and is logged): nothing is sent that
 //!   depends on a state not on disk.
-//! - The loop never blocks on the network: requests go to bounded per-host queues and a
-//!   bounded peer queue, each drained by its own thread; a full queue drops the message (the
-//!   protocol treats it as lost). The send time a reply is judged by is taken when the
+//! - The loop never blocks on the network: requests go to bounded queues drained by the
+//!   [`Workers`]; a full queue drops the message (the protocol treats it as lost). The send time a reply is judged by is taken when the
 //!   request is queued, before it is sent, which only shortens the deadline.
 //! - Every role change is logged with its reason and kept for `ferry manager status`.
 
@@ -16,19 +15,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
+use crossbeam_channel::{Receiver, RecvTimeoutError};
 
-use super::link::Transport;
+use super::fleet::Fleet;
 use super::state::StateFile;
-use crate::api::fleet::{ManagerStatus, PeerView, RoleChange};
+pub use super::workers::Workers;
+use crate::api::fleet::{AgentView, ManagerStatus, PeerView, RoleChange};
 use crate::env::Clock;
 use crate::lease::role::{Out, PeerMessage, Role};
 use crate::lease::witness::{LeaseReply, LeaseRequest};
 
 /// How often the role is ticked.
 pub const TICK: Duration = Duration::from_millis(100);
-/// Requests queued per host, and messages to the peer, before new ones are dropped.
-const QUEUE_DEPTH: usize = 8;
 
 /// What the loop is told.
 #[derive(Debug)]
@@ -62,8 +60,8 @@ pub enum Input {
 /// A request for one host's worker.
 #[derive(Debug)]
 pub struct HostJob {
-    request: LeaseRequest,
-    sent_ns: u64,
+    pub(super) request: LeaseRequest,
+    pub(super) sent_ns: u64,
 }
 
 /// What the loop shares with the API, the workers and the batch driver: the status, and the
@@ -113,8 +111,8 @@ pub struct Runtime {
     state: StateFile,
     clock: Arc<dyn Clock>,
     inputs: Receiver<Input>,
-    hosts: HashMap<String, Sender<HostJob>>,
-    peer: Sender<PeerMessage>,
+    workers: Workers,
+    fleet: Arc<Fleet>,
     shared: Arc<Shared>,
     heard: HashMap<String, Instant>,
     role_changes: u64,
@@ -136,8 +134,8 @@ impl Runtime {
             state,
             clock,
             inputs,
-            hosts: workers.hosts,
-            peer: workers.peer,
+            fleet: workers.fleet(),
+            workers,
             shared,
             heard: HashMap::new(),
             role_changes: 0,
@@ -221,11 +219,8 @@ impl Runtime {
                         return; // nothing that depends on it is sent
                     }
                 }
-                Out::Witness { host, request } => self.to_host(&host, request, now_ns),
-                Out::Peer(message) => match self.peer.try_send(message) {
-                    Ok(()) | Err(TrySendError::Full(_)) => {}
-                    Err(TrySendError::Disconnected(_)) => log::warn!("peer sender stopped"),
-                },
+                Out::Witness { host, request } => self.send_to_host(&host, request, now_ns),
+                Out::Peer(message) => self.workers.to_peer(message),
                 Out::Changed {
                     active,
                     epoch,
@@ -236,13 +231,8 @@ impl Runtime {
         self.shared.set_acting(self.role.acting(now_ns));
     }
 
-    fn to_host(&self, host: &str, request: LeaseRequest, sent_ns: u64) {
-        let Some(queue) = self.hosts.get(host) else {
-            log::warn!("witness {host} is not a managed agent");
-            return;
-        };
-        // Full: dropped, as a lost message would be.
-        let _ = queue.try_send(HostJob { request, sent_ns });
+    fn send_to_host(&mut self, host: &str, request: LeaseRequest, sent_ns: u64) {
+        self.workers.lease(host, HostJob { request, sent_ns });
     }
 
     fn changed(&mut self, active: bool, epoch: u64, reason: &'static str) {
@@ -277,118 +267,19 @@ impl Runtime {
         status.role_changes = self.role_changes;
         status.last_change.clone_from(&self.last_change);
         status.drained = self.role.drained().to_vec();
-        for agent in &mut status.agents {
-            agent.heard_ms_ago = self
-                .heard
-                .get(&agent.name)
-                .map(|at| at.elapsed().as_millis() as u64);
-        }
-    }
-}
-
-/// The queues of the per-host workers and the peer sender.
-#[derive(Debug)]
-pub struct Workers {
-    hosts: HashMap<String, Sender<HostJob>>,
-    peer: Sender<PeerMessage>,
-}
-
-impl Workers {
-    /// Starts one worker per host (lease requests and a ping every `ping_interval`) and the
-    /// peer sender, all reporting to `inputs`.
-    pub fn start(
-        hosts: &[String],
-        transport: Arc<dyn Transport>,
-        inputs: &Sender<Input>,
-        ping_interval: Duration,
-        shared: &Arc<Shared>,
-    ) -> std::io::Result<Self> {
-        let mut queues = HashMap::new();
-        for host in hosts {
-            let (tx, rx) = crossbeam_channel::bounded(QUEUE_DEPTH);
-            let worker = HostWorker {
-                host: host.clone(),
-                transport: transport.clone(),
-                jobs: rx,
-                inputs: inputs.clone(),
-                ping_interval,
-                shared: shared.clone(),
-            };
-            std::thread::Builder::new()
-                .name(format!("mgr-{host}"))
-                .spawn(move || worker.run())?;
-            queues.insert(host.clone(), tx);
-        }
-        let (peer_tx, peer_rx) = crossbeam_channel::bounded::<PeerMessage>(QUEUE_DEPTH);
-        let stop = shared.clone();
-        std::thread::Builder::new()
-            .name("mgr-peer".into())
-            .spawn(move || {
-                while let Ok(message) = peer_rx.recv() {
-                    if stop.stop.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    if let Err(err) = transport.to_peer(&message) {
-                        log::debug!("peer: {}", crate::error::error_chain(&err));
-                    }
-                }
-            })?;
-        Ok(Self {
-            hosts: queues,
-            peer: peer_tx,
-        })
-    }
-}
-
-struct HostWorker {
-    host: String,
-    transport: Arc<dyn Transport>,
-    jobs: Receiver<HostJob>,
-    inputs: Sender<Input>,
-    ping_interval: Duration,
-    shared: Arc<Shared>,
-}
-
-impl HostWorker {
-    fn run(self) {
-        let mut last_ping = Instant::now() - self.ping_interval;
-        while !self.shared.stop.load(Ordering::Relaxed) {
-            let wait = (last_ping + self.ping_interval).saturating_duration_since(Instant::now());
-            match self.jobs.recv_timeout(wait) {
-                Ok(job) => self.lease(job),
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => break,
-            }
-            if last_ping.elapsed() >= self.ping_interval {
-                last_ping = Instant::now();
-                self.ping();
-            }
-        }
-    }
-
-    fn lease(&self, job: HostJob) {
-        match self.transport.lease(&self.host, &job.request) {
-            Ok(reply) => {
-                let _ = self.inputs.send(Input::Heard(self.host.clone()));
-                let _ = self.inputs.send(Input::Reply {
-                    host: self.host.clone(),
-                    request: job.request,
-                    sent_ns: job.sent_ns,
-                    reply,
-                });
-            }
-            Err(err) => log::debug!("witness {}: {}", self.host, crate::error::error_chain(&err)),
-        }
-    }
-
-    /// An answer proves the host reachable; the active's epoch rides along, so agents'
-    /// fences meet a new epoch before its first real command.
-    fn ping(&self) {
-        match self.transport.ping(&self.host, self.shared.acting_epoch()) {
-            Ok(()) => {
-                let _ = self.inputs.send(Input::Heard(self.host.clone()));
-            }
-            Err(err) => log::debug!("agent {}: {}", self.host, crate::error::error_chain(&err)),
-        }
+        // Agents may be added at run time: the list is the fleet's.
+        status.agents = self
+            .fleet
+            .all()
+            .iter()
+            .map(|agent| AgentView {
+                name: agent.entry.name.clone(),
+                address: agent.entry.address.clone(),
+                heard_ms_ago: self
+                    .heard
+                    .get(&agent.entry.name)
+                    .map(|at| at.elapsed().as_millis() as u64),
+            })
+            .collect();
     }
 }

@@ -12,9 +12,10 @@ use std::sync::Arc;
 use crossbeam_channel::Sender;
 
 use super::batches::Driver;
-use super::config::ManagerConfig;
+use super::config::{AgentEntry, ManagerConfig};
+use super::fleet::{Agent, Fleet, FleetError};
 use super::runtime::{Input, Shared};
-use crate::api::fleet::{BatchPlan, TakeoverRequest};
+use crate::api::fleet::{BatchPlan, HostAdd, TakeoverRequest};
 use crate::api::http::{Head, Method, Reply};
 use crate::api::listen::Service;
 use crate::api::server::{authenticate, decode, flag, path_segments};
@@ -23,10 +24,8 @@ use crate::api::Client;
 use crate::journal::status::DiskStatus;
 use crate::lease::role::PeerMessage;
 
-/// Agents asked at once for the fleet's status.
+/// Agents asked at once for the fleet's status (or their exports).
 const STATUS_FANOUT: usize = 32;
-/// How long one agent may take to give its status.
-const STATUS_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(1_500);
 
 /// The manager's API.
 pub struct ManagerService {
@@ -35,7 +34,7 @@ pub struct ManagerService {
     config: ManagerConfig,
     inputs: Sender<Input>,
     shared: Arc<Shared>,
-    agents: Vec<(String, Client)>,
+    fleet: Arc<Fleet>,
     peer: Client,
 }
 
@@ -54,32 +53,21 @@ impl ManagerService {
         config: ManagerConfig,
         channels: (Sender<Input>, Arc<Shared>),
         tls: Option<&ClientTlsOptions>,
-        driver: Arc<Driver>,
+        (driver, fleet): (Arc<Driver>, Arc<Fleet>),
     ) -> Self {
         let (inputs, shared) = channels;
-        let client = |address: &str| {
-            let client = Client::new(address, Some(token.clone()));
-            match tls {
-                Some(tls) => client.with_tls(tls),
-                None => client,
-            }
+        let peer = Client::new(&config.peer_address, Some(token.clone()));
+        let peer = match tls {
+            Some(tls) => peer.with_tls(tls),
+            None => peer,
         };
-        let agents = config
-            .agents
-            .iter()
-            .map(|agent| {
-                let client = client(&agent.address).with_timeout(STATUS_TIMEOUT);
-                (agent.name.clone(), client)
-            })
-            .collect();
-        let peer = client(&config.peer_address);
         Self {
             driver,
             token,
             config,
             inputs,
             shared,
-            agents,
+            fleet,
             peer,
         }
     }
@@ -106,6 +94,13 @@ impl ManagerService {
             },
             (Method::Post, ["v1", "manager", "takeover"]) => match decode(body) {
                 Ok(request) => self.takeover(&request),
+                Err(reply) => reply,
+            },
+            (Method::Post, ["v1", "hosts"]) => match flag(query, "from_peer") {
+                Ok(from_peer) => match decode::<HostAdd>(body) {
+                    Ok(host) => self.add_host(host, from_peer),
+                    Err(reply) => reply,
+                },
                 Err(reply) => reply,
             },
             (Method::Post, ["v1", "hosts", name, action @ ("drain" | "undrain")]) => {
@@ -153,7 +148,43 @@ impl ManagerService {
     }
 
     fn managed(&self, name: &str) -> bool {
-        self.config.agents.iter().any(|agent| agent.name == name)
+        self.fleet.get(name).is_some()
+    }
+
+    /// Manages one more agent, durably, and tells the peer (unless it told us). Either
+    /// manager takes it: the standby must know every host the active may choose as witness.
+    fn add_host(&self, host: HostAdd, from_peer: bool) -> Reply {
+        let entry = AgentEntry {
+            name: host.name.clone(),
+            address: host.address.clone(),
+            transfer: host.transfer.clone(),
+        };
+        match self.fleet.add(entry) {
+            Ok(true) => log::info!("host {} added (at {})", host.name, host.address),
+            Ok(false) => {}
+            Err(err @ (FleetError::Invalid(_) | FleetError::Conflict { .. })) => {
+                return Reply::error(400, err.to_string())
+            }
+            Err(err @ FleetError::Full) => return Reply::error(409, err.to_string()),
+            Err(err @ FleetError::Save { .. }) => {
+                log::error!("{}", crate::error::error_chain(&err));
+                return Reply::error(500, "cannot save the host list");
+            }
+        }
+        if from_peer {
+            return Reply::empty(204);
+        }
+        match self.peer.host_add(&host, true) {
+            Ok(()) => Reply::empty(204),
+            Err(err) => Reply::error(
+                502,
+                format!(
+                    "{} added here, but the peer manager was not told: {}",
+                    host.name,
+                    crate::error::error_chain(&err)
+                ),
+            ),
+        }
     }
 
     fn takeover(&self, request: &TakeoverRequest) -> Reply {
@@ -207,35 +238,19 @@ impl ManagerService {
         }
     }
 
-    /// Every agent's per-VM verdicts (of `batch`, if given), asked by `STATUS_FANOUT`
-    /// threads pulling agents from one queue (a slow agent holds only its own thread), each
-    /// call bounded by [`STATUS_TIMEOUT`]. An agent that does not answer is a line of its own
-    /// (needs-attention, naming the host), never silently left out.
+    /// Every agent's per-VM verdicts (of `batch`, if given), asked by [`fan_out`], each
+    /// call bounded by [`super::fleet::STATUS_TIMEOUT`]. An agent that does not answer is a line of
+    /// its own (needs-attention, naming the host), never silently left out.
     fn fleet_status(&self, batch: Option<&str>) -> Vec<DiskStatus> {
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        let answers = std::sync::Mutex::new(Vec::with_capacity(self.agents.len()));
-        std::thread::scope(|scope| {
-            for _ in 0..STATUS_FANOUT.min(self.agents.len()) {
-                scope.spawn(|| loop {
-                    let index = next.fetch_add(1, Ordering::Relaxed);
-                    let Some((name, client)) = self.agents.get(index) else {
-                        break;
-                    };
-                    let answer = match self.shared.acting_epoch() {
-                        Some(epoch) => client.at_epoch(epoch).migration_status(batch),
-                        None => client.migration_status(batch),
-                    };
-                    let lines = answer.unwrap_or_else(|err| vec![unreachable_line(name, &err)]);
-                    answers
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push((index, lines));
-                });
-            }
+        let answers = fan_out(&self.fleet.all(), |agent| {
+            let client = &agent.status;
+            let answer = match self.shared.acting_epoch() {
+                Some(epoch) => client.at_epoch(epoch).migration_status(batch),
+                None => client.migration_status(batch),
+            };
+            answer.unwrap_or_else(|err| vec![unreachable_line(&agent.entry.name, &err)])
         });
-        let mut answers = answers.into_inner().unwrap_or_else(|p| p.into_inner());
-        answers.sort_by_key(|(index, _)| *index);
-        answers.into_iter().flat_map(|(_, lines)| lines).collect()
+        answers.into_iter().flatten().collect()
     }
 
     /// Checks, completes (sources, destinations), saves and replicates a plan; the driver
@@ -279,11 +294,11 @@ impl ManagerService {
     fn complete(&self, plan: &mut BatchPlan) -> Result<(), String> {
         let mut served: Option<Vec<(String, Vec<String>)>> = None;
         for item in &mut plan.items {
-            if let Some(agent) = self.config.agents.iter().find(|a| a.name == item.to) {
-                item.to = agent.transfer.clone().ok_or_else(|| {
+            if let Some(agent) = self.fleet.get(&item.to) {
+                item.to = agent.entry.transfer.clone().ok_or_else(|| {
                     format!(
                         "{} has no transfer address in the manager's configuration",
-                        agent.name
+                        agent.entry.name
                     )
                 })?;
             }
@@ -315,20 +330,12 @@ impl ManagerService {
 
     /// Every reachable agent's export names.
     fn exports_by_host(&self) -> Vec<(String, Vec<String>)> {
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = self
-                .agents
-                .iter()
-                .map(|(name, client)| {
-                    scope.spawn(move || {
-                        let exports = client
-                            .exports()
-                            .map(|list| list.into_iter().map(|e| e.name).collect());
-                        (name.clone(), exports.unwrap_or_default())
-                    })
-                })
-                .collect();
-            handles.into_iter().filter_map(|h| h.join().ok()).collect()
+        fan_out(&self.fleet.all(), |agent| {
+            let exports = agent
+                .status
+                .exports()
+                .map(|list| list.into_iter().map(|e| e.name).collect());
+            (agent.entry.name.clone(), exports.unwrap_or_default())
         })
     }
 
@@ -466,4 +473,29 @@ fn unreachable_line(host: &str, err: &crate::api::ClientError) -> DiskStatus {
         forwarding: None,
         seed: None,
     }
+}
+
+/// `ask` of every agent, from at most [`STATUS_FANOUT`] threads pulling agents from one
+/// queue (a slow agent holds only its own thread); the answers in the agents' order.
+fn fan_out<T: Send>(agents: &[Arc<Agent>], ask: impl Fn(&Agent) -> T + Sync) -> Vec<T> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let answers = std::sync::Mutex::new(Vec::with_capacity(agents.len()));
+    std::thread::scope(|scope| {
+        for _ in 0..STATUS_FANOUT.min(agents.len()) {
+            scope.spawn(|| loop {
+                let index = next.fetch_add(1, Ordering::Relaxed);
+                let Some(agent) = agents.get(index) else {
+                    break;
+                };
+                let answer = ask(agent);
+                answers
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((index, answer));
+            });
+        }
+    });
+    let mut answers = answers.into_inner().unwrap_or_else(|p| p.into_inner());
+    answers.sort_by_key(|(index, _)| *index);
+    answers.into_iter().map(|(_, answer)| answer).collect()
 }

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use super::{encode, json, Client, ClientError};
-use crate::api::fleet::{BatchPlan, BatchView, ManagerStatus, TakeoverRequest};
+use crate::api::fleet::{BatchPlan, BatchView, HostAdd, ManagerStatus, TakeoverRequest};
 use crate::lease::role::PeerMessage;
 
 impl Client {
@@ -76,6 +76,18 @@ impl Client {
             &[]
         };
         self.call("POST", &path, query, None).map(drop)
+    }
+
+    /// `POST /v1/hosts`: both managers manage one more agent (the one asked tells its peer,
+    /// unless `from_peer`).
+    pub fn host_add(&self, host: &HostAdd, from_peer: bool) -> Result<(), ClientError> {
+        let query: &[(&str, &str)] = if from_peer {
+            &[("from_peer", "true")]
+        } else {
+            &[]
+        };
+        self.call("POST", "/v1/hosts", query, Some(json(host)))
+            .map(drop)
     }
 
     /// `POST /v1/manager/batches`: the active manager drives `plan` (`from_peer`: the
