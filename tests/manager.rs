@@ -258,7 +258,10 @@ fn a_pair_elects_moves_its_witness_and_fails_over() {
     assert_eq!(err.status(), Some(307), "{err}");
 
     // A host added at run time (on either manager: the standby here) is managed by both.
-    let added = cli_ok(&managers[1 - active], &["host", "add", "h3", &agents[2].api]);
+    let added = cli_ok(
+        &managers[1 - active],
+        &["host", "add", "h3", &agents[2].api],
+    );
     assert!(added.contains("h3: managed"), "{added}");
     wait_for(
         &[&managers[0], &managers[1]],
@@ -374,22 +377,12 @@ fn a_pair_elects_moves_its_witness_and_fails_over() {
     let forced_epoch = statuses[0].as_ref().and_then(|s| s.epoch).expect("epoch");
     assert!(forced_epoch > new_epoch, "{forced_epoch} after {new_epoch}");
     assert_eq!(
-        statuses[0].as_ref().and_then(|s| s.witness.clone()).map(|w| w.host),
+        statuses[0]
+            .as_ref()
+            .and_then(|s| s.witness.clone())
+            .map(|w| w.host),
         Some(other_host)
     );
-}
-
-/// Writes `size_mib` MiB of pseudo-random data into a new image.
-fn data_image(path: &Path, size_mib: usize, seed: u8) {
-    let mut bytes = vec![0u8; size_mib << 20];
-    let mut state = u64::from(seed) + 1;
-    for chunk in bytes.chunks_mut(8) {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
-    }
-    std::fs::write(path, bytes).expect("image");
 }
 
 /// An agent with the fleet token and the cluster key, serving `exports`, with `extra` flags.
@@ -418,7 +411,7 @@ fn a_batch_driven_by_the_manager_survives_a_failover() {
     let exports: Vec<String> = (1..=3)
         .map(|i| {
             let path = images.path().join(format!("vm{i}.img"));
-            data_image(&path, 16, i as u8);
+            common::data_image(&path, 16, i as u8);
             format!("vm{i}={}", path.display())
         })
         .collect();

@@ -24,10 +24,10 @@
 //! overlap (by the logs, within one 100 ms tick of the lease loop, and by the polls where a
 //! sample proves it), the epochs of successive active intervals grow, agents' epochs never go
 //! down; per scenario: the takeovers expected, the failover time, the old epoch refused.
-//! A batch migration during the scenarios (also in the issue) is not run: the manager's batch
-//! driver (`src/manager/batches.rs`) arrived after these were written; tests/manager.rs runs a
-//! batch across a failover on loopback. Needs root (network namespaces), as scripts/test runs
-//! it.
+//! A batch migration runs through the scenarios (`common::managers::batch`): three disks of
+//! h1 moved to h2 by whichever manager is active, at 1 MiB/s, digests compared at every
+//! switchover; at the end every item is migrated and h2's images equal the originals.
+//! Needs root (network namespaces), as scripts/test runs it.
 
 // An integration test crate is compiled for tests only; the lint is for unit tests in src/.
 #![allow(clippy::tests_outside_test_module)]
@@ -37,6 +37,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::managers::batch::{self, LabBatch};
 use common::managers::checks::{
     both_active_polls, intervals, polls_csv, proven_overlaps, timeline, Event, LOG_TICK_MS,
 };
@@ -91,6 +92,7 @@ struct Harness {
     events: Vec<(u64, usize, Event)>,
     lab: Lab,
     fleet: Fleet,
+    batch: LabBatch,
     _root: tempfile::TempDir,
 }
 
@@ -99,8 +101,13 @@ impl Harness {
         let lab = Lab::up("msc", "10.79", AGENTS + 2);
         let fleet = Fleet::new(&lab, AGENTS + 2);
         let root = scratch_dir();
+        let batch = LabBatch::prepare(root.path());
         let agents: Vec<LabAgent> = (1..=AGENTS)
-            .map(|i| LabAgent::start(&lab, &fleet, &format!("h{i}"), root.path()))
+            .map(|i| {
+                let host = format!("h{i}");
+                let flags = batch.agent_flags(&lab, &fleet, &host);
+                LabAgent::start(&lab, &fleet, &host, root.path(), flags)
+            })
             .collect();
         let ids = ["m1", "m2"];
         let mut managers = [0, 1].map(|i| {
@@ -113,7 +120,7 @@ impl Harness {
         });
         let agent_args: Vec<String> = agents
             .iter()
-            .map(|a| format!("{}={}", a.host, a.api))
+            .map(|a| LabBatch::manager_agent(&lab, &a.host, &a.api))
             .collect();
         let launches = [0, 1].map(|i| Launch {
             agents: agent_args.clone(),
@@ -135,6 +142,7 @@ impl Harness {
             events: Vec::new(),
             lab,
             fleet,
+            batch,
             _root: root,
         }
     }
@@ -858,6 +866,28 @@ fn render(outcomes: &[Outcome], findings: &str, failures: &[String]) -> String {
     text
 }
 
+/// The batch that ran through the scenarios: finished, every verdict migrated, the images
+/// equal to the originals.
+fn batch_outcome(h: &Harness) -> Outcome {
+    let listens: Vec<String> = h.managers.iter().map(|m| m.listen.clone()).collect();
+    let (notes, failures) = h.batch.finish(
+        &h.fleet,
+        &listens,
+        (&h.agents[0].api, &h.agents[1].dir),
+        Duration::from_secs(180),
+    );
+    Outcome {
+        name: format!(
+            "batch {}: {} disks h1 -> h2 through 1-10",
+            batch::NAME,
+            batch::DISKS
+        ),
+        notes,
+        failures,
+        ..Outcome::default()
+    }
+}
+
 #[test]
 fn manager_pair_scenarios() {
     if !nix::unistd::geteuid().is_root() {
@@ -866,6 +896,9 @@ fn manager_pair_scenarios() {
     }
     let started = Instant::now();
     let mut h = Harness::new();
+    let first = h.settle("the batch");
+    let listen = h.managers[first.active].listen.clone();
+    h.batch.submit(&h.fleet, &listen);
     let mut outcomes = vec![
         kill_active(&mut h),
         isolate_active(&mut h),
@@ -888,6 +921,7 @@ fn manager_pair_scenarios() {
             });
         }
     }
+    outcomes.push(batch_outcome(&h));
     let (failures, findings) = whole_run_checks(&h);
     let mut table = render(&outcomes, &findings, &failures);
     let _ = std::fmt::Write::write_fmt(

@@ -9,6 +9,7 @@
 //! - what the test did to each manager process (started, killed, paused, resumed),
 //! - the role changes each manager logged (`manager role: active|standby (epoch N): why`).
 
+pub mod batch;
 pub mod checks;
 pub mod jitter;
 
@@ -51,6 +52,8 @@ pub struct Fleet {
     pub token_file: PathBuf,
     pub creds: PathBuf,
     pub tls: ClientTlsOptions,
+    /// The cluster key of the agents' block streams.
+    pub cluster_key: PathBuf,
 }
 
 impl Fleet {
@@ -65,11 +68,13 @@ impl Fleet {
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         tls_init(&creds, &names);
         let tls = ClientTlsOptions::load(&creds, None).expect("client TLS");
+        let cluster_key = super::pair::write_key(dir.path());
         Fleet {
             dir,
             token_file,
             creds,
             tls,
+            cluster_key,
         }
     }
 
@@ -89,12 +94,20 @@ pub struct LabAgent {
     pub api: String,
     pub dir: PathBuf,
     pub child: Option<Child>,
+    /// Flags after the fleet's (exports, block stream, NBD over TCP), on every start.
+    pub extra: Vec<String>,
 }
 
 impl LabAgent {
-    /// Starts `ferry agent` in `host` (state and socket under `root/host`) and waits for its
-    /// API.
-    pub fn start(lab: &Lab, fleet: &Fleet, host: &str, root: &Path) -> LabAgent {
+    /// Starts `ferry agent` in `host` (state and socket under `root/host`) with `extra` flags
+    /// and waits for its API.
+    pub fn start(
+        lab: &Lab,
+        fleet: &Fleet,
+        host: &str,
+        root: &Path,
+        extra: Vec<String>,
+    ) -> LabAgent {
         let dir = root.join(host);
         std::fs::create_dir_all(dir.join("state")).expect("state dir");
         std::fs::write(dir.join("state/api.token"), TOKEN).expect("token");
@@ -103,6 +116,7 @@ impl LabAgent {
             api: format!("{}:{AGENT_PORT}", lab.ip(host)),
             dir,
             child: None,
+            extra,
         };
         agent.spawn(lab, fleet);
         agent
@@ -129,6 +143,7 @@ impl LabAgent {
             .arg(&fleet.creds)
             .arg("--tls-creds")
             .arg(&fleet.creds)
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(log)
             .env("RUST_LOG", "info")

@@ -401,3 +401,16 @@ pub fn proc_fd_count(pid: u32) -> usize {
         .expect("fd dir")
         .count()
 }
+
+/// Writes `size_mib` MiB of pseudo-random data into a new image.
+pub fn data_image(path: &Path, size_mib: usize, seed: u8) {
+    let mut bytes = vec![0u8; size_mib << 20];
+    let mut state = u64::from(seed) + 1;
+    for chunk in bytes.chunks_mut(8) {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
+    }
+    std::fs::write(path, bytes).expect("image");
+}

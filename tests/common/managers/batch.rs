@@ -1,0 +1,190 @@
+//! A batch migration that runs through the manager-pair scenarios (issue 13: "a batch
+//! running"): h1 serves [`DISKS`] images of pseudo-random data, and the active manager moves
+//! them to h2 one at a time at a capped rate, digests compared at each switchover, while the
+//! scenarios kill, cut off, pause and crash managers and hosts (h1 and h2 among them when
+//! they hold the witness). At the end every item must be migrated by the manager's view and
+//! by h1's journal, and each image at h2 must hold the original bytes (`cmp` against a copy
+//! made before the start): nothing the disks held was lost or altered.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use super::{now_ms, Fleet, Lab};
+use crate::common::{agent_bin, data_image};
+
+/// Disks moved.
+pub const DISKS: usize = 3;
+/// Size of each.
+const DISK_MIB: usize = 24;
+/// The block stream's cap: the batch lasts about `DISKS x DISK_MIB` seconds, through most
+/// of the scenarios.
+const BANDWIDTH: &str = "1M";
+/// The batch's name.
+pub const NAME: &str = "lab";
+/// Block-stream port of every lab agent.
+const TRANSFER_PORT: u16 = 7451;
+/// NBD-over-TCP port of every lab agent (a source forwards there after its switchover).
+const NBD_PORT: u16 = 10809;
+
+/// The batch's disks and where it stands.
+#[derive(Debug)]
+pub struct LabBatch {
+    /// Copies of the disks as they were before the batch.
+    originals: Vec<PathBuf>,
+    /// The disks h1 serves.
+    images: Vec<PathBuf>,
+    /// When the batch was handed to the active manager (Unix ms).
+    pub submitted_ms: Option<u64>,
+}
+
+impl LabBatch {
+    /// Makes the disks (and their copies) under `root`.
+    pub fn prepare(root: &Path) -> LabBatch {
+        let disks = root.join("disks");
+        let originals = root.join("originals");
+        std::fs::create_dir_all(&disks).expect("disks dir");
+        std::fs::create_dir_all(&originals).expect("originals dir");
+        let mut batch = LabBatch {
+            originals: Vec::new(),
+            images: Vec::new(),
+            submitted_ms: None,
+        };
+        for i in 1..=DISKS {
+            let image = disks.join(format!("vm{i}.img"));
+            data_image(&image, DISK_MIB, i as u8 + 40);
+            let original = originals.join(format!("vm{i}.img"));
+            std::fs::copy(&image, &original).expect("copy of a disk");
+            batch.images.push(image);
+            batch.originals.push(original);
+        }
+        batch
+    }
+
+    /// The agent flags of `host`: a block stream and NBD over TCP on its lab address; h1
+    /// serves the disks.
+    pub fn agent_flags(&self, lab: &Lab, fleet: &Fleet, host: &str) -> Vec<String> {
+        let ip = lab.ip(host);
+        let mut flags = vec![
+            "--transfer".to_string(),
+            format!("{ip}:{TRANSFER_PORT}"),
+            "--cluster-key".into(),
+            fleet.cluster_key.display().to_string(),
+            "--tcp".into(),
+            format!("{ip}:{NBD_PORT}"),
+        ];
+        if host == "h1" {
+            for (i, image) in self.images.iter().enumerate() {
+                flags.push("--export".into());
+                flags.push(format!("vm{}={}", i + 1, image.display()));
+            }
+        }
+        flags
+    }
+
+    /// How a manager names `host`'s agent: `NAME=API,TRANSFER`.
+    pub fn manager_agent(lab: &Lab, host: &str, api: &str) -> String {
+        format!("{host}={api},{}:{TRANSFER_PORT}", lab.ip(host))
+    }
+
+    /// `ferry migrate vm1.. --to h2 --batch lab` through the manager at `listen`, as an
+    /// operator would.
+    pub fn submit(&mut self, fleet: &Fleet, listen: &str) {
+        let exports: Vec<String> = (1..=DISKS).map(|i| format!("vm{i}")).collect();
+        let out = Command::new(agent_bin())
+            .arg("migrate")
+            .args(&exports)
+            .args(["--to", "h2", "--batch", NAME, "--concurrency", "1"])
+            .args(["--bandwidth", BANDWIDTH, "--verify", "--no-wait"])
+            .args(["--api", listen, "--token-file"])
+            .arg(&fleet.token_file)
+            .arg("--api-tls-creds")
+            .arg(&fleet.creds)
+            .output()
+            .expect("ferry migrate");
+        assert!(
+            out.status.success(),
+            "ferry migrate --batch {NAME}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.submitted_ms = Some(now_ms());
+    }
+
+    /// Waits (at most `limit`) until the active manager sees every item migrated, then
+    /// checks h1's verdicts and h2's images. Returns notes and failures.
+    pub fn finish(
+        &self,
+        fleet: &Fleet,
+        managers: &[String],
+        (h1_api, h2_dir): (&str, &Path),
+        limit: Duration,
+    ) -> (Vec<String>, Vec<String>) {
+        let (mut notes, mut failures) = (Vec::new(), Vec::new());
+        let deadline = Instant::now() + limit;
+        let mut last = String::from("no view");
+        let finished = loop {
+            if let Some(view) = active_view(fleet, managers) {
+                last = format!("{view:?}");
+                if view.items.iter().all(|item| item.state == "migrated") {
+                    let jobs: Vec<String> =
+                        view.items.iter().filter_map(|i| i.job.clone()).collect();
+                    notes.push(format!("jobs {}", jobs.join(" ")));
+                    break true;
+                }
+            }
+            if Instant::now() > deadline {
+                break false;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        };
+        if !finished {
+            failures.push(format!(
+                "batch {NAME} not finished within {limit:?}: {last}"
+            ));
+            return (notes, failures);
+        }
+        if let Some(at) = self.submitted_ms {
+            notes.push(format!(
+                "all {DISKS} migrated {:.0} s after submission",
+                now_ms().saturating_sub(at) as f64 / 1e3
+            ));
+        }
+        match fleet
+            .client(h1_api, Duration::from_secs(5))
+            .migration_status(Some(NAME))
+        {
+            Ok(lines) => {
+                let migrated = lines.iter().filter(|l| l.verdict == "migrated").count();
+                if migrated != DISKS || lines.len() != DISKS {
+                    failures.push(format!("h1's verdicts: {lines:?}"));
+                }
+            }
+            Err(err) => failures.push(format!("h1's status: {err}")),
+        }
+        for (i, original) in self.originals.iter().enumerate() {
+            let moved = h2_dir.join(format!("state/images/vm{}.img", i + 1));
+            let same = Command::new("cmp")
+                .arg(original)
+                .arg(&moved)
+                .status()
+                .is_ok_and(|s| s.success());
+            if !same {
+                failures.push(format!("{} differs from the original", moved.display()));
+            }
+        }
+        notes.push(format!("{DISKS} images at h2 equal the originals"));
+        (notes, failures)
+    }
+}
+
+/// The batch as the active manager sees it, if one answers as active.
+fn active_view(fleet: &Fleet, managers: &[String]) -> Option<ferry::api::fleet::BatchView> {
+    managers.iter().find_map(|listen| {
+        let client = fleet.client(listen, Duration::from_secs(2));
+        let status = client.manager_status().ok()?;
+        if !status.active {
+            return None;
+        }
+        client.manager_batch(NAME).ok()
+    })
+}
