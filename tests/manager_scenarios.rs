@@ -860,8 +860,7 @@ fn render(outcomes: &[Outcome], findings: &str, failures: &[String]) -> String {
     }
     let _ = writeln!(
         text,
-        "(failover ms: by the logs, in brackets by the 100 ms polls; not run here: a batch \
-         migration during the scenarios)"
+        "(failover ms: by the logs, in brackets by the 100 ms polls)"
     );
     text
 }
@@ -870,12 +869,21 @@ fn render(outcomes: &[Outcome], findings: &str, failures: &[String]) -> String {
 /// equal to the originals.
 fn batch_outcome(h: &Harness) -> Outcome {
     let listens: Vec<String> = h.managers.iter().map(|m| m.listen.clone()).collect();
-    let (notes, failures) = h.batch.finish(
+    let (mut notes, failures) = h.batch.finish(
         &h.fleet,
         &listens,
         (&h.agents[0].api, &h.agents[1].dir),
         Duration::from_secs(180),
     );
+    let mark = format!("batch {}: resumed", batch::NAME);
+    let resumes: usize = h
+        .managers
+        .iter()
+        .map(|m| m.log().matches(&mark).count())
+        .sum();
+    notes.push(format!(
+        "{resumes} resumes by the managers (jobs cut by the faults)"
+    ));
     Outcome {
         name: format!(
             "batch {}: {} disks h1 -> h2 through 1-10",
