@@ -405,10 +405,13 @@ fn a_batch_driven_by_the_manager_survives_a_failover() {
     // its block-stream address), h3 is a witness candidate; concurrency 1 at 4 MiB/s, so the
     // batch lasts ~12 s; kill -9 the active once the first job runs; the new active finishes
     // it; every item is migrated with the images' digests compared at the switchover.
+    // Then a seed replication through the new active: vm4's seed was exported at h1 before
+    // the managers started, written to since, and imported at h2; `ferry seed sync vm4 --to
+    // h2 --then migrate --api MANAGER` catches it up and switches it over.
     let keys = scratch_dir();
     let key = common::pair::write_key(keys.path());
     let images = scratch_dir();
-    let exports: Vec<String> = (1..=3)
+    let exports: Vec<String> = (1..=4)
         .map(|i| {
             let path = images.path().join(format!("vm{i}.img"));
             common::data_image(&path, 16, i as u8);
@@ -418,6 +421,18 @@ fn a_batch_driven_by_the_manager_survives_a_failover() {
     let (h1, _) = keyed_agent(&key, &exports, &[]);
     let (h2, h2_transfer) = keyed_agent(&key, &[], &["--tcp"]);
     let (h3, _) = keyed_agent(&key, &[], &[]);
+    let medium = images.path().join("medium");
+    std::fs::create_dir(&medium).expect("medium");
+    let medium_arg = medium.display().to_string();
+    h1.cli_ok(&["seed", "export", "vm4", "--media", &medium_arg]);
+    common::run_ok(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x66 1M 256k",
+        &h1.uri("vm4"),
+    ]));
+    h2.cli_ok(&["seed", "import", "--media", &medium_arg]);
     let names = vec![
         format!("h1={}", h1.api),
         format!("h2={},{h2_transfer}", h2.api),
@@ -500,5 +515,25 @@ fn a_batch_driven_by_the_manager_survives_a_failover() {
     let lines = h1.client().migration_status(Some("b1")).expect("status");
     let migrated = lines.iter().filter(|l| l.verdict == "migrated").count();
     assert_eq!(migrated, 3, "{lines:#?}");
+
+    // The seed replication, driven by the manager that took over.
+    let out = Command::new(agent_bin())
+        .args(["seed", "sync", "vm4", "--to", "h2", "--then", "migrate"])
+        .args(["--batch", "s1", "--api", &survivor.api, "--token-file"])
+        .arg(&token_file)
+        .output()
+        .expect("ferry seed sync");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{said}
+{}", survivor.log());
+    let view = survivor.client().manager_batch("s1").expect("plan s1");
+    assert_eq!(view.items[0].state, "migrated", "{view:?}");
+    let seeded = h2.state_dir.join("images").join("vm4.img");
+    let source = common::stale_image(&images.path().join("vm4.img"));
+    common::run_ok(Command::new("cmp").arg(&source).arg(&seeded));
     drop((h2, h3));
 }

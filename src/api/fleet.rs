@@ -111,6 +111,11 @@ pub struct BatchPlan {
     pub items: Vec<BatchItem>,
     /// Options of every job (its `to` and `batch` are set per item).
     pub options: crate::api::types::MigrateRequest,
+    /// A seed replication instead of migrations: each item's seed (exported, shipped and
+    /// imported by the operator) is caught up to its destination with these options (its
+    /// `to` set per item); `options` is then unused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed_sync: Option<crate::jobs::seeding::SeedSyncRequest>,
 }
 
 /// One export of a batch.

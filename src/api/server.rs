@@ -368,7 +368,13 @@ fn dispatch(
         },
         ["v1", "exports", name, "seed-sync"] => match method {
             Method::Post => match decode::<SeedSyncRequest>(body) {
-                Ok(request) => Reply::from_result(202, control.seed_sync(name, request)),
+                Ok(request) => {
+                    let request = SeedSyncRequest {
+                        manager_epoch,
+                        ..request
+                    };
+                    Reply::from_result(202, control.seed_sync(name, request))
+                }
                 Err(reply) => reply,
             },
             _ => method_not_allowed("POST"),

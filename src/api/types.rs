@@ -501,6 +501,28 @@ pub struct MigrateRequest {
 }
 
 impl MigrateRequest {
+    /// A migration to `to` with every option at its default.
+    pub fn new(to: &str) -> MigrateRequest {
+        MigrateRequest {
+            to: to.to_string(),
+            policy: None,
+            max_pause_ms: None,
+            target_pause_ms: None,
+            force_after_ms: None,
+            bandwidth_bytes_per_s: None,
+            hot_threshold: None,
+            verify: None,
+            yield_to_guest: None,
+            mirror: None,
+            granularity_bytes: None,
+            batch: None,
+            resume_job: None,
+            manager_epoch: None,
+        }
+    }
+}
+
+impl MigrateRequest {
     /// This request with every option it leaves out taken from `journaled`, the settings
     /// an interrupted job ran with: a resume keeps the job's cap, budgets and switches,
     /// and what the request does give overrides them. A bandwidth of 0 given here lifts a

@@ -452,11 +452,16 @@ pub enum SeedAction {
     },
     /// Send what changed since the seed to the destination that imported it, until in sync.
     Sync {
-        /// The export whose seed to catch up.
-        export: String,
-        /// Destination agent's block-stream address, HOST[:PORT].
+        /// The export whose seed to catch up (several, against a manager: one plan).
+        #[arg(required = true)]
+        exports: Vec<String>,
+        /// Destination agent's block-stream address, HOST[:PORT] (against a manager: a
+        /// managed host's name also).
         #[arg(long)]
         to: String,
+        /// Against a manager: the plan's name [default: seed-sync-<unix seconds>].
+        #[arg(long)]
+        batch: Option<String>,
         /// End once at most this many bytes remain dirty (e.g. 64M); the write hold at the
         /// in-sync point stays within --max-pause.
         #[arg(long)]

@@ -163,18 +163,14 @@ fn render(status: &ManagerStatus) -> String {
     out
 }
 
-/// `ferry migrate --batch ... --api MANAGER`: hands the plan to the active manager (a standby
-/// answers with a redirect naming it), then follows the batch until every item is final.
-pub fn drive_batch(
-    client: &Client,
+/// The plan of `batch`: each `(export, to)` pair an item, with `options`.
+pub fn batch_plan(
     batch: &str,
     pairs: Vec<(String, String)>,
     options: MigrateRequest,
     concurrency: usize,
-    no_wait: bool,
-    json: bool,
-) -> Result<(), CliError> {
-    let plan = BatchPlan {
+) -> BatchPlan {
+    BatchPlan {
         name: batch.to_string(),
         concurrency,
         items: pairs
@@ -186,13 +182,26 @@ pub fn drive_batch(
             })
             .collect(),
         options,
-    };
+        seed_sync: None,
+    }
+}
+
+/// `ferry migrate --batch ... --api MANAGER` (or `ferry seed sync ... --api MANAGER`): hands
+/// `plan` to the active manager (a standby answers with a redirect naming it), then follows
+/// the batch until every item is final.
+pub fn drive_batch(
+    client: &Client,
+    plan: &BatchPlan,
+    no_wait: bool,
+    json: bool,
+) -> Result<(), CliError> {
+    let batch = plan.name.as_str();
     let peer = client
         .manager_status()
         .ok()
         .map(|status| status.peer.address);
     let mut view = client
-        .manager_submit_batch(&plan, false)
+        .manager_submit_batch(plan, false)
         .map_err(CliError::Api)?;
     let mut managers = vec![client.for_address(&client_addr(client))];
     managers.extend(peer.map(|addr| client.for_address(&addr)));
@@ -224,7 +233,7 @@ pub fn drive_batch(
     let failed = view
         .items
         .iter()
-        .filter(|item| item.state != "migrated")
+        .filter(|item| item.state != "migrated" && item.state != "in-sync")
         .count();
     if view.done && failed > 0 {
         return Err(CliError::BatchFailed {

@@ -129,15 +129,8 @@ pub fn migrate(
         format!("batch-{secs}")
     });
     if manager {
-        return super::manager::drive_batch(
-            &client,
-            &batch,
-            pairs,
-            request,
-            concurrency,
-            no_wait,
-            target.json,
-        );
+        let plan = super::manager::batch_plan(&batch, pairs, request, concurrency);
+        return super::manager::drive_batch(&client, &plan, no_wait, target.json);
     }
     let items = pairs
         .into_iter()

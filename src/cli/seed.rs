@@ -53,8 +53,9 @@ pub fn seed(action: SeedAction, target: &ApiTarget) -> Result<(), CliError> {
             finish_run(&client, started, no_wait, target.json)
         }
         SeedAction::Sync {
-            export,
+            exports,
             to,
+            batch,
             threshold,
             follow,
             then,
@@ -82,8 +83,18 @@ pub fn seed(action: SeedAction, target: &ApiTarget) -> Result<(), CliError> {
                 then,
                 max_pause_ms: max_pause,
                 bandwidth_bytes_per_s: super::migrate::bandwidth(bandwidth.as_deref())?,
+                manager_epoch: None,
             };
-            sync(&client, &export, &request, no_wait, target.json)
+            // A manager (it answers its status) drives the catch-ups across the fleet.
+            if client.manager_status().is_ok() {
+                return sync_by_manager(&client, exports, request, batch, no_wait, target.json);
+            }
+            let [export] = exports.as_slice() else {
+                return Err(CliError::Usage(
+                    "one export per sync (several: against a manager, --api MANAGER)",
+                ));
+            };
+            sync(&client, export, &request, no_wait, target.json)
         }
         SeedAction::Stop { id } => {
             if let Ok(job) = id.parse::<u64>() {
@@ -214,6 +225,29 @@ fn render_run(status: &SeedRunStatus) -> String {
 }
 
 /// Starts a catch-up and follows it to its in-sync point (or its switchover).
+/// `ferry seed sync EXPORTS --to HOST --api MANAGER`: a seed-sync plan the active manager
+/// drives (every item at once; a `--follow` plan is never final, so it is not waited for).
+fn sync_by_manager(
+    client: &Client,
+    exports: Vec<String>,
+    request: SeedSyncRequest,
+    batch: Option<String>,
+    no_wait: bool,
+    json: bool,
+) -> Result<(), CliError> {
+    let batch = batch.unwrap_or_else(|| format!("seed-sync-{}", crate::env::unix_ms() / 1000));
+    let pairs = exports
+        .into_iter()
+        .map(|export| (export, request.to.clone()))
+        .collect::<Vec<_>>();
+    let concurrency = pairs.len().min(64);
+    let options = crate::api::types::MigrateRequest::new(&request.to);
+    let mut plan = super::manager::batch_plan(&batch, pairs, options, concurrency);
+    let follow = request.then == SyncThen::Follow;
+    plan.seed_sync = Some(request);
+    super::manager::drive_batch(client, &plan, no_wait || follow, json)
+}
+
 fn sync(
     client: &Client,
     export: &str,

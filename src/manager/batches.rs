@@ -26,6 +26,7 @@ use super::fleet::Fleet;
 use super::runtime::Shared;
 use crate::api::fleet::{BatchItemView, BatchPlan, BatchView};
 use crate::api::types::{JobPhase, JobStatus};
+use crate::jobs::sync::SyncThen;
 use crate::journal::status::DiskStatus;
 
 /// How often the driver looks at the batches.
@@ -129,6 +130,8 @@ pub enum ItemState {
     Resumable(u64),
     /// Done.
     Migrated(u64),
+    /// A seed replication reached its in-sync point and stopped there (`then: stop`).
+    InSync(u64),
     /// Ended without moving (aborted or failed for good).
     NotMigrated(u64, String),
     /// The journals disagree or a side is unreachable: the operator decides.
@@ -140,7 +143,10 @@ pub enum ItemState {
 impl ItemState {
     /// Whether nothing more will happen to it.
     pub fn is_final(&self) -> bool {
-        matches!(self, Self::Migrated(_) | Self::NotMigrated(..))
+        matches!(
+            self,
+            Self::Migrated(_) | Self::InSync(_) | Self::NotMigrated(..)
+        )
     }
 }
 
@@ -226,9 +232,12 @@ impl Driver {
             let source = item.source.as_deref().unwrap_or_default();
             let answer = seen
                 .entry(source)
-                .or_insert_with(|| self.look(source, &plan.name));
+                .or_insert_with(|| self.look(source, plan));
             let state = match answer {
-                Ok((lines, jobs)) => item_state(&item.export, lines, jobs),
+                Ok((lines, jobs)) => match &plan.seed_sync {
+                    None => item_state(&item.export, lines, jobs),
+                    Some(sync) => seed_item_state(&item.export, lines, jobs, sync.then),
+                },
                 Err(err) => ItemState::Unknown(err.clone()),
             };
             states.push(state);
@@ -239,14 +248,19 @@ impl Driver {
         view(plan, &states)
     }
 
-    fn look(&self, source: &str, batch: &str) -> Result<SourceView, String> {
+    fn look(&self, source: &str, plan: &BatchPlan) -> Result<SourceView, String> {
         let agent = self
             .fleet
             .get(source)
             .ok_or_else(|| format!("{source} is not a managed host"))?;
         let client = &agent.command;
+        // A seed's job was journaled by its export, under no plan of the manager's.
+        let batch = match plan.seed_sync {
+            None => Some(plan.name.as_str()),
+            Some(_) => None,
+        };
         let lines = client
-            .migration_status(Some(batch))
+            .migration_status(batch)
             .map_err(|e| crate::error::error_chain(&e))?;
         let jobs = client.jobs().map_err(|e| crate::error::error_chain(&e))?;
         Ok((lines, jobs))
@@ -276,11 +290,21 @@ impl Driver {
             let Some(epoch) = self.shared.acting_epoch() else {
                 return;
             };
-            let mut request = plan.options.clone();
-            request.to.clone_from(&item.to);
-            request.batch = Some(plan.name.clone());
-            request.resume_job = resume_job;
-            match client.at_epoch(epoch).migrate(&item.export, &request) {
+            let started = match &plan.seed_sync {
+                None => {
+                    let mut request = plan.options.clone();
+                    request.to.clone_from(&item.to);
+                    request.batch = Some(plan.name.clone());
+                    request.resume_job = resume_job;
+                    client.at_epoch(epoch).migrate(&item.export, &request)
+                }
+                Some(sync) => {
+                    let mut request = sync.clone();
+                    request.to.clone_from(&item.to);
+                    client.at_epoch(epoch).seed_sync(&item.export, &request)
+                }
+            };
+            match started {
                 Ok(job) => {
                     log::info!(
                         "batch {}: {} {} on {source} as job {source}:{}",
@@ -307,6 +331,43 @@ impl Driver {
     }
 }
 
+/// The state of a seed replication of `export` from its source's `lines` (all of them: a
+/// seed's job belongs to no plan) and running `jobs`; `then` is what the plan's syncs do
+/// once in sync. The seed's job is the export's latest. A seed still travelling or caught
+/// up part way is resumed (a sync continues the seed's job: the destination refuses it
+/// until it has imported the seed, and the next round tries again).
+pub fn seed_item_state(
+    export: &str,
+    lines: &[DiskStatus],
+    jobs: &[JobStatus],
+    then: SyncThen,
+) -> ItemState {
+    let latest = lines
+        .iter()
+        .filter(|line| line.export == export && line.role == "source")
+        .max_by_key(|line| line.job_id);
+    let Some(line) = latest else {
+        return ItemState::NeedsAttention(0, format!("no seed of {export} here: export one"));
+    };
+    let id = line.job_id;
+    if jobs
+        .iter()
+        .any(|job| job.id == id && job.phase == JobPhase::Running)
+    {
+        return ItemState::Running(id);
+    }
+    match (line.verdict.as_str(), then) {
+        ("in-sync", SyncThen::Stop) => ItemState::InSync(id),
+        ("in-sync" | "catching-up" | "seed-exported" | "resumable", _) => ItemState::Resumable(id),
+        ("migrated", _) => ItemState::Migrated(id),
+        ("seed-exporting", _) => {
+            ItemState::NeedsAttention(id, "its seed export has not finished".into())
+        }
+        ("not-migrated", _) => ItemState::NotMigrated(id, line.reason.clone()),
+        _ => ItemState::NeedsAttention(id, line.reason.clone()),
+    }
+}
+
 /// The view of a plan no round has looked at yet.
 pub fn planned(plan: &BatchPlan) -> BatchView {
     view(plan, &vec![ItemState::Waiting; plan.items.len()])
@@ -325,6 +386,7 @@ fn view(plan: &BatchPlan, states: &[ItemState]) -> BatchView {
                 ItemState::Running(id) => ("running", job(id), None),
                 ItemState::Resumable(id) => ("resumable", job(id), None),
                 ItemState::Migrated(id) => ("migrated", job(id), None),
+                ItemState::InSync(id) => ("in-sync", job(id), None),
                 ItemState::NotMigrated(id, why) => ("not-migrated", job(id), Some(why.clone())),
                 ItemState::NeedsAttention(id, why) => {
                     ("needs-attention", job(id), Some(why.clone()))
@@ -393,5 +455,37 @@ mod tests {
             ItemState::NeedsAttention(9, _)
         ));
         assert!(!ItemState::Resumable(1).is_final() && ItemState::Migrated(1).is_final());
+    }
+
+    #[test]
+    fn a_seeds_state_follows_its_step_and_the_plans_ending() {
+        // Goal: a seed plan resumes a seed until its ending, whatever plan journaled it.
+        // Method: each source verdict a seed's job goes through, with each ending.
+        let state =
+            |verdict: &str, then| seed_item_state("vm1", &[line(4, "vm1", verdict)], &[], then);
+        assert!(matches!(
+            seed_item_state("vm1", &[], &[], SyncThen::Stop),
+            ItemState::NeedsAttention(0, _)
+        ));
+        for verdict in ["seed-exported", "catching-up"] {
+            assert_eq!(state(verdict, SyncThen::Migrate), ItemState::Resumable(4));
+        }
+        assert_eq!(state("in-sync", SyncThen::Stop), ItemState::InSync(4));
+        assert_eq!(state("in-sync", SyncThen::Migrate), ItemState::Resumable(4));
+        assert_eq!(state("in-sync", SyncThen::Follow), ItemState::Resumable(4));
+        assert_eq!(state("migrated", SyncThen::Migrate), ItemState::Migrated(4));
+        assert!(matches!(
+            state("seed-exporting", SyncThen::Stop),
+            ItemState::NeedsAttention(4, _)
+        ));
+        let running = JobStatus {
+            phase: JobPhase::Running,
+            ..JobStatus::starting(4, "vm1", "h2:7451", "naive")
+        };
+        let lines = [line(4, "vm1", "in-sync")];
+        assert_eq!(
+            seed_item_state("vm1", &lines, &[running], SyncThen::Follow),
+            ItemState::Running(4)
+        );
     }
 }

@@ -224,6 +224,11 @@ pub struct SeedSyncRequest {
     /// Bandwidth cap of the stream.
     #[serde(default)]
     pub bandwidth_bytes_per_s: Option<u64>,
+    /// The manager epoch the request was admitted at (set by the API server from the
+    /// `Ferry-Manager-Epoch` header, never read from the body): the catch-up's Open and
+    /// Commit are fenced at the destination.
+    #[serde(skip)]
+    pub manager_epoch: Option<u64>,
 }
 
 fn stop() -> super::sync::SyncThen {
