@@ -528,8 +528,12 @@ fn a_batch_driven_by_the_manager_survives_a_failover() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.status.success(), "{said}
-{}", survivor.log());
+    assert!(
+        out.status.success(),
+        "{said}
+{}",
+        survivor.log()
+    );
     let view = survivor.client().manager_batch("s1").expect("plan s1");
     assert_eq!(view.items[0].state, "migrated", "{view:?}");
     let seeded = h2.state_dir.join("images").join("vm4.img");

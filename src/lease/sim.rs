@@ -26,9 +26,10 @@ use super::witness::{LeaseReply, LeaseRequest};
 use super::{Lease, ManagerId};
 pub use crate::prng::{seeds_from_env, SeedReport, SplitMix64};
 
+mod violation;
 mod world;
 
-pub use world::Violation;
+pub use violation::Violation;
 
 const MS: u64 = 1_000_000;
 

@@ -1,9 +1,10 @@
 //! The simulated world of [`super`]: its nodes, network, faults and the invariant checker.
 
 use std::collections::VecDeque;
-use std::fmt;
 
-use super::{host_name, Event, PendingWrite, Queue, SimOptions, SimReport, SplitMix64, MS};
+use super::{
+    host_name, Event, PendingWrite, Queue, SimOptions, SimReport, SplitMix64, Violation, MS,
+};
 use crate::lease::fence::{Admission, EpochFence};
 use crate::lease::role::{Out, Role, RoleDurable};
 use crate::lease::witness::{Decision, LeaseReply, LeaseRequest, Refusal, Witness};
@@ -11,64 +12,6 @@ use crate::lease::Lease;
 
 /// Simulated time between two ticks of a manager.
 const TICK_MS: u64 = 100;
-
-/// A broken invariant, with the true time it was seen at.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Violation {
-    /// Both managers acted as active at once.
-    TwoActives {
-        /// True time, ms.
-        at_ms: u64,
-        /// Their epochs (m1, m2).
-        epochs: (u64, u64),
-    },
-    /// An active interval began with an epoch not above the previous one's.
-    EpochWentBack {
-        /// True time, ms.
-        at_ms: u64,
-        /// The previous active's epoch.
-        previous: u64,
-        /// The new one.
-        epoch: u64,
-    },
-    /// An agent executed a command older than an epoch it had seen.
-    StaleCommand {
-        /// True time, ms.
-        at_ms: u64,
-        /// The command's epoch.
-        epoch: u64,
-        /// The agent's highest.
-        highest: u64,
-    },
-}
-
-impl fmt::Display for Violation {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::TwoActives { at_ms, epochs } => write!(
-                f,
-                "two active managers at {at_ms} ms (m1 epoch {}, m2 epoch {})",
-                epochs.0, epochs.1
-            ),
-            Self::EpochWentBack {
-                at_ms,
-                previous,
-                epoch,
-            } => write!(
-                f,
-                "epoch {epoch} active at {at_ms} ms after epoch {previous}"
-            ),
-            Self::StaleCommand {
-                at_ms,
-                epoch,
-                highest,
-            } => write!(
-                f,
-                "agent executed epoch {epoch} after seeing {highest} at {at_ms} ms"
-            ),
-        }
-    }
-}
 
 /// A node's monotonic clock: `offset + rate · true time`.
 #[derive(Debug, Clone, Copy)]
