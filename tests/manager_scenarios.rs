@@ -26,7 +26,8 @@
 //! down; per scenario: the takeovers expected, the failover time, the old epoch refused.
 //! A batch migration runs through the scenarios (`common::managers::batch`): three disks of
 //! h1 moved to h2 by whichever manager is active, at 1 MiB/s, digests compared at every
-//! switchover; at the end every item is migrated and h2's images equal the originals.
+//! switchover, a guest writing into every disk all along; at the end every item is migrated
+//! and every acknowledged write is in h2's images.
 //! Needs root (network namespaces), as scripts/test runs it.
 
 // An integration test crate is compiled for tests only; the lint is for unit tests in src/.
@@ -93,7 +94,7 @@ struct Harness {
     lab: Lab,
     fleet: Fleet,
     batch: LabBatch,
-    _root: tempfile::TempDir,
+    root: tempfile::TempDir,
 }
 
 impl Harness {
@@ -143,7 +144,7 @@ impl Harness {
             lab,
             fleet,
             batch,
-            _root: root,
+            root,
         }
     }
 
@@ -865,9 +866,9 @@ fn render(outcomes: &[Outcome], findings: &str, failures: &[String]) -> String {
     text
 }
 
-/// The batch that ran through the scenarios: finished, every verdict migrated, the images
-/// equal to the originals.
-fn batch_outcome(h: &Harness) -> Outcome {
+/// The batch that ran through the scenarios: finished, every verdict migrated, every
+/// acknowledged write of the guest in h2's images.
+fn batch_outcome(h: &mut Harness) -> Outcome {
     let listens: Vec<String> = h.managers.iter().map(|m| m.listen.clone()).collect();
     let (mut notes, failures) = h.batch.finish(
         &h.fleet,
@@ -907,6 +908,11 @@ fn manager_pair_scenarios() {
     let first = h.settle("the batch");
     let listen = h.managers[first.active].listen.clone();
     h.batch.submit(&h.fleet, &listen);
+    let (root, socket) = (
+        h.root.path().to_path_buf(),
+        h.agents[0].dir.join("nbd.sock"),
+    );
+    h.batch.start_writers(&root, &socket);
     let mut outcomes = vec![
         kill_active(&mut h),
         isolate_active(&mut h),
@@ -929,7 +935,7 @@ fn manager_pair_scenarios() {
             });
         }
     }
-    outcomes.push(batch_outcome(&h));
+    outcomes.push(batch_outcome(&mut h));
     let (failures, findings) = whole_run_checks(&h);
     let mut table = render(&outcomes, &findings, &failures);
     let _ = std::fmt::Write::write_fmt(

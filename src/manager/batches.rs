@@ -23,7 +23,7 @@ use std::time::Duration;
 use thiserror::Error;
 
 use super::fleet::Fleet;
-use super::runtime::Shared;
+use super::shared::Shared;
 use crate::api::fleet::{BatchItemView, BatchPlan, BatchView};
 use crate::api::types::{JobPhase, JobStatus};
 use crate::jobs::sync::SyncThen;

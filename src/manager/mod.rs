@@ -33,6 +33,7 @@ pub mod fleet;
 pub mod link;
 pub mod runtime;
 pub mod service;
+pub mod shared;
 pub mod state;
 pub mod workers;
 

@@ -11,98 +11,23 @@
 //! - Every role change is logged with its reason and kept for `ferry manager status`.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
 use super::fleet::Fleet;
+pub use super::shared::{HostJob, Input, Shared};
 use super::state::StateFile;
 pub use super::workers::Workers;
-use crate::api::fleet::{AgentView, ManagerStatus, PeerView, RoleChange};
+use crate::api::fleet::{AgentView, PeerView, RoleChange};
 use crate::env::Clock;
-use crate::lease::role::{Out, PeerMessage, Role};
-use crate::lease::witness::{LeaseReply, LeaseRequest};
+use crate::lease::role::{Out, Role};
+use crate::lease::witness::LeaseRequest;
 
 /// How often the role is ticked.
 pub const TICK: Duration = Duration::from_millis(100);
-
-/// What the loop is told.
-#[derive(Debug)]
-pub enum Input {
-    /// The witness on `host` answered `request`, queued at local time `sent_ns`.
-    Reply {
-        /// The host.
-        host: String,
-        /// The request.
-        request: LeaseRequest,
-        /// When it was queued.
-        sent_ns: u64,
-        /// The answer.
-        reply: LeaseReply,
-    },
-    /// `host`'s agent answered a ping.
-    Heard(String),
-    /// A message from the peer manager.
-    Peer(PeerMessage),
-    /// The operator drained (or returned) a host.
-    Drain {
-        /// The host.
-        host: String,
-        /// Drained or back.
-        drained: bool,
-    },
-    /// `ferry manager takeover --force --witness HOST`.
-    Force(String),
-}
-
-/// A request for one host's worker.
-#[derive(Debug)]
-pub struct HostJob {
-    pub(super) request: LeaseRequest,
-    pub(super) sent_ns: u64,
-}
-
-/// What the loop shares with the API, the workers and the batch driver: the status, and the
-/// epoch the manager acts under with the deadline it must stop by.
-#[derive(Debug)]
-pub struct Shared {
-    /// The latest status.
-    pub status: Mutex<ManagerStatus>,
-    /// The lease loop's clock (deadlines are in its time).
-    pub clock: Arc<dyn Clock>,
-    /// `(epoch, until_ns)` while active; `None` when standby.
-    acting: Mutex<Option<(u64, u64)>>,
-    /// Set to stop every thread.
-    pub stop: AtomicBool,
-}
-
-impl Shared {
-    /// Shared state starting with `status`, timed by `clock`.
-    pub fn new(status: ManagerStatus, clock: Arc<dyn Clock>) -> Self {
-        Self {
-            status: Mutex::new(status),
-            clock,
-            acting: Mutex::new(None),
-            stop: AtomicBool::new(false),
-        }
-    }
-
-    /// The epoch to send a command under, read against the clock right now: `None` once the
-    /// deadline passed, even if the lease loop has not ticked since (a process woken from a
-    /// pause must not send one more command under its old epoch). Call it right before each
-    /// command.
-    pub fn acting_epoch(&self) -> Option<u64> {
-        let acting = *self.acting.lock().unwrap_or_else(|p| p.into_inner());
-        let (epoch, until_ns) = acting?;
-        (self.clock.now_ns() < until_ns).then_some(epoch)
-    }
-
-    fn set_acting(&self, acting: Option<(u64, u64)>) {
-        *self.acting.lock().unwrap_or_else(|p| p.into_inner()) = acting;
-    }
-}
 
 /// The loop's state.
 #[allow(missing_debug_implementations)] // holds a clock trait object and channels only

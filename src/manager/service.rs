@@ -14,7 +14,7 @@ use crossbeam_channel::Sender;
 use super::batches::Driver;
 use super::config::{AgentEntry, ManagerConfig};
 use super::fleet::{Agent, Fleet, FleetError};
-use super::runtime::{Input, Shared};
+use super::shared::{Input, Shared};
 use crate::api::fleet::{BatchPlan, HostAdd, TakeoverRequest};
 use crate::api::http::{Head, Method, Reply};
 use crate::api::listen::Service;

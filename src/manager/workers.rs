@@ -21,7 +21,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 
 use super::fleet::Fleet;
 use super::link::Transport;
-use super::runtime::{HostJob, Input, Shared};
+use super::shared::{HostJob, Input, Shared};
 use crate::lease::role::PeerMessage;
 
 /// Requests queued per host, and messages to the peer, before new ones are dropped.

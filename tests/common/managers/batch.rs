@@ -2,12 +2,14 @@
 //! running"): h1 serves [`DISKS`] images of pseudo-random data, and the active manager moves
 //! them to h2 one at a time at a capped rate, digests compared at each switchover, while the
 //! scenarios kill, cut off, pause and crash managers and hosts (h1 and h2 among them when
-//! they hold the witness). At the end every item must be migrated by the manager's view and
-//! by h1's journal, and each image at h2 must hold the original bytes (`cmp` against a copy
-//! made before the start): nothing the disks held was lost or altered.
+//! they hold the witness). A guest writes into every disk all along (the fault soak's
+//! writer, `scripts/fault-soak.py writer`: libnbd through h1's socket, reconnecting after a
+//! crash, every write logged before it is sent and once it is acknowledged). At the end every
+//! item must be migrated by the manager's view and by h1's journal, and each image at h2
+//! must hold every acknowledged write (`fault-soak.py check`): no acknowledged write lost.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::{now_ms, Fleet, Lab};
@@ -36,6 +38,8 @@ pub struct LabBatch {
     images: Vec<PathBuf>,
     /// When the batch was handed to the active manager (Unix ms).
     pub submitted_ms: Option<u64>,
+    /// The guest's writers, one per disk, and their ledgers.
+    writers: Vec<(Child, PathBuf)>,
 }
 
 impl LabBatch {
@@ -49,6 +53,7 @@ impl LabBatch {
             originals: Vec::new(),
             images: Vec::new(),
             submitted_ms: None,
+            writers: Vec::new(),
         };
         for i in 1..=DISKS {
             let image = disks.join(format!("vm{i}.img"));
@@ -87,6 +92,30 @@ impl LabBatch {
         format!("{host}={api},{}:{TRANSFER_PORT}", lab.ip(host))
     }
 
+    /// Starts the guest: a writer per disk through `socket` (h1's NBD socket), 40 writes/s
+    /// each, 90% of them into a hot 512 KiB, ledgers under `root`.
+    pub fn start_writers(&mut self, root: &Path, socket: &Path) {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/fault-soak.py");
+        for i in 1..=DISKS {
+            let ledger = root.join(format!("ledger-vm{i}"));
+            let child = Command::new("/usr/bin/python3")
+                .arg(&script)
+                .arg("writer")
+                .arg("--uri")
+                .arg(format!("nbd+unix:///vm{i}?socket={}", socket.display()))
+                .args(["--disk", &i.to_string(), "--size"])
+                .arg((DISK_MIB << 20).to_string())
+                .arg("--ledger")
+                .arg(&ledger)
+                .args(["--rate", "40", "--seed", &i.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("the fault soak's writer (python3-libnbd)");
+            self.writers.push((child, ledger));
+        }
+    }
+
     /// `ferry migrate vm1.. --to h2 --batch lab` through the manager at `listen`, as an
     /// operator would.
     pub fn submit(&mut self, fleet: &Fleet, listen: &str) {
@@ -113,7 +142,7 @@ impl LabBatch {
     /// Waits (at most `limit`) until the active manager sees every item migrated, then
     /// checks h1's verdicts and h2's images. Returns notes and failures.
     pub fn finish(
-        &self,
+        &mut self,
         fleet: &Fleet,
         managers: &[String],
         (h1_api, h2_dir): (&str, &Path),
@@ -161,19 +190,73 @@ impl LabBatch {
             }
             Err(err) => failures.push(format!("h1's status: {err}")),
         }
-        for (i, original) in self.originals.iter().enumerate() {
-            let moved = h2_dir.join(format!("state/images/vm{}.img", i + 1));
-            let same = Command::new("cmp")
-                .arg(original)
-                .arg(&moved)
-                .status()
-                .is_ok_and(|s| s.success());
-            if !same {
-                failures.push(format!("{} differs from the original", moved.display()));
+        self.check_writes(h2_dir, &mut notes, &mut failures);
+        (notes, failures)
+    }
+}
+
+impl LabBatch {
+    /// Stops the writers and checks every acknowledged write in h2's images (without
+    /// writers: each image equal to its original).
+    fn check_writes(&self, h2_dir: &Path, notes: &mut Vec<String>, failures: &mut Vec<String>) {
+        let images: Vec<PathBuf> = (1..=DISKS)
+            .map(|i| h2_dir.join(format!("state/images/vm{i}.img")))
+            .collect();
+        if self.writers.is_empty() {
+            for (original, moved) in self.originals.iter().zip(&images) {
+                let same = Command::new("cmp")
+                    .arg(original)
+                    .arg(moved)
+                    .status()
+                    .is_ok_and(|s| s.success());
+                if !same {
+                    failures.push(format!("{} differs from the original", moved.display()));
+                }
+            }
+            notes.push(format!("{DISKS} images at h2 equal the originals"));
+            return;
+        }
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/fault-soak.py");
+        for (i, ((_, ledger), image)) in self.writers.iter().zip(&images).enumerate() {
+            let out = Command::new("/usr/bin/python3")
+                .arg(&script)
+                .arg("check")
+                .arg(image)
+                .arg(ledger)
+                .args(["--disk", &(i + 1).to_string()])
+                .output()
+                .expect("fault-soak.py check");
+            let said = String::from_utf8_lossy(&out.stdout);
+            let last = said.lines().last().unwrap_or_default().to_string();
+            if out.status.success() {
+                notes.push(format!("vm{}: {last}", i + 1));
+            } else {
+                // Kept for a look: the temporary directory goes with the test.
+                let keep = Path::new(env!("CARGO_TARGET_TMPDIR"));
+                let _ = std::fs::copy(ledger, keep.join(format!("lab-ledger-vm{}", i + 1)));
+                let _ = std::fs::copy(image, keep.join(format!("lab-image-vm{}", i + 1)));
+                failures.push(format!(
+                    "vm{}: {said} (ledger and image in {})",
+                    i + 1,
+                    keep.display()
+                ));
             }
         }
-        notes.push(format!("{DISKS} images at h2 equal the originals"));
-        (notes, failures)
+    }
+
+    /// Stops the guest's writers (SIGKILL: the ledger is written unbuffered, and a write cut
+    /// short was never acknowledged).
+    pub fn stop_writers(&mut self) {
+        for (child, _) in &mut self.writers {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for LabBatch {
+    fn drop(&mut self) {
+        self.stop_writers();
     }
 }
 
