@@ -299,10 +299,16 @@ impl LeaseFile {
 
     /// Writes `lease` as the next record and waits at most `timeout` for it to be confirmed;
     /// [`StoreError::TimedOut`] otherwise, after which the write may still land, and the next
-    /// call is [`StoreError::Busy`] until it has finished (module docs).
+    /// call is [`StoreError::Busy`] until it has finished (module docs). A zero `timeout`
+    /// never waits, so it never confirms (however fast the disk).
     pub fn write_within(&mut self, lease: &Lease, timeout: Duration) -> Result<Record, StoreError> {
         let ticket = self.submit(lease)?;
-        match self.replies.recv_timeout(timeout) {
+        let answer = if timeout.is_zero() {
+            Err(RecvTimeoutError::Timeout)
+        } else {
+            self.replies.recv_timeout(timeout)
+        };
+        match answer {
             Ok(reply) => self.take_reply(ticket, reply),
             Err(RecvTimeoutError::Timeout) => Err(StoreError::TimedOut {
                 path: self.slots.path.clone(),

@@ -244,10 +244,23 @@ impl LabBatch {
         }
     }
 
-    /// Stops the guest's writers (SIGKILL: the ledger is written unbuffered, and a write cut
-    /// short was never acknowledged).
+    /// Stops the guest's writers: SIGTERM, on which a writer ends after its current write
+    /// (acknowledged or failed) and leaves its ledger whole; SIGKILL after 10 s. (A SIGKILL
+    /// can cut the ledger's last line while the write it announces is already on the
+    /// socket: the check would then find a write the ledger never named.)
     pub fn stop_writers(&mut self) {
+        use nix::sys::signal::{kill, Signal};
+        use nix::unistd::Pid;
         for (child, _) in &mut self.writers {
+            if let Ok(pid) = i32::try_from(child.id()) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for (child, _) in &mut self.writers {
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
             let _ = child.kill();
             let _ = child.wait();
         }
