@@ -19,6 +19,7 @@ use crate::jobs::job::{job_granularity, JobRequest, ManagerEpoch};
 use crate::jobs::sync::SeedSync;
 use crate::jobs::Jobs;
 use crate::journal::{JobView, Record, Role, SharedJournal, Side, SourcePhase};
+use crate::migrate::steer::{ImpactTarget, BASELINE_MIN_OPS};
 use crate::migrate::{MigrateOptions, Policy};
 use crate::transfer::{abort_target, resolve_peer, ClusterKey, SendOptions, TargetSpec};
 
@@ -189,6 +190,7 @@ impl Migrations {
             options.hot_threshold = threshold;
         }
         options.mirror_from_start = request.mirror.unwrap_or(false);
+        options.impact_target_us = impact_bound_us(&request, &export)?;
         if let Some(granularity_bytes) = request.granularity_bytes {
             crate::dirty::validate_granularity(granularity_bytes)
                 .map_err(|err| ControlError::Invalid(format!("granularity: {err}")))?;
@@ -346,6 +348,31 @@ impl Migrations {
             .get(id)
             .ok_or_else(|| ControlError::NotFound(format!("no migration job {id}")))
     }
+}
+
+/// The guest p99 bound (µs) the job's copy is steered to: `max_impact` (default twice the
+/// guest's own p99, `off` for none), or `4ms` for a bare `yield_to_guest`. The guest's own
+/// p99 is that of every request the export served so far, once there are enough of them.
+fn impact_bound_us(request: &MigrateRequest, export: &Export) -> Result<Option<u64>, ControlError> {
+    let target = match (&request.max_impact, request.yield_to_guest) {
+        (Some(text), _) => text
+            .parse::<ImpactTarget>()
+            .map_err(|err| ControlError::Invalid(err.to_string()))?,
+        (None, Some(true)) => ImpactTarget::Absolute { p99_us: 4_000 },
+        (None, _) => ImpactTarget::default(),
+    };
+    let latency = export.latency();
+    let baseline = (latency.count() >= BASELINE_MIN_OPS).then(|| latency.summary().p99);
+    let bound = target.bound_us(baseline);
+    if let Some(bound_us) = bound {
+        log::info!(
+            "export {}: the copy keeps the guest's p99 within {bound_us} µs ({target}; its own \
+             {})",
+            export.name(),
+            baseline.map_or_else(|| "unknown".to_string(), |us| format!("{us} µs")),
+        );
+    }
+    Ok(bound)
 }
 
 /// What the destination of `view`'s job knows it by.

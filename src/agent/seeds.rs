@@ -174,6 +174,7 @@ impl Seeds {
         let (job_id, seed_id) = self.seed_job(export)?;
         let migrate = MigrateRequest {
             manager_epoch: request.manager_epoch,
+            max_impact: None,
             to: request.to.clone(),
             // What changed since the seed was mostly written while it travelled: heat says
             // little about what is still being written, and holding "hot" blocks back to the

@@ -477,6 +477,11 @@ pub struct MigrateRequest {
     /// (on a resume: as the job was started).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub yield_to_guest: Option<bool>,
+    /// What the copy may cost the guest: `off`, a factor of its own p99 before the job
+    /// (`2x`, the default) or a p99 bound (`5ms`); the copy's rate is steered to it
+    /// ([`crate::migrate::steer`]). `yield_to_guest` alone means `4ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_impact: Option<String>,
     /// Mirror guest writes to the destination from the start (each write waits for both
     /// sides); the copy then runs once and always converges. Off when absent (on a resume:
     /// as the job was started).
@@ -513,6 +518,7 @@ impl MigrateRequest {
             hot_threshold: None,
             verify: None,
             yield_to_guest: None,
+            max_impact: None,
             mirror: None,
             granularity_bytes: None,
             batch: None,

@@ -39,14 +39,15 @@ pub fn follow(
             progress.set_length(p.bytes_sent.max(disk_bytes).max(1));
             progress.set_position(p.bytes_sent);
             progress.set_message(format!(
-                "dirty {} at {}/s vs copy {}/s, eta {}{}",
+                "dirty {} at {}/s vs copy {}/s, eta {}{}{}",
                 p.dirty_blocks,
                 rate(p.dirty_bytes_per_s),
                 rate(p.copy_bytes_per_s),
                 p.eta_ms
                     .map(|ms| format!("{:.1} s", ms / 1000.0))
                     .unwrap_or_else(|| "-".into()),
-                if p.mirroring { ", mirroring" } else { "" }
+                if p.mirroring { ", mirroring" } else { "" },
+                impact_text(p),
             ));
         }
         progress.tick();
@@ -56,6 +57,26 @@ pub fn follow(
         }
         std::thread::sleep(POLL);
     }
+}
+
+/// The copy controller's view: the guest's p99 against its bound, the copy's cap.
+fn impact_text(p: &crate::migrate::Progress) -> String {
+    let Some(bound_us) = p.impact_target_us else {
+        return String::new();
+    };
+    let ms = |us: u64| format!("{:.1} ms", us as f64 / 1000.0);
+    format!(
+        "; guest p99 {} (bound {}), copy cap {}{}",
+        p.guest_p99_us.map_or_else(|| "-".into(), ms),
+        ms(bound_us),
+        p.copy_cap_bytes_per_s
+            .map_or_else(|| "none".into(), |cap| format!("{}/s", human_bytes(cap))),
+        if p.impact_conflict {
+            " (the bound keeps the copy behind the guest's writes: mirroring)"
+        } else {
+            ""
+        }
+    )
 }
 
 fn rate(bytes_per_s: Option<f64>) -> String {
@@ -130,6 +151,17 @@ pub fn render(status: &JobStatus) -> String {
             "pause: {:.2} ms draining, {:.2} ms final send, {:.2} ms commit\n",
             r.pause_drain_ms, r.pause_final_send_ms, r.pause_commit_ms
         ));
+        if let Some(bound_us) = r.impact_target_us {
+            out.push_str(&format!(
+                "copy steered to keep the guest's p99 within {:.1} ms{}\n",
+                bound_us as f64 / 1000.0,
+                if r.impact_conflict {
+                    "; the bound kept the copy behind the guest's writes, so writes were mirrored"
+                } else {
+                    ""
+                }
+            ));
+        }
         out.push_str("PASS  KIND     DIRTY AT START   BLOCKS SENT   BYTES SENT   TIME\n");
         for pass in &r.passes {
             out.push_str(&format!(

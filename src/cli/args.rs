@@ -136,10 +136,15 @@ pub enum Command {
         /// while both are hashed).
         #[arg(long)]
         verify: bool,
-        /// During the bulk copy, halve the copy rate whenever the guest's write p99 exceeds
-        /// 4 ms (guest priority; the copy takes longer).
+        /// The same as --max-impact 4ms (kept for scripts written before it).
         #[arg(long = "yield")]
         yield_to_guest: bool,
+        /// What the copy may cost the guest: its p99 latency during the job at most `2x` its
+        /// own before the job (the default), a bound such as `5ms`, or `off` (flat out).
+        /// The copy's rate is steered to it; when the bound would keep the copy behind the
+        /// guest's writes, the job mirrors writes instead (and says so).
+        #[arg(long)]
+        max_impact: Option<String>,
         /// Mirror guest writes to the destination from the start (each write is applied at
         /// both sides before the guest sees it complete): one copy pass, always converges.
         #[arg(long)]

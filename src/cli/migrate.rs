@@ -27,8 +27,10 @@ pub struct Request {
     pub bandwidth: Option<String>,
     /// Compare both images at the switchover point.
     pub verify: bool,
-    /// Yield to the guest during the bulk copy.
+    /// Yield to the guest during the bulk copy (`--max-impact 4ms`).
     pub yield_to_guest: bool,
+    /// `--max-impact` as written.
+    pub max_impact: Option<String>,
     /// Mirror from the start.
     pub mirror: bool,
     /// Tracking granularity of the job as written (`64K`); `None`: the agent's default.
@@ -88,11 +90,15 @@ pub fn migrate(
         hot_threshold: None,
         verify: Some(options.verify),
         yield_to_guest: Some(options.yield_to_guest),
+        max_impact: options.max_impact.clone(),
         mirror: Some(options.mirror),
         granularity_bytes: granularity(options.granularity.as_deref())?,
         batch: plan.batch.clone(),
         resume_job: None,
     };
+    if let Some(text) = &request.max_impact {
+        text.parse::<crate::migrate::steer::ImpactTarget>()?;
+    }
     let mut pairs = match &plan.file {
         Some(path) => {
             let text = std::fs::read_to_string(path).map_err(|source| CliError::File {
@@ -138,6 +144,7 @@ pub fn migrate(
             export,
             request: MigrateRequest {
                 manager_epoch: None,
+                max_impact: None,
                 to,
                 batch: Some(batch.clone()),
                 ..request.clone()
@@ -158,6 +165,7 @@ pub fn resume(
     let client = client(target)?;
     let given = MigrateRequest {
         manager_epoch: None,
+        max_impact: None,
         to: String::new(),
         policy: overrides.policy.clone(),
         max_pause_ms: overrides.max_pause,
@@ -179,6 +187,7 @@ pub fn resume(
         .map(|job| Item {
             request: MigrateRequest {
                 manager_epoch: None,
+                max_impact: None,
                 to: job.destination.clone().unwrap_or_default(),
                 resume_job: Some(job.job_id),
                 ..given.clone()

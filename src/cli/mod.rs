@@ -82,6 +82,9 @@ pub enum CliError {
     /// The command line names nothing to do.
     #[error("{0}")]
     Usage(&'static str),
+    /// `--max-impact` is not a target.
+    #[error(transparent)]
+    Impact(#[from] crate::migrate::steer::ImpactParseError),
     /// The journal file could not be read (`ferry status --offline`).
     #[error("offline status")]
     Offline(#[source] JournalError),
@@ -164,6 +167,7 @@ pub fn run(command: Command) -> Result<(), CliError> {
             no_wait,
             verify,
             yield_to_guest,
+            max_impact,
             mirror,
             granularity,
             target,
@@ -176,6 +180,7 @@ pub fn run(command: Command) -> Result<(), CliError> {
                 bandwidth,
                 verify,
                 yield_to_guest,
+                max_impact,
                 mirror,
             };
             let plan = migrate::Plan {

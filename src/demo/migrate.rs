@@ -202,6 +202,7 @@ fn migrate(
         .expect("the destination receives migrations");
     let request = MigrateRequest {
         manager_epoch: None,
+        max_impact: None,
         to: to.to_string(),
         policy: Some(policy.into()),
         max_pause_ms: Some(MAX_PAUSE_MS),

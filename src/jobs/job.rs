@@ -30,7 +30,8 @@ use crate::disk::Export;
 use crate::disk::Route;
 use crate::env::Clock;
 use crate::journal::{JobSettings, Record, SharedJournal};
-use crate::migrate::backoff::GuestBackoff;
+use crate::metrics::LatencyRecorder;
+use crate::migrate::steer::GuestWindow;
 use crate::migrate::{MigrateOptions, MigrationEnv, Progress, SendOutcome};
 use crate::transfer::frame::MAX_BLOCKS;
 use crate::transfer::{
@@ -123,16 +124,12 @@ pub struct JobEnv {
     forward_addr: Option<String>,
     progress: Arc<Mutex<Option<Progress>>>,
     verify: Option<Arc<Mutex<Option<VerifyOutcome>>>>,
-    /// Guest priority during the bulk copy.
-    backoff: GuestBackoff,
-    /// The operator's cap, which the back-off never raises.
+    /// The export's latency histogram at the end of the previous guest window.
+    guest_before: LatencyRecorder,
+    /// The copy controller's cap ([`crate::migrate::steer`]).
+    copy_cap: Option<u64>,
+    /// The operator's cap, which the controller never raises.
     bandwidth_cap: Option<u64>,
-    /// Current pass (from the algorithm's progress).
-    pass: u32,
-    /// Copy rate of the last send.
-    copy_bytes_per_s: Option<f64>,
-    /// Whether the bulk copy backs off on guest latency.
-    yield_to_guest: bool,
     /// Whether `allocated` leaves out blocks the destination already holds.
     compare_digests: bool,
     /// Every block of the disk is a candidate, holes too (a seed catch-up without its
@@ -216,7 +213,6 @@ impl JobEnv {
                 .map_err(JobError::Journal)?;
         }
         let verify = request.verify.then_some(verify);
-        let yield_to_guest = request.yield_to_guest;
         let name = tracker_name(job_id);
         let spec = TrackerSpec {
             name: name.clone(),
@@ -265,7 +261,7 @@ impl JobEnv {
             }
         };
         let clock = export.trackers().clock().clone();
-        let backoff = GuestBackoff::new(clock.now_ns(), &export.write_latency());
+        let guest_before = export.latency();
         let mut compare_all = request.seed.as_ref().is_some_and(|sync| sync.compare_all);
         if reply.changed_outside {
             log::warn!(
@@ -276,11 +272,9 @@ impl JobEnv {
             compare_all = true;
         }
         Ok(JobEnv {
-            backoff,
+            guest_before,
+            copy_cap: None,
             bandwidth_cap,
-            pass: 0,
-            copy_bytes_per_s: None,
-            yield_to_guest,
             compare_digests: request.compare_digests || compare_all,
             compare_all,
             seed: target.seed,
@@ -443,16 +437,9 @@ impl MigrationEnv for JobEnv {
 
     fn send(&mut self, blocks: &DirtySet) -> Result<SendOutcome, JobError> {
         let started = self.clock.now_ns();
-        // The bulk copy (pass 1) yields to the guest; later passes are short and run at
-        // full speed so that the copy keeps ahead of the dirty rate.
-        let yielded = if self.yield_to_guest && self.pass <= 1 {
-            let latency = self.export.write_latency();
-            self.backoff
-                .observe(started, &latency, self.copy_bytes_per_s)
-        } else {
-            None
-        };
-        let cap = match (yielded, self.bandwidth_cap) {
+        // The controller's cap (the algorithm lifts it for a send with writes held) under
+        // the operator's.
+        let cap = match (self.copy_cap, self.bandwidth_cap) {
             (Some(rate), Some(cap)) => Some(rate.min(cap)),
             (rate, cap) => rate.or(cap),
         };
@@ -466,10 +453,6 @@ impl MigrationEnv for JobEnv {
         self.bytes_read += stats.data_bytes + stats.zero_bytes;
         self.sender.sync().map_err(JobError::Transfer)?;
         let elapsed_ns = self.clock.now_ns() - started;
-        if elapsed_ns > 0 {
-            let bytes = (stats.data_bytes + stats.zero_bytes) as f64;
-            self.copy_bytes_per_s = Some(bytes * 1e9 / elapsed_ns as f64);
-        }
         if !self.writes_held {
             // Synced at the destination: a crash from here on need not resend these. Not in
             // the switchover (the log's compaction would lengthen the pause; the tracker
@@ -619,8 +602,24 @@ impl MigrationEnv for JobEnv {
     }
 
     fn progress(&mut self, progress: &Progress) {
-        self.pass = progress.pass;
         *self.progress.lock().expect("progress lock") = Some(progress.clone());
+    }
+
+    /// Every guest request on the export (reads and writes) since the previous window, from
+    /// the histogram the sessions merge every 200 ms.
+    fn guest_window(&mut self) -> Option<GuestWindow> {
+        let now = self.export.latency();
+        let mut window = now.clone();
+        window.subtract(&self.guest_before);
+        self.guest_before = now;
+        Some(GuestWindow {
+            ops: window.count(),
+            p99_us: window.summary().p99,
+        })
+    }
+
+    fn set_copy_cap(&mut self, cap_bytes_per_s: Option<u64>) {
+        self.copy_cap = cap_bytes_per_s;
     }
 }
 
@@ -660,7 +659,8 @@ pub struct JobRequest {
     pub send: SendOptions,
     /// Compare BLAKE3 digests of both images at the switchover point.
     pub verify: bool,
-    /// The bulk copy backs off when the guest's write latency rises ([`GuestBackoff`]).
+    /// `--yield` was asked for (journaled in the settings; the copy controller's bound is
+    /// in `options.impact_target_us`).
     pub yield_to_guest: bool,
     /// Batch the job belongs to.
     pub batch: Option<String>,

@@ -33,6 +33,7 @@ pub mod plan;
 pub mod policy;
 pub mod report;
 pub mod sim;
+pub mod steer;
 
 pub use forecast::Forecast;
 pub use plan::run;
@@ -71,6 +72,18 @@ pub struct Progress {
     pub eta_ms: Option<f64>,
     /// Whether guest writes are mirrored to the destination.
     pub mirroring: bool,
+    /// The guest p99 bound the copy is steered to (µs), absent when off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub impact_target_us: Option<u64>,
+    /// The guest's p99 in the latest window (µs), when measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_p99_us: Option<u64>,
+    /// The copy's rate cap now (bytes/s), absent when uncapped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copy_cap_bytes_per_s: Option<u64>,
+    /// The bound and convergence conflict: the job mirrors writes instead of copying on.
+    #[serde(default)]
+    pub impact_conflict: bool,
 }
 
 /// The world the migration algorithm runs in: the source's tracker, the block stream to the
@@ -137,6 +150,16 @@ pub trait MigrationEnv {
     fn stop_mirroring(&mut self);
     /// A progress sample for the CLI bar and the API.
     fn progress(&mut self, progress: &Progress);
+    /// What the guest's requests did since the previous call ([`steer`]); `None` when the
+    /// env cannot measure them (the copy is then not steered).
+    fn guest_window(&mut self) -> Option<steer::GuestWindow> {
+        None
+    }
+    /// Caps the copy's sends at `cap_bytes_per_s` from now on (`None`: uncapped). Sends
+    /// with guest writes held are never capped by the caller.
+    fn set_copy_cap(&mut self, cap_bytes_per_s: Option<u64>) {
+        let _ = cap_bytes_per_s;
+    }
 }
 
 /// The env step that failed, for [`MigrateError`].

@@ -19,6 +19,7 @@
 use super::forecast::Forecast;
 use super::policy::{split_hot, Ending, MigrateOptions, Policy};
 use super::report::{MigrationReport, PassKind, PassReport};
+use super::steer::Steer;
 use super::{MigrateError, MigrationEnv, Progress, Step};
 use crate::dirty::DirtySet;
 
@@ -59,6 +60,9 @@ struct Migration<'env, E: MigrationEnv> {
     last_take_ns: u64,
     /// Blocks this run sent at least once.
     sent_once: DirtySet,
+    /// The copy controller ([`super::steer`]) and the dirty count at its last window.
+    steer: Steer,
+    steer_dirty: (u64, u64),
 }
 
 impl<'env, E: MigrationEnv> Migration<'env, E> {
@@ -88,6 +92,8 @@ impl<'env, E: MigrationEnv> Migration<'env, E> {
                 pause_final_send_ms: 0.0,
                 pause_commit_ms: 0.0,
                 amplification: 0.0,
+                impact_target_us: options.impact_target_us,
+                impact_conflict: false,
             },
             env,
             options: options.clone(),
@@ -102,6 +108,8 @@ impl<'env, E: MigrationEnv> Migration<'env, E> {
             previous_cold_blocks: None,
             carried: empty.clone(),
             last_take_ns: start_ns,
+            steer: Steer::new(options.impact_target_us, start_ns),
+            steer_dirty: (start_ns, 0),
             sent_once: empty,
         }
     }
@@ -148,6 +156,12 @@ impl<'env, E: MigrationEnv> Migration<'env, E> {
                         deferrals: self.report.deferrals,
                     });
                 }
+                continue;
+            }
+            if self.steer.conflict() {
+                // The bound lets the copy run slower than the guest dirties: mirror instead.
+                self.report.impact_conflict = true;
+                self.start_mirroring()?;
                 continue;
             }
             let dirty_blocks = self.env.dirty_count();
@@ -309,7 +323,44 @@ impl<'env, E: MigrationEnv> Migration<'env, E> {
             blocks_left -= chunk.count();
             from_block = next_block;
             self.send_progress(pass, kind, blocks_left);
+            // Steered only while the guest runs (never the final send, writes held).
+            if step == Step::Send && self.steer_window() && !self.mirroring {
+                // Newly in conflict: the rest of this pass goes back to the tracker, and
+                // the loop starts mirroring.
+                self.env.merge_dirty(&suffix(set, from_block));
+                return Ok((blocks_sent, bytes_sent));
+            }
         }
+    }
+
+    /// Judges a guest window when one is due and sets the copy's cap; true when the bound
+    /// and convergence have just come into conflict.
+    fn steer_window(&mut self) -> bool {
+        let now_ns = self.env.now_ns();
+        if self.steer.target_us().is_none() || !self.steer.window_due(now_ns) {
+            return false;
+        }
+        let Some(window) = self.env.guest_window() else {
+            return false;
+        };
+        let dirty_blocks = self.env.dirty_count();
+        let dirty_bytes_per_s = self.forecast.dirty_bytes_per_s().or_else(|| {
+            // Before the first take: the blocks newly dirtied during this window.
+            let (at_ns, before) = self.steer_dirty;
+            let blocks = dirty_blocks.checked_sub(before)?;
+            let seconds = now_ns.saturating_sub(at_ns) as f64 / 1e9;
+            (seconds > 0.0).then(|| (blocks * self.granularity_bytes) as f64 / seconds)
+        });
+        self.steer_dirty = (now_ns, dirty_blocks);
+        let was = self.steer.conflict();
+        let cap = self.steer.observe(
+            now_ns,
+            window,
+            self.forecast.copy_bytes_per_s(),
+            dirty_bytes_per_s,
+        );
+        self.env.set_copy_cap(cap);
+        !was && self.steer.conflict()
     }
 
     fn send_progress(&mut self, pass: u32, kind: PassKind, pass_blocks_left: u64) {
@@ -326,6 +377,11 @@ impl<'env, E: MigrationEnv> Migration<'env, E> {
                 .forecast
                 .eta_ms((dirty_blocks + pass_blocks_left) * self.granularity_bytes),
             mirroring: self.mirroring,
+            impact_target_us: self.steer.target_us(),
+            guest_p99_us: (self.steer.last_window().ops > 0)
+                .then(|| self.steer.last_window().p99_us),
+            copy_cap_bytes_per_s: self.steer.cap_bytes_per_s(),
+            impact_conflict: self.steer.conflict(),
         };
         self.env.progress(&progress);
     }
@@ -414,6 +470,8 @@ impl<'env, E: MigrationEnv> Migration<'env, E> {
         forced: bool,
     ) -> Result<(), MigrateError<E::Error>> {
         let pass = self.passes + 1;
+        // The guest waits on this send: flat out (the next window caps the copy again).
+        self.env.set_copy_cap(None);
         let start_ns = self.env.now_ns();
         let (blocks_sent, bytes_sent) =
             self.send_set(pass, PassKind::Final, final_set, Step::FinalSend)?;

@@ -119,6 +119,10 @@ pub struct MigrateOptions {
     /// pause budget alone decides.
     #[serde(default)]
     pub threshold_bytes: Option<u64>,
+    /// The guest's p99 (µs) the copy is steered to stay within ([`super::steer`]); `None`:
+    /// the copy is not steered. The job resolves `--max-impact` to it.
+    #[serde(default)]
+    pub impact_target_us: Option<u64>,
 }
 
 /// How a run ends once what remains fits.
@@ -149,6 +153,7 @@ impl Default for MigrateOptions {
             resume: false,
             ending: Ending::Switchover,
             threshold_bytes: None,
+            impact_target_us: None,
         }
     }
 }

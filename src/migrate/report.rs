@@ -104,6 +104,13 @@ pub struct MigrationReport {
     pub pause_commit_ms: f64,
     /// `(bytes_data + bytes_zero) / allocated_bytes`; 0 when nothing was allocated.
     pub amplification: f64,
+    /// The guest p99 bound the copy was steered to (µs; `--max-impact`), absent when off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub impact_target_us: Option<u64>,
+    /// The bound and convergence conflicted: the copy could not outrun the guest's writes
+    /// within it, so the job mirrored writes instead ([`super::steer`]).
+    #[serde(default)]
+    pub impact_conflict: bool,
 }
 
 impl MigrationReport {
@@ -147,6 +154,8 @@ mod tests {
             pause_final_send_ms: 0.2,
             pause_commit_ms: 0.2,
             amplification: 1.0,
+            impact_target_us: None,
+            impact_conflict: false,
         };
         let json = serde_json::to_string(&report).expect("serialize");
         assert!(json.contains("\"kind\":\"full\""), "{json}");

@@ -24,11 +24,15 @@
 
 use std::sync::Arc;
 
+use super::steer::GuestWindow;
 use super::{MigrationEnv, Progress, SendOutcome};
 use crate::dirty::{DirtySet, HeatSnapshot, Tracker, TrackerSpec};
 use crate::env::{Clock, ManualClock};
 
 pub use crate::prng::{seeds_from_env, SeedReport, SplitMix64};
+
+mod disk;
+pub use disk::SharedDisk;
 
 /// Errors the simulated env injects.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -81,6 +85,10 @@ pub struct SimOptions {
     pub half_life_ms: u64,
     /// Guest writes run this long before the migration starts (heat builds up).
     pub warmup_ms: u64,
+    /// A disk the guest and the copy share, of this many bytes/s ([`SharedDisk`]): the
+    /// guest's latency grows with the copy's rate, and is measured for the copy controller.
+    /// 0: no such disk (the guest's latency is not measured, the copy not steered).
+    pub disk_bytes_per_s: u64,
 }
 
 impl Default for SimOptions {
@@ -101,6 +109,7 @@ impl Default for SimOptions {
             commit_ns: 1_000_000,
             half_life_ms: 10_000,
             warmup_ms: 20_000,
+            disk_bytes_per_s: 0,
         }
     }
 }
@@ -138,6 +147,8 @@ pub struct SimEnv {
     pub progress_samples: u64,
     /// Errors injected so far.
     pub faults_injected: u64,
+    /// The disk the guest and the copy share, if modelled.
+    pub disk: Option<SharedDisk>,
 }
 
 impl SimEnv {
@@ -172,6 +183,11 @@ impl SimEnv {
             writes_acked: 0,
             progress_samples: 0,
             faults_injected: 0,
+            disk: (options.disk_bytes_per_s > 0).then(|| {
+                let guest_bytes_per_s = options.write_rate_per_s * options.granularity_bytes;
+                let base_us = options.write_latency_ns / 1000;
+                SharedDisk::new(options.disk_bytes_per_s, guest_bytes_per_s, base_us)
+            }),
             options,
         };
         for block in 0..block_count {
@@ -277,6 +293,9 @@ impl SimEnv {
         }
         self.acked[index] = version;
         self.writes_acked += 1;
+        if let Some(disk) = &mut self.disk {
+            disk.record_write();
+        }
     }
 
     /// Moves time to `target_ns`, applying (or queueing, if held) the guest writes due.
@@ -303,6 +322,51 @@ impl SimEnv {
         for (block, (&source, &target)) in self.source.iter().zip(&self.target).enumerate() {
             assert_eq!(source, target, "{at}: block {block} differs");
         }
+    }
+
+    /// Delivers `blocks` at `rate` bytes/s (zero blocks 16 times faster), failing after
+    /// `fail_after` of them if given.
+    fn send_blocks(
+        &mut self,
+        blocks: &DirtySet,
+        fail_after: Option<u64>,
+        rate: u64,
+    ) -> Result<SendOutcome, SimError> {
+        let data_block_ns = self.options.granularity_bytes * 1_000_000_000 / rate.max(1);
+        let mut outcome = SendOutcome::default();
+        for (delivered, block) in (0u64..).zip(blocks.iter_blocks()) {
+            if fail_after == Some(delivered) {
+                self.faults_injected += 1;
+                return Err(SimError::SendFailed { delivered });
+            }
+            let index = Self::block_index(block);
+            let version = self.source[index];
+            self.target[index] = version; // read and delivered at one instant
+            let block_ns = if version == 0 {
+                outcome.bytes_zero += self.options.granularity_bytes;
+                data_block_ns / 16
+            } else {
+                outcome.bytes_data += self.options.granularity_bytes;
+                data_block_ns
+            };
+            let now_ns = self.clock.now_ns();
+            self.advance_to(now_ns + block_ns);
+        }
+        Ok(outcome)
+    }
+
+    /// Holds writes: those issued from now on wait; in-flight ones complete first.
+    fn hold(&mut self) -> Result<(), SimError> {
+        self.held = true;
+        self.hold_start_ns = self.clock.now_ns();
+        while self.next_write_ns < self.hold_start_ns {
+            let complete_ns = self.next_write_ns + self.options.write_latency_ns;
+            self.advance_to(complete_ns);
+        }
+        let delay_ns = self.prng.below(self.options.hold_delay_ns_max + 1);
+        let now_ns = self.clock.now_ns();
+        self.advance_to(now_ns + delay_ns);
+        Ok(())
     }
 }
 
@@ -357,45 +421,33 @@ impl MigrationEnv for SimEnv {
         };
         let delay_ns = self.prng.below(self.options.send_delay_ns_max + 1);
         self.advance_to(start_ns + delay_ns);
-        let data_block_ns =
-            self.options.granularity_bytes * 1_000_000_000 / self.options.bandwidth_bytes_per_s;
-        let mut outcome = SendOutcome::default();
-        for (delivered, block) in (0u64..).zip(blocks.iter_blocks()) {
-            if fail_after == Some(delivered) {
-                self.faults_injected += 1;
-                return Err(SimError::SendFailed { delivered });
-            }
-            let index = Self::block_index(block);
-            let version = self.source[index];
-            self.target[index] = version; // read and delivered at one instant
-            let block_ns = if version == 0 {
-                outcome.bytes_zero += self.options.granularity_bytes;
-                data_block_ns / 16
-            } else {
-                outcome.bytes_data += self.options.granularity_bytes;
-                data_block_ns
-            };
-            let now_ns = self.clock.now_ns();
-            self.advance_to(now_ns + block_ns);
+        let link_bytes_per_s = self.options.bandwidth_bytes_per_s;
+        let rate = match &mut self.disk {
+            Some(disk) => disk.start_send(link_bytes_per_s),
+            None => link_bytes_per_s,
+        };
+        let outcome = self.send_blocks(blocks, fail_after, rate);
+        if let Some(disk) = &mut self.disk {
+            disk.end_send();
         }
+        let mut outcome = outcome?;
         outcome.elapsed_ns = self.clock.now_ns() - start_ns;
         Ok(outcome)
     }
 
     fn hold_writes(&mut self) -> Result<(), SimError> {
-        // Writes issued from now on wait; in-flight ones (issued earlier) complete first.
-        self.held = true;
-        self.hold_start_ns = self.clock.now_ns();
-        while self.next_write_ns < self.hold_start_ns {
-            let complete_ns = self.next_write_ns + self.options.write_latency_ns;
-            self.advance_to(complete_ns);
-        }
-        let delay_ns = self.prng.below(self.options.hold_delay_ns_max + 1);
-        let now_ns = self.clock.now_ns();
-        self.advance_to(now_ns + delay_ns);
-        Ok(())
+        self.hold()
     }
 
+    fn guest_window(&mut self) -> Option<GuestWindow> {
+        self.disk.as_mut().map(SharedDisk::take_window)
+    }
+
+    fn set_copy_cap(&mut self, cap_bytes_per_s: Option<u64>) {
+        if let Some(disk) = &mut self.disk {
+            disk.set_cap(cap_bytes_per_s);
+        }
+    }
     fn release_writes(&mut self) {
         if !self.held {
             return;
