@@ -272,3 +272,52 @@ fn a_job_on_a_64k_export_tracks_and_resends_at_4k() {
         "64 KiB re-sent {coarse} bytes, 4 KiB {fine}"
     );
 }
+
+// Goal: concurrent jobs of a batch share the copy evenly (issue 14: "a batch of 4 with
+// --concurrency 4 finishes with shares within 20% of equal").
+// Method: four 192 MiB disks of data on one source, `ferry migrate vm1..vm4 --concurrency 4`;
+// each job's share (its bytes over all jobs' bytes in the windows it shared, measured by the
+// agent) must be within 20% of a quarter, and every job done.
+#[test]
+fn a_batch_of_four_shares_the_copy_evenly() {
+    let dir = common::scratch_dir();
+    let exports: Vec<String> = (1..=4)
+        .map(|i| {
+            let path = dir.path().join(format!("vm{i}.img"));
+            common::data_image(&path, 192, i as u8);
+            format!("vm{i}={}", path.display())
+        })
+        .collect();
+    let pair = common::pair::pair_of(exports);
+    let out = pair.source.cli(&[
+        "migrate",
+        "vm1",
+        "vm2",
+        "vm3",
+        "vm4",
+        "--to",
+        &pair.destination_transfer,
+        "--batch",
+        "four",
+        "--concurrency",
+        "4",
+        "--json",
+    ]);
+    let text = stdout(&out);
+    let statuses: serde_json::Value = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("{e}: {text}\n{}", pair.source.log()));
+    let statuses = statuses.as_array().expect("one status per job");
+    assert_eq!(statuses.len(), 4, "{text}");
+    let mut shares = Vec::new();
+    for status in statuses {
+        assert_eq!(status["phase"], "done", "{status:#}");
+        let pct = status["share"]["pct"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("no measured share: {status:#}"));
+        shares.push(pct);
+    }
+    eprintln!("shares of the copying: {shares:?}");
+    for pct in &shares {
+        assert!((20.0..=30.0).contains(pct), "shares {shares:?}");
+    }
+}

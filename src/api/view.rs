@@ -120,6 +120,12 @@ pub fn render(status: &JobStatus) -> String {
     if let Some(settings) = &status.settings {
         out.push_str(&settings_line(settings));
     }
+    if let Some(share) = &status.share {
+        out.push_str(&format!(
+            "share of the copying while {} jobs copied at once: {:.1}%\n",
+            share.jobs, share.pct
+        ));
+    }
     if let Some(holder) = &status.holder {
         out.push_str(&format!("holder of the guest's connection: {holder}\n"));
     }

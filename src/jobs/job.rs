@@ -24,6 +24,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use super::fair::{FairSeat, ShareStatus};
 use super::holder::HolderChoice;
 use crate::dirty::{DirtySet, HeatSnapshot, Tracker, TrackerSpec};
 use crate::disk::Export;
@@ -128,6 +129,8 @@ pub struct JobEnv {
     guest_before: LatencyRecorder,
     /// The copy controller's cap ([`crate::migrate::steer`]).
     copy_cap: Option<u64>,
+    /// Its seat among the agent's copying jobs, and where its share is shown.
+    fair: Option<(FairSeat, Arc<Mutex<Option<ShareStatus>>>)>,
     /// The operator's cap, which the controller never raises.
     bandwidth_cap: Option<u64>,
     /// Whether `allocated` leaves out blocks the destination already holds.
@@ -274,6 +277,7 @@ impl JobEnv {
         Ok(JobEnv {
             guest_before,
             copy_cap: None,
+            fair: None,
             bandwidth_cap,
             compare_digests: request.compare_digests || compare_all,
             compare_all,
@@ -437,12 +441,17 @@ impl MigrationEnv for JobEnv {
 
     fn send(&mut self, blocks: &DirtySet) -> Result<SendOutcome, JobError> {
         let started = self.clock.now_ns();
-        // The controller's cap (the algorithm lifts it for a send with writes held) under
-        // the operator's.
-        let cap = match (self.copy_cap, self.bandwidth_cap) {
-            (Some(rate), Some(cap)) => Some(rate.min(cap)),
-            (rate, cap) => rate.or(cap),
+        // The controller's cap (the algorithm lifts it for a send with writes held), the
+        // fair share's among other copying jobs (not with writes held either), and the
+        // operator's: the least of them.
+        let fair_cap = match (&self.fair, self.writes_held) {
+            (Some((seat, _)), false) => seat.cap(),
+            _ => None,
         };
+        let cap = [self.copy_cap, fair_cap, self.bandwidth_cap]
+            .into_iter()
+            .flatten()
+            .min();
         self.sender.set_bandwidth(cap);
         let extents: Vec<(u64, u64)> = blocks.iter_extents().collect();
         let image = self.export.image().map_err(JobError::Allocation)?;
@@ -453,6 +462,10 @@ impl MigrationEnv for JobEnv {
         self.bytes_read += stats.data_bytes + stats.zero_bytes;
         self.sender.sync().map_err(JobError::Transfer)?;
         let elapsed_ns = self.clock.now_ns() - started;
+        if let Some((seat, share)) = &self.fair {
+            seat.sent(stats.data_bytes + stats.zero_bytes, self.clock.now_ns());
+            *share.lock().expect("share lock") = seat.share();
+        }
         if !self.writes_held {
             // Synced at the destination: a crash from here on need not resend these. Not in
             // the switchover (the log's compaction would lengthen the pause; the tracker
@@ -620,6 +633,13 @@ impl MigrationEnv for JobEnv {
 
     fn set_copy_cap(&mut self, cap_bytes_per_s: Option<u64>) {
         self.copy_cap = cap_bytes_per_s;
+    }
+}
+
+impl JobEnv {
+    /// Takes `seat` among the agent's copying jobs; its share is written to `share`.
+    pub fn share_with(&mut self, seat: FairSeat, share: Arc<Mutex<Option<ShareStatus>>>) {
+        self.fair = Some((seat, share));
     }
 }
 

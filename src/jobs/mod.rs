@@ -5,6 +5,7 @@
 //! authoritative when it failed, straight from the algorithm's error (never guessed); the
 //! reported guest write latency is measured by the export's sessions during the job.
 
+pub mod fair;
 pub mod holder;
 pub mod job;
 pub mod seeding;
@@ -79,6 +80,9 @@ pub struct JobStatus {
     /// A seed catch-up (`ferry seed sync`): its state and figures.
     #[serde(default)]
     pub sync: Option<SyncStatus>,
+    /// Its share of the copying while other jobs copied too ([`fair`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub share: Option<fair::ShareStatus>,
 }
 
 impl JobStatus {
@@ -101,6 +105,7 @@ impl JobStatus {
             settings: None,
             holder: None,
             sync: None,
+            share: None,
         }
     }
 }
@@ -116,6 +121,8 @@ struct Job {
     /// Asked to stop (a continuous replication ends after its current run).
     stop: AtomicBool,
     started: Instant,
+    /// Its share while other jobs copied too.
+    share: Arc<Mutex<Option<fair::ShareStatus>>>,
 }
 
 /// Every job of this agent.
@@ -123,6 +130,8 @@ struct Job {
 pub struct Jobs {
     next_id: AtomicU64,
     jobs: Mutex<BTreeMap<u64, Arc<Job>>>,
+    /// The running jobs' shares of the copying.
+    fair: Arc<fair::FairShare>,
 }
 
 impl Jobs {
@@ -143,6 +152,7 @@ impl Jobs {
         Jobs {
             next_id: AtomicU64::new(base + 1),
             jobs: Mutex::new(BTreeMap::new()),
+            fair: Arc::default(),
         }
     }
 
@@ -204,13 +214,15 @@ impl Jobs {
             })),
             stop: AtomicBool::new(false),
             started: Instant::now(),
+            share: Arc::new(Mutex::new(None)),
         });
         jobs.insert(id, job.clone());
         drop(jobs);
         let thread_job = job.clone();
+        let seat = self.fair.join(id, 1);
         std::thread::Builder::new()
             .name(format!("migrate-{id}"))
-            .spawn(move || run_job(&thread_job, export, request, key, id))
+            .spawn(move || run_job(&thread_job, export, request, (key, seat), id))
             .map_err(|err| format!("cannot start the job thread: {err}"))?;
         Ok(self.status_of(&job))
     }
@@ -220,6 +232,7 @@ impl Jobs {
         if status.sync.is_some() {
             status.sync = Some(job.sync.lock().expect("sync lock").clone());
         }
+        status.share = *job.share.lock().expect("share lock");
         if status.phase == JobPhase::Running {
             status.elapsed_s = job.started.elapsed().as_secs_f64();
             status.progress = job.progress.lock().expect("progress lock").clone();
@@ -269,7 +282,13 @@ impl Jobs {
 }
 
 /// The job thread: runs the algorithm and records the outcome.
-fn run_job(job: &Job, export: Arc<Export>, request: JobRequest, key: ClusterKey, id: u64) {
+fn run_job(
+    job: &Job,
+    export: Arc<Export>,
+    request: JobRequest,
+    (key, seat): (ClusterKey, fair::FairSeat),
+    id: u64,
+) {
     let write_ops_before = export.counts().write_ops;
     let latency_before = export.write_latency();
     // A panic is a bug (and aborts a release build); in a test build the job must still end
@@ -286,6 +305,7 @@ fn run_job(job: &Job, export: Arc<Export>, request: JobRequest, key: ClusterKey,
         )
         .map_err(|err| (false, crate::error::error_chain(&err)))
         .and_then(|mut env| {
+            env.share_with(seat, job.share.clone());
             let result = match &request.seed {
                 None => crate::migrate::run(&mut env, &request.options),
                 Some(sync) => sync::drive(&mut env, &request.options, sync, &job.sync, &job.stop),
