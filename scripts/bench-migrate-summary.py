@@ -134,6 +134,7 @@ SYSTEMS = [  # key, label
     ("ferry-naive", "ferry (naive)"),
     ("ferry-mirror", "ferry (heat, --mirror)"),
     ("ferry-yield", "ferry (heat, --yield)"),
+    ("ferry-off", "ferry (heat, --max-impact off)"),
     ("ferry-heat64k", "ferry (heat, --granularity 64K)"),
     ("ferry-heat-forced", "ferry (heat, --force-after 30000)"),
     ("ferry-naive-forced", "ferry (naive, --force-after 30000)"),
