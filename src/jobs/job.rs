@@ -46,6 +46,8 @@ pub use seeded::{SeedSync, SyncThen};
 
 /// How long a switchover waits for in-flight guest writes to finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// The destination syncs after this many bytes of sends (and every send with writes held).
+pub const SYNC_EVERY_BYTES: u64 = 64 << 20;
 
 /// Blocks whose digests a resume asks for at once (2 MiB of digests).
 const DIGEST_WINDOW_BLOCKS: u64 = 1 << 16;
@@ -129,6 +131,14 @@ pub struct JobEnv {
     guest_before: LatencyRecorder,
     /// The copy controller's cap ([`crate::migrate::steer`]).
     copy_cap: Option<u64>,
+    /// Blocks sent since the destination's last sync, and their bytes: the destination
+    /// syncs every [`SYNC_EVERY_BYTES`] (not after every send), and until it has, these count
+    /// as possibly lost: never settled in the tracker's log, and merged back into the tracker
+    /// when the job ends with the source authoritative ([`JobEnv::finish`]).
+    unsynced: DirtySet,
+    unsynced_bytes: u64,
+    /// The job's own reads in flight and largest read, which the controller only lowers.
+    read_shape: (usize, usize),
     /// Its seat among the agent's copying jobs, and where its share is shown.
     fair: Option<(FairSeat, Arc<Mutex<Option<ShareStatus>>>)>,
     /// The operator's cap, which the controller never raises.
@@ -277,6 +287,9 @@ impl JobEnv {
         Ok(JobEnv {
             guest_before,
             copy_cap: None,
+            unsynced: DirtySet::empty(tracker.granularity_bytes(), export.size_bytes()),
+            unsynced_bytes: 0,
+            read_shape: (request.send.read_depth, request.send.chunk_bytes),
             fair: None,
             bandwidth_cap,
             compare_digests: request.compare_digests || compare_all,
@@ -309,6 +322,10 @@ impl JobEnv {
     /// resume sends only what its bits say the destination may lack.
     pub fn finish(self, keep_tracker: bool) -> Sender {
         self.export.remove_mirror();
+        if keep_tracker && !self.unsynced.is_empty() {
+            // Sent but never synced: the destination may not hold them (a crash there).
+            self.tracker.merge(&self.unsynced);
+        }
         if !keep_tracker {
             let _ = self.export.trackers().remove(self.tracker.name());
         }
@@ -453,6 +470,17 @@ impl MigrationEnv for JobEnv {
             .flatten()
             .min();
         self.sender.set_bandwidth(cap);
+        // The controller's cap shapes the reads too (the operator's cap alone does not):
+        // never more or longer reads than the job's own.
+        let (base_depth, base_chunk) = self.read_shape;
+        let (read_depth, chunk_bytes) = match self.copy_cap {
+            None => (base_depth, base_chunk),
+            cap => {
+                let (depth, chunk) = crate::migrate::steer::read_shape(cap);
+                (depth.min(base_depth), chunk.min(base_chunk))
+            }
+        };
+        self.sender.set_read_shape(read_depth, chunk_bytes);
         let extents: Vec<(u64, u64)> = blocks.iter_extents().collect();
         let image = self.export.image().map_err(JobError::Allocation)?;
         let stats = self
@@ -460,17 +488,16 @@ impl MigrationEnv for JobEnv {
             .send_extents(&image, &extents)
             .map_err(JobError::Transfer)?;
         self.bytes_read += stats.data_bytes + stats.zero_bytes;
-        self.sender.sync().map_err(JobError::Transfer)?;
+        self.unsynced.union_with(blocks);
+        self.unsynced_bytes += stats.data_bytes;
+        // With writes held every send is synced: the switchover's sends are its last.
+        if self.writes_held || self.unsynced_bytes >= SYNC_EVERY_BYTES {
+            self.sync_sent()?;
+        }
         let elapsed_ns = self.clock.now_ns() - started;
         if let Some((seat, share)) = &self.fair {
             seat.sent(stats.data_bytes + stats.zero_bytes, self.clock.now_ns());
             *share.lock().expect("share lock") = seat.share();
-        }
-        if !self.writes_held {
-            // Synced at the destination: a crash from here on need not resend these. Not in
-            // the switchover (the log's compaction would lengthen the pause; the tracker
-            // goes with the commit), and not in the copy time the forecast measures.
-            self.tracker.settle(blocks);
         }
         Ok(SendOutcome {
             bytes_data: stats.data_bytes,
@@ -549,6 +576,12 @@ impl MigrationEnv for JobEnv {
         self.sender
             .mark_in_sync(at_unix_ms)
             .map_err(JobError::Transfer)?;
+        // The Mark synced everything sent before it.
+        self.unsynced = DirtySet::empty(
+            self.unsynced.granularity_bytes(),
+            self.unsynced.disk_bytes(),
+        );
+        self.unsynced_bytes = 0;
         if let Some(journal) = &self.journal {
             journal
                 .append(&Record::SourceSeed {
@@ -637,6 +670,23 @@ impl MigrationEnv for JobEnv {
 }
 
 impl JobEnv {
+    /// Has the destination write and fdatasync everything sent so far.
+    fn sync_sent(&mut self) -> Result<(), JobError> {
+        self.sender.sync().map_err(JobError::Transfer)?;
+        if !self.writes_held {
+            // Synced at the destination: a crash from here on need not resend these. Not in
+            // the switchover (the log's compaction would lengthen the pause; the tracker
+            // goes with the commit).
+            self.tracker.settle(&self.unsynced);
+        }
+        self.unsynced = DirtySet::empty(
+            self.unsynced.granularity_bytes(),
+            self.unsynced.disk_bytes(),
+        );
+        self.unsynced_bytes = 0;
+        Ok(())
+    }
+
     /// Takes `seat` among the agent's copying jobs; its share is written to `share`.
     pub fn share_with(&mut self, seat: FairSeat, share: Arc<Mutex<Option<ShareStatus>>>) {
         self.fair = Some((seat, share));

@@ -32,6 +32,8 @@ const HISTORY_WINDOW: usize = 16;
 pub struct Forecast {
     /// Copy bandwidth in disk bytes per second (data and zero extents), EWMA.
     copy_bytes_per_s: Option<f64>,
+    /// The same, of the sends no cap slowed: what a final send (never capped) may expect.
+    uncapped_bytes_per_s: Option<f64>,
     /// Bytes newly dirtied per second between takes, EWMA.
     dirty_bytes_per_s: Option<f64>,
     /// Recent per-send time beyond what the bandwidth explains, in nanoseconds.
@@ -50,6 +52,7 @@ impl Forecast {
         assert!(stall_passes > 0, "stall_passes must be positive");
         Self {
             copy_bytes_per_s: None,
+            uncapped_bytes_per_s: None,
             dirty_bytes_per_s: None,
             overhead_ns: VecDeque::with_capacity(OVERHEAD_WINDOW),
             send_ns: VecDeque::with_capacity(OVERHEAD_WINDOW),
@@ -60,12 +63,21 @@ impl Forecast {
 
     /// Records one send of `bytes` (data plus zero extents) that took `elapsed_ns`.
     pub fn record_send(&mut self, bytes: u64, elapsed_ns: u64) {
+        self.record_send_capped(bytes, elapsed_ns, false);
+    }
+
+    /// Records a send as [`Forecast::record_send`] does; `capped`: a rate cap slowed it (the
+    /// copy controller's), so it says nothing of what an uncapped final send takes.
+    pub fn record_send_capped(&mut self, bytes: u64, elapsed_ns: u64, capped: bool) {
         if bytes == 0 || elapsed_ns == 0 {
             return; // nothing measurable: an empty send or a clock that did not move
         }
         let sample = bytes as f64 * 1e9 / elapsed_ns as f64;
         let bandwidth = ewma(self.copy_bytes_per_s, sample);
         self.copy_bytes_per_s = Some(bandwidth);
+        if !capped {
+            self.uncapped_bytes_per_s = Some(ewma(self.uncapped_bytes_per_s, sample));
+        }
         let overhead_ns = (elapsed_ns as f64 - bytes as f64 * 1e9 / bandwidth).max(0.0);
         if self.overhead_ns.len() == OVERHEAD_WINDOW {
             self.overhead_ns.pop_front();
@@ -103,9 +115,10 @@ impl Forecast {
     }
 
     /// Forecast time to send `bytes` in one go, in milliseconds; `None` before any send was
-    /// measured. Pessimistic: see [`PAUSE_SAFETY`].
+    /// measured. Pessimistic: see [`PAUSE_SAFETY`]. At the bandwidth of uncapped sends when
+    /// there were any (the final send is never capped).
     pub fn pause_estimate_ms(&self, bytes: u64) -> Option<f64> {
-        let bandwidth = self.copy_bytes_per_s?;
+        let bandwidth = self.uncapped_bytes_per_s.or(self.copy_bytes_per_s)?;
         let overhead_ns = self.overhead_ns.iter().copied().fold(0.0, f64::max);
         let send_ns = bytes as f64 * 1e9 / bandwidth * PAUSE_SAFETY;
         Some((send_ns + overhead_ns) / 1e6)

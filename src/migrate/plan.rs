@@ -232,6 +232,10 @@ impl<'env, E: MigrationEnv> Migration<'env, E> {
             .map_err(|source| source_error(Step::StartMirroring, source))?;
         self.mirroring = true;
         self.report.mirrored = true;
+        // Mirroring converges whatever the copy's rate, and the guest's latency now holds
+        // the mirror's round trip, which no cap lowers: the copy runs uncapped from here.
+        self.steer = Steer::new(None, self.env.now_ns());
+        self.env.set_copy_cap(None);
         Ok(())
     }
 
@@ -308,7 +312,9 @@ impl<'env, E: MigrationEnv> Migration<'env, E> {
                 }
             };
             let bytes = outcome.bytes_data + outcome.bytes_zero;
-            self.forecast.record_send(bytes, outcome.elapsed_ns);
+            let capped = step == Step::Send && self.steer.cap_bytes_per_s().is_some();
+            self.forecast
+                .record_send_capped(bytes, outcome.elapsed_ns, capped);
             self.report.bytes_data += outcome.bytes_data;
             self.report.bytes_zero += outcome.bytes_zero;
             for block in chunk.iter_blocks() {
@@ -377,11 +383,11 @@ impl<'env, E: MigrationEnv> Migration<'env, E> {
                 .forecast
                 .eta_ms((dirty_blocks + pass_blocks_left) * self.granularity_bytes),
             mirroring: self.mirroring,
-            impact_target_us: self.steer.target_us(),
+            impact_target_us: self.options.impact_target_us,
             guest_p99_us: (self.steer.last_window().ops > 0)
                 .then(|| self.steer.last_window().p99_us),
             copy_cap_bytes_per_s: self.steer.cap_bytes_per_s(),
-            impact_conflict: self.steer.conflict(),
+            impact_conflict: self.report.impact_conflict || self.steer.conflict(),
         };
         self.env.progress(&progress);
     }

@@ -18,6 +18,10 @@
 //! mirrors guest writes instead of copying forever (the mirror costs the guest one round
 //! trip per write and always converges), and its status says why.
 //!
+//! The cap also shapes the copy's reads ([`read_shape`]): fewer and shorter reads in flight
+//! at a lower cap, since on a shared disk a guest request waits for the reads queued ahead
+//! of it whatever the average rate.
+//!
 //! Invariants: pure (time, latency and rates come in as arguments; production and the
 //! simulation call the same code); the cap never drops below [`FLOOR_BYTES_PER_S`], so the
 //! copy always progresses; [`ImpactTarget::Off`] never caps.
@@ -45,6 +49,20 @@ pub const MIN_TARGET_US: u64 = 500;
 pub const DEFAULT_TARGET_US: u64 = 4_000;
 /// Fewest requests before the job for their p99 to count as the guest's own latency.
 pub const BASELINE_MIN_OPS: u64 = 200;
+
+/// How the copy reads at a cap: reads in flight and the largest read. A guest request that
+/// queues behind the copy on a shared disk waits for the reads ahead of it, so a lower cap
+/// also means fewer, shorter reads (uncapped: 8 × 1 MiB, the block stream's default; at
+/// the floor one 128 KiB read at a time).
+pub fn read_shape(cap_bytes_per_s: Option<u64>) -> (usize, usize) {
+    match cap_bytes_per_s {
+        None => (8, 1 << 20),
+        Some(cap) if cap >= 256 << 20 => (8, 1 << 20),
+        Some(cap) if cap >= 64 << 20 => (4, 512 << 10),
+        Some(cap) if cap >= 32 << 20 => (2, 256 << 10),
+        Some(_) => (1, 128 << 10),
+    }
+}
 
 /// What the copy may cost the guest: its p99 latency during the job at most ...
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -297,6 +315,9 @@ mod tests {
             Some(DEFAULT_TARGET_US)
         );
         assert_eq!(ImpactTarget::Off.bound_us(Some(1000)), None);
+        assert_eq!(read_shape(None), (8, 1 << 20));
+        assert_eq!(read_shape(Some(FLOOR_BYTES_PER_S)), (1, 128 << 10));
+        assert_eq!(read_shape(Some(100 << 20)), (4, 512 << 10));
     }
 
     // Goal: above the target the cap falls in proportion to the overshoot, never below the

@@ -637,6 +637,14 @@ impl Sender {
         Ok(digests)
     }
 
+    /// Changes how the next [`Sender::send_extents`] reads: `read_depth` reads in flight of
+    /// at most `chunk_bytes` each (a guest request queued behind the copy waits for fewer,
+    /// shorter reads).
+    pub fn set_read_shape(&mut self, read_depth: usize, chunk_bytes: usize) {
+        self.options.read_depth = read_depth.clamp(1, 64);
+        self.options.chunk_bytes = chunk_bytes.clamp(DIRECT_ALIGN, frame::MAX_DATA_BYTES);
+    }
+
     /// Changes the bandwidth cap from the next frame on (None: uncapped).
     pub fn set_bandwidth(&mut self, bytes_per_s: Option<u64>) {
         if self.pacer.bytes_per_s() != bytes_per_s {
