@@ -46,8 +46,12 @@ pub use seeded::{SeedSync, SyncThen};
 
 /// How long a switchover waits for in-flight guest writes to finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
-/// The destination syncs after this many bytes of sends (and every send with writes held).
+/// The destination syncs after this many bytes of sends, or this long after its last sync,
+/// whichever comes first (and after every send with writes held): a slow copy still makes
+/// its progress durable (and resumable) every second.
 pub const SYNC_EVERY_BYTES: u64 = 64 << 20;
+/// See [`SYNC_EVERY_BYTES`].
+pub const SYNC_EVERY_NS: u64 = 1_000_000_000;
 
 /// Blocks whose digests a resume asks for at once (2 MiB of digests).
 const DIGEST_WINDOW_BLOCKS: u64 = 1 << 16;
@@ -137,6 +141,8 @@ pub struct JobEnv {
     /// when the job ends with the source authoritative ([`JobEnv::finish`]).
     unsynced: DirtySet,
     unsynced_bytes: u64,
+    /// When the destination last synced (the job's clock).
+    synced_ns: u64,
     /// The job's own reads in flight and largest read, which the controller only lowers.
     read_shape: (usize, usize),
     /// Its seat among the agent's copying jobs, and where its share is shown.
@@ -289,6 +295,7 @@ impl JobEnv {
             copy_cap: None,
             unsynced: DirtySet::empty(tracker.granularity_bytes(), export.size_bytes()),
             unsynced_bytes: 0,
+            synced_ns: clock.now_ns(),
             read_shape: (request.send.read_depth, request.send.chunk_bytes),
             fair: None,
             bandwidth_cap,
@@ -491,7 +498,11 @@ impl MigrationEnv for JobEnv {
         self.unsynced.union_with(blocks);
         self.unsynced_bytes += stats.data_bytes;
         // With writes held every send is synced: the switchover's sends are its last.
-        if self.writes_held || self.unsynced_bytes >= SYNC_EVERY_BYTES {
+        let since_sync_ns = self.clock.now_ns().saturating_sub(self.synced_ns);
+        if self.writes_held
+            || self.unsynced_bytes >= SYNC_EVERY_BYTES
+            || since_sync_ns >= SYNC_EVERY_NS
+        {
             self.sync_sent()?;
         }
         let elapsed_ns = self.clock.now_ns() - started;
