@@ -176,7 +176,14 @@ fn relay_that_alters_replays_drops_or_injects_a_frame_fails_the_job() {
         std::fs::copy(&image, &reference).unwrap();
         let pair = pair(&image, "64K");
         let relay = start_relay(pair.destination_transfer.clone(), attack);
-        let status = migrate(&pair.source, &relay, &[]);
+        // The destination syncs after 64 MiB or a second of sends: at 8 MiB/s its first
+        // SyncOk (the reply FlipReply alters) comes before the commit.
+        let extra: &[&str] = if attack == Attack::FlipReply {
+            &["--bandwidth", "8M"]
+        } else {
+            &[]
+        };
+        let status = migrate(&pair.source, &relay, extra);
         let exports = stdout(&pair.destination.cli(&["export", "ls", "--json"]));
         if attack == Attack::None {
             assert_eq!(status["phase"], "done", "{status:#}");
