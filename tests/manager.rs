@@ -517,22 +517,11 @@ fn a_batch_driven_by_the_manager_survives_a_failover() {
     assert_eq!(migrated, 3, "{lines:#?}");
 
     // The seed replication, driven by the manager that took over.
-    let out = Command::new(agent_bin())
-        .args(["seed", "sync", "vm4", "--to", "h2", "--then", "migrate"])
-        .args(["--batch", "s1", "--api", &survivor.api, "--token-file"])
-        .arg(&token_file)
-        .output()
-        .expect("ferry seed sync");
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success(),
-        "{said}
-{}",
-        survivor.log()
+    cli_ok(
+        survivor,
+        &[
+            "seed", "sync", "vm4", "--to", "h2", "--then", "migrate", "--batch", "s1",
+        ],
     );
     let view = survivor.client().manager_batch("s1").expect("plan s1");
     assert_eq!(view.items[0].state, "migrated", "{view:?}");

@@ -588,11 +588,7 @@ impl MigrationEnv for JobEnv {
             .mark_in_sync(at_unix_ms)
             .map_err(JobError::Transfer)?;
         // The Mark synced everything sent before it.
-        self.unsynced = DirtySet::empty(
-            self.unsynced.granularity_bytes(),
-            self.unsynced.disk_bytes(),
-        );
-        self.unsynced_bytes = 0;
+        self.forget_unsynced();
         if let Some(journal) = &self.journal {
             journal
                 .append(&Record::SourceSeed {
@@ -690,12 +686,19 @@ impl JobEnv {
             // goes with the commit).
             self.tracker.settle(&self.unsynced);
         }
+        self.forget_unsynced();
+        Ok(())
+    }
+
+    /// Everything sent so far is synced at the destination: nothing to merge back, and the
+    /// next sync is due a full interval from now.
+    fn forget_unsynced(&mut self) {
         self.unsynced = DirtySet::empty(
             self.unsynced.granularity_bytes(),
             self.unsynced.disk_bytes(),
         );
         self.unsynced_bytes = 0;
-        Ok(())
+        self.synced_ns = self.clock.now_ns();
     }
 
     /// Takes `seat` among the agent's copying jobs; its share is written to `share`.

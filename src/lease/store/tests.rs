@@ -1,4 +1,4 @@
-//! The lease file's tests: torn and corrupt slots, bounded writes, unsafe paths.
+//! The lease file's tests: torn and corrupt slots, bounded writes, links and foreign files refused.
 
 use std::fs;
 use std::os::unix::fs::{symlink, FileExt, PermissionsExt};
