@@ -588,7 +588,11 @@ impl MigrationEnv for JobEnv {
             .mark_in_sync(at_unix_ms)
             .map_err(JobError::Transfer)?;
         // The Mark synced everything sent before it.
-        self.forget_unsynced();
+        self.unsynced = DirtySet::empty(
+            self.unsynced.granularity_bytes(),
+            self.unsynced.disk_bytes(),
+        );
+        self.unsynced_bytes = 0;
         if let Some(journal) = &self.journal {
             journal
                 .append(&Record::SourceSeed {
@@ -686,19 +690,12 @@ impl JobEnv {
             // goes with the commit).
             self.tracker.settle(&self.unsynced);
         }
-        self.forget_unsynced();
-        Ok(())
-    }
-
-    /// Everything sent so far is synced at the destination: nothing to merge back, and the
-    /// next sync is due a full interval from now.
-    fn forget_unsynced(&mut self) {
         self.unsynced = DirtySet::empty(
             self.unsynced.granularity_bytes(),
             self.unsynced.disk_bytes(),
         );
         self.unsynced_bytes = 0;
-        self.synced_ns = self.clock.now_ns();
+        Ok(())
     }
 
     /// Takes `seat` among the agent's copying jobs; its share is written to `share`.
