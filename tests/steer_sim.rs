@@ -35,7 +35,7 @@ fn shared_disk_world(writes_per_s: u64, skew: u32) -> SimOptions {
 }
 
 /// The guest's own p99 before the job (as the agent measures it from the export's
-/// histogram), and the bound `--max-impact 2x` makes of it.
+/// histogram), and the bound `--max-impact 2x` (and `auto`) makes of it.
 fn bound_of(env: &mut SimEnv) -> (u64, u64) {
     let baseline = env.guest_window().expect("a shared disk").p99_us;
     let bound = ImpactTarget::default()
@@ -44,10 +44,14 @@ fn bound_of(env: &mut SimEnv) -> (u64, u64) {
     (baseline, bound)
 }
 
+const STRICT_2X: ImpactTarget = ImpactTarget::Relative { factor_pct: 200 };
+
 /// Runs the migration to its end (no faults are injected here).
-fn migrate(env: &mut SimEnv, bound_us: Option<u64>) -> MigrationReport {
+fn migrate(env: &mut SimEnv, bound_us: Option<u64>, target: ImpactTarget) -> MigrationReport {
     let options = MigrateOptions {
         impact_target_us: bound_us,
+        impact_own_us: bound_us.map(|bound| bound / 2),
+        impact_strict: target.strict(),
         ..MigrateOptions::default()
     };
     let report = run(env, &options).expect("converges");
@@ -69,10 +73,10 @@ fn held(env: &SimEnv, limit_us: u64) -> (u64, u64) {
 }
 
 #[test]
-fn the_guests_latency_is_held_near_its_bound_and_the_run_converges() {
-    // Goal: with the controller on, the guest's p99 stays near twice its own (within 1.5x
+fn a_strict_bound_is_held_near_and_the_run_converges() {
+    // Goal: with `--max-impact 2x`, the guest's p99 stays near twice its own (within 1.5x
     // the bound in at least 80% of the windows after settling), where an unsteered copy
-    // makes it about 20 times its own; the run converges either way.
+    // makes it hundreds of times its own; the run converges either way.
     // Method: the same seed steered and unsteered; p99 of every window the controller saw
     // (the unsteered run measures windows too, the same way, without acting on them).
     for seed in seeds_from_env(5) {
@@ -80,7 +84,7 @@ fn the_guests_latency_is_held_near_its_bound_and_the_run_converges() {
         let world = shared_disk_world(2_000, 4);
         let mut steered = SimEnv::new(seed, world.clone());
         let (baseline, bound) = bound_of(&mut steered);
-        let report = migrate(&mut steered, Some(bound));
+        let report = migrate(&mut steered, Some(bound), STRICT_2X);
         let (share, worst) = held(&steered, bound * 3 / 2);
         assert!(
             share >= 80,
@@ -93,7 +97,7 @@ fn the_guests_latency_is_held_near_its_bound_and_the_run_converges() {
         // way, and nothing is ever capped.
         let mut flat_out = SimEnv::new(seed, world);
         bound_of(&mut flat_out);
-        let free = migrate(&mut flat_out, Some(60_000_000));
+        let free = migrate(&mut flat_out, Some(60_000_000), STRICT_2X);
         let (free_share, free_worst) = held(&flat_out, bound * 3 / 2);
         eprintln!(
             "seed {seed}: baseline {baseline} µs, bound {bound} µs; steered: {share}% of \
@@ -114,6 +118,8 @@ fn the_guests_latency_is_held_near_its_bound_and_the_run_converges() {
 fn a_guest_dirtying_faster_than_the_bound_allows_ends_in_mirroring() {
     // Goal: when the bound and convergence conflict, the job says so and mirrors (which
     // always converges) instead of copying forever.
+    // (`auto` does not conflict: it never paces below the gear that harms the guest least,
+    // and the pass loop mirrors when the copy cannot outrun the guest.)
     // Method: a guest writing 20000 uniform 4 KiB blocks/s (80 MiB/s of new dirt, 40% of the
     // disk): twice its own p99 leaves the copy less than that; the run must end switched,
     // mirrored, with the conflict reported, within a bounded time.
@@ -121,7 +127,7 @@ fn a_guest_dirtying_faster_than_the_bound_allows_ends_in_mirroring() {
         let _report = SeedReport(seed);
         let mut env = SimEnv::new(seed, shared_disk_world(20_000, 1));
         let (_, bound) = bound_of(&mut env);
-        let report = migrate(&mut env, Some(bound));
+        let report = migrate(&mut env, Some(bound), STRICT_2X);
         assert!(report.impact_conflict, "seed {seed}: {report:?}");
         assert!(report.mirrored, "seed {seed}: {report:?}");
         let windows = env.disk.as_ref().map_or(0, |d| d.p99_log_us.len()) as u64;
@@ -129,5 +135,46 @@ fn a_guest_dirtying_faster_than_the_bound_allows_ends_in_mirroring() {
             windows * WINDOW_NS / 1_000_000_000 < 120,
             "seed {seed}: {windows} windows"
         );
+    }
+}
+
+/// The median of the windows' p99 after the settling ones.
+fn median_window_p99(env: &SimEnv) -> u64 {
+    let log = &env.disk.as_ref().expect("a shared disk").p99_log_us;
+    let mut judged: Vec<u64> = log.iter().skip(SETTLE_WINDOWS).copied().collect();
+    judged.sort_unstable();
+    judged.get(judged.len() / 2).copied().unwrap_or(0)
+}
+
+#[test]
+fn auto_spares_the_guest_most_in_all_without_crawling() {
+    // Goal: the default (`auto`) does the guest less harm in all than a strict 2x bound
+    // that pins the copy to its floor (added p99 x job time), converges several times
+    // sooner, and keeps the guest's p99 a small fraction of an unsteered copy's.
+    // Method: the same seed with auto, strict 2x and unsteered; per run the median window
+    // p99 after settling and the converge time.
+    for seed in seeds_from_env(5) {
+        let _report = SeedReport(seed);
+        let world = shared_disk_world(2_000, 4);
+        let run_with = |target: ImpactTarget, bound: Option<u64>| {
+            let mut env = SimEnv::new(seed, world.clone());
+            let (baseline, own_bound) = bound_of(&mut env);
+            let report = migrate(&mut env, bound.or(Some(own_bound)), target);
+            (baseline, median_window_p99(&env), report.converge_ms)
+        };
+        let (own, auto_p99, auto_ms) = run_with(ImpactTarget::Auto, None);
+        let (_, strict_p99, strict_ms) = run_with(STRICT_2X, None);
+        let (_, free_p99, free_ms) = run_with(STRICT_2X, Some(60_000_000));
+        eprintln!(
+            "seed {seed}: own {own} µs; auto {auto_p99} µs {auto_ms:.0} ms; strict 2x \
+             {strict_p99} µs {strict_ms:.0} ms; unsteered {free_p99} µs {free_ms:.0} ms"
+        );
+        let harm = |p99: u64, ms: f64| p99.saturating_sub(own) as f64 * ms;
+        assert!(
+            harm(auto_p99, auto_ms) < harm(strict_p99, strict_ms),
+            "seed {seed}: auto harms the guest more in all"
+        );
+        assert!(auto_ms * 3.0 < strict_ms, "seed {seed}: auto crawls");
+        assert!(auto_p99 * 10 < free_p99, "seed {seed}: auto spares nothing");
     }
 }

@@ -190,7 +190,10 @@ impl Migrations {
             options.hot_threshold = threshold;
         }
         options.mirror_from_start = request.mirror.unwrap_or(false);
-        options.impact_target_us = impact_bound_us(&request, &export)?;
+        let impact = impact_bound(&request, &export)?;
+        options.impact_target_us = impact.bound_us;
+        options.impact_own_us = impact.own_us;
+        options.impact_strict = impact.strict;
         if let Some(granularity_bytes) = request.granularity_bytes {
             crate::dirty::validate_granularity(granularity_bytes)
                 .map_err(|err| ControlError::Invalid(format!("granularity: {err}")))?;
@@ -350,10 +353,18 @@ impl Migrations {
     }
 }
 
-/// The guest p99 bound (µs) the job's copy is steered to: `max_impact` (default twice the
-/// guest's own p99, `off` for none), or `4ms` for a bare `yield_to_guest`. The guest's own
-/// p99 is that of every request the export served so far, once there are enough of them.
-fn impact_bound_us(request: &MigrateRequest, export: &Export) -> Result<Option<u64>, ControlError> {
+/// What a job's copy is steered to (`MigrateOptions::impact_*`).
+struct Impact {
+    bound_us: Option<u64>,
+    own_us: Option<u64>,
+    strict: bool,
+}
+
+/// The guest p99 bound (µs) the job's copy is steered to: `max_impact` (default `auto`:
+/// twice the guest's own p99 where slowing spares it; `off` for none), or `4ms` for a bare
+/// `yield_to_guest`. The guest's own p99 is that of every request the export served so far,
+/// once there are enough of them.
+fn impact_bound(request: &MigrateRequest, export: &Export) -> Result<Impact, ControlError> {
     let target = match (&request.max_impact, request.yield_to_guest) {
         (Some(text), _) => text
             .parse::<ImpactTarget>()
@@ -362,17 +373,21 @@ fn impact_bound_us(request: &MigrateRequest, export: &Export) -> Result<Option<u
         (None, _) => ImpactTarget::default(),
     };
     let latency = export.latency();
-    let baseline = (latency.count() >= BASELINE_MIN_OPS).then(|| latency.summary().p99);
-    let bound = target.bound_us(baseline);
-    if let Some(bound_us) = bound {
+    let own_us = (latency.count() >= BASELINE_MIN_OPS).then(|| latency.summary().p99);
+    let bound_us = target.bound_us(own_us);
+    if let Some(bound_us) = bound_us {
         log::info!(
             "export {}: the copy keeps the guest's p99 within {bound_us} µs ({target}; its own \
              {})",
             export.name(),
-            baseline.map_or_else(|| "unknown".to_string(), |us| format!("{us} µs")),
+            own_us.map_or_else(|| "unknown".to_string(), |us| format!("{us} µs")),
         );
     }
-    Ok(bound)
+    Ok(Impact {
+        bound_us,
+        own_us,
+        strict: target.strict(),
+    })
 }
 
 /// What the destination of `view`'s job knows it by.

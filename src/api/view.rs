@@ -65,8 +65,12 @@ fn impact_text(p: &crate::migrate::Progress) -> String {
         return String::new();
     };
     let ms = |us: u64| format!("{:.1} ms", us as f64 / 1000.0);
+    let reads = match (p.copy_read_depth, p.copy_read_bytes) {
+        (Some(depth), Some(bytes)) => format!("{depth} x {}", human_bytes(bytes as u64)),
+        _ => "-".into(),
+    };
     format!(
-        "; guest p99 {} (bound {}), copy cap {}{}",
+        "; guest p99 {} (bound {}), copy reads {reads}, pace {}{}",
         p.guest_p99_us.map_or_else(|| "-".into(), ms),
         ms(bound_us),
         p.copy_cap_bytes_per_s

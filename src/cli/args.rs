@@ -139,10 +139,12 @@ pub enum Command {
         /// The same as --max-impact 4ms (kept for scripts written before it).
         #[arg(long = "yield")]
         yield_to_guest: bool,
-        /// What the copy may cost the guest: its p99 latency during the job at most `2x` its
-        /// own before the job (the default), a bound such as `5ms`, or `off` (flat out).
-        /// The copy's rate is steered to it; when the bound would keep the copy behind the
-        /// guest's writes, the job mirrors writes instead (and says so).
+        /// What the copy may cost the guest. `auto` (the default): twice its own p99 before
+        /// the job where slowing the copy spares it, else the least harm in all (added p99
+        /// per byte copied). A strict bound: `2x` its own p99, or `5ms`, held however slow
+        /// the copy must go; when it would keep the copy behind the guest's writes, the job
+        /// mirrors writes instead (and says so). `off`: flat out. The copy's reads and pace
+        /// are steered to it.
         #[arg(long)]
         max_impact: Option<String>,
         /// Mirror guest writes to the destination from the start (each write is applied at

@@ -32,7 +32,7 @@ use crate::disk::Route;
 use crate::env::Clock;
 use crate::journal::{JobSettings, Record, SharedJournal};
 use crate::metrics::LatencyRecorder;
-use crate::migrate::steer::GuestWindow;
+use crate::migrate::steer::{self, Gear, GuestWindow};
 use crate::migrate::{MigrateOptions, MigrationEnv, Progress, SendOutcome};
 use crate::transfer::frame::MAX_BLOCKS;
 use crate::transfer::{
@@ -133,8 +133,8 @@ pub struct JobEnv {
     verify: Option<Arc<Mutex<Option<VerifyOutcome>>>>,
     /// The export's latency histogram at the end of the previous guest window.
     guest_before: LatencyRecorder,
-    /// The copy controller's cap ([`crate::migrate::steer`]).
-    copy_cap: Option<u64>,
+    /// The copy controller's gear ([`crate::migrate::steer`]).
+    gear: Gear,
     /// Blocks sent since the destination's last sync, and their bytes: the destination
     /// syncs every [`SYNC_EVERY_BYTES`] (not after every send), and until it has, these count
     /// as possibly lost: never settled in the tracker's log, and merged back into the tracker
@@ -292,7 +292,7 @@ impl JobEnv {
         }
         Ok(JobEnv {
             guest_before,
-            copy_cap: None,
+            gear: steer::FASTEST,
             unsynced: DirtySet::empty(tracker.granularity_bytes(), export.size_bytes()),
             unsynced_bytes: 0,
             synced_ns: clock.now_ns(),
@@ -472,21 +472,18 @@ impl MigrationEnv for JobEnv {
             (Some((seat, _)), false) => seat.cap(),
             _ => None,
         };
-        let cap = [self.copy_cap, fair_cap, self.bandwidth_cap]
+        let cap = [self.gear.cap_bytes_per_s, fair_cap, self.bandwidth_cap]
             .into_iter()
             .flatten()
             .min();
         self.sender.set_bandwidth(cap);
-        // The controller's cap shapes the reads too (the operator's cap alone does not):
+        // The controller's gear shapes the reads (the operator's cap alone does not):
         // never more or longer reads than the job's own.
         let (base_depth, base_chunk) = self.read_shape;
-        let (read_depth, chunk_bytes) = match self.copy_cap {
-            None => (base_depth, base_chunk),
-            cap => {
-                let (depth, chunk) = crate::migrate::steer::read_shape(cap);
-                (depth.min(base_depth), chunk.min(base_chunk))
-            }
-        };
+        let (read_depth, chunk_bytes) = (
+            self.gear.read_depth.min(base_depth),
+            self.gear.chunk_bytes.min(base_chunk),
+        );
         self.sender.set_read_shape(read_depth, chunk_bytes);
         let extents: Vec<(u64, u64)> = blocks.iter_extents().collect();
         let image = self.export.image().map_err(JobError::Allocation)?;
@@ -675,8 +672,8 @@ impl MigrationEnv for JobEnv {
         })
     }
 
-    fn set_copy_cap(&mut self, cap_bytes_per_s: Option<u64>) {
-        self.copy_cap = cap_bytes_per_s;
+    fn set_copy_gear(&mut self, gear: Gear) {
+        self.gear = gear;
     }
 }
 

@@ -81,6 +81,12 @@ pub struct Progress {
     /// The copy's rate cap now (bytes/s), absent when uncapped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub copy_cap_bytes_per_s: Option<u64>,
+    /// The copy's reads in flight now, when steered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copy_read_depth: Option<usize>,
+    /// The copy's largest read now (bytes), when steered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copy_read_bytes: Option<usize>,
     /// The bound and convergence conflict: the job mirrors writes instead of copying on.
     #[serde(default)]
     pub impact_conflict: bool,
@@ -155,10 +161,10 @@ pub trait MigrationEnv {
     fn guest_window(&mut self) -> Option<steer::GuestWindow> {
         None
     }
-    /// Caps the copy's sends at `cap_bytes_per_s` from now on (`None`: uncapped). Sends
-    /// with guest writes held are never capped by the caller.
-    fn set_copy_cap(&mut self, cap_bytes_per_s: Option<u64>) {
-        let _ = cap_bytes_per_s;
+    /// Copies in `gear` from now on (its reads and pace; [`steer::FASTEST`]: unsteered).
+    /// Sends with guest writes held are always in the fastest gear.
+    fn set_copy_gear(&mut self, gear: steer::Gear) {
+        let _ = gear;
     }
 }
 

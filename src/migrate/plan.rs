@@ -19,7 +19,7 @@
 use super::forecast::Forecast;
 use super::policy::{split_hot, Ending, MigrateOptions, Policy};
 use super::report::{MigrationReport, PassKind, PassReport};
-use super::steer::Steer;
+use super::steer::{self, Bound, Steer};
 use super::{MigrateError, MigrationEnv, Progress, Step};
 use crate::dirty::DirtySet;
 
@@ -63,6 +63,8 @@ struct Migration<'env, E: MigrationEnv> {
     /// The copy controller ([`super::steer`]) and the dirty count at its last window.
     steer: Steer,
     steer_dirty: (u64, u64),
+    /// Bytes sent by the steered sends since the controller's last window.
+    steer_sent_bytes: u64,
 }
 
 impl<'env, E: MigrationEnv> Migration<'env, E> {
@@ -108,14 +110,16 @@ impl<'env, E: MigrationEnv> Migration<'env, E> {
             previous_cold_blocks: None,
             carried: empty.clone(),
             last_take_ns: start_ns,
-            steer: Steer::new(options.impact_target_us, start_ns),
+            steer: Steer::new(bound_of(options), start_ns),
             steer_dirty: (start_ns, 0),
+            steer_sent_bytes: 0,
             sent_once: empty,
         }
     }
 
     /// The pass loop; returns once switched over.
     fn drive(&mut self) -> Result<(), MigrateError<E::Error>> {
+        self.env.set_copy_gear(self.steer.gear());
         let allocated = self
             .env
             .allocated()
@@ -235,7 +239,7 @@ impl<'env, E: MigrationEnv> Migration<'env, E> {
         // Mirroring converges whatever the copy's rate, and the guest's latency now holds
         // the mirror's round trip, which no cap lowers: the copy runs uncapped from here.
         self.steer = Steer::new(None, self.env.now_ns());
-        self.env.set_copy_cap(None);
+        self.env.set_copy_gear(steer::FASTEST);
         Ok(())
     }
 
@@ -300,7 +304,7 @@ impl<'env, E: MigrationEnv> Migration<'env, E> {
         let (mut blocks_sent, mut bytes_sent) = (0, 0);
         let mut from_block = 0;
         loop {
-            let (chunk, next_block) = next_chunk(set, from_block, self.options.chunk_blocks);
+            let (chunk, next_block) = next_chunk(set, from_block, self.chunk_blocks(step));
             if chunk.is_empty() {
                 return Ok((blocks_sent, bytes_sent));
             }
@@ -312,9 +316,12 @@ impl<'env, E: MigrationEnv> Migration<'env, E> {
                 }
             };
             let bytes = outcome.bytes_data + outcome.bytes_zero;
-            let capped = step == Step::Send && self.steer.cap_bytes_per_s().is_some();
+            let slowed = step == Step::Send && self.steer.slowed();
             self.forecast
-                .record_send_capped(bytes, outcome.elapsed_ns, capped);
+                .record_send_capped(bytes, outcome.elapsed_ns, slowed);
+            if step == Step::Send {
+                self.steer_sent_bytes += bytes;
+            }
             self.report.bytes_data += outcome.bytes_data;
             self.report.bytes_zero += outcome.bytes_zero;
             for block in chunk.iter_blocks() {
@@ -339,11 +346,26 @@ impl<'env, E: MigrationEnv> Migration<'env, E> {
         }
     }
 
-    /// Judges a guest window when one is due and sets the copy's cap; true when the bound
+    /// Blocks per send: `chunk_blocks`, or fewer when a paced gear would make a send outlast
+    /// the controller's window (its judgements come between sends).
+    fn chunk_blocks(&self, step: Step) -> u64 {
+        let paced = self
+            .steer
+            .gear()
+            .cap_bytes_per_s
+            .filter(|_| step == Step::Send);
+        let Some(cap_bytes_per_s) = paced else {
+            return self.options.chunk_blocks;
+        };
+        let window_bytes = cap_bytes_per_s.saturating_mul(steer::WINDOW_NS) / 1_000_000_000;
+        (window_bytes / self.granularity_bytes).clamp(1, self.options.chunk_blocks.max(1))
+    }
+
+    /// Judges a guest window when one is due and sets the copy's gear; true when the bound
     /// and convergence have just come into conflict.
     fn steer_window(&mut self) -> bool {
         let now_ns = self.env.now_ns();
-        if self.steer.target_us().is_none() || !self.steer.window_due(now_ns) {
+        if self.steer.bound().is_none() || !self.steer.window_due(now_ns) {
             return false;
         }
         let Some(window) = self.env.guest_window() else {
@@ -357,15 +379,23 @@ impl<'env, E: MigrationEnv> Migration<'env, E> {
             let seconds = now_ns.saturating_sub(at_ns) as f64 / 1e9;
             (seconds > 0.0).then(|| (blocks * self.granularity_bytes) as f64 / seconds)
         });
+        let seconds = now_ns.saturating_sub(self.steer_dirty.0) as f64 / 1e9;
+        let copy_bytes_per_s = (seconds > 0.0 && self.steer_sent_bytes > 0)
+            .then(|| self.steer_sent_bytes as f64 / seconds);
         self.steer_dirty = (now_ns, dirty_blocks);
+        self.steer_sent_bytes = 0;
         let was = self.steer.conflict();
-        let cap = self.steer.observe(
-            now_ns,
-            window,
-            self.forecast.copy_bytes_per_s(),
-            dirty_bytes_per_s,
+        let gear = self
+            .steer
+            .observe(now_ns, window, copy_bytes_per_s, dirty_bytes_per_s);
+        log::debug!(
+            "steer: guest p99 {} µs over {} requests, copy {:?} B/s, dirty {:?} B/s: {gear:?}",
+            window.p99_us,
+            window.ops,
+            copy_bytes_per_s.map(|rate| rate as u64),
+            dirty_bytes_per_s.map(|rate| rate as u64),
         );
-        self.env.set_copy_cap(cap);
+        self.env.set_copy_gear(gear);
         !was && self.steer.conflict()
     }
 
@@ -386,7 +416,9 @@ impl<'env, E: MigrationEnv> Migration<'env, E> {
             impact_target_us: self.options.impact_target_us,
             guest_p99_us: (self.steer.last_window().ops > 0)
                 .then(|| self.steer.last_window().p99_us),
-            copy_cap_bytes_per_s: self.steer.cap_bytes_per_s(),
+            copy_cap_bytes_per_s: self.steer.gear().cap_bytes_per_s,
+            copy_read_depth: self.steer.bound().map(|_| self.steer.gear().read_depth),
+            copy_read_bytes: self.steer.bound().map(|_| self.steer.gear().chunk_bytes),
             impact_conflict: self.report.impact_conflict || self.steer.conflict(),
         };
         self.env.progress(&progress);
@@ -476,8 +508,8 @@ impl<'env, E: MigrationEnv> Migration<'env, E> {
         forced: bool,
     ) -> Result<(), MigrateError<E::Error>> {
         let pass = self.passes + 1;
-        // The guest waits on this send: flat out (the next window caps the copy again).
-        self.env.set_copy_cap(None);
+        // The guest waits on this send: flat out (the next window steers the copy again).
+        self.env.set_copy_gear(steer::FASTEST);
         let start_ns = self.env.now_ns();
         let (blocks_sent, bytes_sent) =
             self.send_set(pass, PassKind::Final, final_set, Step::FinalSend)?;
@@ -588,6 +620,15 @@ impl<'env, E: MigrationEnv> Migration<'env, E> {
 }
 
 #[cold]
+/// The bound `options` steer the copy to, if any.
+fn bound_of(options: &MigrateOptions) -> Option<Bound> {
+    options.impact_target_us.map(|p99_us| Bound {
+        p99_us,
+        own_us: options.impact_own_us,
+        strict: options.impact_strict,
+    })
+}
+
 fn source_error<Err: std::error::Error + 'static>(step: Step, source: Err) -> MigrateError<Err> {
     MigrateError::SourceAuthoritative { step, source }
 }

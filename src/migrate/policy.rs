@@ -123,6 +123,14 @@ pub struct MigrateOptions {
     /// the copy is not steered. The job resolves `--max-impact` to it.
     #[serde(default)]
     pub impact_target_us: Option<u64>,
+    /// The guest's own p99 before the job (µs), when measured: what the copy adds is
+    /// judged from it.
+    #[serde(default)]
+    pub impact_own_us: Option<u64>,
+    /// The bound holds whatever it costs in time (an explicit `--max-impact`); `false`:
+    /// only while slowing down spares the guest (`auto`).
+    #[serde(default)]
+    pub impact_strict: bool,
 }
 
 /// How a run ends once what remains fits.
@@ -154,6 +162,8 @@ impl Default for MigrateOptions {
             ending: Ending::Switchover,
             threshold_bytes: None,
             impact_target_us: None,
+            impact_own_us: None,
+            impact_strict: false,
         }
     }
 }

@@ -24,7 +24,7 @@
 
 use std::sync::Arc;
 
-use super::steer::GuestWindow;
+use super::steer::{Gear, GuestWindow};
 use super::{MigrationEnv, Progress, SendOutcome};
 use crate::dirty::{DirtySet, HeatSnapshot, Tracker, TrackerSpec};
 use crate::env::{Clock, ManualClock};
@@ -443,9 +443,9 @@ impl MigrationEnv for SimEnv {
         self.disk.as_mut().map(SharedDisk::take_window)
     }
 
-    fn set_copy_cap(&mut self, cap_bytes_per_s: Option<u64>) {
+    fn set_copy_gear(&mut self, gear: Gear) {
         if let Some(disk) = &mut self.disk {
-            disk.set_cap(cap_bytes_per_s);
+            disk.set_gear(gear);
         }
     }
     fn release_writes(&mut self) {

@@ -47,7 +47,9 @@ use receive::{Incoming, Ready};
 /// Receive buffer size: many small requests per read, and the start of large ones.
 const RX_BYTES: usize = 256 * 1024;
 /// How often session-local latency is merged into the export's.
-const MERGE_EVERY: Duration = Duration::from_millis(200);
+/// Well within the copy controller's window (`migrate::steer::WINDOW_NS`), whose judgement
+/// would otherwise lag the gear it judges.
+const MERGE_EVERY: Duration = Duration::from_millis(50);
 
 /// Why a session ended abnormally.
 #[derive(Debug, thiserror::Error)]

@@ -15,6 +15,7 @@ mod errno;
 pub mod aligned;
 pub mod blkdev;
 pub mod direct;
+pub mod ioprio;
 pub mod lock;
 pub mod uring;
 

@@ -1,15 +1,26 @@
 //! The disk the simulated guest and copy share ([`super::SimOptions::disk_bytes_per_s`]).
 //!
-//! Model: the copy runs at the least of the link's bandwidth, its cap, and what the guest
-//! leaves of the disk (at most [`MAX_UTILISATION_PCT`] of it in all); a guest write's latency
-//! is its base latency stretched by the disk's utilisation, `base / (1 − u)` (a queue's
-//! growth), with the copy's current rate in `u`. The latencies of a window feed the copy
-//! controller as the export's histogram does in production.
+//! Model, after what the benchmark's disk shows:
+//! - The copy's rate is the least of the link's bandwidth, its gear's pace, what its reads
+//!   give (`depth × chunk / (chunk / disk rate + READ_OVERHEAD_US)`), and what the guest
+//!   leaves of the disk (at most [`MAX_UTILISATION_PCT`] of it in all).
+//! - A guest write's latency is its base latency stretched by the disk's utilisation,
+//!   `base / (1 − u)` (a queue's growth), plus, for the share of writes that arrive while
+//!   the copy's reads occupy the disk (its busy share, spread evenly and deterministically),
+//!   the time to serve the reads queued ahead (a quarter to all of `depth × chunk / disk
+//!   rate`). So shorter and fewer reads cut the guest's p99 sharply, and pacing short reads
+//!   cuts it little until the copy is slow.
+//!
+//! The latencies of a window feed the copy controller as the export's histogram does in
+//! production.
 
-use crate::migrate::steer::GuestWindow;
+use crate::migrate::steer::{Gear, GuestWindow, FASTEST};
 
 /// The disk is never busier than this (percent): latency stays finite.
 pub const MAX_UTILISATION_PCT: u64 = 95;
+/// What each copy read costs besides its transfer (µs): submission, completion, the round
+/// trip of a read at depth one.
+pub const READ_OVERHEAD_US: u64 = 150;
 
 /// The shared disk's state; see the module docs.
 #[derive(Debug, Clone)]
@@ -19,7 +30,10 @@ pub struct SharedDisk {
     base_latency_us: u64,
     /// The copy's rate while a send runs, 0 between sends.
     copy_bytes_per_s: u64,
-    cap_bytes_per_s: Option<u64>,
+    gear: Gear,
+    /// The busy share accumulated since the last write that met the copy's reads.
+    meet_credit: f64,
+    meetings: u64,
     /// Guest write latencies (µs) of the current window.
     window_us: Vec<u64>,
     /// Each window's p99 (µs) as the controller saw it, for the tests.
@@ -31,19 +45,26 @@ impl SharedDisk {
     /// when the disk is idle.
     pub fn new(bytes_per_s: u64, guest_bytes_per_s: u64, base_latency_us: u64) -> Self {
         SharedDisk {
-            bytes_per_s,
+            bytes_per_s: bytes_per_s.max(1),
             guest_bytes_per_s,
             base_latency_us: base_latency_us.max(1),
             copy_bytes_per_s: 0,
-            cap_bytes_per_s: None,
+            gear: FASTEST,
+            meet_credit: 0.0,
+            meetings: 0,
             window_us: Vec::new(),
             p99_log_us: Vec::new(),
         }
     }
 
-    /// The copy's cap from now on.
-    pub fn set_cap(&mut self, cap_bytes_per_s: Option<u64>) {
-        self.cap_bytes_per_s = cap_bytes_per_s;
+    /// The copy's gear from now on.
+    pub fn set_gear(&mut self, gear: Gear) {
+        self.gear = gear;
+    }
+
+    /// Time the disk takes to transfer `bytes` (µs).
+    fn transfer_us(&self, bytes: u64) -> u64 {
+        bytes.saturating_mul(1_000_000) / self.bytes_per_s
     }
 
     /// The rate a send runs at over a link of `link_bytes_per_s`; the send is on from now.
@@ -51,8 +72,12 @@ impl SharedDisk {
         let room = (self.bytes_per_s * MAX_UTILISATION_PCT / 100)
             .saturating_sub(self.guest_bytes_per_s)
             .max(1);
+        let chunk = self.gear.chunk_bytes as u64;
+        let reads = (self.gear.read_depth as u64 * chunk).saturating_mul(1_000_000)
+            / (self.transfer_us(chunk) + READ_OVERHEAD_US).max(1);
         let rate = link_bytes_per_s
-            .min(self.cap_bytes_per_s.unwrap_or(u64::MAX))
+            .min(self.gear.cap_bytes_per_s.unwrap_or(u64::MAX))
+            .min(reads)
             .min(room)
             .max(1);
         self.copy_bytes_per_s = rate;
@@ -67,8 +92,18 @@ impl SharedDisk {
     /// A guest write completed now: its latency, as the disk's load makes it.
     pub fn record_write(&mut self) {
         let busy = self.guest_bytes_per_s + self.copy_bytes_per_s;
-        let utilisation_pct = (busy * 100 / self.bytes_per_s.max(1)).min(MAX_UTILISATION_PCT);
-        let latency_us = self.base_latency_us * 100 / (100 - utilisation_pct);
+        let utilisation_pct = (busy * 100 / self.bytes_per_s).min(MAX_UTILISATION_PCT);
+        let mut latency_us = self.base_latency_us * 100 / (100 - utilisation_pct);
+        if self.copy_bytes_per_s > 0 {
+            self.meet_credit += self.copy_bytes_per_s as f64 / self.bytes_per_s as f64;
+            if self.meet_credit >= 1.0 {
+                self.meet_credit -= 1.0;
+                self.meetings += 1;
+                let ahead_us =
+                    self.transfer_us((self.gear.read_depth * self.gear.chunk_bytes) as u64);
+                latency_us += ahead_us * (1 + self.meetings % 4) / 4;
+            }
+        }
         self.window_us.push(latency_us);
     }
 
@@ -89,12 +124,13 @@ impl SharedDisk {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::migrate::steer::GEARS;
 
-    // Goal: the model's two rules. Method: an idle disk, then a send at full speed and at a
-    // cap, with the latency each gives.
+    // Goal: the model's rules. Method: an idle disk, then sends in the fastest gear, in one
+    // short read unpaced, and at the floor, with the rates and latencies each gives.
     #[test]
-    fn the_copy_takes_what_the_guest_leaves_and_slows_it() {
-        let mut disk = SharedDisk::new(100, 10, 200);
+    fn the_copy_takes_what_its_reads_and_the_guest_leave_and_slows_it() {
+        let mut disk = SharedDisk::new(100 << 20, 10 << 20, 200);
         disk.record_write();
         assert_eq!(
             disk.take_window(),
@@ -104,20 +140,35 @@ mod tests {
             }
         );
         assert_eq!(
-            disk.start_send(1000),
-            85,
+            disk.start_send(u64::MAX),
+            (95 - 10) << 20,
             "95% of the disk less the guest's 10"
         );
-        disk.record_write();
-        assert_eq!(
-            disk.take_window().p99_us,
-            4000,
-            "95% busy: 20 times the base"
-        );
+        for _ in 0..100 {
+            disk.record_write();
+        }
+        let fastest = disk.take_window().p99_us;
+        assert!(fastest > 80_000, "8 x 1 MiB ahead: {fastest}");
         disk.end_send();
-        disk.set_cap(Some(40));
-        assert_eq!(disk.start_send(1000), 40);
-        disk.record_write();
-        assert_eq!(disk.take_window().p99_us, 400, "50% busy: twice the base");
+        disk.set_gear(GEARS[4]);
+        let rate = disk.start_send(u64::MAX);
+        assert_eq!(
+            rate,
+            (64 << 10) * 1_000_000 / (625 + 150),
+            "one 64 KiB read at a time"
+        );
+        for _ in 0..100 {
+            disk.record_write();
+        }
+        let short = disk.take_window().p99_us;
+        assert!((2_000..3_500).contains(&short), "{short}");
+        disk.end_send();
+        disk.set_gear(GEARS[7]);
+        assert_eq!(disk.start_send(u64::MAX), 16 << 20);
+        for _ in 0..100 {
+            disk.record_write();
+        }
+        let floor = disk.take_window().p99_us;
+        assert!(floor < short, "{floor} < {short}");
     }
 }
