@@ -135,6 +135,7 @@ SYSTEMS = [  # key, label
     ("ferry-mirror", "ferry (heat, --mirror)"),
     ("ferry-yield", "ferry (heat, --yield)"),
     ("ferry-off", "ferry (heat, --max-impact off)"),
+    ("ferry-strict", "ferry (heat, --max-impact 2x)"),
     ("ferry-heat64k", "ferry (heat, --granularity 64K)"),
     ("ferry-heat-forced", "ferry (heat, --force-after 30000)"),
     ("ferry-naive-forced", "ferry (naive, --force-after 30000)"),
@@ -172,6 +173,50 @@ def stream_lines(g, workloads, verdict):
             if ps is not None and pi is not None:
                 lines.append(f"sealed stream, ferry ({s}) at {w[1:]} IOPS: pause {ps:.1f} ms vs "
                              f"insecure {pi:.1f} ms; converge {cs} s vs {ci} s")
+    return lines
+
+
+def impact_lines(g, t, workloads, verdict):
+    """Issue 14's goals (the guest spared): ferry's default and its strict 2x bound against
+    QEMU's background mirror and the guest's own no-job latency."""
+    lines = []
+    for w in workloads:
+        base_p99 = g("ferry-base", w, "job_p99_us")
+        base_iops, target = g("ferry-base", w, "job_iops"), g("ferry-base", w, "target_iops")
+        qp99 = min([x for x in (g(q, w, "job_p99_us") for q in QEMU_BG) if x], default=None)
+        qconv, qres = g("qemu-bg4k", w, "converge_s"), g("qemu-bg4k", w, "resent_bytes")
+        for s in ("ferry-heat", "ferry-strict"):
+            if t(s, w, "status") != "done":
+                continue
+            name = "default (auto)" if s == "ferry-heat" else "strict 2x"
+            iops, p99 = g(s, w, "job_iops"), g(s, w, "job_p99_us")
+            conv, res = g(s, w, "converge_s"), g(s, w, "resent_bytes")
+            parts = []
+            if iops is not None and target:
+                r = iops / min(target, base_iops or target)
+                parts.append(f"IOPS kept {r:.3f} (>= 0.9: {verdict(r, 0.9, le=False)})")
+            if p99 is not None and qp99:
+                r = p99 / qp99
+                parts.append(f"p99 {p99:.0f} us = {r:.3f}x QEMU background's (<= 0.3x: "
+                             f"{verdict(r, 0.3)})")
+            if p99 is not None and base_p99:
+                r = p99 / base_p99
+                parts.append(f"{r:.2f}x its own {base_p99:.0f} us (<= 3x: {verdict(r, 3.0)})")
+            if conv is not None and qconv:
+                r = conv / qconv
+                parts.append(f"converge {conv:.2f} s = {r:.2f}x QEMU bg 4 KiB's (<= 1.5x: "
+                             f"{verdict(r, 1.5)})")
+            if res is not None and qres is not None:
+                r = res / qres if qres > 0 else (0.0 if res <= 0 else None)
+                parts.append(f"re-sent {res / 2**20:.0f} MiB = {f'{r:.2f}' if r is not None else 'inf'}x"
+                             f" QEMU bg 4 KiB's (<= 1x: "
+                             f"{verdict(r, 1.0) if r is not None else 'NOT MET'})")
+            lines.append(f"{w} {name}: " + "; ".join(parts))
+    rate, local = g("idle", "-", "copy_mibs"), g("idle", "-", "local_copy_mibs")
+    if rate and local:
+        r = rate / local
+        lines.append(f"idle copy {rate:.0f} MiB/s = {r:.3f}x a same-disk qemu-img convert "
+                     f"(>= 1.0x: {verdict(r, 1.0, le=False)})")
     return lines
 
 
@@ -351,6 +396,9 @@ def cmd_summary(path):
                           f"{t('idle', '-', 'error') or ''}")
     goal_lines.extend(stream_lines(g, workloads, verdict))
     for line in goal_lines:
+        print("  " + line)
+    print("\n== goals of the copy controller (issue 14), one run")
+    for line in impact_lines(g, t, workloads, verdict):
         print("  " + line)
 
     print("\nREADME table:\n")

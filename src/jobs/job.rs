@@ -24,7 +24,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::fair::{FairSeat, ShareStatus};
+use super::fair::{self, FairSeat, ShareStatus};
 use super::holder::HolderChoice;
 use crate::dirty::{DirtySet, HeatSnapshot, Tracker, TrackerSpec};
 use crate::disk::Export;
@@ -185,6 +185,29 @@ pub struct VerifyOutcome {
 }
 
 impl JobEnv {
+    /// Sets the sender's pace and reads for the next sends: the controller's gear (the
+    /// algorithm puts the fastest for a send with writes held), the fair share's cap among
+    /// other copying jobs (not with writes held either), and the operator's cap, the least
+    /// of the three paces.
+    fn shape_sends(&mut self) {
+        let fair_cap = match (&self.fair, self.writes_held) {
+            (Some((seat, _)), false) => seat.cap(),
+            _ => None,
+        };
+        let cap = [self.gear.cap_bytes_per_s, fair_cap, self.bandwidth_cap]
+            .into_iter()
+            .flatten()
+            .min();
+        self.sender.set_bandwidth(cap);
+        // The gear shapes the reads (the operator's cap alone does not): never more or
+        // longer reads than the job's own.
+        let (base_depth, base_chunk) = self.read_shape;
+        self.sender.set_read_shape(
+            self.gear.read_depth.min(base_depth),
+            self.gear.chunk_bytes.min(base_chunk),
+        );
+    }
+
     /// Creates the migration tracker on `export` and opens the block stream to the
     /// request's destination; progress samples and the verification go to the given slots.
     pub fn start(
@@ -465,53 +488,50 @@ impl MigrationEnv for JobEnv {
 
     fn send(&mut self, blocks: &DirtySet) -> Result<SendOutcome, JobError> {
         let started = self.clock.now_ns();
-        // The controller's cap (the algorithm lifts it for a send with writes held), the
-        // fair share's among other copying jobs (not with writes held either), and the
-        // operator's: the least of them.
-        let fair_cap = match (&self.fair, self.writes_held) {
-            (Some((seat, _)), false) => seat.cap(),
-            _ => None,
-        };
-        let cap = [self.gear.cap_bytes_per_s, fair_cap, self.bandwidth_cap]
-            .into_iter()
-            .flatten()
-            .min();
-        self.sender.set_bandwidth(cap);
-        // The controller's gear shapes the reads (the operator's cap alone does not):
-        // never more or longer reads than the job's own.
-        let (base_depth, base_chunk) = self.read_shape;
-        let (read_depth, chunk_bytes) = (
-            self.gear.read_depth.min(base_depth),
-            self.gear.chunk_bytes.min(base_chunk),
-        );
-        self.sender.set_read_shape(read_depth, chunk_bytes);
         let extents: Vec<(u64, u64)> = blocks.iter_extents().collect();
         let image = self.export.image().map_err(JobError::Allocation)?;
-        let stats = self
-            .sender
-            .send_extents(&image, &extents)
-            .map_err(JobError::Transfer)?;
-        self.bytes_read += stats.data_bytes + stats.zero_bytes;
+        // A job sharing the disk sends in slices: its share is counted, and its cap follows
+        // the others', at a finer grain than one send.
+        let slice_bytes = match self.fair {
+            Some(_) => fair::SLICE_BYTES,
+            None => u64::MAX,
+        };
+        let (mut data_bytes, mut zero_bytes) = (0, 0);
+        for slice in fair::slices(&extents, slice_bytes) {
+            self.shape_sends();
+            let stats = self
+                .sender
+                .send_extents(&image, &slice)
+                .map_err(JobError::Transfer)?;
+            data_bytes += stats.data_bytes;
+            zero_bytes += stats.zero_bytes;
+            if let Some((seat, share)) = &self.fair {
+                seat.sent(stats.data_bytes + stats.zero_bytes, self.clock.now_ns());
+                *share.lock().expect("share lock") = seat.share();
+            }
+        }
+        self.bytes_read += data_bytes + zero_bytes;
         self.unsynced.union_with(blocks);
-        self.unsynced_bytes += stats.data_bytes;
+        self.unsynced_bytes += data_bytes;
         // With writes held every send is synced: the switchover's sends are its last.
         let since_sync_ns = self.clock.now_ns().saturating_sub(self.synced_ns);
         if self.writes_held
             || self.unsynced_bytes >= SYNC_EVERY_BYTES
             || since_sync_ns >= SYNC_EVERY_NS
         {
-            self.sync_sent()?;
-        }
-        let elapsed_ns = self.clock.now_ns() - started;
-        if let Some((seat, share)) = &self.fair {
-            seat.sent(stats.data_bytes + stats.zero_bytes, self.clock.now_ns());
-            *share.lock().expect("share lock") = seat.share();
+            self.sync_now()?;
         }
         Ok(SendOutcome {
-            bytes_data: stats.data_bytes,
-            bytes_zero: stats.zero_bytes,
-            elapsed_ns,
+            bytes_data: data_bytes,
+            bytes_zero: zero_bytes,
+            elapsed_ns: self.clock.now_ns() - started,
         })
+    }
+
+    fn sync_sent(&mut self) -> Result<Option<u64>, JobError> {
+        let started = self.clock.now_ns();
+        self.sync_now()?;
+        Ok(Some(self.clock.now_ns().saturating_sub(started)))
     }
 
     fn hold_writes(&mut self) -> Result<(), JobError> {
@@ -679,7 +699,7 @@ impl MigrationEnv for JobEnv {
 
 impl JobEnv {
     /// Has the destination write and fdatasync everything sent so far.
-    fn sync_sent(&mut self) -> Result<(), JobError> {
+    fn sync_now(&mut self) -> Result<(), JobError> {
         self.sender.sync().map_err(JobError::Transfer)?;
         if !self.writes_held {
             // Synced at the destination: a crash from here on need not resend these. Not in
@@ -692,6 +712,7 @@ impl JobEnv {
             self.unsynced.disk_bytes(),
         );
         self.unsynced_bytes = 0;
+        self.synced_ns = self.clock.now_ns();
         Ok(())
     }
 

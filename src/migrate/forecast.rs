@@ -38,6 +38,9 @@ pub struct Forecast {
     dirty_bytes_per_s: Option<f64>,
     /// Recent per-send time beyond what the bandwidth explains, in nanoseconds.
     overhead_ns: VecDeque<f64>,
+    /// A round trip to the destination measured since the last send (a sync with little
+    /// or nothing to flush).
+    round_trip_ns: Option<u64>,
     /// Elapsed times of the same recent sends, in nanoseconds.
     send_ns: VecDeque<u64>,
     /// Dirty blocks at the start of recent passes, oldest first.
@@ -55,6 +58,7 @@ impl Forecast {
             uncapped_bytes_per_s: None,
             dirty_bytes_per_s: None,
             overhead_ns: VecDeque::with_capacity(OVERHEAD_WINDOW),
+            round_trip_ns: None,
             send_ns: VecDeque::with_capacity(OVERHEAD_WINDOW),
             pass_dirty_blocks: VecDeque::with_capacity(HISTORY_WINDOW),
             stall_passes,
@@ -85,6 +89,13 @@ impl Forecast {
         }
         self.overhead_ns.push_back(overhead_ns);
         self.send_ns.push_back(elapsed_ns);
+        self.round_trip_ns = None;
+    }
+
+    /// Records a round trip to the destination just measured (see
+    /// [`Forecast::ending_estimate_ms`]).
+    pub fn record_round_trip(&mut self, round_trip_ns: u64) {
+        self.round_trip_ns = Some(round_trip_ns);
     }
 
     /// Records that `new_blocks` blocks of `granularity_bytes` became dirty over `interval_ns`.
@@ -132,7 +143,14 @@ impl Forecast {
     /// would also charge slow source reads, which an empty final step does not do and which
     /// no later send refreshes once nothing is left to send; the quickest send alone would
     /// charge the data of large passes.
+    ///
+    /// A round trip measured since the last send replaces both: it is what the ending's own
+    /// will cost, and it is measured again at each attempt, so a switchover with nothing left
+    /// to send is never deferred forever on figures no later send refreshes.
     pub fn ending_estimate_ms(&self) -> Option<f64> {
+        if let Some(round_trip_ns) = self.round_trip_ns {
+            return Some(round_trip_ns as f64 / 1e6);
+        }
         let quickest_ns = *self.send_ns.iter().min()? as f64;
         let overhead_ns = self.overhead_ns.iter().copied().fold(0.0, f64::max);
         Some(quickest_ns.min(overhead_ns) / 1e6)
@@ -235,6 +253,23 @@ mod tests {
         let ending_ms = forecast.ending_estimate_ms().unwrap();
         assert!((ending_ms - 2.0).abs() < 1e-9, "{ending_ms}");
         assert!(forecast.pause_estimate_ms(0).unwrap() > 100.0);
+    }
+
+    #[test]
+    fn a_measured_round_trip_replaces_the_ending_estimate_until_the_next_send() {
+        // Goal: stale send figures never hold the ending's estimate above the budget once a
+        // round trip was measured; a later send brings the send figures back. Method: slow
+        // paced sends only (every bound above 100 ms), then a 3 ms round trip, then a send.
+        let mut forecast = Forecast::new(3);
+        for _ in 0..4 {
+            forecast.record_send(MIB, 2_000_000_000);
+        }
+        forecast.record_send(MIB, 2_500_000_000);
+        assert!(forecast.ending_estimate_ms().unwrap() > 100.0);
+        forecast.record_round_trip(3_000_000);
+        assert_eq!(forecast.ending_estimate_ms(), Some(3.0));
+        forecast.record_send(MIB, 2_000_000_000);
+        assert!(forecast.ending_estimate_ms().unwrap() > 3.0);
     }
 
     #[test]

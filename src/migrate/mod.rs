@@ -129,6 +129,13 @@ pub trait MigrationEnv {
     /// a mirrored write of the same block at the destination (e.g. one ordered stream, read
     /// and enqueue under the block's range lock), so a stale copy never overwrites it.
     fn send(&mut self, blocks: &DirtySet) -> Result<SendOutcome, Self::Error>;
+    /// Has the destination make everything sent so far durable, and returns how long that
+    /// took (ns): called before each switchover, while the guest still runs, so that the
+    /// commit syncs only the final send, and the round trip it measures is what the commit's
+    /// own will cost. `None`: nothing measured (the env syncs with every send).
+    fn sync_sent(&mut self) -> Result<Option<u64>, Self::Error> {
+        Ok(None)
+    }
     /// Holds new guest writes (they wait, unacknowledged) and returns once no guest write is
     /// in flight; every write acknowledged before this returns has been marked dirty. On
     /// error the caller still calls [`MigrationEnv::release_writes`].
@@ -177,6 +184,8 @@ pub enum Step {
     Send,
     /// [`MigrationEnv::send`] of the final set, writes held.
     FinalSend,
+    /// [`MigrationEnv::sync_sent`].
+    SyncSent,
     /// [`MigrationEnv::hold_writes`].
     HoldWrites,
     /// [`MigrationEnv::commit`].
@@ -195,6 +204,7 @@ impl std::fmt::Display for Step {
             Self::Allocated => "allocated",
             Self::Send => "send",
             Self::FinalSend => "final send",
+            Self::SyncSent => "sync sent",
             Self::HoldWrites => "hold writes",
             Self::Commit => "commit",
             Self::MarkInSync => "mark in sync",

@@ -459,6 +459,15 @@ impl<'env, E: MigrationEnv> Migration<'env, E> {
     /// Tries the switchover; `Ok(false)` when deferred (the pause would exceed the budget).
     fn switchover(&mut self) -> Result<bool, MigrateError<E::Error>> {
         let forced = self.force_due();
+        // While the guest still runs: the commit then syncs the final send alone, and this
+        // round trip, measured afresh at every attempt, is the forecast of the commit's.
+        let round_trip_ns = self
+            .env
+            .sync_sent()
+            .map_err(|source| source_error(Step::SyncSent, source))?;
+        if let Some(round_trip_ns) = round_trip_ns {
+            self.forecast.record_round_trip(round_trip_ns);
+        }
         let hold_start_ns = self.env.now_ns();
         self.writes_held = true;
         self.env

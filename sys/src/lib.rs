@@ -15,7 +15,6 @@ mod errno;
 pub mod aligned;
 pub mod blkdev;
 pub mod direct;
-pub mod ioprio;
 pub mod lock;
 pub mod uring;
 
