@@ -14,6 +14,7 @@
 import json
 import os
 import statistics
+import struct
 import sys
 from collections import defaultdict
 
@@ -91,6 +92,37 @@ def cmd_report(path, disk_bytes, prefix):
         kv(prefix, "agent_guest_writes", st["guest_writes"])
 
 
+# fio's verify header (fio 3.33 verify.h): magic, type, len, rand_seed, offset, time_sec,
+# time_nsec, thread, numberio, crc32; little-endian.
+FIO_HEADER = struct.Struct("<HHIQQIIHHI")
+FIO_MAGIC = 0xACCA
+
+
+def written_at_destination(src, dst, written, bs):
+    """Every block the guest wrote: at the destination, fio's header names the block and is
+    no older than the source's at the switchover (the source's image is frozen from then on,
+    so a destination block older than it is an acknowledged write lost). fio --verify_only
+    replays only the first pass over the disk of a time-based writer; this covers them all.
+    Returns (stale blocks, first stale offset)."""
+    stale, first = 0, None
+    fs, fd = os.open(src, os.O_RDONLY), os.open(dst, os.O_RDONLY)
+    try:
+        for blk in sorted(written):
+            off = blk * bs
+            a = FIO_HEADER.unpack(os.pread(fs, FIO_HEADER.size, off).ljust(FIO_HEADER.size, b"\0"))
+            b = FIO_HEADER.unpack(os.pread(fd, FIO_HEADER.size, off).ljust(FIO_HEADER.size, b"\0"))
+            ok = b[0] == FIO_MAGIC and b[4] == off
+            if ok and a[0] == FIO_MAGIC and a[4] == off:
+                ok = (b[5], b[6]) >= (a[5], a[6])
+            if not ok:
+                stale += 1
+                first = off if first is None else first
+    finally:
+        os.close(fs)
+        os.close(fd)
+    return stale, first
+
+
 def cmd_unwritten(src, dst, log, bs, prefix):
     bs = int(bs)
     written = set()
@@ -122,6 +154,11 @@ def cmd_unwritten(src, dst, log, bs, prefix):
             off += max(len(a), len(b))
         checked = off // bs - len(written)
     kv(prefix, "written_blocks", len(written))
+    stale, first_stale = written_at_destination(src, dst, written, bs)
+    kv(prefix, "written_blocks_checked", len(written))
+    kv(prefix, "written_blocks_stale", stale)
+    if first_stale is not None:
+        kv(prefix, "first_stale_offset", first_stale)
     kv(prefix, "unwritten_blocks_checked", checked)
     kv(prefix, "unwritten_blocks_differing", differ)
     if first is not None:
