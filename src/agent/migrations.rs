@@ -27,6 +27,8 @@ use crate::transfer::{abort_target, resolve_peer, ClusterKey, SendOptions, Targe
 /// sample), whatever the tracking granularity: ~30 ms of copy at disk speed. (At 4 KiB
 /// tracking a fixed 256 blocks made sends of 1 MiB, each waiting for a sync.)
 pub const SEND_CHUNK_BYTES: u64 = 16 << 20;
+/// The largest `weight` a job may be given (its share against a weight-1 job's).
+pub const MAX_WEIGHT: u32 = 100;
 
 /// Reads in flight of a seed catch-up's sends.
 const SEED_READ_DEPTH: usize = 32;
@@ -191,6 +193,15 @@ impl Migrations {
         }
         options.mirror_from_start = request.mirror.unwrap_or(false);
         let impact = impact_bound(&request, &export)?;
+        let weight = match request.weight {
+            None => 1,
+            Some(weight @ 1..=MAX_WEIGHT) => weight,
+            Some(_) => {
+                return Err(ControlError::Invalid(format!(
+                    "weight: give 1 to {MAX_WEIGHT}"
+                )))
+            }
+        };
         options.impact_target_us = impact.bound_us;
         options.impact_own_us = impact.own_us;
         options.impact_strict = impact.strict;
@@ -275,6 +286,7 @@ impl Migrations {
                     tracker_granularity_bytes,
                     seed,
                     manager_epoch: request.manager_epoch.map(|_| Arc::clone(&self.epochs)),
+                    weight,
                 },
                 key,
                 request.resume_job,

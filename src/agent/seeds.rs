@@ -175,6 +175,7 @@ impl Seeds {
         let migrate = MigrateRequest {
             manager_epoch: request.manager_epoch,
             max_impact: None,
+            weight: None,
             to: request.to.clone(),
             // What changed since the seed was mostly written while it travelled: heat says
             // little about what is still being written, and holding "hot" blocks back to the

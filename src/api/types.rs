@@ -477,11 +477,15 @@ pub struct MigrateRequest {
     /// (on a resume: as the job was started).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub yield_to_guest: Option<bool>,
-    /// What the copy may cost the guest: `off`, a factor of its own p99 before the job
-    /// (`2x`, the default) or a p99 bound (`5ms`); the copy's rate is steered to it
-    /// ([`crate::migrate::steer`]). `yield_to_guest` alone means `4ms`.
+    /// What the copy may cost the guest: `auto` (the default), `off`, a factor of its own
+    /// p99 before the job (`2x`) or a p99 bound (`5ms`); the copy's reads and pace are
+    /// steered to it ([`crate::migrate::steer`]). `yield_to_guest` alone means `4ms`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_impact: Option<String>,
+    /// The job's weight among the agent's copying jobs (1-100, default 1): each copies at
+    /// its weighted share of their total rate ([`crate::jobs::fair`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
     /// Mirror guest writes to the destination from the start (each write waits for both
     /// sides); the copy then runs once and always converges. Off when absent (on a resume:
     /// as the job was started).
@@ -519,6 +523,7 @@ impl MigrateRequest {
             verify: None,
             yield_to_guest: None,
             max_impact: None,
+            weight: None,
             mirror: None,
             granularity_bytes: None,
             batch: None,

@@ -147,6 +147,10 @@ pub enum Command {
         /// are steered to it.
         #[arg(long)]
         max_impact: Option<String>,
+        /// The jobs' weight among the agent's copying jobs (1-100, default 1): while jobs
+        /// copy at once, each gets its weighted share of their total rate.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100))]
+        weight: Option<u32>,
         /// Mirror guest writes to the destination from the start (each write is applied at
         /// both sides before the guest sees it complete): one copy pass, always converges.
         #[arg(long)]

@@ -31,6 +31,8 @@ pub struct Request {
     pub yield_to_guest: bool,
     /// `--max-impact` as written.
     pub max_impact: Option<String>,
+    /// `--weight`.
+    pub weight: Option<u32>,
     /// Mirror from the start.
     pub mirror: bool,
     /// Tracking granularity of the job as written (`64K`); `None`: the agent's default.
@@ -91,6 +93,7 @@ pub fn migrate(
         verify: Some(options.verify),
         yield_to_guest: Some(options.yield_to_guest),
         max_impact: options.max_impact.clone(),
+        weight: options.weight,
         mirror: Some(options.mirror),
         granularity_bytes: granularity(options.granularity.as_deref())?,
         batch: plan.batch.clone(),
@@ -145,6 +148,7 @@ pub fn migrate(
             request: MigrateRequest {
                 manager_epoch: None,
                 max_impact: None,
+                weight: None,
                 to,
                 batch: Some(batch.clone()),
                 ..request.clone()
@@ -166,6 +170,7 @@ pub fn resume(
     let given = MigrateRequest {
         manager_epoch: None,
         max_impact: None,
+        weight: None,
         to: String::new(),
         policy: overrides.policy.clone(),
         max_pause_ms: overrides.max_pause,
@@ -188,6 +193,7 @@ pub fn resume(
             request: MigrateRequest {
                 manager_epoch: None,
                 max_impact: None,
+                weight: None,
                 to: job.destination.clone().unwrap_or_default(),
                 resume_job: Some(job.job_id),
                 ..given.clone()

@@ -168,6 +168,7 @@ pub fn run(command: Command) -> Result<(), CliError> {
             verify,
             yield_to_guest,
             max_impact,
+            weight,
             mirror,
             granularity,
             target,
@@ -181,6 +182,7 @@ pub fn run(command: Command) -> Result<(), CliError> {
                 verify,
                 yield_to_guest,
                 max_impact,
+                weight,
                 mirror,
             };
             let plan = migrate::Plan {

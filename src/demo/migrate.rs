@@ -203,6 +203,7 @@ fn migrate(
     let request = MigrateRequest {
         manager_epoch: None,
         max_impact: None,
+        weight: None,
         to: to.to_string(),
         policy: Some(policy.into()),
         max_pause_ms: Some(MAX_PAUSE_MS),

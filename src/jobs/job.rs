@@ -780,6 +780,8 @@ pub struct JobRequest {
     /// A manager started the job: its Open and Commit carry the highest manager epoch this
     /// agent has admitted at that moment ([`ManagerEpoch`]). `None`: an operator's job.
     pub manager_epoch: Option<Arc<dyn ManagerEpoch>>,
+    /// Its weight among the agent's copying jobs ([`super::fair`]; 1: an equal share).
+    pub weight: u32,
 }
 
 /// The highest manager epoch this agent has admitted (its fence): a job a manager started

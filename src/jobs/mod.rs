@@ -219,7 +219,7 @@ impl Jobs {
         jobs.insert(id, job.clone());
         drop(jobs);
         let thread_job = job.clone();
-        let seat = self.fair.join(id, 1);
+        let seat = self.fair.join(id, request.weight);
         std::thread::Builder::new()
             .name(format!("migrate-{id}"))
             .spawn(move || run_job(&thread_job, export, request, (key, seat), id))
