@@ -280,14 +280,7 @@ fn a_job_on_a_64k_export_tracks_and_resends_at_4k() {
 #[test]
 fn a_batch_of_four_shares_the_copy_evenly() {
     let dir = common::scratch_dir();
-    let exports: Vec<String> = (1..=4)
-        .map(|i| {
-            let path = dir.path().join(format!("vm{i}.img"));
-            common::data_image(&path, 192, i as u8);
-            format!("vm{i}={}", path.display())
-        })
-        .collect();
-    let pair = common::pair::pair_of(exports);
+    let pair = common::pair::pair_of(data_exports(dir.path(), 4, 192));
     let out = pair.source.cli(&[
         "migrate",
         "vm1",
@@ -310,10 +303,7 @@ fn a_batch_of_four_shares_the_copy_evenly() {
     let mut shares = Vec::new();
     for status in statuses {
         assert_eq!(status["phase"], "done", "{status:#}");
-        let pct = status["share"]["pct"]
-            .as_f64()
-            .unwrap_or_else(|| panic!("no measured share: {status:#}"));
-        shares.push(pct);
+        shares.push(share_pct(status));
     }
     eprintln!("shares of the copying: {shares:?}");
     for pct in &shares {
@@ -331,14 +321,7 @@ fn a_batch_of_four_shares_the_copy_evenly() {
 #[test]
 fn a_heavier_job_gets_its_weighted_share() {
     let dir = common::scratch_dir();
-    let exports: Vec<String> = (1..=2)
-        .map(|i| {
-            let path = dir.path().join(format!("vm{i}.img"));
-            common::data_image(&path, 512, i as u8);
-            format!("vm{i}={}", path.display())
-        })
-        .collect();
-    let pair = common::pair::pair_of(exports);
+    let pair = common::pair::pair_of(data_exports(dir.path(), 2, 512));
     let share_of = |export: &'static str, weight: &'static str| {
         let source = &pair.source;
         let to = pair.destination_transfer.clone();
@@ -348,9 +331,7 @@ fn a_heavier_job_gets_its_weighted_share() {
             let status: serde_json::Value = serde_json::from_str(&text)
                 .unwrap_or_else(|e| panic!("{e}: {text}\n{}", source.log()));
             assert_eq!(status["phase"], "done", "{status:#}");
-            status["share"]["pct"]
-                .as_f64()
-                .unwrap_or_else(|| panic!("no measured share: {status:#}"))
+            share_pct(&status)
         }
     };
     let (heavy, light) = std::thread::scope(|scope| {
@@ -367,4 +348,22 @@ fn a_heavier_job_gets_its_weighted_share() {
         (15.0..=43.0).contains(&light),
         "weight 3: {heavy}%, weight 1: {light}%"
     );
+}
+
+/// Exports `vm1..=vmN` of `size_mib` MiB of data each (different per disk), under `dir`.
+fn data_exports(dir: &std::path::Path, count: u8, size_mib: usize) -> Vec<String> {
+    (1..=count)
+        .map(|i| {
+            let path = dir.join(format!("vm{i}.img"));
+            common::data_image(&path, size_mib, i);
+            format!("vm{i}={}", path.display())
+        })
+        .collect()
+}
+
+/// A finished job's measured share of the copying (percent), from its status.
+fn share_pct(status: &serde_json::Value) -> f64 {
+    status["share"]["pct"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no measured share: {status:#}"))
 }

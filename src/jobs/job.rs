@@ -492,12 +492,12 @@ impl MigrationEnv for JobEnv {
         let image = self.export.image().map_err(JobError::Allocation)?;
         // A job sharing the disk sends in slices: its share is counted, and its cap follows
         // the others', at a finer grain than one send.
-        let slice_bytes = match self.fair {
-            Some(_) => fair::SLICE_BYTES,
-            None => u64::MAX,
+        let slices = match self.fair {
+            Some(_) => fair::slices(&extents, fair::SLICE_BYTES),
+            None => vec![extents],
         };
         let (mut data_bytes, mut zero_bytes) = (0, 0);
-        for slice in fair::slices(&extents, slice_bytes) {
+        for slice in slices {
             self.shape_sends();
             let stats = self
                 .sender
