@@ -198,7 +198,7 @@ impl LabBatch {
 impl LabBatch {
     /// Stops the writers and checks every acknowledged write in h2's images (without
     /// writers: each image equal to its original).
-    fn check_writes(&self, h2_dir: &Path, notes: &mut Vec<String>, failures: &mut Vec<String>) {
+    fn check_writes(&mut self, h2_dir: &Path, notes: &mut Vec<String>, failures: &mut Vec<String>) {
         let images: Vec<PathBuf> = (1..=DISKS)
             .map(|i| h2_dir.join(format!("state/images/vm{i}.img")))
             .collect();
@@ -216,6 +216,10 @@ impl LabBatch {
             notes.push(format!("{DISKS} images at h2 equal the originals"));
             return;
         }
+        // The writers still write through h1 (forwarding to h2): a check that read the
+        // ledger before a write's lines and the image after that write landed would see a
+        // write the ledger does not name. Stopped first, the ledger and image are final.
+        self.stop_writers();
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/fault-soak.py");
         for (i, ((_, ledger), image)) in self.writers.iter().zip(&images).enumerate() {
             let out = Command::new("/usr/bin/python3")
