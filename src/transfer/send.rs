@@ -332,24 +332,14 @@ impl Sender {
         let mut done = Vec::with_capacity(depth);
         let mut window = FenceWindow::default();
         loop {
-            while reading.len() + ready.len() < depth {
-                let Some((offset_bytes, len_bytes)) = chunks.next() else {
-                    break;
-                };
-                let since_seq = self.out.mirror_seq();
-                let request = IoRequest {
-                    tag: next_tag,
-                    kind: IoKind::Read,
-                    offset_bytes,
-                    len_bytes,
-                    buf: Some(self.pool.take(read_buf_len(offset_bytes, len_bytes))),
-                };
-                engine
-                    .submit(request)
-                    .map_err(|(err, _)| TransferError::Engine(err))?;
-                reading.insert(next_tag, (offset_bytes, len_bytes, since_seq));
-                next_tag += 1;
-            }
+            self.refill(
+                engine,
+                &mut chunks,
+                &mut reading,
+                ready.len(),
+                &mut next_tag,
+                depth,
+            )?;
             if reading.is_empty() && ready.is_empty() {
                 break;
             }
@@ -389,11 +379,52 @@ impl Sender {
                 }
                 self.pool.give(chunk.buf);
                 next_emit += 1;
+                // The disk reads the next chunk while this thread sends the ones ready:
+                // refilled only after all were sent, reads and sends would take turns.
+                self.refill(
+                    engine,
+                    &mut chunks,
+                    &mut reading,
+                    ready.len(),
+                    &mut next_tag,
+                    depth,
+                )?;
             }
             self.check_peer()?;
         }
         if let Some(run) = zero_run.take() {
             self.send_zero(run, stats)?;
+        }
+        Ok(())
+    }
+
+    /// Submits reads of the next chunks until `depth` are in flight or ready to send.
+    fn refill(
+        &mut self,
+        engine: &mut dyn crate::io::BlockIo,
+        chunks: &mut dyn Iterator<Item = (u64, u32)>,
+        reading: &mut BTreeMap<u64, (u64, u32, u64)>,
+        ready_count: usize,
+        next_tag: &mut u64,
+        depth: usize,
+    ) -> Result<(), TransferError> {
+        while reading.len() + ready_count < depth {
+            let Some((offset_bytes, len_bytes)) = chunks.next() else {
+                break;
+            };
+            let since_seq = self.out.mirror_seq();
+            let request = IoRequest {
+                tag: *next_tag,
+                kind: IoKind::Read,
+                offset_bytes,
+                len_bytes,
+                buf: Some(self.pool.take(read_buf_len(offset_bytes, len_bytes))),
+            };
+            engine
+                .submit(request)
+                .map_err(|(err, _)| TransferError::Engine(err))?;
+            reading.insert(*next_tag, (offset_bytes, len_bytes, since_seq));
+            *next_tag += 1;
         }
         Ok(())
     }
