@@ -19,7 +19,6 @@
 //! unauthenticated one is closed for a newcomer, and authentication must finish within its
 //! deadline (5 s), so peers trickling bytes cannot lock real sources out.
 
-use std::collections::BTreeMap;
 use std::io::Read;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,18 +26,20 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ferry_sys::{DirectFile, DIRECT_ALIGN};
+use ferry_sys::DirectFile;
 
-use super::frame::{ErrorCode, Frame, Repoint, Role, TargetSpec};
+use super::frame::{ErrorCode, Frame, Repoint, Role};
 use super::host::{validate_spec, TargetHost};
 use super::link::{self, read_frame, unexpected, write_frame, Link};
 use super::{ClusterKey, TransferError};
-use crate::dirty::{DirtyBitmap, DirtySet};
-use crate::io::{open_engine, probe_uring, BlockIo, EngineKind, IoCompletion, IoKind, IoRequest};
+use crate::io::{open_engine, probe_uring, EngineKind};
 use crate::nbd::admission::{
     accept_failed, out_of_descriptors, AcceptBackoff, Admission, AdmissionLimits, Ticket,
 };
-use crate::nbd::bufpool::BufPool;
+
+mod target;
+
+use target::Target;
 
 /// Time a peer has to finish the handshake and Open.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -48,8 +49,6 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Writes in flight per connection.
 const WRITE_DEPTH: u32 = 16;
-/// Largest single WriteZeroes/Trim request (engine lengths are u32).
-const MAX_ZERO_REQUEST_BYTES: u64 = 1 << 30;
 /// After an error, input is still read (and dropped) for this long, so the Error frame
 /// reaches the peer before the close can turn into a reset.
 const LINGER: Duration = Duration::from_secs(3);
@@ -405,326 +404,6 @@ fn fail(stream: &mut Link<TcpStream>, err: TransferError) -> TransferError {
         }
     }
     err
-}
-
-/// The target of one connection: its engine, the writes in flight and the received blocks.
-#[derive(Debug)]
-struct Target {
-    spec: TargetSpec,
-    file: Arc<DirectFile>,
-    engine: Box<dyn BlockIo>,
-    /// tag → (offset, length) of each request in flight.
-    in_flight: BTreeMap<u64, (u64, u64)>,
-    next_tag: u64,
-    received: DirtyBitmap,
-    pool: BufPool,
-    done: Vec<IoCompletion>,
-    meta: Vec<u8>,
-    scratch: Vec<u8>,
-}
-
-impl Target {
-    fn new(spec: &TargetSpec, file: Arc<DirectFile>, engine: Box<dyn BlockIo>) -> Target {
-        Target {
-            spec: spec.clone(),
-            file,
-            engine,
-            in_flight: BTreeMap::new(),
-            next_tag: 0,
-            received: DirtyBitmap::new(spec.size_bytes.div_ceil(spec.granularity_bytes)),
-            pool: BufPool::new(),
-            done: Vec::new(),
-            meta: Vec::new(),
-            scratch: Vec::new(),
-        }
-    }
-
-    /// Applies frames until Abort, a clean close after Commit, or an error.
-    fn apply_frames(
-        &mut self,
-        stream: &mut Link<TcpStream>,
-        host: &dyn TargetHost,
-    ) -> Result<&'static str, TransferError> {
-        let mut committed = false;
-        // At an in-sync point and nothing written since: the source may close here.
-        let mut at_point = false;
-        loop {
-            let frame = match read_frame(stream, &mut self.meta) {
-                Ok(frame) => frame,
-                Err(TransferError::PeerGone(_)) if committed => return Ok("committed"),
-                Err(TransferError::PeerGone(_)) if at_point => return Ok("in sync"),
-                Err(err) => return Err(err),
-            };
-            at_point = matches!(frame, Frame::Mark { .. });
-            if committed {
-                // The target is served now: nothing may write it from this stream any more.
-                return Err(unexpected(frame, "the end of the stream after Commit"));
-            }
-            match frame {
-                Frame::Data {
-                    offset_bytes,
-                    len_bytes,
-                    digest,
-                } => self.receive_data(stream, offset_bytes, len_bytes, &digest)?,
-                Frame::Zero {
-                    offset_bytes,
-                    len_bytes,
-                } => self.zero_or_trim(offset_bytes, len_bytes, true)?,
-                Frame::Trim {
-                    offset_bytes,
-                    len_bytes,
-                } => self.zero_or_trim(offset_bytes, len_bytes, false)?,
-                Frame::Sync { seq } => {
-                    self.flush()?;
-                    let mut received =
-                        DirtySet::empty(self.spec.granularity_bytes, self.spec.size_bytes);
-                    self.received.load_into(&mut received);
-                    host.checkpoint(&self.spec, &received);
-                    let reply = Frame::SyncOk {
-                        seq,
-                        received_blocks: self.received.count(),
-                    };
-                    write_frame(stream, &reply, &mut self.scratch)?;
-                }
-                Frame::Fence { seq } => {
-                    self.drain()?;
-                    write_frame(stream, &Frame::FenceOk { seq }, &mut self.scratch)?;
-                }
-                Frame::Digests {
-                    seq,
-                    offset_bytes,
-                    block_bytes,
-                    count,
-                } => {
-                    self.drain()?;
-                    let digests = self.digests(offset_bytes, block_bytes, count)?;
-                    write_frame(
-                        stream,
-                        &Frame::DigestsOk { seq, digests },
-                        &mut self.scratch,
-                    )?;
-                }
-                Frame::Verify { seq } => {
-                    self.drain()?;
-                    let digest = hash_image(&self.file, self.spec.size_bytes)?;
-                    let reply = Frame::VerifyOk { seq, digest };
-                    write_frame(stream, &reply, &mut self.scratch)?;
-                }
-                Frame::Commit { seq, manager_epoch } => {
-                    self.flush()?;
-                    host.commit_target(&self.spec, manager_epoch)
-                        .map_err(|err| {
-                            log::warn!(
-                                "target {} not committed: {}",
-                                self.spec.export,
-                                crate::error::error_chain(&err)
-                            );
-                            TransferError::Refused {
-                                reason: err.peer_reason(),
-                            }
-                        })?;
-                    committed = true;
-                    write_frame(stream, &Frame::CommitOk { seq }, &mut self.scratch)?;
-                }
-                Frame::Mark { seq, at_unix_ms } => {
-                    self.flush()?;
-                    host.mark_in_sync(&self.spec, at_unix_ms).map_err(|err| {
-                        log::warn!(
-                            "target {}: in-sync point not recorded: {}",
-                            self.spec.export,
-                            crate::error::error_chain(&err)
-                        );
-                        TransferError::Refused {
-                            reason: err.peer_reason(),
-                        }
-                    })?;
-                    write_frame(stream, &Frame::MarkOk { seq }, &mut self.scratch)?;
-                }
-                Frame::Abort => {
-                    self.drain()?;
-                    host.abort_target(&self.spec);
-                    write_frame(stream, &Frame::Abort, &mut self.scratch)?;
-                    return Ok("aborted");
-                }
-                other => {
-                    return Err(unexpected(
-                        other,
-                        "Data, Zero, Trim, Sync, Fence, Verify, Mark, Commit or Abort",
-                    ))
-                }
-            }
-        }
-    }
-
-    /// BLAKE3 of each of `count` blocks from `offset_bytes`, the last clipped to the disk.
-    fn digests(
-        &mut self,
-        offset_bytes: u64,
-        block_bytes: u32,
-        count: u32,
-    ) -> Result<Vec<[u8; 32]>, TransferError> {
-        let span = u64::from(block_bytes) * u64::from(count);
-        let end = offset_bytes
-            .checked_add(span)
-            .map(|end| end.min(self.spec.size_bytes))
-            .filter(|&end| end > offset_bytes)
-            .ok_or(TransferError::OutOfRange {
-                offset_bytes,
-                len_bytes: span,
-            })?;
-        let mut buf = vec![0u8; block_bytes as usize];
-        let mut digests = Vec::with_capacity(count as usize);
-        let mut at = offset_bytes;
-        while at < end {
-            let len = usize::try_from((end - at).min(u64::from(block_bytes))).expect("≤ u32");
-            self.file
-                .read_at(at, &mut buf[..len])
-                .map_err(TransferError::TargetWrite)?;
-            digests.push(*blake3::hash(&buf[..len]).as_bytes());
-            at += len as u64;
-        }
-        Ok(digests)
-    }
-
-    fn check_range(&self, offset_bytes: u64, len_bytes: u64) -> Result<(), TransferError> {
-        match offset_bytes.checked_add(len_bytes) {
-            Some(end) if end <= self.spec.size_bytes => Ok(()),
-            _ => Err(TransferError::OutOfRange {
-                offset_bytes,
-                len_bytes,
-            }),
-        }
-    }
-
-    /// Reads a Data payload, checks its digest, then queues its write.
-    fn receive_data(
-        &mut self,
-        stream: &mut Link<TcpStream>,
-        offset_bytes: u64,
-        len_bytes: u32,
-        digest: &[u8; 32],
-    ) -> Result<(), TransferError> {
-        self.check_range(offset_bytes, u64::from(len_bytes))?;
-        let len = len_bytes as usize;
-        let mut buf = self.pool.take(len.next_multiple_of(DIRECT_ALIGN));
-        link::read_payload(stream, &mut buf.as_mut_slice()[..len])?;
-        let actual = blake3::hash(&buf.as_slice()[..len]);
-        if actual != blake3::Hash::from(*digest) {
-            self.pool.give(buf);
-            return Err(TransferError::Digest { offset_bytes });
-        }
-        self.submit(IoRequest {
-            tag: 0,
-            kind: IoKind::Write { fua: false },
-            offset_bytes,
-            len_bytes,
-            buf: Some(buf),
-        })
-    }
-
-    /// Queues a hole (Zero) or a discard (Trim), in pieces the engine accepts.
-    fn zero_or_trim(
-        &mut self,
-        offset_bytes: u64,
-        len_bytes: u64,
-        zero: bool,
-    ) -> Result<(), TransferError> {
-        self.check_range(offset_bytes, len_bytes)?;
-        let kind = if zero {
-            IoKind::WriteZeroes {
-                may_trim: true,
-                fua: false,
-            }
-        } else {
-            IoKind::Trim { fua: false }
-        };
-        let end_bytes = offset_bytes + len_bytes;
-        let mut at_bytes = offset_bytes;
-        while at_bytes < end_bytes {
-            let piece = (end_bytes - at_bytes).min(MAX_ZERO_REQUEST_BYTES);
-            self.submit(IoRequest {
-                tag: 0,
-                kind,
-                offset_bytes: at_bytes,
-                len_bytes: u32::try_from(piece).expect("≤ 1 GiB"),
-                buf: None,
-            })?;
-            at_bytes += piece;
-        }
-        Ok(())
-    }
-
-    /// Submits a request once the engine has room and no write in flight overlaps it.
-    fn submit(&mut self, mut request: IoRequest) -> Result<(), TransferError> {
-        let start = request.offset_bytes;
-        let end = start + u64::from(request.len_bytes);
-        while self.engine.in_flight() >= self.engine.capacity()
-            || self
-                .in_flight
-                .values()
-                .any(|&(offset, len)| offset < end && start < offset + len)
-        {
-            self.complete(1)?;
-        }
-        request.tag = self.next_tag;
-        self.next_tag += 1;
-        self.in_flight.insert(request.tag, (start, end - start));
-        if let Err((err, request)) = self.engine.submit(request) {
-            self.in_flight.remove(&request.tag);
-            return Err(TransferError::Engine(err));
-        }
-        Ok(())
-    }
-
-    /// Waits for at least `min_complete` requests; marks the blocks of each finished write.
-    fn complete(&mut self, min_complete: usize) -> Result<(), TransferError> {
-        self.engine
-            .complete(min_complete, &mut self.done)
-            .map_err(TransferError::Engine)?;
-        let mut failure = None;
-        for completion in self.done.drain(..) {
-            let (offset_bytes, len_bytes) = self
-                .in_flight
-                .remove(&completion.tag)
-                .expect("every completion matches a submitted request");
-            if let Some(buf) = completion.buf {
-                self.pool.give(buf);
-            }
-            match completion.result {
-                // Marked only now that the write completed (DESIGN invariant 1).
-                Ok(()) if len_bytes > 0 => {
-                    let granularity = self.spec.granularity_bytes;
-                    let first = offset_bytes / granularity;
-                    let last = (offset_bytes + len_bytes - 1) / granularity;
-                    self.received.mark_blocks(first, last);
-                }
-                Ok(()) => {}
-                Err(err) => failure = failure.or(Some(err)),
-            }
-        }
-        failure.map_or(Ok(()), |err| Err(TransferError::TargetWrite(err)))
-    }
-
-    /// Waits for every request in flight.
-    fn drain(&mut self) -> Result<(), TransferError> {
-        while !self.in_flight.is_empty() {
-            self.complete(self.in_flight.len())?;
-        }
-        Ok(())
-    }
-
-    /// Drains, then fdatasyncs the target.
-    fn flush(&mut self) -> Result<(), TransferError> {
-        self.drain()?;
-        self.submit(IoRequest {
-            tag: 0,
-            kind: IoKind::Flush,
-            offset_bytes: 0,
-            len_bytes: 0,
-            buf: None,
-        })?;
-        self.drain()
-    }
 }
 
 /// BLAKE3 of the first `size_bytes` of `file`, read in 4 MiB chunks through the page cache.

@@ -21,22 +21,25 @@
 //! - Every count in [`SendStats`] is incremented when the bytes were handed to the socket.
 //! - Reads in flight plus reads completed but not yet sent never exceed `read_depth`.
 
-use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
-use ferry_sys::{AlignedBuf, DirectFile, DIRECT_ALIGN};
+use ferry_sys::{DirectFile, DIRECT_ALIGN};
 
 use super::frame::{self, Frame, Role, TargetSpec, TargetState};
 use super::link::{self, read_frame, unexpected, write_frame};
 use super::outbound::{FenceError, MirrorLink, Outbound};
 use super::{ClusterKey, Pacer, TransferError};
 use crate::env::{Clock, MonotonicClock};
-use crate::io::{open_engine, probe_uring, read_buf_len, EngineKind, IoKind, IoRequest};
+use crate::io::{probe_uring, EngineKind};
 use crate::nbd::bufpool::BufPool;
+
+mod pump;
+
+use pump::MIRROR_CHUNK_BYTES;
 
 /// How a [`Sender`] behaves.
 #[derive(Debug, Clone)]
@@ -119,40 +122,6 @@ pub struct Sender {
     next_seq: u64,
     /// Sums of every `send_extents` call, failed ones included.
     totals: SendStats,
-}
-
-/// Largest copy chunk while mirroring.
-const MIRROR_CHUNK_BYTES: usize = 256 << 10;
-/// Copy bytes between two fences while mirroring.
-const MIRROR_FENCE_BYTES: u64 = 1 << 20;
-/// Fences the copy may have unanswered while mirroring.
-const MIRROR_FENCES_AHEAD: usize = 2;
-
-/// The copy's unanswered fences while mirroring.
-#[derive(Debug, Default)]
-struct FenceWindow {
-    /// Copy bytes since the last fence.
-    sent_bytes: u64,
-    /// Seqs of fences not yet waited for, oldest first.
-    pending: std::collections::VecDeque<u64>,
-}
-
-/// A run of zero chunks not yet sent.
-#[derive(Debug, Clone, Copy)]
-struct ZeroRun {
-    offset_bytes: u64,
-    len_bytes: u64,
-}
-
-/// A chunk read and waiting for its turn on the wire.
-#[derive(Debug)]
-struct ReadChunk {
-    offset_bytes: u64,
-    len_bytes: u32,
-    /// Mirror sequence number sampled before the read was submitted.
-    since_seq: u64,
-    buf: AlignedBuf,
-    data_start: usize,
 }
 
 impl Sender {
@@ -293,253 +262,6 @@ impl Sender {
     /// ones (what was handed to the socket before the failure counts).
     pub fn totals(&self) -> SendStats {
         self.totals
-    }
-
-    /// The read → send loop of `send_extents`.
-    fn pump(
-        &mut self,
-        file: &Arc<DirectFile>,
-        chunks: &mut dyn Iterator<Item = (u64, u32)>,
-        stats: &mut SendStats,
-    ) -> Result<(), TransferError> {
-        let depth = self.options.read_depth.clamp(1, 64);
-        let depth_u32 = u32::try_from(depth).expect("clamped");
-        let mut engine = open_engine(self.engine_kind, Arc::clone(file), depth_u32, None)
-            .map_err(TransferError::Engine)?;
-        if self.mirroring {
-            self.out.set_copying(true);
-        }
-        let result = self.pump_reads(&mut *engine, chunks, stats, depth);
-        if self.mirroring {
-            self.out.set_copying(false);
-        }
-        result
-    }
-
-    fn pump_reads(
-        &mut self,
-        engine: &mut dyn crate::io::BlockIo,
-        chunks: &mut dyn Iterator<Item = (u64, u32)>,
-        stats: &mut SendStats,
-        depth: usize,
-    ) -> Result<(), TransferError> {
-        // Reads in flight (tag → range) and reads done but not yet sent (tag → chunk).
-        let mut reading: BTreeMap<u64, (u64, u32, u64)> = BTreeMap::new();
-        let mut ready: BTreeMap<u64, ReadChunk> = BTreeMap::new();
-        let mut chunks = chunks.peekable();
-        let (mut next_tag, mut next_emit) = (0u64, 0u64);
-        let mut zero_run: Option<ZeroRun> = None;
-        let mut done = Vec::with_capacity(depth);
-        let mut window = FenceWindow::default();
-        loop {
-            self.refill(
-                engine,
-                &mut chunks,
-                &mut reading,
-                ready.len(),
-                &mut next_tag,
-                depth,
-            )?;
-            if reading.is_empty() && ready.is_empty() {
-                break;
-            }
-            engine
-                .complete(1, &mut done)
-                .map_err(TransferError::Engine)?;
-            for completion in done.drain(..) {
-                completion.result.map_err(TransferError::SourceRead)?;
-                let (offset_bytes, len_bytes, since_seq) = reading
-                    .remove(&completion.tag)
-                    .expect("every completion matches a submitted read");
-                ready.insert(
-                    completion.tag,
-                    ReadChunk {
-                        offset_bytes,
-                        len_bytes,
-                        since_seq,
-                        buf: completion.buf.expect("a read returns its buffer"),
-                        data_start: completion.data_start,
-                    },
-                );
-            }
-            while let Some(mut chunk) = ready.remove(&next_emit) {
-                if self.mirroring {
-                    let oldest_seq = reading
-                        .values()
-                        .map(|&(_, _, seq)| seq)
-                        .chain(ready.values().map(|chunk| chunk.since_seq))
-                        .chain([chunk.since_seq])
-                        .min()
-                        .unwrap_or(chunk.since_seq);
-                    self.emit_carved(&mut chunk, oldest_seq, stats)?;
-                    window.sent_bytes += u64::from(chunk.len_bytes);
-                    self.keep_window(&mut window)?;
-                } else {
-                    self.emit(&mut chunk, &mut zero_run, stats)?;
-                }
-                self.pool.give(chunk.buf);
-                next_emit += 1;
-                // The disk reads the next chunk while this thread sends the ones ready:
-                // refilled only after all were sent, reads and sends would take turns.
-                self.refill(
-                    engine,
-                    &mut chunks,
-                    &mut reading,
-                    ready.len(),
-                    &mut next_tag,
-                    depth,
-                )?;
-            }
-            self.check_peer()?;
-        }
-        if let Some(run) = zero_run.take() {
-            self.send_zero(run, stats)?;
-        }
-        Ok(())
-    }
-
-    /// Submits reads of the next chunks until `depth` are in flight or ready to send.
-    fn refill(
-        &mut self,
-        engine: &mut dyn crate::io::BlockIo,
-        chunks: &mut dyn Iterator<Item = (u64, u32)>,
-        reading: &mut BTreeMap<u64, (u64, u32, u64)>,
-        ready_count: usize,
-        next_tag: &mut u64,
-        depth: usize,
-    ) -> Result<(), TransferError> {
-        while reading.len() + ready_count < depth {
-            let Some((offset_bytes, len_bytes)) = chunks.next() else {
-                break;
-            };
-            let since_seq = self.out.mirror_seq();
-            let request = IoRequest {
-                tag: *next_tag,
-                kind: IoKind::Read,
-                offset_bytes,
-                len_bytes,
-                buf: Some(self.pool.take(read_buf_len(offset_bytes, len_bytes))),
-            };
-            engine
-                .submit(request)
-                .map_err(|(err, _)| TransferError::Engine(err))?;
-            reading.insert(*next_tag, (offset_bytes, len_bytes, since_seq));
-            *next_tag += 1;
-        }
-        Ok(())
-    }
-
-    /// Sends one chunk: extends the zero run, or flushes it and sends the chunk as Data.
-    fn emit(
-        &mut self,
-        chunk: &mut ReadChunk,
-        zero_run: &mut Option<ZeroRun>,
-        stats: &mut SendStats,
-    ) -> Result<(), TransferError> {
-        let data = &mut chunk.buf.as_mut_slice()
-            [chunk.data_start..chunk.data_start + chunk.len_bytes as usize];
-        let len_bytes = u64::from(chunk.len_bytes);
-        if is_all_zero(data) {
-            if let Some(run) = zero_run.as_mut() {
-                if run.offset_bytes + run.len_bytes == chunk.offset_bytes {
-                    run.len_bytes += len_bytes;
-                    return Ok(());
-                }
-            }
-            if let Some(run) = zero_run.replace(ZeroRun {
-                offset_bytes: chunk.offset_bytes,
-                len_bytes,
-            }) {
-                self.send_zero(run, stats)?;
-            }
-            return Ok(());
-        }
-        if let Some(run) = zero_run.take() {
-            self.send_zero(run, stats)?;
-        }
-        let wire_bytes = (frame::HEADER_BYTES + 40) as u64 + len_bytes;
-        self.pace(wire_bytes);
-        let digest = *blake3::hash(data).as_bytes();
-        // Sealed in the read buffer itself: it goes back to the pool after this.
-        self.out
-            .lock()
-            .write_data_in_place(chunk.offset_bytes, data, digest)?;
-        stats.data_bytes += len_bytes;
-        stats.data_frames += 1;
-        stats.wire_bytes += wire_bytes;
-        Ok(())
-    }
-
-    /// While mirroring: a fence every [`MIRROR_FENCE_BYTES`] of copy, and at most
-    /// [`MIRROR_FENCES_AHEAD`] unanswered, so a mirrored guest write (whose fence waits for
-    /// everything queued before it) never queues behind more than a few MiB of copy.
-    fn keep_window(&mut self, window: &mut FenceWindow) -> Result<(), TransferError> {
-        if window.sent_bytes < MIRROR_FENCE_BYTES {
-            return Ok(());
-        }
-        window.sent_bytes = 0;
-        let timeout = Duration::from_millis(self.options.reply_timeout_ms.max(1));
-        let seq = self.out.send_fence().map_err(|err| self.fence_error(err))?;
-        window.pending.push_back(seq);
-        while window.pending.len() > MIRROR_FENCES_AHEAD {
-            let oldest = window.pending.pop_front().expect("non-empty");
-            self.out
-                .wait_fence(oldest, timeout)
-                .map_err(|err| self.fence_error(err))?;
-        }
-        Ok(())
-    }
-
-    /// Sends one chunk while guest writes are mirrored: under the writer lock, without the
-    /// ranges mirrored since its read was submitted; each piece as Zero or Data.
-    fn emit_carved(
-        &mut self,
-        chunk: &mut ReadChunk,
-        oldest_seq: u64,
-        stats: &mut SendStats,
-    ) -> Result<(), TransferError> {
-        let data = &mut chunk.buf.as_mut_slice()
-            [chunk.data_start..chunk.data_start + chunk.len_bytes as usize];
-        self.pace((frame::HEADER_BYTES + 40) as u64 + u64::from(chunk.len_bytes));
-        let mut out = self.out.lock();
-        let pieces = out.carve(
-            chunk.offset_bytes,
-            u64::from(chunk.len_bytes),
-            chunk.since_seq,
-            oldest_seq,
-        );
-        for (offset_bytes, len_bytes) in pieces {
-            let start = usize::try_from(offset_bytes - chunk.offset_bytes).expect("in chunk");
-            let piece = &mut data[start..start + len_bytes as usize];
-            if is_all_zero(piece) {
-                out.write_frame(&Frame::Zero {
-                    offset_bytes,
-                    len_bytes,
-                })?;
-                stats.zero_bytes += len_bytes;
-                stats.zero_frames += 1;
-                stats.wire_bytes += (frame::HEADER_BYTES + 16) as u64;
-            } else {
-                let digest = *blake3::hash(piece).as_bytes();
-                out.write_data_in_place(offset_bytes, piece, digest)?;
-                stats.data_bytes += len_bytes;
-                stats.data_frames += 1;
-                stats.wire_bytes += (frame::HEADER_BYTES + 40) as u64 + len_bytes;
-            }
-        }
-        Ok(())
-    }
-
-    fn send_zero(&mut self, run: ZeroRun, stats: &mut SendStats) -> Result<(), TransferError> {
-        let frame = Frame::Zero {
-            offset_bytes: run.offset_bytes,
-            len_bytes: run.len_bytes,
-        };
-        let wire_bytes = self.send_frame(&frame)?;
-        stats.zero_bytes += run.len_bytes;
-        stats.zero_frames += 1;
-        stats.wire_bytes += wire_bytes;
-        Ok(())
     }
 
     /// Paces and writes a frame without payload; returns its size on the wire.
@@ -868,11 +590,4 @@ fn peer_gone() -> TransferError {
         std::io::ErrorKind::UnexpectedEof,
         "the destination closed the stream",
     ))
-}
-
-/// Whether every byte is zero; checks a block at a time so random data stops early while
-/// each block's check vectorizes.
-fn is_all_zero(data: &[u8]) -> bool {
-    data.chunks(4096)
-        .all(|block| block.iter().fold(0u8, |acc, &byte| acc | byte) == 0)
 }
