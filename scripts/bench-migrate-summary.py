@@ -220,7 +220,9 @@ def impact_lines(g, t, workloads, verdict):
     for w in workloads:
         base_p99 = g("ferry-base", w, "job_p99_us")
         base_iops, target = g("ferry-base", w, "job_iops"), g("ferry-base", w, "target_iops")
-        qp99 = min([x for x in (g(q, w, "job_p99_us") for q in QEMU_BG) if x], default=None)
+        # A configuration that never converged is no reference (as in `best`).
+        qp99 = min([g(q, w, "job_p99_us") for q in QEMU_BG
+                    if g(q, w, "job_p99_us") and t(q, w, "status") == "done"], default=None)
         qconv, qres = g("qemu-bg4k", w, "converge_s"), g("qemu-bg4k", w, "resent_bytes")
         for s in ("ferry-heat", "ferry-strict"):
             if t(s, w, "status") != "done":

@@ -6,7 +6,11 @@
 //! so the others get room, and the caps together leave room to grow, so the total is never
 //! pushed down (a job slower for its own reasons simply stays under its cap).
 //!
-//! Invariants: [`fair_caps`] is pure; a lone job is never capped; a job's share is measured
+//! A window in which fewer than two jobs sent but another seated job sent lately (within
+//! [`IDLE_WINDOWS_HELD`] windows: it was syncing or planning) keeps the caps it had.
+//!
+//! Invariants: [`fair_caps`] is pure; a job alone at the table, or the only one that sent
+//! for longer than [`IDLE_WINDOWS_HELD`] windows, is never capped; a job's share is measured
 //! (bytes it sent in the windows it shared), never assumed; a seat leaves the table when
 //! dropped, whatever ended the job.
 
@@ -17,6 +21,11 @@ use std::sync::{Arc, Mutex, PoisonError};
 pub const WINDOW_NS: u64 = 250_000_000;
 /// How far above its share a job may go (percent): room for the total to grow.
 pub const HEADROOM_PCT: u64 = 10;
+
+/// Windows a seated job may send nothing (a sync, a pass's planning) and still count as
+/// sharing: while it does, the caps of the last shared window stay, so a job that paused
+/// for a moment does not leave the others uncapped for a window (1 s).
+pub const IDLE_WINDOWS_HELD: u32 = 4;
 
 /// A sharing job sends at most this much at a time, so its share is counted, and its cap
 /// follows the others', at this grain rather than a whole send's.
@@ -82,6 +91,8 @@ struct Entry {
     shared_total: u64,
     /// The most jobs it shared a window with (itself included).
     most_jobs: u32,
+    /// Windows in a row in which it sent nothing.
+    idle_windows: u32,
 }
 
 #[derive(Debug, Default)]
@@ -140,16 +151,33 @@ impl Table {
             .values()
             .map(|entry| (entry.weight, entry.window_bytes as f64 / seconds))
             .collect();
-        let caps = fair_caps(&rates);
         let total: u64 = self.entries.values().map(|entry| entry.window_bytes).sum();
         let sending = self.entries.values().filter(|e| e.window_bytes > 0).count() as u32;
+        for entry in self.entries.values_mut() {
+            entry.idle_windows = if entry.window_bytes > 0 {
+                0
+            } else {
+                entry.idle_windows.saturating_add(1)
+            };
+        }
+        let sharing = self
+            .entries
+            .values()
+            .filter(|e| e.idle_windows <= IDLE_WINDOWS_HELD)
+            .count();
+        // Fewer than two sent but more are still at it: the last shares hold (the measured
+        // total of a window one job sat out says nothing of the shares).
+        let hold = sending < 2 && sharing >= 2;
+        let caps = fair_caps(&rates);
         for (entry, cap) in self.entries.values_mut().zip(caps) {
             if sending >= 2 && entry.window_bytes > 0 {
                 entry.shared_bytes += entry.window_bytes;
                 entry.shared_total += total;
                 entry.most_jobs = entry.most_jobs.max(sending);
             }
-            entry.cap = cap;
+            if !hold {
+                entry.cap = cap;
+            }
             entry.window_bytes = 0;
         }
         self.window_start_ns = Some(now_ns);
@@ -226,6 +254,33 @@ mod tests {
         assert_eq!(fair_caps(&[(1, 500.0), (1, 0.0)]), [None, None]);
         assert_eq!(fair_caps(&[(1, 300.0), (1, 100.0)]), [Some(220), Some(220)]);
         assert_eq!(fair_caps(&[(3, 300.0), (1, 100.0)]), [Some(330), Some(110)]);
+    }
+
+    // Goal: a window in which one of two jobs sent nothing (it synced) keeps the last
+    // caps; once it has sent nothing for longer than IDLE_WINDOWS_HELD windows, the other
+    // goes uncapped. Method: two seats, one shared window, then the light job goes quiet.
+    #[test]
+    fn a_job_pausing_briefly_keeps_the_caps() {
+        let share = Arc::new(FairShare::default());
+        let (heavy, light) = (share.join(1, 3), share.join(2, 1));
+        light.sent(0, 0); // the table's first window opens at 0
+        let mut now = WINDOW_NS;
+        light.sent(100, now - 1);
+        heavy.sent(300, now);
+        let (heavy_cap, light_cap) = (heavy.cap(), light.cap());
+        assert!(heavy_cap.is_some() && light_cap.is_some());
+        for _ in 0..IDLE_WINDOWS_HELD {
+            now += WINDOW_NS;
+            heavy.sent(300, now);
+            assert_eq!((heavy.cap(), light.cap()), (heavy_cap, light_cap));
+        }
+        now += WINDOW_NS;
+        heavy.sent(300, now);
+        assert_eq!(
+            heavy.cap(),
+            None,
+            "the other job is gone quiet: no share to keep"
+        );
     }
 
     // Goal: a greedy job held back gives the others room until the shares are even, and
