@@ -292,7 +292,9 @@ impl Target {
             self.in_flight.remove(&request.tag);
             return Err(TransferError::Engine(err));
         }
-        Ok(())
+        // To the kernel now (a queued request waits for the engine to be entered): else
+        // the disk sits idle while the next frames arrive, until the queue is full.
+        self.complete(0)
     }
 
     /// Waits for at least `min_complete` requests; marks the blocks of each finished write.

@@ -15,7 +15,7 @@ use ferry_sys::{AlignedBuf, DirectFile};
 use super::super::frame::{self, Frame};
 use super::super::TransferError;
 use super::{SendStats, Sender};
-use crate::io::{open_engine, read_buf_len, IoKind, IoRequest};
+use crate::io::{open_engine, read_buf_len, IoCompletion, IoKind, IoRequest};
 
 /// Largest copy chunk while mirroring.
 pub(super) const MIRROR_CHUNK_BYTES: usize = 256 << 10;
@@ -103,22 +103,7 @@ impl Sender {
             engine
                 .complete(1, &mut done)
                 .map_err(TransferError::Engine)?;
-            for completion in done.drain(..) {
-                completion.result.map_err(TransferError::SourceRead)?;
-                let (offset_bytes, len_bytes, since_seq) = reading
-                    .remove(&completion.tag)
-                    .expect("every completion matches a submitted read");
-                ready.insert(
-                    completion.tag,
-                    ReadChunk {
-                        offset_bytes,
-                        len_bytes,
-                        since_seq,
-                        buf: completion.buf.expect("a read returns its buffer"),
-                        data_start: completion.data_start,
-                    },
-                );
-            }
+            gather(&mut done, &mut reading, &mut ready)?;
             while let Some(mut chunk) = ready.remove(&next_emit) {
                 if self.mirroring {
                     let oldest_seq = reading
@@ -137,7 +122,9 @@ impl Sender {
                 self.pool.give(chunk.buf);
                 next_emit += 1;
                 // The disk reads the next chunk while this thread sends the ones ready:
-                // refilled only after all were sent, reads and sends would take turns.
+                // refilled (and handed to the kernel: a queued read is not submitted until
+                // the engine is entered) only after all were sent, reads and sends would
+                // take turns.
                 self.refill(
                     engine,
                     &mut chunks,
@@ -146,6 +133,10 @@ impl Sender {
                     &mut next_tag,
                     depth,
                 )?;
+                engine
+                    .complete(0, &mut done)
+                    .map_err(TransferError::Engine)?;
+                gather(&mut done, &mut reading, &mut ready)?;
             }
             self.check_peer()?;
         }
@@ -298,6 +289,31 @@ impl Sender {
         stats.wire_bytes += wire_bytes;
         Ok(())
     }
+}
+
+/// Moves the reads `done` from `reading` to `ready`; a failed read fails the send.
+fn gather(
+    done: &mut Vec<IoCompletion>,
+    reading: &mut BTreeMap<u64, (u64, u32, u64)>,
+    ready: &mut BTreeMap<u64, ReadChunk>,
+) -> Result<(), TransferError> {
+    for completion in done.drain(..) {
+        completion.result.map_err(TransferError::SourceRead)?;
+        let (offset_bytes, len_bytes, since_seq) = reading
+            .remove(&completion.tag)
+            .expect("every completion matches a submitted read");
+        ready.insert(
+            completion.tag,
+            ReadChunk {
+                offset_bytes,
+                len_bytes,
+                since_seq,
+                buf: completion.buf.expect("a read returns its buffer"),
+                data_start: completion.data_start,
+            },
+        );
+    }
+    Ok(())
 }
 
 /// Whether every byte is zero; checks a block at a time so random data stops early while
