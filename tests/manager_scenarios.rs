@@ -169,7 +169,11 @@ impl Harness {
         let now = now_ms();
         let statuses: Vec<ManagerStatus> = (0..2)
             .map(|i| self.watch.latest(i))
-            .map(|s| s.filter(|s| now - s.recv_ms < 500).and_then(|s| s.status))
+            // A poll the watcher recorded after `now` was read is as fresh as can be.
+            .map(|s| {
+                s.filter(|s| now.saturating_sub(s.recv_ms) < 500)
+                    .and_then(|s| s.status)
+            })
             .collect::<Option<_>>()?;
         let actives: Vec<usize> = (0..2).filter(|&i| statuses[i].active).collect();
         let [active] = actives[..] else { return None };
