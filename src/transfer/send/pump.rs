@@ -88,15 +88,10 @@ impl Sender {
         let mut zero_run: Option<ZeroRun> = None;
         let mut done = Vec::with_capacity(depth);
         let mut window = FenceWindow::default();
+        // Reads in flight plus chunks ready only drop when a chunk is sent, so the first
+        // reads are submitted here and each later one right after a send (below).
+        self.refill(engine, &mut chunks, &mut reading, 0, &mut next_tag, depth)?;
         loop {
-            self.refill(
-                engine,
-                &mut chunks,
-                &mut reading,
-                ready.len(),
-                &mut next_tag,
-                depth,
-            )?;
             if reading.is_empty() && ready.is_empty() {
                 break;
             }
