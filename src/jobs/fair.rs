@@ -27,37 +27,6 @@ pub const HEADROOM_PCT: u64 = 10;
 /// for a moment does not leave the others uncapped for a window (1 s).
 pub const IDLE_WINDOWS_HELD: u32 = 4;
 
-/// A sharing job sends at most this much at a time, so its share is counted, and its cap
-/// follows the others', at this grain rather than a whole send's.
-pub const SLICE_BYTES: u64 = 4 << 20;
-
-/// `extents` (offset, length in bytes, in order) cut into slices of at most `max_bytes`
-/// each; an extent is split where a slice fills (`max_bytes` a multiple of the block size
-/// keeps every cut on a block boundary).
-pub fn slices(extents: &[(u64, u64)], max_bytes: u64) -> Vec<Vec<(u64, u64)>> {
-    let max_bytes = max_bytes.max(1);
-    let mut out = Vec::new();
-    let mut slice = Vec::new();
-    let mut filled = 0;
-    for &(mut offset_bytes, mut len_bytes) in extents {
-        while len_bytes > 0 {
-            let take = len_bytes.min(max_bytes - filled);
-            slice.push((offset_bytes, take));
-            filled += take;
-            offset_bytes += take;
-            len_bytes -= take;
-            if filled == max_bytes {
-                out.push(std::mem::take(&mut slice));
-                filled = 0;
-            }
-        }
-    }
-    if !slice.is_empty() {
-        out.push(slice);
-    }
-    out
-}
-
 /// Each job's cap for the next window, from `(weight, bytes/s)` of the jobs that sent in
 /// the last one: `None` (uncapped) when fewer than two did.
 pub fn fair_caps(rates: &[(u32, f64)]) -> Vec<Option<u64>> {
@@ -226,25 +195,6 @@ impl Drop for FairSeat {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    // Goal: slices hold at most the limit, cut extents at the limit, and together are the
-    // extents; no limit keeps one slice. Method: a table.
-    #[test]
-    fn extents_are_sliced_at_the_limit() {
-        let extents = [(0, 6), (10, 2), (20, 9)];
-        assert_eq!(
-            slices(&extents, 4),
-            vec![
-                vec![(0, 4)],
-                vec![(4, 2), (10, 2)],
-                vec![(20, 4)],
-                vec![(24, 4)],
-                vec![(28, 1)],
-            ]
-        );
-        assert_eq!(slices(&extents, u64::MAX), vec![extents.to_vec()]);
-        assert!(slices(&[], 4).is_empty());
-    }
 
     // Goal: a lone job is free; two or more are capped at their weighted share of the
     // total plus the headroom. Method: a table of rates.

@@ -169,6 +169,25 @@ pub struct JobEnv {
     key: ClusterKey,
 }
 
+/// The least of the paces a send follows: the controller's `gear`, the job's share among
+/// the copying jobs (not with writes held: the switchover's sends go as fast as they can)
+/// and the operator's cap.
+fn send_cap(
+    gear: Gear,
+    fair: Option<&(FairSeat, Arc<Mutex<Option<ShareStatus>>>)>,
+    bandwidth_cap: Option<u64>,
+    writes_held: bool,
+) -> Option<u64> {
+    let fair_cap = match (fair, writes_held) {
+        (Some((seat, _)), false) => seat.cap(),
+        _ => None,
+    };
+    [gear.cap_bytes_per_s, fair_cap, bandwidth_cap]
+        .into_iter()
+        .flatten()
+        .min()
+}
+
 /// The comparison of both images at the switchover point (`--verify`).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct VerifyOutcome {
@@ -188,14 +207,12 @@ impl JobEnv {
     /// other copying jobs (not with writes held either), and the operator's cap, the least
     /// of the three paces.
     fn shape_sends(&mut self) {
-        let fair_cap = match (&self.fair, self.writes_held) {
-            (Some((seat, _)), false) => seat.cap(),
-            _ => None,
-        };
-        let cap = [self.gear.cap_bytes_per_s, fair_cap, self.bandwidth_cap]
-            .into_iter()
-            .flatten()
-            .min();
+        let cap = send_cap(
+            self.gear,
+            self.fair.as_ref(),
+            self.bandwidth_cap,
+            self.writes_held,
+        );
         self.sender.set_bandwidth(cap);
         // The gear shapes the reads (the operator's cap alone does not): never more or
         // longer reads than the job's own.

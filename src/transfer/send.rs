@@ -205,6 +205,21 @@ impl Sender {
         file: &Arc<DirectFile>,
         extents: &[(u64, u64)],
     ) -> Result<SendStats, TransferError> {
+        let cap = self.pacer.bytes_per_s();
+        self.send_extents_paced(file, extents, &mut |_| cap)
+    }
+
+    /// [`Sender::send_extents`], telling `on_chunk` the bytes of each chunk once it is sent
+    /// (or joined to a run of zeros still to be sent); its answer is the bandwidth cap from
+    /// the next chunk on. A caller whose pace changes while it sends (a share among jobs)
+    /// follows it chunk by chunk, and the reads stay in flight across the whole call: no
+    /// need to cut a send into pieces, each draining the pipeline.
+    pub fn send_extents_paced(
+        &mut self,
+        file: &Arc<DirectFile>,
+        extents: &[(u64, u64)],
+        on_chunk: &mut dyn FnMut(u64) -> Option<u64>,
+    ) -> Result<SendStats, TransferError> {
         let started_ns = self.clock.now_ns();
         let size_bytes = file.size_bytes().map_err(TransferError::SourceRead)?;
         for &(offset_bytes, len_bytes) in extents {
@@ -235,7 +250,7 @@ impl Sender {
             })
         });
         let mut stats = SendStats::default();
-        let outcome = self.pump(file, &mut chunks, &mut stats);
+        let outcome = self.pump(file, &mut chunks, on_chunk, &mut stats);
         stats.elapsed_ns = self.clock.now_ns() - started_ns;
         self.totals.add(&stats);
         outcome.map(|()| stats).map_err(|err| self.explain(err))

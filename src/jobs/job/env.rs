@@ -4,9 +4,9 @@
 
 use std::sync::{Arc, Mutex};
 
-use super::super::fair::{self, FairSeat, ShareStatus};
+use super::super::fair::{FairSeat, ShareStatus};
 use super::{
-    allocated_blocks, retire_image, JobEnv, JobError, DRAIN_TIMEOUT, SYNC_EVERY_BYTES,
+    allocated_blocks, retire_image, send_cap, JobEnv, JobError, DRAIN_TIMEOUT, SYNC_EVERY_BYTES,
     SYNC_EVERY_NS,
 };
 use crate::dirty::{DirtySet, HeatSnapshot};
@@ -108,26 +108,22 @@ impl MigrationEnv for JobEnv {
         let started = self.clock.now_ns();
         let extents: Vec<(u64, u64)> = blocks.iter_extents().collect();
         let image = self.export.image().map_err(JobError::Allocation)?;
-        // A job sharing the disk sends in slices: its share is counted, and its cap follows
-        // the others', at a finer grain than one send.
-        let slices = match self.fair {
-            Some(_) => fair::slices(&extents, fair::SLICE_BYTES),
-            None => vec![extents],
-        };
-        let (mut data_bytes, mut zero_bytes) = (0, 0);
-        for slice in slices {
-            self.shape_sends();
-            let stats = self
-                .sender
-                .send_extents(&image, &slice)
-                .map_err(JobError::Transfer)?;
-            data_bytes += stats.data_bytes;
-            zero_bytes += stats.zero_bytes;
-            if let Some((seat, share)) = &self.fair {
-                seat.sent(stats.data_bytes + stats.zero_bytes, self.clock.now_ns());
+        self.shape_sends();
+        // A job sharing the disk counts its share, and follows its cap, chunk by chunk.
+        let (fair, clock) = (&self.fair, &self.clock);
+        let (gear, bandwidth_cap, writes_held) = (self.gear, self.bandwidth_cap, self.writes_held);
+        let mut on_chunk = |bytes: u64| {
+            if let Some((seat, share)) = fair {
+                seat.sent(bytes, clock.now_ns());
                 *share.lock().expect("share lock") = seat.share();
             }
-        }
+            send_cap(gear, fair.as_ref(), bandwidth_cap, writes_held)
+        };
+        let stats = self
+            .sender
+            .send_extents_paced(&image, &extents, &mut on_chunk)
+            .map_err(JobError::Transfer)?;
+        let (data_bytes, zero_bytes) = (stats.data_bytes, stats.zero_bytes);
         self.bytes_read += data_bytes + zero_bytes;
         self.unsynced.union_with(blocks);
         self.unsynced_bytes += data_bytes;

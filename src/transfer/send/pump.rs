@@ -57,6 +57,7 @@ impl Sender {
         &mut self,
         file: &Arc<DirectFile>,
         chunks: &mut dyn Iterator<Item = (u64, u32)>,
+        on_chunk: &mut dyn FnMut(u64) -> Option<u64>,
         stats: &mut SendStats,
     ) -> Result<(), TransferError> {
         let depth = self.options.read_depth.clamp(1, 64);
@@ -66,7 +67,7 @@ impl Sender {
         if self.mirroring {
             self.out.set_copying(true);
         }
-        let result = self.pump_reads(&mut *engine, chunks, stats, depth);
+        let result = self.pump_reads(&mut *engine, chunks, on_chunk, stats, depth);
         if self.mirroring {
             self.out.set_copying(false);
         }
@@ -77,6 +78,7 @@ impl Sender {
         &mut self,
         engine: &mut dyn crate::io::BlockIo,
         chunks: &mut dyn Iterator<Item = (u64, u32)>,
+        on_chunk: &mut dyn FnMut(u64) -> Option<u64>,
         stats: &mut SendStats,
         depth: usize,
     ) -> Result<(), TransferError> {
@@ -116,6 +118,8 @@ impl Sender {
                 }
                 self.pool.give(chunk.buf);
                 next_emit += 1;
+                let cap = on_chunk(u64::from(chunk.len_bytes));
+                self.set_bandwidth(cap);
                 // The disk reads the next chunk while this thread sends the ones ready:
                 // refilled (and handed to the kernel: a queued read is not submitted until
                 // the engine is entered) only after all were sent, reads and sends would
