@@ -316,23 +316,39 @@ impl DirtySet {
 
     /// Nonzero words of the dense form as `(word index, bits)`, in order.
     pub fn iter_words(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.iter_words_from(0)
+    }
+
+    /// [`DirtySet::iter_words`] from word `first_word` on: the map is entered at the span
+    /// holding it, so a pass taken chunk by chunk costs each chunk, not the set before it.
+    pub fn iter_words_from(&self, first_word: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
         let word_count = self.word_count();
-        self.spans.iter().flat_map(move |(&first, span)| {
-            let base = first * SET_CHUNK_WORDS as u64;
-            let (full_end, bits) = match span {
-                Span::Full(chunks) => (
-                    ((first + chunks) * SET_CHUNK_WORDS as u64).min(word_count),
-                    None,
-                ),
-                Span::Bits(words) => (base, Some(words)),
-            };
-            let full = (base..full_end).map(move |word| (word, valid_mask(word, self.block_count)));
-            let partial = bits
-                .into_iter()
-                .flat_map(move |words| (base..).zip(words.iter().copied()))
-                .filter(|&(_, bits)| bits != 0);
-            full.chain(partial)
-        })
+        let chunk = first_word / SET_CHUNK_WORDS as u64;
+        // The span holding `first_word` may start at an earlier chunk (a `Full` run).
+        let start_key = self
+            .spans
+            .range(..=chunk)
+            .next_back()
+            .map_or(chunk, |(&key, _)| key);
+        self.spans
+            .range(start_key..)
+            .flat_map(move |(&first, span)| {
+                let base = first * SET_CHUNK_WORDS as u64;
+                let (full_end, bits) = match span {
+                    Span::Full(chunks) => (
+                        ((first + chunks) * SET_CHUNK_WORDS as u64).min(word_count),
+                        None,
+                    ),
+                    Span::Bits(words) => (base, Some(words)),
+                };
+                let full = (base.max(first_word)..full_end)
+                    .map(move |word| (word, valid_mask(word, self.block_count)));
+                let partial = bits
+                    .into_iter()
+                    .flat_map(move |words| (base..).zip(words.iter().copied()))
+                    .filter(move |&(word, bits)| bits != 0 && word >= first_word);
+                full.chain(partial)
+            })
     }
 
     /// Dirty blocks in increasing order.
@@ -343,7 +359,27 @@ impl DirtySet {
 
     /// Maximal runs of dirty blocks as `(first block, end block)`, in order; a word at a time.
     pub fn iter_runs(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
-        let mut words = self.iter_words().peekable();
+        self.iter_runs_from(0)
+    }
+
+    /// [`DirtySet::iter_runs`] of the blocks at or after `first_block` (a run that holds it
+    /// starts there).
+    pub fn iter_runs_from(&self, first_block: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
+        let first_word = first_block / WORD_BITS;
+        let below = first_block % WORD_BITS;
+        let mut words = self
+            .iter_words_from(first_word)
+            .map(move |(word, bits)| {
+                // The first word's bits below `first_block` are not asked for.
+                let keep = if word == first_word {
+                    u64::MAX << below
+                } else {
+                    u64::MAX
+                };
+                (word, bits & keep)
+            })
+            .filter(|&(_, bits)| bits != 0)
+            .peekable();
         let mut pending: Option<(u64, u64)> = None;
         std::iter::from_fn(move || loop {
             let Some(&(word, bits)) = words.peek() else {
@@ -549,6 +585,23 @@ mod tests {
             "{context}"
         );
         assert_eq!(set.is_empty(), model.is_empty(), "{context}");
+        let block_count = set.block_count();
+        for from in [
+            1,
+            63,
+            64,
+            65,
+            SET_CHUNK_BLOCKS,
+            block_count / 2,
+            block_count - 1,
+        ] {
+            let rest: BTreeSet<u64> = model.range(from..).copied().collect();
+            assert_eq!(
+                set.iter_runs_from(from).collect::<Vec<_>>(),
+                runs_of(&rest),
+                "{context}: runs from {from}"
+            );
+        }
         let dense: Vec<u64> = (0..set.word_count()).map(|w| set.word(w)).collect();
         let rebuilt = DirtySet::from_words(4096, set.disk_bytes(), set.block_count(), dense);
         assert_eq!(&rebuilt, set, "{context}");
