@@ -64,6 +64,7 @@ pub mod leases;
 pub mod listen;
 pub mod prometheus;
 pub mod render;
+pub mod request;
 pub mod server;
 #[cfg(test)]
 mod tests;

@@ -18,7 +18,7 @@ use super::shared::{Input, Shared};
 use crate::api::fleet::{BatchPlan, HostAdd, TakeoverRequest};
 use crate::api::http::{Head, Method, Reply};
 use crate::api::listen::Service;
-use crate::api::server::{authenticate, decode, flag, path_segments};
+use crate::api::request::{authenticate, decode, flag, path_segments};
 use crate::api::tls::ClientTlsOptions;
 use crate::api::Client;
 use crate::journal::status::DiskStatus;
