@@ -19,16 +19,18 @@
 //!
 //! An explicit bound (`2x`, `5ms`) is strict: the rules above, down to the floor if that is
 //! what holds it, whatever it costs in time. With [`ImpactTarget::Auto`] (the default) the
-//! aim is the least harm in all: the controller keeps, per gear, the guest's p99 and the
-//! copy's rate it last measured (figures older than [`STALE_WINDOWS`] are measured again) and
-//! scores a gear by the guest's added latency per byte copied, `(p99 − own) / rate`, the
-//! harm the whole copy does. Above the bound it measures the next slower gear when unknown;
-//! below 70% of it it probes the next faster one as above; otherwise it moves one gear
-//! toward whichever gear scores at least [`SWITCH_GAIN_PCT`] better. A slower copy that does not lower
-//! the guest's p99 in proportion only stretches the same harm over a longer job, so where
-//! the bound cannot be held at a useful rate the copy runs where the guest pays least, and
-//! where a slower gear does spare it (below the knee, where few requests meet a read) it goes
-//! there.
+//! controller keeps, per gear, the guest's p99 and the copy's rate it last measured (figures
+//! older than [`STALE_WINDOWS`] are measured again; a gear returned to after a while starts
+//! its figures afresh) and heads for the fastest gear that holds the bound at a useful rate
+//! (at least [`USEFUL_RATE_PCT`] of the fastest rate measured): above the bound it measures
+//! the next slower gear when unknown; below 70% of it it probes the next faster one as
+//! above; otherwise it moves one gear toward that gear. Where no gear holds the bound at a
+//! useful rate, it heads instead for the gear that scores best by the guest's added latency
+//! per byte copied, `(p99 − own) / rate`, the harm the whole copy does (another gear must
+//! score [`SWITCH_GAIN_PCT`] better): a slower copy that does not lower the guest's p99 in
+//! proportion only stretches the same harm over a longer job, so the copy does not crawl at
+//! the floor because the floor alone holds the bound. One bad window (a disk hiccup while
+//! the copy ran) is not the copy's doing for good: its gear is measured afresh the next time.
 //!
 //! The copy must also outrun the guest's dirty rate, or it never converges. When the gear's
 //! pace stays below [`CONFLICT_MARGIN_PCT`] of the dirty rate for [`CONFLICT_WINDOWS`]
@@ -65,6 +67,9 @@ pub const STALE_WINDOWS: u64 = 120;
 /// How much less harm per byte a neighbouring gear must promise before `auto` moves to it
 /// (percent).
 pub const SWITCH_GAIN_PCT: u64 = 10;
+/// A gear's rate below this share (percent) of the fastest rate measured is no useful
+/// place for `auto` to hold the bound: the job would take that many times longer.
+pub const USEFUL_RATE_PCT: u64 = 25;
 /// Windows the controller waits before probing a faster gear that overshot (1 s).
 pub const PROBE_HOLD_WINDOWS: u64 = 4;
 /// The longest such wait (16 s).
@@ -235,13 +240,13 @@ impl Steer {
         self.gear()
     }
 
-    /// Averages this window's figures into the current gear's (a fresh measure replaces a
-    /// stale one).
+    /// Averages this window's figures into the current gear's, when those are from the
+    /// windows just before; older ones are replaced (the guest and the disk have moved on).
     fn remember(&mut self, p99_us: u64, copy_bytes_per_s: f64) {
         let windows = self.windows;
         let slot = &mut self.figures[self.gear];
         *slot = Some(match *slot {
-            Some(old) if windows - old.window <= STALE_WINDOWS => Figures {
+            Some(old) if windows - old.window <= 1 => Figures {
                 p99_us: (old.p99_us + p99_us) / 2,
                 copy_bytes_per_s: (old.copy_bytes_per_s + copy_bytes_per_s) / 2.0,
                 window: windows,
@@ -285,11 +290,36 @@ impl Steer {
         if over && slower < GEARS.len() && self.score(slower, bound).is_none() {
             // Unknown below: measure it (a slower gear is what the bound asks for).
             self.shift_to(slower);
-        } else if probe_up && self.score(self.gear - 1, bound).is_none() {
+        } else if probe_up {
             self.probe_up();
         } else {
-            self.shift_to(self.least_harm(bound));
+            let aim = self
+                .holding_gear(bound)
+                .unwrap_or_else(|| self.least_harm(bound));
+            match aim.cmp(&self.gear) {
+                std::cmp::Ordering::Less => self.shift_to(self.gear - 1),
+                std::cmp::Ordering::Equal => {}
+                std::cmp::Ordering::Greater => self.shift_to(self.gear + 1),
+            }
         }
+    }
+
+    /// The fastest gear whose current figures hold the bound at a useful rate
+    /// ([`USEFUL_RATE_PCT`] of the fastest rate measured).
+    fn holding_gear(&self, bound: Bound) -> Option<usize> {
+        let current = |gear: usize| {
+            self.figures[gear].filter(|figures| self.windows - figures.window <= STALE_WINDOWS)
+        };
+        let fastest_bytes_per_s = (0..GEARS.len())
+            .filter_map(current)
+            .map(|figures| figures.copy_bytes_per_s)
+            .fold(0.0, f64::max);
+        let useful_bytes_per_s = fastest_bytes_per_s * USEFUL_RATE_PCT as f64 / 100.0;
+        (0..GEARS.len()).find(|&gear| {
+            current(gear).is_some_and(|figures| {
+                figures.p99_us <= bound.p99_us && figures.copy_bytes_per_s >= useful_bytes_per_s
+            })
+        })
     }
 
     /// Tries the next faster gear, on trial (see [`Steer::judge`]).
@@ -298,9 +328,9 @@ impl Steer {
         self.probing = Some(self.windows);
     }
 
-    /// One gear toward the gear with current figures that costs the guest least per byte
-    /// copied; another gear must beat the current one by [`SWITCH_GAIN_PCT`], so that noise
-    /// does not flap between them.
+    /// The gear with current figures that costs the guest least per byte copied; another
+    /// gear must beat the current one by [`SWITCH_GAIN_PCT`], so that noise does not flap
+    /// between them.
     fn least_harm(&self, bound: Bound) -> usize {
         let Some(here) = self.score(self.gear, bound) else {
             return self.gear;
@@ -311,11 +341,7 @@ impl Steer {
                 best = (gear, score);
             }
         }
-        match best.0.cmp(&self.gear) {
-            std::cmp::Ordering::Less => self.gear - 1,
-            std::cmp::Ordering::Equal => self.gear,
-            std::cmp::Ordering::Greater => self.gear + 1,
-        }
+        best.0
     }
 
     /// The guest's added p99 per MiB/s the copy makes in `gear`, when current.
