@@ -1,7 +1,7 @@
 //! The source side of a block stream: connect, authenticate, open a target, then send
 //! extents read from the source disk, sync and commit.
 //!
-//! Pipeline of [`Sender::send_extents`]: up to `read_depth` chunk reads are in flight on an
+//! Pipeline of [`Sender::send_extents`]: up to `read_depth` chunks' worth of reads in flight on an
 //! io engine (io_uring + O_DIRECT when the kernel has it) while earlier chunks go out on the
 //! socket, so disk and network overlap. Chunks are emitted in offset order whatever order
 //! the reads complete in; a chunk of zeros becomes (part of) one `Zero` frame, any other chunk
@@ -19,7 +19,8 @@
 //!
 //! Invariants:
 //! - Every count in [`SendStats`] is incremented when the bytes were handed to the socket.
-//! - Reads in flight plus reads completed but not yet sent never exceed `read_depth`.
+//! - Reads in flight plus reads completed but not yet sent hold at most `read_depth` full
+//!   chunks' bytes (one read always may): shorter reads go more at a time ([`pump`]).
 
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;

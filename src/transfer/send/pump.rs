@@ -3,20 +3,25 @@
 //! coalesced into `Zero` frames, and (while mirroring) each chunk carved against the guest
 //! writes mirrored since its read was submitted, with a bounded window of fences.
 //!
-//! Invariants: reads in flight plus chunks read but not yet sent never exceed the read depth;
-//! a chunk's buffer goes back to the pool once the chunk is on the wire.
+//! Invariants: the bytes of reads in flight plus chunks read but not yet sent never exceed
+//! the read depth's worth of full chunks (`read_depth × chunk_bytes`; one read always may
+//! go), nor [`MAX_READS`] reads: short reads (a later pass's scattered blocks) go as many
+//! at a time as fit the disk time the depth allows, not one by one. A chunk's buffer goes
+//! back to the pool once the chunk is on the wire.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_sys::{AlignedBuf, DirectFile};
+use ferry_sys::{AlignedBuf, DirectFile, DIRECT_ALIGN};
 
 use super::super::frame::{self, Frame};
 use super::super::TransferError;
 use super::{SendStats, Sender};
 use crate::io::{open_engine, read_buf_len, IoCompletion, IoKind, IoRequest};
 
+/// Most reads in flight, however short.
+const MAX_READS: usize = 64;
 /// Largest copy chunk while mirroring.
 pub(super) const MIRROR_CHUNK_BYTES: usize = 256 << 10;
 /// Copy bytes between two fences while mirroring.
@@ -32,6 +37,36 @@ struct FenceWindow {
     /// Seqs of fences not yet waited for, oldest first.
     pending: std::collections::VecDeque<u64>,
 }
+
+/// What may be read ahead of the sends: reads and their bytes.
+#[derive(Debug, Clone, Copy)]
+struct ReadBudget {
+    reads: usize,
+    bytes: u64,
+}
+
+impl ReadBudget {
+    /// The budget of `read_depth` reads of `chunk_bytes`: their bytes, in as many shorter
+    /// reads as fit (at least `read_depth`, at most [`MAX_READS`]).
+    fn for_shape(read_depth: usize, chunk_bytes: usize) -> Self {
+        let depth = read_depth.clamp(1, MAX_READS);
+        let bytes = depth as u64 * chunk_bytes as u64;
+        let short_reads = usize::try_from(bytes / DIRECT_ALIGN as u64).unwrap_or(MAX_READS);
+        ReadBudget {
+            reads: short_reads.clamp(depth, MAX_READS),
+            bytes,
+        }
+    }
+
+    /// Whether one more read of `len_bytes` may go while `reads` reads of `bytes` in all
+    /// are in flight or waiting to be sent (the first always may).
+    fn admits(self, reads: usize, bytes: u64, len_bytes: u32) -> bool {
+        reads < self.reads && (reads == 0 || bytes + u64::from(len_bytes) <= self.bytes)
+    }
+}
+
+/// The chunks still to read, the next one visible before it is taken.
+type Chunks<'a> = std::iter::Peekable<&'a mut dyn Iterator<Item = (u64, u32)>>;
 
 /// A run of zero chunks not yet sent.
 #[derive(Debug, Clone, Copy)]
@@ -60,14 +95,14 @@ impl Sender {
         on_chunk: &mut dyn FnMut(u64) -> Option<u64>,
         stats: &mut SendStats,
     ) -> Result<(), TransferError> {
-        let depth = self.options.read_depth.clamp(1, 64);
-        let depth_u32 = u32::try_from(depth).expect("clamped");
-        let mut engine = open_engine(self.engine_kind, Arc::clone(file), depth_u32, None)
+        let budget = ReadBudget::for_shape(self.options.read_depth, self.options.chunk_bytes);
+        let queue_depth = u32::try_from(budget.reads).expect("at most MAX_READS");
+        let mut engine = open_engine(self.engine_kind, Arc::clone(file), queue_depth, None)
             .map_err(TransferError::Engine)?;
         if self.mirroring {
             self.out.set_copying(true);
         }
-        let result = self.pump_reads(&mut *engine, chunks, on_chunk, stats, depth);
+        let result = self.pump_reads(&mut *engine, chunks, on_chunk, stats, budget);
         if self.mirroring {
             self.out.set_copying(false);
         }
@@ -80,7 +115,7 @@ impl Sender {
         chunks: &mut dyn Iterator<Item = (u64, u32)>,
         on_chunk: &mut dyn FnMut(u64) -> Option<u64>,
         stats: &mut SendStats,
-        depth: usize,
+        budget: ReadBudget,
     ) -> Result<(), TransferError> {
         // Reads in flight (tag → range) and reads done but not yet sent (tag → chunk).
         let mut reading: BTreeMap<u64, (u64, u32, u64)> = BTreeMap::new();
@@ -88,11 +123,18 @@ impl Sender {
         let mut chunks = chunks.peekable();
         let (mut next_tag, mut next_emit) = (0u64, 0u64);
         let mut zero_run: Option<ZeroRun> = None;
-        let mut done = Vec::with_capacity(depth);
+        let mut done = Vec::with_capacity(budget.reads);
         let mut window = FenceWindow::default();
         // Reads in flight plus chunks ready only drop when a chunk is sent, so the first
         // reads are submitted here and each later one right after a send (below).
-        self.refill(engine, &mut chunks, &mut reading, 0, &mut next_tag, depth)?;
+        self.refill(
+            engine,
+            &mut chunks,
+            &mut reading,
+            &ready,
+            &mut next_tag,
+            budget,
+        )?;
         loop {
             if reading.is_empty() && ready.is_empty() {
                 break;
@@ -128,9 +170,9 @@ impl Sender {
                     engine,
                     &mut chunks,
                     &mut reading,
-                    ready.len(),
+                    &ready,
                     &mut next_tag,
-                    depth,
+                    budget,
                 )?;
                 engine
                     .complete(0, &mut done)
@@ -145,20 +187,33 @@ impl Sender {
         Ok(())
     }
 
-    /// Submits reads of the next chunks until `depth` are in flight or ready to send.
+    /// Submits reads of the next chunks while those in flight or ready to send stay within
+    /// `budget` (one always may).
     fn refill(
         &mut self,
         engine: &mut dyn crate::io::BlockIo,
-        chunks: &mut dyn Iterator<Item = (u64, u32)>,
+        chunks: &mut Chunks<'_>,
         reading: &mut BTreeMap<u64, (u64, u32, u64)>,
-        ready_count: usize,
+        ready: &BTreeMap<u64, ReadChunk>,
         next_tag: &mut u64,
-        depth: usize,
+        budget: ReadBudget,
     ) -> Result<(), TransferError> {
-        while reading.len() + ready_count < depth {
-            let Some((offset_bytes, len_bytes)) = chunks.next() else {
+        let mut reads = reading.len() + ready.len();
+        let mut bytes: u64 = reading
+            .values()
+            .map(|&(_, len, _)| u64::from(len))
+            .sum::<u64>()
+            + ready
+                .values()
+                .map(|chunk| u64::from(chunk.len_bytes))
+                .sum::<u64>();
+        while let Some(&(offset_bytes, len_bytes)) = chunks.peek() {
+            if !budget.admits(reads, bytes, len_bytes) {
                 break;
-            };
+            }
+            chunks.next();
+            reads += 1;
+            bytes += u64::from(len_bytes);
             let since_seq = self.out.mirror_seq();
             let request = IoRequest {
                 tag: *next_tag,
@@ -320,4 +375,42 @@ fn gather(
 fn is_all_zero(data: &[u8]) -> bool {
     data.chunks(4096)
         .all(|block| block.iter().fold(0u8, |acc, &byte| acc | byte) == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Goal: a gear's read shape bounds the disk time read ahead, not the count of reads: one
+    // 64 KiB read at a time lets sixteen 4 KiB reads go together, never more bytes than the
+    // shape's, never more than MAX_READS reads, and a read longer than the budget still goes
+    // alone. Method: the budget's answers at its edges.
+    #[test]
+    fn the_read_shape_bounds_bytes_ahead_not_reads() {
+        let one_short = ReadBudget::for_shape(1, 64 << 10);
+        assert_eq!((one_short.reads, one_short.bytes), (16, 64 << 10));
+        assert!(one_short.admits(15, 15 * 4096, 4096));
+        assert!(!one_short.admits(16, 16 * 4096, 4096));
+        assert!(one_short.admits(0, 0, 64 << 10));
+        assert!(!one_short.admits(1, 4096, 64 << 10));
+        assert!(
+            one_short.admits(0, 0, 1 << 20),
+            "a longer read still goes alone"
+        );
+
+        let full = ReadBudget::for_shape(8, 1 << 20);
+        assert_eq!((full.reads, full.bytes), (MAX_READS, 8 << 20));
+        assert!(full.admits(7, 7 << 20, 1 << 20));
+        assert!(!full.admits(8, 8 << 20, 1 << 20));
+        assert!(!full.admits(MAX_READS, 64 * 4096, 4096));
+
+        let one_block = ReadBudget::for_shape(1, 4096);
+        assert_eq!((one_block.reads, one_block.bytes), (1, 4096));
+        assert!(!one_block.admits(1, 4096, 4096));
+        assert_eq!(
+            ReadBudget::for_shape(0, 4096).reads,
+            1,
+            "a depth of 0 reads one"
+        );
+    }
 }
