@@ -163,9 +163,11 @@ pub trait MigrationEnv {
     fn stop_mirroring(&mut self);
     /// A progress sample for the CLI bar and the API.
     fn progress(&mut self, progress: &Progress);
-    /// What the guest's requests did since the previous call ([`steer`]); `None` when the
-    /// env cannot measure them (the copy is then not steered).
-    fn guest_window(&mut self) -> Option<steer::GuestWindow> {
+    /// What the guest's requests did since the window was last closed ([`steer`]); `close`:
+    /// the next window starts now. `None` when the env cannot measure them (the copy is
+    /// then not steered).
+    fn guest_window(&mut self, close: bool) -> Option<steer::GuestWindow> {
+        let _ = close;
         None
     }
     /// Copies in `gear` from now on (its reads and pace; [`steer::FASTEST`]: unsteered).

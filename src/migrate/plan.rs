@@ -364,7 +364,11 @@ impl<'env, E: MigrationEnv> Migration<'env, E> {
         if self.steer.bound().is_none() || !self.steer.window_due(now_ns) {
             return false;
         }
-        let Some(window) = self.env.guest_window() else {
+        let open = self.env.guest_window(false).map(|window| window.ops);
+        if !open.is_some_and(|ops| self.steer.window_closes(now_ns, ops)) {
+            return false;
+        }
+        let Some(window) = self.env.guest_window(true) else {
             return false;
         };
         let dirty_blocks = self.env.dirty_count();

@@ -439,8 +439,13 @@ impl MigrationEnv for SimEnv {
         self.hold()
     }
 
-    fn guest_window(&mut self) -> Option<GuestWindow> {
-        self.disk.as_mut().map(SharedDisk::take_window)
+    fn guest_window(&mut self, close: bool) -> Option<GuestWindow> {
+        let disk = self.disk.as_mut()?;
+        Some(if close {
+            disk.take_window()
+        } else {
+            disk.open_window()
+        })
     }
 
     fn set_copy_gear(&mut self, gear: Gear) {

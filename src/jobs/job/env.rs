@@ -295,11 +295,13 @@ impl MigrationEnv for JobEnv {
 
     /// Every guest request on the export (reads and writes) since the previous window, from
     /// the histogram the sessions merge every 200 ms.
-    fn guest_window(&mut self) -> Option<GuestWindow> {
+    fn guest_window(&mut self, close: bool) -> Option<GuestWindow> {
         let now = self.export.latency();
         let mut window = now.clone();
         window.subtract(&self.guest_before);
-        self.guest_before = now;
+        if close {
+            self.guest_before = now;
+        }
         Some(GuestWindow {
             ops: window.count(),
             p99_us: window.summary().p99,

@@ -107,18 +107,29 @@ impl SharedDisk {
         self.window_us.push(latency_us);
     }
 
-    /// The writes since the previous call: their count and p99.
+    /// The writes since the previous take: their count and p99 (logged).
     pub fn take_window(&mut self) -> GuestWindow {
-        let mut window = std::mem::take(&mut self.window_us);
-        window.sort_unstable();
-        let ops = window.len() as u64;
-        let p99_us = match window.len() {
-            0 => 0,
-            len => window[(len * 99).div_ceil(100) - 1],
-        };
-        self.p99_log_us.push(p99_us);
-        GuestWindow { ops, p99_us }
+        let window = std::mem::take(&mut self.window_us);
+        let summary = summarize(window);
+        self.p99_log_us.push(summary.p99_us);
+        summary
     }
+
+    /// The writes since the previous take, the window left open.
+    pub fn open_window(&self) -> GuestWindow {
+        summarize(self.window_us.clone())
+    }
+}
+
+/// The count and p99 of a window's write latencies.
+fn summarize(mut window_us: Vec<u64>) -> GuestWindow {
+    window_us.sort_unstable();
+    let ops = window_us.len() as u64;
+    let p99_us = match window_us.len() {
+        0 => 0,
+        len => window_us[(len * 99).div_ceil(100) - 1],
+    };
+    GuestWindow { ops, p99_us }
 }
 
 #[cfg(test)]

@@ -17,6 +17,10 @@
 //! - a quiet guest (fewer than [`QUIET_OPS`] requests) has nothing to protect: the fastest
 //!   gear.
 //!
+//! A window stays open until it holds [`JUDGE_MIN_OPS`] requests (or lasts
+//! [`WINDOW_MAX_NS`]): the p99 of a few hundred requests is their few worst, which one disk
+//! hiccup decides whatever the copy does, and a judgement on it shifts gears for nothing.
+//!
 //! An explicit bound (`2x`, `5ms`) is strict: the rules above, down to the floor if that is
 //! what holds it, whatever it costs in time. With [`ImpactTarget::Auto`] (the default) the
 //! controller keeps, per gear, the guest's p99 and the copy's rate it last measured (figures
@@ -50,6 +54,11 @@ pub use target::{
 
 /// Shortest window the guest's latency is judged over.
 pub const WINDOW_NS: u64 = 250_000_000;
+/// Requests a window holds before it is judged (unless quiet or [`WINDOW_MAX_NS`] old): its
+/// p99 is then the tenth worst, not the third.
+pub const JUDGE_MIN_OPS: u64 = 1_000;
+/// Longest window: a guest too slow to fill [`JUDGE_MIN_OPS`] is judged at this age.
+pub const WINDOW_MAX_NS: u64 = 1_000_000_000;
 /// The copy never goes slower than this.
 pub const FLOOR_BYTES_PER_S: u64 = 16 << 20;
 /// Fewer guest requests than this in a window: the guest is quiet, nothing to protect.
@@ -205,10 +214,19 @@ impl Steer {
         self.last
     }
 
-    /// Whether a window has passed since the last judgement, at `now_ns`: the caller then
-    /// measures the guest's window and calls [`Steer::observe`].
+    /// Whether the shortest window has passed since the last judgement, at `now_ns`: the
+    /// caller then measures the open window and asks [`Steer::window_closes`].
     pub fn window_due(&self, now_ns: u64) -> bool {
         now_ns.saturating_sub(self.window_start_ns) >= WINDOW_NS
+    }
+
+    /// Whether the open window, holding `ops` requests at `now_ns`, is judged now (the
+    /// caller then closes it and calls [`Steer::observe`]) or stays open for more requests.
+    pub fn window_closes(&self, now_ns: u64, ops: u64) -> bool {
+        let age_ns = now_ns.saturating_sub(self.window_start_ns);
+        // Between quiet and enough: more requests, unless the window is old.
+        let waiting = (QUIET_OPS..JUDGE_MIN_OPS).contains(&ops);
+        age_ns >= WINDOW_NS && (!waiting || age_ns >= WINDOW_MAX_NS)
     }
 
     /// Judges the window that ends at `now_ns`: the guest's `window`, the copy's rate over

@@ -247,3 +247,29 @@ fn auto_holds_the_fastest_gear_within_the_bound() {
     let at_four = settled.iter().filter(|&&g| g == 4).count();
     assert!(at_four * 100 >= settled.len() * 80, "{gears:?}");
 }
+
+// Goal: a window is judged once it holds enough requests for its p99 to say something (or
+// the guest is quiet, or it has lasted long enough), not every 250 ms whatever it holds.
+// Method: the rule at its edges, from a controller that judged last at 0.
+#[test]
+fn a_window_closes_on_enough_requests_or_age() {
+    let steer = Steer::new(auto(400), 0);
+    assert!(
+        !steer.window_closes(WINDOW_NS - 1, JUDGE_MIN_OPS),
+        "too young"
+    );
+    assert!(steer.window_closes(WINDOW_NS, JUDGE_MIN_OPS));
+    assert!(
+        steer.window_closes(WINDOW_NS, QUIET_OPS - 1),
+        "a quiet guest: judged now"
+    );
+    assert!(
+        !steer.window_closes(WINDOW_NS, QUIET_OPS),
+        "500 IOPS: stays open"
+    );
+    assert!(!steer.window_closes(WINDOW_MAX_NS - 1, JUDGE_MIN_OPS - 1));
+    assert!(
+        steer.window_closes(WINDOW_MAX_NS, JUDGE_MIN_OPS - 1),
+        "old enough"
+    );
+}
