@@ -293,8 +293,8 @@ impl MigrationEnv for JobEnv {
         *self.progress.lock().expect("progress lock") = Some(progress.clone());
     }
 
-    /// Every guest request on the export (reads and writes) since the previous window, from
-    /// the histogram the sessions merge every 200 ms.
+    /// Every guest request on the export (reads and writes) since the window was last
+    /// closed, from the histogram the sessions merge every 200 ms; `close` starts the next.
     fn guest_window(&mut self, close: bool) -> Option<GuestWindow> {
         let now = self.export.latency();
         let mut window = now.clone();
