@@ -237,10 +237,13 @@ impl<'env, E: MigrationEnv> Migration<'env, E> {
             .map_err(|source| source_error(Step::StartMirroring, source))?;
         self.mirroring = true;
         self.report.mirrored = true;
-        // Mirroring converges whatever the copy's rate, and the guest's latency now holds
-        // the mirror's round trip, which no cap lowers: the copy runs uncapped from here.
-        self.steer = Steer::new(None, self.env.now_ns());
-        self.env.set_copy_gear(steer::FASTEST);
+        // The copy stays steered: a mirrored write travels the one ordered stream behind
+        // the copy's data and waits at the destination with its writes, so a copy flat out
+        // holds every guest write for milliseconds. The gears' figures from before hold no
+        // round trip: the controller measures afresh (the conflict is past: mirroring
+        // converges whatever the copy's rate).
+        self.steer = Steer::new(self.steer.bound(), self.env.now_ns());
+        self.env.set_copy_gear(self.steer.gear());
         Ok(())
     }
 
@@ -419,7 +422,8 @@ impl<'env, E: MigrationEnv> Migration<'env, E> {
             copy_cap_bytes_per_s: self.steer.gear().cap_bytes_per_s,
             copy_read_depth: self.steer.bound().map(|_| self.steer.gear().read_depth),
             copy_read_bytes: self.steer.bound().map(|_| self.steer.gear().chunk_bytes),
-            impact_conflict: self.report.impact_conflict || self.steer.conflict(),
+            impact_conflict: self.report.impact_conflict
+                || (self.steer.conflict() && !self.mirroring),
         };
         self.env.progress(&progress);
     }

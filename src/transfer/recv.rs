@@ -8,6 +8,8 @@
 //! - A write never overlaps a write still in flight: two writes of the same range could land
 //!   in either order, and a resent block must win over its older copy.
 //! - Received blocks are marked in a [`DirtyBitmap`] after their write completed.
+//! - Fence: `FenceOk` once every write before it completed, without stopping the writes
+//!   after it ([`target`]).
 //! - Sync: drain, fdatasync, `SyncOk`. Commit: the same, then `host.commit_target`, `CommitOk`.
 //!   Abort: `host.abort_target`, `Abort` back. A stream that ends before Commit leaves the
 //!   target as it is, for a later resume.
@@ -21,6 +23,7 @@
 
 use std::io::Read;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -294,7 +297,10 @@ fn serve_connection(
             return Err(fail(&mut stream, TransferError::Refused { reason }));
         }
     };
-    let engine = open_engine(engine_kind, Arc::clone(&file), WRITE_DEPTH, None)
+    // The engine watches the socket, so a wait for writes behind a Fence ends when the
+    // next frame arrives.
+    let connection = Some(stream.as_fd());
+    let engine = open_engine(engine_kind, Arc::clone(&file), WRITE_DEPTH, connection)
         .map_err(|err| fail(&mut stream, TransferError::Engine(err)))?;
     let reply = Frame::OpenOk {
         nbd_tcp: host.nbd_tcp(),

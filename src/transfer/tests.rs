@@ -478,6 +478,62 @@ fn mirrored_writes_racing_the_copy_land_last() {
     assert_eq!(first_difference, None, "after {writes} mirrored writes");
 }
 
+// Goal: a Fence that no longer drains still answers only once every write before it is on
+// the target's disk, while the copy's writes keep flowing behind it (the mirrored write a
+// guest sees acknowledged must be at the destination). Method: a slow copy runs while a
+// guest thread mirrors a unique pattern, fences, and at once reads the target image there.
+#[test]
+fn a_fenced_mirrored_write_is_on_the_target_when_the_fence_returns() {
+    use crate::disk::mirror::WriteMirror;
+    use std::os::unix::fs::FileExt;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let size = 16 * MIB;
+    let s = setup(size, &[], None);
+    let (mut sender, _) = Sender::connect(
+        s.server.local_addr(),
+        &s.key,
+        &spec("fenced", size),
+        SendOptions {
+            chunk_bytes: 256 << 10,
+            bandwidth_bytes_per_s: Some(32 * MIB),
+            ..SendOptions::default()
+        },
+    )
+    .unwrap();
+    let link = sender.mirror_link();
+    let copied = Arc::new(AtomicBool::new(false));
+    let image = s.host.image("fenced");
+    let guest = {
+        let (path, link, copied) = (s.source_path.clone(), link.clone(), Arc::clone(&copied));
+        std::thread::spawn(move || {
+            let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+            let mut rng = SplitMix64::new(7);
+            let mut fenced = 0u64;
+            while !copied.load(Ordering::SeqCst) {
+                let offset = (rng.next_u64() % (size / 4096 - 16)) * 4096;
+                let data: Vec<u8> = (0..16 * 1024).map(|_| rng.next_u64() as u8).collect();
+                file.write_all_at(&data, offset).unwrap();
+                link.write(offset, &data);
+                link.fence();
+                let mut seen = vec![0u8; data.len()];
+                let target = std::fs::File::open(&image).unwrap();
+                target.read_exact_at(&mut seen, offset).unwrap();
+                assert!(seen == data, "write {fenced} at {offset} not on the target");
+                fenced += 1;
+            }
+            fenced
+        })
+    };
+    let source = open_source(&s.source_path);
+    sender.send_extents(&source, &[(0, size)]).unwrap();
+    copied.store(true, Ordering::SeqCst);
+    let fenced = guest.join().unwrap();
+    assert!(fenced > 10, "only {fenced} fenced writes during the copy");
+    assert!(!link.failed());
+    sender.commit(None).unwrap();
+}
+
 // Goal: a re-point crosses the block stream to the holder's host, authenticated, and its
 // answer comes back; a refusal is an error naming the reason, and a wrong key gets nothing
 // through. Method: repoint::tell_holder against a real receiver with a recording host.

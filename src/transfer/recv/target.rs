@@ -3,12 +3,24 @@
 //! several writes in flight, never two overlapping at once (a resent block must win over its
 //! older copy); Sync and Commit drain and fdatasync; every received block is marked once its
 //! write completed.
+//!
+//! A Fence does not drain: it is answered once every write submitted before it completed,
+//! while the frames after it keep being applied. A mirroring source sends one per batch of
+//! guest writes, thousands a second; draining at each would empty the write pipeline that
+//! many times and hold the guest's writes behind the copy's.
+//!
+//! Invariants:
+//! - Requests are tagged in submission order, so "every write before the Fence completed" is
+//!   "the oldest tag in flight is the Fence's watermark or newer".
+//! - FenceOks go out in the order of their Fences; every Fence read is answered before the
+//!   target waits for the next frame with nothing arriving, and before any other reply.
 
 /// Largest single WriteZeroes/Trim request (engine lengths are u32).
 const MAX_ZERO_REQUEST_BYTES: u64 = 1 << 30;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::TcpStream;
+use std::os::fd::AsFd;
 use std::sync::Arc;
 
 use ferry_sys::{DirectFile, DIRECT_ALIGN};
@@ -31,6 +43,8 @@ pub(super) struct Target {
     /// tag → (offset, length) of each request in flight.
     in_flight: BTreeMap<u64, (u64, u64)>,
     next_tag: u64,
+    /// Fences read and not answered: (seq, the first tag submitted after the Fence).
+    fences: VecDeque<(u64, u64)>,
     received: DirtyBitmap,
     pool: BufPool,
     done: Vec<IoCompletion>,
@@ -50,6 +64,7 @@ impl Target {
             engine,
             in_flight: BTreeMap::new(),
             next_tag: 0,
+            fences: VecDeque::new(),
             received: DirtyBitmap::new(spec.size_bytes.div_ceil(spec.granularity_bytes)),
             pool: BufPool::new(),
             done: Vec::new(),
@@ -68,6 +83,7 @@ impl Target {
         // At an in-sync point and nothing written since: the source may close here.
         let mut at_point = false;
         loop {
+            self.await_fences_or_input(stream)?;
             let frame = match read_frame(stream, &mut self.meta) {
                 Ok(frame) => frame,
                 Err(TransferError::PeerGone(_)) if committed => return Ok("committed"),
@@ -95,6 +111,7 @@ impl Target {
                 } => self.zero_or_trim(offset_bytes, len_bytes, false)?,
                 Frame::Sync { seq } => {
                     self.flush()?;
+                    self.answer_fences(stream)?;
                     let mut received =
                         DirtySet::empty(self.spec.granularity_bytes, self.spec.size_bytes);
                     self.received.load_into(&mut received);
@@ -106,8 +123,8 @@ impl Target {
                     write_frame(stream, &reply, &mut self.scratch)?;
                 }
                 Frame::Fence { seq } => {
-                    self.drain()?;
-                    write_frame(stream, &Frame::FenceOk { seq }, &mut self.scratch)?;
+                    self.fences.push_back((seq, self.next_tag));
+                    self.answer_fences(stream)?;
                 }
                 Frame::Digests {
                     seq,
@@ -116,6 +133,7 @@ impl Target {
                     count,
                 } => {
                     self.drain()?;
+                    self.answer_fences(stream)?;
                     let digests = self.digests(offset_bytes, block_bytes, count)?;
                     write_frame(
                         stream,
@@ -125,12 +143,14 @@ impl Target {
                 }
                 Frame::Verify { seq } => {
                     self.drain()?;
+                    self.answer_fences(stream)?;
                     let digest = hash_image(&self.file, self.spec.size_bytes)?;
                     let reply = Frame::VerifyOk { seq, digest };
                     write_frame(stream, &reply, &mut self.scratch)?;
                 }
                 Frame::Commit { seq, manager_epoch } => {
                     self.flush()?;
+                    self.answer_fences(stream)?;
                     host.commit_target(&self.spec, manager_epoch)
                         .map_err(|err| {
                             log::warn!(
@@ -147,6 +167,7 @@ impl Target {
                 }
                 Frame::Mark { seq, at_unix_ms } => {
                     self.flush()?;
+                    self.answer_fences(stream)?;
                     host.mark_in_sync(&self.spec, at_unix_ms).map_err(|err| {
                         log::warn!(
                             "target {}: in-sync point not recorded: {}",
@@ -326,6 +347,33 @@ impl Target {
         failure.map_or(Ok(()), |err| Err(TransferError::TargetWrite(err)))
     }
 
+    /// Answers, in order, every Fence whose writes have all completed.
+    fn answer_fences(&mut self, stream: &mut Link<TcpStream>) -> Result<(), TransferError> {
+        let oldest_in_flight = self.in_flight.keys().next().copied().unwrap_or(u64::MAX);
+        while let Some(&(seq, watermark)) = self.fences.front() {
+            if oldest_in_flight < watermark {
+                break;
+            }
+            self.fences.pop_front();
+            write_frame(stream, &Frame::FenceOk { seq }, &mut self.scratch)?;
+        }
+        Ok(())
+    }
+
+    /// Before waiting for the next frame: answers the Fences that can be, and while some
+    /// wait on writes and nothing has arrived, reaps completions (the engine's wait also
+    /// ends when the socket turns readable, where it watches it).
+    fn await_fences_or_input(&mut self, stream: &mut Link<TcpStream>) -> Result<(), TransferError> {
+        loop {
+            self.answer_fences(stream)?;
+            if self.fences.is_empty() || has_input(stream)? {
+                return Ok(());
+            }
+            self.engine.arm_readable();
+            self.complete(1)?;
+        }
+    }
+
     /// Waits for every request in flight.
     pub(super) fn drain(&mut self) -> Result<(), TransferError> {
         while !self.in_flight.is_empty() {
@@ -334,7 +382,7 @@ impl Target {
         Ok(())
     }
 
-    /// Drains, then fdatasyncs the target.
+    /// Drains, then fdatasyncs the target (the Fences waiting are answerable after it).
     fn flush(&mut self) -> Result<(), TransferError> {
         self.drain()?;
         self.submit(IoRequest {
@@ -345,5 +393,16 @@ impl Target {
             buf: None,
         })?;
         self.drain()
+    }
+}
+
+/// Whether the socket holds unread bytes (or its end): a read would not block.
+fn has_input(stream: &Link<TcpStream>) -> Result<bool, TransferError> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(stream.as_fd(), PollFlags::POLLIN)];
+    match poll(&mut fds, PollTimeout::ZERO) {
+        Ok(ready) => Ok(ready > 0),
+        Err(nix::errno::Errno::EINTR) => Ok(false),
+        Err(err) => Err(TransferError::Socket(err.into())),
     }
 }
