@@ -9,7 +9,7 @@
 #![allow(clippy::tests_outside_test_module)]
 
 use ferry::migrate::sim::{seeds_from_env, SeedReport, SimEnv, SimOptions};
-use ferry::migrate::steer::{ImpactTarget, WINDOW_NS};
+use ferry::migrate::steer::{ImpactTarget, FASTEST, WINDOW_NS};
 use ferry::migrate::{run, MigrateOptions, MigrationEnv, MigrationReport};
 
 /// Windows the controller may take to settle before its bound is judged: 3 s, a window
@@ -131,6 +131,14 @@ fn a_guest_dirtying_faster_than_the_bound_allows_ends_in_mirroring() {
         let report = migrate(&mut env, Some(bound), STRICT_2X);
         assert!(report.impact_conflict, "seed {seed}: {report:?}");
         assert!(report.mirrored, "seed {seed}: {report:?}");
+        // Mirroring, the copy stays steered: a mirrored write waits behind the copy's data,
+        // so a flat-out copy would hold every guest write.
+        assert!(!env.mirror_gears.is_empty(), "seed {seed}: never steered");
+        assert!(
+            env.mirror_gears.iter().all(|&gear| gear != FASTEST),
+            "seed {seed}: flat out while mirroring: {:?}",
+            env.mirror_gears
+        );
         let windows = env.disk.as_ref().map_or(0, |d| d.p99_log_us.len()) as u64;
         assert!(
             windows * WINDOW_NS / 1_000_000_000 < 120,

@@ -149,6 +149,8 @@ pub struct SimEnv {
     pub faults_injected: u64,
     /// The disk the guest and the copy share, if modelled.
     pub disk: Option<SharedDisk>,
+    /// The copy's gears set while mirroring with the guest running, in order.
+    pub mirror_gears: Vec<Gear>,
 }
 
 impl SimEnv {
@@ -188,6 +190,7 @@ impl SimEnv {
                 let base_us = options.write_latency_ns / 1000;
                 SharedDisk::new(options.disk_bytes_per_s, guest_bytes_per_s, base_us)
             }),
+            mirror_gears: Vec::new(),
             options,
         };
         for block in 0..block_count {
@@ -449,6 +452,9 @@ impl MigrationEnv for SimEnv {
     }
 
     fn set_copy_gear(&mut self, gear: Gear) {
+        if self.mirroring && !self.held {
+            self.mirror_gears.push(gear);
+        }
         if let Some(disk) = &mut self.disk {
             disk.set_gear(gear);
         }
