@@ -9,7 +9,7 @@
 #![allow(clippy::tests_outside_test_module)]
 
 use ferry::migrate::sim::{seeds_from_env, SeedReport, SimEnv, SimOptions};
-use ferry::migrate::steer::{ImpactTarget, FASTEST, WINDOW_NS};
+use ferry::migrate::steer::{ImpactTarget, FASTEST, FLOOR_BYTES_PER_S, WINDOW_NS};
 use ferry::migrate::{run, MigrateOptions, MigrationEnv, MigrationReport};
 
 /// Windows the controller may take to settle before its bound is judged: 3 s, a window
@@ -143,6 +143,42 @@ fn a_guest_dirtying_faster_than_the_bound_allows_ends_in_mirroring() {
         assert!(
             windows * WINDOW_NS / 1_000_000_000 < 120,
             "seed {seed}: {windows} windows"
+        );
+    }
+}
+
+#[test]
+fn a_strict_bound_the_mirror_round_trip_breaks_does_not_hold_the_copy_at_the_floor() {
+    // Goal: mirroring from the start under a strict 2x bound, where the mirror's round trip
+    // alone puts every guest write above the bound, the copy is not slowed to the floor for
+    // a bound no gear can reach (that only makes the guest pay the round trip longer).
+    // Method: a round trip of 3x the guest's own write; the run must converge in under half
+    // the time the floor rate needs for the allocated data.
+    for seed in seeds_from_env(3) {
+        let _report = SeedReport(seed);
+        let world = SimOptions {
+            mirror_round_trip_us: 600,
+            ..shared_disk_world(2_000, 4)
+        };
+        let allocated_bytes =
+            world.block_count * world.granularity_bytes * world.allocated_pct / 100;
+        let mut env = SimEnv::new(seed, world);
+        let (_, bound) = bound_of(&mut env);
+        let options = MigrateOptions {
+            impact_target_us: Some(bound),
+            impact_own_us: Some(bound / 2),
+            impact_strict: true,
+            mirror_from_start: true,
+            ..MigrateOptions::default()
+        };
+        let report = run(&mut env, &options).expect("converges");
+        env.check_switched();
+        let floor_ms = allocated_bytes as f64 * 1e3 / FLOOR_BYTES_PER_S as f64;
+        assert!(
+            report.converge_ms < floor_ms / 2.0,
+            "seed {seed}: {:.1} s, the floor takes {:.1} s",
+            report.converge_ms / 1e3,
+            floor_ms / 1e3
         );
     }
 }

@@ -241,8 +241,15 @@ impl<'env, E: MigrationEnv> Migration<'env, E> {
         // the copy's data and waits at the destination with its writes, so a copy flat out
         // holds every guest write for milliseconds. The gears' figures from before hold no
         // round trip: the controller measures afresh (the conflict is past: mirroring
-        // converges whatever the copy's rate).
-        self.steer = Steer::new(self.steer.bound(), self.env.now_ns());
+        // converges whatever the copy's rate). No bound is strict here: the round trip
+        // alone may exceed it, and a copy slowed to the floor for a bound it cannot reach
+        // only keeps every guest write paying that round trip longer (`auto` weighs the
+        // harm per byte instead).
+        let bound = self.steer.bound().map(|bound| Bound {
+            strict: false,
+            ..bound
+        });
+        self.steer = Steer::new(bound, self.env.now_ns());
         self.env.set_copy_gear(self.steer.gear());
         Ok(())
     }

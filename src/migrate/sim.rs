@@ -89,6 +89,9 @@ pub struct SimOptions {
     /// guest's latency grows with the copy's rate, and is measured for the copy controller.
     /// 0: no such disk (the guest's latency is not measured, the copy not steered).
     pub disk_bytes_per_s: u64,
+    /// While mirroring, each guest write on the shared disk also waits this long for the
+    /// destination (the round trip and its write there), µs.
+    pub mirror_round_trip_us: u64,
 }
 
 impl Default for SimOptions {
@@ -110,6 +113,7 @@ impl Default for SimOptions {
             half_life_ms: 10_000,
             warmup_ms: 20_000,
             disk_bytes_per_s: 0,
+            mirror_round_trip_us: 0,
         }
     }
 }
@@ -254,6 +258,18 @@ impl SimEnv {
         assert!(!self.mirroring, "still mirroring after a failed run");
         for (block, &acked) in self.acked.iter().enumerate() {
             assert_eq!(self.source[block], acked, "block {block}: acked write lost");
+        }
+    }
+
+    /// What a guest write waits for at the destination: the round trip while mirroring.
+    fn set_round_trip(&mut self) {
+        let round_trip_us = if self.mirroring {
+            self.options.mirror_round_trip_us
+        } else {
+            0
+        };
+        if let Some(disk) = &mut self.disk {
+            disk.set_round_trip_us(round_trip_us);
         }
     }
 
@@ -505,17 +521,20 @@ impl MigrationEnv for SimEnv {
         }
         self.switched = true;
         self.mirroring = false;
+        self.set_round_trip();
         self.source_at_switch = self.source.clone();
         Ok(())
     }
 
     fn start_mirroring(&mut self) -> Result<(), SimError> {
         self.mirroring = true;
+        self.set_round_trip();
         Ok(())
     }
 
     fn stop_mirroring(&mut self) {
         self.mirroring = false;
+        self.set_round_trip();
     }
 
     fn progress(&mut self, _progress: &Progress) {

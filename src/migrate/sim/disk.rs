@@ -11,6 +11,9 @@
 //!   rate`). So shorter and fewer reads cut the guest's p99 sharply, and pacing short reads
 //!   cuts it little until the copy is slow.
 //!
+//! - While mirroring, every guest write also waits for the destination: a fixed round trip
+//!   ([`SharedDisk::set_round_trip_us`]) that no gear lowers.
+//!
 //! The latencies of a window feed the copy controller as the export's histogram does in
 //! production.
 
@@ -31,6 +34,8 @@ pub struct SharedDisk {
     /// The copy's rate while a send runs, 0 between sends.
     copy_bytes_per_s: u64,
     gear: Gear,
+    /// What a mirrored write waits for at the destination, µs (0: not mirroring).
+    round_trip_us: u64,
     /// The busy share accumulated since the last write that met the copy's reads.
     meet_credit: f64,
     meetings: u64,
@@ -50,6 +55,7 @@ impl SharedDisk {
             base_latency_us: base_latency_us.max(1),
             copy_bytes_per_s: 0,
             gear: FASTEST,
+            round_trip_us: 0,
             meet_credit: 0.0,
             meetings: 0,
             window_us: Vec::new(),
@@ -60,6 +66,11 @@ impl SharedDisk {
     /// The copy's gear from now on.
     pub fn set_gear(&mut self, gear: Gear) {
         self.gear = gear;
+    }
+
+    /// Every guest write from now on also waits `round_trip_us` (mirroring; 0 when not).
+    pub fn set_round_trip_us(&mut self, round_trip_us: u64) {
+        self.round_trip_us = round_trip_us;
     }
 
     /// Time the disk takes to transfer `bytes` (µs).
@@ -93,7 +104,8 @@ impl SharedDisk {
     pub fn record_write(&mut self) {
         let busy = self.guest_bytes_per_s + self.copy_bytes_per_s;
         let utilisation_pct = (busy * 100 / self.bytes_per_s).min(MAX_UTILISATION_PCT);
-        let mut latency_us = self.base_latency_us * 100 / (100 - utilisation_pct);
+        let mut latency_us =
+            self.base_latency_us * 100 / (100 - utilisation_pct) + self.round_trip_us;
         if self.copy_bytes_per_s > 0 {
             self.meet_credit += self.copy_bytes_per_s as f64 / self.bytes_per_s as f64;
             if self.meet_credit >= 1.0 {
