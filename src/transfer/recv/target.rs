@@ -14,9 +14,14 @@
 //!   "the oldest tag in flight is the Fence's watermark or newer".
 //! - FenceOks go out in the order of their Fences; every Fence read is answered before the
 //!   target waits for the next frame with nothing arriving, and before any other reply.
+//! - At most [`MAX_PENDING_FENCES`] wait: past that the target reaps writes before it reads
+//!   on, so a peer sending Fences faster than writes complete gains no memory.
 
 /// Largest single WriteZeroes/Trim request (engine lengths are u32).
 const MAX_ZERO_REQUEST_BYTES: u64 = 1 << 30;
+/// Fences waiting for their writes before the target stops reading to reap them: far more
+/// than a mirroring source's sessions have in flight at once.
+const MAX_PENDING_FENCES: usize = 1024;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::TcpStream;
@@ -182,6 +187,7 @@ impl Target {
                 }
                 Frame::Abort => {
                     self.drain()?;
+                    self.answer_fences(stream)?;
                     host.abort_target(&self.spec);
                     write_frame(stream, &Frame::Abort, &mut self.scratch)?;
                     return Ok("aborted");
@@ -366,7 +372,9 @@ impl Target {
     fn await_fences_or_input(&mut self, stream: &mut Link<TcpStream>) -> Result<(), TransferError> {
         loop {
             self.answer_fences(stream)?;
-            if self.fences.is_empty() || has_input(stream)? {
+            if self.fences.is_empty()
+                || (self.fences.len() < MAX_PENDING_FENCES && has_input(stream)?)
+            {
                 return Ok(());
             }
             self.engine.arm_readable();
