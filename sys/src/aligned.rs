@@ -111,6 +111,8 @@ impl AlignedBuf {
         }
         // Anonymous mappings read as zeros: the buffer is zeroed without touching it.
         let ptr = NonNull::new(aligned as *mut u8)?;
+        #[cfg(test)]
+        tests::LIVE_MAPPINGS.with(|live| live.set(live.get() + 1));
         Some(AlignedBuf {
             ptr,
             layout,
@@ -157,7 +159,13 @@ impl Drop for AlignedBuf {
         if self.mapped_bytes > 0 {
             // SAFETY: `ptr` starts the buffer's own mapping of `mapped_bytes`, unmapped only
             // here; the ring never holds a buffer past its owner (module invariant).
-            unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.mapped_bytes) };
+            let unmapped = unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.mapped_bytes) };
+            #[cfg(test)]
+            if unmapped == 0 {
+                tests::LIVE_MAPPINGS.with(|live| live.set(live.get() - 1));
+            }
+            #[cfg(not(test))]
+            let _ = unmapped;
             return;
         }
         // SAFETY: `ptr` was returned by `alloc_zeroed(self.layout)` and is freed only here.
@@ -190,10 +198,16 @@ mod tests {
         assert!(format!("{buf:?}").contains("8192"));
     }
 
+    thread_local! {
+        /// Huge mappings made on this thread and not yet unmapped (by any thread). Counted
+        /// per thread: the process's mapped size moves with the other tests running beside.
+        pub(super) static LIVE_MAPPINGS: std::cell::Cell<i64> = const { std::cell::Cell::new(0) };
+    }
+
     // Goal: a buffer of HUGE_MIN_BYTES or more is its own mapping, 2 MiB aligned (so a huge
     // page can back it), zeroed and writable to its last byte, and unmapped on drop.
     // Method: allocate sizes at and above the threshold, check, write both ends; then drop
-    // 256 of them and compare the process's mapped size (a leak would add 512 MiB).
+    // 256 of them: every mapping made on this thread was unmapped (munmap succeeded).
     #[test]
     fn large_buffers_are_huge_page_aligned_mappings() {
         for len_bytes in [HUGE_MIN_BYTES, 2 << 20, 3 << 20, 8 << 20] {
@@ -209,24 +223,19 @@ mod tests {
             buf.as_mut_slice()[len_bytes - 1] = 2;
             assert_eq!(buf.as_slice()[len_bytes - 1], 2);
         }
-        let before_kib = mapped_kib();
+        let before = LIVE_MAPPINGS.with(std::cell::Cell::get);
         for _ in 0..256 {
             let mut buf = AlignedBuf::zeroed(HUGE_MIN_BYTES, DIRECT_ALIGN);
             buf.as_mut_slice()[0] = 1;
+            assert_eq!(LIVE_MAPPINGS.with(std::cell::Cell::get), before + 1);
         }
-        assert!(mapped_kib() < before_kib + (64 << 10), "huge buffers leak");
+        assert_eq!(
+            LIVE_MAPPINGS.with(std::cell::Cell::get),
+            before,
+            "huge buffers leak"
+        );
         // Below the threshold: the heap, as before.
         assert_eq!(AlignedBuf::zeroed(512 << 10, DIRECT_ALIGN).mapped_bytes, 0);
-    }
-
-    /// The process's mapped size (VmSize), KiB.
-    fn mapped_kib() -> u64 {
-        let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix("VmSize:"))
-            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmSize")
     }
 
     // Goal: a zero length is rejected. Method: expect the panic.
