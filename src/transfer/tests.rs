@@ -408,6 +408,30 @@ fn garbage_input_closes_only_that_connection() {
     send_whole_and_commit(&s, "after", size);
 }
 
+/// A sender of `export` to the setup's receiver, with a slow copy (`chunk_bytes` reads,
+/// capped at `bytes_per_s`) and the mirror link a guest's writes go through beside it.
+fn mirroring_sender(
+    s: &Setup,
+    export: &str,
+    size_bytes: u64,
+    chunk_bytes: usize,
+    bytes_per_s: u64,
+) -> (Sender, MirrorLink) {
+    let (mut sender, _) = Sender::connect(
+        s.server.local_addr(),
+        &s.key,
+        &spec(export, size_bytes),
+        SendOptions {
+            chunk_bytes,
+            bandwidth_bytes_per_s: Some(bytes_per_s),
+            ..SendOptions::default()
+        },
+    )
+    .unwrap();
+    let link = sender.mirror_link();
+    (sender, link)
+}
+
 // Goal: while guest writes are mirrored into the stream, the copy never lets stale bytes land
 // after a mirrored write (the carve-out), and mirrored writes of any size and alignment
 // arrive. Method: 8 MiB of PRNG data copied once with a 16 MiB/s cap (the pacing sleeps
@@ -424,18 +448,7 @@ fn mirrored_writes_racing_the_copy_land_last() {
 
     let size = 8 * MIB;
     let s = setup(size, &[], None);
-    let (mut sender, _) = Sender::connect(
-        s.server.local_addr(),
-        &s.key,
-        &spec("mirrored", size),
-        SendOptions {
-            chunk_bytes: 128 << 10,
-            bandwidth_bytes_per_s: Some(16 * MIB),
-            ..SendOptions::default()
-        },
-    )
-    .unwrap();
-    let link = sender.mirror_link();
+    let (mut sender, link) = mirroring_sender(&s, "mirrored", size, 128 << 10, 16 * MIB);
     let copied = Arc::new(AtomicBool::new(false));
     let guest = {
         let (path, link, copied) = (s.source_path.clone(), link.clone(), Arc::clone(&copied));
@@ -490,18 +503,7 @@ fn a_fenced_mirrored_write_is_on_the_target_when_the_fence_returns() {
 
     let size = 16 * MIB;
     let s = setup(size, &[], None);
-    let (mut sender, _) = Sender::connect(
-        s.server.local_addr(),
-        &s.key,
-        &spec("fenced", size),
-        SendOptions {
-            chunk_bytes: 256 << 10,
-            bandwidth_bytes_per_s: Some(32 * MIB),
-            ..SendOptions::default()
-        },
-    )
-    .unwrap();
-    let link = sender.mirror_link();
+    let (mut sender, link) = mirroring_sender(&s, "fenced", size, 256 << 10, 32 * MIB);
     let copied = Arc::new(AtomicBool::new(false));
     let image = s.host.image("fenced");
     let guest = {

@@ -10,7 +10,6 @@
 //!   the time to serve the reads queued ahead (a quarter to all of `depth × chunk / disk
 //!   rate`). So shorter and fewer reads cut the guest's p99 sharply, and pacing short reads
 //!   cuts it little until the copy is slow.
-//!
 //! - While mirroring, every guest write also waits for the destination: a fixed round trip
 //!   ([`SharedDisk::set_round_trip_us`]) that no gear lowers.
 //!
