@@ -43,6 +43,8 @@ use crate::nbd::admission::{
 mod target;
 
 use target::Target;
+#[cfg(test)]
+pub(super) use target::{MAX_PENDING_FENCES, MOST_FENCES_WAITING};
 
 /// Time a peer has to finish the handshake and Open.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

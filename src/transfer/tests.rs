@@ -536,6 +536,68 @@ fn a_fenced_mirrored_write_is_on_the_target_when_the_fence_returns() {
     sender.commit(None).unwrap();
 }
 
+// Goal: a peer that sends Fences faster than the target's writes complete gains no memory
+// (at most MAX_PENDING_FENCES wait at once), and every Fence is still answered, in order.
+// Method: an authenticated raw link sends rounds of eight 1 MiB Data frames, each followed by
+// 4096 Fences with nothing read in between, while a second thread reads the FenceOks; then
+// Commit. The most Fences that waited at once on any target must stay within the cap.
+// Without the cap they pile up to a round's 4096 (checked by hand).
+#[test]
+fn a_peer_flooding_fences_gains_no_memory() {
+    use std::sync::atomic::Ordering;
+    const ROUNDS: u64 = 4;
+    const FENCES_PER_ROUND: u64 = 4096;
+
+    let size = 16 * MIB;
+    let s = setup(size, &[], None);
+    let stream = TcpStream::connect(s.server.local_addr()).unwrap();
+    let mut link = link::authenticate(stream, &s.key, Role::Source).unwrap();
+    let (mut scratch, mut meta) = (Vec::new(), Vec::new());
+    link::write_frame(&mut link, &Frame::Open(spec("flood", size)), &mut scratch).unwrap();
+    assert!(matches!(
+        link::read_frame(&mut link, &mut meta).unwrap(),
+        Frame::OpenOk { .. }
+    ));
+    let (mut stream, mut tx, mut rx) = link.into_parts();
+    let mut replies = stream.try_clone().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut meta = Vec::new();
+        for want in 0..ROUNDS * FENCES_PER_ROUND {
+            match rx.read_frame(&mut replies, &mut meta).unwrap() {
+                Frame::FenceOk { seq } => assert_eq!(seq, want),
+                other => panic!("expected FenceOk {want}, got {other:?}"),
+            }
+        }
+        rx.read_frame(&mut replies, &mut meta).unwrap()
+    });
+    let payload = vec![0x5a; MIB as usize];
+    let digest = *blake3::hash(&payload).as_bytes();
+    let mut seq = 0;
+    for round in 0..ROUNDS {
+        for chunk in 0..8 {
+            let offset = (round * 8 + chunk) % 16 * MIB;
+            tx.write_data(&mut stream, offset, &payload, digest, &mut scratch)
+                .unwrap();
+        }
+        for _ in 0..FENCES_PER_ROUND {
+            tx.write_frame(&mut stream, &Frame::Fence { seq }, &mut scratch)
+                .unwrap();
+            seq += 1;
+        }
+    }
+    let commit = Frame::Commit {
+        seq,
+        manager_epoch: None,
+    };
+    tx.write_frame(&mut stream, &commit, &mut scratch).unwrap();
+    assert!(matches!(reader.join().unwrap(), Frame::CommitOk { .. }));
+    let most = recv::MOST_FENCES_WAITING.load(Ordering::Relaxed);
+    assert!(
+        most <= recv::MAX_PENDING_FENCES,
+        "{most} Fences waited at once"
+    );
+}
+
 // Goal: a re-point crosses the block stream to the holder's host, authenticated, and its
 // answer comes back; a refusal is an error naming the reason, and a wrong key gets nothing
 // through. Method: repoint::tell_holder against a real receiver with a recording host.

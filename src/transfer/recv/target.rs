@@ -21,7 +21,13 @@
 const MAX_ZERO_REQUEST_BYTES: u64 = 1 << 30;
 /// Fences waiting for their writes before the target stops reading to reap them: far more
 /// than a mirroring source's sessions have in flight at once.
-const MAX_PENDING_FENCES: usize = 1024;
+pub(in crate::transfer) const MAX_PENDING_FENCES: usize = 1024;
+
+/// The most Fences that waited at once on any target in this process: the tests check the
+/// cap against it.
+#[cfg(test)]
+pub(in crate::transfer) static MOST_FENCES_WAITING: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(0);
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::TcpStream;
@@ -129,6 +135,9 @@ impl Target {
                 }
                 Frame::Fence { seq } => {
                     self.fences.push_back((seq, self.next_tag));
+                    #[cfg(test)]
+                    MOST_FENCES_WAITING
+                        .fetch_max(self.fences.len(), std::sync::atomic::Ordering::Relaxed);
                     self.answer_fences(stream)?;
                 }
                 Frame::Digests {
