@@ -202,12 +202,6 @@ impl Migrations {
                 )))
             }
         };
-        log::info!(
-            "export {}: copy steered to a guest p99 of {:?} µs (its own before the job: {:?} µs)",
-            export.name(),
-            impact.bound_us,
-            impact.own_us
-        );
         options.impact_target_us = impact.bound_us;
         options.impact_own_us = impact.own_us;
         options.impact_strict = impact.strict;
