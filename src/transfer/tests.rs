@@ -540,8 +540,8 @@ fn a_fenced_mirrored_write_is_on_the_target_when_the_fence_returns() {
 // (at most MAX_PENDING_FENCES wait at once), and every Fence is still answered, in order.
 // Method: an authenticated raw link sends rounds of eight 1 MiB Data frames, each followed by
 // 4096 Fences with nothing read in between, while a second thread reads the FenceOks; then
-// Commit. The most Fences that waited at once on any target must stay within the cap.
-// Without the cap they pile up to a round's 4096 (checked by hand).
+// Commit. The most Fences that waited at once on any target must stay within the cap, and
+// the committed image must hold every byte written. Without the cap they pile up to a round's 4096 (checked by hand).
 #[test]
 fn a_peer_flooding_fences_gains_no_memory() {
     use std::sync::atomic::Ordering;
@@ -596,6 +596,9 @@ fn a_peer_flooding_fences_gains_no_memory() {
         most <= recv::MAX_PENDING_FENCES,
         "{most} Fences waited at once"
     );
+    // The writes the flood surrounded all landed: the rounds cover the whole image.
+    let image = std::fs::read(s.host.image("flood")).unwrap();
+    assert_eq!(image.iter().position(|&byte| byte != 0x5a), None);
 }
 
 // Goal: a re-point crosses the block stream to the holder's host, authenticated, and its
